@@ -1,0 +1,58 @@
+/* checkpoint.h - read-only access to the tensors of a Hugging Face checkpoint directory.
+ *
+ * Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`,
+ * or (when neither exists) `pytorch_model.bin` / its sharded index through a
+ * restricted unpickler that executes nothing. Tensor data is memory-mapped and
+ * served without copies where the file layout allows (safetensors always; torch
+ * zip entries when stored uncompressed and contiguous); otherwise it is copied once
+ * at open time into memory the checkpoint owns.
+ *
+ * Every malformed input becomes a CPM_E* code and a one-line message naming the
+ * file and, where one is involved, the tensor. No input may cause an
+ * out-of-bounds read.
+ */
+#ifndef CPM_CHECKPOINT_H
+#define CPM_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../services/common/error.h"
+#include "../kernels/dtype.h"
+
+#define CPM_TENSOR_MAX_DIMS 4
+
+typedef struct cpm_tensor_view {
+    const char *name;      /* owned by the checkpoint */
+    const char *file;      /* file name (no directory) the tensor came from */
+    cpm_dtype dtype;
+    int ndim;
+    int64_t shape[CPM_TENSOR_MAX_DIMS];
+    const void *data;      /* contiguous, row-major; owned by the checkpoint */
+    size_t nbytes;
+} cpm_tensor_view;
+
+typedef struct cpm_checkpoint cpm_checkpoint;
+
+/* Opens the checkpoint in directory dir. On success *ret owns the mappings;
+ * free with cpm_checkpoint_free. */
+int cpm_checkpoint_open(const char *dir, cpm_checkpoint **ret, cpm_error *err);
+
+/* Accepts NULL. Invalidates every view handed out. */
+void cpm_checkpoint_free(cpm_checkpoint *ck);
+
+/* Number of tensors, and the i-th one (0 <= i < count), in file order. */
+size_t cpm_checkpoint_count(const cpm_checkpoint *ck);
+const cpm_tensor_view *cpm_checkpoint_at(const cpm_checkpoint *ck, size_t i);
+
+/* The tensor called name, or NULL. */
+const cpm_tensor_view *cpm_checkpoint_find(const cpm_checkpoint *ck, const char *name);
+
+/* Looks up name and checks its shape against shape[0..ndim) (a -1 entry matches any
+ * size). Errors: CPM_ENOTFOUND "tensor X: missing from <dir>", CPM_ESHAPE
+ * "<file>: tensor X: shape [a,b], expected [c,d]". */
+int cpm_checkpoint_expect(const cpm_checkpoint *ck, const char *name, int ndim,
+                          const int64_t *shape, const cpm_tensor_view **ret,
+                          cpm_error *err);
+
+#endif
