@@ -1,0 +1,40 @@
+/* kv_cache.h - paged key/value cache of one stage for many sequences.
+ *
+ * Memory is a fixed pool of blocks (CPM_KV_BLOCK tokens each, all of this stage's
+ * layers) reserved at creation; a sequence holds a table of block indices that
+ * grows as it does, so short and long sequences share the pool without
+ * fragmentation and nothing is allocated per token.
+ */
+#ifndef CPM_KV_CACHE_H
+#define CPM_KV_CACHE_H
+
+#include <stdint.h>
+
+#include "../services/common/error.h"
+#include "model/model.h"
+
+#define CPM_KV_BLOCK 16
+
+/* Reserves room for max_tokens tokens in total across at most max_seqs sequences. */
+cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs, cpm_error *err);
+
+/* Accepts NULL. */
+void cpm_kv_cache_free(cpm_kv_cache *kv);
+
+/* A new empty sequence; returns its handle (>= 0) or a negative CPM_E* code
+ * (CPM_ELIMIT when max_seqs sequences are live). */
+int cpm_kv_cache_seq_new(cpm_kv_cache *kv, cpm_error *err);
+
+/* Releases the sequence and its blocks. Unknown handles are ignored. */
+void cpm_kv_cache_seq_free(cpm_kv_cache *kv, int seq);
+
+/* Tokens cached for seq, or -1 for an unknown handle. */
+int cpm_kv_cache_seq_len(const cpm_kv_cache *kv, int seq);
+
+/* Drops cached tokens at positions >= len (to rewind). */
+void cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len);
+
+/* Blocks in use and in total (for the KV-usage metric). */
+void cpm_kv_cache_usage(const cpm_kv_cache *kv, int *ret_used, int *ret_total);
+
+#endif

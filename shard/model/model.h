@@ -1,0 +1,80 @@
+/* model.h - a loaded MiniCPM model (or one pipeline stage of it) and its forward pass.
+ *
+ * A cpm_model owns the weights of layers [layer_begin, layer_end) plus, on the
+ * first stage, the embedding and, on the last stage, the final norm and lm_head.
+ * cpm_model_forward runs one batch of tokens from any number of sequences
+ * (continuous batching: prefill chunks and decode tokens mixed freely) through
+ * those layers, reading and extending each sequence's KV cache.
+ *
+ *   cpm_model *m; cpm_error e;
+ *   cpm_model_opts o = cpm_model_opts_default();
+ *   if (cpm_model_load("models/minicpm-1b", &o, &m, &e)) die(e.msg);
+ *   cpm_kv_cache *kv = cpm_kv_cache_new(m, 4096, 8, &e);
+ *   int s = cpm_kv_cache_seq_new(kv, &e);
+ *   int32_t ids[] = {1, 5, 9}, seq[] = {s, s, s}, pos[] = {0, 1, 2};
+ *   cpm_batch b = {.n_tokens = 3, .ids = ids, .seq = seq, .pos = pos};
+ *   cpm_model_forward(m, kv, &b, logits, &e);   // logits: [3, vocab]
+ */
+#ifndef CPM_MODEL_H
+#define CPM_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../../services/common/error.h"
+
+typedef struct cpm_model cpm_model;
+typedef struct cpm_kv_cache cpm_kv_cache;
+
+typedef struct cpm_model_opts {
+    int layer_begin;      /* first layer this stage owns (default 0) */
+    int layer_end;        /* one past the last; -1 = num_hidden_layers (default) */
+    int n_threads;        /* compute threads (default 1) */
+    int max_batch_tokens; /* most tokens one cpm_model_forward call may carry (default 512) */
+} cpm_model_opts;
+
+cpm_model_opts cpm_model_opts_default(void);
+
+#define CPM_MAX_EOS 4
+
+typedef struct cpm_model_info {
+    const char *arch;          /* "MiniCPMForCausalLM", "MiniCPM3ForCausalLM" */
+    const char *variant;       /* "dense", "moe", "mla" */
+    int vocab_size;
+    int hidden_size;
+    int n_layers;              /* in the whole model */
+    int layer_begin, layer_end;
+    bool first_stage, last_stage;
+    int max_position;          /* max_position_embeddings */
+    int bos_id;
+    int n_eos;
+    int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */
+} cpm_model_info;
+
+/* Loads config.json and the weights this stage needs from directory dir.
+ * opts may be NULL (defaults). On success *ret owns everything; free with cpm_model_free. */
+int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret, cpm_error *err);
+
+/* Accepts NULL. */
+void cpm_model_free(cpm_model *m);
+
+const cpm_model_info *cpm_model_get_info(const cpm_model *m);
+
+/* One batch of tokens. Rows of the same sequence must come in increasing position
+ * order and positions must continue that sequence's cache without gaps. */
+typedef struct cpm_batch {
+    int n_tokens;
+    const int32_t *ids;     /* [n_tokens] token ids; used by the first stage */
+    const float *hidden;    /* [n_tokens, hidden_size] input activations; other stages */
+    const int32_t *seq;     /* [n_tokens] KV-cache sequence handle of each row */
+    const int32_t *pos;     /* [n_tokens] absolute position of each row */
+    const uint8_t *want;    /* [n_tokens] last stage: 1 = produce logits for this row; NULL = all rows */
+} cpm_batch;
+
+/* Runs the batch through this stage's layers. out receives, on the last stage,
+ * logits [n_wanted_rows, vocab_size] (rows in batch order); on other stages the
+ * activations [n_tokens, hidden_size] for the next stage. Allocates nothing. */
+int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float *out,
+                      cpm_error *err);
+
+#endif
