@@ -46,13 +46,21 @@ int cpm_error_prefix(cpm_error *err, const char *fmt, ...) {
     if (!err)
         return 0;
     char prefix[CPM_ERROR_MSG_MAX];
-    char old[CPM_ERROR_MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    int n = vsnprintf(prefix, sizeof prefix - 2, fmt, ap);
     va_end(ap);
-    memcpy(old, err->msg, sizeof old);
-    snprintf(err->msg, sizeof err->msg, "%s: %s", prefix, old);
+    if (n < 0)
+        return err->code;
+    size_t plen = strlen(prefix);
+    memcpy(prefix + plen, ": ", 3);
+    plen += 2;
+    size_t old = strnlen(err->msg, sizeof err->msg - 1);
+    if (plen + old >= sizeof err->msg) /* keep the newest context, cut the tail */
+        old = sizeof err->msg - 1 - plen;
+    memmove(err->msg + plen, err->msg, old);
+    memcpy(err->msg, prefix, plen);
+    err->msg[plen + old] = '\0';
     return err->code;
 }
 

@@ -7,6 +7,8 @@
 #ifndef CPM_POOL_H
 #define CPM_POOL_H
 
+#include <stddef.h>
+
 typedef struct cpm_pool cpm_pool;
 
 /* Work function: called once on every thread with tid in [0, nthreads). */
@@ -24,5 +26,13 @@ int cpm_pool_size(const cpm_pool *pool);
 /* Runs fn(arg, tid, n) on all n threads and returns when every call returned.
  * Not reentrant: one run at a time per pool. pool may be NULL (runs fn(arg,0,1)). */
 void cpm_pool_run(cpm_pool *pool, cpm_pool_fn fn, void *arg);
+
+/* A buffer of at least bytes owned by the pool, 64-byte aligned, for kernels
+ * that pack an operand once per call and share it across the threads of a run.
+ * Call it from the calling thread, outside a run. It grows only, so once the
+ * largest shape has been seen (or reserved at load time) no call allocates.
+ * The contents are clobbered by the next kernel; the pool frees it. Returns
+ * NULL when pool is NULL or the allocation fails. */
+void *cpm_pool_scratch(cpm_pool *pool, size_t bytes);
 
 #endif

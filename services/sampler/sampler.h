@@ -1,0 +1,61 @@
+/* sampler.h - turns one row of logits into the next token, as a request asked.
+ *
+ * The order of operations follows Hugging Face's generate(): repetition
+ * penalty, then temperature, top-k, top-p, min-p, then a draw from the
+ * renormalised distribution with the request's own seeded generator, so the
+ * same seed gives the same tokens on any machine and in any service instance.
+ * temperature == 0 means greedy (argmax; ties go to the lowest id).
+ *
+ *   cpm_sampling_params p = cpm_sampling_params_default();
+ *   p.temperature = 0.8f; p.top_p = 0.9f; p.seed = 42;
+ *   cpm_sampler *s = cpm_sampler_new(vocab, &p, &err);
+ *   int tok = cpm_sampler_sample(s, logits, history, n_history, &logprob);
+ *   cpm_sampler_free(s);
+ */
+#ifndef CPM_SAMPLER_H
+#define CPM_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/error.h"
+
+typedef struct cpm_sampling_params {
+    float temperature;        /* 0 = greedy */
+    int top_k;                /* 0 = off */
+    float top_p;              /* 1 = off */
+    float min_p;              /* 0 = off */
+    float repetition_penalty; /* 1 = off; HF semantics (divide positive, multiply negative) */
+    uint64_t seed;
+} cpm_sampling_params;
+
+cpm_sampling_params cpm_sampling_params_default(void);
+
+/* Checks ranges: temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1,
+ * repetition_penalty > 0. Message names the field. */
+int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err);
+
+typedef struct cpm_sampler cpm_sampler;
+
+/* A sampler for one request: holds its generator state and vocab-sized scratch,
+ * so sampling allocates nothing. Returns NULL on error. Free with cpm_sampler_free. */
+cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_error *err);
+
+/* Accepts NULL. */
+void cpm_sampler_free(cpm_sampler *s);
+
+/* Picks the next token from logits[vocab_size] (modified in place). history is
+ * every token of the sequence so far (prompt and generated) for the repetition
+ * penalty; it may be NULL when n_history is 0. ret_logprob (may be NULL)
+ * receives log p(token) under the unmodified model distribution. */
+int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,
+                       float *ret_logprob);
+
+/* log-softmax of logits at index id (the model's own log probability). */
+float cpm_logprob_of(const float *logits, int vocab_size, int id);
+
+/* The k most probable ids (descending) with their log probabilities, k <= 32. */
+int cpm_top_logprobs(const float *logits, int vocab_size, int k, int32_t *ret_ids,
+                     float *ret_logprobs);
+
+#endif

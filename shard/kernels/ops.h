@@ -1,0 +1,39 @@
+/* ops.h - the small element-wise and per-row kernels of a transformer layer.
+ *
+ * Pure functions over f32 arrays (weights may be any cpm_dtype); they know
+ * nothing of models. Costs are O(n) per row, so clarity wins over SIMD here:
+ * loops are written so the compiler vectorises them.
+ */
+#ifndef CPM_OPS_H
+#define CPM_OPS_H
+
+#include <stddef.h>
+
+#include "dtype.h"
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i < n. out may alias x. */
+void cpm_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+
+/* Rotate-half (NeoX) RoPE on one head vector v of rotary width d (even):
+ * pairs (i, i + d/2) rotate by the angle whose cos/sin are cs[i], sn[i], i < d/2. */
+void cpm_rope_neox(float *v, int d, const float *cs, const float *sn);
+
+/* In-place softmax over n values (max-subtracted, f32). */
+void cpm_softmax(float *x, int n);
+
+/* g[i] = silu(g[i]) * u[i]. */
+void cpm_silu_mul(float *g, const float *u, int n);
+
+/* g[i] = (g[i] > threshold ? g[i] : 0) * u[i]  (MiniCPM-S gated FATReLU). */
+void cpm_fatrelu_mul(float *g, const float *u, int n, float threshold);
+
+/* y[i] += a * x[i]. */
+void cpm_axpy(float *y, float a, const float *x, int n);
+
+/* y[i] *= a. */
+void cpm_scale(float *y, float a, int n);
+
+/* Dot product of two f32 vectors. */
+float cpm_dot(const float *a, const float *b, int n);
+
+#endif

@@ -1,0 +1,159 @@
+/* kv_cache.c - paged KV cache: a block pool, per-sequence block tables.
+ *
+ * Layout of one block: for each stage layer, CPM_KV_BLOCK key rows then
+ * CPM_KV_BLOCK value rows, all f32 (the F32 reference bar needs f32 keys). */
+#include "kv_cache.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/model_internal.h"
+
+static size_t layer_floats(const cpm_kv_cache *kv) {
+    return (size_t)CPM_KV_BLOCK * (size_t)(kv->k_dim + kv->v_dim);
+}
+
+float *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot) {
+    size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
+    return kv->data + block * kv->block_floats + (size_t)li * layer_floats(kv) +
+           off * (size_t)kv->k_dim;
+}
+
+float *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot) {
+    size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
+    return kv->data + block * kv->block_floats + (size_t)li * layer_floats(kv) +
+           (size_t)CPM_KV_BLOCK * (size_t)kv->k_dim + off * (size_t)kv->v_dim;
+}
+
+cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs, cpm_error *err) {
+    if (max_tokens < 1 || max_seqs < 1) {
+        cpm_error_set(err, CPM_EINVAL, "kv cache: max_tokens and max_seqs must be >= 1");
+        return NULL;
+    }
+    cpm_kv_cache *kv = calloc(1, sizeof *kv);
+    if (!kv)
+        goto out_nomem;
+    kv->n_layers = m->info.layer_end - m->info.layer_begin;
+    kv->k_dim = m->kv_heads * m->qk_dim;
+    kv->v_dim = m->kv_heads * m->v_dim;
+    kv->max_seqs = max_seqs;
+    kv->n_blocks = (max_tokens + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
+    kv->max_blocks_per_seq = kv->n_blocks;
+    kv->block_floats = (size_t)kv->n_layers * layer_floats(kv);
+    kv->data = calloc((size_t)kv->n_blocks, kv->block_floats * sizeof(float));
+    kv->free_blocks = malloc((size_t)kv->n_blocks * sizeof(int));
+    kv->seqs = calloc((size_t)max_seqs, sizeof *kv->seqs);
+    kv->block_tables = malloc((size_t)max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int));
+    if (!kv->data || !kv->free_blocks || !kv->seqs || !kv->block_tables)
+        goto out_nomem;
+    for (int i = 0; i < kv->n_blocks; i++) /* pop order: block 0 first */
+        kv->free_blocks[i] = kv->n_blocks - 1 - i;
+    kv->n_free = kv->n_blocks;
+    for (int s = 0; s < max_seqs; s++)
+        kv->seqs[s].blocks = kv->block_tables + (size_t)s * (size_t)kv->max_blocks_per_seq;
+    return kv;
+
+out_nomem:
+    cpm_kv_cache_free(kv);
+    cpm_error_set(err, CPM_ENOMEM, "kv cache: cannot reserve %d tokens x %d layers", max_tokens,
+                  m->info.layer_end - m->info.layer_begin);
+    return NULL;
+}
+
+void cpm_kv_cache_free(cpm_kv_cache *kv) {
+    if (!kv)
+        return;
+    free(kv->data);
+    free(kv->free_blocks);
+    free(kv->seqs);
+    free(kv->block_tables);
+    free(kv);
+}
+
+int cpm_kv_cache_seq_new(cpm_kv_cache *kv, cpm_error *err) {
+    for (int s = 0; s < kv->max_seqs; s++) {
+        if (!kv->seqs[s].live) {
+            kv->seqs[s].live = true;
+            kv->seqs[s].len = 0;
+            kv->seqs[s].n_blocks = 0;
+            return s;
+        }
+    }
+    return cpm_error_set(err, CPM_ELIMIT, "kv cache: all %d sequence slots are in use",
+                         kv->max_seqs);
+}
+
+static bool seq_valid(const cpm_kv_cache *kv, int seq) {
+    return seq >= 0 && seq < kv->max_seqs && kv->seqs[seq].live;
+}
+
+void cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len) {
+    if (!seq_valid(kv, seq) || len < 0)
+        return;
+    struct cpm_kv_seq *s = &kv->seqs[seq];
+    int keep = (len + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
+    while (s->n_blocks > keep)
+        kv->free_blocks[kv->n_free++] = s->blocks[--s->n_blocks];
+    if (s->len > len)
+        s->len = len;
+}
+
+void cpm_kv_cache_seq_free(cpm_kv_cache *kv, int seq) {
+    if (!seq_valid(kv, seq))
+        return;
+    cpm_kv_cache_seq_truncate(kv, seq, 0);
+    kv->seqs[seq].live = false;
+}
+
+int cpm_kv_cache_seq_len(const cpm_kv_cache *kv, int seq) {
+    return seq_valid(kv, seq) ? kv->seqs[seq].len : -1;
+}
+
+void cpm_kv_cache_usage(const cpm_kv_cache *kv, int *ret_used, int *ret_total) {
+    *ret_used = kv->n_blocks - kv->n_free;
+    *ret_total = kv->n_blocks;
+}
+
+/* Positions of each sequence must continue its cache: the first row of seq s
+ * has pos == len(s) and each later row of s has the previous pos + 1. `next`
+ * tracks the expected position per sequence during validation, in a pass that
+ * first counts the blocks needed so a failure changes nothing. */
+int cpm_kv_cache_reserve(cpm_kv_cache *kv, const cpm_batch *b, int *slots, cpm_error *err) {
+    int need = 0;
+    for (int i = 0; i < b->n_tokens; i++) {
+        int sq = b->seq[i];
+        if (!seq_valid(kv, sq))
+            return cpm_error_set(err, CPM_EINVAL, "batch row %d: unknown sequence %d", i, sq);
+        int expect = kv->seqs[sq].len;
+        for (int j = 0; j < i; j++)
+            if (b->seq[j] == sq)
+                expect = b->pos[j] + 1;
+        if (b->pos[i] != expect)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "batch row %d: sequence %d position %d, expected %d", i, sq,
+                                 b->pos[i], expect);
+        if (b->pos[i] / CPM_KV_BLOCK >= kv->max_blocks_per_seq)
+            return cpm_error_set(err, CPM_ELIMIT, "sequence %d: position %d exceeds the cache",
+                                 sq, b->pos[i]);
+        if (b->pos[i] % CPM_KV_BLOCK == 0 && b->pos[i] / CPM_KV_BLOCK >= kv->seqs[sq].n_blocks)
+            need++;
+    }
+    if (need > kv->n_free)
+        return cpm_error_set(err, CPM_ELIMIT, "kv cache full: %d blocks needed, %d free", need,
+                             kv->n_free);
+    for (int i = 0; i < b->n_tokens; i++) {
+        struct cpm_kv_seq *s = &kv->seqs[b->seq[i]];
+        if (b->pos[i] / CPM_KV_BLOCK >= s->n_blocks)
+            s->blocks[s->n_blocks++] = kv->free_blocks[--kv->n_free];
+        slots[i] = cpm_kv_slot(kv, b->seq[i], b->pos[i]);
+    }
+    return 0;
+}
+
+void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b) {
+    for (int i = 0; i < b->n_tokens; i++) {
+        struct cpm_kv_seq *s = &kv->seqs[b->seq[i]];
+        if (b->pos[i] + 1 > s->len)
+            s->len = b->pos[i] + 1;
+    }
+}

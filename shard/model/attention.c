@@ -1,0 +1,227 @@
+/* attention.c - the attention sublayer of every architecture kind.
+ *
+ * Each kind projects the normed input to per-head queries, keys and values,
+ * applies RoPE and writes keys/values into the paged cache; one shared core then
+ * attends each query over its sequence's cached positions <= its own (causal),
+ * and the output projection writes s.out. GQA and MLA differ only in how q, k
+ * and v are produced, which keeps the table of kinds small.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "../kernels/ops.h"
+#include "model_internal.h"
+
+/* ---- RoPE ---- */
+
+/* Total length the row's sequence reaches in this batch (HF picks LongRoPE
+ * factors and the dynamic-NTK base from the whole call's length). */
+static int seq_total_after(const cpm_batch *b, int i) {
+    int last = b->pos[i];
+    for (int j = i + 1; j < b->n_tokens; j++)
+        if (b->seq[j] == b->seq[i])
+            last = b->pos[j];
+    return last + 1;
+}
+
+void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv) {
+    (void)kv;
+    const cpm_hparams *hp = &m->hp;
+    int half = m->rot_dim / 2;
+    for (int i = 0; i < b->n_tokens; i++) {
+        float *cs = m->s.rope_cos + (size_t)i * half, *sn = m->s.rope_sin + (size_t)i * half;
+        double pos = b->pos[i];
+        int total = hp->rope_kind == CPM_ROPE_PLAIN ? 0 : seq_total_after(b, i);
+        double base_scale = 1.0; /* dynamic NTK: inv_freq scales by base ratio^(-2i/d) */
+        if (hp->rope_kind == CPM_ROPE_DYNAMIC_NTK && total > hp->max_position) {
+            double f = hp->rope_factor, d = m->rot_dim;
+            double ratio = pow(f * total / hp->max_position - (f - 1.0), d / (d - 2.0));
+            base_scale = ratio;
+        }
+        const double *factors = NULL;
+        if (hp->rope_kind == CPM_ROPE_LONGROPE)
+            factors = total > hp->rope_orig_max_position ? hp->rope_long : hp->rope_short;
+        for (int k = 0; k < half; k++) {
+            double f = m->inv_freq[k];
+            if (base_scale != 1.0)
+                f = 1.0 / pow(hp->rope_theta * base_scale, (2.0 * k) / m->rot_dim);
+            double angle = factors ? pos * (1.0 / factors[k]) * f : pos * f;
+            cs[k] = (float)(cos(angle) * m->rope_mscale);
+            sn[k] = (float)(sin(angle) * m->rope_mscale);
+        }
+    }
+}
+
+static void rope_heads(cpm_model *m, float *rows, int n, int n_heads, int head_stride,
+                       int row_stride) {
+    int half = m->rot_dim / 2;
+    for (int i = 0; i < n; i++) {
+        const float *cs = m->s.rope_cos + (size_t)i * half, *sn = m->s.rope_sin + (size_t)i * half;
+        for (int h = 0; h < n_heads; h++)
+            cpm_rope_neox(rows + (size_t)i * row_stride + (size_t)h * head_stride + m->rot_offset,
+                          m->rot_dim, cs, sn);
+    }
+}
+
+/* ---- the shared attention core ---- */
+
+typedef struct core_args {
+    cpm_model *m;
+    const cpm_kv_cache *kv;
+    int li;
+    const cpm_batch *b;
+    int n;
+} core_args;
+
+/* One KV head group of one row: G query heads share each key read.
+ * Online softmax over blocks of CPM_KV_BLOCK keys. */
+static void attend_group(core_args *a, int row, int g, float *tls) {
+    cpm_model *m = a->m;
+    const cpm_kv_cache *kv = a->kv;
+    int G = m->hp.n_heads / m->kv_heads, dk = m->qk_dim, dv = m->v_dim;
+    int seq = a->b->seq[row], pos = a->b->pos[row];
+    float *acc = tls, *score = acc + (size_t)G * dv, *mx = score + (size_t)G * CPM_KV_BLOCK,
+          *sum = mx + G;
+    const float *q = m->s.q + (size_t)row * m->hp.n_heads * dk + (size_t)g * G * dk;
+    memset(acc, 0, (size_t)G * dv * sizeof(float));
+    for (int h = 0; h < G; h++) {
+        mx[h] = -INFINITY;
+        sum[h] = 0.0f;
+    }
+    for (int j0 = 0; j0 <= pos; j0 += CPM_KV_BLOCK) {
+        int nb = pos - j0 + 1 < CPM_KV_BLOCK ? pos - j0 + 1 : CPM_KV_BLOCK;
+        int slot0 = cpm_kv_slot(kv, seq, j0);
+        const float *K = cpm_kv_key(kv, a->li, slot0) + (size_t)g * dk;
+        const float *V = cpm_kv_value(kv, a->li, slot0) + (size_t)g * dv;
+        for (int h = 0; h < G; h++) {
+            float *sc = score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
+            for (int j = 0; j < nb; j++) {
+                sc[j] = cpm_dot(q + (size_t)h * dk, K + (size_t)j * kv->k_dim, dk) * m->attn_scale;
+                bmax = sc[j] > bmax ? sc[j] : bmax;
+            }
+            float newmax = bmax > mx[h] ? bmax : mx[h];
+            float corr = expf(mx[h] - newmax); /* 0 on the first block */
+            float *ac = acc + (size_t)h * dv;
+            sum[h] *= corr;
+            cpm_scale(ac, corr, dv);
+            for (int j = 0; j < nb; j++) {
+                float p = expf(sc[j] - newmax);
+                sum[h] += p;
+                cpm_axpy(ac, p, V + (size_t)j * kv->v_dim, dv);
+            }
+            mx[h] = newmax;
+        }
+    }
+    float *out = m->s.attn + (size_t)row * m->hp.n_heads * dv + (size_t)g * G * dv;
+    for (int h = 0; h < G; h++) {
+        float inv = 1.0f / sum[h];
+        for (int d = 0; d < dv; d++)
+            out[(size_t)h * dv + d] = acc[(size_t)h * dv + d] * inv;
+    }
+}
+
+static void core_worker(void *arg, int tid, int nthreads) {
+    core_args *a = arg;
+    float *tls = a->m->s.attn_tls + (size_t)tid * a->m->attn_tls_floats;
+    int tasks = a->n * a->m->kv_heads;
+    for (int t = tid; t < tasks; t += nthreads) /* interleaved: causal rows differ in cost */
+        attend_group(a, t / a->m->kv_heads, t % a->m->kv_heads, tls);
+}
+
+static void store_kv(cpm_model *m, cpm_kv_cache *kv, int li, int n, const float *k,
+                     const float *v) {
+    for (int i = 0; i < n; i++) {
+        int slot = m->s.kv_slot[i];
+        memcpy(cpm_kv_key(kv, li, slot), k + (size_t)i * kv->k_dim, (size_t)kv->k_dim * 4);
+        memcpy(cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, (size_t)kv->v_dim * 4);
+    }
+}
+
+static void attend_and_project(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b,
+                               int n) {
+    core_args a = {m, kv, li, b, n};
+    cpm_pool_run(m->pool, core_worker, &a);
+    cpm_model_matmul(m, m->s.out, m->s.attn, &m->layers[li].w[CPM_W_O], n);
+}
+
+/* ---- GQA: MiniCPM 1/2/S/MoE/4 ---- */
+
+static void gqa_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
+    const cpm_layer *L = &m->layers[li];
+    int d = m->qk_dim, nh = m->hp.n_heads, nkv = m->kv_heads;
+    cpm_model_matmul(m, m->s.q, m->s.xn, &L->w[CPM_W_Q], n);
+    cpm_model_matmul(m, m->s.k, m->s.xn, &L->w[CPM_W_K], n);
+    cpm_model_matmul(m, m->s.v, m->s.xn, &L->w[CPM_W_V], n);
+    rope_heads(m, m->s.q, n, nh, d, nh * d);
+    rope_heads(m, m->s.k, n, nkv, d, nkv * d);
+    store_kv(m, kv, li, n, m->s.k, m->s.v);
+    attend_and_project(m, kv, li, b, n);
+}
+
+/* ---- MLA: MiniCPM3 ---- */
+
+/* The latent norms use eps 1e-6: the HF module builds them with the class
+ * default, not rms_norm_eps (vLLM and llama.cpp differ; HF is the reference). */
+#define CPM_MLA_LATENT_EPS 1e-6f
+
+static void mla_queries(cpm_model *m, const cpm_layer *L, int n) {
+    const cpm_hparams *hp = &m->hp;
+    if (hp->q_lora_rank == 0) {
+        cpm_model_matmul(m, m->s.q, m->s.xn, &L->w[CPM_W_Q], n);
+        return;
+    }
+    int r = hp->q_lora_rank;
+    cpm_model_matmul(m, m->s.lat_q, m->s.xn, &L->w[CPM_W_Q_A], n);
+    for (int i = 0; i < n; i++)
+        cpm_rmsnorm(m->s.lat_q + (size_t)i * r, m->s.lat_q + (size_t)i * r,
+                    L->norm[CPM_W_Q_A_NORM], r, CPM_MLA_LATENT_EPS);
+    cpm_model_matmul(m, m->s.q, m->s.lat_q, &L->w[CPM_W_Q_B], n);
+}
+
+/* Expands the latent kv into per-head keys [k_nope | shared roped k_pe] and values. */
+static void mla_keys_values(cpm_model *m, const cpm_layer *L, int n) {
+    const cpm_hparams *hp = &m->hp;
+    int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, nope = hp->qk_nope_dim;
+    int nh = hp->n_heads, dk = m->qk_dim, dv = m->v_dim;
+    cpm_model_matmul(m, m->s.lat_kv, m->s.xn, &L->w[CPM_W_KV_A], n);
+    for (int i = 0; i < n; i++)
+        cpm_rmsnorm(m->s.lat_kvn + (size_t)i * lr, m->s.lat_kv + (size_t)i * (lr + rope),
+                    L->norm[CPM_W_KV_A_NORM], lr, CPM_MLA_LATENT_EPS);
+    cpm_model_matmul(m, m->s.kv_b, m->s.lat_kvn, &L->w[CPM_W_KV_B], n);
+    int half = m->rot_dim / 2;
+    for (int i = 0; i < n; i++) {
+        float *kpe = m->s.lat_kv + (size_t)i * (lr + rope) + lr;
+        cpm_rope_neox(kpe, rope, m->s.rope_cos + (size_t)i * half,
+                      m->s.rope_sin + (size_t)i * half);
+        const float *kvb = m->s.kv_b + (size_t)i * nh * (nope + dv);
+        float *k = m->s.k + (size_t)i * nh * dk, *v = m->s.v + (size_t)i * nh * dv;
+        for (int h = 0; h < nh; h++) {
+            memcpy(k + (size_t)h * dk, kvb + (size_t)h * (nope + dv), (size_t)nope * 4);
+            memcpy(k + (size_t)h * dk + nope, kpe, (size_t)rope * 4);
+            memcpy(v + (size_t)h * dv, kvb + (size_t)h * (nope + dv) + nope, (size_t)dv * 4);
+        }
+    }
+}
+
+static void mla_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
+    const cpm_layer *L = &m->layers[li];
+    int nh = m->hp.n_heads, dk = m->qk_dim;
+    mla_queries(m, L, n);
+    rope_heads(m, m->s.q, n, nh, dk, nh * dk);
+    mla_keys_values(m, L, n);
+    store_kv(m, kv, li, n, m->s.k, m->s.v);
+    attend_and_project(m, kv, li, b, n);
+}
+
+/* ---- the table ---- */
+
+typedef void (*attn_fn)(cpm_model *, cpm_kv_cache *, int, const cpm_batch *, int);
+
+static const attn_fn attn_kinds[CPM_ATTN_KIND_COUNT] = {
+    [CPM_ATTN_GQA] = gqa_forward,
+    [CPM_ATTN_MLA] = mla_forward,
+};
+
+void cpm_attention_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
+    attn_kinds[m->arch->attn](m, kv, li, b, n);
+}

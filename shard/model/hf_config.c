@@ -1,0 +1,297 @@
+/* hf_config.c - config.json → cpm_hparams, with the official defaults. */
+#include "hf_config.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Typed field readers. Each returns 0 when the field is absent (leaving the
+ * default in place) or valid, and an error naming file and field otherwise. */
+
+static int get_int(json_t *o, const char *key, int *out, int min, int max, const char *file,
+                   cpm_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_integer(v))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: field %s: expected an integer", file, key);
+    json_int_t x = json_integer_value(v);
+    if (x < min || x > max)
+        return cpm_error_set(err, CPM_ERANGE, "%s: field %s: %lld is outside [%d, %d]", file,
+                             key, (long long)x, min, max);
+    *out = (int)x;
+    return 0;
+}
+
+static int get_num(json_t *o, const char *key, double *out, const char *file, cpm_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_number(v))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: field %s: expected a number", file, key);
+    *out = json_number_value(v);
+    return 0;
+}
+
+static int get_bool(json_t *o, const char *key, bool *out, const char *file, cpm_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_boolean(v))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: field %s: expected true or false", file, key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+static int require(json_t *o, const char *key, const char *file, cpm_error *err) {
+    if (!json_object_get(o, key))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: required field %s is missing", file, key);
+    return 0;
+}
+
+/* eos_token_id may be an int or a list; ids are merged without duplicates. */
+static int merge_eos(json_t *o, cpm_hparams *hp, const char *file, cpm_error *err) {
+    json_t *v = json_object_get(o, "eos_token_id");
+    if (!v || json_is_null(v))
+        return 0;
+    json_t *one[1] = {v};
+    json_t **items = one;
+    size_t n = 1;
+    if (json_is_array(v)) {
+        n = json_array_size(v);
+        items = NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = items ? items[i] : json_array_get(v, i);
+        if (!json_is_integer(e) || json_integer_value(e) < 0)
+            return cpm_error_set(err, CPM_EFORMAT, "%s: field eos_token_id: expected token ids",
+                                 file);
+        int id = (int)json_integer_value(e);
+        bool seen = false;
+        for (int k = 0; k < hp->n_eos; k++)
+            seen |= hp->eos_ids[k] == id;
+        if (!seen && hp->n_eos < CPM_MAX_EOS)
+            hp->eos_ids[hp->n_eos++] = id;
+    }
+    return 0;
+}
+
+static int read_factor_list(json_t *rs, const char *key, double *out, int want, const char *file,
+                            cpm_error *err) {
+    json_t *v = json_object_get(rs, key);
+    if (!json_is_array(v))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: rope_scaling.%s: expected a list", file, key);
+    if ((int)json_array_size(v) != want)
+        return cpm_error_set(err, CPM_ESHAPE,
+                             "%s: rope_scaling.%s: %zu values, expected %d (rotary dim / 2)", file,
+                             key, json_array_size(v), want);
+    for (int i = 0; i < want; i++) {
+        json_t *e = json_array_get(v, (size_t)i);
+        if (!json_is_number(e) || json_number_value(e) <= 0)
+            return cpm_error_set(err, CPM_EFORMAT,
+                                 "%s: rope_scaling.%s[%d]: expected a positive number", file, key, i);
+        out[i] = json_number_value(e);
+    }
+    return 0;
+}
+
+/* MiniCPM4 names the kind `rope_type`, MiniCPM3 `type`; accept either. */
+static int parse_rope_scaling(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
+    json_t *rs = json_object_get(root, "rope_scaling");
+    if (!rs || json_is_null(rs))
+        return 0;
+    if (!json_is_object(rs))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: rope_scaling: expected an object or null", file);
+    json_t *kind = json_object_get(rs, "rope_type");
+    if (!kind)
+        kind = json_object_get(rs, "type");
+    if (!json_is_string(kind))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: rope_scaling: missing type/rope_type", file);
+    const char *k = json_string_value(kind);
+    if (strcmp(k, "dynamic") == 0) {
+        hp->rope_kind = CPM_ROPE_DYNAMIC_NTK;
+        hp->rope_factor = 1.0;
+        if (get_num(rs, "factor", &hp->rope_factor, file, err))
+            return cpm_error_prefix(err, "rope_scaling");
+        return 0;
+    }
+    if (strcmp(k, "longrope") == 0) {
+        hp->rope_kind = CPM_ROPE_LONGROPE;
+        int half = cpm_hparams_rotary_dim(hp) / 2;
+        if (half <= 0 || half > CPM_ROPE_MAX_FACTORS)
+            return cpm_error_set(err, CPM_ERANGE, "%s: rotary dim %d unsupported", file, half * 2);
+        hp->n_rope_factors = half;
+        hp->rope_orig_max_position = hp->max_position;
+        if (get_int(rs, "original_max_position_embeddings", &hp->rope_orig_max_position, 1,
+                    1 << 30, file, err))
+            return err ? err->code : CPM_EFORMAT;
+        if (read_factor_list(rs, "short_factor", hp->rope_short, half, file, err) ||
+            read_factor_list(rs, "long_factor", hp->rope_long, half, file, err))
+            return err ? err->code : CPM_EFORMAT;
+        return 0;
+    }
+    return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: rope_scaling type '%s' is not supported", file,
+                         k);
+}
+
+static int parse_act(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
+    json_t *a = json_object_get(root, "hidden_act");
+    if (!a || json_is_null(a))
+        return 0;
+    if (!json_is_string(a))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: field hidden_act: expected a string", file);
+    const char *s = json_string_value(a);
+    if (strcmp(s, "silu") == 0)
+        hp->act = CPM_ACT_SILU;
+    else if (strcmp(s, "fatrelu") == 0)
+        hp->act = CPM_ACT_FATRELU;
+    else
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: hidden_act '%s' is not supported", file, s);
+    double p = 0.0; /* vLLM and HF read hidden_act_param with default 0 */
+    if (get_num(root, "hidden_act_param", &p, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    hp->act_param = (float)p;
+    return 0;
+}
+
+static void set_defaults(cpm_hparams *hp) {
+    memset(hp, 0, sizeof *hp);
+    hp->rms_norm_eps = 1e-6f;   /* MiniCPMConfig default */
+    hp->rope_theta = 10000.0;
+    hp->scale_emb = 1.0;
+    hp->scale_depth = 1.0;
+    hp->dim_model_base = 1.0;
+    hp->tie_word_embeddings = true;
+    hp->max_position = 2048;
+    hp->bos_id = 1;
+}
+
+static int parse_root(json_t *root, const char *file, cpm_hparams *hp, cpm_error *err) {
+    static const char *required[] = {"vocab_size", "hidden_size", "intermediate_size",
+                                     "num_hidden_layers", "num_attention_heads"};
+    if (!json_is_object(root))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: expected a JSON object", file);
+    for (size_t i = 0; i < sizeof required / sizeof *required; i++)
+        if (require(root, required[i], file, err))
+            return err ? err->code : CPM_EFORMAT;
+
+    json_t *archs = json_object_get(root, "architectures");
+    json_t *a0 = json_is_array(archs) ? json_array_get(archs, 0) : NULL;
+    if (!json_is_string(a0))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: field architectures: expected a list of names",
+                             file);
+    snprintf(hp->arch, sizeof hp->arch, "%s", json_string_value(a0));
+
+    const int big = 1 << 30;
+    double eps = hp->rms_norm_eps;
+    if (get_int(root, "vocab_size", &hp->vocab_size, 1, big, file, err) ||
+        get_int(root, "hidden_size", &hp->hidden_size, 1, 1 << 20, file, err) ||
+        get_int(root, "intermediate_size", &hp->intermediate_size, 1, big, file, err) ||
+        get_int(root, "num_hidden_layers", &hp->n_layers, 1, 4096, file, err) ||
+        get_int(root, "num_attention_heads", &hp->n_heads, 1, 4096, file, err) ||
+        get_int(root, "max_position_embeddings", &hp->max_position, 1, big, file, err) ||
+        get_num(root, "rms_norm_eps", &eps, file, err) ||
+        get_num(root, "rope_theta", &hp->rope_theta, file, err) ||
+        get_num(root, "scale_emb", &hp->scale_emb, file, err) ||
+        get_num(root, "scale_depth", &hp->scale_depth, file, err) ||
+        get_num(root, "dim_model_base", &hp->dim_model_base, file, err) ||
+        get_bool(root, "tie_word_embeddings", &hp->tie_word_embeddings, file, err) ||
+        get_int(root, "num_experts", &hp->n_experts, 0, 4096, file, err) ||
+        get_int(root, "num_experts_per_tok", &hp->n_experts_per_tok, 0, 4096, file, err) ||
+        get_int(root, "q_lora_rank", &hp->q_lora_rank, 0, big, file, err) ||
+        get_int(root, "kv_lora_rank", &hp->kv_lora_rank, 0, big, file, err) ||
+        get_int(root, "qk_nope_head_dim", &hp->qk_nope_dim, 0, 65536, file, err) ||
+        get_int(root, "qk_rope_head_dim", &hp->qk_rope_dim, 0, 65536, file, err) ||
+        get_int(root, "bos_token_id", &hp->bos_id, 0, big, file, err) ||
+        parse_act(root, hp, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    hp->rms_norm_eps = (float)eps;
+
+    hp->n_kv_heads = hp->n_heads; /* absent → MHA */
+    if (get_int(root, "num_key_value_heads", &hp->n_kv_heads, 1, 4096, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    if (hp->hidden_size % hp->n_heads)
+        return cpm_error_set(err, CPM_ESHAPE, "%s: hidden_size %d is not a multiple of %d heads",
+                             file, hp->hidden_size, hp->n_heads);
+    if (hp->n_heads % hp->n_kv_heads)
+        return cpm_error_set(err, CPM_ESHAPE,
+                             "%s: num_attention_heads %d is not a multiple of num_key_value_heads %d",
+                             file, hp->n_heads, hp->n_kv_heads);
+    hp->head_dim = hp->hidden_size / hp->n_heads;
+    hp->v_head_dim = hp->head_dim; /* MLA: absent → hidden / heads */
+    if (get_int(root, "v_head_dim", &hp->v_head_dim, 1, 65536, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    if (hp->n_experts > 0 &&
+        (hp->n_experts_per_tok < 1 || hp->n_experts_per_tok > hp->n_experts))
+        return cpm_error_set(err, CPM_ERANGE, "%s: num_experts_per_tok %d with %d experts", file,
+                             hp->n_experts_per_tok, hp->n_experts);
+    if (hp->dim_model_base <= 0 || hp->scale_emb <= 0)
+        return cpm_error_set(err, CPM_ERANGE, "%s: scale_emb and dim_model_base must be > 0", file);
+    if (parse_rope_scaling(root, hp, file, err) || merge_eos(root, hp, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    /* Early MiniCPM4 downloads lacked dim_model_base; the class default (1) would
+     * silently scale the logits 16x wrong, so refuse rather than guess. */
+    if (hp->rope_kind == CPM_ROPE_LONGROPE && !json_object_get(root, "dim_model_base") &&
+        json_object_get(root, "scale_emb"))
+        return cpm_error_set(err, CPM_EFORMAT,
+                             "%s: dim_model_base is missing (MiniCPM4 needs it, usually 256)", file);
+    return 0;
+}
+
+int cpm_hparams_rotary_dim(const cpm_hparams *hp) {
+    return hp->qk_rope_dim > 0 ? hp->qk_rope_dim : hp->head_dim;
+}
+
+int cpm_hparams_parse(const char *text, const char *name, cpm_hparams *ret, cpm_error *err) {
+    json_error_t je;
+    set_defaults(ret);
+    json_t *root = json_loads(text, JSON_REJECT_DUPLICATES, &je);
+    if (!root)
+        return cpm_error_set(err, CPM_EFORMAT, "%s: line %d column %d: %s", name, je.line,
+                             je.column, je.text);
+    int rc = parse_root(root, name, ret, err);
+    json_decref(root);
+    return rc;
+}
+
+static int load_json_file(const char *path, const char *name, json_t **ret, bool optional,
+                          cpm_error *err) {
+    json_error_t je;
+    *ret = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (optional)
+            return 0;
+        return cpm_error_set(err, CPM_ENOTFOUND, "%s: cannot open", path);
+    }
+    *ret = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
+    if (!*ret)
+        return cpm_error_set(err, CPM_EFORMAT, "%s: line %d column %d: %s", name, je.line,
+                             je.column, je.text);
+    return 0;
+}
+
+int cpm_hparams_load(const char *dir, cpm_hparams *ret, cpm_error *err) {
+    char path[4096];
+    json_t *root = NULL, *gen = NULL;
+    set_defaults(ret);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    int rc = load_json_file(path, "config.json", &root, false, err);
+    if (rc)
+        return rc;
+    rc = parse_root(root, "config.json", ret, err);
+    json_decref(root);
+    if (rc)
+        return rc;
+    snprintf(path, sizeof path, "%s/generation_config.json", dir);
+    rc = load_json_file(path, "generation_config.json", &gen, true, err);
+    if (rc == 0 && gen) {
+        if (!json_is_object(gen))
+            rc = cpm_error_set(err, CPM_EFORMAT, "generation_config.json: expected an object");
+        else
+            rc = merge_eos(gen, ret, "generation_config.json", err);
+    }
+    json_decref(gen);
+    return rc;
+}

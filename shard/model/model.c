@@ -1,0 +1,371 @@
+/* model.c - loading a model (or one pipeline stage) and its forward pass.
+ *
+ * The forward pass reads like the model: embed (first stage), then per layer
+ * x += r * attn(norm(x)); x += r * ffn(norm(x)), then (last stage) the final
+ * norm, the muP width division and lm_head for the rows that want logits.
+ */
+#include "model_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/matmul.h"
+#include "../kernels/ops.h"
+
+cpm_model_opts cpm_model_opts_default(void) {
+    return (cpm_model_opts){.layer_begin = 0, .layer_end = -1, .n_threads = 1,
+                            .max_batch_tokens = 512};
+}
+
+/* ---- binding tensors to roles ---- */
+
+typedef struct bind_ctx {
+    cpm_model *m;
+    cpm_error *err;
+} bind_ctx;
+
+static int norm_copy(float **dst, const cpm_tensor_view *t, cpm_error *err) {
+    size_t n = (size_t)t->shape[0];
+    *dst = malloc(n * sizeof(float));
+    if (!*dst)
+        return cpm_error_set(err, CPM_ENOMEM, "tensor %s: out of memory", t->name);
+    cpm_dtype_to_f32(*dst, t->data, t->dtype, n);
+    return 0;
+}
+
+static cpm_weight weight_of(const cpm_tensor_view *t) {
+    return (cpm_weight){.data = t->data, .dtype = t->dtype, .rows = (int)t->shape[0],
+                        .cols = t->ndim > 1 ? (int)t->shape[1] : 1};
+}
+
+static bool is_norm(cpm_role r) {
+    return r == CPM_W_IN_NORM || r == CPM_W_POST_NORM || r == CPM_W_Q_A_NORM ||
+           r == CPM_W_KV_A_NORM || r == CPM_W_FINAL_NORM;
+}
+
+static int bind_one(const cpm_tensor_need *need, void *vctx) {
+    bind_ctx *c = vctx;
+    cpm_model *m = c->m;
+    const cpm_tensor_view *t;
+    int rc = cpm_checkpoint_expect(m->ckpt, need->name, need->ndim, need->shape, &t, c->err);
+    if (rc)
+        return rc;
+    if (need->layer < 0) {
+        if (need->role == CPM_W_EMBED)
+            m->embed = weight_of(t);
+        else if (need->role == CPM_W_LM_HEAD)
+            m->lm_head = weight_of(t);
+        else if (need->role == CPM_W_FINAL_NORM)
+            return norm_copy(&m->final_norm, t, c->err);
+        return 0;
+    }
+    cpm_layer *L = &m->layers[need->layer - m->info.layer_begin];
+    if (is_norm(need->role))
+        return norm_copy(&L->norm[need->role], t, c->err);
+    if (need->expert >= 0) {
+        int which = need->role - CPM_W_EXPERT_GATE;
+        L->experts[which][need->expert] = weight_of(t);
+        return 0;
+    }
+    L->w[need->role] = weight_of(t);
+    return 0;
+}
+
+/* ---- geometry, rope, scratch ---- */
+
+static void set_geometry(cpm_model *m) {
+    const cpm_hparams *hp = &m->hp;
+    if (m->arch->attn == CPM_ATTN_MLA) {
+        m->qk_dim = hp->qk_nope_dim + hp->qk_rope_dim;
+        m->v_dim = hp->v_head_dim;
+        m->kv_heads = hp->n_heads;
+        m->rot_offset = hp->qk_nope_dim;
+    } else {
+        m->qk_dim = hp->head_dim;
+        m->v_dim = hp->head_dim;
+        m->kv_heads = hp->n_kv_heads;
+        m->rot_offset = 0;
+    }
+    m->rot_dim = cpm_hparams_rotary_dim(hp);
+    m->attn_scale = (float)(1.0 / sqrt((double)m->qk_dim));
+    /* per thread: G heads x (v accumulator + a block of scores + max + sum) */
+    size_t G = (size_t)(hp->n_heads / m->kv_heads);
+    m->attn_tls_floats = G * ((size_t)m->v_dim + CPM_KV_BLOCK + 2) + 16;
+}
+
+static int init_rope(cpm_model *m, cpm_error *err) {
+    const cpm_hparams *hp = &m->hp;
+    int half = m->rot_dim / 2;
+    m->inv_freq = malloc((size_t)half * sizeof(double));
+    if (!m->inv_freq)
+        return cpm_error_set(err, CPM_ENOMEM, "rope: out of memory");
+    for (int i = 0; i < half; i++)
+        m->inv_freq[i] = 1.0 / pow(hp->rope_theta, (2.0 * i) / m->rot_dim);
+    m->rope_mscale = 1.0;
+    if (hp->rope_kind == CPM_ROPE_LONGROPE && hp->max_position > hp->rope_orig_max_position) {
+        double s = (double)hp->max_position / hp->rope_orig_max_position;
+        m->rope_mscale = sqrt(1.0 + log(s) / log((double)hp->rope_orig_max_position));
+    }
+    return 0;
+}
+
+static int alloc_scratch(cpm_model *m, cpm_error *err) {
+    const cpm_hparams *hp = &m->hp;
+    size_t T = (size_t)m->max_batch, H = (size_t)hp->hidden_size;
+    size_t F = (size_t)hp->intermediate_size, E = (size_t)(hp->n_experts ? hp->n_experts : 1);
+    size_t topk = (size_t)(hp->n_experts_per_tok ? hp->n_experts_per_tok : 1);
+    size_t nh = (size_t)hp->n_heads, half = (size_t)m->rot_dim / 2;
+    cpm_scratch *s = &m->s;
+    struct { void **p; size_t bytes; } plan[] = {
+        {(void **)&s->x, T * H * 4},
+        {(void **)&s->xn, T * H * 4},
+        {(void **)&s->q, T * nh * (size_t)m->qk_dim * 4},
+        {(void **)&s->k, T * (size_t)m->kv_heads * (size_t)m->qk_dim * 4},
+        {(void **)&s->v, T * (size_t)m->kv_heads * (size_t)m->v_dim * 4},
+        {(void **)&s->attn, T * nh * (size_t)m->v_dim * 4},
+        {(void **)&s->lat_q, T * (size_t)(hp->q_lora_rank + 1) * 4},
+        {(void **)&s->lat_kv, T * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim + 1) * 4},
+        {(void **)&s->lat_kvn, T * (size_t)(hp->kv_lora_rank + 1) * 4},
+        {(void **)&s->kv_b, T * nh * (size_t)(hp->qk_nope_dim + hp->v_head_dim + 1) * 4},
+        {(void **)&s->gate, T * F * 4},
+        {(void **)&s->up, T * F * 4},
+        {(void **)&s->out, T * H * 4},
+        {(void **)&s->rope_cos, T * half * 4},
+        {(void **)&s->rope_sin, T * half * 4},
+        {(void **)&s->router, T * E * 4},
+        {(void **)&s->route_ids, T * topk * sizeof(int)},
+        {(void **)&s->route_w, T * topk * 4},
+        {(void **)&s->gather, T * sizeof(int)},
+        {(void **)&s->gather_w, T * 4},
+        {(void **)&s->xg, T * H * 4},
+        {(void **)&s->yg, T * H * 4},
+        {(void **)&s->attn_tls, (size_t)m->n_threads * m->attn_tls_floats * 4},
+        {(void **)&s->rows, T * sizeof(int)},
+        {(void **)&s->kv_slot, T * sizeof(int)},
+    };
+    for (size_t i = 0; i < sizeof plan / sizeof *plan; i++) {
+        /* 64-byte alignment keeps SIMD loads on cache lines */
+        size_t bytes = (plan[i].bytes + 63) & ~(size_t)63;
+        *plan[i].p = aligned_alloc(64, bytes ? bytes : 64);
+        if (!*plan[i].p)
+            return cpm_error_set(err, CPM_ENOMEM, "scratch for %zu batch tokens: out of memory", T);
+    }
+    return 0;
+}
+
+static void free_scratch(cpm_scratch *s) {
+    void *ptrs[] = {s->x, s->xn, s->q, s->k, s->v, s->attn, s->lat_q, s->lat_kv,
+                    s->lat_kvn, s->kv_b, s->gate, s->up, s->out, s->rope_cos, s->rope_sin,
+                    s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg, s->attn_tls,
+                    s->rows, s->kv_slot};
+    for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
+        free(ptrs[i]);
+}
+
+/* ---- load / free ---- */
+
+static int check_opts(const cpm_hparams *hp, cpm_model_opts *o, cpm_error *err) {
+    if (o->layer_end < 0)
+        o->layer_end = hp->n_layers;
+    if (o->layer_begin < 0 || o->layer_begin >= o->layer_end || o->layer_end > hp->n_layers)
+        return cpm_error_set(err, CPM_ERANGE, "layer range [%d, %d) is invalid for %d layers",
+                             o->layer_begin, o->layer_end, hp->n_layers);
+    if (o->n_threads < 1 || o->n_threads > 256)
+        return cpm_error_set(err, CPM_ERANGE, "n_threads %d must be in [1, 256]", o->n_threads);
+    if (o->max_batch_tokens < 1 || o->max_batch_tokens > 65536)
+        return cpm_error_set(err, CPM_ERANGE, "max_batch_tokens %d must be in [1, 65536]",
+                             o->max_batch_tokens);
+    return 0;
+}
+
+static void fill_info(cpm_model *m, const cpm_model_opts *o) {
+    const cpm_hparams *hp = &m->hp;
+    cpm_model_info *in = &m->info;
+    in->arch = m->arch->hf_name;
+    in->variant = cpm_arch_variant(m->arch, hp);
+    in->vocab_size = hp->vocab_size;
+    in->hidden_size = hp->hidden_size;
+    in->n_layers = hp->n_layers;
+    in->layer_begin = o->layer_begin;
+    in->layer_end = o->layer_end;
+    in->first_stage = o->layer_begin == 0;
+    in->last_stage = o->layer_end == hp->n_layers;
+    in->max_position = hp->max_position;
+    in->bos_id = hp->bos_id;
+    in->n_eos = hp->n_eos;
+    memcpy(in->eos_ids, hp->eos_ids, sizeof in->eos_ids);
+}
+
+static int alloc_layers(cpm_model *m, cpm_error *err) {
+    int n = m->info.layer_end - m->info.layer_begin;
+    m->layers = calloc((size_t)n, sizeof *m->layers);
+    if (!m->layers)
+        return cpm_error_set(err, CPM_ENOMEM, "layers: out of memory");
+    for (int l = 0; l < n && m->ffn == CPM_FFN_MOE; l++)
+        for (int j = 0; j < 3; j++)
+            if (!(m->layers[l].experts[j] = calloc((size_t)m->hp.n_experts, sizeof(cpm_weight))))
+                return cpm_error_set(err, CPM_ENOMEM, "experts: out of memory");
+    return 0;
+}
+
+int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
+                   cpm_error *err) {
+    cpm_model_opts o = opts ? *opts : cpm_model_opts_default();
+    cpm_model *m = calloc(1, sizeof *m);
+    int rc;
+    *ret = NULL;
+    if (!m)
+        return cpm_error_set(err, CPM_ENOMEM, "model: out of memory");
+    if ((rc = cpm_hparams_load(dir, &m->hp, err)))
+        goto fail;
+    if (!(m->arch = cpm_arch_find(m->hp.arch))) {
+        rc = cpm_error_set(err, CPM_EUNSUPPORTED, "config.json: architecture '%s' is not supported",
+                           m->hp.arch);
+        goto fail;
+    }
+    if ((rc = check_opts(&m->hp, &o, err)))
+        goto fail;
+    m->ffn = cpm_arch_ffn_kind(&m->hp);
+    m->max_batch = o.max_batch_tokens;
+    m->n_threads = o.n_threads;
+    fill_info(m, &o);
+    set_geometry(m);
+    if ((rc = alloc_layers(m, err)) || (rc = init_rope(m, err)) || (rc = alloc_scratch(m, err)))
+        goto fail;
+    if ((rc = cpm_checkpoint_open(dir, &m->ckpt, err)))
+        goto fail;
+    bind_ctx bc = {m, err};
+    rc = cpm_arch_for_each_tensor(m->arch, &m->hp, o.layer_begin, o.layer_end,
+                                  m->info.first_stage, m->info.last_stage, bind_one, &bc);
+    if (rc)
+        goto fail;
+    if (m->info.last_stage && m->hp.tie_word_embeddings)
+        m->lm_head = m->embed;
+    if (!(m->pool = cpm_pool_new(o.n_threads))) {
+        rc = cpm_error_set(err, CPM_ENOMEM, "cannot start %d threads", o.n_threads);
+        goto fail;
+    }
+    *ret = m;
+    return 0;
+fail:
+    cpm_model_free(m);
+    return rc;
+}
+
+void cpm_model_free(cpm_model *m) {
+    if (!m)
+        return;
+    if (m->layers) {
+        for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
+            for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
+                free(m->layers[l].norm[r]);
+            for (int j = 0; j < 3; j++)
+                free(m->layers[l].experts[j]);
+        }
+        free(m->layers);
+    }
+    free(m->final_norm);
+    free(m->inv_freq);
+    free_scratch(&m->s);
+    cpm_pool_free(m->pool);
+    cpm_checkpoint_free(m->ckpt);
+    free(m);
+}
+
+const cpm_model_info *cpm_model_get_info(const cpm_model *m) {
+    return &m->info;
+}
+
+/* ---- forward ---- */
+
+void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w, int n) {
+    cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows, w->cols);
+}
+
+static void embed_rows(cpm_model *m, const cpm_batch *b) {
+    int H = m->hp.hidden_size;
+    size_t row_bytes = (size_t)H * cpm_dtype_size(m->embed.dtype);
+    for (int i = 0; i < b->n_tokens; i++) {
+        float *x = m->s.x + (size_t)i * H;
+        cpm_dtype_to_f32(x, (const char *)m->embed.data + (size_t)b->ids[i] * row_bytes,
+                         m->embed.dtype, (size_t)H);
+        cpm_scale(x, (float)m->hp.scale_emb, H);
+    }
+}
+
+static void norm_rows(float *out, const float *x, const float *w, int n, int H, float eps) {
+    for (int i = 0; i < n; i++)
+        cpm_rmsnorm(out + (size_t)i * H, x + (size_t)i * H, w, H, eps);
+}
+
+static int check_batch(const cpm_model *m, const cpm_batch *b, cpm_error *err) {
+    if (b->n_tokens < 1 || b->n_tokens > m->max_batch)
+        return cpm_error_set(err, CPM_ELIMIT, "batch of %d tokens, limit is %d", b->n_tokens,
+                             m->max_batch);
+    if (m->info.first_stage ? !b->ids : !b->hidden)
+        return cpm_error_set(err, CPM_EINVAL, "batch: missing %s for this stage",
+                             m->info.first_stage ? "ids" : "hidden");
+    for (int i = 0; i < b->n_tokens; i++) {
+        if (m->info.first_stage && (b->ids[i] < 0 || b->ids[i] >= m->hp.vocab_size))
+            return cpm_error_set(err, CPM_ERANGE, "batch row %d: token id %d outside [0, %d)",
+                                 i, b->ids[i], m->hp.vocab_size);
+        if (b->pos[i] < 0)
+            return cpm_error_set(err, CPM_ERANGE, "batch row %d: negative position", i);
+    }
+    return 0;
+}
+
+static void run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b) {
+    const cpm_layer *L = &m->layers[li];
+    int n = b->n_tokens, H = m->hp.hidden_size;
+    float r = (float)(m->hp.scale_depth / sqrt((double)m->hp.n_layers));
+    float eps = m->hp.rms_norm_eps;
+
+    norm_rows(m->s.xn, m->s.x, L->norm[CPM_W_IN_NORM], n, H, eps);
+    cpm_attention_forward(m, kv, li, b, n);
+    cpm_axpy(m->s.x, r, m->s.out, n * H);
+
+    norm_rows(m->s.xn, m->s.x, L->norm[CPM_W_POST_NORM], n, H, eps);
+    cpm_ffn_forward(m, li, n);
+    cpm_axpy(m->s.x, r, m->s.out, n * H);
+}
+
+/* Final norm, width division, lm_head, for the wanted rows only. */
+static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
+    int H = m->hp.hidden_size, n = 0;
+    float width = (float)(m->hp.hidden_size / m->hp.dim_model_base);
+    for (int i = 0; i < b->n_tokens; i++) {
+        if (b->want && !b->want[i])
+            continue;
+        float *xn = m->s.xn + (size_t)n * H;
+        cpm_rmsnorm(xn, m->s.x + (size_t)i * H, m->final_norm, H, m->hp.rms_norm_eps);
+        for (int j = 0; j < H; j++)
+            xn[j] /= width;
+        n++;
+    }
+    if (n > 0)
+        cpm_matmul(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,
+                   m->lm_head.dtype, H, n, m->hp.vocab_size, H);
+}
+
+int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float *out,
+                      cpm_error *err) {
+    int rc = check_batch(m, b, err);
+    if (rc || (rc = cpm_kv_cache_reserve(kv, b, m->s.kv_slot, err)))
+        return rc;
+    int H = m->hp.hidden_size;
+    if (m->info.first_stage)
+        embed_rows(m, b);
+    else
+        memcpy(m->s.x, b->hidden, (size_t)b->n_tokens * (size_t)H * sizeof(float));
+    cpm_rope_prepare(m, b, kv);
+    for (int li = 0; li < m->info.layer_end - m->info.layer_begin; li++)
+        run_layer(m, kv, li, b);
+    cpm_kv_cache_commit(kv, b);
+    if (m->info.last_stage)
+        head_rows(m, b, out);
+    else
+        memcpy(out, m->s.x, (size_t)b->n_tokens * (size_t)H * sizeof(float));
+    return 0;
+}

@@ -1,0 +1,137 @@
+/* model_internal.h - the structs shared by the loader, the layer kernels and the
+ * KV cache. Not part of the engine's public API (model.h, kv_cache.h). */
+#ifndef CPM_MODEL_INTERNAL_H
+#define CPM_MODEL_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../kernels/dtype.h"
+#include "../kernels/pool.h"
+#include "../kv_cache.h"
+#include "arch.h"
+#include "checkpoint.h"
+#include "hf_config.h"
+#include "model.h"
+
+/* A weight matrix [rows, cols] (row = output feature) pointing into the checkpoint. */
+typedef struct cpm_weight {
+    const void *data;
+    cpm_dtype dtype;
+    int rows, cols;
+} cpm_weight;
+
+typedef struct cpm_layer {
+    cpm_weight w[CPM_LAYER_ROLE_COUNT]; /* experts' roles unused here */
+    cpm_weight *experts[3];             /* MoE: [n_experts] gate, up, down */
+    float *norm[CPM_LAYER_ROLE_COUNT];  /* f32 copies of the norm vectors */
+} cpm_layer;
+
+/* Scratch sized at load time from max_batch_tokens; forward allocates nothing. */
+typedef struct cpm_scratch {
+    float *x;        /* [T, H] residual stream */
+    float *xn;       /* [T, H] normed input of a sublayer */
+    float *q;        /* [T, heads * qk_dim] */
+    float *k;        /* [T, kv_heads * qk_dim] */
+    float *v;        /* [T, kv_heads * v_dim] */
+    float *attn;     /* [T, heads * v_dim] */
+    float *lat_q;    /* MLA: [T, q_lora] */
+    float *lat_kv;   /* MLA: [T, kv_lora + rope] */
+    float *lat_kvn;  /* MLA: [T, kv_lora] */
+    float *kv_b;     /* MLA: [T, heads * (nope + v)] */
+    float *gate;     /* [T, F] */
+    float *up;       /* [T, F] */
+    float *out;      /* [T, H] */
+    float *rope_cos; /* [T, rot/2] */
+    float *rope_sin; /* [T, rot/2] */
+    float *router;   /* MoE: [T, E] */
+    int *route_ids;  /* MoE: [T, top_k] */
+    float *route_w;  /* MoE: [T, top_k] */
+    int *gather;     /* MoE: [T] row indices routed to one expert */
+    float *gather_w; /* MoE: [T] */
+    float *xg;       /* MoE: [T, H] gathered rows */
+    float *yg;       /* MoE: [T, H] one expert's output */
+    float *attn_tls; /* per thread: online-softmax state of one KV-head group */
+    int *rows;       /* [T] wanted rows (last stage) */
+    int *kv_slot;    /* [T] KV cache slot (block * BLOCK + offset) of each row */
+} cpm_scratch;
+
+struct cpm_model {
+    cpm_model_info info;
+    cpm_hparams hp;
+    const cpm_arch *arch;
+    cpm_ffn_kind ffn;
+    cpm_checkpoint *ckpt;
+    cpm_pool *pool;
+    int max_batch;
+    int n_threads;
+    size_t attn_tls_floats; /* per thread */
+
+    /* attention geometry, uniform for GQA and MLA */
+    int qk_dim;      /* per-head query/key width */
+    int v_dim;       /* per-head value width */
+    int kv_heads;    /* heads stored in the cache (MLA: all heads) */
+    int rot_dim;     /* rotary width */
+    int rot_offset;  /* where the rotary slice starts inside a head (MLA: after nope) */
+    float attn_scale;
+    double *inv_freq;     /* [rot/2] base inverse frequencies */
+    double rope_mscale;   /* LongRoPE attention factor */
+
+    cpm_weight embed;
+    float *final_norm;
+    cpm_weight lm_head;
+    cpm_layer *layers;    /* [layer_end - layer_begin] */
+    cpm_scratch s;
+};
+
+struct cpm_kv_seq {
+    bool live;
+    int len;
+    int n_blocks;
+    int *blocks; /* [max_blocks_per_seq] */
+};
+
+struct cpm_kv_cache {
+    int n_layers;        /* layers of the stage */
+    int k_dim, v_dim;    /* floats per token per layer */
+    int n_blocks;
+    int max_seqs;
+    int max_blocks_per_seq;
+    size_t block_floats; /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
+    float *data;         /* [n_blocks, block_floats] */
+    int *free_blocks;    /* stack */
+    int n_free;
+    struct cpm_kv_seq *seqs;
+    int *block_tables;   /* [max_seqs, max_blocks_per_seq] */
+};
+
+/* Key and value rows of token slot `slot` (block * CPM_KV_BLOCK + offset) in
+ * stage layer li. */
+float *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot);
+float *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot);
+
+/* Makes room for the batch rows in the cache and records each row's slot in
+ * slots[]; validates that positions continue each sequence. Nothing is
+ * modified on failure. */
+int cpm_kv_cache_reserve(cpm_kv_cache *kv, const cpm_batch *b, int *slots, cpm_error *err);
+
+/* Marks the batch rows as cached (after a successful forward). */
+void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b);
+
+/* Layer kernels (attention.c, ffn.c): read s.xn, write s.out, for n rows. */
+void cpm_attention_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n);
+void cpm_ffn_forward(cpm_model *m, int li, int n);
+
+/* RoPE cos/sin for every row of the batch into s.rope_cos / s.rope_sin. */
+void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv);
+
+/* Slot of position pos in seq (which must be reserved). */
+/* Weight matmul for n rows: y[n, w.rows] = x[n, w.cols] * W^T. */
+void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w, int n);
+
+static inline int cpm_kv_slot(const cpm_kv_cache *kv, int seq, int pos) {
+    const struct cpm_kv_seq *s = &kv->seqs[seq];
+    return s->blocks[pos / CPM_KV_BLOCK] * CPM_KV_BLOCK + pos % CPM_KV_BLOCK;
+}
+
+#endif
