@@ -1,0 +1,568 @@
+/* config.c - the cluster YAML (libyaml document API) read through key tables.
+ *
+ * Each section is a table of rows (name, type, field offset, bounds, default, doc);
+ * one generic walker applies defaults, parses, bounds-checks and reports
+ * file:line:column for every mistake. Cross-field checks (layers, endpoints) follow.
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+typedef enum ktype { K_STR, K_INT, K_ENDPOINT, K_HTTP, K_LAYERS, K_MAP, K_LIST } ktype;
+
+typedef struct key key;
+struct key {
+    const char *name;
+    ktype type;
+    size_t off;       /* field offset in the section's struct */
+    long min, max;    /* K_INT bounds */
+    const char *def;  /* default as text; NULL = required; "" = empty string allowed */
+    const char *doc;
+    const key *sub;   /* K_MAP / K_LIST: the rows of the section */
+    size_t sub_size;  /* K_LIST: element size; K_MAP: unused */
+    size_t count_off; /* K_LIST: offset of the int element count */
+    int max_items;    /* K_LIST */
+};
+
+#define END_KEYS {NULL, 0, 0, 0, 0, NULL, NULL, NULL, 0, 0, 0}
+
+#define SVC_KEYS(T, P)                                                                          \
+    {"endpoint", K_ENDPOINT, offsetof(T, P endpoint), 0, 0, NULL,                               \
+     "zmq endpoint the service binds (tcp://HOST:PORT or ipc://PATH)", NULL, 0, 0, 0},          \
+    {"host", K_STR, offsetof(T, P host), 0, 0, "localhost",                                     \
+     "host it runs on (mpirun places ranks; informational for `up`)", NULL, 0, 0, 0},           \
+    {"threads", K_INT, offsetof(T, P threads), 1, 1024, "1", "worker threads", NULL, 0, 0, 0}
+
+static const key service_keys[] = {SVC_KEYS(cpm_cfg_service, ), END_KEYS};
+
+static const key stage_keys[] = {
+    SVC_KEYS(cpm_cfg_stage, svc.),
+    {"layers", K_LAYERS, 0, 0, 0, NULL, "[first, last+1) layer range; the second may be `end`",
+     NULL, 0, 0, 0},
+    {"kv_tokens", K_INT, offsetof(cpm_cfg_stage, kv_tokens), 16, 1 << 24, "16384",
+     "KV-cache capacity in tokens (all sequences)", NULL, 0, 0, 0},
+    {"max_seqs", K_INT, offsetof(cpm_cfg_stage, max_seqs), 1, 65536, "64", "live sequences",
+     NULL, 0, 0, 0},
+    {"max_batch_tokens", K_INT, offsetof(cpm_cfg_stage, max_batch_tokens), 1, 65536, "512",
+     "rows per forward pass", NULL, 0, 0, 0},
+    END_KEYS,
+};
+
+#define RK(name, type, field, lo, hi, def, doc) \
+    {name, type, offsetof(cpm_cfg_router, field), lo, hi, def, doc, NULL, 0, 0, 0}
+
+static const key router_keys[] = {
+    RK("host", K_STR, host, 0, 0, "localhost", "host it runs on"),
+    RK("http", K_HTTP, http_addr, 0, 0, "127.0.0.1:8080", "HTTP listen address, ADDR:PORT or PORT"),
+    RK("rpc", K_ENDPOINT, rpc, 0, 0, NULL, "internal generate API (zmq, bound)"),
+    RK("results", K_ENDPOINT, results, 0, 0, NULL, "endpoint the last stage sends logits to"),
+    RK("max_prompt_tokens", K_INT, max_prompt_tokens, 1, 1 << 24, "4096", "longest prompt"),
+    RK("max_tokens", K_INT, max_tokens, 1, 1 << 24, "1024", "default and cap for max_tokens"),
+    RK("max_queue", K_INT, max_queue, 0, 1 << 20, "256", "waiting requests before 429"),
+    RK("max_seqs", K_INT, max_seqs, 1, 65536, "64", "sequences generating at once"),
+    RK("max_body_bytes", K_INT, max_body_bytes, 1024, 1 << 30, "4194304", "HTTP body limit"),
+    RK("micro_batches", K_INT, micro_batches, 1, 64, "2", "micro-batches in flight in the pipeline"),
+    RK("prefill_chunk", K_INT, prefill_chunk, 1, 65536, "256", "prompt tokens per sequence per step"),
+    RK("timeout_ms", K_INT, timeout_ms, 10, 3600000, "30000", "pipeline step / service call timeout"),
+    END_KEYS,
+};
+
+#define LIST(name, T, arr, count, rows, max, doc) \
+    {name, K_LIST, offsetof(cpm_config, arr), 0, 0, NULL, doc, rows, sizeof(T), offsetof(cpm_config, count), max}
+
+static const key top_keys[] = {
+    {"version", K_INT, SIZE_MAX, 1, 1, "1", "file format version", NULL, 0, 0, 0},
+    {"model", K_STR, offsetof(cpm_config, model), 0, 0, "", "model directory (or --model)", NULL, 0, 0, 0},
+    {"name", K_STR, offsetof(cpm_config, name), 0, 0, "", "model name for /v1/models (default: basename of model)", NULL, 0, 0, 0},
+    {"router", K_MAP, offsetof(cpm_config, router), 0, 0, NULL, "the front door", router_keys, 0, 0, 0},
+    LIST("tokenizers", cpm_cfg_service, tokenizers, n_tokenizers, service_keys, CPM_CFG_MAX_REPLICAS,
+         "cpm-tokenizer replicas"),
+    LIST("samplers", cpm_cfg_service, samplers, n_samplers, service_keys, CPM_CFG_MAX_REPLICAS,
+         "cpm-sampler replicas"),
+    LIST("stages", cpm_cfg_stage, stages, n_stages, stage_keys, CPM_CFG_MAX_STAGES,
+         "pipeline stages in order"),
+    END_KEYS,
+};
+
+typedef struct walker {
+    yaml_document_t *doc;
+    const char *file;
+    cpm_error *err;
+} walker;
+
+static int at(walker *w, const yaml_node_t *n, const char *path, int code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* Reports "file:line:col: path: message". */
+static int at(walker *w, const yaml_node_t *n, const char *path, int code, const char *fmt, ...) {
+    char msg[CPM_ERROR_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n)
+        return cpm_error_set(w->err, code, "%s:%lu:%lu: %s: %s", w->file,
+                             (unsigned long)n->start_mark.line + 1,
+                             (unsigned long)n->start_mark.column + 1, path, msg);
+    return cpm_error_set(w->err, code, "%s: %s: %s", w->file, path, msg);
+}
+
+static const char *scalar(const yaml_node_t *n) {
+    return n && n->type == YAML_SCALAR_NODE ? (const char *)n->data.scalar.value : NULL;
+}
+
+static int parse_long(const char *s, long *ret) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || errno)
+        return -1;
+    *ret = v;
+    return 0;
+}
+
+static int parse_port(const char *s, int *ret) {
+    long v;
+    if (parse_long(s, &v) || v < 1 || v > 65535)
+        return -1;
+    *ret = (int)v;
+    return 0;
+}
+
+/* tcp://HOST:PORT or ipc://PATH. inproc:// cannot cross processes, wildcards cannot be dialled. */
+static int check_endpoint(const char *s, char *why, size_t why_size) {
+    if (!strncmp(s, "ipc://", 6)) {
+        if (!s[6])
+            return snprintf(why, why_size, "ipc:// needs a path"), -1;
+        return 0;
+    }
+    if (strncmp(s, "tcp://", 6)) {
+        snprintf(why, why_size, "'%s' is not tcp://HOST:PORT or ipc://PATH", s);
+        return -1;
+    }
+    const char *colon = strrchr(s + 6, ':');
+    int port;
+    if (!colon || colon == s + 6) {
+        snprintf(why, why_size, "'%s' lacks HOST:PORT", s);
+        return -1;
+    }
+    if (parse_port(colon + 1, &port)) {
+        snprintf(why, why_size, "'%s': port must be 1..65535", s);
+        return -1;
+    }
+    if (memchr(s + 6, '*', (size_t)(colon - s - 6))) {
+        snprintf(why, why_size, "'%s': a wildcard host cannot be connected to", s);
+        return -1;
+    }
+    return 0;
+}
+
+static int set_str(walker *w, const yaml_node_t *n, const char *path, char *dst, const char *v) {
+    if (strlen(v) >= CPM_CFG_STR)
+        return at(w, n, path, CPM_ERANGE, "longer than %d bytes", CPM_CFG_STR - 1);
+    strcpy(dst, v);
+    return 0;
+}
+
+static int set_http(walker *w, const yaml_node_t *n, const char *path, cpm_cfg_router *r,
+                    const char *v) {
+    const char *colon = strrchr(v, ':');
+    const char *port = colon ? colon + 1 : v;
+    if (parse_port(port, &r->http_port))
+        return at(w, n, path, CPM_EINVAL, "'%s' is not ADDR:PORT or PORT (port 1..65535)", v);
+    if (!colon)
+        return set_str(w, n, path, r->http_addr, "127.0.0.1");
+    size_t len = (size_t)(colon - v);
+    if (!len || len >= CPM_CFG_STR)
+        return at(w, n, path, CPM_EINVAL, "'%s': bad address", v);
+    memcpy(r->http_addr, v, len);
+    r->http_addr[len] = '\0';
+    return 0;
+}
+
+static int set_layers(walker *w, const yaml_node_t *n, const char *path, cpm_cfg_stage *st) {
+    if (n->type != YAML_SEQUENCE_NODE ||
+        n->data.sequence.items.top - n->data.sequence.items.start != 2)
+        return at(w, n, path, CPM_EINVAL, "expected [first, end] (two entries)");
+    const char *a = scalar(yaml_document_get_node(w->doc, n->data.sequence.items.start[0]));
+    const char *b = scalar(yaml_document_get_node(w->doc, n->data.sequence.items.start[1]));
+    long lo, hi;
+    if (!a || parse_long(a, &lo) || lo < 0 || lo > 100000)
+        return at(w, n, path, CPM_EINVAL, "first layer must be an integer >= 0");
+    if (b && !strcmp(b, "end"))
+        hi = CPM_CFG_LAYER_END;
+    else if (!b || parse_long(b, &hi) || hi <= lo || hi > 100000)
+        return at(w, n, path, CPM_EINVAL, "end must be an integer > %ld, or `end`", lo);
+    st->layer_begin = (int)lo;
+    st->layer_end = (int)hi;
+    return 0;
+}
+
+static int apply_defaults(const key *rows, void *base) {
+    for (const key *k = rows; k->name; k++) {
+        if (!k->def || k->off == SIZE_MAX)
+            continue;
+        if (k->type == K_INT)
+            *(int *)((char *)base + k->off) = atoi(k->def);
+        else if (k->type == K_STR || k->type == K_ENDPOINT)
+            snprintf((char *)base + k->off, CPM_CFG_STR, "%s", k->def);
+        else if (k->type == K_HTTP)
+            set_http(&(walker){0}, NULL, "", base, k->def);
+    }
+    return 0;
+}
+
+static int walk_map(walker *w, const yaml_node_t *n, const char *path, const key *rows, void *base);
+
+static int walk_list(walker *w, const yaml_node_t *n, const char *path, const key *k, void *base) {
+    if (n->type != YAML_SEQUENCE_NODE)
+        return at(w, n, path, CPM_EINVAL, "expected a list");
+    int *count = (int *)((char *)base + k->count_off);
+    int i = 0;
+    for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+         it++, i++) {
+        yaml_node_t *item = yaml_document_get_node(w->doc, *it);
+        char sub[128];
+        snprintf(sub, sizeof sub, "%s[%d]", path, i);
+        if (i >= k->max_items)
+            return at(w, item, sub, CPM_ELIMIT, "at most %d entries", k->max_items);
+        void *elem = (char *)base + k->off + (size_t)i * k->sub_size;
+        apply_defaults(k->sub, elem);
+        int rc = walk_map(w, item, sub, k->sub, elem);
+        if (rc)
+            return rc;
+    }
+    *count = i;
+    return 0;
+}
+
+static int set_value(walker *w, const yaml_node_t *v, const char *path, const key *k, void *base) {
+    void *field = (char *)base + (k->off == SIZE_MAX ? 0 : k->off);
+    if (k->type == K_MAP) {
+        apply_defaults(k->sub, field);
+        return walk_map(w, v, path, k->sub, field);
+    }
+    if (k->type == K_LIST)
+        return walk_list(w, v, path, k, base);
+    if (k->type == K_LAYERS)
+        return set_layers(w, v, path, base);
+    const char *s = scalar(v);
+    if (!s)
+        return at(w, v, path, CPM_EINVAL, "expected a single value");
+    char why[CPM_ERROR_MSG_MAX / 2];
+    long lv;
+    switch (k->type) {
+    case K_INT:
+        if (parse_long(s, &lv))
+            return at(w, v, path, CPM_EINVAL, "'%s' is not an integer", s);
+        if (lv < k->min || lv > k->max)
+            return at(w, v, path, CPM_ERANGE, "%ld is outside [%ld, %ld]", lv, k->min, k->max);
+        if (k->off != SIZE_MAX)
+            *(int *)field = (int)lv;
+        return 0;
+    case K_ENDPOINT:
+        if (check_endpoint(s, why, sizeof why))
+            return at(w, v, path, CPM_EINVAL, "%s", why);
+        return set_str(w, v, path, field, s);
+    case K_HTTP:
+        return set_http(w, v, path, base, s);
+    default:
+        return set_str(w, v, path, field, s);
+    }
+}
+
+static const key *find_key(const key *rows, const char *name) {
+    for (const key *k = rows; k->name; k++)
+        if (!strcmp(k->name, name))
+            return k;
+    return NULL;
+}
+
+static void key_names(const key *rows, char *buf, size_t size) {
+    size_t used = 0;
+    buf[0] = '\0';
+    for (const key *k = rows; k->name && used < size; k++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%s", k == rows ? "" : ", ", k->name);
+}
+
+static int walk_map(walker *w, const yaml_node_t *n, const char *path, const key *rows, void *base) {
+    if (n->type != YAML_MAPPING_NODE)
+        return at(w, n, path, CPM_EINVAL, "expected a mapping of keys");
+    uint64_t seen = 0; /* tables have fewer than 64 rows */
+    for (yaml_node_pair_t *p = n->data.mapping.pairs.start; p < n->data.mapping.pairs.top; p++) {
+        yaml_node_t *kn = yaml_document_get_node(w->doc, p->key);
+        yaml_node_t *vn = yaml_document_get_node(w->doc, p->value);
+        const char *name = scalar(kn);
+        char sub[160];
+        if (!name)
+            return at(w, kn, path, CPM_EINVAL, "keys must be plain words");
+        snprintf(sub, sizeof sub, "%s%s%s", path, *path ? "." : "", name);
+        const key *k = find_key(rows, name);
+        if (!k) {
+            char known[400];
+            key_names(rows, known, sizeof known);
+            return at(w, kn, sub, CPM_EINVAL, "unknown key (known: %s)", known);
+        }
+        uint64_t bit = 1ull << (k - rows);
+        if (seen & bit)
+            return at(w, kn, sub, CPM_EINVAL, "given twice");
+        seen |= bit;
+        int rc = set_value(w, vn, sub, k, base);
+        if (rc)
+            return rc;
+    }
+    for (const key *k = rows; k->name; k++)
+        if (!k->def && !(seen & (1ull << (k - rows))) && k->type != K_LIST && k->type != K_MAP)
+            return at(w, n, path[0] ? path : "(top)", CPM_EINVAL, "missing required key '%s'",
+                      k->name);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ cross-field checks */
+
+/* Stages must tile the layers: the first starts at 0, each starts where the previous ended. */
+static int check_stage_order(const cpm_config *c, cpm_error *err) {
+    for (int i = 0; i < c->n_stages; i++) {
+        const cpm_cfg_stage *s = &c->stages[i];
+        int expect = i ? c->stages[i - 1].layer_end : 0;
+        if (i && c->stages[i - 1].layer_end == CPM_CFG_LAYER_END)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: stages[%d]: stage %d already runs to `end`", c->path, i, i - 1);
+        if (s->layer_begin < expect)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: stages[%d].layers: starts at %d, overlapping stage %d "
+                                 "(which ends at %d)", c->path, i, s->layer_begin, i - 1, expect);
+        if (s->layer_begin > expect)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: stages[%d].layers: starts at %d, so layers %d..%d belong to "
+                                 "no stage", c->path, i, s->layer_begin, expect, s->layer_begin - 1);
+    }
+    return 0;
+}
+
+/* No two services may bind the same endpoint. */
+static int check_unique_endpoints(const cpm_config *c, cpm_error *err) {
+    int n = cpm_config_n_procs(c);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (!strcmp(cpm_config_proc_endpoint(c, i), cpm_config_proc_endpoint(c, j))) {
+                cpm_role ri, rj;
+                int ii, ij;
+                cpm_config_proc(c, i, &ri, &ii, NULL);
+                cpm_config_proc(c, j, &rj, &ij, NULL);
+                return cpm_error_set(err, CPM_EINVAL, "%s: %s %d and %s %d both bind %s", c->path,
+                                     cpm_role_name(rj), ij, cpm_role_name(ri), ii,
+                                     cpm_config_proc_endpoint(c, i));
+            }
+    if (!strcmp(c->router.rpc, c->router.results))
+        return cpm_error_set(err, CPM_EINVAL, "%s: router.rpc and router.results are both %s",
+                             c->path, c->router.rpc);
+    for (int i = 0; i < n; i++)
+        if (!strcmp(cpm_config_proc_endpoint(c, i), c->router.results))
+            return cpm_error_set(err, CPM_EINVAL, "%s: router.results %s is bound by another service",
+                                 c->path, c->router.results);
+    return 0;
+}
+
+static int check_whole(cpm_config *c, cpm_error *err) {
+    if (c->n_stages == 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: stages: at least one stage is required", c->path);
+    if (c->n_tokenizers == 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required", c->path);
+    if (c->n_samplers == 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: samplers: at least one is required", c->path);
+    int rc = check_stage_order(c, err);
+    if (!rc)
+        rc = check_unique_endpoints(c, err);
+    if (!rc && c->model[0])
+        cpm_config_set_model(c, c->model);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ public */
+
+int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config **ret,
+                     cpm_error *err) {
+    *ret = NULL;
+    cpm_config *c = calloc(1, sizeof *c);
+    if (!c)
+        return cpm_error_set(err, CPM_ENOMEM, "config");
+    snprintf(c->path, sizeof c->path, "%s", name);
+    char *name_keep = c->name; /* explicit name survives the model's default */
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    walker w = {.doc = &doc, .file = c->path, .err = err};
+    int rc = 0;
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+    if (!yaml_parser_load(&parser, &doc)) {
+        rc = cpm_error_set(err, CPM_EFORMAT, "%s:%lu:%lu: %s", c->path,
+                           (unsigned long)parser.problem_mark.line + 1,
+                           (unsigned long)parser.problem_mark.column + 1,
+                           parser.problem ? parser.problem : "YAML syntax error");
+        yaml_parser_delete(&parser);
+        free(c);
+        return rc;
+    }
+    yaml_node_t *root = yaml_document_get_root_node(&doc);
+    (void)name_keep;
+    apply_defaults(top_keys, c);
+    apply_defaults(router_keys, &c->router);
+    if (!root)
+        rc = cpm_error_set(err, CPM_EINVAL, "%s: empty file", c->path);
+    else if (!(rc = walk_map(&w, root, "", top_keys, c)))
+        rc = check_whole(c, err);
+    /* router is a K_MAP with required keys; an absent section must still be reported. */
+    if (!rc && !c->router.rpc[0])
+        rc = cpm_error_set(err, CPM_EINVAL, "%s: router: missing (needs rpc and results)", c->path);
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&parser);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+    *ret = c;
+    return 0;
+}
+
+int cpm_config_load(const char *path, cpm_config **ret, cpm_error *err) {
+    *ret = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return cpm_error_set(err, CPM_EIO, "%s: %s", path, strerror(errno));
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        if (len == cap) {
+            if (cap >= (1u << 20)) {
+                fclose(f);
+                free(buf);
+                return cpm_error_set(err, CPM_ELIMIT, "%s: larger than 1 MiB", path);
+            }
+            cap = cap ? cap * 2 : 8192;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                fclose(f);
+                free(buf);
+                return cpm_error_set(err, CPM_ENOMEM, "%s", path);
+            }
+            buf = nb;
+        }
+        size_t got = fread(buf + len, 1, cap - len, f);
+        len += got;
+        if (!got)
+            break;
+    }
+    fclose(f);
+    int rc = cpm_config_parse(buf, len, path, ret, err);
+    free(buf);
+    return rc;
+}
+
+void cpm_config_free(cpm_config *c) {
+    free(c);
+}
+
+void cpm_config_set_model(cpm_config *c, const char *dir) {
+    bool derived = !c->name[0] || !strcmp(c->name, basename(strdupa(c->model)));
+    snprintf(c->model, sizeof c->model, "%s", dir);
+    if (derived) {
+        char *tmp = strdupa(dir);
+        size_t n = strlen(tmp);
+        while (n > 1 && tmp[n - 1] == '/')
+            tmp[--n] = '\0';
+        snprintf(c->name, sizeof c->name, "%s", basename(tmp));
+    }
+}
+
+int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err) {
+    cpm_cfg_stage *last = &c->stages[c->n_stages - 1];
+    if (last->layer_end == CPM_CFG_LAYER_END)
+        last->layer_end = n_layers;
+    for (int i = 0; i < c->n_stages; i++) {
+        const cpm_cfg_stage *s = &c->stages[i];
+        if (s->layer_begin >= n_layers || s->layer_end > n_layers)
+            return cpm_error_set(err, CPM_ERANGE,
+                                 "%s: stages[%d].layers: [%d, %d) but the model has %d layers",
+                                 c->path, i, s->layer_begin, s->layer_end, n_layers);
+    }
+    if (last->layer_end < n_layers)
+        return cpm_error_set(err, CPM_ERANGE,
+                             "%s: stages: layers %d..%d belong to no stage (the model has %d)",
+                             c->path, last->layer_end, n_layers - 1, n_layers);
+    return 0;
+}
+
+int cpm_config_n_procs(const cpm_config *c) {
+    return 1 + c->n_tokenizers + c->n_samplers + c->n_stages;
+}
+
+int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_index, cpm_error *err) {
+    if (r < 0 || r >= cpm_config_n_procs(c))
+        return cpm_error_set(err, CPM_ERANGE, "%s: process %d: the cluster has %d processes",
+                             c->path, r, cpm_config_n_procs(c));
+    int counts[] = {1, c->n_tokenizers, c->n_samplers, c->n_stages};
+    for (int role = 0; role < 4; r -= counts[role], role++)
+        if (r < counts[role]) {
+            *ret_role = (cpm_role)role;
+            *ret_index = r;
+            return 0;
+        }
+    return CPM_EINTERNAL;
+}
+
+const char *cpm_role_name(cpm_role role) {
+    static const char *names[] = {"router", "tokenizer", "sampler", "stage"};
+    return (unsigned)role < 4 ? names[role] : "unknown";
+}
+
+const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
+    cpm_role role;
+    int i;
+    if (cpm_config_proc(c, r, &role, &i, NULL))
+        return "";
+    switch (role) {
+    case CPM_ROLE_ROUTER:
+        return c->router.rpc;
+    case CPM_ROLE_TOKENIZER:
+        return c->tokenizers[i].endpoint;
+    case CPM_ROLE_SAMPLER:
+        return c->samplers[i].endpoint;
+    case CPM_ROLE_STAGE:
+        return c->stages[i].svc.endpoint;
+    }
+    return "";
+}
+
+const char *cpm_config_stage_next(const cpm_config *c, int i) {
+    return i + 1 < c->n_stages ? c->stages[i + 1].svc.endpoint : c->router.results;
+}
+
+static size_t describe_rows(const key *rows, const char *prefix, char *buf, size_t size, size_t used) {
+    for (const key *k = rows; k->name && used < size; k++) {
+        if (k->type == K_MAP || k->type == K_LIST) {
+            used += (size_t)snprintf(buf + used, size - used, "%s%s%s  %s\n", prefix, k->name,
+                                     k->type == K_LIST ? "[]" : "", k->doc);
+            char sub[64];
+            snprintf(sub, sizeof sub, "%s%s%s.", prefix, k->name, k->type == K_LIST ? "[]" : "");
+            used = describe_rows(k->sub, sub, buf, size, used);
+            continue;
+        }
+        used += (size_t)snprintf(buf + used, size - used, "%s%s  %s (%s)\n", prefix, k->name,
+                                 k->doc, !k->def ? "required" : *k->def ? k->def : "\"\"");
+    }
+    return used;
+}
+
+void cpm_config_describe(char *buf, size_t size) {
+    if (size)
+        buf[0] = '\0';
+    describe_rows(top_keys, "", buf, size, 0);
+}

@@ -20,6 +20,7 @@ typedef enum cpm_isa {
     CPM_ISA_SCALAR = 0,
     CPM_ISA_AVX2 = 1,
     CPM_ISA_AVX512 = 2,
+    CPM_ISA_AMX = 3, /* AVX-512 + AMX-BF16 tiles; AMX serves BF16 weights only */
 } cpm_isa;
 
 /* The best ISA this CPU supports (detected once, cached). */
@@ -32,7 +33,21 @@ cpm_isa cpm_isa_force(cpm_isa isa);
 const char *cpm_isa_name(cpm_isa isa);
 
 /* y[M, N] = x[M, K] * W[N, K]^T. ldx/ldy are row strides of x and y in floats
- * (>= K and >= N). w_ld is the row stride of W in elements (>= K). pool may be NULL. */
+ * (>= K and >= N). w_ld is the row stride of W in elements (>= K). pool may be NULL.
+ *
+ * Determinism: for a given ISA, y[m, n] depends only on row m of x and row n of
+ * W - never on M, on the row's place in the batch, on N or on the thread count -
+ * bit for bit, because every element is summed in one fixed order (see
+ * matmul_internal.h). SCALAR, AVX2 and AVX512 share that order and agree bit
+ * for bit with each other; so, for F32 and F16 weights, does AMX. With BF16
+ * weights the AMX kernel splits x into three bf16 terms (x = x1 + x2 + x3
+ * exactly, so every product is still the exact f32 x times w) and sums in
+ * another fixed order: equally deterministic, but its last bits differ from
+ * the other ISAs. Force one ISA on every node that must agree with another.
+ *
+ * With AMX and BF16 weights x is packed into a buffer taken from
+ * cpm_pool_scratch (or, with no pool, allocated per call); if that allocation
+ * fails, y is filled with NaN. */
 void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                 const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K);
 

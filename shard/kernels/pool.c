@@ -26,9 +26,10 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* About 30-60 us of pause loops: longer than the gap between two kernels of
- * one token, far shorter than the gap between two requests. */
-#define SPIN_ITERS 20000
+/* 2000 pauses, 10-150 us depending on the core (a pause costs 5-140 cycles):
+ * longer than the gap between two kernels of one token, far shorter than the
+ * gap between two requests. */
+#define SPIN_ITERS 2000
 
 struct cpm_pool {
     int n;

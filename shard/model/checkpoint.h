@@ -38,6 +38,12 @@ typedef struct cpm_checkpoint cpm_checkpoint;
  * free with cpm_checkpoint_free. */
 int cpm_checkpoint_open(const char *dir, cpm_checkpoint **ret, cpm_error *err);
 
+/* Opens one named weight file or index in dir ("pytorch_model.bin",
+ * "model.safetensors.index.json", ...) instead of choosing as cpm_checkpoint_open
+ * does; a name ending in ".index.json" is read as a sharded index. */
+int cpm_checkpoint_open_file(const char *dir, const char *name, cpm_checkpoint **ret,
+                             cpm_error *err);
+
 /* Accepts NULL. Invalidates every view handed out. */
 void cpm_checkpoint_free(cpm_checkpoint *ck);
 
@@ -48,9 +54,18 @@ const cpm_tensor_view *cpm_checkpoint_at(const cpm_checkpoint *ck, size_t i);
 /* The tensor called name, or NULL. */
 const cpm_tensor_view *cpm_checkpoint_find(const cpm_checkpoint *ck, const char *name);
 
+/* Tensors the engine cannot use (a dtype other than F32/F16/BF16, more than
+ * CPM_TENSOR_MAX_DIMS dimensions): they are left out of count/at/find, and
+ * cpm_checkpoint_expect reports them as CPM_EUNSUPPORTED. unsupported_at returns
+ * the i-th one's name (NULL past the end) and, in *ret_reason, why. */
+size_t cpm_checkpoint_unsupported_count(const cpm_checkpoint *ck);
+const char *cpm_checkpoint_unsupported_at(const cpm_checkpoint *ck, size_t i,
+                                          const char **ret_reason);
+
 /* Looks up name and checks its shape against shape[0..ndim) (a -1 entry matches any
  * size). Errors: CPM_ENOTFOUND "tensor X: missing from <dir>", CPM_ESHAPE
- * "<file>: tensor X: shape [a,b], expected [c,d]". */
+ * "<file>: tensor X: shape [a,b], expected [c,d]" (a -1 prints as *),
+ * CPM_EUNSUPPORTED "<file>: tensor X: dtype I64 is not supported (...)". */
 int cpm_checkpoint_expect(const cpm_checkpoint *ck, const char *name, int ndim,
                           const int64_t *shape, const cpm_tensor_view **ret,
                           cpm_error *err);

@@ -154,6 +154,31 @@ static int parse_act(json_t *root, cpm_hparams *hp, const char *file, cpm_error 
     return 0;
 }
 
+/* Quantized checkpoints need kernels this engine does not have yet: refuse
+ * them plainly. InfLLM v2 is dense below dense_len (HF-M4), so such models run
+ * up to that length and the forward pass refuses to go further. */
+static int parse_extensions(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
+    json_t *q = json_object_get(root, "quantization_config");
+    if (q && !json_is_null(q)) {
+        json_t *m = json_object_get(q, "quant_method");
+        return cpm_error_set(err, CPM_EUNSUPPORTED,
+                             "%s: quantization_config (%s) is not supported yet; use a BF16/F16/F32 "
+                             "checkpoint", file, json_is_string(m) ? json_string_value(m) : "?");
+    }
+    json_t *sc = json_object_get(root, "sparse_config");
+    if (!sc || json_is_null(sc))
+        return 0;
+    if (!json_is_object(sc))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: sparse_config: expected an object", file);
+    hp->sparse = true;
+    hp->sparse_dense_len = 8192;
+    if (get_int(sc, "dense_len", &hp->sparse_dense_len, -1, 1 << 30, file, err))
+        return cpm_error_prefix(err, "sparse_config");
+    if (hp->sparse_dense_len < 0) /* -1 = always sparse */
+        hp->sparse_dense_len = 0;
+    return 0;
+}
+
 static void set_defaults(cpm_hparams *hp) {
     memset(hp, 0, sizeof *hp);
     hp->rms_norm_eps = 1e-6f;   /* MiniCPMConfig default */
@@ -227,7 +252,8 @@ static int parse_root(json_t *root, const char *file, cpm_hparams *hp, cpm_error
                              hp->n_experts_per_tok, hp->n_experts);
     if (hp->dim_model_base <= 0 || hp->scale_emb <= 0)
         return cpm_error_set(err, CPM_ERANGE, "%s: scale_emb and dim_model_base must be > 0", file);
-    if (parse_rope_scaling(root, hp, file, err) || merge_eos(root, hp, file, err))
+    if (parse_rope_scaling(root, hp, file, err) || merge_eos(root, hp, file, err) ||
+        parse_extensions(root, hp, file, err))
         return err ? err->code : CPM_EFORMAT;
     /* Early MiniCPM4 downloads lacked dim_model_base; the class default (1) would
      * silently scale the logits 16x wrong, so refuse rather than guess. */

@@ -65,6 +65,11 @@ typedef struct cpm_hparams {
     double rope_short[CPM_ROPE_MAX_FACTORS];
     double rope_long[CPM_ROPE_MAX_FACTORS];
 
+    /* InfLLM v2 (MiniCPM4 sparse_config): attention is dense while the
+     * sequence is shorter than dense_len, which is all this engine runs yet. */
+    bool sparse;
+    int sparse_dense_len;
+
     /* special ids */
     int bos_id;
     int n_eos;

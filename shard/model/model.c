@@ -192,6 +192,7 @@ static void fill_info(cpm_model *m, const cpm_model_opts *o) {
     in->first_stage = o->layer_begin == 0;
     in->last_stage = o->layer_end == hp->n_layers;
     in->max_position = hp->max_position;
+    in->max_batch_tokens = o->max_batch_tokens;
     in->bos_id = hp->bos_id;
     in->n_eos = hp->n_eos;
     memcpy(in->eos_ids, hp->eos_ids, sizeof in->eos_ids);
@@ -312,6 +313,11 @@ static int check_batch(const cpm_model *m, const cpm_batch *b, cpm_error *err) {
                                  i, b->ids[i], m->hp.vocab_size);
         if (b->pos[i] < 0)
             return cpm_error_set(err, CPM_ERANGE, "batch row %d: negative position", i);
+        if (m->hp.sparse && b->pos[i] >= m->hp.sparse_dense_len)
+            return cpm_error_set(err, CPM_EUNSUPPORTED,
+                                 "position %d: InfLLM v2 sparse attention (sparse_config) starts at "
+                                 "dense_len %d and is not implemented yet",
+                                 b->pos[i], m->hp.sparse_dense_len);
     }
     return 0;
 }

@@ -46,6 +46,7 @@ typedef struct cpm_model_info {
     int layer_begin, layer_end;
     bool first_stage, last_stage;
     int max_position;          /* max_position_embeddings */
+    int max_batch_tokens;      /* most rows one cpm_model_forward call takes */
     int bos_id;
     int n_eos;
     int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */

@@ -86,9 +86,12 @@ struct cpm_torch_pickle {
     size_t nstrings;
 };
 
+/* Returns code itself (not cpm_error_set's result) so the compiler sees that
+ * every failure path is negative. */
 static int fail(tp_vm *vm, int code, const char *what) {
-    return cpm_error_set(vm->err, code, "%s: %s (opcode 0x%02x at offset %zu)", vm->where,
-                         what, vm->op_pos < vm->len ? vm->buf[vm->op_pos] : 0, vm->op_pos);
+    cpm_error_set(vm->err, code, "%s: %s (opcode 0x%02x at offset %zu)", vm->where, what,
+                  vm->op_pos < vm->len ? vm->buf[vm->op_pos] : 0, vm->op_pos);
+    return code;
 }
 
 static pv *pv_new(tp_vm *vm, pv_kind kind) {
@@ -397,7 +400,7 @@ static int op_global(tp_vm *vm) {
 }
 
 static int op_stack_global(tp_vm *vm) {
-    pv *name, *mod;
+    pv *name = NULL, *mod = NULL;
     int rc = pop(vm, &name);
     if (rc == 0)
         rc = pop(vm, &mod);
@@ -445,7 +448,7 @@ static int rebuild_tensor(tp_vm *vm, const pv *args) {
 }
 
 static int op_reduce(tp_vm *vm) {
-    pv *args, *fn;
+    pv *args = NULL, *fn = NULL;
     int rc = pop(vm, &args);
     if (rc == 0)
         rc = pop(vm, &fn);
@@ -471,7 +474,7 @@ static int op_reduce(tp_vm *vm) {
 
 /* BUILD on an OrderedDict sets its __dict__ (state_dict's _metadata): ignored. */
 static int op_build(tp_vm *vm) {
-    pv *state, *obj;
+    pv *state = NULL, *obj = NULL;
     int rc = pop(vm, &state);
     if (rc == 0)
         rc = top(vm, &obj);

@@ -100,7 +100,7 @@ static int read_zip64_end(const cpm_zip_reader *zr, size_t eocd, cdir_loc *loc,
 }
 
 static int locate_cdir(const cpm_zip_reader *zr, cdir_loc *loc, cpm_error *err) {
-    size_t eocd;
+    size_t eocd = 0;
     int rc = find_eocd(zr, &eocd, err);
     if (rc < 0)
         return rc;
@@ -237,7 +237,7 @@ static int build_index(cpm_zip_reader *zr, cpm_error *err) {
 }
 
 static int read_cdir(cpm_zip_reader *zr, cpm_error *err) {
-    cdir_loc loc;
+    cdir_loc loc = {0, 0, 0};
     int rc = locate_cdir(zr, &loc, err);
     if (rc < 0)
         return rc;
@@ -317,19 +317,21 @@ const cpm_zip_entry *cpm_zip_reader_find(const cpm_zip_reader *zr, const char *n
 }
 
 int cpm_zip_reader_check_stored(const cpm_zip_reader *zr, const cpm_zip_entry *e,
-                                cpm_error *err) {
+                                const char *tensor, cpm_error *err) {
+    const char *pre = tensor ? "tensor " : "", *t = tensor ? tensor : "",
+               *sep = tensor ? ": " : "";
     if (e->flags & 1u)
-        return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: entry %s is encrypted", zr->fname,
-                             e->name);
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: %s%s%sentry %s is encrypted",
+                             zr->fname, pre, t, sep, e->name);
     if (e->method != 0)
         return cpm_error_set(err, CPM_EUNSUPPORTED,
-                             "%s: entry %s is compressed (method %u); only stored entries "
-                             "are supported, as torch.save writes them",
-                             zr->fname, e->name, e->method);
+                             "%s: %s%s%sentry %s is compressed (method %u); only stored "
+                             "entries are supported, as torch.save writes them",
+                             zr->fname, pre, t, sep, e->name, e->method);
     if (e->size != e->usize)
         return cpm_error_set(err, CPM_EFORMAT,
-                             "%s: entry %s is stored but its sizes differ (%llu vs %llu)",
-                             zr->fname, e->name, (unsigned long long)e->size,
+                             "%s: %s%s%sentry %s is stored but its sizes differ (%llu vs %llu)",
+                             zr->fname, pre, t, sep, e->name, (unsigned long long)e->size,
                              (unsigned long long)e->usize);
     return 0;
 }

@@ -40,9 +40,10 @@ const cpm_zip_entry *cpm_zip_reader_at(const cpm_zip_reader *zr, size_t i);
 const cpm_zip_entry *cpm_zip_reader_find(const cpm_zip_reader *zr, const char *name);
 
 /* Checks that e is usable as raw bytes: stored, not encrypted, size == usize.
- * Errors: CPM_EUNSUPPORTED "<fname>: entry X is compressed (method 8); ...". */
+ * tensor, when not NULL, names the tensor that needs e in the message.
+ * Errors: CPM_EUNSUPPORTED "<fname>: [tensor T: ]entry X is compressed (method 8); ...". */
 int cpm_zip_reader_check_stored(const cpm_zip_reader *zr, const cpm_zip_entry *e,
-                                cpm_error *err);
+                                const char *tensor, cpm_error *err);
 
 /* CRC-32 (ISO-HDLC, as zip uses) of buf[0..len), continuing from crc (0 to start). */
 uint32_t cpm_zip_crc32(uint32_t crc, const void *buf, size_t len);

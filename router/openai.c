@@ -1,0 +1,887 @@
+/* openai.c - OpenAI JSON <-> cpm_oai_request and response objects (jansson).
+ *
+ * Requests are checked field by field through one table (name, which endpoints,
+ * parser), so the list of accepted fields is data and unknown fields fall out of
+ * it. Responses are built as jansson objects and dumped compact.
+ */
+#include "openai.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+cpm_oai_limits cpm_oai_limits_default(void) {
+    return (cpm_oai_limits){
+        .max_prompts = 16,
+        .max_n = 16,
+        .max_messages = 512,
+        .max_prompt_ids = 1 << 17,
+        .max_top_logprobs = 20,
+        .max_stop_len = 256,
+    };
+}
+
+int cpm_oai_fail(cpm_oai_error *e, int code, int http_status, const char *type,
+                 const char *err_code, const char *param, const char *fmt, ...) {
+    if (!e)
+        return code;
+    e->http_status = http_status;
+    e->type = type;
+    e->code = err_code;
+    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* 400 invalid_request_error about param. */
+#define BAD(e, param, ...) \
+    cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "invalid_value", param, __VA_ARGS__)
+#define UNSUPPORTED(e, param, ...) \
+    cpm_oai_fail(e, CPM_EUNSUPPORTED, 400, "invalid_request_error", "unsupported_parameter", \
+                 param, __VA_ARGS__)
+
+char *cpm_oai_error_json(const cpm_oai_error *e) {
+    json_t *err = json_object();
+    size_t mlen;
+    char *msg = cpm_oai_utf8_clean(e->message, strlen(e->message), &mlen);
+    json_object_set_new(err, "message", json_stringn(msg ? msg : "", msg ? mlen : 0));
+    free(msg);
+    json_object_set_new(err, "type", json_string(e->type ? e->type : "invalid_request_error"));
+    json_object_set_new(err, "param", e->param[0] ? json_string(e->param) : json_null());
+    json_object_set_new(err, "code", e->code ? json_string(e->code) : json_null());
+    json_t *root = json_pack("{s:o}", "error", err);
+    char *text = root ? json_dumps(root, JSON_COMPACT) : NULL;
+    json_decref(root);
+    return text;
+}
+
+/* ---- UTF-8 ----------------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    if (c < 0x80)
+        return 1;
+    size_t len;
+    unsigned cp, min;
+    if ((c & 0xE0) == 0xC0)
+        len = 2, cp = c & 0x1F, min = 0x80;
+    else if ((c & 0xF0) == 0xE0)
+        len = 3, cp = c & 0x0F, min = 0x800;
+    else if ((c & 0xF8) == 0xF0)
+        len = 4, cp = c & 0x07, min = 0x10000;
+    else
+        return 0;
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return len;
+}
+
+char *cpm_oai_utf8_clean(const char *s, size_t len, size_t *ret_len) {
+    char *out = malloc(len * 3 + 1); /* each bad byte becomes 3 bytes of U+FFFD */
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_seq(u + i, len - i);
+        if (k == 0) {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        } else {
+            memcpy(out + o, s + i, k);
+            o += k;
+            i += k;
+        }
+    }
+    out[o] = '\0';
+    if (ret_len)
+        *ret_len = o;
+    return out;
+}
+
+/* A JSON string from arbitrary bytes. */
+static json_t *jstr(const char *s, size_t len) {
+    size_t n;
+    char *clean = cpm_oai_utf8_clean(s ? s : "", s ? len : 0, &n);
+    json_t *j = clean ? json_stringn(clean, n) : NULL;
+    free(clean);
+    return j ? j : json_string("");
+}
+
+/* ---- request parsing ---------------------------------------------------------- */
+
+typedef struct parse_ctx {
+    cpm_oai_kind kind;
+    const cpm_oai_limits *lim;
+    bool saw_top_logprobs, saw_stream_options, saw_best_of;
+    int best_of;
+} parse_ctx;
+
+typedef int (*field_fn)(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *name,
+                        cpm_oai_error *e);
+
+static int get_number(json_t *v, const char *name, double lo, double hi, double *ret,
+                      cpm_oai_error *e) {
+    if (!json_is_number(v))
+        return BAD(e, name, "'%s' must be a number", name);
+    double x = json_number_value(v);
+    if (!isfinite(x) || x < lo || x > hi)
+        return BAD(e, name, "'%s' must be between %g and %g, got %g", name, lo, hi, x);
+    *ret = x;
+    return 0;
+}
+
+static int get_int(json_t *v, const char *name, long long lo, long long hi, long long *ret,
+                   cpm_oai_error *e) {
+    if (!json_is_integer(v))
+        return BAD(e, name, "'%s' must be an integer", name);
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi)
+        return BAD(e, name, "'%s' must be between %lld and %lld, got %lld", name, lo, hi, x);
+    *ret = x;
+    return 0;
+}
+
+static int get_bool(json_t *v, const char *name, bool *ret, cpm_oai_error *e) {
+    if (!json_is_boolean(v))
+        return BAD(e, name, "'%s' must be a boolean", name);
+    *ret = json_is_true(v);
+    return 0;
+}
+
+static char *dup_string(json_t *v) {
+    return strndup(json_string_value(v), json_string_length(v));
+}
+
+static int f_model(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *name,
+                   cpm_oai_error *e) {
+    (void)c;
+    if (!json_is_string(v))
+        return BAD(e, name, "'model' must be a string");
+    free(rq->model);
+    rq->model = dup_string(v);
+    return rq->model ? 0 : CPM_ENOMEM;
+}
+
+static int float_field(json_t *v, const char *name, double lo, double hi, float *dst,
+                       cpm_oai_error *e) {
+    double x;
+    int rc = get_number(v, name, lo, hi, &x, e);
+    if (rc == 0)
+        *dst = (float)x;
+    return rc;
+}
+
+static int f_temperature(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                         cpm_oai_error *e) {
+    (void)c;
+    return float_field(v, n, 0.0, 2.0, &rq->temperature, e);
+}
+
+static int f_top_p(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                   cpm_oai_error *e) {
+    (void)c;
+    int rc = float_field(v, n, 0.0, 1.0, &rq->top_p, e);
+    if (rc == 0 && rq->top_p <= 0.0f)
+        return BAD(e, n, "'top_p' must be greater than 0");
+    return rc;
+}
+
+static int f_min_p(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                   cpm_oai_error *e) {
+    (void)c;
+    return float_field(v, n, 0.0, 1.0, &rq->min_p, e);
+}
+
+static int f_top_k(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                   cpm_oai_error *e) {
+    (void)c;
+    long long k;
+    int rc = get_int(v, n, -1, 1 << 20, &k, e);
+    if (rc == 0)
+        rq->top_k = k < 0 ? 0 : (int)k; /* -1 means off, as in vLLM */
+    return rc;
+}
+
+static int f_repetition_penalty(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                                cpm_oai_error *e) {
+    (void)c;
+    int rc = float_field(v, n, 0.0, 10.0, &rq->repetition_penalty, e);
+    if (rc == 0 && rq->repetition_penalty <= 0.0f)
+        return BAD(e, n, "'repetition_penalty' must be greater than 0");
+    return rc;
+}
+
+static int f_presence_penalty(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                              cpm_oai_error *e) {
+    (void)c;
+    return float_field(v, n, -2.0, 2.0, &rq->presence_penalty, e);
+}
+
+static int f_frequency_penalty(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                               cpm_oai_error *e) {
+    (void)c;
+    return float_field(v, n, -2.0, 2.0, &rq->frequency_penalty, e);
+}
+
+static int f_max_tokens(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                        cpm_oai_error *e) {
+    (void)c;
+    long long x;
+    int rc = get_int(v, n, 1, INT32_MAX, &x, e);
+    if (rc == 0)
+        rq->max_tokens = (int)x;
+    return rc;
+}
+
+static int f_seed(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n, cpm_oai_error *e) {
+    (void)c;
+    if (!json_is_integer(v))
+        return BAD(e, n, "'seed' must be an integer");
+    rq->has_seed = true;
+    rq->seed = (uint64_t)json_integer_value(v);
+    return 0;
+}
+
+static int add_stop(cpm_oai_request *rq, json_t *s, parse_ctx *c, cpm_oai_error *e) {
+    if (!json_is_string(s))
+        return BAD(e, "stop", "'stop' must be a string or an array of strings");
+    size_t len = json_string_length(s);
+    if (len == 0)
+        return BAD(e, "stop", "'stop' strings must not be empty");
+    if (len > c->lim->max_stop_len)
+        return BAD(e, "stop", "'stop' strings are limited to %zu bytes", c->lim->max_stop_len);
+    if (rq->n_stop >= CPM_OAI_MAX_STOP)
+        return BAD(e, "stop", "at most %d stop sequences are allowed", CPM_OAI_MAX_STOP);
+    if (!(rq->stop[rq->n_stop] = dup_string(s)))
+        return CPM_ENOMEM;
+    rq->n_stop++;
+    return 0;
+}
+
+static int f_stop(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n, cpm_oai_error *e) {
+    (void)n;
+    if (!json_is_array(v))
+        return add_stop(rq, v, c, e);
+    size_t i;
+    json_t *s;
+    json_array_foreach(v, i, s) {
+        int rc = add_stop(rq, s, c, e);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int f_n(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *name, cpm_oai_error *e) {
+    long long x;
+    int rc = get_int(v, name, 1, c->lim->max_n, &x, e);
+    if (rc == 0)
+        rq->n = (int)x;
+    return rc;
+}
+
+static int f_logprobs(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                      cpm_oai_error *e) {
+    if (c->kind == CPM_OAI_CHAT)
+        return get_bool(v, n, &rq->logprobs, e);
+    /* completions: an integer, the number of alternatives (up to 5) */
+    long long k;
+    int rc = get_int(v, n, 0, 5, &k, e);
+    if (rc == 0) {
+        rq->logprobs = true;
+        rq->top_logprobs = (int)k;
+    }
+    return rc;
+}
+
+static int f_top_logprobs(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                          cpm_oai_error *e) {
+    long long k;
+    int rc = get_int(v, n, 0, c->lim->max_top_logprobs, &k, e);
+    if (rc == 0) {
+        rq->top_logprobs = (int)k;
+        c->saw_top_logprobs = true;
+    }
+    return rc;
+}
+
+static int f_stream(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                    cpm_oai_error *e) {
+    (void)c;
+    return get_bool(v, n, &rq->stream, e);
+}
+
+static int f_stream_options(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                            cpm_oai_error *e) {
+    if (!json_is_object(v))
+        return BAD(e, n, "'stream_options' must be an object");
+    const char *key;
+    json_t *x;
+    json_object_foreach(v, key, x) {
+        if (strcmp(key, "include_usage") == 0) {
+            if (!json_is_null(x) && get_bool(x, "stream_options.include_usage",
+                                             &rq->include_usage, e))
+                return CPM_EINVAL;
+        } else {
+            return cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter",
+                                "stream_options", "Unrecognized stream option: %s", key);
+        }
+    }
+    c->saw_stream_options = true;
+    return 0;
+}
+
+static int f_ignore_eos(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                        cpm_oai_error *e) {
+    (void)c;
+    return get_bool(v, n, &rq->ignore_eos, e);
+}
+
+/* Known, harmless, no effect here (user ids, metadata for stored completions). */
+static int f_ignored(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                     cpm_oai_error *e) {
+    (void)rq, (void)v, (void)c, (void)n, (void)e;
+    return 0;
+}
+
+static int f_user(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                  cpm_oai_error *e) {
+    (void)rq, (void)c;
+    return json_is_string(v) ? 0 : BAD(e, n, "'%s' must be a string", n);
+}
+
+static int f_best_of(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                     cpm_oai_error *e) {
+    (void)rq;
+    long long k;
+    int rc = get_int(v, n, 1, c->lim->max_n, &k, e);
+    c->saw_best_of = true;
+    c->best_of = (int)k;
+    return rc;
+}
+
+static int f_echo(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n, cpm_oai_error *e) {
+    (void)rq, (void)c;
+    bool echo;
+    if (get_bool(v, n, &echo, e))
+        return CPM_EINVAL;
+    return echo ? UNSUPPORTED(e, n, "'echo' is not supported") : 0;
+}
+
+static int f_suffix(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                    cpm_oai_error *e) {
+    (void)rq, (void)c;
+    if (!json_is_string(v))
+        return BAD(e, n, "'suffix' must be a string");
+    return json_string_length(v) ? UNSUPPORTED(e, n, "'suffix' is not supported") : 0;
+}
+
+static int f_empty_only(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                        cpm_oai_error *e) {
+    (void)rq, (void)c;
+    bool empty = (json_is_object(v) && json_object_size(v) == 0) ||
+                 (json_is_array(v) && json_array_size(v) == 0);
+    return empty ? 0 : UNSUPPORTED(e, n, "'%s' is not supported by this server", n);
+}
+
+static int f_tool_choice(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                         cpm_oai_error *e) {
+    (void)rq, (void)c;
+    const char *s = json_string_value(v);
+    if (s && (strcmp(s, "none") == 0 || strcmp(s, "auto") == 0))
+        return 0; /* both mean plain text when no tools are given */
+    return UNSUPPORTED(e, n, "'tool_choice' is not supported by this server");
+}
+
+static int f_response_format(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                             cpm_oai_error *e) {
+    (void)rq, (void)c;
+    const char *t = json_string_value(json_object_get(v, "type"));
+    if (json_is_object(v) && json_object_size(v) == 1 && t && strcmp(t, "text") == 0)
+        return 0;
+    return UNSUPPORTED(e, n, "only {\"type\":\"text\"} is supported for 'response_format'");
+}
+
+static int f_prompt(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                    cpm_oai_error *e);
+static int f_messages(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                      cpm_oai_error *e);
+
+enum { K_COMP = 1, K_CHAT = 2, K_BOTH = 3 };
+
+static const struct field {
+    const char *name;
+    int kinds;
+    field_fn fn;
+} fields[] = {
+    {"model", K_BOTH, f_model},
+    {"prompt", K_COMP, f_prompt},
+    {"messages", K_CHAT, f_messages},
+    {"max_tokens", K_BOTH, f_max_tokens},
+    {"max_completion_tokens", K_CHAT, f_max_tokens},
+    {"temperature", K_BOTH, f_temperature},
+    {"top_p", K_BOTH, f_top_p},
+    {"top_k", K_BOTH, f_top_k},
+    {"min_p", K_BOTH, f_min_p},
+    {"repetition_penalty", K_BOTH, f_repetition_penalty},
+    {"presence_penalty", K_BOTH, f_presence_penalty},
+    {"frequency_penalty", K_BOTH, f_frequency_penalty},
+    {"seed", K_BOTH, f_seed},
+    {"stop", K_BOTH, f_stop},
+    {"n", K_BOTH, f_n},
+    {"logprobs", K_BOTH, f_logprobs},
+    {"top_logprobs", K_CHAT, f_top_logprobs},
+    {"stream", K_BOTH, f_stream},
+    {"stream_options", K_BOTH, f_stream_options},
+    {"ignore_eos", K_BOTH, f_ignore_eos},
+    {"user", K_BOTH, f_user},
+    {"metadata", K_BOTH, f_ignored},
+    {"store", K_CHAT, f_ignored},
+    {"service_tier", K_BOTH, f_ignored},
+    {"parallel_tool_calls", K_CHAT, f_ignored},
+    {"best_of", K_COMP, f_best_of},
+    {"echo", K_COMP, f_echo},
+    {"suffix", K_COMP, f_suffix},
+    {"logit_bias", K_BOTH, f_empty_only},
+    {"tools", K_CHAT, f_empty_only},
+    {"functions", K_CHAT, f_empty_only},
+    {"tool_choice", K_CHAT, f_tool_choice},
+    {"function_call", K_CHAT, f_tool_choice},
+    {"response_format", K_CHAT, f_response_format},
+};
+
+/* ---- prompts and messages ----------------------------------------------------- */
+
+static int parse_ids(json_t *arr, const char *param, parse_ctx *c, cpm_oai_prompt *p,
+                     cpm_oai_error *e) {
+    size_t n = json_array_size(arr);
+    if (n == 0)
+        return BAD(e, param, "a token-id prompt must not be empty");
+    if (n > (size_t)c->lim->max_prompt_ids)
+        return BAD(e, param, "prompt has %zu tokens, the limit is %d", n, c->lim->max_prompt_ids);
+    if (!(p->ids = malloc(n * sizeof *p->ids)))
+        return CPM_ENOMEM;
+    p->n_ids = (int)n;
+    for (size_t i = 0; i < n; i++) {
+        json_t *t = json_array_get(arr, i);
+        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) > INT32_MAX)
+            return BAD(e, param, "token ids must be non-negative integers (item %zu)", i);
+        p->ids[i] = (int32_t)json_integer_value(t);
+    }
+    return 0;
+}
+
+static int alloc_prompts(cpm_oai_request *rq, size_t n, parse_ctx *c, cpm_oai_error *e) {
+    if (n > (size_t)c->lim->max_prompts)
+        return BAD(e, "prompt", "at most %d prompts per request", c->lim->max_prompts);
+    if (!(rq->prompts = calloc(n, sizeof *rq->prompts)))
+        return CPM_ENOMEM;
+    rq->n_prompts = (int)n;
+    return 0;
+}
+
+/* prompt: "text" | ["text", ...] | [id, ...] | [[id, ...], ...] */
+static int f_prompt(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                    cpm_oai_error *e) {
+    if (json_is_string(v)) {
+        if (alloc_prompts(rq, 1, c, e))
+            return CPM_EINVAL;
+        return (rq->prompts[0].text = dup_string(v)) ? 0 : CPM_ENOMEM;
+    }
+    if (!json_is_array(v) || json_array_size(v) == 0)
+        return BAD(e, n, "'prompt' must be a string, an array of strings, an array of token ids "
+                         "or an array of token-id arrays, and not empty");
+    json_t *first = json_array_get(v, 0);
+    if (json_is_integer(first)) {
+        if (alloc_prompts(rq, 1, c, e))
+            return CPM_EINVAL;
+        return parse_ids(v, n, c, &rq->prompts[0], e);
+    }
+    int rc = alloc_prompts(rq, json_array_size(v), c, e);
+    if (rc)
+        return rc;
+    size_t i;
+    json_t *x;
+    json_array_foreach(v, i, x) {
+        if (json_is_string(x) && json_is_string(first)) {
+            if (!(rq->prompts[i].text = dup_string(x)))
+                return CPM_ENOMEM;
+        } else if (json_is_array(x) && json_is_array(first)) {
+            if ((rc = parse_ids(x, n, c, &rq->prompts[i], e)))
+                return rc;
+        } else {
+            return BAD(e, n, "'prompt' array items must all be strings or all token-id arrays");
+        }
+    }
+    return 0;
+}
+
+/* content: "text" | [{"type":"text","text":"..."}, ...] | null (assistant) */
+static int parse_content(json_t *v, const char *role, int idx, cpm_oai_message *m,
+                         cpm_oai_error *e) {
+    char param[64];
+    snprintf(param, sizeof param, "messages[%d].content", idx);
+    if (json_is_null(v) || !v) {
+        if (strcmp(role, "assistant") != 0)
+            return BAD(e, param, "messages[%d]: content is required for role '%s'", idx, role);
+        return (m->content = strdup("")) ? 0 : CPM_ENOMEM;
+    }
+    if (json_is_string(v))
+        return (m->content = dup_string(v)) ? 0 : CPM_ENOMEM;
+    if (!json_is_array(v))
+        return BAD(e, param, "messages[%d].content must be a string or an array of parts", idx);
+    size_t total = 0, i;
+    json_t *part;
+    json_array_foreach(v, i, part) {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        json_t *text = json_object_get(part, "text");
+        if (!type || strcmp(type, "text") != 0)
+            return UNSUPPORTED(e, param, "messages[%d].content[%zu]: only text parts are supported",
+                               idx, i);
+        if (!json_is_string(text) || json_object_size(part) != 2)
+            return BAD(e, param, "messages[%d].content[%zu] must be {\"type\":\"text\",\"text\":\"...\"}",
+                       idx, i);
+        total += json_string_length(text);
+    }
+    if (!(m->content = malloc(total + 1)))
+        return CPM_ENOMEM;
+    size_t off = 0;
+    json_array_foreach(v, i, part) {
+        json_t *text = json_object_get(part, "text");
+        memcpy(m->content + off, json_string_value(text), json_string_length(text));
+        off += json_string_length(text);
+    }
+    m->content[off] = '\0';
+    return 0;
+}
+
+static int parse_message(json_t *v, int idx, cpm_oai_message *m, cpm_oai_error *e) {
+    char param[64];
+    snprintf(param, sizeof param, "messages[%d]", idx);
+    if (!json_is_object(v))
+        return BAD(e, param, "messages[%d] must be an object", idx);
+    const char *key;
+    json_t *x;
+    json_object_foreach(v, key, x) {
+        static const char *const known[] = {"role", "content", "name", "tool_calls",
+                                            "tool_call_id", "refusal"};
+        bool ok = false;
+        for (size_t k = 0; k < sizeof known / sizeof *known; k++)
+            ok |= strcmp(key, known[k]) == 0;
+        if (!ok)
+            return cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter",
+                                param, "Unrecognized argument in messages[%d]: %s", idx, key);
+    }
+    json_t *tc = json_object_get(v, "tool_calls");
+    if (tc && !json_is_null(tc) && !(json_is_array(tc) && json_array_size(tc) == 0))
+        return UNSUPPORTED(e, param, "messages[%d]: tool_calls are not supported", idx);
+    const char *role = json_string_value(json_object_get(v, "role"));
+    if (!role)
+        return BAD(e, param, "messages[%d]: 'role' must be a string", idx);
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool"};
+    bool known_role = false;
+    for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
+        known_role |= strcmp(role, roles[k]) == 0;
+    if (!known_role)
+        return BAD(e, param, "messages[%d]: unknown role '%s'", idx, role);
+    /* the templates know "system"; OpenAI's newer "developer" means the same */
+    if (!(m->role = strdup(strcmp(role, "developer") == 0 ? "system" : role)))
+        return CPM_ENOMEM;
+    return parse_content(json_object_get(v, "content"), role, idx, m, e);
+}
+
+static int f_messages(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                      cpm_oai_error *e) {
+    if (!json_is_array(v) || json_array_size(v) == 0)
+        return BAD(e, n, "'messages' must be a non-empty array");
+    size_t count = json_array_size(v);
+    if (count > (size_t)c->lim->max_messages)
+        return BAD(e, n, "at most %d messages per request", c->lim->max_messages);
+    if (!(rq->messages = calloc(count, sizeof *rq->messages)))
+        return CPM_ENOMEM;
+    rq->n_messages = (int)count;
+    for (size_t i = 0; i < count; i++) {
+        int rc = parse_message(json_array_get(v, i), (int)i, &rq->messages[i], e);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* ---- the whole request -------------------------------------------------------- */
+
+static const struct field *find_field(const char *name, cpm_oai_kind kind) {
+    int bit = kind == CPM_OAI_CHAT ? K_CHAT : K_COMP;
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        if ((fields[i].kinds & bit) && strcmp(fields[i].name, name) == 0)
+            return &fields[i];
+    return NULL;
+}
+
+/* Rules across fields, once every field is parsed. */
+static int check_request(cpm_oai_request *rq, const parse_ctx *c, cpm_oai_error *e) {
+    if (rq->kind == CPM_OAI_COMPLETION && rq->n_prompts == 0)
+        return BAD(e, "prompt", "'prompt' is required");
+    if (rq->kind == CPM_OAI_CHAT && rq->n_messages == 0)
+        return BAD(e, "messages", "'messages' is required");
+    if (c->saw_top_logprobs && rq->top_logprobs > 0 && !rq->logprobs)
+        return BAD(e, "top_logprobs", "'top_logprobs' requires 'logprobs' to be true");
+    if (c->saw_stream_options && !rq->stream)
+        return BAD(e, "stream_options",
+                   "'stream_options' is only allowed when 'stream' is enabled");
+    if (c->saw_best_of && c->best_of != rq->n)
+        return UNSUPPORTED(e, "best_of", "'best_of' must equal 'n' on this server");
+    if (rq->kind == CPM_OAI_COMPLETION && rq->n_prompts * rq->n > c->lim->max_n)
+        return BAD(e, "n", "too many choices: %d prompts x n=%d, the limit is %d", rq->n_prompts,
+                   rq->n, c->lim->max_n);
+    return 0;
+}
+
+int cpm_oai_parse(cpm_oai_kind kind, const char *body, size_t len, const cpm_oai_limits *lim,
+                  cpm_oai_request **ret, cpm_oai_error *e) {
+    *ret = NULL;
+    cpm_oai_limits dl = cpm_oai_limits_default();
+    parse_ctx c = {.kind = kind, .lim = lim ? lim : &dl};
+    json_error_t jerr;
+    /* REJECT_DUPLICATES: {"n":1,"n":99} must not mean whichever came last */
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return cpm_oai_fail(e, CPM_EFORMAT, 400, "invalid_request_error", "invalid_json", NULL,
+                            "request body is not valid JSON: %s (line %d, column %d)", jerr.text,
+                            jerr.line, jerr.column);
+    int rc = 0;
+    cpm_oai_request *rq = calloc(1, sizeof *rq);
+    if (!rq) {
+        rc = cpm_oai_fail(e, CPM_ENOMEM, 500, "server_error", NULL, NULL, "out of memory");
+        goto out_root;
+    }
+    *rq = (cpm_oai_request){.kind = kind, .temperature = 1.0f, .top_p = 1.0f,
+                            .repetition_penalty = 1.0f, .n = 1};
+    if (!json_is_object(root)) {
+        rc = BAD(e, NULL, "request body must be a JSON object");
+        goto out_rq;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        const struct field *f = find_field(key, kind);
+        if (!f) {
+            rc = cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter", key,
+                              "Unrecognized request argument supplied: %s", key);
+            goto out_rq;
+        }
+        if (json_is_null(v) && strcmp(key, "prompt") != 0 && strcmp(key, "messages") != 0)
+            continue; /* clients send null for "not set" */
+        if ((rc = f->fn(rq, v, &c, key, e)))
+            goto out_rq;
+    }
+    if ((rc = check_request(rq, &c, e)))
+        goto out_rq;
+    json_decref(root);
+    *ret = rq;
+    return 0;
+
+out_rq:
+    if (rc == CPM_ENOMEM)
+        cpm_oai_fail(e, CPM_ENOMEM, 500, "server_error", NULL, NULL, "out of memory");
+    cpm_oai_request_free(rq);
+out_root:
+    json_decref(root);
+    return rc;
+}
+
+void cpm_oai_request_free(cpm_oai_request *rq) {
+    if (!rq)
+        return;
+    free(rq->model);
+    for (int i = 0; i < rq->n_prompts; i++) {
+        free(rq->prompts[i].text);
+        free(rq->prompts[i].ids);
+    }
+    free(rq->prompts);
+    for (int i = 0; i < rq->n_messages; i++) {
+        free(rq->messages[i].role);
+        free(rq->messages[i].content);
+    }
+    free(rq->messages);
+    for (int i = 0; i < rq->n_stop; i++)
+        free(rq->stop[i]);
+    free(rq);
+}
+
+/* ---- rendering ------------------------------------------------------------------ */
+
+static json_t *bytes_array(const char *s) {
+    json_t *a = json_array();
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        json_array_append_new(a, json_integer(*p));
+    return a;
+}
+
+/* chat: {"content":[{"token","logprob","bytes","top_logprobs":[...]}]} */
+static json_t *chat_logprobs(const cpm_oai_choice *ch) {
+    json_t *content = json_array();
+    for (int i = 0; i < ch->n_logprobs; i++) {
+        const cpm_oai_logprob *lp = &ch->logprobs[i];
+        json_t *top = json_array();
+        for (int k = 0; k < lp->n_top; k++)
+            json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token",
+                                                 jstr(lp->top_tokens[k], strlen(lp->top_tokens[k])),
+                                                 "logprob", (double)lp->top_logprobs[k], "bytes",
+                                                 bytes_array(lp->top_tokens[k])));
+        json_array_append_new(content,
+                              json_pack("{s:o, s:f, s:o, s:o}", "token",
+                                        jstr(lp->token, strlen(lp->token)), "logprob",
+                                        (double)lp->logprob, "bytes", bytes_array(lp->token),
+                                        "top_logprobs", top));
+    }
+    return json_pack("{s:o}", "content", content);
+}
+
+/* completions: {"tokens","token_logprobs","top_logprobs","text_offset"} */
+static json_t *completion_logprobs(const cpm_oai_choice *ch, int text_offset) {
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
+           *offs = json_array();
+    int off = text_offset;
+    for (int i = 0; i < ch->n_logprobs; i++) {
+        const cpm_oai_logprob *lp = &ch->logprobs[i];
+        json_array_append_new(tokens, jstr(lp->token, strlen(lp->token)));
+        json_array_append_new(lps, json_real(lp->logprob));
+        json_t *top = json_object();
+        for (int k = 0; k < lp->n_top; k++) {
+            size_t n;
+            char *key = cpm_oai_utf8_clean(lp->top_tokens[k], strlen(lp->top_tokens[k]), &n);
+            if (key)
+                json_object_set_new(top, key, json_real(lp->top_logprobs[k]));
+            free(key);
+        }
+        json_array_append_new(tops, top);
+        json_array_append_new(offs, json_integer(off));
+        off += (int)strlen(lp->token);
+    }
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
+                     "top_logprobs", tops, "text_offset", offs);
+}
+
+static json_t *logprobs_of(const cpm_oai_request *rq, const cpm_oai_choice *ch) {
+    if (!rq->logprobs)
+        return json_null();
+    return rq->kind == CPM_OAI_CHAT ? chat_logprobs(ch) : completion_logprobs(ch, 0);
+}
+
+static json_t *finish_of(const cpm_oai_choice *ch) {
+    return ch->finish_reason ? json_string(ch->finish_reason) : json_null();
+}
+
+static json_t *usage_json(const cpm_oai_usage *u) {
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", u->prompt_tokens, "completion_tokens",
+                     u->completion_tokens, "total_tokens",
+                     u->prompt_tokens + u->completion_tokens);
+}
+
+static json_t *envelope(const char *object, const char *id, int64_t created, const char *model) {
+    return json_pack("{s:s, s:s, s:I, s:s}", "id", id, "object", object, "created",
+                     (json_int_t)created, "model", model);
+}
+
+static char *dump(json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(8)) : NULL;
+    json_decref(j);
+    return s;
+}
+
+char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t created,
+                              const char *model, const cpm_oai_choice *choices, int n_choices,
+                              const cpm_oai_usage *usage) {
+    bool chat = rq->kind == CPM_OAI_CHAT;
+    json_t *root = envelope(chat ? "chat.completion" : "text_completion", id, created, model);
+    json_t *arr = json_array();
+    for (int i = 0; i < n_choices; i++) {
+        const cpm_oai_choice *ch = &choices[i];
+        json_t *text = jstr(ch->text, ch->text_len);
+        json_t *c = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:o}", "index", ch->index,
+                                     "message", "role", "assistant", "content", text, "logprobs",
+                                     logprobs_of(rq, ch), "finish_reason", finish_of(ch))
+                         : json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "text", text,
+                                     "logprobs", logprobs_of(rq, ch), "finish_reason",
+                                     finish_of(ch));
+        json_array_append_new(arr, c);
+    }
+    json_object_set_new(root, "choices", arr);
+    if (usage)
+        json_object_set_new(root, "usage", usage_json(usage));
+    return dump(root);
+}
+
+static char *sse(json_t *j) {
+    char *body = dump(j);
+    if (!body)
+        return NULL;
+    size_t n = strlen(body);
+    char *out = malloc(n + 9);
+    if (out) {
+        memcpy(out, "data: ", 6);
+        memcpy(out + 6, body, n);
+        memcpy(out + 6 + n, "\n\n", 3);
+    }
+    free(body);
+    return out;
+}
+
+char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, const char *id,
+                           int64_t created, const char *model, const cpm_oai_choice *choice,
+                           const cpm_oai_usage *usage) {
+    bool chat = rq->kind == CPM_OAI_CHAT;
+    json_t *root = envelope(chat ? "chat.completion.chunk" : "text_completion", id, created,
+                            model);
+    json_t *arr = json_array();
+    if (kind == CPM_OAI_CHUNK_ROLE) {
+        json_array_append_new(arr, json_pack("{s:i, s:{s:s, s:s}, s:n, s:n}", "index",
+                                             choice->index, "delta", "role", "assistant",
+                                             "content", "", "logprobs", "finish_reason"));
+    } else if (kind == CPM_OAI_CHUNK_CONTENT) {
+        json_t *delta = json_object();
+        /* the closing chunk of a chat choice has an empty delta */
+        if (choice->text_len > 0 || !choice->finish_reason)
+            json_object_set_new(delta, "content", jstr(choice->text, choice->text_len));
+        json_t *c = chat ? json_pack("{s:i, s:o, s:o, s:o}", "index", choice->index, "delta",
+                                     delta, "logprobs", logprobs_of(rq, choice), "finish_reason",
+                                     finish_of(choice))
+                         : json_pack("{s:i, s:o, s:o, s:o}", "index", choice->index, "text",
+                                     jstr(choice->text, choice->text_len), "logprobs",
+                                     logprobs_of(rq, choice), "finish_reason",
+                                     finish_of(choice));
+        if (!chat)
+            json_decref(delta);
+        json_array_append_new(arr, c);
+    }
+    json_object_set_new(root, "choices", arr);
+    /* with include_usage every chunk has "usage": null except the last one */
+    if (kind == CPM_OAI_CHUNK_USAGE)
+        json_object_set_new(root, "usage", usage_json(usage));
+    else if (rq->include_usage)
+        json_object_set_new(root, "usage", json_null());
+    return sse(root);
+}
+
+char *cpm_oai_render_models(const char *model, int64_t created) {
+    json_t *m = json_pack("{s:s, s:s, s:I, s:s}", "id", model, "object", "model", "created",
+                          (json_int_t)created, "owned_by", "cpm-cluster");
+    return dump(json_pack("{s:s, s:[o]}", "object", "list", "data", m));
+}

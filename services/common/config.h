@@ -1,0 +1,108 @@
+/* config.h - the cluster file: which model, which services where, which stage owns which layers.
+ *
+ * One YAML file (cluster-config/*.yaml) describes a whole cluster; cpm-cluster reads
+ * it to start processes, and each service reads it to find itself (--config FILE
+ * --index N) and its peers. Keys are a table (config.c) with types, bounds and
+ * defaults; unknown keys, bad endpoints, overlapping or missing layers are errors
+ * naming file:line:column and the key.
+ *
+ *   cpm_config *c;
+ *   if (cpm_config_load("cluster-config/pp2.yaml", &c, &e)) die(e.msg);
+ *   printf("%d stages, stage 0 = %s\n", c->n_stages, c->stages[0].endpoint);
+ *   cpm_config_free(c);
+ *
+ * The struct is plain data (read-only after loading) because every service reads
+ * many of its fields; accessors would only add noise.
+ */
+#ifndef CPM_CONFIG_H
+#define CPM_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "services/common/error.h"
+
+#define CPM_CFG_MAX_STAGES 64
+#define CPM_CFG_MAX_REPLICAS 16
+#define CPM_CFG_STR 256
+#define CPM_CFG_LAYER_END (-1) /* `end` in a layer range: through the model's last layer */
+
+typedef struct cpm_cfg_service {
+    char endpoint[CPM_CFG_STR]; /* zmq endpoint the service binds: tcp://host:port or ipc://path */
+    char host[CPM_CFG_STR];     /* where it runs (multi-host; informational for `up`) */
+    int threads;                /* worker threads */
+} cpm_cfg_service;
+
+typedef struct cpm_cfg_stage {
+    cpm_cfg_service svc;
+    int layer_begin, layer_end; /* [begin, end); end may be CPM_CFG_LAYER_END */
+    int kv_tokens;              /* KV-cache capacity in tokens */
+    int max_seqs;               /* live sequences */
+    int max_batch_tokens;       /* rows per forward */
+} cpm_cfg_stage;
+
+typedef struct cpm_cfg_router {
+    char host[CPM_CFG_STR];
+    char http_addr[CPM_CFG_STR]; /* HTTP listen address (IP) */
+    int http_port;
+    char rpc[CPM_CFG_STR];       /* internal generate API (zmq ROUTER, bound) */
+    char results[CPM_CFG_STR];   /* where the last stage sends results (bound by the router) */
+    int max_prompt_tokens;
+    int max_tokens;              /* default and cap for max_tokens */
+    int max_queue;               /* waiting requests before 429 */
+    int max_seqs;                /* concurrently running sequences */
+    int max_body_bytes;          /* HTTP body limit */
+    int micro_batches;           /* micro-batches in flight in the pipeline */
+    int prefill_chunk;           /* most prompt tokens of one sequence per micro-batch */
+    int timeout_ms;              /* per pipeline step / service call */
+} cpm_cfg_router;
+
+typedef struct cpm_config {
+    char path[CPM_CFG_STR];      /* the file it came from (for messages) */
+    char model[CPM_CFG_STR];     /* model directory */
+    char name[CPM_CFG_STR];      /* model name served by /v1/models (default: basename of model) */
+    cpm_cfg_router router;
+    int n_tokenizers, n_samplers, n_stages;
+    cpm_cfg_service tokenizers[CPM_CFG_MAX_REPLICAS];
+    cpm_cfg_service samplers[CPM_CFG_MAX_REPLICAS];
+    cpm_cfg_stage stages[CPM_CFG_MAX_STAGES];
+} cpm_config;
+
+/* Reads and validates path. On success *ret is the caller's (cpm_config_free). */
+int cpm_config_load(const char *path, cpm_config **ret, cpm_error *err);
+
+/* The same from text in memory; name is used in messages. */
+int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config **ret,
+                     cpm_error *err);
+
+/* Accepts NULL. */
+void cpm_config_free(cpm_config *c);
+
+/* Checks the stages against a model of n_layers layers (every layer owned by exactly
+ * one stage, none beyond the model) and resolves `end`. */
+int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err);
+
+/* Replaces the model directory (and the default name derived from it). */
+void cpm_config_set_model(cpm_config *c, const char *dir);
+
+/* Processes of the cluster in launch order: router, tokenizers, samplers, stages.
+ * Under mpirun, rank r runs process r. */
+typedef enum cpm_role { CPM_ROLE_ROUTER, CPM_ROLE_TOKENIZER, CPM_ROLE_SAMPLER, CPM_ROLE_STAGE } cpm_role;
+
+int cpm_config_n_procs(const cpm_config *c);
+
+/* Role and index within that role of process r; CPM_ERANGE when r is out of range. */
+int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_index, cpm_error *err);
+
+const char *cpm_role_name(cpm_role role);
+
+/* The zmq endpoint process r binds (the router's is its rpc endpoint). */
+const char *cpm_config_proc_endpoint(const cpm_config *c, int r);
+
+/* Where stage i sends its output: the next stage, or the router's results endpoint. */
+const char *cpm_config_stage_next(const cpm_config *c, int i);
+
+/* Writes the documented key table (for `cpm-cluster keys` and cluster-config/README.md). */
+void cpm_config_describe(char *buf, size_t size);
+
+#endif

@@ -1,0 +1,253 @@
+/* matmul.c - y = x * W^T for every projection of the model: ISA detection,
+ * the split of the output across the pool's threads, the scalar kernel and
+ * the reference. The SIMD kernels live in matmul_<isa>.c, one static library
+ * each, so that only they are compiled with -mavx2 / -mavx512* / -mamx-*.
+ */
+#include "matmul.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "matmul_internal.h"
+
+#if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define X86_KERNELS 1
+#else
+#define X86_KERNELS 0
+#endif
+
+/* Detection is a pure function of the CPU, so caching it is not state that
+ * changes behaviour; the forced ISA is the one knob, meant for tests. */
+static atomic_int detected_isa = -1;
+static atomic_int forced_isa = -1;
+
+#if X86_KERNELS
+static uint64_t xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* Linux hands out AMX tile state only to processes that ask for it. */
+static int amx_permitted(void) {
+#if defined(__linux__)
+    const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+#else
+    return 0;
+#endif
+}
+
+static cpm_isa detect_x86(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return CPM_ISA_SCALAR;
+    int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !fma || !f16c)
+        return CPM_ISA_SCALAR;
+    uint64_t xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) /* XMM and YMM state */
+        return CPM_ISA_SCALAR;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return CPM_ISA_SCALAR;
+    int avx2 = (b >> 5) & 1;
+    if (!avx2)
+        return CPM_ISA_SCALAR;
+    int avx512 = ((b >> 16) & 1) /* f */ && ((b >> 17) & 1) /* dq */ &&
+                 ((b >> 30) & 1) /* bw */ && ((b >> 31) & 1) /* vl */;
+    if (!avx512 || (xcr0 & 0xe0) != 0xe0) /* opmask, ZMM_Hi256, Hi16_ZMM */
+        return CPM_ISA_AVX2;
+    int amx = ((d >> 22) & 1) /* amx-bf16 */ && ((d >> 24) & 1) /* amx-tile */;
+    if (!amx || (xcr0 & 0x60000) != 0x60000 || !amx_permitted())
+        return CPM_ISA_AVX512;
+    return CPM_ISA_AMX;
+}
+#endif
+
+cpm_isa cpm_isa_detect(void) {
+    int isa = atomic_load(&detected_isa);
+    if (isa < 0) {
+#if X86_KERNELS
+        isa = (int)detect_x86();
+#else
+        isa = CPM_ISA_SCALAR;
+#endif
+        atomic_store(&detected_isa, isa);
+    }
+    return (cpm_isa)isa;
+}
+
+cpm_isa cpm_isa_force(cpm_isa isa) {
+    cpm_isa best = cpm_isa_detect();
+    if ((int)isa < 0 || isa > best)
+        isa = best;
+    atomic_store(&forced_isa, (int)isa);
+    return isa;
+}
+
+static cpm_isa isa_in_effect(void) {
+    int f = atomic_load(&forced_isa);
+    return f >= 0 ? (cpm_isa)f : cpm_isa_detect();
+}
+
+const char *cpm_isa_name(cpm_isa isa) {
+    switch (isa) {
+    case CPM_ISA_SCALAR: return "scalar";
+    case CPM_ISA_AVX2: return "avx2";
+    case CPM_ISA_AVX512: return "avx512";
+    case CPM_ISA_AMX: return "amx";
+    default: return "?";
+    }
+}
+
+/* ---- scalar kernel: the canonical order written out plainly ---- */
+
+static float tree16(const float *a) {
+    float r8[8], r4[4], r2[2];
+    for (int i = 0; i < 8; i++)
+        r8[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++)
+        r4[i] = r8[i] + r8[i + 4];
+    for (int i = 0; i < 2; i++)
+        r2[i] = r4[i] + r4[i + 2];
+    return r2[0] + r2[1];
+}
+
+void cpm_mm_scalar(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    const int K = job->K;
+    for (int m = m0; m < m1; m++) {
+        const float *x = job->x + (size_t)m * (size_t)job->ldx;
+        for (int n = n0; n < n1; n++) {
+            float acc[CPM_MM_LANES] = {0};
+            for (int k0 = 0; k0 < K; k0 += CPM_MM_LANES) {
+                for (int j = 0; j < CPM_MM_LANES; j++) {
+                    int k = k0 + j;
+                    float xv = k < K ? x[k] : 0.0f, wv = k < K ? cpm_mm_w_at(job, n, k) : 0.0f;
+                    acc[j] = fmaf(xv, wv, acc[j]);
+                }
+            }
+            job->y[(size_t)m * (size_t)job->ldy + n] = tree16(acc);
+        }
+    }
+}
+
+void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,
+                    const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K) {
+    cpm_mm_job job = {.w = w, .wtype = wtype, .w_ld = w_ld};
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) {
+            double s = 0.0; /* double: the reference should not share f32 rounding */
+            for (int k = 0; k < K; k++)
+                s += (double)x[(size_t)m * ldx + k] * cpm_mm_w_at(&job, n, k);
+            y[(size_t)m * ldy + n] = (float)s;
+        }
+    }
+}
+
+/* ---- threading ---- */
+
+typedef struct mm_run {
+    cpm_mm_job job;
+    cpm_mm_kernel kernel;
+    int split_n; /* 1: threads share N, 0: threads share M */
+    int align;   /* chunk granularity along the split dimension */
+} mm_run;
+
+/* [*lo, *hi) of total, cut into units of align shared evenly by nt threads. */
+static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
+    long units = (total + align - 1) / align;
+    long a = units * tid / nt, b = units * (tid + 1) / nt;
+    *lo = (int)(a * align < total ? a * align : total);
+    *hi = (int)(b * align < total ? b * align : total);
+}
+
+static void mm_worker(void *arg, int tid, int nt) {
+    const mm_run *r = arg;
+    int lo, hi;
+    if (r->split_n) {
+        share(r->job.N, r->align, tid, nt, &lo, &hi);
+        if (lo < hi)
+            r->kernel(&r->job, 0, r->job.M, lo, hi);
+    } else {
+        share(r->job.M, r->align, tid, nt, &lo, &hi);
+        if (lo < hi)
+            r->kernel(&r->job, lo, hi, 0, r->job.N);
+    }
+}
+
+#if X86_KERNELS
+static void amx_pack_worker(void *arg, int tid, int nt) {
+    const mm_run *r = arg;
+    int blocks = (r->job.M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS, lo, hi;
+    share(blocks, 1, tid, nt, &lo, &hi);
+    if (lo < hi)
+        cpm_mm_amx_pack(&r->job, lo, hi);
+}
+
+/* Returns 0 when the AMX path ran; -1 when no pack buffer could be had. The
+ * buffer comes from the pool (allocated once) or, without a pool, per call. */
+static int run_amx(cpm_pool *pool, mm_run *r) {
+    size_t bytes = cpm_mm_amx_packed_size(r->job.M, r->job.K);
+    void *owned = NULL;
+    r->job.packed = cpm_pool_scratch(pool, bytes);
+    if (!r->job.packed)
+        r->job.packed = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!r->job.packed)
+        return -1;
+    cpm_pool_run(pool, amx_pack_worker, r);
+    r->kernel = cpm_mm_amx;
+    r->split_n = 1;
+    r->align = 32;
+    cpm_pool_run(pool, mm_worker, r);
+    free(owned);
+    return 0;
+}
+#endif
+
+static cpm_mm_kernel pick_kernel(cpm_isa isa) {
+#if X86_KERNELS
+    if (isa >= CPM_ISA_AVX512)
+        return cpm_mm_avx512;
+    if (isa == CPM_ISA_AVX2)
+        return cpm_mm_avx2;
+#else
+    (void)isa;
+#endif
+    return cpm_mm_scalar;
+}
+
+void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K) {
+    if (M <= 0 || N <= 0)
+        return;
+    mm_run r = {
+        .job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = wtype,
+                .w_ld = w_ld, .M = M, .N = N, .K = K},
+    };
+    cpm_isa isa = isa_in_effect();
+#if X86_KERNELS
+    /* The AMX order differs from the FMA kernels', so it must serve every M
+     * (decode included) for a row's result not to depend on its batch. If no
+     * pack buffer can be had, NaN marks the failure rather than silently
+     * changing the rounding. */
+    if (isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16 && K > 0) {
+        if (run_amx(pool, &r) != 0) {
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                    y[(size_t)m * ldy + n] = NAN;
+        }
+        return;
+    }
+#endif
+    r.kernel = pick_kernel(isa);
+    int nt = cpm_pool_size(pool);
+    /* Threads own contiguous column ranges (each streams its own rows of W)
+     * unless N is too narrow to share, as for tiny test shapes. */
+    r.split_n = N >= 16 * nt || M < 2 * nt;
+    r.align = r.split_n ? 16 : 1;
+    cpm_pool_run(pool, mm_worker, &r);
+}

@@ -1,0 +1,219 @@
+/* matmul_amx.c - AMX-BF16 kernel for cpm_matmul with BF16 weights.
+ *
+ * AMX multiplies bf16 by bf16 into f32, and the engine's activations are f32.
+ * So x is split into three bf16 terms by truncation, x = x1 + x2 + x3 exactly
+ * (8 + 8 + 8 significand bits), and each product x_s * w (8 x 8 bits) is exact
+ * in f32: no precision is given up on the inputs, unlike feeding bf16(x).
+ * The three terms of one x row sit in three adjacent tile columns, so all of
+ * them ride in the same tile multiply; y = (c1 + c2) + c3 at the end.
+ *
+ * Tiles: C (tiles 0-3) is 16 W rows by 16 columns (5 x rows x 3 terms + one
+ * zero column); A (4-5) is 16 W rows by 32 k, loaded straight from W; B (6-7)
+ * is 32 k by 16 columns of packed x. Each C element is summed over k in the
+ * same order whatever M, N or the thread, so results do not depend on them.
+ */
+#include <immintrin.h>
+#include <string.h>
+
+#include "matmul_internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+#define KSTEP 32            /* k per tile multiply */
+#define TILE_BYTES 1024     /* 16 rows x 64 bytes */
+#define GROUP_ROWS 128      /* W rows kept hot in L2 while every x block passes */
+
+struct tilecfg {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+size_t cpm_mm_amx_packed_size(int M, int K) {
+    size_t blocks = (size_t)(M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS;
+    size_t steps = (size_t)(K + KSTEP - 1) / KSTEP;
+    return blocks * steps * TILE_BYTES;
+}
+
+/* The three truncated bf16 terms of v; each difference is exact in f32. */
+INLINE void split3(float v, uint16_t t[3]) {
+    uint32_t u, r;
+    memcpy(&u, &v, 4);
+    t[0] = (uint16_t)(u >> 16);
+    u &= 0xffff0000u;
+    float hi;
+    memcpy(&hi, &u, 4);
+    float rest = v - hi;
+    memcpy(&r, &rest, 4);
+    t[1] = (uint16_t)(r >> 16);
+    r &= 0xffff0000u;
+    float mid;
+    memcpy(&mid, &r, 4);
+    float low = rest - mid;
+    memcpy(&r, &low, 4);
+    t[2] = (uint16_t)(r >> 16);
+}
+
+/* One B tile: row p holds k pair (2p, 2p+1); column 3i + s holds term s of
+ * x row m + i. Out-of-range rows and k are zero. */
+static void pack_tile(uint32_t *dst, const cpm_mm_job *job, int m, int k0) {
+    uint16_t t[CPM_MM_AMX_ROWS][KSTEP][3];
+    memset(t, 0, sizeof(t));
+    int kn = job->K - k0 < KSTEP ? job->K - k0 : KSTEP;
+    for (int i = 0; i < CPM_MM_AMX_ROWS && m + i < job->M; i++) {
+        const float *x = job->x + (size_t)(m + i) * job->ldx + k0;
+        for (int k = 0; k < kn; k++)
+            split3(x[k], t[i][k]);
+    }
+    for (int p = 0; p < KSTEP / 2; p++) {
+        for (int i = 0; i < CPM_MM_AMX_ROWS; i++)
+            for (int s = 0; s < 3; s++)
+                dst[p * 16 + 3 * i + s] = (uint32_t)t[i][2 * p][s] | (uint32_t)t[i][2 * p + 1][s] << 16;
+        dst[p * 16 + 15] = 0;
+    }
+}
+
+void cpm_mm_amx_pack(const cpm_mm_job *job, int b0, int b1) {
+    int steps = (job->K + KSTEP - 1) / KSTEP;
+    for (int b = b0; b < b1; b++)
+        for (int s = 0; s < steps; s++)
+            pack_tile((uint32_t *)((char *)job->packed + ((size_t)b * steps + s) * TILE_BYTES),
+                      job, b * CPM_MM_AMX_ROWS, s * KSTEP);
+}
+
+/* 16 W rows from row `base`, k from k0, zero-padded past N and K: for the
+ * last partial k step and for matrices narrower than a tile. */
+static void copy_a(uint16_t *dst, const cpm_mm_job *job, int base, int k0) {
+    const uint16_t *w = job->w;
+    for (int r = 0; r < 16; r++)
+        for (int k = 0; k < KSTEP; k++)
+            dst[r * KSTEP + k] = base + r < job->N && k0 + k < job->K
+                               ? w[(size_t)(base + r) * job->w_ld + k0 + k] : 0;
+}
+
+typedef struct ntile {
+    int base;     /* first W row the tile loads */
+    int lo, hi;   /* rows of y it writes */
+    int direct;   /* all 16 rows exist: load from W itself */
+} ntile;
+
+static ntile make_ntile(const cpm_mm_job *job, int t, int n1) {
+    ntile nt = {.base = t, .lo = t, .hi = t + 16 < n1 ? t + 16 : n1, .direct = 1};
+    if (t + 16 > job->N) {
+        /* Shift the tile back inside W; rows already covered are not stored. */
+        nt.base = job->N >= 16 ? job->N - 16 : 0;
+        nt.direct = job->N >= 16;
+    }
+    return nt;
+}
+
+static void store_c(const cpm_mm_job *job, const float c[16][16], const ntile *nt, int mb) {
+    for (int n = nt->lo; n < nt->hi; n++) {
+        const float *row = c[n - nt->base];
+        for (int i = 0; i < CPM_MM_AMX_ROWS; i++) {
+            int m = mb * CPM_MM_AMX_ROWS + i;
+            if (m >= job->M)
+                break;
+            job->y[(size_t)m * job->ldy + n] = (row[3 * i] + row[3 * i + 1]) + row[3 * i + 2];
+        }
+    }
+}
+
+#define LOAD_A(tile, nt, s)                                                              \
+    do {                                                                                 \
+        if ((nt).direct && (s) < full)                                                   \
+            _tile_loadd(tile, w + (size_t)(nt).base * w_ld + (size_t)(s) * KSTEP,        \
+                        (long)(w_ld * 2));                                               \
+        else {                                                                           \
+            copy_a(abuf, job, (nt).base, (s) * KSTEP);                                   \
+            _tile_loadd(tile, abuf, 64);                                                 \
+        }                                                                                \
+    } while (0)
+
+/* C tiles for n tiles (a[, b]) x m blocks (mb[, mb + 1]) over all of K. */
+INLINE void block(const int two_n, const int two_m, const cpm_mm_job *job,
+                  const ntile *na, const ntile *nb, int mb) {
+    const uint16_t *w = job->w;
+    const size_t w_ld = (size_t)job->w_ld;
+    const int steps = (job->K + KSTEP - 1) / KSTEP, full = job->K / KSTEP;
+    const char *b0 = (const char *)job->packed + (size_t)mb * steps * TILE_BYTES;
+    const char *b1 = b0 + (size_t)steps * TILE_BYTES;
+    uint16_t abuf[16 * KSTEP] __attribute__((aligned(64)));
+    float c[16][16] __attribute__((aligned(64)));
+
+    _tile_zero(0);
+    if (two_m)
+        _tile_zero(1);
+    if (two_n) {
+        _tile_zero(2);
+        if (two_m)
+            _tile_zero(3);
+    }
+    for (int s = 0; s < steps; s++) {
+        LOAD_A(4, *na, s);
+        _tile_loadd(6, b0 + (size_t)s * TILE_BYTES, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_m) {
+            _tile_loadd(7, b1 + (size_t)s * TILE_BYTES, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_n) {
+            LOAD_A(5, *nb, s);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_m)
+                _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    store_c(job, c, na, mb);
+    if (two_m) {
+        _tile_stored(1, c, 64);
+        store_c(job, c, na, mb + 1);
+    }
+    if (two_n) {
+        _tile_stored(2, c, 64);
+        store_c(job, c, nb, mb);
+        if (two_m) {
+            _tile_stored(3, c, 64);
+            store_c(job, c, nb, mb + 1);
+        }
+    }
+}
+
+static void n_pair(const cpm_mm_job *job, int t, int n1, int mb, int two_m) {
+    ntile na = make_ntile(job, t, n1);
+    if (t + 16 < n1) {
+        ntile nb = make_ntile(job, t + 16, n1);
+        if (two_m)
+            block(1, 1, job, &na, &nb, mb);
+        else
+            block(1, 0, job, &na, &nb, mb);
+    } else if (two_m) {
+        block(0, 1, job, &na, &na, mb);
+    } else {
+        block(0, 0, job, &na, &na, mb);
+    }
+}
+
+void cpm_mm_amx(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    (void)m0; /* the pack covers all of M; cpm_matmul splits AMX work over N */
+    (void)m1;
+    struct tilecfg cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    int mblocks = (job->M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS;
+    for (int g = n0; g < n1; g += GROUP_ROWS) {
+        int g1 = g + GROUP_ROWS < n1 ? g + GROUP_ROWS : n1;
+        for (int mb = 0; mb < mblocks; mb += 2)
+            for (int t = g; t < g1; t += 32)
+                n_pair(job, t, g1, mb, mb + 1 < mblocks);
+    }
+    _tile_release(); /* so the kernel need not save 8 KiB of tile state */
+}

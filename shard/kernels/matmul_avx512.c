@@ -1,0 +1,185 @@
+/* matmul_avx512.c - AVX-512 kernels for cpm_matmul, in the canonical order of
+ * matmul_internal.h (one 16-lane accumulator per output element).
+ *
+ * Decode (one x row) streams W straight from memory, several rows at a time,
+ * widening bf16/f16 to f32 in registers. Prefill widens a panel of NR rows of
+ * W to f32 once and reuses it for every MR-row tile of x.
+ */
+#include <immintrin.h>
+
+#include "matmul_internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum { SRC_F32, SRC_BF16, SRC_F16 };
+
+#define MR 4          /* x rows per register tile */
+#define NR 4          /* W rows per register tile (and per decoded panel) */
+#define DEC_ROWS 4    /* W rows per step of the decode (M = 1) loop */
+#define PANEL_K 8192  /* longest K decoded into a stack panel (128 KiB) */
+
+INLINE __m512 load_w(int src, const void *row, int k) {
+    if (src == SRC_F32)
+        return _mm512_loadu_ps((const float *)row + k);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+    if (src == SRC_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INLINE __m512 load_w_tail(int src, const void *row, int k, __mmask16 mk) {
+    if (src == SRC_F32)
+        return _mm512_maskz_loadu_ps(mk, (const float *)row + k);
+    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k);
+    if (src == SRC_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The canonical tree: halves, then quarters, then pairs. */
+INLINE float reduce16(__m512 a) {
+    __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
+    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
+}
+
+/* y[i, j] for i < mr, j < nr; mr and nr are constants after inlining, so
+ * the accumulators live in registers. w_ld is in elements of src. */
+INLINE void tile(const int mr, const int nr, const int src, const float *x, size_t ldx,
+                 const void *w, size_t w_ld, int K, float *y, size_t ldy) {
+    const size_t esz = src == SRC_F32 ? 4 : 2;
+    const char *wr[NR > DEC_ROWS ? NR : DEC_ROWS];
+    __m512 acc[MR][NR > DEC_ROWS ? NR : DEC_ROWS];
+    for (int j = 0; j < nr; j++)
+        wr[j] = (const char *)w + (size_t)j * w_ld * esz;
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
+        for (int j = 0; j < nr; j++)
+            wv[j] = load_w(src, wr[j], k);
+        for (int i = 0; i < mr; i++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)i * ldx + k);
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < K) { /* zero-padded last chunk, as the canonical order says */
+        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
+        for (int j = 0; j < nr; j++)
+            wv[j] = load_w_tail(src, wr[j], k, mk);
+        for (int i = 0; i < mr; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + (size_t)i * ldx + k);
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
+}
+
+/* One x row against W rows [n0, n1): memory bound, W read exactly once. */
+INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int n1) {
+    const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
+    const float *x = job->x + (size_t)m * job->ldx;
+    float *y = job->y + (size_t)m * job->ldy;
+    int n = n0;
+    for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
+        tile(1, DEC_ROWS, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
+    for (; n < n1; n++)
+        tile(1, 1, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
+}
+
+/* x rows [m0, m1) against nr W rows given as f32 (a panel, or W itself). */
+INLINE void panel_rows(const int nr, const cpm_mm_job *job, int m0, int m1,
+                       const float *w, size_t w_ld, int n) {
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
+    const int K = job->K;
+    int m = m0;
+    for (; m + MR <= m1; m += MR)
+        tile(MR, nr, SRC_F32, job->x + m * ldx, ldx, w, w_ld, K, job->y + m * ldy + n, ldy);
+    for (; m < m1; m++)
+        tile(1, nr, SRC_F32, job->x + m * ldx, ldx, w, w_ld, K, job->y + m * ldy + n, ldy);
+}
+
+/* Prefill with W streamed in its own type (f32 weights, or K too long for a
+ * panel): the widening is repeated per x tile, which costs time, not bits. */
+INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
+    for (int n = n0; n < n1; n += NR) {
+        const char *w = (const char *)job->w + n * w_ld * esz;
+        int m = m0;
+        if (n + NR <= n1) {
+            for (; m + MR <= m1; m += MR)
+                tile(MR, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy);
+            for (; m < m1; m++)
+                tile(1, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy);
+        } else {
+            for (int j = n; j < n1; j++, w += w_ld * esz)
+                for (m = m0; m < m1; m++)
+                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + j, ldy);
+        }
+    }
+}
+
+static void widen_rows(float *dst, size_t ld, const cpm_mm_job *job, int n, int nr) {
+    const int K = job->K;
+    for (int j = 0; j < nr; j++) {
+        const void *row = (const char *)job->w + ((size_t)(n + j) * job->w_ld) * 2;
+        const int src = job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
+        int k = 0;
+        for (; k + 16 <= K; k += 16)
+            _mm512_storeu_ps(dst + j * ld + k, src == SRC_F16 ? load_w(SRC_F16, row, k)
+                                                              : load_w(SRC_BF16, row, k));
+        if (k < K) {
+            __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+            __m512 v = src == SRC_F16 ? load_w_tail(SRC_F16, row, k, mk)
+                                      : load_w_tail(SRC_BF16, row, k, mk);
+            _mm512_mask_storeu_ps(dst + j * ld + k, mk, v);
+        }
+    }
+}
+
+static void prefill_panel(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    _Static_assert(NR * PANEL_K * sizeof(float) <= 128 * 1024, "panel fits the stack");
+    float panel[NR * PANEL_K] __attribute__((aligned(64)));
+    const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
+    for (int n = n0; n < n1; n += NR) {
+        int nr = n1 - n < NR ? n1 - n : NR;
+        widen_rows(panel, ld, job, n, nr);
+        if (nr == NR) {
+            panel_rows(NR, job, m0, m1, panel, ld, n);
+        } else {
+            for (int j = 0; j < nr; j++)
+                panel_rows(1, job, m0, m1, panel + j * ld, ld, n + j);
+        }
+    }
+}
+
+void cpm_mm_avx512(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    const int src = job->wtype == CPM_DTYPE_F32 ? SRC_F32
+                  : job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
+    if (m1 - m0 == 1) {
+        if (src == SRC_F32)
+            decode_rows(SRC_F32, job, m0, n0, n1);
+        else if (src == SRC_F16)
+            decode_rows(SRC_F16, job, m0, n0, n1);
+        else
+            decode_rows(SRC_BF16, job, m0, n0, n1);
+    } else if (src == SRC_F32) {
+        prefill_direct(SRC_F32, job, m0, m1, n0, n1);
+    } else if (job->K <= PANEL_K) {
+        prefill_panel(job, m0, m1, n0, n1);
+    } else if (src == SRC_F16) {
+        prefill_direct(SRC_F16, job, m0, m1, n0, n1);
+    } else {
+        prefill_direct(SRC_BF16, job, m0, m1, n0, n1);
+    }
+}

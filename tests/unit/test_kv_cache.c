@@ -1,0 +1,105 @@
+/* Unit tests for shard/kv_cache.c: sequence slots, block accounting, position
+ * checks, full-cache errors. Uses a golden checkpoint for the geometry. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "shard/kv_cache.h"
+#include "shard/model/model_internal.h"
+
+static const char *model_dir;
+
+static int setup(void **state) {
+    cpm_error e = {0};
+    cpm_model *m;
+    if (cpm_model_load(model_dir, NULL, &m, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        return -1;
+    }
+    *state = m;
+    return 0;
+}
+
+static int teardown(void **state) {
+    cpm_model_free(*state);
+    return 0;
+}
+
+static void test_slots(void **state) {
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 64, 2, &e);
+    assert_non_null(kv);
+    int a = cpm_kv_cache_seq_new(kv, &e), b = cpm_kv_cache_seq_new(kv, &e);
+    assert_true(a >= 0 && b >= 0 && a != b);
+    assert_int_equal(cpm_kv_cache_seq_new(kv, &e), CPM_ELIMIT);
+    assert_non_null(strstr(e.msg, "sequence slots"));
+    cpm_kv_cache_seq_free(kv, a);
+    assert_int_equal(cpm_kv_cache_seq_new(kv, &e), a);
+    assert_int_equal(cpm_kv_cache_seq_len(kv, 99), -1);
+    cpm_kv_cache_seq_free(kv, 99); /* ignored */
+    cpm_kv_cache_free(kv);
+    cpm_kv_cache_free(NULL);
+}
+
+static void test_reserve_checks_positions(void **state) {
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 64, 2, &e);
+    int s = cpm_kv_cache_seq_new(kv, &e), slots[4];
+    int32_t seq[] = {s, s}, gap[] = {0, 2}, ok[] = {0, 1}, bad_seq[] = {7, 7};
+    cpm_batch b = {.n_tokens = 2, .seq = seq, .pos = gap};
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), CPM_EINVAL);
+    assert_non_null(strstr(e.msg, "expected 1"));
+    b.seq = bad_seq;
+    b.pos = ok;
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), CPM_EINVAL);
+    b.seq = seq;
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
+    cpm_kv_cache_commit(kv, &b);
+    assert_int_equal(cpm_kv_cache_seq_len(kv, s), 2);
+    int used, total;
+    cpm_kv_cache_usage(kv, &used, &total);
+    assert_int_equal(used, 1);
+    assert_int_equal(total, 4);
+    cpm_kv_cache_seq_truncate(kv, s, 0);
+    cpm_kv_cache_usage(kv, &used, &total);
+    assert_int_equal(used, 0);
+    cpm_kv_cache_free(kv);
+}
+
+static void test_full(void **state) {
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 32, 3, &e); /* 2 blocks */
+    int a = cpm_kv_cache_seq_new(kv, &e), c = cpm_kv_cache_seq_new(kv, &e);
+    int d = cpm_kv_cache_seq_new(kv, &e);
+    int slots[1];
+    int32_t pos = 0;
+    int32_t sa = a, sc = c, sd = d;
+    cpm_batch b = {.n_tokens = 1, .seq = &sa, .pos = &pos};
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
+    b.seq = &sc;
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
+    b.seq = &sd;
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), CPM_ELIMIT);
+    assert_non_null(strstr(e.msg, "kv cache full"));
+    cpm_kv_cache_seq_free(kv, a); /* frees a block for d */
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
+    cpm_kv_cache_free(kv);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_kv_cache GOLDEN_MODEL_DIR\n");
+        return 2;
+    }
+    model_dir = argv[1];
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_slots),
+        cmocka_unit_test(test_reserve_checks_positions),
+        cmocka_unit_test(test_full),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

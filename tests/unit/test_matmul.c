@@ -1,0 +1,305 @@
+/* test_matmul.c - unit tests for shard/kernels/matmul.c and its ISA kernels:
+ * every ISA this CPU has, against the reference, for F32/F16/BF16 weights,
+ * odd shapes and strides; plus the determinism promises of matmul.h (same
+ * bits for any thread count, for a row alone or inside a batch, and across
+ * the FMA ISAs). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shard/kernels/matmul.h"
+
+typedef struct shape {
+    int M, N, K;
+    int pad_x, pad_y, pad_w; /* extra row stride beyond K, N, K */
+} shape;
+
+static const shape shapes[] = {
+    {1, 1, 1, 0, 0, 0},       {3, 17, 33, 0, 0, 0},     {37, 129, 257, 0, 0, 0},
+    {2, 5, 16, 0, 0, 0},      {6, 40, 31, 3, 5, 7},     {11, 33, 64, 1, 2, 9},
+    {1, 3840, 1536, 0, 0, 0}, {1, 77, 100, 4, 1, 2},    {64, 48, 96, 0, 0, 0},
+    {9, 16, 15, 2, 0, 1},     {4, 200, 1, 0, 3, 0},
+};
+#define NSHAPES (int)(sizeof(shapes) / sizeof(shapes[0]))
+
+static const cpm_dtype dtypes[] = {CPM_DTYPE_F32, CPM_DTYPE_F16, CPM_DTYPE_BF16};
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static float frand(void) { /* uniform in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 40) * (1.0 / (1 << 23))) - 1.0f;
+}
+
+typedef struct operands {
+    shape s;
+    cpm_dtype wt;
+    int ldx, ldy, w_ld;
+    float *x;
+    void *w;
+} operands;
+
+static operands make_operands(shape s, cpm_dtype wt) {
+    operands o = {.s = s, .wt = wt, .ldx = s.K + s.pad_x, .ldy = s.N + s.pad_y,
+                  .w_ld = s.K + s.pad_w};
+    o.x = malloc(sizeof(float) * (size_t)s.M * o.ldx);
+    o.w = malloc(cpm_dtype_size(wt) * (size_t)s.N * o.w_ld);
+    assert_non_null(o.x);
+    assert_non_null(o.w);
+    for (size_t i = 0; i < (size_t)s.M * o.ldx; i++)
+        o.x[i] = frand();
+    for (size_t i = 0; i < (size_t)s.N * o.w_ld; i++) {
+        float v = frand();
+        if (wt == CPM_DTYPE_F32)
+            ((float *)o.w)[i] = v;
+        else if (wt == CPM_DTYPE_F16)
+            ((uint16_t *)o.w)[i] = cpm_f32_to_f16(v);
+        else
+            ((uint16_t *)o.w)[i] = cpm_f32_to_bf16(v);
+    }
+    return o;
+}
+
+static void free_operands(operands *o) {
+    free(o->x);
+    free(o->w);
+}
+
+#define SENTINEL 12345.0f
+
+/* y filled with a sentinel so that writes outside [M, N] show up. */
+static float *run(cpm_pool *pool, const operands *o) {
+    size_t len = (size_t)o->s.M * o->ldy;
+    float *y = malloc(sizeof(float) * len);
+    assert_non_null(y);
+    for (size_t i = 0; i < len; i++)
+        y[i] = SENTINEL;
+    cpm_matmul(pool, y, o->ldy, o->x, o->ldx, o->w, o->wt, o->w_ld, o->s.M, o->s.N, o->s.K);
+    return y;
+}
+
+static float w_value(const operands *o, int n, int k) {
+    size_t i = (size_t)n * o->w_ld + k;
+    if (o->wt == CPM_DTYPE_F32)
+        return ((const float *)o->w)[i];
+    if (o->wt == CPM_DTYPE_F16)
+        return cpm_f16_to_f32(((const uint16_t *)o->w)[i]);
+    return cpm_bf16_to_f32(((const uint16_t *)o->w)[i]);
+}
+
+/* Bound on f32 summation error: the FMA kernels add ceil(K/16) terms per lane
+ * then 4 tree levels; AMX adds up to K terms in sequence per x term. */
+static double error_terms(cpm_isa isa, cpm_dtype wt, int K) {
+    if (isa == CPM_ISA_AMX && wt == CPM_DTYPE_BF16)
+        return K + 8;
+    return (K + 15) / 16 + 5;
+}
+
+static void check_against_ref(cpm_isa isa, const operands *o, const float *y) {
+    const shape s = o->s;
+    float *ref = malloc(sizeof(float) * (size_t)s.M * o->ldy);
+    assert_non_null(ref);
+    cpm_matmul_ref(ref, o->ldy, o->x, o->ldx, o->w, o->wt, o->w_ld, s.M, s.N, s.K);
+    const double u = 1.0 / (1 << 24);
+    for (int m = 0; m < s.M; m++) {
+        for (int n = 0; n < s.N; n++) {
+            double mag = 0.0;
+            for (int k = 0; k < s.K; k++)
+                mag += fabs((double)o->x[(size_t)m * o->ldx + k] * w_value(o, n, k));
+            double tol = 2.0 * error_terms(isa, o->wt, s.K) * u * mag + 1e-30;
+            double got = y[(size_t)m * o->ldy + n], want = ref[(size_t)m * o->ldy + n];
+            if (!(fabs(got - want) <= tol))
+                fail_msg("%s %s M=%d N=%d K=%d: y[%d,%d] = %.9g, ref %.9g, tol %.3g",
+                         cpm_isa_name(isa), cpm_dtype_name(o->wt), s.M, s.N, s.K, m, n, got,
+                         want, tol);
+        }
+        for (int n = s.N; n < o->ldy; n++)
+            assert_true(y[(size_t)m * o->ldy + n] == SENTINEL);
+    }
+    free(ref);
+}
+
+static void test_ref_small_exact(void **state) {
+    (void)state;
+    const float x[2 * 3] = {1, 2, 3, -1, 0.5f, 4};
+    const float w[2 * 3] = {1, 0, -1, 2, 2, 2};
+    float y[4];
+    cpm_matmul_ref(y, 2, x, 3, w, CPM_DTYPE_F32, 3, 2, 2, 3);
+    assert_true(y[0] == -2.0f && y[1] == 12.0f && y[2] == -5.0f && y[3] == 7.0f);
+}
+
+static void test_isa_force_and_names(void **state) {
+    (void)state;
+    cpm_isa best = cpm_isa_detect();
+    assert_int_equal(cpm_isa_force((cpm_isa)99), best);
+    assert_int_equal(cpm_isa_force(CPM_ISA_SCALAR), CPM_ISA_SCALAR);
+    assert_string_equal(cpm_isa_name(CPM_ISA_SCALAR), "scalar");
+    assert_string_equal(cpm_isa_name(CPM_ISA_AVX512), "avx512");
+    print_message("best ISA on this CPU: %s\n", cpm_isa_name(best));
+    cpm_isa_force(best);
+}
+
+static void test_all_isas_against_ref(void **state) {
+    (void)state;
+    cpm_pool *pool = cpm_pool_new(2);
+    assert_non_null(pool);
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        assert_int_equal(cpm_isa_force((cpm_isa)isa), isa);
+        for (int d = 0; d < 3; d++) {
+            for (int i = 0; i < NSHAPES; i++) {
+                operands o = make_operands(shapes[i], dtypes[d]);
+                float *y = run(i % 2 ? pool : NULL, &o);
+                check_against_ref((cpm_isa)isa, &o, y);
+                free(y);
+                free_operands(&o);
+            }
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(pool);
+}
+
+static void assert_same_bits(const float *a, const float *b, const operands *o, const char *what) {
+    for (int m = 0; m < o->s.M; m++)
+        if (memcmp(a + (size_t)m * o->ldy, b + (size_t)m * o->ldy, sizeof(float) * o->s.N) != 0)
+            fail_msg("%s: %s M=%d N=%d K=%d differs in row %d", what, cpm_dtype_name(o->wt),
+                     o->s.M, o->s.N, o->s.K, m);
+}
+
+static void test_thread_count_does_not_change_bits(void **state) {
+    (void)state;
+    const shape cases[] = {{37, 129, 257, 0, 0, 0}, {1, 1029, 515, 0, 0, 0}, {5, 7, 40, 0, 0, 0}};
+    cpm_pool *pools[4];
+    for (int t = 0; t < 4; t++)
+        assert_non_null(pools[t] = cpm_pool_new(t + 1));
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int d = 0; d < 3; d++) {
+            for (int c = 0; c < 3; c++) {
+                operands o = make_operands(cases[c], dtypes[d]);
+                float *base = run(NULL, &o);
+                for (int t = 0; t < 4; t++) {
+                    float *y = run(pools[t], &o);
+                    assert_same_bits(base, y, &o, cpm_isa_name((cpm_isa)isa));
+                    free(y);
+                }
+                free(base);
+                free_operands(&o);
+            }
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    for (int t = 0; t < 4; t++)
+        cpm_pool_free(pools[t]);
+}
+
+/* Row m computed alone (M = 1), in a sub-batch at another offset, and inside
+ * the whole batch must give the same bits. */
+static void test_row_alone_equals_row_in_batch(void **state) {
+    (void)state;
+    const shape cases[] = {{37, 129, 257, 0, 0, 0}, {23, 300, 1536, 0, 0, 0}};
+    cpm_pool *pool = cpm_pool_new(2);
+    assert_non_null(pool);
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int d = 0; d < 3; d++) {
+            for (int c = 0; c < 2; c++) {
+                operands o = make_operands(cases[c], dtypes[d]);
+                float *batch = run(pool, &o);
+                float *one = malloc(sizeof(float) * (size_t)o.ldy * 3);
+                assert_non_null(one);
+                for (int m = 0; m < o.s.M; m++) {
+                    cpm_matmul(pool, one, o.ldy, o.x + (size_t)m * o.ldx, o.ldx, o.w, o.wt,
+                               o.w_ld, 1, o.s.N, o.s.K);
+                    if (memcmp(one, batch + (size_t)m * o.ldy, sizeof(float) * o.s.N) != 0)
+                        fail_msg("%s %s: row %d alone differs from the batch",
+                                 cpm_isa_name((cpm_isa)isa), cpm_dtype_name(o.wt), m);
+                }
+                for (int m = 0; m + 3 <= o.s.M; m += 7) { /* a 3-row batch at offset m */
+                    cpm_matmul(pool, one, o.ldy, o.x + (size_t)m * o.ldx, o.ldx, o.w, o.wt,
+                               o.w_ld, 3, o.s.N, o.s.K);
+                    assert_memory_equal(one, batch + (size_t)m * o.ldy,
+                                        sizeof(float) * (size_t)o.ldy * 2 + sizeof(float) * o.s.N);
+                }
+                free(one);
+                free(batch);
+                free_operands(&o);
+            }
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(pool);
+}
+
+/* Scalar, AVX2 and AVX-512 share one summation order; AMX shares it for the
+ * weight types it does not accelerate. */
+static void test_isas_agree_bit_for_bit(void **state) {
+    (void)state;
+    cpm_isa best = cpm_isa_detect();
+    for (int d = 0; d < 3; d++) {
+        for (int i = 0; i < NSHAPES; i++) {
+            operands o = make_operands(shapes[i], dtypes[d]);
+            cpm_isa_force(CPM_ISA_SCALAR);
+            float *base = run(NULL, &o);
+            for (int isa = CPM_ISA_AVX2; isa <= (int)best; isa++) {
+                if (isa == CPM_ISA_AMX && dtypes[d] == CPM_DTYPE_BF16)
+                    continue;
+                cpm_isa_force((cpm_isa)isa);
+                float *y = run(NULL, &o);
+                assert_same_bits(base, y, &o, cpm_isa_name((cpm_isa)isa));
+                free(y);
+            }
+            free(base);
+            free_operands(&o);
+        }
+    }
+    cpm_isa_force(best);
+}
+
+/* Inf or NaN in W past K (inside the row stride) must not leak into y. */
+static void test_stride_padding_is_ignored(void **state) {
+    (void)state;
+    shape s = {7, 21, 45, 0, 0, 19};
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int d = 0; d < 3; d++) {
+            operands o = make_operands(s, dtypes[d]);
+            for (int n = 0; n < s.N; n++) {
+                for (int k = s.K; k < o.w_ld; k++) {
+                    size_t i = (size_t)n * o.w_ld + k;
+                    if (o.wt == CPM_DTYPE_F32)
+                        ((float *)o.w)[i] = NAN;
+                    else
+                        ((uint16_t *)o.w)[i] = 0x7fc0; /* NaN as bf16; also as f16 */
+                }
+            }
+            float *y = run(NULL, &o);
+            check_against_ref((cpm_isa)isa, &o, y);
+            free(y);
+            free_operands(&o);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ref_small_exact),
+        cmocka_unit_test(test_isa_force_and_names),
+        cmocka_unit_test(test_all_isas_against_ref),
+        cmocka_unit_test(test_thread_count_does_not_change_bits),
+        cmocka_unit_test(test_row_alone_equals_row_in_batch),
+        cmocka_unit_test(test_isas_agree_bit_for_bit),
+        cmocka_unit_test(test_stride_padding_is_ignored),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

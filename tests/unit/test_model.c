@@ -1,0 +1,180 @@
+/* Unit tests for shard/model/model.c: the forward pass gives the same logits
+ * however the work is cut - sequences batched together or alone, prefill in
+ * one call or in chunks, the layers in one stage or split into a pipeline.
+ * This is what lets the cluster promise the tokens of one process. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shard/kv_cache.h"
+#include "shard/model/model.h"
+
+static const char *model_dir;
+#define N 12
+
+static const int32_t prompt_a[N] = {1, 7, 42, 99, 3, 500, 17, 2, 45, 700, 8, 9};
+static const int32_t prompt_b[N] = {1, 300, 301, 302, 11, 12, 13, 14, 15, 16, 1023, 5};
+
+static cpm_model *load(int begin, int end, int threads) {
+    cpm_model_opts o = cpm_model_opts_default();
+    o.layer_begin = begin;
+    o.layer_end = end;
+    o.n_threads = threads;
+    cpm_model *m;
+    cpm_error e = {0};
+    if (cpm_model_load(model_dir, &o, &m, &e))
+        fail_msg("%s", e.msg);
+    return m;
+}
+
+/* Logits of every position of one prompt, fed in chunks of `chunk`. */
+static float *run_alone(cpm_model *m, const int32_t *ids, int chunk) {
+    int V = cpm_model_get_info(m)->vocab_size;
+    float *out = malloc((size_t)N * V * sizeof(float));
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 1, &e);
+    int s = cpm_kv_cache_seq_new(kv, &e);
+    for (int at = 0; at < N; at += chunk) {
+        int c = N - at < chunk ? N - at : chunk;
+        int32_t seq[N], pos[N];
+        for (int i = 0; i < c; i++) {
+            seq[i] = s;
+            pos[i] = at + i;
+        }
+        cpm_batch b = {.n_tokens = c, .ids = ids + at, .seq = seq, .pos = pos};
+        assert_int_equal(cpm_model_forward(m, kv, &b, out + (size_t)at * V, &e), 0);
+    }
+    cpm_kv_cache_free(kv);
+    return out;
+}
+
+static double max_rel(const float *a, const float *b, size_t n) {
+    double d = 0, mx = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        mx = fmax(mx, fabs((double)b[i]));
+    }
+    return d / mx;
+}
+
+static void test_chunked_prefill_matches(void **state) {
+    (void)state;
+    cpm_model *m = load(0, -1, 1);
+    int V = cpm_model_get_info(m)->vocab_size;
+    float *full = run_alone(m, prompt_a, N), *one = run_alone(m, prompt_a, 1);
+    float *five = run_alone(m, prompt_a, 5);
+    assert_true(max_rel(one, full, (size_t)N * V) < 1e-5);
+    assert_true(max_rel(five, full, (size_t)N * V) < 1e-5);
+    free(full);
+    free(one);
+    free(five);
+    cpm_model_free(m);
+}
+
+/* Two sequences interleaved row by row in the same batches. */
+static void test_interleaved_sequences_match(void **state) {
+    (void)state;
+    cpm_model *m = load(0, -1, 2);
+    int V = cpm_model_get_info(m)->vocab_size;
+    float *ra = run_alone(m, prompt_a, N), *rb = run_alone(m, prompt_b, N);
+    float *out = malloc((size_t)2 * N * V * sizeof(float));
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 2, &e);
+    int sa = cpm_kv_cache_seq_new(kv, &e), sb = cpm_kv_cache_seq_new(kv, &e);
+    int32_t ids[2 * N], seq[2 * N], pos[2 * N];
+    for (int i = 0; i < N; i++) {
+        ids[2 * i] = prompt_a[i], seq[2 * i] = sa, pos[2 * i] = i;
+        ids[2 * i + 1] = prompt_b[i], seq[2 * i + 1] = sb, pos[2 * i + 1] = i;
+    }
+    cpm_batch b = {.n_tokens = 2 * N, .ids = ids, .seq = seq, .pos = pos};
+    assert_int_equal(cpm_model_forward(m, kv, &b, out, &e), 0);
+    for (int i = 0; i < N; i++) {
+        assert_true(max_rel(out + (size_t)(2 * i) * V, ra + (size_t)i * V, (size_t)V) < 1e-5);
+        assert_true(max_rel(out + (size_t)(2 * i + 1) * V, rb + (size_t)i * V, (size_t)V) < 1e-5);
+    }
+    cpm_kv_cache_free(kv);
+    free(out);
+    free(ra);
+    free(rb);
+    cpm_model_free(m);
+}
+
+/* Layers [0,1) then [1,L) through two models and two caches, as two stages. */
+static void test_pipeline_split_matches(void **state) {
+    (void)state;
+    cpm_model *whole = load(0, -1, 1);
+    const cpm_model_info *in = cpm_model_get_info(whole);
+    int V = in->vocab_size, H = in->hidden_size, L = in->n_layers;
+    float *ref = run_alone(whole, prompt_a, N);
+    cpm_model *s0 = load(0, 1, 1), *s1 = load(1, L, 1);
+    assert_true(cpm_model_get_info(s0)->first_stage && !cpm_model_get_info(s0)->last_stage);
+    cpm_error e = {0};
+    cpm_kv_cache *k0 = cpm_kv_cache_new(s0, 64, 1, &e), *k1 = cpm_kv_cache_new(s1, 64, 1, &e);
+    int q0 = cpm_kv_cache_seq_new(k0, &e), q1 = cpm_kv_cache_seq_new(k1, &e);
+    int32_t seq0[N], seq1[N], pos[N];
+    for (int i = 0; i < N; i++)
+        seq0[i] = q0, seq1[i] = q1, pos[i] = i;
+    float *act = malloc((size_t)N * H * sizeof(float)), *out = malloc((size_t)N * V * 4);
+    cpm_batch b0 = {.n_tokens = N, .ids = prompt_a, .seq = seq0, .pos = pos};
+    assert_int_equal(cpm_model_forward(s0, k0, &b0, act, &e), 0);
+    cpm_batch b1 = {.n_tokens = N, .hidden = act, .seq = seq1, .pos = pos};
+    assert_int_equal(cpm_model_forward(s1, k1, &b1, out, &e), 0);
+    assert_true(max_rel(out, ref, (size_t)N * V) < 1e-6);
+    cpm_kv_cache_free(k0);
+    cpm_kv_cache_free(k1);
+    free(act);
+    free(out);
+    free(ref);
+    cpm_model_free(s0);
+    cpm_model_free(s1);
+    cpm_model_free(whole);
+}
+
+static void test_bad_batches(void **state) {
+    (void)state;
+    cpm_model *m = load(0, -1, 1);
+    cpm_error e = {0};
+    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 1, &e);
+    int s = cpm_kv_cache_seq_new(kv, &e);
+    int32_t id = 5000, seq = s, pos = 0;
+    float *out = malloc(1024 * 4);
+    cpm_batch b = {.n_tokens = 1, .ids = &id, .seq = &seq, .pos = &pos};
+    assert_int_equal(cpm_model_forward(m, kv, &b, out, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "token id 5000"));
+    b.n_tokens = 0;
+    assert_int_equal(cpm_model_forward(m, kv, &b, out, &e), CPM_ELIMIT);
+    b.n_tokens = 1;
+    b.ids = NULL;
+    assert_int_equal(cpm_model_forward(m, kv, &b, out, &e), CPM_EINVAL);
+    assert_int_equal(cpm_kv_cache_seq_len(kv, s), 0); /* nothing committed */
+    free(out);
+    cpm_kv_cache_free(kv);
+    cpm_model_free(m);
+
+    cpm_model_opts o = cpm_model_opts_default();
+    o.layer_begin = 2;
+    o.layer_end = 1;
+    assert_int_equal(cpm_model_load(model_dir, &o, &m, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "layer range"));
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_model GOLDEN_MODEL_DIR\n");
+        return 2;
+    }
+    model_dir = argv[1];
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_chunked_prefill_matches),
+        cmocka_unit_test(test_interleaved_sequences_match),
+        cmocka_unit_test(test_pipeline_split_matches),
+        cmocka_unit_test(test_bad_batches),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

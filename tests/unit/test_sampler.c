@@ -1,0 +1,164 @@
+/* Unit tests for services/sampler/sampler.c: greedy, seeded reproducibility,
+ * each filter's effect, the repetition penalty's HF semantics, validation. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <math.h>
+#include <string.h>
+
+#include "services/sampler/sampler.h"
+
+#define V 64
+
+static void fill(float *l) {
+    for (int i = 0; i < V; i++)
+        l[i] = (float)((i * 37) % V) / 8.0f; /* a permutation of 0 .. 7.875 */
+}
+
+static int sample_once(const cpm_sampling_params *p, const int32_t *hist, size_t nh, int step) {
+    cpm_error e = {0};
+    cpm_sampler *s = cpm_sampler_new(V, p, &e);
+    assert_non_null(s);
+    int t = -1;
+    for (int i = 0; i <= step; i++) {
+        float l[V];
+        fill(l);
+        t = cpm_sampler_sample(s, l, hist, nh, NULL);
+    }
+    cpm_sampler_free(s);
+    return t;
+}
+
+static int top_id(void) {
+    float l[V];
+    fill(l);
+    int b = 0;
+    for (int i = 1; i < V; i++)
+        if (l[i] > l[b])
+            b = i;
+    return b;
+}
+
+static void test_greedy(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = 0;
+    assert_int_equal(sample_once(&p, NULL, 0, 0), top_id());
+}
+
+static void test_seed_reproducible(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.seed = 1234;
+    int a[20], b[20], diff = 0;
+    for (int i = 0; i < 20; i++) {
+        a[i] = sample_once(&p, NULL, 0, i);
+        b[i] = sample_once(&p, NULL, 0, i);
+    }
+    assert_memory_equal(a, b, sizeof a);
+    p.seed = 99;
+    for (int i = 0; i < 20; i++)
+        diff += sample_once(&p, NULL, 0, i) != a[i];
+    assert_true(diff > 0);
+}
+
+static void test_top_k_one_is_greedy(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.top_k = 1;
+    for (uint64_t s = 0; s < 50; s++) {
+        p.seed = s;
+        assert_int_equal(sample_once(&p, NULL, 0, 0), top_id());
+    }
+}
+
+static void test_top_p_and_min_p_restrict(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    float l[V];
+    fill(l);
+    /* With a tiny top_p or min_p near 1 only the best token survives. */
+    p.top_p = 1e-6f;
+    for (uint64_t s = 0; s < 30; s++) {
+        p.seed = s;
+        assert_int_equal(sample_once(&p, NULL, 0, 0), top_id());
+    }
+    p.top_p = 1.0f;
+    p.min_p = 0.99f;
+    for (uint64_t s = 0; s < 30; s++) {
+        p.seed = s;
+        assert_int_equal(sample_once(&p, NULL, 0, 0), top_id());
+    }
+    /* top_k = 3 keeps exactly the three best. */
+    p.min_p = 0;
+    p.top_k = 3;
+    for (uint64_t s = 0; s < 200; s++) {
+        p.seed = s;
+        int t = sample_once(&p, NULL, 0, 0);
+        assert_true(l[t] >= 7.625f);
+    }
+}
+
+static void test_repetition_penalty(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = 0;
+    p.repetition_penalty = 100.0f;
+    int32_t hist[] = {top_id(), top_id()};
+    int t = sample_once(&p, hist, 2, 0);
+    assert_int_not_equal(t, top_id()); /* divided by 100 once, not twice */
+    cpm_error e = {0};
+    cpm_sampler *s = cpm_sampler_new(V, &p, &e);
+    float l[V];
+    fill(l);
+    l[5] = -2.0f;
+    int32_t h5[] = {5, 5, 5};
+    cpm_sampler_sample(s, l, h5, 3, NULL);
+    assert_true(l[5] == -200.0f); /* negative logits are multiplied, once */
+    cpm_sampler_free(s);
+}
+
+static void test_logprobs(void **state) {
+    (void)state;
+    float l[V];
+    fill(l);
+    int32_t ids[5];
+    float lp[5];
+    assert_int_equal(cpm_top_logprobs(l, V, 5, ids, lp), 5);
+    assert_int_equal(ids[0], top_id());
+    for (int i = 1; i < 5; i++)
+        assert_true(lp[i] <= lp[i - 1]);
+    double sum = 0;
+    for (int i = 0; i < V; i++)
+        sum += exp(cpm_logprob_of(l, V, i));
+    assert_true(fabs(sum - 1.0) < 1e-5);
+}
+
+static void test_validation(void **state) {
+    (void)state;
+    cpm_error e = {0};
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.top_p = 0;
+    assert_null(cpm_sampler_new(V, &p, &e));
+    assert_non_null(strstr(e.msg, "top_p"));
+    p = cpm_sampling_params_default();
+    p.temperature = -1;
+    assert_int_equal(cpm_sampling_params_validate(&p, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "temperature"));
+    p = cpm_sampling_params_default();
+    p.repetition_penalty = 0;
+    assert_int_equal(cpm_sampling_params_validate(&p, &e), CPM_ERANGE);
+    cpm_sampler_free(NULL);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_greedy),          cmocka_unit_test(test_seed_reproducible),
+        cmocka_unit_test(test_top_k_one_is_greedy), cmocka_unit_test(test_top_p_and_min_p_restrict),
+        cmocka_unit_test(test_repetition_penalty), cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_validation),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

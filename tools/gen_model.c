@@ -1,0 +1,511 @@
+/* gen_model.c - cpm-gen-model: writes a random-weight MiniCPM checkpoint in the
+ * exact Hugging Face layout (config.json, generation_config.json,
+ * model.safetensors or shards + index, tokenizer files).
+ *
+ * No real MiniCPM weights can be downloaded where this project is built and
+ * tested, so the default model of the README and the benchmarks come from here.
+ * The tensors written are exactly the ones the engine's architecture table
+ * asks for (cpm_arch_for_each_tensor), so generator and loader cannot drift.
+ * Outputs of such a model are meaningless text.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "shard/kernels/dtype.h"
+#include "shard/model/arch.h"
+#include "shard/model/hf_config.h"
+
+#ifndef CPM_ASSETS_DIR
+#define CPM_ASSETS_DIR "assets"
+#endif
+
+/* ---- presets: the released shapes (minicpm-spec.md §2) ---- */
+
+typedef struct preset {
+    const char *name;
+    const char *config_file; /* a real config.json under assets/configs, or NULL */
+    const char *arch;
+    int hidden, inter, layers, heads, kv_heads, vocab, max_pos;
+    double eps, theta;
+    int tied;
+    const char *act;
+    double act_param;
+    int experts, top_k;
+    const char *rope;        /* NULL, "dynamic" */
+    const char *tokenizer;   /* folder under assets/tokenizers */
+    int eos2;                /* second eos id (73440 for ChatML vocabularies), 0 = none */
+} preset;
+
+static const preset presets[] = {
+    {"minicpm-1b", NULL, "MiniCPMForCausalLM", 1536, 3840, 52, 24, 8, 73440, 4096, 1e-5, 1e4, 1,
+     "silu", 0, 0, 0, NULL, "minicpm3", 0},
+    {"minicpm-2b", NULL, "MiniCPMForCausalLM", 2304, 5760, 40, 36, 36, 122753, 4096, 1e-5, 1e4, 1,
+     "silu", 0, 0, 0, NULL, "minicpm-2b", 0},
+    {"minicpm-2b-128k", NULL, "MiniCPMForCausalLM", 2304, 5760, 40, 36, 36, 122753, 65536, 1e-5,
+     1e6, 0, "silu", 0, 0, 0, "dynamic", "minicpm-2b", 0},
+    {"minicpm-s-1b", NULL, "MiniCPMForCausalLM", 1536, 3840, 52, 24, 8, 73440, 4096, 1e-5, 1e4, 1,
+     "fatrelu", 0.03, 0, 0, NULL, "minicpm3", 0},
+    {"minicpm-moe-8x2b", NULL, "MiniCPMForCausalLM", 2304, 5760, 40, 36, 36, 122753, 4096, 1e-5,
+     1e4, 1, "silu", 0, 8, 2, NULL, "minicpm-2b", 0},
+    {"minicpm3-4b", "minicpm3-4b.config.json", NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, 0, 0, 0,
+     NULL, "minicpm3", 73440},
+    {"minicpm4-8b", "minicpm4-8b.config.json", NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, 0, 0, 0,
+     NULL, "minicpm3", 73440},
+    /* A small MiniCPM4-shaped model with the real 73448 vocabulary: the README's
+     * default, quick to start and to run on two cores. */
+    {"minicpm4-tiny", "minicpm4-8b.config.json", NULL, 256, 640, 4, 8, 2, 73448, 0, 0, 0, 0, NULL,
+     0, 0, 0, NULL, "minicpm3", 73440},
+};
+
+typedef struct gen_args {
+    const preset *p;
+    const char *out;
+    const char *tokenizer_dir;
+    const char *assets;
+    cpm_dtype dtype;
+    uint64_t seed;
+    long shard_mb;
+    int hidden, inter, layers, heads, kv_heads, vocab, experts; /* 0 = preset's */
+} gen_args;
+
+/* ---- config.json ---- */
+
+static json_t *preset_config(const gen_args *a, cpm_error *err) {
+    const preset *p = a->p;
+    if (p->config_file) {
+        char path[4096];
+        json_error_t je;
+        snprintf(path, sizeof path, "%s/configs/%s", a->assets, p->config_file);
+        json_t *c = json_load_file(path, 0, &je);
+        if (!c)
+            cpm_error_set(err, CPM_EIO, "%s: %s", path, je.text);
+        return c;
+    }
+    json_t *c = json_object();
+    json_object_set_new(c, "architectures", json_pack("[s]", p->arch));
+    json_object_set_new(c, "model_type", json_string("minicpm"));
+    json_object_set_new(c, "bos_token_id", json_integer(1));
+    json_object_set_new(c, "eos_token_id", json_integer(2));
+    json_object_set_new(c, "hidden_act", json_string(p->act));
+    if (p->act_param > 0)
+        json_object_set_new(c, "hidden_act_param", json_real(p->act_param));
+    json_object_set_new(c, "hidden_size", json_integer(p->hidden));
+    json_object_set_new(c, "intermediate_size", json_integer(p->inter));
+    json_object_set_new(c, "num_hidden_layers", json_integer(p->layers));
+    json_object_set_new(c, "num_attention_heads", json_integer(p->heads));
+    json_object_set_new(c, "num_key_value_heads", json_integer(p->kv_heads));
+    json_object_set_new(c, "vocab_size", json_integer(p->vocab));
+    json_object_set_new(c, "max_position_embeddings", json_integer(p->max_pos));
+    json_object_set_new(c, "rms_norm_eps", json_real(p->eps));
+    json_object_set_new(c, "rope_theta", json_real(p->theta));
+    if (p->rope)
+        json_object_set_new(c, "rope_scaling", json_pack("{s:s,s:f}", "type", p->rope, "factor", 4.0));
+    else
+        json_object_set_new(c, "rope_scaling", json_null());
+    if (!p->tied)
+        json_object_set_new(c, "tie_word_embeddings", json_false());
+    if (p->experts) {
+        json_object_set_new(c, "num_experts", json_integer(p->experts));
+        json_object_set_new(c, "num_experts_per_tok", json_integer(p->top_k));
+    }
+    json_object_set_new(c, "scale_emb", json_integer(12));
+    json_object_set_new(c, "dim_model_base", json_integer(256));
+    json_object_set_new(c, "scale_depth", json_real(1.4));
+    json_object_set_new(c, "torch_dtype", json_string("bfloat16"));
+    return c;
+}
+
+/* Resamples a LongRoPE factor list to n values (linear interpolation), so a
+ * shrunken model keeps the released curve's shape. */
+static json_t *resample(json_t *list, int n) {
+    int m = (int)json_array_size(list);
+    json_t *out = json_array();
+    for (int i = 0; i < n; i++) {
+        double x = n > 1 ? (double)i * (m - 1) / (n - 1) : 0;
+        int lo = (int)x, hi = lo + 1 < m ? lo + 1 : lo;
+        double f = x - lo;
+        double v = json_number_value(json_array_get(list, (size_t)lo)) * (1 - f) +
+                   json_number_value(json_array_get(list, (size_t)hi)) * f;
+        json_array_append_new(out, json_real(v));
+    }
+    return out;
+}
+
+static void override_int(json_t *c, const char *key, int v) {
+    if (v > 0)
+        json_object_set_new(c, key, json_integer(v));
+}
+
+static void apply_overrides(json_t *c, const gen_args *a) {
+    const preset *p = a->p;
+    override_int(c, "hidden_size", a->hidden ? a->hidden : p->config_file ? p->hidden : 0);
+    override_int(c, "intermediate_size", a->inter ? a->inter : p->config_file ? p->inter : 0);
+    override_int(c, "num_hidden_layers", a->layers ? a->layers : p->config_file ? p->layers : 0);
+    override_int(c, "num_attention_heads", a->heads ? a->heads : p->config_file ? p->heads : 0);
+    override_int(c, "num_key_value_heads", a->kv_heads ? a->kv_heads : p->config_file ? p->kv_heads : 0);
+    override_int(c, "vocab_size", a->vocab ? a->vocab : p->config_file ? p->vocab : 0);
+    override_int(c, "num_experts", a->experts);
+    json_object_set_new(c, "torch_dtype",
+                        json_string(a->dtype == CPM_DTYPE_F32 ? "float32"
+                                    : a->dtype == CPM_DTYPE_F16 ? "float16" : "bfloat16"));
+    json_object_del(c, "_name_or_path");
+}
+
+/* LongRoPE lists must have rotary_dim/2 entries; fix them after overrides. */
+static void fit_rope_lists(json_t *c) {
+    json_t *rs = json_object_get(c, "rope_scaling");
+    if (!json_is_object(rs) || !json_object_get(rs, "long_factor"))
+        return;
+    int hidden = (int)json_integer_value(json_object_get(c, "hidden_size"));
+    int heads = (int)json_integer_value(json_object_get(c, "num_attention_heads"));
+    json_t *rope = json_object_get(c, "qk_rope_head_dim");
+    int rot = rope ? (int)json_integer_value(rope) : hidden / heads;
+    const char *keys[] = {"long_factor", "short_factor"};
+    for (int i = 0; i < 2; i++) {
+        json_t *l = json_object_get(rs, keys[i]);
+        if ((int)json_array_size(l) != rot / 2)
+            json_object_set_new(rs, keys[i], resample(l, rot / 2));
+    }
+}
+
+/* ---- weights ---- */
+
+typedef struct writer {
+    const gen_args *a;
+    const cpm_hparams *hp;
+    uint64_t rng;
+    /* pass 1 collects the header, pass 2 writes data */
+    json_t *header;
+    json_t *weight_map;
+    size_t offset;
+    int shard;
+    FILE *f;
+    void *buf;
+    float *fbuf;
+} writer;
+
+static uint64_t xorshift(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+static float uniform(uint64_t *s) { /* [-1, 1) */
+    return (float)((double)(xorshift(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+static size_t need_bytes(const cpm_tensor_need *n, cpm_dtype t) {
+    size_t e = (size_t)n->shape[0] * (size_t)(n->ndim > 1 ? n->shape[1] : 1);
+    return e * cpm_dtype_size(t);
+}
+
+static bool is_norm_role(cpm_role r) {
+    return r == CPM_W_IN_NORM || r == CPM_W_POST_NORM || r == CPM_W_Q_A_NORM ||
+           r == CPM_W_KV_A_NORM || r == CPM_W_FINAL_NORM;
+}
+
+/* Values: norms near 1, embeddings with std ~0.1 (initializer_range), linear
+ * layers uniform with std 1/sqrt(fan_in) so activations stay in range. */
+static int write_tensor(writer *w, const cpm_tensor_need *n) {
+    size_t cols = (size_t)(n->ndim > 1 ? n->shape[1] : 1), total = (size_t)n->shape[0] * cols;
+    float amp = is_norm_role(n->role) ? 0.1f
+                : n->role == CPM_W_EMBED ? 0.17f
+                : (float)(sqrt(3.0) / sqrt((double)cols));
+    const size_t chunk = 1 << 20;
+    for (size_t at = 0; at < total; at += chunk) {
+        size_t c = total - at < chunk ? total - at : chunk;
+        for (size_t i = 0; i < c; i++) {
+            float v = amp * uniform(&w->rng);
+            w->fbuf[i] = is_norm_role(n->role) ? 1.0f + v : v;
+        }
+        if (w->a->dtype == CPM_DTYPE_F32) {
+            if (fwrite(w->fbuf, 4, c, w->f) != c)
+                return -1;
+            continue;
+        }
+        uint16_t *h = w->buf;
+        for (size_t i = 0; i < c; i++)
+            h[i] = w->a->dtype == CPM_DTYPE_BF16 ? cpm_f32_to_bf16(w->fbuf[i])
+                                                 : cpm_f32_to_f16(w->fbuf[i]);
+        if (fwrite(h, 2, c, w->f) != c)
+            return -1;
+    }
+    return 0;
+}
+
+static char *shard_name(const writer *w, int shard, int n_shards) {
+    static char name[64];
+    if (n_shards <= 1)
+        snprintf(name, sizeof name, "model.safetensors");
+    else
+        snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
+    (void)w;
+    return name;
+}
+
+typedef struct plan_entry {
+    cpm_tensor_need need;
+    int shard;
+} plan_entry;
+
+typedef struct plan {
+    plan_entry *e;
+    size_t n, cap;
+    const gen_args *a;
+    size_t shard_bytes, in_shard;
+    int n_shards;
+} plan;
+
+static int plan_add(const cpm_tensor_need *need, void *ctx) {
+    plan *p = ctx;
+    if (p->n == p->cap) {
+        p->cap = p->cap ? p->cap * 2 : 256;
+        plan_entry *e = realloc(p->e, p->cap * sizeof *e);
+        if (!e)
+            return -1;
+        p->e = e;
+    }
+    size_t b = need_bytes(need, p->a->dtype);
+    if (p->shard_bytes && p->in_shard > 0 && p->in_shard + b > p->shard_bytes) {
+        p->n_shards++;
+        p->in_shard = 0;
+    }
+    p->in_shard += b;
+    p->e[p->n++] = (plan_entry){*need, p->n_shards - 1};
+    return 0;
+}
+
+static int write_shard(writer *w, const plan *p, int shard, cpm_error *err) {
+    json_t *hdr = json_object();
+    json_object_set_new(hdr, "__metadata__", json_pack("{s:s}", "format", "pt"));
+    size_t off = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        if (p->e[i].shard != shard)
+            continue;
+        const cpm_tensor_need *n = &p->e[i].need;
+        size_t b = need_bytes(n, w->a->dtype);
+        json_t *shape = json_array();
+        for (int d = 0; d < n->ndim; d++)
+            json_array_append_new(shape, json_integer(n->shape[d]));
+        json_object_set_new(hdr, n->name, json_pack("{s:s,s:o,s:[I,I]}", "dtype",
+                                                    cpm_dtype_name(w->a->dtype), "shape", shape,
+                                                    "data_offsets", (json_int_t)off,
+                                                    (json_int_t)(off + b)));
+        if (w->weight_map)
+            json_object_set_new(w->weight_map, n->name,
+                                json_string(shard_name(w, shard, p->n_shards)));
+        off += b;
+    }
+    char *text = json_dumps(hdr, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(hdr);
+    size_t len = strlen(text), padded = (len + 7) & ~(size_t)7;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", w->a->out, shard_name(w, shard, p->n_shards));
+    w->f = fopen(path, "wb");
+    int rc = 0;
+    if (!w->f) {
+        free(text);
+        return cpm_error_set(err, CPM_EIO, "%s: %s", path, strerror(errno));
+    }
+    uint64_t hl = padded;
+    unsigned char le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (unsigned char)(hl >> (8 * i));
+    fwrite(le, 1, 8, w->f);
+    fwrite(text, 1, len, w->f);
+    for (size_t i = len; i < padded; i++)
+        fputc(' ', w->f);
+    free(text);
+    for (size_t i = 0; i < p->n && rc == 0; i++)
+        if (p->e[i].shard == shard)
+            rc = write_tensor(w, &p->e[i].need);
+    if (fclose(w->f) || rc)
+        return cpm_error_set(err, CPM_EIO, "%s: write failed", path);
+    return 0;
+}
+
+static int write_weights(const gen_args *a, const cpm_hparams *hp, cpm_error *err) {
+    const cpm_arch *arch = cpm_arch_find(hp->arch);
+    plan p = {.a = a, .shard_bytes = (size_t)a->shard_mb << 20, .n_shards = 1};
+    if (cpm_arch_for_each_tensor(arch, hp, 0, hp->n_layers, true, true, plan_add, &p)) {
+        free(p.e);
+        return cpm_error_set(err, CPM_ENOMEM, "out of memory");
+    }
+    writer w = {.a = a, .hp = hp, .rng = a->seed * 2654435761u + 88172645463325252ull};
+    w.fbuf = malloc((1 << 20) * sizeof(float));
+    w.buf = malloc((1 << 20) * sizeof(uint16_t));
+    if (p.n_shards > 1)
+        w.weight_map = json_object();
+    int rc = w.fbuf && w.buf ? 0 : cpm_error_set(err, CPM_ENOMEM, "out of memory");
+    for (int s = 0; s < p.n_shards && rc == 0; s++)
+        rc = write_shard(&w, &p, s, err);
+    if (rc == 0 && w.weight_map) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/model.safetensors.index.json", a->out);
+        json_t *idx = json_pack("{s:{},s:O}", "metadata", "weight_map", w.weight_map);
+        if (json_dump_file(idx, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER))
+            rc = cpm_error_set(err, CPM_EIO, "%s: write failed", path);
+        json_decref(idx);
+    }
+    json_decref(w.weight_map);
+    free(w.fbuf);
+    free(w.buf);
+    free(p.e);
+    return rc;
+}
+
+/* ---- tokenizer files ---- */
+
+static int copy_file(const char *from, const char *to) {
+    FILE *in = fopen(from, "rb");
+    if (!in)
+        return errno == ENOENT ? 1 : -1;
+    FILE *out = fopen(to, "wb");
+    int rc = out ? 0 : -1;
+    char buf[1 << 16];
+    size_t n;
+    while (rc == 0 && (n = fread(buf, 1, sizeof buf, in)) > 0)
+        rc = fwrite(buf, 1, n, out) == n ? 0 : -1;
+    fclose(in);
+    if (out && fclose(out))
+        rc = -1;
+    return rc;
+}
+
+static int copy_tokenizer(const gen_args *a, cpm_error *err) {
+    static const char *files[] = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                  "special_tokens_map.json", "added_tokens.json"};
+    char dir[4096], from[4200], to[4200];
+    if (a->tokenizer_dir)
+        snprintf(dir, sizeof dir, "%s", a->tokenizer_dir);
+    else
+        snprintf(dir, sizeof dir, "%s/tokenizers/%s", a->assets, a->p->tokenizer);
+    int copied = 0;
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(from, sizeof from, "%s/%s", dir, files[i]);
+        snprintf(to, sizeof to, "%s/%s", a->out, files[i]);
+        int rc = copy_file(from, to);
+        if (rc < 0)
+            return cpm_error_set(err, CPM_EIO, "copying %s: %s", from, strerror(errno));
+        copied += rc == 0;
+    }
+    if (!copied)
+        return cpm_error_set(err, CPM_ENOTFOUND, "%s: no tokenizer files", dir);
+    return 0;
+}
+
+/* ---- main ---- */
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: cpm-gen-model --variant NAME --out DIR [options]\n"
+               "  variants:");
+    for (size_t i = 0; i < sizeof presets / sizeof *presets; i++)
+        fprintf(f, " %s", presets[i].name);
+    fprintf(f, "\n  --dtype bf16|f16|f32 (default bf16)  --seed N  --shard-mb N\n"
+               "  --layers N --hidden N --inter N --heads N --kv-heads N --vocab N --experts N\n"
+               "  --tokenizer DIR (default: the variant's files under assets/tokenizers)\n"
+               "  --assets DIR (default %s)\n"
+               "Weights are random: the model's text is meaningless.\n",
+            CPM_ASSETS_DIR);
+}
+
+static int parse(int argc, char **argv, gen_args *a) {
+    static const struct option opts[] = {
+        {"variant", 1, 0, 'v'}, {"out", 1, 0, 'o'},    {"dtype", 1, 0, 'd'},
+        {"seed", 1, 0, 's'},    {"shard-mb", 1, 0, 'S'}, {"layers", 1, 0, 'l'},
+        {"hidden", 1, 0, 'H'},  {"inter", 1, 0, 'I'},  {"heads", 1, 0, 'h'},
+        {"kv-heads", 1, 0, 'k'}, {"vocab", 1, 0, 'V'}, {"experts", 1, 0, 'e'},
+        {"tokenizer", 1, 0, 't'}, {"assets", 1, 0, 'a'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+    *a = (gen_args){.dtype = CPM_DTYPE_BF16, .seed = 1, .assets = CPM_ASSETS_DIR};
+    const char *variant = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'v': variant = optarg; break;
+        case 'o': a->out = optarg; break;
+        case 'd':
+            if (!strcmp(optarg, "bf16")) a->dtype = CPM_DTYPE_BF16;
+            else if (!strcmp(optarg, "f16")) a->dtype = CPM_DTYPE_F16;
+            else if (!strcmp(optarg, "f32")) a->dtype = CPM_DTYPE_F32;
+            else return fprintf(stderr, "cpm-gen-model: unknown dtype '%s'\n", optarg), -1;
+            break;
+        case 's': a->seed = strtoull(optarg, NULL, 10); break;
+        case 'S': a->shard_mb = atol(optarg); break;
+        case 'l': a->layers = atoi(optarg); break;
+        case 'H': a->hidden = atoi(optarg); break;
+        case 'I': a->inter = atoi(optarg); break;
+        case 'h': a->heads = atoi(optarg); break;
+        case 'k': a->kv_heads = atoi(optarg); break;
+        case 'V': a->vocab = atoi(optarg); break;
+        case 'e': a->experts = atoi(optarg); break;
+        case 't': a->tokenizer_dir = optarg; break;
+        case 'a': a->assets = optarg; break;
+        default: usage(c == '?' ? stdout : stderr); return -1;
+        }
+    }
+    for (size_t i = 0; variant && i < sizeof presets / sizeof *presets; i++)
+        if (!strcmp(presets[i].name, variant))
+            a->p = &presets[i];
+    if (!a->p || !a->out) {
+        if (variant && !a->p)
+            fprintf(stderr, "cpm-gen-model: unknown variant '%s'\n", variant);
+        usage(stderr);
+        return -1;
+    }
+    return 0;
+}
+
+static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {
+    json_t *c = preset_config(a, err);
+    if (!c)
+        return err->code;
+    apply_overrides(c, a);
+    fit_rope_lists(c);
+    char *text = json_dumps(c, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(c);
+    int rc = cpm_hparams_parse(text, "config.json", hp, err);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", a->out);
+    FILE *f = rc ? NULL : fopen(path, "w");
+    if (!rc && (!f || fputs(text, f) < 0 || fclose(f)))
+        rc = cpm_error_set(err, CPM_EIO, "%s: write failed", path);
+    free(text);
+    if (rc)
+        return rc;
+    json_t *g = json_pack("{s:i,s:b,s:f,s:f}", "bos_token_id", 1, "do_sample", 1, "temperature",
+                          0.8, "top_p", 0.8);
+    json_object_set_new(g, "eos_token_id",
+                        a->p->eos2 ? json_pack("[i,i]", 2, a->p->eos2) : json_integer(2));
+    snprintf(path, sizeof path, "%s/generation_config.json", a->out);
+    if (json_dump_file(g, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER))
+        rc = cpm_error_set(err, CPM_EIO, "%s: write failed", path);
+    json_decref(g);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    gen_args a;
+    cpm_hparams hp;
+    cpm_error err = {0};
+    if (parse(argc, argv, &a))
+        return 2;
+    if (mkdir(a.out, 0755) && errno != EEXIST) {
+        fprintf(stderr, "cpm-gen-model: %s: %s\n", a.out, strerror(errno));
+        return 1;
+    }
+    if (write_configs(&a, &hp, &err) || write_weights(&a, &hp, &err) || copy_tokenizer(&a, &err)) {
+        fprintf(stderr, "cpm-gen-model: %s\n", err.msg);
+        return 1;
+    }
+    fprintf(stderr, "cpm-gen-model: wrote %s (%s, %d layers, hidden %d, vocab %d, %s)\n", a.out,
+            a.p->name, hp.n_layers, hp.hidden_size, hp.vocab_size, cpm_dtype_name(a.dtype));
+    return 0;
+}
