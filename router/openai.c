@@ -180,7 +180,7 @@ static int f_model(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *nam
 
 static int float_field(json_t *v, const char *name, double lo, double hi, float *dst,
                        cpm_oai_error *e) {
-    double x;
+    double x = 0;
     int rc = get_number(v, name, lo, hi, &x, e);
     if (rc == 0)
         *dst = (float)x;
@@ -211,7 +211,7 @@ static int f_min_p(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
 static int f_top_k(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                    cpm_oai_error *e) {
     (void)c;
-    long long k;
+    long long k = 0;
     int rc = get_int(v, n, -1, 1 << 20, &k, e);
     if (rc == 0)
         rq->top_k = k < 0 ? 0 : (int)k; /* -1 means off, as in vLLM */
@@ -242,7 +242,7 @@ static int f_frequency_penalty(cpm_oai_request *rq, json_t *v, parse_ctx *c, con
 static int f_max_tokens(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                         cpm_oai_error *e) {
     (void)c;
-    long long x;
+    long long x = 0;
     int rc = get_int(v, n, 1, INT32_MAX, &x, e);
     if (rc == 0)
         rq->max_tokens = (int)x;
@@ -289,7 +289,7 @@ static int f_stop(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n, c
 }
 
 static int f_n(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *name, cpm_oai_error *e) {
-    long long x;
+    long long x = 0;
     int rc = get_int(v, name, 1, c->lim->max_n, &x, e);
     if (rc == 0)
         rq->n = (int)x;
@@ -301,7 +301,7 @@ static int f_logprobs(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *
     if (c->kind == CPM_OAI_CHAT)
         return get_bool(v, n, &rq->logprobs, e);
     /* completions: an integer, the number of alternatives (up to 5) */
-    long long k;
+    long long k = 0;
     int rc = get_int(v, n, 0, 5, &k, e);
     if (rc == 0) {
         rq->logprobs = true;
@@ -312,7 +312,7 @@ static int f_logprobs(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *
 
 static int f_top_logprobs(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                           cpm_oai_error *e) {
-    long long k;
+    long long k = 0;
     int rc = get_int(v, n, 0, c->lim->max_top_logprobs, &k, e);
     if (rc == 0) {
         rq->top_logprobs = (int)k;
@@ -369,7 +369,7 @@ static int f_user(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
 static int f_best_of(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                      cpm_oai_error *e) {
     (void)rq;
-    long long k;
+    long long k = 0;
     int rc = get_int(v, n, 1, c->lim->max_n, &k, e);
     c->saw_best_of = true;
     c->best_of = (int)k;
@@ -378,7 +378,7 @@ static int f_best_of(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n
 
 static int f_echo(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n, cpm_oai_error *e) {
     (void)rq, (void)c;
-    bool echo;
+    bool echo = false;
     if (get_bool(v, n, &echo, e))
         return CPM_EINVAL;
     return echo ? UNSUPPORTED(e, n, "'echo' is not supported") : 0;

@@ -491,13 +491,28 @@ static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {
     return rc;
 }
 
+/* mkdir -p */
+static int make_dirs(const char *path) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) && errno != EEXIST)
+            return -1;
+        *p = '/';
+    }
+    return mkdir(buf, 0755) && errno != EEXIST ? -1 : 0;
+}
+
 int main(int argc, char **argv) {
     gen_args a;
     cpm_hparams hp;
     cpm_error err = {0};
     if (parse(argc, argv, &a))
         return 2;
-    if (mkdir(a.out, 0755) && errno != EEXIST) {
+    if (make_dirs(a.out)) {
         fprintf(stderr, "cpm-gen-model: %s: %s\n", a.out, strerror(errno));
         return 1;
     }

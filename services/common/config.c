@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
+#include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -372,6 +374,9 @@ static int check_unique_endpoints(const cpm_config *c, cpm_error *err) {
 }
 
 static int check_whole(cpm_config *c, cpm_error *err) {
+    /* router is a section with required keys; an absent section must still be reported. */
+    if (!c->router.rpc[0])
+        return cpm_error_set(err, CPM_EINVAL, "%s: router: missing (needs rpc and results)", c->path);
     if (c->n_stages == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: stages: at least one stage is required", c->path);
     if (c->n_tokenizers == 0)
@@ -395,7 +400,6 @@ int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config 
     if (!c)
         return cpm_error_set(err, CPM_ENOMEM, "config");
     snprintf(c->path, sizeof c->path, "%s", name);
-    char *name_keep = c->name; /* explicit name survives the model's default */
     yaml_parser_t parser;
     yaml_document_t doc;
     walker w = {.doc = &doc, .file = c->path, .err = err};
@@ -412,16 +416,12 @@ int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config 
         return rc;
     }
     yaml_node_t *root = yaml_document_get_root_node(&doc);
-    (void)name_keep;
     apply_defaults(top_keys, c);
     apply_defaults(router_keys, &c->router);
     if (!root)
         rc = cpm_error_set(err, CPM_EINVAL, "%s: empty file", c->path);
     else if (!(rc = walk_map(&w, root, "", top_keys, c)))
         rc = check_whole(c, err);
-    /* router is a K_MAP with required keys; an absent section must still be reported. */
-    if (!rc && !c->router.rpc[0])
-        rc = cpm_error_set(err, CPM_EINVAL, "%s: router: missing (needs rpc and results)", c->path);
     yaml_document_delete(&doc);
     yaml_parser_delete(&parser);
     if (rc) {
@@ -471,15 +471,15 @@ void cpm_config_free(cpm_config *c) {
 }
 
 void cpm_config_set_model(cpm_config *c, const char *dir) {
-    bool derived = !c->name[0] || !strcmp(c->name, basename(strdupa(c->model)));
-    snprintf(c->model, sizeof c->model, "%s", dir);
-    if (derived) {
-        char *tmp = strdupa(dir);
-        size_t n = strlen(tmp);
-        while (n > 1 && tmp[n - 1] == '/')
-            tmp[--n] = '\0';
+    char old_base[CPM_CFG_STR], tmp[CPM_CFG_STR];
+    snprintf(tmp, sizeof tmp, "%s", c->model);
+    snprintf(old_base, sizeof old_base, "%s", basename(tmp));
+    /* A name the user chose survives; one derived from the old directory follows the new. */
+    bool derived = !c->name[0] || !strcmp(c->name, old_base);
+    snprintf(tmp, sizeof tmp, "%s", dir); /* dir may be c->model itself */
+    snprintf(c->model, sizeof c->model, "%s", tmp);
+    if (derived)
         snprintf(c->name, sizeof c->name, "%s", basename(tmp));
-    }
 }
 
 int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err) {

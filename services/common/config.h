@@ -1,6 +1,6 @@
 /* config.h - the cluster file: which model, which services where, which stage owns which layers.
  *
- * One YAML file (cluster-config/*.yaml) describes a whole cluster; cpm-cluster reads
+ * One YAML file (cluster-config/NAME.yaml) describes a whole cluster; cpm-cluster reads
  * it to start processes, and each service reads it to find itself (--config FILE
  * --index N) and its peers. Keys are a table (config.c) with types, bounds and
  * defaults; unknown keys, bad endpoints, overlapping or missing layers are errors

@@ -203,11 +203,10 @@ static void free_buf(void *data, void *hint) {
     free(data);
 }
 
-/* Builds the frames of one message; consumes tensor. */
-static int build(outmsg *o, const cpm_peer *peer, cpm_envelope *env, cpm_payload *tensor,
-                 cpm_error *err) {
-    uint8_t *buf;
-    size_t size;
+/* Builds the frames of one message from a packed envelope (buf, consumed) or env;
+ * consumes tensor. */
+static int build_packed(outmsg *o, const cpm_peer *peer, uint8_t *buf, size_t size,
+                        cpm_envelope *env, cpm_payload *tensor, cpm_error *err) {
     int rc = 0;
     o->n = 0;
     if (peer) {
@@ -215,7 +214,7 @@ static int build(outmsg *o, const cpm_peer *peer, cpm_envelope *env, cpm_payload
         memcpy(zmq_msg_data(&o->frames[o->n]), peer->id, peer->len);
         o->n++;
     }
-    if ((rc = cpm_wire_pack(env, &buf, &size, err)))
+    if (!buf && (rc = cpm_wire_pack(env, &buf, &size, err)))
         goto out_payload;
     zmq_msg_init_data(&o->frames[o->n++], buf, size, free_buf, NULL);
     if (tensor) {
@@ -251,6 +250,11 @@ static int try_send(cpm_sock *s, outmsg *o, cpm_error *err) {
     return 0;
 }
 
+static int build(outmsg *o, const cpm_peer *peer, cpm_envelope *env, cpm_payload *tensor,
+                 cpm_error *err) {
+    return build_packed(o, peer, NULL, 0, env, tensor, err);
+}
+
 static int flush_queue(cpm_sock *s) {
     int sent = 0;
     while (s->q_head) {
@@ -270,20 +274,22 @@ static int flush_queue(cpm_sock *s) {
     return sent;
 }
 
-int cpm_sock_send(cpm_sock *s, const cpm_peer *peer, cpm_envelope *env, cpm_payload *tensor,
-                  cpm_error *err) {
+static int send_built(cpm_sock *s, const cpm_peer *peer, uint8_t *buf, size_t size,
+                      cpm_envelope *env, cpm_payload *tensor, cpm_error *err) {
     if (s->closing) {
+        free(buf);
         if (tensor && tensor->free_fn)
             tensor->free_fn(tensor->data, tensor->hint);
         return cpm_error_set(err, CPM_ECLOSED, "send on a closed socket");
     }
     outmsg *o = calloc(1, sizeof *o);
     if (!o) {
+        free(buf);
         if (tensor && tensor->free_fn)
             tensor->free_fn(tensor->data, tensor->hint);
         return cpm_error_set(err, CPM_ENOMEM, "send");
     }
-    int rc = build(o, s->type == ZMQ_ROUTER ? peer : NULL, env, tensor, err);
+    int rc = build_packed(o, s->type == ZMQ_ROUTER ? peer : NULL, buf, size, env, tensor, err);
     if (!rc && !s->q_head)
         rc = try_send(s, o, err);
     else if (!rc)
@@ -305,6 +311,16 @@ int cpm_sock_send(cpm_sock *s, const cpm_peer *peer, cpm_envelope *env, cpm_payl
     outmsg_free(o);
     kick_soon(s, 0); /* our send may have consumed the fd's edge */
     return rc;
+}
+
+int cpm_sock_send(cpm_sock *s, const cpm_peer *peer, cpm_envelope *env, cpm_payload *tensor,
+                  cpm_error *err) {
+    return send_built(s, peer, NULL, 0, env, tensor, err);
+}
+
+int cpm_sock_send_packed(cpm_sock *s, const cpm_peer *peer, uint8_t *buf, size_t size,
+                         cpm_payload *tensor, cpm_error *err) {
+    return send_built(s, peer, buf, size, NULL, tensor, err);
 }
 
 int cpm_sock_send_error(cpm_sock *s, const cpm_peer *peer, uint64_t corr, int code,

@@ -94,6 +94,11 @@ int cpm_sock_connect(cpm_sock *s, const char *endpoint, cpm_error *err);
 int cpm_sock_send(cpm_sock *s, const cpm_peer *peer, cpm_envelope *env, cpm_payload *tensor,
                   cpm_error *err);
 
+/* Like cpm_sock_send for an Envelope already packed (by a worker thread): buf is
+ * malloc'd and consumed, as is the tensor. */
+int cpm_sock_send_packed(cpm_sock *s, const cpm_peer *peer, uint8_t *buf, size_t size,
+                         cpm_payload *tensor, cpm_error *err);
+
 /* Sends an Envelope{error} with corr to peer. */
 int cpm_sock_send_error(cpm_sock *s, const cpm_peer *peer, uint64_t corr, int code,
                         const char *msg, cpm_error *err);

@@ -11,6 +11,7 @@
 
 #include "services/common/error.h"
 #include "services/tokenizer/tokenizer.h"
+#include "services/tokenizer/strbuf.h"
 #include "services/tokenizer/tok_vocab.h"
 
 enum cpm_tok_kind {
@@ -128,6 +129,13 @@ void cpm_bpe_scratch_free(cpm_bpe_scratch *s);
 int cpm_bpe_encode(const cpm_tokenizer *tok, cpm_bpe_scratch *s, const char *text, size_t len,
                    cpm_tok_ids *ids, cpm_error *err);
 int cpm_tok_ids_push(cpm_tok_ids *ids, int32_t id);
+
+/* tokenizer.c, for decode and detok.c: appends a held byte run - its UTF-8 text
+ * if the whole run is valid, else one U+FFFD per byte (the HF ByteFallback
+ * decoder) - and empties the run. */
+int cpm_tok_flush_bytes(cpm_strbuf *out, cpm_strbuf *run);
+/* Appends the text of one non-byte piece with the decoder's Replace applied. */
+int cpm_tok_piece_text(const cpm_tokenizer *tok, int32_t id, cpm_strbuf *out);
 
 /* Parses "<0xNN>" (the HF ByteFallback rule: 6 bytes, hex digits); -1 if not one. */
 int cpm_tok_byte_piece(const char *s, size_t len);

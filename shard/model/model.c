@@ -278,6 +278,26 @@ const cpm_model_info *cpm_model_get_info(const cpm_model *m) {
     return &m->info;
 }
 
+static size_t weight_bytes(const cpm_weight *w) {
+    return w->data ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
+}
+
+size_t cpm_model_decode_bytes(const cpm_model *m) {
+    size_t total = 0;
+    for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
+        const cpm_layer *L = &m->layers[l];
+        for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
+            total += weight_bytes(&L->w[r]);
+        for (int j = 0; j < 3 && m->ffn == CPM_FFN_MOE; j++) /* k of E experts per token */
+            total += weight_bytes(&L->experts[j][0]) * (size_t)m->hp.n_experts_per_tok;
+    }
+    if (m->info.last_stage)
+        total += weight_bytes(&m->lm_head);
+    if (m->info.first_stage)
+        total += (size_t)m->hp.hidden_size * cpm_dtype_size(m->embed.dtype);
+    return total;
+}
+
 /* ---- forward ---- */
 
 void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w, int n) {

@@ -19,6 +19,7 @@
 #define CPM_MODEL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../../services/common/error.h"
@@ -60,6 +61,12 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
 void cpm_model_free(cpm_model *m);
 
 const cpm_model_info *cpm_model_get_info(const cpm_model *m);
+
+/* Bytes of weights one decode step of one sequence reads in this stage: every
+ * matrix of its layers (for MoE only the router and the k routed experts) plus
+ * lm_head on the last stage and one embedding row on the first. The numerator
+ * of the memory-bandwidth roofline. */
+size_t cpm_model_decode_bytes(const cpm_model *m);
 
 /* One batch of tokens. Rows of the same sequence must come in increasing position
  * order and positions must continue that sequence's cache without gaps. */

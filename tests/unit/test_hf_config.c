@@ -71,7 +71,7 @@ static void test_errors(void **state) {
                  "num_experts_per_tok");
     expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\"}}",
                  CPM_EUNSUPPORTED, "gptq");
-    expect_error("{" BASE ",\"hidden_size\":-1}", CPM_ERANGE, "hidden_size");
+    expect_error("{" BASE ",\"max_position_embeddings\":-5}", CPM_ERANGE, "max_position_embeddings");
     expect_error("{" BASE ",\"vocab_size\":1,\"vocab_size\":2}", CPM_EFORMAT, "duplicate");
 }
 

@@ -1,4 +1,4 @@
-/* test_sched.c - router/sched.c: micro-batch contents, admission, limits, and a long
+/* test_scheduler.c - router/scheduler.c: micro-batch contents, admission, limits, and a long
  * randomized run that checks the pipeline sees every position of every sequence
  * exactly once, in order, with logits wanted exactly where a token is due.
  */
@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "router/sched.h"
+#include "router/scheduler.h"
 
 static cpm_sched *mk(int batch, int chunk, int inflight, int seqs, int queue, int ctx, int kv) {
     cpm_sched_opts o = {.max_batch_tokens = batch, .prefill_chunk = chunk,

@@ -1,4 +1,4 @@
-/* sched.h - continuous batching: which tokens of which sequences go into the next micro-batch.
+/* scheduler.h - continuous batching: which tokens of which sequences go into the next micro-batch.
  *
  * The router drives the pipeline as a ring (proto/README.md): it sends micro-batches
  * (StageForward) to stage 0 and gets logits back from the last stage. This module
@@ -13,8 +13,8 @@
  *   on result(step): cpm_sched_step_done(s, step, ok);       // prefill-only rows become ready again
  *   on sampled token for seq: cpm_sched_push_token(s, seq, tok) or cpm_sched_finish(s, seq)
  */
-#ifndef CPM_SCHED_H
-#define CPM_SCHED_H
+#ifndef CPM_SCHEDULER_H
+#define CPM_SCHEDULER_H
 
 #include <stdbool.h>
 #include <stdint.h>

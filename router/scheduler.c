@@ -1,11 +1,11 @@
-/* sched.c - sequences, admission and micro-batch building for the pipeline ring.
+/* scheduler.c - sequences, admission and micro-batch building for the pipeline ring.
  *
  * A sequence's tokens are tok[0..n_tok) (prompt, then generated); n_sent of them
  * have been sent to the stages (their KV length once the step returns). Every
  * micro-batch sends, per chosen sequence, the rows tok[n_sent .. end) and wants
  * logits on its last row only when that row is the newest known token.
  */
-#include "sched.h"
+#include "scheduler.h"
 
 #include <stdlib.h>
 #include <string.h>

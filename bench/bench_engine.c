@@ -1,0 +1,91 @@
+/* bench_engine.c - whole-model prefill and decode tokens/s, and decode as a
+ * fraction of this machine's memory-bandwidth roofline, measured in one run.
+ *
+ *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32]
+ *
+ * roofline tokens/s = read bandwidth / bytes of weights read per decode token
+ * (cpm_model_decode_bytes). A benchmark, never a test: nothing is asserted.
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/membw.h"
+#include "shard/generate.h"
+#include "shard/kernels/matmul.h"
+
+typedef struct bench_result {
+    double prefill_tps, decode_tps;
+} bench_result;
+
+static int run_once(const char *dir, int threads, int n_prompt, int n_decode, double *ret_gbps,
+                    size_t *ret_bytes, bench_result *r) {
+    cpm_error e = {0};
+    cpm_model_opts o = cpm_model_opts_default();
+    o.n_threads = threads;
+    o.max_batch_tokens = n_prompt;
+    cpm_model *m;
+    if (cpm_model_load(dir, &o, &m, &e)) {
+        fprintf(stderr, "bench_engine: %s\n", e.msg);
+        return -1;
+    }
+    cpm_pool *pool = cpm_pool_new(threads);
+    cpm_membw_read(pool, (size_t)1 << 30, 3, ret_gbps);
+    cpm_pool_free(pool);
+    *ret_bytes = cpm_model_decode_bytes(m);
+    int V = cpm_model_get_info(m)->vocab_size;
+    int32_t *ids = malloc((size_t)n_prompt * sizeof *ids);
+    for (int i = 0; i < n_prompt; i++)
+        ids[i] = 1 + (i * 7919) % (V - 1);
+    cpm_generate_opts go = {.max_new_tokens = n_decode + 1, .ignore_eos = true,
+                            .sampling = cpm_sampling_params_default()};
+    go.sampling.temperature = 0;
+    cpm_generate_stats st;
+    int rc = cpm_generate(m, ids, n_prompt, &go, &st, &e);
+    if (rc)
+        fprintf(stderr, "bench_engine: %s\n", e.msg);
+    r->prefill_tps = n_prompt / st.prefill_seconds;
+    r->decode_tps = n_decode / st.decode_seconds; /* n_decode forward passes */
+    free(ids);
+    cpm_model_free(m);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    static const struct option opts[] = {{"model", 1, 0, 'm'}, {"threads", 1, 0, 't'},
+                                         {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
+                                         {0, 0, 0, 0}};
+    const char *dir = NULL, *threads = "1,2";
+    int n_prompt = 128, n_decode = 32, c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (c == 'm') dir = optarg;
+        else if (c == 't') threads = optarg;
+        else if (c == 'p') n_prompt = atoi(optarg);
+        else if (c == 'd') n_decode = atoi(optarg);
+        else return 2;
+    }
+    if (!dir || n_prompt < 1 || n_decode < 1) {
+        fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]\n");
+        return 2;
+    }
+    printf("model %s  isa %s  prompt %d  decode %d\n", dir, cpm_isa_name(cpm_isa_detect()),
+           n_prompt, n_decode);
+    printf("%-8s %12s %12s %14s %12s %10s\n", "threads", "prefill t/s", "decode t/s",
+           "weights/token", "read GB/s", "roofline");
+    char *list = strdup(threads);
+    for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+        int t = atoi(tok);
+        double gbps = 0;
+        size_t bytes = 0;
+        bench_result r;
+        if (run_once(dir, t, n_prompt, n_decode, &gbps, &bytes, &r))
+            return 1;
+        double roof = gbps * 1e9 / (double)bytes;
+        printf("%-8d %12.1f %12.2f %11.1f MB %12.1f %9.1f%%\n", t, r.prefill_tps, r.decode_tps,
+               bytes / 1e6, gbps, 100.0 * r.decode_tps / roof);
+        fflush(stdout);
+    }
+    free(list);
+    return 0;
+}

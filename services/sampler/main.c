@@ -1,0 +1,59 @@
+/* main.c - cpm-sampler: serves `sample` requests (logits in, tokens out) on one zmq endpoint.
+ * Its place in the cluster comes from --config/--index or --bind; see services/sampler/service.h. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <zmq.h>
+
+#include "services/common/server.h"
+#include "services/common/svcmain.h"
+#include "services/sampler/service.h"
+
+static void stop(void *user) {
+    cpm_server_free(user);
+}
+
+int main(int argc, char **argv) {
+    cpm_svc_args a;
+    char *rest[64];
+    if (cpm_svc_parse_args(argc, argv, "sampler", NULL, &a, rest) > 0) {
+        fprintf(stderr, "cpm-sampler: unknown argument '%s'\n", rest[0]);
+        return 2;
+    }
+    const char *bind = a.bind;
+    int threads = a.threads;
+    if (a.config) {
+        if (a.index < 0 || a.index >= a.config->n_samplers) {
+            cpm_log_error(&a.log, "%s: no samplers[%d]", a.config->path, a.index);
+            return 1;
+        }
+        if (!bind)
+            bind = a.config->samplers[a.index].endpoint;
+        if (!threads)
+            threads = a.config->samplers[a.index].threads;
+    }
+    if (!bind) {
+        cpm_log_error(&a.log, "no endpoint: give --config FILE --index N or --bind ENDPOINT");
+        return 2;
+    }
+    /* The worker pool is libuv's; its size is read once, at the first queued job. */
+    char nthreads[16];
+    snprintf(nthreads, sizeof nthreads, "%d", threads > 0 ? threads : 1);
+    setenv("UV_THREADPOOL_SIZE", nthreads, 1);
+
+    void *z = zmq_ctx_new();
+    uv_loop_t *loop = uv_default_loop();
+    cpm_server_opts o = {.service = "sampler", .name = a.name, .handler = cpm_sampler_svc_handle};
+    cpm_server *srv;
+    cpm_error e = {0};
+    if (cpm_server_new(loop, z, bind, &o, &srv, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    cpm_log_info(&a.log, "serving on %s with %s threads", bind, nthreads);
+    cpm_svc_run(loop, stop, srv, &a.log);
+    uv_loop_close(loop);
+    cpm_config_free(a.config);
+    zmq_ctx_term(z);
+    cpm_log_info(&a.log, "stopped");
+    return 0;
+}

@@ -1,0 +1,196 @@
+/* test_config.c - the cluster YAML: the shipped examples load, and each kind of mistake
+ * gets an error naming file:line:column and the key at fault. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "services/common/config.h"
+
+#define BASE                                 \
+    "router:\n"                              \
+    "  rpc: tcp://127.0.0.1:5550\n"          \
+    "  results: tcp://127.0.0.1:5551\n"      \
+    "tokenizers:\n"                          \
+    "  - endpoint: tcp://127.0.0.1:5560\n"   \
+    "samplers:\n"                            \
+    "  - endpoint: tcp://127.0.0.1:5570\n"
+
+static int parse(const char *text, cpm_config **c, cpm_error *e) {
+    return cpm_config_parse(text, strlen(text), "t.yaml", c, e);
+}
+
+static void test_good_two_stages(void **state) {
+    (void)state;
+    const char *y = "model: /m/minicpm-1b/\n" BASE
+                    "stages:\n"
+                    "  - layers: [0, 2]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    threads: 3\n"
+                    "  - layers: [2, end]\n"
+                    "    endpoint: ipc:///tmp/s1\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(y, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->n_stages, 2);
+    assert_int_equal(c->n_tokenizers, 1);
+    assert_int_equal(c->stages[0].svc.threads, 3);
+    assert_int_equal(c->stages[1].svc.threads, 1); /* default */
+    assert_int_equal(c->stages[1].kv_tokens, 16384);
+    assert_int_equal(c->stages[1].layer_end, CPM_CFG_LAYER_END);
+    assert_string_equal(c->router.http_addr, "127.0.0.1");
+    assert_int_equal(c->router.http_port, 8080);
+    assert_string_equal(c->name, "minicpm-1b");
+    assert_string_equal(cpm_config_stage_next(c, 0), "ipc:///tmp/s1");
+    assert_string_equal(cpm_config_stage_next(c, 1), "tcp://127.0.0.1:5551");
+    /* Processes in launch order: router, tokenizer, sampler, stage 0, stage 1. */
+    assert_int_equal(cpm_config_n_procs(c), 5);
+    cpm_role role;
+    int idx;
+    assert_int_equal(cpm_config_proc(c, 4, &role, &idx, NULL), 0);
+    assert_int_equal(role, CPM_ROLE_STAGE);
+    assert_int_equal(idx, 1);
+    assert_int_equal(cpm_config_proc(c, 5, &role, &idx, &e), CPM_ERANGE);
+    /* Against the model: 3 layers resolve `end`; 1 layer cannot hold stage 1. */
+    assert_int_equal(cpm_config_resolve_layers(c, 3, &e), 0);
+    assert_int_equal(c->stages[1].layer_end, 3);
+    c->stages[1].layer_end = CPM_CFG_LAYER_END;
+    assert_int_equal(cpm_config_resolve_layers(c, 2, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "stages[1].layers"));
+    cpm_config_set_model(c, "/other/minicpm4");
+    assert_string_equal(c->name, "minicpm4");
+    cpm_config_free(c);
+}
+
+static void test_missing_layers_at_model_end(void **state) {
+    (void)state;
+    const char *y = BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    assert_int_equal(parse(y, &c, &e), 0);
+    assert_int_equal(cpm_config_resolve_layers(c, 4, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "layers 2..3 belong to no stage"));
+    cpm_config_free(c);
+}
+
+typedef struct bad_case {
+    const char *yaml;
+    const char *expect; /* fragment of the message */
+} bad_case;
+
+static const bad_case bad_cases[] = {
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    thraeds: 2\n",
+     "t.yaml:11:5: stages[0].thraeds: unknown key (known: endpoint, host, threads, layers"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
+          "  - layers: [1, 4]\n    endpoint: tcp://127.0.0.1:5581\n",
+     "stages[1].layers: starts at 1, overlapping stage 0 (which ends at 2)"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
+          "  - layers: [3, 4]\n    endpoint: tcp://127.0.0.1:5581\n",
+     "layers 2..2 belong to no stage"},
+    {BASE "stages:\n  - layers: [1, 2]\n    endpoint: tcp://127.0.0.1:5580\n",
+     "layers 0..0 belong to no stage"},
+    {BASE "stages:\n  - layers: [0, end]\n    endpoint: tcp://127.0.0.1:5580\n"
+          "  - layers: [5, 6]\n    endpoint: tcp://127.0.0.1:5581\n",
+     "stage 0 already runs to `end`"},
+    {BASE "stages:\n  - layers: [2, 1]\n    endpoint: tcp://127.0.0.1:5580\n",
+     "t.yaml:9:13: stages[0].layers: end must be an integer > 2"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:99999\n",
+     "t.yaml:10:15: stages[0].endpoint: 'tcp://127.0.0.1:99999': port must be 1..65535"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: inproc://x\n", "is not tcp://HOST:PORT"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://*:5580\n", "wildcard host"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5560\n",
+     "tokenizer 0 and stage 0 both bind tcp://127.0.0.1:5560"},
+    {BASE "stages:\n  - layers: [0, 2]\n", "stages[0]: missing required key 'endpoint'"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    threads: 0\n",
+     "stages[0].threads: 0 is outside [1, 1024]"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    threads: two\n",
+     "'two' is not an integer"},
+    {BASE "stages: []\n", "at least one stage"},
+    {"tokenizers:\n  - endpoint: tcp://127.0.0.1:5560\n", "router: missing"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\nrouter: {}\n",
+     "router: given twice"},
+    {BASE "stages:\n  - layers: [0, 2\n", "t.yaml:"}, /* YAML syntax error with a position */
+    {"version: 2\n" BASE, "version: 2 is outside [1, 1]"},
+    {"- a\n- b\n", "expected a mapping"},
+    {"router:\n  rpc: tcp://127.0.0.1:5550\n  results: tcp://127.0.0.1:5550\n"
+     "tokenizers:\n  - endpoint: tcp://127.0.0.1:5560\nsamplers:\n  - endpoint: tcp://127.0.0.1:5570\n"
+     "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n",
+     "router.rpc and router.results are both"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
+          "router:\n  http: 127.0.0.1:0\n",
+     "given twice"},
+};
+
+static void test_bad_configs(void **state) {
+    (void)state;
+    for (size_t i = 0; i < sizeof bad_cases / sizeof bad_cases[0]; i++) {
+        cpm_config *c = NULL;
+        cpm_error e = {0};
+        int rc = parse(bad_cases[i].yaml, &c, &e);
+        if (rc == 0)
+            fail_msg("case %zu: accepted", i);
+        assert_null(c);
+        if (!strstr(e.msg, bad_cases[i].expect))
+            fail_msg("case %zu: '%s' lacks '%s'", i, e.msg, bad_cases[i].expect);
+    }
+}
+
+static void test_http_forms(void **state) {
+    (void)state;
+    const char *y = "router:\n  http: 9000\n  rpc: tcp://127.0.0.1:5550\n  results: tcp://127.0.0.1:5551\n"
+                    "tokenizers:\n  - endpoint: tcp://127.0.0.1:5560\n"
+                    "samplers:\n  - endpoint: tcp://127.0.0.1:5570\n"
+                    "stages:\n  - layers: [0, end]\n    endpoint: tcp://127.0.0.1:5580\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(y, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->router.http_port, 9000);
+    assert_string_equal(c->router.http_addr, "127.0.0.1");
+    cpm_config_free(c);
+}
+
+/* The shipped examples must stay loadable. CPM_SOURCE_ROOT is set by meson. */
+static void test_shipped_examples(void **state) {
+    (void)state;
+    const char *names[] = {"local.yaml", "pp2.yaml", "multihost.yaml"};
+    for (int i = 0; i < 3; i++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/cluster-config/%s", CPM_SOURCE_ROOT, names[i]);
+        cpm_config *c;
+        cpm_error e = {0};
+        if (cpm_config_load(path, &c, &e))
+            fail_msg("%s", e.msg);
+        assert_true(c->n_stages >= 1);
+        cpm_config_free(c);
+    }
+    cpm_config *c;
+    cpm_error e = {0};
+    assert_int_equal(cpm_config_load("/nonexistent/x.yaml", &c, &e), CPM_EIO);
+    assert_non_null(strstr(e.msg, "/nonexistent/x.yaml"));
+}
+
+static void test_describe_lists_every_section(void **state) {
+    (void)state;
+    char buf[8192];
+    cpm_config_describe(buf, sizeof buf);
+    assert_non_null(strstr(buf, "router.max_queue"));
+    assert_non_null(strstr(buf, "stages[].layers"));
+    assert_non_null(strstr(buf, "samplers[].endpoint"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_good_two_stages),
+        cmocka_unit_test(test_missing_layers_at_model_end),
+        cmocka_unit_test(test_bad_configs),
+        cmocka_unit_test(test_http_forms),
+        cmocka_unit_test(test_shipped_examples),
+        cmocka_unit_test(test_describe_lists_every_section),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
