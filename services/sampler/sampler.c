@@ -9,7 +9,7 @@
 struct cpm_sampler {
     cpm_sampling_params p;
     int vocab;
-    uint64_t rng[4];  /* xoshiro256** state */
+    uint64_t step;    /* tokens drawn so far: the draw for step t depends on (seed, t) only */
     int32_t *heap;    /* [vocab] candidate ids, max-heap by logit */
     int32_t *cand;    /* [vocab] kept candidates, most probable first */
     uint8_t *seen;    /* [vocab] repetition-penalty marks, all 0 between calls */
@@ -46,24 +46,14 @@ static uint64_t splitmix64(uint64_t *x) {
     return z ^ (z >> 31);
 }
 
-static uint64_t rotl(uint64_t x, int k) {
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t next_u64(uint64_t s[4]) {
-    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return r;
-}
-
-/* Uniform in [0, 1) with 53 random bits. */
-static double next_unit(uint64_t s[4]) {
-    return (double)(next_u64(s) >> 11) * (1.0 / 9007199254740992.0);
+/* The uniform number of one draw: a pure function of (seed, step), so any
+ * process - cpm-run or any sampler replica of the cluster - that samples step
+ * t of a request with the same seed draws the same number. 53 random bits. */
+static double draw_unit(uint64_t seed, uint64_t step) {
+    uint64_t x = seed ^ (step * 0xd1b54a32d192ed03ull);
+    splitmix64(&x);
+    uint64_t r = splitmix64(&x);
+    return (double)(r >> 11) * (1.0 / 9007199254740992.0);
 }
 
 cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_error *err) {
@@ -87,9 +77,6 @@ cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_e
     }
     s->p = *p;
     s->vocab = vocab_size;
-    uint64_t x = p->seed;
-    for (int i = 0; i < 4; i++)
-        s->rng[i] = splitmix64(&x);
     return s;
 }
 
@@ -202,7 +189,7 @@ static int draw(cpm_sampler *s, const float *l) {
     double mass, total;
     float top;
     int kept = nucleus(s, l, &mass, &total, &top);
-    double u = next_unit(s->rng) * mass, acc = 0.0;
+    double u = draw_unit(s->p.seed, s->step) * mass, acc = 0.0;
     for (int i = 0; i < kept; i++) {
         acc += exp((double)l[s->cand[i]] - top) / total;
         if (u < acc)
@@ -226,9 +213,14 @@ int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, si
             logits[i] *= inv_t;
         tok = draw(s, logits);
     }
+    s->step++;
     if (ret_logprob)
         *ret_logprob = cpm_logprob_of(s->logit_save, V, tok);
     return tok;
+}
+
+void cpm_sampler_set_step(cpm_sampler *s, uint64_t step) {
+    s->step = step;
 }
 
 int cpm_top_logprobs(const float *logits, int vocab_size, int k, int32_t *ret_ids,

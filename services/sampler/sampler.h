@@ -2,8 +2,9 @@
  *
  * The order of operations follows Hugging Face's generate(): repetition
  * penalty, then temperature, top-k, top-p, min-p, then a draw from the
- * renormalised distribution with the request's own seeded generator, so the
- * same seed gives the same tokens on any machine and in any service instance.
+ * renormalised distribution with a random number that depends only on the
+ * request's seed and the step, so the same seed gives the same tokens on any
+ * machine and in any service instance.
  * temperature == 0 means greedy (argmax; ties go to the lowest id).
  *
  *   cpm_sampling_params p = cpm_sampling_params_default();
@@ -50,6 +51,12 @@ void cpm_sampler_free(cpm_sampler *s);
  * receives log p(token) under the unmodified model distribution. */
 int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,
                        float *ret_logprob);
+
+/* Sets the step (tokens already generated) the next draw belongs to. Each
+ * draw's random number depends only on (seed, step), so a stateless service
+ * can sample step t of any request and agree with a process that sampled
+ * steps 0..t in order. cpm_sampler_sample advances the step by one. */
+void cpm_sampler_set_step(cpm_sampler *s, uint64_t step);
 
 /* log-softmax of logits at index id (the model's own log probability). */
 float cpm_logprob_of(const float *logits, int vocab_size, int id);

@@ -64,6 +64,22 @@ static void test_seed_reproducible(void **state) {
     assert_true(diff > 0);
 }
 
+/* A sampler told it is at step t draws what a sampler that drew 0..t-1 does. */
+static void test_stateless_steps(void **state) {
+    (void)state;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.seed = 7;
+    cpm_error e = {0};
+    for (int t = 0; t < 10; t++) {
+        cpm_sampler *s = cpm_sampler_new(V, &p, &e);
+        cpm_sampler_set_step(s, (uint64_t)t);
+        float l[V];
+        fill(l);
+        assert_int_equal(cpm_sampler_sample(s, l, NULL, 0, NULL), sample_once(&p, NULL, 0, t));
+        cpm_sampler_free(s);
+    }
+}
+
 static void test_top_k_one_is_greedy(void **state) {
     (void)state;
     cpm_sampling_params p = cpm_sampling_params_default();
@@ -156,7 +172,7 @@ static void test_validation(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),          cmocka_unit_test(test_seed_reproducible),
-        cmocka_unit_test(test_top_k_one_is_greedy), cmocka_unit_test(test_top_p_and_min_p_restrict),
+        cmocka_unit_test(test_top_k_one_is_greedy), cmocka_unit_test(test_stateless_steps), cmocka_unit_test(test_top_p_and_min_p_restrict),
         cmocka_unit_test(test_repetition_penalty), cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_validation),
     };
