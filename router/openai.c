@@ -353,6 +353,12 @@ static int f_ignore_eos(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char
     return get_bool(v, n, &rq->ignore_eos, e);
 }
 
+static int f_return_token_ids(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                              cpm_oai_error *e) {
+    (void)c;
+    return get_bool(v, n, &rq->return_token_ids, e);
+}
+
 /* Known, harmless, no effect here (user ids, metadata for stored completions). */
 static int f_ignored(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                      cpm_oai_error *e) {
@@ -450,6 +456,7 @@ static const struct field {
     {"stream", K_BOTH, f_stream},
     {"stream_options", K_BOTH, f_stream_options},
     {"ignore_eos", K_BOTH, f_ignore_eos},
+    {"return_token_ids", K_BOTH, f_return_token_ids},
     {"user", K_BOTH, f_user},
     {"metadata", K_BOTH, f_ignored},
     {"store", K_CHAT, f_ignored},
@@ -785,6 +792,17 @@ static json_t *logprobs_of(const cpm_oai_request *rq, const cpm_oai_choice *ch) 
     return rq->kind == CPM_OAI_CHAT ? chat_logprobs(ch) : completion_logprobs(ch, 0);
 }
 
+/* Adds "token_ids" to a rendered choice when the client asked for them. */
+static json_t *with_ids(const cpm_oai_request *rq, json_t *c, const cpm_oai_choice *ch) {
+    if (rq->return_token_ids && c) {
+        json_t *ids = json_array();
+        for (int i = 0; i < ch->n_token_ids; i++)
+            json_array_append_new(ids, json_integer(ch->token_ids[i]));
+        json_object_set_new(c, "token_ids", ids);
+    }
+    return c;
+}
+
 static json_t *finish_of(const cpm_oai_choice *ch) {
     return ch->finish_reason ? json_string(ch->finish_reason) : json_null();
 }
@@ -821,7 +839,7 @@ char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t
                          : json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "text", text,
                                      "logprobs", logprobs_of(rq, ch), "finish_reason",
                                      finish_of(ch));
-        json_array_append_new(arr, c);
+        json_array_append_new(arr, with_ids(rq, c, ch));
     }
     json_object_set_new(root, "choices", arr);
     if (usage)
@@ -869,7 +887,7 @@ char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, c
                                      finish_of(choice));
         if (!chat)
             json_decref(delta);
-        json_array_append_new(arr, c);
+        json_array_append_new(arr, with_ids(rq, c, choice));
     }
     json_object_set_new(root, "choices", arr);
     /* with include_usage every chunk has "usage": null except the last one */

@@ -77,7 +77,8 @@ typedef struct cpm_oai_request {
     bool logprobs;
     int top_logprobs; /* alternatives per token */
     bool stream, include_usage;
-    bool ignore_eos; /* extension (as vLLM): keep going past EOS */
+    bool ignore_eos;       /* extension (as vLLM): keep going past EOS */
+    bool return_token_ids; /* extension (as vLLM): each choice/chunk also lists "token_ids" */
 } cpm_oai_request;
 
 /* Error in OpenAI's shape, with the HTTP status to send it with. */
@@ -124,6 +125,8 @@ typedef struct cpm_oai_choice {
     const char *finish_reason; /* "stop", "length", or NULL while running */
     int n_logprobs;            /* entries in logprobs (tokens this text covers) */
     const cpm_oai_logprob *logprobs;
+    int n_token_ids;           /* generated ids this choice/chunk covers (return_token_ids) */
+    const int32_t *token_ids;
 } cpm_oai_choice;
 
 typedef struct cpm_oai_usage {

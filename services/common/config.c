@@ -231,7 +231,7 @@ static int walk_list(walker *w, const yaml_node_t *n, const char *path, const ke
     for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
          it++, i++) {
         yaml_node_t *item = yaml_document_get_node(w->doc, *it);
-        char sub[128];
+        char sub[352];
         snprintf(sub, sizeof sub, "%s[%d]", path, i);
         if (i >= k->max_items)
             return at(w, item, sub, CPM_ELIMIT, "at most %d entries", k->max_items);
@@ -302,7 +302,7 @@ static int walk_map(walker *w, const yaml_node_t *n, const char *path, const key
         yaml_node_t *kn = yaml_document_get_node(w->doc, p->key);
         yaml_node_t *vn = yaml_document_get_node(w->doc, p->value);
         const char *name = scalar(kn);
-        char sub[160];
+        char sub[320];
         if (!name)
             return at(w, kn, path, CPM_EINVAL, "keys must be plain words");
         snprintf(sub, sizeof sub, "%s%s%s", path, *path ? "." : "", name);

@@ -615,7 +615,7 @@ int cpm_rpc_call(void *zctx, const char *endpoint, cpm_envelope *env, cpm_payloa
                                timeout_ms);
             goto out;
         }
-        cpm_inmsg *m;
+        cpm_inmsg *m = NULL;
         if ((rc = rpc_recv(z, &m, err)))
             goto out;
         if (m->env->corr == env->corr) {

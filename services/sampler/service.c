@@ -10,23 +10,15 @@
 
 #define MAX_TOP 32
 
-uint64_t cpm_sampler_svc_step_seed(uint64_t seed, uint32_t step) {
-    /* splitmix64 finaliser over (seed, step): neighbouring steps get unrelated streams. */
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * ((uint64_t)step + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-int cpm_sampler_svc_params(const Cpm__V1__SamplingParams *in, uint32_t step,
-                           cpm_sampling_params *ret, cpm_error *err) {
+int cpm_sampler_svc_params(const Cpm__V1__SamplingParams *in, cpm_sampling_params *ret,
+                           cpm_error *err) {
     cpm_sampling_params p = cpm_sampling_params_default();
     p.temperature = in->temperature;
     p.top_k = in->top_k > (uint32_t)INT32_MAX ? INT32_MAX : (int)in->top_k;
     p.top_p = in->top_p == 0.0f ? 1.0f : in->top_p;
     p.min_p = in->min_p;
     p.repetition_penalty = in->repetition_penalty == 0.0f ? 1.0f : in->repetition_penalty;
-    p.seed = cpm_sampler_svc_step_seed(in->seed, step);
+    p.seed = in->seed;
     if (in->n_logprobs > MAX_TOP)
         return cpm_error_set(err, CPM_ERANGE, "n_logprobs %u must be at most %d", in->n_logprobs,
                              MAX_TOP);
@@ -56,7 +48,7 @@ static void reply_mem_free(reply_mem *m) {
 static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *logits, int vocab,
                       reply_mem *m, cpm_error *err) {
     cpm_sampling_params p;
-    int rc = cpm_sampler_svc_params(row->params, row->step, &p, err);
+    int rc = cpm_sampler_svc_params(row->params, &p, err);
     if (rc)
         return cpm_error_prefix(err, "sample.rows[%u]", r);
     for (size_t i = 0; i < row->n_history; i++)
@@ -66,6 +58,7 @@ static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *lo
     cpm_sampler *s = cpm_sampler_new(vocab, &p, err);
     if (!s)
         return err && err->code ? err->code : CPM_ENOMEM;
+    cpm_sampler_set_step(s, row->step);
     memcpy(m->row, logits, (size_t)vocab * sizeof *logits);
     float lp = 0.0f;
     int tok = cpm_sampler_sample(s, m->row, row->history, row->n_history, &lp);

@@ -2,6 +2,7 @@
 #include "services/tokenizer/strbuf.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,8 +10,12 @@
 #include "services/common/error.h"
 
 int cpm_strbuf_reserve(cpm_strbuf *b, size_t extra) {
-    if (extra > SIZE_MAX / 2 - b->len)
+    if (b->oom)
         return CPM_ENOMEM;
+    if (extra > SIZE_MAX / 2 - b->len) {
+        b->oom = true;
+        return CPM_ENOMEM;
+    }
     size_t need = b->len + extra + 1;
     if (need <= b->cap)
         return 0;
@@ -18,8 +23,10 @@ int cpm_strbuf_reserve(cpm_strbuf *b, size_t extra) {
     while (cap < need)
         cap *= 2;
     char *p = realloc(b->p, cap);
-    if (!p)
+    if (!p) {
+        b->oom = true;
         return CPM_ENOMEM;
+    }
     b->p = p;
     b->cap = cap;
     return 0;
@@ -45,8 +52,10 @@ int cpm_strbuf_addf(cpm_strbuf *b, const char *fmt, ...) {
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
-    if (n < 0)
+    if (n < 0) {
+        b->oom = true;
         return CPM_EINVAL;
+    }
     int rc = cpm_strbuf_reserve(b, (size_t)n);
     if (rc < 0)
         return rc;
@@ -58,8 +67,10 @@ int cpm_strbuf_addf(cpm_strbuf *b, const char *fmt, ...) {
 }
 
 char *cpm_strbuf_take(cpm_strbuf *b, size_t *ret_len) {
-    if (cpm_strbuf_reserve(b, 0) < 0)
+    if (cpm_strbuf_reserve(b, 0) < 0) {
+        cpm_strbuf_release(b);
         return NULL;
+    }
     b->p[b->len] = '\0';
     char *p = b->p;
     if (ret_len)
@@ -73,4 +84,5 @@ void cpm_strbuf_release(cpm_strbuf *b) {
     free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
+    b->oom = false;
 }

@@ -302,7 +302,7 @@ static int hf_encode(const cpm_tokenizer *tok, cpm_bpe_scratch *s, const char *t
         if (id >= 0)
             return cpm_tok_ids_push(ids, id);
     }
-    size_t n;
+    size_t n = 0;
     int rc = hf_symbols(tok, s, text, len, &n, err);
     if (rc == 0)
         rc = hf_merge(tok, s, n);

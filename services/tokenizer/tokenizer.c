@@ -148,7 +148,9 @@ static int read_json(const char *dir, const char *file, json_t **ret, cpm_error 
     if (rc < 0)
         return rc;
     json_error_t jerr;
-    *ret = json_loadb(data, len, 0, &jerr);
+    /* INT_AS_REAL: tokenizer configs carry model_max_length = 1e30 as an integer
+     * literal, too big for jansson's integers; ids are read back with json_id(). */
+    *ret = json_loadb(data, len, JSON_DECODE_INT_AS_REAL, &jerr);
     free(data);
     if (!*ret || !json_is_object(*ret)) {
         json_decref(*ret);
@@ -160,6 +162,14 @@ static int read_json(const char *dir, const char *file, json_t **ret, cpm_error 
 }
 
 /* --- configs --- */
+
+/* A token id from a config number, -1 when it is not a non-negative integer. */
+static json_int_t json_id(const json_t *v) {
+    double d = json_number_value(v);
+    if (!json_is_number(v) || d < 0 || d >= (1 << 24) || d != (double)(json_int_t)d)
+        return -1;
+    return (json_int_t)d;
+}
 
 /* "<s>" or {"content": "<s>"} -> id, -1 when absent or unknown. */
 static int32_t token_id_of(const cpm_tokenizer *tok, json_t *v) {
@@ -197,9 +207,9 @@ static int apply_added_tokens_json(cpm_tokenizer *tok, json_t *added, const char
     const char *key;
     json_t *idv;
     json_object_foreach(added, key, idv) {
-        if (!json_is_integer(idv))
+        if (json_id(idv) < 0)
             return cpm_error_set(err, CPM_EFORMAT, "%s: \"%.40s\": id is not an integer", name, key);
-        int rc = cpm_tok_add_token(tok, (int32_t)json_integer_value(idv), key, strlen(key), false,
+        int rc = cpm_tok_add_token(tok, (int32_t)json_id(idv), key, strlen(key), false,
                                    name, err);
         if (rc < 0)
             return rc;
@@ -252,9 +262,9 @@ static void add_stop(cpm_tokenizer *tok, json_int_t id) {
 static void add_stops_from(cpm_tokenizer *tok, json_t *eos) {
     size_t i;
     json_t *v;
-    if (json_is_integer(eos))
-        add_stop(tok, json_integer_value(eos));
-    json_array_foreach(eos, i, v) add_stop(tok, json_integer_value(v));
+    if (json_is_number(eos))
+        add_stop(tok, json_id(eos));
+    json_array_foreach(eos, i, v) add_stop(tok, json_id(v));
 }
 
 static int load_configs(cpm_tokenizer *tok, const char *dir, cpm_error *err) {

@@ -109,15 +109,47 @@ static ntile make_ntile(const cpm_mm_job *job, int t, int n1) {
     return nt;
 }
 
-static void store_c(const cpm_mm_job *job, const float c[16][16], const ntile *nt, int mb) {
-    for (int n = nt->lo; n < nt->hi; n++) {
-        const float *row = c[n - nt->base];
-        for (int i = 0; i < CPM_MM_AMX_ROWS; i++) {
-            int m = mb * CPM_MM_AMX_ROWS + i;
-            if (m >= job->M)
-                break;
-            job->y[(size_t)m * job->ldy + n] = (row[3 * i] + row[3 * i + 1]) + row[3 * i + 2];
+/* 16x16 transpose of f32, in place: r[j][n] = old r[n][j]. */
+INLINE void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        for (int j = 0; j < 2; j++) {
+            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]),
+                                                               _mm512_castps_pd(t[i + j + 2])));
+            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]),
+                                                                   _mm512_castps_pd(t[i + j + 2])));
         }
+    }
+    for (int i = 0; i < 16; i += 8) {
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* y[m, n] = (c1 + c2) + c3 for the tile's 5 x rows and its stored W rows;
+ * the transpose turns C's columns (terms of one x row) into vectors along n. */
+static void store_c(const cpm_mm_job *job, const float c[16][16], const ntile *nt, int mb) {
+    __m512 r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_load_ps(c[i]);
+    transpose16(r);
+    __mmask16 keep = (__mmask16)(((1u << (nt->hi - nt->lo)) - 1) << (nt->lo - nt->base));
+    for (int i = 0; i < CPM_MM_AMX_ROWS; i++) {
+        int m = mb * CPM_MM_AMX_ROWS + i;
+        if (m >= job->M)
+            break;
+        __m512 v = _mm512_add_ps(_mm512_add_ps(r[3 * i], r[3 * i + 1]), r[3 * i + 2]);
+        _mm512_mask_storeu_ps(job->y + (size_t)m * job->ldy + nt->base, keep, v);
     }
 }
 

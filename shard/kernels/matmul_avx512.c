@@ -14,9 +14,9 @@
 enum { SRC_F32, SRC_BF16, SRC_F16 };
 
 #define MR 4          /* x rows per register tile */
-#define NR 4          /* W rows per register tile (and per decoded panel) */
+#define NR 6          /* W rows per register tile (and per decoded panel) */
 #define DEC_ROWS 4    /* W rows per step of the decode (M = 1) loop */
-#define PANEL_K 8192  /* longest K decoded into a stack panel (128 KiB) */
+#define PANEL_K 8192  /* longest K decoded into a stack panel (192 KiB) */
 
 INLINE __m512 load_w(int src, const void *row, int k) {
     if (src == SRC_F32)
@@ -148,7 +148,7 @@ static void widen_rows(float *dst, size_t ld, const cpm_mm_job *job, int n, int 
 }
 
 static void prefill_panel(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    _Static_assert(NR * PANEL_K * sizeof(float) <= 128 * 1024, "panel fits the stack");
+    _Static_assert(NR * PANEL_K * sizeof(float) <= 192 * 1024, "panel fits the stack");
     float panel[NR * PANEL_K] __attribute__((aligned(64)));
     const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
     for (int n = n0; n < n1; n += NR) {

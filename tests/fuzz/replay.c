@@ -22,10 +22,8 @@ static int replay_file(const char *path) {
         n += got;
         if (n == cap) {
             uint8_t *bigger = realloc(buf, cap *= 2);
-            if (!bigger) {
+            if (!bigger)
                 free(buf);
-                buf = NULL;
-            }
             buf = bigger;
         }
     }
@@ -34,6 +32,10 @@ static int replay_file(const char *path) {
         return -1;
     /* An exact-size copy, so that ASan sees any read past the input. */
     uint8_t *exact = malloc(n ? n : 1);
+    if (!exact) {
+        free(buf);
+        return -1;
+    }
     memcpy(exact, buf, n);
     free(buf);
     LLVMFuzzerTestOneInput(exact, n);

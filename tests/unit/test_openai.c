@@ -68,7 +68,7 @@ static void test_completion_all_fields(void **state) {
         "\"presence_penalty\":0.5,\"frequency_penalty\":-0.5,\"seed\":42,\"stop\":[\"\\n\",\"END\"],"
         "\"n\":2,\"logprobs\":3,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
         "\"user\":\"u1\",\"best_of\":2,\"echo\":false,\"suffix\":\"\",\"logit_bias\":{},"
-        "\"ignore_eos\":true,\"metadata\":{\"a\":\"b\"}}");
+        "\"ignore_eos\":true,\"metadata\":{\"a\":\"b\"},\"return_token_ids\":true}");
     assert_int_equal(rq->n_prompts, 1);
     assert_int_equal(rq->prompts[0].n_ids, 3);
     assert_int_equal(rq->prompts[0].ids[2], 3);
@@ -88,7 +88,7 @@ static void test_completion_all_fields(void **state) {
     assert_int_equal(rq->n, 2);
     assert_true(rq->logprobs);
     assert_int_equal(rq->top_logprobs, 3);
-    assert_true(rq->stream && rq->include_usage && rq->ignore_eos);
+    assert_true(rq->stream && rq->include_usage && rq->ignore_eos && rq->return_token_ids);
     cpm_oai_request_free(rq);
 }
 
@@ -439,8 +439,11 @@ static void test_render_chat_stream(void **state) {
 
 static void test_render_completion_stream_without_usage(void **state) {
     (void)state;
-    cpm_oai_request *rq = parse_ok(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"stream\":true}");
-    cpm_oai_choice ch = {.index = 3, .text = "abc", .text_len = 3};
+    cpm_oai_request *rq = parse_ok(CPM_OAI_COMPLETION,
+                                   "{\"prompt\":\"x\",\"stream\":true,\"return_token_ids\":true}");
+    int32_t ids[2] = {17, 4};
+    cpm_oai_choice ch = {.index = 3, .text = "abc", .text_len = 3, .n_token_ids = 2,
+                         .token_ids = ids};
     char *s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_CONTENT, "cmpl-2", 5, "m", &ch, NULL);
     json_t *j = load_sse(s);
     assert_string_equal(json_string_value(json_object_get(j, "object")), "text_completion");
@@ -448,6 +451,9 @@ static void test_render_completion_stream_without_usage(void **state) {
     json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
     assert_int_equal(json_integer_value(json_object_get(c0, "index")), 3);
     assert_string_equal(json_string_value(json_object_get(c0, "text")), "abc");
+    json_t *tids = json_object_get(c0, "token_ids");
+    assert_int_equal(json_array_size(tids), 2);
+    assert_int_equal(json_integer_value(json_array_get(tids, 1)), 4);
     json_decref(j);
     free(s);
     cpm_oai_request_free(rq);

@@ -1,0 +1,1729 @@
+/* router.c - cpm-router: requests in (HTTP, RPC), the pipeline ring driven, tokens out.
+ *
+ * Data flow of one request: on_http/on_rpc -> job (one per client request) with one
+ * gen per choice -> tokenize (worker thread) -> scheduler -> pump() sends
+ * StageForward to stage 0 -> on_result (last stage's logits) -> SampleRequest to a
+ * sampler -> on_sampled -> gen_token (stop rules, detokenize, emit) -> the job's
+ * one final answer. Everything here runs on the loop thread except tokenizing.
+ *
+ * Async replies never carry a gen or job pointer: they carry sequence ids and look
+ * the owner up in the scheduler, so a request that was cancelled meanwhile is
+ * simply not found.
+ */
+#include "router.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../services/common/transport.h"
+#include "http.h"
+#include "metrics.h"
+#include "openai.h"
+#include "request.h"
+#include "scheduler.h"
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+#include "../services/tokenizer/tokenizer.h"
+#else
+typedef struct cpm_tokenizer cpm_tokenizer;
+#endif
+
+#define MAX_TOP 20
+#define MAX_SERVICES (CPM_CFG_MAX_STAGES + 2 * CPM_CFG_MAX_REPLICAS)
+#define REQUEST_ID_MAX 128
+
+/* ---- small buffers ------------------------------------------------------------- */
+
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+} buf;
+
+static int buf_add(buf *b, const void *data, size_t len) {
+    if (b->len + len + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + len + 1)
+            cap *= 2;
+        char *np = realloc(b->p, cap);
+        if (!np)
+            return CPM_ENOMEM;
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, data, len);
+    b->len += len;
+    b->p[b->len] = '\0';
+    return 0;
+}
+
+/* ---- requests ------------------------------------------------------------------ */
+
+typedef struct tok_lp {
+    int32_t id;
+    float lp;
+    int n_top;
+    int32_t top_ids[MAX_TOP];
+    float top_lps[MAX_TOP];
+} tok_lp;
+
+typedef enum job_kind { JOB_HTTP, JOB_RPC } job_kind;
+
+typedef struct job job;
+
+/* One sequence: a choice of an HTTP request, or an RPC generate. */
+typedef struct gen {
+    job *job;
+    int index;
+    int prompt; /* which prompt of the job */
+    uint64_t seq;
+    cpm_req_state state;
+    Cpm__V1__SamplingParams params;
+    int max_new;
+    int n_gen;
+    int32_t *ids; /* generated ids (all of them; stream chunks use the tail) */
+    int n_emitted_ids;
+    tok_lp *lps; /* logprobs of generated ids, when asked */
+    int n_emitted_lps;
+    struct cpm_detok *detok;
+    cpm_stopper *stopper;
+    buf text; /* non-stream: the whole text */
+    const char *finish;
+    uint64_t t_last; /* ns of the last token */
+} gen;
+
+struct job {
+    cpm_router *r;
+    job *prev, *next;
+    job_kind kind;
+    int ep; /* metrics endpoint */
+    char id[48];
+    int64_t created;
+    uint64_t t_start;
+    /* HTTP */
+    cpm_http_conn *conn;
+    cpm_oai_request *rq;
+    bool streaming;
+    /* RPC */
+    cpm_peer peer;
+    uint64_t corr;
+    char request_id[REQUEST_ID_MAX + 1];
+    int32_t *stop_ids;
+    int n_stop_ids;
+    /* both */
+    bool stream, ignore_eos, logprobs;
+    int top_logprobs;
+    int n_prompts;
+    int32_t **prompt_ids;
+    int *prompt_len;
+    char tok_error[CPM_ERROR_MSG_MAX];
+    int n_gens, n_done;
+    gen *gens;
+    bool answered; /* the one final answer was given */
+    bool aborted;  /* the client is gone */
+    bool first_token_seen;
+    int refs;      /* tokenize work in flight */
+};
+
+/* ---- the router ---------------------------------------------------------------- */
+
+typedef struct svc {
+    char name[32];
+    cpm_sock *sock; /* DEALER to the service */
+    bool ready, answered;
+    char status[96];
+    int kv_used, kv_total;
+} svc;
+
+typedef struct step_time {
+    uint64_t step, t;
+} step_time;
+
+struct cpm_router {
+    uv_loop_t *loop;
+    void *zctx;
+    const cpm_config *cfg;
+    cpm_router_opts o;
+    cpm_http_server *http;
+    cpm_sock *rpc, *results;
+    svc svcs[MAX_SERVICES];
+    int n_svcs, first_sampler, n_samplers, first_stage, n_stages, rr_sampler;
+    uv_timer_t health_timer, step_timer;
+    cpm_tokenizer *tok;
+    char model_name[CPM_CFG_STR];
+    bool have_model;
+    int vocab_size, max_position, n_eos;
+    int32_t eos_ids[8];
+    cpm_sched *sched;
+    cpm_oai_limits oai_lim;
+    cpm_metrics m;
+    job *jobs;
+    int n_jobs;
+    uint64_t next_job;
+    step_time *steps;
+    int n_steps;
+    bool started, closing;
+    int closing_handles;
+    void (*done)(void *ud);
+    void *done_ud;
+};
+
+cpm_router_opts cpm_router_opts_default(void) {
+    return (cpm_router_opts){.http_port = -1, .http_addr = NULL, .health_interval_ms = 1000,
+                             .log = NULL};
+}
+
+#define LOG(r, level, ...)                                            \
+    do {                                                              \
+        if ((r)->o.log)                                               \
+            cpm_log_write((r)->o.log, (level), NULL, __VA_ARGS__);    \
+    } while (0)
+
+static void pump(cpm_router *r);
+static void job_maybe_free(job *j);
+static void gen_finish(gen *g, cpm_req_state to, const char *reason);
+
+static double secs(uint64_t ns) {
+    return (double)ns / 1e9;
+}
+
+/* ---- tokenizer helpers ----------------------------------------------------------- */
+
+/* Text of one token as OpenAI shows it in logprobs ("▁" -> " ", <0xNN> -> byte). */
+static char *piece_text(const cpm_router *r, int32_t id) {
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    size_t n = 0;
+    const char *p = r->tok ? cpm_tokenizer_id_to_piece(r->tok, id, &n) : NULL;
+    if (p) {
+        unsigned v;
+        if (n == 6 && sscanf(p, "<0x%2X>", &v) == 1) {
+            char *s = malloc(2);
+            if (s) {
+                s[0] = (char)v;
+                s[1] = '\0';
+            }
+            return s;
+        }
+        buf b = {0};
+        for (size_t i = 0; i < n;) {
+            if (i + 3 <= n && memcmp(p + i, "\xe2\x96\x81", 3) == 0) {
+                buf_add(&b, " ", 1);
+                i += 3;
+            } else {
+                buf_add(&b, p + i, 1);
+                i++;
+            }
+        }
+        return b.p ? b.p : strdup("");
+    }
+#endif
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "token_id:%d", id); /* no vocabulary: name the id (as vLLM) */
+    return strdup(tmp);
+}
+
+static bool is_stop_id(const job *j, int32_t id) {
+    const cpm_router *r = j->r;
+    if (!j->ignore_eos)
+        for (int i = 0; i < r->n_eos; i++)
+            if (r->eos_ids[i] == id)
+                return true;
+    for (int i = 0; i < j->n_stop_ids; i++)
+        if (j->stop_ids[i] == id)
+            return true;
+    return false;
+}
+
+/* ---- jobs ------------------------------------------------------------------------ */
+
+static job *job_new(cpm_router *r, job_kind kind, int ep) {
+    job *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
+    j->r = r;
+    j->kind = kind;
+    j->ep = ep;
+    j->t_start = uv_hrtime();
+    j->created = (int64_t)time(NULL);
+    snprintf(j->id, sizeof j->id, "%s-%" PRIx64 "%04" PRIx64,
+             ep == CPM_EP_CHAT ? "chatcmpl" : "cmpl", (uint64_t)j->created, ++r->next_job);
+    j->next = r->jobs;
+    if (r->jobs)
+        r->jobs->prev = j;
+    r->jobs = j;
+    r->n_jobs++;
+    return j;
+}
+
+static void gen_clear(gen *g) {
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    cpm_detok_free(g->detok);
+#endif
+    cpm_stopper_free(g->stopper);
+    free(g->ids);
+    free(g->lps);
+    free(g->text.p);
+}
+
+static void job_free(job *j) {
+    cpm_router *r = j->r;
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        r->jobs = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    r->n_jobs--;
+    for (int i = 0; i < j->n_gens; i++)
+        gen_clear(&j->gens[i]);
+    free(j->gens);
+    for (int i = 0; i < j->n_prompts; i++)
+        free(j->prompt_ids[i]);
+    free(j->prompt_ids);
+    free(j->prompt_len);
+    free(j->stop_ids);
+    cpm_oai_request_free(j->rq);
+    free(j);
+}
+
+/* Frees j once its answer is given and no worker holds it. */
+static void job_maybe_free(job *j) {
+    if (j->answered && j->refs == 0)
+        job_free(j);
+}
+
+static void count(cpm_router *r, int ep, int outcome) {
+    r->m.requests[ep][outcome]++;
+}
+
+/* ---- answers (HTTP) ---------------------------------------------------------------- */
+
+static int oai_error_status(cpm_http_conn *c, int status, const char *type, const char *code,
+                            const char *param, const char *msg) {
+    cpm_oai_error e;
+    cpm_oai_fail(&e, CPM_EINVAL, status, type, code, param, "%s", msg);
+    char *json = cpm_oai_error_json(&e);
+    int rc = cpm_http_respond(c, status, "application/json", json ? json : "{}",
+                              json ? strlen(json) : 2, NULL);
+    free(json);
+    return rc;
+}
+
+static void send_oai_error(cpm_http_conn *c, const cpm_oai_error *e) {
+    char *json = cpm_oai_error_json(e);
+    cpm_http_respond(c, e->http_status, "application/json", json ? json : "{}",
+                     json ? strlen(json) : 2, NULL);
+    free(json);
+}
+
+static void stream_send(job *j, char *chunk) {
+    if (chunk)
+        cpm_http_stream_write(j->conn, chunk, strlen(chunk));
+    free(chunk);
+}
+
+/* Builds the logprob view of tokens [from, to) of g (strings freed by lp_views_free). */
+static cpm_oai_logprob *lp_views(const cpm_router *r, const gen *g, int from, int to) {
+    int n = to - from;
+    cpm_oai_logprob *v = calloc((size_t)(n > 0 ? n : 1), sizeof *v);
+    for (int i = 0; v && i < n; i++) {
+        const tok_lp *t = &g->lps[from + i];
+        v[i].token = piece_text(r, t->id);
+        v[i].logprob = t->lp;
+        v[i].n_top = t->n_top;
+        const char **tt = calloc((size_t)t->n_top + 1, sizeof *tt);
+        for (int k = 0; tt && k < t->n_top; k++)
+            tt[k] = piece_text(r, t->top_ids[k]);
+        v[i].top_tokens = (const char *const *)tt;
+        v[i].top_logprobs = t->top_lps;
+        if (!v[i].token || !tt)
+            v[i].n_top = 0;
+    }
+    return v;
+}
+
+static void lp_views_free(cpm_oai_logprob *v, int n) {
+    for (int i = 0; v && i < n; i++) {
+        for (int k = 0; v[i].top_tokens && k < v[i].n_top; k++)
+            free((char *)v[i].top_tokens[k]);
+        free((void *)v[i].top_tokens);
+        free((char *)v[i].token);
+    }
+    free(v);
+}
+
+/* SSE chunk with new text of g (and the ids/logprobs not yet shown). */
+static void http_emit_delta(gen *g, const char *text, size_t len, const char *finish) {
+    job *j = g->job;
+    cpm_router *r = j->r;
+    int n_lp = j->logprobs ? g->n_gen - g->n_emitted_lps : 0;
+    int n_ids = g->n_gen - g->n_emitted_ids;
+    bool want_ids = j->rq->return_token_ids && n_ids > 0;
+    if (len == 0 && !finish && n_lp == 0 && !want_ids)
+        return; /* nothing a client could see */
+    cpm_oai_logprob *lv = n_lp > 0 ? lp_views(r, g, g->n_emitted_lps, g->n_gen) : NULL;
+    cpm_oai_choice ch = {.index = g->index, .text = text, .text_len = len, .finish_reason = finish,
+                         .n_logprobs = lv ? n_lp : 0, .logprobs = lv,
+                         .n_token_ids = n_ids, .token_ids = g->ids + g->n_emitted_ids};
+    stream_send(j, cpm_oai_render_chunk(j->rq, CPM_OAI_CHUNK_CONTENT, j->id, j->created,
+                                        r->model_name, &ch, NULL));
+    lp_views_free(lv, n_lp);
+    g->n_emitted_lps = g->n_gen;
+    g->n_emitted_ids = g->n_gen;
+}
+
+static void http_final(job *j) {
+    cpm_router *r = j->r;
+    cpm_oai_usage u = {0};
+    for (int p = 0; p < j->n_prompts; p++)
+        u.prompt_tokens += j->prompt_len[p];
+    for (int i = 0; i < j->n_gens; i++)
+        u.completion_tokens += j->gens[i].n_gen;
+    if (j->streaming) {
+        if (j->rq->include_usage)
+            stream_send(j, cpm_oai_render_chunk(j->rq, CPM_OAI_CHUNK_USAGE, j->id, j->created,
+                                                r->model_name, NULL, &u));
+        cpm_http_stream_write(j->conn, CPM_OAI_SSE_DONE, strlen(CPM_OAI_SSE_DONE));
+        cpm_http_stream_end(j->conn);
+        return;
+    }
+    cpm_oai_choice *ch = calloc((size_t)j->n_gens, sizeof *ch);
+    cpm_oai_logprob **lv = calloc((size_t)j->n_gens, sizeof *lv);
+    if (!ch || !lv) {
+        free(ch);
+        free(lv);
+        oai_error_status(j->conn, 500, "server_error", NULL, NULL, "out of memory");
+        return;
+    }
+    for (int i = 0; i < j->n_gens; i++) {
+        gen *g = &j->gens[i];
+        lv[i] = j->logprobs ? lp_views(r, g, 0, g->n_gen) : NULL;
+        ch[i] = (cpm_oai_choice){.index = g->index, .text = g->text.p ? g->text.p : "",
+                                 .text_len = g->text.len, .finish_reason = g->finish,
+                                 .n_logprobs = lv[i] ? g->n_gen : 0, .logprobs = lv[i],
+                                 .n_token_ids = g->n_gen, .token_ids = g->ids};
+    }
+    char *json = cpm_oai_render_response(j->rq, j->id, j->created, r->model_name, ch, j->n_gens,
+                                         &u);
+    for (int i = 0; i < j->n_gens; i++)
+        lp_views_free(lv[i], lv[i] ? j->gens[i].n_gen : 0);
+    free(lv);
+    free(ch);
+    if (json)
+        cpm_http_respond(j->conn, 200, "application/json", json, strlen(json), NULL);
+    else
+        oai_error_status(j->conn, 500, "server_error", NULL, NULL, "out of memory");
+    free(json);
+}
+
+/* ---- answers (RPC) ----------------------------------------------------------------- */
+
+static void rpc_event(job *j, const gen *g, int from, int to, Cpm__V1__FinishReason finish,
+                      bool final, int err_code, const char *err_msg) {
+    cpm_router *r = j->r;
+    Cpm__V1__TokenEvent ev = CPM__V1__TOKEN_EVENT__INIT;
+    ev.request_id = j->request_id;
+    int n = to - from;
+    ev.n_ids = (size_t)n;
+    ev.ids = g && n > 0 ? g->ids + from : NULL;
+    float lps[n > 0 ? n : 1];
+    Cpm__V1__TopLogprobs tops[n > 0 ? n : 1], *topp[n > 0 ? n : 1];
+    Cpm__V1__TopLogprob alts[n > 0 ? n : 1][MAX_TOP], *altp[n > 0 ? n : 1][MAX_TOP];
+    if (g && j->logprobs && n > 0) {
+        for (int i = 0; i < n; i++) {
+            const tok_lp *t = &g->lps[from + i];
+            lps[i] = t->lp;
+            cpm__v1__top_logprobs__init(&tops[i]);
+            for (int k = 0; k < t->n_top; k++) {
+                cpm__v1__top_logprob__init(&alts[i][k]);
+                alts[i][k].id = t->top_ids[k];
+                alts[i][k].logprob = t->top_lps[k];
+                altp[i][k] = &alts[i][k];
+            }
+            tops[i].n_alts = (size_t)t->n_top;
+            tops[i].alts = altp[i];
+            topp[i] = &tops[i];
+        }
+        ev.n_logprobs = (size_t)n;
+        ev.logprobs = lps;
+        if (j->top_logprobs > 0) {
+            ev.n_top = (size_t)n;
+            ev.top = topp;
+        }
+    }
+    ev.finish = finish;
+    ev.final = final;
+    Cpm__V1__Error e = CPM__V1__ERROR__INIT;
+    if (final) {
+        for (int p = 0; p < j->n_prompts; p++)
+            ev.prompt_tokens += (uint32_t)j->prompt_len[p];
+        ev.completion_tokens = g ? (uint32_t)g->n_gen : 0;
+        if (err_code) {
+            e.code = err_code;
+            e.message = (char *)(err_msg ? err_msg : "");
+            e.service = "router";
+            ev.error = &e;
+        }
+    }
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = j->corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TOKEN_EVENT;
+    env.token_event = &ev;
+    cpm_error err;
+    if (cpm_sock_send(r->rpc, &j->peer, &env, NULL, &err) < 0)
+        LOG(r, CPM_LOG_WARN, "rpc %s: %s", j->request_id, err.msg);
+}
+
+/* ---- the one final answer ------------------------------------------------------------ */
+
+static int finish_code(const char *reason) {
+    if (!reason)
+        return CPM__V1__FINISH_REASON__FINISH_ERROR;
+    return strcmp(reason, "length") == 0 ? CPM__V1__FINISH_REASON__FINISH_LENGTH
+                                         : CPM__V1__FINISH_REASON__FINISH_STOP;
+}
+
+/* Every gen is terminal: answer once. */
+static void job_complete(job *j) {
+    cpm_router *r = j->r;
+    if (j->answered)
+        return;
+    j->answered = true;
+    bool cancelled = j->aborted;
+    if (j->kind == JOB_HTTP) {
+        if (cancelled) { /* nobody is listening, but the exchange must end */
+            if (j->streaming)
+                cpm_http_stream_end(j->conn);
+            else
+                cpm_http_respond(j->conn, 499, "application/json", "{}", 2, NULL);
+        } else {
+            http_final(j);
+        }
+    } else if (!cancelled) {
+        gen *g = &j->gens[0];
+        int from = j->stream ? g->n_emitted_ids : 0;
+        rpc_event(j, g, from, g->n_gen, finish_code(g->finish), true, 0, NULL);
+    } else {
+        rpc_event(j, NULL, 0, 0, CPM__V1__FINISH_REASON__FINISH_CANCELLED, true, 0, NULL);
+    }
+    count(r, j->ep, cancelled ? CPM_OUT_CANCELLED : CPM_OUT_OK);
+    cpm_hist_observe(&r->m.e2e, secs(uv_hrtime() - j->t_start));
+    job_maybe_free(j);
+}
+
+/* A request that cannot go on: every gen ends, the client gets one error. */
+static void job_fail(job *j, int status, const char *type, const char *code, const char *msg) {
+    cpm_router *r = j->r;
+    if (j->answered)
+        return;
+    for (int i = 0; i < j->n_gens; i++)
+        if (!cpm_req_state_terminal(j->gens[i].state))
+            gen_finish(&j->gens[i], CPM_REQ_FAILED, NULL);
+    j->answered = true;
+    if (j->kind == JOB_HTTP) {
+        if (j->streaming) {
+            /* the 200 is gone: report in-band, then end the stream as OpenAI does */
+            cpm_oai_error e;
+            cpm_oai_fail(&e, CPM_EINTERNAL, status, type, code, NULL, "%s", msg);
+            char *json = cpm_oai_error_json(&e);
+            if (json) {
+                buf b = {0};
+                buf_add(&b, "data: ", 6);
+                buf_add(&b, json, strlen(json));
+                buf_add(&b, "\n\n", 2);
+                cpm_http_stream_write(j->conn, b.p, b.len);
+                free(b.p);
+            }
+            free(json);
+            cpm_http_stream_write(j->conn, CPM_OAI_SSE_DONE, strlen(CPM_OAI_SSE_DONE));
+            cpm_http_stream_end(j->conn);
+        } else {
+            oai_error_status(j->conn, status, type, code, NULL, msg);
+        }
+    } else {
+        rpc_event(j, NULL, 0, 0, CPM__V1__FINISH_REASON__FINISH_ERROR, true,
+                  status == 429 ? CPM_ELIMIT : status == 400 ? CPM_EINVAL : CPM_EINTERNAL, msg);
+    }
+    count(r, j->ep, status == 429 || status == 503 ? CPM_OUT_OVERLOAD
+                    : status < 500               ? CPM_OUT_REJECTED
+                                                 : CPM_OUT_FAILED);
+    job_maybe_free(j);
+}
+
+/* ---- generation ---------------------------------------------------------------------- */
+
+/* Moves g to a terminal state and frees its pipeline resources. reason: "stop"/"length". */
+static void gen_finish(gen *g, cpm_req_state to, const char *reason) {
+    job *j = g->job;
+    if (cpm_req_transition(&g->state, to) != 0)
+        return;
+    if (g->seq)
+        cpm_sched_finish(j->r->sched, g->seq);
+    g->finish = reason;
+    j->n_done++;
+}
+
+/* Text after the stop rules: streamed now or kept for the final answer. */
+static void gen_text_out(gen *g, const char *text, size_t len, const char *finish) {
+    job *j = g->job;
+    if (j->kind != JOB_HTTP)
+        return;
+    if (j->streaming)
+        http_emit_delta(g, text, len, finish);
+    else if (len)
+        buf_add(&g->text, text, len);
+}
+
+/* The generation of g ends with reason: flush held text, tell the client, maybe answer. */
+static void gen_done(gen *g, const char *reason, bool stopped_by_string) {
+    job *j = g->job;
+    const char *out = "";
+    size_t len = 0;
+    if (!stopped_by_string) {
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+        if (g->detok) {
+            const char *piece;
+            size_t plen;
+            if (cpm_detok_flush(g->detok, &piece, &plen, NULL) == 0 && plen) {
+                bool st;
+                cpm_stopper_feed(g->stopper, piece, plen, &out, &len, &st);
+                gen_text_out(g, out, len, NULL);
+                if (st)
+                    stopped_by_string = true;
+            }
+        }
+#endif
+        if (!stopped_by_string)
+            cpm_stopper_flush(g->stopper, &out, &len);
+        else
+            len = 0;
+    }
+    gen_finish(g, CPM_REQ_FINISHED, stopped_by_string ? "stop" : reason);
+    gen_text_out(g, out, len, g->finish);
+    if (j->n_done == j->n_gens)
+        job_complete(j);
+}
+
+/* One sampled token for g. */
+static void gen_token(gen *g, const Cpm__V1__SampledToken *t) {
+    job *j = g->job;
+    cpm_router *r = j->r;
+    uint64_t now = uv_hrtime();
+    if (!j->first_token_seen) {
+        j->first_token_seen = true;
+        cpm_hist_observe(&r->m.ttft, secs(now - j->t_start));
+    } else if (g->t_last) {
+        cpm_hist_observe(&r->m.inter_token, secs(now - g->t_last));
+    }
+    g->t_last = now;
+    r->m.generation_tokens++;
+    if (g->state == CPM_REQ_PREFILLING)
+        cpm_req_transition(&g->state, CPM_REQ_DECODING);
+    g->ids[g->n_gen] = t->id;
+    if (j->logprobs) {
+        tok_lp *lp = &g->lps[g->n_gen];
+        lp->id = t->id;
+        lp->lp = t->logprob;
+        lp->n_top = (int)(t->n_top < (size_t)j->top_logprobs ? t->n_top : (size_t)j->top_logprobs);
+        for (int k = 0; k < lp->n_top; k++) {
+            lp->top_ids[k] = t->top[k]->id;
+            lp->top_lps[k] = t->top[k]->logprob;
+        }
+    }
+    g->n_gen++;
+    if (is_stop_id(j, t->id)) {
+        gen_done(g, "stop", false); /* the stop token itself is not shown as text */
+        return;
+    }
+    bool stopped = false;
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    if (g->detok) {
+        const char *piece, *out;
+        size_t plen, olen;
+        if (cpm_detok_push(g->detok, t->id, &piece, &plen, NULL) == 0) {
+            cpm_stopper_feed(g->stopper, piece, plen, &out, &olen, &stopped);
+            gen_text_out(g, out, olen, NULL);
+        }
+    }
+#endif
+    if (!stopped && j->kind == JOB_HTTP && !g->detok)
+        gen_text_out(g, "", 0, NULL); /* no vocabulary: ids and logprobs only */
+    if (j->kind == JOB_RPC && j->stream) {
+        rpc_event(j, g, g->n_emitted_ids, g->n_gen, CPM__V1__FINISH_REASON__FINISH_NONE, false, 0,
+                  NULL);
+        g->n_emitted_ids = g->n_gen;
+    }
+    if (stopped) {
+        gen_done(g, "stop", true);
+    } else if (g->n_gen >= g->max_new) {
+        gen_done(g, "length", false);
+    } else if (cpm_sched_push_token(r->sched, g->seq, t->id) != 0) {
+        gen_done(g, "length", false);
+    }
+}
+
+/* ---- admission ----------------------------------------------------------------------- */
+
+static int gens_init(job *j, int n_per_prompt) {
+    j->n_gens = j->n_prompts * n_per_prompt;
+    if (!(j->gens = calloc((size_t)j->n_gens, sizeof *j->gens)))
+        return CPM_ENOMEM;
+    for (int i = 0; i < j->n_gens; i++) {
+        gen *g = &j->gens[i];
+        g->job = j;
+        g->index = i;
+        g->prompt = i / n_per_prompt;
+        g->state = CPM_REQ_QUEUED;
+    }
+    return 0;
+}
+
+/* Checks the prompts and puts every gen in the scheduler; errors answer the job. */
+static void job_admit(job *j, int max_tokens, char *const *stops, int n_stops) {
+    cpm_router *r = j->r;
+    const cpm_cfg_router *rc = &r->cfg->router;
+    for (int p = 0; p < j->n_prompts; p++) {
+        int n = j->prompt_len[p];
+        char msg[256];
+        if (n == 0) {
+            job_fail(j, 400, "invalid_request_error", "invalid_prompt", "the prompt is empty");
+            return;
+        }
+        if (n > rc->max_prompt_tokens || n >= r->max_position) {
+            snprintf(msg, sizeof msg,
+                     "prompt has %d tokens; this server accepts at most %d (context length %d)", n,
+                     rc->max_prompt_tokens, r->max_position);
+            job_fail(j, 400, "invalid_request_error", "context_length_exceeded", msg);
+            return;
+        }
+        for (int i = 0; i < n; i++)
+            if (j->prompt_ids[p][i] < 0 || j->prompt_ids[p][i] >= r->vocab_size) {
+                snprintf(msg, sizeof msg, "token id %d at prompt position %d is outside the "
+                                          "vocabulary (size %d)", j->prompt_ids[p][i], i,
+                         r->vocab_size);
+                job_fail(j, 400, "invalid_request_error", "invalid_token_id", msg);
+                return;
+            }
+        int room = r->max_position - n;
+        if (max_tokens > rc->max_tokens || max_tokens > room) {
+            snprintf(msg, sizeof msg,
+                     "max_tokens %d is too large: at most %d for this server and %d left in the "
+                     "context after a %d-token prompt", max_tokens, rc->max_tokens, room, n);
+            job_fail(j, 400, "invalid_request_error", "context_length_exceeded", msg);
+            return;
+        }
+    }
+    for (int i = 0; i < j->n_gens; i++) {
+        gen *g = &j->gens[i];
+        int n = j->prompt_len[g->prompt];
+        int room = r->max_position - n;
+        g->max_new = max_tokens ? max_tokens : (rc->max_tokens < room ? rc->max_tokens : room);
+        g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
+        g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
+        g->stopper = cpm_stopper_new(stops, n_stops);
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+        if (r->tok && j->kind == JOB_HTTP)
+            g->detok = cpm_detok_new(r->tok, true);
+#endif
+        if (!g->ids || (j->logprobs && !g->lps) || !g->stopper) {
+            job_fail(j, 500, "server_error", NULL, "out of memory");
+            return;
+        }
+        cpm_error e = {0};
+        int rc2 = cpm_sched_add(r->sched, j->prompt_ids[g->prompt], n, g->max_new, g, &g->seq, &e);
+        if (rc2) {
+            g->seq = 0;
+            if (rc2 == CPM_ELIMIT)
+                job_fail(j, 429, "rate_limit_error", "queue_full", e.msg);
+            else
+                job_fail(j, 400, "invalid_request_error", "context_length_exceeded", e.msg);
+            return;
+        }
+        cpm_req_transition(&g->state, CPM_REQ_PREFILLING);
+        r->m.prompt_tokens += (uint64_t)n;
+    }
+    if (j->kind == JOB_HTTP && j->stream) {
+        j->streaming = true;
+        cpm_http_stream_start(j->conn, 200, "text/event-stream",
+                              "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+        if (j->rq->kind == CPM_OAI_CHAT)
+            for (int i = 0; i < j->n_gens; i++) {
+                cpm_oai_choice ch = {.index = i};
+                stream_send(j, cpm_oai_render_chunk(j->rq, CPM_OAI_CHUNK_ROLE, j->id, j->created,
+                                                    r->model_name, &ch, NULL));
+            }
+    }
+    pump(r);
+}
+
+/* ---- tokenizing on a worker thread ------------------------------------------------- */
+
+typedef struct tok_work {
+    uv_work_t req;
+    job *job;
+    int rc;
+} tok_work;
+
+static void tok_run(uv_work_t *req) {
+    tok_work *w = req->data;
+    job *j = w->job;
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    const cpm_tokenizer *tok = j->r->tok;
+    cpm_error e = {0};
+    const cpm_oai_request *rq = j->rq;
+    for (int p = 0; p < j->n_prompts && w->rc == 0; p++) {
+        if (j->prompt_ids[p])
+            continue; /* token ids already */
+        char *text = NULL;
+        const char *src;
+        if (rq->kind == CPM_OAI_CHAT) {
+            cpm_chat_msg *msgs = calloc((size_t)rq->n_messages, sizeof *msgs);
+            if (!msgs) {
+                w->rc = cpm_error_set(&e, CPM_ENOMEM, "out of memory");
+                break;
+            }
+            for (int i = 0; i < rq->n_messages; i++) {
+                msgs[i].role = rq->messages[i].role;
+                msgs[i].content = rq->messages[i].content;
+            }
+            w->rc = cpm_chat_render(tok, msgs, (size_t)rq->n_messages, NULL, true, &text, &e);
+            free(msgs);
+            src = text;
+        } else {
+            src = rq->prompts[p].text;
+        }
+        size_t n = 0;
+        if (w->rc == 0)
+            w->rc = cpm_tokenizer_encode(tok, src, strlen(src), true, &j->prompt_ids[p], &n, &e);
+        j->prompt_len[p] = (int)n;
+        free(text);
+    }
+    if (w->rc)
+        snprintf(j->tok_error, sizeof j->tok_error, "%s", e.msg);
+#else
+    w->rc = CPM_EUNSUPPORTED;
+    snprintf(j->tok_error, sizeof j->tok_error, "this router was built without a tokenizer");
+#endif
+}
+
+static void tok_after(uv_work_t *req, int status) {
+    tok_work *w = req->data;
+    job *j = w->job;
+    int rc = status < 0 ? CPM_EINTERNAL : w->rc;
+    free(w);
+    j->refs--;
+    if (j->answered) { /* aborted while tokenizing */
+        job_maybe_free(j);
+        return;
+    }
+    if (rc) {
+        job_fail(j, 400, "invalid_request_error", "invalid_prompt", j->tok_error);
+        return;
+    }
+    job_admit(j, j->rq->max_tokens, j->rq->stop, j->rq->n_stop);
+}
+
+/* ---- HTTP ------------------------------------------------------------------------------ */
+
+static void on_http_abort(void *ud) {
+    job *j = ud;
+    j->aborted = true;
+    for (int i = 0; i < j->n_gens; i++)
+        if (!cpm_req_state_terminal(j->gens[i].state))
+            gen_finish(&j->gens[i], CPM_REQ_CANCELLED, NULL);
+    if (j->refs > 0 && !j->answered) {
+        /* tokenizing: end the exchange now, free when the worker is back */
+        j->answered = true;
+        cpm_http_respond(j->conn, 499, "application/json", "{}", 2, NULL);
+        count(j->r, j->ep, CPM_OUT_CANCELLED);
+        return;
+    }
+    job_complete(j);
+    pump(j->r);
+}
+
+static void copy_sampling(Cpm__V1__SamplingParams *p, const cpm_oai_request *rq) {
+    cpm__v1__sampling_params__init(p);
+    p->temperature = rq->temperature;
+    p->top_p = rq->top_p;
+    p->top_k = (uint32_t)rq->top_k;
+    p->min_p = rq->min_p;
+    p->repetition_penalty = rq->repetition_penalty;
+    p->presence_penalty = rq->presence_penalty;
+    p->frequency_penalty = rq->frequency_penalty;
+    p->logprobs = rq->logprobs;
+    p->n_logprobs = (uint32_t)rq->top_logprobs;
+}
+
+/* Seeds: the request's (choice i gets seed + i, so n > 1 gives different samples),
+ * else one drawn from the clock and a counter. */
+static uint64_t seed_for(cpm_router *r, bool has, uint64_t seed, int i) {
+    if (has)
+        return seed + (uint64_t)i;
+    return uv_hrtime() * 0x9E3779B97F4A7C15ull + r->next_job * 7919 + (uint64_t)i;
+}
+
+static void on_generate_http(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req,
+                             cpm_oai_kind kind) {
+    int ep = kind == CPM_OAI_CHAT ? CPM_EP_CHAT : CPM_EP_COMPLETIONS;
+    cpm_oai_request *rq;
+    cpm_oai_error oe;
+    if (cpm_oai_parse(kind, req->body, req->body_len, &r->oai_lim, &rq, &oe)) {
+        send_oai_error(c, &oe);
+        count(r, ep, CPM_OUT_REJECTED);
+        return;
+    }
+    if (rq->model && rq->model[0] && strcmp(rq->model, r->model_name) != 0) {
+        char msg[CPM_CFG_STR + 64];
+        snprintf(msg, sizeof msg, "The model `%.200s` does not exist; this server has `%s`",
+                 rq->model, r->model_name);
+        oai_error_status(c, 404, "invalid_request_error", "model_not_found", "model", msg);
+        cpm_oai_request_free(rq);
+        count(r, ep, CPM_OUT_REJECTED);
+        return;
+    }
+    if (!cpm_router_ready(r) || r->closing) {
+        oai_error_status(c, 503, "service_unavailable_error", "not_ready", NULL,
+                         r->closing ? "the server is shutting down"
+                                    : "the cluster is not ready yet (see GET /ready)");
+        cpm_oai_request_free(rq);
+        count(r, ep, CPM_OUT_OVERLOAD);
+        return;
+    }
+    job *j = job_new(r, JOB_HTTP, ep);
+    if (!j) {
+        oai_error_status(c, 500, "server_error", NULL, NULL, "out of memory");
+        cpm_oai_request_free(rq);
+        return;
+    }
+    j->conn = c;
+    j->rq = rq;
+    j->stream = rq->stream;
+    j->logprobs = rq->logprobs;
+    j->top_logprobs = rq->top_logprobs;
+    j->ignore_eos = rq->ignore_eos;
+    j->n_prompts = kind == CPM_OAI_CHAT ? 1 : rq->n_prompts;
+    j->prompt_ids = calloc((size_t)j->n_prompts, sizeof *j->prompt_ids);
+    j->prompt_len = calloc((size_t)j->n_prompts, sizeof *j->prompt_len);
+    cpm_http_conn_set_abort_cb(c, on_http_abort, j);
+    if (!j->prompt_ids || !j->prompt_len || gens_init(j, rq->n)) {
+        job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    for (int i = 0; i < j->n_gens; i++) {
+        copy_sampling(&j->gens[i].params, rq);
+        j->gens[i].params.seed = seed_for(r, rq->has_seed, rq->seed, i);
+    }
+    bool need_tok = kind == CPM_OAI_CHAT;
+    for (int p = 0; kind == CPM_OAI_COMPLETION && p < j->n_prompts; p++) {
+        if (rq->prompts[p].ids) {
+            j->prompt_ids[p] = malloc((size_t)rq->prompts[p].n_ids * sizeof(int32_t));
+            if (!j->prompt_ids[p]) {
+                job_fail(j, 500, "server_error", NULL, "out of memory");
+                return;
+            }
+            memcpy(j->prompt_ids[p], rq->prompts[p].ids,
+                   (size_t)rq->prompts[p].n_ids * sizeof(int32_t));
+            j->prompt_len[p] = rq->prompts[p].n_ids;
+        } else {
+            need_tok = true;
+        }
+    }
+    if (!need_tok) {
+        job_admit(j, rq->max_tokens, rq->stop, rq->n_stop);
+        return;
+    }
+    if (!r->tok) {
+        job_fail(j, 400, "invalid_request_error", "no_tokenizer",
+                 "this model directory has no tokenizer: send the prompt as token ids");
+        return;
+    }
+    tok_work *w = calloc(1, sizeof *w);
+    if (!w) {
+        job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    w->job = j;
+    w->req.data = w;
+    j->refs++;
+    if (uv_queue_work(r->loop, &w->req, tok_run, tok_after) < 0) {
+        j->refs--;
+        free(w);
+        job_fail(j, 500, "server_error", NULL, "cannot queue tokenization");
+    }
+}
+
+static void on_completions(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    on_generate_http(r, c, req, CPM_OAI_COMPLETION);
+}
+
+static void on_chat(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    on_generate_http(r, c, req, CPM_OAI_CHAT);
+}
+
+static void respond_json(cpm_http_conn *c, int status, const char *json) {
+    cpm_http_respond(c, status, "application/json", json, strlen(json), NULL);
+}
+
+static void on_health(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)r, (void)req;
+    respond_json(c, 200, "{\"status\":\"ok\"}");
+}
+
+static void on_ready(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    buf b = {0};
+    bool ready = cpm_router_ready(r);
+    char tmp[256];
+    snprintf(tmp, sizeof tmp, "{\"ready\":%s,\"model\":%s,\"services\":[",
+             ready ? "true" : "false", r->have_model ? "true" : "false");
+    buf_add(&b, tmp, strlen(tmp));
+    for (int i = 0; i < r->n_svcs; i++) {
+        /* names and statuses are ours or short service strings; quotes are dropped */
+        char status[96];
+        size_t k = 0;
+        for (const char *p = r->svcs[i].status; *p && k < sizeof status - 1; p++)
+            if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
+                status[k++] = *p;
+        status[k] = '\0';
+        snprintf(tmp, sizeof tmp, "%s{\"name\":\"%s\",\"ready\":%s,\"status\":\"%s\"}",
+                 i ? "," : "", r->svcs[i].name, r->svcs[i].ready ? "true" : "false", status);
+        buf_add(&b, tmp, strlen(tmp));
+    }
+    buf_add(&b, "]}", 2);
+    if (b.p)
+        respond_json(c, ready ? 200 : 503, b.p);
+    else
+        respond_json(c, 500, "{}");
+    free(b.p);
+}
+
+static void on_models(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    char *json = cpm_oai_render_models(r->model_name, 0);
+    respond_json(c, json ? 200 : 500, json ? json : "{}");
+    free(json);
+}
+
+static void on_metrics(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    cpm_metrics_gauges g = {.ready = cpm_router_ready(r),
+                            .http_connections = r->http ? cpm_http_server_connections(r->http) : 0};
+    if (r->sched) {
+        cpm_sched_stats st;
+        cpm_sched_get_stats(r->sched, &st);
+        g.queue_depth = st.queued;
+        g.running = st.live;
+        g.inflight = st.inflight;
+        g.kv_reserved = st.kv_reserved;
+        g.kv_budget = st.kv_tokens;
+    }
+    for (int i = 0; i < r->n_stages; i++) {
+        g.kv_used_blocks += r->svcs[r->first_stage + i].kv_used;
+        g.kv_total_blocks += r->svcs[r->first_stage + i].kv_total;
+    }
+    size_t len;
+    char *text = cpm_metrics_render(&r->m, &g, &len);
+    if (text)
+        cpm_http_respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, len, NULL);
+    else
+        respond_json(c, 500, "{}");
+    free(text);
+}
+
+typedef void (*route_fn)(cpm_router *r, cpm_http_conn *c, const cpm_http_request *req);
+
+static const struct route {
+    const char *method, *path;
+    route_fn fn;
+} routes[] = {
+    {"POST", "/v1/completions", on_completions},
+    {"POST", "/v1/chat/completions", on_chat},
+    {"GET", "/v1/models", on_models},
+    {"GET", "/health", on_health},
+    {"GET", "/ready", on_ready},
+    {"GET", "/metrics", on_metrics},
+};
+
+static void on_http(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
+    cpm_router *r = ud;
+    bool path_known = false;
+    for (size_t i = 0; i < sizeof routes / sizeof *routes; i++) {
+        if (strcmp(req->path, routes[i].path) != 0)
+            continue;
+        path_known = true;
+        if (strcmp(req->method, routes[i].method) == 0) {
+            routes[i].fn(r, c, req);
+            return;
+        }
+    }
+    count(r, CPM_EP_OTHER, CPM_OUT_REJECTED);
+    if (path_known)
+        oai_error_status(c, 405, "invalid_request_error", "method_not_allowed", NULL,
+                         "method not allowed for this path");
+    else
+        oai_error_status(c, 404, "invalid_request_error", "not_found", NULL, "no such route");
+}
+
+/* ---- the pipeline ring ----------------------------------------------------------------- */
+
+static svc *stage0(cpm_router *r) {
+    return &r->svcs[r->first_stage];
+}
+
+/* Sends every micro-batch the scheduler has ready. */
+static void pump(cpm_router *r) {
+    if (!r->sched || r->closing)
+        return;
+    cpm_sched_batch b;
+    while (cpm_sched_next(r->sched, &b) == 1) {
+        Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+        protobuf_c_boolean want[b.n_rows > 0 ? b.n_rows : 1];
+        for (int i = 0; i < b.n_rows; i++)
+            want[i] = b.want[i];
+        fw.step = b.step;
+        fw.n_seq = fw.n_pos = fw.n_ids = fw.n_want = (size_t)b.n_rows;
+        fw.seq = (uint64_t *)b.seq;
+        fw.pos = (uint32_t *)b.pos;
+        fw.ids = (int32_t *)b.ids;
+        fw.want = want;
+        fw.n_release = (size_t)b.n_release;
+        fw.release = (uint64_t *)b.release;
+        Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+        env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+        env.forward = &fw;
+        r->steps[r->n_steps++] = (step_time){b.step, uv_hrtime()};
+        r->m.steps++;
+        r->m.step_rows += (uint64_t)b.n_rows;
+        cpm_error e = {0};
+        if (cpm_sock_send(stage0(r)->sock, NULL, &env, NULL, &e) < 0) {
+            LOG(r, CPM_LOG_ERROR, "sending step %" PRIu64 " to stage 0: %s", b.step, e.msg);
+            /* the step will time out and fail its requests */
+        }
+    }
+}
+
+static void forget_step(cpm_router *r, uint64_t step) {
+    for (int i = 0; i < r->n_steps; i++)
+        if (r->steps[i].step == step) {
+            cpm_hist_observe(&r->m.step_latency, secs(uv_hrtime() - r->steps[i].t));
+            r->steps[i] = r->steps[--r->n_steps];
+            return;
+        }
+}
+
+/* The step failed: every request with a sequence in it ends with an error. */
+static void fail_step(cpm_router *r, uint64_t step, const char *why) {
+    const uint64_t *seqs;
+    int n;
+    if (cpm_sched_step_done(r->sched, step, false, &seqs, &n) != 0)
+        return;
+    forget_step(r, step);
+    /* copy: failing a job finishes sequences, which reuses the scheduler's buffer */
+    uint64_t *copy = malloc((size_t)(n > 0 ? n : 1) * sizeof *copy);
+    if (copy)
+        memcpy(copy, seqs, (size_t)n * sizeof *copy);
+    for (int i = 0; copy && i < n; i++) {
+        gen *g = cpm_sched_owner(r->sched, copy[i]);
+        if (g)
+            job_fail(g->job, 503, "server_error", "pipeline_error", why);
+    }
+    free(copy);
+    LOG(r, CPM_LOG_WARN, "step %" PRIu64 " failed: %s", step, why);
+}
+
+typedef struct sample_ctx {
+    cpm_router *r;
+    int n;
+    uint64_t seqs[];
+} sample_ctx;
+
+static void on_sampled(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
+    (void)s;
+    sample_ctx *ctx = user;
+    cpm_router *r = ctx->r;
+    const Cpm__V1__SampleReply *sr = NULL;
+    char why[160] = "";
+    if (status != 0)
+        snprintf(why, sizeof why, "sampler: %s", cpm_strerror(status));
+    else if (reply->env->body_case == CPM__V1__ENVELOPE__BODY_ERROR)
+        snprintf(why, sizeof why, "sampler: %s", reply->env->error->message);
+    else if (reply->env->body_case != CPM__V1__ENVELOPE__BODY_SAMPLED ||
+             reply->env->sampled->n_tokens != (size_t)ctx->n)
+        snprintf(why, sizeof why, "sampler: unexpected reply");
+    else
+        sr = reply->env->sampled;
+    for (int i = 0; i < ctx->n && !r->closing; i++) {
+        gen *g = cpm_sched_owner(r->sched, ctx->seqs[i]);
+        if (!g || cpm_req_state_terminal(g->state))
+            continue; /* cancelled meanwhile */
+        if (!sr) {
+            job_fail(g->job, 503, "server_error", "sampler_error", why);
+            continue;
+        }
+        const Cpm__V1__SampledToken *t = sr->tokens[i];
+        if (t->id < 0 || t->id >= r->vocab_size) {
+            job_fail(g->job, 503, "server_error", "sampler_error", "sampler: token out of range");
+            continue;
+        }
+        gen_token(g, t);
+    }
+    cpm_inmsg_free(reply);
+    free(ctx);
+    pump(r);
+}
+
+static void free_inmsg(void *data, void *hint) {
+    (void)data;
+    cpm_inmsg_free(hint);
+}
+
+static bool needs_history(const Cpm__V1__SamplingParams *p) {
+    return (p->repetition_penalty != 0.0f && p->repetition_penalty != 1.0f) ||
+           p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+}
+
+/* Logits of the wanted rows: off to a sampler (the logits frame travels on, uncopied). */
+static void sample_rows(cpm_router *r, cpm_inmsg *m) {
+    const Cpm__V1__StageResult *res = m->env->result;
+    int n = (int)res->n_seq;
+    sample_ctx *ctx = malloc(sizeof *ctx + (size_t)n * sizeof(uint64_t));
+    Cpm__V1__SampleRow *rows = calloc((size_t)n, sizeof *rows);
+    Cpm__V1__SampleRow **rowp = calloc((size_t)n, sizeof *rowp);
+    Cpm__V1__SamplingParams neutral = CPM__V1__SAMPLING_PARAMS__INIT;
+    if (!ctx || !rows || !rowp || r->n_samplers == 0) {
+        free(ctx);
+        free(rows);
+        free(rowp);
+        cpm_inmsg_free(m);
+        return;
+    }
+    ctx->r = r;
+    ctx->n = n;
+    for (int i = 0; i < n; i++) {
+        ctx->seqs[i] = res->seq[i];
+        gen *g = cpm_sched_owner(r->sched, res->seq[i]);
+        cpm__v1__sample_row__init(&rows[i]);
+        rows[i].params = g ? &g->params : &neutral; /* a cancelled row is sampled and dropped */
+        if (g) {
+            rows[i].step = (uint32_t)g->n_gen;
+            if (needs_history(&g->params)) {
+                int nt;
+                const int32_t *t = cpm_sched_tokens(r->sched, g->seq, &nt);
+                rows[i].n_history = (size_t)nt;
+                rows[i].history = (int32_t *)t;
+            }
+        }
+        rowp[i] = &rows[i];
+    }
+    Cpm__V1__SampleRequest sq = CPM__V1__SAMPLE_REQUEST__INIT;
+    sq.n_rows = (size_t)n;
+    sq.rows = rowp;
+    sq.logits = res->logits;
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_SAMPLE;
+    env.sample = &sq;
+    cpm_payload pl = {.data = (void *)m->tensor, .size = m->tensor_size, .free_fn = free_inmsg,
+                      .hint = m};
+    svc *sv = &r->svcs[r->first_sampler + r->rr_sampler++ % r->n_samplers];
+    cpm_error e = {0};
+    /* the payload (and with it m) is consumed by this call, whatever happens */
+    int rc = cpm_sock_call(sv->sock, &env, &pl, r->cfg->router.timeout_ms, on_sampled, ctx, &e);
+    free(rows);
+    free(rowp);
+    if (rc < 0) {
+        LOG(r, CPM_LOG_ERROR, "sampling: %s", e.msg);
+        on_sampled(sv->sock, NULL, rc, ctx);
+    }
+}
+
+static void on_result(cpm_sock *s, cpm_inmsg *m, void *user) {
+    (void)s;
+    cpm_router *r = user;
+    if (m->env->body_case != CPM__V1__ENVELOPE__BODY_RESULT || !r->sched) {
+        LOG(r, CPM_LOG_WARN, "results: unexpected %s message dropped",
+            cpm_wire_body_name(m->env->body_case));
+        cpm_inmsg_free(m);
+        return;
+    }
+    const Cpm__V1__StageResult *res = m->env->result;
+    if (res->error) {
+        char why[CPM_ERROR_MSG_MAX];
+        snprintf(why, sizeof why, "%s: %s", res->error->service ? res->error->service : "stage",
+                 res->error->message ? res->error->message : "error");
+        fail_step(r, res->step, why);
+        cpm_inmsg_free(m);
+        pump(r);
+        return;
+    }
+    if (cpm_sched_step_done(r->sched, res->step, true, NULL, NULL) != 0) {
+        cpm_inmsg_free(m); /* late (timed out) or unknown step */
+        return;
+    }
+    forget_step(r, res->step);
+    if (res->n_seq > 0)
+        sample_rows(r, m);
+    else
+        cpm_inmsg_free(m);
+    pump(r);
+}
+
+/* Steps that never came back fail their requests (a stage died or dropped them). */
+static void on_step_timer(uv_timer_t *t) {
+    cpm_router *r = t->data;
+    uint64_t now = uv_hrtime(), limit = (uint64_t)r->cfg->router.timeout_ms * 1000000ull;
+    for (int i = 0; i < r->n_steps;) {
+        if (now - r->steps[i].t > limit) {
+            uint64_t step = r->steps[i].step;
+            fail_step(r, step, "pipeline step timed out");
+            i = 0; /* fail_step reorders the table */
+        } else {
+            i++;
+        }
+    }
+    pump(r);
+}
+
+/* ---- internal RPC ------------------------------------------------------------------------ */
+
+static void rpc_reply_error(cpm_router *r, const cpm_inmsg *m, const char *request_id, int code,
+                            const char *msg) {
+    Cpm__V1__TokenEvent ev = CPM__V1__TOKEN_EVENT__INIT;
+    Cpm__V1__Error e = CPM__V1__ERROR__INIT;
+    e.code = code;
+    e.message = (char *)msg;
+    e.service = "router";
+    ev.request_id = (char *)(request_id ? request_id : "");
+    ev.finish = CPM__V1__FINISH_REASON__FINISH_ERROR;
+    ev.final = true;
+    ev.error = &e;
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = m->env->corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TOKEN_EVENT;
+    env.token_event = &ev;
+    cpm_sock_send(r->rpc, &m->peer, &env, NULL, NULL);
+}
+
+static job *rpc_find(cpm_router *r, const cpm_peer *peer, const char *request_id) {
+    for (job *j = r->jobs; j; j = j->next)
+        if (j->kind == JOB_RPC && !j->answered && strcmp(j->request_id, request_id) == 0 &&
+            j->peer.len == peer->len && memcmp(j->peer.id, peer->id, peer->len) == 0)
+            return j;
+    return NULL;
+}
+
+static void rpc_generate(cpm_router *r, const cpm_inmsg *m) {
+    const Cpm__V1__GenerateRequest *g = m->env->generate;
+    const char *rid = g->request_id ? g->request_id : "";
+    char msg[256];
+    if (!rid[0] || strlen(rid) > REQUEST_ID_MAX) {
+        snprintf(msg, sizeof msg, "request_id must be 1..%d characters", REQUEST_ID_MAX);
+        rpc_reply_error(r, m, rid, CPM_EINVAL, msg);
+        return;
+    }
+    if (!cpm_router_ready(r) || r->closing) {
+        rpc_reply_error(r, m, rid, CPM_EAGAIN, "the cluster is not ready");
+        return;
+    }
+    if (rpc_find(r, &m->peer, rid)) {
+        rpc_reply_error(r, m, rid, CPM_EINVAL, "a request with this request_id is running");
+        return;
+    }
+    if (g->n_stop_ids > 64) {
+        rpc_reply_error(r, m, rid, CPM_EINVAL, "at most 64 stop_ids");
+        return;
+    }
+    const Cpm__V1__SamplingParams *p = g->params;
+    if (p && (!(p->temperature >= 0.0f && p->temperature <= 100.0f) ||
+              !(p->top_p >= 0.0f && p->top_p <= 1.0f) || !(p->min_p >= 0.0f && p->min_p <= 1.0f) ||
+              p->n_logprobs > MAX_TOP)) {
+        rpc_reply_error(r, m, rid, CPM_EINVAL, "sampling parameters out of range");
+        return;
+    }
+    job *j = job_new(r, JOB_RPC, CPM_EP_RPC);
+    if (!j) {
+        rpc_reply_error(r, m, rid, CPM_ENOMEM, "out of memory");
+        return;
+    }
+    j->peer = m->peer;
+    j->corr = m->env->corr;
+    snprintf(j->request_id, sizeof j->request_id, "%s", rid);
+    j->stream = g->stream;
+    j->ignore_eos = g->ignore_eos;
+    j->logprobs = p && p->logprobs;
+    j->top_logprobs = p ? (int)p->n_logprobs : 0;
+    j->n_prompts = 1;
+    j->prompt_ids = calloc(1, sizeof *j->prompt_ids);
+    j->prompt_len = calloc(1, sizeof *j->prompt_len);
+    if (g->n_stop_ids)
+        j->stop_ids = malloc(g->n_stop_ids * sizeof *j->stop_ids);
+    if (!j->prompt_ids || !j->prompt_len || (g->n_stop_ids && !j->stop_ids) || gens_init(j, 1) ||
+        !(j->prompt_ids[0] = malloc((g->n_prompt_ids ? g->n_prompt_ids : 1) * sizeof(int32_t)))) {
+        job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    memcpy(j->prompt_ids[0], g->prompt_ids, g->n_prompt_ids * sizeof(int32_t));
+    j->prompt_len[0] = (int)g->n_prompt_ids;
+    if (g->n_stop_ids)
+        memcpy(j->stop_ids, g->stop_ids, g->n_stop_ids * sizeof(int32_t));
+    j->n_stop_ids = (int)g->n_stop_ids;
+    if (p)
+        j->gens[0].params = *p;
+    else
+        cpm__v1__sampling_params__init(&j->gens[0].params);
+    j->gens[0].params.base = (ProtobufCMessage)CPM__V1__SAMPLING_PARAMS__INIT.base;
+    if (!p || p->seed == 0)
+        j->gens[0].params.seed = seed_for(r, false, 0, 0);
+    job_admit(j, (int)g->max_tokens, NULL, 0);
+}
+
+static void rpc_cancel(cpm_router *r, const cpm_inmsg *m) {
+    const char *rid = m->env->cancel->request_id ? m->env->cancel->request_id : "";
+    job *j = rpc_find(r, &m->peer, rid);
+    if (!j)
+        return; /* finished already: its final event is on the way */
+    j->aborted = true;
+    for (int i = 0; i < j->n_gens; i++)
+        if (!cpm_req_state_terminal(j->gens[i].state))
+            gen_finish(&j->gens[i], CPM_REQ_CANCELLED, NULL);
+    job_complete(j);
+    pump(r);
+}
+
+static void rpc_health(cpm_router *r, const cpm_inmsg *m) {
+    Cpm__V1__Health h = CPM__V1__HEALTH__INIT;
+    h.service = "router";
+    h.name = "router";
+    h.ready = cpm_router_ready(r);
+    h.status = h.ready ? "ready" : "waiting for services";
+    if (r->sched) {
+        cpm_sched_stats st;
+        cpm_sched_get_stats(r->sched, &st);
+        h.queue_depth = (uint32_t)st.queued;
+        h.live_seqs = (uint32_t)st.live;
+    }
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = m->env->corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
+    env.health = &h;
+    cpm_sock_send(r->rpc, &m->peer, &env, NULL, NULL);
+}
+
+static void on_rpc(cpm_sock *s, cpm_inmsg *m, void *user) {
+    cpm_router *r = user;
+    switch (m->env->body_case) {
+    case CPM__V1__ENVELOPE__BODY_GENERATE:
+        rpc_generate(r, m);
+        break;
+    case CPM__V1__ENVELOPE__BODY_CANCEL:
+        rpc_cancel(r, m);
+        break;
+    case CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST:
+        rpc_health(r, m);
+        break;
+    default: {
+        char msg[96];
+        snprintf(msg, sizeof msg, "router rpc: unexpected body '%s'",
+                 cpm_wire_body_name(m->env->body_case));
+        cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EINVAL, msg, NULL);
+    }
+    }
+    cpm_inmsg_free(m);
+}
+
+/* ---- health and readiness -------------------------------------------------------------- */
+
+bool cpm_router_ready(const cpm_router *r) {
+    if (!r->have_model || !r->sched)
+        return false;
+    for (int i = 0; i < r->n_svcs; i++)
+        if (!r->svcs[i].ready)
+            return false;
+    return true;
+}
+
+/* The model facts come from the last stage (it owns lm_head and knows them all). */
+static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
+    if (r->have_model || !mi || mi->vocab_size == 0 || mi->max_position < 2)
+        return 0;
+    r->vocab_size = (int)mi->vocab_size;
+    r->max_position = (int)mi->max_position;
+    r->n_eos = 0;
+    for (size_t i = 0; i < mi->n_eos_ids && r->n_eos < 8; i++)
+        r->eos_ids[r->n_eos++] = mi->eos_ids[i];
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    if (r->tok) { /* generation_config may name more stop ids than config.json */
+        const int32_t *ids;
+        size_t n = cpm_tokenizer_stop_ids(r->tok, &ids);
+        for (size_t i = 0; i < n && r->n_eos < 8; i++) {
+            bool dup = false;
+            for (int k = 0; k < r->n_eos; k++)
+                dup |= r->eos_ids[k] == ids[i];
+            if (!dup)
+                r->eos_ids[r->n_eos++] = ids[i];
+        }
+    }
+#endif
+    const cpm_config *c = r->cfg;
+    cpm_sched_opts so = cpm_sched_opts_default();
+    so.max_inflight = c->router.micro_batches > 0 ? c->router.micro_batches : 2;
+    so.prefill_chunk = c->router.prefill_chunk > 0 ? c->router.prefill_chunk : 256;
+    so.max_queue = c->router.max_queue;
+    so.max_seqs = c->router.max_seqs;
+    so.max_context = r->max_position;
+    so.kv_tokens = 0;
+    so.max_batch_tokens = 1 << 30;
+    for (int i = 0; i < c->n_stages; i++) {
+        const cpm_cfg_stage *st = &c->stages[i];
+        if (st->max_batch_tokens > 0 && st->max_batch_tokens < so.max_batch_tokens)
+            so.max_batch_tokens = st->max_batch_tokens;
+        if (st->max_seqs > 0 && st->max_seqs < so.max_seqs)
+            so.max_seqs = st->max_seqs;
+        if (st->kv_tokens > 0 && (so.kv_tokens == 0 || st->kv_tokens < so.kv_tokens))
+            so.kv_tokens = st->kv_tokens;
+    }
+    if (so.max_batch_tokens == 1 << 30)
+        so.max_batch_tokens = 512;
+    if (so.kv_tokens && so.kv_tokens < so.max_context)
+        so.max_context = so.kv_tokens; /* one sequence can never outgrow one stage's cache */
+    r->max_position = so.max_context;
+    cpm_error e = {0};
+    free(r->steps);
+    r->steps = calloc((size_t)so.max_inflight, sizeof *r->steps);
+    if (!r->steps || cpm_sched_new(&so, &r->sched, &e)) {
+        LOG(r, CPM_LOG_ERROR, "scheduler: %s", e.msg);
+        return CPM_ENOMEM;
+    }
+    r->have_model = true;
+    LOG(r, CPM_LOG_INFO,
+        "model %s: vocab %d, context %d; micro-batches %d x %d rows, %d sequences", r->model_name,
+        r->vocab_size, r->max_position, so.max_inflight, so.max_batch_tokens, so.max_seqs);
+    return 0;
+}
+
+static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
+    (void)s;
+    svc *sv = user;
+    cpm_router *r = NULL;
+    /* user points into r->svcs: recover r from the array base via the index stored in name */
+    (void)r;
+    bool was = sv->ready;
+    sv->answered = true;
+    if (status != 0 || reply->env->body_case != CPM__V1__ENVELOPE__BODY_HEALTH) {
+        sv->ready = false;
+        snprintf(sv->status, sizeof sv->status, "%s",
+                 status ? cpm_strerror(status) : "unexpected reply to health_request");
+    } else {
+        const Cpm__V1__Health *h = reply->env->health;
+        sv->ready = h->ready;
+        snprintf(sv->status, sizeof sv->status, "%s", h->status ? h->status : "");
+        sv->kv_used = (int)h->kv_used;
+        sv->kv_total = (int)h->kv_total;
+    }
+    (void)was;
+    cpm_inmsg_free(reply);
+}
+
+typedef struct health_ctx {
+    cpm_router *r;
+    int i;
+} health_ctx;
+
+static void on_health_ctx(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
+    health_ctx *hc = user;
+    cpm_router *r = hc->r;
+    svc *sv = &r->svcs[hc->i];
+    bool last_stage = hc->i == r->first_stage + r->n_stages - 1;
+    if (status == 0 && last_stage && reply->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH &&
+        reply->env->health->ready)
+        take_model_info(r, reply->env->health->model);
+    free(hc);
+    on_health_reply(s, reply, status, sv);
+    if (r->closing)
+        return;
+}
+
+static void poll_health(cpm_router *r) {
+    for (int i = 0; i < r->n_svcs; i++) {
+        health_ctx *hc = malloc(sizeof *hc);
+        if (!hc)
+            return;
+        hc->r = r;
+        hc->i = i;
+        Cpm__V1__HealthRequest hr = CPM__V1__HEALTH_REQUEST__INIT;
+        Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+        env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST;
+        env.health_request = &hr;
+        int timeout = r->o.health_interval_ms > 200 ? r->o.health_interval_ms - 100 : 100;
+        if (cpm_sock_call(r->svcs[i].sock, &env, NULL, timeout, on_health_ctx, hc, NULL) < 0)
+            free(hc);
+    }
+}
+
+static void on_health_timer(uv_timer_t *t) {
+    poll_health(t->data);
+}
+
+/* ---- life cycle ----------------------------------------------------------------------------- */
+
+int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
+                   const cpm_router_opts *opts, cpm_router **ret, cpm_error *err) {
+    *ret = NULL;
+    if (!loop || !zctx || !cfg)
+        return cpm_error_set(err, CPM_EINVAL, "router: loop, zmq context and config are required");
+    if (cfg->n_stages < 1 || cfg->n_samplers < 1)
+        return cpm_error_set(err, CPM_EINVAL, "router: the config needs at least one stage and "
+                                              "one sampler");
+    cpm_router *r = calloc(1, sizeof *r);
+    if (!r)
+        return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
+    r->loop = loop;
+    r->zctx = zctx;
+    r->cfg = cfg;
+    r->o = opts ? *opts : cpm_router_opts_default();
+    if (r->o.health_interval_ms <= 0)
+        r->o.health_interval_ms = 1000;
+    r->oai_lim = cpm_oai_limits_default();
+    r->oai_lim.max_prompt_ids = cfg->router.max_prompt_tokens;
+    snprintf(r->model_name, sizeof r->model_name, "%s", cfg->name);
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    cpm_error te = {0};
+    if (cpm_tokenizer_load(cfg->model, &r->tok, &te) != 0) {
+        r->tok = NULL; /* token-in/token-out only: text prompts get a 400 naming this */
+        LOG(r, CPM_LOG_WARN, "no tokenizer (%s): token-id prompts only", te.msg);
+    }
+#endif
+    *ret = r;
+    return 0;
+}
+
+static int add_svc(cpm_router *r, const char *name, const char *endpoint, cpm_error *err) {
+    svc *sv = &r->svcs[r->n_svcs];
+    snprintf(sv->name, sizeof sv->name, "%s", name);
+    snprintf(sv->status, sizeof sv->status, "not answered yet");
+    int rc = cpm_sock_new(r->loop, r->zctx, ZMQ_DEALER, NULL, NULL, r, &sv->sock, err);
+    if (rc == 0)
+        rc = cpm_sock_connect(sv->sock, endpoint, err);
+    if (rc)
+        return cpm_error_prefix(err, "router: %s (%s)", name, endpoint);
+    r->n_svcs++;
+    return 0;
+}
+
+static void on_unexpected(cpm_sock *s, cpm_inmsg *m, void *user) {
+    (void)s, (void)user;
+    cpm_inmsg_free(m); /* a late reply to a call that timed out */
+}
+
+int cpm_router_start(cpm_router *r, cpm_error *err) {
+    const cpm_config *c = r->cfg;
+    const cpm_cfg_router *rc = &c->router;
+    char name[32];
+    int e;
+    r->first_stage = r->n_svcs;
+    r->n_stages = c->n_stages;
+    for (int i = 0; i < c->n_stages; i++) {
+        snprintf(name, sizeof name, "stage%d", i);
+        if ((e = add_svc(r, name, c->stages[i].svc.endpoint, err)))
+            return e;
+    }
+    r->first_sampler = r->n_svcs;
+    r->n_samplers = c->n_samplers;
+    for (int i = 0; i < c->n_samplers; i++) {
+        snprintf(name, sizeof name, "sampler%d", i);
+        if ((e = add_svc(r, name, c->samplers[i].endpoint, err)))
+            return e;
+    }
+    for (int i = 0; i < r->n_svcs; i++)
+        r->svcs[i].sock = r->svcs[i].sock; /* on_msg is NULL: replies go to calls only */
+    cpm_sock_opts ro = cpm_sock_opts_default();
+    if ((e = cpm_sock_new(r->loop, r->zctx, ZMQ_ROUTER, &ro, on_result, r, &r->results, err)) ||
+        (e = cpm_sock_bind(r->results, rc->results, err)))
+        return cpm_error_prefix(err, "router: results endpoint %s", rc->results);
+    cpm_sock_opts po = cpm_sock_opts_default();
+    po.max_msg_size = 16ll << 20; /* generate requests carry ids, never tensors */
+    if ((e = cpm_sock_new(r->loop, r->zctx, ZMQ_ROUTER, &po, on_rpc, r, &r->rpc, err)) ||
+        (e = cpm_sock_bind(r->rpc, rc->rpc, err)))
+        return cpm_error_prefix(err, "router: rpc endpoint %s", rc->rpc);
+    cpm_http_limits hl = cpm_http_limits_default();
+    if (rc->max_body_bytes > 0)
+        hl.max_body = (size_t)rc->max_body_bytes;
+    if ((e = cpm_http_server_new(r->loop, &hl, on_http, r, &r->http, err)))
+        return e;
+    const char *addr = r->o.http_addr ? r->o.http_addr : rc->http_addr[0] ? rc->http_addr : "127.0.0.1";
+    int port = r->o.http_port >= 0 ? r->o.http_port : rc->http_port;
+    if ((e = cpm_http_server_listen(r->http, addr, port, err)))
+        return e;
+    uv_timer_init(r->loop, &r->health_timer);
+    uv_timer_init(r->loop, &r->step_timer);
+    r->health_timer.data = r;
+    r->step_timer.data = r;
+    r->started = true;
+    uv_timer_start(&r->health_timer, on_health_timer, 0, (uint64_t)r->o.health_interval_ms);
+    uv_timer_start(&r->step_timer, on_step_timer, 250, 250);
+    (void)on_unexpected;
+    return 0;
+}
+
+int cpm_router_http_port(const cpm_router *r) {
+    return r->http ? cpm_http_server_port(r->http) : -1;
+}
+
+static void router_free(cpm_router *r) {
+    void (*done)(void *) = r->done;
+    void *ud = r->done_ud;
+#ifdef CPM_ROUTER_HAVE_TOKENIZER
+    cpm_tokenizer_free(r->tok);
+#endif
+    cpm_sched_free(r->sched);
+    free(r->steps);
+    free(r);
+    if (done)
+        done(ud);
+}
+
+static void close_step(cpm_router *r) {
+    if (--r->closing_handles == 0)
+        router_free(r);
+}
+
+static void on_timer_closed(uv_handle_t *h) {
+    close_step(h->data);
+}
+
+static void on_http_closed(void *ud) {
+    close_step(ud);
+}
+
+void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud) {
+    if (!r)
+        return;
+    r->closing = true;
+    r->done = done;
+    r->done_ud = ud;
+    /* every request still gets its one answer before the sockets go */
+    for (job *j = r->jobs, *next; j; j = next) {
+        next = j->next;
+        if (!j->answered)
+            job_fail(j, 503, "service_unavailable_error", "shutting_down",
+                     "the server is shutting down");
+    }
+    r->closing_handles = 1; /* this function's own reference */
+    if (r->http) {
+        r->closing_handles++;
+        cpm_http_server_close(r->http, on_http_closed, r);
+        r->http = NULL;
+    }
+    for (int i = 0; i < r->n_svcs; i++)
+        cpm_sock_free(r->svcs[i].sock);
+    cpm_sock_free(r->results);
+    cpm_sock_free(r->rpc);
+    if (r->started) {
+        r->closing_handles += 2;
+        uv_close((uv_handle_t *)&r->health_timer, on_timer_closed);
+        uv_close((uv_handle_t *)&r->step_timer, on_timer_closed);
+    }
+    close_step(r);
+}

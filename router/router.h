@@ -1,0 +1,53 @@
+/* router.h - cpm-router, the cluster's front door, as a library on one libuv loop.
+ *
+ * Ties the pieces together: HTTP (http.h) and the internal RPC (ZeroMQ ROUTER
+ * speaking proto/cpm.proto Generate) take requests; openai.h validates them; the
+ * prompt is tokenized once here; scheduler.h packs sequences into micro-batches
+ * that go round the pipeline ring (stage 0 -> ... -> last stage -> back here);
+ * logits go to a cpm-sampler; sampled ids are detokenized incrementally and go
+ * back to the client as JSON or SSE. main.c is a thin shell around this.
+ *
+ *   cpm_router *r;
+ *   if (cpm_router_new(loop, zctx, cfg, &opts, &r, &e)) die(e.msg);
+ *   if (cpm_router_start(r, &e)) die(e.msg);
+ *   uv_run(loop, UV_RUN_DEFAULT);   // until cpm_router_close(r, ...)
+ */
+#ifndef CPM_ROUTER_H
+#define CPM_ROUTER_H
+
+#include <stdbool.h>
+#include <uv.h>
+
+#include "../services/common/config.h"
+#include "../services/common/error.h"
+#include "../services/common/log.h"
+
+typedef struct cpm_router cpm_router;
+
+typedef struct cpm_router_opts {
+    int http_port;          /* -1: the config's; 0: any free port (see cpm_router_http_port) */
+    const char *http_addr;  /* NULL: the config's */
+    int health_interval_ms; /* how often back-end health is polled (default 1000) */
+    const cpm_log *log;     /* may be NULL: no logging */
+} cpm_router_opts;
+
+cpm_router_opts cpm_router_opts_default(void);
+
+/* cfg and opts->log are borrowed and must outlive the router. zctx is a zmq context. */
+int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
+                   const cpm_router_opts *opts, cpm_router **ret, cpm_error *err);
+
+/* Binds HTTP, the RPC and results endpoints, connects to the services, and starts
+ * polling their health. Requests get 503 until every service is ready. */
+int cpm_router_start(cpm_router *r, cpm_error *err);
+
+int cpm_router_http_port(const cpm_router *r);
+
+bool cpm_router_ready(const cpm_router *r);
+
+/* Stops accepting, fails what is running (each request still gets its one final
+ * answer), closes everything; done(ud) runs when all handles are closed and the
+ * router is freed. r may be NULL. */
+void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud);
+
+#endif

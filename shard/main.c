@@ -1,0 +1,104 @@
+/* main.c - cpm-shard: one pipeline stage as a process. Its layers, endpoints and limits
+ * come from the cluster file (--config FILE --index N) or from flags. See stage.h. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "services/common/svcmain.h"
+#include "shard/stage.h"
+
+static void stop(void *user) {
+    cpm_stage_free(user);
+}
+
+static void on_ready(cpm_stage *st, int status, const cpm_error *err, void *user) {
+    const cpm_log *log = user;
+    if (status) {
+        cpm_log_error(log, "load failed: %s", err->msg);
+        /* Nothing useful left to serve: exit, so the launcher sees the failure at once. */
+        (void)st;
+        exit(1);
+    }
+    cpm_log_info(log, "ready");
+}
+
+static const char *extra =
+    "\n       [--layers BEGIN:END] [--next ENDPOINT] [--kv-tokens N] [--max-seqs N]"
+    " [--max-batch-tokens N]";
+
+int main(int argc, char **argv) {
+    cpm_svc_args a;
+    char *rest[64];
+    int n_rest = cpm_svc_parse_args(argc, argv, "stage", extra, &a, rest);
+    cpm_stage_opts o = cpm_stage_opts_default();
+    if (a.config) {
+        cpm_config *c = a.config;
+        if (a.index < 0 || a.index >= c->n_stages) {
+            cpm_log_error(&a.log, "%s: no stages[%d]", c->path, a.index);
+            return 1;
+        }
+        const cpm_cfg_stage *s = &c->stages[a.index];
+        o.bind = s->svc.endpoint;
+        o.next = cpm_config_stage_next(c, a.index);
+        o.layer_begin = s->layer_begin;
+        o.layer_end = s->layer_end;
+        o.threads = s->svc.threads;
+        o.kv_tokens = s->kv_tokens;
+        o.max_seqs = s->max_seqs;
+        o.max_batch_tokens = s->max_batch_tokens;
+        o.model_dir = c->model;
+    }
+    for (int i = 0; i < n_rest; i++) {
+        const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
+        if (!v) {
+            fprintf(stderr, "cpm-shard: %s needs a value\n", rest[i]);
+            return 2;
+        }
+        if (!strcmp(rest[i], "--layers")) {
+            if (sscanf(v, "%d:%d", &o.layer_begin, &o.layer_end) != 2) {
+                fprintf(stderr, "cpm-shard: --layers wants BEGIN:END (END -1 = last)\n");
+                return 2;
+            }
+        } else if (!strcmp(rest[i], "--next"))
+            o.next = v;
+        else if (!strcmp(rest[i], "--kv-tokens"))
+            o.kv_tokens = atoi(v);
+        else if (!strcmp(rest[i], "--max-seqs"))
+            o.max_seqs = atoi(v);
+        else if (!strcmp(rest[i], "--max-batch-tokens"))
+            o.max_batch_tokens = atoi(v);
+        else {
+            fprintf(stderr, "cpm-shard: unknown argument '%s'\n", rest[i]);
+            return 2;
+        }
+        i++;
+    }
+    if (a.bind)
+        o.bind = a.bind;
+    if (a.model)
+        o.model_dir = a.model;
+    if (a.threads)
+        o.threads = a.threads;
+    o.name = a.name;
+    if (!o.bind || !o.next || !o.model_dir || !*o.model_dir) {
+        cpm_log_error(&a.log, "need --config FILE --index N, or --bind EP --next EP --model DIR");
+        return 2;
+    }
+    void *z = zmq_ctx_new();
+    uv_loop_t *loop = uv_default_loop();
+    cpm_stage *st;
+    cpm_error e = {0};
+    if (cpm_stage_new(loop, z, &o, on_ready, &a.log, &st, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s, loading", o.layer_begin, o.layer_end,
+                 o.model_dir, o.bind, o.next);
+    cpm_svc_run(loop, stop, st, &a.log);
+    uv_loop_close(loop);
+    cpm_config_free(a.config);
+    zmq_ctx_term(z);
+    cpm_log_info(&a.log, "stopped");
+    return 0;
+}

@@ -1,0 +1,638 @@
+/* stage.c - a pipeline stage: inbound ROUTER, FIFO of micro-batches, one worker job at a
+ * time running cpm_model_forward, outbound DEALER to the next hop.
+ *
+ * Threading: the loop thread owns the sockets, the queue and the stats; the worker
+ * owns the model, the KV cache and the sequence map while a job runs. Only one job
+ * runs at a time (micro-batches must be applied to the KV cache in order), and its
+ * after-callback on the loop thread is the hand-over point.
+ */
+#include "stage.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "services/common/transport.h"
+#include "shard/kv_cache.h"
+#include "shard/model/model.h"
+
+typedef struct item {
+    struct item *next;
+    cpm_inmsg *m;
+} item;
+
+typedef struct seq_entry {
+    uint64_t id;
+    int handle;
+} seq_entry;
+
+struct cpm_stage {
+    uv_loop_t *loop;
+    cpm_sock *in, *out;
+    cpm_stage_opts opts;
+    char name[64], model_dir[1024], model_name[256];
+    cpm_stage_ready_cb ready_cb;
+    void *user;
+
+    /* worker-owned while a job runs */
+    cpm_model *model;
+    cpm_kv_cache *kv;
+    const cpm_model_info *info;
+    seq_entry *seqs;
+    int n_seqs;
+    int32_t *b_seq, *b_pos;   /* [max_batch_tokens] per-chunk scratch */
+    uint8_t *b_want;
+    cpm_error load_err;
+    int load_rc;
+
+    /* the running job */
+    uv_work_t work;
+    cpm_inmsg *job_in;
+    uint8_t *job_buf;
+    size_t job_size;
+    cpm_payload job_tensor;
+    bool job_has_tensor;
+    double job_compute_s;
+    int job_rows;
+    bool job_failed;
+
+    /* loop-owned */
+    item *q_head, *q_tail;
+    int q_len;
+    bool busy, loading, ready, closing;
+    cpm_stage_stats stats;
+    uint64_t started_ns;
+};
+
+cpm_stage_opts cpm_stage_opts_default(void) {
+    return (cpm_stage_opts){
+        .layer_begin = 0,
+        .layer_end = -1,
+        .threads = 1,
+        .kv_tokens = 16384,
+        .max_seqs = 64,
+        .max_batch_tokens = 512,
+        .max_queue = 256,
+        .name = "stage",
+    };
+}
+
+/* ------------------------------------------------------------------ sequence map (worker) */
+
+static int seq_find(const cpm_stage *st, uint64_t id) {
+    for (int i = 0; i < st->n_seqs; i++)
+        if (st->seqs[i].id == id)
+            return i;
+    return -1;
+}
+
+static void seq_release(cpm_stage *st, uint64_t id) {
+    int i = seq_find(st, id);
+    if (i < 0)
+        return; /* released twice, or never reached this stage: nothing to do */
+    cpm_kv_cache_seq_free(st->kv, st->seqs[i].handle);
+    st->seqs[i] = st->seqs[--st->n_seqs];
+}
+
+/* The KV handle of router sequence id, created when the sequence starts at position 0. */
+static int seq_handle(cpm_stage *st, uint64_t id, uint32_t pos, cpm_error *err) {
+    int i = seq_find(st, id);
+    if (i >= 0)
+        return st->seqs[i].handle;
+    if (pos != 0)
+        return cpm_error_set(err, CPM_ENOTFOUND, "seq %llu: unknown here, and position %u is not 0",
+                             (unsigned long long)id, pos);
+    if (st->n_seqs >= st->opts.max_seqs)
+        return cpm_error_set(err, CPM_ELIMIT, "seq %llu: %d sequences already live",
+                             (unsigned long long)id, st->n_seqs);
+    int h = cpm_kv_cache_seq_new(st->kv, err);
+    if (h < 0)
+        return h;
+    st->seqs[st->n_seqs++] = (seq_entry){.id = id, .handle = h};
+    return h;
+}
+
+/* ------------------------------------------------------------------ the forward job (worker) */
+
+static int check_input(const cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_inmsg *m,
+                       cpm_error *err) {
+    size_t n = f->n_seq;
+    if (!n)
+        return 0;
+    if (st->info->first_stage) {
+        if (f->n_ids != n)
+            return cpm_error_set(err, CPM_EFORMAT, "first stage needs one id per row (%zu ids, %zu rows)",
+                                 f->n_ids, n);
+        for (size_t i = 0; i < n; i++)
+            if (f->ids[i] < 0 || f->ids[i] >= st->info->vocab_size)
+                return cpm_error_set(err, CPM_ERANGE, "row %zu: id %d outside vocab %d", i, f->ids[i],
+                                     st->info->vocab_size);
+        return 0;
+    }
+    if (!f->hidden || !m->tensor)
+        return cpm_error_set(err, CPM_EFORMAT, "stage %d..%d needs an activation frame",
+                             st->info->layer_begin, st->info->layer_end);
+    if (f->hidden->dtype != CPM__V1__DTYPE__DTYPE_F32 || f->hidden->shape[1] != (uint32_t)st->info->hidden_size)
+        return cpm_error_set(err, CPM_ESHAPE, "activations must be F32 [%zu, %d]", n,
+                             st->info->hidden_size);
+    return 0;
+}
+
+/* Maps every row to its KV handle and checks positions continue each cache (a sequence's
+ * first row in the batch may rewind it: re-prefill after a failure). */
+static int map_rows(cpm_stage *st, const Cpm__V1__StageForward *f, int32_t *ret_handles,
+                    cpm_error *err) {
+    for (size_t i = 0; i < f->n_seq; i++) {
+        int h = seq_handle(st, f->seq[i], f->pos[i], err);
+        if (h < 0)
+            return h;
+        ret_handles[i] = h;
+        bool first_in_batch = true;
+        for (size_t j = i; j-- > 0;)
+            if (f->seq[j] == f->seq[i]) {
+                first_in_batch = false;
+                if (f->pos[i] != f->pos[j] + 1)
+                    return cpm_error_set(err, CPM_EINVAL, "seq %llu: position %u after %u in one batch",
+                                         (unsigned long long)f->seq[i], f->pos[i], f->pos[j]);
+                break;
+            }
+        if (!first_in_batch)
+            continue;
+        int len = cpm_kv_cache_seq_len(st->kv, h);
+        if ((int)f->pos[i] > len)
+            return cpm_error_set(err, CPM_EINVAL, "seq %llu: position %u but %d tokens are cached",
+                                 (unsigned long long)f->seq[i], f->pos[i], len);
+        if ((int)f->pos[i] < len)
+            cpm_kv_cache_seq_truncate(st->kv, h, (int)f->pos[i]);
+    }
+    return 0;
+}
+
+static void free_buf(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+/* Runs the rows in chunks of max_batch_tokens; out gets [n, hidden] or [n_want, vocab]. */
+static int run_chunks(cpm_stage *st, const Cpm__V1__StageForward *f, const float *hidden,
+                      const int32_t *handles, float *out, cpm_error *err) {
+    int n = (int)f->n_seq, mb = st->info->max_batch_tokens;
+    if (mb <= 0 || mb > st->opts.max_batch_tokens)
+        mb = st->opts.max_batch_tokens;
+    size_t out_row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
+    size_t done_out = 0;
+    for (int start = 0; start < n; start += mb) {
+        int c = n - start < mb ? n - start : mb;
+        int wanted = 0;
+        for (int i = 0; i < c; i++) {
+            st->b_pos[i] = (int32_t)f->pos[start + i];
+            st->b_want[i] = f->n_want ? (uint8_t)(f->want[start + i] != 0) : 1;
+            wanted += st->b_want[i];
+        }
+        cpm_batch b = {
+            .n_tokens = c,
+            .ids = f->n_ids ? f->ids + start : NULL,
+            .hidden = hidden ? hidden + (size_t)start * (size_t)st->info->hidden_size : NULL,
+            .seq = handles + start,
+            .pos = st->b_pos,
+            .want = st->b_want,
+        };
+        int rc = cpm_model_forward(st->model, st->kv, &b, out + done_out * out_row, err);
+        if (rc)
+            return rc;
+        done_out += st->info->last_stage ? (size_t)wanted : (size_t)c;
+    }
+    return 0;
+}
+
+static void fill_desc(Cpm__V1__TensorDesc *d, uint32_t *shape, uint32_t rows, uint32_t cols) {
+    cpm__v1__tensor_desc__init(d);
+    d->dtype = CPM__V1__DTYPE__DTYPE_F32;
+    shape[0] = rows;
+    shape[1] = cols;
+    d->n_shape = 2;
+    d->shape = shape;
+}
+
+/* Builds the downstream message for a successful forward: the next stage's forward with
+ * the activations, or the router's result with the logits of the wanted rows. */
+static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, float *out, size_t n_out,
+                       double compute_s, cpm_error *err) {
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    Cpm__V1__TensorDesc d;
+    uint32_t shape[2];
+    size_t n = f->n_seq;
+    int rc;
+    if (!st->info->last_stage) {
+        Cpm__V1__StageForward nf = *f; /* same rows, positions, wants and releases */
+        nf.n_ids = 0;
+        nf.ids = NULL;
+        nf.hidden = NULL;
+        nf.compute_s = f->compute_s + compute_s;
+        if (n) {
+            fill_desc(&d, shape, (uint32_t)n, (uint32_t)st->info->hidden_size);
+            nf.hidden = &d;
+        }
+        env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+        env.forward = &nf;
+        rc = cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
+    } else {
+        uint64_t *seq = malloc((n_out ? n_out : 1) * sizeof *seq);
+        uint32_t *pos = malloc((n_out ? n_out : 1) * sizeof *pos);
+        if (!seq || !pos) {
+            free(seq);
+            free(pos);
+            free(out);
+            return cpm_error_set(err, CPM_ENOMEM, "result rows");
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (!f->n_want || f->want[i]) {
+                seq[k] = f->seq[i];
+                pos[k++] = f->pos[i];
+            }
+        Cpm__V1__StageResult r = CPM__V1__STAGE_RESULT__INIT;
+        r.step = f->step;
+        r.n_seq = r.n_pos = n_out;
+        r.seq = seq;
+        r.pos = pos;
+        r.compute_s = f->compute_s + compute_s;
+        if (n_out) {
+            fill_desc(&d, shape, (uint32_t)n_out, (uint32_t)st->info->vocab_size);
+            r.logits = &d;
+        }
+        env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
+        env.result = &r;
+        rc = cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
+        free(seq);
+        free(pos);
+    }
+    if (rc || !n_out) {
+        free(out);
+        return rc;
+    }
+    size_t row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
+    st->job_tensor = (cpm_payload){.data = out, .size = n_out * row * sizeof(float), .free_fn = free_buf};
+    st->job_has_tensor = true;
+    return 0;
+}
+
+static int do_forward(cpm_stage *st, const cpm_inmsg *m, cpm_error *err) {
+    const Cpm__V1__StageForward *f = m->env->forward;
+    for (size_t i = 0; i < f->n_release; i++)
+        seq_release(st, f->release[i]);
+    int rc = check_input(st, f, m, err);
+    if (rc)
+        return rc;
+    size_t n = f->n_seq, n_out = 0;
+    for (size_t i = 0; i < n; i++)
+        n_out += !f->n_want || f->want[i];
+    if (!st->info->last_stage)
+        n_out = n;
+    int32_t *handles = malloc((n ? n : 1) * sizeof *handles);
+    size_t row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
+    float *out = malloc((n_out ? n_out : 1) * row * sizeof *out);
+    if (!handles || !out) {
+        free(handles);
+        free(out);
+        return cpm_error_set(err, CPM_ENOMEM, "batch of %zu rows", n);
+    }
+    rc = map_rows(st, f, handles, err);
+    uint64_t t0 = uv_hrtime();
+    if (!rc && n)
+        rc = run_chunks(st, f, m->tensor, handles, out, err);
+    double dt = (double)(uv_hrtime() - t0) / 1e9;
+    free(handles);
+    if (rc) {
+        free(out);
+        return rc;
+    }
+    st->job_compute_s = dt;
+    st->job_rows = (int)n;
+    return pack_output(st, f, out, n_out, dt, err);
+}
+
+/* A failed forward still yields exactly one message downstream: the result with the error. */
+static void pack_error(cpm_stage *st, uint64_t step, const cpm_error *e) {
+    Cpm__V1__Error er = CPM__V1__ERROR__INIT;
+    er.code = e->code ? e->code : CPM_EINTERNAL;
+    er.message = (char *)e->msg;
+    er.service = st->name;
+    Cpm__V1__StageResult r = CPM__V1__STAGE_RESULT__INIT;
+    r.step = step;
+    r.error = &er;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
+    env.result = &r;
+    cpm_wire_pack(&env, &st->job_buf, &st->job_size, NULL);
+}
+
+static void job_run(uv_work_t *w) {
+    cpm_stage *st = w->data;
+    const cpm_inmsg *m = st->job_in;
+    if (m->env->body_case == CPM__V1__ENVELOPE__BODY_RESULT) {
+        /* An upstream stage's failure: pass it on in order with the forwards. */
+        cpm_wire_pack(m->env, &st->job_buf, &st->job_size, NULL);
+        return;
+    }
+    cpm_error e = {0};
+    if (do_forward(st, m, &e)) {
+        cpm_error_prefix(&e, "%s", st->name);
+        st->job_failed = true;
+        pack_error(st, m->env->forward->step, &e);
+    }
+}
+
+/* ------------------------------------------------------------------ loop side */
+
+static void free_all(cpm_stage *st) {
+    while (st->q_head) {
+        item *it = st->q_head;
+        st->q_head = it->next;
+        cpm_inmsg_free(it->m);
+        free(it);
+    }
+    cpm_kv_cache_free(st->kv);
+    cpm_model_free(st->model);
+    free(st->seqs);
+    free(st->b_seq);
+    free(st->b_pos);
+    free(st->b_want);
+    free(st);
+}
+
+static void start_next(cpm_stage *st);
+
+static void job_done(uv_work_t *w, int status) {
+    cpm_stage *st = w->data;
+    (void)status;
+    st->busy = false;
+    if (!st->closing && st->job_buf) {
+        cpm_payload *t = st->job_has_tensor ? &st->job_tensor : NULL;
+        cpm_error e = {0};
+        if (cpm_sock_send_packed(st->out, NULL, st->job_buf, st->job_size, t, &e))
+            st->stats.failed++;
+    } else {
+        free(st->job_buf);
+        if (st->job_has_tensor)
+            st->job_tensor.free_fn(st->job_tensor.data, st->job_tensor.hint);
+    }
+    st->job_buf = NULL;
+    st->job_has_tensor = false;
+    st->stats.batches++;
+    st->stats.rows += (unsigned long long)st->job_rows;
+    st->stats.compute_s += st->job_compute_s;
+    st->stats.failed += st->job_failed;
+    st->job_rows = 0;
+    st->job_compute_s = 0;
+    st->job_failed = false;
+    cpm_inmsg_free(st->job_in);
+    st->job_in = NULL;
+    /* No job runs now, so the worker-owned state may be read. */
+    st->stats.live_seqs = st->n_seqs;
+    cpm_kv_cache_usage(st->kv, &st->stats.kv_used, &st->stats.kv_total);
+    if (st->closing) {
+        free_all(st);
+        return;
+    }
+    start_next(st);
+}
+
+static void start_next(cpm_stage *st) {
+    if (st->busy || !st->ready || !st->q_head || st->closing)
+        return;
+    item *it = st->q_head;
+    st->q_head = it->next;
+    if (!st->q_head)
+        st->q_tail = NULL;
+    st->q_len--;
+    st->stats.queued = st->q_len;
+    st->job_in = it->m;
+    free(it);
+    st->busy = true;
+    st->work.data = st;
+    uv_queue_work(st->loop, &st->work, job_run, job_done);
+}
+
+/* Refuses a forward without queueing it: the error still travels to the router. */
+static void refuse(cpm_stage *st, const cpm_inmsg *m, int code, const char *why) {
+    uint64_t step = m->env->body_case == CPM__V1__ENVELOPE__BODY_FORWARD ? m->env->forward->step : 0;
+    Cpm__V1__Error er = CPM__V1__ERROR__INIT;
+    er.code = code;
+    er.message = (char *)why;
+    er.service = st->name;
+    Cpm__V1__StageResult r = CPM__V1__STAGE_RESULT__INIT;
+    r.step = step;
+    r.error = &er;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
+    env.result = &r;
+    cpm_sock_send(st->out, NULL, &env, NULL, NULL);
+    st->stats.failed++;
+}
+
+static void answer_health(cpm_stage *st, const cpm_inmsg *m) {
+    Cpm__V1__Health h = CPM__V1__HEALTH__INIT;
+    Cpm__V1__ModelInfo mi = CPM__V1__MODEL_INFO__INIT;
+    char status[CPM_ERROR_MSG_MAX + 16];
+    h.service = "stage";
+    h.name = st->name;
+    h.ready = st->ready;
+    if (st->loading)
+        snprintf(status, sizeof status, "loading");
+    else if (!st->ready)
+        snprintf(status, sizeof status, "failed: %s", st->load_err.msg);
+    else
+        snprintf(status, sizeof status, "serving");
+    h.status = status;
+    h.queue_depth = (uint32_t)st->q_len + st->busy;
+    h.uptime_s = (double)(uv_hrtime() - st->started_ns) / 1e9;
+    int32_t eos[CPM_MAX_EOS];
+    if (st->ready) {
+        const cpm_model_info *in = st->info;
+        h.layer_begin = (uint32_t)in->layer_begin;
+        h.layer_end = (uint32_t)in->layer_end;
+        h.kv_used = (uint32_t)st->stats.kv_used;
+        h.kv_total = (uint32_t)st->stats.kv_total;
+        h.live_seqs = (uint32_t)st->stats.live_seqs;
+        mi.arch = (char *)in->arch;
+        mi.variant = (char *)in->variant;
+        mi.vocab_size = (uint32_t)in->vocab_size;
+        mi.hidden_size = (uint32_t)in->hidden_size;
+        mi.n_layers = (uint32_t)in->n_layers;
+        mi.max_position = (uint32_t)in->max_position;
+        mi.bos_id = in->bos_id;
+        for (int i = 0; i < in->n_eos && i < CPM_MAX_EOS; i++)
+            eos[i] = in->eos_ids[i];
+        mi.n_eos_ids = (size_t)in->n_eos;
+        mi.eos_ids = eos;
+        mi.name = st->model_name;
+        h.model = &mi;
+    }
+    cpm_envelope r = CPM__V1__ENVELOPE__INIT;
+    r.corr = m->env->corr;
+    r.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
+    r.health = &h;
+    cpm_sock_send(st->in, &m->peer, &r, NULL, NULL);
+}
+
+static void on_in(cpm_sock *s, cpm_inmsg *m, void *user) {
+    cpm_stage *st = user;
+    switch (m->env->body_case) {
+    case CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST:
+        answer_health(st, m);
+        break;
+    case CPM__V1__ENVELOPE__BODY_FORWARD:
+    case CPM__V1__ENVELOPE__BODY_RESULT:
+        if (!st->ready) {
+            refuse(st, m, CPM_EAGAIN, st->loading ? "stage is still loading" : "stage failed to load");
+            break;
+        }
+        if (st->q_len >= st->opts.max_queue) {
+            refuse(st, m, CPM_ELIMIT, "stage queue full");
+            break;
+        }
+        item *it = calloc(1, sizeof *it);
+        if (!it) {
+            refuse(st, m, CPM_ENOMEM, "out of memory");
+            break;
+        }
+        it->m = m;
+        if (st->q_tail)
+            st->q_tail->next = it;
+        else
+            st->q_head = it;
+        st->q_tail = it;
+        st->stats.queued = ++st->q_len;
+        start_next(st);
+        return; /* the queue owns m now */
+    case CPM__V1__ENVELOPE__BODY_ERROR:
+        break;
+    default:
+        cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED, "a stage takes forward and health_request",
+                            NULL);
+        break;
+    }
+    cpm_inmsg_free(m);
+}
+
+static void on_out(cpm_sock *s, cpm_inmsg *m, void *user) {
+    (void)s;
+    (void)user;
+    cpm_inmsg_free(m); /* the next hop never answers; drop anything it sends */
+}
+
+static void on_bad(cpm_sock *s, const cpm_error *e, void *user) {
+    (void)s;
+    (void)e;
+    cpm_stage *st = user;
+    st->stats.bad_messages++;
+}
+
+/* ------------------------------------------------------------------ loading */
+
+static void load_run(uv_work_t *w) {
+    cpm_stage *st = w->data;
+    cpm_model_opts mo = cpm_model_opts_default();
+    mo.layer_begin = st->opts.layer_begin;
+    mo.layer_end = st->opts.layer_end;
+    mo.n_threads = st->opts.threads;
+    mo.max_batch_tokens = st->opts.max_batch_tokens;
+    int rc = cpm_model_load(st->model_dir, &mo, &st->model, &st->load_err);
+    if (!rc) {
+        st->info = cpm_model_get_info(st->model);
+        st->kv = cpm_kv_cache_new(st->model, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
+        if (!st->kv)
+            rc = st->load_err.code ? st->load_err.code : CPM_ENOMEM;
+    }
+    int mb = st->opts.max_batch_tokens;
+    st->seqs = calloc((size_t)st->opts.max_seqs, sizeof *st->seqs);
+    st->b_seq = calloc((size_t)mb, sizeof *st->b_seq);
+    st->b_pos = calloc((size_t)mb, sizeof *st->b_pos);
+    st->b_want = calloc((size_t)mb, sizeof *st->b_want);
+    if (!rc && (!st->seqs || !st->b_seq || !st->b_pos || !st->b_want))
+        rc = cpm_error_set(&st->load_err, CPM_ENOMEM, "stage buffers");
+    st->load_rc = rc;
+}
+
+static void load_done(uv_work_t *w, int status) {
+    cpm_stage *st = w->data;
+    (void)status;
+    st->loading = false;
+    if (st->closing) {
+        free_all(st);
+        return;
+    }
+    st->ready = st->load_rc == 0;
+    st->stats.ready = st->ready;
+    if (st->ready)
+        cpm_kv_cache_usage(st->kv, &st->stats.kv_used, &st->stats.kv_total);
+    if (st->ready_cb)
+        st->ready_cb(st, st->load_rc, &st->load_err, st->user);
+    start_next(st);
+}
+
+int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_stage_ready_cb cb,
+                  void *user, cpm_stage **ret, cpm_error *err) {
+    *ret = NULL;
+    if (!opts->model_dir || !opts->bind || !opts->next)
+        return cpm_error_set(err, CPM_EINVAL, "stage: model_dir, bind and next are required");
+    if (opts->max_seqs < 1 || opts->max_batch_tokens < 1 || opts->max_queue < 1)
+        return cpm_error_set(err, CPM_EINVAL, "stage: max_seqs, max_batch_tokens and max_queue must be >= 1");
+    cpm_stage *st = calloc(1, sizeof *st);
+    if (!st)
+        return cpm_error_set(err, CPM_ENOMEM, "stage");
+    st->loop = loop;
+    st->opts = *opts;
+    st->ready_cb = cb;
+    st->user = user;
+    st->started_ns = uv_hrtime();
+    snprintf(st->name, sizeof st->name, "%s", opts->name ? opts->name : "stage");
+    st->opts.name = st->name;
+    snprintf(st->model_dir, sizeof st->model_dir, "%s", opts->model_dir);
+    st->opts.model_dir = st->model_dir;
+    char tmp[1024];
+    snprintf(tmp, sizeof tmp, "%s", opts->model_dir);
+    size_t n = strlen(tmp);
+    while (n > 1 && tmp[n - 1] == '/')
+        tmp[--n] = '\0';
+    const char *slash = strrchr(tmp, '/');
+    snprintf(st->model_name, sizeof st->model_name, "%s", slash ? slash + 1 : tmp);
+
+    cpm_sock_opts so = cpm_sock_opts_default();
+    int rc = cpm_sock_new(loop, zctx, ZMQ_ROUTER, &so, on_in, st, &st->in, err);
+    if (!rc) {
+        cpm_sock_set_bad_cb(st->in, on_bad);
+        rc = cpm_sock_bind(st->in, opts->bind, err);
+    }
+    if (!rc)
+        rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, &so, on_out, st, &st->out, err);
+    if (!rc)
+        rc = cpm_sock_connect(st->out, opts->next, err);
+    if (rc) {
+        cpm_sock_free(st->in);
+        cpm_sock_free(st->out);
+        free(st);
+        return rc;
+    }
+    st->loading = true;
+    st->work.data = st;
+    uv_queue_work(loop, &st->work, load_run, load_done);
+    *ret = st;
+    return 0;
+}
+
+void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret) {
+    *ret = st->stats;
+}
+
+void cpm_stage_free(cpm_stage *st) {
+    if (!st || st->closing)
+        return;
+    st->closing = true;
+    cpm_sock_free(st->in);
+    cpm_sock_free(st->out);
+    st->in = st->out = NULL;
+    if (!st->busy && !st->loading)
+        free_all(st);
+}

@@ -1,0 +1,67 @@
+/* stage.h - one pipeline stage as a service: layers [begin, end) of a model, its KV cache,
+ * and the two sockets that put it in the ring router -> stage 0 -> ... -> last -> router.
+ *
+ * A stage receives StageForward micro-batches (ids on the first stage, an activation
+ * frame on the others), runs them in arrival order on a worker thread (continuous
+ * batching: any mix of prefill chunks and decode rows of any sequences), and sends
+ * the activations to `next`, or, on the last stage, the logits of the wanted rows as
+ * a StageResult. Sequences are the router's ids; a stage creates a KV entry when it
+ * first sees a sequence and frees it on `release`. Every forward yields exactly one
+ * message downstream: on failure a StageResult with the error (see proto/README.md).
+ *
+ *   cpm_stage_opts o = cpm_stage_opts_default();
+ *   o.model_dir = "models/minicpm-1b"; o.layer_begin = 0; o.layer_end = 26;
+ *   o.bind = "tcp://127.0.0.1:5580"; o.next = "tcp://127.0.0.1:5581";
+ *   cpm_stage_new(loop, zctx, &o, &st, &e);   // binds now, loads on a worker
+ *   uv_run(loop, UV_RUN_DEFAULT);
+ */
+#ifndef CPM_STAGE_H
+#define CPM_STAGE_H
+
+#include <stdbool.h>
+#include <uv.h>
+
+#include "services/common/error.h"
+
+typedef struct cpm_stage cpm_stage;
+
+typedef struct cpm_stage_opts {
+    const char *model_dir;   /* borrowed until cpm_stage_new returns */
+    int layer_begin;
+    int layer_end;           /* -1 = through the last layer */
+    int threads;             /* compute threads of the forward pass */
+    int kv_tokens;           /* KV-cache capacity in tokens */
+    int max_seqs;            /* live sequences */
+    int max_batch_tokens;    /* rows per forward call; bigger micro-batches run in chunks */
+    int max_queue;           /* micro-batches waiting before new ones fail with CPM_ELIMIT */
+    const char *bind;        /* endpoint of the inbound ROUTER socket */
+    const char *next;        /* the next stage, or the router's results endpoint */
+    const char *name;        /* for health and error messages ("stage1") */
+} cpm_stage_opts;
+
+cpm_stage_opts cpm_stage_opts_default(void);
+
+/* Called on the loop thread when loading has finished (status 0) or failed. */
+typedef void (*cpm_stage_ready_cb)(cpm_stage *st, int status, const cpm_error *err, void *user);
+
+/* Binds and connects at once (errors are returned), then loads the model on a worker
+ * thread; health says ready = false until then. cb may be NULL. */
+int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_stage_ready_cb cb,
+                  void *user, cpm_stage **ret, cpm_error *err);
+
+typedef struct cpm_stage_stats {
+    bool ready;
+    unsigned long long batches, rows, failed, bad_messages;
+    int queued;              /* micro-batches waiting */
+    int live_seqs;
+    int kv_used, kv_total;   /* blocks */
+    double compute_s;        /* total forward time */
+} cpm_stage_stats;
+
+void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret);
+
+/* Stops taking work, closes the sockets, and frees everything once the running job (if
+ * any) is done and the loop has run. Accepts NULL. */
+void cpm_stage_free(cpm_stage *st);
+
+#endif
