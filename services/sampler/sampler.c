@@ -11,7 +11,9 @@ struct cpm_sampler {
     int vocab;
     uint64_t step;    /* tokens drawn so far: the draw for step t depends on (seed, t) only */
     int32_t *heap;    /* [vocab] candidate ids, max-heap by logit */
-    int32_t *cand;    /* [vocab] kept candidates, most probable first */
+    int32_t *cand;    /* [vocab] candidates still in the running */
+    int32_t *edge;    /* [vocab] top-p: the bucket where the mass crosses top_p */
+    float *weight;    /* [vocab] exp(logit - best) of the candidates */
     uint8_t *seen;    /* [vocab] repetition-penalty marks, all 0 between calls */
     float *logit_save;/* [vocab] unmodified logits for the logprob */
 };
@@ -67,10 +69,12 @@ cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_e
     if (s) {
         s->heap = malloc((size_t)vocab_size * sizeof *s->heap);
         s->cand = malloc((size_t)vocab_size * sizeof *s->cand);
+        s->edge = malloc((size_t)vocab_size * sizeof *s->edge);
+        s->weight = malloc((size_t)vocab_size * sizeof *s->weight);
         s->seen = calloc((size_t)vocab_size, 1);
         s->logit_save = malloc((size_t)vocab_size * sizeof *s->logit_save);
     }
-    if (!s || !s->heap || !s->cand || !s->seen || !s->logit_save) {
+    if (!s || !s->heap || !s->cand || !s->edge || !s->weight || !s->seen || !s->logit_save) {
         cpm_sampler_free(s);
         cpm_error_set(err, CPM_ENOMEM, "sampler: out of memory");
         return NULL;
@@ -85,6 +89,8 @@ void cpm_sampler_free(cpm_sampler *s) {
         return;
     free(s->heap);
     free(s->cand);
+    free(s->edge);
+    free(s->weight);
     free(s->seen);
     free(s->logit_save);
     free(s);
@@ -130,6 +136,8 @@ static void apply_repetition_penalty(cpm_sampler *s, float *logits, const int32_
             s->seen[hist[i]] = 0;
 }
 
+/* ---- filtering: HF order top-k, then top-p (over what top-k kept), then min-p ---- */
+
 /* Max-heap of ids keyed by logits; ties keep the lower id on top. */
 static bool above(const float *l, int32_t a, int32_t b) {
     return l[a] > l[b] || (l[a] == l[b] && a < b);
@@ -151,47 +159,91 @@ static void sift_down(int32_t *h, int n, int i, const float *l) {
     }
 }
 
-/* Pops candidates in descending order of logit into s->cand until top-k,
- * top-p or min-p stops; returns how many were kept and their probability
- * mass. Cost O(V + kept log V), so a small nucleus never sorts the vocabulary. */
-static int nucleus(cpm_sampler *s, const float *l, double *ret_mass, double *ret_total,
-                   float *ret_top) {
-    int n = s->vocab;
+/* The k best ids, most probable first, into s->cand. O(V + k log V). */
+static int select_top_k(cpm_sampler *s, const float *l, int k) {
+    int n = s->vocab, size = n;
     int32_t *h = s->heap;
     for (int i = 0; i < n; i++)
         h[i] = i;
     for (int i = n / 2 - 1; i >= 0; i--)
         sift_down(h, n, i, l);
-    float top = l[h[0]];
-    double total = 0.0;
-    for (int i = 0; i < n; i++)
-        total += exp((double)l[i] - top);
-    int limit = s->p.top_k > 0 && s->p.top_k < n ? s->p.top_k : n;
-    double mass = 0.0, min_p = s->p.min_p;
-    int kept = 0, size = n;
-    while (kept < limit && size > 0) {
-        int32_t id = h[0];
-        double rel = exp((double)l[id] - top); /* p(id) / p(top) */
-        if (kept > 0 && (mass >= s->p.top_p || rel < min_p))
-            break;
-        s->cand[kept++] = id;
-        mass += rel / total;
+    for (int j = 0; j < k; j++) {
+        s->cand[j] = h[0];
         h[0] = h[--size];
         sift_down(h, size, 0, l);
     }
-    *ret_mass = mass;
-    *ret_total = total;
-    *ret_top = top;
+    return k;
+}
+
+static int by_logit_desc(const void *a, const void *b, void *logits) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return above(logits, x, y) ? -1 : above(logits, y, x) ? 1 : 0;
+}
+
+#define CPM_BUCKETS 1024
+#define CPM_BUCKETS_PER_NAT 8.0f
+
+/* Top-p over the candidates cand[0..n) (any order): keeps the most probable
+ * ones until their mass reaches top_p. Instead of sorting the vocabulary it
+ * buckets candidates by log-probability below the best, finds the bucket where
+ * the mass crosses top_p, and sorts only that bucket. O(n). Rewrites cand. */
+static int top_p_filter(cpm_sampler *s, const float *l, int n, float top, double total) {
+    double mass[CPM_BUCKETS] = {0}, need = s->p.top_p * total, cum = 0;
+    int32_t *key = s->heap; /* free here: holds each candidate's bucket */
+    for (int i = 0; i < n; i++) {
+        float d = (top - l[s->cand[i]]) * CPM_BUCKETS_PER_NAT;
+        int b = d < CPM_BUCKETS - 1 ? (int)d : CPM_BUCKETS - 1;
+        key[i] = b;
+        mass[b] += s->weight[s->cand[i]];
+    }
+    int cut = 0;
+    while (cut < CPM_BUCKETS - 1 && cum + mass[cut] < need)
+        cum += mass[cut++];
+    int kept = 0, n_edge = 0; /* tokens above the cut bucket, then the cut bucket sorted */
+    for (int i = 0; i < n; i++) {
+        if (key[i] < cut)
+            s->cand[kept++] = s->cand[i];
+        else if (key[i] == cut)
+            s->edge[n_edge++] = s->cand[i];
+    }
+    qsort_r(s->edge, (size_t)n_edge, sizeof *s->edge, by_logit_desc, (void *)l);
+    for (int i = 0; i < n_edge; i++) {
+        if (kept > 0 && cum >= need)
+            break;
+        s->cand[kept++] = s->edge[i];
+        cum += s->weight[s->edge[i]];
+    }
     return kept;
 }
 
 static int draw(cpm_sampler *s, const float *l) {
-    double mass, total;
-    float top;
-    int kept = nucleus(s, l, &mass, &total, &top);
+    int V = s->vocab, n = V;
+    bool by_k = s->p.top_k > 0 && s->p.top_k < V;
+    if (by_k)
+        n = select_top_k(s, l, s->p.top_k);
+    else
+        for (int i = 0; i < V; i++)
+            s->cand[i] = i;
+    float top = l[s->cand[0]];
+    for (int i = 1; i < n; i++)
+        top = l[s->cand[i]] > top ? l[s->cand[i]] : top;
+    double total = 0.0; /* weights relative to the best token, computed once */
+    for (int i = 0; i < n; i++)
+        total += s->weight[s->cand[i]] = expf(l[s->cand[i]] - top);
+    if (s->p.top_p < 1.0f)
+        n = top_p_filter(s, l, n, top, total);
+    double mass = 0.0;
+    int kept = 0;
+    for (int i = 0; i < n; i++) { /* min-p: relative to the best token */
+        double rel = s->weight[s->cand[i]];
+        if (rel >= s->p.min_p || l[s->cand[i]] == top) {
+            s->cand[kept++] = s->cand[i];
+            mass += rel;
+        }
+    }
     double u = draw_unit(s->p.seed, s->step) * mass, acc = 0.0;
     for (int i = 0; i < kept; i++) {
-        acc += exp((double)l[s->cand[i]] - top) / total;
+        acc += s->weight[s->cand[i]];
         if (u < acc)
             return s->cand[i];
     }
