@@ -34,8 +34,8 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs,
     if (!kv)
         goto out_nomem;
     kv->n_layers = m->info.layer_end - m->info.layer_begin;
-    kv->k_dim = m->kv_heads * m->qk_dim;
-    kv->v_dim = m->kv_heads * m->v_dim;
+    kv->k_dim = m->cache_k_dim;
+    kv->v_dim = m->cache_v_dim;
     kv->max_seqs = max_seqs;
     kv->n_blocks = (max_tokens + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
     kv->max_blocks_per_seq = kv->n_blocks;

@@ -133,7 +133,8 @@ static void store_kv(cpm_model *m, cpm_kv_cache *kv, int li, int n, const float 
     for (int i = 0; i < n; i++) {
         int slot = m->s.kv_slot[i];
         memcpy(cpm_kv_key(kv, li, slot), k + (size_t)i * kv->k_dim, (size_t)kv->k_dim * 4);
-        memcpy(cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, (size_t)kv->v_dim * 4);
+        if (v)
+            memcpy(cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, (size_t)kv->v_dim * 4);
     }
 }
 
@@ -178,29 +179,72 @@ static void mla_queries(cpm_model *m, const cpm_layer *L, int n) {
     cpm_model_matmul(m, m->s.q, m->s.lat_q, &L->w[CPM_W_Q_B], n);
 }
 
-/* Expands the latent kv into per-head keys [k_nope | shared roped k_pe] and values. */
-static void mla_keys_values(cpm_model *m, const cpm_layer *L, int n) {
+/* The cache row of each token: [rmsnorm(c_kv) | roped k_pe], kv_lora + rope
+ * floats shared by every head (MiniCPM3-4B: 288 instead of 40 x 160). */
+static void mla_latent_rows(cpm_model *m, const cpm_layer *L, int n) {
     const cpm_hparams *hp = &m->hp;
-    int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, nope = hp->qk_nope_dim;
-    int nh = hp->n_heads, dk = m->qk_dim, dv = m->v_dim;
+    int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, half = m->rot_dim / 2;
     cpm_model_matmul(m, m->s.lat_kv, m->s.xn, &L->w[CPM_W_KV_A], n);
-    for (int i = 0; i < n; i++)
-        cpm_rmsnorm(m->s.lat_kvn + (size_t)i * lr, m->s.lat_kv + (size_t)i * (lr + rope),
-                    L->norm[CPM_W_KV_A_NORM], lr, CPM_MLA_LATENT_EPS);
-    cpm_model_matmul(m, m->s.kv_b, m->s.lat_kvn, &L->w[CPM_W_KV_B], n);
-    int half = m->rot_dim / 2;
     for (int i = 0; i < n; i++) {
-        float *kpe = m->s.lat_kv + (size_t)i * (lr + rope) + lr;
-        cpm_rope_neox(kpe, rope, m->s.rope_cos + (size_t)i * half,
+        const float *src = m->s.lat_kv + (size_t)i * (lr + rope);
+        float *row = m->s.k + (size_t)i * (lr + rope);
+        cpm_rmsnorm(row, src, L->norm[CPM_W_KV_A_NORM], lr, CPM_MLA_LATENT_EPS);
+        memcpy(row + lr, src + lr, (size_t)rope * sizeof(float));
+        cpm_rope_neox(row + lr, rope, m->s.rope_cos + (size_t)i * half,
                       m->s.rope_sin + (size_t)i * half);
-        const float *kvb = m->s.kv_b + (size_t)i * nh * (nope + dv);
-        float *k = m->s.k + (size_t)i * nh * dk, *v = m->s.v + (size_t)i * nh * dv;
-        for (int h = 0; h < nh; h++) {
-            memcpy(k + (size_t)h * dk, kvb + (size_t)h * (nope + dv), (size_t)nope * 4);
-            memcpy(k + (size_t)h * dk + nope, kpe, (size_t)rope * 4);
-            memcpy(v + (size_t)h * dv, kvb + (size_t)h * (nope + dv) + nope, (size_t)dv * 4);
-        }
     }
+}
+
+/* One head of one row over the latent cache (weight absorption):
+ *   score_j = (W_kᵀ q_nope)·c_j + q_pe·k_pe_j,   out = W_v (Σ_j p_j c_j).
+ * Online softmax over blocks, as in attend_group. */
+static void attend_latent(core_args *a, int row, int h, float *tls) {
+    cpm_model *m = a->m;
+    const cpm_hparams *hp = &m->hp;
+    const cpm_layer *L = &m->layers[a->li];
+    const cpm_kv_cache *kv = a->kv;
+    int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, nope = hp->qk_nope_dim;
+    int dk = m->qk_dim, dv = m->v_dim;
+    int seq = a->b->seq[row], pos = a->b->pos[row];
+    float *q_abs = tls, *ctx = q_abs + lr, *score = ctx + lr;
+    const float *q = m->s.q + (size_t)row * hp->n_heads * dk + (size_t)h * dk;
+    const float *wk = L->absorb_k + (size_t)h * nope * lr;
+    memset(q_abs, 0, (size_t)lr * sizeof(float));
+    for (int i = 0; i < nope; i++)
+        cpm_axpy(q_abs, q[i], wk + (size_t)i * lr, lr);
+    memset(ctx, 0, (size_t)lr * sizeof(float));
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j0 = 0; j0 <= pos; j0 += CPM_KV_BLOCK) {
+        int nb = pos - j0 + 1 < CPM_KV_BLOCK ? pos - j0 + 1 : CPM_KV_BLOCK;
+        const float *C = cpm_kv_key(kv, a->li, cpm_kv_slot(kv, seq, j0));
+        float bmax = -INFINITY;
+        for (int j = 0; j < nb; j++) {
+            const float *c = C + (size_t)j * kv->k_dim;
+            score[j] = (cpm_dot(q_abs, c, lr) + cpm_dot(q + nope, c + lr, rope)) * m->attn_scale;
+            bmax = score[j] > bmax ? score[j] : bmax;
+        }
+        float newmax = bmax > mx ? bmax : mx, corr = expf(mx - newmax);
+        sum *= corr;
+        cpm_scale(ctx, corr, lr);
+        for (int j = 0; j < nb; j++) {
+            float p = expf(score[j] - newmax);
+            sum += p;
+            cpm_axpy(ctx, p, C + (size_t)j * kv->k_dim, lr);
+        }
+        mx = newmax;
+    }
+    float *out = m->s.attn + (size_t)row * hp->n_heads * dv + (size_t)h * dv;
+    const float *wv = L->absorb_v + (size_t)h * dv * lr;
+    for (int d = 0; d < dv; d++)
+        out[d] = cpm_dot(wv + (size_t)d * lr, ctx, lr) / sum;
+}
+
+static void latent_worker(void *arg, int tid, int nthreads) {
+    core_args *a = arg;
+    float *tls = a->m->s.attn_tls + (size_t)tid * a->m->attn_tls_floats;
+    int nh = a->m->hp.n_heads, tasks = a->n * nh;
+    for (int t = tid; t < tasks; t += nthreads)
+        attend_latent(a, t / nh, t % nh, tls);
 }
 
 static void mla_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
@@ -208,9 +252,11 @@ static void mla_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch 
     int nh = m->hp.n_heads, dk = m->qk_dim;
     mla_queries(m, L, n);
     rope_heads(m, m->s.q, n, nh, dk, nh * dk);
-    mla_keys_values(m, L, n);
-    store_kv(m, kv, li, n, m->s.k, m->s.v);
-    attend_and_project(m, kv, li, b, n);
+    mla_latent_rows(m, L, n);
+    store_kv(m, kv, li, n, m->s.k, NULL);
+    core_args a = {m, kv, li, b, n};
+    cpm_pool_run(m->pool, latent_worker, &a);
+    cpm_model_matmul(m, m->s.out, m->s.attn, &L->w[CPM_W_O], n);
 }
 
 /* ---- the table ---- */

@@ -81,17 +81,24 @@ static void set_geometry(cpm_model *m) {
         m->v_dim = hp->v_head_dim;
         m->kv_heads = hp->n_heads;
         m->rot_offset = hp->qk_nope_dim;
+        m->cache_k_dim = hp->kv_lora_rank + hp->qk_rope_dim;
+        m->cache_v_dim = 0;
     } else {
         m->qk_dim = hp->head_dim;
         m->v_dim = hp->head_dim;
         m->kv_heads = hp->n_kv_heads;
         m->rot_offset = 0;
+        m->cache_k_dim = m->kv_heads * m->qk_dim;
+        m->cache_v_dim = m->kv_heads * m->v_dim;
     }
     m->rot_dim = cpm_hparams_rotary_dim(hp);
     m->attn_scale = (float)(1.0 / sqrt((double)m->qk_dim));
     /* per thread: G heads x (v accumulator + a block of scores + max + sum) */
     size_t G = (size_t)(hp->n_heads / m->kv_heads);
     m->attn_tls_floats = G * ((size_t)m->v_dim + CPM_KV_BLOCK + 2) + 16;
+    size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK + 16; /* q_abs, ctx, scores */
+    if (m->arch->attn == CPM_ATTN_MLA && latent > m->attn_tls_floats)
+        m->attn_tls_floats = latent;
 }
 
 static int init_rope(cpm_model *m, cpm_error *err) {
@@ -121,7 +128,8 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->x, T * H * 4},
         {(void **)&s->xn, T * H * 4},
         {(void **)&s->q, T * nh * (size_t)m->qk_dim * 4},
-        {(void **)&s->k, T * (size_t)m->kv_heads * (size_t)m->qk_dim * 4},
+        {(void **)&s->k, T * (size_t)(m->cache_k_dim > m->kv_heads * m->qk_dim
+                                            ? m->cache_k_dim : m->kv_heads * m->qk_dim) * 4},
         {(void **)&s->v, T * (size_t)m->kv_heads * (size_t)m->v_dim * 4},
         {(void **)&s->attn, T * nh * (size_t)m->v_dim * 4},
         {(void **)&s->lat_q, T * (size_t)(hp->q_lora_rank + 1) * 4},
@@ -161,6 +169,27 @@ static void free_scratch(cpm_scratch *s) {
                     s->rows, s->kv_slot};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
         free(ptrs[i]);
+}
+
+/* MLA weight absorption: per head, the k_nope rows and the v rows of
+ * kv_b_proj, decoded to f32 once, so attention can run on the latent cache
+ * (q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p·(W_v c) = W_v (Σ p·c)). */
+static int build_absorb(cpm_model *m, cpm_layer *L, cpm_error *err) {
+    const cpm_hparams *hp = &m->hp;
+    int nh = hp->n_heads, nope = hp->qk_nope_dim, dv = hp->v_head_dim, lr = hp->kv_lora_rank;
+    const cpm_weight *w = &L->w[CPM_W_KV_B];
+    size_t row_bytes = (size_t)lr * cpm_dtype_size(w->dtype);
+    L->absorb_k = malloc((size_t)nh * nope * lr * sizeof(float));
+    L->absorb_v = malloc((size_t)nh * dv * lr * sizeof(float));
+    if (!L->absorb_k || !L->absorb_v)
+        return cpm_error_set(err, CPM_ENOMEM, "MLA absorbed weights: out of memory");
+    for (int h = 0; h < nh; h++) {
+        const char *head = (const char *)w->data + (size_t)h * (nope + dv) * row_bytes;
+        cpm_dtype_to_f32(L->absorb_k + (size_t)h * nope * lr, head, w->dtype, (size_t)nope * lr);
+        cpm_dtype_to_f32(L->absorb_v + (size_t)h * dv * lr, head + (size_t)nope * row_bytes,
+                         w->dtype, (size_t)dv * lr);
+    }
+    return 0;
 }
 
 /* ---- load / free ---- */
@@ -243,6 +272,9 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
         goto fail;
     if (m->info.last_stage && m->hp.tie_word_embeddings)
         m->lm_head = m->embed;
+    for (int l = 0; m->arch->attn == CPM_ATTN_MLA && l < o.layer_end - o.layer_begin; l++)
+        if ((rc = build_absorb(m, &m->layers[l], err)))
+            goto fail;
     if (!(m->pool = cpm_pool_new(o.n_threads))) {
         rc = cpm_error_set(err, CPM_ENOMEM, "cannot start %d threads", o.n_threads);
         goto fail;
@@ -263,6 +295,8 @@ void cpm_model_free(cpm_model *m) {
                 free(m->layers[l].norm[r]);
             for (int j = 0; j < 3; j++)
                 free(m->layers[l].experts[j]);
+            free(m->layers[l].absorb_k);
+            free(m->layers[l].absorb_v);
         }
         free(m->layers);
     }
@@ -287,7 +321,10 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
     for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
         const cpm_layer *L = &m->layers[l];
         for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
-            total += weight_bytes(&L->w[r]);
+            if (!(r == CPM_W_KV_B && L->absorb_k)) /* MLA reads the f32 absorbed copy instead */
+                total += weight_bytes(&L->w[r]);
+        if (L->absorb_k)
+            total += (size_t)L->w[CPM_W_KV_B].rows * (size_t)L->w[CPM_W_KV_B].cols * sizeof(float);
         for (int j = 0; j < 3 && m->ffn == CPM_FFN_MOE; j++) /* k of E experts per token */
             total += weight_bytes(&L->experts[j][0]) * (size_t)m->hp.n_experts_per_tok;
     }

@@ -25,6 +25,10 @@ typedef struct cpm_layer {
     cpm_weight w[CPM_LAYER_ROLE_COUNT]; /* experts' roles unused here */
     cpm_weight *experts[3];             /* MoE: [n_experts] gate, up, down */
     float *norm[CPM_LAYER_ROLE_COUNT];  /* f32 copies of the norm vectors */
+    /* MLA: kv_b_proj split per head and kept in f32 for weight absorption:
+     * absorb_k [heads, qk_nope, kv_lora], absorb_v [heads, v_head, kv_lora]. */
+    float *absorb_k;
+    float *absorb_v;
 } cpm_layer;
 
 /* Scratch sized at load time from max_batch_tokens; forward allocates nothing. */
@@ -70,7 +74,9 @@ struct cpm_model {
     /* attention geometry, uniform for GQA and MLA */
     int qk_dim;      /* per-head query/key width */
     int v_dim;       /* per-head value width */
-    int kv_heads;    /* heads stored in the cache (MLA: all heads) */
+    int kv_heads;    /* key/value heads (MLA: every head has its own, expanded on the fly) */
+    int cache_k_dim; /* floats the KV cache keeps per token per layer: keys... */
+    int cache_v_dim; /* ...and values (MLA caches the latent [c_kv | k_pe] only, no values) */
     int rot_dim;     /* rotary width */
     int rot_offset;  /* where the rotary slice starts inside a head (MLA: after nope) */
     float attn_scale;
