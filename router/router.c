@@ -267,6 +267,8 @@ static void gen_clear(gen *g) {
     free(g->text.p);
 }
 
+static void router_maybe_free(cpm_router *r);
+
 static void job_free(job *j) {
     cpm_router *r = j->r;
     if (j->prev)
@@ -286,6 +288,8 @@ static void job_free(job *j) {
     free(j->stop_ids);
     cpm_oai_request_free(j->rq);
     free(j);
+    if (r->closing)
+        router_maybe_free(r);
 }
 
 /* Frees j once its answer is given and no worker holds it. */
@@ -425,31 +429,40 @@ static void rpc_event(job *j, const gen *g, int from, int to, Cpm__V1__FinishRea
     cpm_router *r = j->r;
     Cpm__V1__TokenEvent ev = CPM__V1__TOKEN_EVENT__INIT;
     ev.request_id = j->request_id;
-    int n = to - from;
-    ev.n_ids = (size_t)n;
-    ev.ids = g && n > 0 ? g->ids + from : NULL;
-    float lps[n > 0 ? n : 1];
-    Cpm__V1__TopLogprobs tops[n > 0 ? n : 1], *topp[n > 0 ? n : 1];
-    Cpm__V1__TopLogprob alts[n > 0 ? n : 1][MAX_TOP], *altp[n > 0 ? n : 1][MAX_TOP];
-    if (g && j->logprobs && n > 0) {
-        for (int i = 0; i < n; i++) {
-            const tok_lp *t = &g->lps[from + i];
+    size_t n = g && to > from ? (size_t)(to - from) : 0;
+    ev.n_ids = n;
+    ev.ids = n ? g->ids + from : NULL;
+    /* logprobs: parallel arrays built on the heap (a final event may carry every token) */
+    float *lps = NULL;
+    Cpm__V1__TopLogprobs *tops = NULL, **topp = NULL;
+    Cpm__V1__TopLogprob *alts = NULL, **altp = NULL;
+    if (n && j->logprobs) {
+        lps = malloc(n * sizeof *lps);
+        tops = malloc(n * sizeof *tops);
+        topp = malloc(n * sizeof *topp);
+        alts = malloc(n * MAX_TOP * sizeof *alts);
+        altp = malloc(n * MAX_TOP * sizeof *altp);
+    }
+    if (lps && tops && topp && alts && altp) {
+        for (size_t i = 0; i < n; i++) {
+            const tok_lp *t = &g->lps[from + (int)i];
             lps[i] = t->lp;
             cpm__v1__top_logprobs__init(&tops[i]);
             for (int k = 0; k < t->n_top; k++) {
-                cpm__v1__top_logprob__init(&alts[i][k]);
-                alts[i][k].id = t->top_ids[k];
-                alts[i][k].logprob = t->top_lps[k];
-                altp[i][k] = &alts[i][k];
+                Cpm__V1__TopLogprob *a = &alts[i * MAX_TOP + (size_t)k];
+                cpm__v1__top_logprob__init(a);
+                a->id = t->top_ids[k];
+                a->logprob = t->top_lps[k];
+                altp[i * MAX_TOP + (size_t)k] = a;
             }
             tops[i].n_alts = (size_t)t->n_top;
-            tops[i].alts = altp[i];
+            tops[i].alts = &altp[i * MAX_TOP];
             topp[i] = &tops[i];
         }
-        ev.n_logprobs = (size_t)n;
+        ev.n_logprobs = n;
         ev.logprobs = lps;
         if (j->top_logprobs > 0) {
-            ev.n_top = (size_t)n;
+            ev.n_top = n;
             ev.top = topp;
         }
     }
@@ -474,6 +487,11 @@ static void rpc_event(job *j, const gen *g, int from, int to, Cpm__V1__FinishRea
     cpm_error err;
     if (cpm_sock_send(r->rpc, &j->peer, &env, NULL, &err) < 0)
         LOG(r, CPM_LOG_WARN, "rpc %s: %s", j->request_id, err.msg);
+    free(lps);
+    free(tops);
+    free(topp);
+    free(alts);
+    free(altp);
 }
 
 /* ---- the one final answer ------------------------------------------------------------ */
@@ -829,6 +847,7 @@ static void tok_after(uv_work_t *req, int status) {
 
 static void on_http_abort(void *ud) {
     job *j = ud;
+    cpm_router *r = j->r; /* j may be freed below */
     j->aborted = true;
     for (int i = 0; i < j->n_gens; i++)
         if (!cpm_req_state_terminal(j->gens[i].state))
@@ -837,11 +856,11 @@ static void on_http_abort(void *ud) {
         /* tokenizing: end the exchange now, free when the worker is back */
         j->answered = true;
         cpm_http_respond(j->conn, 499, "application/json", "{}", 2, NULL);
-        count(j->r, j->ep, CPM_OUT_CANCELLED);
+        count(r, j->ep, CPM_OUT_CANCELLED);
         return;
     }
     job_complete(j);
-    pump(j->r);
+    pump(r);
 }
 
 static void copy_sampling(Cpm__V1__SamplingParams *p, const cpm_oai_request *rq) {
@@ -876,7 +895,7 @@ static void on_generate_http(cpm_router *r, cpm_http_conn *c, const cpm_http_req
         return;
     }
     if (rq->model && rq->model[0] && strcmp(rq->model, r->model_name) != 0) {
-        char msg[CPM_CFG_STR + 64];
+        char msg[2 * CPM_CFG_STR + 96];
         snprintf(msg, sizeof msg, "The model `%.200s` does not exist; this server has `%s`",
                  rq->model, r->model_name);
         oai_error_status(c, 404, "invalid_request_error", "model_not_found", "model", msg);
@@ -1373,7 +1392,6 @@ static void rpc_generate(cpm_router *r, const cpm_inmsg *m) {
         j->gens[0].params = *p;
     else
         cpm__v1__sampling_params__init(&j->gens[0].params);
-    j->gens[0].params.base = (ProtobufCMessage)CPM__V1__SAMPLING_PARAMS__INIT.base;
     if (!p || p->seed == 0)
         j->gens[0].params.seed = seed_for(r, false, 0, 0);
     job_admit(j, (int)g->max_tokens, NULL, 0);
@@ -1470,8 +1488,8 @@ static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
     cpm_sched_opts so = cpm_sched_opts_default();
     so.max_inflight = c->router.micro_batches > 0 ? c->router.micro_batches : 2;
     so.prefill_chunk = c->router.prefill_chunk > 0 ? c->router.prefill_chunk : 256;
-    so.max_queue = c->router.max_queue;
-    so.max_seqs = c->router.max_seqs;
+    so.max_queue = c->router.max_queue >= 0 ? c->router.max_queue : 256;
+    so.max_seqs = c->router.max_seqs > 0 ? c->router.max_seqs : 64;
     so.max_context = r->max_position;
     so.kv_tokens = 0;
     so.max_batch_tokens = 1 << 30;
@@ -1503,13 +1521,18 @@ static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
     return 0;
 }
 
+typedef struct health_ctx {
+    cpm_router *r;
+    int i;
+} health_ctx;
+
 static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
     (void)s;
-    svc *sv = user;
-    cpm_router *r = NULL;
-    /* user points into r->svcs: recover r from the array base via the index stored in name */
-    (void)r;
-    bool was = sv->ready;
+    health_ctx *hc = user;
+    cpm_router *r = hc->r;
+    svc *sv = &r->svcs[hc->i];
+    bool last_stage = hc->i == r->first_stage + r->n_stages - 1;
+    free(hc);
     sv->answered = true;
     if (status != 0 || reply->env->body_case != CPM__V1__ENVELOPE__BODY_HEALTH) {
         sv->ready = false;
@@ -1521,28 +1544,10 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
         snprintf(sv->status, sizeof sv->status, "%s", h->status ? h->status : "");
         sv->kv_used = (int)h->kv_used;
         sv->kv_total = (int)h->kv_total;
+        if (last_stage && h->ready && !r->closing)
+            take_model_info(r, h->model);
     }
-    (void)was;
     cpm_inmsg_free(reply);
-}
-
-typedef struct health_ctx {
-    cpm_router *r;
-    int i;
-} health_ctx;
-
-static void on_health_ctx(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
-    health_ctx *hc = user;
-    cpm_router *r = hc->r;
-    svc *sv = &r->svcs[hc->i];
-    bool last_stage = hc->i == r->first_stage + r->n_stages - 1;
-    if (status == 0 && last_stage && reply->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH &&
-        reply->env->health->ready)
-        take_model_info(r, reply->env->health->model);
-    free(hc);
-    on_health_reply(s, reply, status, sv);
-    if (r->closing)
-        return;
 }
 
 static void poll_health(cpm_router *r) {
@@ -1557,7 +1562,7 @@ static void poll_health(cpm_router *r) {
         env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST;
         env.health_request = &hr;
         int timeout = r->o.health_interval_ms > 200 ? r->o.health_interval_ms - 100 : 100;
-        if (cpm_sock_call(r->svcs[i].sock, &env, NULL, timeout, on_health_ctx, hc, NULL) < 0)
+        if (cpm_sock_call(r->svcs[i].sock, &env, NULL, timeout, on_health_reply, hc, NULL) < 0)
             free(hc);
     }
 }
@@ -1599,22 +1604,22 @@ int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
     return 0;
 }
 
+static void on_unexpected(cpm_sock *s, cpm_inmsg *m, void *user) {
+    (void)s, (void)user;
+    cpm_inmsg_free(m); /* a late reply to a call that timed out */
+}
+
 static int add_svc(cpm_router *r, const char *name, const char *endpoint, cpm_error *err) {
     svc *sv = &r->svcs[r->n_svcs];
     snprintf(sv->name, sizeof sv->name, "%s", name);
     snprintf(sv->status, sizeof sv->status, "not answered yet");
-    int rc = cpm_sock_new(r->loop, r->zctx, ZMQ_DEALER, NULL, NULL, r, &sv->sock, err);
+    int rc = cpm_sock_new(r->loop, r->zctx, ZMQ_DEALER, NULL, on_unexpected, r, &sv->sock, err);
     if (rc == 0)
         rc = cpm_sock_connect(sv->sock, endpoint, err);
     if (rc)
         return cpm_error_prefix(err, "router: %s (%s)", name, endpoint);
     r->n_svcs++;
     return 0;
-}
-
-static void on_unexpected(cpm_sock *s, cpm_inmsg *m, void *user) {
-    (void)s, (void)user;
-    cpm_inmsg_free(m); /* a late reply to a call that timed out */
 }
 
 int cpm_router_start(cpm_router *r, cpm_error *err) {
@@ -1636,8 +1641,6 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
         if ((e = add_svc(r, name, c->samplers[i].endpoint, err)))
             return e;
     }
-    for (int i = 0; i < r->n_svcs; i++)
-        r->svcs[i].sock = r->svcs[i].sock; /* on_msg is NULL: replies go to calls only */
     cpm_sock_opts ro = cpm_sock_opts_default();
     if ((e = cpm_sock_new(r->loop, r->zctx, ZMQ_ROUTER, &ro, on_result, r, &r->results, err)) ||
         (e = cpm_sock_bind(r->results, rc->results, err)))
@@ -1663,7 +1666,6 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     r->started = true;
     uv_timer_start(&r->health_timer, on_health_timer, 0, (uint64_t)r->o.health_interval_ms);
     uv_timer_start(&r->step_timer, on_step_timer, 250, 250);
-    (void)on_unexpected;
     return 0;
 }
 
@@ -1684,9 +1686,16 @@ static void router_free(cpm_router *r) {
         done(ud);
 }
 
-static void close_step(cpm_router *r) {
-    if (--r->closing_handles == 0)
+/* Freed once its handles are closed and no job is left (a tokenizing worker may
+ * still hold one). */
+static void router_maybe_free(cpm_router *r) {
+    if (r->closing_handles == 0 && r->n_jobs == 0)
         router_free(r);
+}
+
+static void close_step(cpm_router *r) {
+    r->closing_handles--;
+    router_maybe_free(r);
 }
 
 static void on_timer_closed(uv_handle_t *h) {

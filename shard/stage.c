@@ -40,7 +40,7 @@ struct cpm_stage {
     const cpm_model_info *info;
     seq_entry *seqs;
     int n_seqs;
-    int32_t *b_seq, *b_pos;   /* [max_batch_tokens] per-chunk scratch */
+    int32_t *b_pos;           /* [max_batch_tokens] per-chunk scratch */
     uint8_t *b_want;
     cpm_error load_err;
     int load_rc;
@@ -355,7 +355,6 @@ static void free_all(cpm_stage *st) {
     cpm_kv_cache_free(st->kv);
     cpm_model_free(st->model);
     free(st->seqs);
-    free(st->b_seq);
     free(st->b_pos);
     free(st->b_want);
     free(st);
@@ -547,10 +546,9 @@ static void load_run(uv_work_t *w) {
     }
     int mb = st->opts.max_batch_tokens;
     st->seqs = calloc((size_t)st->opts.max_seqs, sizeof *st->seqs);
-    st->b_seq = calloc((size_t)mb, sizeof *st->b_seq);
     st->b_pos = calloc((size_t)mb, sizeof *st->b_pos);
     st->b_want = calloc((size_t)mb, sizeof *st->b_want);
-    if (!rc && (!st->seqs || !st->b_seq || !st->b_pos || !st->b_want))
+    if (!rc && (!st->seqs || !st->b_pos || !st->b_want))
         rc = cpm_error_set(&st->load_err, CPM_ENOMEM, "stage buffers");
     st->load_rc = rc;
 }

@@ -138,17 +138,18 @@ static inline size_t pair_slot(uint64_t key, size_t mask) {
 /* The merge of (a, b), or false when the pair never merges. */
 static bool merges_get(const cpm_tok_merges *m, int32_t a, int32_t b, uint32_t *ret_rank,
                        int32_t *ret_merged) {
-    if (!m->keys)
+    if (!m->slots)
         return false;
     uint64_t key = pair_key(a, b);
     for (size_t i = pair_slot(key, m->mask);; i = (i + 1) & m->mask) {
-        if (m->keys[i] == 0)
-            return false;
-        if (m->keys[i] == key) {
-            *ret_rank = m->rank[i];
-            *ret_merged = m->merged[i];
+        const cpm_tok_merge_slot *e = &m->slots[i];
+        if (e->key == key) {
+            *ret_rank = e->rank;
+            *ret_merged = e->merged;
             return true;
         }
+        if (e->key == 0)
+            return false;
     }
 }
 
@@ -156,14 +157,10 @@ int cpm_tok_merges_init(cpm_tok_merges *m, size_t n) {
     size_t cap = 16;
     while (cap < 2 * n)
         cap <<= 1;
-    m->keys = calloc(cap, sizeof *m->keys);
-    m->rank = malloc(cap * sizeof *m->rank);
-    m->merged = malloc(cap * sizeof *m->merged);
+    m->slots = calloc(cap, sizeof *m->slots);
     m->mask = cap - 1;
     m->count = 0;
-    if (!m->keys || !m->rank || !m->merged)
-        return CPM_ENOMEM;
-    return 0;
+    return m->slots ? 0 : CPM_ENOMEM;
 }
 
 /* A pair listed twice keeps its last rank: the HF loader collects the list into
@@ -173,16 +170,11 @@ int cpm_tok_merges_add(cpm_tok_merges *m, int32_t a, int32_t b, uint32_t rank, i
         return CPM_ELIMIT;
     uint64_t key = pair_key(a, b);
     for (size_t i = pair_slot(key, m->mask);; i = (i + 1) & m->mask) {
-        if (m->keys[i] == key) {
-            m->rank[i] = rank;
-            m->merged[i] = merged;
-            return 0;
-        }
-        if (m->keys[i] == 0) {
-            m->keys[i] = key;
-            m->rank[i] = rank;
-            m->merged[i] = merged;
+        cpm_tok_merge_slot *e = &m->slots[i];
+        if (e->key == 0)
             m->count++;
+        if (e->key == 0 || e->key == key) {
+            *e = (cpm_tok_merge_slot){key, rank, merged};
             return 0;
         }
     }
@@ -405,6 +397,26 @@ static int spm_encode(const cpm_tokenizer *tok, cpm_bpe_scratch *s, const char *
     return rc;
 }
 
+/* End of the word starting at `start`: the next "▁" that follows another
+ * character than "▁" (see cpm_tokenizer.word_split). */
+static size_t next_word(const char *text, size_t start, size_t len) {
+    static const char sp[3] = {'\xe2', '\x96', '\x81'};
+    size_t i = start;
+    while (i + 3 <= len && memcmp(text + i, sp, 3) == 0)
+        i += 3;
+    while (i < len) {
+        const char *hit = memchr(text + i, '\xe2', len - i);
+        if (!hit)
+            return len;
+        i = (size_t)(hit - text);
+        bool prev_is_sp = i >= start + 3 && memcmp(text + i - 3, sp, 3) == 0;
+        if (i + 3 <= len && memcmp(text + i, sp, 3) == 0 && i > start && !prev_is_sp)
+            return i;
+        i++;
+    }
+    return len;
+}
+
 int cpm_bpe_encode(const cpm_tokenizer *tok, cpm_bpe_scratch *s, const char *text, size_t len,
                    cpm_tok_ids *ids, cpm_error *err) {
     if (len == 0)
@@ -414,16 +426,19 @@ int cpm_bpe_encode(const cpm_tokenizer *tok, cpm_bpe_scratch *s, const char *tex
     int rc = scratch_reserve(s, len);
     if (rc < 0)
         return cpm_error_set(err, rc, "BPE scratch for %zu bytes: out of memory", len);
-    rc = tok->kind == CPM_TOK_HF ? hf_encode(tok, s, text, len, ids, err)
-                                 : spm_encode(tok, s, text, len, ids);
+    size_t start = 0;
+    while (rc == 0 && start < len) {
+        size_t end = tok->word_split ? next_word(text, start, len) : len;
+        rc = tok->kind == CPM_TOK_HF ? hf_encode(tok, s, text + start, end - start, ids, err)
+                                     : spm_encode(tok, s, text + start, end - start, ids);
+        start = end;
+    }
     if (rc == CPM_ENOMEM)
         return cpm_error_set(err, rc, "BPE of %zu bytes: out of memory", len);
     return rc;
 }
 
 void cpm_tok_merges_release(cpm_tok_merges *m) {
-    free(m->keys);
-    free(m->rank);
-    free(m->merged);
+    free(m->slots);
     memset(m, 0, sizeof *m);
 }

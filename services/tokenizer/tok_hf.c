@@ -131,9 +131,6 @@ out:
 }
 
 static int load_model(cpm_tokenizer *tok, json_t *model, const char *name, cpm_error *err) {
-    const char *type = type_of(model);
-    if (type && strcmp(type, "BPE") != 0)
-        return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: model.type \"%s\" (only BPE)", name, type);
     if (!is_null(json_object_get(model, "dropout")))
         return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: model.dropout is set", name);
     const char *fields[] = {"continuing_subword_prefix", "end_of_word_suffix"};
@@ -334,6 +331,11 @@ int cpm_tokhf_load(cpm_tokenizer *tok, const char *data, size_t len, const char 
     }
     if (!is_null(json_object_get(root, "pre_tokenizer"))) {
         rc = cpm_error_set(err, CPM_EUNSUPPORTED, "%s: pre_tokenizer is set (MiniCPM has none)", name);
+        goto out;
+    }
+    const char *type = type_of(model);
+    if (type && strcmp(type, "BPE") != 0) {
+        rc = cpm_error_set(err, CPM_EUNSUPPORTED, "%s: model.type \"%s\" (only BPE)", name, type);
         goto out;
     }
     tok->kind = CPM_TOK_HF;

@@ -39,10 +39,14 @@ typedef struct cpm_tok_added {
 } cpm_tok_added;
 
 /* Hash map (left id, right id) -> (rank, merged id) for tokenizer.json merges. */
+typedef struct cpm_tok_merge_slot {
+    uint64_t key; /* (left << 32 | right) + 1; 0 = empty slot */
+    uint32_t rank;
+    int32_t merged;
+} cpm_tok_merge_slot;
+
 typedef struct cpm_tok_merges {
-    uint64_t *keys; /* (left << 32 | right) + 1; 0 = empty slot */
-    uint32_t *rank;
-    int32_t *merged;
+    cpm_tok_merge_slot *slots; /* one cache line holds 4 probes */
     size_t mask;
     size_t count;
 } cpm_tok_merges;
@@ -57,6 +61,10 @@ struct cpm_tokenizer {
     bool ignore_merges;
     int32_t byte_id[256];   /* id of <0xNN>, -1 when missing */
     int32_t ascii_id[128];  /* id of the one-byte piece, -1 when none (fast path) */
+
+    /* No piece has "▁" right after another character, so no merge can join across
+     * a word start: BPE may run word by word (shorter heaps, same result). */
+    bool word_split;
 
     /* HF merges; SPM uses vocab ranks (tok_vocab.h) instead. */
     cpm_tok_merges merges;

@@ -162,13 +162,13 @@ int cpm_tokspm_load(cpm_tokenizer *tok, const uint8_t *data, size_t len, const c
     if (!m)
         return cpm_error_set(err, CPM_EFORMAT, "%s: not a SentencePiece model (protobuf parse failed)",
                              name);
-    int rc = check_specs(m, name, err);
-    if (rc < 0)
-        goto out;
+    int rc = 0;
     if (m->n_pieces == 0 || m->n_pieces > SPM_MAX_PIECES) {
         rc = cpm_error_set(err, CPM_EFORMAT, "%s: %zu pieces", name, m->n_pieces);
         goto out;
     }
+    if ((rc = check_specs(m, name, err)) < 0)
+        goto out;
     tok->kind = CPM_TOK_SPM;
     tok->n_model = (int32_t)m->n_pieces;
     tok->unk_id = -1;

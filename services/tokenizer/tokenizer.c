@@ -71,6 +71,16 @@ static int cmp_added_longest(const void *a, const void *b) {
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
+/* Whether a piece has "▁" right after a character other than "▁": then a merge
+ * could join two words and BPE must see the whole segment at once. */
+static bool piece_joins_words(const char *p, size_t len) {
+    static const char sp[3] = {'\xe2', '\x96', '\x81'};
+    for (size_t i = 1; i + 3 <= len; i++)
+        if (memcmp(p + i, sp, 3) == 0 && !(i >= 3 && memcmp(p + i - 3, sp, 3) == 0))
+            return true;
+    return false;
+}
+
 int cpm_tok_finish(cpm_tokenizer *tok, const char *name, cpm_error *err) {
     cpm_vocab *v = &tok->vocab;
     for (int b = 0; b < 256; b++) {
@@ -87,6 +97,10 @@ int cpm_tok_finish(cpm_tokenizer *tok, const char *name, cpm_error *err) {
     for (int32_t id = 0; id < v->n; id++)
         if ((v->flags[id] & CPM_VOCAB_SET) && cpm_tok_byte_piece(cpm_vocab_piece(v, id), v->len[id]) >= 0)
             v->flags[id] |= CPM_VOCAB_BYTE;
+    tok->word_split = true;
+    for (int32_t id = 0; id < tok->n_model && tok->word_split; id++)
+        if (piece_joins_words(cpm_vocab_piece(v, id), v->len[id]))
+            tok->word_split = false;
     qsort(tok->added, tok->n_added, sizeof *tok->added, cmp_added_longest);
     memset(tok->added_first, 0, sizeof tok->added_first);
     for (size_t i = 0; i < tok->n_added; i++)

@@ -1,0 +1,262 @@
+#!/usr/bin/python3
+"""core_cluster.py - a whole cluster started by `cpm-cluster up`, on loopback.
+
+Checks the launcher (precise start-up errors for a wrong config and a taken port; ready
+line; clean stop on SIGTERM; a dying child stops the cluster with exit 1), and the
+services through it: the router's internal generate RPC from Python (python3-zmq +
+python3-protobuf, messages generated from proto/cpm.proto) gives the reference greedy
+tokens, streamed and not; the tokenizer service round-trips the reference prompt; the
+HTTP API's text equals the tokenizer service's decoding of the same tokens.
+
+usage: core_cluster.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import zmq
+
+BUILD, MODEL = sys.argv[1], os.path.abspath(sys.argv[2])
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLUSTER = os.path.join(BUILD, "tools", "cpm-cluster")
+
+tmp = tempfile.mkdtemp(prefix="cpm-cluster-e2e-")
+subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + tmp,
+                os.path.join(SRC, "proto", "cpm.proto")], check=True)
+sys.path.insert(0, tmp)
+import cpm_pb2 as pb  # noqa: E402
+
+CTX = zmq.Context()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def fail(msg):
+    print("FAIL:", msg)
+    raise SystemExit(1)
+
+
+def write_config(name, stages, ports):
+    ep = lambda k: "tcp://127.0.0.1:%d" % ports[k]  # noqa: E731
+    lines = ["version: 1", "router:", "  rpc: " + ep("rpc"), "  results: " + ep("results"),
+             "  micro_batches: 2", "tokenizers:", "  - endpoint: " + ep("tok"),
+             "samplers:", "  - endpoint: " + ep("smp0"), "  - endpoint: " + ep("smp1"), "stages:"]
+    for i, (a, b) in enumerate(stages):
+        lines += ["  - layers: [%s, %s]" % (a, b), "    endpoint: " + ep("st%d" % i), "    kv_tokens: 4096"]
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def ports_for(n_stages):
+    keys = ["rpc", "results", "tok", "smp0", "smp1"] + ["st%d" % i for i in range(n_stages)]
+    return {k: free_port() for k in keys}
+
+
+def up(cfg, http_port, timeout=90):
+    log = open(os.path.join(tmp, "cluster.log"), "a")
+    p = subprocess.Popen([CLUSTER, "up", cfg, "--model", MODEL, "--port", str(http_port), "--timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.time() + timeout
+    line = p.stdout.readline()
+    if "ready: http://127.0.0.1:%d" % http_port not in line:
+        p.kill()
+        fail("no ready line (got %r); log:\n%s" % (line, open(os.path.join(tmp, "cluster.log")).read()[-3000:]))
+    if time.time() > deadline:
+        fail("slow start")
+    return p
+
+
+def rpc(endpoint, env, timeout_ms=20000):
+    s = CTX.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    env.version = pb.PROTOCOL_VERSION_CURRENT
+    env.corr = 5
+    s.send(env.SerializeToString())
+    replies = []
+    while True:
+        if not s.poll(timeout_ms):
+            s.close()
+            fail("%s: no reply" % endpoint)
+        r = pb.Envelope()
+        r.ParseFromString(s.recv_multipart()[0])
+        replies.append(r)
+        if r.WhichOneof("body") != "token_event" or r.token_event.final:
+            break
+    s.close()
+    return replies
+
+
+def generate(endpoint, ids, n, stream):
+    env = pb.Envelope()
+    g = env.generate
+    g.request_id = "py-%d" % stream
+    g.prompt_ids.extend(ids)
+    g.params.temperature = 0.0
+    g.max_tokens = n
+    g.ignore_eos = True
+    g.stream = stream
+    out = rpc(endpoint, env)
+    toks = []
+    for r in out:
+        if r.WhichOneof("body") != "token_event":
+            fail("generate: %s" % r)
+        if r.token_event.HasField("error"):
+            fail("generate: %s" % r.token_event.error)
+        toks += list(r.token_event.ids)
+    last = out[-1].token_event
+    if not last.final or last.completion_tokens != n or last.prompt_tokens != len(ids):
+        fail("final event: %s" % last)
+    return toks, len(out)
+
+
+def http(port, path, body=None):
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def main():
+    layers = json.load(open(os.path.join(MODEL, "config.json")))["num_hidden_layers"]
+    ids = [int(x) for x in open(os.path.join(MODEL, "ids.txt")).read().split()]
+    ref = [int(x) for x in open(os.path.join(MODEL, "ref_greedy.txt")).read().split()]
+    cut = max(1, layers // 2)
+
+    # 1. Wrong configs fail before anything starts, naming the problem.
+    ports = ports_for(2)
+    bad = write_config("overlap.yaml", [(0, cut), (cut - 1, "end")], ports)
+    r = subprocess.run([CLUSTER, "up", bad, "--model", MODEL], capture_output=True, text=True, timeout=30)
+    if r.returncode != 1 or "stages[1].layers: starts at %d, overlapping stage 0" % (cut - 1) not in r.stderr:
+        fail("overlap: rc %d, %r" % (r.returncode, r.stderr))
+    short = write_config("short.yaml", [(0, cut), (cut, layers + 3)], ports)
+    r = subprocess.run([CLUSTER, "up", short, "--model", MODEL], capture_output=True, text=True, timeout=30)
+    if r.returncode != 1 or "but the model has %d layers" % layers not in r.stderr:
+        fail("beyond the model: rc %d, %r" % (r.returncode, r.stderr))
+    good = write_config("pp2.yaml", [(0, cut), (cut, "end")], ports)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", ports["st1"]))
+    taken.listen()
+    r = subprocess.run([CLUSTER, "up", good, "--model", MODEL], capture_output=True, text=True, timeout=30)
+    taken.close()
+    if r.returncode != 1 or "stage 1: tcp://127.0.0.1:%d: cannot bind here" % ports["st1"] not in r.stderr:
+        fail("port in use: rc %d, %r" % (r.returncode, r.stderr))
+    print("ok 1 - wrong configs and a taken port fail at start-up with precise errors")
+
+    # 2. Up: ready line, then the internal RPC from Python gives the reference tokens.
+    http_port = free_port()
+    p = up(good, http_port)
+    kids = children(p.pid)
+    if len(kids) != 6:
+        fail("expected 6 processes, got %s" % kids)
+    rpc_ep = "tcp://127.0.0.1:%d" % ports["rpc"]
+    try:
+        toks, n_events = generate(rpc_ep, ids, len(ref), stream=False)
+        if toks != ref or n_events != 1:
+            fail("rpc generate: %s (%d events)\n want %s" % (toks, n_events, ref))
+        toks, n_events = generate(rpc_ep, ids, len(ref), stream=True)
+        if toks != ref or n_events < len(ref):
+            fail("rpc generate stream: %s (%d events)" % (toks, n_events))
+        print("ok 2 - internal RPC from Python: %d greedy tokens equal ref_greedy.txt, streamed and not"
+              % len(ref))
+
+        # 3. Tokenizer service: the reference prompt's text encodes to the reference ids.
+        prompt_file = os.path.join(MODEL, "prompt.txt")
+        tok_ep = "tcp://127.0.0.1:%d" % ports["tok"]
+        if os.path.exists(prompt_file):
+            env = pb.Envelope()
+            env.tokenize.text = open(prompt_file).read()
+            env.tokenize.add_bos = True
+            got = list(rpc(tok_ep, env)[0].tokenized.ids)
+            if got != ids:
+                fail("tokenize: %s\n want %s" % (got, ids))
+        env = pb.Envelope()
+        env.detokenize.ids.extend(ref)
+        env.detokenize.skip_special = True
+        want_text = rpc(tok_ep, env)[0].detokenized.text
+        print("ok 3 - tokenizer service: prompt.txt encodes to ids.txt")
+
+        # 4. HTTP: ready, and a token-id prompt gives the same text as the reference tokens.
+        st, body = http(http_port, "/ready")
+        if st != 200:
+            fail("/ready: %d %s" % (st, body))
+        st, body = http(http_port, "/v1/completions",
+                        {"model": os.path.basename(MODEL), "prompt": ids, "max_tokens": len(ref),
+                         "temperature": 0})
+        if st != 200:
+            fail("completions: %d %s" % (st, body))
+        text = body["choices"][0]["text"]
+        n_done = body["usage"]["completion_tokens"]
+        env = pb.Envelope()
+        env.detokenize.ids.extend(ref[:n_done])
+        env.detokenize.skip_special = True
+        want_text = rpc(tok_ep, env)[0].detokenized.text
+        if text != want_text:
+            fail("HTTP text %r != decode(ref[:%d]) %r" % (text, n_done, want_text))
+        print("ok 4 - HTTP completion (%d tokens) equals the reference decoded by cpm-tokenizer" % n_done)
+    except BaseException:
+        p.kill()
+        for k in kids:
+            if alive(k):
+                os.kill(k, signal.SIGKILL)
+        raise
+
+    # 5. SIGTERM stops everything cleanly.
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(30)
+    if rc != 0:
+        fail("launcher exit %d after SIGTERM" % rc)
+    time.sleep(0.2)
+    left = [k for k in kids if alive(k)]
+    if left:
+        fail("still running after stop: %s" % left)
+    print("ok 5 - SIGTERM: launcher and all 6 processes stopped, exit 0")
+
+    # 6. A stage that dies takes the cluster down with a message naming it.
+    p = up(good, free_port())
+    kids = children(p.pid)
+    stage_pid = [k for k in kids if "cpm-shard" in open("/proc/%d/cmdline" % k).read()][-1]
+    os.kill(stage_pid, signal.SIGKILL)
+    rc = p.wait(30)
+    log = open(os.path.join(tmp, "cluster.log")).read()
+    if rc != 1 or "killed by signal 9: stopping the cluster" not in log:
+        fail("dead stage: rc %d, log %s" % (rc, log[-1000:]))
+    time.sleep(0.2)
+    if [k for k in kids if alive(k)]:
+        fail("children left after a stage died")
+    print("ok 6 - a killed stage stops the cluster (exit 1, named in the log)")
+
+
+main()
+print("PASS")

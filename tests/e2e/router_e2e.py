@@ -1,0 +1,491 @@
+#!/usr/bin/python3
+"""router_e2e.py - the whole cluster through the router's front doors.
+
+Starts real processes on loopback (N cpm-shard stages, a cpm-sampler, cpm-router) from a
+cluster file written here with free ports, then checks through the HTTP API:
+  * greedy output equals cpm-run token for token, for several prompts;
+  * streaming and non-streaming give the same tokens (and text, when the model has a
+    tokenizer; then a chat completion is checked too);
+  * 16 concurrent requests give the same outputs as when run one at a time;
+  * bad input (malformed HTTP and JSON, unknown fields, oversize bodies, bad token ids,
+    limits) gets a clear JSON error, and the router keeps serving;
+  * a client that disconnects mid-stream is cancelled (metrics say so, nothing leaks);
+and through the internal RPC (python3-zmq + python3-protobuf, module generated from
+proto/cpm.proto at test time): generate (streamed and not), cancel, bad frames.
+
+With --node, runs instead the official `openai` npm client (tests/e2e/node, installed by
+`npm ci` there; the test is skipped, exit 77, when it is not installed) for a streaming and a
+non-streaming chat completion.
+
+usage: router_e2e.py BUILD_DIR MODEL_DIR [N_STAGES] [--node]
+"""
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import zmq
+
+ARGS = [a for a in sys.argv[1:] if a != "--node"]
+NODE = "--node" in sys.argv
+BUILD, MODEL = ARGS[0], ARGS[1]
+N_STAGES = int(ARGS[2]) if len(ARGS) > 2 else 2
+NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
+if NODE and not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
+    print("openai npm client not installed (run `npm ci` in tests/e2e/node): skipped")
+    sys.exit(77)
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TMP = tempfile.mkdtemp(prefix="cpm-router-e2e-")
+MAX_BODY = 65536
+
+subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + TMP,
+                os.path.join(SRC, "proto", "cpm.proto")], check=True)
+sys.path.insert(0, TMP)
+import cpm_pb2 as pb  # noqa: E402
+
+procs = []
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("FAIL:", what, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def config():
+    with open(os.path.join(MODEL, "config.json")) as f:
+        n_layers = json.load(f)["num_hidden_layers"]
+    cuts = [n_layers * i // N_STAGES for i in range(N_STAGES)] + ["end"]
+    ports = {k: free_port() for k in ["http", "rpc", "results", "tok", "sampler"]}
+    stage_ports = [free_port() for _ in range(N_STAGES)]
+    lines = ["version: 1", "model: " + os.path.abspath(MODEL), "router:",
+             "  http: 127.0.0.1:%d" % ports["http"],
+             "  rpc: tcp://127.0.0.1:%d" % ports["rpc"],
+             "  results: tcp://127.0.0.1:%d" % ports["results"],
+             "  micro_batches: %d" % N_STAGES,
+             "  max_body_bytes: %d" % MAX_BODY,
+             "  max_tokens: 256",
+             "tokenizers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["tok"],
+             "samplers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["sampler"],
+             "stages:"]
+    for i in range(N_STAGES):
+        lines += ["  - layers: [%d, %s]" % (cuts[i], cuts[i + 1]),
+                  "    endpoint: tcp://127.0.0.1:%d" % stage_ports[i]]
+    path = os.path.join(TMP, "cluster.yaml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, ports
+
+
+def start(args, name):
+    log = open(os.path.join(TMP, name + ".log"), "w")
+    procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+
+
+def stop_all():
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# ---------------------------------------------------------------- HTTP helpers
+
+def request(method, path, body=None, raw=None, timeout=60):
+    c = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    text = r.read().decode()
+    c.close()
+    return r.status, text
+
+
+def post(path, body):
+    status, text = request("POST", path, body)
+    return status, json.loads(text) if text else None
+
+
+def stream(path, body):
+    """Returns (list of chunk objects, saw_done) from an SSE response."""
+    c = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)
+    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, (r.status, r.read())
+    assert r.getheader("Content-Type") == "text/event-stream"
+    chunks, done = [], False
+    for block in r.read().decode().split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[6:]
+        if payload == "[DONE]":
+            done = True
+            continue
+        assert not done, "data after [DONE]"
+        chunks.append(json.loads(payload))
+    c.close()
+    return chunks, done
+
+
+def raw_exchange(data, read_timeout=5):
+    """Sends raw bytes, returns (status, body) of the answer, read until close."""
+    s = socket.create_connection(("127.0.0.1", HTTP_PORT))
+    s.sendall(data)
+    s.settimeout(read_timeout)
+    out = b""
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+    except socket.timeout:
+        pass
+    s.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, body.decode(errors="replace")
+
+
+def cpm_run(ids, n):
+    out = subprocess.run([os.path.join(BUILD, "shard/cpm-run"), "--model", MODEL, "--ids",
+                          ",".join(map(str, ids)), "--n", str(n), "--ignore-eos", "--print-ids"],
+                         capture_output=True, text=True, check=True)
+    return [int(t) for t in out.stdout.split()]
+
+
+def greedy_body(ids, n, **extra):
+    b = {"model": MODEL_NAME, "prompt": ids, "max_tokens": n, "temperature": 0,
+         "ignore_eos": True, "return_token_ids": True}
+    b.update(extra)
+    return b
+
+
+def completion_ids(ids, n):
+    status, r = post("/v1/completions", greedy_body(ids, n))
+    assert status == 200, r
+    return r["choices"][0]["token_ids"]
+
+
+def metric(name):
+    _, text = request("GET", "/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---------------------------------------------------------------- the checks
+
+def test_greedy_matches_cpm_run(prompts):
+    for ids in prompts:
+        want = cpm_run(ids, 24)
+        got = completion_ids(ids, 24)
+        check(got == want, "greedy via HTTP != cpm-run for prompt of %d ids: %s vs %s"
+              % (len(ids), got, want))
+
+
+def test_stream_equals_non_stream(ids):
+    status, full = post("/v1/completions", greedy_body(ids, 20))
+    chunks, done = stream("/v1/completions",
+                          greedy_body(ids, 20, stream=True, stream_options={"include_usage": True}))
+    check(done, "stream did not end with [DONE]")
+    ids_s = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
+    text_s = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    check(ids_s == full["choices"][0]["token_ids"], "streamed ids differ from non-streamed")
+    check(text_s == full["choices"][0]["text"], "streamed text differs from non-streamed")
+    finals = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    check(finals == ["length"], "stream finish reasons: %s" % finals)
+    check(chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20,
+          "usage chunk missing or wrong: %s" % chunks[-1])
+    check(full["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 20,
+                            "total_tokens": len(ids) + 20}, "usage: %s" % full["usage"])
+
+
+def test_chat(ids):
+    """Only with a tokenizer: chat, text equality streamed vs not."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello, who are you?"}],
+            "max_tokens": 16, "temperature": 0}
+    status, full = post("/v1/chat/completions", body)
+    check(status == 200, "chat: %s %s" % (status, full))
+    text = full["choices"][0]["message"]["content"]
+    chunks, done = stream("/v1/chat/completions", dict(body, stream=True))
+    check(chunks[0]["choices"][0]["delta"].get("role") == "assistant", "first chunk has no role")
+    text_s = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    check(done and text_s == text, "chat streamed text %r != %r" % (text_s, text))
+    check(full["object"] == "chat.completion" and chunks[0]["object"] == "chat.completion.chunk",
+          "chat object types")
+
+
+def test_concurrent(prompts):
+    single = [completion_ids(p, 12) for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = completion_ids(prompts[i], 12)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check(results == single, "16 concurrent requests differ from one at a time")
+
+
+def test_n_and_seed(ids):
+    body = {"model": MODEL_NAME, "prompt": ids, "max_tokens": 8, "temperature": 0.9, "seed": 5,
+            "n": 3, "return_token_ids": True, "ignore_eos": True}
+    status, a = post("/v1/completions", body)
+    status2, b = post("/v1/completions", body)
+    check(status == 200 and status2 == 200, "n=3 request failed")
+    check([c["index"] for c in a["choices"]] == [0, 1, 2], "choice indexes")
+    check([c["token_ids"] for c in a["choices"]] == [c["token_ids"] for c in b["choices"]],
+          "same seed gave different samples")
+
+
+def test_bad_input(vocab):
+    cases = [
+        ("malformed JSON", "/v1/completions", '{"prompt": [1,2', 400, "invalid_json"),
+        ("unknown field", "/v1/completions", '{"prompt": [1], "bogus": 1}', 400, "unknown_parameter"),
+        ("wrong type", "/v1/completions", '{"prompt": [1], "max_tokens": "9"}', 400, None),
+        ("token id out of vocab", "/v1/completions", '{"prompt": [1, %d]}' % vocab, 400,
+         "invalid_token_id"),
+        ("max_tokens over the cap", "/v1/completions", '{"prompt": [1], "max_tokens": 100000}', 400,
+         "context_length_exceeded"),
+        ("unknown model", "/v1/completions", '{"prompt": [1], "model": "gpt-17"}', 404,
+         "model_not_found"),
+        ("chat without messages", "/v1/chat/completions", '{"model": "x"}', 400, None),
+    ]
+    for name, path, raw, want_status, want_code in cases:
+        status, text = request("POST", path, raw=raw)
+        err = json.loads(text).get("error", {}) if text.startswith("{") else {}
+        check(status == want_status and "message" in err and "type" in err,
+              "%s: got %s %s" % (name, status, text))
+        if want_code:
+            check(err.get("code") == want_code, "%s: code %s" % (name, err.get("code")))
+    big = json.dumps({"prompt": "x" * (MAX_BODY + 10)})
+    status, text = request("POST", "/v1/completions", raw=big)
+    check(status == 413, "oversize body: %s" % status)
+    status, text = raw_exchange(b"NONSENSE / HTTP/1.1\r\n\r\n")
+    check(status == 400 and '"error"' in text, "malformed HTTP: %s %s" % (status, text))
+    status, text = raw_exchange(b"GET /v1/models HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    check(status == 400, "bad Content-Length: %s" % status)
+    status, _ = request("GET", "/v1/completions")
+    check(status == 405, "GET on a POST route: %s" % status)
+    status, _ = request("GET", "/nope")
+    check(status == 404, "unknown route: %s" % status)
+    status, _ = request("GET", "/ready")
+    check(status == 200, "router not ready after bad input")
+
+
+def test_disconnect_cancels(ids):
+    before = metric('cpm_requests_total{endpoint="completions",outcome="cancelled"}')
+    s = socket.create_connection(("127.0.0.1", HTTP_PORT))
+    body = json.dumps(greedy_body(ids, 200, stream=True)).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while b"data: " not in got:
+        got += s.recv(4096)
+    s.close()
+    for _ in range(100):
+        after = metric('cpm_requests_total{endpoint="completions",outcome="cancelled"}')
+        if after > before and metric("cpm_running_sequences") == 0:
+            break
+        time.sleep(0.05)
+    check(after == before + 1, "disconnect was not counted as a cancel (%s -> %s)" % (before, after))
+    check(metric("cpm_running_sequences") == 0, "a cancelled sequence is still running")
+
+
+def test_metrics():
+    _, text = request("GET", "/metrics")
+    for name in ["cpm_requests_total", "cpm_time_to_first_token_seconds_bucket",
+                 "cpm_inter_token_latency_seconds_count", "cpm_queue_depth", "cpm_kv_usage_ratio",
+                 "cpm_generation_tokens_total"]:
+        check(name in text, "metric %s missing" % name)
+    check(metric("cpm_generation_tokens_total") > 0, "no generated tokens counted")
+
+
+# ---------------------------------------------------------------- internal RPC
+
+def rpc_call(sock, env, frames=(), timeout_ms=30000):
+    env.version = pb.PROTOCOL_VERSION_CURRENT
+    sock.send_multipart([env.SerializeToString(), *frames])
+    events = []
+    while True:
+        if not sock.poll(timeout_ms):
+            raise TimeoutError("no answer from the router rpc")
+        out = pb.Envelope()
+        out.ParseFromString(sock.recv_multipart()[0])
+        if out.WhichOneof("body") != "token_event":
+            return out, events
+        events.append(out.token_event)
+        if out.token_event.final:
+            return out, events
+
+
+def test_rpc(ctx, ids, want):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(RPC_EP)
+    env = pb.Envelope()
+    env.corr = 1
+    g = env.generate
+    g.request_id = "rpc-1"
+    g.prompt_ids.extend(ids)
+    g.max_tokens = len(want)
+    g.ignore_eos = True
+    g.params.temperature = 0
+    _, events = rpc_call(sock, env)
+    check(len(events) == 1 and events[0].final and list(events[0].ids) == want,
+          "rpc non-streamed: %s" % events)
+    check(events and events[0].finish == pb.FINISH_LENGTH and events[0].completion_tokens == len(want),
+          "rpc finish/usage")
+    g.request_id = "rpc-2"
+    g.stream = True
+    _, events = rpc_call(sock, env)
+    streamed = [t for e in events for t in e.ids]
+    check(streamed == want and events[-1].final and all(not e.final for e in events[:-1]),
+          "rpc streamed: %s" % streamed)
+    # cancel: a long request, cancelled after its first token
+    g.request_id = "rpc-3"
+    g.max_tokens = 200
+    env.version = pb.PROTOCOL_VERSION_CURRENT
+    sock.send_multipart([env.SerializeToString()])
+    assert sock.poll(30000)
+    cancel = pb.Envelope()
+    cancel.version = pb.PROTOCOL_VERSION_CURRENT
+    cancel.cancel.request_id = "rpc-3"
+    sock.send_multipart([cancel.SerializeToString()])
+    final = None
+    while final is None and sock.poll(30000):
+        out = pb.Envelope()
+        out.ParseFromString(sock.recv_multipart()[0])
+        if out.token_event.final:
+            final = out.token_event
+    check(final is not None and final.finish == pb.FINISH_CANCELLED, "rpc cancel: %s" % final)
+    # bad frames: garbage, wrong version, no body, an extra frame; each gets an error
+    bad = [b"\xff\xff\xff garbage"]
+    e = pb.Envelope(version=99, corr=5)
+    e.health_request.SetInParent()
+    bad.append(e.SerializeToString())
+    bad.append(pb.Envelope(version=pb.PROTOCOL_VERSION_CURRENT, corr=6).SerializeToString())
+    for frame in bad:
+        sock.send_multipart([frame])
+        ok = sock.poll(5000)
+        reply = pb.Envelope()
+        if ok:
+            reply.ParseFromString(sock.recv_multipart()[0])
+        check(ok and reply.WhichOneof("body") == "error", "bad rpc frame not answered with error")
+    e = pb.Envelope(version=pb.PROTOCOL_VERSION_CURRENT, corr=7)
+    e.generate.request_id = "x"
+    sock.send_multipart([e.SerializeToString(), b"unexpected tensor"])
+    ok = sock.poll(5000)
+    reply = pb.Envelope()
+    if ok:
+        reply.ParseFromString(sock.recv_multipart()[0])
+    check(ok and reply.WhichOneof("body") == "error", "generate with an extra frame accepted")
+    # invalid generate requests get a final error event
+    env = pb.Envelope(corr=8)
+    env.generate.request_id = "rpc-bad"
+    env.generate.prompt_ids.extend([1, 10 ** 6])
+    _, events = rpc_call(sock, env)
+    check(events and events[-1].final and events[-1].finish == pb.FINISH_ERROR,
+          "rpc out-of-vocab id not rejected")
+    # and it still serves
+    env = pb.Envelope(corr=9)
+    env.generate.request_id = "rpc-4"
+    env.generate.prompt_ids.extend(ids)
+    env.generate.max_tokens = len(want)
+    env.generate.ignore_eos = True
+    _, events = rpc_call(sock, env)
+    check(events and list(events[-1].ids) == want, "rpc after bad frames")
+    sock.close()
+
+
+def main():
+    global HTTP_PORT, RPC_EP, MODEL_NAME
+    cfg, ports = config()
+    HTTP_PORT = ports["http"]
+    RPC_EP = "tcp://127.0.0.1:%d" % ports["rpc"]
+    MODEL_NAME = os.path.basename(os.path.abspath(MODEL))
+    for i in range(N_STAGES):
+        start([os.path.join(BUILD, "shard/cpm-shard"), "--config", cfg, "--index", str(i)],
+              "stage%d" % i)
+    start([os.path.join(BUILD, "services/sampler/cpm-sampler"), "--config", cfg, "--index", "0"],
+          "sampler")
+    start([os.path.join(BUILD, "router/cpm-router"), "--config", cfg], "router")
+    deadline = time.time() + 60
+    while True:
+        try:
+            if request("GET", "/ready", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            print("cluster did not become ready; logs in", TMP)
+            return 1
+        time.sleep(0.2)
+    if NODE:
+        out = subprocess.run(["node", os.path.join(NODE_DIR, "openai_chat.mjs"),
+                              "http://127.0.0.1:%d/v1" % HTTP_PORT, MODEL_NAME],
+                             capture_output=True, text=True, timeout=120)
+        print(out.stdout, out.stderr)
+        check(out.returncode == 0, "openai npm client failed")
+        return 1 if failures else 0
+    with open(os.path.join(MODEL, "ids.txt")) as f:
+        ids = [int(t) for t in f.read().split()]
+    with open(os.path.join(MODEL, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    has_tokenizer = any(os.path.exists(os.path.join(MODEL, n))
+                        for n in ["tokenizer.json", "tokenizer.model"])
+    prompts = [ids, ids[:5], ids[3:14], [1]]
+    test_greedy_matches_cpm_run(prompts)
+    test_stream_equals_non_stream(ids)
+    if has_tokenizer:
+        test_chat(ids)
+    test_concurrent([ids[: 2 + (i * 7) % (len(ids) - 1)] for i in range(16)])
+    test_n_and_seed(ids[:6])
+    test_bad_input(vocab)
+    test_disconnect_cancels(ids)
+    test_rpc(zmq.Context(), ids, cpm_run(ids, 10))
+    test_metrics()
+    for p in procs:
+        check(p.poll() is None, "%s exited (rc %s)" % (p.args[0], p.poll()))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        rc = main()
+    finally:
+        stop_all()
+    router_rc = procs[-1].returncode if procs else None
+    if rc == 0 and router_rc not in (0, None):
+        print("router exited with", router_rc)
+        rc = 1
+    print("router e2e:", "ok" if rc == 0 else "FAILED (logs in %s)" % TMP)
+    if rc == 0:
+        shutil.rmtree(TMP, ignore_errors=True)  # logs are kept only when something failed
+    sys.exit(rc)

@@ -1,0 +1,477 @@
+/* cpm_cluster.c - cpm-cluster: starts every process of a cluster file on this host, waits
+ * until all report healthy, prints the router's address, and stops them all on
+ * SIGINT/SIGTERM. Under mpirun (`cpm-cluster rank CONFIG`) each rank becomes the one
+ * process the file assigns to it; MPI only launches, no data goes over it.
+ *
+ *   cpm-cluster up cluster-config/pp2.yaml --model models/minicpm-1b --port 8080
+ */
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <netdb.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "services/common/config.h"
+#include "services/common/transport.h"
+
+#define MAX_ARGS 32
+
+typedef struct launch {
+    const char *cmd;          /* up | rank | check | keys */
+    const char *config_path;
+    const char *model;
+    int port;                 /* -1 = config's */
+    const char *bin_dir;
+    int timeout_s;
+    const char *log_format;
+} launch;
+
+typedef struct proc {
+    pid_t pid;
+    cpm_role role;
+    int index;
+    char label[32];
+    const char *endpoint;
+    bool ready, exited;
+    int status;
+} proc;
+
+static volatile sig_atomic_t arg_stop; /* set by SIGINT/SIGTERM */
+
+static void on_signal(int sig) {
+    (void)sig;
+    arg_stop = 1;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: cpm-cluster up CONFIG [--model DIR] [--port N] [--bin-dir DIR] [--timeout S]\n"
+            "                             [--log-format text|json]\n"
+            "       cpm-cluster rank CONFIG [--model DIR] [--port N]   (one process per mpirun rank)\n"
+            "       cpm-cluster check CONFIG [--model DIR]             (validate, list the processes)\n"
+            "       cpm-cluster keys                                   (the configuration keys)\n");
+    exit(2);
+}
+
+static void parse_args(int argc, char **argv, launch *l) {
+    *l = (launch){.port = -1, .timeout_s = 120};
+    if (argc < 2)
+        usage();
+    l->cmd = argv[1];
+    int i = 2;
+    if (strcmp(l->cmd, "keys")) {
+        if (argc < 3)
+            usage();
+        l->config_path = argv[i++];
+    }
+    for (; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v)
+            usage();
+        if (!strcmp(argv[i], "--model"))
+            l->model = v;
+        else if (!strcmp(argv[i], "--port")) {
+            char *end;
+            long p = strtol(v, &end, 10);
+            if (*end || p < 0 || p > 65535) {
+                fprintf(stderr, "cpm-cluster: --port: '%s' is not a port number\n", v);
+                exit(2);
+            }
+            l->port = (int)p;
+        } else if (!strcmp(argv[i], "--bin-dir"))
+            l->bin_dir = v;
+        else if (!strcmp(argv[i], "--timeout"))
+            l->timeout_s = atoi(v);
+        else if (!strcmp(argv[i], "--log-format"))
+            l->log_format = v;
+        else
+            usage();
+        i++;
+    }
+}
+
+/* ------------------------------------------------------------------ checks before start */
+
+static int model_layers(const char *dir, int *ret, cpm_error *err) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    if (!root)
+        return cpm_error_set(err, CPM_EIO, "model %s: %s", path, je.text);
+    json_t *n = json_object_get(root, "num_hidden_layers");
+    int rc = 0;
+    if (!json_is_integer(n) || json_integer_value(n) < 1)
+        rc = cpm_error_set(err, CPM_EFORMAT, "model %s: no num_hidden_layers", path);
+    else
+        *ret = (int)json_integer_value(n);
+    json_decref(root);
+    return rc;
+}
+
+/* For `up` everything runs here: each tcp endpoint must name a local address whose
+ * port is free, else the service would fail later with a vaguer message. */
+static int check_local_endpoint(const char *what, const char *ep, cpm_error *err) {
+    if (strncmp(ep, "tcp://", 6))
+        return 0;
+    char host[256];
+    const char *colon = strrchr(ep + 6, ':');
+    size_t hl = (size_t)(colon - (ep + 6));
+    if (hl >= sizeof host)
+        return cpm_error_set(err, CPM_EINVAL, "%s: %s: host too long", what, ep);
+    memcpy(host, ep + 6, hl);
+    host[hl] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    int g = getaddrinfo(host, colon + 1, &hints, &ai);
+    if (g)
+        return cpm_error_set(err, CPM_EINVAL, "%s: %s: cannot resolve '%s': %s", what, ep, host,
+                             gai_strerror(g));
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    int rc = 0, one = 1;
+    /* As zmq does for its listeners: a port in TIME_WAIT from a previous run is free. */
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen))
+        rc = cpm_error_set(err, CPM_EINVAL, "%s: %s: cannot bind here: %s", what, ep, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    freeaddrinfo(ai);
+    return rc;
+}
+
+static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
+    if (!c->model[0])
+        return cpm_error_set(err, CPM_EINVAL, "%s: no model: set `model:` or pass --model DIR", c->path);
+    int layers = 0, rc = model_layers(c->model, &layers, err);
+    if (!rc) {
+        /* Resolve a copy: children get the file and resolve `end` themselves. */
+        cpm_config tmp = *c;
+        rc = cpm_config_resolve_layers(&tmp, layers, err);
+    }
+    for (int r = 0; local && !rc && r < cpm_config_n_procs(c); r++) {
+        cpm_role role;
+        int idx;
+        cpm_config_proc(c, r, &role, &idx, NULL);
+        char what[64];
+        snprintf(what, sizeof what, "%s %d", cpm_role_name(role), idx);
+        rc = check_local_endpoint(what, cpm_config_proc_endpoint(c, r), err);
+    }
+    if (local && !rc)
+        rc = check_local_endpoint("router.results", c->router.results, err);
+    if (local && !rc && c->router.http_port) {
+        char ep[CPM_CFG_STR + 16];
+        snprintf(ep, sizeof ep, "tcp://%s:%d", c->router.http_addr, c->router.http_port);
+        rc = check_local_endpoint("router.http", ep, err);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------ processes */
+
+static const char *bin_name(cpm_role role) {
+    static const char *names[] = {"cpm-router", "cpm-tokenizer", "cpm-sampler", "cpm-shard"};
+    return names[role];
+}
+
+/* Where the build puts each binary, relative to the build root. */
+static const char *build_rel(cpm_role role) {
+    static const char *rel[] = {"router", "services/tokenizer", "services/sampler", "shard"};
+    return rel[role];
+}
+
+/* --bin-dir, then next to this executable, then the build tree around it, then PATH. */
+static void find_bin(const launch *l, cpm_role role, char *out, size_t size) {
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    char cand[3][PATH_MAX * 2];
+    snprintf(cand[0], sizeof cand[0], "%s/%s", l->bin_dir ? l->bin_dir : "/nonexistent", bin_name(role));
+    snprintf(cand[1], sizeof cand[1], "%s/%s", self, bin_name(role));
+    snprintf(cand[2], sizeof cand[2], "%s/../%s/%s", self, build_rel(role), bin_name(role));
+    for (int i = 0; i < 3; i++)
+        if (access(cand[i], X_OK) == 0 && strlen(cand[i]) < size) {
+            memcpy(out, cand[i], strlen(cand[i]) + 1);
+            return;
+        }
+    snprintf(out, size, "%s", bin_name(role)); /* execvp searches PATH */
+}
+
+static int build_argv(const launch *l, const cpm_config *c, cpm_role role, int idx, char *bin,
+                      size_t bin_size, char **argv, char bufs[][32]) {
+    int n = 0;
+    find_bin(l, role, bin, bin_size);
+    argv[n++] = bin;
+    argv[n++] = "--config";
+    argv[n++] = (char *)l->config_path;
+    argv[n++] = "--model";
+    argv[n++] = (char *)c->model;
+    if (role == CPM_ROLE_ROUTER) {
+        if (l->port >= 0) {
+            snprintf(bufs[0], 32, "%d", l->port);
+            argv[n++] = "--port";
+            argv[n++] = bufs[0];
+        }
+    } else {
+        snprintf(bufs[1], 32, "%d", idx);
+        argv[n++] = "--index";
+        argv[n++] = bufs[1];
+    }
+    if (l->log_format) {
+        argv[n++] = "--log-format";
+        argv[n++] = (char *)l->log_format;
+    }
+    argv[n] = NULL;
+    return n;
+}
+
+static pid_t spawn(const launch *l, const cpm_config *c, proc *p) {
+    char bin[PATH_MAX * 3], bufs[2][32];
+    char *argv[MAX_ARGS];
+    build_argv(l, c, p->role, p->index, bin, sizeof bin, argv, bufs);
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* Own process group: a terminal's Ctrl-C reaches only the launcher, which then
+         * stops the children in order. */
+        setpgid(0, 0);
+        execvp(argv[0], argv);
+        fprintf(stderr, "cpm-cluster: %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    return pid;
+}
+
+static bool probe(void *z, proc *p, cpm_error *err) {
+    Cpm__V1__HealthRequest hr = CPM__V1__HEALTH_REQUEST__INIT;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST;
+    env.health_request = &hr;
+    cpm_inmsg *m;
+    if (cpm_rpc_call(z, p->endpoint, &env, NULL, 300, &m, err))
+        return false;
+    bool ok = m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH && m->env->health->ready;
+    if (!ok && m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH)
+        cpm_error_set(err, CPM_EAGAIN, "%s", m->env->health->status);
+    cpm_inmsg_free(m);
+    return ok;
+}
+
+static void reap(proc *ps, int n) {
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+        for (int i = 0; i < n; i++)
+            if (ps[i].pid == pid) {
+                ps[i].exited = true;
+                ps[i].status = st;
+            }
+}
+
+static void describe_exit(const proc *p, char *buf, size_t size) {
+    if (WIFEXITED(p->status))
+        snprintf(buf, size, "%s exited with status %d", p->label, WEXITSTATUS(p->status));
+    else
+        snprintf(buf, size, "%s killed by signal %d", p->label, WTERMSIG(p->status));
+}
+
+/* Router first (no new work), then the rest; SIGKILL whatever is left after 10 s. */
+static int stop_all(proc *ps, int n) {
+    for (int i = 0; i < n; i++)
+        if (!ps[i].exited && ps[i].pid > 0)
+            kill(ps[i].pid, SIGTERM);
+    int unclean = 0;
+    for (int t = 0; t < 1000; t++) {
+        reap(ps, n);
+        int left = 0;
+        for (int i = 0; i < n; i++)
+            left += !ps[i].exited && ps[i].pid > 0;
+        if (!left)
+            break;
+        usleep(10000);
+    }
+    for (int i = 0; i < n; i++)
+        if (!ps[i].exited && ps[i].pid > 0) {
+            fprintf(stderr, "cpm-cluster: %s did not stop in 10 s: killing it\n", ps[i].label);
+            kill(ps[i].pid, SIGKILL);
+            waitpid(ps[i].pid, &ps[i].status, 0);
+            unclean++;
+        } else if (ps[i].pid > 0 && !(WIFEXITED(ps[i].status) && WEXITSTATUS(ps[i].status) == 0) &&
+                   !(WIFSIGNALED(ps[i].status) && WTERMSIG(ps[i].status) == SIGTERM)) {
+            char why[96];
+            describe_exit(&ps[i], why, sizeof why);
+            fprintf(stderr, "cpm-cluster: on stop: %s\n", why);
+            unclean++;
+        }
+    return unclean;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int cmd_up(const launch *l, cpm_config *c) {
+    int n = cpm_config_n_procs(c);
+    proc *ps = calloc((size_t)n, sizeof *ps);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    /* Back ends first, router last, so the router's first health checks find them. */
+    for (int k = 0; k < n; k++) {
+        int r = (k + 1) % n;
+        proc *p = &ps[r];
+        cpm_config_proc(c, r, &p->role, &p->index, NULL);
+        snprintf(p->label, sizeof p->label, "%s %d", cpm_role_name(p->role), p->index);
+        p->endpoint = cpm_config_proc_endpoint(c, r);
+        p->pid = spawn(l, c, p);
+        if (p->pid < 0) {
+            fprintf(stderr, "cpm-cluster: fork: %s\n", strerror(errno));
+            stop_all(ps, n);
+            return 1;
+        }
+    }
+    void *z = zmq_ctx_new();
+    double deadline = now_s() + l->timeout_s;
+    int n_ready = 0, rc = 0;
+    cpm_error e = {0};
+    while (n_ready < n && !arg_stop) {
+        reap(ps, n);
+        for (int i = 0; i < n && !rc; i++) {
+            if (ps[i].exited) {
+                char why[96];
+                describe_exit(&ps[i], why, sizeof why);
+                fprintf(stderr, "cpm-cluster: %s while starting (see its log above)\n", why);
+                rc = 1;
+            } else if (!ps[i].ready && probe(z, &ps[i], &e)) {
+                ps[i].ready = true;
+                n_ready++;
+            }
+        }
+        if (rc)
+            break;
+        if (now_s() > deadline) {
+            for (int i = 0; i < n; i++)
+                if (!ps[i].ready)
+                    fprintf(stderr, "cpm-cluster: %s at %s not healthy after %d s\n", ps[i].label,
+                            ps[i].endpoint, l->timeout_s);
+            rc = 1;
+            break;
+        }
+        if (n_ready < n)
+            usleep(100000);
+    }
+    zmq_ctx_term(z);
+    if (!rc && !arg_stop) {
+        printf("cpm-cluster: ready: http://%s:%d (%d processes; Ctrl-C stops them)\n",
+               c->router.http_addr, l->port >= 0 ? l->port : c->router.http_port, n);
+        fflush(stdout);
+        while (!arg_stop) {
+            reap(ps, n);
+            for (int i = 0; i < n; i++)
+                if (ps[i].exited) {
+                    char why[96];
+                    describe_exit(&ps[i], why, sizeof why);
+                    fprintf(stderr, "cpm-cluster: %s: stopping the cluster\n", why);
+                    rc = 1;
+                    arg_stop = 1;
+                    break;
+                }
+            usleep(100000);
+        }
+    }
+    if (stop_all(ps, n) && !rc)
+        rc = 1;
+    if (!rc)
+        printf("cpm-cluster: stopped\n");
+    free(ps);
+    return rc;
+}
+
+/* Under mpirun: become the process this rank stands for. */
+static int cmd_rank(const launch *l, cpm_config *c) {
+    const char *r_env = getenv("OMPI_COMM_WORLD_RANK");
+    if (!r_env)
+        r_env = getenv("PMIX_RANK");
+    if (!r_env) {
+        fprintf(stderr, "cpm-cluster rank: no OMPI_COMM_WORLD_RANK: run it under mpirun\n");
+        return 2;
+    }
+    int r = atoi(r_env);
+    cpm_error e = {0};
+    proc p = {0};
+    if (cpm_config_proc(c, r, &p.role, &p.index, &e)) {
+        fprintf(stderr, "cpm-cluster rank: %s (start mpirun with -np %d)\n", e.msg,
+                cpm_config_n_procs(c));
+        return 1;
+    }
+    char bin[PATH_MAX * 3], bufs[2][32];
+    char *argv[MAX_ARGS];
+    build_argv(l, c, p.role, p.index, bin, sizeof bin, argv, bufs);
+    execvp(argv[0], argv);
+    fprintf(stderr, "cpm-cluster rank %d: %s: %s\n", r, argv[0], strerror(errno));
+    return 127;
+}
+
+static int cmd_check(const cpm_config *c) {
+    int n = cpm_config_n_procs(c);
+    printf("%s: model %s, %d processes\n", c->path, c->model, n);
+    for (int r = 0; r < n; r++) {
+        cpm_role role;
+        int idx;
+        cpm_config_proc(c, r, &role, &idx, NULL);
+        const char *host = role == CPM_ROLE_ROUTER      ? c->router.host
+                           : role == CPM_ROLE_TOKENIZER ? c->tokenizers[idx].host
+                           : role == CPM_ROLE_SAMPLER   ? c->samplers[idx].host
+                                                        : c->stages[idx].svc.host;
+        printf("  rank %d: %s %d on %s at %s", r, cpm_role_name(role), idx, host,
+               cpm_config_proc_endpoint(c, r));
+        if (role == CPM_ROLE_STAGE)
+            printf(" layers %d..%d", c->stages[idx].layer_begin, c->stages[idx].layer_end - 1);
+        printf("\n");
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    launch l;
+    parse_args(argc, argv, &l);
+    if (!strcmp(l.cmd, "keys")) {
+        static char buf[16384];
+        cpm_config_describe(buf, sizeof buf);
+        fputs(buf, stdout);
+        return 0;
+    }
+    if (strcmp(l.cmd, "up") && strcmp(l.cmd, "rank") && strcmp(l.cmd, "check"))
+        usage();
+    cpm_config *c;
+    cpm_error e = {0};
+    if (cpm_config_load(l.config_path, &c, &e)) {
+        fprintf(stderr, "cpm-cluster: %s\n", e.msg);
+        return 1;
+    }
+    if (l.model)
+        cpm_config_set_model(c, l.model);
+    if (l.port >= 0)
+        c->router.http_port = l.port;
+    int rc;
+    if (!strcmp(l.cmd, "rank"))
+        rc = cmd_rank(&l, c);
+    else if (check_cluster(c, !strcmp(l.cmd, "up"), &e)) {
+        fprintf(stderr, "cpm-cluster: %s\n", e.msg);
+        rc = 1;
+    } else
+        rc = !strcmp(l.cmd, "up") ? cmd_up(&l, c) : cmd_check(c);
+    cpm_config_free(c);
+    return rc;
+}
