@@ -101,7 +101,8 @@ int cpm_generate(cpm_model *m, const int32_t *prompt, int n_prompt, const cpm_ge
     if (st.max_batch > n_prompt)
         st.max_batch = n_prompt;
     int rc = CPM_ENOMEM;
-    st.kv = cpm_kv_cache_new(m, total, 1, err);
+    cpm_kv_geometry geo = cpm_model_kv_geometry(m);
+    st.kv = cpm_kv_cache_new(&geo, total, 1, err);
     st.logits = malloc((size_t)st.max_batch * (size_t)st.V * sizeof(float));
     st.history = malloc((size_t)total * sizeof(int32_t));
     st.seqs = malloc((size_t)st.max_batch * sizeof(int32_t));

@@ -1,31 +1,14 @@
 /* kv_cache.c - paged KV cache: a block pool, per-sequence block tables.
- *
- * Layout of one block: for each stage layer, CPM_KV_BLOCK key rows then
- * CPM_KV_BLOCK value rows, all f32 (the F32 reference bar needs f32 keys). */
+ * The layout is in kv_cache_internal.h. */
 #include "kv_cache.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/model_internal.h"
+#include "kv_cache_internal.h"
 
-static size_t layer_floats(const cpm_kv_cache *kv) {
-    return (size_t)CPM_KV_BLOCK * (size_t)(kv->k_dim + kv->v_dim);
-}
-
-float *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot) {
-    size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
-    return kv->data + block * kv->block_floats + (size_t)li * layer_floats(kv) +
-           off * (size_t)kv->k_dim;
-}
-
-float *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot) {
-    size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
-    return kv->data + block * kv->block_floats + (size_t)li * layer_floats(kv) +
-           (size_t)CPM_KV_BLOCK * (size_t)kv->k_dim + off * (size_t)kv->v_dim;
-}
-
-cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs, cpm_error *err) {
+cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max_seqs,
+                               cpm_error *err) {
     if (max_tokens < 1 || max_seqs < 1) {
         cpm_error_set(err, CPM_EINVAL, "kv cache: max_tokens and max_seqs must be >= 1");
         return NULL;
@@ -33,13 +16,13 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs,
     cpm_kv_cache *kv = calloc(1, sizeof *kv);
     if (!kv)
         goto out_nomem;
-    kv->n_layers = m->info.layer_end - m->info.layer_begin;
-    kv->k_dim = m->cache_k_dim;
-    kv->v_dim = m->cache_v_dim;
+    kv->n_layers = g->n_layers;
+    kv->k_dim = g->k_dim;
+    kv->v_dim = g->v_dim;
     kv->max_seqs = max_seqs;
     kv->n_blocks = (max_tokens + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
     kv->max_blocks_per_seq = kv->n_blocks;
-    kv->block_floats = (size_t)kv->n_layers * layer_floats(kv);
+    kv->block_floats = (size_t)kv->n_layers * cpm_kv_layer_floats(kv);
     kv->data = calloc((size_t)kv->n_blocks, kv->block_floats * sizeof(float));
     kv->free_blocks = malloc((size_t)kv->n_blocks * sizeof(int));
     kv->seqs = calloc((size_t)max_seqs, sizeof *kv->seqs);
@@ -56,7 +39,7 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs,
 out_nomem:
     cpm_kv_cache_free(kv);
     cpm_error_set(err, CPM_ENOMEM, "kv cache: cannot reserve %d tokens x %d layers", max_tokens,
-                  m->info.layer_end - m->info.layer_begin);
+                  g->n_layers);
     return NULL;
 }
 

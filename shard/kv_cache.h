@@ -11,12 +11,24 @@
 #include <stdint.h>
 
 #include "../services/common/error.h"
-#include "model/model.h"
+#include "batch.h"
 
 #define CPM_KV_BLOCK 16
 
-/* Reserves room for max_tokens tokens in total across at most max_seqs sequences. */
-cpm_kv_cache *cpm_kv_cache_new(const cpm_model *m, int max_tokens, int max_seqs, cpm_error *err);
+typedef struct cpm_kv_cache cpm_kv_cache;
+
+/* What one token costs in the cache: floats of keys and of values per layer
+ * (from cpm_model_kv_geometry), for the stage's n_layers layers. */
+typedef struct cpm_kv_geometry {
+    int n_layers;
+    int k_dim;
+    int v_dim;
+} cpm_kv_geometry;
+
+/* Reserves room for max_tokens tokens in total across at most max_seqs sequences.
+ * Returns NULL with err set on failure; free with cpm_kv_cache_free. */
+cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max_seqs,
+                               cpm_error *err);
 
 /* Accepts NULL. */
 void cpm_kv_cache_free(cpm_kv_cache *kv);
@@ -36,5 +48,13 @@ void cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len);
 
 /* Blocks in use and in total (for the KV-usage metric). */
 void cpm_kv_cache_usage(const cpm_kv_cache *kv, int *ret_used, int *ret_total);
+
+/* For the forward pass: makes room for the batch rows and records each row's
+ * cache slot (block * CPM_KV_BLOCK + offset) in slots[n_tokens]; checks that
+ * positions continue each sequence. Changes nothing on failure. */
+int cpm_kv_cache_reserve(cpm_kv_cache *kv, const cpm_batch *b, int *slots, cpm_error *err);
+
+/* Marks the batch rows as cached, after a successful forward pass. */
+void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b);
 
 #endif

@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "../kernels/ops.h"
-#include "model_internal.h"
+#include "layers.h"
 
 /* ---- RoPE ---- */
 

@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "../kernels/ops.h"
-#include "model_internal.h"
+#include "layers.h"
 
 static void gated_act(const cpm_hparams *hp, float *g, const float *u, int n) {
     if (hp->act == CPM_ACT_FATRELU)

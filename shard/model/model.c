@@ -4,7 +4,7 @@
  * x += r * attn(norm(x)); x += r * ffn(norm(x)), then (last stage) the final
  * norm, the muP width division and lm_head for the rows that want logits.
  */
-#include "model_internal.h"
+#include "layers.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -337,8 +337,9 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 
 /* ---- forward ---- */
 
-void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w, int n) {
-    cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows, w->cols);
+cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m) {
+    return (cpm_kv_geometry){.n_layers = m->info.layer_end - m->info.layer_begin,
+                             .k_dim = m->cache_k_dim, .v_dim = m->cache_v_dim};
 }
 
 static void embed_rows(cpm_model *m, const cpm_batch *b) {

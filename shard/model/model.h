@@ -9,7 +9,8 @@
  *   cpm_model *m; cpm_error e;
  *   cpm_model_opts o = cpm_model_opts_default();
  *   if (cpm_model_load("models/minicpm-1b", &o, &m, &e)) die(e.msg);
- *   cpm_kv_cache *kv = cpm_kv_cache_new(m, 4096, 8, &e);
+ *   cpm_kv_geometry g = cpm_model_kv_geometry(m);
+ *   cpm_kv_cache *kv = cpm_kv_cache_new(&g, 4096, 8, &e);
  *   int s = cpm_kv_cache_seq_new(kv, &e);
  *   int32_t ids[] = {1, 5, 9}, seq[] = {s, s, s}, pos[] = {0, 1, 2};
  *   cpm_batch b = {.n_tokens = 3, .ids = ids, .seq = seq, .pos = pos};
@@ -23,9 +24,10 @@
 #include <stdint.h>
 
 #include "../../services/common/error.h"
+#include "../batch.h"
+#include "../kv_cache.h"
 
 typedef struct cpm_model cpm_model;
-typedef struct cpm_kv_cache cpm_kv_cache;
 
 typedef struct cpm_model_opts {
     int layer_begin;      /* first layer this stage owns (default 0) */
@@ -62,22 +64,15 @@ void cpm_model_free(cpm_model *m);
 
 const cpm_model_info *cpm_model_get_info(const cpm_model *m);
 
+/* What this stage's KV cache must hold per token (for cpm_kv_cache_new). */
+cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m);
+
 /* Bytes of weights one decode step of one sequence reads in this stage: every
  * matrix of its layers (for MoE only the router and the k routed experts) plus
  * lm_head on the last stage and one embedding row on the first. The numerator
  * of the memory-bandwidth roofline. */
 size_t cpm_model_decode_bytes(const cpm_model *m);
 
-/* One batch of tokens. Rows of the same sequence must come in increasing position
- * order and positions must continue that sequence's cache without gaps. */
-typedef struct cpm_batch {
-    int n_tokens;
-    const int32_t *ids;     /* [n_tokens] token ids; used by the first stage */
-    const float *hidden;    /* [n_tokens, hidden_size] input activations; other stages */
-    const int32_t *seq;     /* [n_tokens] KV-cache sequence handle of each row */
-    const int32_t *pos;     /* [n_tokens] absolute position of each row */
-    const uint8_t *want;    /* [n_tokens] last stage: 1 = produce logits for this row; NULL = all rows */
-} cpm_batch;
 
 /* Runs the batch through this stage's layers. out receives, on the last stage,
  * logits [n_wanted_rows, vocab_size] (rows in batch order); on other stages the

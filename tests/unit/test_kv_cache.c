@@ -9,7 +9,8 @@
 #include <string.h>
 
 #include "shard/kv_cache.h"
-#include "shard/model/model_internal.h"
+#include "shard/kv_cache_internal.h"
+#include "shard/model/model.h"
 
 static const char *model_dir;
 
@@ -31,7 +32,8 @@ static int teardown(void **state) {
 
 static void test_slots(void **state) {
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 64, 2, &e);
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 2, &e);
     assert_non_null(kv);
     int a = cpm_kv_cache_seq_new(kv, &e), b = cpm_kv_cache_seq_new(kv, &e);
     assert_true(a >= 0 && b >= 0 && a != b);
@@ -47,7 +49,8 @@ static void test_slots(void **state) {
 
 static void test_reserve_checks_positions(void **state) {
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 64, 2, &e);
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 2, &e);
     int s = cpm_kv_cache_seq_new(kv, &e), slots[4];
     int32_t seq[] = {s, s}, gap[] = {0, 2}, ok[] = {0, 1}, bad_seq[] = {7, 7};
     cpm_batch b = {.n_tokens = 2, .seq = seq, .pos = gap};
@@ -72,7 +75,8 @@ static void test_reserve_checks_positions(void **state) {
 
 static void test_full(void **state) {
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(*state, 32, 3, &e); /* 2 blocks */
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 32, 3, &e); /* 2 blocks */
     int a = cpm_kv_cache_seq_new(kv, &e), c = cpm_kv_cache_seq_new(kv, &e);
     int d = cpm_kv_cache_seq_new(kv, &e);
     int slots[1];

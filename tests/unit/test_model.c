@@ -38,7 +38,8 @@ static float *run_alone(cpm_model *m, const int32_t *ids, int chunk) {
     int V = cpm_model_get_info(m)->vocab_size;
     float *out = malloc((size_t)N * V * sizeof(float));
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 1, &e);
+    cpm_kv_geometry g = cpm_model_kv_geometry(m);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 1, &e);
     int s = cpm_kv_cache_seq_new(kv, &e);
     for (int at = 0; at < N; at += chunk) {
         int c = N - at < chunk ? N - at : chunk;
@@ -85,7 +86,8 @@ static void test_interleaved_sequences_match(void **state) {
     float *ra = run_alone(m, prompt_a, N), *rb = run_alone(m, prompt_b, N);
     float *out = malloc((size_t)2 * N * V * sizeof(float));
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 2, &e);
+    cpm_kv_geometry g = cpm_model_kv_geometry(m);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 2, &e);
     int sa = cpm_kv_cache_seq_new(kv, &e), sb = cpm_kv_cache_seq_new(kv, &e);
     int32_t ids[2 * N], seq[2 * N], pos[2 * N];
     for (int i = 0; i < N; i++) {
@@ -115,7 +117,8 @@ static void test_pipeline_split_matches(void **state) {
     cpm_model *s0 = load(0, 1, 1), *s1 = load(1, L, 1);
     assert_true(cpm_model_get_info(s0)->first_stage && !cpm_model_get_info(s0)->last_stage);
     cpm_error e = {0};
-    cpm_kv_cache *k0 = cpm_kv_cache_new(s0, 64, 1, &e), *k1 = cpm_kv_cache_new(s1, 64, 1, &e);
+    cpm_kv_geometry g0 = cpm_model_kv_geometry(s0), g1 = cpm_model_kv_geometry(s1);
+    cpm_kv_cache *k0 = cpm_kv_cache_new(&g0, 64, 1, &e), *k1 = cpm_kv_cache_new(&g1, 64, 1, &e);
     int q0 = cpm_kv_cache_seq_new(k0, &e), q1 = cpm_kv_cache_seq_new(k1, &e);
     int32_t seq0[N], seq1[N], pos[N];
     for (int i = 0; i < N; i++)
@@ -140,7 +143,8 @@ static void test_bad_batches(void **state) {
     (void)state;
     cpm_model *m = load(0, -1, 1);
     cpm_error e = {0};
-    cpm_kv_cache *kv = cpm_kv_cache_new(m, 64, 1, &e);
+    cpm_kv_geometry g = cpm_model_kv_geometry(m);
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 1, &e);
     int s = cpm_kv_cache_seq_new(kv, &e);
     int32_t id = 5000, seq = s, pos = 0;
     float *out = malloc(1024 * 4);

@@ -1,14 +1,16 @@
-/* model_internal.h - the structs shared by the loader, the layer kernels and the
- * KV cache. Not part of the engine's public API (model.h, kv_cache.h). */
-#ifndef CPM_MODEL_INTERNAL_H
-#define CPM_MODEL_INTERNAL_H
+/* layers.h - the loaded model as the layer kernels see it: weights bound to
+ * roles, scratch buffers, geometry. Shared by the loader (model.c) and the
+ * layer kernels (attention.c, ffn.c); not part of the public API (model.h). */
+#ifndef CPM_LAYERS_H
+#define CPM_LAYERS_H
 
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "../kernels/dtype.h"
 #include "../kernels/pool.h"
-#include "../kv_cache.h"
+#include "../kernels/matmul.h"
+#include "../kv_cache_internal.h"
 #include "arch.h"
 #include "checkpoint.h"
 #include "hf_config.h"
@@ -90,40 +92,6 @@ struct cpm_model {
     cpm_scratch s;
 };
 
-struct cpm_kv_seq {
-    bool live;
-    int len;
-    int n_blocks;
-    int *blocks; /* [max_blocks_per_seq] */
-};
-
-struct cpm_kv_cache {
-    int n_layers;        /* layers of the stage */
-    int k_dim, v_dim;    /* floats per token per layer */
-    int n_blocks;
-    int max_seqs;
-    int max_blocks_per_seq;
-    size_t block_floats; /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
-    float *data;         /* [n_blocks, block_floats] */
-    int *free_blocks;    /* stack */
-    int n_free;
-    struct cpm_kv_seq *seqs;
-    int *block_tables;   /* [max_seqs, max_blocks_per_seq] */
-};
-
-/* Key and value rows of token slot `slot` (block * CPM_KV_BLOCK + offset) in
- * stage layer li. */
-float *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot);
-float *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot);
-
-/* Makes room for the batch rows in the cache and records each row's slot in
- * slots[]; validates that positions continue each sequence. Nothing is
- * modified on failure. */
-int cpm_kv_cache_reserve(cpm_kv_cache *kv, const cpm_batch *b, int *slots, cpm_error *err);
-
-/* Marks the batch rows as cached (after a successful forward). */
-void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b);
-
 /* Layer kernels (attention.c, ffn.c): read s.xn, write s.out, for n rows. */
 void cpm_attention_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n);
 void cpm_ffn_forward(cpm_model *m, int li, int n);
@@ -131,13 +99,10 @@ void cpm_ffn_forward(cpm_model *m, int li, int n);
 /* RoPE cos/sin for every row of the batch into s.rope_cos / s.rope_sin. */
 void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv);
 
-/* Slot of position pos in seq (which must be reserved). */
 /* Weight matmul for n rows: y[n, w.rows] = x[n, w.cols] * W^T. */
-void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w, int n);
-
-static inline int cpm_kv_slot(const cpm_kv_cache *kv, int seq, int pos) {
-    const struct cpm_kv_seq *s = &kv->seqs[seq];
-    return s->blocks[pos / CPM_KV_BLOCK] * CPM_KV_BLOCK + pos % CPM_KV_BLOCK;
+static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w,
+                                    int n) {
+    cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows, w->cols);
 }
 
 #endif
