@@ -3,6 +3,16 @@
 
 #include <math.h>
 
+/* The attention inner loops (dot, axpy, scale) run once per cached key and
+ * head; GCC compiles these for each target below and picks one at load time
+ * from the CPU's features (ifunc), so the library itself needs no -m flags. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define CPM_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CPM_SIMD_CLONES
+#endif
+
+CPM_SIMD_CLONES
 void cpm_rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     double ss = 0.0; /* double: n reaches 4096 and the sum must not drift */
     for (int i = 0; i < n; i++)
@@ -12,6 +22,7 @@ void cpm_rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
         out[i] = x[i] * inv * w[i];
 }
 
+CPM_SIMD_CLONES
 void cpm_rope_neox(float *v, int d, const float *cs, const float *sn) {
     int h = d / 2;
     for (int i = 0; i < h; i++) {
@@ -45,16 +56,19 @@ void cpm_fatrelu_mul(float *g, const float *u, int n, float threshold) {
         g[i] = (g[i] > threshold ? g[i] : 0.0f) * u[i];
 }
 
+CPM_SIMD_CLONES
 void cpm_axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++)
         y[i] += a * x[i];
 }
 
+CPM_SIMD_CLONES
 void cpm_scale(float *y, float a, int n) {
     for (int i = 0; i < n; i++)
         y[i] *= a;
 }
 
+CPM_SIMD_CLONES
 float cpm_dot(const float *a, const float *b, int n) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
     int i = 0;
