@@ -4,6 +4,7 @@
  * CPM_EUNSUPPORTED naming the field, rather than encoded differently from HF.
  */
 #include <jansson.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "services/tokenizer/tok_internal.h"
@@ -55,11 +56,11 @@ static int load_vocab(cpm_tokenizer *tok, json_t *model, json_t *added, const ch
     return 0;
 }
 
-/* Splits one merges entry ("a b" or ["a", "b"]) into ids and the merged id. */
-static int merge_ids(const cpm_tokenizer *tok, json_t *entry, int32_t ids[3]) {
+/* Splits one merges entry ("a b" or ["a", "b"]) into ids and the merged id;
+ * tmp has room for the longest piece. */
+static int merge_ids(const cpm_tokenizer *tok, json_t *entry, char *tmp, int32_t ids[3]) {
     const char *a, *b;
     size_t alen, blen;
-    char tmp[512];
     if (json_is_string(entry)) {
         const char *s = json_string_value(entry);
         const char *sp = strchr(s, ' ');
@@ -78,7 +79,7 @@ static int merge_ids(const cpm_tokenizer *tok, json_t *entry, int32_t ids[3]) {
     } else {
         return CPM_EFORMAT;
     }
-    if (alen + blen > sizeof tmp)
+    if (alen + blen > tok->vocab.max_len)
         return CPM_ENOTFOUND;
     memcpy(tmp, a, alen);
     memcpy(tmp + alen, b, blen);
@@ -98,6 +99,11 @@ static int load_merges(cpm_tokenizer *tok, json_t *model, const char *name, cpm_
     else
         json_incref(merges);
     int rc = 0;
+    char *tmp = malloc(tok->vocab.max_len + 1);
+    if (!tmp) {
+        rc = cpm_error_set(err, CPM_ENOMEM, "%s: merges: out of memory", name);
+        goto out;
+    }
     if (!json_is_array(merges)) {
         rc = cpm_error_set(err, CPM_EFORMAT, "%s: model.merges is not an array", name);
         goto out;
@@ -110,7 +116,7 @@ static int load_merges(cpm_tokenizer *tok, json_t *model, const char *name, cpm_
     json_t *entry;
     json_array_foreach(merges, i, entry) {
         int32_t ids[3];
-        rc = merge_ids(tok, entry, ids);
+        rc = merge_ids(tok, entry, tmp, ids);
         if (rc == CPM_EFORMAT) {
             rc = cpm_error_set(err, rc, "%s: model.merges[%zu]: not \"a b\" or [a, b]", name, i);
             goto out;
@@ -126,6 +132,7 @@ static int load_merges(cpm_tokenizer *tok, json_t *model, const char *name, cpm_
         }
     }
 out:
+    free(tmp);
     json_decref(merges);
     return rc;
 }

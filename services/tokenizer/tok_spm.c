@@ -73,7 +73,8 @@ static int load_piece(cpm_tokenizer *tok, int32_t id, const spm_piece *p, const 
     if (len == 0 || !cpm_utf8_valid(s, len, NULL) || isnan(p->score))
         return cpm_error_set(err, CPM_EFORMAT, "%s: piece %d: empty, not UTF-8 or NaN score", name, id);
     if (cpm_vocab_set(&tok->vocab, id, s, len) < 0 || cpm_vocab_find(&tok->vocab, s, len) != id)
-        return cpm_error_set(err, CPM_EFORMAT, "%s: piece %d \"%.40s\" appears twice", name, id, s);
+        return cpm_error_set(err, CPM_EFORMAT, "%s: piece %d \"%.*s\" appears twice", name, id,
+                             (int)(len < 40 ? len : 40), s);
     uint8_t *flags = &tok->vocab.flags[id];
     switch (p->type) {
     case CPM_SPM__MODEL_PROTO__SENTENCE_PIECE__TYPE__NORMAL:
@@ -92,7 +93,8 @@ static int load_piece(cpm_tokenizer *tok, int32_t id, const spm_piece *p, const 
     }
     case CPM_SPM__MODEL_PROTO__SENTENCE_PIECE__TYPE__BYTE:
         if (cpm_tok_byte_piece(s, len) < 0)
-            return cpm_error_set(err, CPM_EFORMAT, "%s: byte piece %d is \"%.40s\"", name, id, s);
+            return cpm_error_set(err, CPM_EFORMAT, "%s: byte piece %d is \"%.*s\"", name, id,
+                                 (int)(len < 40 ? len : 40), s);
         break;
     case CPM_SPM__MODEL_PROTO__SENTENCE_PIECE__TYPE__UNKNOWN:
         if (tok->unk_id >= 0)

@@ -46,8 +46,8 @@ int cpm_tok_add_token(cpm_tokenizer *tok, int32_t id, const char *s, size_t len,
     uint8_t *flags = &tok->vocab.flags[id];
     if (*flags & CPM_VOCAB_SET) {
         if (tok->vocab.len[id] != len || memcmp(cpm_vocab_piece(&tok->vocab, id), s, len) != 0)
-            return cpm_error_set(err, CPM_EFORMAT, "%s: added token %d \"%.40s\" differs from vocab \"%.40s\"",
-                                 name, id, s, cpm_vocab_piece(&tok->vocab, id));
+            return cpm_error_set(err, CPM_EFORMAT, "%s: added token %d \"%.*s\" differs from vocab \"%.40s\"",
+                                 name, id, (int)(len < 40 ? len : 40), s, cpm_vocab_piece(&tok->vocab, id));
     } else if (cpm_vocab_set(&tok->vocab, id, s, len) < 0) {
         return cpm_error_set(err, CPM_ENOMEM, "%s: out of memory", name);
     }
@@ -99,9 +99,10 @@ int cpm_tok_finish(cpm_tokenizer *tok, const char *name, cpm_error *err) {
             v->flags[id] |= CPM_VOCAB_BYTE;
     tok->word_split = true;
     for (int32_t id = 0; id < tok->n_model && tok->word_split; id++)
-        if (piece_joins_words(cpm_vocab_piece(v, id), v->len[id]))
+        if ((v->flags[id] & CPM_VOCAB_SET) && piece_joins_words(cpm_vocab_piece(v, id), v->len[id]))
             tok->word_split = false;
-    qsort(tok->added, tok->n_added, sizeof *tok->added, cmp_added_longest);
+    if (tok->n_added)
+        qsort(tok->added, tok->n_added, sizeof *tok->added, cmp_added_longest);
     memset(tok->added_first, 0, sizeof tok->added_first);
     for (size_t i = 0; i < tok->n_added; i++)
         tok->added_first[(uint8_t)v->blob[tok->added[i].off]] = true;
