@@ -1,14 +1,20 @@
 /* router.c - cpm-router: requests in (HTTP, RPC), the pipeline ring driven, tokens out.
  *
  * Data flow of one request: on_http/on_rpc -> job (one per client request) with one
- * gen per choice -> tokenize (worker thread) -> scheduler -> pump() sends
+ * gen per choice -> tokenize (a cpm-tokenizer call) -> scheduler -> pump() sends
  * StageForward to stage 0 -> on_result (last stage's logits) -> SampleRequest to a
- * sampler -> on_sampled -> gen_token (stop rules, detokenize, emit) -> the job's
- * one final answer. Everything here runs on the loop thread except tokenizing.
+ * sampler -> on_sampled -> gen_token (stop ids, length) -> text_pump (Detokenize
+ * calls, stop strings, emit) -> the job's one final answer. Everything here runs on
+ * the loop thread; the loop only sends and receives, it never tokenizes.
  *
- * Async replies never carry a gen or job pointer: they carry sequence ids and look
- * the owner up in the scheduler, so a request that was cancelled meanwhile is
- * simply not found.
+ * Pipeline replies never carry a gen or job pointer: they carry sequence ids and look
+ * the owner up in the scheduler, so a request that was cancelled meanwhile is simply
+ * not found. Tokenizer calls do carry one, and hold a reference on the job (refs)
+ * until their callback has run, so the job outlives them.
+ *
+ * Generation runs ahead of text: the next token is scheduled as soon as one is
+ * sampled, while its text comes back from the tokenizer; a gen ends once both its
+ * generation and its text are over.
  */
 #include "router.h"
 
@@ -25,15 +31,14 @@
 #include "openai.h"
 #include "request.h"
 #include "scheduler.h"
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-#include "../services/tokenizer/tokenizer.h"
-#else
-typedef struct cpm_tokenizer cpm_tokenizer;
-#endif
+#include "tokclient.h"
 
 #define MAX_TOP 20
 #define MAX_SERVICES (CPM_CFG_MAX_STAGES + 2 * CPM_CFG_MAX_REPLICAS)
 #define REQUEST_ID_MAX 128
+/* Ids of context sent before the new ones in a Detokenize call: the service looks
+ * back no further (CPM_TOKENIZER_SVC_CONTEXT), so more would only cost bytes. */
+#define DETOK_CONTEXT 8
 
 /* ---- small buffers ------------------------------------------------------------- */
 
@@ -67,6 +72,9 @@ typedef struct tok_lp {
     int n_top;
     int32_t top_ids[MAX_TOP];
     float top_lps[MAX_TOP];
+    char *text;               /* the token as text (from the tokenizer), or NULL */
+    char *top_text[MAX_TOP];
+    int pending;              /* texts still being fetched */
 } tok_lp;
 
 typedef enum job_kind { JOB_HTTP, JOB_RPC } job_kind;
@@ -87,11 +95,20 @@ typedef struct gen {
     int n_emitted_ids;
     tok_lp *lps; /* logprobs of generated ids, when asked */
     int n_emitted_lps;
-    struct cpm_detok *detok;
+    int n_lp_ready;  /* lps[0..n_lp_ready) have their texts */
+    int lp_pending;  /* token-text calls in flight */
     cpm_stopper *stopper;
     buf text; /* non-stream: the whole text */
     const char *finish;
     uint64_t t_last; /* ns of the last token */
+    /* text, behind generation: ids[0..n_text) are text (fed to the stopper) */
+    int n_text;
+    int n_textable;       /* ids that have text (a final stop id has none) */
+    int n_tried;          /* end of the last Detokenize window */
+    bool detok_busy;      /* a Detokenize call is in flight */
+    bool text_stopped;    /* a stop string ended the text */
+    const char *gen_end;  /* generation over: "stop" / "length"; NULL while running */
+    bool released;        /* the pipeline sequence is finished */
 } gen;
 
 struct job {
@@ -118,13 +135,13 @@ struct job {
     int n_prompts;
     int32_t **prompt_ids;
     int *prompt_len;
-    char tok_error[CPM_ERROR_MSG_MAX];
+    int tok_pending; /* prompts at the tokenizer */
     int n_gens, n_done;
     gen *gens;
     bool answered; /* the one final answer was given */
     bool aborted;  /* the client is gone */
     bool first_token_seen;
-    int refs;      /* tokenize work in flight */
+    int refs;      /* tokenizer calls in flight */
 };
 
 /* ---- the router ---------------------------------------------------------------- */
@@ -150,8 +167,9 @@ struct cpm_router {
     cpm_sock *rpc, *results;
     svc svcs[MAX_SERVICES];
     int n_svcs, first_sampler, n_samplers, first_stage, n_stages, rr_sampler;
+    int first_tok, n_toks, rr_tok; /* tokenizers (none with `tokenize: off`) */
+    bool use_tok;
     uv_timer_t health_timer, step_timer;
-    cpm_tokenizer *tok;
     char model_name[CPM_CFG_STR];
     bool have_model;
     int vocab_size, max_position, n_eos;
@@ -189,38 +207,15 @@ static double secs(uint64_t ns) {
     return (double)ns / 1e9;
 }
 
-/* ---- tokenizer helpers ----------------------------------------------------------- */
+/* ---- token texts ----------------------------------------------------------------- */
 
-/* Text of one token as OpenAI shows it in logprobs ("▁" -> " ", <0xNN> -> byte). */
-static char *piece_text(const cpm_router *r, int32_t id) {
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    size_t n = 0;
-    const char *p = r->tok ? cpm_tokenizer_id_to_piece(r->tok, id, &n) : NULL;
-    if (p) {
-        unsigned v;
-        if (n == 6 && sscanf(p, "<0x%2X>", &v) == 1) {
-            char *s = malloc(2);
-            if (s) {
-                s[0] = (char)v;
-                s[1] = '\0';
-            }
-            return s;
-        }
-        buf b = {0};
-        for (size_t i = 0; i < n;) {
-            if (i + 3 <= n && memcmp(p + i, "\xe2\x96\x81", 3) == 0) {
-                buf_add(&b, " ", 1);
-                i += 3;
-            } else {
-                buf_add(&b, p + i, 1);
-                i++;
-            }
-        }
-        return b.p ? b.p : strdup("");
-    }
-#endif
+/* A token as OpenAI shows it in logprobs: its text in context (fetched from the
+ * tokenizer), or its id when there is no text (as vLLM names unknown tokens). */
+static char *piece_text(const char *text, int32_t id) {
+    if (text)
+        return strdup(text);
     char tmp[32];
-    snprintf(tmp, sizeof tmp, "token_id:%d", id); /* no vocabulary: name the id (as vLLM) */
+    snprintf(tmp, sizeof tmp, "token_id:%d", id);
     return strdup(tmp);
 }
 
@@ -258,9 +253,11 @@ static job *job_new(cpm_router *r, job_kind kind, int ep) {
 }
 
 static void gen_clear(gen *g) {
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    cpm_detok_free(g->detok);
-#endif
+    for (int i = 0; g->lps && i < g->max_new; i++) {
+        free(g->lps[i].text);
+        for (int k = 0; k < MAX_TOP; k++)
+            free(g->lps[i].top_text[k]);
+    }
     cpm_stopper_free(g->stopper);
     free(g->ids);
     free(g->lps);
@@ -329,17 +326,17 @@ static void stream_send(job *j, char *chunk) {
 }
 
 /* Builds the logprob view of tokens [from, to) of g (strings freed by lp_views_free). */
-static cpm_oai_logprob *lp_views(const cpm_router *r, const gen *g, int from, int to) {
+static cpm_oai_logprob *lp_views(const gen *g, int from, int to) {
     int n = to - from;
     cpm_oai_logprob *v = calloc((size_t)(n > 0 ? n : 1), sizeof *v);
     for (int i = 0; v && i < n; i++) {
         const tok_lp *t = &g->lps[from + i];
-        v[i].token = piece_text(r, t->id);
+        v[i].token = piece_text(t->text, t->id);
         v[i].logprob = t->lp;
         v[i].n_top = t->n_top;
         const char **tt = calloc((size_t)t->n_top + 1, sizeof *tt);
         for (int k = 0; tt && k < t->n_top; k++)
-            tt[k] = piece_text(r, t->top_ids[k]);
+            tt[k] = piece_text(t->top_text[k], t->top_ids[k]);
         v[i].top_tokens = (const char *const *)tt;
         v[i].top_logprobs = t->top_lps;
         if (!v[i].token || !tt)
@@ -358,24 +355,26 @@ static void lp_views_free(cpm_oai_logprob *v, int n) {
     free(v);
 }
 
-/* SSE chunk with new text of g (and the ids/logprobs not yet shown). */
-static void http_emit_delta(gen *g, const char *text, size_t len, const char *finish) {
+/* SSE chunk with new text of g and the ids [n_emitted_ids, upto) (with their logprobs,
+ * as far as their texts are known): a chunk carries the ids its text came from. */
+static void http_emit_delta(gen *g, const char *text, size_t len, const char *finish, int upto) {
     job *j = g->job;
     cpm_router *r = j->r;
-    int n_lp = j->logprobs ? g->n_gen - g->n_emitted_lps : 0;
-    int n_ids = g->n_gen - g->n_emitted_ids;
+    int lp_upto = upto < g->n_lp_ready ? upto : g->n_lp_ready;
+    int n_lp = j->logprobs && lp_upto > g->n_emitted_lps ? lp_upto - g->n_emitted_lps : 0;
+    int n_ids = upto > g->n_emitted_ids ? upto - g->n_emitted_ids : 0;
     bool want_ids = j->rq->return_token_ids && n_ids > 0;
     if (len == 0 && !finish && n_lp == 0 && !want_ids)
         return; /* nothing a client could see */
-    cpm_oai_logprob *lv = n_lp > 0 ? lp_views(r, g, g->n_emitted_lps, g->n_gen) : NULL;
+    cpm_oai_logprob *lv = n_lp > 0 ? lp_views(g, g->n_emitted_lps, lp_upto) : NULL;
     cpm_oai_choice ch = {.index = g->index, .text = text, .text_len = len, .finish_reason = finish,
                          .n_logprobs = lv ? n_lp : 0, .logprobs = lv,
                          .n_token_ids = n_ids, .token_ids = g->ids + g->n_emitted_ids};
     stream_send(j, cpm_oai_render_chunk(j->rq, CPM_OAI_CHUNK_CONTENT, j->id, j->created,
                                         r->model_name, &ch, NULL));
     lp_views_free(lv, n_lp);
-    g->n_emitted_lps = g->n_gen;
-    g->n_emitted_ids = g->n_gen;
+    g->n_emitted_lps += n_lp;
+    g->n_emitted_ids += n_ids;
 }
 
 static void http_final(job *j) {
@@ -403,7 +402,7 @@ static void http_final(job *j) {
     }
     for (int i = 0; i < j->n_gens; i++) {
         gen *g = &j->gens[i];
-        lv[i] = j->logprobs ? lp_views(r, g, 0, g->n_gen) : NULL;
+        lv[i] = j->logprobs ? lp_views(g, 0, g->n_gen) : NULL;
         ch[i] = (cpm_oai_choice){.index = g->index, .text = g->text.p ? g->text.p : "",
                                  .text_len = g->text.len, .finish_reason = g->finish,
                                  .n_logprobs = lv[i] ? g->n_gen : 0, .logprobs = lv[i],
@@ -572,56 +571,204 @@ static void job_fail(job *j, int status, const char *type, const char *code, con
 
 /* ---- generation ---------------------------------------------------------------------- */
 
+/* The pipeline is done with g: its sequence leaves the scheduler (and the stages' caches). */
+static void gen_release(gen *g) {
+    if (g->released)
+        return;
+    g->released = true;
+    if (g->seq)
+        cpm_sched_finish(g->job->r->sched, g->seq);
+}
+
 /* Moves g to a terminal state and frees its pipeline resources. reason: "stop"/"length". */
 static void gen_finish(gen *g, cpm_req_state to, const char *reason) {
     job *j = g->job;
     if (cpm_req_transition(&g->state, to) != 0)
         return;
-    if (g->seq)
-        cpm_sched_finish(j->r->sched, g->seq);
+    gen_release(g);
     g->finish = reason;
     j->n_done++;
 }
 
-/* Text after the stop rules: streamed now or kept for the final answer. */
-static void gen_text_out(gen *g, const char *text, size_t len, const char *finish) {
+/* Text after the stop rules: streamed now (with the ids up to upto) or kept for the
+ * final answer. */
+static void gen_text_out(gen *g, const char *text, size_t len, const char *finish, int upto) {
     job *j = g->job;
-    if (j->kind != JOB_HTTP)
-        return;
     if (j->streaming)
-        http_emit_delta(g, text, len, finish);
+        http_emit_delta(g, text, len, finish, upto);
     else if (len)
         buf_add(&g->text, text, len);
 }
 
-/* The generation of g ends with reason: flush held text, tell the client, maybe answer. */
-static void gen_done(gen *g, const char *reason, bool stopped_by_string) {
+/* Generation and text are both over: flush held text, tell the client, maybe answer. */
+static void gen_text_done(gen *g) {
     job *j = g->job;
     const char *out = "";
     size_t len = 0;
-    if (!stopped_by_string) {
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-        if (g->detok) {
-            const char *piece;
-            size_t plen;
-            if (cpm_detok_flush(g->detok, &piece, &plen, NULL) == 0 && plen) {
-                bool st;
-                cpm_stopper_feed(g->stopper, piece, plen, &out, &len, &st);
-                gen_text_out(g, out, len, NULL);
-                if (st)
-                    stopped_by_string = true;
-            }
-        }
-#endif
-        if (!stopped_by_string)
-            cpm_stopper_flush(g->stopper, &out, &len);
-        else
-            len = 0;
-    }
-    gen_finish(g, CPM_REQ_FINISHED, stopped_by_string ? "stop" : reason);
-    gen_text_out(g, out, len, g->finish);
+    if (!g->text_stopped)
+        cpm_stopper_flush(g->stopper, &out, &len);
+    gen_finish(g, CPM_REQ_FINISHED, g->text_stopped ? "stop" : g->gen_end);
+    gen_text_out(g, out, len, g->finish, g->n_gen);
     if (j->n_done == j->n_gens)
         job_complete(j);
+}
+
+static svc *pick_tokenizer(cpm_router *r);
+static void on_detok(void *user, const cpm_tokc_result *res);
+
+/* Where the next Detokenize window ends, or 0 when there is nothing to send. With stop
+ * strings, one new id at a time, so the id that completes a stop string is known and
+ * nothing after it is returned; otherwise every id sampled so far. */
+static int detok_window_end(const gen *g) {
+    if (g->text_stopped || g->n_text >= g->n_textable || g->n_tried >= g->n_textable)
+        return 0; /* done, or waiting for ids that complete a character */
+    int from = g->n_tried > g->n_text ? g->n_tried : g->n_text;
+    return g->job->rq->n_stop > 0 ? from + 1 : g->n_textable;
+}
+
+/* Moves g's text forward: asks the tokenizer for the next ids' text, emits what is
+ * known, and ends g when generation and text are both over. */
+static void text_pump(gen *g) {
+    job *j = g->job;
+    cpm_router *r = j->r;
+    if (j->answered || cpm_req_state_terminal(g->state) || g->detok_busy)
+        return;
+    int end = detok_window_end(g);
+    if (end && !r->use_tok) {
+        g->n_text = g->n_tried = g->n_textable; /* token ids only: no text */
+    } else if (end) {
+        /* the window: a few ids of context (the prompt's tail at first, so the first
+         * token's leading space comes out as it does after the prompt), then the new ids */
+        int start = g->n_text > DETOK_CONTEXT ? g->n_text - DETOK_CONTEXT : 0;
+        int plen = j->prompt_len[g->prompt];
+        int n_ctx = start == 0 ? DETOK_CONTEXT - g->n_text : 0;
+        n_ctx = n_ctx < plen ? n_ctx : plen;
+        int n = n_ctx + end - start;
+        int32_t *win = malloc((size_t)n * sizeof *win);
+        svc *tk = pick_tokenizer(r);
+        cpm_error e = {0};
+        int rc = win ? 0 : cpm_error_set(&e, CPM_ENOMEM, "out of memory");
+        if (win) {
+            memcpy(win, j->prompt_ids[g->prompt] + plen - n_ctx, (size_t)n_ctx * sizeof *win);
+            memcpy(win + n_ctx, g->ids + start, (size_t)(end - start) * sizeof *win);
+            rc = cpm_tokc_detok(tk->sock, tk->name, win, (size_t)n,
+                                (size_t)(n_ctx + g->n_text - start), true,
+                                r->cfg->router.timeout_ms, on_detok, g, &e);
+        }
+        free(win);
+        if (rc) {
+            job_fail(j, 503, "server_error", "tokenizer_error", e.msg);
+            return;
+        }
+        g->n_tried = end;
+        g->detok_busy = true;
+        j->refs++;
+        return;
+    }
+    if (j->streaming)
+        http_emit_delta(g, "", 0, NULL, g->n_text); /* ids and logprobs without new text */
+    if (g->gen_end && g->lp_pending == 0 && !detok_window_end(g))
+        gen_text_done(g);
+}
+
+static void on_detok(void *user, const cpm_tokc_result *res) {
+    gen *g = user;
+    job *j = g->job;
+    cpm_router *r = j->r;
+    j->refs--;
+    g->detok_busy = false;
+    if (j->answered || cpm_req_state_terminal(g->state)) {
+        job_maybe_free(j);
+        return;
+    }
+    if (res->status) {
+        job_fail(j, 503, "server_error", "tokenizer_error", res->msg);
+        return;
+    }
+    g->n_text += (int)res->consumed;
+    const char *out;
+    size_t len;
+    bool stopped = false;
+    cpm_stopper_feed(g->stopper, res->text, res->text_len, &out, &len, &stopped);
+    if (stopped) {
+        /* the ids sampled after the stop string are dropped, as if never generated */
+        g->text_stopped = true;
+        g->n_gen = g->n_textable = g->n_text;
+        if (!g->gen_end)
+            g->gen_end = "stop";
+        gen_release(g);
+    }
+    gen_text_out(g, out, len, NULL, g->n_text);
+    text_pump(g);
+    pump(r);
+}
+
+/* ---- token texts for logprobs ---------------------------------------------------------- */
+
+typedef struct piece_call {
+    gen *g;
+    int i;    /* token index */
+    int slot; /* -1: the chosen token; else its top alternative */
+} piece_call;
+
+static void lp_advance(gen *g) {
+    while (g->n_lp_ready < g->n_gen && g->lps[g->n_lp_ready].pending == 0)
+        g->n_lp_ready++;
+}
+
+static void on_piece(void *user, const cpm_tokc_result *res) {
+    piece_call *pc = user;
+    gen *g = pc->g;
+    job *j = g->job;
+    tok_lp *t = &g->lps[pc->i];
+    j->refs--;
+    g->lp_pending--;
+    t->pending--;
+    char **dst = pc->slot < 0 ? &t->text : &t->top_text[pc->slot];
+    free(pc);
+    if (j->answered || cpm_req_state_terminal(g->state)) {
+        job_maybe_free(j);
+        return;
+    }
+    if (res->status) {
+        job_fail(j, 503, "server_error", "tokenizer_error", res->msg);
+        return;
+    }
+    free(*dst);
+    *dst = strndup(res->text, res->text_len);
+    lp_advance(g);
+    text_pump(g);
+}
+
+/* Asks the tokenizer for the text of token i and its alternatives, each in the context
+ * of the token before it (so a word-initial space shows, as in the decoded text).
+ * Nonzero when the job failed (and may be freed). */
+static int lp_fetch(gen *g, int i) {
+    job *j = g->job;
+    cpm_router *r = j->r;
+    tok_lp *t = &g->lps[i];
+    if (!r->use_tok) {
+        lp_advance(g); /* no texts: ids stand in */
+        return 0;
+    }
+    int32_t ctx = i > 0 ? g->ids[i - 1] : j->prompt_ids[g->prompt][j->prompt_len[g->prompt] - 1];
+    for (int slot = -1; slot < t->n_top; slot++) {
+        piece_call *pc = malloc(sizeof *pc);
+        int32_t pair[2] = {ctx, slot < 0 ? t->id : t->top_ids[slot]};
+        svc *tk = pick_tokenizer(r);
+        cpm_error e = {0};
+        if (!pc || cpm_tokc_detok(tk->sock, tk->name, pair, 2, 1, false, r->cfg->router.timeout_ms,
+                                  on_piece, pc, &e)) {
+            job_fail(j, 503, "server_error", "tokenizer_error", pc ? e.msg : "out of memory");
+            free(pc);
+            return CPM_EIO;
+        }
+        *pc = (piece_call){g, i, slot};
+        t->pending++;
+        g->lp_pending++;
+        j->refs++;
+    }
+    return 0;
 }
 
 /* One sampled token for g. */
@@ -651,35 +798,31 @@ static void gen_token(gen *g, const Cpm__V1__SampledToken *t) {
         }
     }
     g->n_gen++;
-    if (is_stop_id(j, t->id)) {
-        gen_done(g, "stop", false); /* the stop token itself is not shown as text */
+    bool stop_id = is_stop_id(j, t->id);
+    const char *end = stop_id ? "stop" : g->n_gen >= g->max_new ? "length" : NULL;
+    if (!end && cpm_sched_push_token(r->sched, g->seq, t->id) != 0)
+        end = "length";
+    if (j->kind == JOB_RPC) { /* token-out: no text */
+        if (j->stream && !stop_id) {
+            rpc_event(j, g, g->n_emitted_ids, g->n_gen, CPM__V1__FINISH_REASON__FINISH_NONE, false,
+                      0, NULL);
+            g->n_emitted_ids = g->n_gen;
+        }
+        if (end) {
+            gen_finish(g, CPM_REQ_FINISHED, end);
+            if (j->n_done == j->n_gens)
+                job_complete(j);
+        }
         return;
     }
-    bool stopped = false;
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    if (g->detok) {
-        const char *piece, *out;
-        size_t plen, olen;
-        if (cpm_detok_push(g->detok, t->id, &piece, &plen, NULL) == 0) {
-            cpm_stopper_feed(g->stopper, piece, plen, &out, &olen, &stopped);
-            gen_text_out(g, out, olen, NULL);
-        }
+    if (end) {
+        g->gen_end = end;
+        gen_release(g);
     }
-#endif
-    if (!stopped && j->kind == JOB_HTTP && !g->detok)
-        gen_text_out(g, "", 0, NULL); /* no vocabulary: ids and logprobs only */
-    if (j->kind == JOB_RPC && j->stream) {
-        rpc_event(j, g, g->n_emitted_ids, g->n_gen, CPM__V1__FINISH_REASON__FINISH_NONE, false, 0,
-                  NULL);
-        g->n_emitted_ids = g->n_gen;
-    }
-    if (stopped) {
-        gen_done(g, "stop", true);
-    } else if (g->n_gen >= g->max_new) {
-        gen_done(g, "length", false);
-    } else if (cpm_sched_push_token(r->sched, g->seq, t->id) != 0) {
-        gen_done(g, "length", false);
-    }
+    g->n_textable = g->n_gen - (stop_id ? 1 : 0); /* the stop token is not shown as text */
+    if (j->logprobs && lp_fetch(g, g->n_gen - 1))
+        return;
+    text_pump(g);
 }
 
 /* ---- admission ----------------------------------------------------------------------- */
@@ -741,10 +884,6 @@ static void job_admit(job *j, int max_tokens, char *const *stops, int n_stops) {
         g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
         g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
         g->stopper = cpm_stopper_new(stops, n_stops);
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-        if (r->tok && j->kind == JOB_HTTP)
-            g->detok = cpm_detok_new(r->tok, true);
-#endif
         if (!g->ids || (j->logprobs && !g->lps) || !g->stopper) {
             job_fail(j, 500, "server_error", NULL, "out of memory");
             return;
@@ -776,71 +915,87 @@ static void job_admit(job *j, int max_tokens, char *const *stops, int n_stops) {
     pump(r);
 }
 
-/* ---- tokenizing on a worker thread ------------------------------------------------- */
+/* ---- tokenizing at the door (cpm-tokenizer) ---------------------------------------- */
 
-typedef struct tok_work {
-    uv_work_t req;
-    job *job;
-    int rc;
-} tok_work;
-
-static void tok_run(uv_work_t *req) {
-    tok_work *w = req->data;
-    job *j = w->job;
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    const cpm_tokenizer *tok = j->r->tok;
-    cpm_error e = {0};
-    const cpm_oai_request *rq = j->rq;
-    for (int p = 0; p < j->n_prompts && w->rc == 0; p++) {
-        if (j->prompt_ids[p])
-            continue; /* token ids already */
-        char *text = NULL;
-        const char *src;
-        if (rq->kind == CPM_OAI_CHAT) {
-            cpm_chat_msg *msgs = calloc((size_t)rq->n_messages, sizeof *msgs);
-            if (!msgs) {
-                w->rc = cpm_error_set(&e, CPM_ENOMEM, "out of memory");
-                break;
-            }
-            for (int i = 0; i < rq->n_messages; i++) {
-                msgs[i].role = rq->messages[i].role;
-                msgs[i].content = rq->messages[i].content;
-            }
-            w->rc = cpm_chat_render(tok, msgs, (size_t)rq->n_messages, NULL, true, &text, &e);
-            free(msgs);
-            src = text;
-        } else {
-            src = rq->prompts[p].text;
+/* The next tokenizer replica: round robin over the ready ones (any, when none is). */
+static svc *pick_tokenizer(cpm_router *r) {
+    for (int k = 0; k < r->n_toks; k++) {
+        int i = (r->rr_tok + k) % r->n_toks;
+        if (r->svcs[r->first_tok + i].ready) {
+            r->rr_tok = i + 1;
+            return &r->svcs[r->first_tok + i];
         }
-        size_t n = 0;
-        if (w->rc == 0)
-            w->rc = cpm_tokenizer_encode(tok, src, strlen(src), true, &j->prompt_ids[p], &n, &e);
-        j->prompt_len[p] = (int)n;
-        free(text);
     }
-    if (w->rc)
-        snprintf(j->tok_error, sizeof j->tok_error, "%s", e.msg);
-#else
-    w->rc = CPM_EUNSUPPORTED;
-    snprintf(j->tok_error, sizeof j->tok_error, "this router was built without a tokenizer");
-#endif
+    return &r->svcs[r->first_tok + r->rr_tok++ % r->n_toks];
 }
 
-static void tok_after(uv_work_t *req, int status) {
-    tok_work *w = req->data;
-    job *j = w->job;
-    int rc = status < 0 ? CPM_EINTERNAL : w->rc;
-    free(w);
+typedef struct prompt_call {
+    job *job;
+    int p;
+} prompt_call;
+
+static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
+    prompt_call *pc = user;
+    job *j = pc->job;
+    int p = pc->p;
+    free(pc);
     j->refs--;
-    if (j->answered) { /* aborted while tokenizing */
+    j->tok_pending--;
+    if (j->answered) { /* aborted or failed meanwhile */
         job_maybe_free(j);
         return;
     }
-    if (rc) {
-        job_fail(j, 400, "invalid_request_error", "invalid_prompt", j->tok_error);
+    if (res->status) {
+        /* the service refusing the text is the request's fault; no answer is ours */
+        if (res->refused && res->status != CPM_ELIMIT)
+            job_fail(j, 400, "invalid_request_error", "invalid_prompt", res->msg);
+        else
+            job_fail(j, 503, "server_error", "tokenizer_unavailable", res->msg);
         return;
     }
-    job_admit(j, j->rq->max_tokens, j->rq->stop, j->rq->n_stop);
+    j->prompt_ids[p] = malloc((res->n_ids ? res->n_ids : 1) * sizeof(int32_t));
+    if (!j->prompt_ids[p]) {
+        job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    memcpy(j->prompt_ids[p], res->ids, res->n_ids * sizeof(int32_t));
+    j->prompt_len[p] = (int)res->n_ids;
+    if (j->tok_pending == 0)
+        job_admit(j, j->rq->max_tokens, j->rq->stop, j->rq->n_stop);
+}
+
+/* Sends prompt p of j (a chat's messages, or a completion's text) to a tokenizer. */
+static int tokenize_prompt(job *j, int p, cpm_error *e) {
+    cpm_router *r = j->r;
+    const cpm_oai_request *rq = j->rq;
+    prompt_call *pc = malloc(sizeof *pc);
+    if (!pc)
+        return cpm_error_set(e, CPM_ENOMEM, "out of memory");
+    *pc = (prompt_call){j, p};
+    svc *tk = pick_tokenizer(r);
+    int timeout = r->cfg->router.timeout_ms, rc;
+    if (rq->kind == CPM_OAI_CHAT) {
+        cpm_tokc_msg *msgs = calloc((size_t)rq->n_messages + 1, sizeof *msgs);
+        if (!msgs) {
+            free(pc);
+            return cpm_error_set(e, CPM_ENOMEM, "out of memory");
+        }
+        for (int i = 0; i < rq->n_messages; i++)
+            msgs[i] = (cpm_tokc_msg){rq->messages[i].role, rq->messages[i].content};
+        rc = cpm_tokc_chat(tk->sock, tk->name, msgs, (size_t)rq->n_messages, timeout,
+                           on_prompt_ids, pc, e);
+        free(msgs);
+    } else {
+        rc = cpm_tokc_tokenize(tk->sock, tk->name, rq->prompts[p].text, true, timeout,
+                               on_prompt_ids, pc, e);
+    }
+    if (rc) {
+        free(pc);
+        return rc;
+    }
+    j->refs++;
+    j->tok_pending++;
+    return 0;
 }
 
 /* ---- HTTP ------------------------------------------------------------------------------ */
@@ -852,14 +1007,7 @@ static void on_http_abort(void *ud) {
     for (int i = 0; i < j->n_gens; i++)
         if (!cpm_req_state_terminal(j->gens[i].state))
             gen_finish(&j->gens[i], CPM_REQ_CANCELLED, NULL);
-    if (j->refs > 0 && !j->answered) {
-        /* tokenizing: end the exchange now, free when the worker is back */
-        j->answered = true;
-        cpm_http_respond(j->conn, 499, "application/json", "{}", 2, NULL);
-        count(r, j->ep, CPM_OUT_CANCELLED);
-        return;
-    }
-    job_complete(j);
+    job_complete(j); /* freed once no tokenizer call holds it */
     pump(r);
 }
 
@@ -954,23 +1102,19 @@ static void on_generate_http(cpm_router *r, cpm_http_conn *c, const cpm_http_req
         job_admit(j, rq->max_tokens, rq->stop, rq->n_stop);
         return;
     }
-    if (!r->tok) {
+    if (!r->use_tok) {
         job_fail(j, 400, "invalid_request_error", "no_tokenizer",
-                 "this model directory has no tokenizer: send the prompt as token ids");
+                 "this server runs with `tokenize: off`: send the prompt as token ids");
         return;
     }
-    tok_work *w = calloc(1, sizeof *w);
-    if (!w) {
-        job_fail(j, 500, "server_error", NULL, "out of memory");
-        return;
-    }
-    w->job = j;
-    w->req.data = w;
-    j->refs++;
-    if (uv_queue_work(r->loop, &w->req, tok_run, tok_after) < 0) {
-        j->refs--;
-        free(w);
-        job_fail(j, 500, "server_error", NULL, "cannot queue tokenization");
+    for (int p = 0; p < j->n_prompts; p++) {
+        if (j->prompt_ids[p])
+            continue; /* token ids already */
+        cpm_error e = {0};
+        if (tokenize_prompt(j, p, &e)) {
+            job_fail(j, 503, "server_error", "tokenizer_unavailable", e.msg);
+            return;
+        }
     }
 }
 
@@ -1471,19 +1615,6 @@ static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
     r->n_eos = 0;
     for (size_t i = 0; i < mi->n_eos_ids && r->n_eos < 8; i++)
         r->eos_ids[r->n_eos++] = mi->eos_ids[i];
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    if (r->tok) { /* generation_config may name more stop ids than config.json */
-        const int32_t *ids;
-        size_t n = cpm_tokenizer_stop_ids(r->tok, &ids);
-        for (size_t i = 0; i < n && r->n_eos < 8; i++) {
-            bool dup = false;
-            for (int k = 0; k < r->n_eos; k++)
-                dup |= r->eos_ids[k] == ids[i];
-            if (!dup)
-                r->eos_ids[r->n_eos++] = ids[i];
-        }
-    }
-#endif
     const cpm_config *c = r->cfg;
     cpm_sched_opts so = cpm_sched_opts_default();
     so.max_inflight = c->router.micro_batches > 0 ? c->router.micro_batches : 2;
@@ -1593,13 +1724,13 @@ int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
     r->oai_lim = cpm_oai_limits_default();
     r->oai_lim.max_prompt_ids = cfg->router.max_prompt_tokens;
     snprintf(r->model_name, sizeof r->model_name, "%s", cfg->name);
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    cpm_error te = {0};
-    if (cpm_tokenizer_load(cfg->model, &r->tok, &te) != 0) {
-        r->tok = NULL; /* token-in/token-out only: text prompts get a 400 naming this */
-        LOG(r, CPM_LOG_WARN, "no tokenizer (%s): token-id prompts only", te.msg);
+    /* text goes through the cpm-tokenizer replicas; `off` serves token ids only */
+    r->use_tok = strcmp(cfg->router.tokenize, "off") != 0;
+    if (r->use_tok && cfg->n_tokenizers < 1) {
+        free(r);
+        return cpm_error_set(err, CPM_EINVAL, "router: the config needs a tokenizer (or "
+                                              "`router: tokenize: off`)");
     }
-#endif
     *ret = r;
     return 0;
 }
@@ -1632,6 +1763,13 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     for (int i = 0; i < c->n_stages; i++) {
         snprintf(name, sizeof name, "stage%d", i);
         if ((e = add_svc(r, name, c->stages[i].svc.endpoint, err)))
+            return e;
+    }
+    r->first_tok = r->n_svcs;
+    r->n_toks = r->use_tok ? c->n_tokenizers : 0;
+    for (int i = 0; i < r->n_toks; i++) {
+        snprintf(name, sizeof name, "tokenizer%d", i);
+        if ((e = add_svc(r, name, c->tokenizers[i].endpoint, err)))
             return e;
     }
     r->first_sampler = r->n_svcs;
@@ -1676,9 +1814,6 @@ int cpm_router_http_port(const cpm_router *r) {
 static void router_free(cpm_router *r) {
     void (*done)(void *) = r->done;
     void *ud = r->done_ud;
-#ifdef CPM_ROUTER_HAVE_TOKENIZER
-    cpm_tokenizer_free(r->tok);
-#endif
     cpm_sched_free(r->sched);
     free(r->steps);
     free(r);

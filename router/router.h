@@ -1,11 +1,13 @@
 /* router.h - cpm-router, the cluster's front door, as a library on one libuv loop.
  *
  * Ties the pieces together: HTTP (http.h) and the internal RPC (ZeroMQ ROUTER
- * speaking proto/cpm.proto Generate) take requests; openai.h validates them; the
- * prompt is tokenized once here; scheduler.h packs sequences into micro-batches
- * that go round the pipeline ring (stage 0 -> ... -> last stage -> back here);
- * logits go to a cpm-sampler; sampled ids are detokenized incrementally and go
- * back to the client as JSON or SSE. main.c is a thin shell around this.
+ * speaking proto/cpm.proto Generate) take requests; openai.h validates them; a
+ * cpm-tokenizer replica tokenizes the prompt once, at the door (tokclient.h);
+ * scheduler.h packs sequences into micro-batches that go round the pipeline ring
+ * (stage 0 -> ... -> last stage -> back here); logits go to a cpm-sampler; sampled
+ * ids are detokenized incrementally by a cpm-tokenizer and go back to the client
+ * as JSON or SSE. With `router: tokenize: off` no tokenizer is used (token ids in
+ * and out only). main.c is a thin shell around this.
  *
  *   cpm_router *r;
  *   if (cpm_router_new(loop, zctx, cfg, &opts, &r, &e)) die(e.msg);
@@ -38,7 +40,8 @@ int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
                    const cpm_router_opts *opts, cpm_router **ret, cpm_error *err);
 
 /* Binds HTTP, the RPC and results endpoints, connects to the services, and starts
- * polling their health. Requests get 503 until every service is ready. */
+ * polling their health. Requests get 503 (and /ready too) until every stage, sampler
+ * and tokenizer has answered ready. */
 int cpm_router_start(cpm_router *r, cpm_error *err);
 
 int cpm_router_http_port(const cpm_router *r);

@@ -73,6 +73,8 @@ static const key router_keys[] = {
     RK("micro_batches", K_INT, micro_batches, 1, 64, "2", "micro-batches in flight in the pipeline"),
     RK("prefill_chunk", K_INT, prefill_chunk, 1, 65536, "256", "prompt tokens per sequence per step"),
     RK("timeout_ms", K_INT, timeout_ms, 10, 3600000, "30000", "pipeline step / service call timeout"),
+    RK("tokenize", K_STR, tokenize, 0, 0, "service",
+       "service: text in and out through the tokenizers; off: token ids only (no tokenizer files)"),
     END_KEYS,
 };
 
@@ -383,6 +385,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required", c->path);
     if (c->n_samplers == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: samplers: at least one is required", c->path);
+    if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
+        return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
+                             c->path, c->router.tokenize);
     int rc = check_stage_order(c, err);
     if (!rc)
         rc = check_unique_endpoints(c, err);

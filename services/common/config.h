@@ -55,6 +55,7 @@ typedef struct cpm_cfg_router {
     int micro_batches;           /* micro-batches in flight in the pipeline */
     int prefill_chunk;           /* most prompt tokens of one sequence per micro-batch */
     int timeout_ms;              /* per pipeline step / service call */
+    char tokenize[CPM_CFG_STR];  /* "service": text via cpm-tokenizer; "off": token ids only */
 } cpm_cfg_router;
 
 typedef struct cpm_config {

@@ -1,11 +1,14 @@
 #!/usr/bin/python3
 """router_e2e.py - the whole cluster through the router's front doors.
 
-Starts real processes on loopback (N cpm-shard stages, a cpm-sampler, cpm-router) from a
-cluster file written here with free ports, then checks through the HTTP API:
+Starts real processes on loopback (N cpm-shard stages, a cpm-sampler, a cpm-tokenizer when the
+model has tokenizer files, else `tokenize: off`, and cpm-router) from a cluster file written
+here with free ports. The router starts first, alone: /health is 200 and /ready 503 (naming
+the services it waits for) until the back ends are up. Then it checks through the HTTP API:
   * greedy output equals cpm-run token for token, for several prompts;
   * streaming and non-streaming give the same tokens (and text, when the model has a
-    tokenizer; then a chat completion is checked too);
+    tokenizer; then a chat completion, stop strings and logprob token texts are checked too,
+    all through the tokenizer service);
   * 16 concurrent requests give the same outputs as when run one at a time;
   * bad input (malformed HTTP and JSON, unknown fields, oversize bodies, bad token ids,
     limits) gets a clear JSON error, and the router keeps serving;
@@ -17,12 +20,19 @@ With --node, runs instead the official `openai` npm client (tests/e2e/node, inst
 `npm ci` there; the test is skipped, exit 77, when it is not installed) for a streaming and a
 non-streaming chat completion.
 
-usage: router_e2e.py BUILD_DIR MODEL_DIR [N_STAGES] [--node]
+With --overload, runs instead a cluster that admits two sequences (router max_seqs 1,
+max_queue 1) and sends 8 requests at once: the ones beyond get 429 with an OpenAI-shaped
+JSON error, the others complete with the same output as when run alone. Then the tokenizer
+is stopped (SIGSTOP): a text request fails after the call timeout with a 503 naming it, while
+an RPC generate (token ids only) completes; once it is resumed, text requests work again.
+
+usage: router_e2e.py BUILD_DIR MODEL_DIR [N_STAGES] [--node | --overload]
 """
 import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,8 +42,9 @@ import time
 
 import zmq
 
-ARGS = [a for a in sys.argv[1:] if a != "--node"]
+ARGS = [a for a in sys.argv[1:] if a not in ("--node", "--overload")]
 NODE = "--node" in sys.argv
+OVERLOAD = "--overload" in sys.argv
 BUILD, MODEL = ARGS[0], ARGS[1]
 N_STAGES = int(ARGS[2]) if len(ARGS) > 2 else 2
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
@@ -67,6 +78,11 @@ def free_port():
     return p
 
 
+STALL_TIMEOUT_MS = 3000
+HAS_TOKENIZER = any(os.path.exists(os.path.join(MODEL, n))
+                    for n in ["tokenizer.json", "tokenizer.model"])
+
+
 def config():
     with open(os.path.join(MODEL, "config.json")) as f:
         n_layers = json.load(f)["num_hidden_layers"]
@@ -79,8 +95,12 @@ def config():
              "  results: tcp://127.0.0.1:%d" % ports["results"],
              "  micro_batches: %d" % N_STAGES,
              "  max_body_bytes: %d" % MAX_BODY,
-             "  max_tokens: 256",
-             "tokenizers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["tok"],
+             "  max_tokens: 256"]
+    if not HAS_TOKENIZER:
+        lines += ["  tokenize: off"]  # token ids only: no cpm-tokenizer can load this model
+    if OVERLOAD:
+        lines += ["  max_seqs: 1", "  max_queue: 1", "  timeout_ms: %d" % STALL_TIMEOUT_MS]
+    lines += ["tokenizers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["tok"],
              "samplers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["sampler"],
              "stages:"]
     for i in range(N_STAGES):
@@ -236,6 +256,172 @@ def test_chat(ids):
     check(done and text_s == text, "chat streamed text %r != %r" % (text_s, text))
     check(full["object"] == "chat.completion" and chunks[0]["object"] == "chat.completion.chunk",
           "chat object types")
+
+
+def test_text_prompt(ids):
+    """A text prompt is tokenized by the tokenizer service exactly as the golden ids."""
+    with open(os.path.join(MODEL, "prompt.txt")) as f:
+        text = f.read()
+    body = greedy_body(text, 12)
+    status, r = post("/v1/completions", body)
+    check(status == 200 and r["usage"]["prompt_tokens"] == len(ids),
+          "text prompt: %s %s (want %d prompt tokens)" % (status, r, len(ids)))
+    check(status == 200 and r["choices"][0]["token_ids"] == completion_ids(ids, 12),
+          "text prompt and its ids give different tokens")
+
+
+def test_stop_strings(ids):
+    """Stop strings on text that comes back from the tokenizer service, streamed or not."""
+    status, full = post("/v1/completions", greedy_body(ids, 40))
+    text = full["choices"][0]["text"]
+    # a stop string from the middle of the text (at least 2 characters, not at the start)
+    k = len(text) // 2
+    while k < len(text) - 2 and not text[k:k + 2].strip():
+        k += 1
+    stop = text[k:k + 2]
+    if k == 0 or len(stop) < 2 or not stop.strip():
+        check(False, "cannot pick a stop string from %r" % text)
+        return
+    want = text[:text.index(stop)]
+    status, r = post("/v1/completions", greedy_body(ids, 40, stop=[stop]))
+    ch = r["choices"][0]
+    check(status == 200 and ch["text"] == want and ch["finish_reason"] == "stop",
+          "stop %r: got %r (%s), want %r" % (stop, ch.get("text"), ch.get("finish_reason"), want))
+    n = len(ch["token_ids"])
+    check(ch["token_ids"] == full["choices"][0]["token_ids"][:n] and n < 40
+          and r["usage"]["completion_tokens"] == n, "stop: token ids not cut at the stop")
+    chunks, done = stream("/v1/completions", greedy_body(ids, 40, stop=[stop], stream=True))
+    text_s = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    ids_s = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
+    check(done and text_s == want and ids_s == ch["token_ids"],
+          "streamed stop %r: %r %s vs %r %s" % (stop, text_s, ids_s, want, ch["token_ids"]))
+
+
+def test_logprob_texts(ids):
+    """Logprob tokens are texts from the tokenizer, streamed or not."""
+    body = greedy_body(ids, 8, logprobs=2)
+    status, r = post("/v1/completions", body)
+    lp = r["choices"][0]["logprobs"] if status == 200 else None
+    check(lp and len(lp["tokens"]) == 8 and all(isinstance(t, str) for t in lp["tokens"])
+          and not any(t.startswith("token_id:") for t in lp["tokens"])
+          and all(len(t) >= 1 for t in lp["top_logprobs"]), "logprob texts: %s %s" % (status, lp))
+    chunks, done = stream("/v1/completions", dict(body, stream=True))
+    toks = [t for c in chunks for ch in c["choices"] if ch.get("logprobs")
+            for t in ch["logprobs"]["tokens"]]
+    check(done and lp and toks == lp["tokens"], "streamed logprob tokens %s != %s"
+          % (toks, lp and lp["tokens"]))
+
+
+def test_no_tokenizer():
+    """`tokenize: off`: a text prompt is refused with a clear error; ids still work."""
+    status, r = post("/v1/completions", {"prompt": "hello", "max_tokens": 2})
+    check(status == 400 and r["error"]["code"] == "no_tokenizer", "text prompt with tokenize: off:"
+          " %s %s" % (status, r))
+
+
+def test_not_ready():
+    """The router alone: alive (/health 200) but not ready (/ready 503) and refusing work."""
+    deadline = time.time() + 20
+    while True:
+        try:
+            status, _ = request("GET", "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                check(False, "router never answered /health")
+                return
+            time.sleep(0.1)
+    check(status == 200, "/health of a router without back ends: %s" % status)
+    time.sleep(1.5)  # a health round has come back empty by now
+    status, text = request("GET", "/ready")
+    ready = json.loads(text)
+    names = [sv["name"] for sv in ready["services"]]
+    want = ["stage%d" % i for i in range(N_STAGES)] + ["sampler0"]
+    if HAS_TOKENIZER:
+        want.append("tokenizer0")
+    check(status == 503 and ready["ready"] is False and sorted(names) == sorted(want)
+          and not any(sv["ready"] for sv in ready["services"]),
+          "/ready without back ends: %s %s" % (status, text))
+    status, r = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 2})
+    check(status == 503 and r["error"]["code"] == "not_ready", "request before ready: %s %s"
+          % (status, r))
+
+
+def test_overload(ids):
+    """8 requests at once against 2 places: 429s with an OpenAI error, the rest correct."""
+    with open(os.path.join(MODEL, "prompt.txt")) as f:
+        text = f.read()
+    want = completion_ids(ids, 48)
+    results = [None] * 8
+
+    def run(i):
+        prompt = text if i % 2 and HAS_TOKENIZER else ids
+        results[i] = post("/v1/completions", greedy_body(prompt, 48))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = [st for st, _ in results]
+    print("overload statuses:", statuses)
+    check(statuses.count(429) >= 1 and statuses.count(200) >= 1 and
+          all(st in (200, 429) for st in statuses), "overload statuses %s" % statuses)
+    for st, r in results:
+        if st == 429:
+            e = r.get("error", {})
+            check(e.get("type") == "rate_limit_error" and e.get("code") == "queue_full"
+                  and e.get("message"), "429 body: %s" % r)
+        elif st == 200:
+            check(r["choices"][0]["token_ids"] == want, "an admitted request under overload "
+                  "gave %s, alone %s" % (r["choices"][0]["token_ids"], want))
+    check(completion_ids(ids, 48) == want, "not serving after the overload")
+    check(metric('cpm_requests_total{endpoint="completions",outcome="overloaded"}')
+          == statuses.count(429), "429s not counted as overload")
+
+
+def test_tokenizer_stalled(ids):
+    """A tokenizer that stops answering fails only the requests waiting on it, with an
+    error naming it; token-in/token-out work (the RPC) goes on; then it serves again."""
+    tok = [p for p in procs if p.args[0].endswith("cpm-tokenizer")][0]
+    want = cpm_run(ids, 6)
+    with open(os.path.join(MODEL, "prompt.txt")) as f:
+        text = f.read()
+    tok.send_signal(signal.SIGSTOP)
+    try:
+        result = {}
+
+        def run():
+            result["http"] = post("/v1/completions", greedy_body(text, 6))
+
+        t = threading.Thread(target=run)
+        t.start()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(RPC_EP)
+        env = pb.Envelope(corr=1)
+        env.generate.request_id = "while-stalled"
+        env.generate.prompt_ids.extend(ids)
+        env.generate.max_tokens = 6
+        env.generate.ignore_eos = True
+        _, events = rpc_call(sock, env)
+        sock.close()
+        check(events and list(events[-1].ids) == want, "rpc while the tokenizer is stalled: %s"
+              % events)
+        t.join()
+    finally:
+        tok.send_signal(signal.SIGCONT)
+    status, r = result["http"]
+    err = (r or {}).get("error", {})
+    check(status == 503 and err.get("code") == "tokenizer_unavailable"
+          and "tokenizer0" in err.get("message", "") and "%d ms" % STALL_TIMEOUT_MS in err["message"],
+          "request to a stalled tokenizer: %s %s" % (status, r))
+    deadline = time.time() + 10
+    while request("GET", "/ready")[0] != 200 and time.time() < deadline:
+        time.sleep(0.1)
+    status, r = post("/v1/completions", greedy_body(text, 6))
+    check(status == 200 and r["choices"][0]["token_ids"] == want, "not serving text after the "
+          "tokenizer came back: %s %s" % (status, r))
 
 
 def test_concurrent(prompts):
@@ -430,12 +616,17 @@ def main():
     HTTP_PORT = ports["http"]
     RPC_EP = "tcp://127.0.0.1:%d" % ports["rpc"]
     MODEL_NAME = os.path.basename(os.path.abspath(MODEL))
+    start([os.path.join(BUILD, "router/cpm-router"), "--config", cfg], "router")
+    if not NODE and not OVERLOAD:
+        test_not_ready()
+    if HAS_TOKENIZER:
+        start([os.path.join(BUILD, "services/tokenizer/cpm-tokenizer"), "--config", cfg, "--index",
+               "0"], "tokenizer")
     for i in range(N_STAGES):
         start([os.path.join(BUILD, "shard/cpm-shard"), "--config", cfg, "--index", str(i)],
               "stage%d" % i)
     start([os.path.join(BUILD, "services/sampler/cpm-sampler"), "--config", cfg, "--index", "0"],
           "sampler")
-    start([os.path.join(BUILD, "router/cpm-router"), "--config", cfg], "router")
     deadline = time.time() + 60
     while True:
         try:
@@ -456,15 +647,23 @@ def main():
         return 1 if failures else 0
     with open(os.path.join(MODEL, "ids.txt")) as f:
         ids = [int(t) for t in f.read().split()]
+    if OVERLOAD:
+        test_overload(ids)
+        if HAS_TOKENIZER:
+            test_tokenizer_stalled(ids)
+        return 1 if failures else 0
     with open(os.path.join(MODEL, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    has_tokenizer = any(os.path.exists(os.path.join(MODEL, n))
-                        for n in ["tokenizer.json", "tokenizer.model"])
     prompts = [ids, ids[:5], ids[3:14], [1]]
     test_greedy_matches_cpm_run(prompts)
     test_stream_equals_non_stream(ids)
-    if has_tokenizer:
+    if HAS_TOKENIZER:
         test_chat(ids)
+        test_text_prompt(ids)
+        test_stop_strings(ids)
+        test_logprob_texts(ids)
+    else:
+        test_no_tokenizer()
     test_concurrent([ids[: 2 + (i * 7) % (len(ids) - 1)] for i in range(16)])
     test_n_and_seed(ids[:6])
     test_bad_input(vocab)
@@ -481,7 +680,7 @@ if __name__ == "__main__":
         rc = main()
     finally:
         stop_all()
-    router_rc = procs[-1].returncode if procs else None
+    router_rc = procs[0].returncode if procs else None
     if rc == 0 and router_rc not in (0, None):
         print("router exited with", router_rc)
         rc = 1

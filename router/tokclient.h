@@ -1,0 +1,54 @@
+/* tokclient.h - the router's side of the cpm-tokenizer protocol.
+ *
+ * The router turns text into ids once, at the door (tokenize, or chat: render the
+ * template and tokenize), and turns sampled ids back into text incrementally through
+ * the service's stateless Detokenize. Each call goes out on a DEALER (a cpm_sock the
+ * caller owns, one per replica) and its reply is validated here, so router.c sees
+ * either well-formed results or one line saying which tokenizer failed and how.
+ *
+ *   cpm_tokc_tokenize(sock, "tokenizer0", "Hello", true, 30000, on_ids, job, &e);
+ *   ... on_ids(job, &res): res->status == 0 ? use res->ids/res->n_ids : res->msg
+ */
+#ifndef CPM_TOKCLIENT_H
+#define CPM_TOKCLIENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../services/common/transport.h"
+
+/* What a call came back with; borrowed, valid during the callback only. */
+typedef struct cpm_tokc_result {
+    int status;           /* 0 or CPM_E*: the service's code, CPM_ETIMEDOUT, CPM_ECLOSED, CPM_EFORMAT */
+    bool refused;         /* the service answered with an error (the input's fault, or busy) */
+    const char *msg;      /* on failure: names the tokenizer and the problem */
+    const int32_t *ids;   /* tokenize / chat */
+    size_t n_ids;
+    const char *text;     /* detokenize: the new text (NUL-terminated) */
+    size_t text_len;
+    size_t consumed;      /* detokenize: how many new ids the text covers */
+} cpm_tokc_result;
+
+/* Called exactly once per call that was sent (return 0), never when sending failed. */
+typedef void (*cpm_tokc_cb)(void *user, const cpm_tokc_result *res);
+
+typedef struct cpm_tokc_msg {
+    const char *role, *content;
+} cpm_tokc_msg;
+
+/* Text to ids (add_bos: prepend the model's BOS). name labels the replica in messages. */
+int cpm_tokc_tokenize(cpm_sock *s, const char *name, const char *text, bool add_bos,
+                      int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err);
+
+/* Renders the model's chat template over msgs (with the assistant prompt), then tokenizes. */
+int cpm_tokc_chat(cpm_sock *s, const char *name, const cpm_tokc_msg *msgs, size_t n,
+                  int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err);
+
+/* Text that ids[prefix_len:n] add after ids[:prefix_len]. Trailing ids that end inside
+ * a UTF-8 character are not consumed (resend them with the next ids). */
+int cpm_tokc_detok(cpm_sock *s, const char *name, const int32_t *ids, size_t n,
+                   size_t prefix_len, bool skip_special, int timeout_ms, cpm_tokc_cb cb,
+                   void *user, cpm_error *err);
+
+#endif
