@@ -1847,6 +1847,9 @@ void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud) {
     r->closing = true;
     r->done = done;
     r->done_ud = ud;
+    /* Taken first: failing the last job below may drop the router's last
+     * other reference, and this one keeps it alive until the handles close. */
+    r->closing_handles = 1; /* this function's own reference */
     /* every request still gets its one answer before the sockets go */
     for (job *j = r->jobs, *next; j; j = next) {
         next = j->next;
@@ -1854,7 +1857,6 @@ void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud) {
             job_fail(j, 503, "service_unavailable_error", "shutting_down",
                      "the server is shutting down");
     }
-    r->closing_handles = 1; /* this function's own reference */
     if (r->http) {
         r->closing_handles++;
         cpm_http_server_close(r->http, on_http_closed, r);

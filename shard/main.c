@@ -8,8 +8,19 @@
 #include "services/common/svcmain.h"
 #include "shard/stage.h"
 
+typedef struct app {
+    cpm_stage *st;
+    const cpm_log *log;
+} app;
+
 static void stop(void *user) {
-    cpm_stage_free(user);
+    app *a = user;
+    cpm_stage_stats s;
+    cpm_stage_get_stats(a->st, &s);
+    cpm_log_info(a->log, "%llu micro-batches, %llu rows, %.2f s computing, %llu failed, %llu bad messages, "
+                 "%llu allocations on the step path, %llu inputs realigned",
+                 s.batches, s.rows, s.compute_s, s.failed, s.bad_messages, s.out_allocs, s.realigned);
+    cpm_stage_free(a->st);
 }
 
 static void on_ready(cpm_stage *st, int status, const cpm_error *err, void *user) {
@@ -95,7 +106,8 @@ int main(int argc, char **argv) {
     }
     cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s, loading", o.layer_begin, o.layer_end,
                  o.model_dir, o.bind, o.next);
-    cpm_svc_run(loop, stop, st, &a.log);
+    app ap = {.st = st, .log = &a.log};
+    cpm_svc_run(loop, stop, &ap, &a.log);
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);

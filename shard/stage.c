@@ -2,12 +2,21 @@
  * time running cpm_model_forward, outbound DEALER to the next hop.
  *
  * Threading: the loop thread owns the sockets, the queue and the stats; the worker
- * owns the model, the KV cache and the sequence map while a job runs. Only one job
- * runs at a time (micro-batches must be applied to the KV cache in order), and its
- * after-callback on the loop thread is the hand-over point.
+ * owns the model, the KV cache, the sequence map and the scratch while a job runs. Only
+ * one job runs at a time (micro-batches must be applied to the KV cache in order), and
+ * its after-callback on the loop thread is the hand-over point.
+ *
+ * Memory: everything a step needs is sized at load from the limits (max_batch_tokens,
+ * max_seqs, max_queue), so a steady stream of micro-batches allocates nothing here.
+ * The output tensor goes to zmq without a copy, so it comes from a small pool of
+ * buffers that zmq hands back from its I/O thread; only a micro-batch bigger than the
+ * limits, or one finding every buffer still in zmq's hands, gets a one-off buffer
+ * (counted in stats.out_allocs).
  */
 #include "stage.h"
 
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,15 +25,84 @@
 #include "shard/kv_cache.h"
 #include "shard/model/model.h"
 
-typedef struct item {
-    struct item *next;
-    cpm_inmsg *m;
-} item;
-
 typedef struct seq_entry {
     uint64_t id;
     int handle;
 } seq_entry;
+
+/* ------------------------------------------------------------------ output buffer pool */
+
+typedef struct out_pool out_pool;
+
+typedef struct out_slot {
+    out_pool *pool;
+    atomic_bool busy;        /* taken by the worker, until zmq releases it */
+    float *data;
+} out_slot;
+
+/* Reference-counted, because zmq may release a buffer after the stage is gone (a
+ * message still lingering in a closed socket). */
+struct out_pool {
+    atomic_int refs;         /* the stage's, plus one per buffer zmq holds */
+    size_t floats;           /* capacity of each buffer */
+    int n;
+    out_slot slots[];
+};
+
+static void pool_unref(out_pool *p) {
+    if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
+        return;
+    for (int i = 0; i < p->n; i++)
+        free(p->slots[i].data);
+    free(p);
+}
+
+static out_pool *pool_new(int n, size_t floats) {
+    out_pool *p = calloc(1, sizeof *p + (size_t)n * sizeof p->slots[0]);
+    if (!p)
+        return NULL;
+    atomic_init(&p->refs, 1);
+    p->floats = floats;
+    p->n = n;
+    for (int i = 0; i < n; i++) {
+        p->slots[i].pool = p;
+        atomic_init(&p->slots[i].busy, false);
+        p->slots[i].data = malloc(floats * sizeof(float));
+        if (!p->slots[i].data) {
+            pool_unref(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+/* A free buffer of at least floats, or NULL. Worker thread only. */
+static out_slot *pool_take(out_pool *p, size_t floats) {
+    if (floats > p->floats)
+        return NULL;
+    for (int i = 0; i < p->n; i++)
+        if (!atomic_exchange(&p->slots[i].busy, true)) {
+            atomic_fetch_add(&p->refs, 1);
+            return &p->slots[i];
+        }
+    return NULL;
+}
+
+/* zmq's free_fn for a pooled buffer: any thread. */
+static void pool_release(void *data, void *hint) {
+    (void)data;
+    out_slot *s = hint;
+    out_pool *p = s->pool;
+    atomic_store(&s->busy, false);
+    pool_unref(p);
+}
+
+static void free_buf(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+/* ------------------------------------------------------------------ the stage */
 
 struct cpm_stage {
     uv_loop_t *loop;
@@ -34,7 +112,7 @@ struct cpm_stage {
     cpm_stage_ready_cb ready_cb;
     void *user;
 
-    /* worker-owned while a job runs */
+    /* worker-owned while a job runs; sized at load, grown only by oversize batches */
     cpm_model *model;
     cpm_kv_cache *kv;
     const cpm_model_info *info;
@@ -42,6 +120,12 @@ struct cpm_stage {
     int n_seqs;
     int32_t *b_pos;           /* [max_batch_tokens] per-chunk scratch */
     uint8_t *b_want;
+    int32_t *handles;         /* [rows_cap] KV handle of every row */
+    uint64_t *res_seq;        /* [rows_cap] the last stage's result rows */
+    uint32_t *res_pos;
+    size_t rows_cap;
+    float *in_copy;           /* [rows_cap, hidden] an activation frame zmq left misaligned */
+    out_pool *pool;
     cpm_error load_err;
     int load_rc;
 
@@ -54,11 +138,12 @@ struct cpm_stage {
     bool job_has_tensor;
     double job_compute_s;
     int job_rows;
-    bool job_failed;
+    int job_allocs;
+    bool job_failed, job_realigned;
 
     /* loop-owned */
-    item *q_head, *q_tail;
-    int q_len;
+    cpm_inmsg **q;            /* ring of max_queue waiting micro-batches */
+    int q_head, q_len;
     bool busy, loading, ready, closing;
     cpm_stage_stats stats;
     uint64_t started_ns;
@@ -73,6 +158,7 @@ cpm_stage_opts cpm_stage_opts_default(void) {
         .max_seqs = 64,
         .max_batch_tokens = 512,
         .max_queue = 256,
+        .out_buffers = 4,
         .name = "stage",
     };
 }
@@ -168,14 +254,48 @@ static int map_rows(cpm_stage *st, const Cpm__V1__StageForward *f, int32_t *ret_
     return 0;
 }
 
-static void free_buf(void *data, void *hint) {
-    (void)hint;
-    free(data);
+/* Makes the row scratch hold n rows. Sized at load for max_batch_tokens; only a caller
+ * sending a bigger micro-batch than the limit makes it grow (once per new size). */
+static int rows_reserve(cpm_stage *st, size_t n, cpm_error *err) {
+    if (n <= st->rows_cap)
+        return 0;
+    int32_t *h = realloc(st->handles, n * sizeof *h);
+    if (h)
+        st->handles = h;
+    uint64_t *sq = h ? realloc(st->res_seq, n * sizeof *sq) : NULL;
+    if (sq)
+        st->res_seq = sq;
+    uint32_t *ps = sq ? realloc(st->res_pos, n * sizeof *ps) : NULL;
+    if (ps)
+        st->res_pos = ps;
+    float *in = ps && !st->info->first_stage
+                    ? realloc(st->in_copy, n * (size_t)st->info->hidden_size * sizeof *in)
+                    : NULL;
+    if (in)
+        st->in_copy = in;
+    if (!ps || (!in && !st->info->first_stage))
+        return cpm_error_set(err, CPM_ENOMEM, "batch of %zu rows", n);
+    st->rows_cap = n;
+    st->job_allocs++;
+    return 0;
+}
+
+/* The output tensor of this job: a pooled buffer, else a one-off one (counted). */
+static float *out_take(cpm_stage *st, size_t floats, cpm_payload *ret) {
+    out_slot *slot = pool_take(st->pool, floats);
+    if (slot) {
+        *ret = (cpm_payload){.data = slot->data, .free_fn = pool_release, .hint = slot};
+        return slot->data;
+    }
+    float *out = malloc((floats ? floats : 1) * sizeof *out);
+    st->job_allocs++;
+    *ret = (cpm_payload){.data = out, .free_fn = free_buf};
+    return out;
 }
 
 /* Runs the rows in chunks of max_batch_tokens; out gets [n, hidden] or [n_want, vocab]. */
 static int run_chunks(cpm_stage *st, const Cpm__V1__StageForward *f, const float *hidden,
-                      const int32_t *handles, float *out, cpm_error *err) {
+                      float *out, cpm_error *err) {
     int n = (int)f->n_seq, mb = st->info->max_batch_tokens;
     if (mb <= 0 || mb > st->opts.max_batch_tokens)
         mb = st->opts.max_batch_tokens;
@@ -193,7 +313,7 @@ static int run_chunks(cpm_stage *st, const Cpm__V1__StageForward *f, const float
             .n_tokens = c,
             .ids = f->n_ids ? f->ids + start : NULL,
             .hidden = hidden ? hidden + (size_t)start * (size_t)st->info->hidden_size : NULL,
-            .seq = handles + start,
+            .seq = st->handles + start,
             .pos = st->b_pos,
             .want = st->b_want,
         };
@@ -214,67 +334,46 @@ static void fill_desc(Cpm__V1__TensorDesc *d, uint32_t *shape, uint32_t rows, ui
     d->shape = shape;
 }
 
-/* Builds the downstream message for a successful forward: the next stage's forward with
+/* Packs the downstream envelope of a successful forward: the next stage's forward with
  * the activations, or the router's result with the logits of the wanted rows. */
-static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, float *out, size_t n_out,
-                       double compute_s, cpm_error *err) {
+static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_out, double compute_s,
+                       cpm_error *err) {
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
     Cpm__V1__TensorDesc d;
     uint32_t shape[2];
-    size_t n = f->n_seq;
-    int rc;
     if (!st->info->last_stage) {
         Cpm__V1__StageForward nf = *f; /* same rows, positions, wants and releases */
         nf.n_ids = 0;
         nf.ids = NULL;
         nf.hidden = NULL;
         nf.compute_s = f->compute_s + compute_s;
-        if (n) {
-            fill_desc(&d, shape, (uint32_t)n, (uint32_t)st->info->hidden_size);
+        if (n_out) {
+            fill_desc(&d, shape, (uint32_t)n_out, (uint32_t)st->info->hidden_size);
             nf.hidden = &d;
         }
         env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
         env.forward = &nf;
-        rc = cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
-    } else {
-        uint64_t *seq = malloc((n_out ? n_out : 1) * sizeof *seq);
-        uint32_t *pos = malloc((n_out ? n_out : 1) * sizeof *pos);
-        if (!seq || !pos) {
-            free(seq);
-            free(pos);
-            free(out);
-            return cpm_error_set(err, CPM_ENOMEM, "result rows");
-        }
-        size_t k = 0;
-        for (size_t i = 0; i < n; i++)
-            if (!f->n_want || f->want[i]) {
-                seq[k] = f->seq[i];
-                pos[k++] = f->pos[i];
-            }
-        Cpm__V1__StageResult r = CPM__V1__STAGE_RESULT__INIT;
-        r.step = f->step;
-        r.n_seq = r.n_pos = n_out;
-        r.seq = seq;
-        r.pos = pos;
-        r.compute_s = f->compute_s + compute_s;
-        if (n_out) {
-            fill_desc(&d, shape, (uint32_t)n_out, (uint32_t)st->info->vocab_size);
-            r.logits = &d;
-        }
-        env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
-        env.result = &r;
-        rc = cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
-        free(seq);
-        free(pos);
+        return cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
     }
-    if (rc || !n_out) {
-        free(out);
-        return rc;
+    size_t k = 0;
+    for (size_t i = 0; i < f->n_seq; i++)
+        if (!f->n_want || f->want[i]) {
+            st->res_seq[k] = f->seq[i];
+            st->res_pos[k++] = f->pos[i];
+        }
+    Cpm__V1__StageResult r = CPM__V1__STAGE_RESULT__INIT;
+    r.step = f->step;
+    r.n_seq = r.n_pos = n_out;
+    r.seq = st->res_seq;
+    r.pos = st->res_pos;
+    r.compute_s = f->compute_s + compute_s;
+    if (n_out) {
+        fill_desc(&d, shape, (uint32_t)n_out, (uint32_t)st->info->vocab_size);
+        r.logits = &d;
     }
-    size_t row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
-    st->job_tensor = (cpm_payload){.data = out, .size = n_out * row * sizeof(float), .free_fn = free_buf};
-    st->job_has_tensor = true;
-    return 0;
+    env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
+    env.result = &r;
+    return cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
 }
 
 static int do_forward(cpm_stage *st, const cpm_inmsg *m, cpm_error *err) {
@@ -289,27 +388,41 @@ static int do_forward(cpm_stage *st, const cpm_inmsg *m, cpm_error *err) {
         n_out += !f->n_want || f->want[i];
     if (!st->info->last_stage)
         n_out = n;
-    int32_t *handles = malloc((n ? n : 1) * sizeof *handles);
+    if ((rc = rows_reserve(st, n, err)) || (rc = map_rows(st, f, st->handles, err)))
+        return rc;
     size_t row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
-    float *out = malloc((n_out ? n_out : 1) * row * sizeof *out);
-    if (!handles || !out) {
-        free(handles);
-        free(out);
-        return cpm_error_set(err, CPM_ENOMEM, "batch of %zu rows", n);
+    cpm_payload t;
+    float *out = n_out ? out_take(st, n_out * row, &t) : NULL;
+    if (n_out && !out)
+        return cpm_error_set(err, CPM_ENOMEM, "output of %zu rows", n_out);
+    /* The transport aligns every tensor frame it receives (take_tensor in
+     * services/common/transport.c); this guard covers frames handed to the stage
+     * by any other path, since the engine reads floats. */
+    const float *hidden = m->tensor;
+    if (hidden && (uintptr_t)hidden % _Alignof(float)) {
+        memcpy(st->in_copy, hidden, n * (size_t)st->info->hidden_size * sizeof(float));
+        hidden = st->in_copy;
+        st->job_realigned = true;
     }
-    rc = map_rows(st, f, handles, err);
     uint64_t t0 = uv_hrtime();
-    if (!rc && n)
-        rc = run_chunks(st, f, m->tensor, handles, out, err);
+    if (n)
+        rc = run_chunks(st, f, hidden, out, err);
     double dt = (double)(uv_hrtime() - t0) / 1e9;
-    free(handles);
+    if (!rc)
+        rc = pack_output(st, f, n_out, dt, err);
     if (rc) {
-        free(out);
+        if (out)
+            t.free_fn(t.data, t.hint);
         return rc;
     }
     st->job_compute_s = dt;
     st->job_rows = (int)n;
-    return pack_output(st, f, out, n_out, dt, err);
+    if (out) {
+        t.size = n_out * row * sizeof(float);
+        st->job_tensor = t;
+        st->job_has_tensor = true;
+    }
+    return 0;
 }
 
 /* A failed forward still yields exactly one message downstream: the result with the error. */
@@ -346,17 +459,19 @@ static void job_run(uv_work_t *w) {
 /* ------------------------------------------------------------------ loop side */
 
 static void free_all(cpm_stage *st) {
-    while (st->q_head) {
-        item *it = st->q_head;
-        st->q_head = it->next;
-        cpm_inmsg_free(it->m);
-        free(it);
-    }
+    for (int i = 0; i < st->q_len; i++)
+        cpm_inmsg_free(st->q[(st->q_head + i) % st->opts.max_queue]);
+    free(st->q);
     cpm_kv_cache_free(st->kv);
     cpm_model_free(st->model);
     free(st->seqs);
     free(st->b_pos);
     free(st->b_want);
+    free(st->handles);
+    free(st->res_seq);
+    free(st->res_pos);
+    free(st->in_copy);
+    pool_unref(st->pool); /* zmq may still hold buffers: the last release frees them */
     free(st);
 }
 
@@ -382,6 +497,10 @@ static void job_done(uv_work_t *w, int status) {
     st->stats.rows += (unsigned long long)st->job_rows;
     st->stats.compute_s += st->job_compute_s;
     st->stats.failed += st->job_failed;
+    st->stats.out_allocs += (unsigned long long)st->job_allocs;
+    st->stats.realigned += st->job_realigned;
+    st->job_allocs = 0;
+    st->job_realigned = false;
     st->job_rows = 0;
     st->job_compute_s = 0;
     st->job_failed = false;
@@ -398,16 +517,11 @@ static void job_done(uv_work_t *w, int status) {
 }
 
 static void start_next(cpm_stage *st) {
-    if (st->busy || !st->ready || !st->q_head || st->closing)
+    if (st->busy || !st->ready || !st->q_len || st->closing)
         return;
-    item *it = st->q_head;
-    st->q_head = it->next;
-    if (!st->q_head)
-        st->q_tail = NULL;
-    st->q_len--;
-    st->stats.queued = st->q_len;
-    st->job_in = it->m;
-    free(it);
+    st->job_in = st->q[st->q_head];
+    st->q_head = (st->q_head + 1) % st->opts.max_queue;
+    st->stats.queued = --st->q_len;
     st->busy = true;
     st->work.data = st;
     uv_queue_work(st->loop, &st->work, job_run, job_done);
@@ -491,17 +605,7 @@ static void on_in(cpm_sock *s, cpm_inmsg *m, void *user) {
             refuse(st, m, CPM_ELIMIT, "stage queue full");
             break;
         }
-        item *it = calloc(1, sizeof *it);
-        if (!it) {
-            refuse(st, m, CPM_ENOMEM, "out of memory");
-            break;
-        }
-        it->m = m;
-        if (st->q_tail)
-            st->q_tail->next = it;
-        else
-            st->q_head = it;
-        st->q_tail = it;
+        st->q[(st->q_head + st->q_len) % st->opts.max_queue] = m;
         st->stats.queued = ++st->q_len;
         start_next(st);
         return; /* the queue owns m now */
@@ -530,6 +634,28 @@ static void on_bad(cpm_sock *s, const cpm_error *e, void *user) {
 
 /* ------------------------------------------------------------------ loading */
 
+/* Everything a step needs, sized from the limits (see the top of the file). */
+static int alloc_scratch(cpm_stage *st, cpm_error *err) {
+    size_t mb = (size_t)st->opts.max_batch_tokens;
+    st->seqs = calloc((size_t)st->opts.max_seqs, sizeof *st->seqs);
+    st->b_pos = calloc(mb, sizeof *st->b_pos);
+    st->b_want = calloc(mb, sizeof *st->b_want);
+    if (!st->seqs || !st->b_pos || !st->b_want || rows_reserve(st, mb, err))
+        return cpm_error_set(err, CPM_ENOMEM, "stage buffers");
+    /* The router wants at most one row per sequence of a micro-batch from the last stage. */
+    size_t rows = mb, cols = (size_t)st->info->hidden_size;
+    if (st->info->last_stage) {
+        rows = mb < (size_t)st->opts.max_seqs ? mb : (size_t)st->opts.max_seqs;
+        cols = (size_t)st->info->vocab_size;
+    }
+    st->pool = pool_new(st->opts.out_buffers, rows * cols);
+    if (!st->pool)
+        return cpm_error_set(err, CPM_ENOMEM, "%d output buffers of %zu x %zu floats", st->opts.out_buffers,
+                             rows, cols);
+    st->job_allocs = 0; /* the first reservation is not a step's */
+    return 0;
+}
+
 static void load_run(uv_work_t *w) {
     cpm_stage *st = w->data;
     cpm_model_opts mo = cpm_model_opts_default();
@@ -540,16 +666,13 @@ static void load_run(uv_work_t *w) {
     int rc = cpm_model_load(st->model_dir, &mo, &st->model, &st->load_err);
     if (!rc) {
         st->info = cpm_model_get_info(st->model);
-        st->kv = cpm_kv_cache_new(st->model, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
+        cpm_kv_geometry geo = cpm_model_kv_geometry(st->model);
+        st->kv = cpm_kv_cache_new(&geo, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
         if (!st->kv)
             rc = st->load_err.code ? st->load_err.code : CPM_ENOMEM;
     }
-    int mb = st->opts.max_batch_tokens;
-    st->seqs = calloc((size_t)st->opts.max_seqs, sizeof *st->seqs);
-    st->b_pos = calloc((size_t)mb, sizeof *st->b_pos);
-    st->b_want = calloc((size_t)mb, sizeof *st->b_want);
-    if (!rc && (!st->seqs || !st->b_pos || !st->b_want))
-        rc = cpm_error_set(&st->load_err, CPM_ENOMEM, "stage buffers");
+    if (!rc)
+        rc = alloc_scratch(st, &st->load_err);
     st->load_rc = rc;
 }
 
@@ -575,8 +698,9 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     *ret = NULL;
     if (!opts->model_dir || !opts->bind || !opts->next)
         return cpm_error_set(err, CPM_EINVAL, "stage: model_dir, bind and next are required");
-    if (opts->max_seqs < 1 || opts->max_batch_tokens < 1 || opts->max_queue < 1)
-        return cpm_error_set(err, CPM_EINVAL, "stage: max_seqs, max_batch_tokens and max_queue must be >= 1");
+    if (opts->max_seqs < 1 || opts->max_batch_tokens < 1 || opts->max_queue < 1 || opts->out_buffers < 1)
+        return cpm_error_set(err, CPM_EINVAL,
+                             "stage: max_seqs, max_batch_tokens, max_queue and out_buffers must be >= 1");
     cpm_stage *st = calloc(1, sizeof *st);
     if (!st)
         return cpm_error_set(err, CPM_ENOMEM, "stage");
@@ -585,6 +709,11 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     st->ready_cb = cb;
     st->user = user;
     st->started_ns = uv_hrtime();
+    st->q = calloc((size_t)opts->max_queue, sizeof *st->q);
+    if (!st->q) {
+        free(st);
+        return cpm_error_set(err, CPM_ENOMEM, "stage queue");
+    }
     snprintf(st->name, sizeof st->name, "%s", opts->name ? opts->name : "stage");
     st->opts.name = st->name;
     snprintf(st->model_dir, sizeof st->model_dir, "%s", opts->model_dir);
@@ -610,6 +739,7 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     if (rc) {
         cpm_sock_free(st->in);
         cpm_sock_free(st->out);
+        free(st->q);
         free(st);
         return rc;
     }

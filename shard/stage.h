@@ -34,6 +34,9 @@ typedef struct cpm_stage_opts {
     int max_seqs;            /* live sequences */
     int max_batch_tokens;    /* rows per forward call; bigger micro-batches run in chunks */
     int max_queue;           /* micro-batches waiting before new ones fail with CPM_ELIMIT */
+    int out_buffers;         /* output tensors zmq may hold at once (default 4), allocated at
+                                load: max_batch_tokens x hidden floats each, or on the last
+                                stage min(max_batch_tokens, max_seqs) x vocab */
     const char *bind;        /* endpoint of the inbound ROUTER socket */
     const char *next;        /* the next stage, or the router's results endpoint */
     const char *name;        /* for health and error messages ("stage1") */
@@ -56,6 +59,11 @@ typedef struct cpm_stage_stats {
     int live_seqs;
     int kv_used, kv_total;   /* blocks */
     double compute_s;        /* total forward time */
+    unsigned long long out_allocs; /* allocations made by steps (0 in steady state): a
+                                      micro-batch over the limits, or every output
+                                      buffer still held by zmq */
+    unsigned long long realigned;  /* activation frames copied because zmq delivered them
+                                      at an address floats cannot be read from */
 } cpm_stage_stats;
 
 void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret);

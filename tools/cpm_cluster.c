@@ -4,11 +4,16 @@
  * process the file assigns to it; MPI only launches, no data goes over it.
  *
  *   cpm-cluster up cluster-config/pp2.yaml --model models/minicpm-1b --port 8080
+ *
+ * The router's stderr passes through the launcher, which reads the HTTP address the
+ * router really bound from it (--port 0) and prints it in its ready line.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <limits.h>
 #include <netdb.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +49,16 @@ typedef struct proc {
     int status;
 } proc;
 
+/* The router's stderr passes through the launcher: every line is relayed to our stderr,
+ * and the one announcing the HTTP listener tells us the port it really bound (with
+ * --port 0 only the router knows it). */
+typedef struct relay {
+    int fd;                 /* read end of the router's stderr pipe; -1 once closed */
+    char line[4096];
+    size_t len;
+    char url[256];          /* "http://ADDR:PORT" once the router has said it */
+} relay;
+
 static volatile sig_atomic_t arg_stop; /* set by SIGINT/SIGTERM */
 
 static void on_signal(int sig) {
@@ -54,7 +69,7 @@ static void on_signal(int sig) {
 static void usage(void) {
     fprintf(stderr,
             "usage: cpm-cluster up CONFIG [--model DIR] [--port N] [--bin-dir DIR] [--timeout S]\n"
-            "                             [--log-format text|json]\n"
+            "                             [--log-format text|json]   (--port 0: any free port, printed)\n"
             "       cpm-cluster rank CONFIG [--model DIR] [--port N]   (one process per mpirun rank)\n"
             "       cpm-cluster check CONFIG [--model DIR]             (validate, list the processes)\n"
             "       cpm-cluster keys                                   (the configuration keys)\n");
@@ -235,7 +250,8 @@ static int build_argv(const launch *l, const cpm_config *c, cpm_role role, int i
     return n;
 }
 
-static pid_t spawn(const launch *l, const cpm_config *c, proc *p) {
+/* err_fd >= 0: the child's stderr goes there (the router's, into the relay pipe). */
+static pid_t spawn(const launch *l, const cpm_config *c, proc *p, int err_fd) {
     char bin[PATH_MAX * 3], bufs[2][32];
     char *argv[MAX_ARGS];
     build_argv(l, c, p->role, p->index, bin, sizeof bin, argv, bufs);
@@ -244,11 +260,102 @@ static pid_t spawn(const launch *l, const cpm_config *c, proc *p) {
         /* Own process group: a terminal's Ctrl-C reaches only the launcher, which then
          * stops the children in order. */
         setpgid(0, 0);
+        signal(SIGPIPE, SIG_DFL); /* the launcher ignores it; children keep the default */
+        if (err_fd >= 0) {
+            dup2(err_fd, STDERR_FILENO);
+            close(err_fd);
+        }
         execvp(argv[0], argv);
         fprintf(stderr, "cpm-cluster: %s: %s\n", argv[0], strerror(errno));
         _exit(127);
     }
     return pid;
+}
+
+/* ------------------------------------------------------------------ the router's stderr */
+
+static int relay_open(relay *r, int *ret_child_fd) {
+    int fds[2];
+    *r = (relay){.fd = -1};
+    if (pipe(fds))
+        return -1;
+    fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+    /* Only the router's stderr (dup2 clears the flag there) may hold the write end, so
+     * the relay sees end of file when the router exits. */
+    fcntl(fds[0], F_SETFD, FD_CLOEXEC);
+    fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+    r->fd = fds[0];
+    *ret_child_fd = fds[1];
+    return 0;
+}
+
+/* The router logs "listening on http://ADDR:PORT (rpc ...)" once it has bound, as text
+ * or inside a JSON "msg"; the URL ends at the first space or quote. */
+static void relay_scan(relay *r, const char *line) {
+    const char *at = strstr(line, "listening on http://");
+    if (r->url[0] || !at)
+        return;
+    at += strlen("listening on ");
+    size_t n = strcspn(at, " \"\n");
+    const char *port = NULL;
+    for (size_t i = strlen("http://"); i < n; i++)
+        if (at[i] == ':')
+            port = at + i + 1;
+    if (!port || atoi(port) <= 0 || n >= sizeof r->url)
+        return;
+    memcpy(r->url, at, n);
+    r->url[n] = '\0';
+}
+
+static void relay_line(relay *r) {
+    r->line[r->len] = '\0';
+    relay_scan(r, r->line);
+    fputs(r->line, stderr);
+    r->len = 0;
+}
+
+/* Relays whatever the router has written; closes the pipe at end of file. */
+static void relay_pump(relay *r) {
+    while (r->fd >= 0) {
+        ssize_t got = read(r->fd, r->line + r->len, sizeof r->line - 1 - r->len);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (got <= 0) {
+            if (r->len)
+                relay_line(r);
+            close(r->fd);
+            r->fd = -1;
+            return;
+        }
+        size_t end = r->len + (size_t)got, start = 0;
+        for (size_t i = r->len; i < end; i++)
+            if (r->line[i] == '\n') {
+                char keep = r->line[i + 1];
+                r->line[i + 1] = '\0';
+                relay_scan(r, r->line + start);
+                fputs(r->line + start, stderr);
+                r->line[i + 1] = keep;
+                start = i + 1;
+            }
+        memmove(r->line, r->line + start, end - start);
+        r->len = end - start;
+        if (r->len == sizeof r->line - 1)
+            relay_line(r); /* a line longer than the buffer: pass it on in pieces */
+    }
+    fflush(stderr);
+}
+
+/* Sleeps up to ms, waking early for router output (relayed) or a signal. */
+static void relay_wait(relay *r, int ms) {
+    if (r->fd < 0) {
+        usleep((useconds_t)ms * 1000);
+        return;
+    }
+    struct pollfd pf = {.fd = r->fd, .events = POLLIN};
+    if (poll(&pf, 1, ms) > 0)
+        relay_pump(r);
 }
 
 static bool probe(void *z, proc *p, cpm_error *err) {
@@ -284,21 +391,36 @@ static void describe_exit(const proc *p, char *buf, size_t size) {
         snprintf(buf, size, "%s killed by signal %d", p->label, WTERMSIG(p->status));
 }
 
-/* Router first (no new work), then the rest; SIGKILL whatever is left after 10 s. */
-static int stop_all(proc *ps, int n) {
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Sends SIGTERM to the processes of one kind (router or not) and waits until they are
+ * gone or the deadline passes, relaying the router's last lines meanwhile. */
+static void stop_some(proc *ps, int n, bool router, relay *rl, double deadline) {
     for (int i = 0; i < n; i++)
-        if (!ps[i].exited && ps[i].pid > 0)
+        if (!ps[i].exited && ps[i].pid > 0 && (ps[i].role == CPM_ROLE_ROUTER) == router)
             kill(ps[i].pid, SIGTERM);
-    int unclean = 0;
-    for (int t = 0; t < 1000; t++) {
+    while (now_s() < deadline) {
         reap(ps, n);
         int left = 0;
         for (int i = 0; i < n; i++)
-            left += !ps[i].exited && ps[i].pid > 0;
+            left += !ps[i].exited && ps[i].pid > 0 && (ps[i].role == CPM_ROLE_ROUTER) == router;
         if (!left)
             break;
-        usleep(10000);
+        relay_wait(rl, 10);
     }
+}
+
+/* Router first, so it answers what it has in flight while the back ends still run and
+ * takes no new work; then the rest. SIGKILL whatever is left after 10 s. */
+static int stop_all(proc *ps, int n, relay *rl) {
+    double t0 = now_s();
+    stop_some(ps, n, true, rl, t0 + 5);
+    stop_some(ps, n, false, rl, t0 + 10);
+    int unclean = 0;
     for (int i = 0; i < n; i++)
         if (!ps[i].exited && ps[i].pid > 0) {
             fprintf(stderr, "cpm-cluster: %s did not stop in 10 s: killing it\n", ps[i].label);
@@ -315,38 +437,40 @@ static int stop_all(proc *ps, int n) {
     return unclean;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static int cmd_up(const launch *l, cpm_config *c) {
-    int n = cpm_config_n_procs(c);
-    proc *ps = calloc((size_t)n, sizeof *ps);
-    struct sigaction sa = {.sa_handler = on_signal};
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    /* Back ends first, router last, so the router's first health checks find them. */
+/* Back ends first, router last, so the router's first health checks find them. The
+ * router's stderr goes into the relay. */
+static int start_all(const launch *l, const cpm_config *c, proc *ps, int n, relay *rl) {
+    int router_err = -1;
+    if (relay_open(rl, &router_err)) {
+        fprintf(stderr, "cpm-cluster: pipe: %s\n", strerror(errno));
+        return 1;
+    }
     for (int k = 0; k < n; k++) {
         int r = (k + 1) % n;
         proc *p = &ps[r];
         cpm_config_proc(c, r, &p->role, &p->index, NULL);
         snprintf(p->label, sizeof p->label, "%s %d", cpm_role_name(p->role), p->index);
         p->endpoint = cpm_config_proc_endpoint(c, r);
-        p->pid = spawn(l, c, p);
+        p->pid = spawn(l, c, p, p->role == CPM_ROLE_ROUTER ? router_err : -1);
         if (p->pid < 0) {
             fprintf(stderr, "cpm-cluster: fork: %s\n", strerror(errno));
-            stop_all(ps, n);
+            close(router_err);
             return 1;
         }
     }
+    close(router_err);
+    return 0;
+}
+
+/* Polls every process's health until all are ready; 1 when one exits or the time is up. */
+static int wait_ready(const launch *l, proc *ps, int n, relay *rl) {
     void *z = zmq_ctx_new();
     double deadline = now_s() + l->timeout_s;
     int n_ready = 0, rc = 0;
     cpm_error e = {0};
-    while (n_ready < n && !arg_stop) {
+    while (n_ready < n && !arg_stop && !rc) {
         reap(ps, n);
+        relay_pump(rl);
         for (int i = 0; i < n && !rc; i++) {
             if (ps[i].exited) {
                 char why[96];
@@ -358,40 +482,83 @@ static int cmd_up(const launch *l, cpm_config *c) {
                 n_ready++;
             }
         }
-        if (rc)
-            break;
-        if (now_s() > deadline) {
+        if (!rc && n_ready < n && now_s() > deadline) {
             for (int i = 0; i < n; i++)
                 if (!ps[i].ready)
                     fprintf(stderr, "cpm-cluster: %s at %s not healthy after %d s\n", ps[i].label,
                             ps[i].endpoint, l->timeout_s);
             rc = 1;
-            break;
         }
-        if (n_ready < n)
-            usleep(100000);
+        if (!rc && n_ready < n)
+            relay_wait(rl, 100);
     }
     zmq_ctx_term(z);
-    if (!rc && !arg_stop) {
-        printf("cpm-cluster: ready: http://%s:%d (%d processes; Ctrl-C stops them)\n",
-               c->router.http_addr, l->port >= 0 ? l->port : c->router.http_port, n);
-        fflush(stdout);
-        while (!arg_stop) {
-            reap(ps, n);
-            for (int i = 0; i < n; i++)
-                if (ps[i].exited) {
-                    char why[96];
-                    describe_exit(&ps[i], why, sizeof why);
-                    fprintf(stderr, "cpm-cluster: %s: stopping the cluster\n", why);
-                    rc = 1;
-                    arg_stop = 1;
-                    break;
-                }
-            usleep(100000);
-        }
+    return rc;
+}
+
+/* The router logged its URL before it could answer health; it is in the pipe by now
+ * (a short grace for the relay, not for the router). */
+static int router_url(const cpm_config *c, relay *rl, char *out, size_t size) {
+    double deadline = now_s() + 2;
+    while (!rl->url[0] && rl->fd >= 0 && now_s() < deadline && !arg_stop)
+        relay_wait(rl, 50);
+    if (rl->url[0]) {
+        snprintf(out, size, "%s", rl->url);
+        return 0;
     }
-    if (stop_all(ps, n) && !rc)
+    if (!c->router.http_port) {
+        fprintf(stderr, "cpm-cluster: the router did not log 'listening on http://ADDR:PORT': "
+                        "cannot tell which port --port 0 picked\n");
+        return 1;
+    }
+    snprintf(out, size, "http://%s:%d", c->router.http_addr, c->router.http_port);
+    return 0;
+}
+
+/* Runs until a signal or until a process exits (which stops the cluster: exit 1). */
+static int serve(proc *ps, int n, relay *rl) {
+    while (!arg_stop) {
+        reap(ps, n);
+        for (int i = 0; i < n; i++)
+            if (ps[i].exited) {
+                char why[96];
+                describe_exit(&ps[i], why, sizeof why);
+                fprintf(stderr, "cpm-cluster: %s: stopping the cluster\n", why);
+                arg_stop = 1;
+                return 1;
+            }
+        relay_wait(rl, 100);
+    }
+    return 0;
+}
+
+static int cmd_up(const launch *l, cpm_config *c) {
+    int n = cpm_config_n_procs(c);
+    proc *ps = calloc((size_t)n, sizeof *ps);
+    relay rl = {.fd = -1};
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    /* Relaying the router's log must not kill the launcher when our stderr is gone
+     * (`cpm-cluster up ... 2>&1 | head`): the children would be left running. */
+    signal(SIGPIPE, SIG_IGN);
+    int rc = !ps || start_all(l, c, ps, n, &rl);
+    if (!rc)
+        rc = wait_ready(l, ps, n, &rl);
+    char url[sizeof rl.url + 64];
+    if (!rc && !arg_stop)
+        rc = router_url(c, &rl, url, sizeof url);
+    if (!rc && !arg_stop) {
+        printf("cpm-cluster: ready: %s (%d processes; Ctrl-C stops them)\n", url, n);
+        fflush(stdout);
+        rc = serve(ps, n, &rl);
+    }
+    if (ps && stop_all(ps, n, &rl) && !rc)
         rc = 1;
+    for (double end = now_s() + 2; rl.fd >= 0 && now_s() < end;)
+        relay_wait(&rl, 100); /* the router's last lines, until it closes its end */
+    if (rl.fd >= 0)
+        close(rl.fd);
     if (!rc)
         printf("cpm-cluster: stopped\n");
     free(ps);

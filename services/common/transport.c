@@ -7,10 +7,37 @@
 #include "transport.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_FRAMES 3 /* identity, envelope, tensor */
+
+static void free_aligned(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+/* Moves a received tensor frame into m. zmq delivers small frames in place
+ * inside its receive buffer, at any byte offset; every reader of a tensor reads
+ * floats, so a frame that is not 64-byte aligned is copied once into an aligned
+ * buffer the message then owns. Large frames arrive in their own allocation
+ * and are kept without a copy. */
+static int take_tensor(cpm_inmsg *m, zmq_msg_t *frame) {
+    zmq_msg_move(&m->tensor_msg, frame);
+    m->tensor = zmq_msg_data(&m->tensor_msg);
+    m->tensor_size = zmq_msg_size(&m->tensor_msg);
+    if (((uintptr_t)m->tensor & 63u) == 0 || m->tensor_size == 0)
+        return 0;
+    void *copy = aligned_alloc(64, (m->tensor_size + 63) & ~(size_t)63);
+    if (!copy)
+        return -1;
+    memcpy(copy, m->tensor, m->tensor_size);
+    zmq_msg_close(&m->tensor_msg);
+    zmq_msg_init_data(&m->tensor_msg, copy, m->tensor_size, free_aligned, NULL);
+    m->tensor = copy;
+    return 0;
+}
 #define KICK_RETRY_MS 10
 
 typedef struct outmsg {
@@ -478,10 +505,9 @@ static void recv_one(cpm_sock *s) {
         goto out_bad;
     }
     m->env = env;
-    if (tsize >= 0) {
-        zmq_msg_move(&m->tensor_msg, &f[first + 1]);
-        m->tensor = zmq_msg_data(&m->tensor_msg);
-        m->tensor_size = zmq_msg_size(&m->tensor_msg);
+    if (tsize >= 0 && take_tensor(m, &f[first + 1])) {
+        cpm_error_set(&e, CPM_ENOMEM, "tensor frame of %lld bytes", tsize);
+        goto out_bad;
     }
     for (int i = 0; i < n; i++)
         zmq_msg_close(&f[i]);
@@ -556,11 +582,8 @@ static int rpc_recv(void *z, cpm_inmsg **ret, cpm_error *err) {
         rc = cpm_wire_unpack(zmq_msg_data(&f[0]), zmq_msg_size(&f[0]),
                              n > 1 ? (long long)zmq_msg_size(&f[1]) : -1, &m->env, err);
     }
-    if (!rc && n > 1) {
-        zmq_msg_move(&m->tensor_msg, &f[1]);
-        m->tensor = zmq_msg_data(&m->tensor_msg);
-        m->tensor_size = zmq_msg_size(&m->tensor_msg);
-    }
+    if (!rc && n > 1 && take_tensor(m, &f[1]))
+        rc = cpm_error_set(err, CPM_ENOMEM, "reply tensor frame");
     for (int i = 0; i < n; i++)
         zmq_msg_close(&f[i]);
     if (rc) {

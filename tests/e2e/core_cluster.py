@@ -12,6 +12,7 @@ usage: core_cluster.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,17 +68,21 @@ def ports_for(n_stages):
 
 
 def up(cfg, http_port, timeout=90):
+    """Starts the cluster; returns (launcher, the HTTP port from its ready line). With
+    http_port 0 the router picks the port and the launcher must report the real one."""
     log = open(os.path.join(tmp, "cluster.log"), "a")
     p = subprocess.Popen([CLUSTER, "up", cfg, "--model", MODEL, "--port", str(http_port), "--timeout", "60"],
                          stdout=subprocess.PIPE, stderr=log, text=True)
     deadline = time.time() + timeout
     line = p.stdout.readline()
-    if "ready: http://127.0.0.1:%d" % http_port not in line:
+    m = re.search(r"ready: http://127\.0\.0\.1:(\d+) ", line)
+    if not m or int(m.group(1)) == 0 or (http_port and int(m.group(1)) != http_port):
         p.kill()
-        fail("no ready line (got %r); log:\n%s" % (line, open(os.path.join(tmp, "cluster.log")).read()[-3000:]))
+        fail("no ready line for port %d (got %r); log:\n%s"
+             % (http_port, line, open(os.path.join(tmp, "cluster.log")).read()[-3000:]))
     if time.time() > deadline:
         fail("slow start")
-    return p
+    return p, int(m.group(1))
 
 
 def rpc(endpoint, env, timeout_ms=20000):
@@ -174,9 +179,9 @@ def main():
         fail("port in use: rc %d, %r" % (r.returncode, r.stderr))
     print("ok 1 - wrong configs and a taken port fail at start-up with precise errors")
 
-    # 2. Up: ready line, then the internal RPC from Python gives the reference tokens.
-    http_port = free_port()
-    p = up(good, http_port)
+    # 2. Up with --port 0: the ready line names the port the router bound; then the internal
+    # RPC from Python gives the reference tokens.
+    p, http_port = up(good, 0)
     kids = children(p.pid)
     if len(kids) != 6:
         fail("expected 6 processes, got %s" % kids)
@@ -224,7 +229,8 @@ def main():
         want_text = rpc(tok_ep, env)[0].detokenized.text
         if text != want_text:
             fail("HTTP text %r != decode(ref[:%d]) %r" % (text, n_done, want_text))
-        print("ok 4 - HTTP completion (%d tokens) equals the reference decoded by cpm-tokenizer" % n_done)
+        print("ok 4 - HTTP completion (%d tokens) on the port --port 0 picked (%d) equals the reference "
+              "decoded by cpm-tokenizer" % (n_done, http_port))
     except BaseException:
         p.kill()
         for k in kids:
@@ -244,7 +250,7 @@ def main():
     print("ok 5 - SIGTERM: launcher and all 6 processes stopped, exit 0")
 
     # 6. A stage that dies takes the cluster down with a message naming it.
-    p = up(good, free_port())
+    p, _ = up(good, free_port())
     kids = children(p.pid)
     stage_pid = [k for k in kids if "cpm-shard" in open("/proc/%d/cmdline" % k).read()][-1]
     os.kill(stage_pid, signal.SIGKILL)

@@ -15,6 +15,7 @@
 #include "shard/stage.h"
 
 static const char *model_dir;
+static int first_layer; /* of the stage under test: 0 = the whole model */
 
 typedef struct fx {
     uv_loop_t loop;
@@ -61,6 +62,7 @@ static int setup(void **state) {
     assert_int_equal(cpm_sock_bind(f->results, "inproc://results", NULL), 0);
     cpm_stage_opts o = cpm_stage_opts_default();
     o.model_dir = model_dir;
+    o.layer_begin = first_layer;
     o.bind = "inproc://stage0";
     o.next = "inproc://results";
     o.max_seqs = 4;
@@ -238,6 +240,157 @@ static void test_bad_batches_give_error_results(void **state) {
     assert_null(r->error);
 }
 
+/* Steady state allocates nothing: a prefill within max_batch_tokens and decode steps
+ * use the buffers sized at load. A micro-batch over the limits still runs, on a one-off
+ * (counted) allocation: a 24-row prefill grows the row scratch once; a last-stage
+ * output wanting more rows than max_seqs gets a one-off tensor, whose last row equals
+ * the pooled run's. */
+static void test_buffers_sized_at_load(void **state) {
+    fx *f = *state;
+    int32_t ids[24];
+    uint64_t seq[24];
+    uint32_t pos[24];
+    int want[24] = {0};
+    for (int i = 0; i < 24; i++) {
+        ids[i] = 100 + 3 * i;
+        seq[i] = 77;
+        pos[i] = (uint32_t)i;
+    }
+    want[6] = 1;
+    const Cpm__V1__StageResult *r = step(f, 1, 7, seq, pos, ids, want, 0, NULL);
+    assert_null(r->error);
+    int vocab = (int)r->logits->shape[1];
+    int32_t tok = argmax(f->last->tensor, vocab);
+    for (int t = 0; t < 20; t++) {
+        uint32_t p = (uint32_t)(7 + t);
+        r = step(f, 2 + (uint64_t)t, 1, seq, &p, &tok, NULL, 0, NULL);
+        assert_null(r->error);
+        tok = argmax(f->last->tensor, vocab);
+    }
+    cpm_stage_stats st;
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.batches, 21);
+    assert_int_equal(st.out_allocs, 0);
+
+    want[6] = 0;
+    want[23] = 1;
+    for (int k = 0; k < 2; k++) { /* rewinds to 0 each time */
+        r = step(f, 30 + (uint64_t)k, 24, seq, pos, ids, want, 0, NULL);
+        assert_null(r->error);
+    }
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.out_allocs, 1);
+    float *last = malloc((size_t)vocab * sizeof *last);
+    memcpy(last, f->last->tensor, (size_t)vocab * sizeof *last);
+
+    r = step(f, 40, 24, seq, pos, ids, NULL, 0, NULL); /* every row: 24 > max_seqs rows */
+    assert_null(r->error);
+    assert_int_equal(r->n_seq, 24);
+    assert_int_equal(f->last->tensor_size, (size_t)24 * (size_t)vocab * sizeof(float));
+    assert_memory_equal(last, (const float *)f->last->tensor + (size_t)23 * (size_t)vocab,
+                        (size_t)vocab * sizeof *last);
+    free(last);
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.out_allocs, 2);
+}
+
+static int setup_last(void **state) {
+    first_layer = 1;
+    int rc = setup(state);
+    first_layer = 0;
+    return rc;
+}
+
+static int hidden_size(void) {
+    char path[1024], text[8192];
+    snprintf(path, sizeof path, "%s/config.json", model_dir);
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    size_t n = fread(text, 1, sizeof text - 1, fp);
+    fclose(fp);
+    text[n] = '\0';
+    const char *at = strstr(text, "\"hidden_size\"");
+    assert_non_null(at);
+    return atoi(strchr(at, ':') + 1);
+}
+
+static void no_free(void *data, void *hint) {
+    (void)data;
+    (void)hint;
+}
+
+/* Sends rows of activations to a later stage from `hidden`, zero-copy (inproc hands the
+ * receiver this very address) when zero_copy. */
+static const Cpm__V1__StageResult *step_hidden(fx *f, uint64_t stepno, int n, const float *hidden, int cols,
+                                               bool zero_copy) {
+    uint64_t seq[8];
+    uint32_t pos[8], shape[2] = {(uint32_t)n, (uint32_t)cols};
+    for (int i = 0; i < n; i++) {
+        seq[i] = 3;
+        pos[i] = (uint32_t)i;
+    }
+    Cpm__V1__TensorDesc d = CPM__V1__TENSOR_DESC__INIT;
+    d.dtype = CPM__V1__DTYPE__DTYPE_F32;
+    d.n_shape = 2;
+    d.shape = shape;
+    Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+    fw.step = stepno;
+    fw.n_seq = fw.n_pos = (size_t)n;
+    fw.seq = seq;
+    fw.pos = pos;
+    fw.hidden = &d;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+    env.forward = &fw;
+    cpm_payload t = {.data = (void *)hidden, .size = (size_t)n * (size_t)cols * sizeof(float),
+                     .free_fn = zero_copy ? no_free : NULL};
+    cpm_inmsg_free(f->last);
+    f->last = NULL;
+    assert_int_equal(cpm_sock_send(f->to_stage, NULL, &env, &t, NULL), 0);
+    uint64_t end = uv_hrtime() + 30000000000ull;
+    while (!f->last && uv_hrtime() < end)
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+    assert_non_null(f->last);
+    assert_int_equal(f->last->env->body_case, CPM__V1__ENVELOPE__BODY_RESULT);
+    return f->last->env->result;
+}
+
+/* zmq may deliver a small activation frame at any byte offset (inside its receive
+ * buffer); the transport copies such a frame into an aligned buffer before the stage
+ * sees it, and the logits are those of the same rows delivered aligned. */
+static void test_misaligned_activations(void **state) {
+    fx *f = *state;
+    int cols = hidden_size(), n = 3;
+    size_t bytes = (size_t)n * (size_t)cols * sizeof(float);
+    float *rows = malloc(bytes);
+    for (int i = 0; i < n * cols; i++)
+        rows[i] = (float)((i * 7919) % 201 - 100) / 100.0f;
+    const Cpm__V1__StageResult *r = step_hidden(f, 1, n, rows, cols, false);
+    if (r->error)
+        fail_msg("%s", r->error->message);
+    size_t out_bytes = f->last->tensor_size;
+    float *want = malloc(out_bytes);
+    memcpy(want, f->last->tensor, out_bytes);
+    cpm_stage_stats st;
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.realigned, 0);
+
+    char *raw = malloc(bytes + 2);
+    memcpy(raw + 2, rows, bytes);
+    r = step_hidden(f, 2, n, (const float *)(raw + 2), cols, true); /* rewinds seq 3 to 0 */
+    if (r->error)
+        fail_msg("%s", r->error->message);
+    assert_int_equal(f->last->tensor_size, out_bytes);
+    assert_memory_equal(want, f->last->tensor, out_bytes);
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.realigned, 0); /* aligned by the transport, not the stage */
+    cpm_inmsg_free(f->last); /* the stage is done with raw once its result is here */
+    f->last = NULL;
+    free(raw);
+    free(want);
+    free(rows);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_stage MODEL_DIR\n");
@@ -248,6 +401,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup_teardown(test_greedy_matches_reference, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rewind_repeats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_batches_give_error_results, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_buffers_sized_at_load, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_misaligned_activations, setup_last, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
