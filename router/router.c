@@ -150,6 +150,7 @@ typedef struct svc {
     char name[32];
     cpm_sock *sock; /* DEALER to the service */
     bool ready, answered;
+    int misses;     /* health polls in a row without an answer */
     char status[96];
     int kv_used, kv_total;
 } svc;
@@ -1657,19 +1658,44 @@ typedef struct health_ctx {
     int i;
 } health_ctx;
 
+/* Every micro-batch passes through every stage, so when one stage stops answering
+ * health polls the steps in flight cannot come back: fail their requests now
+ * rather than after router.timeout_ms. Two misses in a row, so that one slow
+ * reply on a loaded machine never fails requests. */
+#define CPM_ROUTER_STAGE_MISSES 2
+
+static void fail_steps_in_flight(cpm_router *r, const svc *sv) {
+    char why[160];
+    if (r->n_steps == 0)
+        return;
+    snprintf(why, sizeof why, "pipeline stage %s stopped answering (%s)", sv->name, sv->status);
+    for (int guard = r->n_steps; guard > 0 && r->n_steps > 0; guard--) {
+        uint64_t step = r->steps[0].step;
+        fail_step(r, step, why);
+        if (r->n_steps > 0 && r->steps[0].step == step)
+            forget_step(r, step); /* unknown to the scheduler: a stale entry */
+    }
+    pump(r);
+}
+
 static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
     (void)s;
     health_ctx *hc = user;
     cpm_router *r = hc->r;
     svc *sv = &r->svcs[hc->i];
     bool last_stage = hc->i == r->first_stage + r->n_stages - 1;
+    bool is_stage = hc->i >= r->first_stage && hc->i < r->first_stage + r->n_stages;
     free(hc);
     sv->answered = true;
     if (status != 0 || reply->env->body_case != CPM__V1__ENVELOPE__BODY_HEALTH) {
         sv->ready = false;
+        sv->misses++;
         snprintf(sv->status, sizeof sv->status, "%s",
                  status ? cpm_strerror(status) : "unexpected reply to health_request");
+        if (is_stage && sv->misses >= CPM_ROUTER_STAGE_MISSES)
+            fail_steps_in_flight(r, sv);
     } else {
+        sv->misses = 0;
         const Cpm__V1__Health *h = reply->env->health;
         sv->ready = h->ready;
         snprintf(sv->status, sizeof sv->status, "%s", h->status ? h->status : "");

@@ -6,8 +6,9 @@ serve again once the stage is back. The stage is frozen (SIGSTOP) first, so the 
 are certainly inside the pipeline when it is killed (SIGKILL):
 
 A. Services started one by one (as a supervisor or mpirun does; no launcher to stop the
-   rest): the router's step timeout (router.timeout_ms, 2 s here) fails the steps that
-   never came back. A non-streaming completion gets one 5xx JSON error; a streaming one
+   rest): the router's health polls notice that the stage stopped answering (two
+   missed polls, ~2 s) and fail the steps in flight, long before the step timeout
+   (router.timeout_ms, the default 30 s here). A non-streaming completion gets one 5xx JSON error; a streaming one
    its 200, one in-band error event, then `data: [DONE]` and nothing more; an internal-RPC
    generate one final error event. /ready turns 503 while the stage is down; once it is
    restarted, /ready is 200 again and greedy tokens equal ref_greedy.txt.
@@ -33,7 +34,7 @@ import zmq
 
 BUILD, MODEL = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMEOUT_MS = 2000
+TIMEOUT_MS = 30000  # the default: the router must not need it to notice a dead stage
 
 tmp = tempfile.mkdtemp(prefix="cpm-stage-death-")
 subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + tmp,
@@ -233,8 +234,9 @@ def scenario_services(ids, ref, cut):
     took = max(r[0][2] for r in (res["plain"], res["stream"])) - 0.5
     print("ok 1 - A: stage killed mid-request: non-streaming, streaming and RPC requests each got one "
           "final error (within %.1f s; timeout_ms %d): %r" % (time.time() - t_kill, TIMEOUT_MS, why))
-    if took > 10 * TIMEOUT_MS / 1000:
-        fail("A: answers took %.1f s" % took)
+    if took > 8:
+        fail("A: answers took %.1f s: the router should notice the dead stage from its health "
+             "polls, not wait for timeout_ms (%d ms)" % (took, TIMEOUT_MS))
 
     wait_ready(ports["http"], want=503, limit=10)
     start(cfg, "stage", 1, "st1")
