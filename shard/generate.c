@@ -102,6 +102,7 @@ int cpm_generate(cpm_model *m, const int32_t *prompt, int n_prompt, const cpm_ge
         st.max_batch = n_prompt;
     int rc = CPM_ENOMEM;
     cpm_kv_geometry geo = cpm_model_kv_geometry(m);
+    geo.dtype = o->kv_dtype;
     st.kv = cpm_kv_cache_new(&geo, total, 1, err);
     st.logits = malloc((size_t)st.max_batch * (size_t)st.V * sizeof(float));
     st.history = malloc((size_t)total * sizeof(int32_t));

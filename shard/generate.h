@@ -19,6 +19,7 @@
 typedef struct cpm_generate_opts {
     int max_new_tokens;        /* tokens to generate (>= 0) */
     bool ignore_eos;           /* generate exactly max_new_tokens */
+    cpm_dtype kv_dtype;        /* KV cache elements: CPM_DTYPE_F32 (0, default) or CPM_DTYPE_F16 */
     cpm_sampling_params sampling;
     /* Called with every prompt row's logits [vocab] in order, when set
      * (--logits-out). Return non-zero to abort. */

@@ -13,17 +13,24 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max
         cpm_error_set(err, CPM_EINVAL, "kv cache: max_tokens and max_seqs must be >= 1");
         return NULL;
     }
+    if (g->dtype != CPM_DTYPE_F32 && g->dtype != CPM_DTYPE_F16) {
+        cpm_error_set(err, CPM_EUNSUPPORTED, "kv cache: dtype %s (F32 and F16 are supported)",
+                      cpm_dtype_name(g->dtype));
+        return NULL;
+    }
     cpm_kv_cache *kv = calloc(1, sizeof *kv);
     if (!kv)
         goto out_nomem;
     kv->n_layers = g->n_layers;
     kv->k_dim = g->k_dim;
     kv->v_dim = g->v_dim;
+    kv->dtype = g->dtype;
+    kv->elem = cpm_dtype_size(g->dtype);
     kv->max_seqs = max_seqs;
     kv->n_blocks = (max_tokens + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
     kv->max_blocks_per_seq = kv->n_blocks;
-    kv->block_floats = (size_t)kv->n_layers * cpm_kv_layer_floats(kv);
-    kv->data = calloc((size_t)kv->n_blocks, kv->block_floats * sizeof(float));
+    kv->block_elems = (size_t)kv->n_layers * cpm_kv_layer_elems(kv);
+    kv->data = calloc((size_t)kv->n_blocks, kv->block_elems * kv->elem);
     kv->free_blocks = malloc((size_t)kv->n_blocks * sizeof(int));
     kv->seqs = calloc((size_t)max_seqs, sizeof *kv->seqs);
     kv->block_tables = malloc((size_t)max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int));

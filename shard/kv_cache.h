@@ -12,17 +12,21 @@
 
 #include "../services/common/error.h"
 #include "batch.h"
+#include "kernels/dtype.h"
 
 #define CPM_KV_BLOCK 16
 
 typedef struct cpm_kv_cache cpm_kv_cache;
 
-/* What one token costs in the cache: floats of keys and of values per layer
- * (from cpm_model_kv_geometry), for the stage's n_layers layers. */
+/* What one token costs in the cache: elements of keys and of values per layer
+ * (from cpm_model_kv_geometry), for the stage's n_layers layers, stored as
+ * dtype: CPM_DTYPE_F32 (exact, the default) or CPM_DTYPE_F16 (half the memory;
+ * logits move by ~1e-3 relative, greedy tokens normally unchanged). */
 typedef struct cpm_kv_geometry {
     int n_layers;
     int k_dim;
     int v_dim;
+    cpm_dtype dtype;
 } cpm_kv_geometry;
 
 /* Reserves room for max_tokens tokens in total across at most max_seqs sequences.

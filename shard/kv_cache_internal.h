@@ -3,7 +3,7 @@
  * through kv_cache.h.
  *
  * A block holds, for each stage layer, CPM_KV_BLOCK key rows then CPM_KV_BLOCK
- * value rows, all f32 (the F32 reference bar needs f32 keys).
+ * value rows, as f32 (exact: the F32 reference bar needs it) or f16 elements.
  */
 #ifndef CPM_KV_CACHE_INTERNAL_H
 #define CPM_KV_CACHE_INTERNAL_H
@@ -22,12 +22,14 @@ struct cpm_kv_seq {
 
 struct cpm_kv_cache {
     int n_layers;        /* layers of the stage */
-    int k_dim, v_dim;    /* floats per token per layer */
+    int k_dim, v_dim;    /* elements per token per layer */
+    cpm_dtype dtype;     /* CPM_DTYPE_F32 or CPM_DTYPE_F16 */
+    size_t elem;         /* bytes per element */
     int n_blocks;
     int max_seqs;
     int max_blocks_per_seq;
-    size_t block_floats; /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
-    float *data;         /* [n_blocks, block_floats] */
+    size_t block_elems;  /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
+    char *data;          /* [n_blocks, block_elems] elements */
     int *free_blocks;    /* stack */
     int n_free;
     struct cpm_kv_seq *seqs;
@@ -40,23 +42,24 @@ static inline int cpm_kv_slot(const cpm_kv_cache *kv, int seq, int pos) {
     return s->blocks[pos / CPM_KV_BLOCK] * CPM_KV_BLOCK + pos % CPM_KV_BLOCK;
 }
 
-static inline size_t cpm_kv_layer_floats(const cpm_kv_cache *kv) {
+static inline size_t cpm_kv_layer_elems(const cpm_kv_cache *kv) {
     return (size_t)CPM_KV_BLOCK * (size_t)(kv->k_dim + kv->v_dim);
 }
 
-/* Key row of token slot `slot` in stage layer li; the rows of one block are
- * contiguous, k_dim floats apart. */
-static inline float *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot) {
+/* Key row of token slot `slot` in stage layer li (elements of kv->dtype); the
+ * rows of one block are contiguous, k_dim elements apart. */
+static inline void *cpm_kv_key(const cpm_kv_cache *kv, int li, int slot) {
     size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
-    return kv->data + block * kv->block_floats + (size_t)li * cpm_kv_layer_floats(kv) +
-           off * (size_t)kv->k_dim;
+    return kv->data + (block * kv->block_elems + (size_t)li * cpm_kv_layer_elems(kv) +
+                       off * (size_t)kv->k_dim) * kv->elem;
 }
 
-/* Value row, v_dim floats apart within a block. */
-static inline float *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot) {
+/* Value row, v_dim elements apart within a block. */
+static inline void *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot) {
     size_t block = (size_t)(slot / CPM_KV_BLOCK), off = (size_t)(slot % CPM_KV_BLOCK);
-    return kv->data + block * kv->block_floats + (size_t)li * cpm_kv_layer_floats(kv) +
-           (size_t)CPM_KV_BLOCK * (size_t)kv->k_dim + off * (size_t)kv->v_dim;
+    return kv->data + (block * kv->block_elems + (size_t)li * cpm_kv_layer_elems(kv) +
+                       (size_t)CPM_KV_BLOCK * (size_t)kv->k_dim + off * (size_t)kv->v_dim) *
+                          kv->elem;
 }
 
 #endif

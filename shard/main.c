@@ -56,6 +56,7 @@ int main(int argc, char **argv) {
         o.layer_end = s->layer_end;
         o.threads = s->svc.threads;
         o.kv_tokens = s->kv_tokens;
+        o.kv_dtype = strcmp(s->kv_dtype, "f16") ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
         o.max_seqs = s->max_seqs;
         o.max_batch_tokens = s->max_batch_tokens;
         o.model_dir = c->model;

@@ -24,6 +24,7 @@ typedef struct run_args {
     bool print_ids;
     bool ignore_eos;
     bool chat;
+    cpm_dtype kv_dtype;
     cpm_sampling_params sampling;
 } run_args;
 
@@ -42,6 +43,7 @@ static void usage(FILE *f) {
             "  --top-p P --top-k K --min-p P --repetition-penalty R --seed S\n"
             "  --threads N           compute threads (default 1)\n"
             "  --batch N             most prompt tokens per forward pass (default 512)\n"
+            "  --kv-dtype f32|f16    KV cache elements (default f32, exact; f16 halves its memory)\n"
             "  --logits-out FILE     write every prompt position's logits (f32 LE rows)\n"
             "  --print-ids           print the generated ids on one line of stdout\n"
             "  --ignore-eos          generate exactly N tokens\n"
@@ -83,6 +85,7 @@ static int parse_args(int argc, char **argv, run_args *a) {
         {"threads", required_argument, 0, 'T'},   {"batch", required_argument, 0, 'B'},
         {"logits-out", required_argument, 0, 'L'}, {"print-ids", no_argument, 0, 'I'},
         {"ignore-eos", no_argument, 0, 'E'},      {"chat", no_argument, 0, 'C'},
+        {"kv-dtype", required_argument, 0, 'D'},
         {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
     *a = (run_args){.n = 32, .threads = 1, .batch = 512};
     a->sampling = cpm_sampling_params_default();
@@ -106,6 +109,14 @@ static int parse_args(int argc, char **argv, run_args *a) {
         case 'I': a->print_ids = true; break;
         case 'E': a->ignore_eos = true; break;
         case 'C': a->chat = true; break;
+        case 'D':
+            if (!strcmp(optarg, "f32") || !strcmp(optarg, "f16")) {
+                a->kv_dtype = optarg[1] == '3' ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
+            } else {
+                fprintf(stderr, "cpm-run: --kv-dtype: '%s' is not f32 or f16\n", optarg);
+                rc = -1;
+            }
+            break;
         case 'h': usage(stdout); exit(0);
         default: rc = -1;
         }
@@ -240,6 +251,7 @@ int main(int argc, char **argv) {
     if (tok && !ctx.print_ids)
         ctx.detok = cpm_detok_new(tok, true);
     cpm_generate_opts go = {.max_new_tokens = a.n, .ignore_eos = a.ignore_eos,
+                            .kv_dtype = a.kv_dtype,
                             .sampling = a.sampling, .on_token = on_token, .ctx = &ctx,
                             .on_prompt_logits = ctx.logits_file ? on_prompt_logits : NULL};
     cpm_generate_stats st;

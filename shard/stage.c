@@ -667,6 +667,7 @@ static void load_run(uv_work_t *w) {
     if (!rc) {
         st->info = cpm_model_get_info(st->model);
         cpm_kv_geometry geo = cpm_model_kv_geometry(st->model);
+        geo.dtype = st->opts.kv_dtype;
         st->kv = cpm_kv_cache_new(&geo, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
         if (!st->kv)
             rc = st->load_err.code ? st->load_err.code : CPM_ENOMEM;

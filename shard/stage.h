@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "services/common/error.h"
+#include "shard/kernels/dtype.h"
 
 typedef struct cpm_stage cpm_stage;
 
@@ -31,6 +32,7 @@ typedef struct cpm_stage_opts {
     int layer_end;           /* -1 = through the last layer */
     int threads;             /* compute threads of the forward pass */
     int kv_tokens;           /* KV-cache capacity in tokens */
+    cpm_dtype kv_dtype;      /* KV elements: CPM_DTYPE_F32 (default, exact) or CPM_DTYPE_F16 */
     int max_seqs;            /* live sequences */
     int max_batch_tokens;    /* rows per forward call; bigger micro-batches run in chunks */
     int max_queue;           /* micro-batches waiting before new ones fail with CPM_ELIMIT */

@@ -54,6 +54,9 @@ static const key stage_keys[] = {
      NULL, 0, 0, 0},
     {"max_batch_tokens", K_INT, offsetof(cpm_cfg_stage, max_batch_tokens), 1, 65536, "512",
      "rows per forward pass", NULL, 0, 0, 0},
+    {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
+     "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
+     0},
     END_KEYS,
 };
 
@@ -385,6 +388,10 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required", c->path);
     if (c->n_samplers == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: samplers: at least one is required", c->path);
+    for (int i = 0; i < c->n_stages; i++)
+        if (strcmp(c->stages[i].kv_dtype, "f32") && strcmp(c->stages[i].kv_dtype, "f16"))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].kv_dtype: '%s' is not one of f32, f16",
+                                 c->path, i, c->stages[i].kv_dtype);
     if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
                              c->path, c->router.tokenize);

@@ -39,6 +39,7 @@ typedef struct cpm_cfg_stage {
     int kv_tokens;              /* KV-cache capacity in tokens */
     int max_seqs;               /* live sequences */
     int max_batch_tokens;       /* rows per forward */
+    char kv_dtype[8];           /* "f32" (exact) or "f16" (half the KV memory) */
 } cpm_cfg_stage;
 
 typedef struct cpm_cfg_router {

@@ -11,6 +11,9 @@
  * zero column); A (4-5) is 16 W rows by 32 k, loaded straight from W; B (6-7)
  * is 32 k by 16 columns of packed x. Each C element is summed over k in the
  * same order whatever M, N or the thread, so results do not depend on them.
+ * Time goes mostly to feeding tiles: x is split 16 lanes at a time (the same
+ * truncations and subtractions, so the same bits), and each k step's tiles
+ * are prefetched into L1 PF_DIST steps ahead of their loads.
  */
 #include <immintrin.h>
 #include <string.h>
@@ -21,6 +24,7 @@
 
 #define KSTEP 32            /* k per tile multiply */
 #define TILE_BYTES 1024     /* 16 rows x 64 bytes */
+#define PF_DIST 2           /* k steps ahead that tiles are prefetched into L1 */
 #define GROUP_ROWS 128      /* W rows kept hot in L2 while every x block passes */
 
 struct tilecfg {
@@ -37,42 +41,70 @@ size_t cpm_mm_amx_packed_size(int M, int K) {
     return blocks * steps * TILE_BYTES;
 }
 
-/* The three truncated bf16 terms of v; each difference is exact in f32. */
-INLINE void split3(float v, uint16_t t[3]) {
-    uint32_t u, r;
-    memcpy(&u, &v, 4);
-    t[0] = (uint16_t)(u >> 16);
-    u &= 0xffff0000u;
-    float hi;
-    memcpy(&hi, &u, 4);
-    float rest = v - hi;
-    memcpy(&r, &rest, 4);
-    t[1] = (uint16_t)(r >> 16);
-    r &= 0xffff0000u;
-    float mid;
-    memcpy(&mid, &r, 4);
-    float low = rest - mid;
-    memcpy(&r, &low, 4);
-    t[2] = (uint16_t)(r >> 16);
+/* 16x16 transpose of f32, in place: r[j][n] = old r[n][j]. */
+INLINE void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        for (int j = 0; j < 2; j++) {
+            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]),
+                                                               _mm512_castps_pd(t[i + j + 2])));
+            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]),
+                                                                   _mm512_castps_pd(t[i + j + 2])));
+        }
+    }
+    for (int i = 0; i < 16; i += 8) {
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* The three truncated bf16 terms of 16 floats, each in the top half of its
+ * lane; each difference is exact in f32, as in one term at a time. */
+INLINE void split3(__m512 v, __m512i t[3]) {
+    const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), hi_mask));
+    __m512 rest = _mm512_sub_ps(v, hi);
+    __m512 mid = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(rest), hi_mask));
+    __m512 low = _mm512_sub_ps(rest, mid);
+    t[0] = _mm512_castps_si512(v);
+    t[1] = _mm512_castps_si512(rest);
+    t[2] = _mm512_castps_si512(low);
 }
 
 /* One B tile: row p holds k pair (2p, 2p+1); column 3i + s holds term s of
- * x row m + i. Out-of-range rows and k are zero. */
+ * x row m + i. Out-of-range rows and k are zero. Built as columns (the top
+ * halves of k 2p and 2p+1 joined), then transposed into rows. */
 static void pack_tile(uint32_t *dst, const cpm_mm_job *job, int m, int k0) {
-    uint16_t t[CPM_MM_AMX_ROWS][KSTEP][3];
-    memset(t, 0, sizeof(t));
+    /* word j of the result = word 2j + 1 of (lo, hi): the top halves in order */
+    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                         31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     int kn = job->K - k0 < KSTEP ? job->K - k0 : KSTEP;
+    __mmask16 m_lo = (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1);
+    __mmask16 m_hi = (__mmask16)(kn >= 32 ? 0xffff : kn <= 16 ? 0 : (1u << (kn - 16)) - 1);
+    __m512 col[16];
+    for (int c = 0; c < 16; c++)
+        col[c] = _mm512_setzero_ps();
     for (int i = 0; i < CPM_MM_AMX_ROWS && m + i < job->M; i++) {
         const float *x = job->x + (size_t)(m + i) * job->ldx + k0;
-        for (int k = 0; k < kn; k++)
-            split3(x[k], t[i][k]);
+        __m512i lo[3], hi[3];
+        split3(_mm512_maskz_loadu_ps(m_lo, x), lo);
+        split3(kn > 16 ? _mm512_maskz_loadu_ps(m_hi, x + 16) : _mm512_setzero_ps(), hi);
+        for (int s = 0; s < 3; s++)
+            col[3 * i + s] = _mm512_castsi512_ps(_mm512_permutex2var_epi16(lo[s], odd, hi[s]));
     }
-    for (int p = 0; p < KSTEP / 2; p++) {
-        for (int i = 0; i < CPM_MM_AMX_ROWS; i++)
-            for (int s = 0; s < 3; s++)
-                dst[p * 16 + 3 * i + s] = (uint32_t)t[i][2 * p][s] | (uint32_t)t[i][2 * p + 1][s] << 16;
-        dst[p * 16 + 15] = 0;
-    }
+    transpose16(col);
+    for (int p = 0; p < KSTEP / 2; p++)
+        _mm512_store_ps(dst + p * 16, col[p]);
 }
 
 void cpm_mm_amx_pack(const cpm_mm_job *job, int b0, int b1) {
@@ -109,33 +141,6 @@ static ntile make_ntile(const cpm_mm_job *job, int t, int n1) {
     return nt;
 }
 
-/* 16x16 transpose of f32, in place: r[j][n] = old r[n][j]. */
-INLINE void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        for (int j = 0; j < 2; j++) {
-            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]),
-                                                               _mm512_castps_pd(t[i + j + 2])));
-            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]),
-                                                                   _mm512_castps_pd(t[i + j + 2])));
-        }
-    }
-    for (int i = 0; i < 16; i += 8) {
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
-        }
-    }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
-    }
-}
-
 /* y[m, n] = (c1 + c2) + c3 for the tile's 5 x rows and its stored W rows;
  * the transpose turns C's columns (terms of one x row) into vectors along n. */
 static void store_c(const cpm_mm_job *job, const float c[16][16], const ntile *nt, int mb) {
@@ -164,6 +169,23 @@ static void store_c(const cpm_mm_job *job, const float c[16][16], const ntile *n
         }                                                                                \
     } while (0)
 
+/* Pulls the tiles of k step s into L1 ahead of their loads: the W rows
+ * strided apart and the packed x tiles (nb, b1 NULL when unused). */
+INLINE void prefetch_step(const cpm_mm_job *job, const ntile *na, const ntile *nb,
+                          const char *b0, const char *b1, int s) {
+    const uint16_t *w = job->w;
+    const size_t w_ld = (size_t)job->w_ld;
+    for (int r = 0; r < 16; r++) {
+        if (na->direct)
+            _mm_prefetch((const char *)(w + (size_t)(na->base + r) * w_ld + (size_t)s * KSTEP), _MM_HINT_T0);
+        if (nb && nb->direct)
+            _mm_prefetch((const char *)(w + (size_t)(nb->base + r) * w_ld + (size_t)s * KSTEP), _MM_HINT_T0);
+        _mm_prefetch(b0 + (size_t)s * TILE_BYTES + r * 64, _MM_HINT_T0);
+        if (b1)
+            _mm_prefetch(b1 + (size_t)s * TILE_BYTES + r * 64, _MM_HINT_T0);
+    }
+}
+
 /* C tiles for n tiles (a[, b]) x m blocks (mb[, mb + 1]) over all of K. */
 INLINE void block(const int two_n, const int two_m, const cpm_mm_job *job,
                   const ntile *na, const ntile *nb, int mb) {
@@ -184,6 +206,8 @@ INLINE void block(const int two_n, const int two_m, const cpm_mm_job *job,
             _tile_zero(3);
     }
     for (int s = 0; s < steps; s++) {
+        if (s + PF_DIST < full)
+            prefetch_step(job, na, two_n ? nb : NULL, b0, two_m ? b1 : NULL, s + PF_DIST);
         LOAD_A(4, *na, s);
         _tile_loadd(6, b0 + (size_t)s * TILE_BYTES, 64);
         _tile_dpbf16ps(0, 4, 6);

@@ -2,6 +2,10 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdbool.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 /* The attention inner loops (dot, axpy, scale) run once per cached key and
  * head; GCC compiles these for each target below and picks one at load time
@@ -85,4 +89,51 @@ float cpm_dot(const float *a, const float *b, int n) {
     for (; i < n; i++)
         s0 += a[i] * b[i];
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+}
+
+/* ---- f16 rows (KV cache) ---- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void widen_f16c(float *dst, const uint16_t *src, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = cpm_f16_to_f32(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) static void narrow_f16c(uint16_t *dst, const float *src, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++)
+        dst[i] = cpm_f32_to_f16(src[i]);
+}
+
+static bool have_f16c(void) {
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+}
+#endif
+
+void cpm_f16_to_f32_row(float *dst, const uint16_t *src, int n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_f16c()) {
+        widen_f16c(dst, src, n);
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++)
+        dst[i] = cpm_f16_to_f32(src[i]);
+}
+
+void cpm_f32_to_f16_row(uint16_t *dst, const float *src, int n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_f16c()) {
+        narrow_f16c(dst, src, n);
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++)
+        dst[i] = cpm_f32_to_f16(src[i]);
 }

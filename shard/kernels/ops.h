@@ -36,4 +36,9 @@ void cpm_scale(float *y, float a, int n);
 /* Dot product of two f32 vectors. */
 float cpm_dot(const float *a, const float *b, int n);
 
+/* Row conversions for an f16 KV cache: exact widening, round-to-nearest-even
+ * narrowing. F16C instructions when the CPU has them (checked at run time). */
+void cpm_f16_to_f32_row(float *dst, const uint16_t *src, int n);
+void cpm_f32_to_f16_row(uint16_t *dst, const float *src, int n);
+
 #endif

@@ -73,6 +73,22 @@ typedef struct core_args {
     int n;
 } core_args;
 
+/* nb cache rows of `width` elements starting at column `col` of rows `stride`
+ * apart, as f32: the cache itself when it is f32, else widened into buf (which
+ * then holds them `width` apart). Returns the rows and sets *ret_stride. */
+static const float *block_rows(const cpm_kv_cache *kv, const void *rows, int col, int width,
+                               int stride, int nb, float *buf, int *ret_stride) {
+    if (kv->dtype == CPM_DTYPE_F32) {
+        *ret_stride = stride;
+        return (const float *)rows + col;
+    }
+    for (int j = 0; j < nb; j++)
+        cpm_f16_to_f32_row(buf + (size_t)j * width, (const uint16_t *)rows + (size_t)j * stride + col,
+                           width);
+    *ret_stride = width;
+    return buf;
+}
+
 /* One KV head group of one row: G query heads share each key read.
  * Online softmax over blocks of CPM_KV_BLOCK keys. */
 static void attend_group(core_args *a, int row, int g, float *tls) {
@@ -81,7 +97,7 @@ static void attend_group(core_args *a, int row, int g, float *tls) {
     int G = m->hp.n_heads / m->kv_heads, dk = m->qk_dim, dv = m->v_dim;
     int seq = a->b->seq[row], pos = a->b->pos[row];
     float *acc = tls, *score = acc + (size_t)G * dv, *mx = score + (size_t)G * CPM_KV_BLOCK,
-          *sum = mx + G;
+          *sum = mx + G, *kbuf = sum + G, *vbuf = kbuf + (size_t)CPM_KV_BLOCK * dk;
     const float *q = m->s.q + (size_t)row * m->hp.n_heads * dk + (size_t)g * G * dk;
     memset(acc, 0, (size_t)G * dv * sizeof(float));
     for (int h = 0; h < G; h++) {
@@ -90,13 +106,15 @@ static void attend_group(core_args *a, int row, int g, float *tls) {
     }
     for (int j0 = 0; j0 <= pos; j0 += CPM_KV_BLOCK) {
         int nb = pos - j0 + 1 < CPM_KV_BLOCK ? pos - j0 + 1 : CPM_KV_BLOCK;
-        int slot0 = cpm_kv_slot(kv, seq, j0);
-        const float *K = cpm_kv_key(kv, a->li, slot0) + (size_t)g * dk;
-        const float *V = cpm_kv_value(kv, a->li, slot0) + (size_t)g * dv;
+        int slot0 = cpm_kv_slot(kv, seq, j0), ks, vs;
+        const float *K = block_rows(kv, cpm_kv_key(kv, a->li, slot0), g * dk, dk, kv->k_dim, nb,
+                                    kbuf, &ks);
+        const float *V = block_rows(kv, cpm_kv_value(kv, a->li, slot0), g * dv, dv, kv->v_dim, nb,
+                                    vbuf, &vs);
         for (int h = 0; h < G; h++) {
             float *sc = score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
             for (int j = 0; j < nb; j++) {
-                sc[j] = cpm_dot(q + (size_t)h * dk, K + (size_t)j * kv->k_dim, dk) * m->attn_scale;
+                sc[j] = cpm_dot(q + (size_t)h * dk, K + (size_t)j * ks, dk) * m->attn_scale;
                 bmax = sc[j] > bmax ? sc[j] : bmax;
             }
             float newmax = bmax > mx[h] ? bmax : mx[h];
@@ -107,7 +125,7 @@ static void attend_group(core_args *a, int row, int g, float *tls) {
             for (int j = 0; j < nb; j++) {
                 float p = expf(sc[j] - newmax);
                 sum[h] += p;
-                cpm_axpy(ac, p, V + (size_t)j * kv->v_dim, dv);
+                cpm_axpy(ac, p, V + (size_t)j * vs, dv);
             }
             mx[h] = newmax;
         }
@@ -128,13 +146,20 @@ static void core_worker(void *arg, int tid, int nthreads) {
         attend_group(a, t / a->m->kv_heads, t % a->m->kv_heads, tls);
 }
 
+static void store_row(const cpm_kv_cache *kv, void *dst, const float *src, int n) {
+    if (kv->dtype == CPM_DTYPE_F16)
+        cpm_f32_to_f16_row(dst, src, n);
+    else
+        memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
 static void store_kv(cpm_model *m, cpm_kv_cache *kv, int li, int n, const float *k,
                      const float *v) {
     for (int i = 0; i < n; i++) {
         int slot = m->s.kv_slot[i];
-        memcpy(cpm_kv_key(kv, li, slot), k + (size_t)i * kv->k_dim, (size_t)kv->k_dim * 4);
+        store_row(kv, cpm_kv_key(kv, li, slot), k + (size_t)i * kv->k_dim, kv->k_dim);
         if (v)
-            memcpy(cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, (size_t)kv->v_dim * 4);
+            store_row(kv, cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, kv->v_dim);
     }
 }
 
@@ -206,7 +231,7 @@ static void attend_latent(core_args *a, int row, int h, float *tls) {
     int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, nope = hp->qk_nope_dim;
     int dk = m->qk_dim, dv = m->v_dim;
     int seq = a->b->seq[row], pos = a->b->pos[row];
-    float *q_abs = tls, *ctx = q_abs + lr, *score = ctx + lr;
+    float *q_abs = tls, *ctx = q_abs + lr, *score = ctx + lr, *cbuf = score + CPM_KV_BLOCK;
     const float *q = m->s.q + (size_t)row * hp->n_heads * dk + (size_t)h * dk;
     const float *wk = L->absorb_k + (size_t)h * nope * lr;
     memset(q_abs, 0, (size_t)lr * sizeof(float));
@@ -216,10 +241,12 @@ static void attend_latent(core_args *a, int row, int h, float *tls) {
     float mx = -INFINITY, sum = 0.0f;
     for (int j0 = 0; j0 <= pos; j0 += CPM_KV_BLOCK) {
         int nb = pos - j0 + 1 < CPM_KV_BLOCK ? pos - j0 + 1 : CPM_KV_BLOCK;
-        const float *C = cpm_kv_key(kv, a->li, cpm_kv_slot(kv, seq, j0));
+        int cs;
+        const float *C = block_rows(kv, cpm_kv_key(kv, a->li, cpm_kv_slot(kv, seq, j0)), 0,
+                                    kv->k_dim, kv->k_dim, nb, cbuf, &cs);
         float bmax = -INFINITY;
         for (int j = 0; j < nb; j++) {
-            const float *c = C + (size_t)j * kv->k_dim;
+            const float *c = C + (size_t)j * cs;
             score[j] = (cpm_dot(q_abs, c, lr) + cpm_dot(q + nope, c + lr, rope)) * m->attn_scale;
             bmax = score[j] > bmax ? score[j] : bmax;
         }
@@ -229,7 +256,7 @@ static void attend_latent(core_args *a, int row, int h, float *tls) {
         for (int j = 0; j < nb; j++) {
             float p = expf(score[j] - newmax);
             sum += p;
-            cpm_axpy(ctx, p, C + (size_t)j * kv->k_dim, lr);
+            cpm_axpy(ctx, p, C + (size_t)j * cs, lr);
         }
         mx = newmax;
     }

@@ -93,10 +93,14 @@ static void set_geometry(cpm_model *m) {
     }
     m->rot_dim = cpm_hparams_rotary_dim(hp);
     m->attn_scale = (float)(1.0 / sqrt((double)m->qk_dim));
-    /* per thread: G heads x (v accumulator + a block of scores + max + sum) */
     size_t G = (size_t)(hp->n_heads / m->kv_heads);
-    m->attn_tls_floats = G * ((size_t)m->v_dim + CPM_KV_BLOCK + 2) + 16;
-    size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK + 16; /* q_abs, ctx, scores */
+    /* per thread: G heads x (v accumulator + a block of scores + max + sum), and a
+     * block of keys and values widened from an f16 cache */
+    m->attn_tls_floats = G * ((size_t)m->v_dim + CPM_KV_BLOCK + 2) +
+                         (size_t)CPM_KV_BLOCK * (size_t)(m->qk_dim + m->v_dim) + 16;
+    /* MLA: q_abs, ctx, scores, a widened block of latent rows */
+    size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK +
+                    (size_t)CPM_KV_BLOCK * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim) + 16;
     if (m->arch->attn == CPM_ATTN_MLA && latent > m->attn_tls_floats)
         m->attn_tls_floats = latent;
 }
@@ -339,7 +343,8 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 
 cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m) {
     return (cpm_kv_geometry){.n_layers = m->info.layer_end - m->info.layer_begin,
-                             .k_dim = m->cache_k_dim, .v_dim = m->cache_v_dim};
+                             .k_dim = m->cache_k_dim, .v_dim = m->cache_v_dim,
+                             .dtype = CPM_DTYPE_F32};
 }
 
 static void embed_rows(cpm_model *m, const cpm_batch *b) {

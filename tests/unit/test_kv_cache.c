@@ -94,6 +94,29 @@ static void test_full(void **state) {
     cpm_kv_cache_free(kv);
 }
 
+/* An f16 cache takes half the memory of an f32 one; other dtypes are refused. */
+static void test_dtypes(void **state) {
+    cpm_error e = {0};
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    assert_int_equal(g.dtype, CPM_DTYPE_F32);
+    cpm_kv_cache *f32 = cpm_kv_cache_new(&g, 64, 1, &e);
+    g.dtype = CPM_DTYPE_F16;
+    cpm_kv_cache *f16 = cpm_kv_cache_new(&g, 64, 1, &e);
+    assert_non_null(f32);
+    assert_non_null(f16);
+    assert_int_equal(f16->block_elems, f32->block_elems);
+    assert_int_equal(f16->elem * 2, f32->elem);
+    /* rows land where the accessors say, one element size apart per column */
+    assert_int_equal((char *)cpm_kv_key(f16, 1, 3) - f16->data,
+                     ((char *)cpm_kv_key(f32, 1, 3) - f32->data) / 2);
+    cpm_kv_cache_free(f32);
+    cpm_kv_cache_free(f16);
+    g.dtype = CPM_DTYPE_BF16;
+    assert_null(cpm_kv_cache_new(&g, 64, 1, &e));
+    assert_int_equal(e.code, CPM_EUNSUPPORTED);
+    assert_non_null(strstr(e.msg, "BF16"));
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_kv_cache GOLDEN_MODEL_DIR\n");
@@ -104,6 +127,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_slots),
         cmocka_unit_test(test_reserve_checks_positions),
         cmocka_unit_test(test_full),
+        cmocka_unit_test(test_dtypes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -54,6 +54,8 @@ static void run_until(fx *f, bool *flag, int ms) {
         uv_run(&f->loop, UV_RUN_NOWAIT);
 }
 
+static cpm_dtype kv_dtype = CPM_DTYPE_F32; /* set by setup_kv_f16 for one test */
+
 static int setup(void **state) {
     fx *f = calloc(1, sizeof *f);
     uv_loop_init(&f->loop);
@@ -68,6 +70,7 @@ static int setup(void **state) {
     o.max_seqs = 4;
     o.kv_tokens = 1024;
     o.max_batch_tokens = 7; /* smaller than the prompt: exercises chunking */
+    o.kv_dtype = kv_dtype;
     cpm_error e = {0};
     if (cpm_stage_new(&f->loop, f->z, &o, on_ready, f, &f->st, &e))
         fail_msg("%s", e.msg);
@@ -78,6 +81,15 @@ static int setup(void **state) {
     assert_int_equal(f->load_status, 0);
     *state = f;
     return 0;
+}
+
+/* The stage with an f16 KV cache (cluster key stages[].kv_dtype: f16): greedy
+ * tokens still equal the reference (the golden set's margins exceed f16's error). */
+static int setup_kv_f16(void **state) {
+    kv_dtype = CPM_DTYPE_F16;
+    int rc = setup(state);
+    kv_dtype = CPM_DTYPE_F32;
+    return rc;
 }
 
 static int teardown(void **state) {
@@ -399,6 +411,7 @@ int main(int argc, char **argv) {
     model_dir = argv[1];
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_greedy_matches_reference, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_greedy_matches_reference, setup_kv_f16, teardown),
         cmocka_unit_test_setup_teardown(test_rewind_repeats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_batches_give_error_results, setup, teardown),
         cmocka_unit_test_setup_teardown(test_buffers_sized_at_load, setup, teardown),
