@@ -6,6 +6,7 @@
 #include <zmq.h>
 
 #include "services/common/svcmain.h"
+#include "shard/kernels/matmul.h"
 #include "shard/stage.h"
 
 typedef struct app {
@@ -57,6 +58,10 @@ int main(int argc, char **argv) {
         o.threads = s->svc.threads;
         o.kv_tokens = s->kv_tokens;
         o.kv_dtype = strcmp(s->kv_dtype, "f16") ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
+        cpm_isa isa;
+        if (cpm_isa_from_name(s->isa, &isa) && cpm_isa_force(isa) != isa) /* "auto": not a name */
+            fprintf(stderr, "cpm-shard: isa %s: this CPU lacks it; using %s\n", s->isa,
+                    cpm_isa_name(cpm_isa_force(isa)));
         o.max_seqs = s->max_seqs;
         o.max_batch_tokens = s->max_batch_tokens;
         o.model_dir = c->model;

@@ -12,6 +12,7 @@
 
 #include "../services/tokenizer/tokenizer.h"
 #include "generate.h"
+#include "kernels/matmul.h"
 
 typedef struct run_args {
     const char *model;
@@ -25,6 +26,7 @@ typedef struct run_args {
     bool ignore_eos;
     bool chat;
     cpm_dtype kv_dtype;
+    const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
 } run_args;
 
@@ -44,6 +46,7 @@ static void usage(FILE *f) {
             "  --threads N           compute threads (default 1)\n"
             "  --batch N             most prompt tokens per forward pass (default 512)\n"
             "  --kv-dtype f32|f16    KV cache elements (default f32, exact; f16 halves its memory)\n"
+            "  --isa NAME            pin the matmul kernels: scalar, avx2, avx512, amx (default: best)\n"
             "  --logits-out FILE     write every prompt position's logits (f32 LE rows)\n"
             "  --print-ids           print the generated ids on one line of stdout\n"
             "  --ignore-eos          generate exactly N tokens\n"
@@ -85,7 +88,7 @@ static int parse_args(int argc, char **argv, run_args *a) {
         {"threads", required_argument, 0, 'T'},   {"batch", required_argument, 0, 'B'},
         {"logits-out", required_argument, 0, 'L'}, {"print-ids", no_argument, 0, 'I'},
         {"ignore-eos", no_argument, 0, 'E'},      {"chat", no_argument, 0, 'C'},
-        {"kv-dtype", required_argument, 0, 'D'},
+        {"kv-dtype", required_argument, 0, 'D'},   {"isa", required_argument, 0, 'A'},
         {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
     *a = (run_args){.n = 32, .threads = 1, .batch = 512};
     a->sampling = cpm_sampling_params_default();
@@ -109,6 +112,7 @@ static int parse_args(int argc, char **argv, run_args *a) {
         case 'I': a->print_ids = true; break;
         case 'E': a->ignore_eos = true; break;
         case 'C': a->chat = true; break;
+        case 'A': a->isa = optarg; break;
         case 'D':
             if (!strcmp(optarg, "f32") || !strcmp(optarg, "f16")) {
                 a->kv_dtype = optarg[1] == '3' ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
@@ -236,6 +240,16 @@ int main(int argc, char **argv) {
         if (!a.ids)
             fprintf(stderr, "cpm-run: %s\n", err.msg);
         goto out;
+    }
+    if (a.isa) {
+        cpm_isa isa;
+        if (!cpm_isa_from_name(a.isa, &isa)) {
+            fprintf(stderr, "cpm-run: --isa: '%s' is not scalar, avx2, avx512 or amx\n", a.isa);
+            goto out;
+        }
+        if (cpm_isa_force(isa) != isa)
+            fprintf(stderr, "cpm-run: --isa %s: this CPU lacks it; using %s\n", a.isa,
+                    cpm_isa_name(cpm_isa_force(isa)));
     }
     cpm_model_opts mo = cpm_model_opts_default();
     mo.n_threads = a.threads;

@@ -54,6 +54,9 @@ static const key stage_keys[] = {
      NULL, 0, 0, 0},
     {"max_batch_tokens", K_INT, offsetof(cpm_cfg_stage, max_batch_tokens), 1, 65536, "512",
      "rows per forward pass", NULL, 0, 0, 0},
+    {"isa", K_STR, offsetof(cpm_cfg_stage, isa), 0, 0, "auto",
+     "matmul kernels: auto (the best this CPU has) or scalar/avx2/avx512/amx; pin one on "
+     "mixed CPUs, since ISAs may differ in the last bits", NULL, 0, 0, 0},
     {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
      "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
      0},
@@ -388,6 +391,16 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required", c->path);
     if (c->n_samplers == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: samplers: at least one is required", c->path);
+    static const char *isas[] = {"auto", "scalar", "avx2", "avx512", "amx"};
+    for (int i = 0; i < c->n_stages; i++) {
+        bool known = false;
+        for (size_t k = 0; k < sizeof isas / sizeof *isas; k++)
+            known |= strcmp(c->stages[i].isa, isas[k]) == 0;
+        if (!known)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: stages[%d].isa: '%s' is not one of auto, scalar, avx2, avx512, amx",
+                                 c->path, i, c->stages[i].isa);
+    }
     for (int i = 0; i < c->n_stages; i++)
         if (strcmp(c->stages[i].kv_dtype, "f32") && strcmp(c->stages[i].kv_dtype, "f16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].kv_dtype: '%s' is not one of f32, f16",

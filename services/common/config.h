@@ -40,6 +40,7 @@ typedef struct cpm_cfg_stage {
     int max_seqs;               /* live sequences */
     int max_batch_tokens;       /* rows per forward */
     char kv_dtype[8];           /* "f32" (exact) or "f16" (half the KV memory) */
+    char isa[8];                /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
 } cpm_cfg_stage;
 
 typedef struct cpm_cfg_router {

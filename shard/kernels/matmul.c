@@ -5,6 +5,8 @@
  */
 #include "matmul.h"
 
+#include <string.h>
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -102,6 +104,16 @@ const char *cpm_isa_name(cpm_isa isa) {
     case CPM_ISA_AMX: return "amx";
     default: return "?";
     }
+}
+
+bool cpm_isa_from_name(const char *name, cpm_isa *ret) {
+    for (int i = CPM_ISA_SCALAR; i <= CPM_ISA_AMX; i++) {
+        if (strcmp(name, cpm_isa_name((cpm_isa)i)) == 0) {
+            *ret = (cpm_isa)i;
+            return true;
+        }
+    }
+    return false;
 }
 
 /* ---- scalar kernel: the canonical order written out plainly ---- */

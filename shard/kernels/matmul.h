@@ -11,6 +11,7 @@
 #ifndef CPM_MATMUL_H
 #define CPM_MATMUL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "dtype.h"
@@ -31,6 +32,11 @@ cpm_isa cpm_isa_detect(void);
 cpm_isa cpm_isa_force(cpm_isa isa);
 
 const char *cpm_isa_name(cpm_isa isa);
+
+/* "scalar", "avx2", "avx512", "amx" → *ret; false for any other name. Lets a
+ * command line or a cluster file pin every node to the same kernels, since
+ * bit-identical results across ISAs are not guaranteed (AMX vs the others). */
+bool cpm_isa_from_name(const char *name, cpm_isa *ret);
 
 /* y[M, N] = x[M, K] * W[N, K]^T. ldx/ldy are row strides of x and y in floats
  * (>= K and >= N). w_ld is the row stride of W in elements (>= K). pool may be NULL.

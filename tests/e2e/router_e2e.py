@@ -106,6 +106,8 @@ def config():
     for i in range(N_STAGES):
         lines += ["  - layers: [%d, %s]" % (cuts[i], cuts[i + 1]),
                   "    endpoint: tcp://127.0.0.1:%d" % stage_ports[i]]
+        if N_STAGES == 3 and i == 1:
+            lines += ["    isa: avx2"]  # a stage pinned to other kernels: same tokens still
     path = os.path.join(TMP, "cluster.yaml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

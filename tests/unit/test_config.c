@@ -109,6 +109,8 @@ static const bad_case bad_cases[] = {
      "stages[0].threads: 0 is outside [1, 1024]"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    threads: two\n",
      "'two' is not an integer"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    isa: sse9\n",
+     "stages[0].isa: 'sse9' is not one of auto, scalar, avx2, avx512, amx"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    kv_dtype: bf16\n",
      "stages[0].kv_dtype: 'bf16' is not one of f32, f16"},
     {BASE "stages: []\n", "at least one stage"},
