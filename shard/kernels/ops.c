@@ -72,8 +72,9 @@ void cpm_scale(float *y, float a, int n) {
         y[i] *= a;
 }
 
-CPM_SIMD_CLONES
-float cpm_dot(const float *a, const float *b, int n) {
+/* Eight interleaved partial sums: vectorisable, and the same order for every
+ * caller, so cpm_dot and cpm_dot_rows agree bit for bit. */
+static inline float dot8(const float *a, const float *b, int n) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -89,6 +90,28 @@ float cpm_dot(const float *a, const float *b, int n) {
     for (; i < n; i++)
         s0 += a[i] * b[i];
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+}
+
+CPM_SIMD_CLONES
+float cpm_dot(const float *a, const float *b, int n) {
+    return dot8(a, b, n);
+}
+
+CPM_SIMD_CLONES
+void cpm_dot_rows(float *scores, const float *q, const float *rows, int stride, int nb, int n,
+                  float scale) {
+    for (int j = 0; j < nb; j++)
+        scores[j] = dot8(q, rows + (size_t)j * stride, n) * scale;
+}
+
+CPM_SIMD_CLONES
+void cpm_axpy_rows(float *acc, const float *p, const float *rows, int stride, int nb, int n) {
+    for (int j = 0; j < nb; j++) {
+        const float *r = rows + (size_t)j * stride;
+        float pj = p[j];
+        for (int i = 0; i < n; i++)
+            acc[i] += pj * r[i];
+    }
 }
 
 /* ---- f16 rows (KV cache) ---- */

@@ -36,6 +36,13 @@ void cpm_scale(float *y, float a, int n);
 /* Dot product of two f32 vectors. */
 float cpm_dot(const float *a, const float *b, int n);
 
+/* Attention over a block of rows, one call instead of one per row:
+ * scores[j] = dot(q, rows + j*stride, n) * scale, j < nb (each dot summed as cpm_dot does);
+ * acc[i] += sum over j of p[j] * rows[j*stride + i], rows added in order j = 0, 1, ... */
+void cpm_dot_rows(float *scores, const float *q, const float *rows, int stride, int nb, int n,
+                  float scale);
+void cpm_axpy_rows(float *acc, const float *p, const float *rows, int stride, int nb, int n);
+
 /* Row conversions for an f16 KV cache: exact widening, round-to-nearest-even
  * narrowing. F16C instructions when the CPU has them (checked at run time). */
 void cpm_f16_to_f32_row(float *dst, const uint16_t *src, int n);

@@ -113,20 +113,19 @@ static void attend_group(core_args *a, int row, int g, float *tls) {
                                     vbuf, &vs);
         for (int h = 0; h < G; h++) {
             float *sc = score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
-            for (int j = 0; j < nb; j++) {
-                sc[j] = cpm_dot(q + (size_t)h * dk, K + (size_t)j * ks, dk) * m->attn_scale;
+            cpm_dot_rows(sc, q + (size_t)h * dk, K, ks, nb, dk, m->attn_scale);
+            for (int j = 0; j < nb; j++)
                 bmax = sc[j] > bmax ? sc[j] : bmax;
-            }
             float newmax = bmax > mx[h] ? bmax : mx[h];
             float corr = expf(mx[h] - newmax); /* 0 on the first block */
             float *ac = acc + (size_t)h * dv;
             sum[h] *= corr;
             cpm_scale(ac, corr, dv);
-            for (int j = 0; j < nb; j++) {
-                float p = expf(sc[j] - newmax);
-                sum[h] += p;
-                cpm_axpy(ac, p, V + (size_t)j * vs, dv);
+            for (int j = 0; j < nb; j++) { /* scores become weights in place */
+                sc[j] = expf(sc[j] - newmax);
+                sum[h] += sc[j];
             }
+            cpm_axpy_rows(ac, sc, V, vs, nb, dv);
             mx[h] = newmax;
         }
     }
@@ -244,20 +243,21 @@ static void attend_latent(core_args *a, int row, int h, float *tls) {
         int cs;
         const float *C = block_rows(kv, cpm_kv_key(kv, a->li, cpm_kv_slot(kv, seq, j0)), 0,
                                     kv->k_dim, kv->k_dim, nb, cbuf, &cs);
-        float bmax = -INFINITY;
+        float bmax = -INFINITY, pe[CPM_KV_BLOCK];
+        cpm_dot_rows(score, q_abs, C, cs, nb, lr, 1.0f);
+        cpm_dot_rows(pe, q + nope, C + lr, cs, nb, rope, 1.0f);
         for (int j = 0; j < nb; j++) {
-            const float *c = C + (size_t)j * cs;
-            score[j] = (cpm_dot(q_abs, c, lr) + cpm_dot(q + nope, c + lr, rope)) * m->attn_scale;
+            score[j] = (score[j] + pe[j]) * m->attn_scale;
             bmax = score[j] > bmax ? score[j] : bmax;
         }
         float newmax = bmax > mx ? bmax : mx, corr = expf(mx - newmax);
         sum *= corr;
         cpm_scale(ctx, corr, lr);
-        for (int j = 0; j < nb; j++) {
-            float p = expf(score[j] - newmax);
-            sum += p;
-            cpm_axpy(ctx, p, C + (size_t)j * cs, lr);
+        for (int j = 0; j < nb; j++) { /* scores become weights in place */
+            score[j] = expf(score[j] - newmax);
+            sum += score[j];
         }
+        cpm_axpy_rows(ctx, score, C, cs, nb, lr);
         mx = newmax;
     }
     float *out = m->s.attn + (size_t)row * hp->n_heads * dv + (size_t)h * dv;
