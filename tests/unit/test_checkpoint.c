@@ -18,6 +18,8 @@
 
 #include <cmocka.h>
 
+#include "support/scratch.h"
+
 #include "shard/model/checkpoint.h"
 #include "shard/model/safetensors.h"
 #include "shard/model/zip_reader.h"
@@ -26,29 +28,7 @@
 #error "CKPT_FIXTURES must name tests/data/checkpoints"
 #endif
 
-/* ---- scratch directories ---- */
-
-typedef struct scratch {
-    char dir[256];
-} scratch;
-
-static int scratch_setup(void **state) {
-    scratch *s = calloc(1, sizeof *s);
-    const char *tmp = getenv("TMPDIR");
-    snprintf(s->dir, sizeof s->dir, "%s/cpm-ckpt-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    assert_non_null(mkdtemp(s->dir));
-    *state = s;
-    return 0;
-}
-
-static int scratch_teardown(void **state) {
-    scratch *s = *state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", s->dir);
-    assert_int_equal(system(cmd), 0);
-    free(s);
-    return 0;
-}
+/* ---- files in the scratch directory (support/scratch.h) ---- */
 
 static void write_file(const char *dir, const char *name, const void *data, size_t n) {
     char path[512];

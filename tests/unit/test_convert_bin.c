@@ -14,31 +14,11 @@
 
 #include <cmocka.h>
 
+#include "support/scratch.h"
+
 #include "shard/model/checkpoint.h"
 
 static const char *tool;
-
-typedef struct scratch {
-    char dir[256];
-} scratch;
-
-static int scratch_setup(void **state) {
-    scratch *s = calloc(1, sizeof *s);
-    const char *tmp = getenv("TMPDIR");
-    snprintf(s->dir, sizeof s->dir, "%s/cpm-convert-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    assert_non_null(mkdtemp(s->dir));
-    *state = s;
-    return 0;
-}
-
-static int scratch_teardown(void **state) {
-    scratch *s = *state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", s->dir);
-    assert_int_equal(system(cmd), 0);
-    free(s);
-    return 0;
-}
 
 /* Runs the tool quietly and returns its exit status. */
 static int run_tool(const char *in, const char *out, const char *max_shard) {
