@@ -263,60 +263,25 @@ static void free_counted(void *data, void *hint) {
     free(data);
 }
 
-static void test_tensor_frame_inproc(void **state) {
-    fixture *f = *state;
-    char ep[256];
-    start_pair(f, "inproc://tensor", ep, sizeof ep);
-    enum { ROWS = 2, HID = 1000 };
-    float *x = malloc(ROWS * HID * sizeof *x);
-    uint64_t want = 0;
-    for (int i = 0; i < ROWS * HID; i++)
-        x[i] = (float)i;
-    for (size_t i = 0; i < sizeof(float) * ROWS * HID; i++)
-        want += ((uint8_t *)x)[i];
+static void send_forward_tensor(fixture *f, void *data, uint32_t rows, uint32_t cols,
+                                void (*free_fn)(void *, void *)) {
     uint64_t seq[] = {1, 2};
     uint32_t pos[] = {5, 0};
-    uint32_t shape[] = {ROWS, HID};
+    uint32_t shape[] = {rows, cols};
+    assert_true(rows <= 2);
     Cpm__V1__TensorDesc td = CPM__V1__TENSOR_DESC__INIT;
     td.dtype = CPM__V1__DTYPE__DTYPE_F32;
     td.n_shape = 2;
     td.shape = shape;
     Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
-    fw.n_seq = fw.n_pos = ROWS;
+    fw.n_seq = fw.n_pos = rows;
     fw.seq = seq;
     fw.pos = pos;
     fw.hidden = &td;
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
     env.forward = &fw;
-    cpm_payload p = {.data = x, .size = ROWS * HID * sizeof *x, .free_fn = free_counted};
-    assert_int_equal(cpm_sock_call(f->client, &env, &p, 2000, client_reply, f, NULL), 0);
-    run_until(f, 3000);
-    assert_int_equal(f->last_status, 0);
-    assert_int_equal(f->tensor_size, ROWS * HID * sizeof(float));
-    assert_int_equal(f->tensor_sum, want);
-}
-
-/* A tensor frame that arrives at an odd address (zmq keeps small frames inside its
- * receive buffer; a zero-copy inproc frame keeps the sender's pointer) is handed
- * to the receiver 64-byte aligned, with the same bytes. */
-static void send_forward_tensor(fixture *f, void *data, size_t floats, void (*free_fn)(void *, void *)) {
-    uint64_t seq[] = {1};
-    uint32_t pos[] = {0};
-    uint32_t shape[] = {1, (uint32_t)floats};
-    Cpm__V1__TensorDesc td = CPM__V1__TENSOR_DESC__INIT;
-    td.dtype = CPM__V1__DTYPE__DTYPE_F32;
-    td.n_shape = 2;
-    td.shape = shape;
-    Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
-    fw.n_seq = fw.n_pos = 1;
-    fw.seq = seq;
-    fw.pos = pos;
-    fw.hidden = &td;
-    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
-    env.forward = &fw;
-    cpm_payload p = {.data = data, .size = floats * sizeof(float), .free_fn = free_fn};
+    cpm_payload p = {.data = data, .size = (size_t)rows * cols * sizeof(float), .free_fn = free_fn};
     f->done = false;
     assert_int_equal(cpm_sock_call(f->client, &env, &p, 2000, client_reply, f, NULL), 0);
     run_until(f, 3000);
@@ -328,6 +293,27 @@ static void keep_buffer(void *data, void *hint) {
     (void)hint;
 }
 
+
+static void test_tensor_frame_inproc(void **state) {
+    fixture *f = *state;
+    char ep[256];
+    start_pair(f, "inproc://tensor", ep, sizeof ep);
+    enum { ROWS = 2, HID = 1000 };
+    float *x = malloc(ROWS * HID * sizeof *x);
+    uint64_t want = 0;
+    for (int i = 0; i < ROWS * HID; i++)
+        x[i] = (float)i;
+    for (size_t i = 0; i < sizeof(float) * ROWS * HID; i++)
+        want += ((uint8_t *)x)[i];
+    send_forward_tensor(f, x, ROWS, HID, free_counted);
+    assert_int_equal(f->tensor_size, ROWS * HID * sizeof(float));
+    assert_int_equal(f->tensor_sum, want);
+}
+
+
+/* A tensor frame that arrives at an odd address (zmq keeps small frames inside its
+ * receive buffer; a zero-copy inproc frame keeps the sender's pointer) is handed
+ * to the receiver 64-byte aligned, with the same bytes. */
 static void test_tensor_frames_arrive_aligned(void **state) {
     fixture *f = *state;
     char ep[256];
@@ -339,7 +325,7 @@ static void test_tensor_frames_arrive_aligned(void **state) {
         want += (uint8_t)(raw[3 + i] = (char)(i * 37 + 1));
     for (int round = 0; round < 4; round++) { /* several small frames share zmq's buffer */
         f->tensor_sum = 0;
-        send_forward_tensor(f, raw + 3, FLOATS, NULL);
+        send_forward_tensor(f, raw + 3, 1, FLOATS, NULL);
         assert_int_equal(f->tensor_size, FLOATS * sizeof(float));
         assert_int_equal(f->tensor_sum, want);
     }
@@ -357,7 +343,7 @@ static void test_zero_copy_misaligned_inproc(void **state) {
     for (size_t i = 0; i < FLOATS * sizeof(float); i++)
         want += (uint8_t)(raw[3 + i] = (char)(i * 11 + 5));
     f->tensor_sum = 0;
-    send_forward_tensor(f, raw + 3, FLOATS, keep_buffer);
+    send_forward_tensor(f, raw + 3, 1, FLOATS, keep_buffer);
     assert_int_equal(f->tensor_sum, want);
     assert_int_equal(f->misaligned, 0);
     free(raw);
