@@ -86,6 +86,8 @@ char *cpm_metrics_render(const cpm_metrics *m, const cpm_metrics_gauges *g, size
     counter(&o, "cpm_generation_tokens_total", "Tokens generated.", m->generation_tokens);
     counter(&o, "cpm_pipeline_steps_total", "Micro-batches sent through the pipeline.", m->steps);
     counter(&o, "cpm_pipeline_rows_total", "Token rows sent through the pipeline.", m->step_rows);
+    counter(&o, "cpm_failovers_total",
+            "Sequences moved to another pipeline replica after theirs failed.", m->failovers);
     hist(&o, "cpm_time_to_first_token_seconds", "Request accepted to first generated token.",
          &m->ttft);
     hist(&o, "cpm_inter_token_latency_seconds", "Time between tokens of one sequence.",

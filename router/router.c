@@ -109,6 +109,7 @@ typedef struct gen {
     bool text_stopped;    /* a stop string ended the text */
     const char *gen_end;  /* generation over: "stop" / "length"; NULL while running */
     bool released;        /* the pipeline sequence is finished */
+    int failovers;        /* times it moved to another pipeline replica */
 } gen;
 
 struct job {
@@ -148,12 +149,22 @@ struct job {
 
 typedef struct svc {
     char name[32];
+    int replica;    /* stages: the pipeline replica it belongs to; -1 otherwise */
     cpm_sock *sock; /* DEALER to the service */
     bool ready, answered;
     int misses;     /* health polls in a row without an answer */
     char status[96];
     int kv_used, kv_total;
 } svc;
+
+/* One replica of the pipeline: its stages and the scheduler feeding them. Sequence and
+ * step ids of replica k are = k (mod n_replicas), so an id tells its replica. */
+typedef struct replica {
+    cpm_sched *sched;
+    int n_stages;
+    int stage_svc[CPM_CFG_MAX_STAGES]; /* its stages' entries in svcs, in pipeline order */
+    bool down; /* a stage stopped answering health polls: no new work goes here */
+} replica;
 
 typedef struct step_time {
     uint64_t step, t;
@@ -175,7 +186,8 @@ struct cpm_router {
     bool have_model;
     int vocab_size, max_position, n_eos;
     int32_t eos_ids[8];
-    cpm_sched *sched;
+    replica replicas[CPM_CFG_MAX_REPLICAS];
+    int n_replicas;
     cpm_oai_limits oai_lim;
     cpm_metrics m;
     job *jobs;
@@ -201,7 +213,31 @@ cpm_router_opts cpm_router_opts_default(void) {
     } while (0)
 
 static void pump(cpm_router *r);
+static void pump_replica(cpm_router *r, replica *p);
 static void job_maybe_free(job *j);
+
+static replica *replica_of(cpm_router *r, uint64_t id) {
+    return &r->replicas[id % (uint64_t)r->n_replicas];
+}
+
+static cpm_sched *sched_of(cpm_router *r, uint64_t id) {
+    return replica_of(r, id)->sched;
+}
+
+/* Scheduler totals over every replica. */
+static void sched_totals(const cpm_router *r, cpm_sched_stats *ret) {
+    *ret = (cpm_sched_stats){0};
+    for (int i = 0; i < r->n_replicas && r->have_model; i++) {
+        cpm_sched_stats st;
+        cpm_sched_get_stats(r->replicas[i].sched, &st);
+        ret->live += st.live;
+        ret->queued += st.queued;
+        ret->inflight += st.inflight;
+        ret->kv_reserved += st.kv_reserved;
+        ret->kv_tokens += st.kv_tokens;
+        ret->steps += st.steps;
+    }
+}
 static void gen_finish(gen *g, cpm_req_state to, const char *reason);
 
 static double secs(uint64_t ns) {
@@ -578,7 +614,7 @@ static void gen_release(gen *g) {
         return;
     g->released = true;
     if (g->seq)
-        cpm_sched_finish(g->job->r->sched, g->seq);
+        cpm_sched_finish(sched_of(g->job->r, g->seq), g->seq);
 }
 
 /* Moves g to a terminal state and frees its pipeline resources. reason: "stop"/"length". */
@@ -801,7 +837,7 @@ static void gen_token(gen *g, const Cpm__V1__SampledToken *t) {
     g->n_gen++;
     bool stop_id = is_stop_id(j, t->id);
     const char *end = stop_id ? "stop" : g->n_gen >= g->max_new ? "length" : NULL;
-    if (!end && cpm_sched_push_token(r->sched, g->seq, t->id) != 0)
+    if (!end && cpm_sched_push_token(sched_of(r, g->seq), g->seq, t->id) != 0)
         end = "length";
     if (j->kind == JOB_RPC) { /* token-out: no text */
         if (j->stream && !stop_id) {
@@ -840,6 +876,25 @@ static int gens_init(job *j, int n_per_prompt) {
         g->state = CPM_REQ_QUEUED;
     }
     return 0;
+}
+
+/* The replica new work should go to: the least busy healthy one other than avoid;
+ * with none healthy, the least busy of all when avoid is NULL (the work waits there,
+ * as with a single pipeline), else NULL. */
+static replica *pick_replica(cpm_router *r, const replica *avoid) {
+    replica *best = NULL, *any = NULL;
+    int best_load = 0, any_load = 0;
+    for (int i = 0; i < r->n_replicas; i++) {
+        replica *p = &r->replicas[i];
+        cpm_sched_stats st;
+        cpm_sched_get_stats(p->sched, &st);
+        int load = st.live + st.queued;
+        if (p != avoid && !p->down && (!best || load < best_load))
+            best = p, best_load = load;
+        if (!any || load < any_load)
+            any = p, any_load = load;
+    }
+    return best ? best : avoid ? NULL : any;
 }
 
 /* Checks the prompts and puts every gen in the scheduler; errors answer the job. */
@@ -890,7 +945,8 @@ static void job_admit(job *j, int max_tokens, char *const *stops, int n_stops) {
             return;
         }
         cpm_error e = {0};
-        int rc2 = cpm_sched_add(r->sched, j->prompt_ids[g->prompt], n, g->max_new, g, &g->seq, &e);
+        replica *p = pick_replica(r, NULL);
+        int rc2 = cpm_sched_add(p->sched, j->prompt_ids[g->prompt], n, g->max_new, g, &g->seq, &e);
         if (rc2) {
             g->seq = 0;
             if (rc2 == CPM_ELIMIT)
@@ -1175,9 +1231,9 @@ static void on_metrics(cpm_router *r, cpm_http_conn *c, const cpm_http_request *
     (void)req;
     cpm_metrics_gauges g = {.ready = cpm_router_ready(r),
                             .http_connections = r->http ? cpm_http_server_connections(r->http) : 0};
-    if (r->sched) {
+    if (r->have_model) {
         cpm_sched_stats st;
-        cpm_sched_get_stats(r->sched, &st);
+        sched_totals(r, &st);
         g.queue_depth = st.queued;
         g.running = st.live;
         g.inflight = st.inflight;
@@ -1233,16 +1289,23 @@ static void on_http(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
 
 /* ---- the pipeline ring ----------------------------------------------------------------- */
 
-static svc *stage0(cpm_router *r) {
-    return &r->svcs[r->first_stage];
+/* Sends every micro-batch the replicas' schedulers have ready. */
+static void pump(cpm_router *r) {
+    if (!r->have_model || r->closing)
+        return;
+    bool any_up = false;
+    for (int i = 0; i < r->n_replicas; i++)
+        any_up |= !r->replicas[i].down;
+    /* with every replica down, work still goes out: the step timeout answers it */
+    for (int i = 0; i < r->n_replicas; i++)
+        if (!r->replicas[i].down || !any_up)
+            pump_replica(r, &r->replicas[i]);
 }
 
-/* Sends every micro-batch the scheduler has ready. */
-static void pump(cpm_router *r) {
-    if (!r->sched || r->closing)
-        return;
+static void pump_replica(cpm_router *r, replica *p) {
+    svc *stage0 = &r->svcs[p->stage_svc[0]];
     cpm_sched_batch b;
-    while (cpm_sched_next(r->sched, &b) == 1) {
+    while (cpm_sched_next(p->sched, &b) == 1) {
         Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
         protobuf_c_boolean want[b.n_rows > 0 ? b.n_rows : 1];
         for (int i = 0; i < b.n_rows; i++)
@@ -1262,8 +1325,8 @@ static void pump(cpm_router *r) {
         r->m.steps++;
         r->m.step_rows += (uint64_t)b.n_rows;
         cpm_error e = {0};
-        if (cpm_sock_send(stage0(r)->sock, NULL, &env, NULL, &e) < 0) {
-            LOG(r, CPM_LOG_ERROR, "sending step %" PRIu64 " to stage 0: %s", b.step, e.msg);
+        if (cpm_sock_send(stage0->sock, NULL, &env, NULL, &e) < 0) {
+            LOG(r, CPM_LOG_ERROR, "sending step %" PRIu64 " to %s: %s", b.step, stage0->name, e.msg);
             /* the step will time out and fail its requests */
         }
     }
@@ -1278,11 +1341,47 @@ static void forget_step(cpm_router *r, uint64_t step) {
         }
 }
 
-/* The step failed: every request with a sequence in it ends with an error. */
+/* A sequence moves at most this often, so that a request whose input makes every
+ * replica fail ends with an error instead of travelling forever. */
+#define CPM_ROUTER_MAX_FAILOVERS 2
+
+/* g's replica failed it: carry on from its tokens on another healthy replica. The
+ * router holds the whole history, so the new replica prefills prompt + generated
+ * tokens again and the sampler's draws, keyed by (seed, step), continue unchanged:
+ * no token is lost or repeated. false when no replica can take it. */
+static bool gen_failover(gen *g, const char *why) {
+    cpm_router *r = g->job->r;
+    if (g->released || cpm_req_state_terminal(g->state) || g->failovers >= CPM_ROUTER_MAX_FAILOVERS)
+        return false;
+    replica *from = replica_of(r, g->seq), *to = pick_replica(r, from);
+    int n;
+    const int32_t *tok = to ? cpm_sched_tokens(from->sched, g->seq, &n) : NULL;
+    int32_t *copy = tok ? malloc((size_t)n * sizeof *copy) : NULL;
+    if (!copy)
+        return false;
+    memcpy(copy, tok, (size_t)n * sizeof *copy);
+    uint64_t seq;
+    cpm_error e = {0};
+    int rc = cpm_sched_add(to->sched, copy, n, g->max_new - g->n_gen, g, &seq, &e);
+    free(copy);
+    if (rc)
+        return false;
+    cpm_sched_finish(from->sched, g->seq);
+    LOG(r, CPM_LOG_WARN, "request %s: sequence %" PRIu64 " moves to sequence %" PRIu64
+        " on another pipeline replica after %d tokens (%s)", g->job->id, g->seq, seq, g->n_gen, why);
+    g->seq = seq;
+    g->failovers++;
+    r->m.failovers++;
+    return true;
+}
+
+/* The step failed: each request with a sequence in it moves to another replica, or
+ * ends with an error when none can take it. */
 static void fail_step(cpm_router *r, uint64_t step, const char *why) {
     const uint64_t *seqs;
     int n;
-    if (cpm_sched_step_done(r->sched, step, false, &seqs, &n) != 0)
+    cpm_sched *sched = sched_of(r, step);
+    if (cpm_sched_step_done(sched, step, false, &seqs, &n) != 0)
         return;
     forget_step(r, step);
     /* copy: failing a job finishes sequences, which reuses the scheduler's buffer */
@@ -1290,8 +1389,8 @@ static void fail_step(cpm_router *r, uint64_t step, const char *why) {
     if (copy)
         memcpy(copy, seqs, (size_t)n * sizeof *copy);
     for (int i = 0; copy && i < n; i++) {
-        gen *g = cpm_sched_owner(r->sched, copy[i]);
-        if (g)
+        gen *g = cpm_sched_owner(sched, copy[i]);
+        if (g && !gen_failover(g, why))
             job_fail(g->job, 503, "server_error", "pipeline_error", why);
     }
     free(copy);
@@ -1320,7 +1419,7 @@ static void on_sampled(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
     else
         sr = reply->env->sampled;
     for (int i = 0; i < ctx->n && !r->closing; i++) {
-        gen *g = cpm_sched_owner(r->sched, ctx->seqs[i]);
+        gen *g = cpm_sched_owner(sched_of(r, ctx->seqs[i]), ctx->seqs[i]);
         if (!g || cpm_req_state_terminal(g->state))
             continue; /* cancelled meanwhile */
         if (!sr) {
@@ -1368,14 +1467,14 @@ static void sample_rows(cpm_router *r, cpm_inmsg *m) {
     ctx->n = n;
     for (int i = 0; i < n; i++) {
         ctx->seqs[i] = res->seq[i];
-        gen *g = cpm_sched_owner(r->sched, res->seq[i]);
+        gen *g = cpm_sched_owner(sched_of(r, res->seq[i]), res->seq[i]);
         cpm__v1__sample_row__init(&rows[i]);
         rows[i].params = g ? &g->params : &neutral; /* a cancelled row is sampled and dropped */
         if (g) {
             rows[i].step = (uint32_t)g->n_gen;
             if (needs_history(&g->params)) {
                 int nt;
-                const int32_t *t = cpm_sched_tokens(r->sched, g->seq, &nt);
+                const int32_t *t = cpm_sched_tokens(sched_of(r, g->seq), g->seq, &nt);
                 rows[i].n_history = (size_t)nt;
                 rows[i].history = (int32_t *)t;
             }
@@ -1406,7 +1505,7 @@ static void sample_rows(cpm_router *r, cpm_inmsg *m) {
 static void on_result(cpm_sock *s, cpm_inmsg *m, void *user) {
     (void)s;
     cpm_router *r = user;
-    if (m->env->body_case != CPM__V1__ENVELOPE__BODY_RESULT || !r->sched) {
+    if (m->env->body_case != CPM__V1__ENVELOPE__BODY_RESULT || !r->have_model) {
         LOG(r, CPM_LOG_WARN, "results: unexpected %s message dropped",
             cpm_wire_body_name(m->env->body_case));
         cpm_inmsg_free(m);
@@ -1422,7 +1521,7 @@ static void on_result(cpm_sock *s, cpm_inmsg *m, void *user) {
         pump(r);
         return;
     }
-    if (cpm_sched_step_done(r->sched, res->step, true, NULL, NULL) != 0) {
+    if (cpm_sched_step_done(sched_of(r, res->step), res->step, true, NULL, NULL) != 0) {
         cpm_inmsg_free(m); /* late (timed out) or unknown step */
         return;
     }
@@ -1561,9 +1660,9 @@ static void rpc_health(cpm_router *r, const cpm_inmsg *m) {
     h.name = "router";
     h.ready = cpm_router_ready(r);
     h.status = h.ready ? "ready" : "waiting for services";
-    if (r->sched) {
+    if (r->have_model) {
         cpm_sched_stats st;
-        cpm_sched_get_stats(r->sched, &st);
+        sched_totals(r, &st);
         h.queue_depth = (uint32_t)st.queued;
         h.live_seqs = (uint32_t)st.live;
     }
@@ -1598,13 +1697,26 @@ static void on_rpc(cpm_sock *s, cpm_inmsg *m, void *user) {
 
 /* ---- health and readiness -------------------------------------------------------------- */
 
+/* A replica serves when every one of its stages answered ready on the last poll. */
+static bool replica_ready(const cpm_router *r, const replica *p) {
+    for (int i = 0; i < p->n_stages; i++)
+        if (!r->svcs[p->stage_svc[i]].ready)
+            return false;
+    return !p->down;
+}
+
+/* Ready: the model is known, every tokenizer and sampler answers, and at least one
+ * pipeline replica does (the others' requests move to it). */
 bool cpm_router_ready(const cpm_router *r) {
-    if (!r->have_model || !r->sched)
+    if (!r->have_model)
         return false;
     for (int i = 0; i < r->n_svcs; i++)
-        if (!r->svcs[i].ready)
+        if (r->svcs[i].replica < 0 && !r->svcs[i].ready)
             return false;
-    return true;
+    for (int i = 0; i < r->n_replicas; i++)
+        if (replica_ready(r, &r->replicas[i]))
+            return true;
+    return false;
 }
 
 /* The model facts come from the last stage (it owns lm_head and knows them all). */
@@ -1625,7 +1737,7 @@ static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
     so.max_context = r->max_position;
     so.kv_tokens = 0;
     so.max_batch_tokens = 1 << 30;
-    for (int i = 0; i < c->n_stages; i++) {
+    for (int i = 0; i < c->n_stages; i++) { /* the tightest stage of any replica */
         const cpm_cfg_stage *st = &c->stages[i];
         if (st->max_batch_tokens > 0 && st->max_batch_tokens < so.max_batch_tokens)
             so.max_batch_tokens = st->max_batch_tokens;
@@ -1641,10 +1753,16 @@ static int take_model_info(cpm_router *r, const Cpm__V1__ModelInfo *mi) {
     r->max_position = so.max_context;
     cpm_error e = {0};
     free(r->steps);
-    r->steps = calloc((size_t)so.max_inflight, sizeof *r->steps);
-    if (!r->steps || cpm_sched_new(&so, &r->sched, &e)) {
-        LOG(r, CPM_LOG_ERROR, "scheduler: %s", e.msg);
+    r->steps = calloc((size_t)(so.max_inflight * r->n_replicas), sizeof *r->steps);
+    if (!r->steps)
         return CPM_ENOMEM;
+    so.id_stride = r->n_replicas;
+    for (int i = 0; i < r->n_replicas; i++) {
+        so.id_offset = i;
+        if (cpm_sched_new(&so, &r->replicas[i].sched, &e)) {
+            LOG(r, CPM_LOG_ERROR, "scheduler: %s", e.msg);
+            return CPM_ENOMEM;
+        }
     }
     r->have_model = true;
     LOG(r, CPM_LOG_INFO,
@@ -1664,18 +1782,46 @@ typedef struct health_ctx {
  * reply on a loaded machine never fails requests. */
 #define CPM_ROUTER_STAGE_MISSES 2
 
-static void fail_steps_in_flight(cpm_router *r, const svc *sv) {
+/* sv, a stage of replica p, stopped answering: its replica takes no new work; the
+ * steps in flight there cannot come back, so their sequences move to another replica
+ * (or fail) now rather than after router.timeout_ms, and so do the sequences waiting
+ * on it. With no healthy replica left, waiting ones stay (the stage may come back;
+ * the step timeout still bounds what is sent). */
+static void replica_down(cpm_router *r, replica *p, const svc *sv) {
     char why[160];
-    if (r->n_steps == 0)
-        return;
     snprintf(why, sizeof why, "pipeline stage %s stopped answering (%s)", sv->name, sv->status);
-    for (int guard = r->n_steps; guard > 0 && r->n_steps > 0; guard--) {
-        uint64_t step = r->steps[0].step;
+    if (!p->down)
+        LOG(r, CPM_LOG_WARN, "%s; its pipeline replica takes no new work", why);
+    p->down = true;
+    uint64_t idx = (uint64_t)(p - r->replicas);
+    for (int i = 0; i < r->n_steps;) {
+        uint64_t step = r->steps[i].step;
+        if (step % (uint64_t)r->n_replicas != idx) {
+            i++;
+            continue;
+        }
         fail_step(r, step, why);
-        if (r->n_steps > 0 && r->steps[0].step == step)
+        if (i < r->n_steps && r->steps[i].step == step)
             forget_step(r, step); /* unknown to the scheduler: a stale entry */
+        i = 0; /* fail_step reorders the table */
     }
+    for (job *j = r->jobs; j; j = j->next)
+        for (int k = 0; k < j->n_gens; k++) {
+            gen *g = &j->gens[k];
+            if (g->seq && replica_of(r, g->seq) == p)
+                gen_failover(g, why);
+        }
     pump(r);
+}
+
+/* A stage answered again: its replica serves again once all its stages do. */
+static void replica_maybe_up(cpm_router *r, replica *p) {
+    for (int i = 0; i < p->n_stages; i++)
+        if (r->svcs[p->stage_svc[i]].misses > 0)
+            return;
+    if (p->down)
+        LOG(r, CPM_LOG_INFO, "pipeline replica %d answers again", (int)(p - r->replicas));
+    p->down = false;
 }
 
 static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *user) {
@@ -1683,8 +1829,8 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
     health_ctx *hc = user;
     cpm_router *r = hc->r;
     svc *sv = &r->svcs[hc->i];
-    bool last_stage = hc->i == r->first_stage + r->n_stages - 1;
-    bool is_stage = hc->i >= r->first_stage && hc->i < r->first_stage + r->n_stages;
+    replica *p = sv->replica >= 0 ? &r->replicas[sv->replica] : NULL;
+    bool last_stage = p && p->stage_svc[p->n_stages - 1] == hc->i;
     free(hc);
     sv->answered = true;
     if (status != 0 || reply->env->body_case != CPM__V1__ENVELOPE__BODY_HEALTH) {
@@ -1692,8 +1838,8 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
         sv->misses++;
         snprintf(sv->status, sizeof sv->status, "%s",
                  status ? cpm_strerror(status) : "unexpected reply to health_request");
-        if (is_stage && sv->misses >= CPM_ROUTER_STAGE_MISSES)
-            fail_steps_in_flight(r, sv);
+        if (p && sv->misses >= CPM_ROUTER_STAGE_MISSES)
+            replica_down(r, p, sv);
     } else {
         sv->misses = 0;
         const Cpm__V1__Health *h = reply->env->health;
@@ -1701,6 +1847,8 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
         snprintf(sv->status, sizeof sv->status, "%s", h->status ? h->status : "");
         sv->kv_used = (int)h->kv_used;
         sv->kv_total = (int)h->kv_total;
+        if (p)
+            replica_maybe_up(r, p);
         if (last_stage && h->ready && !r->closing)
             take_model_info(r, h->model);
     }
@@ -1769,6 +1917,7 @@ static void on_unexpected(cpm_sock *s, cpm_inmsg *m, void *user) {
 static int add_svc(cpm_router *r, const char *name, const char *endpoint, cpm_error *err) {
     svc *sv = &r->svcs[r->n_svcs];
     snprintf(sv->name, sizeof sv->name, "%s", name);
+    sv->replica = -1;
     snprintf(sv->status, sizeof sv->status, "not answered yet");
     int rc = cpm_sock_new(r->loop, r->zctx, ZMQ_DEALER, NULL, on_unexpected, r, &sv->sock, err);
     if (rc == 0)
@@ -1786,10 +1935,14 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     int e;
     r->first_stage = r->n_svcs;
     r->n_stages = c->n_stages;
+    r->n_replicas = c->n_pipelines > 0 ? c->n_pipelines : 1;
     for (int i = 0; i < c->n_stages; i++) {
         snprintf(name, sizeof name, "stage%d", i);
         if ((e = add_svc(r, name, c->stages[i].svc.endpoint, err)))
             return e;
+        replica *p = &r->replicas[c->stages[i].pipeline];
+        r->svcs[r->n_svcs - 1].replica = (int)(p - r->replicas);
+        p->stage_svc[p->n_stages++] = r->n_svcs - 1;
     }
     r->first_tok = r->n_svcs;
     r->n_toks = r->use_tok ? c->n_tokenizers : 0;
@@ -1840,7 +1993,8 @@ int cpm_router_http_port(const cpm_router *r) {
 static void router_free(cpm_router *r) {
     void (*done)(void *) = r->done;
     void *ud = r->done_ud;
-    cpm_sched_free(r->sched);
+    for (int i = 0; i < r->n_replicas; i++)
+        cpm_sched_free(r->replicas[i].sched);
     free(r->steps);
     free(r);
     if (done)

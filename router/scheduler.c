@@ -61,14 +61,19 @@ cpm_sched_opts cpm_sched_opts_default(void) {
         .max_queue = 256,
         .max_context = 4096,
         .kv_tokens = 0,
+        .id_stride = 1,
+        .id_offset = 0,
     };
 }
 
 int cpm_sched_new(const cpm_sched_opts *opts, cpm_sched **ret, cpm_error *err) {
     *ret = NULL;
     cpm_sched_opts o = opts ? *opts : cpm_sched_opts_default();
+    if (o.id_stride == 0)
+        o.id_stride = 1; /* zero-initialised options: one pipeline */
     if (o.max_batch_tokens < 1 || o.prefill_chunk < 1 || o.max_inflight < 1 || o.max_seqs < 1 ||
-        o.max_queue < 0 || o.max_context < 2 || o.kv_tokens < 0)
+        o.max_queue < 0 || o.max_context < 2 || o.kv_tokens < 0 || o.id_stride < 1 ||
+        o.id_offset < 0 || o.id_offset >= o.id_stride)
         return cpm_error_set(err, CPM_EINVAL, "scheduler: invalid options");
     cpm_sched *s = calloc(1, sizeof *s);
     if (!s)
@@ -162,7 +167,7 @@ int cpm_sched_add(cpm_sched *s, const int32_t *prompt, int n_prompt, int max_new
         return cpm_error_set(err, CPM_ENOMEM, "scheduler: out of memory");
     }
     memcpy(q->tok, prompt, (size_t)n_prompt * sizeof *prompt);
-    q->id = s->next_seq++;
+    q->id = s->next_seq++ * (uint64_t)s->o.id_stride + (uint64_t)s->o.id_offset;
     q->owner = owner;
     q->n_prompt = q->n_tok = n_prompt;
     q->cap = n_prompt + max_new;
@@ -256,7 +261,7 @@ int cpm_sched_next(cpm_sched *s, cpm_sched_batch *b) {
         return 0;
     if (s->n_live > 0)
         s->rr = (s->rr + 1) % s->n_live;
-    rec->step = s->next_step++;
+    rec->step = s->next_step++ * (uint64_t)s->o.id_stride + (uint64_t)s->o.id_offset;
     rec->n = n_in;
     s->n_steps++;
     s->steps_sent++;

@@ -31,6 +31,9 @@ typedef struct cpm_sched_opts {
     int max_queue;        /* sequences waiting for admission; beyond: CPM_ELIMIT */
     int max_context;      /* positions per sequence (prompt + generated) */
     int kv_tokens;        /* KV-cache tokens per stage, reserved at admission (0 = unlimited) */
+    /* Sequence and step ids are k * id_stride + id_offset (k = 1, 2, ...): schedulers of
+     * several pipeline replicas get disjoint ids (stride = replicas, offset = replica; stride 0 means 1). */
+    int id_stride, id_offset;
 } cpm_sched_opts;
 
 cpm_sched_opts cpm_sched_opts_default(void);

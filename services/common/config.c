@@ -60,6 +60,10 @@ static const key stage_keys[] = {
     {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
      "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
      0},
+    {"pipeline", K_INT, offsetof(cpm_cfg_stage, pipeline), 0, CPM_CFG_MAX_REPLICAS - 1, "0",
+     "pipeline replica this stage belongs to (several replicas serve more streams and take "
+     "over each other's requests when a stage dies); stages of one replica in order",
+     NULL, 0, 0, 0},
     END_KEYS,
 };
 
@@ -337,23 +341,52 @@ static int walk_map(walker *w, const yaml_node_t *n, const char *path, const key
 
 /* ------------------------------------------------------------------ cross-field checks */
 
-/* Stages must tile the layers: the first starts at 0, each starts where the previous ended. */
+/* The stage before i in its pipeline, or -1 when i is its pipeline's first. */
+static int prev_in_pipeline(const cpm_config *c, int i) {
+    for (int j = i - 1; j >= 0; j--)
+        if (c->stages[j].pipeline == c->stages[i].pipeline)
+            return j;
+    return -1;
+}
+
+/* Every pipeline's stages must tile the layers: its first starts at 0, each starts
+ * where the previous one of the same pipeline ended. */
 static int check_stage_order(const cpm_config *c, cpm_error *err) {
     for (int i = 0; i < c->n_stages; i++) {
         const cpm_cfg_stage *s = &c->stages[i];
-        int expect = i ? c->stages[i - 1].layer_end : 0;
-        if (i && c->stages[i - 1].layer_end == CPM_CFG_LAYER_END)
+        int p = prev_in_pipeline(c, i);
+        int expect = p >= 0 ? c->stages[p].layer_end : 0;
+        if (p >= 0 && c->stages[p].layer_end == CPM_CFG_LAYER_END)
             return cpm_error_set(err, CPM_EINVAL,
-                                 "%s: stages[%d]: stage %d already runs to `end`", c->path, i, i - 1);
+                                 "%s: stages[%d]: stage %d already runs to `end`", c->path, i, p);
         if (s->layer_begin < expect)
             return cpm_error_set(err, CPM_EINVAL,
                                  "%s: stages[%d].layers: starts at %d, overlapping stage %d "
-                                 "(which ends at %d)", c->path, i, s->layer_begin, i - 1, expect);
+                                 "(which ends at %d)", c->path, i, s->layer_begin, p, expect);
         if (s->layer_begin > expect)
             return cpm_error_set(err, CPM_EINVAL,
                                  "%s: stages[%d].layers: starts at %d, so layers %d..%d belong to "
                                  "no stage", c->path, i, s->layer_begin, expect, s->layer_begin - 1);
     }
+    return 0;
+}
+
+/* Pipelines are numbered 0 .. n-1 without gaps. */
+static int count_pipelines(cpm_config *c, cpm_error *err) {
+    int n = 0;
+    for (int i = 0; i < c->n_stages; i++)
+        if (c->stages[i].pipeline + 1 > n)
+            n = c->stages[i].pipeline + 1;
+    for (int p = 0; p < n; p++) {
+        bool seen = false;
+        for (int i = 0; i < c->n_stages && !seen; i++)
+            seen = c->stages[i].pipeline == p;
+        if (!seen)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: stages: pipeline %d has no stage (pipelines are numbered "
+                                 "0 .. %d without gaps)", c->path, p, n - 1);
+    }
+    c->n_pipelines = n;
     return 0;
 }
 
@@ -408,7 +441,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
     if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
                              c->path, c->router.tokenize);
-    int rc = check_stage_order(c, err);
+    int rc = count_pipelines(c, err);
+    if (!rc)
+        rc = check_stage_order(c, err);
     if (!rc)
         rc = check_unique_endpoints(c, err);
     if (!rc && c->model[0])
@@ -507,21 +542,33 @@ void cpm_config_set_model(cpm_config *c, const char *dir) {
         snprintf(c->name, sizeof c->name, "%s", basename(tmp));
 }
 
+/* The last stage of pipeline p in list order. */
+static int last_in_pipeline(const cpm_config *c, int p) {
+    int last = -1;
+    for (int i = 0; i < c->n_stages; i++)
+        if (c->stages[i].pipeline == p)
+            last = i;
+    return last;
+}
+
 int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err) {
-    cpm_cfg_stage *last = &c->stages[c->n_stages - 1];
-    if (last->layer_end == CPM_CFG_LAYER_END)
-        last->layer_end = n_layers;
     for (int i = 0; i < c->n_stages; i++) {
-        const cpm_cfg_stage *s = &c->stages[i];
+        cpm_cfg_stage *s = &c->stages[i];
+        if (s->layer_end == CPM_CFG_LAYER_END)
+            s->layer_end = n_layers;
         if (s->layer_begin >= n_layers || s->layer_end > n_layers)
             return cpm_error_set(err, CPM_ERANGE,
                                  "%s: stages[%d].layers: [%d, %d) but the model has %d layers",
                                  c->path, i, s->layer_begin, s->layer_end, n_layers);
     }
-    if (last->layer_end < n_layers)
-        return cpm_error_set(err, CPM_ERANGE,
-                             "%s: stages: layers %d..%d belong to no stage (the model has %d)",
-                             c->path, last->layer_end, n_layers - 1, n_layers);
+    for (int p = 0; p < c->n_pipelines; p++) {
+        const cpm_cfg_stage *last = &c->stages[last_in_pipeline(c, p)];
+        if (last->layer_end < n_layers)
+            return cpm_error_set(err, CPM_ERANGE,
+                                 "%s: stages: layers %d..%d belong to no stage of pipeline %d "
+                                 "(the model has %d)", c->path, last->layer_end, n_layers - 1, p,
+                                 n_layers);
+    }
     return 0;
 }
 
@@ -567,7 +614,10 @@ const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
 }
 
 const char *cpm_config_stage_next(const cpm_config *c, int i) {
-    return i + 1 < c->n_stages ? c->stages[i + 1].svc.endpoint : c->router.results;
+    for (int j = i + 1; j < c->n_stages; j++)
+        if (c->stages[j].pipeline == c->stages[i].pipeline)
+            return c->stages[j].svc.endpoint;
+    return c->router.results;
 }
 
 static size_t describe_rows(const key *rows, const char *prefix, char *buf, size_t size, size_t used) {

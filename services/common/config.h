@@ -35,6 +35,7 @@ typedef struct cpm_cfg_service {
 
 typedef struct cpm_cfg_stage {
     cpm_cfg_service svc;
+    int pipeline;               /* which replica of the pipeline it belongs to (0 ..) */
     int layer_begin, layer_end; /* [begin, end); end may be CPM_CFG_LAYER_END */
     int kv_tokens;              /* KV-cache capacity in tokens */
     int max_seqs;               /* live sequences */
@@ -66,6 +67,7 @@ typedef struct cpm_config {
     char name[CPM_CFG_STR];      /* model name served by /v1/models (default: basename of model) */
     cpm_cfg_router router;
     int n_tokenizers, n_samplers, n_stages;
+    int n_pipelines;             /* replicas of the pipeline: stages carry pipeline 0 .. n-1 */
     cpm_cfg_service tokenizers[CPM_CFG_MAX_REPLICAS];
     cpm_cfg_service samplers[CPM_CFG_MAX_REPLICAS];
     cpm_cfg_stage stages[CPM_CFG_MAX_STAGES];
@@ -81,8 +83,8 @@ int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config 
 /* Accepts NULL. */
 void cpm_config_free(cpm_config *c);
 
-/* Checks the stages against a model of n_layers layers (every layer owned by exactly
- * one stage, none beyond the model) and resolves `end`. */
+/* Checks the stages against a model of n_layers layers (in every pipeline, every
+ * layer owned by exactly one stage, none beyond the model) and resolves `end`. */
 int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err);
 
 /* Replaces the model directory (and the default name derived from it). */
@@ -102,7 +104,8 @@ const char *cpm_role_name(cpm_role role);
 /* The zmq endpoint process r binds (the router's is its rpc endpoint). */
 const char *cpm_config_proc_endpoint(const cpm_config *c, int r);
 
-/* Where stage i sends its output: the next stage, or the router's results endpoint. */
+/* Where stage i sends its output: the next stage of its pipeline, or the router's
+ * results endpoint. */
 const char *cpm_config_stage_next(const cpm_config *c, int i);
 
 /* Writes the documented key table (for `cpm-cluster keys` and cluster-config/README.md). */

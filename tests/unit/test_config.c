@@ -77,6 +77,30 @@ static void test_missing_layers_at_model_end(void **state) {
     cpm_config_free(c);
 }
 
+/* Two replicas of a two-stage pipeline, listed interleaved: each stage forwards to the
+ * next stage of its own replica, and each replica must cover every layer. */
+static void test_pipeline_replicas(void **state) {
+    (void)state;
+    const char *y = BASE "stages:\n"
+                         "  - {layers: [0, 2], endpoint: tcp://127.0.0.1:5580}\n"
+                         "  - {layers: [0, 1], endpoint: tcp://127.0.0.1:5590, pipeline: 1}\n"
+                         "  - {layers: [2, end], endpoint: tcp://127.0.0.1:5581}\n"
+                         "  - {layers: [1, end], endpoint: tcp://127.0.0.1:5591, pipeline: 1}\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(y, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->n_pipelines, 2);
+    assert_string_equal(cpm_config_stage_next(c, 0), "tcp://127.0.0.1:5581");
+    assert_string_equal(cpm_config_stage_next(c, 1), "tcp://127.0.0.1:5591");
+    assert_string_equal(cpm_config_stage_next(c, 2), c->router.results);
+    assert_string_equal(cpm_config_stage_next(c, 3), c->router.results);
+    assert_int_equal(cpm_config_resolve_layers(c, 4, &e), 0);
+    assert_int_equal(c->stages[2].layer_end, 4);
+    assert_int_equal(c->stages[3].layer_end, 4);
+    cpm_config_free(c);
+}
+
 typedef struct bad_case {
     const char *yaml;
     const char *expect; /* fragment of the message */
@@ -114,6 +138,13 @@ static const bad_case bad_cases[] = {
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    kv_dtype: bf16\n",
      "stages[0].kv_dtype: 'bf16' is not one of f32, f16"},
     {BASE "stages: []\n", "at least one stage"},
+    {BASE "stages:\n  - {layers: [0, end], endpoint: tcp://127.0.0.1:5580}\n"
+          "  - {layers: [0, end], endpoint: tcp://127.0.0.1:5581, pipeline: 2}\n",
+     "stages: pipeline 1 has no stage (pipelines are numbered 0 .. 2 without gaps)"},
+    {BASE "stages:\n  - {layers: [0, end], endpoint: tcp://127.0.0.1:5580}\n"
+          "  - {layers: [0, 2], endpoint: tcp://127.0.0.1:5581, pipeline: 1}\n"
+          "  - {layers: [1, end], endpoint: tcp://127.0.0.1:5582, pipeline: 1}\n",
+     "stages[2].layers: starts at 1, overlapping stage 1 (which ends at 2)"},
     {"tokenizers:\n  - endpoint: tcp://127.0.0.1:5560\n", "router: missing"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\nrouter: {}\n",
      "router: given twice"},
@@ -191,6 +222,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_two_stages),
         cmocka_unit_test(test_missing_layers_at_model_end),
+        cmocka_unit_test(test_pipeline_replicas),
         cmocka_unit_test(test_bad_configs),
         cmocka_unit_test(test_http_forms),
         cmocka_unit_test(test_shipped_examples),

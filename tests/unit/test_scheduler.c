@@ -276,6 +276,30 @@ static void test_randomized_pipeline_invariants(void **state) {
     cpm_sched_free(s);
 }
 
+/* Replicas' schedulers hand out disjoint sequence and step ids: id % stride = offset. */
+static void test_ids_of_a_replica(void **state) {
+    (void)state;
+    cpm_sched_opts o = cpm_sched_opts_default();
+    o.id_stride = 3;
+    o.id_offset = 2;
+    cpm_sched *s;
+    cpm_error e;
+    assert_int_equal(cpm_sched_new(&o, &s, &e), 0);
+    for (int i = 0; i < 4; i++) {
+        uint64_t q = add(s, 5, 2, NULL);
+        assert_true(q > 0);
+        assert_int_equal(q % 3, 2);
+    }
+    cpm_sched_batch b;
+    assert_int_equal(cpm_sched_next(s, &b), 1);
+    assert_int_equal(b.step % 3, 2);
+    for (int i = 0; i < b.n_rows; i++)
+        assert_int_equal(b.seq[i] % 3, 2);
+    cpm_sched_free(s);
+    o.id_offset = 3; /* offset must be below the stride */
+    assert_int_equal(cpm_sched_new(&o, &s, &e), CPM_EINVAL);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_prefill_in_chunks_then_decode),
@@ -285,6 +309,7 @@ int main(void) {
         cmocka_unit_test(test_context_and_kv_budget),
         cmocka_unit_test(test_finish_in_flight_and_failure),
         cmocka_unit_test(test_randomized_pipeline_invariants),
+        cmocka_unit_test(test_ids_of_a_replica),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
