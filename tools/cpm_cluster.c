@@ -603,8 +603,15 @@ static int cmd_check(const cpm_config *c) {
                                                         : c->stages[idx].svc.host;
         printf("  rank %d: %s %d on %s at %s", r, cpm_role_name(role), idx, host,
                cpm_config_proc_endpoint(c, r));
-        if (role == CPM_ROLE_STAGE)
-            printf(" layers %d..%d", c->stages[idx].layer_begin, c->stages[idx].layer_end - 1);
+        if (role == CPM_ROLE_STAGE) {
+            const cpm_cfg_stage *st = &c->stages[idx];
+            if (st->layer_end == CPM_CFG_LAYER_END)
+                printf(" layers %d..end", st->layer_begin);
+            else
+                printf(" layers %d..%d", st->layer_begin, st->layer_end - 1);
+            if (c->n_pipelines > 1)
+                printf(" (pipeline %d)", st->pipeline);
+        }
         printf("\n");
     }
     return 0;

@@ -192,8 +192,9 @@ static void test_http_forms(void **state) {
 /* The shipped examples must stay loadable. CPM_SOURCE_ROOT is set by meson. */
 static void test_shipped_examples(void **state) {
     (void)state;
-    const char *names[] = {"local.yaml", "pp2.yaml", "multihost.yaml"};
-    for (int i = 0; i < 3; i++) {
+    const char *names[] = {"default.yaml", "local.yaml", "pp2.yaml", "multihost.yaml",
+                           "replicas.yaml"};
+    for (int i = 0; i < 5; i++) {
         char path[512];
         snprintf(path, sizeof path, "%s/cluster-config/%s", CPM_SOURCE_ROOT, names[i]);
         cpm_config *c;
