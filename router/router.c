@@ -183,6 +183,7 @@ struct cpm_router {
     bool use_tok;
     uv_timer_t health_timer, step_timer;
     char model_name[CPM_CFG_STR];
+    const char *http_addr; /* the address the HTTP server listens on */
     bool have_model;
     int vocab_size, max_position, n_eos;
     int32_t eos_ids[8];
@@ -1660,6 +1661,8 @@ static void rpc_health(cpm_router *r, const cpm_inmsg *m) {
     h.name = "router";
     h.ready = cpm_router_ready(r);
     h.status = h.ready ? "ready" : "waiting for services";
+    h.http_addr = (char *)r->http_addr;
+    h.http_port = (uint32_t)cpm_router_http_port(r);
     if (r->have_model) {
         cpm_sched_stats st;
         sched_totals(r, &st);
@@ -1973,6 +1976,7 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     if ((e = cpm_http_server_new(r->loop, &hl, on_http, r, &r->http, err)))
         return e;
     const char *addr = r->o.http_addr ? r->o.http_addr : rc->http_addr[0] ? rc->http_addr : "127.0.0.1";
+    r->http_addr = addr;
     int port = r->o.http_port >= 0 ? r->o.http_port : rc->http_port;
     if ((e = cpm_http_server_listen(r->http, addr, port, err)))
         return e;

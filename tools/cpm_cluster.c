@@ -5,8 +5,8 @@
  *
  *   cpm-cluster up cluster-config/pp2.yaml --model models/minicpm-1b --port 8080
  *
- * The router's stderr passes through the launcher, which reads the HTTP address the
- * router really bound from it (--port 0) and prints it in its ready line.
+ * The router's stderr passes through the launcher; the router's health reply names the
+ * HTTP address it really bound (--port 0), which the ready line prints.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,16 +47,14 @@ typedef struct proc {
     const char *endpoint;
     bool ready, exited;
     int status;
+    char url[300]; /* router: "http://ADDR:PORT" from its health reply */
 } proc;
 
-/* The router's stderr passes through the launcher: every line is relayed to our stderr,
- * and the one announcing the HTTP listener tells us the port it really bound (with
- * --port 0 only the router knows it). */
+/* The router's stderr passes through the launcher: every line is relayed to our stderr. */
 typedef struct relay {
     int fd;                 /* read end of the router's stderr pipe; -1 once closed */
     char line[4096];
     size_t len;
-    char url[256];          /* "http://ADDR:PORT" once the router has said it */
 } relay;
 
 static volatile sig_atomic_t arg_stop; /* set by SIGINT/SIGTERM */
@@ -289,27 +287,8 @@ static int relay_open(relay *r, int *ret_child_fd) {
     return 0;
 }
 
-/* The router logs "listening on http://ADDR:PORT (rpc ...)" once it has bound, as text
- * or inside a JSON "msg"; the URL ends at the first space or quote. */
-static void relay_scan(relay *r, const char *line) {
-    const char *at = strstr(line, "listening on http://");
-    if (r->url[0] || !at)
-        return;
-    at += strlen("listening on ");
-    size_t n = strcspn(at, " \"\n");
-    const char *port = NULL;
-    for (size_t i = strlen("http://"); i < n; i++)
-        if (at[i] == ':')
-            port = at + i + 1;
-    if (!port || atoi(port) <= 0 || n >= sizeof r->url)
-        return;
-    memcpy(r->url, at, n);
-    r->url[n] = '\0';
-}
-
 static void relay_line(relay *r) {
     r->line[r->len] = '\0';
-    relay_scan(r, r->line);
     fputs(r->line, stderr);
     r->len = 0;
 }
@@ -334,7 +313,6 @@ static void relay_pump(relay *r) {
             if (r->line[i] == '\n') {
                 char keep = r->line[i + 1];
                 r->line[i + 1] = '\0';
-                relay_scan(r, r->line + start);
                 fputs(r->line + start, stderr);
                 r->line[i + 1] = keep;
                 start = i + 1;
@@ -369,6 +347,10 @@ static bool probe(void *z, proc *p, cpm_error *err) {
     bool ok = m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH && m->env->health->ready;
     if (!ok && m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH)
         cpm_error_set(err, CPM_EAGAIN, "%s", m->env->health->status);
+    /* the router names the HTTP listener it bound: with --port 0 only it knows the port */
+    const Cpm__V1__Health *h = ok ? m->env->health : NULL;
+    if (h && p->role == CPM_ROLE_ROUTER && h->http_port && h->http_addr && h->http_addr[0])
+        snprintf(p->url, sizeof p->url, "http://%s:%u", h->http_addr, (unsigned)h->http_port);
     cpm_inmsg_free(m);
     return ok;
 }
@@ -496,23 +478,15 @@ static int wait_ready(const launch *l, proc *ps, int n, relay *rl) {
     return rc;
 }
 
-/* The router logged its URL before it could answer health; it is in the pipe by now
- * (a short grace for the relay, not for the router). */
-static int router_url(const cpm_config *c, relay *rl, char *out, size_t size) {
-    double deadline = now_s() + 2;
-    while (!rl->url[0] && rl->fd >= 0 && now_s() < deadline && !arg_stop)
-        relay_wait(rl, 50);
-    if (rl->url[0]) {
-        snprintf(out, size, "%s", rl->url);
-        return 0;
-    }
-    if (!c->router.http_port) {
-        fprintf(stderr, "cpm-cluster: the router did not log 'listening on http://ADDR:PORT': "
-                        "cannot tell which port --port 0 picked\n");
-        return 1;
-    }
-    snprintf(out, size, "http://%s:%d", c->router.http_addr, c->router.http_port);
-    return 0;
+/* The router's HTTP address, from its health reply. */
+static int router_url(const proc *ps, int n, char *out, size_t size) {
+    for (int i = 0; i < n; i++)
+        if (ps[i].role == CPM_ROLE_ROUTER && ps[i].url[0]) {
+            snprintf(out, size, "%s", ps[i].url);
+            return 0;
+        }
+    fprintf(stderr, "cpm-cluster: the router's health reply names no HTTP listener\n");
+    return 1;
 }
 
 /* Runs until a signal or until a process exits (which stops the cluster: exit 1). */
@@ -545,9 +519,9 @@ static int cmd_up(const launch *l, cpm_config *c) {
     int rc = !ps || start_all(l, c, ps, n, &rl);
     if (!rc)
         rc = wait_ready(l, ps, n, &rl);
-    char url[sizeof rl.url + 64];
+    char url[sizeof ps->url];
     if (!rc && !arg_stop)
-        rc = router_url(c, &rl, url, sizeof url);
+        rc = router_url(ps, n, url, sizeof url);
     if (!rc && !arg_stop) {
         printf("cpm-cluster: ready: %s (%d processes; Ctrl-C stops them)\n", url, n);
         fflush(stdout);
