@@ -31,6 +31,9 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max
     kv->max_blocks_per_seq = kv->n_blocks;
     kv->block_elems = (size_t)kv->n_layers * cpm_kv_layer_elems(kv);
     kv->data = calloc((size_t)kv->n_blocks, kv->block_elems * kv->elem);
+    if (g->key_sums && !(kv->key_sums = calloc((size_t)kv->n_blocks * (size_t)kv->n_layers,
+                                               (size_t)kv->k_dim * sizeof(float))))
+        goto out_nomem;
     kv->free_blocks = malloc((size_t)kv->n_blocks * sizeof(int));
     kv->seqs = calloc((size_t)max_seqs, sizeof *kv->seqs);
     kv->block_tables = malloc((size_t)max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int));
@@ -54,6 +57,7 @@ void cpm_kv_cache_free(cpm_kv_cache *kv) {
     if (!kv)
         return;
     free(kv->data);
+    free(kv->key_sums);
     free(kv->free_blocks);
     free(kv->seqs);
     free(kv->block_tables);
@@ -145,5 +149,31 @@ void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b) {
         struct cpm_kv_seq *s = &kv->seqs[b->seq[i]];
         if (b->pos[i] + 1 > s->len)
             s->len = b->pos[i] + 1;
+    }
+}
+
+/* Sums in f32, rows in order: the block's 16 keys are all in place once its
+ * last slot is written (earlier ones by this batch or by earlier calls). */
+void cpm_kv_cache_sum_keys(cpm_kv_cache *kv, int li, const int *slots, int n) {
+    if (!kv->key_sums)
+        return;
+    for (int i = 0; i < n; i++) {
+        if (slots[i] % CPM_KV_BLOCK != CPM_KV_BLOCK - 1)
+            continue;
+        int block = slots[i] / CPM_KV_BLOCK;
+        float *sum = cpm_kv_key_sum(kv, li, block);
+        memset(sum, 0, (size_t)kv->k_dim * sizeof(float));
+        for (int r = 0; r < CPM_KV_BLOCK; r++) {
+            const void *row = cpm_kv_key(kv, li, block * CPM_KV_BLOCK + r);
+            if (kv->dtype == CPM_DTYPE_F32) {
+                const float *k = row;
+                for (int e = 0; e < kv->k_dim; e++)
+                    sum[e] += k[e];
+            } else {
+                const uint16_t *k = row;
+                for (int e = 0; e < kv->k_dim; e++)
+                    sum[e] += cpm_f16_to_f32(k[e]);
+            }
+        }
     }
 }

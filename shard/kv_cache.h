@@ -8,6 +8,7 @@
 #ifndef CPM_KV_CACHE_H
 #define CPM_KV_CACHE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "../services/common/error.h"
@@ -21,12 +22,16 @@ typedef struct cpm_kv_cache cpm_kv_cache;
 /* What one token costs in the cache: elements of keys and of values per layer
  * (from cpm_model_kv_geometry), for the stage's n_layers layers, stored as
  * dtype: CPM_DTYPE_F32 (exact, the default) or CPM_DTYPE_F16 (half the memory;
- * logits move by ~1e-3 relative, greedy tokens normally unchanged). */
+ * logits move by ~1e-3 relative, greedy tokens normally unchanged).
+ * key_sums (InfLLM v2 models) also keeps, per block and layer, the f32 sum of
+ * the block's CPM_KV_BLOCK keys: the compressed keys are built from those
+ * (k_dim floats per block and layer, 1/16 of the keys' own size in f32). */
 typedef struct cpm_kv_geometry {
     int n_layers;
     int k_dim;
     int v_dim;
     cpm_dtype dtype;
+    bool key_sums;
 } cpm_kv_geometry;
 
 /* Reserves room for max_tokens tokens in total across at most max_seqs sequences.

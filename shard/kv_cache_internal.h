@@ -4,6 +4,9 @@
  *
  * A block holds, for each stage layer, CPM_KV_BLOCK key rows then CPM_KV_BLOCK
  * value rows, as f32 (exact: the F32 reference bar needs it) or f16 elements.
+ * With key sums (InfLLM v2), each block also owns, in a parallel f32 array, per
+ * layer the sum of its keys as stored (f16 keys widened exactly): written when
+ * the block's last key is, so truncating and refilling a sequence rewrites it.
  */
 #ifndef CPM_KV_CACHE_INTERNAL_H
 #define CPM_KV_CACHE_INTERNAL_H
@@ -30,6 +33,7 @@ struct cpm_kv_cache {
     int max_blocks_per_seq;
     size_t block_elems;  /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
     char *data;          /* [n_blocks, block_elems] elements */
+    float *key_sums;     /* [n_blocks, n_layers, k_dim], or NULL without key sums */
     int *free_blocks;    /* stack */
     int n_free;
     struct cpm_kv_seq *seqs;
@@ -61,5 +65,21 @@ static inline void *cpm_kv_value(const cpm_kv_cache *kv, int li, int slot) {
                        (size_t)CPM_KV_BLOCK * (size_t)kv->k_dim + off * (size_t)kv->v_dim) *
                           kv->elem;
 }
+
+/* Sum of the CPM_KV_BLOCK keys of pool block `block` in stage layer li: k_dim
+ * floats (kv->key_sums must be set). */
+static inline float *cpm_kv_key_sum(const cpm_kv_cache *kv, int li, int block) {
+    return kv->key_sums + ((size_t)block * (size_t)kv->n_layers + (size_t)li) * (size_t)kv->k_dim;
+}
+
+/* Pool block holding position pos of seq (reserved). */
+static inline int cpm_kv_block_of(const cpm_kv_cache *kv, int seq, int pos) {
+    return kv->seqs[seq].blocks[pos / CPM_KV_BLOCK];
+}
+
+/* After the keys of n rows were written to their slots in layer li: refreshes
+ * the key sum of every block whose last slot is among them. No-op without key
+ * sums. */
+void cpm_kv_cache_sum_keys(cpm_kv_cache *kv, int li, const int *slots, int n);
 
 #endif

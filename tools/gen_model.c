@@ -72,6 +72,11 @@ typedef struct gen_args {
     uint64_t seed;
     long shard_mb;
     int hidden, inter, layers, heads, kv_heads, vocab, experts; /* 0 = preset's */
+    const char *sparse; /* InfLLM v2 sparse_config: "default" or key=value,... */
+    int gptq;           /* --quant gptq: decoder linears as AutoGPTQ int4 tensors */
+    int dequant;        /* --dequant: the same int4 weights written as plain floats */
+    int group_size;     /* GPTQ columns per group; -1 = one group per row */
+    int desc_act;       /* GPTQ act-order: g_idx from a random column order */
 } gen_args;
 
 /* ---- config.json ---- */
@@ -157,6 +162,38 @@ static void apply_overrides(json_t *c, const gen_args *a) {
     json_object_del(c, "_name_or_path");
 }
 
+/* --sparse: a sparse_config object (MiniCPM4 InfLLM v2) with the HF defaults
+ * (spec §5.1), overridden by "kernel=32,stride=16,block=64,window=2048,topk=64,
+ * init=1,dense_len=8192" entries; "default" keeps them all. */
+static int add_sparse_config(json_t *c, const char *spec) {
+    static const char *const keys[][2] = {
+        {"kernel", "kernel_size"}, {"stride", "kernel_stride"}, {"block", "block_size"},
+        {"window", "window_size"}, {"topk", "topk"},            {"init", "init_blocks"},
+        {"dense_len", "dense_len"}};
+    json_t *sc = json_pack("{s:i,s:i,s:i,s:i,s:i,s:i,s:b,s:i}", "kernel_size", 32, "kernel_stride",
+                           16, "block_size", 64, "window_size", 2048, "topk", 64, "init_blocks", 1,
+                           "use_nope", 0, "dense_len", 8192);
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", strcmp(spec, "default") ? spec : "");
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        size_t i = 0;
+        if (eq)
+            *eq = '\0';
+        while (i < sizeof keys / sizeof *keys && strcmp(keys[i][0], tok))
+            i++;
+        if (!eq || i == sizeof keys / sizeof *keys) {
+            fprintf(stderr, "cpm-gen-model: --sparse: expected KEY=N with KEY one of kernel, "
+                            "stride, block, window, topk, init, dense_len; got '%s'\n", tok);
+            json_decref(sc);
+            return -1;
+        }
+        json_object_set_new(sc, keys[i][1], json_integer(atoi(eq + 1)));
+    }
+    json_object_set_new(c, "sparse_config", sc);
+    return 0;
+}
+
 /* LongRoPE lists must have rotary_dim/2 entries; fix them after overrides. */
 static void fit_rope_lists(json_t *c) {
     json_t *rs = json_object_get(c, "rope_scaling");
@@ -188,6 +225,7 @@ typedef struct writer {
     FILE *f;
     void *buf;
     float *fbuf;
+    struct gptq_linear *q; /* the int4 linear being written, part by part */
 } writer;
 
 static uint64_t xorshift(uint64_t *s) {
@@ -251,9 +289,17 @@ static char *shard_name(const writer *w, int shard, int n_shards) {
     return name;
 }
 
+/* One tensor of the file: a need of the architecture, or (GPTQ) one part of
+ * a quantized linear's need. */
 typedef struct plan_entry {
     cpm_tensor_need need;
     int shard;
+    int part;           /* -1: the need itself; else a gptq_part */
+    char name[160];
+    const char *dtype;  /* safetensors spelling */
+    int ndim;
+    int64_t shape[2];
+    size_t bytes;
 } plan_entry;
 
 typedef struct plan {
@@ -264,22 +310,204 @@ typedef struct plan {
     int n_shards;
 } plan;
 
-static int plan_add(const cpm_tensor_need *need, void *ctx) {
-    plan *p = ctx;
-    if (p->n == p->cap) {
-        p->cap = p->cap ? p->cap * 2 : 256;
-        plan_entry *e = realloc(p->e, p->cap * sizeof *e);
-        if (!e)
-            return -1;
-        p->e = e;
-    }
-    size_t b = need_bytes(need, p->a->dtype);
-    if (p->shard_bytes && p->in_shard > 0 && p->in_shard + b > p->shard_bytes) {
+static int grow_plan(plan *p);
+
+static void plan_push(plan *p, plan_entry *e) {
+    if (p->shard_bytes && p->in_shard > 0 && p->in_shard + e->bytes > p->shard_bytes) {
         p->n_shards++;
         p->in_shard = 0;
     }
-    p->in_shard += b;
-    p->e[p->n++] = (plan_entry){*need, p->n_shards - 1};
+    p->in_shard += e->bytes;
+    e->shard = p->n_shards - 1;
+    p->e[p->n++] = *e;
+}
+
+/* ---- GPTQ int4 linears (AutoGPTQ layout, minicpm-spec.md §8) ----
+ * Per linear [N out, K in], group size gs, G = K / gs: random q in 0..15,
+ * real zeros in 6..10 (stored minus one, checkpoint_format "gptq"), f16
+ * scales around (1/sqrt(K)) / 8, and g_idx from a random column order when
+ * --desc-act. The draws do not depend on --dequant, which writes
+ * W = (q − z)·s instead: exact in f32, so the two checkpoints are one model. */
+
+enum gptq_part { GPTQ_QWEIGHT, GPTQ_QZEROS, GPTQ_SCALES, GPTQ_G_IDX, GPTQ_PARTS };
+static const char *const gptq_part_names[GPTQ_PARTS] = {"qweight", "qzeros", "scales", "g_idx"};
+
+typedef struct gptq_linear {
+    int N, K, G;
+    uint8_t *q;      /* [N][K] */
+    uint8_t *zero;   /* [G][N] real zero points */
+    uint16_t *scale; /* [G][N] f16 */
+    int32_t *g_idx;  /* [K] */
+} gptq_linear;
+
+/* MoE routers stay float, as AutoGPTQ leaves them. */
+static bool is_quantized(const cpm_tensor_need *n) {
+    return n->layer >= 0 && n->ndim == 2 && n->role != CPM_W_ROUTER;
+}
+
+static int gptq_group_size(const gen_args *a, int K) {
+    return a->group_size < 0 ? K : a->group_size;
+}
+
+static int plan_gptq(plan *p, const cpm_tensor_need *need) {
+    int N = (int)need->shape[0], K = (int)need->shape[1], gs = gptq_group_size(p->a, K);
+    if (K % 8 || N % 8 || K % gs) {
+        fprintf(stderr, "cpm-gen-model: %s: [%d, %d] with group size %d: GPTQ needs in and out "
+                        "multiples of 8 and a group size dividing in\n", need->name, N, K, gs);
+        return -1;
+    }
+    const int64_t shapes[GPTQ_PARTS][2] = {{K / 8, N}, {K / gs, N / 8}, {K / gs, N}, {K, 0}};
+    for (int part = 0; part < GPTQ_PARTS; part++) {
+        if (p->n == p->cap && grow_plan(p))
+            return -1;
+        plan_entry e = {.need = *need, .part = part, .ndim = part == GPTQ_G_IDX ? 1 : 2,
+                        .shape = {shapes[part][0], shapes[part][1]},
+                        .dtype = part == GPTQ_SCALES ? "F16" : "I32"};
+        e.bytes = (size_t)e.shape[0] * (size_t)(e.ndim > 1 ? e.shape[1] : 1) *
+                  (part == GPTQ_SCALES ? 2 : 4);
+        size_t n = strlen(need->name), k = strlen(".weight");
+        snprintf(e.name, sizeof e.name, "%.*s.%s", (int)(n > k ? n - k : n), need->name,
+                 gptq_part_names[part]);
+        plan_push(p, &e);
+    }
+    return 0;
+}
+
+static void gptq_free(gptq_linear *g) {
+    if (!g)
+        return;
+    free(g->q);
+    free(g->zero);
+    free(g->scale);
+    free(g->g_idx);
+    free(g);
+}
+
+static gptq_linear *gptq_draw(writer *w, const cpm_tensor_need *n) {
+    gptq_linear *g = calloc(1, sizeof *g);
+    if (!g)
+        return NULL;
+    g->N = (int)n->shape[0];
+    g->K = (int)n->shape[1];
+    int gs = gptq_group_size(w->a, g->K);
+    g->G = g->K / gs;
+    g->q = malloc((size_t)g->N * g->K);
+    g->zero = malloc((size_t)g->G * g->N);
+    g->scale = malloc((size_t)g->G * g->N * 2);
+    g->g_idx = malloc((size_t)g->K * 4);
+    int *order = malloc((size_t)g->K * sizeof *order);
+    if (!g->q || !g->zero || !g->scale || !g->g_idx || !order) {
+        free(order);
+        gptq_free(g);
+        return NULL;
+    }
+    for (int k = 0; k < g->K; k++)
+        order[k] = k;
+    for (int k = g->K - 1; w->a->desc_act && k > 0; k--) { /* Fisher-Yates */
+        int j = (int)(xorshift(&w->rng) % (uint64_t)(k + 1)), t = order[k];
+        order[k] = order[j];
+        order[j] = t;
+    }
+    for (int i = 0; i < g->K; i++) /* column order[i] is quantized i-th */
+        g->g_idx[order[i]] = i / gs;
+    free(order);
+    float amp = (float)(sqrt(3.0) / sqrt((double)g->K)) / 8.0f;
+    for (size_t i = 0; i < (size_t)g->G * g->N; i++) {
+        g->scale[i] = cpm_f32_to_f16(amp * (1.0f + 0.25f * uniform(&w->rng)));
+        g->zero[i] = (uint8_t)(6 + xorshift(&w->rng) % 5);
+    }
+    for (size_t i = 0; i < (size_t)g->N * g->K; i++)
+        g->q[i] = (uint8_t)(xorshift(&w->rng) >> 60);
+    return g;
+}
+
+static int write_gptq_part(writer *w, const plan_entry *e) {
+    if (e->part == GPTQ_QWEIGHT) {
+        gptq_free(w->q);
+        if (!(w->q = gptq_draw(w, &e->need)))
+            return -1;
+    }
+    const gptq_linear *g = w->q;
+    int N = g->N, K = g->K;
+    int32_t *o = (int32_t *)w->fbuf; /* one row of packed words at a time */
+    switch (e->part) {
+    case GPTQ_QWEIGHT: /* [K/8][N]: q of k = 8r + i in bits 4i..4i+3 */
+        for (int r = 0; r < K / 8; r++) {
+            for (int n = 0; n < N; n++) {
+                uint32_t v = 0;
+                for (int i = 0; i < 8; i++)
+                    v |= (uint32_t)g->q[(size_t)n * K + 8 * r + i] << (4 * i);
+                o[n] = (int32_t)v;
+            }
+            if (fwrite(o, 4, (size_t)N, w->f) != (size_t)N)
+                return -1;
+        }
+        return 0;
+    case GPTQ_QZEROS: /* [G][N/8], zero − 1 along n */
+        for (int gi = 0; gi < g->G; gi++) {
+            for (int c = 0; c < N / 8; c++) {
+                uint32_t v = 0;
+                for (int i = 0; i < 8; i++)
+                    v |= (uint32_t)(g->zero[(size_t)gi * N + 8 * c + i] - 1) << (4 * i);
+                o[c] = (int32_t)v;
+            }
+            if (fwrite(o, 4, (size_t)N / 8, w->f) != (size_t)N / 8)
+                return -1;
+        }
+        return 0;
+    case GPTQ_SCALES:
+        return fwrite(g->scale, 2, (size_t)g->G * N, w->f) == (size_t)g->G * N ? 0 : -1;
+    default:
+        return fwrite(g->g_idx, 4, (size_t)K, w->f) == (size_t)K ? 0 : -1;
+    }
+}
+
+/* --dequant: the linear as floats, W[n][k] = (q − z)·s of k's group. */
+static int write_dequant(writer *w, const cpm_tensor_need *n) {
+    gptq_linear *g = gptq_draw(w, n);
+    if (!g)
+        return -1;
+    int rc = 0;
+    float *row = w->fbuf;
+    for (int r = 0; r < g->N && rc == 0; r++) {
+        for (int k = 0; k < g->K; k++) {
+            size_t at = (size_t)g->g_idx[k] * g->N + (size_t)r;
+            row[k] = (float)(g->q[(size_t)r * g->K + k] - g->zero[at]) *
+                     cpm_f16_to_f32(g->scale[at]);
+        }
+        if (w->a->dtype == CPM_DTYPE_F32) {
+            rc = fwrite(row, 4, (size_t)g->K, w->f) == (size_t)g->K ? 0 : -1;
+            continue;
+        }
+        uint16_t *h = w->buf;
+        for (int k = 0; k < g->K; k++)
+            h[k] = w->a->dtype == CPM_DTYPE_BF16 ? cpm_f32_to_bf16(row[k]) : cpm_f32_to_f16(row[k]);
+        rc = fwrite(h, 2, (size_t)g->K, w->f) == (size_t)g->K ? 0 : -1;
+    }
+    gptq_free(g);
+    return rc;
+}
+
+static int grow_plan(plan *p) {
+    p->cap = p->cap ? p->cap * 2 : 256;
+    plan_entry *e = realloc(p->e, p->cap * sizeof *e);
+    if (!e)
+        return -1;
+    p->e = e;
+    return 0;
+}
+
+static int plan_add(const cpm_tensor_need *need, void *ctx) {
+    plan *p = ctx;
+    if (p->n == p->cap && grow_plan(p))
+        return -1;
+    if (p->a->gptq && !p->a->dequant && is_quantized(need))
+        return plan_gptq(p, need);
+    plan_entry e = {.need = *need, .part = -1, .ndim = need->ndim,
+                    .shape = {need->shape[0], need->shape[1]},
+                    .dtype = cpm_dtype_name(p->a->dtype), .bytes = need_bytes(need, p->a->dtype)};
+    snprintf(e.name, sizeof e.name, "%s", need->name);
+    plan_push(p, &e);
     return 0;
 }
 
@@ -290,15 +518,14 @@ static int write_shard(writer *w, const plan *p, int shard, cpm_error *err) {
     for (size_t i = 0; i < p->n; i++) {
         if (p->e[i].shard != shard)
             continue;
-        const cpm_tensor_need *n = &p->e[i].need;
-        size_t b = need_bytes(n, w->a->dtype);
+        const plan_entry *n = &p->e[i];
+        size_t b = n->bytes;
         json_t *shape = json_array();
         for (int d = 0; d < n->ndim; d++)
             json_array_append_new(shape, json_integer(n->shape[d]));
-        json_object_set_new(hdr, n->name, json_pack("{s:s,s:o,s:[I,I]}", "dtype",
-                                                    cpm_dtype_name(w->a->dtype), "shape", shape,
-                                                    "data_offsets", (json_int_t)off,
-                                                    (json_int_t)(off + b)));
+        json_object_set_new(hdr, n->name, json_pack("{s:s,s:o,s:[I,I]}", "dtype", n->dtype,
+                                                    "shape", shape, "data_offsets",
+                                                    (json_int_t)off, (json_int_t)(off + b)));
         if (w->weight_map)
             json_object_set_new(w->weight_map, n->name,
                                 json_string(shard_name(w, shard, p->n_shards)));
@@ -326,7 +553,9 @@ static int write_shard(writer *w, const plan *p, int shard, cpm_error *err) {
     free(text);
     for (size_t i = 0; i < p->n && rc == 0; i++)
         if (p->e[i].shard == shard)
-            rc = write_tensor(w, &p->e[i].need);
+            rc = p->e[i].part >= 0 ? write_gptq_part(w, &p->e[i])
+                 : w->a->gptq && is_quantized(&p->e[i].need) ? write_dequant(w, &p->e[i].need)
+                                                              : write_tensor(w, &p->e[i].need);
     if (fclose(w->f) || rc)
         return cpm_error_set(err, CPM_EIO, "%s: write failed", path);
     return 0;
@@ -356,6 +585,7 @@ static int write_weights(const gen_args *a, const cpm_hparams *hp, cpm_error *er
         json_decref(idx);
     }
     json_decref(w.weight_map);
+    gptq_free(w.q);
     free(w.fbuf);
     free(w.buf);
     free(p.e);
@@ -411,6 +641,11 @@ static void usage(FILE *f) {
         fprintf(f, " %s", presets[i].name);
     fprintf(f, "\n  --dtype bf16|f16|f32 (default bf16)  --seed N  --shard-mb N\n"
                "  --layers N --hidden N --inter N --heads N --kv-heads N --vocab N --experts N\n"
+               "  --sparse default|kernel=N,stride=N,block=N,window=N,topk=N,init=N,dense_len=N\n"
+               "  --quant gptq [--group-size N (default 128, -1 = per row)] [--desc-act]\n"
+               "           decoder linears as AutoGPTQ int4; add --dequant to write the same\n"
+               "           weights as plain floats (exact with --dtype f32)\n"
+               "           (MiniCPM4 InfLLM v2 sparse_config; unnamed keys keep HF defaults)\n"
                "  --tokenizer DIR (default: the variant's files under assets/tokenizers)\n"
                "  --assets DIR (default %s)\n"
                "Weights are random: the model's text is meaningless.\n",
@@ -423,8 +658,12 @@ static int parse(int argc, char **argv, gen_args *a) {
         {"seed", 1, 0, 's'},    {"shard-mb", 1, 0, 'S'}, {"layers", 1, 0, 'l'},
         {"hidden", 1, 0, 'H'},  {"inter", 1, 0, 'I'},  {"heads", 1, 0, 'h'},
         {"kv-heads", 1, 0, 'k'}, {"vocab", 1, 0, 'V'}, {"experts", 1, 0, 'e'},
-        {"tokenizer", 1, 0, 't'}, {"assets", 1, 0, 'a'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
-    *a = (gen_args){.dtype = CPM_DTYPE_BF16, .seed = 1, .assets = CPM_ASSETS_DIR};
+        {"tokenizer", 1, 0, 't'}, {"assets", 1, 0, 'a'}, {"sparse", 1, 0, 'p'},
+        {"quant", 1, 0, 'q'},     {"group-size", 1, 0, 'g'}, {"desc-act", 0, 0, 'D'},
+        {"dequant", 0, 0, 'Q'},
+        {"help", 0, 0, '?'},      {0, 0, 0, 0}};
+    *a = (gen_args){.dtype = CPM_DTYPE_BF16, .seed = 1, .assets = CPM_ASSETS_DIR,
+                    .group_size = 128};
     const char *variant = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -448,6 +687,15 @@ static int parse(int argc, char **argv, gen_args *a) {
         case 'e': a->experts = atoi(optarg); break;
         case 't': a->tokenizer_dir = optarg; break;
         case 'a': a->assets = optarg; break;
+        case 'p': a->sparse = optarg; break;
+        case 'q':
+            if (strcmp(optarg, "gptq"))
+                return fprintf(stderr, "cpm-gen-model: --quant: only gptq\n"), -1;
+            a->gptq = 1;
+            break;
+        case 'g': a->group_size = atoi(optarg); break;
+        case 'D': a->desc_act = 1; break;
+        case 'Q': a->dequant = 1; break;
         default: usage(c == '?' ? stdout : stderr); return -1;
         }
     }
@@ -469,6 +717,17 @@ static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {
         return err->code;
     apply_overrides(c, a);
     fit_rope_lists(c);
+    if (a->gptq && !a->dequant) /* AutoGPTQ's fields, as in MiniCPM-2B-sft-int4 */
+        json_object_set_new(c, "quantization_config",
+                            json_pack("{s:i,s:i,s:b,s:b,s:f,s:b,s:b,s:s,s:s}", "bits", 4,
+                                      "group_size", a->group_size, "desc_act", a->desc_act, "sym",
+                                      0, "damp_percent", 0.01, "static_groups", 0,
+                                      "true_sequential", 1, "quant_method", "gptq",
+                                      "checkpoint_format", "gptq"));
+    if (a->sparse && add_sparse_config(c, a->sparse)) {
+        json_decref(c);
+        return cpm_error_set(err, CPM_EINVAL, "--sparse: bad value '%s'", a->sparse);
+    }
     char *text = json_dumps(c, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(c);
     int rc = cpm_hparams_parse(text, "config.json", hp, err);

@@ -7,7 +7,7 @@ set -eu
 pkgs="meson ninja-build pkg-config gcc libc6-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
 libuv1-dev libopenmpi-dev openmpi-bin libjansson-dev libyaml-dev libhttp-parser-dev curl"
 if [ "${1:-}" = "--test" ]; then
-    pkgs="$pkgs libcmocka-dev clang libclang-rt-14-dev python3 python3-sentencepiece python3-zmq
+    pkgs="$pkgs libcmocka-dev clang libclang-rt-14-dev python3 python3-sentencepiece python3-numpy python3-zmq
 python3-protobuf protobuf-compiler iproute2 curl"
 fi
 missing=""

@@ -96,6 +96,10 @@ static cpm_isa isa_in_effect(void) {
     return f >= 0 ? (cpm_isa)f : cpm_isa_detect();
 }
 
+cpm_isa cpm_isa_in_effect(void) {
+    return isa_in_effect();
+}
+
 const char *cpm_isa_name(cpm_isa isa) {
     switch (isa) {
     case CPM_ISA_SCALAR: return "scalar";

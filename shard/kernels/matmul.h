@@ -33,6 +33,10 @@ cpm_isa cpm_isa_force(cpm_isa isa);
 
 const char *cpm_isa_name(cpm_isa isa);
 
+/* The ISA cpm_matmul uses now: the forced one, else the detected one (other
+ * kernels, such as matmul_q4, follow it too). */
+cpm_isa cpm_isa_in_effect(void);
+
 /* "scalar", "avx2", "avx512", "amx" → *ret; false for any other name. Lets a
  * command line or a cluster file pin every node to the same kernels, since
  * bit-identical results across ISAs are not guaranteed (AMX vs the others). */

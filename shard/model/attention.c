@@ -4,12 +4,15 @@
  * applies RoPE and writes keys/values into the paged cache; one shared core then
  * attends each query over its sequence's cached positions <= its own (causal),
  * and the output projection writes s.out. GQA and MLA differ only in how q, k
- * and v are produced, which keeps the table of kinds small.
+ * and v are produced, which keeps the table of kinds small. MiniCPM4 with
+ * sparse_config (InfLLM v2) is GQA whose long-context queries attend a selected
+ * subset of blocks (infllm.c picks them) through the same core.
  */
 #include <math.h>
 #include <string.h>
 
 #include "../kernels/ops.h"
+#include "infllm.h"
 #include "layers.h"
 
 /* ---- RoPE ---- */
@@ -89,60 +92,119 @@ static const float *block_rows(const cpm_kv_cache *kv, const void *rows, int col
     return buf;
 }
 
-/* One KV head group of one row: G query heads share each key read.
- * Online softmax over blocks of CPM_KV_BLOCK keys. */
-static void attend_group(core_args *a, int row, int g, float *tls) {
-    cpm_model *m = a->m;
-    const cpm_kv_cache *kv = a->kv;
+/* Online-softmax state of one KV head group of one row: G query heads share
+ * each key read. Chunks of up to CPM_KV_BLOCK keys are folded in one at a
+ * time, in ascending position order, so dense attention and a sparse key set
+ * that happens to hold every block add the same numbers in the same order. */
+typedef struct group_state {
+    const core_args *a;
+    int g, G, dk, dv, seq;
+    const float *q;
+    float *acc, *score, *mx, *sum, *kbuf, *vbuf;
+} group_state;
+
+static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls) {
+    const cpm_model *m = a->m;
     int G = m->hp.n_heads / m->kv_heads, dk = m->qk_dim, dv = m->v_dim;
-    int seq = a->b->seq[row], pos = a->b->pos[row];
-    float *acc = tls, *score = acc + (size_t)G * dv, *mx = score + (size_t)G * CPM_KV_BLOCK,
-          *sum = mx + G, *kbuf = sum + G, *vbuf = kbuf + (size_t)CPM_KV_BLOCK * dk;
-    const float *q = m->s.q + (size_t)row * m->hp.n_heads * dk + (size_t)g * G * dk;
-    memset(acc, 0, (size_t)G * dv * sizeof(float));
+    *st = (group_state){.a = a, .g = g, .G = G, .dk = dk, .dv = dv, .seq = a->b->seq[row]};
+    st->q = m->s.q + (size_t)row * m->hp.n_heads * dk + (size_t)g * G * dk;
+    st->acc = tls;
+    st->score = st->acc + (size_t)G * dv;
+    st->mx = st->score + (size_t)G * CPM_KV_BLOCK;
+    st->sum = st->mx + G;
+    st->kbuf = st->sum + G;
+    st->vbuf = st->kbuf + (size_t)CPM_KV_BLOCK * dk;
+    memset(st->acc, 0, (size_t)G * dv * sizeof(float));
     for (int h = 0; h < G; h++) {
-        mx[h] = -INFINITY;
-        sum[h] = 0.0f;
+        st->mx[h] = -INFINITY;
+        st->sum[h] = 0.0f;
     }
-    for (int j0 = 0; j0 <= pos; j0 += CPM_KV_BLOCK) {
-        int nb = pos - j0 + 1 < CPM_KV_BLOCK ? pos - j0 + 1 : CPM_KV_BLOCK;
-        int slot0 = cpm_kv_slot(kv, seq, j0), ks, vs;
-        const float *K = block_rows(kv, cpm_kv_key(kv, a->li, slot0), g * dk, dk, kv->k_dim, nb,
-                                    kbuf, &ks);
-        const float *V = block_rows(kv, cpm_kv_value(kv, a->li, slot0), g * dv, dv, kv->v_dim, nb,
-                                    vbuf, &vs);
-        for (int h = 0; h < G; h++) {
-            float *sc = score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
-            cpm_dot_rows(sc, q + (size_t)h * dk, K, ks, nb, dk, m->attn_scale);
-            for (int j = 0; j < nb; j++)
-                bmax = sc[j] > bmax ? sc[j] : bmax;
-            float newmax = bmax > mx[h] ? bmax : mx[h];
-            float corr = expf(mx[h] - newmax); /* 0 on the first block */
-            float *ac = acc + (size_t)h * dv;
-            sum[h] *= corr;
-            cpm_scale(ac, corr, dv);
-            for (int j = 0; j < nb; j++) { /* scores become weights in place */
-                sc[j] = expf(sc[j] - newmax);
-                sum[h] += sc[j];
-            }
-            cpm_axpy_rows(ac, sc, V, vs, nb, dv);
-            mx[h] = newmax;
+}
+
+/* Folds keys j0 .. j0 + nb - 1 (one cache block, nb <= CPM_KV_BLOCK) in. */
+static void group_chunk(group_state *st, int j0, int nb) {
+    const core_args *a = st->a;
+    const cpm_kv_cache *kv = a->kv;
+    int G = st->G, dk = st->dk, dv = st->dv;
+    int slot0 = cpm_kv_slot(kv, st->seq, j0), ks, vs;
+    const float *K = block_rows(kv, cpm_kv_key(kv, a->li, slot0), st->g * dk, dk, kv->k_dim, nb,
+                                st->kbuf, &ks);
+    const float *V = block_rows(kv, cpm_kv_value(kv, a->li, slot0), st->g * dv, dv, kv->v_dim, nb,
+                                st->vbuf, &vs);
+    for (int h = 0; h < G; h++) {
+        float *sc = st->score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
+        cpm_dot_rows(sc, st->q + (size_t)h * dk, K, ks, nb, dk, a->m->attn_scale);
+        for (int j = 0; j < nb; j++)
+            bmax = sc[j] > bmax ? sc[j] : bmax;
+        float newmax = bmax > st->mx[h] ? bmax : st->mx[h];
+        float corr = expf(st->mx[h] - newmax); /* 0 on the first block */
+        float *ac = st->acc + (size_t)h * dv;
+        st->sum[h] *= corr;
+        cpm_scale(ac, corr, dv);
+        for (int j = 0; j < nb; j++) { /* scores become weights in place */
+            sc[j] = expf(sc[j] - newmax);
+            st->sum[h] += sc[j];
         }
+        cpm_axpy_rows(ac, sc, V, vs, nb, dv);
+        st->mx[h] = newmax;
     }
-    float *out = m->s.attn + (size_t)row * m->hp.n_heads * dv + (size_t)g * G * dv;
+}
+
+/* Keys [from, to] (inclusive), chunk by chunk along cache blocks. */
+static void group_range(group_state *st, int from, int to) {
+    for (int j0 = from; j0 <= to; j0 += CPM_KV_BLOCK)
+        group_chunk(st, j0, to - j0 + 1 < CPM_KV_BLOCK ? to - j0 + 1 : CPM_KV_BLOCK);
+}
+
+static void group_end(group_state *st, int row) {
+    const cpm_model *m = st->a->m;
+    int G = st->G, dv = st->dv;
+    float *out = m->s.attn + (size_t)row * m->hp.n_heads * dv + (size_t)st->g * G * dv;
     for (int h = 0; h < G; h++) {
-        float inv = 1.0f / sum[h];
+        float inv = 1.0f / st->sum[h];
         for (int d = 0; d < dv; d++)
-            out[(size_t)h * dv + d] = acc[(size_t)h * dv + d] * inv;
+            out[(size_t)h * dv + d] = st->acc[(size_t)h * dv + d] * inv;
     }
+}
+
+/* InfLLM v2 stage 2 (spec §5.5): the query's selected blocks, in ascending
+ * order, clipped to positions <= pos. */
+static void group_sparse(group_state *st, int pos, float *sel_tls) {
+    const cpm_model *m = st->a->m;
+    const cpm_hparams *hp = &m->hp;
+    int bs = hp->sparse_block;
+    cpm_infllm_query q = {st->a->kv, st->a->li, st->seq, pos, st->g, st->G, st->dk,
+                          m->attn_scale, st->q};
+    cpm_infllm_blocks blk;
+    cpm_infllm_select(hp, &q, sel_tls, &blk);
+    int init_last = blk.init_end * bs - 1, win_last = blk.win_end * bs - 1;
+    if (blk.init_end > 0) /* may hold the query's own block */
+        group_range(st, 0, init_last < pos ? init_last : pos);
+    for (int i = 0; i < blk.n_sel; i++) /* all before the query's block */
+        group_range(st, blk.sel[i] * bs, blk.sel[i] * bs + bs - 1);
+    if (blk.win_end > blk.win_begin)
+        group_range(st, blk.win_begin * bs, win_last < pos ? win_last : pos);
+}
+
+/* One KV head group of one row: dense over positions 0..pos, or InfLLM v2. */
+static void attend_group(const core_args *a, int row, int g, float *tls, float *sel_tls) {
+    group_state st;
+    int pos = a->b->pos[row];
+    group_begin(&st, a, row, g, tls);
+    if (cpm_infllm_is_sparse(&a->m->hp, pos))
+        group_sparse(&st, pos, sel_tls);
+    else
+        group_range(&st, 0, pos);
+    group_end(&st, row);
 }
 
 static void core_worker(void *arg, int tid, int nthreads) {
     core_args *a = arg;
     float *tls = a->m->s.attn_tls + (size_t)tid * a->m->attn_tls_floats;
+    float *sel_tls = a->m->s.infllm_tls + (size_t)tid * a->m->infllm_tls_floats;
     int tasks = a->n * a->m->kv_heads;
     for (int t = tid; t < tasks; t += nthreads) /* interleaved: causal rows differ in cost */
-        attend_group(a, t / a->m->kv_heads, t % a->m->kv_heads, tls);
+        attend_group(a, t / a->m->kv_heads, t % a->m->kv_heads, tls, sel_tls);
 }
 
 static void store_row(const cpm_kv_cache *kv, void *dst, const float *src, int n) {
@@ -180,6 +242,7 @@ static void gqa_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch 
     rope_heads(m, m->s.q, n, nh, d, nh * d);
     rope_heads(m, m->s.k, n, nkv, d, nkv * d);
     store_kv(m, kv, li, n, m->s.k, m->s.v);
+    cpm_kv_cache_sum_keys(kv, li, m->s.kv_slot, n); /* InfLLM v2 compressed keys */
     attend_and_project(m, kv, li, b, n);
 }
 

@@ -32,6 +32,7 @@ typedef struct ck_tensor {
     cpm_tensor_view view;
     char *unsupported; /* why the engine cannot use it, or NULL */
     void *owned;       /* a copy made at open time, or NULL */
+    bool i32;          /* I32 (GPTQ packed ints): unsupported, but served by expect_i32 */
 } ck_tensor;
 
 struct cpm_checkpoint {
@@ -166,6 +167,11 @@ static int set_data(ck_tensor *t, const uint8_t *src, size_t nbytes, size_t elsi
 static int set_type(ck_tensor *t, const char *dtype, int ndim, const int64_t *shape,
                     cpm_error *err) {
     char why[96];
+    if (!strcmp(dtype, "I32") && ndim <= CPM_TENSOR_MAX_DIMS) {
+        t->i32 = true; /* shape kept for cpm_checkpoint_expect_i32 */
+        t->view.ndim = ndim;
+        memcpy(t->view.shape, shape, (size_t)ndim * sizeof *shape);
+    }
     if (!cpm_safetensors_dtype_engine(dtype, &t->view.dtype)) {
         snprintf(why, sizeof why, "dtype %.40s is not supported (F32, F16, BF16 are)", dtype);
         return mark_unsupported(t, why, err);
@@ -639,6 +645,21 @@ static void format_shape(char *buf, size_t cap, int ndim, const int64_t *shape) 
         snprintf(buf + n, cap - n, "]");
 }
 
+static int check_shape(const ck_tensor *t, const char *name, int ndim, const int64_t *shape,
+                       cpm_error *err) {
+    bool ok = t->view.ndim == ndim;
+    for (int d = 0; ok && d < ndim; d++)
+        ok = shape[d] < 0 || shape[d] == t->view.shape[d];
+    if (!ok) {
+        char have[160], want[160];
+        format_shape(have, sizeof have, t->view.ndim, t->view.shape);
+        format_shape(want, sizeof want, ndim, shape);
+        return cpm_error_set(err, CPM_ESHAPE, "%s: tensor %s: shape %s, expected %s",
+                             t->view.file, name, have, want);
+    }
+    return 0;
+}
+
 int cpm_checkpoint_expect(const cpm_checkpoint *ck, const char *name, int ndim,
                           const int64_t *shape, const cpm_tensor_view **ret,
                           cpm_error *err) {
@@ -650,17 +671,26 @@ int cpm_checkpoint_expect(const cpm_checkpoint *ck, const char *name, int ndim,
     if (t->unsupported)
         return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: tensor %s: %s", t->view.file, name,
                              t->unsupported);
-    bool ok = t->view.ndim == ndim;
-    for (int d = 0; ok && d < ndim; d++)
-        ok = shape[d] < 0 || shape[d] == t->view.shape[d];
-    if (!ok) {
-        char have[160], want[160];
-        format_shape(have, sizeof have, t->view.ndim, t->view.shape);
-        format_shape(want, sizeof want, ndim, shape);
-        return cpm_error_set(err, CPM_ESHAPE, "%s: tensor %s: shape %s, expected %s",
-                             t->view.file, name, have, want);
-    }
-    if (ret)
+    int rc = check_shape(t, name, ndim, shape, err);
+    if (rc == 0 && ret)
         *ret = &t->view;
-    return 0;
+    return rc;
+}
+
+int cpm_checkpoint_expect_i32(const cpm_checkpoint *ck, const char *name, int ndim,
+                              const int64_t *shape, const int32_t **ret, cpm_error *err) {
+    *ret = NULL;
+    const ck_tensor *t = find_any(ck, name);
+    if (!t)
+        return cpm_error_set(err, CPM_ENOTFOUND, "tensor %s: missing from %s", name, ck->dir);
+    if (!t->i32)
+        return t->unsupported
+                   ? cpm_error_set(err, CPM_EFORMAT, "%s: tensor %s: expected I32 (%s)",
+                                   t->view.file, name, t->unsupported)
+                   : cpm_error_set(err, CPM_EFORMAT, "%s: tensor %s: dtype %s, expected I32",
+                                   t->view.file, name, cpm_dtype_name(t->view.dtype));
+    int rc = check_shape(t, name, ndim, shape, err);
+    if (rc == 0)
+        *ret = t->view.data;
+    return rc;
 }

@@ -70,4 +70,12 @@ int cpm_checkpoint_expect(const cpm_checkpoint *ck, const char *name, int ndim,
                           const int64_t *shape, const cpm_tensor_view **ret,
                           cpm_error *err);
 
+/* GPTQ's packed integer tensors (qweight, qzeros, g_idx) are I32, which is no
+ * engine dtype: they stay among the unsupported tensors above, and only this
+ * call serves them, with the same lookup and shape checks as
+ * cpm_checkpoint_expect plus CPM_EFORMAT "<file>: tensor X: dtype ..., expected
+ * I32". *ret points into the checkpoint (4-byte aligned, little-endian). */
+int cpm_checkpoint_expect_i32(const cpm_checkpoint *ck, const char *name, int ndim,
+                              const int64_t *shape, const int32_t **ret, cpm_error *err);
+
 #endif

@@ -154,29 +154,127 @@ static int parse_act(json_t *root, cpm_hparams *hp, const char *file, cpm_error 
     return 0;
 }
 
-/* Quantized checkpoints need kernels this engine does not have yet: refuse
- * them plainly. InfLLM v2 is dense below dense_len (HF-M4), so such models run
- * up to that length and the forward pass refuses to go further. */
-static int parse_extensions(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
-    json_t *q = json_object_get(root, "quantization_config");
-    if (q && !json_is_null(q)) {
-        json_t *m = json_object_get(q, "quant_method");
-        return cpm_error_set(err, CPM_EUNSUPPORTED,
-                             "%s: quantization_config (%s) is not supported yet; use a BF16/F16/F32 "
-                             "checkpoint", file, json_is_string(m) ? json_string_value(m) : "?");
-    }
+/* InfLLM v2 sparse_config (spec §5.1; defaults of the HF attention class).
+ * Compressed keys are built from the KV cache's per-block key sums, so kernel
+ * and stride must be whole cache blocks and a selection block whole strides;
+ * the un-roped key cache that use_nope needs is not kept. */
+static int sparse_field_error(cpm_error *err, const char *file, const char *key, int v,
+                              const char *why) {
+    return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: sparse_config.%s: %d is not supported (%s)",
+                         file, key, v, why);
+}
+
+static int parse_sparse(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
     json_t *sc = json_object_get(root, "sparse_config");
     if (!sc || json_is_null(sc))
         return 0;
     if (!json_is_object(sc))
         return cpm_error_set(err, CPM_EFORMAT, "%s: sparse_config: expected an object", file);
+    const int big = 1 << 30;
+    bool nope = false;
     hp->sparse = true;
     hp->sparse_dense_len = 8192;
-    if (get_int(sc, "dense_len", &hp->sparse_dense_len, -1, 1 << 30, file, err))
+    hp->sparse_kernel = 32;
+    hp->sparse_stride = 16;
+    hp->sparse_block = 64;
+    hp->sparse_init_blocks = 1;
+    hp->sparse_window = 2048;
+    hp->sparse_topk = 64;
+    if (get_int(sc, "dense_len", &hp->sparse_dense_len, -1, big, file, err) ||
+        get_int(sc, "kernel_size", &hp->sparse_kernel, 1, big, file, err) ||
+        get_int(sc, "kernel_stride", &hp->sparse_stride, 1, big, file, err) ||
+        get_int(sc, "block_size", &hp->sparse_block, 1, big, file, err) ||
+        get_int(sc, "init_blocks", &hp->sparse_init_blocks, 0, big, file, err) ||
+        get_int(sc, "window_size", &hp->sparse_window, 0, big, file, err) ||
+        get_int(sc, "topk", &hp->sparse_topk, 1, 65536, file, err) ||
+        get_bool(sc, "use_nope", &nope, file, err))
         return cpm_error_prefix(err, "sparse_config");
     if (hp->sparse_dense_len < 0) /* -1 = always sparse */
         hp->sparse_dense_len = 0;
+    if (nope)
+        return cpm_error_set(err, CPM_EUNSUPPORTED,
+                             "%s: sparse_config.use_nope: true is not supported (selection runs on "
+                             "the roped keys of the cache)", file);
+    if (hp->sparse_kernel % CPM_KV_BLOCK)
+        return sparse_field_error(err, file, "kernel_size", hp->sparse_kernel,
+                                  "must be a multiple of 16");
+    if (hp->sparse_stride % CPM_KV_BLOCK)
+        return sparse_field_error(err, file, "kernel_stride", hp->sparse_stride,
+                                  "must be a multiple of 16");
+    if (hp->sparse_block % hp->sparse_stride)
+        return sparse_field_error(err, file, "block_size", hp->sparse_block,
+                                  "must be a multiple of kernel_stride");
     return 0;
+}
+
+/* quantization_config: AutoGPTQ int4 only (minicpm-spec.md §8). In the
+ * classic checkpoint_format "gptq" every stored zero is the real one minus one
+ * (AutoGPTQ's packer subtracts 1, its kernels add it back); "gptq_v2" stores
+ * real zeros; "marlin" is a GPU tile layout. An absent checkpoint_format is
+ * "gptq", as in every AutoGPTQ release before the field existed. */
+static int quant_refuse(cpm_error *err, const char *file, const char *field, const char *v) {
+    return cpm_error_set(err, CPM_EUNSUPPORTED,
+                         "%s: quantization_config.%s: %s is not supported (only GPTQ 4-bit, "
+                         "checkpoint_format gptq)", file, field, v);
+}
+
+static int get_quant_string(json_t *q, const char *key, const char **out, const char *file,
+                            cpm_error *err) {
+    json_t *v = json_object_get(q, key);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.%s: expected a string",
+                             file, key);
+    *out = json_string_value(v);
+    return 0;
+}
+
+static int parse_quant(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
+    json_t *q = json_object_get(root, "quantization_config");
+    if (!q || json_is_null(q))
+        return 0;
+    if (!json_is_object(q))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config: expected an object", file);
+    const char *method = NULL, *format = "gptq";
+    bool lm_head = false;
+    char bits[16];
+    int nbits = 0;
+    hp->quant_group_size = 128; /* AutoGPTQ's BaseQuantizeConfig default */
+    if (get_quant_string(q, "quant_method", &method, file, err) ||
+        get_quant_string(q, "checkpoint_format", &format, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    if (!method)
+        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.quant_method is missing",
+                             file);
+    if (strcmp(method, "gptq") != 0)
+        return quant_refuse(err, file, "quant_method", method);
+    if (strcmp(format, "gptq") != 0)
+        return quant_refuse(err, file, "checkpoint_format", format);
+    if (!json_object_get(q, "bits"))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.bits is missing", file);
+    if (get_int(q, "bits", &nbits, 1, 64, file, err) ||
+        get_int(q, "group_size", &hp->quant_group_size, -1, 1 << 20, file, err) ||
+        get_bool(q, "desc_act", &hp->quant_desc_act, file, err) ||
+        get_bool(q, "sym", &hp->quant_sym, file, err) ||
+        get_bool(q, "lm_head", &lm_head, file, err))
+        return cpm_error_prefix(err, "quantization_config");
+    if (nbits != 4)
+        return snprintf(bits, sizeof bits, "%d", nbits), quant_refuse(err, file, "bits", bits);
+    if (hp->quant_group_size == 0 || hp->quant_group_size < -1)
+        return cpm_error_set(err, CPM_ERANGE,
+                             "%s: quantization_config.group_size: %d (expected -1 or > 0)", file,
+                             hp->quant_group_size);
+    if (lm_head)
+        return quant_refuse(err, file, "lm_head", "true");
+    hp->quant = CPM_QUANT_GPTQ;
+    hp->quant_zero_offset = 1;
+    return 0;
+}
+
+static int parse_extensions(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
+    int rc = parse_quant(root, hp, file, err);
+    return rc ? rc : parse_sparse(root, hp, file, err);
 }
 
 static void set_defaults(cpm_hparams *hp) {

@@ -25,6 +25,11 @@ typedef enum cpm_act {
     CPM_ACT_FATRELU,
 } cpm_act;
 
+typedef enum cpm_quant_kind {
+    CPM_QUANT_NONE = 0,
+    CPM_QUANT_GPTQ,  /* AutoGPTQ int4: X.qweight/scales/qzeros/g_idx per decoder linear */
+} cpm_quant_kind;
+
 typedef struct cpm_hparams {
     char arch[64];             /* architectures[0] */
     int vocab_size;
@@ -65,10 +70,27 @@ typedef struct cpm_hparams {
     double rope_short[CPM_ROPE_MAX_FACTORS];
     double rope_long[CPM_ROPE_MAX_FACTORS];
 
-    /* InfLLM v2 (MiniCPM4 sparse_config): attention is dense while the
-     * sequence is shorter than dense_len, which is all this engine runs yet. */
+    /* InfLLM v2 (MiniCPM4 sparse_config, minicpm-spec.md §5; shard/model/infllm.h).
+     * A query at position t attends sparsely iff t + 1 >= sparse_dense_len
+     * (0 when the config says -1: always sparse). Lengths are in tokens;
+     * kernel and stride are multiples of CPM_KV_BLOCK (16), block a multiple
+     * of stride, use_nope false: hf_config refuses anything else. */
     bool sparse;
     int sparse_dense_len;
+    int sparse_kernel;      /* kernel_size p: tokens per compressed key */
+    int sparse_stride;      /* kernel_stride s: step between compressed keys */
+    int sparse_block;       /* block_size m: the unit of selection */
+    int sparse_init_blocks; /* init_blocks: first blocks always attended */
+    int sparse_window;      /* window_size: tokens of recent blocks always attended */
+    int sparse_topk;        /* topk: blocks kept per query (forced ones included) */
+
+    /* quantization_config (GPTQ 4-bit): the decoder layers' linears may be
+     * stored as int4; embeddings, norms and lm_head stay float. */
+    cpm_quant_kind quant;
+    int quant_group_size;   /* columns per group; -1 = one group per row */
+    bool quant_desc_act;    /* act-order: columns permuted, g_idx says each one's group */
+    bool quant_sym;
+    int quant_zero_offset;  /* added to stored zeros: 1 for checkpoint_format "gptq" */
 
     /* special ids */
     int bos_id;

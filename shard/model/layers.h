@@ -10,17 +10,20 @@
 #include "../kernels/dtype.h"
 #include "../kernels/pool.h"
 #include "../kernels/matmul.h"
+#include "../kernels/matmul_q4.h"
 #include "../kv_cache_internal.h"
 #include "arch.h"
 #include "checkpoint.h"
 #include "hf_config.h"
 #include "model.h"
 
-/* A weight matrix [rows, cols] (row = output feature) pointing into the checkpoint. */
+/* A weight matrix [rows, cols] (row = output feature) pointing into the checkpoint,
+ * or, for a GPTQ int4 linear, repacked at load into q4 (owned by the model; data NULL). */
 typedef struct cpm_weight {
     const void *data;
     cpm_dtype dtype;
     int rows, cols;
+    cpm_q4 *q4;
 } cpm_weight;
 
 typedef struct cpm_layer {
@@ -58,6 +61,7 @@ typedef struct cpm_scratch {
     float *xg;       /* MoE: [T, H] gathered rows */
     float *yg;       /* MoE: [T, H] one expert's output */
     float *attn_tls; /* per thread: online-softmax state of one KV-head group */
+    float *infllm_tls; /* per thread: InfLLM v2 block selection (sparse models only) */
     int *rows;       /* [T] wanted rows (last stage) */
     int *kv_slot;    /* [T] KV cache slot (block * BLOCK + offset) of each row */
 } cpm_scratch;
@@ -72,6 +76,7 @@ struct cpm_model {
     int max_batch;
     int n_threads;
     size_t attn_tls_floats; /* per thread */
+    size_t infllm_tls_floats; /* per thread, 0 without sparse_config */
 
     /* attention geometry, uniform for GQA and MLA */
     int qk_dim;      /* per-head query/key width */
@@ -102,7 +107,11 @@ void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv);
 /* Weight matmul for n rows: y[n, w.rows] = x[n, w.cols] * W^T. */
 static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w,
                                     int n) {
-    cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows, w->cols);
+    if (w->q4)
+        cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
+    else
+        cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows,
+                   w->cols);
 }
 
 #endif

@@ -7,11 +7,13 @@
 #include "layers.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../kernels/matmul.h"
 #include "../kernels/ops.h"
+#include "infllm.h"
 
 cpm_model_opts cpm_model_opts_default(void) {
     return (cpm_model_opts){.layer_begin = 0, .layer_end = -1, .n_threads = 1,
@@ -44,10 +46,159 @@ static bool is_norm(cpm_role r) {
            r == CPM_W_KV_A_NORM || r == CPM_W_FINAL_NORM;
 }
 
+/* ---- GPTQ int4 linears (minicpm-spec.md §8) ----
+ * A decoder linear X of a GPTQ checkpoint comes as X.qweight, X.scales,
+ * X.qzeros and (optionally) X.g_idx; one still stored as X.weight (a MoE
+ * router, say) loads as a float weight. Everything is checked against the
+ * config here, then repacked once by cpm_q4_new. */
+
+static bool wants_q4(const cpm_model *m, const cpm_tensor_need *need) {
+    return m->hp.quant == CPM_QUANT_GPTQ && need->layer >= 0 && need->ndim == 2 &&
+           !cpm_checkpoint_find(m->ckpt, need->name);
+}
+
+static cpm_weight *slot_of(cpm_model *m, const cpm_tensor_need *need) {
+    cpm_layer *L = &m->layers[need->layer - m->info.layer_begin];
+    if (need->expert >= 0)
+        return &L->experts[need->role - CPM_W_EXPERT_GATE][need->expert];
+    return &L->w[need->role];
+}
+
+/* name of the linear's tensor `part` ("qweight", ...) from its "X.weight" */
+static void part_name(char *out, size_t cap, const char *weight_name, const char *part) {
+    size_t n = strlen(weight_name), k = strlen(".weight");
+    int base = (int)(n > k && !strcmp(weight_name + n - k, ".weight") ? n - k : n);
+    snprintf(out, cap, "%.*s.%s", base, weight_name, part);
+}
+
+/* f32 copy of a float tensor [rows, cols] (scales), or of a bias [rows]. */
+static int float_copy(const cpm_checkpoint *ck, const char *name, int ndim, int64_t rows,
+                      int64_t cols, float **ret, cpm_error *err) {
+    const cpm_tensor_view *t;
+    int64_t shape[2] = {rows, cols};
+    int rc = cpm_checkpoint_expect(ck, name, ndim, shape, &t, err);
+    if (rc)
+        return rc;
+    size_t n = (size_t)rows * (size_t)(ndim > 1 ? cols : 1);
+    if (!(*ret = malloc((n ? n : 1) * sizeof(float))))
+        return cpm_error_set(err, CPM_ENOMEM, "tensor %s: out of memory", name);
+    cpm_dtype_to_f32(*ret, t->data, t->dtype, n);
+    return 0;
+}
+
+/* MiniCPM linears have no bias; AutoGPTQ may still write an all-zero one. */
+static int check_no_bias(const cpm_model *m, const char *wname, int N, cpm_error *err) {
+    char name[160];
+    float *b = NULL;
+    part_name(name, sizeof name, wname, "bias");
+    if (!cpm_checkpoint_find(m->ckpt, name))
+        return 0;
+    int rc = float_copy(m->ckpt, name, 1, N, 0, &b, err);
+    for (int i = 0; rc == 0 && i < N; i++)
+        if (b[i] != 0.0f)
+            rc = cpm_error_set(err, CPM_EUNSUPPORTED,
+                               "tensor %s: non-zero bias (%g at [%d]); MiniCPM linears have none",
+                               name, b[i], i);
+    free(b);
+    return rc;
+}
+
+typedef struct q4_tensors {
+    const int32_t *qweight, *qzeros, *g_idx;
+    float *scales; /* owned */
+} q4_tensors;
+
+static int read_q4_tensors(const cpm_model *m, const char *wname, int K, int N, int G,
+                           q4_tensors *q, cpm_error *err) {
+    char name[160];
+    const cpm_checkpoint *ck = m->ckpt;
+    int64_t qw[2] = {K / 8, N}, qz[2] = {G, N / 8}, gi[1] = {K};
+    part_name(name, sizeof name, wname, "qweight");
+    int rc = cpm_checkpoint_expect_i32(ck, name, 2, qw, &q->qweight, err);
+    part_name(name, sizeof name, wname, "qzeros");
+    if (rc == 0)
+        rc = cpm_checkpoint_expect_i32(ck, name, 2, qz, &q->qzeros, err);
+    part_name(name, sizeof name, wname, "scales");
+    if (rc == 0)
+        rc = float_copy(ck, name, 2, G, N, &q->scales, err);
+    part_name(name, sizeof name, wname, "g_idx");
+    if (rc == 0) {
+        rc = cpm_checkpoint_expect_i32(ck, name, 1, gi, &q->g_idx, err);
+        if (rc == CPM_ENOTFOUND && !m->hp.quant_desc_act)
+            rc = 0; /* without act-order the group of k is k / group_size */
+        else if (rc == CPM_ENOTFOUND)
+            rc = cpm_error_prefix(err, "quantization_config.desc_act is true");
+    }
+    return rc;
+}
+
+static int q4_error(int rc, const char *wname, int bad, int G, int gs, cpm_error *err) {
+    char name[160];
+    part_name(name, sizeof name, wname, "g_idx");
+    switch (rc) {
+    case CPM_Q4_EGIDX:
+        return cpm_error_set(err, CPM_ERANGE, "tensor %s: entry [%d] is outside [0, %d)", name,
+                             bad, G);
+    case CPM_Q4_EGROUP:
+        return cpm_error_set(err, CPM_EFORMAT,
+                             "tensor %s: group %d does not hold exactly %d columns", name, bad, gs);
+    case CPM_Q4_ENOMEM:
+        return cpm_error_set(err, CPM_ENOMEM, "%s: repacking int4 weights: out of memory", wname);
+    default:
+        return cpm_error_set(err, CPM_EINTERNAL, "%s: int4 repack refused its input", wname);
+    }
+}
+
+static int bind_q4(cpm_model *m, const cpm_tensor_need *need, cpm_error *err) {
+    int N = (int)need->shape[0], K = (int)need->shape[1];
+    int gs = m->hp.quant_group_size < 0 ? K : m->hp.quant_group_size;
+    char name[160];
+    part_name(name, sizeof name, need->name, "qweight");
+    if (K % 8 || N % 8)
+        return cpm_error_set(err, CPM_ESHAPE, "tensor %s: [%d out, %d in] features: GPTQ packs "
+                             "multiples of 8", name, N, K);
+    if (K % gs)
+        return cpm_error_set(err, CPM_ESHAPE, "config.json: quantization_config.group_size %d "
+                             "does not divide the %d input features of %s", gs, K, name);
+    q4_tensors q = {0};
+    int bad = 0, rc = read_q4_tensors(m, need->name, K, N, K / gs, &q, err);
+    if (rc == 0)
+        rc = check_no_bias(m, need->name, N, err);
+    cpm_weight *w = slot_of(m, need);
+    if (rc == 0) {
+        cpm_q4_gptq src = {.qweight = q.qweight, .scales = q.scales, .qzeros = q.qzeros,
+                           .g_idx = q.g_idx, .K = K, .N = N, .group_size = gs,
+                           .zero_offset = m->hp.quant_zero_offset};
+        rc = cpm_q4_new(&src, &w->q4, &bad);
+        if (rc)
+            rc = q4_error(rc, need->name, bad, K / gs, gs, err);
+    }
+    free(q.scales);
+    w->rows = N;
+    w->cols = K;
+    return rc;
+}
+
+/* MLA's absorbed kv_b rows from an int4 kv_b_proj: dequantized, exactly. */
+static void dequant_rows(const cpm_weight *w, int row0, int nrows, float *out) {
+    for (int r = 0; r < nrows; r++)
+        cpm_q4_dequant_row(w->q4, row0 + r, out + (size_t)r * (size_t)w->cols);
+}
+
+static void free_q4_weights(cpm_layer *L, int n_experts) {
+    for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
+        cpm_q4_free(L->w[r].q4);
+    for (int j = 0; j < 3; j++)
+        for (int e = 0; L->experts[j] && e < n_experts; e++)
+            cpm_q4_free(L->experts[j][e].q4);
+}
+
 static int bind_one(const cpm_tensor_need *need, void *vctx) {
     bind_ctx *c = vctx;
     cpm_model *m = c->m;
     const cpm_tensor_view *t;
+    if (wants_q4(m, need))
+        return bind_q4(m, need, c->err);
     int rc = cpm_checkpoint_expect(m->ckpt, need->name, need->ndim, need->shape, &t, c->err);
     if (rc)
         return rc;
@@ -103,6 +254,8 @@ static void set_geometry(cpm_model *m) {
                     (size_t)CPM_KV_BLOCK * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim) + 16;
     if (m->arch->attn == CPM_ATTN_MLA && latent > m->attn_tls_floats)
         m->attn_tls_floats = latent;
+    if (hp->sparse)
+        m->infllm_tls_floats = cpm_infllm_scratch_floats(hp, (int)G);
 }
 
 static int init_rope(cpm_model *m, cpm_error *err) {
@@ -153,6 +306,7 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->xg, T * H * 4},
         {(void **)&s->yg, T * H * 4},
         {(void **)&s->attn_tls, (size_t)m->n_threads * m->attn_tls_floats * 4},
+        {(void **)&s->infllm_tls, (size_t)m->n_threads * m->infllm_tls_floats * 4},
         {(void **)&s->rows, T * sizeof(int)},
         {(void **)&s->kv_slot, T * sizeof(int)},
     };
@@ -170,6 +324,7 @@ static void free_scratch(cpm_scratch *s) {
     void *ptrs[] = {s->x, s->xn, s->q, s->k, s->v, s->attn, s->lat_q, s->lat_kv,
                     s->lat_kvn, s->kv_b, s->gate, s->up, s->out, s->rope_cos, s->rope_sin,
                     s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg, s->attn_tls,
+                    s->infllm_tls,
                     s->rows, s->kv_slot};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
         free(ptrs[i]);
@@ -187,7 +342,11 @@ static int build_absorb(cpm_model *m, cpm_layer *L, cpm_error *err) {
     L->absorb_v = malloc((size_t)nh * dv * lr * sizeof(float));
     if (!L->absorb_k || !L->absorb_v)
         return cpm_error_set(err, CPM_ENOMEM, "MLA absorbed weights: out of memory");
-    for (int h = 0; h < nh; h++) {
+    for (int h = 0; w->q4 && h < nh; h++) {
+        dequant_rows(w, h * (nope + dv), nope, L->absorb_k + (size_t)h * nope * lr);
+        dequant_rows(w, h * (nope + dv) + nope, dv, L->absorb_v + (size_t)h * dv * lr);
+    }
+    for (int h = 0; !w->q4 && h < nh; h++) {
         const char *head = (const char *)w->data + (size_t)h * (nope + dv) * row_bytes;
         cpm_dtype_to_f32(L->absorb_k + (size_t)h * nope * lr, head, w->dtype, (size_t)nope * lr);
         cpm_dtype_to_f32(L->absorb_v + (size_t)h * dv * lr, head + (size_t)nope * row_bytes,
@@ -260,6 +419,11 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     }
     if ((rc = check_opts(&m->hp, &o, err)))
         goto fail;
+    if (m->hp.sparse && m->arch->attn != CPM_ATTN_GQA) { /* InfLLM v2 is MiniCPM4 (GQA) only */
+        rc = cpm_error_set(err, CPM_EUNSUPPORTED, "config.json: sparse_config needs GQA attention, "
+                           "not %s", m->arch->hf_name);
+        goto fail;
+    }
     m->ffn = cpm_arch_ffn_kind(&m->hp);
     m->max_batch = o.max_batch_tokens;
     m->n_threads = o.n_threads;
@@ -297,6 +461,7 @@ void cpm_model_free(cpm_model *m) {
         for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
             for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
                 free(m->layers[l].norm[r]);
+            free_q4_weights(&m->layers[l], m->hp.n_experts);
             for (int j = 0; j < 3; j++)
                 free(m->layers[l].experts[j]);
             free(m->layers[l].absorb_k);
@@ -317,6 +482,8 @@ const cpm_model_info *cpm_model_get_info(const cpm_model *m) {
 }
 
 static size_t weight_bytes(const cpm_weight *w) {
+    if (w->q4)
+        return cpm_q4_bytes(w->q4);
     return w->data ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
 }
 
@@ -344,7 +511,7 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m) {
     return (cpm_kv_geometry){.n_layers = m->info.layer_end - m->info.layer_begin,
                              .k_dim = m->cache_k_dim, .v_dim = m->cache_v_dim,
-                             .dtype = CPM_DTYPE_F32};
+                             .dtype = CPM_DTYPE_F32, .key_sums = m->hp.sparse};
 }
 
 static void embed_rows(cpm_model *m, const cpm_batch *b) {
@@ -376,11 +543,6 @@ static int check_batch(const cpm_model *m, const cpm_batch *b, cpm_error *err) {
                                  i, b->ids[i], m->hp.vocab_size);
         if (b->pos[i] < 0)
             return cpm_error_set(err, CPM_ERANGE, "batch row %d: negative position", i);
-        if (m->hp.sparse && b->pos[i] >= m->hp.sparse_dense_len)
-            return cpm_error_set(err, CPM_EUNSUPPORTED,
-                                 "position %d: InfLLM v2 sparse attention (sparse_config) starts at "
-                                 "dense_len %d and is not implemented yet",
-                                 b->pos[i], m->hp.sparse_dense_len);
     }
     return 0;
 }
@@ -421,6 +583,9 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
 int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float *out,
                       cpm_error *err) {
     int rc = check_batch(m, b, err);
+    if (rc == 0 && m->hp.sparse && !kv->key_sums)
+        rc = cpm_error_set(err, CPM_EINVAL, "kv cache: InfLLM v2 (sparse_config) needs key sums; "
+                           "create the cache from cpm_model_kv_geometry");
     if (rc || (rc = cpm_kv_cache_reserve(kv, b, m->s.kv_slot, err)))
         return rc;
     int H = m->hp.hidden_size;

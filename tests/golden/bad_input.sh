@@ -1,9 +1,10 @@
 #!/bin/sh
 # cpm-run on broken checkpoints: each case must exit with status 1 (a clean
 # error, not a crash or a sanitizer abort) and print a message naming what is
-# wrong. Usage: bad_input.sh CPM_RUN GOOD_MODEL_DIR
+# wrong. With CPM_GEN_MODEL, broken GPTQ int4 checkpoints too.
+# Usage: bad_input.sh CPM_RUN GOOD_MODEL_DIR [CPM_GEN_MODEL]
 set -u
-run=$1 good=$2
+run=$1 good=$2 gen=${3:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fails=0
@@ -22,12 +23,12 @@ expect() {
     fi
 }
 
-# A fresh copy of the good model, then the edit given as a python snippet
-# (p = path of the copy).
+# A fresh copy of the good model ($base when set), then the edit given as a
+# python snippet (p = path of the copy).
 variant() {
     d="$tmp/$1"
     rm -rf "$d"
-    cp -r "$good" "$d"
+    cp -r "${base:-$good}" "$d"
     /usr/bin/python3 - "$d" <<PY
 import json, struct, sys, os
 p = sys.argv[1]
@@ -84,6 +85,36 @@ expect "no weights file" "safetensors" -- --model "$tmp/nofile" $ids
 expect "missing directory" "config.json" -- --model "$tmp/does-not-exist" $ids
 expect "token id out of range" "token id 99999" -- --model "$good" --ids 1,99999 --n 1 --print-ids
 expect "bad --ids" "bad token id" -- --model "$good" --ids 1,x --n 1 --print-ids
+
+# GPTQ int4: the linear model.layers.0.self_attn.q_proj is [128 out, 128 in], group 32.
+if [ -n "$gen" ]; then
+    base="$tmp/gptq-good"
+    "$gen" --variant minicpm4-tiny --layers 2 --hidden 128 --inter 256 --heads 4 --kv-heads 2 \
+        --dtype f32 --quant gptq --group-size 32 --desc-act --out "$base" 2>/dev/null
+    q=model.layers.0.self_attn.q_proj
+
+    variant q_bits "cfg_edit(lambda c: c['quantization_config'].update(bits=8))"
+    expect "GPTQ bits 8" "quantization_config.bits: 8 is not supported" -- --model "$tmp/q_bits" $ids
+
+    variant q_awq "cfg_edit(lambda c: c['quantization_config'].update(quant_method='awq'))"
+    expect "AWQ" "quantization_config.quant_method: awq is not supported" -- --model "$tmp/q_awq" $ids
+
+    variant q_v2 "cfg_edit(lambda c: c['quantization_config'].update(checkpoint_format='gptq_v2'))"
+    expect "gptq_v2 format" "checkpoint_format: gptq_v2" -- --model "$tmp/q_v2" $ids
+
+    variant q_shape "b, n, h = header(); h['$q.qweight']['shape'] = [128, 16]; write_header(b, n, h)"
+    expect "qweight shape" "$q.qweight: shape \[128,16\], expected \[16,128\]" -- --model "$tmp/q_shape" $ids
+
+    variant q_noscales "b, n, h = header(); h['$q.scalez'] = h.pop('$q.scales'); write_header(b, n, h)"
+    expect "missing scales" "tensor $q.scales: missing" -- --model "$tmp/q_noscales" $ids
+
+    variant q_gidx "b, n, h = header(); o = 8 + n + h['$q.g_idx']['data_offsets'][0] + 5 * 4
+b = bytearray(b); b[o:o + 4] = struct.pack('<i', 999); open(p + '/model.safetensors', 'wb').write(b)"
+    expect "g_idx out of range" "$q.g_idx: entry \[5\] is outside \[0, 4)" -- --model "$tmp/q_gidx" $ids
+
+    variant q_dtype "b, n, h = header(); h['$q.qzeros']['dtype'] = 'F32'; write_header(b, n, h)"
+    expect "qzeros not I32" "$q.qzeros: dtype F32, expected I32" -- --model "$tmp/q_dtype" $ids
+fi
 
 [ $fails -eq 0 ] && echo "all bad-input cases gave clean errors"
 exit $fails

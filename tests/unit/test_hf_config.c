@@ -71,9 +71,42 @@ static void test_errors(void **state) {
     expect_error("{" BASE ",\"num_experts\":8,\"num_experts_per_tok\":9}", CPM_ERANGE,
                  "num_experts_per_tok");
     expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\"}}",
-                 CPM_EUNSUPPORTED, "gptq");
+                 CPM_EFORMAT, "quantization_config.bits is missing");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"awq\",\"bits\":4}}",
+                 CPM_EUNSUPPORTED, "quantization_config.quant_method: awq");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":8}}",
+                 CPM_EUNSUPPORTED, "quantization_config.bits: 8");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":4,"
+                 "\"checkpoint_format\":\"gptq_v2\"}}", CPM_EUNSUPPORTED, "gptq_v2");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":4,"
+                 "\"group_size\":0}}", CPM_ERANGE, "group_size");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":4,"
+                 "\"lm_head\":true}}", CPM_EUNSUPPORTED, "lm_head");
     expect_error("{" BASE ",\"max_position_embeddings\":-5}", CPM_ERANGE, "max_position_embeddings");
     expect_error("{" BASE ",\"vocab_size\":1,\"vocab_size\":2}", CPM_EFORMAT, "duplicate");
+}
+
+/* MiniCPM-2B-sft-int4's fields (minicpm-spec.md §8). */
+static void test_gptq(void **state) {
+    (void)state;
+    cpm_hparams hp;
+    cpm_error e = {0};
+    assert_int_equal(cpm_hparams_parse("{" BASE ",\"quantization_config\":{\"bits\":4,"
+                                       "\"group_size\":128,\"damp_percent\":0.01,"
+                                       "\"desc_act\":true,\"sym\":true,\"true_sequential\":true,"
+                                       "\"quant_method\":\"gptq\",\"checkpoint_format\":\"gptq\"}}",
+                                       "config.json", &hp, &e), 0);
+    assert_int_equal(hp.quant, CPM_QUANT_GPTQ);
+    assert_int_equal(hp.quant_group_size, 128);
+    assert_true(hp.quant_desc_act && hp.quant_sym);
+    assert_int_equal(hp.quant_zero_offset, 1);
+    assert_int_equal(cpm_hparams_parse("{" BASE ",\"quantization_config\":{\"bits\":4,"
+                                       "\"group_size\":-1,\"quant_method\":\"gptq\"}}",
+                                       "config.json", &hp, &e), 0);
+    assert_int_equal(hp.quant_group_size, -1);
+    assert_false(hp.quant_desc_act);
+    assert_int_equal(cpm_hparams_parse("{" BASE "}", "config.json", &hp, &e), 0);
+    assert_int_equal(hp.quant, CPM_QUANT_NONE);
 }
 
 static void test_eos_merge_and_sparse(void **state) {
@@ -97,6 +130,7 @@ int main(void) {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_longrope_both_keys),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_gptq),
         cmocka_unit_test(test_eos_merge_and_sparse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

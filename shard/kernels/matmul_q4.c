@@ -1,0 +1,325 @@
+/* matmul_q4.c - int4 GPTQ weights: the one-time repack from AutoGPTQ's layout,
+ * the scalar kernel (matmul_q4_tmpl.h over plain arrays), and the call path
+ * every quantized projection takes: gather x into packed order when needed,
+ * then split the output rows across the pool's threads.
+ */
+#include "matmul_q4.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "matmul.h"
+#include "matmul_q4_internal.h"
+
+/* ---- the scalar kernel: the template over 16-float structs ---- */
+
+typedef struct V {
+    float v[16];
+} V;
+typedef int VZ;
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE V v_zero(void) { return (V){{0}}; }
+INLINE V v_load(const float *p) {
+    V r;
+    memcpy(r.v, p, sizeof r.v);
+    return r;
+}
+INLINE V v_set1(float f) {
+    V r;
+    for (int j = 0; j < 16; j++)
+        r.v[j] = f;
+    return r;
+}
+INLINE void v_store(float *p, V v) { memcpy(p, v.v, sizeof v.v); }
+INLINE V v_fma(V a, V b, V c) {
+    for (int j = 0; j < 16; j++)
+        c.v[j] = fmaf(a.v[j], b.v[j], c.v[j]);
+    return c;
+}
+INLINE VZ vz_set1(int z) { return z; }
+INLINE void v_nibbles(const uint8_t *p, VZ z, V *lo, V *hi) {
+    for (int j = 0; j < 16; j++) {
+        lo->v[j] = (float)((p[j] & 15) - z);
+        hi->v[j] = (float)((p[j] >> 4) - z);
+    }
+}
+INLINE float v_reduce(V a) {
+    float r8[8], r4[4];
+    for (int i = 0; i < 8; i++)
+        r8[i] = a.v[i] + a.v[i + 8];
+    for (int i = 0; i < 4; i++)
+        r4[i] = r8[i] + r8[i + 4];
+    return (r4[0] + r4[2]) + (r4[1] + r4[3]);
+}
+
+#define Q4_MR 2
+#define Q4_NR 2
+#define Q4_DEC 2
+#define Q4_KERNEL cpm_q4_mm_scalar
+#include "matmul_q4_tmpl.h"
+
+#if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
+#define X86_KERNELS 1
+#else
+#define X86_KERNELS 0
+#endif
+
+/* ---- repack ---- */
+
+static int nibble_at(const int32_t *packed, size_t word, int shift) {
+    return (int)(((uint32_t)packed[word] >> shift) & 15u);
+}
+
+/* Sorts the input columns by group (stable, so without act-order nothing
+ * moves) after checking that each group holds exactly gs columns. */
+static int sort_columns(const cpm_q4_gptq *s, cpm_q4 *w, int *ret_bad) {
+    if (!s->g_idx)
+        return 0;
+    int *fill = calloc((size_t)w->G, sizeof *fill);
+    w->src_k = malloc((size_t)s->K * sizeof *w->src_k);
+    if (!fill || !w->src_k) {
+        free(fill);
+        return CPM_Q4_ENOMEM;
+    }
+    int rc = 0;
+    for (int k = 0; k < s->K && !rc; k++) {
+        int g = s->g_idx[k];
+        if (g < 0 || g >= w->G)
+            rc = CPM_Q4_EGIDX, *ret_bad = k;
+        else if (fill[g] == w->gs)
+            rc = CPM_Q4_EGROUP, *ret_bad = g;
+        else
+            w->src_k[(size_t)g * w->gs + fill[g]++] = k;
+    }
+    bool identity = true;
+    for (int k = 0; k < s->K && !rc && identity; k++)
+        identity = w->src_k[k] == k;
+    free(fill);
+    if (rc || identity) {
+        free(w->src_k);
+        w->src_k = NULL;
+    }
+    return rc;
+}
+
+static void pack_rows(const cpm_q4_gptq *s, cpm_q4 *w) {
+    const size_t row_bytes = (size_t)w->Kp / 2, N = (size_t)s->N;
+    enum { TILE = 64 }; /* output rows per pass: 64 open destination lines fit L1 */
+    for (size_t n0 = 0; n0 < N; n0 += TILE) {
+        size_t n1 = n0 + TILE < N ? n0 + TILE : N;
+        for (int g = 0; g < w->G; g++) {
+            for (int i = 0; i < w->gs; i++) {
+                int sp = g * w->gs + i, k = w->src_k ? w->src_k[sp] : sp;
+                size_t p = (size_t)g * (size_t)w->gp + (size_t)i;
+                size_t byte = p / CPM_Q4_BLOCK * 16 + p % 16;
+                int high = p % CPM_Q4_BLOCK >= 16;
+                const int32_t *src = s->qweight + (size_t)(k / 8) * N;
+                for (size_t n = n0; n < n1; n++) {
+                    uint8_t q = (uint8_t)nibble_at(src, n, 4 * (k % 8));
+                    uint8_t *b = w->nib + n * row_bytes + byte;
+                    *b = high ? (uint8_t)((*b & 0x0f) | (q << 4)) : (uint8_t)((*b & 0xf0) | q);
+                }
+            }
+        }
+    }
+    for (size_t n = 0; n < N; n++) {
+        for (int g = 0; g < w->G; g++) {
+            size_t at = n * (size_t)w->G + (size_t)g;
+            w->scale[at] = s->scales[(size_t)g * N + n];
+            w->zero[at] = (uint8_t)(nibble_at(s->qzeros, (size_t)g * (N / 8) + n / 8,
+                                              4 * (int)(n % 8)) + s->zero_offset);
+        }
+    }
+}
+
+int cpm_q4_new(const cpm_q4_gptq *s, cpm_q4 **ret, int *ret_bad) {
+    int bad = 0;
+    *ret = NULL;
+    if (s->K <= 0 || s->N <= 0 || s->K % 8 || s->N % 8 || s->group_size <= 0 ||
+        s->K % s->group_size || s->zero_offset < 0 || s->zero_offset > 1)
+        return CPM_Q4_EARG;
+    cpm_q4 *w = calloc(1, sizeof *w);
+    if (!w)
+        return CPM_Q4_ENOMEM;
+    w->N = s->N;
+    w->K = s->K;
+    w->gs = s->group_size;
+    w->G = s->K / s->group_size;
+    w->gp = (w->gs + CPM_Q4_BLOCK - 1) / CPM_Q4_BLOCK * CPM_Q4_BLOCK;
+    w->Kp = w->G * w->gp;
+    int rc = sort_columns(s, w, &bad);
+    if (rc) {
+        if (ret_bad)
+            *ret_bad = bad;
+        cpm_q4_free(w);
+        return rc;
+    }
+    w->gather = w->src_k != NULL || w->gp != w->gs;
+    w->nib = calloc((size_t)w->N, (size_t)w->Kp / 2);
+    w->scale = malloc((size_t)w->N * (size_t)w->G * sizeof *w->scale);
+    w->zero = malloc((size_t)w->N * (size_t)w->G);
+    if (!w->nib || !w->scale || !w->zero) {
+        cpm_q4_free(w);
+        return CPM_Q4_ENOMEM;
+    }
+    pack_rows(s, w);
+    *ret = w;
+    return 0;
+}
+
+void cpm_q4_free(cpm_q4 *w) {
+    if (!w)
+        return;
+    free(w->nib);
+    free(w->scale);
+    free(w->zero);
+    free(w->src_k);
+    free(w);
+}
+
+int cpm_q4_rows(const cpm_q4 *w) { return w->N; }
+int cpm_q4_cols(const cpm_q4 *w) { return w->K; }
+
+size_t cpm_q4_bytes(const cpm_q4 *w) {
+    return (size_t)w->N * ((size_t)w->Kp / 2 + (size_t)w->G * (sizeof(float) + 1));
+}
+
+void cpm_q4_dequant_row(const cpm_q4 *w, int n, float *out) {
+    const uint8_t *row = w->nib + (size_t)n * (size_t)w->Kp / 2;
+    for (int g = 0; g < w->G; g++) {
+        size_t at = (size_t)n * (size_t)w->G + (size_t)g;
+        float s = w->scale[at];
+        int z = w->zero[at];
+        for (int i = 0; i < w->gs; i++) {
+            size_t p = (size_t)g * (size_t)w->gp + (size_t)i;
+            uint8_t b = row[p / CPM_Q4_BLOCK * 16 + p % 16];
+            int q = p % CPM_Q4_BLOCK >= 16 ? b >> 4 : b & 15;
+            int sp = g * w->gs + i;
+            out[w->src_k ? w->src_k[sp] : sp] = (float)(q - z) * s;
+        }
+    }
+}
+
+void cpm_matmul_q4_ref(float *y, int ldy, const float *x, int ldx, const cpm_q4 *w, int M) {
+    float *row = malloc((size_t)w->K * sizeof *row);
+    if (!row)
+        return;
+    for (int n = 0; n < w->N; n++) {
+        cpm_q4_dequant_row(w, n, row);
+        for (int m = 0; m < M; m++) {
+            double s = 0; /* double: the reference should not share f32 rounding */
+            for (int k = 0; k < w->K; k++)
+                s += (double)x[(size_t)m * ldx + k] * row[k];
+            y[(size_t)m * ldy + n] = (float)s;
+        }
+    }
+    free(row);
+}
+
+/* ---- the call path ---- */
+
+typedef struct q4_run {
+    cpm_q4_job job;
+    cpm_q4_kernel kernel;
+    const float *x; /* caller's x when gathering */
+    size_t ldx;
+    int split_n;
+} q4_run;
+
+/* [*lo, *hi) of total in units of align, shared evenly by nt threads. */
+static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
+    long units = (total + align - 1) / align;
+    long a = units * tid / nt, b = units * (tid + 1) / nt;
+    *lo = (int)(a * align < total ? a * align : total);
+    *hi = (int)(b * align < total ? b * align : total);
+}
+
+/* x rows into packed order: sorted by group, each group padded with zeros. */
+static void gather_worker(void *arg, int tid, int nt) {
+    const q4_run *r = arg;
+    const cpm_q4 *w = r->job.w;
+    int lo, hi;
+    share(r->job.M, 1, tid, nt, &lo, &hi);
+    for (int m = lo; m < hi; m++) {
+        const float *x = r->x + (size_t)m * r->ldx;
+        float *d = (float *)r->job.x + (size_t)m * r->job.ldx;
+        for (int g = 0; g < w->G; g++) {
+            float *dg = d + (size_t)g * (size_t)w->gp;
+            const int32_t *ks = w->src_k ? w->src_k + (size_t)g * (size_t)w->gs : NULL;
+            if (ks)
+                for (int i = 0; i < w->gs; i++)
+                    dg[i] = x[ks[i]];
+            else
+                memcpy(dg, x + (size_t)g * (size_t)w->gs, (size_t)w->gs * sizeof *x);
+            for (int i = w->gs; i < w->gp; i++)
+                dg[i] = 0.0f;
+        }
+    }
+}
+
+static void q4_worker(void *arg, int tid, int nt) {
+    const q4_run *r = arg;
+    float *panel = r->job.panels ? r->job.panels + (size_t)tid * CPM_Q4_NR_MAX * r->job.w->Kp
+                                 : NULL;
+    int lo, hi;
+    if (r->split_n) {
+        share(r->job.w->N, 16, tid, nt, &lo, &hi);
+        if (lo < hi)
+            r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
+    } else {
+        share(r->job.M, 1, tid, nt, &lo, &hi);
+        if (lo < hi)
+            r->kernel(&r->job, lo, hi, 0, r->job.w->N, panel);
+    }
+}
+
+static cpm_q4_kernel pick_kernel(void) {
+#if X86_KERNELS
+    cpm_isa isa = cpm_isa_in_effect();
+    if (isa >= CPM_ISA_AVX512)
+        return cpm_q4_mm_avx512;
+    if (isa == CPM_ISA_AVX2)
+        return cpm_q4_mm_avx2;
+#endif
+    return cpm_q4_mm_scalar;
+}
+
+void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, const cpm_q4 *w,
+                   int M) {
+    if (M <= 0)
+        return;
+    int nt = cpm_pool_size(pool);
+    size_t Kp = (size_t)w->Kp;
+    size_t xg = w->gather ? (size_t)M * Kp : 0, panels = M > 1 ? (size_t)nt * CPM_Q4_NR_MAX * Kp : 0;
+    size_t bytes = (xg + panels) * sizeof(float);
+    float *buf = NULL, *owned = NULL;
+    if (bytes) {
+        buf = cpm_pool_scratch(pool, bytes);
+        if (!buf)
+            buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        if (!buf) {
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < w->N; n++)
+                    y[(size_t)m * ldy + n] = NAN;
+            return;
+        }
+    }
+    q4_run r = {
+        .job = {.w = w, .x = w->gather ? buf : x, .ldx = w->gather ? Kp : (size_t)ldx, .y = y,
+                .ldy = (size_t)ldy, .M = M, .panels = panels ? buf + xg : NULL},
+        .kernel = pick_kernel(),
+        .x = x,
+        .ldx = (size_t)ldx,
+    };
+    if (w->gather)
+        cpm_pool_run(pool, gather_worker, &r);
+    /* Threads own contiguous output rows (each streams its own nibbles) unless
+     * N is too narrow to share. */
+    r.split_n = w->N >= 16 * nt || M < 2 * nt;
+    cpm_pool_run(pool, q4_worker, &r);
+    free(owned);
+}

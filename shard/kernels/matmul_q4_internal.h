@@ -1,0 +1,62 @@
+/* matmul_q4_internal.h - the repacked int4 layout and the contract between
+ * matmul_q4.c (repack, dispatch, threading) and the per-ISA kernel files,
+ * which all instantiate matmul_q4_tmpl.h with their own vector primitives.
+ *
+ * Layout: a group's gs columns occupy gp = gs rounded up to 32 positions of
+ * the packed row (padding holds q = 0 and meets x = 0, adding nothing). Positions
+ * come in blocks of 32 stored in 16 bytes: byte j holds position j in its low
+ * nibble and position 16 + j in its high one, so one 16-byte load widens to
+ * two 16-lane vectors without shuffles.
+ *
+ * Summation order (the "q4 canonical order"), shared by every ISA: for output
+ * (m, n), T[16] = 0; for each group g in order, A[16] = 0, then for each block
+ * of 16 positions p in order, A[j] = fma(x[p + j], q[p + j] − z, A[j]); then
+ * T[j] = fma(s[g], A[j], T[j]). y = the 16-lane tree of matmul_internal.h over
+ * T. Subtracting z in integers first (exact) rather than z·Σx afterwards
+ * avoids cancelling two large sums, so the result is as close to the f32
+ * dequantized matmul as the BF16 path is to its own.
+ */
+#ifndef CPM_MATMUL_Q4_INTERNAL_H
+#define CPM_MATMUL_Q4_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "matmul_q4.h"
+
+#define CPM_Q4_BLOCK 32  /* positions per 16-byte block */
+#define CPM_Q4_NR_MAX 4  /* most weight rows any kernel dequantizes into a panel */
+
+struct cpm_q4 {
+    int N, K;
+    int G;            /* groups */
+    int gs;           /* columns per group */
+    int gp;           /* gs rounded up to CPM_Q4_BLOCK */
+    int Kp;           /* G * gp: positions per packed row */
+    uint8_t *nib;     /* [N][Kp / 2] */
+    float *scale;     /* [N][G] */
+    uint8_t *zero;    /* [N][G] effective zero point, 0..16 */
+    int32_t *src_k;   /* [G * gs] original column of each sorted position; NULL = identity */
+    int gather;       /* x must be permuted or padded into packed order before the kernel */
+};
+
+typedef struct cpm_q4_job {
+    const cpm_q4 *w;
+    const float *x;   /* [M][ldx] in packed order: Kp floats per row, zero in the padding */
+    size_t ldx;
+    float *y;
+    size_t ldy;
+    int M;
+    float *panels;    /* per thread CPM_Q4_NR_MAX * Kp floats (prefill), or NULL */
+} cpm_q4_job;
+
+/* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:
+ * then every row decodes straight from the nibbles, same bits, slower). */
+typedef void (*cpm_q4_kernel)(const cpm_q4_job *job, int m0, int m1, int n0, int n1,
+                              float *panel);
+
+void cpm_q4_mm_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+void cpm_q4_mm_avx2(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+void cpm_q4_mm_avx512(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+
+#endif

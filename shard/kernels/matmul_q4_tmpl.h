@@ -1,0 +1,151 @@
+/* matmul_q4_tmpl.h - the int4 kernel in the q4 canonical order of
+ * matmul_q4_internal.h, written once over a 16-lane vector vocabulary that each
+ * ISA file defines before including it (scalar in matmul_q4.c, AVX2, AVX-512):
+ *
+ *   V, VZ              16 f32 lanes; a broadcast zero point
+ *   v_zero() v_load(p) v_set1(f) v_store(p, v) v_fma(a, b, c) = a·b + c
+ *   vz_set1(z)         broadcast an int zero point
+ *   v_nibbles(p, z, &lo, &hi)   16 bytes → (low nibbles − z), (high nibbles − z)
+ *   v_reduce(v)        the canonical 16-lane tree
+ *   Q4_MR, Q4_NR, Q4_DEC, Q4_KERNEL   tile sizes and the exported name
+ *
+ * Decode (one x row) streams Q4_DEC rows of nibbles at a time. Prefill widens
+ * Q4_NR rows to (q − z) f32 into the thread's panel once and reuses them for
+ * every Q4_MR-row tile of x; both feed the same lanes in the same order.
+ */
+#define Q4_INLINE static inline __attribute__((always_inline))
+
+/* y[j] = row n + j of W times x, j < nr, straight from the nibbles. */
+Q4_INLINE void q4_decode(const int nr, const cpm_q4 *w, const float *x, int n, float *y) {
+    const size_t row_bytes = (size_t)w->Kp / 2;
+    const uint8_t *row[Q4_DEC], *zp[Q4_DEC];
+    const float *sc[Q4_DEC];
+    V tot[Q4_DEC], acc[Q4_DEC];
+    for (int j = 0; j < nr; j++) {
+        row[j] = w->nib + (size_t)(n + j) * row_bytes;
+        zp[j] = w->zero + (size_t)(n + j) * (size_t)w->G;
+        sc[j] = w->scale + (size_t)(n + j) * (size_t)w->G;
+        tot[j] = v_zero();
+    }
+    for (int g = 0; g < w->G; g++) {
+        const size_t p0 = (size_t)g * (size_t)w->gp;
+        VZ z[Q4_DEC];
+        for (int j = 0; j < nr; j++) {
+            acc[j] = v_zero();
+            z[j] = vz_set1(zp[j][g]);
+        }
+        for (size_t p = p0; p < p0 + (size_t)w->gp; p += CPM_Q4_BLOCK) {
+            V x0 = v_load(x + p), x1 = v_load(x + p + 16);
+            for (int j = 0; j < nr; j++) {
+                V lo, hi;
+                v_nibbles(row[j] + p / 2, z[j], &lo, &hi);
+                acc[j] = v_fma(x0, lo, acc[j]);
+                acc[j] = v_fma(x1, hi, acc[j]);
+            }
+        }
+        for (int j = 0; j < nr; j++)
+            tot[j] = v_fma(v_set1(sc[j][g]), acc[j], tot[j]);
+    }
+    for (int j = 0; j < nr; j++)
+        y[j] = v_reduce(tot[j]);
+}
+
+/* Rows [n, n + nr) of W as (q − z) f32 into panel [nr][Kp]. */
+static void q4_fill_panel(const cpm_q4 *w, int n, int nr, float *panel) {
+    const size_t row_bytes = (size_t)w->Kp / 2;
+    for (int j = 0; j < nr; j++) {
+        const uint8_t *row = w->nib + (size_t)(n + j) * row_bytes;
+        const uint8_t *zp = w->zero + (size_t)(n + j) * (size_t)w->G;
+        float *dst = panel + (size_t)j * (size_t)w->Kp;
+        for (int g = 0; g < w->G; g++) {
+            VZ z = vz_set1(zp[g]);
+            size_t p0 = (size_t)g * (size_t)w->gp;
+            for (size_t p = p0; p < p0 + (size_t)w->gp; p += CPM_Q4_BLOCK) {
+                V lo, hi;
+                v_nibbles(row + p / 2, z, &lo, &hi);
+                v_store(dst + p, lo);
+                v_store(dst + p + 16, hi);
+            }
+        }
+    }
+}
+
+/* y[i, j] for i < mr x rows and j < nr panel rows (weight rows n + j). */
+Q4_INLINE void q4_tile(const int mr, const int nr, const cpm_q4 *w, const float *x, size_t ldx,
+                       const float *panel, int n, float *y, size_t ldy) {
+    const size_t Kp = (size_t)w->Kp;
+    V tot[Q4_MR][Q4_NR], acc[Q4_MR][Q4_NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            tot[i][j] = v_zero();
+    for (int g = 0; g < w->G; g++) {
+        const size_t p0 = (size_t)g * (size_t)w->gp;
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = v_zero();
+        for (size_t p = p0; p < p0 + (size_t)w->gp; p += 16) {
+            V wv[Q4_NR];
+            for (int j = 0; j < nr; j++)
+                wv[j] = v_load(panel + (size_t)j * Kp + p);
+            for (int i = 0; i < mr; i++) {
+                V xv = v_load(x + (size_t)i * ldx + p);
+                for (int j = 0; j < nr; j++)
+                    acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+            }
+        }
+        for (int j = 0; j < nr; j++) {
+            V s = v_set1(w->scale[(size_t)(n + j) * (size_t)w->G + (size_t)g]);
+            for (int i = 0; i < mr; i++)
+                tot[i][j] = v_fma(s, acc[i][j], tot[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + (size_t)j] = v_reduce(tot[i][j]);
+}
+
+static void q4_decode_rows(const cpm_q4_job *job, int m, int n0, int n1) {
+    const float *x = job->x + (size_t)m * job->ldx;
+    float *y = job->y + (size_t)m * job->ldy;
+    int n = n0;
+    for (; n + Q4_DEC <= n1; n += Q4_DEC)
+        q4_decode(Q4_DEC, job->w, x, n, y + n);
+    for (; n < n1; n++)
+        q4_decode(1, job->w, x, n, y + n);
+}
+
+/* x rows [m0, m1) against the panel rows [n, n + nr). */
+static void q4_panel_rows(const cpm_q4_job *job, int m0, int m1, const float *panel, int n,
+                          int nr) {
+    const size_t ldx = job->ldx, ldy = job->ldy, Kp = (size_t)job->w->Kp;
+    for (int j = 0; j < nr; j += Q4_NR) {
+        int m = m0;
+        if (nr - j >= Q4_NR) {
+            for (; m + Q4_MR <= m1; m += Q4_MR)
+                q4_tile(Q4_MR, Q4_NR, job->w, job->x + (size_t)m * ldx, ldx, panel + j * Kp,
+                        n + j, job->y + (size_t)m * ldy + n + j, ldy);
+            for (; m < m1; m++)
+                q4_tile(1, Q4_NR, job->w, job->x + (size_t)m * ldx, ldx, panel + j * Kp, n + j,
+                        job->y + (size_t)m * ldy + n + j, ldy);
+        } else {
+            for (int jj = j; jj < nr; jj++)
+                for (m = m0; m < m1; m++)
+                    q4_tile(1, 1, job->w, job->x + (size_t)m * ldx, ldx, panel + jj * Kp,
+                            n + jj, job->y + (size_t)m * ldy + n + jj, ldy);
+        }
+    }
+}
+
+void Q4_KERNEL(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel) {
+    if (m1 - m0 == 1 || !panel) {
+        for (int m = m0; m < m1; m++)
+            q4_decode_rows(job, m, n0, n1);
+        return;
+    }
+    _Static_assert(Q4_NR <= CPM_Q4_NR_MAX, "panel sized for CPM_Q4_NR_MAX rows");
+    for (int n = n0; n < n1; n += Q4_NR) {
+        int nr = n1 - n < Q4_NR ? n1 - n : Q4_NR;
+        q4_fill_panel(job->w, n, nr, panel);
+        q4_panel_rows(job, m0, m1, panel, n, nr);
+    }
+}

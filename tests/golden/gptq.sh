@@ -1,0 +1,30 @@
+#!/bin/sh
+# GPTQ int4 end to end: cpm-gen-model writes one random model twice, as an
+# AutoGPTQ int4 checkpoint and dequantized as plain F32 (W = (q - z)·s, exact);
+# cpm-run on the F32 copy is the reference, and the int4 run must match it
+# (golden-compare: rel <= 1e-5, every argmax and greedy token identical), with
+# 1 and 2 threads, whole and chunked prefill, on every ISA.
+# Usage: gptq.sh CPM_RUN CPM_GEN_MODEL GOLDEN_COMPARE GEN_ARGS...
+set -eu
+run=$1 gen=$2 compare=$3
+shift 3
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$gen" "$@" --dtype f32 --seed 11 --quant gptq --out "$tmp/q" 2>/dev/null
+"$gen" "$@" --dtype f32 --seed 11 --quant gptq --dequant --out "$tmp/ref" 2>/dev/null
+grep -q '"quant_method": "gptq"' "$tmp/q/config.json"
+! grep -q quantization_config "$tmp/ref/config.json"
+ids=1,5,300,2,99,17,42,7,1000,3,64,9
+echo "$ids" | tr ',' ' ' > "$tmp/ref/ids.txt"
+"$run" --model "$tmp/ref" --ids "$ids" --n 16 --ignore-eos --print-ids \
+    --logits-out "$tmp/ref/ref_logits.f32" > "$tmp/ref/ref_greedy.txt" 2>/dev/null
+check() { # THREADS BATCH [ISA]
+    set -- --threads "$1" --batch "$2" ${3:+--isa "$3"}
+    "$run" --model "$tmp/q" --ids "$ids" --n 16 --ignore-eos --print-ids \
+        --logits-out "$tmp/got.f32" "$@" > "$tmp/got.txt" 2>/dev/null
+    "$compare" "$tmp/ref" "$tmp/got.f32" "$tmp/got.txt" 1e-5
+}
+check 1 512
+check 2 5
+check 2 5 avx2
+check 1 3 scalar
