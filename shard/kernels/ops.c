@@ -3,6 +3,8 @@
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -14,6 +16,15 @@
 #define CPM_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CPM_SIMD_CLONES
+#endif
+
+/* The exponential's clamps are selects between computed values; with FP traps
+ * assumed (GCC's default) the vectoriser will not turn them into blends. Nothing
+ * here runs with traps enabled. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CPM_NO_TRAPPING __attribute__((optimize("no-trapping-math")))
+#else
+#define CPM_NO_TRAPPING
 #endif
 
 CPM_SIMD_CLONES
@@ -36,23 +47,55 @@ void cpm_rope_neox(float *v, int d, const float *cs, const float *sn) {
     }
 }
 
+/* e^x without branches or calls, so that the loops around it vectorise (expf is a
+ * library call per element, a large part of prefill's element-wise time).
+ * e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2)/2; ln 2 is split in two
+ * so that r is exact, and e^r is Cephes' degree-6 polynomial (within 2 ulp of expf
+ * over the range, see test_ops). Below -87.3 the result is 0 (2^-126 would be the
+ * smallest normal); above 88.3 it saturates near 2^127; NaN stays NaN. */
+static inline __attribute__((always_inline)) float fast_expf(float x) {
+    float xc = x < -87.3f ? -87.3f : x; /* comparisons, not fminf: they vectorise, NaN passes */
+    xc = xc > 88.3f ? 88.3f : xc;
+    /* round to nearest: adding 1.5 * 2^23 leaves no fraction bits */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float y = p * scale; /* computed unconditionally, then selected: if-convertible */
+    return x < -87.3f ? 0.0f : y;
+}
+
+CPM_SIMD_CLONES CPM_NO_TRAPPING
+void cpm_exp_shifted(float *x, int n, float shift) {
+    for (int i = 0; i < n; i++)
+        x[i] = fast_expf(x[i] - shift);
+}
+
 void cpm_softmax(float *x, int n) {
     float mx = x[0];
     for (int i = 1; i < n; i++)
         mx = x[i] > mx ? x[i] : mx;
+    cpm_exp_shifted(x, n, mx);
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - mx);
+    for (int i = 0; i < n; i++)
         sum += x[i];
-    }
     float inv = 1.0f / sum;
     for (int i = 0; i < n; i++)
         x[i] *= inv;
 }
 
+CPM_SIMD_CLONES CPM_NO_TRAPPING
 void cpm_silu_mul(float *g, const float *u, int n) {
     for (int i = 0; i < n; i++)
-        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        g[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
 }
 
 void cpm_fatrelu_mul(float *g, const float *u, int n, float threshold) {

@@ -18,6 +18,10 @@ void cpm_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
  * pairs (i, i + d/2) rotate by the angle whose cos/sin are cs[i], sn[i], i < d/2. */
 void cpm_rope_neox(float *v, int d, const float *cs, const float *sn);
 
+/* x[i] = e^(x[i] - shift), vectorised (within 2 ulp of expf; arguments below -87.3
+ * give 0). Attention turns a block of scores into weights with it. */
+void cpm_exp_shifted(float *x, int n, float shift);
+
 /* In-place softmax over n values (max-subtracted, f32). */
 void cpm_softmax(float *x, int n);
 

@@ -141,10 +141,9 @@ static void group_chunk(group_state *st, int j0, int nb) {
         float *ac = st->acc + (size_t)h * dv;
         st->sum[h] *= corr;
         cpm_scale(ac, corr, dv);
-        for (int j = 0; j < nb; j++) { /* scores become weights in place */
-            sc[j] = expf(sc[j] - newmax);
+        cpm_exp_shifted(sc, nb, newmax); /* scores become weights in place */
+        for (int j = 0; j < nb; j++)
             st->sum[h] += sc[j];
-        }
         cpm_axpy_rows(ac, sc, V, vs, nb, dv);
         st->mx[h] = newmax;
     }
@@ -316,10 +315,9 @@ static void attend_latent(core_args *a, int row, int h, float *tls) {
         float newmax = bmax > mx ? bmax : mx, corr = expf(mx - newmax);
         sum *= corr;
         cpm_scale(ctx, corr, lr);
-        for (int j = 0; j < nb; j++) { /* scores become weights in place */
-            score[j] = expf(score[j] - newmax);
+        cpm_exp_shifted(score, nb, newmax); /* scores become weights in place */
+        for (int j = 0; j < nb; j++)
             sum += score[j];
-        }
         cpm_axpy_rows(ctx, score, C, cs, nb, lr);
         mx = newmax;
     }
