@@ -68,31 +68,44 @@ static int json_string_lit(cpm_strbuf *out, const char *s, size_t len) {
     return rc ? rc : cpm_strbuf_add(out, "\"", 1);
 }
 
-int cpm_pyfmt_tojson(cpm_strbuf *out, const json_t *v) {
-    size_t i;
+/* tojson and str() walk containers the same way and differ only in how keys and
+ * nested values print: one walk, two printers. */
+typedef struct printer {
+    int (*key)(cpm_strbuf *out, const char *s, size_t len);
+    int (*item)(cpm_strbuf *out, const json_t *v);
+} printer;
+
+static int print_container(cpm_strbuf *out, const json_t *v, const printer *p) {
+    size_t i = 0;
     const char *key;
     json_t *item;
-    int rc = 0;
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
+    int rc;
+    if (json_is_object(v)) {
         rc = cpm_strbuf_add(out, "{", 1);
-        i = 0;
         json_object_foreach((json_t *)v, key, item) {
             if (i++)
                 rc = rc ? rc : cpm_strbuf_add(out, ", ", 2);
-            rc = rc ? rc : json_string_lit(out, key, strlen(key));
+            rc = rc ? rc : p->key(out, key, strlen(key));
             rc = rc ? rc : cpm_strbuf_add(out, ": ", 2);
-            rc = rc ? rc : cpm_pyfmt_tojson(out, item);
+            rc = rc ? rc : p->item(out, item);
         }
         return rc ? rc : cpm_strbuf_add(out, "}", 1);
+    }
+    rc = cpm_strbuf_add(out, "[", 1);
+    json_array_foreach((json_t *)v, i, item) {
+        if (i)
+            rc = rc ? rc : cpm_strbuf_add(out, ", ", 2);
+        rc = rc ? rc : p->item(out, item);
+    }
+    return rc ? rc : cpm_strbuf_add(out, "]", 1);
+}
+
+int cpm_pyfmt_tojson(cpm_strbuf *out, const json_t *v) {
+    static const printer json = {json_string_lit, cpm_pyfmt_tojson};
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
     case JSON_ARRAY:
-        rc = cpm_strbuf_add(out, "[", 1);
-        json_array_foreach((json_t *)v, i, item) {
-            if (i)
-                rc = rc ? rc : cpm_strbuf_add(out, ", ", 2);
-            rc = rc ? rc : cpm_pyfmt_tojson(out, item);
-        }
-        return rc ? rc : cpm_strbuf_add(out, "]", 1);
+        return print_container(out, v, &json);
     case JSON_STRING:
         return json_string_lit(out, json_string_value(v), json_string_length(v));
     case JSON_INTEGER:
@@ -138,30 +151,11 @@ static int py_repr(cpm_strbuf *out, const json_t *v) {
 }
 
 int cpm_pyfmt_str(cpm_strbuf *out, const json_t *v) {
-    size_t i;
-    const char *key;
-    json_t *item;
-    int rc = 0;
+    static const printer python = {py_repr_str, py_repr};
     switch (json_typeof(v)) {
     case JSON_OBJECT:
-        rc = cpm_strbuf_add(out, "{", 1);
-        i = 0;
-        json_object_foreach((json_t *)v, key, item) {
-            if (i++)
-                rc = rc ? rc : cpm_strbuf_add(out, ", ", 2);
-            rc = rc ? rc : py_repr_str(out, key, strlen(key));
-            rc = rc ? rc : cpm_strbuf_add(out, ": ", 2);
-            rc = rc ? rc : py_repr(out, item);
-        }
-        return rc ? rc : cpm_strbuf_add(out, "}", 1);
     case JSON_ARRAY:
-        rc = cpm_strbuf_add(out, "[", 1);
-        json_array_foreach((json_t *)v, i, item) {
-            if (i)
-                rc = rc ? rc : cpm_strbuf_add(out, ", ", 2);
-            rc = rc ? rc : py_repr(out, item);
-        }
-        return rc ? rc : cpm_strbuf_add(out, "]", 1);
+        return print_container(out, v, &python);
     case JSON_STRING:
         return cpm_strbuf_add(out, json_string_value(v), json_string_length(v));
     case JSON_TRUE:
