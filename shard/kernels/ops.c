@@ -54,8 +54,10 @@ void cpm_rope_neox(float *v, int d, const float *cs, const float *sn) {
  * over the range, see test_ops). Below -87.3 the result is 0 (2^-126 would be the
  * smallest normal); above 88.3 it saturates near 2^127; NaN stays NaN. */
 static inline __attribute__((always_inline)) float fast_expf(float x) {
-    float xc = x < -87.3f ? -87.3f : x; /* comparisons, not fminf: they vectorise, NaN passes */
-    xc = xc > 88.3f ? 88.3f : xc;
+    /* comparisons, not fminf: they vectorise; NaN becomes -87.3 here (no undefined
+     * conversion below) and is given back at the end */
+    float xc = x > -87.3f ? x : -87.3f;
+    xc = xc < 88.3f ? xc : 88.3f;
     /* round to nearest: adding 1.5 * 2^23 leaves no fraction bits */
     float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
@@ -66,11 +68,12 @@ static inline __attribute__((always_inline)) float fast_expf(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     float y = p * scale; /* computed unconditionally, then selected: if-convertible */
-    return x < -87.3f ? 0.0f : y;
+    y = x < -87.3f ? 0.0f : y;
+    return x == x ? y : x;
 }
 
 CPM_SIMD_CLONES CPM_NO_TRAPPING
