@@ -86,7 +86,7 @@ def cpm_run(build, model, ids, n, threads):
 
 # ---------------------------------------------------------------- the cluster
 
-def write_config(tmp, threads):
+def write_config(tmp, threads, cut):
     ep = lambda: "tcp://127.0.0.1:%d" % free_port()  # noqa: E731
     text = """# written by bench/bench_cluster.py
 version: 1
@@ -100,15 +100,15 @@ tokenizers:
 samplers:
   - endpoint: %s
 stages:
-  - layers: [0, 26]
+  - layers: [0, %d]
     endpoint: %s
     threads: %d
     kv_tokens: 8192
-  - layers: [26, end]
+  - layers: [%d, end]
     endpoint: %s
     threads: %d
     kv_tokens: 8192
-""" % (ep(), ep(), ep(), ep(), ep(), threads, ep(), threads)
+""" % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads)
     path = os.path.join(tmp, "bench.yaml")
     with open(path, "w") as f:
         f.write(text)
@@ -223,7 +223,9 @@ def main():
     base2 = cpm_run(build, model, ps[0], n + 1, 2)
 
     tmp = tempfile.mkdtemp(prefix="cpm-bench-cluster-")
-    cfg = write_config(tmp, a.stage_threads)
+    layers = cfg_json["num_hidden_layers"]
+    cut = max(1, layers // 2)
+    cfg = write_config(tmp, a.stage_threads, cut)
     t0 = time.perf_counter()
     cl = Cluster(build, model, cfg, tmp)
     start_s = time.perf_counter() - t0
@@ -239,8 +241,9 @@ def main():
     finally:
         cl.stop()
 
-    print("cluster: router + tokenizer + sampler + 2 stages (layers 0..25 | 26..51), %d compute thread(s) "
-          "per stage, micro_batches 2, loopback; started in %.1f s" % (a.stage_threads, start_s))
+    print("cluster: router + tokenizer + sampler + 2 stages (layers 0..%d | %d..%d), %d compute thread(s) "
+          "per stage, micro_batches 2, loopback; started in %.1f s" % (cut - 1, cut, layers - 1,
+                                                                      a.stage_threads, start_s))
     print("load average during the run: %s" % " ".join("%.2f" % x for x in os.getloadavg()))
     print()
     print("(a) single stream, greedy: %d tokens after a %d-token prompt (best of 2)" % (n + 1, a.prompt))
