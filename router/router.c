@@ -34,7 +34,7 @@
 #include "tokclient.h"
 
 #define MAX_TOP 20
-#define MAX_SERVICES (CPM_CFG_MAX_STAGES + 2 * CPM_CFG_MAX_REPLICAS)
+#define MAX_SERVICES (CPM_CFG_MAX_STAGES + 2 * CPM_CFG_MAX_REPLICAS + CPM_CFG_MAX_EXPERT_SVCS)
 #define REQUEST_ID_MAX 128
 /* Ids of context sent before the new ones in a Detokenize call: the service looks
  * back no further (CPM_TOKENIZER_SVC_CONTEXT), so more would only cost bytes. */
@@ -1708,7 +1708,7 @@ static bool replica_ready(const cpm_router *r, const replica *p) {
     return !p->down;
 }
 
-/* Ready: the model is known, every tokenizer and sampler answers, and at least one
+/* Ready: the model is known, every tokenizer, sampler and expert service answers, and at least one
  * pipeline replica does (the others' requests move to it). */
 bool cpm_router_ready(const cpm_router *r) {
     if (!r->have_model)
@@ -1959,6 +1959,14 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     for (int i = 0; i < c->n_samplers; i++) {
         snprintf(name, sizeof name, "sampler%d", i);
         if ((e = add_svc(r, name, c->samplers[i].endpoint, err)))
+            return e;
+    }
+    /* Expert services (expert parallelism) are polled like samplers: every stage needs
+     * all of them, so /ready waits for each; a dead one fails the steps through the
+     * stages' own timeouts or error replies. */
+    for (int i = 0; i < c->n_experts; i++) {
+        snprintf(name, sizeof name, "expert%d", i);
+        if ((e = add_svc(r, name, c->experts[i].svc.endpoint, err)))
             return e;
     }
     cpm_sock_opts ro = cpm_sock_opts_default();

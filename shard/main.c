@@ -44,6 +44,7 @@ int main(int argc, char **argv) {
     char *rest[64];
     int n_rest = cpm_svc_parse_args(argc, argv, "stage", extra, &a, rest);
     cpm_stage_opts o = cpm_stage_opts_default();
+    cpm_expert_peer peers[CPM_CFG_MAX_EXPERT_SVCS];
     if (a.config) {
         cpm_config *c = a.config;
         if (a.index < 0 || a.index >= c->n_stages) {
@@ -65,6 +66,14 @@ int main(int argc, char **argv) {
         o.max_seqs = s->max_seqs;
         o.max_batch_tokens = s->max_batch_tokens;
         o.model_dir = c->model;
+        /* expert parallelism: the MoE experts run in the cluster's expert services */
+        for (int i = 0; i < c->n_experts; i++)
+            peers[i] = (cpm_expert_peer){.endpoint = c->experts[i].svc.endpoint,
+                                         .begin = c->experts[i].expert_begin,
+                                         .end = c->experts[i].expert_end};
+        o.experts = peers;
+        o.n_experts = c->n_experts;
+        o.expert_timeout_ms = c->router.timeout_ms;
     }
     for (int i = 0; i < n_rest; i++) {
         const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
@@ -110,8 +119,8 @@ int main(int argc, char **argv) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;
     }
-    cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s, loading", o.layer_begin, o.layer_end,
-                 o.model_dir, o.bind, o.next);
+    cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s%s, loading", o.layer_begin, o.layer_end,
+                 o.model_dir, o.bind, o.next, o.n_experts ? ", experts in the expert services" : "");
     app ap = {.st = st, .log = &a.log};
     cpm_svc_run(loop, stop, &ap, &a.log);
     uv_loop_close(loop);

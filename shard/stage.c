@@ -128,6 +128,10 @@ struct cpm_stage {
     out_pool *pool;
     cpm_error load_err;
     int load_rc;
+    void *zctx;
+    cpm_expert_peer *peers;   /* [opts.n_experts], endpoints in peer_eps */
+    char (*peer_eps)[256];
+    cpm_expert_client *experts;
 
     /* the running job */
     uv_work_t work;
@@ -160,6 +164,7 @@ cpm_stage_opts cpm_stage_opts_default(void) {
         .max_queue = 256,
         .out_buffers = 4,
         .name = "stage",
+        .expert_timeout_ms = 30000,
     };
 }
 
@@ -471,6 +476,9 @@ static void free_all(cpm_stage *st) {
     free(st->res_seq);
     free(st->res_pos);
     free(st->in_copy);
+    cpm_expert_client_free(st->experts); /* no job runs: the sockets are free to close */
+    free(st->peers);
+    free(st->peer_eps);
     pool_unref(st->pool); /* zmq may still hold buffers: the last release frees them */
     free(st);
 }
@@ -656,6 +664,27 @@ static int alloc_scratch(cpm_stage *st, cpm_error *err) {
     return 0;
 }
 
+/* Expert parallelism: one DEALER per expert service, installed as the model's backend.
+ * Made on the worker, used only by jobs (see expert_client.h on threads). */
+static int connect_experts(cpm_stage *st, cpm_error *err) {
+    int n = st->opts.n_experts, E = st->info->n_experts;
+    if (E == 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s is a %s model: expert services have nothing to run",
+                             st->model_dir, st->info->variant);
+    if (st->peers[n - 1].end < 0)
+        st->peers[n - 1].end = E;
+    if (st->peers[n - 1].end != E)
+        return cpm_error_set(err, CPM_ERANGE, "expert services cover experts 0..%d of %d",
+                             st->peers[n - 1].end - 1, E);
+    int rc = cpm_expert_client_new(st->zctx, st->peers, n, st->info->hidden_size,
+                                   st->opts.expert_timeout_ms, &st->experts, err);
+    if (rc)
+        return rc;
+    cpm_expert_backend b = cpm_expert_client_backend(st->experts);
+    cpm_model_set_expert_backend(st->model, &b);
+    return 0;
+}
+
 static void load_run(uv_work_t *w) {
     cpm_stage *st = w->data;
     cpm_model_opts mo = cpm_model_opts_default();
@@ -663,9 +692,15 @@ static void load_run(uv_work_t *w) {
     mo.layer_end = st->opts.layer_end;
     mo.n_threads = st->opts.threads;
     mo.max_batch_tokens = st->opts.max_batch_tokens;
+    if (st->opts.n_experts) /* the experts run in the expert services: bind none here */
+        mo.expert_begin = mo.expert_end = 0;
     int rc = cpm_model_load(st->model_dir, &mo, &st->model, &st->load_err);
     if (!rc) {
         st->info = cpm_model_get_info(st->model);
+        if (st->opts.n_experts)
+            rc = connect_experts(st, &st->load_err);
+    }
+    if (!rc) {
         cpm_kv_geometry geo = cpm_model_kv_geometry(st->model);
         geo.dtype = st->opts.kv_dtype;
         st->kv = cpm_kv_cache_new(&geo, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
@@ -694,6 +729,26 @@ static void load_done(uv_work_t *w, int status) {
     start_next(st);
 }
 
+/* The expert services' list outlives the caller's: copied with its endpoints. */
+static int copy_peers(cpm_stage *st, const cpm_stage_opts *opts) {
+    int n = opts->n_experts;
+    st->peers = calloc((size_t)n, sizeof *st->peers);
+    st->peer_eps = calloc((size_t)n, sizeof *st->peer_eps);
+    if (!st->peers || !st->peer_eps) {
+        free(st->peers);
+        free(st->peer_eps);
+        return CPM_ENOMEM;
+    }
+    for (int i = 0; i < n; i++) {
+        snprintf(st->peer_eps[i], sizeof st->peer_eps[i], "%s", opts->experts[i].endpoint);
+        st->peers[i] = opts->experts[i];
+        st->peers[i].endpoint = st->peer_eps[i];
+        st->peers[i].name = NULL; /* named expert<i> in messages, as in the cluster file */
+    }
+    st->opts.experts = st->peers;
+    return 0;
+}
+
 int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_stage_ready_cb cb,
                   void *user, cpm_stage **ret, cpm_error *err) {
     *ret = NULL;
@@ -714,6 +769,12 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     if (!st->q) {
         free(st);
         return cpm_error_set(err, CPM_ENOMEM, "stage queue");
+    }
+    st->zctx = zctx;
+    if (opts->n_experts > 0 && copy_peers(st, opts)) {
+        free(st->q);
+        free(st);
+        return cpm_error_set(err, CPM_ENOMEM, "stage: expert services");
     }
     snprintf(st->name, sizeof st->name, "%s", opts->name ? opts->name : "stage");
     st->opts.name = st->name;
@@ -741,6 +802,8 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
         cpm_sock_free(st->in);
         cpm_sock_free(st->out);
         free(st->q);
+        free(st->peers);
+        free(st->peer_eps);
         free(st);
         return rc;
     }

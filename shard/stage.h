@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "services/common/error.h"
+#include "shard/expert_client.h"
 #include "shard/kernels/dtype.h"
 
 typedef struct cpm_stage cpm_stage;
@@ -42,6 +43,13 @@ typedef struct cpm_stage_opts {
     const char *bind;        /* endpoint of the inbound ROUTER socket */
     const char *next;        /* the next stage, or the router's results endpoint */
     const char *name;        /* for health and error messages ("stage1") */
+    /* Expert parallelism (MoE): the services running the experts, their ranges tiling
+     * the experts in order (end -1 = through the last). The stage then binds no expert
+     * weights and sends every MoE layer's expert rows there (shard/expert_client.h).
+     * Borrowed until cpm_stage_new returns; n_experts 0 = run the experts here. */
+    const cpm_expert_peer *experts;
+    int n_experts;
+    int expert_timeout_ms;   /* per layer call; a timeout fails the micro-batch (default 30000) */
 } cpm_stage_opts;
 
 cpm_stage_opts cpm_stage_opts_default(void);

@@ -113,7 +113,8 @@ static void parse_args(int argc, char **argv, launch *l) {
 
 /* ------------------------------------------------------------------ checks before start */
 
-static int model_layers(const char *dir, int *ret, cpm_error *err) {
+/* num_hidden_layers (required) and num_experts (0 when absent: a dense model). */
+static int model_layers(const char *dir, int *ret, int *ret_experts, cpm_error *err) {
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/config.json", dir);
     json_error_t je;
@@ -126,6 +127,8 @@ static int model_layers(const char *dir, int *ret, cpm_error *err) {
         rc = cpm_error_set(err, CPM_EFORMAT, "model %s: no num_hidden_layers", path);
     else
         *ret = (int)json_integer_value(n);
+    json_t *e = json_object_get(root, "num_experts");
+    *ret_experts = json_is_integer(e) && json_integer_value(e) > 0 ? (int)json_integer_value(e) : 0;
     json_decref(root);
     return rc;
 }
@@ -163,11 +166,14 @@ static int check_local_endpoint(const char *what, const char *ep, cpm_error *err
 static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
     if (!c->model[0])
         return cpm_error_set(err, CPM_EINVAL, "%s: no model: set `model:` or pass --model DIR", c->path);
-    int layers = 0, rc = model_layers(c->model, &layers, err);
+    int layers = 0, experts = 0, rc = model_layers(c->model, &layers, &experts, err);
     if (!rc) {
         /* Resolve a copy: children get the file and resolve `end` themselves. */
-        cpm_config tmp = *c;
+        static cpm_config tmp; /* large: kept off the stack */
+        tmp = *c;
         rc = cpm_config_resolve_layers(&tmp, layers, err);
+        if (!rc)
+            rc = cpm_config_resolve_experts(&tmp, experts, err);
     }
     for (int r = 0; local && !rc && r < cpm_config_n_procs(c); r++) {
         cpm_role role;
@@ -190,13 +196,14 @@ static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
 /* ------------------------------------------------------------------ processes */
 
 static const char *bin_name(cpm_role role) {
-    static const char *names[] = {"cpm-router", "cpm-tokenizer", "cpm-sampler", "cpm-shard"};
+    static const char *names[] = {"cpm-router", "cpm-tokenizer", "cpm-sampler", "cpm-shard",
+                                  "cpm-expert"};
     return names[role];
 }
 
 /* Where the build puts each binary, relative to the build root. */
 static const char *build_rel(cpm_role role) {
-    static const char *rel[] = {"router", "services/tokenizer", "services/sampler", "shard"};
+    static const char *rel[] = {"router", "services/tokenizer", "services/sampler", "shard", "shard"};
     return rel[role];
 }
 
@@ -574,6 +581,7 @@ static int cmd_check(const cpm_config *c) {
         const char *host = role == CPM_ROLE_ROUTER      ? c->router.host
                            : role == CPM_ROLE_TOKENIZER ? c->tokenizers[idx].host
                            : role == CPM_ROLE_SAMPLER   ? c->samplers[idx].host
+                           : role == CPM_ROLE_EXPERT    ? c->experts[idx].svc.host
                                                         : c->stages[idx].svc.host;
         printf("  rank %d: %s %d on %s at %s", r, cpm_role_name(role), idx, host,
                cpm_config_proc_endpoint(c, r));
@@ -585,6 +593,13 @@ static int cmd_check(const cpm_config *c) {
                 printf(" layers %d..%d", st->layer_begin, st->layer_end - 1);
             if (c->n_pipelines > 1)
                 printf(" (pipeline %d)", st->pipeline);
+        }
+        if (role == CPM_ROLE_EXPERT) {
+            const cpm_cfg_expert *x = &c->experts[idx];
+            if (x->expert_end == CPM_CFG_LAYER_END)
+                printf(" experts %d..end", x->expert_begin);
+            else
+                printf(" experts %d..%d", x->expert_begin, x->expert_end - 1);
         }
         printf("\n");
     }

@@ -46,8 +46,8 @@ static const key service_keys[] = {SVC_KEYS(cpm_cfg_service, ), END_KEYS};
 
 static const key stage_keys[] = {
     SVC_KEYS(cpm_cfg_stage, svc.),
-    {"layers", K_LAYERS, 0, 0, 0, NULL, "[first, last+1) layer range; the second may be `end`",
-     NULL, 0, 0, 0},
+    {"layers", K_LAYERS, offsetof(cpm_cfg_stage, layer_begin), 0, 0, NULL,
+     "[first, last+1) layer range; the second may be `end`", NULL, 0, 0, 0},
     {"kv_tokens", K_INT, offsetof(cpm_cfg_stage, kv_tokens), 16, 1 << 24, "16384",
      "KV-cache capacity in tokens (all sequences)", NULL, 0, 0, 0},
     {"max_seqs", K_INT, offsetof(cpm_cfg_stage, max_seqs), 1, 65536, "64", "live sequences",
@@ -64,6 +64,19 @@ static const key stage_keys[] = {
      "pipeline replica this stage belongs to (several replicas serve more streams and take "
      "over each other's requests when a stage dies); stages of one replica in order",
      NULL, 0, 0, 0},
+    END_KEYS,
+};
+
+_Static_assert(offsetof(cpm_cfg_stage, layer_end) == offsetof(cpm_cfg_stage, layer_begin) + sizeof(int),
+               "a range key fills two consecutive ints");
+_Static_assert(offsetof(cpm_cfg_expert, expert_end) == offsetof(cpm_cfg_expert, expert_begin) + sizeof(int),
+               "a range key fills two consecutive ints");
+
+static const key expert_keys[] = {
+    SVC_KEYS(cpm_cfg_expert, svc.),
+    {"experts", K_LAYERS, offsetof(cpm_cfg_expert, expert_begin), 0, 0, NULL,
+     "[first, last+1) range of MoE expert indices it runs in every layer; the second may be "
+     "`end`; the services' ranges tile 0 .. num_experts-1", NULL, 0, 0, 0},
     END_KEYS,
 };
 
@@ -102,6 +115,9 @@ static const key top_keys[] = {
          "cpm-sampler replicas"),
     LIST("stages", cpm_cfg_stage, stages, n_stages, stage_keys, CPM_CFG_MAX_STAGES,
          "pipeline stages in order"),
+    LIST("experts", cpm_cfg_expert, experts, n_experts, expert_keys, CPM_CFG_MAX_EXPERT_SVCS,
+         "optional: MoE expert services (expert parallelism); every stage sends them its "
+         "layers' expert work instead of running the experts itself"),
     END_KEYS,
 };
 
@@ -201,7 +217,8 @@ static int set_http(walker *w, const yaml_node_t *n, const char *path, cpm_cfg_r
     return 0;
 }
 
-static int set_layers(walker *w, const yaml_node_t *n, const char *path, cpm_cfg_stage *st) {
+/* [first, end) into range[0], range[1] (stages' layers, expert services' experts). */
+static int set_range(walker *w, const yaml_node_t *n, const char *path, const char *noun, int *range) {
     if (n->type != YAML_SEQUENCE_NODE ||
         n->data.sequence.items.top - n->data.sequence.items.start != 2)
         return at(w, n, path, CPM_EINVAL, "expected [first, end] (two entries)");
@@ -209,13 +226,13 @@ static int set_layers(walker *w, const yaml_node_t *n, const char *path, cpm_cfg
     const char *b = scalar(yaml_document_get_node(w->doc, n->data.sequence.items.start[1]));
     long lo, hi;
     if (!a || parse_long(a, &lo) || lo < 0 || lo > 100000)
-        return at(w, n, path, CPM_EINVAL, "first layer must be an integer >= 0");
+        return at(w, n, path, CPM_EINVAL, "first %s must be an integer >= 0", noun);
     if (b && !strcmp(b, "end"))
         hi = CPM_CFG_LAYER_END;
     else if (!b || parse_long(b, &hi) || hi <= lo || hi > 100000)
         return at(w, n, path, CPM_EINVAL, "end must be an integer > %ld, or `end`", lo);
-    st->layer_begin = (int)lo;
-    st->layer_end = (int)hi;
+    range[0] = (int)lo;
+    range[1] = (int)hi;
     return 0;
 }
 
@@ -266,7 +283,7 @@ static int set_value(walker *w, const yaml_node_t *v, const char *path, const ke
     if (k->type == K_LIST)
         return walk_list(w, v, path, k, base);
     if (k->type == K_LAYERS)
-        return set_layers(w, v, path, base);
+        return set_range(w, v, path, strcmp(k->name, "experts") ? "layer" : "expert", field);
     const char *s = scalar(v);
     if (!s)
         return at(w, v, path, CPM_EINVAL, "expected a single value");
@@ -390,6 +407,27 @@ static int count_pipelines(cpm_config *c, cpm_error *err) {
     return 0;
 }
 
+/* Expert services must tile the experts in list order: the first starts at 0, each
+ * starts where the previous one ended; only the last may run to `end`. */
+static int check_expert_order(const cpm_config *c, cpm_error *err) {
+    for (int i = 0; i < c->n_experts; i++) {
+        const cpm_cfg_expert *x = &c->experts[i];
+        int expect = i ? c->experts[i - 1].expert_end : 0;
+        if (i && expect == CPM_CFG_LAYER_END)
+            return cpm_error_set(err, CPM_EINVAL, "%s: experts[%d]: experts[%d] already runs to `end`",
+                                 c->path, i, i - 1);
+        if (x->expert_begin < expect)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: experts[%d].experts: starts at %d, overlapping experts[%d] "
+                                 "(which ends at %d)", c->path, i, x->expert_begin, i - 1, expect);
+        if (x->expert_begin > expect)
+            return cpm_error_set(err, CPM_EINVAL,
+                                 "%s: experts[%d].experts: starts at %d, so experts %d..%d belong to "
+                                 "no service", c->path, i, x->expert_begin, expect, x->expert_begin - 1);
+    }
+    return 0;
+}
+
 /* No two services may bind the same endpoint. */
 static int check_unique_endpoints(const cpm_config *c, cpm_error *err) {
     int n = cpm_config_n_procs(c);
@@ -444,6 +482,8 @@ static int check_whole(cpm_config *c, cpm_error *err) {
     int rc = count_pipelines(c, err);
     if (!rc)
         rc = check_stage_order(c, err);
+    if (!rc)
+        rc = check_expert_order(c, err);
     if (!rc)
         rc = check_unique_endpoints(c, err);
     if (!rc && c->model[0])
@@ -572,16 +612,36 @@ int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err) {
     return 0;
 }
 
+int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err) {
+    if (c->n_experts && n_experts == 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: experts: the model has no MoE layers, so expert "
+                             "services have nothing to run", c->path);
+    for (int i = 0; i < c->n_experts; i++) {
+        cpm_cfg_expert *x = &c->experts[i];
+        if (x->expert_end == CPM_CFG_LAYER_END)
+            x->expert_end = n_experts;
+        if (x->expert_begin >= n_experts || x->expert_end > n_experts)
+            return cpm_error_set(err, CPM_ERANGE,
+                                 "%s: experts[%d].experts: [%d, %d) but the model has %d experts",
+                                 c->path, i, x->expert_begin, x->expert_end, n_experts);
+    }
+    if (c->n_experts && c->experts[c->n_experts - 1].expert_end < n_experts)
+        return cpm_error_set(err, CPM_ERANGE,
+                             "%s: experts: experts %d..%d belong to no service (the model has %d)",
+                             c->path, c->experts[c->n_experts - 1].expert_end, n_experts - 1, n_experts);
+    return 0;
+}
+
 int cpm_config_n_procs(const cpm_config *c) {
-    return 1 + c->n_tokenizers + c->n_samplers + c->n_stages;
+    return 1 + c->n_tokenizers + c->n_samplers + c->n_stages + c->n_experts;
 }
 
 int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_index, cpm_error *err) {
     if (r < 0 || r >= cpm_config_n_procs(c))
         return cpm_error_set(err, CPM_ERANGE, "%s: process %d: the cluster has %d processes",
                              c->path, r, cpm_config_n_procs(c));
-    int counts[] = {1, c->n_tokenizers, c->n_samplers, c->n_stages};
-    for (int role = 0; role < 4; r -= counts[role], role++)
+    int counts[] = {1, c->n_tokenizers, c->n_samplers, c->n_stages, c->n_experts};
+    for (int role = 0; role < 5; r -= counts[role], role++)
         if (r < counts[role]) {
             *ret_role = (cpm_role)role;
             *ret_index = r;
@@ -591,8 +651,8 @@ int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_ind
 }
 
 const char *cpm_role_name(cpm_role role) {
-    static const char *names[] = {"router", "tokenizer", "sampler", "stage"};
-    return (unsigned)role < 4 ? names[role] : "unknown";
+    static const char *names[] = {"router", "tokenizer", "sampler", "stage", "expert"};
+    return (unsigned)role < 5 ? names[role] : "unknown";
 }
 
 const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
@@ -609,6 +669,8 @@ const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
         return c->samplers[i].endpoint;
     case CPM_ROLE_STAGE:
         return c->stages[i].svc.endpoint;
+    case CPM_ROLE_EXPERT:
+        return c->experts[i].svc.endpoint;
     }
     return "";
 }

@@ -24,6 +24,7 @@
 
 #define CPM_CFG_MAX_STAGES 64
 #define CPM_CFG_MAX_REPLICAS 16
+#define CPM_CFG_MAX_EXPERT_SVCS 64
 #define CPM_CFG_STR 256
 #define CPM_CFG_LAYER_END (-1) /* `end` in a layer range: through the model's last layer */
 
@@ -43,6 +44,12 @@ typedef struct cpm_cfg_stage {
     char kv_dtype[8];           /* "f32" (exact) or "f16" (half the KV memory) */
     char isa[8];                /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
 } cpm_cfg_stage;
+
+/* An expert service (expert parallelism): MoE experts [begin, end) of every layer. */
+typedef struct cpm_cfg_expert {
+    cpm_cfg_service svc;
+    int expert_begin, expert_end; /* [begin, end); end may be CPM_CFG_LAYER_END (`end`) */
+} cpm_cfg_expert;
 
 typedef struct cpm_cfg_router {
     char host[CPM_CFG_STR];
@@ -71,6 +78,8 @@ typedef struct cpm_config {
     cpm_cfg_service tokenizers[CPM_CFG_MAX_REPLICAS];
     cpm_cfg_service samplers[CPM_CFG_MAX_REPLICAS];
     cpm_cfg_stage stages[CPM_CFG_MAX_STAGES];
+    int n_experts;               /* expert services; 0 = every stage runs its experts itself */
+    cpm_cfg_expert experts[CPM_CFG_MAX_EXPERT_SVCS];
 } cpm_config;
 
 /* Reads and validates path. On success *ret is the caller's (cpm_config_free). */
@@ -87,12 +96,24 @@ void cpm_config_free(cpm_config *c);
  * layer owned by exactly one stage, none beyond the model) and resolves `end`. */
 int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err);
 
+/* Checks the expert services against a model with n_experts experts per MoE layer
+ * (0 = a dense model: then there must be none): together they cover every expert,
+ * none beyond the model; resolves `end`. Their order and tiling are checked at load. */
+int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err);
+
 /* Replaces the model directory (and the default name derived from it). */
 void cpm_config_set_model(cpm_config *c, const char *dir);
 
-/* Processes of the cluster in launch order: router, tokenizers, samplers, stages.
+/* Processes of the cluster in launch order: router, tokenizers, samplers, stages,
+ * expert services (last, so clusters without them keep their rank numbers).
  * Under mpirun, rank r runs process r. */
-typedef enum cpm_role { CPM_ROLE_ROUTER, CPM_ROLE_TOKENIZER, CPM_ROLE_SAMPLER, CPM_ROLE_STAGE } cpm_role;
+typedef enum cpm_role {
+    CPM_ROLE_ROUTER,
+    CPM_ROLE_TOKENIZER,
+    CPM_ROLE_SAMPLER,
+    CPM_ROLE_STAGE,
+    CPM_ROLE_EXPERT,
+} cpm_role;
 
 int cpm_config_n_procs(const cpm_config *c);
 

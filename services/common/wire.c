@@ -64,6 +64,8 @@ const char *cpm_wire_body_name(int body_case) {
     case CPM__V1__ENVELOPE__BODY_RESULT: return "result";
     case CPM__V1__ENVELOPE__BODY_SAMPLE: return "sample";
     case CPM__V1__ENVELOPE__BODY_SAMPLED: return "sampled";
+    case CPM__V1__ENVELOPE__BODY_EXPERT_FORWARD: return "expert_forward";
+    case CPM__V1__ENVELOPE__BODY_EXPERT_RESULT: return "expert_result";
     }
     return "none";
 }
@@ -139,6 +141,29 @@ static int check_sample(const Cpm__V1__SampleRequest *s, long long tsize, cpm_er
     return check_tensor("sample.logits", s->logits, s->n_rows, tsize, err);
 }
 
+/* ExpertForward and ExpertResult share their layout: groups of rows per expert, and
+ * one frame holding all of them (the rows' width is the service's to check). */
+static int check_expert_rows(const char *what, size_t n_expert, const uint32_t *n_rows,
+                             size_t n_n_rows, const Cpm__V1__TensorDesc *desc, long long tsize,
+                             cpm_error *err) {
+    if (check_count(what, n_expert, CPM_WIRE_MAX_ROWS, err))
+        return err ? err->code : CPM_ELIMIT;
+    if (n_n_rows != n_expert)
+        return cpm_error_set(err, CPM_EFORMAT, "%s: %zu row counts for %zu experts", what, n_n_rows,
+                             n_expert);
+    size_t total = 0;
+    for (size_t i = 0; i < n_expert; i++) {
+        total += n_rows[i];
+        if (total > CPM_WIRE_MAX_ROWS)
+            return cpm_error_set(err, CPM_ELIMIT, "%s: more than %d rows", what, CPM_WIRE_MAX_ROWS);
+    }
+    if (!desc && !total && tsize < 0)
+        return 0;
+    if (!desc)
+        return cpm_error_set(err, CPM_EFORMAT, "%s: %zu rows but no rows description", what, total);
+    return check_tensor(what, desc, total, tsize, err);
+}
+
 static int check_event(const Cpm__V1__TokenEvent *t, cpm_error *err) {
     if (t->n_logprobs && t->n_logprobs != t->n_ids)
         return cpm_error_set(err, CPM_EFORMAT, "token_event: %zu logprobs for %zu ids",
@@ -160,6 +185,14 @@ int cpm_wire_validate(const cpm_envelope *env, long long tensor_size, cpm_error 
         return check_result(env->result, tensor_size, err);
     case CPM__V1__ENVELOPE__BODY_SAMPLE:
         return check_sample(env->sample, tensor_size, err);
+    case CPM__V1__ENVELOPE__BODY_EXPERT_FORWARD:
+        return check_expert_rows("expert_forward", env->expert_forward->n_expert,
+                                 env->expert_forward->n_rows, env->expert_forward->n_n_rows,
+                                 env->expert_forward->rows, tensor_size, err);
+    case CPM__V1__ENVELOPE__BODY_EXPERT_RESULT:
+        return check_expert_rows("expert_result", env->expert_result->n_expert,
+                                 env->expert_result->n_rows, env->expert_result->n_n_rows,
+                                 env->expert_result->rows, tensor_size, err);
     case CPM__V1__ENVELOPE__BODY__NOT_SET:
         return cpm_error_set(err, CPM_EFORMAT, "envelope has no body");
     default:

@@ -1,6 +1,7 @@
 /* ffn.c - the feed-forward sublayer: gated (SwiGLU or MiniCPM-S FATReLU) and
  * mixture-of-experts (MiniCPM-MoE: softmax router, top-k, renormalised). Reads
- * s.xn, writes s.out. */
+ * s.xn, writes s.out. MoE experts run here, or, with an expert backend set (expert
+ * parallelism, shard/expert.c), in expert services; both give the same bits. */
 #include <string.h>
 
 #include "../kernels/ops.h"
@@ -50,7 +51,73 @@ static void route_row(float *probs, int E, int k, int *ids, float *w) {
         w[j] /= total;
 }
 
-static void moe_forward(cpm_model *m, int li, int n) {
+/* Rows routed to expert e, in row order, with their weights; returns how many. */
+static int gather_expert(const cpm_scratch *s, int n, int k, int e, int *rows, float *w) {
+    int cnt = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < k; j++)
+            if (s->route_ids[(size_t)i * k + j] == e) {
+                rows[cnt] = i;
+                w[cnt++] = s->route_w[(size_t)i * k + j];
+            }
+    return cnt;
+}
+
+/* One expert on n rows, in chunks of the scratch's capacity (the matmul gives each row
+ * the same bits whatever the chunk, so chunking changes nothing). */
+static void expert_mlp(cpm_model *m, const cpm_layer *L, int e, const float *x, int n, float *y) {
+    size_t H = (size_t)m->hp.hidden_size;
+    for (int at = 0; at < n; at += m->max_batch) {
+        int c = n - at < m->max_batch ? n - at : m->max_batch;
+        gated_mlp(m, y + (size_t)at * H, x + (size_t)at * H, c, &L->experts[0][e],
+                  &L->experts[1][e], &L->experts[2][e]);
+    }
+}
+
+int cpm_expert_ffn(cpm_model *m, int layer, int expert, const float *x, int n, float *y,
+                   cpm_error *err) {
+    if (m->ffn != CPM_FFN_MOE)
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "experts: the model has no MoE layers");
+    if (layer < m->info.layer_begin || layer >= m->info.layer_end)
+        return cpm_error_set(err, CPM_ERANGE, "experts: layer %d outside this model's [%d, %d)",
+                             layer, m->info.layer_begin, m->info.layer_end);
+    if (expert < m->expert_begin || expert >= m->expert_end)
+        return cpm_error_set(err, CPM_ERANGE, "experts: expert %d outside the loaded [%d, %d)",
+                             expert, m->expert_begin, m->expert_end);
+    if (n < 0)
+        return cpm_error_set(err, CPM_EINVAL, "experts: %d rows", n);
+    expert_mlp(m, &m->layers[layer - m->info.layer_begin], expert, x, n, y);
+    return 0;
+}
+
+/* The experts run elsewhere: every routed expert's rows go out in one call (so all
+ * expert services work at once), then are combined exactly as moe_forward does -
+ * experts ascending, rows in order - so the sums are the same bits. */
+static int moe_remote(cpm_model *m, int li, int n, cpm_error *err) {
+    int E = m->hp.n_experts, k = m->hp.n_experts_per_tok;
+    size_t H = (size_t)m->hp.hidden_size;
+    cpm_scratch *s = &m->s;
+    int total = 0, groups = 0;
+    for (int e = 0; e < E; e++) {
+        int cnt = gather_expert(s, n, k, e, s->gather + total, s->gather_w + total);
+        if (cnt == 0)
+            continue;
+        for (int c = 0; c < cnt; c++)
+            memcpy(s->xg + (size_t)(total + c) * H, s->xn + (size_t)s->gather[total + c] * H, H * 4);
+        s->moe_ids[groups] = e;
+        s->moe_rows[groups++] = cnt;
+        total += cnt;
+    }
+    int rc = m->experts_remote.run(m->experts_remote.ud, m->info.layer_begin + li, groups,
+                                   s->moe_ids, s->moe_rows, s->xg, s->yg, err);
+    if (rc)
+        return rc;
+    for (int c = 0; c < total; c++)
+        cpm_axpy(s->out + (size_t)s->gather[c] * H, s->gather_w[c], s->yg + (size_t)c * H, (int)H);
+    return 0;
+}
+
+static int moe_forward(cpm_model *m, int li, int n, cpm_error *err) {
     const cpm_layer *L = &m->layers[li];
     int E = m->hp.n_experts, k = m->hp.n_experts_per_tok, H = m->hp.hidden_size;
     cpm_scratch *s = &m->s;
@@ -59,31 +126,37 @@ static void moe_forward(cpm_model *m, int li, int n) {
         route_row(s->router + (size_t)i * E, E, k, s->route_ids + (size_t)i * k,
                   s->route_w + (size_t)i * k);
     memset(s->out, 0, (size_t)n * H * sizeof(float));
+    if (m->experts_remote.run)
+        return moe_remote(m, li, n, err);
     for (int e = 0; e < E; e++) {
-        int cnt = 0;
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < k; j++)
-                if (s->route_ids[(size_t)i * k + j] == e) {
-                    s->gather[cnt] = i;
-                    s->gather_w[cnt++] = s->route_w[(size_t)i * k + j];
-                }
+        int cnt = gather_expert(s, n, k, e, s->gather, s->gather_w);
         if (cnt == 0)
             continue;
+        if (e < m->expert_begin || e >= m->expert_end)
+            return cpm_error_set(err, CPM_EINVAL, "layer %d: expert %d is not loaded here and no "
+                                 "expert backend is set", m->info.layer_begin + li, e);
         for (int c = 0; c < cnt; c++)
             memcpy(s->xg + (size_t)c * H, s->xn + (size_t)s->gather[c] * H, (size_t)H * 4);
-        gated_mlp(m, s->yg, s->xg, cnt, &L->experts[0][e], &L->experts[1][e], &L->experts[2][e]);
+        expert_mlp(m, L, e, s->xg, cnt, s->yg);
         for (int c = 0; c < cnt; c++)
             cpm_axpy(s->out + (size_t)s->gather[c] * H, s->gather_w[c], s->yg + (size_t)c * H, H);
     }
+    return 0;
 }
 
-typedef void (*ffn_fn)(cpm_model *, int, int);
+static int dense_ffn(cpm_model *m, int li, int n, cpm_error *err) {
+    (void)err;
+    dense_forward(m, li, n);
+    return 0;
+}
+
+typedef int (*ffn_fn)(cpm_model *, int, int, cpm_error *);
 
 static const ffn_fn ffn_kinds[CPM_FFN_KIND_COUNT] = {
-    [CPM_FFN_GATED] = dense_forward,
+    [CPM_FFN_GATED] = dense_ffn,
     [CPM_FFN_MOE] = moe_forward,
 };
 
-void cpm_ffn_forward(cpm_model *m, int li, int n) {
-    ffn_kinds[m->ffn](m, li, n);
+int cpm_ffn_forward(cpm_model *m, int li, int n, cpm_error *err) {
+    return ffn_kinds[m->ffn](m, li, n, err);
 }

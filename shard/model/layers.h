@@ -56,10 +56,12 @@ typedef struct cpm_scratch {
     float *router;   /* MoE: [T, E] */
     int *route_ids;  /* MoE: [T, top_k] */
     float *route_w;  /* MoE: [T, top_k] */
-    int *gather;     /* MoE: [T] row indices routed to one expert */
-    float *gather_w; /* MoE: [T] */
-    float *xg;       /* MoE: [T, H] gathered rows */
-    float *yg;       /* MoE: [T, H] one expert's output */
+    int *gather;     /* MoE: [T * top_k] row indices routed to one expert (remote: to each) */
+    float *gather_w; /* MoE: [T * top_k] their routing weights */
+    float *xg;       /* MoE: [T * top_k, H] gathered rows (local: one expert's; remote: all) */
+    float *yg;       /* MoE: [T * top_k, H] the experts' outputs */
+    int *moe_ids;    /* MoE, remote experts: [E] experts routed to in this layer */
+    int *moe_rows;   /* MoE, remote experts: [E] rows of each */
     float *attn_tls; /* per thread: online-softmax state of one KV-head group */
     float *infllm_tls; /* per thread: InfLLM v2 block selection (sparse models only) */
     int *rows;       /* [T] wanted rows (last stage) */
@@ -95,11 +97,13 @@ struct cpm_model {
     cpm_weight lm_head;
     cpm_layer *layers;    /* [layer_end - layer_begin] */
     cpm_scratch s;
+    int expert_begin, expert_end; /* MoE experts bound here */
+    cpm_expert_backend experts_remote; /* run != NULL: MoE experts run there */
 };
 
 /* Layer kernels (attention.c, ffn.c): read s.xn, write s.out, for n rows. */
 void cpm_attention_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n);
-void cpm_ffn_forward(cpm_model *m, int li, int n);
+int cpm_ffn_forward(cpm_model *m, int li, int n, cpm_error *err);
 
 /* RoPE cos/sin for every row of the batch into s.rope_cos / s.rope_sin. */
 void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv);

@@ -17,7 +17,7 @@
 
 cpm_model_opts cpm_model_opts_default(void) {
     return (cpm_model_opts){.layer_begin = 0, .layer_end = -1, .n_threads = 1,
-                            .max_batch_tokens = 512};
+                            .max_batch_tokens = 512, .expert_begin = 0, .expert_end = -1};
 }
 
 /* ---- binding tensors to roles ---- */
@@ -197,6 +197,8 @@ static int bind_one(const cpm_tensor_need *need, void *vctx) {
     bind_ctx *c = vctx;
     cpm_model *m = c->m;
     const cpm_tensor_view *t;
+    if (need->expert >= 0 && (need->expert < m->expert_begin || need->expert >= m->expert_end))
+        return 0; /* runs in another process (expert parallelism): never touched here */
     if (wants_q4(m, need))
         return bind_q4(m, need, c->err);
     int rc = cpm_checkpoint_expect(m->ckpt, need->name, need->ndim, need->shape, &t, c->err);
@@ -301,10 +303,12 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->router, T * E * 4},
         {(void **)&s->route_ids, T * topk * sizeof(int)},
         {(void **)&s->route_w, T * topk * 4},
-        {(void **)&s->gather, T * sizeof(int)},
-        {(void **)&s->gather_w, T * 4},
-        {(void **)&s->xg, T * H * 4},
-        {(void **)&s->yg, T * H * 4},
+        {(void **)&s->gather, T * topk * sizeof(int)},
+        {(void **)&s->gather_w, T * topk * 4},
+        {(void **)&s->xg, T * topk * H * 4},
+        {(void **)&s->yg, T * topk * H * 4},
+        {(void **)&s->moe_ids, E * sizeof(int)},
+        {(void **)&s->moe_rows, E * sizeof(int)},
         {(void **)&s->attn_tls, (size_t)m->n_threads * m->attn_tls_floats * 4},
         {(void **)&s->infllm_tls, (size_t)m->n_threads * m->infllm_tls_floats * 4},
         {(void **)&s->rows, T * sizeof(int)},
@@ -323,7 +327,8 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
 static void free_scratch(cpm_scratch *s) {
     void *ptrs[] = {s->x, s->xn, s->q, s->k, s->v, s->attn, s->lat_q, s->lat_kv,
                     s->lat_kvn, s->kv_b, s->gate, s->up, s->out, s->rope_cos, s->rope_sin,
-                    s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg, s->attn_tls,
+                    s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg,
+                    s->moe_ids, s->moe_rows, s->attn_tls,
                     s->infllm_tls,
                     s->rows, s->kv_slot};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
@@ -368,6 +373,11 @@ static int check_opts(const cpm_hparams *hp, cpm_model_opts *o, cpm_error *err) 
     if (o->max_batch_tokens < 1 || o->max_batch_tokens > 65536)
         return cpm_error_set(err, CPM_ERANGE, "max_batch_tokens %d must be in [1, 65536]",
                              o->max_batch_tokens);
+    if (o->expert_end < 0)
+        o->expert_end = hp->n_experts;
+    if (o->expert_begin < 0 || o->expert_begin > o->expert_end || o->expert_end > hp->n_experts)
+        return cpm_error_set(err, CPM_ERANGE, "expert range [%d, %d) is invalid for %d experts",
+                             o->expert_begin, o->expert_end, hp->n_experts);
     return 0;
 }
 
@@ -379,6 +389,7 @@ static void fill_info(cpm_model *m, const cpm_model_opts *o) {
     in->vocab_size = hp->vocab_size;
     in->hidden_size = hp->hidden_size;
     in->n_layers = hp->n_layers;
+    in->n_experts = hp->n_experts;
     in->layer_begin = o->layer_begin;
     in->layer_end = o->layer_end;
     in->first_stage = o->layer_begin == 0;
@@ -427,6 +438,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->ffn = cpm_arch_ffn_kind(&m->hp);
     m->max_batch = o.max_batch_tokens;
     m->n_threads = o.n_threads;
+    m->expert_begin = o.expert_begin;
+    m->expert_end = o.expert_end;
     fill_info(m, &o);
     set_geometry(m);
     if ((rc = alloc_layers(m, err)) || (rc = init_rope(m, err)) || (rc = alloc_scratch(m, err)))
@@ -506,6 +519,10 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
     return total;
 }
 
+void cpm_model_set_expert_backend(cpm_model *m, const cpm_expert_backend *b) {
+    m->experts_remote = b ? *b : (cpm_expert_backend){0};
+}
+
 /* ---- forward ---- */
 
 cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m) {
@@ -547,7 +564,7 @@ static int check_batch(const cpm_model *m, const cpm_batch *b, cpm_error *err) {
     return 0;
 }
 
-static void run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b) {
+static int run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, cpm_error *err) {
     const cpm_layer *L = &m->layers[li];
     int n = b->n_tokens, H = m->hp.hidden_size;
     float r = (float)(m->hp.scale_depth / sqrt((double)m->hp.n_layers));
@@ -558,8 +575,11 @@ static void run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b
     cpm_axpy(m->s.x, r, m->s.out, n * H);
 
     norm_rows(m->s.xn, m->s.x, L->norm[CPM_W_POST_NORM], n, H, eps);
-    cpm_ffn_forward(m, li, n);
+    int rc = cpm_ffn_forward(m, li, n, err); /* fails only over MoE experts held elsewhere */
+    if (rc)
+        return rc;
     cpm_axpy(m->s.x, r, m->s.out, n * H);
+    return 0;
 }
 
 /* Final norm, width division, lm_head, for the wanted rows only. */
@@ -595,7 +615,8 @@ int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float 
         memcpy(m->s.x, b->hidden, (size_t)b->n_tokens * (size_t)H * sizeof(float));
     cpm_rope_prepare(m, b, kv);
     for (int li = 0; li < m->info.layer_end - m->info.layer_begin; li++)
-        run_layer(m, kv, li, b);
+        if ((rc = run_layer(m, kv, li, b, err)))
+            return rc; /* not committed: the cache is as before the call */
     cpm_kv_cache_commit(kv, b);
     if (m->info.last_stage)
         head_rows(m, b, out);

@@ -34,6 +34,8 @@ typedef struct cpm_model_opts {
     int layer_end;        /* one past the last; -1 = num_hidden_layers (default) */
     int n_threads;        /* compute threads (default 1) */
     int max_batch_tokens; /* most tokens one cpm_model_forward call may carry (default 512) */
+    int expert_begin;     /* MoE: experts [begin, end) this model binds (default 0, -1 = all); */
+    int expert_end;       /* begin == end binds none (their weights are never touched) */
 } cpm_model_opts;
 
 cpm_model_opts cpm_model_opts_default(void);
@@ -46,6 +48,7 @@ typedef struct cpm_model_info {
     int vocab_size;
     int hidden_size;
     int n_layers;              /* in the whole model */
+    int n_experts;             /* MoE: experts per layer; 0 = dense FFN */
     int layer_begin, layer_end;
     bool first_stage, last_stage;
     int max_position;          /* max_position_embeddings */
@@ -73,6 +76,30 @@ cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m);
  * of the memory-bandwidth roofline. */
 size_t cpm_model_decode_bytes(const cpm_model *m);
 
+
+/* ---- expert parallelism (MoE): the experts of a layer may run in other processes ----
+ *
+ * A backend runs n groups of rows of one layer: group g is n_rows[g] consecutive rows
+ * of x [sum(n_rows), hidden] for expert[g] (ascending, no repeats); it writes each
+ * expert's output, not multiplied by any routing weight, to y in the same layout,
+ * and returns 0, or a CPM_E* code with err filled. layer is the model's absolute layer
+ * index. The forward makes one call per MoE layer and combines the outputs in the
+ * same order as the local path, so the logits are bit-identical to it. */
+typedef struct cpm_expert_backend {
+    void *ud;
+    int (*run)(void *ud, int layer, int n, const int *expert, const int *n_rows, const float *x,
+               float *y, cpm_error *err);
+} cpm_expert_backend;
+
+/* Installs b (copied) for every following forward; NULL runs the experts locally again.
+ * A failing backend fails the forward (the KV cache is left as before the call). */
+void cpm_model_set_expert_backend(cpm_model *m, const cpm_expert_backend *b);
+
+/* One expert's FFN, y[n, hidden] = down(act(gate x) * up x), for absolute layer `layer`:
+ * the very code the local MoE path runs, for expert services. Any n (run in chunks of
+ * max_batch_tokens); uses the model's scratch, so calls on one model must not overlap. */
+int cpm_expert_ffn(cpm_model *m, int layer, int expert, const float *x, int n, float *y,
+                   cpm_error *err);
 
 /* Runs the batch through this stage's layers. out receives, on the last stage,
  * logits [n_wanted_rows, vocab_size] (rows in batch order); on other stages the

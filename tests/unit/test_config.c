@@ -101,6 +101,67 @@ static void test_pipeline_replicas(void **state) {
     cpm_config_free(c);
 }
 
+/* Expert services (expert parallelism): listed after the stages, so they come last in
+ * the process order and clusters without them keep their rank numbers; their ranges
+ * tile the model's experts, `end` resolved against it. */
+#define ONE_STAGE "stages:\n  - {layers: [0, end], endpoint: tcp://127.0.0.1:5580}\n"
+
+static void test_expert_services(void **state) {
+    (void)state;
+    const char *y = BASE ONE_STAGE
+                    "experts:\n"
+                    "  - {experts: [0, 4], endpoint: tcp://127.0.0.1:5600, threads: 2}\n"
+                    "  - {experts: [4, end], endpoint: tcp://127.0.0.1:5601, host: node2}\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(y, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->n_experts, 2);
+    assert_int_equal(c->experts[0].expert_begin, 0);
+    assert_int_equal(c->experts[0].expert_end, 4);
+    assert_int_equal(c->experts[0].svc.threads, 2);
+    assert_int_equal(c->experts[1].expert_end, CPM_CFG_LAYER_END);
+    assert_string_equal(c->experts[1].svc.host, "node2");
+    /* router, tokenizer, sampler, stage 0, expert 0, expert 1 */
+    assert_int_equal(cpm_config_n_procs(c), 6);
+    cpm_role role;
+    int idx;
+    assert_int_equal(cpm_config_proc(c, 3, &role, &idx, NULL), 0);
+    assert_int_equal(role, CPM_ROLE_STAGE);
+    assert_int_equal(cpm_config_proc(c, 5, &role, &idx, NULL), 0);
+    assert_int_equal(role, CPM_ROLE_EXPERT);
+    assert_int_equal(idx, 1);
+    assert_string_equal(cpm_role_name(role), "expert");
+    assert_string_equal(cpm_config_proc_endpoint(c, 5), "tcp://127.0.0.1:5601");
+    /* against the model: 8 experts resolve `end`; 3 are too few; a dense model takes none */
+    assert_int_equal(cpm_config_resolve_experts(c, 8, &e), 0);
+    assert_int_equal(c->experts[1].expert_end, 8);
+    c->experts[1].expert_end = CPM_CFG_LAYER_END;
+    assert_int_equal(cpm_config_resolve_experts(c, 3, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "experts[0].experts: [0, 4) but the model has 3 experts"));
+    assert_int_equal(cpm_config_resolve_experts(c, 0, &e), CPM_EINVAL);
+    assert_non_null(strstr(e.msg, "no MoE layers"));
+    cpm_config_free(c);
+    /* beyond the model, and short of it */
+    const char *beyond = BASE ONE_STAGE "experts:\n  - {experts: [0, 12], endpoint: tcp://127.0.0.1:5600}\n";
+    assert_int_equal(parse(beyond, &c, &e), 0);
+    assert_int_equal(cpm_config_resolve_experts(c, 8, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "experts[0].experts: [0, 12) but the model has 8 experts"));
+    cpm_config_free(c);
+    const char *shy = BASE ONE_STAGE "experts:\n  - {experts: [0, 6], endpoint: tcp://127.0.0.1:5600}\n";
+    assert_int_equal(parse(shy, &c, &e), 0);
+    assert_int_equal(cpm_config_resolve_experts(c, 8, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "experts 6..7 belong to no service"));
+    cpm_config_free(c);
+    /* without an `experts:` list nothing changes; any model resolves */
+    assert_int_equal(parse(BASE ONE_STAGE, &c, &e), 0);
+    assert_int_equal(c->n_experts, 0);
+    assert_int_equal(cpm_config_n_procs(c), 4);
+    assert_int_equal(cpm_config_resolve_experts(c, 0, &e), 0);
+    assert_int_equal(cpm_config_resolve_experts(c, 8, &e), 0);
+    cpm_config_free(c);
+}
+
 typedef struct bad_case {
     const char *yaml;
     const char *expect; /* fragment of the message */
@@ -158,6 +219,28 @@ static const bad_case bad_cases[] = {
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
           "router:\n  http: 127.0.0.1:0\n",
      "given twice"},
+    /* expert services: gap, overlap, `end` not last, bad range, unknown key, shared endpoint */
+    {BASE ONE_STAGE "experts:\n  - {experts: [0, 3], endpoint: tcp://127.0.0.1:5600}\n"
+                    "  - {experts: [4, end], endpoint: tcp://127.0.0.1:5601}\n",
+     "experts[1].experts: starts at 4, so experts 3..3 belong to no service"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [1, end], endpoint: tcp://127.0.0.1:5600}\n",
+     "experts[0].experts: starts at 1, so experts 0..0 belong to no service"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [0, 5], endpoint: tcp://127.0.0.1:5600}\n"
+                    "  - {experts: [4, end], endpoint: tcp://127.0.0.1:5601}\n",
+     "experts[1].experts: starts at 4, overlapping experts[0] (which ends at 5)"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [0, end], endpoint: tcp://127.0.0.1:5600}\n"
+                    "  - {experts: [4, 8], endpoint: tcp://127.0.0.1:5601}\n",
+     "experts[1]: experts[0] already runs to `end`"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [4, 2], endpoint: tcp://127.0.0.1:5600}\n",
+     "experts[0].experts: end must be an integer > 4"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [x, 2], endpoint: tcp://127.0.0.1:5600}\n",
+     "experts[0].experts: first expert must be an integer >= 0"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [0, end], endpoint: tcp://127.0.0.1:5600, layers: [0, 1]}\n",
+     "experts[0].layers: unknown key (known: endpoint, host, threads, experts)"},
+    {BASE ONE_STAGE "experts:\n  - {endpoint: tcp://127.0.0.1:5600}\n",
+     "experts[0]: missing required key 'experts'"},
+    {BASE ONE_STAGE "experts:\n  - {experts: [0, end], endpoint: tcp://127.0.0.1:5580}\n",
+     "stage 0 and expert 0 both bind tcp://127.0.0.1:5580"},
 };
 
 static void test_bad_configs(void **state) {
@@ -193,8 +276,8 @@ static void test_http_forms(void **state) {
 static void test_shipped_examples(void **state) {
     (void)state;
     const char *names[] = {"default.yaml", "local.yaml", "pp2.yaml", "multihost.yaml",
-                           "replicas.yaml"};
-    for (int i = 0; i < 5; i++) {
+                           "replicas.yaml", "moe-experts.yaml"};
+    for (int i = 0; i < 6; i++) {
         char path[512];
         snprintf(path, sizeof path, "%s/cluster-config/%s", CPM_SOURCE_ROOT, names[i]);
         cpm_config *c;
@@ -217,6 +300,7 @@ static void test_describe_lists_every_section(void **state) {
     assert_non_null(strstr(buf, "router.max_queue"));
     assert_non_null(strstr(buf, "stages[].layers"));
     assert_non_null(strstr(buf, "samplers[].endpoint"));
+    assert_non_null(strstr(buf, "experts[].experts"));
 }
 
 int main(void) {
@@ -225,6 +309,7 @@ int main(void) {
         cmocka_unit_test(test_missing_layers_at_model_end),
         cmocka_unit_test(test_pipeline_replicas),
         cmocka_unit_test(test_bad_configs),
+        cmocka_unit_test(test_expert_services),
         cmocka_unit_test(test_http_forms),
         cmocka_unit_test(test_shipped_examples),
         cmocka_unit_test(test_describe_lists_every_section),

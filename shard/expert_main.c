@@ -1,0 +1,103 @@
+/* expert_main.c - cpm-expert: MoE experts [first, last) of every layer as a process
+ * (expert parallelism). Its range, endpoint and threads come from the cluster file
+ * (--config FILE --index N: experts[N]) or from flags. See shard/expert.h. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "services/common/svcmain.h"
+#include "shard/expert.h"
+
+typedef struct app {
+    cpm_expert *ex;
+    const cpm_log *log;
+} app;
+
+static void stop(void *user) {
+    app *a = user;
+    cpm_expert_stats s;
+    cpm_expert_get_stats(a->ex, &s);
+    cpm_log_info(a->log, "%llu requests served, %llu failed, %llu rows, %.2f s computing, %llu bad messages",
+                 s.served, s.failed, s.rows, s.compute_s, s.bad_messages);
+    cpm_expert_free(a->ex);
+}
+
+static void on_ready(cpm_expert *ex, int status, const cpm_error *err, void *user) {
+    const cpm_log *log = user;
+    (void)ex;
+    if (status) {
+        cpm_log_error(log, "load failed: %s", err->msg);
+        exit(1); /* nothing to serve: let the launcher see the failure at once */
+    }
+    cpm_log_info(log, "ready");
+}
+
+static const char *extra = "\n       [--experts BEGIN:END] [--max-batch-tokens N]";
+
+int main(int argc, char **argv) {
+    cpm_svc_args a;
+    char *rest[64];
+    int n_rest = cpm_svc_parse_args(argc, argv, "expert", extra, &a, rest);
+    cpm_expert_opts o = cpm_expert_opts_default();
+    if (a.config) {
+        cpm_config *c = a.config;
+        if (a.index < 0 || a.index >= c->n_experts) {
+            cpm_log_error(&a.log, "%s: no experts[%d]", c->path, a.index);
+            return 1;
+        }
+        const cpm_cfg_expert *x = &c->experts[a.index];
+        o.bind = x->svc.endpoint;
+        o.threads = x->svc.threads;
+        o.expert_begin = x->expert_begin;
+        o.expert_end = x->expert_end; /* CPM_CFG_LAYER_END (-1) = through the last, as here */
+        o.model_dir = c->model;
+    }
+    for (int i = 0; i < n_rest; i++) {
+        const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
+        if (!v) {
+            fprintf(stderr, "cpm-expert: %s needs a value\n", rest[i]);
+            return 2;
+        }
+        if (!strcmp(rest[i], "--experts")) {
+            if (sscanf(v, "%d:%d", &o.expert_begin, &o.expert_end) != 2) {
+                fprintf(stderr, "cpm-expert: --experts wants BEGIN:END (END -1 = last)\n");
+                return 2;
+            }
+        } else if (!strcmp(rest[i], "--max-batch-tokens"))
+            o.max_batch_tokens = atoi(v);
+        else {
+            fprintf(stderr, "cpm-expert: unknown argument '%s'\n", rest[i]);
+            return 2;
+        }
+        i++;
+    }
+    if (a.bind)
+        o.bind = a.bind;
+    if (a.model)
+        o.model_dir = a.model;
+    if (a.threads)
+        o.threads = a.threads;
+    o.name = a.name;
+    if (!o.bind || !o.model_dir || !*o.model_dir) {
+        cpm_log_error(&a.log, "need --config FILE --index N, or --bind EP --model DIR --experts B:E");
+        return 2;
+    }
+    void *z = zmq_ctx_new();
+    uv_loop_t *loop = uv_default_loop();
+    cpm_expert *ex;
+    cpm_error e = {0};
+    if (cpm_expert_new(loop, z, &o, on_ready, &a.log, &ex, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    cpm_log_info(&a.log, "experts %d..%d of %s on %s, loading", o.expert_begin, o.expert_end, o.model_dir,
+                 o.bind);
+    app ap = {.ex = ex, .log = &a.log};
+    cpm_svc_run(loop, stop, &ap, &a.log);
+    uv_loop_close(loop);
+    cpm_config_free(a.config);
+    zmq_ctx_term(z);
+    cpm_log_info(&a.log, "stopped");
+    return 0;
+}
