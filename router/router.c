@@ -34,7 +34,8 @@
 #include "tokclient.h"
 
 #define MAX_TOP 20
-#define MAX_SERVICES (CPM_CFG_MAX_STAGES + 2 * CPM_CFG_MAX_REPLICAS + CPM_CFG_MAX_EXPERT_SVCS)
+#define MAX_SERVICES (CPM_CFG_MAX_STAGES * CPM_CFG_MAX_TP + 2 * CPM_CFG_MAX_REPLICAS + \
+                      CPM_CFG_MAX_EXPERT_SVCS)
 #define REQUEST_ID_MAX 128
 /* Ids of context sent before the new ones in a Detokenize call: the service looks
  * back no further (CPM_TOKENIZER_SVC_CONTEXT), so more would only cost bytes. */
@@ -163,6 +164,8 @@ typedef struct replica {
     cpm_sched *sched;
     int n_stages;
     int stage_svc[CPM_CFG_MAX_STAGES]; /* its stages' entries in svcs, in pipeline order */
+    int n_tp;                          /* its stages' tensor-parallel ranks > 0: polled, and */
+    int tp_svc[CPM_CFG_MAX_STAGES * (CPM_CFG_MAX_TP - 1)]; /* needed like stages */
     bool down; /* a stage stopped answering health polls: no new work goes here */
 } replica;
 
@@ -1705,6 +1708,9 @@ static bool replica_ready(const cpm_router *r, const replica *p) {
     for (int i = 0; i < p->n_stages; i++)
         if (!r->svcs[p->stage_svc[i]].ready)
             return false;
+    for (int i = 0; i < p->n_tp; i++)
+        if (!r->svcs[p->tp_svc[i]].ready)
+            return false;
     return !p->down;
 }
 
@@ -1821,6 +1827,9 @@ static void replica_down(cpm_router *r, replica *p, const svc *sv) {
 static void replica_maybe_up(cpm_router *r, replica *p) {
     for (int i = 0; i < p->n_stages; i++)
         if (r->svcs[p->stage_svc[i]].misses > 0)
+            return;
+    for (int i = 0; i < p->n_tp; i++)
+        if (r->svcs[p->tp_svc[i]].misses > 0)
             return;
     if (p->down)
         LOG(r, CPM_LOG_INFO, "pipeline replica %d answers again", (int)(p - r->replicas));
@@ -1969,6 +1978,17 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
         if ((e = add_svc(r, name, c->experts[i].svc.endpoint, err)))
             return e;
     }
+    /* Tensor-parallel ranks > 0 belong to their stage's replica: one that stops answering
+     * takes the replica down like a stage (rank 0 would otherwise wait out timeout_ms). */
+    for (int i = 0; i < c->n_stages; i++)
+        for (int t = 0; t < c->stages[i].n_tp; t++) {
+            snprintf(name, sizeof name, "stage%d.tp%d", i, t + 1);
+            if ((e = add_svc(r, name, c->stages[i].tp[t].svc.endpoint, err)))
+                return e;
+            replica *p = &r->replicas[c->stages[i].pipeline];
+            r->svcs[r->n_svcs - 1].replica = (int)(p - r->replicas);
+            p->tp_svc[p->n_tp++] = r->n_svcs - 1;
+        }
     cpm_sock_opts ro = cpm_sock_opts_default();
     if ((e = cpm_sock_new(r->loop, r->zctx, ZMQ_ROUTER, &ro, on_result, r, &r->results, err)) ||
         (e = cpm_sock_bind(r->results, rc->results, err)))

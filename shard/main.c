@@ -1,5 +1,6 @@
 /* main.c - cpm-shard: one pipeline stage as a process. Its layers, endpoints and limits
- * come from the cluster file (--config FILE --index N) or from flags. See stage.h. */
+ * come from the cluster file (--config FILE --index N) or from flags. See stage.h. With
+ * --tp-rank R (R >= 1) it is tensor-parallel rank R of stage N (stages[N].tp[R-1]). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,8 +20,10 @@ static void stop(void *user) {
     cpm_stage_stats s;
     cpm_stage_get_stats(a->st, &s);
     cpm_log_info(a->log, "%llu micro-batches, %llu rows, %.2f s computing, %llu failed, %llu bad messages, "
-                 "%llu allocations on the step path, %llu inputs realigned",
-                 s.batches, s.rows, s.compute_s, s.failed, s.bad_messages, s.out_allocs, s.realigned);
+                 "%llu allocations on the step path, %llu inputs realigned", s.batches, s.rows,
+                 s.compute_s, s.failed, s.bad_messages, s.out_allocs, s.realigned);
+    if (s.tp_allreduces) /* tensor parallelism: what the all-reduces cost (bench/bench_tp.py) */
+        cpm_log_info(a->log, "%llu all-reduces of %.1f us mean", s.tp_allreduces, s.tp_allreduce_us);
     cpm_stage_free(a->st);
 }
 
@@ -37,7 +40,35 @@ static void on_ready(cpm_stage *st, int status, const cpm_error *err, void *user
 
 static const char *extra =
     "\n       [--layers BEGIN:END] [--next ENDPOINT] [--kv-tokens N] [--max-seqs N]"
-    " [--max-batch-tokens N]";
+    " [--max-batch-tokens N] [--tp-rank R]";
+
+/* Tensor parallelism from the cluster file: rank tp_rank of stage s. */
+static int tp_from_config(const cpm_config *c, int s, int tp_rank, cpm_stage_opts *o,
+                          const char **mesh, const char **peers, const cpm_log *log) {
+    const cpm_cfg_stage *st = &c->stages[s];
+    if (tp_rank < 0 || tp_rank > st->n_tp) {
+        cpm_log_error(log, "%s: stages[%d] has tensor parallel ranks 0..%d, not %d", c->path, s,
+                      st->n_tp, tp_rank);
+        return -1;
+    }
+    if (!st->n_tp)
+        return 0;
+    for (int r = 0; r <= st->n_tp; r++) {
+        mesh[r] = r ? st->tp[r - 1].mesh : st->tp_mesh;
+        if (r)
+            peers[r - 1] = st->tp[r - 1].svc.endpoint;
+    }
+    o->tp_rank = tp_rank;
+    o->tp_size = st->n_tp + 1;
+    o->tp_mesh = mesh;
+    o->tp_peers = peers;
+    if (tp_rank > 0) { /* its own endpoint and threads; sends nothing downstream */
+        o->bind = st->tp[tp_rank - 1].svc.endpoint;
+        o->threads = st->tp[tp_rank - 1].svc.threads;
+        o->next = NULL;
+    }
+    return 0;
+}
 
 int main(int argc, char **argv) {
     cpm_svc_args a;
@@ -45,6 +76,15 @@ int main(int argc, char **argv) {
     int n_rest = cpm_svc_parse_args(argc, argv, "stage", extra, &a, rest);
     cpm_stage_opts o = cpm_stage_opts_default();
     cpm_expert_peer peers[CPM_CFG_MAX_EXPERT_SVCS];
+    const char *tp_mesh[CPM_TP_MAX], *tp_peers[CPM_TP_MAX];
+    int tp_rank = 0;
+    for (int i = 0; i + 1 < n_rest; i++) /* needed before the cluster file is read */
+        if (!strcmp(rest[i], "--tp-rank"))
+            tp_rank = atoi(rest[i + 1]);
+    if (tp_rank > 0 && a.name == a.name_buf) { /* "stage0.tp1" in logs and errors */
+        snprintf(a.name_buf, sizeof a.name_buf, "stage%d.tp%d", a.index, tp_rank);
+        a.log.service = a.name;
+    }
     if (a.config) {
         cpm_config *c = a.config;
         if (a.index < 0 || a.index >= c->n_stages) {
@@ -74,6 +114,11 @@ int main(int argc, char **argv) {
         o.experts = peers;
         o.n_experts = c->n_experts;
         o.expert_timeout_ms = c->router.timeout_ms;
+        if (tp_from_config(c, a.index, tp_rank, &o, tp_mesh, tp_peers, &a.log))
+            return 1;
+    } else if (tp_rank) {
+        cpm_log_error(&a.log, "--tp-rank needs --config FILE --index N");
+        return 2;
     }
     for (int i = 0; i < n_rest; i++) {
         const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
@@ -94,6 +139,8 @@ int main(int argc, char **argv) {
             o.max_seqs = atoi(v);
         else if (!strcmp(rest[i], "--max-batch-tokens"))
             o.max_batch_tokens = atoi(v);
+        else if (!strcmp(rest[i], "--tp-rank"))
+            ; /* read above */
         else {
             fprintf(stderr, "cpm-shard: unknown argument '%s'\n", rest[i]);
             return 2;
@@ -107,7 +154,7 @@ int main(int argc, char **argv) {
     if (a.threads)
         o.threads = a.threads;
     o.name = a.name;
-    if (!o.bind || !o.next || !o.model_dir || !*o.model_dir) {
+    if (!o.bind || (!o.next && o.tp_rank == 0) || !o.model_dir || !*o.model_dir) {
         cpm_log_error(&a.log, "need --config FILE --index N, or --bind EP --next EP --model DIR");
         return 2;
     }
@@ -119,8 +166,12 @@ int main(int argc, char **argv) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;
     }
-    cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s%s, loading", o.layer_begin, o.layer_end,
-                 o.model_dir, o.bind, o.next, o.n_experts ? ", experts in the expert services" : "");
+    char tp[64] = "";
+    if (o.tp_size > 1)
+        snprintf(tp, sizeof tp, ", tensor parallel rank %d of %d", o.tp_rank, o.tp_size);
+    cpm_log_info(&a.log, "layers %d..%d of %s on %s -> %s%s%s, loading", o.layer_begin, o.layer_end,
+                 o.model_dir, o.bind, o.next ? o.next : "(its rank 0)",
+                 o.n_experts ? ", experts in the expert services" : "", tp);
     app ap = {.st = st, .log = &a.log};
     cpm_svc_run(loop, stop, &ap, &a.log);
     uv_loop_close(loop);

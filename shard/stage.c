@@ -132,6 +132,11 @@ struct cpm_stage {
     cpm_expert_peer *peers;   /* [opts.n_experts], endpoints in peer_eps */
     char (*peer_eps)[256];
     cpm_expert_client *experts;
+    /* tensor parallelism (worker-owned after load): endpoints copied from opts */
+    char tp_mesh_eps[CPM_TP_MAX][256], tp_peer_eps[CPM_TP_MAX][256];
+    cpm_tp_mesh *mesh;
+    cpm_tp_fanout *fanout;    /* rank 0: to ranks 1..T-1 */
+    uint64_t tp_seq;          /* rank 0: micro-batches handed out so far */
 
     /* the running job */
     uv_work_t work;
@@ -165,6 +170,8 @@ cpm_stage_opts cpm_stage_opts_default(void) {
         .out_buffers = 4,
         .name = "stage",
         .expert_timeout_ms = 30000,
+        .tp_rank = 0,
+        .tp_size = 1,
     };
 }
 
@@ -298,6 +305,11 @@ static float *out_take(cpm_stage *st, size_t floats, cpm_payload *ret) {
     return out;
 }
 
+/* A TP rank > 0 runs the forward for its share of the all-reduces only. */
+static bool tp_follower(const cpm_stage *st) {
+    return st->opts.tp_size > 1 && st->opts.tp_rank > 0;
+}
+
 /* Runs the rows in chunks of max_batch_tokens; out gets [n, hidden] or [n_want, vocab]. */
 static int run_chunks(cpm_stage *st, const Cpm__V1__StageForward *f, const float *hidden,
                       float *out, cpm_error *err) {
@@ -312,6 +324,8 @@ static int run_chunks(cpm_stage *st, const Cpm__V1__StageForward *f, const float
         for (int i = 0; i < c; i++) {
             st->b_pos[i] = (int32_t)f->pos[start + i];
             st->b_want[i] = f->n_want ? (uint8_t)(f->want[start + i] != 0) : 1;
+            if (tp_follower(st))
+                st->b_want[i] = 0; /* lm_head runs on rank 0 only: the others' logits go nowhere */
             wanted += st->b_want[i];
         }
         cpm_batch b = {
@@ -381,8 +395,8 @@ static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_o
     return cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
 }
 
-static int do_forward(cpm_stage *st, const cpm_inmsg *m, cpm_error *err) {
-    const Cpm__V1__StageForward *f = m->env->forward;
+static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_inmsg *m,
+                      cpm_error *err) {
     for (size_t i = 0; i < f->n_release; i++)
         seq_release(st, f->release[i]);
     int rc = check_input(st, f, m, err);
@@ -413,6 +427,13 @@ static int do_forward(cpm_stage *st, const cpm_inmsg *m, cpm_error *err) {
     if (n)
         rc = run_chunks(st, f, hidden, out, err);
     double dt = (double)(uv_hrtime() - t0) / 1e9;
+    if (!rc && tp_follower(st)) { /* rank 0 sends the output; ours is the same */
+        if (out)
+            t.free_fn(t.data, t.hint);
+        st->job_compute_s = dt;
+        st->job_rows = (int)n;
+        return 0;
+    }
     if (!rc)
         rc = pack_output(st, f, n_out, dt, err);
     if (rc) {
@@ -454,7 +475,18 @@ static void job_run(uv_work_t *w) {
         return;
     }
     cpm_error e = {0};
-    if (do_forward(st, m, &e)) {
+    if (m->env->body_case == CPM__V1__ENVELOPE__BODY_TP_FORWARD) { /* a rank > 0: no output */
+        cpm_tp_mesh_begin(st->mesh, m->env->tp_forward->seq);
+        st->job_failed = do_forward(st, m->env->tp_forward->forward, m, &e) != 0;
+        return;
+    }
+    const Cpm__V1__StageForward *f = m->env->forward;
+    int rc = 0;
+    if (st->fanout) { /* rank 0 of a TP stage: every rank runs the same micro-batch */
+        rc = cpm_tp_fanout_send(st->fanout, ++st->tp_seq, f, m->tensor, m->tensor_size, &e);
+        cpm_tp_mesh_begin(st->mesh, st->tp_seq);
+    }
+    if (rc || do_forward(st, f, m, &e)) {
         cpm_error_prefix(&e, "%s", st->name);
         st->job_failed = true;
         pack_error(st, m->env->forward->step, &e);
@@ -477,6 +509,8 @@ static void free_all(cpm_stage *st) {
     free(st->res_pos);
     free(st->in_copy);
     cpm_expert_client_free(st->experts); /* no job runs: the sockets are free to close */
+    cpm_tp_mesh_free(st->mesh);
+    cpm_tp_fanout_free(st->fanout);
     free(st->peers);
     free(st->peer_eps);
     pool_unref(st->pool); /* zmq may still hold buffers: the last release frees them */
@@ -517,6 +551,8 @@ static void job_done(uv_work_t *w, int status) {
     /* No job runs now, so the worker-owned state may be read. */
     st->stats.live_seqs = st->n_seqs;
     cpm_kv_cache_usage(st->kv, &st->stats.kv_used, &st->stats.kv_total);
+    if (st->mesh)
+        st->stats.tp_allreduce_us = cpm_tp_mesh_mean_us(st->mesh, &st->stats.tp_allreduces);
     if (st->closing) {
         free_all(st);
         return;
@@ -537,6 +573,10 @@ static void start_next(cpm_stage *st) {
 
 /* Refuses a forward without queueing it: the error still travels to the router. */
 static void refuse(cpm_stage *st, const cpm_inmsg *m, int code, const char *why) {
+    if (!st->out) { /* a TP rank > 0: rank 0 fails the micro-batch at its all-reduce */
+        st->stats.failed++;
+        return;
+    }
     uint64_t step = m->env->body_case == CPM__V1__ENVELOPE__BODY_FORWARD ? m->env->forward->step : 0;
     Cpm__V1__Error er = CPM__V1__ERROR__INIT;
     er.code = code;
@@ -605,6 +645,14 @@ static void on_in(cpm_sock *s, cpm_inmsg *m, void *user) {
         break;
     case CPM__V1__ENVELOPE__BODY_FORWARD:
     case CPM__V1__ENVELOPE__BODY_RESULT:
+    case CPM__V1__ENVELOPE__BODY_TP_FORWARD:
+        if (tp_follower(st) != (m->env->body_case == CPM__V1__ENVELOPE__BODY_TP_FORWARD)) {
+            cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED,
+                                tp_follower(st) ? "a tensor-parallel rank > 0 takes tp_forward "
+                                "(from its rank 0) and health_request"
+                                : "a stage takes forward and health_request", NULL);
+            break;
+        }
         if (!st->ready) {
             refuse(st, m, CPM_EAGAIN, st->loading ? "stage is still loading" : "stage failed to load");
             break;
@@ -685,6 +733,27 @@ static int connect_experts(cpm_stage *st, cpm_error *err) {
     return 0;
 }
 
+/* Tensor parallelism: the all-reduce mesh (every rank) and the fan-out (rank 0). Made
+ * on the worker, used only by jobs, like the expert client. */
+static int connect_tp(cpm_stage *st, cpm_error *err) {
+    const char *mesh[CPM_TP_MAX], *peers[CPM_TP_MAX];
+    for (int r = 0; r < st->opts.tp_size; r++) {
+        mesh[r] = st->tp_mesh_eps[r];
+        peers[r] = st->tp_peer_eps[r];
+    }
+    int rc = cpm_tp_mesh_new(st->zctx, st->opts.tp_rank, st->opts.tp_size, mesh,
+                             st->info->hidden_size, st->info->max_batch_tokens,
+                             st->opts.expert_timeout_ms, &st->mesh, err);
+    if (rc == 0 && st->opts.tp_rank == 0)
+        rc = cpm_tp_fanout_new(st->zctx, peers, st->opts.tp_size - 1, st->opts.expert_timeout_ms,
+                               &st->fanout, err);
+    if (rc)
+        return rc;
+    cpm_allreduce_backend b = cpm_tp_mesh_backend(st->mesh);
+    cpm_model_set_allreduce_backend(st->model, &b);
+    return 0;
+}
+
 static void load_run(uv_work_t *w) {
     cpm_stage *st = w->data;
     cpm_model_opts mo = cpm_model_opts_default();
@@ -694,12 +763,16 @@ static void load_run(uv_work_t *w) {
     mo.max_batch_tokens = st->opts.max_batch_tokens;
     if (st->opts.n_experts) /* the experts run in the expert services: bind none here */
         mo.expert_begin = mo.expert_end = 0;
+    mo.tp_rank = st->opts.tp_rank;
+    mo.tp_size = st->opts.tp_size;
     int rc = cpm_model_load(st->model_dir, &mo, &st->model, &st->load_err);
     if (!rc) {
         st->info = cpm_model_get_info(st->model);
         if (st->opts.n_experts)
             rc = connect_experts(st, &st->load_err);
     }
+    if (!rc && st->opts.tp_size > 1)
+        rc = connect_tp(st, &st->load_err);
     if (!rc) {
         cpm_kv_geometry geo = cpm_model_kv_geometry(st->model);
         geo.dtype = st->opts.kv_dtype;
@@ -752,8 +825,16 @@ static int copy_peers(cpm_stage *st, const cpm_stage_opts *opts) {
 int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_stage_ready_cb cb,
                   void *user, cpm_stage **ret, cpm_error *err) {
     *ret = NULL;
-    if (!opts->model_dir || !opts->bind || !opts->next)
+    bool follower = opts->tp_size > 1 && opts->tp_rank > 0;
+    if (!opts->model_dir || !opts->bind || (!opts->next && !follower))
         return cpm_error_set(err, CPM_EINVAL, "stage: model_dir, bind and next are required");
+    if (opts->tp_size < 1 || opts->tp_size > CPM_TP_MAX || opts->tp_rank < 0 ||
+        opts->tp_rank >= opts->tp_size)
+        return cpm_error_set(err, CPM_EINVAL, "stage: tensor parallel rank %d of %d (at most %d "
+                             "ranks)", opts->tp_rank, opts->tp_size, CPM_TP_MAX);
+    if (opts->tp_size > 1 && (!opts->tp_mesh || (!follower && !opts->tp_peers)))
+        return cpm_error_set(err, CPM_EINVAL, "stage: tensor parallelism needs the mesh endpoints%s",
+                             follower ? "" : " and the other ranks' endpoints");
     if (opts->max_seqs < 1 || opts->max_batch_tokens < 1 || opts->max_queue < 1 || opts->out_buffers < 1)
         return cpm_error_set(err, CPM_EINVAL,
                              "stage: max_seqs, max_batch_tokens, max_queue and out_buffers must be >= 1");
@@ -776,6 +857,12 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
         free(st);
         return cpm_error_set(err, CPM_ENOMEM, "stage: expert services");
     }
+    for (int r = 0; opts->tp_size > 1 && r < opts->tp_size; r++) {
+        snprintf(st->tp_mesh_eps[r], sizeof st->tp_mesh_eps[r], "%s", opts->tp_mesh[r]);
+        if (!follower && r + 1 < opts->tp_size)
+            snprintf(st->tp_peer_eps[r], sizeof st->tp_peer_eps[r], "%s", opts->tp_peers[r]);
+    }
+    st->opts.tp_mesh = st->opts.tp_peers = NULL; /* copied above */
     snprintf(st->name, sizeof st->name, "%s", opts->name ? opts->name : "stage");
     st->opts.name = st->name;
     snprintf(st->model_dir, sizeof st->model_dir, "%s", opts->model_dir);
@@ -794,9 +881,9 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
         cpm_sock_set_bad_cb(st->in, on_bad);
         rc = cpm_sock_bind(st->in, opts->bind, err);
     }
-    if (!rc)
+    if (!rc && !follower)
         rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, &so, on_out, st, &st->out, err);
-    if (!rc)
+    if (!rc && !follower)
         rc = cpm_sock_connect(st->out, opts->next, err);
     if (rc) {
         cpm_sock_free(st->in);

@@ -24,6 +24,7 @@
 #include "services/common/error.h"
 #include "shard/expert_client.h"
 #include "shard/kernels/dtype.h"
+#include "shard/tp.h"
 
 typedef struct cpm_stage cpm_stage;
 
@@ -50,6 +51,15 @@ typedef struct cpm_stage_opts {
     const cpm_expert_peer *experts;
     int n_experts;
     int expert_timeout_ms;   /* per layer call; a timeout fails the micro-batch (default 30000) */
+    /* Tensor parallelism: this process is rank tp_rank of tp_size (default 0 of 1) of the
+     * stage (shard/tp.h). tp_mesh: the tp_size all-reduce endpoints, by rank. Rank 0 is
+     * the stage the cluster sees; tp_peers are the stage endpoints of ranks 1..T-1,
+     * where it sends every micro-batch. Ranks > 0 take TpForward from rank 0 only,
+     * send nothing downstream (next may be NULL) and answer health. Borrowed until
+     * cpm_stage_new returns. The all-reduce deadline is expert_timeout_ms. */
+    int tp_rank, tp_size;
+    const char *const *tp_mesh;
+    const char *const *tp_peers;
 } cpm_stage_opts;
 
 cpm_stage_opts cpm_stage_opts_default(void);
@@ -74,6 +84,8 @@ typedef struct cpm_stage_stats {
                                       buffer still held by zmq */
     unsigned long long realigned;  /* activation frames copied because zmq delivered them
                                       at an address floats cannot be read from */
+    unsigned long long tp_allreduces; /* tensor parallelism: all-reduces run, and their */
+    double tp_allreduce_us;           /* mean wall time (send, wait, sum) in microseconds */
 } cpm_stage_stats;
 
 void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret);

@@ -163,10 +163,33 @@ static int check_local_endpoint(const char *what, const char *ep, cpm_error *err
     return rc;
 }
 
+/* Tensor parallelism splits whole KV-head groups (MLA: heads) and the FFN width. */
+static int model_tp_split(const char *dir, const cpm_config *c, cpm_error *err) {
+    if (!cpm_config_n_tp(c))
+        return 0;
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    if (!root)
+        return cpm_error_set(err, CPM_EIO, "model %s: %s", path, je.text);
+    json_t *heads = json_object_get(root, "num_attention_heads");
+    json_t *kv = json_object_get(root, "num_key_value_heads");
+    json_t *inter = json_object_get(root, "intermediate_size");
+    bool mla = json_object_get(root, "kv_lora_rank") != NULL;
+    int split = (int)json_integer_value(mla || !json_is_integer(kv) ? heads : kv);
+    int rc = cpm_config_check_tp(c, split, (int)json_integer_value(inter),
+                                 json_object_get(root, "quantization_config") != NULL, err);
+    json_decref(root);
+    return rc;
+}
+
 static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
     if (!c->model[0])
         return cpm_error_set(err, CPM_EINVAL, "%s: no model: set `model:` or pass --model DIR", c->path);
     int layers = 0, experts = 0, rc = model_layers(c->model, &layers, &experts, err);
+    if (!rc)
+        rc = model_tp_split(c->model, c, err);
     if (!rc) {
         /* Resolve a copy: children get the file and resolve `end` themselves. */
         static cpm_config tmp; /* large: kept off the stack */
@@ -185,6 +208,12 @@ static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
     }
     if (local && !rc)
         rc = check_local_endpoint("router.results", c->router.results, err);
+    for (int i = 0; local && i < c->n_stages; i++)
+        for (int r = 0; !rc && r <= c->stages[i].n_tp && c->stages[i].n_tp; r++) {
+            char what[64];
+            snprintf(what, sizeof what, "stage %d tp rank %d mesh", i, r);
+            rc = check_local_endpoint(what, r ? c->stages[i].tp[r - 1].mesh : c->stages[i].tp_mesh, err);
+        }
     if (local && !rc && c->router.http_port) {
         char ep[CPM_CFG_STR + 16];
         snprintf(ep, sizeof ep, "tcp://%s:%d", c->router.http_addr, c->router.http_port);
@@ -197,13 +226,14 @@ static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
 
 static const char *bin_name(cpm_role role) {
     static const char *names[] = {"cpm-router", "cpm-tokenizer", "cpm-sampler", "cpm-shard",
-                                  "cpm-expert"};
+                                  "cpm-expert", "cpm-shard"};
     return names[role];
 }
 
 /* Where the build puts each binary, relative to the build root. */
 static const char *build_rel(cpm_role role) {
-    static const char *rel[] = {"router", "services/tokenizer", "services/sampler", "shard", "shard"};
+    static const char *rel[] = {"router", "services/tokenizer", "services/sampler", "shard", "shard",
+                                "shard"};
     return rel[role];
 }
 
@@ -228,7 +258,7 @@ static void find_bin(const launch *l, cpm_role role, char *out, size_t size) {
 }
 
 static int build_argv(const launch *l, const cpm_config *c, cpm_role role, int idx, char *bin,
-                      size_t bin_size, char **argv, char bufs[][32]) {
+                      size_t bin_size, char **argv, char bufs[3][32]) {
     int n = 0;
     find_bin(l, role, bin, bin_size);
     argv[n++] = bin;
@@ -242,6 +272,15 @@ static int build_argv(const launch *l, const cpm_config *c, cpm_role role, int i
             argv[n++] = "--port";
             argv[n++] = bufs[0];
         }
+    } else if (role == CPM_ROLE_TP) { /* a stage's TP rank > 0: cpm-shard --index S --tp-rank R */
+        int stage = 0, rank = 0;
+        cpm_config_tp_proc(c, idx, &stage, &rank, NULL);
+        snprintf(bufs[1], 32, "%d", stage);
+        snprintf(bufs[2], 32, "%d", rank);
+        argv[n++] = "--index";
+        argv[n++] = bufs[1];
+        argv[n++] = "--tp-rank";
+        argv[n++] = bufs[2];
     } else {
         snprintf(bufs[1], 32, "%d", idx);
         argv[n++] = "--index";
@@ -257,7 +296,7 @@ static int build_argv(const launch *l, const cpm_config *c, cpm_role role, int i
 
 /* err_fd >= 0: the child's stderr goes there (the router's, into the relay pipe). */
 static pid_t spawn(const launch *l, const cpm_config *c, proc *p, int err_fd) {
-    char bin[PATH_MAX * 3], bufs[2][32];
+    char bin[PATH_MAX * 3], bufs[3][32];
     char *argv[MAX_ARGS];
     build_argv(l, c, p->role, p->index, bin, sizeof bin, argv, bufs);
     pid_t pid = fork();
@@ -563,7 +602,7 @@ static int cmd_rank(const launch *l, cpm_config *c) {
                 cpm_config_n_procs(c));
         return 1;
     }
-    char bin[PATH_MAX * 3], bufs[2][32];
+    char bin[PATH_MAX * 3], bufs[3][32];
     char *argv[MAX_ARGS];
     build_argv(l, c, p.role, p.index, bin, sizeof bin, argv, bufs);
     execvp(argv[0], argv);
@@ -578,10 +617,14 @@ static int cmd_check(const cpm_config *c) {
         cpm_role role;
         int idx;
         cpm_config_proc(c, r, &role, &idx, NULL);
+        int tp_stage = 0, tp_rank = 0;
+        if (role == CPM_ROLE_TP)
+            cpm_config_tp_proc(c, idx, &tp_stage, &tp_rank, NULL);
         const char *host = role == CPM_ROLE_ROUTER      ? c->router.host
                            : role == CPM_ROLE_TOKENIZER ? c->tokenizers[idx].host
                            : role == CPM_ROLE_SAMPLER   ? c->samplers[idx].host
                            : role == CPM_ROLE_EXPERT    ? c->experts[idx].svc.host
+                           : role == CPM_ROLE_TP        ? c->stages[tp_stage].tp[tp_rank - 1].svc.host
                                                         : c->stages[idx].svc.host;
         printf("  rank %d: %s %d on %s at %s", r, cpm_role_name(role), idx, host,
                cpm_config_proc_endpoint(c, r));
@@ -594,6 +637,11 @@ static int cmd_check(const cpm_config *c) {
             if (c->n_pipelines > 1)
                 printf(" (pipeline %d)", st->pipeline);
         }
+        if (role == CPM_ROLE_STAGE && c->stages[idx].n_tp)
+            printf(" tensor parallel rank 0 of %d", c->stages[idx].n_tp + 1);
+        if (role == CPM_ROLE_TP)
+            printf(" stage %d tensor parallel rank %d of %d", tp_stage, tp_rank,
+                   c->stages[tp_stage].n_tp + 1);
         if (role == CPM_ROLE_EXPERT) {
             const cpm_cfg_expert *x = &c->experts[idx];
             if (x->expert_end == CPM_CFG_LAYER_END)

@@ -73,7 +73,8 @@ typedef struct gen_args {
     long shard_mb;
     int hidden, inter, layers, heads, kv_heads, vocab, experts; /* 0 = preset's */
     const char *sparse; /* InfLLM v2 sparse_config: "default" or key=value,... */
-    int gptq;           /* --quant gptq: decoder linears as AutoGPTQ int4 tensors */
+    int gptq;           /* --quant gptq|awq: decoder linears as int4 tensors */
+    int awq;            /* --quant awq: in AutoAWQ's GEMM layout rather than AutoGPTQ's */
     int dequant;        /* --dequant: the same int4 weights written as plain floats */
     int group_size;     /* GPTQ columns per group; -1 = one group per row */
     int desc_act;       /* GPTQ act-order: g_idx from a random column order */
@@ -322,11 +323,13 @@ static void plan_push(plan *p, plan_entry *e) {
     p->e[p->n++] = *e;
 }
 
-/* ---- GPTQ int4 linears (AutoGPTQ layout, minicpm-spec.md §8) ----
+/* ---- GPTQ / AWQ int4 linears (AutoGPTQ or AutoAWQ layout, minicpm-spec.md §8) ----
  * Per linear [N out, K in], group size gs, G = K / gs: random q in 0..15,
- * real zeros in 6..10 (stored minus one, checkpoint_format "gptq"), f16
- * scales around (1/sqrt(K)) / 8, and g_idx from a random column order when
- * --desc-act. The draws do not depend on --dequant, which writes
+ * real zeros in 6..10 (GPTQ stores them minus one, checkpoint_format "gptq";
+ * AWQ as they are), f16 scales around (1/sqrt(K)) / 8, and g_idx from a
+ * random column order when --desc-act (GPTQ only). AWQ packs qweight [K][N/8]
+ * and qzeros along n, column 8c + {0,2,4,6,1,3,5,7}[i] in nibble i (AutoAWQ's
+ * AWQ_ORDER), and has no g_idx. The draws do not depend on --dequant, which writes
  * W = (q − z)·s instead: exact in f32, so the two checkpoints are one model. */
 
 enum gptq_part { GPTQ_QWEIGHT, GPTQ_QZEROS, GPTQ_SCALES, GPTQ_G_IDX, GPTQ_PARTS };
@@ -356,8 +359,10 @@ static int plan_gptq(plan *p, const cpm_tensor_need *need) {
                         "multiples of 8 and a group size dividing in\n", need->name, N, K, gs);
         return -1;
     }
-    const int64_t shapes[GPTQ_PARTS][2] = {{K / 8, N}, {K / gs, N / 8}, {K / gs, N}, {K, 0}};
-    for (int part = 0; part < GPTQ_PARTS; part++) {
+    const int awq = p->a->awq;
+    const int64_t shapes[GPTQ_PARTS][2] = {{awq ? K : K / 8, awq ? N / 8 : N},
+                                           {K / gs, N / 8}, {K / gs, N}, {K, 0}};
+    for (int part = 0; part < (awq ? GPTQ_G_IDX : GPTQ_PARTS); part++) {
         if (p->n == p->cap && grow_plan(p))
             return -1;
         plan_entry e = {.need = *need, .part = part, .ndim = part == GPTQ_G_IDX ? 1 : 2,
@@ -421,6 +426,30 @@ static gptq_linear *gptq_draw(writer *w, const cpm_tensor_need *n) {
     return g;
 }
 
+/* AWQ qweight [K][N/8] (row k) or qzeros [G][N/8] (row g): nibble i of word c
+ * holds column 8c + order[i]; zeros are stored as they are. */
+static int write_awq_part(writer *w, int part) {
+    static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    const gptq_linear *g = w->q;
+    int N = g->N, K = g->K, rows = part == GPTQ_QWEIGHT ? K : g->G;
+    int32_t *o = (int32_t *)w->fbuf;
+    for (int r = 0; r < rows; r++) {
+        for (int c = 0; c < N / 8; c++) {
+            uint32_t v = 0;
+            for (int i = 0; i < 8; i++) {
+                int n = 8 * c + order[i];
+                uint32_t q = part == GPTQ_QWEIGHT ? g->q[(size_t)n * K + r]
+                                                  : g->zero[(size_t)r * N + n];
+                v |= q << (4 * i);
+            }
+            o[c] = (int32_t)v;
+        }
+        if (fwrite(o, 4, (size_t)N / 8, w->f) != (size_t)N / 8)
+            return -1;
+    }
+    return 0;
+}
+
 static int write_gptq_part(writer *w, const plan_entry *e) {
     if (e->part == GPTQ_QWEIGHT) {
         gptq_free(w->q);
@@ -430,6 +459,8 @@ static int write_gptq_part(writer *w, const plan_entry *e) {
     const gptq_linear *g = w->q;
     int N = g->N, K = g->K;
     int32_t *o = (int32_t *)w->fbuf; /* one row of packed words at a time */
+    if (w->a->awq && e->part != GPTQ_SCALES)
+        return write_awq_part(w, e->part);
     switch (e->part) {
     case GPTQ_QWEIGHT: /* [K/8][N]: q of k = 8r + i in bits 4i..4i+3 */
         for (int r = 0; r < K / 8; r++) {
@@ -642,8 +673,9 @@ static void usage(FILE *f) {
     fprintf(f, "\n  --dtype bf16|f16|f32 (default bf16)  --seed N  --shard-mb N\n"
                "  --layers N --hidden N --inter N --heads N --kv-heads N --vocab N --experts N\n"
                "  --sparse default|kernel=N,stride=N,block=N,window=N,topk=N,init=N,dense_len=N\n"
-               "  --quant gptq [--group-size N (default 128, -1 = per row)] [--desc-act]\n"
-               "           decoder linears as AutoGPTQ int4; add --dequant to write the same\n"
+               "  --quant gptq|awq [--group-size N (default 128, -1 = per row)] [--desc-act]\n"
+               "           decoder linears as AutoGPTQ int4 (act-order: --desc-act) or\n"
+               "           AutoAWQ GEMM int4; add --dequant to write the same\n"
                "           weights as plain floats (exact with --dtype f32)\n"
                "           (MiniCPM4 InfLLM v2 sparse_config; unnamed keys keep HF defaults)\n"
                "  --tokenizer DIR (default: the variant's files under assets/tokenizers)\n"
@@ -689,9 +721,10 @@ static int parse(int argc, char **argv, gen_args *a) {
         case 'a': a->assets = optarg; break;
         case 'p': a->sparse = optarg; break;
         case 'q':
-            if (strcmp(optarg, "gptq"))
-                return fprintf(stderr, "cpm-gen-model: --quant: only gptq\n"), -1;
+            if (strcmp(optarg, "gptq") && strcmp(optarg, "awq"))
+                return fprintf(stderr, "cpm-gen-model: --quant: gptq or awq\n"), -1;
             a->gptq = 1;
+            a->awq = !strcmp(optarg, "awq");
             break;
         case 'g': a->group_size = atoi(optarg); break;
         case 'D': a->desc_act = 1; break;
@@ -702,6 +735,8 @@ static int parse(int argc, char **argv, gen_args *a) {
     for (size_t i = 0; variant && i < sizeof presets / sizeof *presets; i++)
         if (!strcmp(presets[i].name, variant))
             a->p = &presets[i];
+    if (a->awq && a->desc_act)
+        return fprintf(stderr, "cpm-gen-model: --desc-act: AWQ has no act-order\n"), -1;
     if (!a->p || !a->out) {
         if (variant && !a->p)
             fprintf(stderr, "cpm-gen-model: unknown variant '%s'\n", variant);
@@ -717,7 +752,12 @@ static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {
         return err->code;
     apply_overrides(c, a);
     fit_rope_lists(c);
-    if (a->gptq && !a->dequant) /* AutoGPTQ's fields, as in MiniCPM-2B-sft-int4 */
+    if (a->awq && !a->dequant) /* transformers' AwqConfig fields, as AutoAWQ writes them */
+        json_object_set_new(c, "quantization_config",
+                            json_pack("{s:i,s:i,s:s,s:s,s:b}", "bits", 4, "group_size",
+                                      a->group_size, "quant_method", "awq", "version", "gemm",
+                                      "zero_point", 1));
+    else if (a->gptq && !a->dequant) /* AutoGPTQ's fields, as in MiniCPM-2B-sft-int4 */
         json_object_set_new(c, "quantization_config",
                             json_pack("{s:i,s:i,s:b,s:b,s:f,s:b,s:b,s:s,s:s}", "bits", 4,
                                       "group_size", a->group_size, "desc_act", a->desc_act, "sym",

@@ -44,6 +44,13 @@ struct key {
 
 static const key service_keys[] = {SVC_KEYS(cpm_cfg_service, ), END_KEYS};
 
+static const key tp_keys[] = {
+    SVC_KEYS(cpm_cfg_tp, svc.),
+    {"mesh", K_ENDPOINT, offsetof(cpm_cfg_tp, mesh), 0, 0, NULL,
+     "its all-reduce endpoint (bound; the other ranks send it their partial sums)", NULL, 0, 0, 0},
+    END_KEYS,
+};
+
 static const key stage_keys[] = {
     SVC_KEYS(cpm_cfg_stage, svc.),
     {"layers", K_LAYERS, offsetof(cpm_cfg_stage, layer_begin), 0, 0, NULL,
@@ -60,6 +67,12 @@ static const key stage_keys[] = {
     {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
      "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
      0},
+    {"tp_mesh", K_ENDPOINT, offsetof(cpm_cfg_stage, tp_mesh), 0, 0, "",
+     "tensor parallelism: rank 0's all-reduce endpoint (required with tp)", NULL, 0, 0, 0},
+    {"tp", K_LIST, offsetof(cpm_cfg_stage, tp), 0, 0, NULL,
+     "optional: tensor-parallel ranks 1..T-1 of this stage (each runs 1/T of the heads and "
+     "FFN; rank 0 is the stage itself); T must divide the model's key/value heads",
+     tp_keys, sizeof(cpm_cfg_tp), offsetof(cpm_cfg_stage, n_tp), CPM_CFG_MAX_TP - 1},
     {"pipeline", K_INT, offsetof(cpm_cfg_stage, pipeline), 0, CPM_CFG_MAX_REPLICAS - 1, "0",
      "pipeline replica this stage belongs to (several replicas serve more streams and take "
      "over each other's requests when a stage dies); stages of one replica in order",
@@ -452,6 +465,50 @@ static int check_unique_endpoints(const cpm_config *c, cpm_error *err) {
     return 0;
 }
 
+/* Every endpoint a TP stage's mesh binds differs from the others and from every service's. */
+static int check_tp(const cpm_config *c, cpm_error *err) {
+    int n = cpm_config_n_procs(c);
+    const char *mesh[CPM_CFG_MAX_STAGES * CPM_CFG_MAX_TP];
+    int owner[CPM_CFG_MAX_STAGES * CPM_CFG_MAX_TP], rank[CPM_CFG_MAX_STAGES * CPM_CFG_MAX_TP];
+    int k = 0;
+    for (int i = 0; i < c->n_stages; i++) {
+        const cpm_cfg_stage *s = &c->stages[i];
+        if (!s->n_tp)
+            continue;
+        if (!s->tp_mesh[0])
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].tp_mesh: required with tp (rank "
+                                 "0's all-reduce endpoint)", c->path, i);
+        if (c->n_experts)
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].tp: tensor parallelism and expert "
+                                 "services do not mix", c->path, i);
+        for (int r = 0; r <= s->n_tp; r++, k++) {
+            mesh[k] = r ? s->tp[r - 1].mesh : s->tp_mesh;
+            owner[k] = i;
+            rank[k] = r;
+        }
+    }
+    for (int a = 0; a < k; a++) {
+        for (int b = 0; b < a; b++)
+            if (!strcmp(mesh[a], mesh[b]))
+                return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d] tp rank %d and stages[%d] tp "
+                                     "rank %d both bind mesh %s", c->path, owner[b], rank[b],
+                                     owner[a], rank[a], mesh[a]);
+        for (int p = 0; p < n; p++)
+            if (!strcmp(mesh[a], cpm_config_proc_endpoint(c, p))) {
+                cpm_role role;
+                int idx;
+                cpm_config_proc(c, p, &role, &idx, NULL);
+                return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d] tp rank %d: mesh %s is also "
+                                     "bound by %s %d", c->path, owner[a], rank[a], mesh[a],
+                                     cpm_role_name(role), idx);
+            }
+        if (!strcmp(mesh[a], c->router.results))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d] tp rank %d: mesh %s is "
+                                 "router.results", c->path, owner[a], rank[a], mesh[a]);
+    }
+    return 0;
+}
+
 static int check_whole(cpm_config *c, cpm_error *err) {
     /* router is a section with required keys; an absent section must still be reported. */
     if (!c->router.rpc[0])
@@ -486,6 +543,8 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         rc = check_expert_order(c, err);
     if (!rc)
         rc = check_unique_endpoints(c, err);
+    if (!rc)
+        rc = check_tp(c, err);
     if (!rc && c->model[0])
         cpm_config_set_model(c, c->model);
     return rc;
@@ -632,16 +691,50 @@ int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err) {
     return 0;
 }
 
+int cpm_config_check_tp(const cpm_config *c, int split_heads, int intermediate, bool quantized,
+                        cpm_error *err) {
+    for (int i = 0; i < c->n_stages; i++) {
+        int T = c->stages[i].n_tp + 1;
+        if (T == 1)
+            continue;
+        if (quantized)
+            return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: stages[%d].tp: tensor parallelism over "
+                                 "quantized (int4) weights is not supported", c->path, i);
+        if (split_heads % T || intermediate % T)
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].tp: %d ranks, but the model's %d "
+                                 "key/value heads (MLA: heads) and intermediate_size %d do not "
+                                 "split %d ways", c->path, i, T, split_heads, intermediate, T);
+    }
+    return 0;
+}
+
+int cpm_config_n_tp(const cpm_config *c) {
+    int n = 0;
+    for (int i = 0; i < c->n_stages; i++)
+        n += c->stages[i].n_tp;
+    return n;
+}
+
+int cpm_config_tp_proc(const cpm_config *c, int k, int *ret_stage, int *ret_rank, cpm_error *err) {
+    for (int i = 0; k >= 0 && i < c->n_stages; k -= c->stages[i].n_tp, i++)
+        if (k < c->stages[i].n_tp) {
+            *ret_stage = i;
+            *ret_rank = k + 1;
+            return 0;
+        }
+    return cpm_error_set(err, CPM_ERANGE, "%s: no tensor-parallel process %d", c->path, k);
+}
+
 int cpm_config_n_procs(const cpm_config *c) {
-    return 1 + c->n_tokenizers + c->n_samplers + c->n_stages + c->n_experts;
+    return 1 + c->n_tokenizers + c->n_samplers + c->n_stages + c->n_experts + cpm_config_n_tp(c);
 }
 
 int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_index, cpm_error *err) {
     if (r < 0 || r >= cpm_config_n_procs(c))
         return cpm_error_set(err, CPM_ERANGE, "%s: process %d: the cluster has %d processes",
                              c->path, r, cpm_config_n_procs(c));
-    int counts[] = {1, c->n_tokenizers, c->n_samplers, c->n_stages, c->n_experts};
-    for (int role = 0; role < 5; r -= counts[role], role++)
+    int counts[] = {1, c->n_tokenizers, c->n_samplers, c->n_stages, c->n_experts, cpm_config_n_tp(c)};
+    for (int role = 0; role < 6; r -= counts[role], role++)
         if (r < counts[role]) {
             *ret_role = (cpm_role)role;
             *ret_index = r;
@@ -651,8 +744,8 @@ int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_ind
 }
 
 const char *cpm_role_name(cpm_role role) {
-    static const char *names[] = {"router", "tokenizer", "sampler", "stage", "expert"};
-    return (unsigned)role < 5 ? names[role] : "unknown";
+    static const char *names[] = {"router", "tokenizer", "sampler", "stage", "expert", "tp"};
+    return (unsigned)role < 6 ? names[role] : "unknown";
 }
 
 const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
@@ -671,6 +764,10 @@ const char *cpm_config_proc_endpoint(const cpm_config *c, int r) {
         return c->stages[i].svc.endpoint;
     case CPM_ROLE_EXPERT:
         return c->experts[i].svc.endpoint;
+    case CPM_ROLE_TP: {
+        int s, rank;
+        return cpm_config_tp_proc(c, i, &s, &rank, NULL) ? "" : c->stages[s].tp[rank - 1].svc.endpoint;
+    }
     }
     return "";
 }

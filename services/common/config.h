@@ -26,6 +26,7 @@
 #define CPM_CFG_MAX_REPLICAS 16
 #define CPM_CFG_MAX_EXPERT_SVCS 64
 #define CPM_CFG_STR 256
+#define CPM_CFG_MAX_TP 8 /* ranks of one tensor-parallel stage */
 #define CPM_CFG_LAYER_END (-1) /* `end` in a layer range: through the model's last layer */
 
 typedef struct cpm_cfg_service {
@@ -33,6 +34,12 @@ typedef struct cpm_cfg_service {
     char host[CPM_CFG_STR];     /* where it runs (multi-host; informational for `up`) */
     int threads;                /* worker threads */
 } cpm_cfg_service;
+
+/* A tensor-parallel rank 1..T-1 of a stage (rank 0 is the stage itself). */
+typedef struct cpm_cfg_tp {
+    cpm_cfg_service svc;        /* endpoint: its stage endpoint (health; micro-batches from rank 0) */
+    char mesh[CPM_CFG_STR];     /* its all-reduce endpoint (partials from the other ranks) */
+} cpm_cfg_tp;
 
 typedef struct cpm_cfg_stage {
     cpm_cfg_service svc;
@@ -43,6 +50,9 @@ typedef struct cpm_cfg_stage {
     int max_batch_tokens;       /* rows per forward */
     char kv_dtype[8];           /* "f32" (exact) or "f16" (half the KV memory) */
     char isa[8];                /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
+    char tp_mesh[CPM_CFG_STR];  /* tensor parallelism: rank 0's all-reduce endpoint */
+    int n_tp;                   /* ranks besides rank 0 (0: no TP); tp size = n_tp + 1 */
+    cpm_cfg_tp tp[CPM_CFG_MAX_TP - 1];
 } cpm_cfg_stage;
 
 /* An expert service (expert parallelism): MoE experts [begin, end) of every layer. */
@@ -101,11 +111,18 @@ int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err);
  * none beyond the model; resolves `end`. Their order and tiling are checked at load. */
 int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err);
 
+/* Checks tensor-parallel stages against the model: split_heads (GQA: key/value heads,
+ * MLA: attention heads) and intermediate_size must divide by every stage's TP size, and
+ * quantized weights are refused. A config without TP always passes. */
+int cpm_config_check_tp(const cpm_config *c, int split_heads, int intermediate, bool quantized,
+                        cpm_error *err);
+
 /* Replaces the model directory (and the default name derived from it). */
 void cpm_config_set_model(cpm_config *c, const char *dir);
 
 /* Processes of the cluster in launch order: router, tokenizers, samplers, stages,
- * expert services (last, so clusters without them keep their rank numbers).
+ * expert services, then the tensor-parallel ranks > 0 of every stage (stage by stage,
+ * rank by rank; last, so clusters without them keep their rank numbers).
  * Under mpirun, rank r runs process r. */
 typedef enum cpm_role {
     CPM_ROLE_ROUTER,
@@ -113,6 +130,7 @@ typedef enum cpm_role {
     CPM_ROLE_SAMPLER,
     CPM_ROLE_STAGE,
     CPM_ROLE_EXPERT,
+    CPM_ROLE_TP,      /* index k: the k-th TP rank process, see cpm_config_tp_proc */
 } cpm_role;
 
 int cpm_config_n_procs(const cpm_config *c);
@@ -121,6 +139,13 @@ int cpm_config_n_procs(const cpm_config *c);
 int cpm_config_proc(const cpm_config *c, int r, cpm_role *ret_role, int *ret_index, cpm_error *err);
 
 const char *cpm_role_name(cpm_role role);
+
+/* The stage and rank (1 ..) of TP process k (role CPM_ROLE_TP, index k); CPM_ERANGE
+ * when there is no such process. */
+int cpm_config_tp_proc(const cpm_config *c, int k, int *ret_stage, int *ret_rank, cpm_error *err);
+
+/* Total TP rank processes (ranks > 0 of every stage). */
+int cpm_config_n_tp(const cpm_config *c);
 
 /* The zmq endpoint process r binds (the router's is its rpc endpoint). */
 const char *cpm_config_proc_endpoint(const cpm_config *c, int r);

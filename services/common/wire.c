@@ -66,6 +66,8 @@ const char *cpm_wire_body_name(int body_case) {
     case CPM__V1__ENVELOPE__BODY_SAMPLED: return "sampled";
     case CPM__V1__ENVELOPE__BODY_EXPERT_FORWARD: return "expert_forward";
     case CPM__V1__ENVELOPE__BODY_EXPERT_RESULT: return "expert_result";
+    case CPM__V1__ENVELOPE__BODY_TP_FORWARD: return "tp_forward";
+    case CPM__V1__ENVELOPE__BODY_TP_PARTIAL: return "tp_partial";
     }
     return "none";
 }
@@ -164,6 +166,17 @@ static int check_expert_rows(const char *what, size_t n_expert, const uint32_t *
     return check_tensor(what, desc, total, tsize, err);
 }
 
+/* A TP partial: one F32 [rows, n] frame, rows bounded; the width is the receiver's to check. */
+static int check_tp_partial(const Cpm__V1__TpPartial *p, long long tsize, cpm_error *err) {
+    if (!p->partial || p->partial->n_shape != 2)
+        return cpm_error_set(err, CPM_EFORMAT, "tp_partial: needs an F32 [rows, hidden] description");
+    if (p->partial->dtype != CPM__V1__DTYPE__DTYPE_F32)
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "tp_partial: partials must be F32");
+    if (check_count("tp_partial.rows", p->partial->shape[0], CPM_WIRE_MAX_ROWS, err))
+        return err ? err->code : CPM_ELIMIT;
+    return check_tensor("tp_partial", p->partial, p->partial->shape[0], tsize, err);
+}
+
 static int check_event(const Cpm__V1__TokenEvent *t, cpm_error *err) {
     if (t->n_logprobs && t->n_logprobs != t->n_ids)
         return cpm_error_set(err, CPM_EFORMAT, "token_event: %zu logprobs for %zu ids",
@@ -193,6 +206,12 @@ int cpm_wire_validate(const cpm_envelope *env, long long tensor_size, cpm_error 
         return check_expert_rows("expert_result", env->expert_result->n_expert,
                                  env->expert_result->n_rows, env->expert_result->n_n_rows,
                                  env->expert_result->rows, tensor_size, err);
+    case CPM__V1__ENVELOPE__BODY_TP_FORWARD:
+        if (!env->tp_forward->forward)
+            return cpm_error_set(err, CPM_EFORMAT, "tp_forward: no forward");
+        return check_forward(env->tp_forward->forward, tensor_size, err);
+    case CPM__V1__ENVELOPE__BODY_TP_PARTIAL:
+        return check_tp_partial(env->tp_partial, tensor_size, err);
     case CPM__V1__ENVELOPE__BODY__NOT_SET:
         return cpm_error_set(err, CPM_EFORMAT, "envelope has no body");
     default:

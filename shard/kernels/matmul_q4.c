@@ -1,4 +1,4 @@
-/* matmul_q4.c - int4 GPTQ weights: the one-time repack from AutoGPTQ's layout,
+/* matmul_q4.c - int4 weights: the one-time repack from AutoGPTQ's or AutoAWQ's layout,
  * the scalar kernel (matmul_q4_tmpl.h over plain arrays), and the call path
  * every quantized projection takes: gather x into packed order when needed,
  * then split the output rows across the pool's threads.
@@ -59,6 +59,10 @@ INLINE float v_reduce(V a) {
 #define Q4_MR 2
 #define Q4_NR 2
 #define Q4_DEC 2
+#define Q4_SMR 2
+#define Q4_SDEC 1
+#define Q4_SDEC2 1
+#define Q4_SMALL_M 2
 #define Q4_KERNEL cpm_q4_mm_scalar
 #include "matmul_q4_tmpl.h"
 
@@ -72,6 +76,27 @@ INLINE float v_reduce(V a) {
 
 static int nibble_at(const int32_t *packed, size_t word, int shift) {
     return (int)(((uint32_t)packed[word] >> shift) & 15u);
+}
+
+/* AutoAWQ packs columns 8c + {0,2,4,6,1,3,5,7} into nibble slots 0..7 of word
+ * c (AWQ_ORDER in AutoAWQ's awq/utils/packing_utils.py and WQLinear_GEMM.
+ * from_linear; its dequantize_gemm undoes it with AWQ_REVERSE_ORDER), so
+ * column 8c + j sits in slot awq_slot[j]. */
+static const int awq_slot[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+/* q of input column k, output row n. */
+static int stored_q(const cpm_q4_gptq *s, int k, size_t n) {
+    size_t N = (size_t)s->N;
+    if (s->format == CPM_Q4_AWQ)
+        return nibble_at(s->qweight, (size_t)k * (N / 8) + n / 8, 4 * awq_slot[n % 8]);
+    return nibble_at(s->qweight, (size_t)(k / 8) * N + n, 4 * (k % 8));
+}
+
+/* stored zero of group g, output row n (before zero_offset). */
+static int stored_zero(const cpm_q4_gptq *s, int g, size_t n) {
+    size_t at = (size_t)g * ((size_t)s->N / 8) + n / 8;
+    int slot = s->format == CPM_Q4_AWQ ? awq_slot[n % 8] : (int)(n % 8);
+    return nibble_at(s->qzeros, at, 4 * slot);
 }
 
 /* Sorts the input columns by group (stable, so without act-order nothing
@@ -117,9 +142,8 @@ static void pack_rows(const cpm_q4_gptq *s, cpm_q4 *w) {
                 size_t p = (size_t)g * (size_t)w->gp + (size_t)i;
                 size_t byte = p / CPM_Q4_BLOCK * 16 + p % 16;
                 int high = p % CPM_Q4_BLOCK >= 16;
-                const int32_t *src = s->qweight + (size_t)(k / 8) * N;
                 for (size_t n = n0; n < n1; n++) {
-                    uint8_t q = (uint8_t)nibble_at(src, n, 4 * (k % 8));
+                    uint8_t q = (uint8_t)stored_q(s, k, n);
                     uint8_t *b = w->nib + n * row_bytes + byte;
                     *b = high ? (uint8_t)((*b & 0x0f) | (q << 4)) : (uint8_t)((*b & 0xf0) | q);
                 }
@@ -130,8 +154,7 @@ static void pack_rows(const cpm_q4_gptq *s, cpm_q4 *w) {
         for (int g = 0; g < w->G; g++) {
             size_t at = n * (size_t)w->G + (size_t)g;
             w->scale[at] = s->scales[(size_t)g * N + n];
-            w->zero[at] = (uint8_t)(nibble_at(s->qzeros, (size_t)g * (N / 8) + n / 8,
-                                              4 * (int)(n % 8)) + s->zero_offset);
+            w->zero[at] = (uint8_t)(stored_zero(s, g, n) + s->zero_offset);
         }
     }
 }
@@ -140,7 +163,8 @@ int cpm_q4_new(const cpm_q4_gptq *s, cpm_q4 **ret, int *ret_bad) {
     int bad = 0;
     *ret = NULL;
     if (s->K <= 0 || s->N <= 0 || s->K % 8 || s->N % 8 || s->group_size <= 0 ||
-        s->K % s->group_size || s->zero_offset < 0 || s->zero_offset > 1)
+        s->K % s->group_size || s->zero_offset < 0 || s->zero_offset > 1 ||
+        (s->format != CPM_Q4_GPTQ && s->format != CPM_Q4_AWQ))
         return CPM_Q4_EARG;
     cpm_q4 *w = calloc(1, sizeof *w);
     if (!w)
@@ -294,7 +318,8 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         return;
     int nt = cpm_pool_size(pool);
     size_t Kp = (size_t)w->Kp;
-    size_t xg = w->gather ? (size_t)M * Kp : 0, panels = M > 1 ? (size_t)nt * CPM_Q4_NR_MAX * Kp : 0;
+    size_t xg = w->gather ? (size_t)M * Kp : 0;
+    size_t panels = M > 1 ? (size_t)nt * CPM_Q4_NR_MAX * Kp : 0;
     size_t bytes = (xg + panels) * sizeof(float);
     float *buf = NULL, *owned = NULL;
     if (bytes) {

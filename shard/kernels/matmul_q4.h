@@ -1,9 +1,9 @@
-/* matmul_q4.h - y = x·Wᵀ for 4-bit GPTQ weights, repacked once at load.
+/* matmul_q4.h - y = x·Wᵀ for 4-bit GPTQ / AWQ weights, repacked once at load.
  *
  *   W[n, k] = (q[k, n] − z[g(k), n]) · s[g(k), n]     q, z 4-bit; s per group
  *
- * A checkpoint's AutoGPTQ tensors (qweight, qzeros, scales, g_idx) go in through
- * cpm_q4_new, which checks them and rewrites them into a layout made for decode:
+ * A checkpoint's AutoGPTQ tensors (qweight, qzeros, scales, g_idx), or AutoAWQ's
+ * GEMM ones (qweight, qzeros, scales, packed along n), go in through cpm_q4_new, which checks them and rewrites them into a layout made for decode:
  * per output row, the K nibbles contiguous in group order (with act-order, the
  * input columns are sorted by group once here and x is gathered by the same
  * permutation on every call), plus an f32 scale and a zero point per group.
@@ -24,16 +24,26 @@
 
 typedef struct cpm_q4 cpm_q4;
 
-/* One GPTQ linear as stored by AutoGPTQ (all borrowed). in = K, out = N,
+/* Where the packed tensors come from. Both hold W[n, k] = (q − z) · s. */
+typedef enum cpm_q4_format {
+    CPM_Q4_GPTQ = 0, /* AutoGPTQ: qweight [K/8, N] packed along k, qzeros [G, N/8] */
+    CPM_Q4_AWQ,      /* AutoAWQ GEMM: qweight [K, N/8] and qzeros [G, N/8] packed along n,
+                      * nibble slot i of a word holding column 8c + {0,2,4,6,1,3,5,7}[i] */
+} cpm_q4_format;
+
+/* One int4 linear as a checkpoint stores it (all borrowed). in = K, out = N,
  * G = K / group_size groups. */
 typedef struct cpm_q4_gptq {
-    const int32_t *qweight; /* [K/8, N]: eight 4-bit q along k, lowest bits = lowest k */
+    const int32_t *qweight; /* GPTQ [K/8, N]: eight 4-bit q along k, lowest bits = lowest k;
+                             * AWQ [K, N/8]: eight along n in the AWQ slot order */
     const float *scales;    /* [G, N] */
-    const int32_t *qzeros;  /* [G, N/8]: eight 4-bit zeros along n, lowest bits = lowest n */
+    const int32_t *qzeros;  /* [G, N/8]: eight 4-bit zeros along n (GPTQ: lowest bits = lowest
+                             * n; AWQ: slot order as qweight) */
     const int32_t *g_idx;   /* [K]: group of each input column, or NULL (k / group_size) */
     int K, N;               /* K and N multiples of 8 */
     int group_size;         /* divides K */
-    int zero_offset;        /* added to each stored zero: 1 for checkpoint_format "gptq" */
+    int zero_offset;        /* added to each stored zero: 1 for checkpoint_format "gptq", 0 AWQ */
+    cpm_q4_format format;   /* zero-initialised: GPTQ */
 } cpm_q4_gptq;
 
 /* cpm_q4_new results besides 0. */

@@ -43,9 +43,17 @@ INLINE float v_reduce(V v) {
     return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
 }
 
+/* Prefetch the nibbles ahead as on AVX-512 (see matmul_q4_avx512.c). */
+#define Q4_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define Q4_PF_DIST 8192
+
 /* 16 ymm registers: 2x1 tiles (8 for the sums), 2 decode rows. */
 #define Q4_MR 2
 #define Q4_NR 1
 #define Q4_DEC 2
+#define Q4_SMR 2
+#define Q4_SDEC 1
+#define Q4_SDEC2 1
+#define Q4_SMALL_M 2
 #define Q4_KERNEL cpm_q4_mm_avx2
 #include "matmul_q4_tmpl.h"

@@ -7,47 +7,71 @@
  *   vz_set1(z)         broadcast an int zero point
  *   v_nibbles(p, z, &lo, &hi)   16 bytes → (low nibbles − z), (high nibbles − z)
  *   v_reduce(v)        the canonical 16-lane tree
- *   Q4_MR, Q4_NR, Q4_DEC, Q4_KERNEL   tile sizes and the exported name
+ *   Q4_MR, Q4_NR, Q4_DEC, Q4_SMR, Q4_SDEC, Q4_SDEC2, Q4_SMALL_M, Q4_KERNEL
+ *                      tile sizes, the decode/prefill cut and the exported name
  *
- * Decode (one x row) streams Q4_DEC rows of nibbles at a time. Prefill widens
- * Q4_NR rows to (q − z) f32 into the thread's panel once and reuses them for
- * every Q4_MR-row tile of x; both feed the same lanes in the same order.
+ * Decode (one x row) streams Q4_DEC rows of nibbles at a time; a few x rows
+ * (M up to Q4_SMALL_M) go Q4_SMR at a time against Q4_SDEC weight rows
+ * (Q4_SDEC2 for a pair of x rows), each block unpacked once for all of them.
+ * Prefill widens Q4_NR rows to (q − z) f32 into the thread's panel once and
+ * reuses them for every Q4_MR-row tile of x. All paths feed the same lanes in
+ * the same order, so a row's result never depends on the path it took.
  */
 #define Q4_INLINE static inline __attribute__((always_inline))
 
-/* y[j] = row n + j of W times x, j < nr, straight from the nibbles. */
-Q4_INLINE void q4_decode(const int nr, const cpm_q4 *w, const float *x, int n, float *y) {
+#ifndef Q4_PREFETCH /* optional: Q4_PREFETCH(p) fetches the nibbles Q4_PF_DIST bytes ahead */
+#define Q4_PREFETCH(p) ((void)(p))
+#define Q4_PF_DIST 0
+#endif
+
+/* y[i, j] = x row i times W row n + j, i < mr, j < nr, straight from the
+ * nibbles: each block is unpacked once and feeds all mr rows of x. */
+Q4_INLINE void q4_decode(const int mr, const int nr, const cpm_q4 *w, const float *x,
+                         size_t ldx, int n, float *y, size_t ldy) {
     const size_t row_bytes = (size_t)w->Kp / 2;
     const uint8_t *row[Q4_DEC], *zp[Q4_DEC];
     const float *sc[Q4_DEC];
-    V tot[Q4_DEC], acc[Q4_DEC];
+    V tot[Q4_SMR][Q4_DEC], acc[Q4_SMR][Q4_DEC];
     for (int j = 0; j < nr; j++) {
         row[j] = w->nib + (size_t)(n + j) * row_bytes;
         zp[j] = w->zero + (size_t)(n + j) * (size_t)w->G;
         sc[j] = w->scale + (size_t)(n + j) * (size_t)w->G;
-        tot[j] = v_zero();
+        for (int i = 0; i < mr; i++)
+            tot[i][j] = v_zero();
     }
     for (int g = 0; g < w->G; g++) {
         const size_t p0 = (size_t)g * (size_t)w->gp;
         VZ z[Q4_DEC];
         for (int j = 0; j < nr; j++) {
-            acc[j] = v_zero();
             z[j] = vz_set1(zp[j][g]);
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = v_zero();
         }
         for (size_t p = p0; p < p0 + (size_t)w->gp; p += CPM_Q4_BLOCK) {
-            V x0 = v_load(x + p), x1 = v_load(x + p + 16);
+            V x0[Q4_SMR], x1[Q4_SMR];
+            for (int i = 0; i < mr; i++) {
+                x0[i] = v_load(x + (size_t)i * ldx + p);
+                x1[i] = v_load(x + (size_t)i * ldx + p + 16);
+            }
             for (int j = 0; j < nr; j++) {
                 V lo, hi;
+                Q4_PREFETCH(row[j] + p / 2 + Q4_PF_DIST);
                 v_nibbles(row[j] + p / 2, z[j], &lo, &hi);
-                acc[j] = v_fma(x0, lo, acc[j]);
-                acc[j] = v_fma(x1, hi, acc[j]);
+                for (int i = 0; i < mr; i++) {
+                    acc[i][j] = v_fma(x0[i], lo, acc[i][j]);
+                    acc[i][j] = v_fma(x1[i], hi, acc[i][j]);
+                }
             }
         }
-        for (int j = 0; j < nr; j++)
-            tot[j] = v_fma(v_set1(sc[j][g]), acc[j], tot[j]);
+        for (int j = 0; j < nr; j++) {
+            V s = v_set1(sc[j][g]);
+            for (int i = 0; i < mr; i++)
+                tot[i][j] = v_fma(s, acc[i][j], tot[i][j]);
+        }
     }
-    for (int j = 0; j < nr; j++)
-        y[j] = v_reduce(tot[j]);
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + (size_t)j] = v_reduce(tot[i][j]);
 }
 
 /* Rows [n, n + nr) of W as (q − z) f32 into panel [nr][Kp]. */
@@ -104,14 +128,34 @@ Q4_INLINE void q4_tile(const int mr, const int nr, const cpm_q4 *w, const float 
             y[(size_t)i * ldy + (size_t)j] = v_reduce(tot[i][j]);
 }
 
-static void q4_decode_rows(const cpm_q4_job *job, int m, int n0, int n1) {
+/* Weight rows [n0, n1) against x rows [m, m + mr): Q4_DEC rows at a time for
+ * one x row, Q4_SDEC for a few (more accumulators per weight row). */
+Q4_INLINE void q4_decode_span(const int mr, const cpm_q4_job *job, int m, int n0, int n1) {
+    const int dec = mr == 1 ? Q4_DEC : mr == 2 ? Q4_SDEC2 : Q4_SDEC;
     const float *x = job->x + (size_t)m * job->ldx;
     float *y = job->y + (size_t)m * job->ldy;
     int n = n0;
-    for (; n + Q4_DEC <= n1; n += Q4_DEC)
-        q4_decode(Q4_DEC, job->w, x, n, y + n);
+    for (; n + dec <= n1; n += dec)
+        q4_decode(mr, dec, job->w, x, job->ldx, n, y + n, job->ldy);
     for (; n < n1; n++)
-        q4_decode(1, job->w, x, n, y + n);
+        q4_decode(mr, 1, job->w, x, job->ldx, n, y + n, job->ldy);
+}
+
+/* x rows [m0, m1) straight from the nibbles, Q4_SMR at a time. */
+static void q4_decode_rows(const cpm_q4_job *job, int m0, int m1, int n0, int n1) {
+    int m = m0;
+    for (; m + Q4_SMR <= m1; m += Q4_SMR)
+        q4_decode_span(Q4_SMR, job, m, n0, n1);
+#if Q4_SMR > 3
+    if (m1 - m == 3)
+        q4_decode_span(3, job, m, n0, n1), m += 3;
+#endif
+#if Q4_SMR > 2
+    if (m1 - m == 2)
+        q4_decode_span(2, job, m, n0, n1), m += 2;
+#endif
+    if (m1 - m == 1)
+        q4_decode_span(1, job, m, n0, n1);
 }
 
 /* x rows [m0, m1) against the panel rows [n, n + nr). */
@@ -137,9 +181,9 @@ static void q4_panel_rows(const cpm_q4_job *job, int m0, int m1, const float *pa
 }
 
 void Q4_KERNEL(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel) {
-    if (m1 - m0 == 1 || !panel) {
-        for (int m = m0; m < m1; m++)
-            q4_decode_rows(job, m, n0, n1);
+    _Static_assert(Q4_SMR >= 1 && Q4_SDEC <= Q4_DEC && Q4_SDEC2 <= Q4_DEC, "decode tile sizes");
+    if (m1 - m0 <= Q4_SMALL_M || !panel) {
+        q4_decode_rows(job, m0, m1, n0, n1);
         return;
     }
     _Static_assert(Q4_NR <= CPM_Q4_NR_MAX, "panel sized for CPM_Q4_NR_MAX rows");

@@ -4,6 +4,7 @@
 #include <jansson.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 /* Typed field readers. Each returns 0 when the field is absent (leaving the
  * default in place) or valid, and an error naming file and field otherwise. */
@@ -207,15 +208,18 @@ static int parse_sparse(json_t *root, cpm_hparams *hp, const char *file, cpm_err
     return 0;
 }
 
-/* quantization_config: AutoGPTQ int4 only (minicpm-spec.md §8). In the
- * classic checkpoint_format "gptq" every stored zero is the real one minus one
- * (AutoGPTQ's packer subtracts 1, its kernels add it back); "gptq_v2" stores
- * real zeros; "marlin" is a GPU tile layout. An absent checkpoint_format is
- * "gptq", as in every AutoGPTQ release before the field existed. */
+/* quantization_config (minicpm-spec.md §8): AutoGPTQ or AutoAWQ int4. In the
+ * classic GPTQ checkpoint_format "gptq" every stored zero is the real one minus
+ * one (AutoGPTQ's packer subtracts 1, its kernels add it back); "gptq_v2"
+ * stores real zeros; "marlin" is a GPU tile layout. An absent
+ * checkpoint_format is "gptq", as in every AutoGPTQ release before the field
+ * existed. AWQ stores real zeros; only its "gemm" layout (qweight [in, out/8])
+ * is read: "gemv" and "gemv_fast" pack along the input instead. */
 static int quant_refuse(cpm_error *err, const char *file, const char *field, const char *v) {
     return cpm_error_set(err, CPM_EUNSUPPORTED,
-                         "%s: quantization_config.%s: %s is not supported (only GPTQ 4-bit, "
-                         "checkpoint_format gptq)", file, field, v);
+                         "%s: quantization_config.%s: %s is not supported (only 4-bit GPTQ with "
+                         "checkpoint_format gptq, or 4-bit AWQ version gemm with zero_point)",
+                         file, field, v);
 }
 
 static int get_quant_string(json_t *q, const char *key, const char **out, const char *file,
@@ -230,46 +234,97 @@ static int get_quant_string(json_t *q, const char *key, const char **out, const 
     return 0;
 }
 
+/* bits (AutoAWQ's own quant_config.json says w_bit): present, and 4. */
+static int check_bits(json_t *q, const char *key, const char *file, cpm_error *err) {
+    char bits[16];
+    int nbits = 0;
+    if (!json_object_get(q, key))
+        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.%s is missing", file, key);
+    if (get_int(q, key, &nbits, 1, 64, file, err))
+        return cpm_error_prefix(err, "quantization_config");
+    if (nbits != 4)
+        return snprintf(bits, sizeof bits, "%d", nbits), quant_refuse(err, file, key, bits);
+    return 0;
+}
+
+static int check_group_size(const cpm_hparams *hp, const char *file, cpm_error *err) {
+    if (hp->quant_group_size == 0 || hp->quant_group_size < -1)
+        return cpm_error_set(err, CPM_ERANGE,
+                             "%s: quantization_config.group_size: %d (expected -1 or > 0)", file,
+                             hp->quant_group_size);
+    return 0;
+}
+
+static int parse_gptq(json_t *q, cpm_hparams *hp, const char *file, cpm_error *err) {
+    const char *format = "gptq";
+    bool lm_head = false;
+    hp->quant_group_size = 128; /* AutoGPTQ's BaseQuantizeConfig default */
+    if (get_quant_string(q, "checkpoint_format", &format, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    if (strcmp(format, "gptq") != 0)
+        return quant_refuse(err, file, "checkpoint_format", format);
+    int rc = check_bits(q, "bits", file, err);
+    if (rc)
+        return rc;
+    if (get_int(q, "group_size", &hp->quant_group_size, -1, 1 << 20, file, err) ||
+        get_bool(q, "desc_act", &hp->quant_desc_act, file, err) ||
+        get_bool(q, "sym", &hp->quant_sym, file, err) ||
+        get_bool(q, "lm_head", &lm_head, file, err))
+        return cpm_error_prefix(err, "quantization_config");
+    if ((rc = check_group_size(hp, file, err)))
+        return rc;
+    if (lm_head)
+        return quant_refuse(err, file, "lm_head", "true");
+    hp->quant = CPM_QUANT_GPTQ;
+    hp->quant_zero_offset = 1;
+    return 0;
+}
+
+/* transformers' AwqConfig (bits, group_size, zero_point, version; defaults
+ * 128, true, "gemm") or AutoAWQ's quant_config names (w_bit, q_group_size). */
+static int parse_awq(json_t *q, cpm_hparams *hp, const char *file, cpm_error *err) {
+    const char *version = "gemm";
+    bool zero_point = true;
+    bool autoawq = !json_object_get(q, "bits") && json_object_get(q, "w_bit");
+    const char *bits_key = autoawq ? "w_bit" : "bits";
+    const char *gs_key = autoawq ? "q_group_size" : "group_size";
+    hp->quant_group_size = 128;
+    int rc = check_bits(q, bits_key, file, err);
+    if (rc)
+        return rc;
+    if (get_quant_string(q, "version", &version, file, err))
+        return err ? err->code : CPM_EFORMAT;
+    if (get_int(q, gs_key, &hp->quant_group_size, -1, 1 << 20, file, err) ||
+        get_bool(q, "zero_point", &zero_point, file, err))
+        return cpm_error_prefix(err, "quantization_config");
+    if (strcasecmp(version, "gemm") != 0)
+        return quant_refuse(err, file, "version", version);
+    if (!zero_point)
+        return quant_refuse(err, file, "zero_point", "false");
+    if ((rc = check_group_size(hp, file, err)))
+        return rc;
+    hp->quant = CPM_QUANT_AWQ;
+    hp->quant_zero_offset = 0;
+    return 0;
+}
+
 static int parse_quant(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {
     json_t *q = json_object_get(root, "quantization_config");
     if (!q || json_is_null(q))
         return 0;
     if (!json_is_object(q))
         return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config: expected an object", file);
-    const char *method = NULL, *format = "gptq";
-    bool lm_head = false;
-    char bits[16];
-    int nbits = 0;
-    hp->quant_group_size = 128; /* AutoGPTQ's BaseQuantizeConfig default */
-    if (get_quant_string(q, "quant_method", &method, file, err) ||
-        get_quant_string(q, "checkpoint_format", &format, file, err))
+    const char *method = NULL;
+    if (get_quant_string(q, "quant_method", &method, file, err))
         return err ? err->code : CPM_EFORMAT;
     if (!method)
         return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.quant_method is missing",
                              file);
-    if (strcmp(method, "gptq") != 0)
-        return quant_refuse(err, file, "quant_method", method);
-    if (strcmp(format, "gptq") != 0)
-        return quant_refuse(err, file, "checkpoint_format", format);
-    if (!json_object_get(q, "bits"))
-        return cpm_error_set(err, CPM_EFORMAT, "%s: quantization_config.bits is missing", file);
-    if (get_int(q, "bits", &nbits, 1, 64, file, err) ||
-        get_int(q, "group_size", &hp->quant_group_size, -1, 1 << 20, file, err) ||
-        get_bool(q, "desc_act", &hp->quant_desc_act, file, err) ||
-        get_bool(q, "sym", &hp->quant_sym, file, err) ||
-        get_bool(q, "lm_head", &lm_head, file, err))
-        return cpm_error_prefix(err, "quantization_config");
-    if (nbits != 4)
-        return snprintf(bits, sizeof bits, "%d", nbits), quant_refuse(err, file, "bits", bits);
-    if (hp->quant_group_size == 0 || hp->quant_group_size < -1)
-        return cpm_error_set(err, CPM_ERANGE,
-                             "%s: quantization_config.group_size: %d (expected -1 or > 0)", file,
-                             hp->quant_group_size);
-    if (lm_head)
-        return quant_refuse(err, file, "lm_head", "true");
-    hp->quant = CPM_QUANT_GPTQ;
-    hp->quant_zero_offset = 1;
-    return 0;
+    if (strcmp(method, "gptq") == 0)
+        return parse_gptq(q, hp, file, err);
+    if (strcmp(method, "awq") == 0)
+        return parse_awq(q, hp, file, err);
+    return quant_refuse(err, file, "quant_method", method);
 }
 
 static int parse_extensions(json_t *root, cpm_hparams *hp, const char *file, cpm_error *err) {

@@ -28,6 +28,7 @@ typedef enum cpm_act {
 typedef enum cpm_quant_kind {
     CPM_QUANT_NONE = 0,
     CPM_QUANT_GPTQ,  /* AutoGPTQ int4: X.qweight/scales/qzeros/g_idx per decoder linear */
+    CPM_QUANT_AWQ,   /* AutoAWQ GEMM int4: X.qweight/qzeros/scales packed along the output */
 } cpm_quant_kind;
 
 typedef struct cpm_hparams {
@@ -84,13 +85,13 @@ typedef struct cpm_hparams {
     int sparse_window;      /* window_size: tokens of recent blocks always attended */
     int sparse_topk;        /* topk: blocks kept per query (forced ones included) */
 
-    /* quantization_config (GPTQ 4-bit): the decoder layers' linears may be
+    /* quantization_config (GPTQ or AWQ 4-bit): the decoder layers' linears may be
      * stored as int4; embeddings, norms and lm_head stay float. */
     cpm_quant_kind quant;
     int quant_group_size;   /* columns per group; -1 = one group per row */
     bool quant_desc_act;    /* act-order: columns permuted, g_idx says each one's group */
     bool quant_sym;
-    int quant_zero_offset;  /* added to stored zeros: 1 for checkpoint_format "gptq" */
+    int quant_zero_offset;  /* added to stored zeros: 1 for checkpoint_format "gptq", 0 AWQ */
 
     /* special ids */
     int bos_id;

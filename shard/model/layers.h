@@ -23,6 +23,7 @@ typedef struct cpm_weight {
     const void *data;
     cpm_dtype dtype;
     int rows, cols;
+    int ld;    /* row stride in elements; 0 = cols (a TP column slice keeps the full width) */
     cpm_q4 *q4;
 } cpm_weight;
 
@@ -99,6 +100,8 @@ struct cpm_model {
     cpm_scratch s;
     int expert_begin, expert_end; /* MoE experts bound here */
     cpm_expert_backend experts_remote; /* run != NULL: MoE experts run there */
+    int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
+    cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
 };
 
 /* Layer kernels (attention.c, ffn.c): read s.xn, write s.out, for n rows. */
@@ -114,8 +117,8 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
     if (w->q4)
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
     else
-        cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->cols, n, w->rows,
-                   w->cols);
+        cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->ld ? w->ld : w->cols, n,
+                   w->rows, w->cols);
 }
 
 #endif

@@ -17,7 +17,8 @@
 
 cpm_model_opts cpm_model_opts_default(void) {
     return (cpm_model_opts){.layer_begin = 0, .layer_end = -1, .n_threads = 1,
-                            .max_batch_tokens = 512, .expert_begin = 0, .expert_end = -1};
+                            .max_batch_tokens = 512, .expert_begin = 0, .expert_end = -1,
+                            .tp_rank = 0, .tp_size = 1};
 }
 
 /* ---- binding tensors to roles ---- */
@@ -46,14 +47,16 @@ static bool is_norm(cpm_role r) {
            r == CPM_W_KV_A_NORM || r == CPM_W_FINAL_NORM;
 }
 
-/* ---- GPTQ int4 linears (minicpm-spec.md §8) ----
+/* ---- GPTQ / AWQ int4 linears (minicpm-spec.md §8) ----
  * A decoder linear X of a GPTQ checkpoint comes as X.qweight, X.scales,
- * X.qzeros and (optionally) X.g_idx; one still stored as X.weight (a MoE
- * router, say) loads as a float weight. Everything is checked against the
- * config here, then repacked once by cpm_q4_new. */
+ * X.qzeros and (optionally) X.g_idx; of an AWQ one as X.qweight, X.qzeros,
+ * X.scales packed along the output instead. One still stored as X.weight (a
+ * MoE router, an AWQ modules_to_not_convert entry) loads as a float weight.
+ * Everything is checked against the config here, then repacked once by
+ * cpm_q4_new into the one engine layout. */
 
 static bool wants_q4(const cpm_model *m, const cpm_tensor_need *need) {
-    return m->hp.quant == CPM_QUANT_GPTQ && need->layer >= 0 && need->ndim == 2 &&
+    return m->hp.quant != CPM_QUANT_NONE && need->layer >= 0 && need->ndim == 2 &&
            !cpm_checkpoint_find(m->ckpt, need->name);
 }
 
@@ -112,7 +115,8 @@ static int read_q4_tensors(const cpm_model *m, const char *wname, int K, int N, 
                            q4_tensors *q, cpm_error *err) {
     char name[160];
     const cpm_checkpoint *ck = m->ckpt;
-    int64_t qw[2] = {K / 8, N}, qz[2] = {G, N / 8}, gi[1] = {K};
+    bool awq = m->hp.quant == CPM_QUANT_AWQ;
+    int64_t qw[2] = {awq ? K : K / 8, awq ? N / 8 : N}, qz[2] = {G, N / 8}, gi[1] = {K};
     part_name(name, sizeof name, wname, "qweight");
     int rc = cpm_checkpoint_expect_i32(ck, name, 2, qw, &q->qweight, err);
     part_name(name, sizeof name, wname, "qzeros");
@@ -122,7 +126,7 @@ static int read_q4_tensors(const cpm_model *m, const char *wname, int K, int N, 
     if (rc == 0)
         rc = float_copy(ck, name, 2, G, N, &q->scales, err);
     part_name(name, sizeof name, wname, "g_idx");
-    if (rc == 0) {
+    if (rc == 0 && !awq) { /* AWQ has no act-order */
         rc = cpm_checkpoint_expect_i32(ck, name, 1, gi, &q->g_idx, err);
         if (rc == CPM_ENOTFOUND && !m->hp.quant_desc_act)
             rc = 0; /* without act-order the group of k is k / group_size */
@@ -155,7 +159,7 @@ static int bind_q4(cpm_model *m, const cpm_tensor_need *need, cpm_error *err) {
     char name[160];
     part_name(name, sizeof name, need->name, "qweight");
     if (K % 8 || N % 8)
-        return cpm_error_set(err, CPM_ESHAPE, "tensor %s: [%d out, %d in] features: GPTQ packs "
+        return cpm_error_set(err, CPM_ESHAPE, "tensor %s: [%d out, %d in] features: int4 packs "
                              "multiples of 8", name, N, K);
     if (K % gs)
         return cpm_error_set(err, CPM_ESHAPE, "config.json: quantization_config.group_size %d "
@@ -168,7 +172,8 @@ static int bind_q4(cpm_model *m, const cpm_tensor_need *need, cpm_error *err) {
     if (rc == 0) {
         cpm_q4_gptq src = {.qweight = q.qweight, .scales = q.scales, .qzeros = q.qzeros,
                            .g_idx = q.g_idx, .K = K, .N = N, .group_size = gs,
-                           .zero_offset = m->hp.quant_zero_offset};
+                           .zero_offset = m->hp.quant_zero_offset,
+                           .format = m->hp.quant == CPM_QUANT_AWQ ? CPM_Q4_AWQ : CPM_Q4_GPTQ};
         rc = cpm_q4_new(&src, &w->q4, &bad);
         if (rc)
             rc = q4_error(rc, need->name, bad, K / gs, gs, err);
@@ -360,6 +365,87 @@ static int build_absorb(cpm_model *m, cpm_layer *L, cpm_error *err) {
     return 0;
 }
 
+/* ---- tensor parallelism: this rank's slice of every layer ----
+ * Row slices (q/k/v, q_b, kv_b, gate/up) are contiguous; column slices (o_proj,
+ * down) are strided views of the mmapped weights (ld = the full width): no copies. */
+
+static void rows_slice(cpm_weight *w, int r0, int nr) {
+    w->data = (const char *)w->data + (size_t)r0 * (size_t)w->cols * cpm_dtype_size(w->dtype);
+    w->rows = nr;
+}
+
+static void cols_slice(cpm_weight *w, int c0, int nc) {
+    w->ld = w->ld ? w->ld : w->cols;
+    w->data = (const char *)w->data + (size_t)c0 * cpm_dtype_size(w->dtype);
+    w->cols = nc;
+}
+
+static int check_tp(const cpm_model *m, const cpm_model_opts *o, cpm_error *err) {
+    const cpm_hparams *hp = &m->hp;
+    int T = o->tp_size;
+    if (T < 1 || T > 64 || o->tp_rank < 0 || o->tp_rank >= T)
+        return cpm_error_set(err, CPM_ERANGE, "tensor parallel rank %d of %d is invalid",
+                             o->tp_rank, T);
+    if (T == 1)
+        return 0;
+    if (hp->quant != CPM_QUANT_NONE)
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "tensor parallelism over quantized (int4) "
+                             "weights is not supported");
+    int heads = m->arch->attn == CPM_ATTN_MLA ? hp->n_heads : hp->n_kv_heads;
+    if (heads % T)
+        return cpm_error_set(err, CPM_EINVAL, "config.json: %d %s do not split over %d tensor "
+                             "parallel ranks", heads,
+                             m->arch->attn == CPM_ATTN_MLA ? "attention heads" :
+                             "key/value heads (whole GQA groups per rank)", T);
+    if (hp->intermediate_size % T)
+        return cpm_error_set(err, CPM_EINVAL, "config.json: intermediate_size %d does not split "
+                             "over %d tensor parallel ranks", hp->intermediate_size, T);
+    if (o->expert_begin != 0 || o->expert_end != hp->n_experts)
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "tensor parallelism needs every MoE expert "
+                             "in the stage (expert services and TP do not mix)");
+    return 0;
+}
+
+/* The shapes this rank computes with: heads and FFN width divided by T. */
+static void tp_localize(cpm_hparams *hp, int T) {
+    hp->n_heads /= T;
+    hp->n_kv_heads /= T;
+    hp->intermediate_size /= T;
+}
+
+/* full: the whole model's hparams (the checkpoint's shapes). */
+static void tp_slice_layer(cpm_model *m, const cpm_hparams *full, cpm_layer *L) {
+    int T = m->tp_size, r = m->tp_rank;
+    int nh = full->n_heads / T, h0 = r * nh, F = full->intermediate_size / T, f0 = r * F;
+    if (m->arch->attn == CPM_ATTN_MLA) {
+        int dq = full->qk_nope_dim + full->qk_rope_dim, dkv = full->qk_nope_dim + full->v_head_dim;
+        rows_slice(&L->w[full->q_lora_rank ? CPM_W_Q_B : CPM_W_Q], h0 * dq, nh * dq);
+        rows_slice(&L->w[CPM_W_KV_B], h0 * dkv, nh * dkv);
+        cols_slice(&L->w[CPM_W_O], h0 * full->v_head_dim, nh * full->v_head_dim);
+    } else {
+        int d = full->head_dim, nkv = full->n_kv_heads / T;
+        rows_slice(&L->w[CPM_W_Q], h0 * d, nh * d);
+        rows_slice(&L->w[CPM_W_K], r * nkv * d, nkv * d);
+        rows_slice(&L->w[CPM_W_V], r * nkv * d, nkv * d);
+        cols_slice(&L->w[CPM_W_O], h0 * d, nh * d);
+    }
+    if (m->ffn != CPM_FFN_MOE) {
+        rows_slice(&L->w[CPM_W_GATE], f0, F);
+        rows_slice(&L->w[CPM_W_UP], f0, F);
+        cols_slice(&L->w[CPM_W_DOWN], f0, F);
+        return;
+    }
+    for (int e = 0; e < full->n_experts; e++) { /* the router stays whole */
+        rows_slice(&L->experts[0][e], f0, F);
+        rows_slice(&L->experts[1][e], f0, F);
+        cols_slice(&L->experts[2][e], f0, F);
+    }
+}
+
+void cpm_model_set_allreduce_backend(cpm_model *m, const cpm_allreduce_backend *b) {
+    m->tp = b ? *b : (cpm_allreduce_backend){0};
+}
+
 /* ---- load / free ---- */
 
 static int check_opts(const cpm_hparams *hp, cpm_model_opts *o, cpm_error *err) {
@@ -396,6 +482,8 @@ static void fill_info(cpm_model *m, const cpm_model_opts *o) {
     in->last_stage = o->layer_end == hp->n_layers;
     in->max_position = hp->max_position;
     in->max_batch_tokens = o->max_batch_tokens;
+    in->tp_rank = o->tp_rank;
+    in->tp_size = o->tp_size;
     in->bos_id = hp->bos_id;
     in->n_eos = hp->n_eos;
     memcpy(in->eos_ids, hp->eos_ids, sizeof in->eos_ids);
@@ -428,7 +516,7 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
                            m->hp.arch);
         goto fail;
     }
-    if ((rc = check_opts(&m->hp, &o, err)))
+    if ((rc = check_opts(&m->hp, &o, err)) || (rc = check_tp(m, &o, err)))
         goto fail;
     if (m->hp.sparse && m->arch->attn != CPM_ATTN_GQA) { /* InfLLM v2 is MiniCPM4 (GQA) only */
         rc = cpm_error_set(err, CPM_EUNSUPPORTED, "config.json: sparse_config needs GQA attention, "
@@ -440,19 +528,25 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->n_threads = o.n_threads;
     m->expert_begin = o.expert_begin;
     m->expert_end = o.expert_end;
+    m->tp_rank = o.tp_rank;
+    m->tp_size = o.tp_size;
     fill_info(m, &o);
+    cpm_hparams full = m->hp; /* the checkpoint's shapes; m->hp becomes this rank's */
+    tp_localize(&m->hp, o.tp_size);
     set_geometry(m);
     if ((rc = alloc_layers(m, err)) || (rc = init_rope(m, err)) || (rc = alloc_scratch(m, err)))
         goto fail;
     if ((rc = cpm_checkpoint_open(dir, &m->ckpt, err)))
         goto fail;
     bind_ctx bc = {m, err};
-    rc = cpm_arch_for_each_tensor(m->arch, &m->hp, o.layer_begin, o.layer_end,
+    rc = cpm_arch_for_each_tensor(m->arch, &full, o.layer_begin, o.layer_end,
                                   m->info.first_stage, m->info.last_stage, bind_one, &bc);
     if (rc)
         goto fail;
     if (m->info.last_stage && m->hp.tie_word_embeddings)
         m->lm_head = m->embed;
+    for (int l = 0; o.tp_size > 1 && l < o.layer_end - o.layer_begin; l++)
+        tp_slice_layer(m, &full, &m->layers[l]);
     for (int l = 0; m->arch->attn == CPM_ATTN_MLA && l < o.layer_end - o.layer_begin; l++)
         if ((rc = build_absorb(m, &m->layers[l], err)))
             goto fail;
@@ -564,6 +658,14 @@ static int check_batch(const cpm_model *m, const cpm_batch *b, cpm_error *err) {
     return 0;
 }
 
+/* Tensor parallelism: s.out holds this rank's partial sum; make it the total. */
+static int tp_reduce(cpm_model *m, int li, int phase, int n, cpm_error *err) {
+    if (m->tp_size == 1)
+        return 0;
+    return m->tp.sum(m->tp.ud, m->info.layer_begin + li, phase, m->s.out,
+                     (size_t)n * (size_t)m->hp.hidden_size, err);
+}
+
 static int run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, cpm_error *err) {
     const cpm_layer *L = &m->layers[li];
     int n = b->n_tokens, H = m->hp.hidden_size;
@@ -572,11 +674,14 @@ static int run_layer(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b,
 
     norm_rows(m->s.xn, m->s.x, L->norm[CPM_W_IN_NORM], n, H, eps);
     cpm_attention_forward(m, kv, li, b, n);
+    int rc = tp_reduce(m, li, 0, n, err);
+    if (rc)
+        return rc;
     cpm_axpy(m->s.x, r, m->s.out, n * H);
 
     norm_rows(m->s.xn, m->s.x, L->norm[CPM_W_POST_NORM], n, H, eps);
-    int rc = cpm_ffn_forward(m, li, n, err); /* fails only over MoE experts held elsewhere */
-    if (rc)
+    rc = cpm_ffn_forward(m, li, n, err); /* fails only over MoE experts held elsewhere */
+    if (rc || (rc = tp_reduce(m, li, 1, n, err)))
         return rc;
     cpm_axpy(m->s.x, r, m->s.out, n * H);
     return 0;
@@ -603,6 +708,12 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
 int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float *out,
                       cpm_error *err) {
     int rc = check_batch(m, b, err);
+    if (rc == 0 && m->tp_size > 1 && !m->tp.sum)
+        rc = cpm_error_set(err, CPM_EINVAL, "tensor parallel rank %d of %d: no all-reduce backend "
+                           "is set", m->tp_rank, m->tp_size);
+    if (rc == 0 && m->tp_size > 1 && m->experts_remote.run)
+        rc = cpm_error_set(err, CPM_EUNSUPPORTED, "tensor parallelism and an expert backend do "
+                           "not mix");
     if (rc == 0 && m->hp.sparse && !kv->key_sums)
         rc = cpm_error_set(err, CPM_EINVAL, "kv cache: InfLLM v2 (sparse_config) needs key sums; "
                            "create the cache from cpm_model_kv_geometry");

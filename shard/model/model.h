@@ -36,6 +36,8 @@ typedef struct cpm_model_opts {
     int max_batch_tokens; /* most tokens one cpm_model_forward call may carry (default 512) */
     int expert_begin;     /* MoE: experts [begin, end) this model binds (default 0, -1 = all); */
     int expert_end;       /* begin == end binds none (their weights are never touched) */
+    int tp_rank;          /* tensor parallelism: this rank of tp_size (default 0 of 1) holds */
+    int tp_size;          /* heads [r*nh/T, (r+1)*nh/T), whole KV groups, and F/T of the FFN */
 } cpm_model_opts;
 
 cpm_model_opts cpm_model_opts_default(void);
@@ -53,6 +55,7 @@ typedef struct cpm_model_info {
     bool first_stage, last_stage;
     int max_position;          /* max_position_embeddings */
     int max_batch_tokens;      /* most rows one cpm_model_forward call takes */
+    int tp_rank, tp_size;      /* tensor parallelism (1: the whole width here) */
     int bos_id;
     int n_eos;
     int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */
@@ -100,6 +103,24 @@ void cpm_model_set_expert_backend(cpm_model *m, const cpm_expert_backend *b);
  * max_batch_tokens); uses the model's scratch, so calls on one model must not overlap. */
 int cpm_expert_ffn(cpm_model *m, int layer, int expert, const float *x, int n, float *y,
                    cpm_error *err);
+
+/* ---- tensor parallelism (Megatron style) inside a stage ----
+ *
+ * A model loaded with tp_size T > 1 holds rank tp_rank's heads (q/k/v rows, o_proj
+ * columns; MLA: q_b/kv_b rows) and its slice of the FFN intermediate (gate/up rows,
+ * down columns; MoE: of every expert, router replicated), and caches its heads only.
+ * After o_proj and after down_proj its output is a partial sum; the backend must
+ * replace x[n] by p0 + p1 + ... + p(T-1), added in rank order, so that every rank
+ * holds the same bits. layer is absolute; phase 0 = attention, 1 = FFN. Returns 0 or
+ * a CPM_E* code with err filled (the forward then fails, the KV cache left as before). */
+typedef struct cpm_allreduce_backend {
+    void *ud;
+    int (*sum)(void *ud, int layer, int phase, float *x, size_t n, cpm_error *err);
+} cpm_allreduce_backend;
+
+/* Installs b (copied); NULL removes it. A model with tp_size > 1 refuses to run
+ * without one. Ignored with tp_size 1. */
+void cpm_model_set_allreduce_backend(cpm_model *m, const cpm_allreduce_backend *b);
 
 /* Runs the batch through this stage's layers. out receives, on the last stage,
  * logits [n_wanted_rows, vocab_size] (rows in batch order); on other stages the

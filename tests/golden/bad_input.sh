@@ -1,7 +1,7 @@
 #!/bin/sh
 # cpm-run on broken checkpoints: each case must exit with status 1 (a clean
 # error, not a crash or a sanitizer abort) and print a message naming what is
-# wrong. With CPM_GEN_MODEL, broken GPTQ int4 checkpoints too.
+# wrong. With CPM_GEN_MODEL, broken GPTQ and AWQ int4 checkpoints too.
 # Usage: bad_input.sh CPM_RUN GOOD_MODEL_DIR [CPM_GEN_MODEL]
 set -u
 run=$1 good=$2 gen=${3:-}
@@ -97,7 +97,10 @@ if [ -n "$gen" ]; then
     expect "GPTQ bits 8" "quantization_config.bits: 8 is not supported" -- --model "$tmp/q_bits" $ids
 
     variant q_awq "cfg_edit(lambda c: c['quantization_config'].update(quant_method='awq'))"
-    expect "AWQ" "quantization_config.quant_method: awq is not supported" -- --model "$tmp/q_awq" $ids
+    expect "AWQ config, GPTQ tensors" "$q.qweight: shape \[16,128\], expected \[128,16\]" -- --model "$tmp/q_awq" $ids
+
+    variant q_marlin "cfg_edit(lambda c: c['quantization_config'].update(quant_method='marlin'))"
+    expect "marlin" "quantization_config.quant_method: marlin is not supported" -- --model "$tmp/q_marlin" $ids
 
     variant q_v2 "cfg_edit(lambda c: c['quantization_config'].update(checkpoint_format='gptq_v2'))"
     expect "gptq_v2 format" "checkpoint_format: gptq_v2" -- --model "$tmp/q_v2" $ids
@@ -114,6 +117,29 @@ b = bytearray(b); b[o:o + 4] = struct.pack('<i', 999); open(p + '/model.safetens
 
     variant q_dtype "b, n, h = header(); h['$q.qzeros']['dtype'] = 'F32'; write_header(b, n, h)"
     expect "qzeros not I32" "$q.qzeros: dtype F32, expected I32" -- --model "$tmp/q_dtype" $ids
+
+    # AWQ (GEMM): the same q_proj as qweight [128 in, 16], qzeros [4, 16], group 32.
+    base="$tmp/awq-good"
+    "$gen" --variant minicpm4-tiny --layers 2 --hidden 128 --inter 256 --heads 4 --kv-heads 2 \
+        --dtype f32 --quant awq --group-size 32 --out "$base" 2>/dev/null
+
+    variant a_gemv "cfg_edit(lambda c: c['quantization_config'].update(version='GEMV'))"
+    expect "AWQ gemv" "quantization_config.version: GEMV is not supported" -- --model "$tmp/a_gemv" $ids
+
+    variant a_nozp "cfg_edit(lambda c: c['quantization_config'].update(zero_point=False))"
+    expect "AWQ no zero point" "quantization_config.zero_point: false is not supported" -- --model "$tmp/a_nozp" $ids
+
+    variant a_bits "cfg_edit(lambda c: c['quantization_config'].update(bits=3))"
+    expect "AWQ bits 3" "quantization_config.bits: 3 is not supported" -- --model "$tmp/a_bits" $ids
+
+    variant a_shape "b, n, h = header(); h['$q.qweight']['shape'] = [16, 128]; write_header(b, n, h)"
+    expect "AWQ qweight shape" "$q.qweight: shape \[16,128\], expected \[128,16\]" -- --model "$tmp/a_shape" $ids
+
+    variant a_group "cfg_edit(lambda c: c['quantization_config'].update(group_size=64))"
+    expect "AWQ group size" "$q.qzeros: shape \[4,16\], expected \[2,16\]" -- --model "$tmp/a_group" $ids
+
+    variant a_gdiv "cfg_edit(lambda c: c['quantization_config'].update(group_size=48))"
+    expect "AWQ group not dividing" "group_size 48 does not divide the 128 input features" -- --model "$tmp/a_gdiv" $ids
 fi
 
 [ $fails -eq 0 ] && echo "all bad-input cases gave clean errors"

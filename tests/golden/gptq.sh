@@ -1,18 +1,19 @@
 #!/bin/sh
-# GPTQ int4 end to end: cpm-gen-model writes one random model twice, as an
-# AutoGPTQ int4 checkpoint and dequantized as plain F32 (W = (q - z)·s, exact);
+# GPTQ / AWQ int4 end to end: cpm-gen-model writes one random model twice, as an
+# AutoGPTQ (QUANT gptq) or AutoAWQ GEMM (QUANT awq) int4 checkpoint and
+# dequantized as plain F32 (W = (q - z)·s, exact);
 # cpm-run on the F32 copy is the reference, and the int4 run must match it
 # (golden-compare: rel <= 1e-5, every argmax and greedy token identical), with
 # 1 and 2 threads, whole and chunked prefill, on every ISA.
-# Usage: gptq.sh CPM_RUN CPM_GEN_MODEL GOLDEN_COMPARE GEN_ARGS...
+# Usage: gptq.sh CPM_RUN CPM_GEN_MODEL GOLDEN_COMPARE QUANT GEN_ARGS...
 set -eu
-run=$1 gen=$2 compare=$3
-shift 3
+run=$1 gen=$2 compare=$3 quant=$4
+shift 4
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$gen" "$@" --dtype f32 --seed 11 --quant gptq --out "$tmp/q" 2>/dev/null
-"$gen" "$@" --dtype f32 --seed 11 --quant gptq --dequant --out "$tmp/ref" 2>/dev/null
-grep -q '"quant_method": "gptq"' "$tmp/q/config.json"
+"$gen" "$@" --dtype f32 --seed 11 --quant "$quant" --out "$tmp/q" 2>/dev/null
+"$gen" "$@" --dtype f32 --seed 11 --quant "$quant" --dequant --out "$tmp/ref" 2>/dev/null
+grep -q "\"quant_method\": \"$quant\"" "$tmp/q/config.json"
 ! grep -q quantization_config "$tmp/ref/config.json"
 ids=1,5,300,2,99,17,42,7,1000,3,64,9
 echo "$ids" | tr ',' ' ' > "$tmp/ref/ids.txt"

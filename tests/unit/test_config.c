@@ -276,8 +276,8 @@ static void test_http_forms(void **state) {
 static void test_shipped_examples(void **state) {
     (void)state;
     const char *names[] = {"default.yaml", "local.yaml", "pp2.yaml", "multihost.yaml",
-                           "replicas.yaml", "moe-experts.yaml"};
-    for (int i = 0; i < 6; i++) {
+                           "replicas.yaml", "moe-experts.yaml", "tp2.yaml"};
+    for (int i = 0; i < 7; i++) {
         char path[512];
         snprintf(path, sizeof path, "%s/cluster-config/%s", CPM_SOURCE_ROOT, names[i]);
         cpm_config *c;
@@ -301,6 +301,119 @@ static void test_describe_lists_every_section(void **state) {
     assert_non_null(strstr(buf, "stages[].layers"));
     assert_non_null(strstr(buf, "samplers[].endpoint"));
     assert_non_null(strstr(buf, "experts[].experts"));
+    assert_non_null(strstr(buf, "stages[].tp[].mesh"));
+}
+
+#define TP_STAGES                                     \
+    "stages:\n"                                       \
+    "  - layers: [0, 1]\n"                            \
+    "    endpoint: tcp://127.0.0.1:5580\n"            \
+    "    tp_mesh: tcp://127.0.0.1:5590\n"             \
+    "    tp:\n"                                       \
+    "      - endpoint: tcp://127.0.0.1:5582\n"        \
+    "        mesh: tcp://127.0.0.1:5591\n"            \
+    "        threads: 2\n"                            \
+    "  - layers: [1, end]\n"                          \
+    "    endpoint: tcp://127.0.0.1:5581\n"
+
+/* Tensor parallelism: ranks > 0 come after every other process, named by stage and rank. */
+static void test_tp_stage(void **state) {
+    (void)state;
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(BASE TP_STAGES, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->stages[0].n_tp, 1);
+    assert_int_equal(c->stages[1].n_tp, 0);
+    assert_string_equal(c->stages[0].tp_mesh, "tcp://127.0.0.1:5590");
+    assert_int_equal(c->stages[0].tp[0].svc.threads, 2);
+    assert_int_equal(cpm_config_n_procs(c), 6); /* router, tok, sampler, 2 stages, 1 TP rank */
+    cpm_role role;
+    int idx, st, rank;
+    assert_int_equal(cpm_config_proc(c, 4, &role, &idx, NULL), 0);
+    assert_int_equal(role, CPM_ROLE_STAGE); /* numbering of the others unchanged */
+    assert_int_equal(cpm_config_proc(c, 5, &role, &idx, NULL), 0);
+    assert_int_equal(role, CPM_ROLE_TP);
+    assert_int_equal(cpm_config_tp_proc(c, idx, &st, &rank, NULL), 0);
+    assert_int_equal(st, 0);
+    assert_int_equal(rank, 1);
+    assert_string_equal(cpm_config_proc_endpoint(c, 5), "tcp://127.0.0.1:5582");
+    assert_int_equal(cpm_config_tp_proc(c, 1, &st, &rank, &e), CPM_ERANGE);
+    /* against the model: 2 KV heads split 2 ways; 3 do not, nor does an odd FFN */
+    assert_int_equal(cpm_config_check_tp(c, 2, 256, false, &e), 0);
+    assert_int_equal(cpm_config_check_tp(c, 3, 256, false, &e), CPM_EINVAL);
+    assert_non_null(strstr(e.msg, "stages[0].tp: 2 ranks"));
+    assert_non_null(strstr(e.msg, "3 key/value heads"));
+    assert_int_equal(cpm_config_check_tp(c, 2, 255, false, &e), CPM_EINVAL);
+    assert_int_equal(cpm_config_check_tp(c, 2, 256, true, &e), CPM_EUNSUPPORTED);
+    assert_non_null(strstr(e.msg, "quantized"));
+    cpm_config_free(c);
+}
+
+static void expect_tp_error(const char *y, int code, const char *needle) {
+    cpm_config *c;
+    cpm_error e = {0};
+    assert_int_equal(parse(y, &c, &e), code);
+    if (!strstr(e.msg, needle))
+        fail_msg("'%s' lacks '%s'", e.msg, needle);
+}
+
+static void test_tp_clashes(void **state) {
+    (void)state;
+    /* a rank's endpoint clashes with another service's */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp_mesh: tcp://127.0.0.1:5590\n"
+                    "    tp:\n"
+                    "      - endpoint: tcp://127.0.0.1:5570\n"
+                    "        mesh: tcp://127.0.0.1:5591\n",
+                    CPM_EINVAL, "sampler 0 and tp 0 both bind tcp://127.0.0.1:5570");
+    /* two meshes on one endpoint */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp_mesh: tcp://127.0.0.1:5590\n"
+                    "    tp:\n"
+                    "      - endpoint: tcp://127.0.0.1:5582\n"
+                    "        mesh: tcp://127.0.0.1:5590\n",
+                    CPM_EINVAL, "tp rank 0 and stages[0] tp rank 1 both bind mesh");
+    /* a mesh on a service's endpoint */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp_mesh: tcp://127.0.0.1:5580\n"
+                    "    tp:\n"
+                    "      - endpoint: tcp://127.0.0.1:5582\n"
+                    "        mesh: tcp://127.0.0.1:5591\n",
+                    CPM_EINVAL, "mesh tcp://127.0.0.1:5580 is also bound by stage 0");
+    /* tp without rank 0's mesh */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp:\n"
+                    "      - endpoint: tcp://127.0.0.1:5582\n"
+                    "        mesh: tcp://127.0.0.1:5591\n",
+                    CPM_EINVAL, "stages[0].tp_mesh: required with tp");
+    /* a rank without its mesh */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp_mesh: tcp://127.0.0.1:5590\n"
+                    "    tp:\n"
+                    "      - endpoint: tcp://127.0.0.1:5582\n",
+                    CPM_EINVAL, "missing required key 'mesh'");
+    /* too many ranks */
+    expect_tp_error(BASE "stages:\n"
+                    "  - layers: [0, end]\n"
+                    "    endpoint: tcp://127.0.0.1:5580\n"
+                    "    tp_mesh: tcp://127.0.0.1:5590\n"
+                    "    tp: [{endpoint: 'tcp://h:1', mesh: 'tcp://h:11'}, {endpoint: 'tcp://h:2', "
+                    "mesh: 'tcp://h:12'}, {endpoint: 'tcp://h:3', mesh: 'tcp://h:13'}, {endpoint: "
+                    "'tcp://h:4', mesh: 'tcp://h:14'}, {endpoint: 'tcp://h:5', mesh: 'tcp://h:15'}, "
+                    "{endpoint: 'tcp://h:6', mesh: 'tcp://h:16'}, {endpoint: 'tcp://h:7', mesh: "
+                    "'tcp://h:17'}, {endpoint: 'tcp://h:8', mesh: 'tcp://h:18'}]\n",
+                    CPM_ELIMIT, "at most 7 entries");
 }
 
 int main(void) {
@@ -313,6 +426,8 @@ int main(void) {
         cmocka_unit_test(test_http_forms),
         cmocka_unit_test(test_shipped_examples),
         cmocka_unit_test(test_describe_lists_every_section),
+        cmocka_unit_test(test_tp_stage),
+        cmocka_unit_test(test_tp_clashes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -72,8 +72,14 @@ static void test_errors(void **state) {
                  "num_experts_per_tok");
     expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\"}}",
                  CPM_EFORMAT, "quantization_config.bits is missing");
-    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"awq\",\"bits\":4}}",
-                 CPM_EUNSUPPORTED, "quantization_config.quant_method: awq");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"awq\",\"bits\":4,"
+                 "\"version\":\"gemv\"}}", CPM_EUNSUPPORTED, "quantization_config.version: gemv");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"awq\",\"bits\":4,"
+                 "\"zero_point\":false}}", CPM_EUNSUPPORTED, "zero_point: false");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"awq\"}}",
+                 CPM_EFORMAT, "quantization_config.bits is missing");
+    expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"marlin\",\"bits\":4}}",
+                 CPM_EUNSUPPORTED, "quantization_config.quant_method: marlin");
     expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":8}}",
                  CPM_EUNSUPPORTED, "quantization_config.bits: 8");
     expect_error("{" BASE ",\"quantization_config\":{\"quant_method\":\"gptq\",\"bits\":4,"
@@ -109,6 +115,27 @@ static void test_gptq(void **state) {
     assert_int_equal(hp.quant, CPM_QUANT_NONE);
 }
 
+/* transformers' AwqConfig names, then AutoAWQ's own (w_bit, q_group_size, "GEMM"). */
+static void test_awq(void **state) {
+    (void)state;
+    cpm_hparams hp;
+    cpm_error e = {0};
+    assert_int_equal(cpm_hparams_parse("{" BASE ",\"quantization_config\":{\"bits\":4,"
+                                       "\"group_size\":64,\"quant_method\":\"awq\","
+                                       "\"version\":\"gemm\",\"zero_point\":true,"
+                                       "\"modules_to_not_convert\":[\"mlp.gate\"]}}",
+                                       "config.json", &hp, &e), 0);
+    assert_int_equal(hp.quant, CPM_QUANT_AWQ);
+    assert_int_equal(hp.quant_group_size, 64);
+    assert_false(hp.quant_desc_act);
+    assert_int_equal(hp.quant_zero_offset, 0);
+    assert_int_equal(cpm_hparams_parse("{" BASE ",\"quantization_config\":{\"w_bit\":4,"
+                                       "\"q_group_size\":-1,\"quant_method\":\"awq\","
+                                       "\"version\":\"GEMM\"}}", "config.json", &hp, &e), 0);
+    assert_int_equal(hp.quant, CPM_QUANT_AWQ);
+    assert_int_equal(hp.quant_group_size, -1);
+}
+
 static void test_eos_merge_and_sparse(void **state) {
     (void)state;
     cpm_hparams hp;
@@ -131,6 +158,7 @@ int main(void) {
         cmocka_unit_test(test_longrope_both_keys),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_gptq),
+        cmocka_unit_test(test_awq),
         cmocka_unit_test(test_eos_merge_and_sparse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

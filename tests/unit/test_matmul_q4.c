@@ -1,7 +1,8 @@
 /* test_matmul_q4.c - unit tests for shard/kernels/matmul_q4.c and its ISA
  * kernels: hand-packed AutoGPTQ words decode to the values worked out by hand
- * (zero + 1, act-order groups); random GPTQ linears of odd shapes against a
- * naive double loop over the raw tensors (not the repacked ones), on every ISA
+ * (zero + 1, act-order groups), hand-packed AutoAWQ words likewise (the
+ * interleaved column order, real zeros); random GPTQ and AWQ linears of odd
+ * shapes against a naive double loop over the raw tensors (not the repacked ones), on every ISA
  * this CPU has; the same bits for 1 and 2 threads, for a row alone or in a
  * batch, and across ISAs; and the repack's refusals. */
 #include <setjmp.h>
@@ -85,6 +86,36 @@ static void test_hand_act_order(void **state) {
     cpm_q4_free(w);
 }
 
+/* AWQ GEMM, K = 8, N = 8, one group: q[k, n] = n + k, real zeros z[n] = 2n,
+ * scales 2^-n, so W[n, k] = (k - n)·2^-n. AutoAWQ puts column 8c + order[i],
+ * order = {0,2,4,6,1,3,5,7}, in nibble i: row k's word reads, from the top
+ * nibble down, 7+k 5+k 3+k 1+k 6+k 4+k 2+k 0+k. */
+static void test_hand_awq(void **state) {
+    (void)state;
+    int32_t qweight[8] = {0x75316420, (int32_t)0x86427531u, (int32_t)0x97538642u,
+                          (int32_t)0xA8649753u, (int32_t)0xB975A864u, (int32_t)0xCA86B975u,
+                          (int32_t)0xDB97CA86u, (int32_t)0xECA8DB97u};
+    int32_t qzeros[1] = {(int32_t)0xEA62C840u}; /* 2·order[i] in nibble i */
+    float scales[8];
+    for (int n = 0; n < 8; n++)
+        scales[n] = ldexpf(1.0f, -n);
+    cpm_q4_gptq src = {.qweight = qweight, .scales = scales, .qzeros = qzeros, .K = 8, .N = 8,
+                       .group_size = 8, .format = CPM_Q4_AWQ};
+    cpm_q4 *w;
+    assert_int_equal(cpm_q4_new(&src, &w, NULL), 0);
+    float row[8], x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, y[8];
+    for (int n = 0; n < 8; n++) {
+        cpm_q4_dequant_row(w, n, row);
+        for (int k = 0; k < 8; k++)
+            assert_true(row[k] == (float)(k - n) * scales[n]);
+    }
+    /* y[n] = 2^-n · Σ (k+1)(k-n) = 2^-n · (168 - 36n) */
+    cpm_matmul_q4(NULL, y, 8, x, 8, w, 1);
+    for (int n = 0; n < 8; n++)
+        assert_true(y[n] == (float)(168 - 36 * n) * scales[n]);
+    cpm_q4_free(w);
+}
+
 static void test_refusals(void **state) {
     (void)state;
     int32_t qweight[4 * 8] = {0}, qzeros[2] = {0}, g_idx[32];
@@ -110,6 +141,9 @@ static void test_refusals(void **state) {
     g_idx[9] = 1; /* group 1 now has 17 columns */
     assert_int_equal(cpm_q4_new(&src, &w, &bad), CPM_Q4_EGROUP);
     assert_int_equal(bad, 1);
+    src.g_idx = NULL;
+    src.format = (cpm_q4_format)7;
+    assert_int_equal(cpm_q4_new(&src, &w, &bad), CPM_Q4_EARG); /* no such layout */
     assert_null(w);
     cpm_q4_free(NULL);
 }
@@ -145,13 +179,14 @@ static float frand(void) { /* [-1, 1) */
 
 typedef struct raw {
     qshape s;
+    cpm_q4_format format; /* AWQ: qweight [K][N/8] along n, no g_idx */
     int32_t *qweight, *qzeros, *g_idx;
     float *scales, *x;
     cpm_q4 *w;
 } raw;
 
-static raw make_raw(qshape s) {
-    raw r = {.s = s};
+static raw make_raw(qshape s, cpm_q4_format format) {
+    raw r = {.s = s, .format = format};
     int G = s.K / s.gs;
     r.qweight = malloc((size_t)s.K / 8 * s.N * 4);
     r.qzeros = malloc((size_t)G * s.N / 8 * 4);
@@ -175,13 +210,14 @@ static raw make_raw(qshape s) {
         perm[j] = t;
     }
     for (int i = 0; i < s.K; i++)
-        r.g_idx[perm[i]] = i / s.gs;
+        r.g_idx[perm[i]] = format == CPM_Q4_AWQ ? perm[i] / s.gs : i / s.gs;
     free(perm);
     for (size_t i = 0; i < (size_t)s.M * (s.K + s.pad_x); i++)
         r.x[i] = frand();
     cpm_q4_gptq src = {.qweight = r.qweight, .scales = r.scales, .qzeros = r.qzeros,
-                       .g_idx = r.g_idx, .K = s.K, .N = s.N, .group_size = s.gs,
-                       .zero_offset = 1};
+                       .g_idx = format == CPM_Q4_AWQ ? NULL : r.g_idx, .K = s.K, .N = s.N,
+                       .group_size = s.gs, .zero_offset = format == CPM_Q4_AWQ ? 0 : 1,
+                       .format = format};
     assert_int_equal(cpm_q4_new(&src, &r.w, NULL), 0);
     return r;
 }
@@ -195,9 +231,24 @@ static void free_raw(raw *r) {
     cpm_q4_free(r->w);
 }
 
-/* W[n, k] straight from the AutoGPTQ tensors. */
+/* Nibble slot of column n within its AWQ word: where AutoAWQ's order puts it. */
+static int awq_slot_of(int n) {
+    static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    for (int i = 0; i < 8; i++)
+        if (order[i] == n % 8)
+            return i;
+    return -1;
+}
+
+/* W[n, k] straight from the AutoGPTQ or AutoAWQ tensors. */
 static double raw_w(const raw *r, int n, int k) {
     int N = r->s.N, g = r->g_idx[k];
+    if (r->format == CPM_Q4_AWQ) {
+        int sh = 4 * awq_slot_of(n);
+        int q = (int)(((uint32_t)r->qweight[(size_t)k * (N / 8) + n / 8] >> sh) & 15);
+        int z = (int)(((uint32_t)r->qzeros[(size_t)g * (N / 8) + n / 8] >> sh) & 15);
+        return (double)(q - z) * r->scales[(size_t)g * N + n];
+    }
     int q = (int)(((uint32_t)r->qweight[(size_t)(k / 8) * N + n] >> (4 * (k % 8))) & 15);
     int z = (int)(((uint32_t)r->qzeros[(size_t)g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15) + 1;
     return (double)(q - z) * r->scales[(size_t)g * N + n];
@@ -237,10 +288,15 @@ static void check_against_loop(const raw *r, const float *y) {
     }
 }
 
+/* Case i < 2·NSHAPES: every shape as GPTQ, then as AWQ. */
+static raw make_case(int i) {
+    return make_raw(shapes[i % NSHAPES], i < NSHAPES ? CPM_Q4_GPTQ : CPM_Q4_AWQ);
+}
+
 static void test_dequant_exact(void **state) {
     (void)state;
-    for (int i = 0; i < NSHAPES; i++) {
-        raw r = make_raw(shapes[i]);
+    for (int i = 0; i < 2 * NSHAPES; i++) {
+        raw r = make_case(i);
         float *row = malloc((size_t)r.s.K * sizeof *row);
         for (int n = 0; n < r.s.N; n++) {
             cpm_q4_dequant_row(r.w, n, row);
@@ -260,8 +316,8 @@ static void test_every_isa(void **state) {
     (void)state;
     cpm_pool *p2 = cpm_pool_new(2);
     assert_non_null(p2);
-    for (int i = 0; i < NSHAPES; i++) {
-        raw r = make_raw(shapes[i]);
+    for (int i = 0; i < 2 * NSHAPES; i++) {
+        raw r = make_case(i);
         size_t ny = (size_t)r.s.M * (r.s.N + r.s.pad_y) * sizeof(float);
         cpm_isa_force(CPM_ISA_SCALAR);
         float *base = run(NULL, &r);
@@ -297,7 +353,7 @@ static void test_every_isa(void **state) {
 static void test_ref_1b_shape(void **state) {
     (void)state;
     qshape s = {2, 3840, 1536, 128, 1, 0, 0};
-    raw r = make_raw(s);
+    raw r = make_raw(s, CPM_Q4_GPTQ);
     float *y = run(NULL, &r), *ref = malloc((size_t)s.M * s.N * sizeof *ref);
     cpm_matmul_q4_ref(ref, s.N, r.x, s.K, r.w, s.M);
     double maxd = 0, maxr = 0;
@@ -316,6 +372,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hand_packed),
         cmocka_unit_test(test_hand_act_order),
+        cmocka_unit_test(test_hand_awq),
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_dequant_exact),
         cmocka_unit_test(test_every_isa),

@@ -1,0 +1,382 @@
+/* tp.c - tensor parallelism over ZeroMQ: the all-reduce mesh of a stage's ranks and
+ * rank 0's fan-out of micro-batches (see tp.h for the data flow).
+ *
+ * Plain blocking zmq on the compute thread, as in expert_client.c. Partials are tagged
+ * (seq, op): seq names the micro-batch (rank 0's counter), op the all-reduce within it.
+ * A rank may run at most one all-reduce ahead of another (it cannot pass the next one
+ * without our partial), so one stash slot per peer holds an early partial; partials of
+ * older tags (left over from a failed micro-batch) are dropped.
+ */
+#include "tp.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+#include <zmq.h>
+
+typedef struct slot {
+    float *rows;           /* [max_rows, hidden] */
+    size_t n;              /* floats held */
+    uint64_t seq;
+    uint32_t op;
+    bool full;
+} slot;
+
+typedef struct mesh_peer {
+    void *push;            /* to this rank's mesh endpoint (NULL for ourselves) */
+    char endpoint[256];
+    slot got, early;       /* this all-reduce's partial; one that came ahead of time */
+} mesh_peer;
+
+struct cpm_tp_mesh {
+    int rank, size, hidden, max_rows, timeout_ms;
+    void *pull;
+    mesh_peer peers[CPM_TP_MAX];
+    uint64_t seq;
+    uint32_t op;
+    unsigned long long calls;
+    double total_us;
+};
+
+static int ms_left(uint64_t deadline) {
+    uint64_t now = uv_hrtime();
+    return now >= deadline ? 0 : (int)((deadline - now) / 1000000u) + 1;
+}
+
+/* A connected socket that drops nothing silently: IMMEDIATE queues only for a live
+ * peer, so a dead rank fails the send at the deadline instead of buffering forever. */
+static void *dial(void *zctx, int type, const char *endpoint) {
+    int zero = 0, one = 1;
+    void *s = zmq_socket(zctx, type);
+    if (s && (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) ||
+              zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) || zmq_connect(s, endpoint))) {
+        zmq_close(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* Sends one frame, waiting for the socket to become writable until the deadline. */
+static int send_frame(void *sock, const char *who, const void *data, size_t size, int flags,
+                      uint64_t deadline, cpm_error *err) {
+    for (;;) {
+        if (zmq_send(sock, data, size, flags | ZMQ_DONTWAIT) >= 0)
+            return 0;
+        if (zmq_errno() != EAGAIN)
+            return cpm_error_set(err, CPM_EIO, "%s: send: %s", who, zmq_strerror(zmq_errno()));
+        int left = ms_left(deadline);
+        if (!left)
+            return cpm_error_set(err, CPM_ETIMEDOUT, "%s: not reachable", who);
+        zmq_pollitem_t it = {.socket = sock, .events = ZMQ_POLLOUT};
+        zmq_poll(&it, 1, left);
+    }
+}
+
+/* ------------------------------------------------------------------ the mesh */
+
+void cpm_tp_mesh_free(cpm_tp_mesh *t) {
+    if (!t)
+        return;
+    if (t->pull)
+        zmq_close(t->pull);
+    for (int r = 0; r < t->size; r++) {
+        if (t->peers[r].push)
+            zmq_close(t->peers[r].push);
+        free(t->peers[r].got.rows);
+        free(t->peers[r].early.rows);
+    }
+    free(t);
+}
+
+int cpm_tp_mesh_new(void *zctx, int rank, int size, const char *const *mesh, int hidden,
+                    int max_rows, int timeout_ms, cpm_tp_mesh **ret, cpm_error *err) {
+    *ret = NULL;
+    if (size < 2 || size > CPM_TP_MAX || rank < 0 || rank >= size || hidden < 1 || max_rows < 1 ||
+        timeout_ms < 1)
+        return cpm_error_set(err, CPM_EINVAL, "tp mesh: rank %d of %d (at most %d), hidden %d, "
+                             "%d rows, timeout %d ms", rank, size, CPM_TP_MAX, hidden, max_rows,
+                             timeout_ms);
+    cpm_tp_mesh *t = calloc(1, sizeof *t);
+    if (!t)
+        return cpm_error_set(err, CPM_ENOMEM, "tp mesh");
+    *t = (cpm_tp_mesh){.rank = rank, .size = size, .hidden = hidden, .max_rows = max_rows,
+                       .timeout_ms = timeout_ms};
+    size_t floats = (size_t)max_rows * (size_t)hidden;
+    int zero = 0;
+    t->pull = zmq_socket(zctx, ZMQ_PULL);
+    if (!t->pull || zmq_setsockopt(t->pull, ZMQ_LINGER, &zero, sizeof zero) ||
+        zmq_bind(t->pull, mesh[rank])) {
+        int rc = cpm_error_set(err, CPM_EIO, "tp rank %d: bind %s: %s", rank, mesh[rank],
+                               zmq_strerror(zmq_errno()));
+        cpm_tp_mesh_free(t);
+        return rc;
+    }
+    for (int r = 0; r < size; r++) {
+        mesh_peer *p = &t->peers[r];
+        snprintf(p->endpoint, sizeof p->endpoint, "%s", mesh[r]);
+        if (r == rank)
+            continue;
+        p->got.rows = malloc(floats * sizeof(float));
+        p->early.rows = malloc(floats * sizeof(float));
+        p->push = dial(zctx, ZMQ_PUSH, mesh[r]);
+        if (!p->got.rows || !p->early.rows || !p->push) {
+            int rc = cpm_error_set(err, p->push ? CPM_ENOMEM : CPM_EIO, "tp rank %d: peer %d (%s)",
+                                   rank, r, mesh[r]);
+            cpm_tp_mesh_free(t);
+            return rc;
+        }
+    }
+    *ret = t;
+    return 0;
+}
+
+void cpm_tp_mesh_begin(cpm_tp_mesh *t, uint64_t seq) {
+    t->seq = seq;
+    t->op = 0;
+}
+
+double cpm_tp_mesh_mean_us(const cpm_tp_mesh *t, unsigned long long *ret_calls) {
+    if (ret_calls)
+        *ret_calls = t->calls;
+    return t->calls ? t->total_us / (double)t->calls : 0.0;
+}
+
+/* -1, 0, 1 as tag (seq, op) is before, equal to, after the current one. */
+static int tag_cmp(const cpm_tp_mesh *t, uint64_t seq, uint32_t op) {
+    if (seq != t->seq)
+        return seq < t->seq ? -1 : 1;
+    return op < t->op ? -1 : op > t->op;
+}
+
+static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, const float *x,
+                        size_t n, uint64_t deadline, cpm_error *err) {
+    uint32_t shape[2] = {(uint32_t)(n / (size_t)t->hidden), (uint32_t)t->hidden};
+    Cpm__V1__TensorDesc d = CPM__V1__TENSOR_DESC__INIT;
+    d.dtype = CPM__V1__DTYPE__DTYPE_F32;
+    d.n_shape = 2;
+    d.shape = shape;
+    Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
+    tp.seq = t->seq;
+    tp.op = t->op;
+    tp.layer = (uint32_t)layer;
+    tp.phase = (uint32_t)phase;
+    tp.rank = (uint32_t)t->rank;
+    tp.partial = &d;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
+    env.tp_partial = &tp;
+    uint8_t *buf;
+    size_t size;
+    int rc = cpm_wire_pack(&env, &buf, &size, err);
+    if (rc)
+        return rc;
+    char who[300];
+    snprintf(who, sizeof who, "tp rank %d (%s): layer %d", (int)(p - t->peers), p->endpoint, layer);
+    rc = send_frame(p->push, who, buf, size, ZMQ_SNDMORE, deadline, err);
+    free(buf);
+    if (!rc)
+        rc = send_frame(p->push, who, x, n * sizeof *x, 0, deadline, err);
+    return rc;
+}
+
+/* Files one validated partial: this all-reduce's, an early one, or a stale one (dropped). */
+static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void *rows,
+                        size_t n, int layer, cpm_error *err) {
+    if (tp->rank >= (uint32_t)t->size || tp->rank == (uint32_t)t->rank)
+        return 0; /* not from a peer of this stage: ignore it */
+    if (tp->partial->shape[1] != (uint32_t)t->hidden || tp->partial->shape[0] > (uint32_t)t->max_rows)
+        return cpm_error_set(err, CPM_ESHAPE, "tp rank %u: partial [%u, %u], this stage has hidden "
+                             "%d and at most %d rows", tp->rank, tp->partial->shape[0],
+                             tp->partial->shape[1], t->hidden, t->max_rows);
+    mesh_peer *p = &t->peers[tp->rank];
+    size_t floats = (size_t)tp->partial->shape[0] * (size_t)t->hidden;
+    int c = tag_cmp(t, tp->seq, tp->op);
+    if (c < 0)
+        return 0;
+    if (c == 0 && floats != n)
+        return cpm_error_set(err, CPM_ESHAPE, "tp rank %u: layer %d: partial of %zu floats, expected "
+                             "%zu", tp->rank, layer, floats, n);
+    slot *s = c == 0 ? &p->got : &p->early;
+    if (c > 0 && s->full && (s->seq < tp->seq || (s->seq == tp->seq && s->op < tp->op)))
+        return 0; /* keep the early partial needed sooner */
+    memcpy(s->rows, rows, floats * sizeof(float));
+    *s = (slot){.rows = s->rows, .n = floats, .seq = tp->seq, .op = tp->op, .full = true};
+    return 0;
+}
+
+/* Reads every message waiting on the mesh socket. */
+static int drain(cpm_tp_mesh *t, size_t n, int layer, cpm_error *err) {
+    int rc = 0;
+    while (rc == 0) {
+        zmq_msg_t head, body;
+        zmq_msg_init(&head);
+        if (zmq_msg_recv(&head, t->pull, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&head);
+            break;
+        }
+        bool more = zmq_msg_more(&head), extra = false;
+        zmq_msg_init(&body);
+        if (more) {
+            zmq_msg_recv(&body, t->pull, 0);
+            for (bool m = zmq_msg_more(&body); m; extra = true) {
+                zmq_msg_t x;
+                zmq_msg_init(&x);
+                zmq_msg_recv(&x, t->pull, 0);
+                m = zmq_msg_more(&x);
+                zmq_msg_close(&x);
+            }
+        }
+        cpm_envelope *env = NULL;
+        cpm_error ve = {0};
+        /* a malformed message on the mesh is not from a rank of this stage: drop it */
+        if (!extra && !cpm_wire_unpack(zmq_msg_data(&head), zmq_msg_size(&head),
+                                       more ? (long long)zmq_msg_size(&body) : -1, &env, &ve) &&
+            env->body_case == CPM__V1__ENVELOPE__BODY_TP_PARTIAL)
+            rc = file_partial(t, env->tp_partial, zmq_msg_data(&body), n, layer, err);
+        cpm_wire_free(env);
+        zmq_msg_close(&body);
+        zmq_msg_close(&head);
+    }
+    return rc;
+}
+
+/* An early partial kept from before this all-reduce started becomes this one's. */
+static void take_early(cpm_tp_mesh *t) {
+    for (int r = 0; r < t->size; r++) {
+        mesh_peer *p = &t->peers[r];
+        p->got.full = false;
+        if (r == t->rank || !p->early.full)
+            continue;
+        int c = tag_cmp(t, p->early.seq, p->early.op);
+        if (c < 0)
+            p->early.full = false;
+        if (c == 0) {
+            slot tmp = p->got;
+            p->got = p->early;
+            p->early = tmp;
+            p->early.full = false;
+        }
+    }
+}
+
+static int missing_peer(const cpm_tp_mesh *t) {
+    for (int r = 0; r < t->size; r++)
+        if (r != t->rank && !t->peers[r].got.full)
+            return r;
+    return -1;
+}
+
+/* x = p0 + p1 + ... + p(T-1), in rank order, so every rank gets the same bits. */
+static void sum_in_rank_order(cpm_tp_mesh *t, float *x, size_t n) {
+    const float *part[CPM_TP_MAX];
+    for (int r = 0; r < t->size; r++)
+        part[r] = r == t->rank ? x : t->peers[r].got.rows;
+    for (size_t i = 0; i < n; i++) {
+        float s = part[0][i];
+        for (int r = 1; r < t->size; r++)
+            s += part[r][i];
+        x[i] = s; /* x[i] was read above: in place is safe */
+    }
+}
+
+static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_error *err) {
+    cpm_tp_mesh *t = ud;
+    uint64_t t0 = uv_hrtime(), deadline = t0 + (uint64_t)t->timeout_ms * 1000000u;
+    if (n > (size_t)t->max_rows * (size_t)t->hidden || n % (size_t)t->hidden)
+        return cpm_error_set(err, CPM_ELIMIT, "tp: all-reduce of %zu floats (hidden %d, at most %d "
+                             "rows)", n, t->hidden, t->max_rows);
+    take_early(t);
+    int rc = 0;
+    for (int r = 0; r < t->size && rc == 0; r++)
+        if (r != t->rank)
+            rc = send_partial(t, &t->peers[r], layer, phase, x, n, deadline, err);
+    int miss;
+    while (rc == 0 && (miss = missing_peer(t)) >= 0) {
+        rc = drain(t, n, layer, err);
+        if (rc || missing_peer(t) < 0)
+            break;
+        zmq_pollitem_t it = {.socket = t->pull, .events = ZMQ_POLLIN};
+        int left = ms_left(deadline);
+        if (!left || zmq_poll(&it, 1, left) == 0)
+            rc = cpm_error_set(err, CPM_ETIMEDOUT, "tp rank %d (%s): no partial for layer %d in %d ms",
+                               miss, t->peers[miss].endpoint, layer, t->timeout_ms);
+    }
+    if (rc == 0)
+        sum_in_rank_order(t, x, n);
+    t->op++; /* even on failure: the peers count the same all-reduces */
+    t->calls++;
+    t->total_us += (double)(uv_hrtime() - t0) / 1e3;
+    return rc;
+}
+
+cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t) {
+    return (cpm_allreduce_backend){.ud = t, .sum = mesh_sum};
+}
+
+/* ------------------------------------------------------------------ rank 0's fan-out */
+
+struct cpm_tp_fanout {
+    int n, timeout_ms;
+    void *sock[CPM_TP_MAX];
+    char endpoint[CPM_TP_MAX][256];
+};
+
+void cpm_tp_fanout_free(cpm_tp_fanout *f) {
+    if (!f)
+        return;
+    for (int i = 0; i < f->n; i++)
+        if (f->sock[i])
+            zmq_close(f->sock[i]);
+    free(f);
+}
+
+int cpm_tp_fanout_new(void *zctx, const char *const *endpoints, int n, int timeout_ms,
+                      cpm_tp_fanout **ret, cpm_error *err) {
+    *ret = NULL;
+    if (n < 1 || n >= CPM_TP_MAX || timeout_ms < 1)
+        return cpm_error_set(err, CPM_EINVAL, "tp fan-out: %d ranks, timeout %d ms", n, timeout_ms);
+    cpm_tp_fanout *f = calloc(1, sizeof *f);
+    if (!f)
+        return cpm_error_set(err, CPM_ENOMEM, "tp fan-out");
+    f->n = n;
+    f->timeout_ms = timeout_ms;
+    for (int i = 0; i < n; i++) {
+        snprintf(f->endpoint[i], sizeof f->endpoint[i], "%s", endpoints[i]);
+        if (!(f->sock[i] = dial(zctx, ZMQ_DEALER, endpoints[i]))) {
+            int rc = cpm_error_set(err, CPM_EIO, "tp rank %d (%s): %s", i + 1, endpoints[i],
+                                   zmq_strerror(zmq_errno()));
+            cpm_tp_fanout_free(f);
+            return rc;
+        }
+    }
+    *ret = f;
+    return 0;
+}
+
+int cpm_tp_fanout_send(cpm_tp_fanout *f, uint64_t seq, const Cpm__V1__StageForward *forward,
+                       const void *tensor, size_t tensor_bytes, cpm_error *err) {
+    Cpm__V1__TpForward tf = CPM__V1__TP_FORWARD__INIT;
+    tf.seq = seq;
+    tf.forward = (Cpm__V1__StageForward *)forward; /* packed, not modified */
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_FORWARD;
+    env.tp_forward = &tf;
+    uint8_t *buf;
+    size_t size;
+    int rc = cpm_wire_pack(&env, &buf, &size, err);
+    if (rc)
+        return rc;
+    uint64_t deadline = uv_hrtime() + (uint64_t)f->timeout_ms * 1000000u;
+    for (int i = 0; i < f->n && rc == 0; i++) {
+        char who[300];
+        snprintf(who, sizeof who, "tp rank %d (%s): forward", i + 1, f->endpoint[i]);
+        rc = send_frame(f->sock[i], who, buf, size, tensor ? ZMQ_SNDMORE : 0, deadline, err);
+        if (rc == 0 && tensor)
+            rc = send_frame(f->sock[i], who, tensor, tensor_bytes, 0, deadline, err);
+    }
+    free(buf);
+    return rc;
+}
