@@ -486,8 +486,7 @@ static void job_run(uv_work_t *w) {
         rc = cpm_tp_fanout_send(st->fanout, ++st->tp_seq, f, m->tensor, m->tensor_size, &e);
         cpm_tp_mesh_begin(st->mesh, st->tp_seq);
     }
-    if (rc || do_forward(st, f, m, &e)) {
-        cpm_error_prefix(&e, "%s", st->name);
+    if (rc || do_forward(st, f, m, &e)) { /* the Error's service field names this stage */
         st->job_failed = true;
         pack_error(st, m->env->forward->step, &e);
     }
