@@ -237,12 +237,50 @@ int cpm_wire_validate(const cpm_envelope *env, long long tensor_size, cpm_error 
     }
 }
 
+/* protobuf-c keeps fields it does not know, even with the invalid field number 0,
+ * and writes them back when the message is packed again - into bytes that no
+ * parser accepts. Services pass some messages on (a failed step's result), so such
+ * input is refused here, at the door, instead of breaking the next hop. */
+static bool has_field_zero(const ProtobufCMessage *m, int depth) {
+    if (depth > 32)
+        return true;
+    for (unsigned i = 0; i < m->n_unknown_fields; i++)
+        if (m->unknown_fields[i].tag == 0)
+            return true;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    for (unsigned f = 0; f < d->n_fields; f++) {
+        const ProtobufCFieldDescriptor *fd = &d->fields[f];
+        if (fd->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        const char *at = (const char *)m + fd->offset;
+        if (fd->label == PROTOBUF_C_LABEL_REPEATED) {
+            size_t n = *(const size_t *)((const char *)m + fd->quantifier_offset);
+            ProtobufCMessage *const *items = *(ProtobufCMessage *const *const *)at;
+            for (size_t k = 0; k < n; k++)
+                if (items[k] && has_field_zero(items[k], depth + 1))
+                    return true;
+            continue;
+        }
+        if (fd->flags & PROTOBUF_C_FIELD_FLAG_ONEOF &&
+            *(const uint32_t *)((const char *)m + fd->quantifier_offset) != fd->id)
+            continue; /* another member of the oneof is set */
+        const ProtobufCMessage *sub = *(ProtobufCMessage *const *)at;
+        if (sub && has_field_zero(sub, depth + 1))
+            return true;
+    }
+    return false;
+}
+
 int cpm_wire_unpack(const void *data, size_t size, long long tensor_size, cpm_envelope **ret,
                     cpm_error *err) {
     *ret = NULL;
     cpm_envelope *env = cpm__v1__envelope__unpack(NULL, size, data);
     if (!env)
         return cpm_error_set(err, CPM_EFORMAT, "envelope: %zu bytes do not unpack", size);
+    if (has_field_zero(&env->base, 0)) {
+        cpm__v1__envelope__free_unpacked(env, NULL);
+        return cpm_error_set(err, CPM_EFORMAT, "envelope: a field numbered 0 (invalid protobuf)");
+    }
     int rc = cpm_wire_validate(env, tensor_size, err);
     if (rc) {
         cpm__v1__envelope__free_unpacked(env, NULL);

@@ -92,6 +92,12 @@ static void test_wire_rejects_garbage(void **state) {
     assert_int_equal(cpm_wire_unpack(buf, n, -1, &out, &e), 0);
     cpm_wire_free(out);
     free(buf);
+    /* Field number 0 (found by fuzz_wire): protobuf-c would keep it and pack it back
+     * into bytes no parser accepts, so it is refused at the door; here in a nested
+     * Health message (field 13, 2 bytes: an unknown varint field 0 = 0). */
+    const uint8_t zero[] = {0x08, CPM_WIRE_VERSION, 0x6a, 0x03, 0x80, 0x00, 0x00};
+    assert_int_equal(cpm_wire_unpack(zero, sizeof zero, -1, &out, &e), CPM_EFORMAT);
+    assert_non_null(strstr(e.msg, "numbered 0"));
 }
 
 static void test_wire_tensor_bytes(void **state) {
