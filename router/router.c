@@ -34,6 +34,7 @@
 #include "tokclient.h"
 
 #define MAX_TOP 20
+_Static_assert(1 + MAX_TOP <= CPM_TOKC_MAX_PIECES, "a token and its alternatives fit one pieces call");
 #define MAX_SERVICES (CPM_CFG_MAX_STAGES * CPM_CFG_MAX_TP + 2 * CPM_CFG_MAX_REPLICAS + \
                       CPM_CFG_MAX_EXPERT_SVCS)
 #define REQUEST_ID_MAX 128
@@ -748,8 +749,7 @@ static void on_detok(void *user, const cpm_tokc_result *res) {
 
 typedef struct piece_call {
     gen *g;
-    int i;    /* token index */
-    int slot; /* -1: the chosen token; else its top alternative */
+    int i; /* token index */
 } piece_call;
 
 static void lp_advance(gen *g) {
@@ -757,16 +757,16 @@ static void lp_advance(gen *g) {
         g->n_lp_ready++;
 }
 
+/* The texts of token i and of its alternatives, from one Pieces reply. */
 static void on_piece(void *user, const cpm_tokc_result *res) {
     piece_call *pc = user;
     gen *g = pc->g;
     job *j = g->job;
     tok_lp *t = &g->lps[pc->i];
+    free(pc);
     j->refs--;
     g->lp_pending--;
     t->pending--;
-    char **dst = pc->slot < 0 ? &t->text : &t->top_text[pc->slot];
-    free(pc);
     if (j->answered || cpm_req_state_terminal(g->state)) {
         job_maybe_free(j);
         return;
@@ -775,15 +775,19 @@ static void on_piece(void *user, const cpm_tokc_result *res) {
         job_fail(j, 503, "server_error", "tokenizer_error", res->msg);
         return;
     }
-    free(*dst);
-    *dst = strndup(res->text, res->text_len);
+    /* tokclient checked one text per id sent: the chosen token, then t->n_top alternatives */
+    for (size_t k = 0; k < res->n_texts && k <= (size_t)t->n_top; k++) {
+        char **dst = k == 0 ? &t->text : &t->top_text[k - 1];
+        free(*dst);
+        *dst = strndup(res->texts[k], res->texts_len[k]);
+    }
     lp_advance(g);
     text_pump(g);
 }
 
-/* Asks the tokenizer for the text of token i and its alternatives, each in the context
- * of the token before it (so a word-initial space shows, as in the decoded text).
- * Nonzero when the job failed (and may be freed). */
+/* Asks the tokenizer, in one call, for the text of token i and of its alternatives, each
+ * in the context of the token before it (so a word-initial space shows, as in the
+ * decoded text). Nonzero when the job failed (and may be freed). */
 static int lp_fetch(gen *g, int i) {
     job *j = g->job;
     cpm_router *r = j->r;
@@ -793,22 +797,24 @@ static int lp_fetch(gen *g, int i) {
         return 0;
     }
     int32_t ctx = i > 0 ? g->ids[i - 1] : j->prompt_ids[g->prompt][j->prompt_len[g->prompt] - 1];
-    for (int slot = -1; slot < t->n_top; slot++) {
-        piece_call *pc = malloc(sizeof *pc);
-        int32_t pair[2] = {ctx, slot < 0 ? t->id : t->top_ids[slot]};
-        svc *tk = pick_tokenizer(r);
-        cpm_error e = {0};
-        if (!pc || cpm_tokc_detok(tk->sock, tk->name, pair, 2, 1, false, r->cfg->router.timeout_ms,
-                                  on_piece, pc, &e)) {
-            job_fail(j, 503, "server_error", "tokenizer_error", pc ? e.msg : "out of memory");
-            free(pc);
-            return CPM_EIO;
-        }
-        *pc = (piece_call){g, i, slot};
-        t->pending++;
-        g->lp_pending++;
-        j->refs++;
+    int32_t cand[1 + MAX_TOP];
+    cand[0] = t->id;
+    memcpy(cand + 1, t->top_ids, (size_t)t->n_top * sizeof *cand);
+    piece_call *pc = malloc(sizeof *pc);
+    svc *tk = pick_tokenizer(r);
+    cpm_error e = {0};
+    if (!pc)
+        cpm_error_set(&e, CPM_ENOMEM, "out of memory");
+    if (!pc || cpm_tokc_pieces(tk->sock, tk->name, ctx, cand, (size_t)t->n_top + 1, false,
+                               r->cfg->router.timeout_ms, on_piece, pc, &e)) {
+        free(pc);
+        job_fail(j, 503, "server_error", "tokenizer_error", e.msg);
+        return CPM_EIO;
     }
+    *pc = (piece_call){g, i};
+    t->pending++;
+    g->lp_pending++;
+    j->refs++;
     return 0;
 }
 

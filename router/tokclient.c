@@ -1,8 +1,8 @@
 /* tokclient.c - requests to cpm-tokenizer and the checks on their replies.
  *
  * One small heap context per call carries what the reply must be checked against
- * (the expected body, how many new ids a detokenize may consume); the reply itself
- * is freed as soon as the callback returns.
+ * (the expected body, how many new ids a detokenize may consume, how many texts a
+ * pieces reply must hold); the reply itself is freed as soon as the callback returns.
  */
 #include "tokclient.h"
 
@@ -14,7 +14,7 @@ typedef struct call_ctx {
     cpm_tokc_cb cb;
     void *user;
     Cpm__V1__Envelope__BodyCase want;
-    size_t n_new; /* detokenize: ids after prefix_len */
+    size_t n_new; /* detokenize: ids after prefix_len; pieces: ids sent */
     int timeout_ms;
     char name[32];
 } call_ctx;
@@ -23,6 +23,24 @@ static void fail(call_ctx *c, int status, bool refused, const char *what) {
     char msg[CPM_ERROR_MSG_MAX];
     snprintf(msg, sizeof msg, "%s: %s", c->name, what);
     cpm_tokc_result res = {.status = status, .refused = refused, .msg = msg};
+    c->cb(c->user, &res);
+}
+
+/* One text per id sent, or the reply is malformed. */
+static void pieces_reply(call_ctx *c, const Cpm__V1__PiecesReply *p) {
+    if (p->n_texts != c->n_new || p->n_texts > CPM_TOKC_MAX_PIECES) {
+        char what[96];
+        snprintf(what, sizeof what, "pieces reply has %zu texts for %zu ids", p->n_texts, c->n_new);
+        fail(c, CPM_EFORMAT, false, what);
+        return;
+    }
+    const char *texts[CPM_TOKC_MAX_PIECES];
+    size_t lens[CPM_TOKC_MAX_PIECES];
+    for (size_t i = 0; i < p->n_texts; i++) {
+        texts[i] = p->texts[i].len ? (const char *)p->texts[i].data : "";
+        lens[i] = p->texts[i].len;
+    }
+    cpm_tokc_result res = {.texts = texts, .texts_len = lens, .n_texts = p->n_texts};
     c->cb(c->user, &res);
 }
 
@@ -46,6 +64,8 @@ static void on_reply(cpm_sock *s, cpm_inmsg *m, int status, void *user) {
         const Cpm__V1__TokenizeReply *t = m->env->tokenized;
         cpm_tokc_result res = {.ids = t->ids, .n_ids = t->n_ids};
         c->cb(c->user, &res);
+    } else if (c->want == CPM__V1__ENVELOPE__BODY_PIECES_REPLY) {
+        pieces_reply(c, m->env->pieces_reply);
     } else {
         const Cpm__V1__DetokenizeReply *d = m->env->detokenized;
         const char *text = d->text ? d->text : "";
@@ -138,4 +158,21 @@ int cpm_tokc_detok(cpm_sock *s, const char *name, const int32_t *ids, size_t n,
     env.detokenize = &q;
     return call(s, name, &env, CPM__V1__ENVELOPE__BODY_DETOKENIZED, n - prefix_len, timeout_ms, cb,
                 user, err);
+}
+
+int cpm_tokc_pieces(cpm_sock *s, const char *name, int32_t context, const int32_t *ids, size_t n,
+                    bool skip_special, int timeout_ms, cpm_tokc_cb cb, void *user,
+                    cpm_error *err) {
+    if (n == 0 || n > CPM_TOKC_MAX_PIECES)
+        return cpm_error_set(err, CPM_EINVAL, "%s: pieces of %zu ids, expected 1..%d", name, n,
+                             CPM_TOKC_MAX_PIECES);
+    Cpm__V1__PiecesRequest q = CPM__V1__PIECES_REQUEST__INIT;
+    q.context = context;
+    q.n_ids = n;
+    q.ids = (int32_t *)ids;
+    q.skip_special = skip_special;
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_PIECES;
+    env.pieces = &q;
+    return call(s, name, &env, CPM__V1__ENVELOPE__BODY_PIECES_REPLY, n, timeout_ms, cb, user, err);
 }

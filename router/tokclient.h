@@ -2,7 +2,8 @@
  *
  * The router turns text into ids once, at the door (tokenize, or chat: render the
  * template and tokenize), and turns sampled ids back into text incrementally through
- * the service's stateless Detokenize. Each call goes out on a DEALER (a cpm_sock the
+ * the service's stateless Detokenize (and a logprob token's candidates through one
+ * Pieces call). Each call goes out on a DEALER (a cpm_sock the
  * caller owns, one per replica) and its reply is validated here, so router.c sees
  * either well-formed results or one line saying which tokenizer failed and how.
  *
@@ -28,6 +29,9 @@ typedef struct cpm_tokc_result {
     const char *text;     /* detokenize: the new text (NUL-terminated) */
     size_t text_len;
     size_t consumed;      /* detokenize: how many new ids the text covers */
+    const char *const *texts; /* pieces: texts[i] (texts_len[i] bytes, not NUL-terminated) */
+    const size_t *texts_len;  /* is the text of ids[i]; n_texts = the n sent */
+    size_t n_texts;
 } cpm_tokc_result;
 
 /* Called exactly once per call that was sent (return 0), never when sending failed. */
@@ -50,5 +54,15 @@ int cpm_tokc_chat(cpm_sock *s, const char *name, const cpm_tokc_msg *msgs, size_
 int cpm_tokc_detok(cpm_sock *s, const char *name, const int32_t *ids, size_t n,
                    size_t prefix_len, bool skip_special, int timeout_ms, cpm_tokc_cb cb,
                    void *user, cpm_error *err);
+
+/* Most ids one pieces call may carry (the service's CPM_TOKENIZER_SVC_MAX_PIECES). */
+#define CPM_TOKC_MAX_PIECES 64
+
+/* The text each of ids[0..n) adds right after the token context: what a detok of
+ * [context, ids[i]] with prefix_len 1 gives, for n ids in one call (logprob candidates).
+ * n must be 1..CPM_TOKC_MAX_PIECES. */
+int cpm_tokc_pieces(cpm_sock *s, const char *name, int32_t context, const int32_t *ids, size_t n,
+                    bool skip_special, int timeout_ms, cpm_tokc_cb cb, void *user,
+                    cpm_error *err);
 
 #endif

@@ -60,6 +60,8 @@ const char *cpm_wire_body_name(int body_case) {
     case CPM__V1__ENVELOPE__BODY_TOKENIZED: return "tokenized";
     case CPM__V1__ENVELOPE__BODY_DETOKENIZE: return "detokenize";
     case CPM__V1__ENVELOPE__BODY_DETOKENIZED: return "detokenized";
+    case CPM__V1__ENVELOPE__BODY_PIECES: return "pieces";
+    case CPM__V1__ENVELOPE__BODY_PIECES_REPLY: return "pieces_reply";
     case CPM__V1__ENVELOPE__BODY_FORWARD: return "forward";
     case CPM__V1__ENVELOPE__BODY_RESULT: return "result";
     case CPM__V1__ENVELOPE__BODY_SAMPLE: return "sample";

@@ -1,5 +1,5 @@
 /* main_service.c - cpm-tokenizer: loads the model directory's tokenizer and serves
- * tokenize / chat / detokenize on one zmq endpoint (--config/--index or --bind --model). */
+ * tokenize / chat / detokenize / pieces on one zmq endpoint (--config/--index or --bind --model). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <zmq.h>

@@ -2,7 +2,8 @@
  *
  * Detokenizing is stateless: the caller sends the ids so far and how many it has
  * already shown; we decode a short window with and without the new ids and return
- * the difference, so any replica can serve any stream.
+ * the difference, so any replica can serve any stream. Pieces answers the texts of a
+ * token's logprob candidates in one call, each through that same path.
  */
 #include "service.h"
 
@@ -49,6 +50,50 @@ int cpm_tokenizer_svc_detok(const cpm_tokenizer *tok, const int32_t *ids, size_t
     free(pre);
     free(full);
     return rc;
+}
+
+/* Each candidate goes through the Detokenize path itself, so a logprob text can never
+ * drift from what a [context, id] Detokenize would say about the same token. */
+int cpm_tokenizer_svc_pieces(const cpm_tokenizer *tok, int32_t context, const int32_t *ids,
+                             size_t n, bool skip_special, char ***ret_texts, size_t **ret_lens,
+                             cpm_error *err) {
+    *ret_texts = NULL;
+    *ret_lens = NULL;
+    int32_t vocab = cpm_tokenizer_vocab_size(tok);
+    if (n == 0 || n > CPM_TOKENIZER_SVC_MAX_PIECES)
+        return cpm_error_set(err, n ? CPM_ELIMIT : CPM_EINVAL, "pieces: %zu ids, expected 1..%d", n,
+                             CPM_TOKENIZER_SVC_MAX_PIECES);
+    if (context < 0 || context >= vocab)
+        return cpm_error_set(err, CPM_ERANGE, "pieces: context id %d is outside [0, %d)", context,
+                             vocab);
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= vocab)
+            return cpm_error_set(err, CPM_ERANGE, "pieces: ids[%zu] = %d is outside [0, %d)", i,
+                                 ids[i], vocab);
+    char **texts = calloc(n, sizeof *texts);
+    size_t *lens = calloc(n, sizeof *lens);
+    int rc = texts && lens ? 0 : cpm_error_set(err, CPM_ENOMEM, "pieces: out of memory");
+    for (size_t i = 0; i < n && !rc; i++) {
+        int32_t pair[2] = {context, ids[i]};
+        size_t consumed;
+        rc = cpm_tokenizer_svc_detok(tok, pair, 2, 1, skip_special, &texts[i], &consumed, err);
+        if (!rc)
+            lens[i] = strlen(texts[i]);
+    }
+    if (rc) {
+        cpm_tokenizer_svc_pieces_free(texts, lens, n);
+        return rc;
+    }
+    *ret_texts = texts;
+    *ret_lens = lens;
+    return 0;
+}
+
+void cpm_tokenizer_svc_pieces_free(char **texts, size_t *lens, size_t n) {
+    for (size_t i = 0; texts && i < n; i++)
+        free(texts[i]);
+    free(texts);
+    free(lens);
 }
 
 static int reply_ids(cpm_reply *out, int32_t *ids, size_t n, char *text, cpm_error *err) {
@@ -116,6 +161,33 @@ static int do_detok(const cpm_tokenizer *tok, const Cpm__V1__DetokenizeRequest *
     return rc;
 }
 
+static int do_pieces(const cpm_tokenizer *tok, const Cpm__V1__PiecesRequest *q, cpm_reply *out,
+                     cpm_error *err) {
+    char **texts;
+    size_t *lens;
+    int rc = cpm_tokenizer_svc_pieces(tok, q->context, q->ids, q->n_ids, q->skip_special, &texts,
+                                      &lens, err);
+    if (rc)
+        return rc;
+    ProtobufCBinaryData *bin = calloc(q->n_ids, sizeof *bin);
+    if (!bin) {
+        cpm_tokenizer_svc_pieces_free(texts, lens, q->n_ids);
+        return cpm_error_set(err, CPM_ENOMEM, "pieces: out of memory");
+    }
+    for (size_t i = 0; i < q->n_ids; i++)
+        bin[i] = (ProtobufCBinaryData){.len = lens[i], .data = (uint8_t *)texts[i]};
+    Cpm__V1__PiecesReply r = CPM__V1__PIECES_REPLY__INIT;
+    r.n_texts = q->n_ids;
+    r.texts = bin;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_PIECES_REPLY;
+    env.pieces_reply = &r;
+    rc = cpm_reply_set(out, &env, NULL, err);
+    free(bin);
+    cpm_tokenizer_svc_pieces_free(texts, lens, q->n_ids);
+    return rc;
+}
+
 int cpm_tokenizer_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err) {
     const cpm_tokenizer *tok = user;
     switch (in->env->body_case) {
@@ -125,6 +197,8 @@ int cpm_tokenizer_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cp
         return do_chat(tok, in->env->chat, out, err);
     case CPM__V1__ENVELOPE__BODY_DETOKENIZE:
         return do_detok(tok, in->env->detokenize, out, err);
+    case CPM__V1__ENVELOPE__BODY_PIECES:
+        return do_pieces(tok, in->env->pieces, out, err);
     default:
         return cpm_error_set(err, CPM_EUNSUPPORTED, "tokenizer: cannot handle '%s'",
                              cpm_wire_body_name(in->env->body_case));

@@ -1,5 +1,6 @@
 /* service.h - the cpm-tokenizer service: tokenize, chat (render + tokenize) and
- * stateless incremental detokenize over the wire, for the router and other callers.
+ * stateless incremental detokenize over the wire, for the router and other callers,
+ * and the texts of logprob candidates (pieces) in one call per generated token.
  *
  * Handlers run on the server's worker threads; a loaded cpm_tokenizer is immutable,
  * so they share one without locks.
@@ -23,5 +24,18 @@ int cpm_tokenizer_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cp
 int cpm_tokenizer_svc_detok(const cpm_tokenizer *tok, const int32_t *ids, size_t n,
                             size_t prefix_len, bool skip_special, char **ret_text,
                             size_t *ret_consumed, cpm_error *err);
+
+/* Most ids one Pieces request may ask about (the chosen token and its alternatives). */
+#define CPM_TOKENIZER_SVC_MAX_PIECES 64
+
+/* The text each of ids[0..n) adds right after context, exactly as
+ * cpm_tokenizer_svc_detok([context, ids[i]], prefix_len 1) gives it (held back: "").
+ * n must be 1..CPM_TOKENIZER_SVC_MAX_PIECES and every id in the vocabulary.
+ * *ret_texts is malloc'd, n malloc'd NUL-terminated strings (free with
+ * cpm_tokenizer_svc_pieces_free); *ret_lens (malloc'd) holds their lengths. */
+int cpm_tokenizer_svc_pieces(const cpm_tokenizer *tok, int32_t context, const int32_t *ids,
+                             size_t n, bool skip_special, char ***ret_texts, size_t **ret_lens,
+                             cpm_error *err);
+void cpm_tokenizer_svc_pieces_free(char **texts, size_t *lens, size_t n);
 
 #endif

@@ -1,6 +1,6 @@
 /* test_router_tokclient.c - the router's tokenizer client against a real cpm-tokenizer
  * handler (cpm_server + cpm_tokenizer_svc_handle on an inproc endpoint, same loop):
- * tokenize, chat, incremental detokenize, error replies, timeouts, closed sockets.
+ * tokenize, chat, incremental detokenize, pieces, error replies, timeouts, closed sockets.
  * argv[1] = a model directory with tokenizer files (tests/golden/data/minicpm4-tokenizer). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -33,6 +33,9 @@ typedef struct seen {
     size_t n_ids;
     char text[4096];
     size_t consumed;
+    size_t n_texts;
+    char texts[CPM_TOKC_MAX_PIECES][64]; /* pieces (copied with their length) */
+    size_t texts_len[CPM_TOKC_MAX_PIECES];
 } seen;
 
 static void on_result(void *user, const cpm_tokc_result *res) {
@@ -46,6 +49,12 @@ static void on_result(void *user, const cpm_tokc_result *res) {
         memcpy(s->ids, res->ids, s->n_ids * sizeof *s->ids);
     snprintf(s->text, sizeof s->text, "%s", res->text ? res->text : "");
     s->consumed = res->consumed;
+    s->n_texts = res->n_texts;
+    for (size_t i = 0; i < res->n_texts && i < CPM_TOKC_MAX_PIECES; i++) {
+        s->texts_len[i] = res->texts_len[i] < 63 ? res->texts_len[i] : 63;
+        memcpy(s->texts[i], res->texts[i], s->texts_len[i]);
+        s->texts[i][s->texts_len[i]] = '\0';
+    }
 }
 
 static void on_stray(cpm_sock *s, cpm_inmsg *m, void *user) {
@@ -196,6 +205,64 @@ static void test_error_reply_is_refused(void **state) {
     assert_int_equal(s.calls, 1);
 }
 
+/* One pieces call gives, per candidate, the text a [context, id] detokenize gives
+ * (prefix_len 1), including "" where the id ends inside a character. */
+static void test_pieces_equal_pair_detok(void **state) {
+    fixture *f = *state;
+    assert_int_equal(CPM_TOKC_MAX_PIECES, CPM_TOKENIZER_SVC_MAX_PIECES);
+    const char *sample = " world 你好 😀 𝔘x";
+    int32_t *ids;
+    size_t n;
+    cpm_error e = {0};
+    assert_int_equal(cpm_tokenizer_encode(f->tok, sample, strlen(sample), false, &ids, &n, &e), 0);
+    assert_true(n >= 6 && n < CPM_TOKC_MAX_PIECES);
+    int empty = 0;
+    for (size_t c = 0; c < n; c++) {
+        seen s = {0};
+        assert_int_equal(cpm_tokc_pieces(f->dealer, "tok0", ids[c], ids, n, false, 5000, on_result,
+                                         &s, &e), 0);
+        wait_for(f, &s);
+        assert_int_equal(s.status, 0);
+        assert_int_equal(s.n_texts, n);
+        for (size_t i = 0; i < n; i++) {
+            int32_t pair[2] = {ids[c], ids[i]};
+            seen d = {0};
+            assert_int_equal(cpm_tokc_detok(f->dealer, "tok0", pair, 2, 1, false, 5000, on_result,
+                                            &d, &e), 0);
+            wait_for(f, &d);
+            assert_int_equal(d.status, 0);
+            assert_string_equal(s.texts[i], d.text);
+            assert_int_equal(s.texts_len[i], strlen(d.text));
+            empty += s.texts_len[i] == 0;
+        }
+    }
+    assert_true(empty > 0);
+    free(ids);
+}
+
+/* Bad pieces calls: refused before sending (no ids, too many), or by the service (an id
+ * outside the vocabulary), naming the replica. */
+static void test_pieces_refused(void **state) {
+    fixture *f = *state;
+    int32_t ids[CPM_TOKC_MAX_PIECES + 1] = {0};
+    seen s = {0};
+    cpm_error e = {0};
+    assert_int_not_equal(cpm_tokc_pieces(f->dealer, "tok0", 5, ids, 0, false, 5000, on_result, &s,
+                                         &e), 0);
+    assert_int_not_equal(cpm_tokc_pieces(f->dealer, "tok0", 5, ids, CPM_TOKC_MAX_PIECES + 1, false,
+                                         5000, on_result, &s, &e), 0);
+    assert_non_null(strstr(e.msg, "tok0"));
+    assert_int_equal(s.calls, 0);
+    ids[3] = 1 << 30;
+    assert_int_equal(cpm_tokc_pieces(f->dealer, "tok0", 5, ids, 4, false, 5000, on_result, &s, &e),
+                     0);
+    wait_for(f, &s);
+    assert_int_equal(s.status, CPM_ERANGE);
+    assert_true(s.refused);
+    assert_true(strncmp(s.msg, "tok0: ", 6) == 0);
+    assert_non_null(strstr(s.msg, "ids[3]"));
+}
+
 /* Nobody answers: a timeout naming the replica and the limit; a freed socket: closed. */
 static void test_timeout_and_close(void **state) {
     fixture *f = *state;
@@ -228,6 +295,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_chat_renders_and_tokenizes),
         cmocka_unit_test(test_incremental_detok_equals_decode),
         cmocka_unit_test(test_error_reply_is_refused),
+        cmocka_unit_test(test_pieces_equal_pair_detok),
+        cmocka_unit_test(test_pieces_refused),
         cmocka_unit_test(test_timeout_and_close),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
