@@ -1,7 +1,8 @@
 /* matmul.c - y = x * W^T for every projection of the model: ISA detection,
- * the split of the output across the pool's threads, the scalar kernel and
- * the reference. The SIMD kernels live in matmul_<isa>.c, one static library
- * each, so that only they are compiled with -mavx2 / -mavx512* / -mamx-*.
+ * the split of the output across the pool's threads (cpm_matmul_multi: of
+ * several outputs sharing one x), the scalar kernel and the reference. The
+ * SIMD kernels live in matmul_<isa>.c, one static library each, so that only
+ * they are compiled with -mavx2 / -mavx512* / -mamx-*.
  */
 #include "matmul.h"
 
@@ -196,31 +197,95 @@ static void mm_worker(void *arg, int tid, int nt) {
 }
 
 #if X86_KERNELS
+#define AMX_ALIGN 32 /* W rows per unit of work: one pair of 16-row tiles */
+
 static void amx_pack_worker(void *arg, int tid, int nt) {
-    const mm_run *r = arg;
-    int blocks = (r->job.M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS, lo, hi;
+    const cpm_mm_job *job = arg;
+    int blocks = (job->M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS, lo, hi;
     share(blocks, 1, tid, nt, &lo, &hi);
     if (lo < hi)
-        cpm_mm_amx_pack(&r->job, lo, hi);
+        cpm_mm_amx_pack(job, lo, hi);
 }
 
-/* Returns 0 when the AMX path ran; -1 when no pack buffer could be had. The
- * buffer comes from the pool (allocated once) or, without a pool, per call. */
-static int run_amx(cpm_pool *pool, mm_run *r) {
-    size_t bytes = cpm_mm_amx_packed_size(r->job.M, r->job.K);
-    void *owned = NULL;
-    r->job.packed = cpm_pool_scratch(pool, bytes);
-    if (!r->job.packed)
-        r->job.packed = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!r->job.packed)
+/* Splits and packs job's x into job->packed; returns 0, or -1 when no pack
+ * buffer could be had. The buffer comes from the pool (allocated once) or,
+ * without a pool, per call: then *owned is set and the caller frees it. */
+static int amx_pack(cpm_pool *pool, cpm_mm_job *job, void **owned) {
+    size_t bytes = cpm_mm_amx_packed_size(job->M, job->K);
+    *owned = NULL;
+    job->packed = cpm_pool_scratch(pool, bytes);
+    if (!job->packed)
+        job->packed = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!job->packed)
         return -1;
-    cpm_pool_run(pool, amx_pack_worker, r);
+    cpm_pool_run(pool, amx_pack_worker, job);
+    return 0;
+}
+
+/* Returns 0 when the AMX path ran; -1 when no pack buffer could be had. */
+static int run_amx(cpm_pool *pool, mm_run *r) {
+    void *owned;
+    if (amx_pack(pool, &r->job, &owned) != 0)
+        return -1;
     r->kernel = cpm_mm_amx;
     r->split_n = 1;
-    r->align = 32;
+    r->align = AMX_ALIGN;
     cpm_pool_run(pool, mm_worker, r);
     free(owned);
     return 0;
+}
+
+/* cpm_matmul_multi on AMX: one packed x, the outputs' W rows laid end to end
+ * in units of AMX_ALIGN and shared evenly by the threads. */
+typedef struct mm_multi {
+    cpm_mm_job base; /* x, ldx, M, K, packed */
+    const cpm_matmul_out *outs;
+    int n_outs;
+    int units;
+} mm_multi;
+
+static int amx_units(const cpm_matmul_out *o) {
+    return o->N > 0 ? (o->N + AMX_ALIGN - 1) / AMX_ALIGN : 0;
+}
+
+static void amx_multi_worker(void *arg, int tid, int nt) {
+    const mm_multi *r = arg;
+    int lo, hi, off = 0;
+    share(r->units, 1, tid, nt, &lo, &hi);
+    for (int i = 0; i < r->n_outs && off < hi; i++) {
+        const cpm_matmul_out *o = &r->outs[i];
+        int u = amx_units(o), a = lo > off ? lo - off : 0, b = hi - off < u ? hi - off : u;
+        off += u;
+        if (a >= b)
+            continue;
+        cpm_mm_job job = r->base;
+        job.y = o->y;
+        job.ldy = o->ldy;
+        job.w = o->w;
+        job.wtype = o->wtype;
+        job.w_ld = o->w_ld;
+        job.N = o->N;
+        cpm_mm_amx(&job, 0, job.M, a * AMX_ALIGN, b * AMX_ALIGN < o->N ? b * AMX_ALIGN : o->N);
+    }
+}
+
+static int run_amx_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
+                         const cpm_matmul_out *outs, int n_outs) {
+    mm_multi r = {.base = {.x = x, .ldx = ldx, .M = M, .K = K}, .outs = outs, .n_outs = n_outs};
+    for (int i = 0; i < n_outs; i++)
+        r.units += amx_units(&outs[i]);
+    void *owned;
+    if (amx_pack(pool, &r.base, &owned) != 0)
+        return -1;
+    cpm_pool_run(pool, amx_multi_worker, &r);
+    free(owned);
+    return 0;
+}
+
+static void fill_nan(float *y, int ldy, int M, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            y[(size_t)m * ldy + n] = NAN;
 }
 #endif
 
@@ -251,11 +316,8 @@ void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
      * pack buffer can be had, NaN marks the failure rather than silently
      * changing the rounding. */
     if (isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16 && K > 0) {
-        if (run_amx(pool, &r) != 0) {
-            for (int m = 0; m < M; m++)
-                for (int n = 0; n < N; n++)
-                    y[(size_t)m * ldy + n] = NAN;
-        }
+        if (run_amx(pool, &r) != 0)
+            fill_nan(y, ldy, M, N);
         return;
     }
 #endif
@@ -266,4 +328,39 @@ void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
     r.split_n = N >= 16 * nt || M < 2 * nt;
     r.align = r.split_n ? 16 : 1;
     cpm_pool_run(pool, mm_worker, &r);
+}
+
+/* Whether every output can share one AMX pack of x (BF16 weights only). */
+static bool multi_uses_amx(int K, const cpm_matmul_out *outs, int n_outs) {
+#if X86_KERNELS
+    if (isa_in_effect() != CPM_ISA_AMX || K <= 0)
+        return false;
+    for (int i = 0; i < n_outs; i++)
+        if (outs[i].wtype != CPM_DTYPE_BF16)
+            return false;
+    return true;
+#else
+    (void)K, (void)outs, (void)n_outs;
+    return false;
+#endif
+}
+
+void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
+                      const cpm_matmul_out *outs, int n_outs) {
+    if (M <= 0 || n_outs <= 0)
+        return;
+    if (!multi_uses_amx(K, outs, n_outs)) {
+        /* The FMA kernels pack nothing: one call per output loses nothing but a
+         * pool wake-up, and is trivially the same bits. */
+        for (int i = 0; i < n_outs; i++)
+            cpm_matmul(pool, outs[i].y, outs[i].ldy, x, ldx, outs[i].w, outs[i].wtype,
+                       outs[i].w_ld, M, outs[i].N, K);
+        return;
+    }
+#if X86_KERNELS
+    if (run_amx_multi(pool, x, ldx, M, K, outs, n_outs) != 0)
+        for (int i = 0; i < n_outs; i++)
+            if (outs[i].N > 0)
+                fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
+#endif
 }

@@ -61,6 +61,25 @@ bool cpm_isa_from_name(const char *name, cpm_isa *ret);
 void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                 const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K);
 
+/* One output of cpm_matmul_multi: y[M, N] (row stride ldy) = x * W^T, with W
+ * [N, K] of type wtype and row stride w_ld, as in cpm_matmul. */
+typedef struct cpm_matmul_out {
+    float *y;
+    int ldy;
+    const void *w;
+    cpm_dtype wtype;
+    int w_ld;
+    int N;
+} cpm_matmul_out;
+
+/* Several weight matrices applied to the same x[M, K] (q/k/v, gate/up): every
+ * outs[i].y gets exactly the bits a separate cpm_matmul would give it. With
+ * AMX and BF16 weights x is split and packed once for all of them and the
+ * threads share the outputs' combined N; otherwise it is one cpm_matmul per
+ * output. No y may overlap x or another y. */
+void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
+                      const cpm_matmul_out *outs, int n_outs);
+
 /* Single-threaded reference implementation (tests compare against it). */
 void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,
                     const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K);

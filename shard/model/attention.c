@@ -235,9 +235,9 @@ static void attend_and_project(cpm_model *m, cpm_kv_cache *kv, int li, const cpm
 static void gqa_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
     const cpm_layer *L = &m->layers[li];
     int d = m->qk_dim, nh = m->hp.n_heads, nkv = m->kv_heads;
-    cpm_model_matmul(m, m->s.q, m->s.xn, &L->w[CPM_W_Q], n);
-    cpm_model_matmul(m, m->s.k, m->s.xn, &L->w[CPM_W_K], n);
-    cpm_model_matmul(m, m->s.v, m->s.xn, &L->w[CPM_W_V], n);
+    float *const ys[3] = {m->s.q, m->s.k, m->s.v};
+    const cpm_weight *const ws[3] = {&L->w[CPM_W_Q], &L->w[CPM_W_K], &L->w[CPM_W_V]};
+    cpm_model_matmul_multi(m, ys, m->s.xn, ws, 3, n);
     rope_heads(m, m->s.q, n, nh, d, nh * d);
     rope_heads(m, m->s.k, n, nkv, d, nkv * d);
     store_kv(m, kv, li, n, m->s.k, m->s.v);
@@ -251,14 +251,21 @@ static void gqa_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch 
  * default, not rms_norm_eps (vLLM and llama.cpp differ; HF is the reference). */
 #define CPM_MLA_LATENT_EPS 1e-6f
 
+/* The two projections of xn: q (or its low-rank q_a) into s.q (s.lat_q) and the
+ * latent kv_a into s.lat_kv, with xn packed once. */
+static void mla_project_xn(cpm_model *m, const cpm_layer *L, int n) {
+    bool lora = m->hp.q_lora_rank != 0;
+    float *const ys[2] = {lora ? m->s.lat_q : m->s.q, m->s.lat_kv};
+    const cpm_weight *const ws[2] = {&L->w[lora ? CPM_W_Q_A : CPM_W_Q], &L->w[CPM_W_KV_A]};
+    cpm_model_matmul_multi(m, ys, m->s.xn, ws, 2, n);
+}
+
+/* Queries from s.lat_q (q_lora) once mla_project_xn has run. */
 static void mla_queries(cpm_model *m, const cpm_layer *L, int n) {
     const cpm_hparams *hp = &m->hp;
-    if (hp->q_lora_rank == 0) {
-        cpm_model_matmul(m, m->s.q, m->s.xn, &L->w[CPM_W_Q], n);
+    if (hp->q_lora_rank == 0)
         return;
-    }
     int r = hp->q_lora_rank;
-    cpm_model_matmul(m, m->s.lat_q, m->s.xn, &L->w[CPM_W_Q_A], n);
     for (int i = 0; i < n; i++)
         cpm_rmsnorm(m->s.lat_q + (size_t)i * r, m->s.lat_q + (size_t)i * r,
                     L->norm[CPM_W_Q_A_NORM], r, CPM_MLA_LATENT_EPS);
@@ -266,11 +273,11 @@ static void mla_queries(cpm_model *m, const cpm_layer *L, int n) {
 }
 
 /* The cache row of each token: [rmsnorm(c_kv) | roped k_pe], kv_lora + rope
- * floats shared by every head (MiniCPM3-4B: 288 instead of 40 x 160). */
+ * floats shared by every head (MiniCPM3-4B: 288 instead of 40 x 160), from
+ * s.lat_kv (mla_project_xn). */
 static void mla_latent_rows(cpm_model *m, const cpm_layer *L, int n) {
     const cpm_hparams *hp = &m->hp;
     int lr = hp->kv_lora_rank, rope = hp->qk_rope_dim, half = m->rot_dim / 2;
-    cpm_model_matmul(m, m->s.lat_kv, m->s.xn, &L->w[CPM_W_KV_A], n);
     for (int i = 0; i < n; i++) {
         const float *src = m->s.lat_kv + (size_t)i * (lr + rope);
         float *row = m->s.k + (size_t)i * (lr + rope);
@@ -338,6 +345,7 @@ static void latent_worker(void *arg, int tid, int nthreads) {
 static void mla_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b, int n) {
     const cpm_layer *L = &m->layers[li];
     int nh = m->hp.n_heads, dk = m->qk_dim;
+    mla_project_xn(m, L, n);
     mla_queries(m, L, n);
     rope_heads(m, m->s.q, n, nh, dk, nh * dk);
     mla_latent_rows(m, L, n);

@@ -18,8 +18,9 @@ static void gated_act(const cpm_hparams *hp, float *g, const float *u, int n) {
 static void gated_mlp(cpm_model *m, float *y, const float *x, int n, const cpm_weight *gate,
                       const cpm_weight *up, const cpm_weight *down) {
     int F = gate->rows;
-    cpm_model_matmul(m, m->s.gate, x, gate, n);
-    cpm_model_matmul(m, m->s.up, x, up, n);
+    float *const ys[2] = {m->s.gate, m->s.up};
+    const cpm_weight *const ws[2] = {gate, up};
+    cpm_model_matmul_multi(m, ys, x, ws, 2, n);
     gated_act(&m->hp, m->s.gate, m->s.up, n * F);
     cpm_model_matmul(m, y, m->s.gate, down, n);
 }

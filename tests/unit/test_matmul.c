@@ -2,7 +2,7 @@
  * every ISA this CPU has, against the reference, for F32/F16/BF16 weights,
  * odd shapes and strides; plus the determinism promises of matmul.h (same
  * bits for any thread count, for a row alone or inside a batch, and across
- * the FMA ISAs). */
+ * the FMA ISAs); and cpm_matmul_multi against separate calls, bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -291,6 +291,88 @@ static void test_stride_padding_is_ignored(void **state) {
     cpm_isa_force(cpm_isa_detect());
 }
 
+/* cpm_matmul_multi must give every output the bits of its own cpm_matmul, for every
+ * ISA, thread count and weight type, odd shapes, strides, and mixed types. */
+typedef struct multi_case {
+    int M, K, pad_x;
+    int n_outs;
+    int N[4], pad_y[4], pad_w[4];
+    cpm_dtype wt[4];
+} multi_case;
+
+#define BF CPM_DTYPE_BF16
+static const multi_case multi_cases[] = {
+    {1, 1, 0, 1, {1}, {0}, {0}, {BF}},
+    {3, 33, 2, 3, {17, 5, 40}, {1, 0, 3}, {0, 7, 1}, {BF, BF, BF}},
+    {37, 257, 0, 3, {129, 33, 33}, {0, 2, 0}, {3, 0, 0}, {BF, BF, BF}},
+    {7, 15, 1, 2, {200, 1}, {0, 0}, {0, 0}, {BF, BF}},
+    {12, 100, 0, 4, {64, 0, 31, 96}, {0, 0, 1, 0}, {5, 0, 0, 2}, {BF, BF, BF, BF}},
+    {6, 48, 3, 2, {50, 70}, {0, 1}, {0, 0}, {BF, CPM_DTYPE_F32}}, /* mixed: per output */
+};
+#undef BF
+#define NMULTI (int)(sizeof(multi_cases) / sizeof(multi_cases[0]))
+
+static void check_multi_case(cpm_pool *pool, const multi_case *c, cpm_dtype all) {
+    operands o[4];
+    cpm_matmul_out outs[4];
+    float *sep[4];
+    for (int i = 0; i < c->n_outs; i++) {
+        shape s = {c->M, c->N[i], c->K, c->pad_x, c->pad_y[i], c->pad_w[i]};
+        o[i] = make_operands(s, all == CPM_DTYPE_BF16 ? c->wt[i] : all);
+        if (i > 0) /* one x for all: copy the first's (same M, K and stride) */
+            memcpy(o[i].x, o[0].x, sizeof(float) * (size_t)c->M * o[0].ldx);
+        sep[i] = run(NULL, &o[i]);
+        size_t len = (size_t)c->M * o[i].ldy;
+        outs[i] = (cpm_matmul_out){.y = malloc(sizeof(float) * (len ? len : 1)), .ldy = o[i].ldy,
+                                   .w = o[i].w, .wtype = o[i].wt, .w_ld = o[i].w_ld,
+                                   .N = c->N[i]};
+        assert_non_null(outs[i].y);
+        for (size_t j = 0; j < len; j++)
+            outs[i].y[j] = SENTINEL;
+    }
+    cpm_matmul_multi(pool, o[0].x, o[0].ldx, c->M, c->K, outs, c->n_outs);
+    for (int i = 0; i < c->n_outs; i++) {
+        /* whole rows, padding included: the padding must stay the sentinel */
+        if (memcmp(outs[i].y, sep[i], sizeof(float) * (size_t)c->M * o[i].ldy) != 0)
+            fail_msg("%s %s M=%d K=%d: output %d (N=%d) differs from cpm_matmul with %d threads",
+                     cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(o[i].wt), c->M, c->K, i,
+                     c->N[i], cpm_pool_size(pool));
+        free(outs[i].y);
+        free(sep[i]);
+        free_operands(&o[i]);
+    }
+}
+
+static void test_multi_equals_separate_calls(void **state) {
+    (void)state;
+    cpm_pool *pools[4];
+    for (int t = 0; t < 4; t++)
+        assert_non_null(pools[t] = cpm_pool_new(t + 1));
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int d = 0; d < 3; d++)
+            for (int i = 0; i < NMULTI; i++)
+                for (int t = -1; t < 4; t++)
+                    check_multi_case(t < 0 ? NULL : pools[t], &multi_cases[i], dtypes[d]);
+    }
+    cpm_isa_force(cpm_isa_detect());
+    for (int t = 0; t < 4; t++)
+        cpm_pool_free(pools[t]);
+}
+
+/* A 1B-shaped q/k/v (N 1536 + 512 + 512, K 1536) at prefill size: the combined split
+ * hands threads ranges that cross from one output into the next. */
+static void test_multi_qkv_shape(void **state) {
+    (void)state;
+    const multi_case qkv = {19, 1536, 0, 3, {1536, 512, 512}, {0}, {0}, {CPM_DTYPE_BF16,
+                            CPM_DTYPE_BF16, CPM_DTYPE_BF16}};
+    cpm_pool *pool3 = cpm_pool_new(3);
+    assert_non_null(pool3);
+    check_multi_case(pool3, &qkv, CPM_DTYPE_BF16);
+    check_multi_case(NULL, &qkv, CPM_DTYPE_BF16);
+    cpm_pool_free(pool3);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ref_small_exact),
@@ -300,6 +382,8 @@ int main(void) {
         cmocka_unit_test(test_row_alone_equals_row_in_batch),
         cmocka_unit_test(test_isas_agree_bit_for_bit),
         cmocka_unit_test(test_stride_padding_is_ignored),
+        cmocka_unit_test(test_multi_equals_separate_calls),
+        cmocka_unit_test(test_multi_qkv_shape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
