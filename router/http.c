@@ -8,7 +8,6 @@
 #include "http.h"
 
 #include <http_parser.h>
-#include <jansson.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +38,7 @@ struct cpm_http_server {
     cpm_http_limits lim;
     cpm_http_handler handler;
     void *ud;
+    cpm_http_error_body_fn error_body;
     cpm_http_conn *conns;
     int n_conns;
     bool closing;
@@ -347,17 +347,16 @@ int cpm_http_stream_end(cpm_http_conn *c) {
     return rc ? rc : frc;
 }
 
+void cpm_http_server_set_error_body(cpm_http_server *s, cpm_http_error_body_fn fn) {
+    s->error_body = fn;
+}
+
 int cpm_http_respond_error(cpm_http_conn *c, int status, const char *type, const char *code,
                            const char *msg) {
-    json_t *j = json_pack("{s:{s:s, s:s, s:n, s:s?}}", "error", "message", msg, "type", type,
-                          "param", "code", code);
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    int rc;
     if (c->streaming) /* headers are gone: the best we can do is end the stream */
-        rc = cpm_http_stream_end(c);
-    else
-        rc = cpm_http_respond(c, status, "application/json", text ? text : "{}",
+        return cpm_http_stream_end(c);
+    char *text = c->srv->error_body ? c->srv->error_body(status, type, code, msg) : NULL;
+    int rc = cpm_http_respond(c, status, "application/json", text ? text : "{}",
                               text ? strlen(text) : 2, NULL);
     free(text);
     return rc;

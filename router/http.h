@@ -109,8 +109,16 @@ int cpm_http_stream_write(cpm_http_conn *c, const char *data, size_t len);
 /* Ends the stream and the exchange. Returns 0 or CPM_ECLOSED. */
 int cpm_http_stream_end(cpm_http_conn *c);
 
-/* Writes an error in OpenAI's JSON shape and ends the exchange:
- * {"error":{"message":msg,"type":type,"param":null,"code":code}}. */
+/* The body of an error response, as the API above HTTP shapes it (openai.h's
+ * cpm_oai_error_body); malloc'd, the server frees it. NULL gives "{}". */
+typedef char *(*cpm_http_error_body_fn)(int status, const char *type, const char *code,
+                                        const char *msg);
+
+/* Sets how error bodies are written: the server's own refusals (bad HTTP, limits,
+ * timeouts) and cpm_http_respond_error. Without one they are "{}". */
+void cpm_http_server_set_error_body(cpm_http_server *s, cpm_http_error_body_fn fn);
+
+/* Writes an error (body from the server's error_body function) and ends the exchange. */
 int cpm_http_respond_error(cpm_http_conn *c, int status, const char *type, const char *code,
                            const char *msg);
 

@@ -61,6 +61,12 @@ char *cpm_oai_error_json(const cpm_oai_error *e) {
     return text;
 }
 
+char *cpm_oai_error_body(int status, const char *type, const char *code, const char *msg) {
+    cpm_oai_error e;
+    cpm_oai_fail(&e, CPM_EINVAL, status, type, code, NULL, "%s", msg ? msg : "");
+    return cpm_oai_error_json(&e);
+}
+
 /* ---- UTF-8 ----------------------------------------------------------------- */
 
 /* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid. */

@@ -98,6 +98,9 @@ int cpm_oai_fail(cpm_oai_error *e, int code, int http_status, const char *type,
 /* {"error":{"message","type","param","code"}}; caller frees. NULL only without memory. */
 char *cpm_oai_error_json(const cpm_oai_error *e);
 
+/* The same body from its parts (param null); fits http.h's cpm_http_error_body_fn. */
+char *cpm_oai_error_body(int status, const char *type, const char *code, const char *msg);
+
 /* Parses and validates a request body. lim may be NULL (defaults). On success *ret
  * is the caller's (cpm_oai_request_free); on failure e says why (status 400). */
 int cpm_oai_parse(cpm_oai_kind kind, const char *body, size_t len, const cpm_oai_limits *lim,

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "router/http.h"
+#include "router/openai.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -60,6 +61,7 @@ static void setup(void) {
     if (cpm_http_server_new(&loop, &lim, handle, NULL, &server, NULL) ||
         cpm_http_server_listen(server, "127.0.0.1", 0, NULL))
         broken("cannot start the server");
+    cpm_http_server_set_error_body(server, cpm_oai_error_body);
     port = cpm_http_server_port(server);
 }
 

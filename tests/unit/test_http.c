@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "router/http.h"
+#include "router/openai.h"
 
 /* ---- the server under test ------------------------------------------------ */
 
@@ -115,6 +116,7 @@ static server *server_start(const cpm_http_limits *lim) {
     assert_int_equal(uv_loop_init(&s->loop), 0);
     cpm_error e = {0};
     assert_int_equal(cpm_http_server_new(&s->loop, lim, handle, s, &s->http, &e), 0);
+    cpm_http_server_set_error_body(s->http, cpm_oai_error_body);
     assert_int_equal(cpm_http_server_listen(s->http, "127.0.0.1", 0, &e), 0);
     s->port = cpm_http_server_port(s->http);
     assert_true(s->port > 0);

@@ -1,0 +1,188 @@
+/* admit.c - tokenize once, check limits, place each gen on a pipeline replica. */
+#include "admit.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+bool cpm_admit_ready(const cpm_admit *ad) {
+    return cpm_pipeline_model(ad->pipeline) && cpm_health_ready(ad->health);
+}
+
+bool cpm_admit_open(const cpm_admit *ad, const char **why) {
+    if (ad->closing)
+        *why = "the server is shutting down";
+    else if (!cpm_admit_ready(ad))
+        *why = "the cluster is not ready yet (see GET /ready)";
+    else
+        return true;
+    return false;
+}
+
+/* ---- checks ----------------------------------------------------------------------------- */
+
+static void refuse(cpm_job *j, const char *code, const char *msg) {
+    cpm_job_fail(j, 400, "invalid_request_error", code, msg);
+}
+
+/* Prompt p of j against the limits; false when j was refused. */
+static bool check_prompt(const cpm_admit *ad, cpm_job *j, int p) {
+    const cpm_cfg_router *rc = &ad->cfg->router;
+    const cpm_model_facts *mf = cpm_pipeline_model(ad->pipeline);
+    int n = j->prompt_len[p], room = mf->max_position - n;
+    char msg[256];
+    if (n == 0) {
+        refuse(j, "invalid_prompt", "the prompt is empty");
+        return false;
+    }
+    if (n > rc->max_prompt_tokens || n >= mf->max_position) {
+        snprintf(msg, sizeof msg,
+                 "prompt has %d tokens; this server accepts at most %d (context length %d)", n,
+                 rc->max_prompt_tokens, mf->max_position);
+        refuse(j, "context_length_exceeded", msg);
+        return false;
+    }
+    for (int i = 0; i < n; i++) {
+        int32_t id = j->prompt_ids[p][i];
+        if (id < 0 || id >= mf->vocab_size) {
+            snprintf(msg, sizeof msg, "token id %d at prompt position %d is outside the "
+                                      "vocabulary (size %d)", id, i, mf->vocab_size);
+            refuse(j, "invalid_token_id", msg);
+            return false;
+        }
+    }
+    if (j->max_tokens > rc->max_tokens || j->max_tokens > room) {
+        snprintf(msg, sizeof msg,
+                 "max_tokens %d is too large: at most %d for this server and %d left in the "
+                 "context after a %d-token prompt", j->max_tokens, rc->max_tokens, room, n);
+        refuse(j, "context_length_exceeded", msg);
+        return false;
+    }
+    return true;
+}
+
+/* g's buffers and its place in the pipeline; false when j was answered. */
+static bool place_gen(cpm_admit *ad, cpm_gen *g) {
+    cpm_job *j = g->job;
+    const cpm_cfg_router *rc = &ad->cfg->router;
+    int n = j->prompt_len[g->prompt];
+    int room = cpm_pipeline_model(ad->pipeline)->max_position - n;
+    g->max_new = j->max_tokens ? j->max_tokens : (rc->max_tokens < room ? rc->max_tokens : room);
+    g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
+    g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
+    g->stopper = cpm_stopper_new(j->stops, j->n_stops);
+    if (!g->ids || (j->logprobs && !g->lps) || !g->stopper) {
+        cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
+        return false;
+    }
+    cpm_error e = {0};
+    int rc2 = cpm_pipeline_add(ad->pipeline, g, j->prompt_ids[g->prompt], n, &e);
+    if (rc2 == CPM_ELIMIT) {
+        cpm_job_fail(j, 429, "rate_limit_error", "queue_full", e.msg);
+        return false;
+    }
+    if (rc2) {
+        refuse(j, "context_length_exceeded", e.msg);
+        return false;
+    }
+    cpm_req_transition(&g->state, CPM_REQ_PREFILLING);
+    ad->m->prompt_tokens += (uint64_t)n;
+    return true;
+}
+
+/* Every prompt has its ids: check them all, then place every gen. */
+static void admit(cpm_admit *ad, cpm_job *j) {
+    for (int p = 0; p < j->n_prompts; p++)
+        if (!check_prompt(ad, j, p))
+            return;
+    for (int i = 0; i < j->n_gens; i++)
+        if (!place_gen(ad, &j->gens[i]))
+            return;
+    cpm_job_transition(j, CPM_JOB_RUNNING);
+    j->sink->begin(j);
+    cpm_pipeline_pump(ad->pipeline);
+}
+
+/* ---- tokenizing at the door ------------------------------------------------------------- */
+
+typedef struct prompt_call {
+    cpm_admit *ad;
+    cpm_job *job;
+    int p;
+} prompt_call;
+
+static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
+    prompt_call *pc = user;
+    cpm_job *j = pc->job;
+    cpm_admit *ad = pc->ad;
+    int p = pc->p;
+    free(pc);
+    j->tok_pending--;
+    bool gone = cpm_job_answered(j); /* aborted or failed meanwhile */
+    cpm_job_drop(j);
+    if (gone)
+        return;
+    if (res->status) {
+        /* the service refusing the text is the request's fault; no answer is ours */
+        if (res->refused && res->status != CPM_ELIMIT)
+            refuse(j, "invalid_prompt", res->msg);
+        else
+            cpm_job_fail(j, 503, "server_error", "tokenizer_unavailable", res->msg);
+        return;
+    }
+    j->prompt_ids[p] = malloc((res->n_ids ? res->n_ids : 1) * sizeof(int32_t));
+    if (!j->prompt_ids[p]) {
+        cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    memcpy(j->prompt_ids[p], res->ids, res->n_ids * sizeof(int32_t));
+    j->prompt_len[p] = (int)res->n_ids;
+    if (j->tok_pending == 0)
+        admit(ad, j);
+}
+
+/* Sends prompt p of j (a chat's messages, or a completion's text) to a tokenizer. */
+static int tokenize_prompt(cpm_admit *ad, cpm_job *j, int p, cpm_error *e) {
+    prompt_call *pc = malloc(sizeof *pc);
+    if (!pc)
+        return cpm_error_set(e, CPM_ENOMEM, "out of memory");
+    *pc = (prompt_call){ad, j, p};
+    cpm_svc *tk = cpm_health_tokenizer(ad->health);
+    int timeout = ad->cfg->router.timeout_ms, rc;
+    if (j->chat)
+        rc = cpm_tokc_chat(tk->sock, tk->name, j->chat, (size_t)j->n_chat, timeout,
+                           on_prompt_ids, pc, e);
+    else
+        rc = cpm_tokc_tokenize(tk->sock, tk->name, j->prompt_text[p], true, timeout,
+                               on_prompt_ids, pc, e);
+    if (rc) {
+        free(pc);
+        return rc;
+    }
+    cpm_job_hold(j);
+    j->tok_pending++;
+    return 0;
+}
+
+void cpm_admit_job(cpm_admit *ad, cpm_job *j) {
+    bool need_tok = false;
+    for (int p = 0; p < j->n_prompts; p++)
+        need_tok |= !j->prompt_ids[p];
+    if (!need_tok) {
+        admit(ad, j);
+        return;
+    }
+    if (!ad->use_tok) {
+        refuse(j, "no_tokenizer", "this server runs with `tokenize: off`: send the prompt as "
+                                  "token ids");
+        return;
+    }
+    cpm_job_transition(j, CPM_JOB_TOKENIZING);
+    for (int p = 0; p < j->n_prompts; p++) {
+        cpm_error e = {0};
+        if (!j->prompt_ids[p] && tokenize_prompt(ad, j, p, &e)) {
+            cpm_job_fail(j, 503, "server_error", "tokenizer_unavailable", e.msg);
+            return;
+        }
+    }
+}

@@ -1,0 +1,493 @@
+/* api_http.c - HTTP routes, OpenAI requests to jobs, and the HTTP answer sink. */
+#include "api_http.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http.h"
+#include "openai.h"
+
+struct cpm_api_http {
+    const cpm_front_ctx *ctx;
+    cpm_http_server *http;
+    cpm_oai_limits lim;
+    void (*done)(void *ud); /* closing */
+    void *done_ud;
+};
+
+/* The answer side of one HTTP job. */
+typedef struct http_answer {
+    cpm_api_http *api;
+    cpm_http_conn *conn;
+    cpm_oai_request *rq;
+    bool streaming; /* the 200 and SSE headers are out */
+} http_answer;
+
+static http_answer *answer_of(const cpm_job *j) {
+    return j->sink_ud;
+}
+
+static void respond_json(cpm_http_conn *c, int status, const char *json) {
+    cpm_http_respond(c, status, "application/json", json, strlen(json), NULL);
+}
+
+/* An error response before anything was sent (openai.c shapes the body). */
+static void respond_error(cpm_http_conn *c, int status, const char *type, const char *code,
+                          const char *param, const char *msg) {
+    cpm_oai_error e;
+    cpm_oai_fail(&e, CPM_EINVAL, status, type, code, param, "%s", msg);
+    char *json = cpm_oai_error_json(&e);
+    respond_json(c, status, json ? json : "{}");
+    free(json);
+}
+
+static void stream_send(http_answer *a, char *chunk) {
+    if (chunk)
+        cpm_http_stream_write(a->conn, chunk, strlen(chunk));
+    free(chunk);
+}
+
+/* ---- logprob views ---------------------------------------------------------------------- */
+
+/* A token as OpenAI shows it in logprobs: its text in context (fetched from the
+ * tokenizer), or its id when there is no text (as vLLM names unknown tokens). */
+static char *piece_text(const char *text, int32_t id) {
+    if (text)
+        return strdup(text);
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "token_id:%d", id);
+    return strdup(tmp);
+}
+
+/* The logprob view of tokens [from, to) of g (strings freed by lp_views_free). */
+static cpm_oai_logprob *lp_views(const cpm_gen *g, int from, int to) {
+    int n = to - from;
+    cpm_oai_logprob *v = calloc((size_t)(n > 0 ? n : 1), sizeof *v);
+    for (int i = 0; v && i < n; i++) {
+        const cpm_tok_lp *t = &g->lps[from + i];
+        v[i].token = piece_text(t->text, t->id);
+        v[i].logprob = t->lp;
+        v[i].n_top = t->n_top;
+        const char **tt = calloc((size_t)t->n_top + 1, sizeof *tt);
+        for (int k = 0; tt && k < t->n_top; k++)
+            tt[k] = piece_text(t->top_text[k], t->top_ids[k]);
+        v[i].top_tokens = (const char *const *)tt;
+        v[i].top_logprobs = t->top_lps;
+        if (!v[i].token || !tt)
+            v[i].n_top = 0;
+    }
+    return v;
+}
+
+static void lp_views_free(cpm_oai_logprob *v, int n) {
+    for (int i = 0; v && i < n; i++) {
+        for (int k = 0; v[i].top_tokens && k < v[i].n_top; k++)
+            free((char *)v[i].top_tokens[k]);
+        free((void *)v[i].top_tokens);
+        free((char *)v[i].token);
+    }
+    free(v);
+}
+
+/* ---- the sink --------------------------------------------------------------------------- */
+
+static void sink_begin(cpm_job *j) {
+    http_answer *a = answer_of(j);
+    if (!j->stream)
+        return;
+    a->streaming = true;
+    cpm_http_stream_start(a->conn, 200, "text/event-stream",
+                          "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+    if (a->rq->kind != CPM_OAI_CHAT)
+        return;
+    for (int i = 0; i < j->n_gens; i++) {
+        cpm_oai_choice ch = {.index = i};
+        stream_send(a, cpm_oai_render_chunk(a->rq, CPM_OAI_CHUNK_ROLE, j->id, j->created,
+                                            a->api->ctx->model_name, &ch, NULL));
+    }
+}
+
+/* An SSE chunk with new text of g and the ids [n_emitted_ids, upto) (with their
+ * logprobs, as far as their texts are known): a chunk carries the ids its text came
+ * from. Without streaming, the text is kept for the final answer. */
+static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *finish, int upto) {
+    cpm_job *j = g->job;
+    http_answer *a = answer_of(j);
+    if (!a->streaming) {
+        if (len)
+            cpm_strbuf_add(&g->text, text, len);
+        return;
+    }
+    int lp_upto = upto < g->n_lp_ready ? upto : g->n_lp_ready;
+    int n_lp = j->logprobs && lp_upto > g->n_emitted_lps ? lp_upto - g->n_emitted_lps : 0;
+    int n_ids = upto > g->n_emitted_ids ? upto - g->n_emitted_ids : 0;
+    bool want_ids = a->rq->return_token_ids && n_ids > 0;
+    if (len == 0 && !finish && n_lp == 0 && !want_ids)
+        return; /* nothing a client could see */
+    cpm_oai_logprob *lv = n_lp > 0 ? lp_views(g, g->n_emitted_lps, lp_upto) : NULL;
+    cpm_oai_choice ch = {.index = g->index, .text = text, .text_len = len, .finish_reason = finish,
+                         .n_logprobs = lv ? n_lp : 0, .logprobs = lv,
+                         .n_token_ids = n_ids, .token_ids = g->ids + g->n_emitted_ids};
+    stream_send(a, cpm_oai_render_chunk(a->rq, CPM_OAI_CHUNK_CONTENT, j->id, j->created,
+                                        a->api->ctx->model_name, &ch, NULL));
+    lp_views_free(lv, n_lp);
+    g->n_emitted_lps += n_lp;
+    g->n_emitted_ids += n_ids;
+}
+
+static cpm_oai_usage usage_of(const cpm_job *j) {
+    cpm_oai_usage u = {0};
+    for (int p = 0; p < j->n_prompts; p++)
+        u.prompt_tokens += j->prompt_len[p];
+    for (int i = 0; i < j->n_gens; i++)
+        u.completion_tokens += j->gens[i].n_gen;
+    return u;
+}
+
+/* The whole answer as one JSON response. */
+static void respond_whole(cpm_job *j, const cpm_oai_usage *u) {
+    http_answer *a = answer_of(j);
+    cpm_oai_choice *ch = calloc((size_t)j->n_gens, sizeof *ch);
+    cpm_oai_logprob **lv = calloc((size_t)j->n_gens, sizeof *lv);
+    char *json = NULL;
+    for (int i = 0; ch && lv && i < j->n_gens; i++) {
+        cpm_gen *g = &j->gens[i];
+        lv[i] = j->logprobs ? lp_views(g, 0, g->n_gen) : NULL;
+        ch[i] = (cpm_oai_choice){.index = g->index, .text = g->text.p ? g->text.p : "",
+                                 .text_len = g->text.len, .finish_reason = g->finish,
+                                 .n_logprobs = lv[i] ? g->n_gen : 0, .logprobs = lv[i],
+                                 .n_token_ids = g->n_gen, .token_ids = g->ids};
+    }
+    if (ch && lv)
+        json = cpm_oai_render_response(a->rq, j->id, j->created, a->api->ctx->model_name, ch,
+                                       j->n_gens, u);
+    for (int i = 0; lv && i < j->n_gens; i++)
+        lp_views_free(lv[i], lv[i] ? j->gens[i].n_gen : 0);
+    free(lv);
+    free(ch);
+    if (json)
+        respond_json(a->conn, 200, json);
+    else
+        respond_error(a->conn, 500, "server_error", NULL, NULL, "out of memory");
+    free(json);
+}
+
+static void sink_done(cpm_job *j) {
+    http_answer *a = answer_of(j);
+    cpm_oai_usage u = usage_of(j);
+    if (!a->streaming) {
+        respond_whole(j, &u);
+        return;
+    }
+    if (a->rq->include_usage)
+        stream_send(a, cpm_oai_render_chunk(a->rq, CPM_OAI_CHUNK_USAGE, j->id, j->created,
+                                            a->api->ctx->model_name, NULL, &u));
+    cpm_http_stream_write(a->conn, CPM_OAI_SSE_DONE, strlen(CPM_OAI_SSE_DONE));
+    cpm_http_stream_end(a->conn);
+}
+
+static void sink_fail(cpm_job *j, const cpm_job_error *e) {
+    http_answer *a = answer_of(j);
+    if (!a->streaming) {
+        respond_error(a->conn, e->status, e->type, e->code, NULL, e->msg);
+        return;
+    }
+    /* the 200 is gone: report in-band, then end the stream as OpenAI does */
+    char *json = cpm_oai_error_body(e->status, e->type, e->code, e->msg);
+    cpm_strbuf b = {0};
+    if (json) {
+        cpm_strbuf_add(&b, "data: ", 6);
+        cpm_strbuf_add(&b, json, strlen(json));
+        cpm_strbuf_add(&b, "\n\n", 2);
+        if (b.p)
+            cpm_http_stream_write(a->conn, b.p, b.len);
+    }
+    free(b.p);
+    free(json);
+    cpm_http_stream_write(a->conn, CPM_OAI_SSE_DONE, strlen(CPM_OAI_SSE_DONE));
+    cpm_http_stream_end(a->conn);
+}
+
+/* Nobody is listening, but the exchange must end. */
+static void sink_cancelled(cpm_job *j) {
+    http_answer *a = answer_of(j);
+    if (a->streaming)
+        cpm_http_stream_end(a->conn);
+    else
+        cpm_http_respond(a->conn, 499, "application/json", "{}", 2, NULL);
+}
+
+static void sink_free(void *ud) {
+    http_answer *a = ud;
+    cpm_oai_request_free(a->rq);
+    free(a);
+}
+
+static const cpm_job_sink http_sink = {sink_begin, sink_delta, sink_done,
+                                       sink_fail,  sink_cancelled, sink_free};
+
+/* ---- generate requests ------------------------------------------------------------------ */
+
+static void on_abort(void *ud) {
+    cpm_job *j = ud;
+    cpm_pipeline *p = answer_of(j)->api->ctx->pipeline; /* j may be freed below */
+    cpm_job_cancel(j);
+    cpm_pipeline_pump(p);
+}
+
+static void copy_sampling(Cpm__V1__SamplingParams *p, const cpm_oai_request *rq) {
+    cpm__v1__sampling_params__init(p);
+    p->temperature = rq->temperature;
+    p->top_p = rq->top_p;
+    p->top_k = (uint32_t)rq->top_k;
+    p->min_p = rq->min_p;
+    p->repetition_penalty = rq->repetition_penalty;
+    p->presence_penalty = rq->presence_penalty;
+    p->frequency_penalty = rq->frequency_penalty;
+    p->logprobs = rq->logprobs;
+    p->n_logprobs = (uint32_t)rq->top_logprobs;
+}
+
+/* The request's prompts into j: token ids as they are, text and chats for the
+ * tokenizer. CPM_ENOMEM. */
+static int take_prompts(cpm_job *j, const cpm_oai_request *rq) {
+    if (rq->kind == CPM_OAI_CHAT) {
+        if (!(j->chat = calloc((size_t)rq->n_messages + 1, sizeof *j->chat)))
+            return CPM_ENOMEM;
+        for (int i = 0; i < rq->n_messages; i++)
+            j->chat[i] = (cpm_tokc_msg){rq->messages[i].role, rq->messages[i].content};
+        j->n_chat = rq->n_messages;
+        return 0;
+    }
+    for (int p = 0; p < j->n_prompts; p++) {
+        const cpm_oai_prompt *pr = &rq->prompts[p];
+        if (!pr->ids) {
+            j->prompt_text[p] = pr->text;
+            continue;
+        }
+        if (!(j->prompt_ids[p] = malloc((size_t)(pr->n_ids ? pr->n_ids : 1) * sizeof(int32_t))))
+            return CPM_ENOMEM;
+        memcpy(j->prompt_ids[p], pr->ids, (size_t)pr->n_ids * sizeof(int32_t));
+        j->prompt_len[p] = pr->n_ids;
+    }
+    return 0;
+}
+
+/* A job for rq (owned by it from now on), answering on c. */
+static void start_job(cpm_api_http *api, cpm_http_conn *c, cpm_oai_request *rq, int ep) {
+    const cpm_front_ctx *ctx = api->ctx;
+    http_answer *a = calloc(1, sizeof *a);
+    cpm_job *j = a ? cpm_job_new(ctx->jobs, ep, ep == CPM_EP_CHAT ? "chatcmpl" : "cmpl",
+                                 &http_sink, a) : NULL;
+    if (!j) {
+        free(a);
+        cpm_oai_request_free(rq);
+        respond_error(c, 500, "server_error", NULL, NULL, "out of memory");
+        return;
+    }
+    *a = (http_answer){.api = api, .conn = c, .rq = rq};
+    j->stream = rq->stream;
+    j->logprobs = rq->logprobs;
+    j->top_logprobs = rq->top_logprobs;
+    j->ignore_eos = rq->ignore_eos;
+    j->want_text = ctx->admit->use_tok;
+    j->max_tokens = rq->max_tokens;
+    j->stops = rq->stop;
+    j->n_stops = rq->n_stop;
+    cpm_http_conn_set_abort_cb(c, on_abort, j);
+    int n_prompts = rq->kind == CPM_OAI_CHAT ? 1 : rq->n_prompts;
+    if (cpm_job_init_gens(j, n_prompts, rq->n) || take_prompts(j, rq)) {
+        cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    for (int i = 0; i < j->n_gens; i++) {
+        copy_sampling(&j->gens[i].params, rq);
+        j->gens[i].params.seed = rq->has_seed ? rq->seed + (uint64_t)i : cpm_job_default_seed(j, i);
+    }
+    cpm_admit_job(ctx->admit, j);
+}
+
+static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req,
+                        cpm_oai_kind kind) {
+    const cpm_front_ctx *ctx = api->ctx;
+    int ep = kind == CPM_OAI_CHAT ? CPM_EP_CHAT : CPM_EP_COMPLETIONS;
+    cpm_oai_request *rq;
+    cpm_oai_error oe;
+    const char *why;
+    if (cpm_oai_parse(kind, req->body, req->body_len, &api->lim, &rq, &oe)) {
+        char *json = cpm_oai_error_json(&oe);
+        respond_json(c, oe.http_status, json ? json : "{}");
+        free(json);
+        ctx->metrics->requests[ep][CPM_OUT_REJECTED]++;
+    } else if (rq->model && rq->model[0] && strcmp(rq->model, ctx->model_name) != 0) {
+        char msg[2 * CPM_CFG_STR + 96];
+        snprintf(msg, sizeof msg, "The model `%.200s` does not exist; this server has `%s`",
+                 rq->model, ctx->model_name);
+        respond_error(c, 404, "invalid_request_error", "model_not_found", "model", msg);
+        cpm_oai_request_free(rq);
+        ctx->metrics->requests[ep][CPM_OUT_REJECTED]++;
+    } else if (!cpm_admit_open(ctx->admit, &why)) {
+        respond_error(c, 503, "service_unavailable_error", "not_ready", NULL, why);
+        cpm_oai_request_free(rq);
+        ctx->metrics->requests[ep][CPM_OUT_OVERLOAD]++;
+    } else {
+        start_job(api, c, rq, ep);
+    }
+}
+
+static void on_completions(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    on_generate(api, c, req, CPM_OAI_COMPLETION);
+}
+
+static void on_chat(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    on_generate(api, c, req, CPM_OAI_CHAT);
+}
+
+/* ---- status endpoints ----------------------------------------------------------------------- */
+
+static void on_health(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)api, (void)req;
+    respond_json(c, 200, "{\"status\":\"ok\"}");
+}
+
+/* Names and statuses are ours or short service strings; quotes and controls are dropped. */
+static void add_service(cpm_strbuf *b, const cpm_svc *sv, bool first) {
+    char status[96], tmp[256];
+    size_t k = 0;
+    for (const char *p = sv->status; *p && k < sizeof status - 1; p++)
+        if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
+            status[k++] = *p;
+    status[k] = '\0';
+    snprintf(tmp, sizeof tmp, "%s{\"name\":\"%s\",\"ready\":%s,\"status\":\"%s\"}",
+             first ? "" : ",", sv->name, sv->ready ? "true" : "false", status);
+    cpm_strbuf_add(b, tmp, strlen(tmp));
+}
+
+static void on_ready(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    const cpm_front_ctx *ctx = api->ctx;
+    cpm_strbuf b = {0};
+    bool ready = cpm_admit_ready(ctx->admit);
+    char tmp[128];
+    snprintf(tmp, sizeof tmp, "{\"ready\":%s,\"model\":%s,\"services\":[",
+             ready ? "true" : "false", cpm_pipeline_model(ctx->pipeline) ? "true" : "false");
+    cpm_strbuf_add(&b, tmp, strlen(tmp));
+    int n;
+    const cpm_svc *svcs = cpm_health_services(ctx->health, &n);
+    for (int i = 0; i < n; i++)
+        add_service(&b, &svcs[i], i == 0);
+    cpm_strbuf_add(&b, "]}", 2);
+    respond_json(c, b.p ? (ready ? 200 : 503) : 500, b.p ? b.p : "{}");
+    free(b.p);
+}
+
+static void on_models(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    char *json = cpm_oai_render_models(api->ctx->model_name, 0);
+    respond_json(c, json ? 200 : 500, json ? json : "{}");
+    free(json);
+}
+
+static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)req;
+    const cpm_front_ctx *ctx = api->ctx;
+    cpm_metrics_gauges g = {.ready = cpm_admit_ready(ctx->admit),
+                            .http_connections = cpm_http_server_connections(api->http)};
+    cpm_sched_stats st;
+    cpm_pipeline_stats(ctx->pipeline, &st);
+    g.queue_depth = st.queued;
+    g.running = st.live;
+    g.inflight = st.inflight;
+    g.kv_reserved = st.kv_reserved;
+    g.kv_budget = st.kv_tokens;
+    cpm_health_kv(ctx->health, &g.kv_used_blocks, &g.kv_total_blocks);
+    size_t len;
+    char *text = cpm_metrics_render(ctx->metrics, &g, &len);
+    if (text)
+        cpm_http_respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, len, NULL);
+    else
+        respond_json(c, 500, "{}");
+    free(text);
+}
+
+/* ---- routing ----------------------------------------------------------------------------- */
+
+typedef void (*route_fn)(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req);
+
+static const struct route {
+    const char *method, *path;
+    route_fn fn;
+} routes[] = {
+    {"POST", "/v1/completions", on_completions},
+    {"POST", "/v1/chat/completions", on_chat},
+    {"GET", "/v1/models", on_models},
+    {"GET", "/health", on_health},
+    {"GET", "/ready", on_ready},
+    {"GET", "/metrics", on_metrics},
+};
+
+static void on_request(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
+    cpm_api_http *api = ud;
+    bool path_known = false;
+    for (size_t i = 0; i < sizeof routes / sizeof *routes; i++) {
+        if (strcmp(req->path, routes[i].path) != 0)
+            continue;
+        path_known = true;
+        if (strcmp(req->method, routes[i].method) == 0) {
+            routes[i].fn(api, c, req);
+            return;
+        }
+    }
+    api->ctx->metrics->requests[CPM_EP_OTHER][CPM_OUT_REJECTED]++;
+    if (path_known)
+        respond_error(c, 405, "invalid_request_error", "method_not_allowed", NULL,
+                      "method not allowed for this path");
+    else
+        respond_error(c, 404, "invalid_request_error", "not_found", NULL, "no such route");
+}
+
+/* ---- life ---------------------------------------------------------------------------------- */
+
+int cpm_api_http_new(uv_loop_t *loop, const cpm_front_ctx *ctx, const char *addr, int port,
+                     cpm_api_http **ret, cpm_error *err) {
+    cpm_api_http *api = calloc(1, sizeof *api);
+    *ret = api;
+    if (!api)
+        return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
+    api->ctx = ctx;
+    api->lim = cpm_oai_limits_default();
+    api->lim.max_prompt_ids = ctx->cfg->router.max_prompt_tokens;
+    cpm_http_limits hl = cpm_http_limits_default();
+    if (ctx->cfg->router.max_body_bytes > 0)
+        hl.max_body = (size_t)ctx->cfg->router.max_body_bytes;
+    int e = cpm_http_server_new(loop, &hl, on_request, api, &api->http, err);
+    if (e)
+        return e;
+    cpm_http_server_set_error_body(api->http, cpm_oai_error_body);
+    return cpm_http_server_listen(api->http, addr, port, err);
+}
+
+int cpm_api_http_port(const cpm_api_http *a) {
+    return a && a->http ? cpm_http_server_port(a->http) : -1;
+}
+
+static void on_closed(void *ud) {
+    cpm_api_http *api = ud;
+    void (*done)(void *) = api->done;
+    void *done_ud = api->done_ud;
+    free(api);
+    if (done)
+        done(done_ud);
+}
+
+void cpm_api_http_close(cpm_api_http *a, void (*done)(void *ud), void *ud) {
+    if (!a)
+        return;
+    a->done = done;
+    a->done_ud = ud;
+    if (a->http)
+        cpm_http_server_close(a->http, on_closed, a);
+    else
+        on_closed(a);
+}

@@ -1,0 +1,506 @@
+/* pipeline.c - micro-batches out, results in, sampling calls, timeouts, failover. */
+#include "pipeline.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+typedef struct replica {
+    cpm_sched *sched;
+    bool down; /* a service stopped answering health polls: no new work goes here */
+} replica;
+
+typedef struct step_time {
+    uint64_t step, t;
+} step_time;
+
+struct cpm_pipeline {
+    const cpm_config *cfg;
+    cpm_jobs *jobs;
+    const cpm_log *log;
+    cpm_metrics *m;
+    cpm_pipeline_io io;
+    replica replicas[CPM_CFG_MAX_REPLICAS];
+    int n_replicas;
+    bool have_model, stopped;
+    cpm_model_facts facts;
+    step_time *steps; /* micro-batches in flight, with when they left */
+    int n_steps;
+};
+
+struct cpm_sample_call {
+    cpm_pipeline *p;
+    int n;
+    uint64_t seqs[];
+};
+
+#define LOG(p, level, ...)                                            \
+    do {                                                              \
+        if ((p)->log)                                                 \
+            cpm_log_write((p)->log, (level), NULL, __VA_ARGS__);      \
+    } while (0)
+
+static double secs(uint64_t ns) {
+    return (double)ns / 1e9;
+}
+
+static replica *replica_of(cpm_pipeline *p, uint64_t id) {
+    return &p->replicas[id % (uint64_t)p->n_replicas];
+}
+
+static cpm_sched *sched_of(cpm_pipeline *p, uint64_t id) {
+    return replica_of(p, id)->sched;
+}
+
+static cpm_gen *owner_of(cpm_pipeline *p, uint64_t seq) {
+    return cpm_sched_owner(sched_of(p, seq), seq);
+}
+
+/* ---- life ---------------------------------------------------------------------------- */
+
+int cpm_pipeline_new(const cpm_config *cfg, int n_replicas, cpm_jobs *jobs, const cpm_log *log,
+                     cpm_metrics *m, const cpm_pipeline_io *io, cpm_pipeline **ret,
+                     cpm_error *err) {
+    cpm_pipeline *p = calloc(1, sizeof *p);
+    *ret = p;
+    if (!p)
+        return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
+    if (n_replicas < 1 || n_replicas > CPM_CFG_MAX_REPLICAS) {
+        free(p);
+        *ret = NULL;
+        return cpm_error_set(err, CPM_EINVAL, "router: %d pipeline replicas", n_replicas);
+    }
+    p->cfg = cfg;
+    p->jobs = jobs;
+    p->log = log;
+    p->m = m;
+    p->io = *io;
+    p->n_replicas = n_replicas;
+    return 0;
+}
+
+void cpm_pipeline_free(cpm_pipeline *p) {
+    if (!p)
+        return;
+    for (int i = 0; i < p->n_replicas; i++)
+        cpm_sched_free(p->replicas[i].sched);
+    free(p->steps);
+    free(p);
+}
+
+void cpm_pipeline_stop(cpm_pipeline *p) {
+    p->stopped = true;
+}
+
+/* The schedulers' limits: the router's, and the tightest stage of any replica. */
+static cpm_sched_opts sched_opts(const cpm_config *c, int max_position) {
+    cpm_sched_opts so = cpm_sched_opts_default();
+    so.max_inflight = c->router.micro_batches > 0 ? c->router.micro_batches : 2;
+    so.prefill_chunk = c->router.prefill_chunk > 0 ? c->router.prefill_chunk : 256;
+    so.max_queue = c->router.max_queue >= 0 ? c->router.max_queue : 256;
+    so.max_seqs = c->router.max_seqs > 0 ? c->router.max_seqs : 64;
+    so.max_context = max_position;
+    so.kv_tokens = 0;
+    so.max_batch_tokens = 1 << 30;
+    for (int i = 0; i < c->n_stages; i++) {
+        const cpm_cfg_stage *st = &c->stages[i];
+        if (st->max_batch_tokens > 0 && st->max_batch_tokens < so.max_batch_tokens)
+            so.max_batch_tokens = st->max_batch_tokens;
+        if (st->max_seqs > 0 && st->max_seqs < so.max_seqs)
+            so.max_seqs = st->max_seqs;
+        if (st->kv_tokens > 0 && (so.kv_tokens == 0 || st->kv_tokens < so.kv_tokens))
+            so.kv_tokens = st->kv_tokens;
+    }
+    if (so.max_batch_tokens == 1 << 30)
+        so.max_batch_tokens = 512;
+    if (so.kv_tokens && so.kv_tokens < so.max_context)
+        so.max_context = so.kv_tokens; /* one sequence can never outgrow one stage's cache */
+    return so;
+}
+
+int cpm_pipeline_set_model(cpm_pipeline *p, const Cpm__V1__ModelInfo *mi, const char *model_name) {
+    if (p->have_model || p->stopped || !mi || mi->vocab_size == 0 || mi->max_position < 2)
+        return 0;
+    cpm_model_facts *f = &p->facts;
+    f->vocab_size = (int)mi->vocab_size;
+    f->n_eos = 0;
+    for (size_t i = 0; i < mi->n_eos_ids && f->n_eos < 8; i++)
+        f->eos_ids[f->n_eos++] = mi->eos_ids[i];
+    cpm_sched_opts so = sched_opts(p->cfg, (int)mi->max_position);
+    f->max_position = so.max_context;
+    free(p->steps);
+    p->steps = calloc((size_t)(so.max_inflight * p->n_replicas), sizeof *p->steps);
+    if (!p->steps)
+        return CPM_ENOMEM;
+    so.id_stride = p->n_replicas;
+    for (int i = 0; i < p->n_replicas; i++) {
+        cpm_error e = {0};
+        so.id_offset = i;
+        if (cpm_sched_new(&so, &p->replicas[i].sched, &e)) {
+            LOG(p, CPM_LOG_ERROR, "scheduler: %s", e.msg);
+            return CPM_ENOMEM;
+        }
+    }
+    p->have_model = true;
+    LOG(p, CPM_LOG_INFO, "model %s: vocab %d, context %d; micro-batches %d x %d rows, %d sequences",
+        model_name, f->vocab_size, f->max_position, so.max_inflight, so.max_batch_tokens,
+        so.max_seqs);
+    return 0;
+}
+
+const cpm_model_facts *cpm_pipeline_model(const cpm_pipeline *p) {
+    return p->have_model ? &p->facts : NULL;
+}
+
+void cpm_pipeline_stats(const cpm_pipeline *p, cpm_sched_stats *ret) {
+    *ret = (cpm_sched_stats){0};
+    for (int i = 0; i < p->n_replicas && p->have_model; i++) {
+        cpm_sched_stats st;
+        cpm_sched_get_stats(p->replicas[i].sched, &st);
+        ret->live += st.live;
+        ret->queued += st.queued;
+        ret->inflight += st.inflight;
+        ret->kv_reserved += st.kv_reserved;
+        ret->kv_tokens += st.kv_tokens;
+        ret->steps += st.steps;
+    }
+}
+
+/* ---- sequences in and out ----------------------------------------------------------------- */
+
+/* The replica new work should go to: the least busy one that is up other than avoid;
+ * with none up, the least busy of all when avoid is NULL (the work waits there, as
+ * with a single pipeline), else NULL. */
+static replica *pick_replica(cpm_pipeline *p, const replica *avoid) {
+    replica *best = NULL, *any = NULL;
+    int best_load = 0, any_load = 0;
+    for (int i = 0; i < p->n_replicas; i++) {
+        replica *r = &p->replicas[i];
+        cpm_sched_stats st;
+        cpm_sched_get_stats(r->sched, &st);
+        int load = st.live + st.queued;
+        if (r != avoid && !r->down && (!best || load < best_load))
+            best = r, best_load = load;
+        if (!any || load < any_load)
+            any = r, any_load = load;
+    }
+    return best ? best : avoid ? NULL : any;
+}
+
+int cpm_pipeline_add(cpm_pipeline *p, cpm_gen *g, const int32_t *prompt, int n, cpm_error *err) {
+    replica *r = pick_replica(p, NULL);
+    int rc = cpm_sched_add(r->sched, prompt, n, g->max_new, g, &g->seq, err);
+    if (rc)
+        g->seq = 0;
+    return rc;
+}
+
+void cpm_pipeline_release(cpm_pipeline *p, cpm_gen *g) {
+    if (g->seq && p->have_model)
+        cpm_sched_finish(sched_of(p, g->seq), g->seq);
+}
+
+/* ---- micro-batches out ----------------------------------------------------------------- */
+
+static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
+    Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+    protobuf_c_boolean want[b->n_rows > 0 ? b->n_rows : 1];
+    for (int i = 0; i < b->n_rows; i++)
+        want[i] = b->want[i];
+    fw.step = b->step;
+    fw.n_seq = fw.n_pos = fw.n_ids = fw.n_want = (size_t)b->n_rows;
+    fw.seq = (uint64_t *)b->seq;
+    fw.pos = (uint32_t *)b->pos;
+    fw.ids = (int32_t *)b->ids;
+    fw.want = want;
+    fw.n_release = (size_t)b->n_release;
+    fw.release = (uint64_t *)b->release;
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+    env.forward = &fw;
+    p->steps[p->n_steps++] = (step_time){b->step, uv_hrtime()};
+    p->m->steps++;
+    p->m->step_rows += (uint64_t)b->n_rows;
+    cpm_error e = {0};
+    if (p->io.forward(p->io.ud, k, &env, &e) < 0) /* the step will time out and fail */
+        LOG(p, CPM_LOG_ERROR, "sending step %" PRIu64 " to replica %d: %s", b->step, k, e.msg);
+}
+
+void cpm_pipeline_pump(cpm_pipeline *p) {
+    if (!p->have_model || p->stopped)
+        return;
+    bool any_up = false;
+    for (int i = 0; i < p->n_replicas; i++)
+        any_up |= !p->replicas[i].down;
+    /* with every replica down, work still goes out: the step timeout answers it */
+    for (int i = 0; i < p->n_replicas; i++) {
+        if (p->replicas[i].down && any_up)
+            continue;
+        cpm_sched_batch b;
+        while (cpm_sched_next(p->replicas[i].sched, &b) == 1)
+            send_batch(p, i, &b);
+    }
+}
+
+/* ---- failures and failover ----------------------------------------------------------------- */
+
+static void forget_step(cpm_pipeline *p, uint64_t step) {
+    for (int i = 0; i < p->n_steps; i++)
+        if (p->steps[i].step == step) {
+            cpm_hist_observe(&p->m->step_latency, secs(uv_hrtime() - p->steps[i].t));
+            p->steps[i] = p->steps[--p->n_steps];
+            return;
+        }
+}
+
+/* g's replica failed it: carry on from its tokens on another replica that is up. The
+ * router holds the whole history, so the new replica prefills prompt + generated tokens
+ * again and the sampler's draws, keyed by (seed, step), continue unchanged. false when
+ * no replica can take it. */
+static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why) {
+    if (g->released || cpm_req_state_terminal(g->state) ||
+        g->failovers >= CPM_PIPELINE_MAX_FAILOVERS)
+        return false;
+    replica *from = replica_of(p, g->seq), *to = pick_replica(p, from);
+    int n;
+    const int32_t *tok = to ? cpm_sched_tokens(from->sched, g->seq, &n) : NULL;
+    int32_t *copy = tok ? malloc((size_t)n * sizeof *copy) : NULL;
+    if (!copy)
+        return false;
+    memcpy(copy, tok, (size_t)n * sizeof *copy);
+    uint64_t seq;
+    cpm_error e = {0};
+    int rc = cpm_sched_add(to->sched, copy, n, g->max_new - g->n_gen, g, &seq, &e);
+    free(copy);
+    if (rc)
+        return false;
+    cpm_sched_finish(from->sched, g->seq);
+    LOG(p, CPM_LOG_WARN, "request %s: sequence %" PRIu64 " moves to sequence %" PRIu64
+        " on another pipeline replica after %d tokens (%s)", g->job->id, g->seq, seq, g->n_gen, why);
+    g->seq = seq;
+    g->failovers++;
+    p->m->failovers++;
+    return true;
+}
+
+/* The step failed: each request with a sequence in it moves to another replica, or
+ * ends with an error when none can take it. */
+static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
+    const uint64_t *seqs;
+    int n;
+    cpm_sched *sched = sched_of(p, step);
+    if (cpm_sched_step_done(sched, step, false, &seqs, &n) != 0)
+        return;
+    forget_step(p, step);
+    /* copy: failing a job finishes sequences, which reuses the scheduler's buffer */
+    uint64_t *copy = malloc((size_t)(n > 0 ? n : 1) * sizeof *copy);
+    if (copy)
+        memcpy(copy, seqs, (size_t)n * sizeof *copy);
+    for (int i = 0; copy && i < n; i++) {
+        cpm_gen *g = cpm_sched_owner(sched, copy[i]);
+        if (g && !gen_failover(p, g, why))
+            cpm_job_fail(g->job, 503, "server_error", "pipeline_error", why);
+    }
+    free(copy);
+    LOG(p, CPM_LOG_WARN, "step %" PRIu64 " failed: %s", step, why);
+}
+
+void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms) {
+    uint64_t now = uv_hrtime(), limit = (uint64_t)timeout_ms * 1000000ull;
+    for (int i = 0; i < p->n_steps;) {
+        if (now - p->steps[i].t > limit) {
+            fail_step(p, p->steps[i].step, "pipeline step timed out");
+            i = 0; /* fail_step reorders the table */
+        } else {
+            i++;
+        }
+    }
+    cpm_pipeline_pump(p);
+}
+
+/* Every sequence of replica k, running or waiting there, moves. */
+static void move_sequences(cpm_pipeline *p, int k, const char *why) {
+    for (cpm_job *j = cpm_jobs_first(p->jobs); j; j = j->next)
+        for (int i = 0; i < j->n_gens; i++) {
+            cpm_gen *g = &j->gens[i];
+            if (g->seq && replica_of(p, g->seq) == &p->replicas[k])
+                gen_failover(p, g, why);
+        }
+}
+
+void cpm_pipeline_replica_down(cpm_pipeline *p, int k, const char *why) {
+    p->replicas[k].down = true;
+    if (!p->have_model)
+        return;
+    for (int i = 0; i < p->n_steps;) {
+        uint64_t step = p->steps[i].step;
+        if (step % (uint64_t)p->n_replicas != (uint64_t)k) {
+            i++;
+            continue;
+        }
+        fail_step(p, step, why);
+        if (i < p->n_steps && p->steps[i].step == step)
+            forget_step(p, step); /* unknown to the scheduler: a stale entry */
+        i = 0; /* fail_step reorders the table */
+    }
+    move_sequences(p, k, why);
+    cpm_pipeline_pump(p);
+}
+
+void cpm_pipeline_replica_up(cpm_pipeline *p, int k) {
+    p->replicas[k].down = false;
+}
+
+/* ---- results and sampling ----------------------------------------------------------------- */
+
+static bool needs_history(const Cpm__V1__SamplingParams *sp) {
+    return (sp->repetition_penalty != 0.0f && sp->repetition_penalty != 1.0f) ||
+           sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f;
+}
+
+/* Row i of a sample request: g's parameters, step and (for penalties) history; a
+ * cancelled row (no g) is sampled with neutral parameters and dropped. */
+static void sample_row(cpm_pipeline *p, Cpm__V1__SampleRow *row, cpm_gen *g,
+                       Cpm__V1__SamplingParams *neutral) {
+    cpm__v1__sample_row__init(row);
+    row->params = g ? &g->params : neutral;
+    if (!g)
+        return;
+    row->step = (uint32_t)g->n_gen;
+    if (needs_history(&g->params)) {
+        int nt;
+        const int32_t *t = cpm_sched_tokens(sched_of(p, g->seq), g->seq, &nt);
+        row->n_history = (size_t)nt;
+        row->history = (int32_t *)t;
+    }
+}
+
+/* Logits of the wanted rows: off to a sampler (the logits frame travels on, uncopied). */
+static void sample_rows(cpm_pipeline *p, const Cpm__V1__StageResult *res, cpm_payload *logits) {
+    int n = (int)res->n_seq;
+    cpm_sample_call *call = malloc(sizeof *call + (size_t)n * sizeof(uint64_t));
+    Cpm__V1__SampleRow *rows = calloc((size_t)n, sizeof *rows);
+    Cpm__V1__SampleRow **rowp = calloc((size_t)n, sizeof *rowp);
+    Cpm__V1__SamplingParams neutral = CPM__V1__SAMPLING_PARAMS__INIT;
+    if (!call || !rows || !rowp) {
+        free(call), free(rows), free(rowp);
+        if (logits->free_fn)
+            logits->free_fn(logits->data, logits->hint);
+        return;
+    }
+    call->p = p;
+    call->n = n;
+    for (int i = 0; i < n; i++) {
+        call->seqs[i] = res->seq[i];
+        sample_row(p, &rows[i], owner_of(p, res->seq[i]), &neutral);
+        rowp[i] = &rows[i];
+    }
+    Cpm__V1__SampleRequest sq = CPM__V1__SAMPLE_REQUEST__INIT;
+    sq.n_rows = (size_t)n;
+    sq.rows = rowp;
+    sq.logits = res->logits;
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_SAMPLE;
+    env.sample = &sq;
+    cpm_error e = {0};
+    int rc = p->io.sample(p->io.ud, &env, logits, call, &e);
+    free(rows);
+    free(rowp);
+    if (rc < 0) {
+        LOG(p, CPM_LOG_ERROR, "sampling: %s", e.msg);
+        cpm_pipeline_sampled(call, NULL, rc);
+    }
+}
+
+void cpm_pipeline_on_result(cpm_pipeline *p, const Cpm__V1__StageResult *res,
+                            cpm_payload *logits) {
+    bool sampled = false;
+    if (p->stopped || !p->have_model) {
+        LOG(p, CPM_LOG_WARN, "results: step %" PRIu64 " dropped (no model yet)", res->step);
+    } else if (res->error) {
+        char why[CPM_ERROR_MSG_MAX];
+        snprintf(why, sizeof why, "%s: %s", res->error->service ? res->error->service : "stage",
+                 res->error->message ? res->error->message : "error");
+        fail_step(p, res->step, why);
+    } else if (cpm_sched_step_done(sched_of(p, res->step), res->step, true, NULL, NULL) == 0) {
+        forget_step(p, res->step);
+        if (res->n_seq > 0) {
+            sample_rows(p, res, logits);
+            sampled = true;
+        }
+    } /* else: late (timed out) or unknown step */
+    if (!sampled && logits->free_fn)
+        logits->free_fn(logits->data, logits->hint);
+    cpm_pipeline_pump(p);
+}
+
+/* One sampled token for g: recorded, then handed up. */
+static void take_token(cpm_pipeline *p, cpm_gen *g, const Cpm__V1__SampledToken *t) {
+    cpm_job *j = g->job;
+    uint64_t now = uv_hrtime();
+    if (!j->first_token_seen) {
+        j->first_token_seen = true;
+        cpm_hist_observe(&p->m->ttft, secs(now - j->t_start));
+    } else if (g->t_last) {
+        cpm_hist_observe(&p->m->inter_token, secs(now - g->t_last));
+    }
+    g->t_last = now;
+    p->m->generation_tokens++;
+    if (g->state == CPM_REQ_PREFILLING)
+        cpm_req_transition(&g->state, CPM_REQ_DECODING);
+    g->ids[g->n_gen] = t->id;
+    if (j->logprobs) {
+        cpm_tok_lp *lp = &g->lps[g->n_gen];
+        lp->id = t->id;
+        lp->lp = t->logprob;
+        lp->n_top = (int)(t->n_top < (size_t)j->top_logprobs ? t->n_top : (size_t)j->top_logprobs);
+        for (int k = 0; k < lp->n_top; k++) {
+            lp->top_ids[k] = t->top[k]->id;
+            lp->top_lps[k] = t->top[k]->logprob;
+        }
+    }
+    g->n_gen++;
+    bool stop_id = cpm_job_is_stop_id(j, p->facts.eos_ids, p->facts.n_eos, t->id);
+    const char *end = stop_id ? "stop" : g->n_gen >= g->max_new ? "length" : NULL;
+    if (!end && cpm_sched_push_token(sched_of(p, g->seq), g->seq, t->id) != 0)
+        end = "length";
+    p->io.token(p->io.ud, g, stop_id, end);
+}
+
+/* Why a sampler reply cannot be used, or "" when it can. */
+static void reply_problem(const cpm_sample_call *call, const Cpm__V1__Envelope *reply, int status,
+                          char *why, size_t size) {
+    why[0] = '\0';
+    if (status != 0)
+        snprintf(why, size, "sampler: %s", cpm_strerror(status));
+    else if (reply->body_case == CPM__V1__ENVELOPE__BODY_ERROR)
+        snprintf(why, size, "sampler: %s", reply->error->message);
+    else if (reply->body_case != CPM__V1__ENVELOPE__BODY_SAMPLED ||
+             reply->sampled->n_tokens != (size_t)call->n)
+        snprintf(why, size, "sampler: unexpected reply");
+}
+
+void cpm_pipeline_sampled(cpm_sample_call *call, const Cpm__V1__Envelope *reply, int status) {
+    cpm_pipeline *p = call->p;
+    char why[160];
+    reply_problem(call, reply, status, why, sizeof why);
+    for (int i = 0; i < call->n && !p->stopped; i++) {
+        cpm_gen *g = owner_of(p, call->seqs[i]);
+        if (!g || cpm_req_state_terminal(g->state))
+            continue; /* cancelled meanwhile */
+        if (why[0]) {
+            cpm_job_fail(g->job, 503, "server_error", "sampler_error", why);
+            continue;
+        }
+        const Cpm__V1__SampledToken *t = reply->sampled->tokens[i];
+        if (t->id < 0 || t->id >= p->facts.vocab_size) {
+            cpm_job_fail(g->job, 503, "server_error", "sampler_error", "sampler: token out of range");
+            continue;
+        }
+        take_token(p, g, t);
+    }
+    free(call);
+    cpm_pipeline_pump(p);
+}
