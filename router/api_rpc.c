@@ -1,6 +1,7 @@
 /* api_rpc.c - the internal RPC front: Generate/Cancel/Health in, TokenEvents out. */
 #include "api_rpc.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -183,6 +184,16 @@ static cpm_job *find_job(cpm_api_rpc *api, const cpm_peer *peer, const char *req
     return NULL;
 }
 
+/* The ranges the HTTP API accepts too (openai.c); 0 leaves a penalty off. */
+static bool sampling_in_range(const Cpm__V1__SamplingParams *p) {
+    return p->temperature >= 0.0f && p->temperature <= 100.0f && p->top_p >= 0.0f &&
+           p->top_p <= 1.0f && p->min_p >= 0.0f && p->min_p <= 1.0f &&
+           p->top_k <= INT32_MAX && p->n_logprobs <= CPM_JOB_MAX_TOP &&
+           p->repetition_penalty >= 0.0f && p->repetition_penalty <= 10.0f &&
+           p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f &&
+           p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f;
+}
+
 /* Why a GenerateRequest cannot be taken, or NULL. */
 static const char *refusal(cpm_api_rpc *api, const cpm_inmsg *m, const char *rid, int *code) {
     const Cpm__V1__GenerateRequest *g = m->env->generate;
@@ -199,9 +210,9 @@ static const char *refusal(cpm_api_rpc *api, const cpm_inmsg *m, const char *rid
         return "a request with this request_id is running";
     if (g->n_stop_ids > 64)
         return "at most 64 stop_ids";
-    if (p && (!(p->temperature >= 0.0f && p->temperature <= 100.0f) ||
-              !(p->top_p >= 0.0f && p->top_p <= 1.0f) || !(p->min_p >= 0.0f && p->min_p <= 1.0f) ||
-              p->n_logprobs > CPM_JOB_MAX_TOP))
+    if (g->max_tokens > INT32_MAX)
+        return "max_tokens out of range";
+    if (p && !sampling_in_range(p))
         return "sampling parameters out of range";
     return NULL;
 }

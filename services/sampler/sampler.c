@@ -250,15 +250,31 @@ static int draw(cpm_sampler *s, const float *l) {
     return s->cand[kept - 1]; /* rounding left u at the very top of the mass */
 }
 
+/* Whether a row can be sampled: no NaN, no +inf (both make every weight NaN), and at
+ * least one finite value (-inf alone masks a token, all -inf leaves none). */
+static bool logits_usable(const float *l, int n) {
+    bool finite = false;
+    for (int i = 0; i < n; i++) {
+        if (isnan(l[i]) || l[i] == INFINITY)
+            return false;
+        finite |= l[i] != -INFINITY;
+    }
+    return finite;
+}
+
 int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,
                        float *ret_logprob) {
     int V = s->vocab, tok;
+    if (!logits_usable(logits, V))
+        return CPM_ERANGE;
     if (ret_logprob)
         memcpy(s->logit_save, logits, (size_t)V * sizeof(float));
     if (s->p.repetition_penalty != 1.0f && n_history > 0)
         apply_repetition_penalty(s, logits, history, n_history);
     if (s->p.temperature == 0.0f) {
         tok = argmax(logits, V);
+    } else if (isinf(logits[argmax(logits, V)] / s->p.temperature)) {
+        tok = argmax(logits, V); /* a temperature so near 0 that it is greedy */
     } else {
         float inv_t = 1.0f / s->p.temperature;
         for (int i = 0; i < V; i++)

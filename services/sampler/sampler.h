@@ -48,7 +48,8 @@ void cpm_sampler_free(cpm_sampler *s);
 /* Picks the next token from logits[vocab_size] (modified in place). history is
  * every token of the sequence so far (prompt and generated) for the repetition
  * penalty; it may be NULL when n_history is 0. ret_logprob (may be NULL)
- * receives log p(token) under the unmodified model distribution. */
+ * receives log p(token) under the unmodified model distribution. CPM_ERANGE (and
+ * no draw) when the row holds a NaN or +inf or no finite value at all. */
 int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,
                        float *ret_logprob);
 

@@ -64,7 +64,9 @@ static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *lo
     int tok = cpm_sampler_sample(s, m->row, row->history, row->n_history, &lp);
     cpm_sampler_free(s);
     if (tok < 0)
-        return cpm_error_set(err, tok, "sample.rows[%u]: sampling failed", r);
+        return cpm_error_set(err, tok, "sample.rows[%u]: %s", r,
+                             tok == CPM_ERANGE ? "logits are NaN, +inf or all -inf"
+                                               : "sampling failed");
     Cpm__V1__SampledToken *t = &m->tokens[r];
     cpm__v1__sampled_token__init(t);
     t->id = tok;

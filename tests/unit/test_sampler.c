@@ -169,12 +169,68 @@ static void test_validation(void **state) {
     cpm_sampler_free(NULL);
 }
 
+/* One draw from a given row with temperature t and seed; the return of cpm_sampler_sample. */
+static int sample_row(const float *row, float t, uint64_t seed, int top_k, float top_p) {
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = t;
+    p.seed = seed;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    cpm_error e = {0};
+    cpm_sampler *s = cpm_sampler_new(V, &p, &e);
+    assert_non_null(s);
+    float l[V];
+    memcpy(l, row, sizeof l);
+    float lp;
+    int tok = cpm_sampler_sample(s, l, NULL, 0, &lp);
+    cpm_sampler_free(s);
+    return tok;
+}
+
+/* NaN, +inf and all -inf rows are refused on every path (they used to read before the
+ * candidate array); all-equal rows, masked rows and near-zero temperatures draw in range. */
+static void test_bad_logits(void **state) {
+    (void)state;
+    static const struct {
+        float t;
+        int top_k;
+        float top_p;
+    } paths[] = {{0.0f, 0, 1.0f}, {0.7f, 0, 1.0f}, {0.7f, 5, 1.0f}, {0.7f, 0, 0.9f},
+                 {1.3f, 3, 0.5f}};
+    float nan_row[V], one_nan[V], inf_row[V], neg_inf[V], equal[V], masked[V];
+    for (int i = 0; i < V; i++) {
+        nan_row[i] = NAN;
+        one_nan[i] = inf_row[i] = (float)i / 8.0f;
+        neg_inf[i] = masked[i] = -INFINITY;
+        equal[i] = 1.5f;
+    }
+    one_nan[17] = NAN;
+    inf_row[3] = INFINITY;
+    masked[41] = 0.25f;
+    for (size_t k = 0; k < sizeof paths / sizeof *paths; k++)
+        for (uint64_t seed = 1; seed < 6; seed++) {
+            float t = paths[k].t;
+            int tk = paths[k].top_k;
+            float tp = paths[k].top_p;
+            assert_int_equal(sample_row(nan_row, t, seed, tk, tp), CPM_ERANGE);
+            assert_int_equal(sample_row(one_nan, t, seed, tk, tp), CPM_ERANGE);
+            assert_int_equal(sample_row(inf_row, t, seed, tk, tp), CPM_ERANGE);
+            assert_int_equal(sample_row(neg_inf, t, seed, tk, tp), CPM_ERANGE);
+            int eq = sample_row(equal, t, seed, tk, tp);
+            assert_true(eq >= 0 && eq < V);
+            assert_int_equal(sample_row(masked, t, seed, tk, tp), 41);
+        }
+    float row[V];
+    fill(row);
+    assert_int_equal(sample_row(row, 1e-38f, 7, 0, 1.0f), top_id()); /* logits / t overflow */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),          cmocka_unit_test(test_seed_reproducible),
         cmocka_unit_test(test_top_k_one_is_greedy), cmocka_unit_test(test_stateless_steps), cmocka_unit_test(test_top_p_and_min_p_restrict),
         cmocka_unit_test(test_repetition_penalty), cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_validation),
+        cmocka_unit_test(test_validation),          cmocka_unit_test(test_bad_logits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
