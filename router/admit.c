@@ -111,6 +111,19 @@ typedef struct prompt_call {
     int p;
 } prompt_call;
 
+static int tokenize_prompt(cpm_admit *ad, cpm_job *j, int p, cpm_error *e);
+
+/* A tokenizer lost, timed out or busy: prompt p goes again (the next ready replica),
+ * up to CPM_ADMIT_TOKENIZE_ATTEMPTS sends. true when it went. */
+static bool retry_prompt(cpm_admit *ad, cpm_job *j, int p, int status) {
+    cpm_error e = {0};
+    if ((status != CPM_ETIMEDOUT && status != CPM_ECLOSED && status != CPM_ELIMIT) ||
+        ++j->tok_attempts >= CPM_ADMIT_TOKENIZE_ATTEMPTS || tokenize_prompt(ad, j, p, &e))
+        return false;
+    ad->m->retries++;
+    return true;
+}
+
 static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
     prompt_call *pc = user;
     cpm_job *j = pc->job;
@@ -121,6 +134,8 @@ static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
     bool gone = cpm_job_answered(j); /* aborted or failed meanwhile */
     cpm_job_drop(j);
     if (gone)
+        return;
+    if (res->status && retry_prompt(ad, j, p, res->status))
         return;
     if (res->status) {
         /* the service refusing the text is the request's fault; no answer is ours */

@@ -2,7 +2,8 @@
  *
  * The fronts make a job (job.h) with its prompts as ids, text or chat messages and
  * hand it here. Prompts without ids go to a cpm-tokenizer replica (a chat is
- * rendered with the model's template there) exactly once; then every prompt is
+ * rendered with the model's template there) once (again on another replica only when
+ * that one is lost, times out or is busy); then every prompt is
  * checked against the server's and the model's limits (empty, too long, ids outside
  * the vocabulary, max_tokens beyond the context) and each gen joins the pipeline
  * (pipeline.h picks the replica). Any refusal is the job's one final answer.
@@ -17,6 +18,10 @@
 #include "job.h"
 #include "metrics.h"
 #include "pipeline.h"
+
+/* Sends of one prompt to tokenizers, the first included: a lost, timed-out or busy
+ * tokenizer's prompt goes to another until this many were tried. */
+#define CPM_ADMIT_TOKENIZE_ATTEMPTS 3
 
 typedef struct cpm_admit {
     const cpm_config *cfg; /* router limits, timeout */

@@ -52,6 +52,7 @@ static int add_svc(cpm_health *h, const char *name, const char *endpoint, int re
                    cpm_error *err) {
     cpm_svc *sv = &h->svcs[h->n_svcs];
     snprintf(sv->name, sizeof sv->name, "%s", name);
+    snprintf(sv->endpoint, sizeof sv->endpoint, "%s", endpoint);
     sv->replica = replica_idx;
     snprintf(sv->status, sizeof sv->status, "not answered yet");
     int rc = cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, NULL, on_unexpected, h, &sv->sock, err);
@@ -161,10 +162,20 @@ static bool replica_ready(const cpm_health *h, const replica *p) {
     return !p->down;
 }
 
+/* Whether one of n services from first answered ready (n == 0: none is needed). */
+static bool any_ready(const cpm_health *h, int first, int n) {
+    for (int i = 0; i < n; i++)
+        if (h->svcs[first + i].ready)
+            return true;
+    return n == 0;
+}
+
 bool cpm_health_ready(const cpm_health *h) {
-    for (int i = 0; i < h->n_svcs; i++)
+    if (!any_ready(h, h->first_tok, h->n_toks) || !any_ready(h, h->first_sampler, h->n_samplers))
+        return false;
+    for (int i = h->first_sampler + h->n_samplers; i < h->n_svcs; i++)
         if (h->svcs[i].replica < 0 && !h->svcs[i].ready)
-            return false;
+            return false; /* expert services: each owns its experts */
     for (int i = 0; i < h->n_replicas; i++)
         if (replica_ready(h, &h->replicas[i]))
             return true;
@@ -175,21 +186,26 @@ int cpm_health_replicas(const cpm_health *h) {
     return h->n_replicas;
 }
 
-cpm_svc *cpm_health_tokenizer(cpm_health *h) {
-    if (h->n_toks == 0)
+/* Round robin over the ready services of a kind (any, when none is). */
+static cpm_svc *pick(cpm_health *h, int first, int n, int *rr) {
+    if (n == 0)
         return NULL;
-    for (int k = 0; k < h->n_toks; k++) {
-        int i = (h->rr_tok + k) % h->n_toks;
-        if (h->svcs[h->first_tok + i].ready) {
-            h->rr_tok = i + 1;
-            return &h->svcs[h->first_tok + i];
+    for (int k = 0; k < n; k++) {
+        int i = (*rr + k) % n;
+        if (h->svcs[first + i].ready) {
+            *rr = i + 1;
+            return &h->svcs[first + i];
         }
     }
-    return &h->svcs[h->first_tok + h->rr_tok++ % h->n_toks];
+    return &h->svcs[first + (*rr)++ % n];
+}
+
+cpm_svc *cpm_health_tokenizer(cpm_health *h) {
+    return pick(h, h->first_tok, h->n_toks, &h->rr_tok);
 }
 
 cpm_svc *cpm_health_sampler(cpm_health *h) {
-    return &h->svcs[h->first_sampler + h->rr_sampler++ % h->n_samplers];
+    return pick(h, h->first_sampler, h->n_samplers, &h->rr_sampler);
 }
 
 cpm_svc *cpm_health_first_stage(cpm_health *h, int replica_idx) {
@@ -284,8 +300,30 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
     cpm_inmsg_free(reply);
 }
 
+/* A tokenizer or sampler just reached the miss threshold: its calls in flight end now
+ * (CPM_ECLOSED), so their owners ask another replica instead of waiting out
+ * router.timeout_ms, and a fresh connection waits for it to come back. The new
+ * socket is in place before the old one goes, since its calls' owners may pick it. */
+static void reset_socket(cpm_health *h, cpm_svc *sv) {
+    cpm_sock *fresh = NULL, *old = sv->sock;
+    cpm_error e = {0};
+    if (cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, NULL, on_unexpected, h, &fresh, &e) ||
+        cpm_sock_connect(fresh, sv->endpoint, &e)) {
+        LOG(h, CPM_LOG_ERROR, "%s: reconnecting: %s", sv->name, e.msg);
+        cpm_sock_free(fresh);
+        return;
+    }
+    LOG(h, CPM_LOG_WARN, "%s stopped answering (%s): its calls in flight go elsewhere", sv->name,
+        sv->status);
+    sv->sock = fresh;
+    cpm_sock_free(old);
+}
+
 static void poll_all(cpm_health *h) {
     int timeout = h->interval_ms > 200 ? h->interval_ms - 100 : 100;
+    for (int i = h->first_tok; i < h->first_sampler + h->n_samplers; i++)
+        if (h->svcs[i].misses == CPM_HEALTH_STAGE_MISSES)
+            reset_socket(h, &h->svcs[i]);
     for (int i = 0; i < h->n_svcs; i++) {
         poll_ctx *pc = malloc(sizeof *pc);
         if (!pc)

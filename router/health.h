@@ -7,7 +7,9 @@
  * use) is kept for /ready and /metrics. A replica goes down when one of its services
  * misses CPM_HEALTH_STAGE_MISSES polls in a row, and up again once all of them answer;
  * both are told to the owner through hooks, as is the model's description, taken
- * from the last stage's first ready answer.
+ * from the last stage's first ready answer. A tokenizer or sampler that misses as
+ * many polls gets a fresh connection: its calls in flight end at once (CPM_ECLOSED)
+ * and their owners retry on another replica.
  */
 #ifndef CPM_HEALTH_H
 #define CPM_HEALTH_H
@@ -25,6 +27,7 @@
 
 typedef struct cpm_svc {
     char name[32];
+    char endpoint[CPM_CFG_STR];
     int replica;    /* stages and their TP ranks: the pipeline replica; -1 otherwise */
     cpm_sock *sock; /* DEALER to the service */
     bool ready, answered;
@@ -55,15 +58,15 @@ void cpm_health_start(cpm_health *h);
 /* Closes the sockets and the timer; done(ud) once the timer is closed. Accepts NULL. */
 void cpm_health_close(cpm_health *h, void (*done)(void *ud), void *ud);
 
-/* Every tokenizer, sampler and expert service answered ready, and so did every
- * service of at least one replica that is not down. */
+/* At least one tokenizer and one sampler (they are stateless: any serves), every
+ * expert service (each owns its experts), and every service of at least one replica
+ * that is not down answered ready on its last poll. */
 bool cpm_health_ready(const cpm_health *h);
 
 int cpm_health_replicas(const cpm_health *h);
 
-/* Round robin over the ready tokenizers (any, when none is); NULL with none. */
+/* Round robin over the ready tokenizers / samplers (any, when none is); NULL with none. */
 cpm_svc *cpm_health_tokenizer(cpm_health *h);
-/* Round robin over the samplers. */
 cpm_svc *cpm_health_sampler(cpm_health *h);
 /* Stage 0 of a replica: where its micro-batches go. */
 cpm_svc *cpm_health_first_stage(cpm_health *h, int replica);

@@ -82,6 +82,7 @@ typedef struct cpm_gen {
     int n_textable; /* ids that have text (a final stop id has none) */
     int n_tried; /* end of the last Detokenize window */
     bool detok_busy; /* a Detokenize call is in flight */
+    int tok_attempts; /* failed tokenizer calls in a row */
     bool text_stopped; /* a stop string ended the text */
     const char *gen_end; /* generation over: "stop" / "length"; NULL while running */
     bool released; /* the pipeline is done with its sequence */
@@ -152,6 +153,7 @@ struct cpm_job {
     cpm_tokc_msg *chat;        /* a chat's messages (one prompt) */
     int n_chat;
     int tok_pending; /* prompts at the tokenizer */
+    int tok_attempts; /* failed tokenize calls */
     int n_gens, n_done;
     cpm_gen *gens;
     bool first_token_seen;

@@ -88,6 +88,9 @@ char *cpm_metrics_render(const cpm_metrics *m, const cpm_metrics_gauges *g, size
     counter(&o, "cpm_pipeline_rows_total", "Token rows sent through the pipeline.", m->step_rows);
     counter(&o, "cpm_failovers_total",
             "Sequences moved to another pipeline replica after theirs failed.", m->failovers);
+    counter(&o, "cpm_service_retries_total",
+            "Sampler and tokenizer calls sent again to another replica after a timeout or a lost "
+            "service.", m->retries);
     hist(&o, "cpm_time_to_first_token_seconds", "Request accepted to first generated token.",
          &m->ttft);
     hist(&o, "cpm_inter_token_latency_seconds", "Time between tokens of one sequence.",

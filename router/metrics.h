@@ -45,6 +45,7 @@ typedef struct cpm_metrics {
     uint64_t prompt_tokens, generation_tokens;
     uint64_t steps, step_rows;
     uint64_t failovers; /* sequences moved to another pipeline replica */
+    uint64_t retries;   /* service calls sent again to another replica (sampler, tokenizer) */
     cpm_hist ttft;          /* request accepted -> first token */
     cpm_hist inter_token;   /* between consecutive tokens of a sequence */
     cpm_hist e2e;           /* request accepted -> final response */

@@ -2,6 +2,7 @@
 #include "pipeline.h"
 
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,8 +31,19 @@ struct cpm_pipeline {
     int n_steps;
 };
 
+/* The logits of one step, shared by every send of them (a retry sends them again).
+ * zmq drops its reference from its I/O thread, hence the atomic count. */
+typedef struct shared_logits {
+    atomic_int refs;
+    cpm_payload src; /* the frame as received; src.free_fn releases it */
+} shared_logits;
+
 struct cpm_sample_call {
     cpm_pipeline *p;
+    shared_logits *logits;
+    Cpm__V1__TensorDesc desc;
+    uint32_t shape[4];
+    int attempts; /* sends so far */
     int n;
     uint64_t seqs[];
 };
@@ -377,37 +389,79 @@ static void sample_row(cpm_pipeline *p, Cpm__V1__SampleRow *row, cpm_gen *g,
     }
 }
 
-/* Logits of the wanted rows: off to a sampler (the logits frame travels on, uncopied). */
-static void sample_rows(cpm_pipeline *p, const Cpm__V1__StageResult *res, cpm_payload *logits) {
-    int n = (int)res->n_seq;
-    cpm_sample_call *call = malloc(sizeof *call + (size_t)n * sizeof(uint64_t));
+static void logits_unref(void *data, void *hint) {
+    (void)data;
+    shared_logits *sl = hint;
+    if (atomic_fetch_sub(&sl->refs, 1) != 1)
+        return;
+    if (sl->src.free_fn)
+        sl->src.free_fn(sl->src.data, sl->src.hint);
+    free(sl);
+}
+
+/* Sends call's rows to a sampler (the hub picks a ready one): parameters, steps and
+ * histories are read now, so a retry asks exactly what the first send asked. */
+static int send_sample(cpm_pipeline *p, cpm_sample_call *call, cpm_error *e) {
+    int n = call->n;
     Cpm__V1__SampleRow *rows = calloc((size_t)n, sizeof *rows);
     Cpm__V1__SampleRow **rowp = calloc((size_t)n, sizeof *rowp);
     Cpm__V1__SamplingParams neutral = CPM__V1__SAMPLING_PARAMS__INIT;
-    if (!call || !rows || !rowp) {
-        free(call), free(rows), free(rowp);
-        if (logits->free_fn)
-            logits->free_fn(logits->data, logits->hint);
-        return;
+    if (!rows || !rowp) {
+        free(rows), free(rowp);
+        return cpm_error_set(e, CPM_ENOMEM, "sampling: out of memory");
     }
-    call->p = p;
-    call->n = n;
     for (int i = 0; i < n; i++) {
-        call->seqs[i] = res->seq[i];
-        sample_row(p, &rows[i], owner_of(p, res->seq[i]), &neutral);
+        sample_row(p, &rows[i], owner_of(p, call->seqs[i]), &neutral);
         rowp[i] = &rows[i];
     }
     Cpm__V1__SampleRequest sq = CPM__V1__SAMPLE_REQUEST__INIT;
     sq.n_rows = (size_t)n;
     sq.rows = rowp;
-    sq.logits = res->logits;
+    sq.logits = &call->desc;
     Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_SAMPLE;
     env.sample = &sq;
-    cpm_error e = {0};
-    int rc = p->io.sample(p->io.ud, &env, logits, call, &e);
+    shared_logits *sl = call->logits;
+    atomic_fetch_add(&sl->refs, 1); /* this send's, dropped by zmq (or at once on failure) */
+    cpm_payload pl = {.data = sl->src.data, .size = sl->src.size, .free_fn = logits_unref,
+                      .hint = sl};
+    call->attempts++;
+    int rc = p->io.sample(p->io.ud, &env, &pl, call, e);
     free(rows);
     free(rowp);
+    return rc;
+}
+
+/* The rows of a result that cannot be sampled end their jobs. */
+static void fail_rows(cpm_pipeline *p, const Cpm__V1__StageResult *res, const char *why) {
+    for (size_t i = 0; i < res->n_seq; i++) {
+        cpm_gen *g = owner_of(p, res->seq[i]);
+        if (g && !cpm_req_state_terminal(g->state))
+            cpm_job_fail(g->job, 503, "server_error", "sampler_error", why);
+    }
+}
+
+/* Logits of the wanted rows: off to a sampler (the logits frame travels on, uncopied). */
+static void sample_rows(cpm_pipeline *p, const Cpm__V1__StageResult *res, cpm_payload *logits) {
+    int n = (int)res->n_seq;
+    cpm_sample_call *call = calloc(1, sizeof *call + (size_t)n * sizeof(uint64_t));
+    shared_logits *sl = malloc(sizeof *sl);
+    if (!call || !sl || !res->logits || res->logits->n_shape > 4) {
+        free(call), free(sl);
+        if (logits->free_fn)
+            logits->free_fn(logits->data, logits->hint);
+        fail_rows(p, res, !res->logits ? "stage result without logits" : "out of memory");
+        return;
+    }
+    atomic_init(&sl->refs, 1); /* the call's */
+    sl->src = *logits;
+    *call = (cpm_sample_call){.p = p, .logits = sl, .desc = *res->logits, .n = n};
+    memcpy(call->shape, res->logits->shape, res->logits->n_shape * sizeof *call->shape);
+    call->desc.shape = call->shape;
+    for (int i = 0; i < n; i++)
+        call->seqs[i] = res->seq[i];
+    cpm_error e = {0};
+    int rc = send_sample(p, call, &e);
     if (rc < 0) {
         LOG(p, CPM_LOG_ERROR, "sampling: %s", e.msg);
         cpm_pipeline_sampled(call, NULL, rc);
@@ -482,8 +536,25 @@ static void reply_problem(const cpm_sample_call *call, const Cpm__V1__Envelope *
         snprintf(why, size, "sampler: unexpected reply");
 }
 
+/* The call could not reach a sampler, or its sampler went silent: ask another (the
+ * draws depend only on seed and step, so any sampler gives the same tokens). */
+static bool retry_sample(cpm_pipeline *p, cpm_sample_call *call, int status) {
+    if ((status != CPM_ETIMEDOUT && status != CPM_ECLOSED) || p->stopped ||
+        call->attempts >= CPM_PIPELINE_SAMPLE_ATTEMPTS)
+        return false;
+    cpm_error e = {0};
+    LOG(p, CPM_LOG_WARN, "sampling: %s; asking another sampler", cpm_strerror(status));
+    p->m->retries++;
+    if (send_sample(p, call, &e) == 0)
+        return true;
+    LOG(p, CPM_LOG_ERROR, "sampling: %s", e.msg);
+    return false;
+}
+
 void cpm_pipeline_sampled(cpm_sample_call *call, const Cpm__V1__Envelope *reply, int status) {
     cpm_pipeline *p = call->p;
+    if (status != 0 && retry_sample(p, call, status))
+        return;
     char why[160];
     reply_problem(call, reply, status, why, sizeof why);
     for (int i = 0; i < call->n && !p->stopped; i++) {
@@ -501,6 +572,7 @@ void cpm_pipeline_sampled(cpm_sample_call *call, const Cpm__V1__Envelope *reply,
         }
         take_token(p, g, t);
     }
+    logits_unref(NULL, call->logits);
     free(call);
     cpm_pipeline_pump(p);
 }

@@ -33,6 +33,10 @@
  * replica fail ends with an error instead of travelling forever. */
 #define CPM_PIPELINE_MAX_FAILOVERS 2
 
+/* Sends of one step's logits to samplers, the first included: a call that times out or
+ * whose sampler is lost goes to another sampler until this many were tried. */
+#define CPM_PIPELINE_SAMPLE_ATTEMPTS 3
+
 typedef struct cpm_pipeline cpm_pipeline;
 typedef struct cpm_sample_call cpm_sample_call;
 

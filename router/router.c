@@ -171,7 +171,7 @@ static int make_rooms(cpm_router *r, cpm_error *err) {
     cpm_pipeline_io pio = {.ud = r, .forward = forward, .sample = sample, .token = on_token};
     cpm_textflow_io tio = {.ud = r, .detok = detok, .pieces = pieces, .kick = kick};
     int n_replicas = c->n_pipelines > 0 ? c->n_pipelines : 1;
-    if (!(r->jobs = cpm_jobs_new(&r->m, &jh)) || !(r->text = cpm_textflow_new(&tio)))
+    if (!(r->jobs = cpm_jobs_new(&r->m, &jh)) || !(r->text = cpm_textflow_new(&tio, &r->m)))
         return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
     int e = cpm_pipeline_new(c, n_replicas, r->jobs, r->o.log, &r->m, &pio, &r->pipeline, err);
     if (e)

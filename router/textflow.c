@@ -7,6 +7,7 @@
 
 struct cpm_textflow {
     cpm_textflow_io io;
+    cpm_metrics *m; /* may be NULL */
 };
 
 /* One tokenizer call in flight for gen g (i: the token of a Pieces call). */
@@ -16,10 +17,12 @@ typedef struct flow_call {
     int i;
 } flow_call;
 
-cpm_textflow *cpm_textflow_new(const cpm_textflow_io *io) {
+cpm_textflow *cpm_textflow_new(const cpm_textflow_io *io, cpm_metrics *m) {
     cpm_textflow *tf = calloc(1, sizeof *tf);
-    if (tf)
+    if (tf) {
         tf->io = *io;
+        tf->m = m;
+    }
     return tf;
 }
 
@@ -28,6 +31,7 @@ void cpm_textflow_free(cpm_textflow *tf) {
 }
 
 static void text_pump(cpm_textflow *tf, cpm_gen *g);
+static int lp_fetch(cpm_textflow *tf, cpm_gen *g, int i);
 
 static flow_call *call_new(cpm_textflow *tf, cpm_gen *g, int i) {
     flow_call *c = malloc(sizeof *c);
@@ -36,19 +40,32 @@ static flow_call *call_new(cpm_textflow *tf, cpm_gen *g, int i) {
     return c;
 }
 
-/* A tokenizer call for g came back and lets go of its job: false when g can no longer
- * use it (the job may be freed then). */
-static bool call_back(cpm_gen *g, const cpm_tokc_result *res) {
+/* What to do with a tokenizer call's answer. */
+typedef enum call_outcome {
+    CALL_OK,    /* use it */
+    CALL_RETRY, /* the tokenizer was lost or timed out: ask again (another replica) */
+    CALL_GONE,  /* g can no longer use it (its job may be freed) */
+} call_outcome;
+
+/* A tokenizer call for g came back and lets go of its job. */
+static call_outcome call_back(cpm_textflow *tf, cpm_gen *g, const cpm_tokc_result *res) {
     cpm_job *j = g->job;
     bool gone = cpm_job_answered(j) || cpm_req_state_terminal(g->state);
     cpm_job_drop(j); /* frees only an answered job */
     if (gone)
-        return false;
-    if (res->status) {
-        cpm_job_fail(j, 503, "server_error", "tokenizer_error", res->msg);
-        return false;
+        return CALL_GONE;
+    if (res->status == 0) {
+        g->tok_attempts = 0;
+        return CALL_OK;
     }
-    return true;
+    bool lost = res->status == CPM_ETIMEDOUT || res->status == CPM_ECLOSED;
+    if (lost && ++g->tok_attempts < CPM_TEXTFLOW_ATTEMPTS) {
+        if (tf->m)
+            tf->m->retries++;
+        return CALL_RETRY;
+    }
+    cpm_job_fail(j, 503, "server_error", "tokenizer_error", res->msg);
+    return CALL_GONE;
 }
 
 /* ---- the end of a gen --------------------------------------------------------------- */
@@ -83,7 +100,13 @@ static void on_detok(void *user, const cpm_tokc_result *res) {
     cpm_gen *g = c->g;
     free(c);
     g->detok_busy = false;
-    if (!call_back(g, res))
+    call_outcome got = call_back(tf, g, res);
+    if (got == CALL_RETRY) {
+        g->n_tried = g->n_text; /* the same window again */
+        text_pump(tf, g);
+        return;
+    }
+    if (got == CALL_GONE)
         return;
     g->n_text += (int)res->consumed;
     const char *out;
@@ -165,11 +188,15 @@ static void on_piece(void *user, const cpm_tokc_result *res) {
     flow_call *c = user;
     cpm_textflow *tf = c->tf;
     cpm_gen *g = c->g;
-    cpm_tok_lp *t = &g->lps[c->i];
+    int i = c->i;
+    cpm_tok_lp *t = &g->lps[i];
     free(c);
     g->lp_pending--;
     t->pending--;
-    if (!call_back(g, res))
+    call_outcome got = call_back(tf, g, res);
+    if (got == CALL_RETRY)
+        lp_fetch(tf, g, i);
+    if (got != CALL_OK)
         return;
     /* tokclient checked one text per id sent: the chosen token, then t->n_top alternatives */
     for (size_t k = 0; k < res->n_texts && k <= (size_t)t->n_top; k++) {

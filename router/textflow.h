@@ -14,6 +14,8 @@
  * Jobs without text (the RPC, or `tokenize: off`) go through the same steps with ids
  * standing for text, so every front sees the same order of events.
  *
+ * A call that times out or loses its tokenizer is sent again, up to
+ * CPM_TEXTFLOW_ATTEMPTS sends (the hub's io picks a ready replica each time).
  * The tokenizer is reached through io, which the hub implements with tokclient.h
  * over a tokenizer replica and tests implement in memory.
  */
@@ -30,6 +32,10 @@
 /* Ids of context sent before the new ones in a Detokenize call: the service looks back
  * no further (CPM_TOKENIZER_SVC_CONTEXT), so more would only cost bytes. */
 #define CPM_TEXTFLOW_CONTEXT 8
+
+/* Sends of one tokenizer call, the first included: a call that times out or whose
+ * tokenizer is lost goes again (to another replica) until this many were tried. */
+#define CPM_TEXTFLOW_ATTEMPTS 3
 
 _Static_assert(1 + CPM_JOB_MAX_TOP <= CPM_TOKC_MAX_PIECES,
                "a token and its alternatives fit one pieces call");
@@ -48,7 +54,8 @@ typedef struct cpm_textflow_io {
 
 typedef struct cpm_textflow cpm_textflow;
 
-cpm_textflow *cpm_textflow_new(const cpm_textflow_io *io);
+/* m (may be NULL) counts retries. */
+cpm_textflow *cpm_textflow_new(const cpm_textflow_io *io, cpm_metrics *m);
 void cpm_textflow_free(cpm_textflow *tf);
 
 /* g got a token (the pipeline's token hook): stop_id and end as there. */

@@ -103,7 +103,7 @@ static int setup(void **state) {
                            .token = on_token};
     cpm_textflow_io tio = {.ud = f, .detok = no_detok, .pieces = NULL, .kick = kick};
     f->jobs = cpm_jobs_new(&f->m, &jh);
-    f->tf = cpm_textflow_new(&tio);
+    f->tf = cpm_textflow_new(&tio, &f->m);
     assert_int_equal(cpm_pipeline_new(f->cfg, 2, f->jobs, NULL, &f->m, &pio, &f->p, &e), 0);
     int32_t eos[] = {2};
     Cpm__V1__ModelInfo mi = CPM__V1__MODEL_INFO__INIT;
@@ -160,10 +160,16 @@ static const sent *next_batch(fixture *f) {
 
 /* The last stage's logits for every row of batch b. */
 static void result_ok(fixture *f, const sent *b) {
+    uint32_t shape[2] = {1, 100};
+    Cpm__V1__TensorDesc desc = CPM__V1__TENSOR_DESC__INIT;
+    desc.dtype = CPM__V1__DTYPE__DTYPE_F32;
+    desc.n_shape = 2;
+    desc.shape = shape;
     Cpm__V1__StageResult res = CPM__V1__STAGE_RESULT__INIT;
     res.step = b->step;
     res.n_seq = 1;
     res.seq = (uint64_t *)&b->seq[b->n_rows - 1];
+    res.logits = &desc;
     cpm_payload logits = {0};
     cpm_pipeline_on_result(f->p, &res, &logits);
 }
@@ -315,16 +321,61 @@ static void test_failover_limit(void **state) {
     assert_int_equal(r.finals, 1);
 }
 
-static void test_sampler_failure(void **state) {
+/* A sampler that times out or is lost: the same rows go to another sampler, at the
+ * same step, and the token that comes back is taken. */
+static void test_sampler_lost_retried(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    start_job(f, &r, 1);
+    result_ok(f, next_batch(f));
+    cpm_sample_call *call = f->call;
+    f->call = NULL;
+    cpm_pipeline_sampled(call, NULL, CPM_ECLOSED);
+    assert_non_null(f->call); /* asked again */
+    assert_int_equal(f->call_step, 0);
+    assert_int_equal(f->m.retries, 1);
+    assert_int_equal(r.finals, 0);
+    sampled(f, 50);
+    assert_int_equal(r.dones, 1);
+    assert_int_equal(f->m.generation_tokens, 1);
+}
+
+/* Every attempt timed out: the job fails once. */
+static void test_sampler_attempts_run_out(void **state) {
     fixture *f = *state;
     rec r = {0};
     start_job(f, &r, 4);
     result_ok(f, next_batch(f));
-    cpm_sample_call *call = f->call;
-    f->call = NULL;
-    cpm_pipeline_sampled(call, NULL, CPM_ETIMEDOUT);
+    for (int k = 0; k < CPM_PIPELINE_SAMPLE_ATTEMPTS; k++) {
+        cpm_sample_call *call = f->call;
+        assert_non_null(call);
+        f->call = NULL;
+        cpm_pipeline_sampled(call, NULL, CPM_ETIMEDOUT);
+    }
+    assert_null(f->call);
+    assert_int_equal(f->m.retries, CPM_PIPELINE_SAMPLE_ATTEMPTS - 1);
     assert_int_equal(r.fails, 1);
     assert_string_equal(r.last_code, "sampler_error");
+}
+
+/* A sampler that answers with an error is not asked again: the rows are at fault. */
+static void test_sampler_error_not_retried(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    start_job(f, &r, 4);
+    result_ok(f, next_batch(f));
+    Cpm__V1__Error err = CPM__V1__ERROR__INIT;
+    err.code = CPM_ERANGE;
+    err.message = "sample.rows[0]: logits are NaN, +inf or all -inf";
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_ERROR;
+    env.error = &err;
+    cpm_sample_call *call = f->call;
+    f->call = NULL;
+    cpm_pipeline_sampled(call, &env, 0);
+    assert_null(f->call);
+    assert_int_equal(r.fails, 1);
+    assert_string_equal(r.last_msg, "sampler: sample.rows[0]: logits are NaN, +inf or all -inf");
 }
 
 /* A row cancelled while its step was out is sampled and dropped. */
@@ -346,7 +397,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         T(test_prefill_then_decode), T(test_failover_moves_history),
         T(test_late_result_ignored), T(test_failed_step_fails_job), T(test_step_timeout),
-        T(test_failover_limit),      T(test_sampler_failure),       T(test_cancelled_row_dropped),
+        T(test_failover_limit),      T(test_sampler_lost_retried),  T(test_sampler_attempts_run_out),
+        T(test_sampler_error_not_retried), T(test_cancelled_row_dropped),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -36,7 +36,8 @@ typedef struct fixture {
     call queue[64];
     int head, tail;
     int calls, kicks, releases;
-    int fail_status; /* nonzero: the next answer is this error */
+    int fail_status; /* nonzero: answers are this error ... */
+    int fail_left;   /* ... this many more times (-1: always) */
 } fixture;
 
 static int enqueue(fixture *f, bool pieces, const int32_t *ids, size_t n, size_t prefix,
@@ -70,6 +71,15 @@ static void on_release(void *ud, cpm_gen *g) {
     ((fixture *)ud)->releases++;
 }
 
+/* The status of the next answer. */
+static int next_status(fixture *f) {
+    if (f->fail_left == 0)
+        return 0;
+    if (f->fail_left > 0)
+        f->fail_left--;
+    return f->fail_status;
+}
+
 /* Bytes that end inside a UTF-8 character are held back, as the real service does. */
 static size_t complete_prefix(const char *s, size_t len) {
     size_t end = len;
@@ -97,7 +107,7 @@ static void answer_detok(fixture *f, const call *c) {
     for (size_t i = c->prefix; i < c->prefix + consumed; i++)
         shown += strlen(vocab[c->ids[i]]);
     text[shown] = '\0';
-    cpm_tokc_result res = {.status = f->fail_status, .msg = "tokenizer0: broken",
+    cpm_tokc_result res = {.status = next_status(f), .msg = "tokenizer0: broken",
                            .text = text, .text_len = shown, .consumed = consumed};
     c->cb(c->ud, &res);
 }
@@ -109,7 +119,7 @@ static void answer_pieces(fixture *f, const call *c) {
         texts[i] = vocab[c->ids[i]];
         lens[i] = strlen(texts[i]);
     }
-    cpm_tokc_result res = {.status = f->fail_status, .msg = "tokenizer0: broken",
+    cpm_tokc_result res = {.status = next_status(f), .msg = "tokenizer0: broken",
                            .texts = texts, .texts_len = lens, .n_texts = c->n};
     c->cb(c->ud, &res);
 }
@@ -130,7 +140,7 @@ static int setup(void **state) {
     cpm_jobs_hooks jh = {.ud = f, .release = on_release};
     cpm_textflow_io io = {.ud = f, .detok = fake_detok, .pieces = fake_pieces, .kick = fake_kick};
     f->jobs = cpm_jobs_new(&f->m, &jh);
-    f->tf = cpm_textflow_new(&io);
+    f->tf = cpm_textflow_new(&io, &f->m);
     *state = f;
     return f->jobs && f->tf ? 0 : -1;
 }
@@ -309,19 +319,54 @@ static void test_logprob_texts(void **state) {
     cpm_job_drop(j);
 }
 
-static void test_tokenizer_failure_one_answer(void **state) {
+/* A tokenizer that refuses (the input's fault) fails the job at once, exactly once. */
+static void test_tokenizer_refusal_one_answer(void **state) {
     fixture *f = *state;
     rec r = {0};
     cpm_job *j = make_job(f, &r, NULL, 0, true, true);
     cpm_gen *g = &j->gens[0];
     token(f, g, LO, false, NULL); /* a detok and a pieces call */
-    f->fail_status = CPM_ETIMEDOUT;
+    f->fail_status = CPM_EINVAL;
+    f->fail_left = -1;
     flush(f);
+    assert_int_equal(f->calls, 2);
     assert_int_equal(r.finals, 1);
     assert_int_equal(r.fails, 1);
     assert_int_equal(r.last_status, 503);
     assert_string_equal(r.last_code, "tokenizer_error");
     assert_int_equal(r.frees, 1); /* freed once the last call came back */
+}
+
+/* A lost tokenizer call goes again (the hub's io picks another replica): the text
+ * arrives whole and in order. */
+static void test_lost_call_retried(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    cpm_job *j = make_job(f, &r, NULL, 0, true, true);
+    cpm_gen *g = &j->gens[0];
+    token(f, g, LO, false, NULL);
+    f->fail_status = CPM_ECLOSED;
+    f->fail_left = 2; /* the first detok and the first pieces call */
+    flush(f);
+    token(f, g, SP_W, false, "length");
+    flush(f);
+    assert_int_equal(f->m.retries, 2);
+    assert_string_equal(r.gens[0].text, "lo w");
+    assert_int_equal(r.dones, 1);
+}
+
+/* Every attempt timed out: one error. */
+static void test_attempts_run_out(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    cpm_job *j = make_job(f, &r, NULL, 0, true, false);
+    token(f, &j->gens[0], LO, false, NULL);
+    f->fail_status = CPM_ETIMEDOUT;
+    f->fail_left = -1;
+    flush(f);
+    assert_int_equal(f->calls, CPM_TEXTFLOW_ATTEMPTS);
+    assert_int_equal(r.fails, 1);
+    assert_int_equal(r.finals, 1);
 }
 
 /* Cancelled with a call in flight: the late answer shows nothing and frees the job. */
@@ -345,7 +390,8 @@ int main(void) {
         T(test_text_behind_generation), T(test_utf8_split_across_tokens),
         T(test_stop_string_across_tokens), T(test_stop_prefix_released),
         T(test_stop_id_not_shown), T(test_ids_only), T(test_logprob_texts),
-        T(test_tokenizer_failure_one_answer), T(test_cancel_with_call_in_flight),
+        T(test_tokenizer_refusal_one_answer), T(test_lost_call_retried), T(test_attempts_run_out),
+        T(test_cancel_with_call_in_flight),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
