@@ -15,6 +15,7 @@
 #include <strings.h>
 
 #define READ_CHUNK 65536
+#define BODY_KEEP (64u << 10) /* body buffer a keep-alive connection may keep */
 #define LINGER_MS 2000
 
 enum conn_state {
@@ -39,8 +40,10 @@ struct cpm_http_server {
     cpm_http_handler handler;
     void *ud;
     cpm_http_error_body_fn error_body;
-    cpm_http_conn *conns;
+    cpm_http_conn *conns; /* newest first */
     int n_conns;
+    int n_live;          /* connections not closing */
+    size_t body_total;   /* bytes of every connection's body buffer */
     bool closing;
     void (*done)(void *ud);
     void *done_ud;
@@ -102,6 +105,7 @@ cpm_http_limits cpm_http_limits_default(void) {
         .idle_timeout_ms = 75000,
         .max_write_queue = 16u << 20,
         .max_connections = 1024,
+        .max_body_total = 256u << 20,
     };
 }
 
@@ -123,6 +127,7 @@ static void conn_free(cpm_http_conn *c) {
     if (c->next)
         c->next->prev = c->prev;
     s->n_conns--;
+    s->body_total -= c->body_cap;
     free(c->in);
     free(c->arena);
     free(c->fields);
@@ -162,6 +167,7 @@ static void conn_lost(cpm_http_conn *c) {
         return;
     c->state = CONN_CLOSED;
     c->alive = false;
+    c->srv->n_live--;
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
 }
@@ -395,6 +401,12 @@ static void reset_request(cpm_http_conn *c) {
     c->begun = false;
     c->complete = false;
     c->err_status = 0;
+    if (c->body_cap > BODY_KEEP) { /* a large body's buffer goes back between requests */
+        c->srv->body_total -= c->body_cap;
+        free(c->body);
+        c->body = NULL;
+        c->body_cap = 0;
+    }
 }
 
 /* Stops the parser (non-zero return) and remembers the HTTP error to send. */
@@ -510,12 +522,17 @@ static int on_body(http_parser *p, const char *at, size_t len) {
     if (c->body_len + len > c->srv->lim.max_body)
         return fail(c, 413, "body_too_large", "request body exceeds %zu bytes", c->srv->lim.max_body);
     if (c->body_len + len + 1 > c->body_cap) {
+        cpm_http_server *s = c->srv;
         size_t cap = c->body_cap ? c->body_cap : 4096;
         while (cap < c->body_len + len + 1)
             cap *= 2;
+        if (s->body_total - c->body_cap + cap > s->lim.max_body_total)
+            return fail(c, 503, "server_busy", "the server holds too many request bodies now; "
+                                               "try again");
         char *nb = realloc(c->body, cap);
         if (!nb)
             return fail(c, 503, "out_of_memory", "cannot hold the request body");
+        s->body_total += cap - c->body_cap;
         c->body = nb;
         c->body_cap = cap;
     }
@@ -667,7 +684,21 @@ static cpm_http_conn *conn_new(cpm_http_server *s) {
         s->conns->prev = c;
     s->conns = c;
     s->n_conns++;
+    s->n_live++;
     return c;
+}
+
+/* Closes the oldest connection that waits for nothing (no request begun, nothing
+ * buffered), so that idle keep-alive clients cannot lock /health out. false if none. */
+static bool evict_idle(cpm_http_server *s, const cpm_http_conn *newcomer) {
+    cpm_http_conn *oldest = NULL;
+    for (cpm_http_conn *c = s->conns; c; c = c->next)
+        if (c != newcomer && c->state == CONN_READING && !c->exchange && !c->begun &&
+            c->in_len == 0)
+            oldest = c;
+    if (oldest)
+        conn_lost(oldest);
+    return oldest != NULL;
 }
 
 static void on_connection(uv_stream_t *listener, int status) {
@@ -687,7 +718,7 @@ static void on_connection(uv_stream_t *listener, int status) {
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1); /* SSE tokens must not wait for Nagle */
-    if (s->n_conns > s->lim.max_connections) {
+    if (s->n_live > s->lim.max_connections && !evict_idle(s, c)) {
         reject(c, 503, "too_many_connections", "the server has too many open connections");
         return;
     }

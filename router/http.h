@@ -39,7 +39,9 @@ typedef struct cpm_http_limits {
     uint64_t request_timeout_ms; /* from a request's first byte to its last (408 beyond) */
     uint64_t idle_timeout_ms;   /* keep-alive connection with nothing to do is closed */
     size_t max_write_queue;     /* bytes queued to a client that does not read: it is dropped */
-    int max_connections;        /* further clients are accepted and closed at once */
+    int max_connections;        /* beyond: the oldest idle keep-alive connection is closed to
+                                   make room; with none idle, the new client gets a 503 */
+    size_t max_body_total;      /* request bodies held by all connections together (503 beyond) */
 } cpm_http_limits;
 
 cpm_http_limits cpm_http_limits_default(void);

@@ -582,22 +582,87 @@ static void test_idle_connection_is_closed(void **state) {
     server_stop(s);
 }
 
+/* At the cap with every connection busy, a newcomer gets a 503 and is closed. */
 static void test_connection_limit_is_503(void **state) {
     (void)state;
     cpm_http_limits lim = cpm_http_limits_default();
     lim.max_connections = 1;
     server *s = server_start(&lim);
     client *a = client_open(s->port);
-    client_send(a->fd, "GET /echo HTTP/1.1\r\n\r\n", 22); /* makes sure a is accepted first */
+    client_send(a->fd, "GET /hang HTTP/1.1\r\n\r\n", 22); /* a is busy: not idle */
+    while (atomic_load(&s->handled) < 1)
+        usleep(1000);
     response r;
-    client_read(a, &r);
-    assert_int_equal(r.status, 200);
     client *b = client_open(s->port);
     client_read(b, &r);
     assert_int_equal(r.status, 503);
     assert_true(client_sees_close(b));
     client_close(b);
     client_close(a);
+    server_stop(s);
+}
+
+/* Idle keep-alive clients cannot lock the door: at the cap, the oldest idle one is
+ * closed for a newcomer, which is served (a /health probe keeps answering). */
+static void test_idle_connections_make_room(void **state) {
+    (void)state;
+    cpm_http_limits lim = cpm_http_limits_default();
+    lim.max_connections = 4;
+    server *s = server_start(&lim);
+    client *idle[8];
+    response r;
+    for (int i = 0; i < 8; i++) {
+        idle[i] = client_open(s->port);
+        client_send(idle[i]->fd, "GET /echo HTTP/1.1\r\n\r\n", 22);
+        client_read(idle[i], &r);
+        assert_int_equal(r.status, 200); /* served: each evicted an older idle one */
+    }
+    assert_true(client_sees_close(idle[0])); /* the oldest went first */
+    client *probe = client_open(s->port);
+    client_send(probe->fd, "GET /echo HTTP/1.1\r\n\r\n", 22);
+    client_read(probe, &r);
+    assert_int_equal(r.status, 200);
+    assert_true(cpm_http_server_connections(s->http) <= lim.max_connections + 1);
+    client_close(probe);
+    for (int i = 0; i < 8; i++)
+        client_close(idle[i]);
+    server_stop(s);
+}
+
+/* Bodies held by all connections together are bounded: past the budget a client
+ * gets a 503 (not the memory), and once bodies are gone the server takes them again. */
+static void test_body_budget_is_503(void **state) {
+    (void)state;
+    cpm_http_limits lim = cpm_http_limits_default();
+    lim.max_body = 96 << 10;
+    lim.max_body_total = 160 << 10;
+    server *s = server_start(&lim);
+    static char chunk[40 << 10];
+    memset(chunk, 'x', sizeof chunk);
+    const char *head = "POST /echo HTTP/1.1\r\nContent-Length: 90000\r\n\r\n";
+    client *a = client_open(s->port), *b = client_open(s->port);
+    client_send(a->fd, head, strlen(head));
+    client_send(a->fd, chunk, sizeof chunk); /* a holds a 64 KiB buffer ... */
+    client_send(a->fd, chunk, sizeof chunk); /* ... then 128 KiB */
+    usleep(100000);
+    client_send(b->fd, head, strlen(head));
+    client_send(b->fd, chunk, sizeof chunk); /* 64 KiB more: past 160 KiB */
+    response r;
+    client_read(b, &r);
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(r.body, "server_busy"));
+    client_close(b);
+    client_close(a); /* a's buffer is released with it */
+    usleep(100000);
+    client *c = client_open(s->port);
+    const char *head2 = "POST /sink HTTP/1.1\r\nContent-Length: 90000\r\n\r\n";
+    client_send(c->fd, head2, strlen(head2));
+    client_send(c->fd, chunk, sizeof chunk);
+    client_send(c->fd, chunk, sizeof chunk);
+    client_send(c->fd, chunk, 90000 - 2 * sizeof chunk);
+    client_read(c, &r);
+    assert_int_equal(r.status, 404); /* the whole body was taken and the handler answered */
+    client_close(c);
     server_stop(s);
 }
 
@@ -617,6 +682,8 @@ int main(void) {
         cmocka_unit_test(test_partial_request_times_out_408),
         cmocka_unit_test(test_idle_connection_is_closed),
         cmocka_unit_test(test_connection_limit_is_503),
+        cmocka_unit_test(test_idle_connections_make_room),
+        cmocka_unit_test(test_body_budget_is_503),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
