@@ -106,7 +106,8 @@ static int opt_left(const cpm_cli_opt *o, char *buf, size_t size) {
     char sh[8] = "    ";
     if (o->short_name)
         snprintf(sh, sizeof sh, "-%c, ", o->short_name);
-    return snprintf(buf, size, "  %s--%s%s%s", sh, o->name, o->arg ? " " : "", o->arg ? o->arg : "");
+    return snprintf(buf, size, "  %s--%s%s%s", sh, o->name, o->arg ? " " : "",
+                    o->arg ? o->arg : "");
 }
 
 static void print_opt(const cpm_cli_opt *o, int width, FILE *f) {

@@ -25,8 +25,8 @@ static const cpm_cli_opt opts[] = {
 
 static void parse_args(int argc, char **argv, cpm_router_args *ra, cpm_log *log) {
     cpm_cli cli = {.prog = "cpm-router", .synopsis = "--config FILE [options]", .tables = {opts},
-                   .about = "Serves the OpenAI-compatible HTTP API and the internal generate RPC of\n"
-                            "the cluster described by FILE.\n"};
+                   .about = "Serves the OpenAI-compatible HTTP API and the internal generate RPC\n"
+                            "of the cluster described by FILE.\n"};
     *ra = cpm_router_options_args_default();
     int c;
     for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {

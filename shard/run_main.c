@@ -77,7 +77,9 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
     case OPT_TOP_P: a->sampling.top_p = (float)cpm_cli_float(cli, v); break;
     case OPT_TOP_K: a->sampling.top_k = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
     case OPT_MIN_P: a->sampling.min_p = (float)cpm_cli_float(cli, v); break;
-    case OPT_REPETITION_PENALTY: a->sampling.repetition_penalty = (float)cpm_cli_float(cli, v); break;
+    case OPT_REPETITION_PENALTY:
+        a->sampling.repetition_penalty = (float)cpm_cli_float(cli, v);
+        break;
     case OPT_SEED: a->sampling.seed = (uint64_t)cpm_cli_int(cli, v, 0, INT_MAX); break;
     case OPT_THREADS: a->threads = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
     case OPT_BATCH: a->batch = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;

@@ -81,9 +81,9 @@ static const cpm_cli_opt opts[] = {
 static void parse_args(int argc, char **argv, launch *l) {
     cpm_cli cli = {.prog = "cpm-cluster", .synopsis = "up|rank|check CONFIG [options] | keys",
                    .tables = {opts},
-                   .about = "  up CONFIG      start every process on this host, print the router's address\n"
+                   .about = "  up CONFIG      start every process here, print the router's address\n"
                             "  rank CONFIG    under mpirun: become the process of this rank\n"
-                            "  check CONFIG   validate the file against the model, list the processes\n"
+                            "  check CONFIG   check the file against the model, list the processes\n"
                             "  keys           the configuration keys\n"};
     *l = (launch){.port = -1, .timeout_s = 120};
     int c;
@@ -99,7 +99,9 @@ static void parse_args(int argc, char **argv, launch *l) {
     int n = argc - cli.optind;
     l->cmd = n > 0 ? argv[cli.optind] : NULL;
     bool keys = l->cmd && !strcmp(l->cmd, "keys");
-    if (!l->cmd || (strcmp(l->cmd, "up") && strcmp(l->cmd, "rank") && strcmp(l->cmd, "check") && !keys))
+    bool known = keys || (l->cmd && (!strcmp(l->cmd, "up") || !strcmp(l->cmd, "rank") ||
+                                     !strcmp(l->cmd, "check")));
+    if (!known)
         cpm_cli_fail(&cli, "the first argument is up, rank, check or keys");
     if (n != (keys ? 1 : 2))
         cpm_cli_fail(&cli, keys ? "keys takes no file" : "%s needs one cluster file", l->cmd);
