@@ -1,22 +1,54 @@
 /* main.c - cpm-router: reads the cluster config, runs the router until SIGINT/SIGTERM.
  *
- * A thin shell over router.h: argument parsing, logging, signals, exit codes.
+ * A thin shell over router.h and options.h: argument parsing, logging, signals, exit codes.
  */
-#include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
 
-#include "router/router.h"
+#include "common/cli.h"
+#include "router/options.h"
 
-static void usage(FILE *f) {
-    fprintf(f,
-            "usage: cpm-router --config FILE [--model DIR] [--port N] [--host ADDR]\n"
-            "                  [--log-format text|json] [--log-level debug|info|warn|error]\n"
-            "Serves the OpenAI-compatible HTTP API and the internal generate RPC of the cluster\n"
-            "described by FILE. --port 0 picks a free port (printed on start).\n");
+enum { OPT_CONFIG = 1, OPT_MODEL, OPT_PORT, OPT_HOST, OPT_LOG_FORMAT, OPT_LOG_LEVEL };
+
+static const cpm_cli_opt opts[] = {
+    {"config", 'c', "FILE", "the cluster file (required)", OPT_CONFIG},
+    {"model", 'm', "DIR", "the model directory (overrides the file's)", OPT_MODEL},
+    {"port", 'p', "N", "HTTP port (overrides the file's; 0: any free port, printed)", OPT_PORT},
+    {"host", 'H', "ADDR", "HTTP address (overrides the file's)", OPT_HOST},
+    {"log-format", 'f', "text|json", "log lines as text (default) or JSON", OPT_LOG_FORMAT},
+    {"log-level", 'l', "LEVEL", "debug, info (default), warn or error", OPT_LOG_LEVEL},
+    {0},
+};
+
+static void parse_args(int argc, char **argv, cpm_router_args *ra, cpm_log *log) {
+    cpm_cli cli = {.prog = "cpm-router", .synopsis = "--config FILE [options]", .tables = {opts},
+                   .about = "Serves the OpenAI-compatible HTTP API and the internal generate RPC\n"
+                            "of the cluster described by FILE.\n"};
+    *ra = cpm_router_options_args_default();
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {
+        switch (c) {
+        case OPT_CONFIG: ra->config_path = v; break;
+        case OPT_MODEL: ra->model = v; break;
+        case OPT_PORT: ra->port = cpm_cli_port(&cli, v); break;
+        case OPT_HOST: ra->host = v; break;
+        case OPT_LOG_FORMAT:
+            if ((log->format = cpm_log_parse_format(v)) < 0)
+                cpm_cli_fail(&cli, "--log-format: text or json, not '%s'", v);
+            break;
+        case OPT_LOG_LEVEL:
+            if ((log->min_level = cpm_log_parse_level(v)) < 0)
+                cpm_cli_fail(&cli, "--log-level: debug, info, warn or error, not '%s'", v);
+            break;
+        }
+    }
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
+    if (!ra->config_path)
+        cpm_cli_fail(&cli, "--config FILE is required");
 }
 
 typedef struct app {
@@ -46,76 +78,20 @@ static void on_signal(uv_signal_t *s, int signum) {
 }
 
 int main(int argc, char **argv) {
-    const char *config = NULL, *model = NULL, *host = NULL;
-    int port = -1;
     cpm_log log = {.service = "router", .out = stderr, .format = CPM_LOG_TEXT,
                    .min_level = CPM_LOG_INFO};
-    static const struct option opts[] = {
-        {"config", required_argument, NULL, 'c'},   {"model", required_argument, NULL, 'm'},
-        {"port", required_argument, NULL, 'p'},     {"host", required_argument, NULL, 'H'},
-        {"log-format", required_argument, NULL, 'f'}, {"log-level", required_argument, NULL, 'l'},
-        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
-    };
-    for (int c; (c = getopt_long(argc, argv, "c:m:p:H:f:l:h", opts, NULL)) != -1;) {
-        switch (c) {
-        case 'c':
-            config = optarg;
-            break;
-        case 'm':
-            model = optarg;
-            break;
-        case 'p': {
-            char *end;
-            long v = strtol(optarg, &end, 10);
-            if (*end || v < 0 || v > 65535) {
-                fprintf(stderr, "cpm-router: --port: '%s' is not a port number\n", optarg);
-                return 2;
-            }
-            port = (int)v;
-            break;
-        }
-        case 'H':
-            host = optarg;
-            break;
-        case 'f':
-            if ((log.format = cpm_log_parse_format(optarg)) < 0) {
-                fprintf(stderr, "cpm-router: --log-format: text or json\n");
-                return 2;
-            }
-            break;
-        case 'l':
-            if ((log.min_level = cpm_log_parse_level(optarg)) < 0) {
-                fprintf(stderr, "cpm-router: --log-level: debug, info, warn or error\n");
-                return 2;
-            }
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    if (!config || optind != argc) {
-        usage(stderr);
-        return 2;
-    }
+    cpm_router_args ra;
+    parse_args(argc, argv, &ra, &log);
     cpm_error e = {0};
     cpm_config *cfg;
-    if (cpm_config_load(config, &cfg, &e)) {
+    cpm_router_opts ro;
+    if (cpm_router_options_load(&ra, &log, &cfg, &ro, &e)) {
         fprintf(stderr, "cpm-router: %s\n", e.msg);
         return 1;
     }
-    if (model)
-        cpm_config_set_model(cfg, model);
     signal(SIGPIPE, SIG_IGN);
     void *zctx = zmq_ctx_new();
     app a = {.loop = uv_default_loop(), .log = &log};
-    cpm_router_opts ro = cpm_router_opts_default();
-    ro.http_port = port;
-    ro.http_addr = host;
-    ro.log = &log;
     int rc = cpm_router_new(a.loop, zctx, cfg, &ro, &a.router, &e);
     if (rc == 0)
         rc = cpm_router_start(a.router, &e);
@@ -134,8 +110,7 @@ int main(int argc, char **argv) {
     a.sigint.data = a.sigterm.data = &a;
     uv_signal_start(&a.sigint, on_signal, SIGINT);
     uv_signal_start(&a.sigterm, on_signal, SIGTERM);
-    cpm_log_info(&log, "listening on http://%s:%d (rpc %s)",
-                 host ? host : cfg->router.http_addr[0] ? cfg->router.http_addr : "127.0.0.1",
+    cpm_log_info(&log, "listening on http://%s:%d (rpc %s)", cpm_router_options_http_host(&ro, cfg),
                  cpm_router_http_port(a.router), cfg->router.rpc);
     uv_run(a.loop, UV_RUN_DEFAULT);
     uv_loop_close(a.loop);

@@ -1,6 +1,7 @@
 /* expert_main.c - cpm-expert: MoE experts [first, last) of every layer as a process
  * (expert parallelism). Its range, endpoint and threads come from the cluster file
  * (--config FILE --index N: experts[N]) or from flags. See shard/expert.h. */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,12 +34,39 @@ static void on_ready(cpm_expert *ex, int status, const cpm_error *err, void *use
     cpm_log_info(log, "ready");
 }
 
-static const char *extra = "\n       [--experts BEGIN:END] [--max-batch-tokens N]";
+enum { OPT_EXPERTS = CPM_SVC_OPT_OWN, OPT_MAX_BATCH_TOKENS };
+
+static const cpm_cli_opt own_opts[] = {
+    {"experts", 0, "BEGIN:END", "the experts of every MoE layer served here (END -1 = last)",
+     OPT_EXPERTS},
+    {"max-batch-tokens", 0, "N", "most rows per expert call", OPT_MAX_BATCH_TOKENS},
+    {0},
+};
+
+/* Flags win over the cluster file, so they are kept apart until it is read. */
+typedef struct flags {
+    bool experts_set;
+    int expert_begin, expert_end;
+    int max_batch_tokens;
+} flags;
+
+static void on_opt(const cpm_cli *cli, int id, const char *v, void *user) {
+    flags *f = user;
+    if (id == OPT_EXPERTS) {
+        if (sscanf(v, "%d:%d", &f->expert_begin, &f->expert_end) != 2)
+            cpm_cli_fail(cli, "--experts wants BEGIN:END (END -1 = last)");
+        f->experts_set = true;
+    } else if (id == OPT_MAX_BATCH_TOKENS)
+        f->max_batch_tokens = (int)cpm_cli_int(cli, v, 1, INT_MAX);
+}
 
 int main(int argc, char **argv) {
     cpm_svc_args a;
-    char *rest[64];
-    int n_rest = cpm_svc_parse_args(argc, argv, "expert", extra, &a, rest);
+    flags f = {0};
+    cpm_svc_cli spec = {.prog = "cpm-expert", .role = "expert", .opts = own_opts,
+                        .on_opt = on_opt, .user = &f,
+                        .about = "Runs MoE experts [BEGIN, END) of every layer for the stages.\n"};
+    cpm_svc_parse_args(argc, argv, &spec, &a);
     cpm_expert_opts o = cpm_expert_opts_default();
     if (a.config) {
         cpm_config *c = a.config;
@@ -53,25 +81,12 @@ int main(int argc, char **argv) {
         o.expert_end = x->expert_end; /* CPM_CFG_LAYER_END (-1) = through the last, as here */
         o.model_dir = c->model;
     }
-    for (int i = 0; i < n_rest; i++) {
-        const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
-        if (!v) {
-            fprintf(stderr, "cpm-expert: %s needs a value\n", rest[i]);
-            return 2;
-        }
-        if (!strcmp(rest[i], "--experts")) {
-            if (sscanf(v, "%d:%d", &o.expert_begin, &o.expert_end) != 2) {
-                fprintf(stderr, "cpm-expert: --experts wants BEGIN:END (END -1 = last)\n");
-                return 2;
-            }
-        } else if (!strcmp(rest[i], "--max-batch-tokens"))
-            o.max_batch_tokens = atoi(v);
-        else {
-            fprintf(stderr, "cpm-expert: unknown argument '%s'\n", rest[i]);
-            return 2;
-        }
-        i++;
+    if (f.experts_set) {
+        o.expert_begin = f.expert_begin;
+        o.expert_end = f.expert_end;
     }
+    if (f.max_batch_tokens)
+        o.max_batch_tokens = f.max_batch_tokens;
     if (a.bind)
         o.bind = a.bind;
     if (a.model)

@@ -1,6 +1,7 @@
 /* main.c - cpm-shard: one pipeline stage as a process. Its layers, endpoints and limits
  * come from the cluster file (--config FILE --index N) or from flags. See stage.h. With
  * --tp-rank R (R >= 1) it is tensor-parallel rank R of stage N (stages[N].tp[R-1]). */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,7 +9,7 @@
 
 #include "services/common/svcmain.h"
 #include "shard/kernels/matmul.h"
-#include "shard/stage.h"
+#include "shard/stage_config.h"
 
 typedef struct app {
     cpm_stage *st;
@@ -38,130 +39,107 @@ static void on_ready(cpm_stage *st, int status, const cpm_error *err, void *user
     cpm_log_info(log, "ready");
 }
 
-static const char *extra =
-    "\n       [--layers BEGIN:END] [--next ENDPOINT] [--kv-tokens N] [--max-seqs N]"
-    " [--max-batch-tokens N] [--tp-rank R]";
+enum { OPT_LAYERS = CPM_SVC_OPT_OWN, OPT_NEXT, OPT_KV_TOKENS, OPT_MAX_SEQS, OPT_MAX_BATCH_TOKENS,
+       OPT_TP_RANK };
 
-/* Tensor parallelism from the cluster file: rank tp_rank of stage s. */
-static int tp_from_config(const cpm_config *c, int s, int tp_rank, cpm_stage_opts *o,
-                          const char **mesh, const char **peers, const cpm_log *log) {
-    const cpm_cfg_stage *st = &c->stages[s];
-    if (tp_rank < 0 || tp_rank > st->n_tp) {
-        cpm_log_error(log, "%s: stages[%d] has tensor parallel ranks 0..%d, not %d", c->path, s,
-                      st->n_tp, tp_rank);
-        return -1;
+static const cpm_cli_opt own_opts[] = {
+    {"layers", 0, "BEGIN:END", "the layers served here (END -1 = last)", OPT_LAYERS},
+    {"next", 0, "ENDPOINT", "the next stage, or the router's results endpoint", OPT_NEXT},
+    {"kv-tokens", 0, "N", "KV-cache capacity in tokens", OPT_KV_TOKENS},
+    {"max-seqs", 0, "N", "live sequences", OPT_MAX_SEQS},
+    {"max-batch-tokens", 0, "N", "rows per forward call", OPT_MAX_BATCH_TOKENS},
+    {"tp-rank", 0, "R", "tensor parallel rank R >= 1 of stages[N] (with --config --index)",
+     OPT_TP_RANK},
+    {0},
+};
+
+/* Flags win over the cluster file, so they are kept apart until it is read. 0/NULL: not given. */
+typedef struct flags {
+    bool layers_set;
+    int layer_begin, layer_end;
+    const char *next;
+    int kv_tokens, max_seqs, max_batch_tokens, tp_rank;
+} flags;
+
+static void on_opt(const cpm_cli *cli, int id, const char *v, void *user) {
+    flags *f = user;
+    switch (id) {
+    case OPT_LAYERS:
+        if (sscanf(v, "%d:%d", &f->layer_begin, &f->layer_end) != 2)
+            cpm_cli_fail(cli, "--layers wants BEGIN:END (END -1 = last)");
+        f->layers_set = true;
+        break;
+    case OPT_NEXT: f->next = v; break;
+    case OPT_KV_TOKENS: f->kv_tokens = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
+    case OPT_MAX_SEQS: f->max_seqs = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
+    case OPT_MAX_BATCH_TOKENS: f->max_batch_tokens = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
+    case OPT_TP_RANK: f->tp_rank = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
     }
-    if (!st->n_tp)
-        return 0;
-    for (int r = 0; r <= st->n_tp; r++) {
-        mesh[r] = r ? st->tp[r - 1].mesh : st->tp_mesh;
-        if (r)
-            peers[r - 1] = st->tp[r - 1].svc.endpoint;
+}
+
+static void apply_flags(cpm_stage_opts *o, const flags *f, const cpm_svc_args *a) {
+    if (f->layers_set) {
+        o->layer_begin = f->layer_begin;
+        o->layer_end = f->layer_end;
     }
-    o->tp_rank = tp_rank;
-    o->tp_size = st->n_tp + 1;
-    o->tp_mesh = mesh;
-    o->tp_peers = peers;
-    if (tp_rank > 0) { /* its own endpoint and threads; sends nothing downstream */
-        o->bind = st->tp[tp_rank - 1].svc.endpoint;
-        o->threads = st->tp[tp_rank - 1].svc.threads;
-        o->next = NULL;
-    }
-    return 0;
+    if (f->next)
+        o->next = f->next;
+    if (f->kv_tokens)
+        o->kv_tokens = f->kv_tokens;
+    if (f->max_seqs)
+        o->max_seqs = f->max_seqs;
+    if (f->max_batch_tokens)
+        o->max_batch_tokens = f->max_batch_tokens;
+    if (a->bind)
+        o->bind = a->bind;
+    if (a->model)
+        o->model_dir = a->model;
+    if (a->threads)
+        o->threads = a->threads;
+    o->name = a->name;
+}
+
+/* The file's `isa` pins the matmul kernels for the whole process ("auto": the best). */
+static void force_isa(const char *name) {
+    cpm_isa isa;
+    if (name && cpm_isa_from_name(name, &isa) && cpm_isa_force(isa) != isa)
+        fprintf(stderr, "cpm-shard: isa %s: this CPU lacks it; using %s\n", name,
+                cpm_isa_name(cpm_isa_force(isa)));
 }
 
 int main(int argc, char **argv) {
     cpm_svc_args a;
-    char *rest[64];
-    int n_rest = cpm_svc_parse_args(argc, argv, "stage", extra, &a, rest);
-    cpm_stage_opts o = cpm_stage_opts_default();
-    cpm_expert_peer peers[CPM_CFG_MAX_EXPERT_SVCS];
-    const char *tp_mesh[CPM_TP_MAX], *tp_peers[CPM_TP_MAX];
-    int tp_rank = 0;
-    for (int i = 0; i + 1 < n_rest; i++) /* needed before the cluster file is read */
-        if (!strcmp(rest[i], "--tp-rank"))
-            tp_rank = atoi(rest[i + 1]);
-    if (tp_rank > 0 && a.name == a.name_buf) { /* "stage0.tp1" in logs and errors */
-        snprintf(a.name_buf, sizeof a.name_buf, "stage%d.tp%d", a.index, tp_rank);
+    flags f = {0};
+    cpm_svc_cli spec = {.prog = "cpm-shard", .role = "stage", .opts = own_opts, .on_opt = on_opt,
+                        .user = &f,
+                        .about = "Runs one pipeline stage: its layers, endpoints and limits come from\n"
+                                 "the cluster file (--config FILE --index N) or from the flags.\n"};
+    cpm_svc_parse_args(argc, argv, &spec, &a);
+    if (f.tp_rank > 0 && a.name == a.name_buf) { /* "stage0.tp1" in logs and errors */
+        snprintf(a.name_buf, sizeof a.name_buf, "stage%d.tp%d", a.index, f.tp_rank);
         a.log.service = a.name;
     }
-    if (a.config) {
-        cpm_config *c = a.config;
-        if (a.index < 0 || a.index >= c->n_stages) {
-            cpm_log_error(&a.log, "%s: no stages[%d]", c->path, a.index);
-            return 1;
-        }
-        const cpm_cfg_stage *s = &c->stages[a.index];
-        o.bind = s->svc.endpoint;
-        o.next = cpm_config_stage_next(c, a.index);
-        o.layer_begin = s->layer_begin;
-        o.layer_end = s->layer_end;
-        o.threads = s->svc.threads;
-        o.kv_tokens = s->kv_tokens;
-        o.kv_dtype = strcmp(s->kv_dtype, "f16") ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
-        cpm_isa isa;
-        if (cpm_isa_from_name(s->isa, &isa) && cpm_isa_force(isa) != isa) /* "auto": not a name */
-            fprintf(stderr, "cpm-shard: isa %s: this CPU lacks it; using %s\n", s->isa,
-                    cpm_isa_name(cpm_isa_force(isa)));
-        o.max_seqs = s->max_seqs;
-        o.max_batch_tokens = s->max_batch_tokens;
-        o.model_dir = c->model;
-        /* expert parallelism: the MoE experts run in the cluster's expert services */
-        for (int i = 0; i < c->n_experts; i++)
-            peers[i] = (cpm_expert_peer){.endpoint = c->experts[i].svc.endpoint,
-                                         .begin = c->experts[i].expert_begin,
-                                         .end = c->experts[i].expert_end};
-        o.experts = peers;
-        o.n_experts = c->n_experts;
-        o.expert_timeout_ms = c->router.timeout_ms;
-        if (tp_from_config(c, a.index, tp_rank, &o, tp_mesh, tp_peers, &a.log))
-            return 1;
-    } else if (tp_rank) {
+    cpm_stage_config sc;
+    cpm_error e = {0};
+    cpm_stage_config_init(&sc);
+    if (a.config && cpm_stage_config_from_cluster(&sc, a.config, a.index, f.tp_rank, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    if (!a.config && f.tp_rank) {
         cpm_log_error(&a.log, "--tp-rank needs --config FILE --index N");
         return 2;
     }
-    for (int i = 0; i < n_rest; i++) {
-        const char *v = i + 1 < n_rest ? rest[i + 1] : NULL;
-        if (!v) {
-            fprintf(stderr, "cpm-shard: %s needs a value\n", rest[i]);
-            return 2;
-        }
-        if (!strcmp(rest[i], "--layers")) {
-            if (sscanf(v, "%d:%d", &o.layer_begin, &o.layer_end) != 2) {
-                fprintf(stderr, "cpm-shard: --layers wants BEGIN:END (END -1 = last)\n");
-                return 2;
-            }
-        } else if (!strcmp(rest[i], "--next"))
-            o.next = v;
-        else if (!strcmp(rest[i], "--kv-tokens"))
-            o.kv_tokens = atoi(v);
-        else if (!strcmp(rest[i], "--max-seqs"))
-            o.max_seqs = atoi(v);
-        else if (!strcmp(rest[i], "--max-batch-tokens"))
-            o.max_batch_tokens = atoi(v);
-        else if (!strcmp(rest[i], "--tp-rank"))
-            ; /* read above */
-        else {
-            fprintf(stderr, "cpm-shard: unknown argument '%s'\n", rest[i]);
-            return 2;
-        }
-        i++;
-    }
-    if (a.bind)
-        o.bind = a.bind;
-    if (a.model)
-        o.model_dir = a.model;
-    if (a.threads)
-        o.threads = a.threads;
-    o.name = a.name;
-    if (!o.bind || (!o.next && o.tp_rank == 0) || !o.model_dir || !*o.model_dir) {
-        cpm_log_error(&a.log, "need --config FILE --index N, or --bind EP --next EP --model DIR");
+    force_isa(sc.isa);
+    cpm_stage_opts o = sc.opts;
+    apply_flags(&o, &f, &a);
+    if (cpm_stage_config_check(&o, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
         return 2;
     }
     void *z = zmq_ctx_new();
     uv_loop_t *loop = uv_default_loop();
     cpm_stage *st;
-    cpm_error e = {0};
     if (cpm_stage_new(loop, z, &o, on_ready, &a.log, &st, &e)) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;

@@ -5,11 +5,12 @@
  * shell over cpm_model (engine), cpm_generate and the tokenizer library.
  */
 #include <errno.h>
-#include <getopt.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cli.h"
 #include "../services/tokenizer/tokenizer.h"
 #include "generate.h"
 #include "kernels/matmul.h"
@@ -37,99 +38,79 @@ typedef struct run_ctx {
     cpm_detok *detok; /* NULL when printing ids or without a tokenizer */
 } run_ctx;
 
-static void usage(FILE *f) {
-    fprintf(f,
-            "usage: cpm-run --model DIR (--ids 1,2,3 | --prompt TEXT) [options]\n"
-            "  --n N                 tokens to generate (default 32)\n"
-            "  --temperature T       0 = greedy (default 0)\n"
-            "  --top-p P --top-k K --min-p P --repetition-penalty R --seed S\n"
-            "  --threads N           compute threads (default 1)\n"
-            "  --batch N             most prompt tokens per forward pass (default 512)\n"
-            "  --kv-dtype f32|f16    KV cache elements (default f32, exact; f16 halves its memory)\n"
-            "  --isa NAME            pin the matmul kernels: scalar, avx2, avx512, amx (default: best)\n"
-            "  --logits-out FILE     write every prompt position's logits (f32 LE rows)\n"
-            "  --print-ids           print the generated ids on one line of stdout\n"
-            "  --ignore-eos          generate exactly N tokens\n"
-            "  --chat                wrap --prompt in the model's chat template as a user turn\n"
-            "prefill and decode tokens/s are reported on stderr.\n");
-}
+enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
+       OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
+       OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT };
 
-static int parse_int(const char *s, const char *what, int min, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < min || v > 1 << 30) {
-        fprintf(stderr, "cpm-run: %s: '%s' is not an integer >= %d\n", what, s, min);
-        return -1;
+static const cpm_cli_opt opts[] = {
+    {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
+    {"ids", 0, "1,2,3", "the prompt as token ids", OPT_IDS},
+    {"prompt", 0, "TEXT", "the prompt as text", OPT_PROMPT},
+    {"n", 0, "N", "tokens to generate (default 32)", OPT_N},
+    {"temperature", 0, "T", "0 = greedy (default 0)", OPT_TEMPERATURE},
+    {"top-p", 0, "P", "nucleus sampling", OPT_TOP_P},
+    {"top-k", 0, "K", "keep the K most likely tokens", OPT_TOP_K},
+    {"min-p", 0, "P", "drop tokens below P x the most likely one", OPT_MIN_P},
+    {"repetition-penalty", 0, "R", "penalty for tokens already seen", OPT_REPETITION_PENALTY},
+    {"seed", 0, "S", "sampling seed", OPT_SEED},
+    {"threads", 0, "N", "compute threads (default 1)", OPT_THREADS},
+    {"batch", 0, "N", "most prompt tokens per forward pass (default 512)", OPT_BATCH},
+    {"kv-dtype", 0, "f32|f16", "KV cache elements (default f32, exact; f16 halves its memory)",
+     OPT_KV_DTYPE},
+    {"isa", 0, "NAME", "pin the matmul kernels: scalar, avx2, avx512, amx (default: best)",
+     OPT_ISA},
+    {"logits-out", 0, "FILE", "write every prompt position's logits (f32 LE rows)",
+     OPT_LOGITS_OUT},
+    {"print-ids", 0, NULL, "print the generated ids on one line of stdout", OPT_PRINT_IDS},
+    {"ignore-eos", 0, NULL, "generate exactly N tokens", OPT_IGNORE_EOS},
+    {"chat", 0, NULL, "wrap --prompt in the model's chat template as a user turn", OPT_CHAT},
+    {0},
+};
+
+static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
+    switch (c) {
+    case OPT_MODEL: a->model = v; break;
+    case OPT_IDS: a->ids = v; break;
+    case OPT_PROMPT: a->prompt = v; break;
+    case OPT_N: a->n = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_TEMPERATURE: a->sampling.temperature = (float)cpm_cli_float(cli, v); break;
+    case OPT_TOP_P: a->sampling.top_p = (float)cpm_cli_float(cli, v); break;
+    case OPT_TOP_K: a->sampling.top_k = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_MIN_P: a->sampling.min_p = (float)cpm_cli_float(cli, v); break;
+    case OPT_REPETITION_PENALTY:
+        a->sampling.repetition_penalty = (float)cpm_cli_float(cli, v);
+        break;
+    case OPT_SEED: a->sampling.seed = (uint64_t)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_THREADS: a->threads = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
+    case OPT_BATCH: a->batch = (int)cpm_cli_int(cli, v, 1, INT_MAX); break;
+    case OPT_LOGITS_OUT: a->logits_out = v; break;
+    case OPT_PRINT_IDS: a->print_ids = true; break;
+    case OPT_IGNORE_EOS: a->ignore_eos = true; break;
+    case OPT_CHAT: a->chat = true; break;
+    case OPT_ISA: a->isa = v; break;
+    case OPT_KV_DTYPE:
+        if (strcmp(v, "f32") && strcmp(v, "f16"))
+            cpm_cli_fail(cli, "--kv-dtype: '%s' is not f32 or f16", v);
+        a->kv_dtype = v[1] == '3' ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
+        break;
     }
-    *out = (int)v;
-    return 0;
 }
 
-static int parse_float(const char *s, const char *what, float *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || *end || end == s) {
-        fprintf(stderr, "cpm-run: %s: '%s' is not a number\n", what, s);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
-
-static int parse_args(int argc, char **argv, run_args *a) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},     {"ids", required_argument, 0, 'i'},
-        {"prompt", required_argument, 0, 'p'},    {"n", required_argument, 0, 'n'},
-        {"temperature", required_argument, 0, 't'}, {"top-p", required_argument, 0, 'P'},
-        {"top-k", required_argument, 0, 'K'},     {"min-p", required_argument, 0, 'M'},
-        {"repetition-penalty", required_argument, 0, 'R'}, {"seed", required_argument, 0, 's'},
-        {"threads", required_argument, 0, 'T'},   {"batch", required_argument, 0, 'B'},
-        {"logits-out", required_argument, 0, 'L'}, {"print-ids", no_argument, 0, 'I'},
-        {"ignore-eos", no_argument, 0, 'E'},      {"chat", no_argument, 0, 'C'},
-        {"kv-dtype", required_argument, 0, 'D'},   {"isa", required_argument, 0, 'A'},
-        {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
+static void parse_args(int argc, char **argv, run_args *a) {
+    cpm_cli cli = {.prog = "cpm-run", .synopsis = "--model DIR (--ids 1,2,3 | --prompt TEXT) [options]",
+                   .tables = {opts}, .about = "prefill and decode tokens/s are reported on stderr.\n"};
     *a = (run_args){.n = 32, .threads = 1, .batch = 512};
     a->sampling = cpm_sampling_params_default();
     a->sampling.temperature = 0.0f;
-    int c, seed = 0, rc = 0;
-    while (rc == 0 && (c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': a->model = optarg; break;
-        case 'i': a->ids = optarg; break;
-        case 'p': a->prompt = optarg; break;
-        case 'n': rc = parse_int(optarg, "--n", 0, &a->n); break;
-        case 't': rc = parse_float(optarg, "--temperature", &a->sampling.temperature); break;
-        case 'P': rc = parse_float(optarg, "--top-p", &a->sampling.top_p); break;
-        case 'K': rc = parse_int(optarg, "--top-k", 0, &a->sampling.top_k); break;
-        case 'M': rc = parse_float(optarg, "--min-p", &a->sampling.min_p); break;
-        case 'R': rc = parse_float(optarg, "--repetition-penalty", &a->sampling.repetition_penalty); break;
-        case 's': rc = parse_int(optarg, "--seed", 0, &seed); a->sampling.seed = (uint64_t)seed; break;
-        case 'T': rc = parse_int(optarg, "--threads", 1, &a->threads); break;
-        case 'B': rc = parse_int(optarg, "--batch", 1, &a->batch); break;
-        case 'L': a->logits_out = optarg; break;
-        case 'I': a->print_ids = true; break;
-        case 'E': a->ignore_eos = true; break;
-        case 'C': a->chat = true; break;
-        case 'A': a->isa = optarg; break;
-        case 'D':
-            if (!strcmp(optarg, "f32") || !strcmp(optarg, "f16")) {
-                a->kv_dtype = optarg[1] == '3' ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
-            } else {
-                fprintf(stderr, "cpm-run: --kv-dtype: '%s' is not f32 or f16\n", optarg);
-                rc = -1;
-            }
-            break;
-        case 'h': usage(stdout); exit(0);
-        default: rc = -1;
-        }
-    }
-    if (rc == 0 && (optind < argc || !a->model || !a->ids == !a->prompt)) {
-        usage(stderr);
-        rc = -1;
-    }
-    return rc;
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;)
+        take(&cli, c, v, a);
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
+    if (!a->model)
+        cpm_cli_fail(&cli, "--model DIR is required");
+    if (!a->ids == !a->prompt)
+        cpm_cli_fail(&cli, "give one of --ids and --prompt");
 }
 
 /* "1,2,3" (spaces allowed) → ids. */
@@ -215,8 +196,7 @@ static void report(const cpm_generate_stats *st) {
 
 int main(int argc, char **argv) {
     run_args a;
-    if (parse_args(argc, argv, &a))
-        return 2;
+    parse_args(argc, argv, &a);
     cpm_error err = {0};
     cpm_model *m = NULL;
     cpm_tokenizer *tok = NULL;

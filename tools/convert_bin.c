@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/cli.h"
 #include "shard/model/checkpoint.h"
 #include "shard/model/safetensors.h"
 
@@ -26,37 +28,37 @@ typedef struct options {
     unsigned long long max_shard;
 } options;
 
-static void usage(FILE *f) {
-    fprintf(f, "usage: cpm-convert-bin --in DIR --out DIR [--max-shard-bytes N]\n"
-               "Converts pytorch_model.bin (or its sharded index) in DIR to\n"
-               "model.safetensors (sharded with an index past N bytes, default 4 GiB)\n"
-               "and copies the directory's other files (config, tokenizer) across.\n");
-}
+enum { OPT_IN = 1, OPT_OUT, OPT_MAX_SHARD_BYTES };
 
-static int parse_args(int argc, char **argv, options *o) {
+static const cpm_cli_opt opts[] = {
+    {"in", 0, "DIR", "the directory with pytorch_model.bin or its index (required)", OPT_IN},
+    {"out", 0, "DIR", "where model.safetensors goes (required)", OPT_OUT},
+    {"max-shard-bytes", 0, "N", "shard with an index past N bytes (default 4 GiB)",
+     OPT_MAX_SHARD_BYTES},
+    {0},
+};
+
+static void parse_args(int argc, char **argv, options *o) {
+    cpm_cli cli = {.prog = "cpm-convert-bin", .synopsis = "--in DIR --out DIR [--max-shard-bytes N]",
+                   .tables = {opts},
+                   .about = "Converts pytorch_model.bin (or its sharded index) in DIR to\n"
+                            "model.safetensors and copies the directory's other files (config,\n"
+                            "tokenizer) across.\n"};
     o->max_shard = DEFAULT_MAX_SHARD;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            exit(0);
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {
+        switch (c) {
+        case OPT_IN: o->in = v; break;
+        case OPT_OUT: o->out = v; break;
+        case OPT_MAX_SHARD_BYTES:
+            o->max_shard = (unsigned long long)cpm_cli_int(&cli, v, 1, LLONG_MAX);
+            break;
         }
-        if (!v)
-            return -1;
-        if (!strcmp(a, "--in"))
-            o->in = v;
-        else if (!strcmp(a, "--out"))
-            o->out = v;
-        else if (!strcmp(a, "--max-shard-bytes")) {
-            char *end;
-            o->max_shard = strtoull(v, &end, 10);
-            if (*end || o->max_shard == 0)
-                return -1;
-        } else
-            return -1;
-        i++;
     }
-    return o->in && o->out ? 0 : -1;
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
+    if (!o->in || !o->out)
+        cpm_cli_fail(&cli, "--in DIR and --out DIR are required");
 }
 
 static char *path_join(const char *dir, const char *name) {
@@ -287,10 +289,7 @@ static int convert(const options *o, cpm_error *err) {
 
 int main(int argc, char **argv) {
     options o = {0};
-    if (parse_args(argc, argv, &o) < 0) {
-        usage(stderr);
-        return 2;
-    }
+    parse_args(argc, argv, &o);
     cpm_error err = {0};
     if (convert(&o, &err) < 0) {
         fprintf(stderr, "cpm-convert-bin: %s\n", err.msg);

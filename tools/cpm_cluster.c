@@ -10,7 +10,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <jansson.h>
 #include <limits.h>
 #include <netdb.h>
 #include <poll.h>
@@ -24,8 +23,11 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "common/cli.h"
 #include "services/common/config.h"
 #include "services/common/transport.h"
+#include "shard/model/hf_config.h"
+#include "shard/model/tp_split.h"
 
 #define MAX_ARGS 32
 
@@ -64,73 +66,60 @@ static void on_signal(int sig) {
     arg_stop = 1;
 }
 
-static void usage(void) {
-    fprintf(stderr,
-            "usage: cpm-cluster up CONFIG [--model DIR] [--port N] [--bin-dir DIR] [--timeout S]\n"
-            "                             [--log-format text|json]   (--port 0: any free port, printed)\n"
-            "       cpm-cluster rank CONFIG [--model DIR] [--port N]   (one process per mpirun rank)\n"
-            "       cpm-cluster check CONFIG [--model DIR]             (validate, list the processes)\n"
-            "       cpm-cluster keys                                   (the configuration keys)\n");
-    exit(2);
-}
+enum { OPT_MODEL = 1, OPT_PORT, OPT_BIN_DIR, OPT_TIMEOUT, OPT_LOG_FORMAT };
+
+static const cpm_cli_opt opts[] = {
+    {"model", 0, "DIR", "the model directory (overrides the file's)", OPT_MODEL},
+    {"port", 0, "N", "the router's HTTP port (0: any free port, printed)", OPT_PORT},
+    {"bin-dir", 0, "DIR", "where the cpm-* binaries are (default: beside this one, the build "
+     "tree, PATH)", OPT_BIN_DIR},
+    {"timeout", 0, "S", "seconds until every process must be healthy (default 120)", OPT_TIMEOUT},
+    {"log-format", 0, "text|json", "the processes' log lines as text or JSON", OPT_LOG_FORMAT},
+    {0},
+};
 
 static void parse_args(int argc, char **argv, launch *l) {
+    cpm_cli cli = {.prog = "cpm-cluster", .synopsis = "up|rank|check CONFIG [options] | keys",
+                   .tables = {opts},
+                   .about = "  up CONFIG      start every process here, print the router's address\n"
+                            "  rank CONFIG    under mpirun: become the process of this rank\n"
+                            "  check CONFIG   check the file against the model, list the processes\n"
+                            "  keys           the configuration keys\n"};
     *l = (launch){.port = -1, .timeout_s = 120};
-    if (argc < 2)
-        usage();
-    l->cmd = argv[1];
-    int i = 2;
-    if (strcmp(l->cmd, "keys")) {
-        if (argc < 3)
-            usage();
-        l->config_path = argv[i++];
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {
+        switch (c) {
+        case OPT_MODEL: l->model = v; break;
+        case OPT_PORT: l->port = cpm_cli_port(&cli, v); break;
+        case OPT_BIN_DIR: l->bin_dir = v; break;
+        case OPT_TIMEOUT: l->timeout_s = (int)cpm_cli_int(&cli, v, 0, INT_MAX); break;
+        case OPT_LOG_FORMAT: l->log_format = v; break;
+        }
     }
-    for (; i < argc; i++) {
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!v)
-            usage();
-        if (!strcmp(argv[i], "--model"))
-            l->model = v;
-        else if (!strcmp(argv[i], "--port")) {
-            char *end;
-            long p = strtol(v, &end, 10);
-            if (*end || p < 0 || p > 65535) {
-                fprintf(stderr, "cpm-cluster: --port: '%s' is not a port number\n", v);
-                exit(2);
-            }
-            l->port = (int)p;
-        } else if (!strcmp(argv[i], "--bin-dir"))
-            l->bin_dir = v;
-        else if (!strcmp(argv[i], "--timeout"))
-            l->timeout_s = atoi(v);
-        else if (!strcmp(argv[i], "--log-format"))
-            l->log_format = v;
-        else
-            usage();
-        i++;
-    }
+    int n = argc - cli.optind;
+    l->cmd = n > 0 ? argv[cli.optind] : NULL;
+    bool keys = l->cmd && !strcmp(l->cmd, "keys");
+    bool known = keys || (l->cmd && (!strcmp(l->cmd, "up") || !strcmp(l->cmd, "rank") ||
+                                     !strcmp(l->cmd, "check")));
+    if (!known)
+        cpm_cli_fail(&cli, "the first argument is up, rank, check or keys");
+    if (n != (keys ? 1 : 2))
+        cpm_cli_fail(&cli, keys ? "keys takes no file" : "%s needs one cluster file", l->cmd);
+    l->config_path = keys ? NULL : argv[cli.optind + 1];
 }
 
 /* ------------------------------------------------------------------ checks before start */
 
-/* num_hidden_layers (required) and num_experts (0 when absent: a dense model). */
-static int model_layers(const char *dir, int *ret, int *ret_experts, cpm_error *err) {
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root)
-        return cpm_error_set(err, CPM_EIO, "model %s: %s", path, je.text);
-    json_t *n = json_object_get(root, "num_hidden_layers");
-    int rc = 0;
-    if (!json_is_integer(n) || json_integer_value(n) < 1)
-        rc = cpm_error_set(err, CPM_EFORMAT, "model %s: no num_hidden_layers", path);
-    else
-        *ret = (int)json_integer_value(n);
-    json_t *e = json_object_get(root, "num_experts");
-    *ret_experts = json_is_integer(e) && json_integer_value(e) > 0 ? (int)json_integer_value(e) : 0;
-    json_decref(root);
-    return rc;
+/* The model's own reading of its config.json (the engine's), so that the launcher and the
+ * stages it starts judge the same model the same way. */
+static int model_hparams(const char *dir, cpm_hparams *ret, cpm_error *err) {
+    int rc = cpm_hparams_load(dir, ret, err);
+    if (rc) {
+        char why[CPM_ERROR_MSG_MAX];
+        snprintf(why, sizeof why, "%s", err->msg);
+        return cpm_error_set(err, rc, "model %s: %s", dir, why);
+    }
+    return 0;
 }
 
 /* For `up` everything runs here: each tcp endpoint must name a local address whose
@@ -163,40 +152,34 @@ static int check_local_endpoint(const char *what, const char *ep, cpm_error *err
     return rc;
 }
 
-/* Tensor parallelism splits whole KV-head groups (MLA: heads) and the FFN width. */
-static int model_tp_split(const char *dir, const cpm_config *c, cpm_error *err) {
-    if (!cpm_config_n_tp(c))
-        return 0;
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root)
-        return cpm_error_set(err, CPM_EIO, "model %s: %s", path, je.text);
-    json_t *heads = json_object_get(root, "num_attention_heads");
-    json_t *kv = json_object_get(root, "num_key_value_heads");
-    json_t *inter = json_object_get(root, "intermediate_size");
-    bool mla = json_object_get(root, "kv_lora_rank") != NULL;
-    int split = (int)json_integer_value(mla || !json_is_integer(kv) ? heads : kv);
-    int rc = cpm_config_check_tp(c, split, (int)json_integer_value(inter),
-                                 json_object_get(root, "quantization_config") != NULL, err);
-    json_decref(root);
-    return rc;
+/* Each tensor-parallel stage against the engine's split rule (shard/model/tp_split.h). */
+static int model_tp_split(const cpm_hparams *hp, const cpm_config *c, cpm_error *err) {
+    for (int i = 0; i < c->n_stages; i++) {
+        int T = c->stages[i].n_tp + 1, rc = cpm_tp_split_check(hp, T, err);
+        if (rc) {
+            char why[CPM_ERROR_MSG_MAX];
+            snprintf(why, sizeof why, "%s", err->msg);
+            return cpm_error_set(err, rc, "%s: stages[%d].tp: %d ranks: model %s: %s", c->path, i,
+                                 T, c->model, why);
+        }
+    }
+    return 0;
 }
 
 static int check_cluster(cpm_config *c, bool local, cpm_error *err) {
     if (!c->model[0])
         return cpm_error_set(err, CPM_EINVAL, "%s: no model: set `model:` or pass --model DIR", c->path);
-    int layers = 0, experts = 0, rc = model_layers(c->model, &layers, &experts, err);
+    cpm_hparams hp;
+    int rc = model_hparams(c->model, &hp, err);
     if (!rc)
-        rc = model_tp_split(c->model, c, err);
+        rc = model_tp_split(&hp, c, err);
     if (!rc) {
         /* Resolve a copy: children get the file and resolve `end` themselves. */
         static cpm_config tmp; /* large: kept off the stack */
         tmp = *c;
-        rc = cpm_config_resolve_layers(&tmp, layers, err);
+        rc = cpm_config_resolve_layers(&tmp, hp.n_layers, err);
         if (!rc)
-            rc = cpm_config_resolve_experts(&tmp, experts, err);
+            rc = cpm_config_resolve_experts(&tmp, hp.n_experts, err);
     }
     for (int r = 0; local && !rc && r < cpm_config_n_procs(c); r++) {
         cpm_role role;
@@ -663,8 +646,6 @@ int main(int argc, char **argv) {
         fputs(buf, stdout);
         return 0;
     }
-    if (strcmp(l.cmd, "up") && strcmp(l.cmd, "rank") && strcmp(l.cmd, "check"))
-        usage();
     cpm_config *c;
     cpm_error e = {0};
     if (cpm_config_load(l.config_path, &c, &e)) {

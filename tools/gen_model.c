@@ -9,7 +9,7 @@
  * Outputs of such a model are meaningless text.
  */
 #include <errno.h>
-#include <getopt.h>
+#include <limits.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/cli.h"
 #include "shard/kernels/dtype.h"
 #include "shard/model/arch.h"
 #include "shard/model/hf_config.h"
@@ -665,85 +666,101 @@ static int copy_tokenizer(const gen_args *a, cpm_error *err) {
 
 /* ---- main ---- */
 
-static void usage(FILE *f) {
-    fprintf(f, "usage: cpm-gen-model --variant NAME --out DIR [options]\n"
-               "  variants:");
-    for (size_t i = 0; i < sizeof presets / sizeof *presets; i++)
-        fprintf(f, " %s", presets[i].name);
-    fprintf(f, "\n  --dtype bf16|f16|f32 (default bf16)  --seed N  --shard-mb N\n"
-               "  --layers N --hidden N --inter N --heads N --kv-heads N --vocab N --experts N\n"
-               "  --sparse default|kernel=N,stride=N,block=N,window=N,topk=N,init=N,dense_len=N\n"
-               "  --quant gptq|awq [--group-size N (default 128, -1 = per row)] [--desc-act]\n"
-               "           decoder linears as AutoGPTQ int4 (act-order: --desc-act) or\n"
-               "           AutoAWQ GEMM int4; add --dequant to write the same\n"
-               "           weights as plain floats (exact with --dtype f32)\n"
-               "           (MiniCPM4 InfLLM v2 sparse_config; unnamed keys keep HF defaults)\n"
-               "  --tokenizer DIR (default: the variant's files under assets/tokenizers)\n"
-               "  --assets DIR (default %s)\n"
-               "Weights are random: the model's text is meaningless.\n",
-            CPM_ASSETS_DIR);
+enum { OPT_VARIANT = 1, OPT_OUT, OPT_DTYPE, OPT_SEED, OPT_SHARD_MB, OPT_LAYERS, OPT_HIDDEN,
+       OPT_INTER, OPT_HEADS, OPT_KV_HEADS, OPT_VOCAB, OPT_EXPERTS, OPT_TOKENIZER, OPT_ASSETS,
+       OPT_SPARSE, OPT_QUANT, OPT_GROUP_SIZE, OPT_DESC_ACT, OPT_DEQUANT };
+
+static const cpm_cli_opt opts[] = {
+    {"variant", 0, "NAME", "the preset (list below; required)", OPT_VARIANT},
+    {"out", 0, "DIR", "where the checkpoint goes (required)", OPT_OUT},
+    {"dtype", 0, "bf16|f16|f32", "weight dtype (default bf16)", OPT_DTYPE},
+    {"seed", 0, "N", "random seed (default 1)", OPT_SEED},
+    {"shard-mb", 0, "N", "split the safetensors past N MiB", OPT_SHARD_MB},
+    {"layers", 0, "N", "override the preset's layers", OPT_LAYERS},
+    {"hidden", 0, "N", "... hidden size", OPT_HIDDEN},
+    {"inter", 0, "N", "... FFN width", OPT_INTER},
+    {"heads", 0, "N", "... attention heads", OPT_HEADS},
+    {"kv-heads", 0, "N", "... key/value heads", OPT_KV_HEADS},
+    {"vocab", 0, "N", "... vocabulary size", OPT_VOCAB},
+    {"experts", 0, "N", "... MoE experts", OPT_EXPERTS},
+    {"sparse", 0, "SPEC", "MiniCPM4 InfLLM v2 sparse_config: default or kernel=N,stride=N,"
+     "block=N,window=N,topk=N,init=N,dense_len=N (unnamed keys keep HF defaults)", OPT_SPARSE},
+    {"quant", 0, "gptq|awq", "decoder linears as AutoGPTQ int4 or AutoAWQ GEMM int4", OPT_QUANT},
+    {"group-size", 0, "N", "int4 group size (default 128, -1 = per row)", OPT_GROUP_SIZE},
+    {"desc-act", 0, NULL, "GPTQ act-order", OPT_DESC_ACT},
+    {"dequant", 0, NULL, "write the same int4 weights as plain floats (exact with --dtype f32)",
+     OPT_DEQUANT},
+    {"tokenizer", 0, "DIR", "tokenizer files (default: the variant's under assets/tokenizers)",
+     OPT_TOKENIZER},
+    {"assets", 0, "DIR", "the assets directory (default " CPM_ASSETS_DIR ")", OPT_ASSETS},
+    {0},
+};
+
+/* "variants: a b c\n...": the presets are data, so is their list. */
+static void about_text(char *buf, size_t size) {
+    size_t n = (size_t)snprintf(buf, size, "variants:");
+    for (size_t i = 0; i < sizeof presets / sizeof *presets && n < size; i++)
+        n += (size_t)snprintf(buf + n, size - n, " %s", presets[i].name);
+    if (n < size)
+        snprintf(buf + n, size - n, "\nWeights are random: the model's text is meaningless.\n");
 }
 
-static int parse(int argc, char **argv, gen_args *a) {
-    static const struct option opts[] = {
-        {"variant", 1, 0, 'v'}, {"out", 1, 0, 'o'},    {"dtype", 1, 0, 'd'},
-        {"seed", 1, 0, 's'},    {"shard-mb", 1, 0, 'S'}, {"layers", 1, 0, 'l'},
-        {"hidden", 1, 0, 'H'},  {"inter", 1, 0, 'I'},  {"heads", 1, 0, 'h'},
-        {"kv-heads", 1, 0, 'k'}, {"vocab", 1, 0, 'V'}, {"experts", 1, 0, 'e'},
-        {"tokenizer", 1, 0, 't'}, {"assets", 1, 0, 'a'}, {"sparse", 1, 0, 'p'},
-        {"quant", 1, 0, 'q'},     {"group-size", 1, 0, 'g'}, {"desc-act", 0, 0, 'D'},
-        {"dequant", 0, 0, 'Q'},
-        {"help", 0, 0, '?'},      {0, 0, 0, 0}};
+static void take(const cpm_cli *cli, int c, const char *v, gen_args *a, const char **variant) {
+    switch (c) {
+    case OPT_VARIANT: *variant = v; break;
+    case OPT_OUT: a->out = v; break;
+    case OPT_DTYPE:
+        if (!strcmp(v, "bf16")) a->dtype = CPM_DTYPE_BF16;
+        else if (!strcmp(v, "f16")) a->dtype = CPM_DTYPE_F16;
+        else if (!strcmp(v, "f32")) a->dtype = CPM_DTYPE_F32;
+        else cpm_cli_fail(cli, "unknown dtype '%s'", v);
+        break;
+    case OPT_SEED: a->seed = (uint64_t)cpm_cli_int(cli, v, 0, LLONG_MAX); break;
+    case OPT_SHARD_MB: a->shard_mb = (long)cpm_cli_int(cli, v, 0, LONG_MAX); break;
+    case OPT_LAYERS: a->layers = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_HIDDEN: a->hidden = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_INTER: a->inter = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_HEADS: a->heads = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_KV_HEADS: a->kv_heads = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_VOCAB: a->vocab = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_EXPERTS: a->experts = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case OPT_TOKENIZER: a->tokenizer_dir = v; break;
+    case OPT_ASSETS: a->assets = v; break;
+    case OPT_SPARSE: a->sparse = v; break;
+    case OPT_QUANT:
+        if (strcmp(v, "gptq") && strcmp(v, "awq"))
+            cpm_cli_fail(cli, "--quant: gptq or awq");
+        a->gptq = 1;
+        a->awq = !strcmp(v, "awq");
+        break;
+    case OPT_GROUP_SIZE: a->group_size = (int)cpm_cli_int(cli, v, -1, INT_MAX); break;
+    case OPT_DESC_ACT: a->desc_act = 1; break;
+    case OPT_DEQUANT: a->dequant = 1; break;
+    }
+}
+
+static void parse(int argc, char **argv, gen_args *a) {
+    static char about[1024];
+    about_text(about, sizeof about);
+    cpm_cli cli = {.prog = "cpm-gen-model", .synopsis = "--variant NAME --out DIR [options]",
+                   .tables = {opts}, .about = about};
     *a = (gen_args){.dtype = CPM_DTYPE_BF16, .seed = 1, .assets = CPM_ASSETS_DIR,
                     .group_size = 128};
     const char *variant = NULL;
     int c;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'v': variant = optarg; break;
-        case 'o': a->out = optarg; break;
-        case 'd':
-            if (!strcmp(optarg, "bf16")) a->dtype = CPM_DTYPE_BF16;
-            else if (!strcmp(optarg, "f16")) a->dtype = CPM_DTYPE_F16;
-            else if (!strcmp(optarg, "f32")) a->dtype = CPM_DTYPE_F32;
-            else return fprintf(stderr, "cpm-gen-model: unknown dtype '%s'\n", optarg), -1;
-            break;
-        case 's': a->seed = strtoull(optarg, NULL, 10); break;
-        case 'S': a->shard_mb = atol(optarg); break;
-        case 'l': a->layers = atoi(optarg); break;
-        case 'H': a->hidden = atoi(optarg); break;
-        case 'I': a->inter = atoi(optarg); break;
-        case 'h': a->heads = atoi(optarg); break;
-        case 'k': a->kv_heads = atoi(optarg); break;
-        case 'V': a->vocab = atoi(optarg); break;
-        case 'e': a->experts = atoi(optarg); break;
-        case 't': a->tokenizer_dir = optarg; break;
-        case 'a': a->assets = optarg; break;
-        case 'p': a->sparse = optarg; break;
-        case 'q':
-            if (strcmp(optarg, "gptq") && strcmp(optarg, "awq"))
-                return fprintf(stderr, "cpm-gen-model: --quant: gptq or awq\n"), -1;
-            a->gptq = 1;
-            a->awq = !strcmp(optarg, "awq");
-            break;
-        case 'g': a->group_size = atoi(optarg); break;
-        case 'D': a->desc_act = 1; break;
-        case 'Q': a->dequant = 1; break;
-        default: usage(c == '?' ? stdout : stderr); return -1;
-        }
-    }
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;)
+        take(&cli, c, v, a, &variant);
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
     for (size_t i = 0; variant && i < sizeof presets / sizeof *presets; i++)
         if (!strcmp(presets[i].name, variant))
             a->p = &presets[i];
     if (a->awq && a->desc_act)
-        return fprintf(stderr, "cpm-gen-model: --desc-act: AWQ has no act-order\n"), -1;
-    if (!a->p || !a->out) {
-        if (variant && !a->p)
-            fprintf(stderr, "cpm-gen-model: unknown variant '%s'\n", variant);
-        usage(stderr);
-        return -1;
-    }
-    return 0;
+        cpm_cli_fail(&cli, "--desc-act: AWQ has no act-order");
+    if (variant && !a->p)
+        cpm_cli_fail(&cli, "unknown variant '%s'", variant);
+    if (!a->p || !a->out)
+        cpm_cli_fail(&cli, "--variant NAME and --out DIR are required");
 }
 
 static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {
@@ -809,8 +826,7 @@ int main(int argc, char **argv) {
     gen_args a;
     cpm_hparams hp;
     cpm_error err = {0};
-    if (parse(argc, argv, &a))
-        return 2;
+    parse(argc, argv, &a);
     if (make_dirs(a.out)) {
         fprintf(stderr, "cpm-gen-model: %s: %s\n", a.out, strerror(errno));
         return 1;

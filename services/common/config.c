@@ -691,23 +691,6 @@ int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err) {
     return 0;
 }
 
-int cpm_config_check_tp(const cpm_config *c, int split_heads, int intermediate, bool quantized,
-                        cpm_error *err) {
-    for (int i = 0; i < c->n_stages; i++) {
-        int T = c->stages[i].n_tp + 1;
-        if (T == 1)
-            continue;
-        if (quantized)
-            return cpm_error_set(err, CPM_EUNSUPPORTED, "%s: stages[%d].tp: tensor parallelism over "
-                                 "quantized (int4) weights is not supported", c->path, i);
-        if (split_heads % T || intermediate % T)
-            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].tp: %d ranks, but the model's %d "
-                                 "key/value heads (MLA: heads) and intermediate_size %d do not "
-                                 "split %d ways", c->path, i, T, split_heads, intermediate, T);
-    }
-    return 0;
-}
-
 int cpm_config_n_tp(const cpm_config *c) {
     int n = 0;
     for (int i = 0; i < c->n_stages; i++)

@@ -111,12 +111,6 @@ int cpm_config_resolve_layers(cpm_config *c, int n_layers, cpm_error *err);
  * none beyond the model; resolves `end`. Their order and tiling are checked at load. */
 int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err);
 
-/* Checks tensor-parallel stages against the model: split_heads (GQA: key/value heads,
- * MLA: attention heads) and intermediate_size must divide by every stage's TP size, and
- * quantized weights are refused. A config without TP always passes. */
-int cpm_config_check_tp(const cpm_config *c, int split_heads, int intermediate, bool quantized,
-                        cpm_error *err);
-
 /* Replaces the model directory (and the default name derived from it). */
 void cpm_config_set_model(cpm_config *c, const char *dir);
 

@@ -1,57 +1,62 @@
-/* svcmain.c - argument parsing, logging set-up and signal handling shared by service mains. */
+/* svcmain.c - argument parsing (the common options over common/cli), logging set-up and
+ * signal handling shared by service mains. */
 #include "svcmain.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void usage(const char *role, const char *extra) {
-    fprintf(stderr,
-            "usage: cpm-%s [--config FILE --index N] [--bind ENDPOINT] [--name NAME]\n"
-            "       [--model DIR] [--threads N] [--log-format text|json] [--log-level LEVEL]%s\n",
-            role, extra ? extra : "");
-    exit(2);
+static const cpm_cli_opt svc_opts[] = {
+    {"config", 0, "FILE", "the cluster file (with --index: this service's place in it)",
+     CPM_SVC_OPT_CONFIG},
+    {"index", 0, "N", "which one of its role in the cluster file (default 0)", CPM_SVC_OPT_INDEX},
+    {"bind", 0, "ENDPOINT", "the endpoint to serve on (overrides the cluster file's)",
+     CPM_SVC_OPT_BIND},
+    {"name", 0, "NAME", "the name in logs and errors (default ROLE + index)", CPM_SVC_OPT_NAME},
+    {"model", 0, "DIR", "the model directory (overrides the cluster file's)", CPM_SVC_OPT_MODEL},
+    {"threads", 0, "N", "worker threads (default: the cluster file's, else 1)",
+     CPM_SVC_OPT_THREADS},
+    {"log-format", 0, "text|json", "log lines as text (default) or JSON", CPM_SVC_OPT_LOG_FORMAT},
+    {"log-level", 0, "LEVEL", "debug, info (default), warn or error", CPM_SVC_OPT_LOG_LEVEL},
+    {0},
+};
+
+static void take(const cpm_cli *cli, int id, const char *v, cpm_svc_args *a) {
+    switch (id) {
+    case CPM_SVC_OPT_CONFIG: a->config_path = v; break;
+    case CPM_SVC_OPT_INDEX: a->index = (int)cpm_cli_int(cli, v, 0, INT_MAX); break;
+    case CPM_SVC_OPT_BIND: a->bind = v; break;
+    case CPM_SVC_OPT_NAME: a->name = v; break;
+    case CPM_SVC_OPT_MODEL: a->model = v; break;
+    case CPM_SVC_OPT_THREADS: a->threads = (int)cpm_cli_int(cli, v, 0, 4096); break;
+    case CPM_SVC_OPT_LOG_FORMAT:
+        if ((a->log.format = cpm_log_parse_format(v)) < 0)
+            cpm_cli_fail(cli, "--log-format: text or json, not '%s'", v);
+        break;
+    case CPM_SVC_OPT_LOG_LEVEL:
+        if ((a->log.min_level = cpm_log_parse_level(v)) < 0)
+            cpm_cli_fail(cli, "--log-level: debug, info, warn or error, not '%s'", v);
+        break;
+    }
 }
 
-int cpm_svc_parse_args(int argc, char **argv, const char *role, const char *extra_usage,
-                       cpm_svc_args *a, char **rest) {
+void cpm_svc_parse_args(int argc, char **argv, const cpm_svc_cli *spec, cpm_svc_args *a) {
     memset(a, 0, sizeof *a);
-    a->log = (cpm_log){.service = role, .out = stderr, .format = CPM_LOG_TEXT,
+    a->log = (cpm_log){.service = spec->role, .out = stderr, .format = CPM_LOG_TEXT,
                        .min_level = CPM_LOG_INFO};
-    int n_rest = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        bool takes = true;
-        if (!strcmp(o, "--config") && v)
-            a->config_path = v;
-        else if (!strcmp(o, "--index") && v)
-            a->index = atoi(v);
-        else if (!strcmp(o, "--bind") && v)
-            a->bind = v;
-        else if (!strcmp(o, "--name") && v)
-            a->name = v;
-        else if (!strcmp(o, "--model") && v)
-            a->model = v;
-        else if (!strcmp(o, "--threads") && v)
-            a->threads = atoi(v);
-        else if (!strcmp(o, "--log-format") && v) {
-            if ((a->log.format = cpm_log_parse_format(v)) < 0)
-                usage(role, extra_usage);
-        } else if (!strcmp(o, "--log-level") && v) {
-            if ((a->log.min_level = cpm_log_parse_level(v)) < 0)
-                usage(role, extra_usage);
-        } else if (!strcmp(o, "-h") || !strcmp(o, "--help"))
-            usage(role, extra_usage);
-        else {
-            takes = false;
-            rest[n_rest++] = argv[i];
-        }
-        if (takes)
-            i++;
-    }
+    cpm_cli cli = {.prog = spec->prog, .about = spec->about, .tables = {svc_opts, spec->opts},
+                   .synopsis = "[--config FILE --index N | --bind ENDPOINT ...] [options]"};
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;)
+        if (c < CPM_SVC_OPT_OWN)
+            take(&cli, c, v, a);
+        else
+            spec->on_opt(&cli, c, v, spec->user);
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
     if (!a->name) {
-        snprintf(a->name_buf, sizeof a->name_buf, "%s%d", role, a->index);
+        snprintf(a->name_buf, sizeof a->name_buf, "%s%d", spec->role, a->index);
         a->name = a->name_buf;
     }
     a->log.service = a->name;
@@ -64,7 +69,6 @@ int cpm_svc_parse_args(int argc, char **argv, const char *role, const char *extr
         if (a->model)
             cpm_config_set_model(a->config, a->model);
     }
-    return n_rest;
 }
 
 typedef struct sigctx {

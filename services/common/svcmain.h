@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
+#include "common/cli.h"
 #include "services/common/config.h"
 #include "services/common/log.h"
 
@@ -22,10 +23,37 @@ typedef struct cpm_svc_args {
     char name_buf[64];
 } cpm_svc_args;
 
-/* Parses the common options; unknown ones are left for the caller in argv order
- * (returned count). Exits with usage on error. */
-int cpm_svc_parse_args(int argc, char **argv, const char *role, const char *extra_usage,
-                       cpm_svc_args *a, char **rest);
+/* Ids of the options every service takes; a binary's own options use ids from
+ * CPM_SVC_OPT_OWN up. */
+enum {
+    CPM_SVC_OPT_CONFIG = 1,
+    CPM_SVC_OPT_INDEX,
+    CPM_SVC_OPT_BIND,
+    CPM_SVC_OPT_NAME,
+    CPM_SVC_OPT_MODEL,
+    CPM_SVC_OPT_THREADS,
+    CPM_SVC_OPT_LOG_FORMAT,
+    CPM_SVC_OPT_LOG_LEVEL,
+    CPM_SVC_OPT_OWN = 100,
+};
+
+/* Called with each of a binary's own options, in argv order; val is NULL for a flag.
+ * May exit through cpm_cli_int and friends on a bad value. */
+typedef void cpm_svc_opt_fn(const cpm_cli *cli, int id, const char *val, void *user);
+
+typedef struct cpm_svc_cli {
+    const char *prog;        /* the binary: "cpm-shard" (usage, --version) */
+    const char *role;        /* "stage": the default name is role + index */
+    const char *about;       /* usage text after the options; may be NULL */
+    const cpm_cli_opt *opts; /* the binary's own options, or NULL */
+    cpm_svc_opt_fn *on_opt;  /* receives them */
+    void *user;
+} cpm_svc_cli;
+
+/* Parses the common options and the binary's own (cpm_cli: --help, --version, a bad
+ * option or a positional argument exit there), names the service and loads --config
+ * (exit 1 when it cannot be read). */
+void cpm_svc_parse_args(int argc, char **argv, const cpm_svc_cli *spec, cpm_svc_args *a);
 
 /* Runs loop until SIGINT/SIGTERM, then calls stop(user) and runs the loop until
  * every handle is closed. */

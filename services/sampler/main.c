@@ -14,11 +14,9 @@ static void stop(void *user) {
 
 int main(int argc, char **argv) {
     cpm_svc_args a;
-    char *rest[64];
-    if (cpm_svc_parse_args(argc, argv, "sampler", NULL, &a, rest) > 0) {
-        fprintf(stderr, "cpm-sampler: unknown argument '%s'\n", rest[0]);
-        return 2;
-    }
+    cpm_svc_cli spec = {.prog = "cpm-sampler", .role = "sampler",
+                        .about = "Serves sample requests (logits in, tokens out) on one endpoint.\n"};
+    cpm_svc_parse_args(argc, argv, &spec, &a);
     const char *bind = a.bind;
     int threads = a.threads;
     if (a.config) {

@@ -8,16 +8,48 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cli.h"
 #include "services/tokenizer/tokenizer.h"
 
-static void usage(FILE *f) {
-    fprintf(f,
-            "usage: cpm-tokenize --model DIR [--decode [--skip-special] [--stream]] [--no-special]\n"
-            "  encode (default): stdin lines are JSON strings; prints space-separated ids per line\n"
-            "  --no-special      do not add bos/eos (HF add_special_tokens=False)\n"
-            "  --decode          stdin lines are space-separated ids; prints a JSON string per line\n"
-            "  --skip-special    with --decode: drop special tokens\n"
-            "  --stream          with --decode: print the JSON array of streamed pieces instead\n");
+enum { OPT_MODEL = 1, OPT_DECODE, OPT_NO_SPECIAL, OPT_SKIP_SPECIAL, OPT_STREAM };
+
+static const cpm_cli_opt opts[] = {
+    {"model", 0, "DIR", "the model directory with the tokenizer files (required)", OPT_MODEL},
+    {"no-special", 0, NULL, "do not add bos/eos (HF add_special_tokens=False)", OPT_NO_SPECIAL},
+    {"decode", 0, NULL, "stdin lines are space-separated ids; prints a JSON string per line",
+     OPT_DECODE},
+    {"skip-special", 0, NULL, "with --decode: drop special tokens", OPT_SKIP_SPECIAL},
+    {"stream", 0, NULL, "with --decode: print the JSON array of streamed pieces instead",
+     OPT_STREAM},
+    {0},
+};
+
+typedef struct tok_args {
+    const char *model;
+    bool decode, special, skip, stream;
+} tok_args;
+
+static void parse_args(int argc, char **argv, tok_args *a) {
+    cpm_cli cli = {.prog = "cpm-tokenize",
+                   .synopsis = "--model DIR [--decode [--skip-special] [--stream]] [--no-special]",
+                   .tables = {opts},
+                   .about = "encode (default): stdin lines are JSON strings; prints space-separated "
+                            "ids per line\n"};
+    *a = (tok_args){.special = true};
+    int c;
+    for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {
+        switch (c) {
+        case OPT_MODEL: a->model = v; break;
+        case OPT_DECODE: a->decode = true; break;
+        case OPT_NO_SPECIAL: a->special = false; break;
+        case OPT_SKIP_SPECIAL: a->skip = true; break;
+        case OPT_STREAM: a->stream = true; break;
+        }
+    }
+    if (cli.optind < argc)
+        cpm_cli_fail(&cli, "unexpected argument '%s'", argv[cli.optind]);
+    if (!a->model)
+        cpm_cli_fail(&cli, "--model DIR is required");
 }
 
 static int encode_line(const cpm_tokenizer *tok, const char *line, size_t len, bool special,
@@ -123,31 +155,11 @@ static int decode_line(const cpm_tokenizer *tok, const char *line, bool skip, bo
 }
 
 int main(int argc, char **argv) {
-    const char *model = NULL;
-    bool decode = false, special = true, skip = false, stream = false;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
-            model = argv[++i];
-        else if (strcmp(argv[i], "--decode") == 0)
-            decode = true;
-        else if (strcmp(argv[i], "--no-special") == 0)
-            special = false;
-        else if (strcmp(argv[i], "--skip-special") == 0)
-            skip = true;
-        else if (strcmp(argv[i], "--stream") == 0)
-            stream = true;
-        else {
-            usage(strcmp(argv[i], "--help") == 0 ? stdout : stderr);
-            return strcmp(argv[i], "--help") == 0 ? 0 : 2;
-        }
-    }
-    if (!model) {
-        usage(stderr);
-        return 2;
-    }
+    tok_args a;
+    parse_args(argc, argv, &a);
     cpm_error err = {0};
     cpm_tokenizer *tok;
-    if (cpm_tokenizer_load(model, &tok, &err) < 0) {
+    if (cpm_tokenizer_load(a.model, &tok, &err) < 0) {
         fprintf(stderr, "cpm-tokenize: %s\n", err.msg);
         return 1;
     }
@@ -159,7 +171,8 @@ int main(int argc, char **argv) {
         size_t len = (size_t)got;
         while (len && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';
-        int rc = decode ? decode_line(tok, line, skip, stream, &err) : encode_line(tok, line, len, special, &err);
+        int rc = a.decode ? decode_line(tok, line, a.skip, a.stream, &err)
+                         : encode_line(tok, line, len, a.special, &err);
         if (rc < 0) {
             fprintf(stderr, "cpm-tokenize: line %ld: %s\n", lineno, err.msg);
             status = 1;

@@ -14,11 +14,10 @@ static void stop(void *user) {
 
 int main(int argc, char **argv) {
     cpm_svc_args a;
-    char *rest[64];
-    if (cpm_svc_parse_args(argc, argv, "tokenizer", NULL, &a, rest) > 0) {
-        fprintf(stderr, "cpm-tokenizer: unknown argument '%s'\n", rest[0]);
-        return 2;
-    }
+    cpm_svc_cli spec = {.prog = "cpm-tokenizer", .role = "tokenizer",
+                        .about = "Serves tokenize, chat, detokenize and pieces requests with the\n"
+                                 "model directory's tokenizer.\n"};
+    cpm_svc_parse_args(argc, argv, &spec, &a);
     const char *bind = a.bind, *model = a.model;
     int threads = a.threads;
     if (a.config) {

@@ -14,6 +14,7 @@
 #include "../kernels/matmul.h"
 #include "../kernels/ops.h"
 #include "infllm.h"
+#include "tp_split.h"
 
 cpm_model_opts cpm_model_opts_default(void) {
     return (cpm_model_opts){.layer_begin = 0, .layer_end = -1, .n_threads = 1,
@@ -388,18 +389,9 @@ static int check_tp(const cpm_model *m, const cpm_model_opts *o, cpm_error *err)
                              o->tp_rank, T);
     if (T == 1)
         return 0;
-    if (hp->quant != CPM_QUANT_NONE)
-        return cpm_error_set(err, CPM_EUNSUPPORTED, "tensor parallelism over quantized (int4) "
-                             "weights is not supported");
-    int heads = m->arch->attn == CPM_ATTN_MLA ? hp->n_heads : hp->n_kv_heads;
-    if (heads % T)
-        return cpm_error_set(err, CPM_EINVAL, "config.json: %d %s do not split over %d tensor "
-                             "parallel ranks", heads,
-                             m->arch->attn == CPM_ATTN_MLA ? "attention heads" :
-                             "key/value heads (whole GQA groups per rank)", T);
-    if (hp->intermediate_size % T)
-        return cpm_error_set(err, CPM_EINVAL, "config.json: intermediate_size %d does not split "
-                             "over %d tensor parallel ranks", hp->intermediate_size, T);
+    int rc = cpm_tp_split_check(hp, T, err);
+    if (rc)
+        return rc;
     if (o->expert_begin != 0 || o->expert_end != hp->n_experts)
         return cpm_error_set(err, CPM_EUNSUPPORTED, "tensor parallelism needs every MoE expert "
                              "in the stage (expert services and TP do not mix)");

@@ -339,14 +339,7 @@ static void test_tp_stage(void **state) {
     assert_int_equal(rank, 1);
     assert_string_equal(cpm_config_proc_endpoint(c, 5), "tcp://127.0.0.1:5582");
     assert_int_equal(cpm_config_tp_proc(c, 1, &st, &rank, &e), CPM_ERANGE);
-    /* against the model: 2 KV heads split 2 ways; 3 do not, nor does an odd FFN */
-    assert_int_equal(cpm_config_check_tp(c, 2, 256, false, &e), 0);
-    assert_int_equal(cpm_config_check_tp(c, 3, 256, false, &e), CPM_EINVAL);
-    assert_non_null(strstr(e.msg, "stages[0].tp: 2 ranks"));
-    assert_non_null(strstr(e.msg, "3 key/value heads"));
-    assert_int_equal(cpm_config_check_tp(c, 2, 255, false, &e), CPM_EINVAL);
-    assert_int_equal(cpm_config_check_tp(c, 2, 256, true, &e), CPM_EUNSUPPORTED);
-    assert_non_null(strstr(e.msg, "quantized"));
+    /* against the model: shard/model/tp_split (tests/unit/test_tp_split.c) */
     cpm_config_free(c);
 }
 
