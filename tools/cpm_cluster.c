@@ -50,6 +50,13 @@ typedef struct proc {
     bool ready, exited;
     int status;
     char url[300]; /* router: "http://ADDR:PORT" from its health reply */
+    /* supervision */
+    double started;    /* when it was (re)started */
+    double restart_at; /* > 0: it exited and starts again then */
+    double backoff;    /* seconds before its next restart */
+    double window;     /* start of the current crash-loop window */
+    int crashes;       /* exits within that window */
+    int restarts;      /* in all */
 } proc;
 
 /* The router's stderr passes through the launcher: every line is relayed to our stderr. */
@@ -518,18 +525,80 @@ static int router_url(const proc *ps, int n, char *out, size_t size) {
     return 1;
 }
 
-/* Runs until a signal or until a process exits (which stops the cluster: exit 1). */
-static int serve(proc *ps, int n, relay *rl) {
+/* Supervision: a child that exits is started again after a backoff that doubles from
+ * SUPERVISE_BACKOFF_MIN to SUPERVISE_BACKOFF_MAX and resets once it has run for
+ * SUPERVISE_STABLE_S; more than SUPERVISE_MAX_CRASHES exits within
+ * SUPERVISE_WINDOW_S is a crash loop, and the cluster stops. Meanwhile the router
+ * keeps serving wherever the layout allows (replicas, redundant tokenizers and
+ * samplers), and takes the child back when it answers its health polls again. */
+#define SUPERVISE_BACKOFF_MIN 0.5
+#define SUPERVISE_BACKOFF_MAX 10.0
+#define SUPERVISE_STABLE_S 30.0
+#define SUPERVISE_WINDOW_S 60.0
+#define SUPERVISE_MAX_CRASHES 5
+
+/* p just exited: schedule its restart, or 1 for a crash loop. */
+static int schedule_restart(proc *p, double now) {
+    char why[96];
+    describe_exit(p, why, sizeof why);
+    if (now - p->window > SUPERVISE_WINDOW_S) {
+        p->window = now;
+        p->crashes = 0;
+    }
+    if (++p->crashes > SUPERVISE_MAX_CRASHES) {
+        fprintf(stderr, "cpm-cluster: %s: %d exits in %.0f s, a crash loop: stopping the cluster\n",
+                why, p->crashes, SUPERVISE_WINDOW_S);
+        return 1;
+    }
+    if (p->backoff < SUPERVISE_BACKOFF_MIN)
+        p->backoff = SUPERVISE_BACKOFF_MIN;
+    p->restart_at = now + p->backoff;
+    fprintf(stderr, "cpm-cluster: %s: restarting it in %.1f s\n", why, p->backoff);
+    p->backoff = p->backoff * 2 > SUPERVISE_BACKOFF_MAX ? SUPERVISE_BACKOFF_MAX : p->backoff * 2;
+    return 0;
+}
+
+/* Starts p again (the router with a fresh stderr pipe into the relay). */
+static int restart(const launch *l, const cpm_config *c, proc *p, relay *rl, double now) {
+    int err_fd = -1;
+    if (p->role == CPM_ROLE_ROUTER) {
+        if (rl->fd >= 0)
+            close(rl->fd);
+        if (relay_open(rl, &err_fd))
+            return 1;
+    }
+    p->pid = spawn(l, c, p, err_fd);
+    if (err_fd >= 0)
+        close(err_fd);
+    if (p->pid < 0) {
+        fprintf(stderr, "cpm-cluster: fork: %s\n", strerror(errno));
+        return 1;
+    }
+    p->exited = false;
+    p->restart_at = 0;
+    p->started = now;
+    p->restarts++;
+    fprintf(stderr, "cpm-cluster: %s started again (pid %d, restart %d)\n", p->label, (int)p->pid,
+            p->restarts);
+    return 0;
+}
+
+/* Runs until a signal (exit 0) or a crash loop (exit 1), restarting children that exit. */
+static int serve(const launch *l, const cpm_config *c, proc *ps, int n, relay *rl) {
+    for (int i = 0; i < n; i++)
+        ps[i].started = now_s();
     while (!arg_stop) {
         reap(ps, n);
-        for (int i = 0; i < n; i++)
-            if (ps[i].exited) {
-                char why[96];
-                describe_exit(&ps[i], why, sizeof why);
-                fprintf(stderr, "cpm-cluster: %s: stopping the cluster\n", why);
-                arg_stop = 1;
+        double now = now_s();
+        for (int i = 0; i < n; i++) {
+            proc *p = &ps[i];
+            if (p->exited && p->restart_at == 0 && schedule_restart(p, now))
                 return 1;
-            }
+            if (p->exited && now >= p->restart_at && restart(l, c, p, rl, now))
+                return 1;
+            if (!p->exited && now - p->started > SUPERVISE_STABLE_S)
+                p->backoff = 0; /* it held: the next exit restarts it at once-ish */
+        }
         relay_wait(rl, 100);
     }
     return 0;
@@ -554,7 +623,7 @@ static int cmd_up(const launch *l, cpm_config *c) {
     if (!rc && !arg_stop) {
         printf("cpm-cluster: ready: %s (%d processes; Ctrl-C stops them)\n", url, n);
         fflush(stdout);
-        rc = serve(ps, n, &rl);
+        rc = serve(l, c, ps, n, &rl);
     }
     if (ps && stop_all(ps, n, &rl) && !rc)
         rc = 1;
