@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/clock.h"
 #include "bench/membw.h"
 #include "shard/kernels/matmul.h"
 #include "shard/kernels/pool.h"
@@ -55,17 +56,10 @@ typedef struct options {
     int max_threads;
 } options;
 
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static uint32_t rng = 12345u;
 
 static float frand(void) {
-    rng = rng * 1664525u + 1013904223u;
-    return (float)(rng >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    return cpm_bench_frand(&rng);
 }
 
 /* Copies of one weight matrix, together larger than the caches. */
@@ -118,14 +112,14 @@ static void free_weights(weights *w) {
 static double time_calls(cpm_pool *pool, const weights *w, cpm_dtype wt, const mm_shape *s,
                          int M, float *x, float *y, double min_s) {
     int per_round = M == 1 ? w->ncopies : 1;
-    double best = 1e30, start = seconds();
+    double best = 1e30, start = cpm_bench_seconds();
     cpm_matmul(pool, y, s->N, x, s->K, w->copy[0], wt, s->K, M, s->N, s->K); /* warm-up */
-    for (int round = 0; round < 3 || seconds() - start < min_s; round++) {
-        double t0 = seconds();
+    for (int round = 0; round < 3 || cpm_bench_seconds() - start < min_s; round++) {
+        double t0 = cpm_bench_seconds();
         for (int c = 0; c < per_round; c++)
             cpm_matmul(pool, y, s->N, x, s->K, w->copy[(round + c) % w->ncopies], wt, s->K, M,
                        s->N, s->K);
-        double dt = (seconds() - t0) / per_round;
+        double dt = (cpm_bench_seconds() - t0) / per_round;
         best = dt < best ? dt : best;
     }
     return best;
@@ -224,10 +218,10 @@ static double pool_run_cost_us(cpm_pool *pool) {
     const int runs = 5000;
     double best = 1e30;
     for (int b = 0; b < 20; b++) {
-        double t0 = seconds();
+        double t0 = cpm_bench_seconds();
         for (int i = 0; i < runs; i++)
             cpm_pool_run(pool, empty_fn, NULL);
-        double dt = (seconds() - t0) / runs * 1e6;
+        double dt = (cpm_bench_seconds() - t0) / runs * 1e6;
         best = dt < best ? dt : best;
     }
     return best;

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/clock.h"
 #include "shard/kernels/matmul.h"
 #include "shard/kernels/pool.h"
 
@@ -31,17 +32,10 @@ static const group groups[] = {
 };
 static const int sizes_m[] = {16, 64, 128, 512};
 
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static uint32_t rng = 12345u;
 
 static float frand(void) {
-    rng = rng * 1664525u + 1013904223u;
-    return (float)(rng >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    return cpm_bench_frand(&rng);
 }
 
 static void run_separate(cpm_pool *pool, const float *x, int M, const cpm_matmul_out *o, int n) {
@@ -54,15 +48,15 @@ static void run_separate(cpm_pool *pool, const float *x, int M, const cpm_matmul
 static void time_both(cpm_pool *pool, const float *x, int M, const cpm_matmul_out *o, int n,
                       double min_s, double best[2]) {
     best[0] = best[1] = 1e30;
-    double start = seconds();
-    for (int round = 0; round < 6 || seconds() - start < min_s; round++) {
+    double start = cpm_bench_seconds();
+    for (int round = 0; round < 6 || cpm_bench_seconds() - start < min_s; round++) {
         for (int way = 0; way < 2; way++) {
-            double t0 = seconds();
+            double t0 = cpm_bench_seconds();
             if (way == 0)
                 run_separate(pool, x, M, o, n);
             else
                 cpm_matmul_multi(pool, x, K_DIM, M, K_DIM, o, n);
-            double dt = seconds() - t0;
+            double dt = cpm_bench_seconds() - t0;
             best[way] = dt < best[way] ? dt : best[way];
         }
     }
