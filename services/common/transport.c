@@ -362,6 +362,15 @@ int cpm_sock_send_error(cpm_sock *s, const cpm_peer *peer, uint64_t corr, int co
     return cpm_sock_send(s, peer, &env, NULL, err);
 }
 
+int cpm_sock_send_health(cpm_sock *s, const cpm_peer *peer, uint64_t corr, Cpm__V1__Health *h,
+                         cpm_error *err) {
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
+    env.health = h;
+    return cpm_sock_send(s, peer, &env, NULL, err);
+}
+
 /* ------------------------------------------------------------------ calls with timeout */
 
 static void rearm_deadlines(cpm_sock *s) {
