@@ -48,7 +48,8 @@ typedef struct cpm_worker_ops {
      * err filled: unless the hook packed a reply of its own into out, the sender gets
      * Envelope{error} with that code and message. Required. */
     int (*run)(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err);
-    /* Loop thread, after the reply went out (rc: run's result). May be NULL. */
+    /* Loop thread, after the reply went out (or was dropped: freed meanwhile); rc is run's
+     * result. May be NULL. */
     void (*done)(void *user, const cpm_inmsg *in, int rc);
     /* Loop thread: a job refused (code CPM_EAGAIN while loading, CPM_ELIMIT when full).
      * NULL: the sender gets Envelope{error} with code and why. */
