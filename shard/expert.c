@@ -1,10 +1,10 @@
-/* expert.c - the expert service: inbound ROUTER, FIFO of ExpertForward requests, one
- * worker job at a time running cpm_expert_ffn per expert group.
+/* expert.c - the expert service: a cpm_worker (services/common/worker.h) whose one job
+ * at a time runs cpm_expert_ffn per expert group of an ExpertForward request.
  *
  * Threading as in stage.c: the loop thread owns the socket, the queue and the stats;
  * the worker owns the model and its scratch while a job runs, and the job's
- * after-callback on the loop thread is the hand-over point. One job at a time because
- * the model has one scratch; stages of several pipelines share the service.
+ * hand-over (expert_done) is where the loop reads what it wrote. One job at a time
+ * because the model has one scratch; stages of several pipelines share the service.
  */
 #include "expert.h"
 
@@ -13,39 +13,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "services/common/transport.h"
+#include "services/common/worker.h"
 #include "shard/model/model.h"
 
 struct cpm_expert {
-    uv_loop_t *loop;
-    cpm_sock *in;
+    cpm_worker *w;
     cpm_expert_opts opts;
     char name[64], model_dir[1024];
     cpm_expert_ready_cb ready_cb;
     void *user;
+    char status[64];         /* health: the experts served */
+    bool closing;
 
     /* worker-owned while a job runs */
     cpm_model *model;
     const cpm_model_info *info;
-    cpm_error load_err;
-    int load_rc;
-
-    /* the running job */
-    uv_work_t work;
-    cpm_inmsg *job_in;
-    uint8_t *job_buf;
-    size_t job_size;
-    cpm_payload job_tensor;
-    bool job_has_tensor, job_failed;
     int job_rows;
     double job_compute_s;
 
-    /* loop-owned */
-    cpm_inmsg **q;
-    int q_head, q_len;
-    bool busy, loading, ready, closing;
-    cpm_expert_stats stats;
-    uint64_t started_ns;
+    cpm_expert_stats stats;  /* rows and compute_s; the counts are the worker's */
 };
 
 cpm_expert_opts cpm_expert_opts_default(void) {
@@ -86,7 +72,7 @@ static void free_buf(void *data, void *hint) {
     free(data);
 }
 
-static int do_request(cpm_expert *ex, const cpm_inmsg *m, cpm_error *err) {
+static int do_request(cpm_expert *ex, const cpm_inmsg *m, cpm_reply *out, cpm_error *err) {
     const Cpm__V1__ExpertForward *f = m->env->expert_forward;
     int rc = check_request(ex, f, m, err);
     if (rc)
@@ -118,193 +104,107 @@ static int do_request(cpm_expert *ex, const cpm_inmsg *m, cpm_error *err) {
         r.rows = &d;
     }
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.corr = m->env->corr;
     env.body_case = CPM__V1__ENVELOPE__BODY_EXPERT_RESULT;
     env.expert_result = &r;
-    if (!rc)
-        rc = cpm_wire_pack(&env, &ex->job_buf, &ex->job_size, err);
     if (rc) {
         free(y);
         return rc;
     }
-    if (y) {
-        ex->job_tensor = (cpm_payload){.data = y, .size = total * H * sizeof *y, .free_fn = free_buf};
-        ex->job_has_tensor = true;
-    }
+    cpm_payload t = {.data = y, .size = total * H * sizeof *y, .free_fn = free_buf};
+    if ((rc = cpm_reply_set(out, &env, y ? &t : NULL, err))) /* frees y */
+        return rc;
     ex->job_rows = (int)total;
     return 0;
 }
 
-static void pack_error(cpm_expert *ex, uint64_t corr, const cpm_error *e) {
+/* A failed request's reply names this service (the Error's service field). */
+static void pack_error(cpm_expert *ex, cpm_reply *out, const cpm_error *e) {
     Cpm__V1__Error er = CPM__V1__ERROR__INIT;
     er.code = e->code ? e->code : CPM_EINTERNAL;
     er.message = (char *)e->msg;
     er.service = ex->name;
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.corr = corr;
     env.body_case = CPM__V1__ENVELOPE__BODY_ERROR;
     env.error = &er;
-    cpm_wire_pack(&env, &ex->job_buf, &ex->job_size, NULL);
+    cpm_reply_set(out, &env, NULL, NULL);
 }
 
-static void job_run(uv_work_t *w) {
-    cpm_expert *ex = w->data;
-    cpm_error e = {0};
-    if (do_request(ex, ex->job_in, &e)) {
-        cpm_error_prefix(&e, "%s", ex->name);
-        ex->job_failed = true;
-        pack_error(ex, ex->job_in->env->corr, &e);
+static int expert_run(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err) {
+    cpm_expert *ex = user;
+    int rc = do_request(ex, in, out, err);
+    if (rc) {
+        cpm_error_prefix(err, "%s", ex->name);
+        pack_error(ex, out, err);
     }
+    return rc;
 }
 
 /* ------------------------------------------------------------------ loop side */
 
-static void free_all(cpm_expert *ex) {
-    for (int i = 0; i < ex->q_len; i++)
-        cpm_inmsg_free(ex->q[(ex->q_head + i) % ex->opts.max_queue]);
-    free(ex->q);
+static void expert_done(void *user, const cpm_inmsg *in, int rc) {
+    (void)in;
+    (void)rc;
+    cpm_expert *ex = user;
+    ex->stats.rows += (unsigned long long)ex->job_rows;
+    ex->stats.compute_s += ex->job_compute_s;
+    ex->job_rows = 0;
+    ex->job_compute_s = 0;
+}
+
+static bool expert_admit(void *user, cpm_sock *s, const cpm_inmsg *m) {
+    (void)user;
+    if (m->env->body_case == CPM__V1__ENVELOPE__BODY_EXPERT_FORWARD)
+        return true;
+    cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED,
+                        "an expert service takes expert_forward and health_request", NULL);
+    return false;
+}
+
+static void expert_health(void *user, Cpm__V1__Health *h) {
+    cpm_expert *ex = user;
+    if (!h->ready)
+        return;
+    snprintf(ex->status, sizeof ex->status, "serving experts %d..%d", ex->opts.expert_begin,
+             ex->opts.expert_end - 1);
+    h->status = ex->status;
+}
+
+static void expert_release(void *user) {
+    cpm_expert *ex = user;
     cpm_model_free(ex->model);
     free(ex);
 }
 
-static void start_next(cpm_expert *ex);
-
-static void job_done(uv_work_t *w, int status) {
-    cpm_expert *ex = w->data;
-    (void)status;
-    ex->busy = false;
-    if (!ex->closing && ex->job_buf) {
-        cpm_payload *t = ex->job_has_tensor ? &ex->job_tensor : NULL;
-        cpm_sock_send_packed(ex->in, &ex->job_in->peer, ex->job_buf, ex->job_size, t, NULL);
-    } else {
-        free(ex->job_buf);
-        if (ex->job_has_tensor)
-            free(ex->job_tensor.data);
-    }
-    ex->stats.served += !ex->job_failed;
-    ex->stats.failed += ex->job_failed;
-    ex->stats.rows += (unsigned long long)ex->job_rows;
-    ex->stats.compute_s += ex->job_compute_s;
-    ex->job_buf = NULL;
-    ex->job_has_tensor = ex->job_failed = false;
-    ex->job_rows = 0;
-    ex->job_compute_s = 0;
-    cpm_inmsg_free(ex->job_in);
-    ex->job_in = NULL;
-    if (ex->closing) {
-        free_all(ex);
-        return;
-    }
-    start_next(ex);
-}
-
-static void start_next(cpm_expert *ex) {
-    if (ex->busy || !ex->ready || !ex->q_len || ex->closing)
-        return;
-    ex->job_in = ex->q[ex->q_head];
-    ex->q_head = (ex->q_head + 1) % ex->opts.max_queue;
-    ex->q_len--;
-    ex->busy = true;
-    ex->work.data = ex;
-    uv_queue_work(ex->loop, &ex->work, job_run, job_done);
-}
-
-static void answer_health(cpm_expert *ex, const cpm_inmsg *m) {
-    Cpm__V1__Health h = CPM__V1__HEALTH__INIT;
-    char status[CPM_ERROR_MSG_MAX + 32];
-    h.service = "expert";
-    h.name = ex->name;
-    h.ready = ex->ready;
-    if (ex->loading)
-        snprintf(status, sizeof status, "loading");
-    else if (!ex->ready)
-        snprintf(status, sizeof status, "failed: %s", ex->load_err.msg);
-    else
-        snprintf(status, sizeof status, "serving experts %d..%d", ex->opts.expert_begin,
-                 ex->opts.expert_end - 1);
-    h.status = status;
-    h.queue_depth = (uint32_t)ex->q_len + ex->busy;
-    h.uptime_s = (double)(uv_hrtime() - ex->started_ns) / 1e9;
-    cpm_envelope r = CPM__V1__ENVELOPE__INIT;
-    r.corr = m->env->corr;
-    r.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
-    r.health = &h;
-    cpm_sock_send(ex->in, &m->peer, &r, NULL, NULL);
-}
-
-static void on_in(cpm_sock *s, cpm_inmsg *m, void *user) {
-    cpm_expert *ex = user;
-    switch (m->env->body_case) {
-    case CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST:
-        answer_health(ex, m);
-        break;
-    case CPM__V1__ENVELOPE__BODY_EXPERT_FORWARD:
-        if (!ex->ready) {
-            cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EAGAIN,
-                                ex->loading ? "expert service is still loading"
-                                            : "expert service failed to load", NULL);
-            ex->stats.failed++;
-            break;
-        }
-        if (ex->q_len >= ex->opts.max_queue) {
-            cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_ELIMIT, "expert queue full", NULL);
-            ex->stats.failed++;
-            break;
-        }
-        ex->q[(ex->q_head + ex->q_len++) % ex->opts.max_queue] = m;
-        start_next(ex);
-        return; /* the queue owns m now */
-    case CPM__V1__ENVELOPE__BODY_ERROR:
-        break; /* never answer an error with an error */
-    default:
-        cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED,
-                            "an expert service takes expert_forward and health_request", NULL);
-        break;
-    }
-    cpm_inmsg_free(m);
-}
-
-static void on_bad(cpm_sock *s, const cpm_error *e, void *user) {
-    (void)s;
-    (void)e;
-    cpm_expert *ex = user;
-    ex->stats.bad_messages++;
-}
-
 /* ------------------------------------------------------------------ loading */
 
-static void load_run(uv_work_t *w) {
-    cpm_expert *ex = w->data;
+static int expert_load(void *user, cpm_error *err) {
+    cpm_expert *ex = user;
     cpm_model_opts mo = cpm_model_opts_default();
     mo.n_threads = ex->opts.threads;
     mo.max_batch_tokens = ex->opts.max_batch_tokens;
     mo.expert_begin = ex->opts.expert_begin;
     mo.expert_end = ex->opts.expert_end;
-    int rc = cpm_model_load(ex->model_dir, &mo, &ex->model, &ex->load_err);
+    int rc = cpm_model_load(ex->model_dir, &mo, &ex->model, err);
     if (!rc) {
         ex->info = cpm_model_get_info(ex->model);
         if (strcmp(ex->info->variant, "moe"))
-            rc = cpm_error_set(&ex->load_err, CPM_EUNSUPPORTED, "%s is a %s model: no experts to serve",
+            rc = cpm_error_set(err, CPM_EUNSUPPORTED, "%s is a %s model: no experts to serve",
                                ex->model_dir, ex->info->variant);
     }
     if (!rc && ex->opts.expert_end < 0) /* `end`: through the model's last expert */
         ex->opts.expert_end = ex->info->n_experts;
-    ex->load_rc = rc;
+    return rc;
 }
 
-static void load_done(uv_work_t *w, int status) {
-    cpm_expert *ex = w->data;
-    (void)status;
-    ex->loading = false;
-    if (ex->closing) {
-        free_all(ex);
-        return;
-    }
-    ex->ready = ex->load_rc == 0;
+static void expert_loaded(void *user, int rc, const cpm_error *err) {
+    cpm_expert *ex = user;
     if (ex->ready_cb)
-        ex->ready_cb(ex, ex->load_rc, &ex->load_err, ex->user);
-    start_next(ex);
+        ex->ready_cb(ex, rc, err, ex->user);
 }
+
+static const cpm_worker_ops expert_ops = {.load = expert_load, .loaded = expert_loaded,
+    .admit = expert_admit, .run = expert_run, .done = expert_done, .health = expert_health,
+    .release = expert_release};
 
 int cpm_expert_new(uv_loop_t *loop, void *zctx, const cpm_expert_opts *opts, cpm_expert_ready_cb cb,
                    void *user, cpm_expert **ret, cpm_error *err) {
@@ -317,48 +217,39 @@ int cpm_expert_new(uv_loop_t *loop, void *zctx, const cpm_expert_opts *opts, cpm
     if (opts->max_queue < 1 || opts->max_batch_tokens < 1 || opts->threads < 1)
         return cpm_error_set(err, CPM_EINVAL, "expert: threads, max_batch_tokens and max_queue must be >= 1");
     cpm_expert *ex = calloc(1, sizeof *ex);
-    if (!ex || !(ex->q = calloc((size_t)opts->max_queue, sizeof *ex->q))) {
-        free(ex);
+    if (!ex)
         return cpm_error_set(err, CPM_ENOMEM, "expert");
-    }
-    ex->loop = loop;
     ex->opts = *opts;
     ex->ready_cb = cb;
     ex->user = user;
-    ex->started_ns = uv_hrtime();
     snprintf(ex->name, sizeof ex->name, "%s", opts->name ? opts->name : "expert");
     ex->opts.name = ex->name;
     snprintf(ex->model_dir, sizeof ex->model_dir, "%s", opts->model_dir);
     ex->opts.model_dir = ex->model_dir;
-    cpm_sock_opts so = cpm_sock_opts_default();
-    int rc = cpm_sock_new(loop, zctx, ZMQ_ROUTER, &so, on_in, ex, &ex->in, err);
-    if (!rc) {
-        cpm_sock_set_bad_cb(ex->in, on_bad);
-        rc = cpm_sock_bind(ex->in, opts->bind, err);
-    }
+    cpm_worker_opts wo = {.service = "expert", .name = ex->name, .what = "expert service",
+                          .full_msg = "expert queue full", .max_running = 1,
+                          .max_queue = opts->max_queue, .ops = &expert_ops, .user = ex};
+    int rc = cpm_worker_new(loop, zctx, opts->bind, &wo, &ex->w, err);
     if (rc) {
-        cpm_sock_free(ex->in);
-        free(ex->q);
         free(ex);
         return rc;
     }
-    ex->loading = true;
-    ex->work.data = ex;
-    uv_queue_work(loop, &ex->work, load_run, load_done);
     *ret = ex;
     return 0;
 }
 
 void cpm_expert_get_stats(const cpm_expert *ex, cpm_expert_stats *ret) {
+    cpm_worker_stats w;
+    cpm_worker_get_stats(ex->w, &w);
     *ret = ex->stats;
+    ret->served = w.served;
+    ret->failed = w.failed + w.refused;
+    ret->bad_messages = w.bad_messages;
 }
 
 void cpm_expert_free(cpm_expert *ex) {
     if (!ex || ex->closing)
         return;
     ex->closing = true;
-    cpm_sock_free(ex->in);
-    ex->in = NULL;
-    if (!ex->busy && !ex->loading)
-        free_all(ex);
+    cpm_worker_free(ex->w); /* releases ex once no job or load runs */
 }

@@ -14,6 +14,7 @@
 #include <uv.h>
 #include <zmq.h>
 
+#include "services/common/frames.h"
 #include "services/common/wire.h"
 
 typedef struct peer {
@@ -202,38 +203,19 @@ static int take_reply(cpm_expert_client *c, peer *p, int layer, const int *exper
 static int drain(cpm_expert_client *c, peer *p, int layer, const int *expert, const int *n_rows,
                  float *y, cpm_error *err) {
     int rc = 0;
-    while (p->pending && rc == 0) {
-        zmq_msg_t head, body;
-        zmq_msg_init(&head);
-        if (zmq_msg_recv(&head, p->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&head);
-            break;
-        }
-        bool more = zmq_msg_more(&head), extra = false;
-        zmq_msg_init(&body);
-        if (more) {
-            zmq_msg_recv(&body, p->sock, 0);
-            for (bool m = zmq_msg_more(&body); m; extra = true) { /* frames beyond the tensor */
-                zmq_msg_t x;
-                zmq_msg_init(&x);
-                zmq_msg_recv(&x, p->sock, 0);
-                m = zmq_msg_more(&x);
-                zmq_msg_close(&x);
-            }
-        }
+    cpm_frames fr;
+    while (p->pending && rc == 0 && cpm_frames_recv(&fr, p->sock, 2, ZMQ_DONTWAIT, NULL) == 0) {
         cpm_envelope *env = NULL;
         cpm_error ve = {0};
-        if (extra)
+        if (fr.extra) /* frames beyond the tensor */
             rc = cpm_error_set(err, CPM_EFORMAT, "%s: layer %d: reply with more than two frames",
                                p->name, layer);
-        else if (cpm_wire_unpack(zmq_msg_data(&head), zmq_msg_size(&head),
-                                 more ? (long long)zmq_msg_size(&body) : -1, &env, &ve))
+        else if (cpm_frames_envelope(&fr, 0, &env, &ve))
             rc = cpm_error_set(err, ve.code, "%s: layer %d: bad reply: %s", p->name, layer, ve.msg);
         else if (env->corr == c->corr) /* the rows are copied out: any alignment will do */
-            rc = take_reply(c, p, layer, expert, n_rows, env, zmq_msg_data(&body), y, err);
+            rc = take_reply(c, p, layer, expert, n_rows, env, cpm_frames_data(&fr, 1), y, err);
         cpm_wire_free(env);
-        zmq_msg_close(&body);
-        zmq_msg_close(&head);
+        cpm_frames_close(&fr);
     }
     return rc;
 }

@@ -1,10 +1,11 @@
-/* stage.c - a pipeline stage: inbound ROUTER, FIFO of micro-batches, one worker job at a
- * time running cpm_model_forward, outbound DEALER to the next hop.
+/* stage.c - a pipeline stage: a cpm_worker (services/common/worker.h: inbound ROUTER,
+ * FIFO of micro-batches) running one cpm_model_forward job at a time, and an outbound
+ * DEALER to the next hop that every reply goes to.
  *
  * Threading: the loop thread owns the sockets, the queue and the stats; the worker
  * owns the model, the KV cache, the sequence map and the scratch while a job runs. Only
  * one job runs at a time (micro-batches must be applied to the KV cache in order), and
- * its after-callback on the loop thread is the hand-over point.
+ * its hand-over on the loop thread (stage_done) is where the loop may read them.
  *
  * Memory: everything a step needs is sized at load from the limits (max_batch_tokens,
  * max_seqs, max_queue), so a steady stream of micro-batches allocates nothing here.
@@ -21,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "services/common/transport.h"
+#include "services/common/worker.h"
 #include "shard/kv_cache.h"
 #include "shard/model/model.h"
 
@@ -105,8 +106,8 @@ static void free_buf(void *data, void *hint) {
 /* ------------------------------------------------------------------ the stage */
 
 struct cpm_stage {
-    uv_loop_t *loop;
-    cpm_sock *in, *out;
+    cpm_worker *w;
+    cpm_sock *out;           /* to the next hop; NULL on a TP rank > 0 */
     cpm_stage_opts opts;
     char name[64], model_dir[1024], model_name[256];
     cpm_stage_ready_cb ready_cb;
@@ -126,8 +127,6 @@ struct cpm_stage {
     size_t rows_cap;
     float *in_copy;           /* [rows_cap, hidden] an activation frame zmq left misaligned */
     out_pool *pool;
-    cpm_error load_err;
-    int load_rc;
     void *zctx;
     cpm_expert_peer *peers;   /* [opts.n_experts], endpoints in peer_eps */
     char (*peer_eps)[256];
@@ -138,24 +137,17 @@ struct cpm_stage {
     cpm_tp_fanout *fanout;    /* rank 0: to ranks 1..T-1 */
     uint64_t tp_seq;          /* rank 0: micro-batches handed out so far */
 
-    /* the running job */
-    uv_work_t work;
-    cpm_inmsg *job_in;
-    uint8_t *job_buf;
-    size_t job_size;
-    cpm_payload job_tensor;
-    bool job_has_tensor;
+    /* the running job's counts, folded into stats at its hand-over */
     double job_compute_s;
     int job_rows;
     int job_allocs;
-    bool job_failed, job_realigned;
+    bool job_realigned;
 
     /* loop-owned */
-    cpm_inmsg **q;            /* ring of max_queue waiting micro-batches */
-    int q_head, q_len;
-    bool busy, loading, ready, closing;
-    cpm_stage_stats stats;
-    uint64_t started_ns;
+    bool closing;
+    cpm_stage_stats stats;    /* the counts of jobs are the worker's (cpm_stage_get_stats) */
+    Cpm__V1__ModelInfo health_model; /* what the last health reply pointed at */
+    int32_t health_eos[CPM_MAX_EOS];
 };
 
 cpm_stage_opts cpm_stage_opts_default(void) {
@@ -356,7 +348,7 @@ static void fill_desc(Cpm__V1__TensorDesc *d, uint32_t *shape, uint32_t rows, ui
 /* Packs the downstream envelope of a successful forward: the next stage's forward with
  * the activations, or the router's result with the logits of the wanted rows. */
 static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_out, double compute_s,
-                       cpm_error *err) {
+                       cpm_reply *out, cpm_error *err) {
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
     Cpm__V1__TensorDesc d;
     uint32_t shape[2];
@@ -372,7 +364,7 @@ static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_o
         }
         env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
         env.forward = &nf;
-        return cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
+        return cpm_wire_pack(&env, &out->env_buf, &out->env_size, err);
     }
     size_t k = 0;
     for (size_t i = 0; i < f->n_seq; i++)
@@ -392,11 +384,11 @@ static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_o
     }
     env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
     env.result = &r;
-    return cpm_wire_pack(&env, &st->job_buf, &st->job_size, err);
+    return cpm_wire_pack(&env, &out->env_buf, &out->env_size, err);
 }
 
 static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_inmsg *m,
-                      cpm_error *err) {
+                      cpm_reply *reply, cpm_error *err) {
     for (size_t i = 0; i < f->n_release; i++)
         seq_release(st, f->release[i]);
     int rc = check_input(st, f, m, err);
@@ -435,7 +427,7 @@ static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_i
         return 0;
     }
     if (!rc)
-        rc = pack_output(st, f, n_out, dt, err);
+        rc = pack_output(st, f, n_out, dt, reply, err);
     if (rc) {
         if (out)
             t.free_fn(t.data, t.hint);
@@ -445,14 +437,14 @@ static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_i
     st->job_rows = (int)n;
     if (out) {
         t.size = n_out * row * sizeof(float);
-        st->job_tensor = t;
-        st->job_has_tensor = true;
+        reply->tensor = t;
+        reply->has_tensor = true;
     }
     return 0;
 }
 
 /* A failed forward still yields exactly one message downstream: the result with the error. */
-static void pack_error(cpm_stage *st, uint64_t step, const cpm_error *e) {
+static void pack_error(cpm_stage *st, uint64_t step, cpm_reply *out, const cpm_error *e) {
     Cpm__V1__Error er = CPM__V1__ERROR__INIT;
     er.code = e->code ? e->code : CPM_EINTERNAL;
     er.message = (char *)e->msg;
@@ -463,41 +455,35 @@ static void pack_error(cpm_stage *st, uint64_t step, const cpm_error *e) {
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
     env.result = &r;
-    cpm_wire_pack(&env, &st->job_buf, &st->job_size, NULL);
+    cpm_wire_pack(&env, &out->env_buf, &out->env_size, NULL);
 }
 
-static void job_run(uv_work_t *w) {
-    cpm_stage *st = w->data;
-    const cpm_inmsg *m = st->job_in;
+static int stage_run(void *user, const cpm_inmsg *m, cpm_reply *out, cpm_error *err) {
+    cpm_stage *st = user;
     if (m->env->body_case == CPM__V1__ENVELOPE__BODY_RESULT) {
         /* An upstream stage's failure: pass it on in order with the forwards. */
-        cpm_wire_pack(m->env, &st->job_buf, &st->job_size, NULL);
-        return;
+        cpm_wire_pack(m->env, &out->env_buf, &out->env_size, NULL);
+        return 0;
     }
-    cpm_error e = {0};
     if (m->env->body_case == CPM__V1__ENVELOPE__BODY_TP_FORWARD) { /* a rank > 0: no output */
         cpm_tp_mesh_begin(st->mesh, m->env->tp_forward->seq);
-        st->job_failed = do_forward(st, m->env->tp_forward->forward, m, &e) != 0;
-        return;
+        return do_forward(st, m->env->tp_forward->forward, m, out, err);
     }
     const Cpm__V1__StageForward *f = m->env->forward;
     int rc = 0;
     if (st->fanout) { /* rank 0 of a TP stage: every rank runs the same micro-batch */
-        rc = cpm_tp_fanout_send(st->fanout, ++st->tp_seq, f, m->tensor, m->tensor_size, &e);
+        rc = cpm_tp_fanout_send(st->fanout, ++st->tp_seq, f, m->tensor, m->tensor_size, err);
         cpm_tp_mesh_begin(st->mesh, st->tp_seq);
     }
-    if (rc || do_forward(st, f, m, &e)) { /* the Error's service field names this stage */
-        st->job_failed = true;
-        pack_error(st, m->env->forward->step, &e);
-    }
+    if (rc || (rc = do_forward(st, f, m, out, err))) /* the Error's service field names this stage */
+        pack_error(st, f->step, out, err);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ loop side */
 
-static void free_all(cpm_stage *st) {
-    for (int i = 0; i < st->q_len; i++)
-        cpm_inmsg_free(st->q[(st->q_head + i) % st->opts.max_queue]);
-    free(st->q);
+static void stage_release(void *user) {
+    cpm_stage *st = user;
     cpm_kv_cache_free(st->kv);
     cpm_model_free(st->model);
     free(st->seqs);
@@ -516,66 +502,30 @@ static void free_all(cpm_stage *st) {
     free(st);
 }
 
-static void start_next(cpm_stage *st);
-
-static void job_done(uv_work_t *w, int status) {
-    cpm_stage *st = w->data;
-    (void)status;
-    st->busy = false;
-    if (!st->closing && st->job_buf) {
-        cpm_payload *t = st->job_has_tensor ? &st->job_tensor : NULL;
-        cpm_error e = {0};
-        if (cpm_sock_send_packed(st->out, NULL, st->job_buf, st->job_size, t, &e))
-            st->stats.failed++;
-    } else {
-        free(st->job_buf);
-        if (st->job_has_tensor)
-            st->job_tensor.free_fn(st->job_tensor.data, st->job_tensor.hint);
-    }
-    st->job_buf = NULL;
-    st->job_has_tensor = false;
-    st->stats.batches++;
+static void stage_done(void *user, const cpm_inmsg *in, int rc) {
+    (void)in;
+    (void)rc;
+    cpm_stage *st = user;
     st->stats.rows += (unsigned long long)st->job_rows;
     st->stats.compute_s += st->job_compute_s;
-    st->stats.failed += st->job_failed;
     st->stats.out_allocs += (unsigned long long)st->job_allocs;
     st->stats.realigned += st->job_realigned;
     st->job_allocs = 0;
     st->job_realigned = false;
     st->job_rows = 0;
     st->job_compute_s = 0;
-    st->job_failed = false;
-    cpm_inmsg_free(st->job_in);
-    st->job_in = NULL;
     /* No job runs now, so the worker-owned state may be read. */
     st->stats.live_seqs = st->n_seqs;
     cpm_kv_cache_usage(st->kv, &st->stats.kv_used, &st->stats.kv_total);
     if (st->mesh)
         st->stats.tp_allreduce_us = cpm_tp_mesh_mean_us(st->mesh, &st->stats.tp_allreduces);
-    if (st->closing) {
-        free_all(st);
-        return;
-    }
-    start_next(st);
-}
-
-static void start_next(cpm_stage *st) {
-    if (st->busy || !st->ready || !st->q_len || st->closing)
-        return;
-    st->job_in = st->q[st->q_head];
-    st->q_head = (st->q_head + 1) % st->opts.max_queue;
-    st->stats.queued = --st->q_len;
-    st->busy = true;
-    st->work.data = st;
-    uv_queue_work(st->loop, &st->work, job_run, job_done);
 }
 
 /* Refuses a forward without queueing it: the error still travels to the router. */
-static void refuse(cpm_stage *st, const cpm_inmsg *m, int code, const char *why) {
-    if (!st->out) { /* a TP rank > 0: rank 0 fails the micro-batch at its all-reduce */
-        st->stats.failed++;
+static void stage_refuse(void *user, const cpm_inmsg *m, int code, const char *why) {
+    cpm_stage *st = user;
+    if (!st->out) /* a TP rank > 0: rank 0 fails the micro-batch at its all-reduce */
         return;
-    }
     uint64_t step = m->env->body_case == CPM__V1__ENVELOPE__BODY_FORWARD ? m->env->forward->step : 0;
     Cpm__V1__Error er = CPM__V1__ERROR__INIT;
     er.code = code;
@@ -588,103 +538,55 @@ static void refuse(cpm_stage *st, const cpm_inmsg *m, int code, const char *why)
     env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
     env.result = &r;
     cpm_sock_send(st->out, NULL, &env, NULL, NULL);
-    st->stats.failed++;
 }
 
-static void answer_health(cpm_stage *st, const cpm_inmsg *m) {
-    Cpm__V1__Health h = CPM__V1__HEALTH__INIT;
-    Cpm__V1__ModelInfo mi = CPM__V1__MODEL_INFO__INIT;
-    char status[CPM_ERROR_MSG_MAX + 16];
-    h.service = "stage";
-    h.name = st->name;
-    h.ready = st->ready;
-    if (st->loading)
-        snprintf(status, sizeof status, "loading");
-    else if (!st->ready)
-        snprintf(status, sizeof status, "failed: %s", st->load_err.msg);
-    else
-        snprintf(status, sizeof status, "serving");
-    h.status = status;
-    h.queue_depth = (uint32_t)st->q_len + st->busy;
-    h.uptime_s = (double)(uv_hrtime() - st->started_ns) / 1e9;
-    int32_t eos[CPM_MAX_EOS];
-    if (st->ready) {
-        const cpm_model_info *in = st->info;
-        h.layer_begin = (uint32_t)in->layer_begin;
-        h.layer_end = (uint32_t)in->layer_end;
-        h.kv_used = (uint32_t)st->stats.kv_used;
-        h.kv_total = (uint32_t)st->stats.kv_total;
-        h.live_seqs = (uint32_t)st->stats.live_seqs;
-        mi.arch = (char *)in->arch;
-        mi.variant = (char *)in->variant;
-        mi.vocab_size = (uint32_t)in->vocab_size;
-        mi.hidden_size = (uint32_t)in->hidden_size;
-        mi.n_layers = (uint32_t)in->n_layers;
-        mi.max_position = (uint32_t)in->max_position;
-        mi.bos_id = in->bos_id;
-        for (int i = 0; i < in->n_eos && i < CPM_MAX_EOS; i++)
-            eos[i] = in->eos_ids[i];
-        mi.n_eos_ids = (size_t)in->n_eos;
-        mi.eos_ids = eos;
-        mi.name = st->model_name;
-        h.model = &mi;
-    }
-    cpm_envelope r = CPM__V1__ENVELOPE__INIT;
-    r.corr = m->env->corr;
-    r.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
-    r.health = &h;
-    cpm_sock_send(st->in, &m->peer, &r, NULL, NULL);
-}
-
-static void on_in(cpm_sock *s, cpm_inmsg *m, void *user) {
+/* The layers, the cache and the model a ready stage serves. */
+static void stage_health(void *user, Cpm__V1__Health *h) {
     cpm_stage *st = user;
-    switch (m->env->body_case) {
-    case CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST:
-        answer_health(st, m);
-        break;
-    case CPM__V1__ENVELOPE__BODY_FORWARD:
-    case CPM__V1__ENVELOPE__BODY_RESULT:
-    case CPM__V1__ENVELOPE__BODY_TP_FORWARD:
-        if (tp_follower(st) != (m->env->body_case == CPM__V1__ENVELOPE__BODY_TP_FORWARD)) {
-            cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED,
-                                tp_follower(st) ? "a tensor-parallel rank > 0 takes tp_forward "
-                                "(from its rank 0) and health_request"
-                                : "a stage takes forward and health_request", NULL);
-            break;
-        }
-        if (!st->ready) {
-            refuse(st, m, CPM_EAGAIN, st->loading ? "stage is still loading" : "stage failed to load");
-            break;
-        }
-        if (st->q_len >= st->opts.max_queue) {
-            refuse(st, m, CPM_ELIMIT, "stage queue full");
-            break;
-        }
-        st->q[(st->q_head + st->q_len) % st->opts.max_queue] = m;
-        st->stats.queued = ++st->q_len;
-        start_next(st);
-        return; /* the queue owns m now */
-    case CPM__V1__ENVELOPE__BODY_ERROR:
-        break;
-    default:
-        cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED, "a stage takes forward and health_request",
-                            NULL);
-        break;
-    }
-    cpm_inmsg_free(m);
+    if (!h->ready)
+        return;
+    const cpm_model_info *in = st->info;
+    Cpm__V1__ModelInfo *mi = &st->health_model;
+    cpm__v1__model_info__init(mi);
+    h->layer_begin = (uint32_t)in->layer_begin;
+    h->layer_end = (uint32_t)in->layer_end;
+    h->kv_used = (uint32_t)st->stats.kv_used;
+    h->kv_total = (uint32_t)st->stats.kv_total;
+    h->live_seqs = (uint32_t)st->stats.live_seqs;
+    mi->arch = (char *)in->arch;
+    mi->variant = (char *)in->variant;
+    mi->vocab_size = (uint32_t)in->vocab_size;
+    mi->hidden_size = (uint32_t)in->hidden_size;
+    mi->n_layers = (uint32_t)in->n_layers;
+    mi->max_position = (uint32_t)in->max_position;
+    mi->bos_id = in->bos_id;
+    for (int i = 0; i < in->n_eos && i < CPM_MAX_EOS; i++)
+        st->health_eos[i] = in->eos_ids[i];
+    mi->n_eos_ids = (size_t)in->n_eos;
+    mi->eos_ids = st->health_eos;
+    mi->name = st->model_name;
+    h->model = mi;
+}
+
+/* Micro-batches for this stage's role are jobs; anything else gets an error. */
+static bool stage_admit(void *user, cpm_sock *s, const cpm_inmsg *m) {
+    cpm_stage *st = user;
+    int body = m->env->body_case;
+    bool batch = body == CPM__V1__ENVELOPE__BODY_FORWARD || body == CPM__V1__ENVELOPE__BODY_RESULT ||
+                 body == CPM__V1__ENVELOPE__BODY_TP_FORWARD;
+    if (batch && tp_follower(st) == (body == CPM__V1__ENVELOPE__BODY_TP_FORWARD))
+        return true;
+    cpm_sock_send_error(s, &m->peer, m->env->corr, CPM_EUNSUPPORTED,
+                        batch && tp_follower(st) ? "a tensor-parallel rank > 0 takes tp_forward "
+                        "(from its rank 0) and health_request"
+                        : "a stage takes forward and health_request", NULL);
+    return false;
 }
 
 static void on_out(cpm_sock *s, cpm_inmsg *m, void *user) {
     (void)s;
     (void)user;
     cpm_inmsg_free(m); /* the next hop never answers; drop anything it sends */
-}
-
-static void on_bad(cpm_sock *s, const cpm_error *e, void *user) {
-    (void)s;
-    (void)e;
-    cpm_stage *st = user;
-    st->stats.bad_messages++;
 }
 
 /* ------------------------------------------------------------------ loading */
@@ -753,8 +655,8 @@ static int connect_tp(cpm_stage *st, cpm_error *err) {
     return 0;
 }
 
-static void load_run(uv_work_t *w) {
-    cpm_stage *st = w->data;
+static int stage_load(void *user, cpm_error *err) {
+    cpm_stage *st = user;
     cpm_model_opts mo = cpm_model_opts_default();
     mo.layer_begin = st->opts.layer_begin;
     mo.layer_end = st->opts.layer_end;
@@ -764,42 +666,38 @@ static void load_run(uv_work_t *w) {
         mo.expert_begin = mo.expert_end = 0;
     mo.tp_rank = st->opts.tp_rank;
     mo.tp_size = st->opts.tp_size;
-    int rc = cpm_model_load(st->model_dir, &mo, &st->model, &st->load_err);
+    int rc = cpm_model_load(st->model_dir, &mo, &st->model, err);
     if (!rc) {
         st->info = cpm_model_get_info(st->model);
         if (st->opts.n_experts)
-            rc = connect_experts(st, &st->load_err);
+            rc = connect_experts(st, err);
     }
     if (!rc && st->opts.tp_size > 1)
-        rc = connect_tp(st, &st->load_err);
+        rc = connect_tp(st, err);
     if (!rc) {
         cpm_kv_geometry geo = cpm_model_kv_geometry(st->model);
         geo.dtype = st->opts.kv_dtype;
-        st->kv = cpm_kv_cache_new(&geo, st->opts.kv_tokens, st->opts.max_seqs, &st->load_err);
+        st->kv = cpm_kv_cache_new(&geo, st->opts.kv_tokens, st->opts.max_seqs, err);
         if (!st->kv)
-            rc = st->load_err.code ? st->load_err.code : CPM_ENOMEM;
+            rc = err->code ? err->code : CPM_ENOMEM;
     }
     if (!rc)
-        rc = alloc_scratch(st, &st->load_err);
-    st->load_rc = rc;
+        rc = alloc_scratch(st, err);
+    return rc;
 }
 
-static void load_done(uv_work_t *w, int status) {
-    cpm_stage *st = w->data;
-    (void)status;
-    st->loading = false;
-    if (st->closing) {
-        free_all(st);
-        return;
-    }
-    st->ready = st->load_rc == 0;
-    st->stats.ready = st->ready;
-    if (st->ready)
+static void stage_loaded(void *user, int rc, const cpm_error *err) {
+    cpm_stage *st = user;
+    st->stats.ready = rc == 0;
+    if (st->stats.ready)
         cpm_kv_cache_usage(st->kv, &st->stats.kv_used, &st->stats.kv_total);
     if (st->ready_cb)
-        st->ready_cb(st, st->load_rc, &st->load_err, st->user);
-    start_next(st);
+        st->ready_cb(st, rc, err, st->user);
 }
+
+static const cpm_worker_ops stage_ops = {.load = stage_load, .loaded = stage_loaded,
+    .admit = stage_admit, .run = stage_run, .done = stage_done, .refuse = stage_refuse,
+    .health = stage_health, .release = stage_release};
 
 /* The expert services' list outlives the caller's: copied with its endpoints. */
 static int copy_peers(cpm_stage *st, const cpm_stage_opts *opts) {
@@ -840,19 +738,11 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     cpm_stage *st = calloc(1, sizeof *st);
     if (!st)
         return cpm_error_set(err, CPM_ENOMEM, "stage");
-    st->loop = loop;
     st->opts = *opts;
     st->ready_cb = cb;
     st->user = user;
-    st->started_ns = uv_hrtime();
-    st->q = calloc((size_t)opts->max_queue, sizeof *st->q);
-    if (!st->q) {
-        free(st);
-        return cpm_error_set(err, CPM_ENOMEM, "stage queue");
-    }
     st->zctx = zctx;
     if (opts->n_experts > 0 && copy_peers(st, opts)) {
-        free(st->q);
         free(st);
         return cpm_error_set(err, CPM_ENOMEM, "stage: expert services");
     }
@@ -874,43 +764,43 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
     const char *slash = strrchr(tmp, '/');
     snprintf(st->model_name, sizeof st->model_name, "%s", slash ? slash + 1 : tmp);
 
-    cpm_sock_opts so = cpm_sock_opts_default();
-    int rc = cpm_sock_new(loop, zctx, ZMQ_ROUTER, &so, on_in, st, &st->in, err);
-    if (!rc) {
-        cpm_sock_set_bad_cb(st->in, on_bad);
-        rc = cpm_sock_bind(st->in, opts->bind, err);
-    }
-    if (!rc && !follower)
-        rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, &so, on_out, st, &st->out, err);
+    /* The next hop first: the worker starts loading as soon as it is made. */
+    int rc = 0;
+    if (!follower)
+        rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, NULL, on_out, st, &st->out, err);
     if (!rc && !follower)
         rc = cpm_sock_connect(st->out, opts->next, err);
+    cpm_worker_opts wo = {.service = "stage", .name = st->name, .full_msg = "stage queue full",
+                          .max_running = 1, .max_queue = opts->max_queue, .pipeline = true,
+                          .downstream = st->out, .ops = &stage_ops, .user = st};
+    if (!rc)
+        rc = cpm_worker_new(loop, zctx, opts->bind, &wo, &st->w, err);
     if (rc) {
-        cpm_sock_free(st->in);
         cpm_sock_free(st->out);
-        free(st->q);
         free(st->peers);
         free(st->peer_eps);
         free(st);
         return rc;
     }
-    st->loading = true;
-    st->work.data = st;
-    uv_queue_work(loop, &st->work, load_run, load_done);
     *ret = st;
     return 0;
 }
 
 void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret) {
+    cpm_worker_stats w;
+    cpm_worker_get_stats(st->w, &w);
     *ret = st->stats;
+    ret->batches = w.served + w.failed;
+    ret->failed = w.failed + w.refused + w.undelivered;
+    ret->bad_messages = w.bad_messages;
+    ret->queued = w.queued;
 }
 
 void cpm_stage_free(cpm_stage *st) {
     if (!st || st->closing)
         return;
     st->closing = true;
-    cpm_sock_free(st->in);
-    cpm_sock_free(st->out);
-    st->in = st->out = NULL;
-    if (!st->busy && !st->loading)
-        free_all(st);
+    cpm_sock_free(st->out); /* the worker sends nothing once freed */
+    st->out = NULL;
+    cpm_worker_free(st->w); /* releases st once no job or load runs */
 }

@@ -17,6 +17,8 @@
 #include <uv.h>
 #include <zmq.h>
 
+#include "services/common/frames.h"
+
 typedef struct slot {
     float *rows;           /* [max_rows, hidden] */
     size_t n;              /* floats held */
@@ -210,35 +212,15 @@ static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void
 /* Reads every message waiting on the mesh socket. */
 static int drain(cpm_tp_mesh *t, size_t n, int layer, cpm_error *err) {
     int rc = 0;
-    while (rc == 0) {
-        zmq_msg_t head, body;
-        zmq_msg_init(&head);
-        if (zmq_msg_recv(&head, t->pull, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&head);
-            break;
-        }
-        bool more = zmq_msg_more(&head), extra = false;
-        zmq_msg_init(&body);
-        if (more) {
-            zmq_msg_recv(&body, t->pull, 0);
-            for (bool m = zmq_msg_more(&body); m; extra = true) {
-                zmq_msg_t x;
-                zmq_msg_init(&x);
-                zmq_msg_recv(&x, t->pull, 0);
-                m = zmq_msg_more(&x);
-                zmq_msg_close(&x);
-            }
-        }
+    cpm_frames fr;
+    while (rc == 0 && cpm_frames_recv(&fr, t->pull, 2, ZMQ_DONTWAIT, NULL) == 0) {
         cpm_envelope *env = NULL;
-        cpm_error ve = {0};
         /* a malformed message on the mesh is not from a rank of this stage: drop it */
-        if (!extra && !cpm_wire_unpack(zmq_msg_data(&head), zmq_msg_size(&head),
-                                       more ? (long long)zmq_msg_size(&body) : -1, &env, &ve) &&
+        if (!fr.extra && !cpm_frames_envelope(&fr, 0, &env, NULL) &&
             env->body_case == CPM__V1__ENVELOPE__BODY_TP_PARTIAL)
-            rc = file_partial(t, env->tp_partial, zmq_msg_data(&body), n, layer, err);
+            rc = file_partial(t, env->tp_partial, cpm_frames_data(&fr, 1), n, layer, err);
         cpm_wire_free(env);
-        zmq_msg_close(&body);
-        zmq_msg_close(&head);
+        cpm_frames_close(&fr);
     }
     return rc;
 }

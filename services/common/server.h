@@ -4,6 +4,7 @@
  * request's handler on libuv's thread pool (the loop thread never computes); the
  * handler packs its reply there and the loop only sends bytes. Requests beyond
  * max_inflight are refused with CPM_ELIMIT ("busy") so callers can go elsewhere.
+ * A cpm_worker (worker.h) with every request running at once, plus hello.
  *
  *   static int handle(void *svc, const cpm_inmsg *in, cpm_reply *out, cpm_error *e) {
  *       Cpm__V1__Envelope r = CPM__V1__ENVELOPE__INIT; ... fill r ...
@@ -15,21 +16,9 @@
 #ifndef CPM_SERVER_H
 #define CPM_SERVER_H
 
-#include "services/common/transport.h"
+#include "services/common/worker.h"
 
 typedef struct cpm_server cpm_server;
-
-/* A reply built on a worker thread: the packed Envelope and an optional tensor frame. */
-typedef struct cpm_reply {
-    uint64_t corr;       /* the request's, set by the server; cpm_reply_set copies it into env */
-    uint8_t *env_buf;
-    size_t env_size;
-    cpm_payload tensor;
-    bool has_tensor;
-} cpm_reply;
-
-/* Packs env as the reply (env->corr is set to out->corr) plus an optional tensor (consumed). */
-int cpm_reply_set(cpm_reply *out, cpm_envelope *env, cpm_payload *tensor, cpm_error *err);
 
 /* Runs on a worker thread. Returns 0 with *out set, or an error code with err filled:
  * the server then replies Envelope{error} with that code and message. in is read-only. */

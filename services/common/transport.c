@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_FRAMES 3 /* identity, envelope, tensor */
+#include "services/common/frames.h"
 
 static void free_aligned(void *data, void *hint) {
     (void)hint;
@@ -43,7 +43,7 @@ static int take_tensor(cpm_inmsg *m, zmq_msg_t *frame) {
 typedef struct outmsg {
     struct outmsg *next;
     int n;
-    zmq_msg_t frames[MAX_FRAMES];
+    zmq_msg_t frames[CPM_FRAMES_MAX]; /* identity, envelope, tensor */
 } outmsg;
 
 typedef struct call {
@@ -362,6 +362,15 @@ int cpm_sock_send_error(cpm_sock *s, const cpm_peer *peer, uint64_t corr, int co
     return cpm_sock_send(s, peer, &env, NULL, err);
 }
 
+int cpm_sock_send_health(cpm_sock *s, const cpm_peer *peer, uint64_t corr, Cpm__V1__Health *h,
+                         cpm_error *err) {
+    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
+    env.health = h;
+    return cpm_sock_send(s, peer, &env, NULL, err);
+}
+
 /* ------------------------------------------------------------------ calls with timeout */
 
 static void rearm_deadlines(cpm_sock *s) {
@@ -449,27 +458,12 @@ static void report_bad(cpm_sock *s, const cpm_peer *peer, uint64_t corr, bool re
 
 /* Reads one whole message (all its frames) and dispatches it. */
 static void recv_one(cpm_sock *s) {
-    zmq_msg_t f[MAX_FRAMES];
-    int n = 0, extra = 0;
-    int more = 1;
-    while (more) {
-        zmq_msg_t part;
-        zmq_msg_init(&part);
-        if (zmq_msg_recv(&part, s->z, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&part);
-            break; /* EAGAIN: the message ended early (cannot happen for zmq multipart) */
-        }
-        more = zmq_msg_more(&part);
-        if (n < MAX_FRAMES)
-            f[n++] = part;
-        else {
-            extra++;
-            zmq_msg_close(&part);
-        }
-    }
+    cpm_frames fr;
+    if (cpm_frames_recv(&fr, s->z, CPM_FRAMES_MAX, ZMQ_DONTWAIT, NULL))
+        fr.n = 0; /* ZMQ_EVENTS said a message was there: count it as an empty one */
     cpm_error e = {0};
     cpm_inmsg *m = calloc(1, sizeof *m);
-    int first = s->type == ZMQ_ROUTER ? 1 : 0;
+    int first = s->type == ZMQ_ROUTER ? 1 : 0, n = fr.n;
     uint64_t corr = 0;
     bool reply = true;
     if (!m) {
@@ -478,24 +472,24 @@ static void recv_one(cpm_sock *s) {
     }
     zmq_msg_init(&m->tensor_msg);
     if (first && n > 0) {
-        m->peer.len = zmq_msg_size(&f[0]) <= CPM_PEER_MAX ? zmq_msg_size(&f[0]) : 0;
-        memcpy(m->peer.id, zmq_msg_data(&f[0]), m->peer.len);
+        m->peer.len = cpm_frames_size(&fr, 0) <= CPM_PEER_MAX ? cpm_frames_size(&fr, 0) : 0;
+        memcpy(m->peer.id, cpm_frames_data(&fr, 0), m->peer.len);
     }
     if (n <= first) {
         cpm_error_set(&e, CPM_EFORMAT, "empty message");
         goto out_bad;
     }
-    if (extra) {
-        cpm_error_set(&e, CPM_EFORMAT, "message has %d frames, at most %d", n + extra - first,
-                      MAX_FRAMES - first);
+    if (fr.extra) {
+        cpm_error_set(&e, CPM_EFORMAT, "message has %d frames, at most %d", n + fr.extra - first,
+                      CPM_FRAMES_MAX - first);
         goto out_bad;
     }
-    long long tsize = n > first + 1 ? (long long)zmq_msg_size(&f[first + 1]) : -1;
-    cpm_envelope *env = cpm__v1__envelope__unpack(NULL, zmq_msg_size(&f[first]),
-                                                  zmq_msg_data(&f[first]));
+    long long tsize = n > first + 1 ? (long long)cpm_frames_size(&fr, first + 1) : -1;
+    cpm_envelope *env = cpm__v1__envelope__unpack(NULL, cpm_frames_size(&fr, first),
+                                                  cpm_frames_data(&fr, first));
     if (!env) {
         cpm_error_set(&e, CPM_EFORMAT, "envelope of %zu bytes does not unpack",
-                      zmq_msg_size(&f[first]));
+                      cpm_frames_size(&fr, first));
         goto out_bad;
     }
     corr = env->corr;
@@ -505,19 +499,17 @@ static void recv_one(cpm_sock *s) {
         goto out_bad;
     }
     m->env = env;
-    if (tsize >= 0 && take_tensor(m, &f[first + 1])) {
+    if (tsize >= 0 && take_tensor(m, &fr.f[first + 1])) {
         cpm_error_set(&e, CPM_ENOMEM, "tensor frame of %lld bytes", tsize);
         goto out_bad;
     }
-    for (int i = 0; i < n; i++)
-        zmq_msg_close(&f[i]);
+    cpm_frames_close(&fr);
     if (!complete_call(s, m))
         s->on_msg(s, m, s->user);
     return;
 out_bad:
     report_bad(s, m ? &m->peer : NULL, corr, reply, &e);
-    for (int i = 0; i < n; i++)
-        zmq_msg_close(&f[i]);
+    cpm_frames_close(&fr);
     cpm_inmsg_free(m);
 }
 
@@ -552,40 +544,22 @@ static void on_kick(uv_timer_t *t) {
 /* ------------------------------------------------------------------ blocking client */
 
 static int rpc_recv(void *z, cpm_inmsg **ret, cpm_error *err) {
-    zmq_msg_t f[2];
-    int n = 0, more = 1, extra = 0;
-    while (more) {
-        zmq_msg_t part;
-        zmq_msg_init(&part);
-        if (zmq_msg_recv(&part, z, 0) < 0) {
-            zmq_msg_close(&part);
-            for (int i = 0; i < n; i++)
-                zmq_msg_close(&f[i]);
-            return zerr(err, "recv");
-        }
-        more = zmq_msg_more(&part);
-        if (n < 2)
-            f[n++] = part;
-        else {
-            extra++;
-            zmq_msg_close(&part);
-        }
-    }
-    int rc = 0;
+    cpm_frames fr;
+    int rc = cpm_frames_recv(&fr, z, 2, 0, err);
+    if (rc)
+        return rc;
     cpm_inmsg *m = calloc(1, sizeof *m);
     if (!m)
         rc = cpm_error_set(err, CPM_ENOMEM, "reply");
-    else if (extra)
+    else if (fr.extra)
         rc = cpm_error_set(err, CPM_EFORMAT, "reply has too many frames");
     if (!rc) {
         zmq_msg_init(&m->tensor_msg);
-        rc = cpm_wire_unpack(zmq_msg_data(&f[0]), zmq_msg_size(&f[0]),
-                             n > 1 ? (long long)zmq_msg_size(&f[1]) : -1, &m->env, err);
+        rc = cpm_frames_envelope(&fr, 0, &m->env, err);
     }
-    if (!rc && n > 1 && take_tensor(m, &f[1]))
+    if (!rc && fr.n > 1 && take_tensor(m, &fr.f[1]))
         rc = cpm_error_set(err, CPM_ENOMEM, "reply tensor frame");
-    for (int i = 0; i < n; i++)
-        zmq_msg_close(&f[i]);
+    cpm_frames_close(&fr);
     if (rc) {
         cpm_inmsg_free(m);
         return rc;

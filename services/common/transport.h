@@ -103,6 +103,10 @@ int cpm_sock_send_packed(cpm_sock *s, const cpm_peer *peer, uint8_t *buf, size_t
 int cpm_sock_send_error(cpm_sock *s, const cpm_peer *peer, uint64_t corr, int code,
                         const char *msg, cpm_error *err);
 
+/* Sends an Envelope{health} with corr to peer: the one place a health reply is wrapped. */
+int cpm_sock_send_health(cpm_sock *s, const cpm_peer *peer, uint64_t corr, Cpm__V1__Health *h,
+                         cpm_error *err);
+
 /* Request with timeout: sets env->corr to a fresh id, sends, and calls cb exactly once:
  * with the reply (owned by cb) and status 0, or with NULL and CPM_ETIMEDOUT after
  * timeout_ms, or CPM_ECLOSED when the socket is freed first. Replies whose corr matches
