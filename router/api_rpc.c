@@ -287,11 +287,7 @@ static void on_health(cpm_api_rpc *api, const cpm_inmsg *m) {
     cpm_pipeline_stats(api->ctx->pipeline, &st);
     h.queue_depth = (uint32_t)st.queued;
     h.live_seqs = (uint32_t)st.live;
-    Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
-    env.corr = m->env->corr;
-    env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH;
-    env.health = &h;
-    cpm_sock_send(api->sock, &m->peer, &env, NULL, NULL);
+    cpm_sock_send_health(api->sock, &m->peer, m->env->corr, &h, NULL);
 }
 
 static void on_message(cpm_sock *s, cpm_inmsg *m, void *user) {
