@@ -13,7 +13,7 @@
 
 #include "bench/membw.h"
 #include "shard/generate.h"
-#include "shard/kernels/matmul.h"
+#include "shard/engine/kernels/matmul.h"
 
 typedef struct bench_result {
     double prefill_tps, decode_tps;

@@ -19,8 +19,8 @@
 
 #include "bench/clock.h"
 #include "bench/membw.h"
-#include "shard/kernels/matmul.h"
-#include "shard/kernels/pool.h"
+#include "shard/engine/kernels/matmul.h"
+#include "shard/engine/kernels/pool.h"
 
 #define LAYERS 52
 #define MAX_THREADS 8

@@ -13,8 +13,8 @@
 #include <time.h>
 
 #include "bench/clock.h"
-#include "shard/kernels/matmul.h"
-#include "shard/kernels/pool.h"
+#include "shard/engine/kernels/matmul.h"
+#include "shard/engine/kernels/pool.h"
 
 #define K_DIM 1536
 #define MAX_OUTS 3

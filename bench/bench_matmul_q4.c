@@ -20,8 +20,8 @@
 #include <time.h>
 
 #include "bench/membw.h"
-#include "shard/kernels/matmul.h"
-#include "shard/kernels/matmul_q4.h"
+#include "shard/engine/kernels/matmul.h"
+#include "shard/engine/kernels/matmul_q4.h"
 
 #define COPIES_BYTES ((size_t)384 << 20) /* per format: well past any LLC */
 

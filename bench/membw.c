@@ -11,7 +11,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 typedef struct membw_job {
     const char *buf;

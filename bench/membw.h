@@ -8,7 +8,7 @@
 
 #include <stddef.h>
 
-#include "shard/kernels/pool.h"
+#include "shard/engine/kernels/pool.h"
 
 /* Reads a buffer of `bytes` (make it several times the last-level cache)
  * `reps` times with every thread of pool (NULL: the calling thread), each

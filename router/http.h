@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../services/common/error.h"
+#include "../common/error.h"
 
 typedef struct cpm_http_server cpm_http_server;
 typedef struct cpm_http_conn cpm_http_conn;

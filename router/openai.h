@@ -25,7 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../services/common/error.h"
+#include "../common/error.h"
 
 typedef enum cpm_oai_kind {
     CPM_OAI_COMPLETION, /* /v1/completions */

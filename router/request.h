@@ -17,7 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "../services/common/error.h"
+#include "../common/error.h"
 
 typedef enum cpm_req_state {
     CPM_REQ_QUEUED,     /* accepted; tokenizing or waiting for a pipeline slot */

@@ -21,7 +21,7 @@
 #include <uv.h>
 
 #include "../services/common/config.h"
-#include "../services/common/error.h"
+#include "../common/error.h"
 #include "../services/common/log.h"
 
 typedef struct cpm_router cpm_router;

@@ -19,7 +19,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "../services/common/error.h"
+#include "../common/error.h"
 
 typedef struct cpm_sched cpm_sched;
 

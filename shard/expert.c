@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "services/common/worker.h"
-#include "shard/model/model.h"
+#include "shard/engine/model/model.h"
 
 struct cpm_expert {
     cpm_worker *w;

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 typedef struct cpm_expert cpm_expert;
 

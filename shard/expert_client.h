@@ -20,8 +20,8 @@
 #ifndef CPM_EXPERT_CLIENT_H
 #define CPM_EXPERT_CLIENT_H
 
-#include "services/common/error.h"
-#include "shard/model/model.h"
+#include "common/error.h"
+#include "shard/engine/model/model.h"
 
 typedef struct cpm_expert_client cpm_expert_client;
 

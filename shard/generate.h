@@ -13,8 +13,8 @@
 #include <stdint.h>
 
 #include "../services/sampler/sampler.h"
-#include "kv_cache.h"
-#include "model/model.h"
+#include "engine/kv_cache.h"
+#include "engine/model/model.h"
 
 typedef struct cpm_generate_opts {
     int max_new_tokens;        /* tokens to generate (>= 0) */

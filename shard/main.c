@@ -8,7 +8,7 @@
 #include <zmq.h>
 
 #include "services/common/svcmain.h"
-#include "shard/kernels/matmul.h"
+#include "shard/engine/kernels/matmul.h"
 #include "shard/stage_config.h"
 
 typedef struct app {

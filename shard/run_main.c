@@ -13,7 +13,7 @@
 #include "common/cli.h"
 #include "../services/tokenizer/tokenizer.h"
 #include "generate.h"
-#include "kernels/matmul.h"
+#include "engine/kernels/matmul.h"
 
 typedef struct run_args {
     const char *model;

@@ -23,8 +23,8 @@
 #include <string.h>
 
 #include "services/common/worker.h"
-#include "shard/kv_cache.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache.h"
+#include "shard/engine/model/model.h"
 
 typedef struct seq_entry {
     uint64_t id;

@@ -21,9 +21,9 @@
 #include <stdbool.h>
 #include <uv.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "shard/expert_client.h"
-#include "shard/kernels/dtype.h"
+#include "shard/engine/kernels/dtype.h"
 #include "shard/tp.h"
 
 typedef struct cpm_stage cpm_stage;

@@ -6,7 +6,7 @@
 #define CPM_STAGE_CONFIG_H
 
 #include "services/common/config.h"
-#include "services/common/error.h"
+#include "common/error.h"
 #include "shard/stage.h"
 
 typedef struct cpm_stage_config {

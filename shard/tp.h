@@ -3,7 +3,7 @@
  *
  * Data flow inside a TP stage: rank 0 receives a StageForward like any stage, sends it
  * as a TpForward to every other rank (cpm_tp_fanout), and all T ranks run the same
- * forward on their slice of the heads and FFN (shard/model: tp_rank/tp_size). Twice
+ * forward on their slice of the heads and FFN (shard/engine/model: tp_rank/tp_size). Twice
  * per layer the model calls the all-reduce backend (cpm_tp_mesh): each rank sends its
  * partial [rows, hidden] to every other rank's mesh endpoint (a PULL socket) and sums
  * the T partials in rank order, so every rank holds the same residual stream bit for bit.
@@ -25,9 +25,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "services/common/wire.h"
-#include "shard/model/model.h"
+#include "shard/engine/model/model.h"
 
 #define CPM_TP_MAX 8 /* ranks of one stage */
 

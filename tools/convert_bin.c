@@ -18,8 +18,8 @@
 #include <unistd.h>
 
 #include "common/cli.h"
-#include "shard/model/checkpoint.h"
-#include "shard/model/safetensors.h"
+#include "shard/engine/model/checkpoint.h"
+#include "shard/engine/model/safetensors.h"
 
 #define DEFAULT_MAX_SHARD (4ull << 30) /* shard past 4 GiB, as the brief for HF repos */
 

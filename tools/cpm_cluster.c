@@ -26,8 +26,8 @@
 #include "common/cli.h"
 #include "services/common/config.h"
 #include "services/common/transport.h"
-#include "shard/model/hf_config.h"
-#include "shard/model/tp_split.h"
+#include "shard/engine/model/hf_config.h"
+#include "shard/engine/model/tp_split.h"
 
 #define MAX_ARGS 32
 
@@ -159,7 +159,7 @@ static int check_local_endpoint(const char *what, const char *ep, cpm_error *err
     return rc;
 }
 
-/* Each tensor-parallel stage against the engine's split rule (shard/model/tp_split.h). */
+/* Each tensor-parallel stage against the engine's split rule (shard/engine/model/tp_split.h). */
 static int model_tp_split(const cpm_hparams *hp, const cpm_config *c, cpm_error *err) {
     for (int i = 0; i < c->n_stages; i++) {
         int T = c->stages[i].n_tp + 1, rc = cpm_tp_split_check(hp, T, err);

@@ -18,9 +18,9 @@
 #include <sys/stat.h>
 
 #include "common/cli.h"
-#include "shard/kernels/dtype.h"
-#include "shard/model/arch.h"
-#include "shard/model/hf_config.h"
+#include "shard/engine/kernels/dtype.h"
+#include "shard/engine/model/arch.h"
+#include "shard/engine/model/hf_config.h"
 
 #ifndef CPM_ASSETS_DIR
 #define CPM_ASSETS_DIR "assets"

@@ -20,7 +20,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 #define CPM_CFG_MAX_STAGES 64
 #define CPM_CFG_MAX_REPLICAS 16

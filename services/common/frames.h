@@ -17,7 +17,7 @@
 
 #include <zmq.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "services/common/wire.h"
 
 /* Most frames any reader keeps: a ROUTER's identity, the Envelope, one tensor. */

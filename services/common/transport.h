@@ -26,7 +26,7 @@
 #include <uv.h>
 #include <zmq.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "services/common/wire.h"
 
 typedef struct cpm_sock cpm_sock;

@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "proto/cpm.pb-c.h"
-#include "services/common/error.h"
+#include "common/error.h"
 
 /* Must equal cpm.v1.ProtocolVersion.PROTOCOL_VERSION_CURRENT (checked at build time in wire.c). */
 #define CPM_WIRE_VERSION 1

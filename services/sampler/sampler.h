@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../common/error.h"
+#include "../../common/error.h"
 
 typedef struct cpm_sampling_params {
     float temperature;        /* 0 = greedy */

@@ -15,7 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 typedef struct cpm_tokenizer cpm_tokenizer;
 

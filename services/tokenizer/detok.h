@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 typedef struct cpm_tokenizer cpm_tokenizer;
 typedef struct cpm_detok cpm_detok;

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "services/tokenizer/utf8.h"
 
 /* float.__repr__: the shortest digits that read back to the same double, in fixed

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 int cpm_strbuf_reserve(cpm_strbuf *b, size_t extra) {
     if (b->oom)

@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 #include "services/tokenizer/tokenizer.h"
 #include "services/tokenizer/strbuf.h"
 #include "services/tokenizer/tok_vocab.h"

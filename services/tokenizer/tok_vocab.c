@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "services/common/error.h"
+#include "common/error.h"
 
 /* A multiply-xorshift hash reading 8 bytes at a time: pieces are short, and this
  * runs for every merge candidate, so it must beat byte-at-a-time FNV. */

@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "shard/model/safetensors.h"
+#include "shard/engine/model/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "shard/model/torch_pickle.h"
+#include "shard/engine/model/torch_pickle.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -6,7 +6,7 @@ no code with the C engine: it reads the safetensors file by hand, runs the
 whole model in numpy float64 and writes, into OUT_DIR, the files
 tests/golden/compare.c checks (ids.txt, ref_logits.f32, ref_greedy.txt).
 
-Sparse attention follows the engine's documented rule (shard/model/infllm.h):
+Sparse attention follows the engine's documented rule (shard/engine/model/infllm.h):
 the query at position t is sparse iff t + 1 >= dense_len, so the output does
 not depend on the schedule and one incremental pass gives prefill and decode.
 Each query's block selection is done literally as spec sec. 5.4: scores for every

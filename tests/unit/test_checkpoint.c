@@ -1,4 +1,4 @@
-/* test_checkpoint.c - shard/model/checkpoint.c over good and broken weight files.
+/* test_checkpoint.c - shard/engine/model/checkpoint.c over good and broken weight files.
  *
  * Safetensors files are written at run time with cpm_safetensors_write or by hand
  * (for headers no writer would produce); torch archives come from
@@ -20,9 +20,9 @@
 
 #include "support/scratch.h"
 
-#include "shard/model/checkpoint.h"
-#include "shard/model/safetensors.h"
-#include "shard/model/zip_reader.h"
+#include "shard/engine/model/checkpoint.h"
+#include "shard/engine/model/safetensors.h"
+#include "shard/engine/model/zip_reader.h"
 
 #ifndef CKPT_FIXTURES
 #error "CKPT_FIXTURES must name tests/data/checkpoints"

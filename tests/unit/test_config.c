@@ -339,7 +339,7 @@ static void test_tp_stage(void **state) {
     assert_int_equal(rank, 1);
     assert_string_equal(cpm_config_proc_endpoint(c, 5), "tcp://127.0.0.1:5582");
     assert_int_equal(cpm_config_tp_proc(c, 1, &st, &rank, &e), CPM_ERANGE);
-    /* against the model: shard/model/tp_split (tests/unit/test_tp_split.c) */
+    /* against the model: shard/engine/model/tp_split (tests/unit/test_tp_split.c) */
     cpm_config_free(c);
 }
 

@@ -16,7 +16,7 @@
 
 #include "support/scratch.h"
 
-#include "shard/model/checkpoint.h"
+#include "shard/engine/model/checkpoint.h"
 
 static const char *tool;
 

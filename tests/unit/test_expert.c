@@ -1,5 +1,5 @@
 /* test_expert.c - expert parallelism (shard/expert.c, shard/expert_client.c and the
- * engine's expert backend hook in shard/model/ffn.c).
+ * engine's expert backend hook in shard/engine/model/ffn.c).
  *
  * 1. In process, no sockets: a stage model that binds no experts, with a backend
  *    calling cpm_expert_ffn on two other models (experts [0, 4) and [4, 8)), gives
@@ -25,8 +25,8 @@
 #include "services/common/transport.h"
 #include "shard/expert.h"
 #include "shard/expert_client.h"
-#include "shard/kv_cache.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache.h"
+#include "shard/engine/model/model.h"
 
 static const char *model_dir;
 #define N 12

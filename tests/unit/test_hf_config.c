@@ -1,4 +1,4 @@
-/* Unit tests for shard/model/hf_config.c: official defaults, both LongRoPE key
+/* Unit tests for shard/engine/model/hf_config.c: official defaults, both LongRoPE key
  * spellings, and a precise error for every bad field. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "shard/model/hf_config.h"
+#include "shard/engine/model/hf_config.h"
 
 #define BASE "\"architectures\":[\"MiniCPMForCausalLM\"],\"vocab_size\":1024,\"hidden_size\":128," \
              "\"intermediate_size\":256,\"num_hidden_layers\":2,\"num_attention_heads\":4"

@@ -1,4 +1,4 @@
-/* Unit tests for shard/model/infllm.c (InfLLM v2 block selection), the
+/* Unit tests for shard/engine/model/infllm.c (InfLLM v2 block selection), the
  * sparse_config part of hf_config.c, the key sums of kv_cache.c, and the
  * sparse path of attention.c through whole forward passes of the golden
  * MiniCPM4 checkpoint (argv[1]) with a sparse_config added. The end-to-end
@@ -17,10 +17,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "shard/kv_cache_internal.h"
-#include "shard/model/hf_config.h"
-#include "shard/model/infllm.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache_internal.h"
+#include "shard/engine/model/hf_config.h"
+#include "shard/engine/model/infllm.h"
+#include "shard/engine/model/model.h"
 #include "support/scratch.h"
 
 static const char *golden_dir;

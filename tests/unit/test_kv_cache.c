@@ -1,4 +1,4 @@
-/* Unit tests for shard/kv_cache.c: sequence slots, block accounting, position
+/* Unit tests for shard/engine/kv_cache.c: sequence slots, block accounting, position
  * checks, full-cache errors. Uses a golden checkpoint for the geometry. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,9 +8,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "shard/kv_cache.h"
-#include "shard/kv_cache_internal.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache.h"
+#include "shard/engine/kv_cache_internal.h"
+#include "shard/engine/model/model.h"
 
 static const char *model_dir;
 

@@ -1,4 +1,4 @@
-/* test_matmul.c - unit tests for shard/kernels/matmul.c and its ISA kernels:
+/* test_matmul.c - unit tests for shard/engine/kernels/matmul.c and its ISA kernels:
  * every ISA this CPU has, against the reference, for F32/F16/BF16 weights,
  * odd shapes and strides; plus the determinism promises of matmul.h (same
  * bits for any thread count, for a row alone or inside a batch, and across
@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shard/kernels/matmul.h"
+#include "shard/engine/kernels/matmul.h"
 
 typedef struct shape {
     int M, N, K;

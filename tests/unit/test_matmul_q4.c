@@ -1,4 +1,4 @@
-/* test_matmul_q4.c - unit tests for shard/kernels/matmul_q4.c and its ISA
+/* test_matmul_q4.c - unit tests for shard/engine/kernels/matmul_q4.c and its ISA
  * kernels: hand-packed AutoGPTQ words decode to the values worked out by hand
  * (zero + 1, act-order groups), hand-packed AutoAWQ words likewise (the
  * interleaved column order, real zeros); random GPTQ and AWQ linears of odd
@@ -16,8 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shard/kernels/matmul.h"
-#include "shard/kernels/matmul_q4.h"
+#include "shard/engine/kernels/matmul.h"
+#include "shard/engine/kernels/matmul_q4.h"
 
 /* ---- hand-built words ---- */
 

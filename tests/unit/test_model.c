@@ -1,4 +1,4 @@
-/* Unit tests for shard/model/model.c: the forward pass gives the same logits
+/* Unit tests for shard/engine/model/model.c: the forward pass gives the same logits
  * however the work is cut - sequences batched together or alone, prefill in
  * one call or in chunks, the layers in one stage or split into a pipeline.
  * This is what lets the cluster promise the tokens of one process. */
@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shard/kv_cache.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache.h"
+#include "shard/engine/model/model.h"
 
 static const char *model_dir;
 #define N 12

@@ -1,4 +1,4 @@
-/* test_ops.c - shard/kernels/ops.c: the vectorised exponential behind softmax, SiLU and
+/* test_ops.c - shard/engine/kernels/ops.c: the vectorised exponential behind softmax, SiLU and
  * attention weights, against libm, and the element-wise kernels built on it. */
 #include <math.h>
 #include <setjmp.h>
@@ -10,7 +10,7 @@
 
 #include <cmocka.h>
 
-#include "shard/kernels/ops.h"
+#include "shard/engine/kernels/ops.h"
 
 /* Distance in representable floats (both finite, same sign). */
 static int64_t ulps(float a, float b) {

@@ -1,4 +1,4 @@
-/* test_pool.c - unit tests for shard/kernels/pool.c: every thread runs every
+/* test_pool.c - unit tests for shard/engine/kernels/pool.c: every thread runs every
  * section exactly once, results are visible to the caller, sleeping workers
  * wake up, and the edge cases (one thread, NULL pool) behave. */
 #include <setjmp.h>
@@ -12,7 +12,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "shard/kernels/pool.h"
+#include "shard/engine/kernels/pool.h"
 
 #define MAX_THREADS 8
 

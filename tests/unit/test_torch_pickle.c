@@ -1,4 +1,4 @@
-/* test_torch_pickle.c - shard/model/torch_pickle.c on hand-assembled pickles.
+/* test_torch_pickle.c - shard/engine/model/torch_pickle.c on hand-assembled pickles.
  *
  * The opcodes below are what protocol-2 pickle emits for a state dict (see
  * tests/data/checkpoints/make_fixtures.py for the real thing); the hostile ones
@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "shard/model/torch_pickle.h"
+#include "shard/engine/model/torch_pickle.h"
 
 #define WHERE "m.bin: archive/data.pkl"
 

@@ -1,4 +1,4 @@
-/* Unit tests for tensor parallelism in shard/model (model.c's TP slicing, the
+/* Unit tests for tensor parallelism in shard/engine/model (model.c's TP slicing, the
  * all-reduce hook in the forward): T ranks of one model, each a thread with an
  * in-process all-reduce (lock-step, rank-order sums), give the single model's
  * logits within 1e-5 relative, the same argmax, and bit-identical outputs on every
@@ -20,8 +20,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "shard/kv_cache.h"
-#include "shard/model/model.h"
+#include "shard/engine/kv_cache.h"
+#include "shard/engine/model/model.h"
 #include "shard/tp.h"
 
 static const char *model_dir;

@@ -1,4 +1,4 @@
-/* test_tp_split.c - shard/model/tp_split: the one tensor-parallel split rule the loader
+/* test_tp_split.c - shard/engine/model/tp_split: the one tensor-parallel split rule the loader
  * and cpm-cluster share (whole KV groups, MLA heads, FFN width, no int4). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "shard/model/tp_split.h"
+#include "shard/engine/model/tp_split.h"
 
 static cpm_hparams gqa(int heads, int kv_heads, int inter) {
     cpm_hparams hp = {.n_heads = heads, .n_kv_heads = kv_heads, .intermediate_size = inter};

@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 
 typedef struct cpm_zip_entry {
     const char *name;     /* NUL-terminated copy, owned by the reader */

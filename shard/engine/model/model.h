@@ -23,7 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 #include "../batch.h"
 #include "../kv_cache.h"
 

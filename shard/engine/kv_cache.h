@@ -11,7 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "../services/common/error.h"
+#include "../../common/error.h"
 #include "batch.h"
 #include "kernels/dtype.h"
 

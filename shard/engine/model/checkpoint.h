@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 #include "../kernels/dtype.h"
 
 #define CPM_TENSOR_MAX_DIMS 4

@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 #include "../kernels/dtype.h"
 
 #define CPM_SAFETENSORS_MAX_DIMS 8

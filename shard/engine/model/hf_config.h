@@ -9,7 +9,7 @@
 
 #include <stdbool.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 #include "model.h"
 
 #define CPM_ROPE_MAX_FACTORS 256
@@ -71,7 +71,7 @@ typedef struct cpm_hparams {
     double rope_short[CPM_ROPE_MAX_FACTORS];
     double rope_long[CPM_ROPE_MAX_FACTORS];
 
-    /* InfLLM v2 (MiniCPM4 sparse_config, minicpm-spec.md §5; shard/model/infllm.h).
+    /* InfLLM v2 (MiniCPM4 sparse_config, minicpm-spec.md §5; shard/engine/model/infllm.h).
      * A query at position t attends sparsely iff t + 1 >= sparse_dense_len
      * (0 when the config says -1: always sparse). Lengths are in tokens;
      * kernel and stride are multiples of CPM_KV_BLOCK (16), block a multiple

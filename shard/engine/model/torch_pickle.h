@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 
 #define CPM_TORCH_MAX_DIMS 8
 

@@ -7,7 +7,7 @@
  * per output row, the K nibbles contiguous in group order (with act-order, the
  * input columns are sorted by group once here and x is gathered by the same
  * permutation on every call), plus an f32 scale and a zero point per group.
- * The model layer (shard/model) reads the tensors and reports errors; this
+ * The model layer (shard/engine/model) reads the tensors and reports errors; this
  * module knows nothing of files or models.
  *
  *   cpm_q4 *w;  cpm_q4_new(&src, &w, &bad);

@@ -5,7 +5,7 @@
 #ifndef CPM_TP_SPLIT_H
 #define CPM_TP_SPLIT_H
 
-#include "../../services/common/error.h"
+#include "../../../common/error.h"
 #include "hf_config.h"
 
 /* The heads that are dealt out whole: key/value heads (GQA), attention heads (MLA). *what

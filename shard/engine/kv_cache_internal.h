@@ -1,5 +1,5 @@
 /* kv_cache_internal.h - the KV cache's layout, for the attention kernels that
- * read it in their inner loops (shard/model/attention.c). Everyone else goes
+ * read it in their inner loops (shard/engine/model/attention.c). Everyone else goes
  * through kv_cache.h.
  *
  * A block holds, for each stage layer, CPM_KV_BLOCK key rows then CPM_KV_BLOCK
