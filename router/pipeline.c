@@ -11,7 +11,13 @@
 typedef struct replica {
     cpm_sched *sched;
     bool down; /* a service stopped answering health polls: no new work goes here */
+    bool gc_due; /* its stages may hold sequences nobody owns: tell them the live set */
+    uint64_t last_sent; /* ns of its last micro-batch */
 } replica;
+
+/* An idle replica gets a micro-batch with no rows, only the live set, this long after
+ * its last one, so stages free what died with a request even when no traffic follows. */
+#define GC_IDLE_NS 1000000000ull
 
 typedef struct step_time {
     uint64_t step, t;
@@ -29,6 +35,9 @@ struct cpm_pipeline {
     cpm_model_facts facts;
     step_time *steps; /* micro-batches in flight, with when they left */
     int n_steps;
+    uint64_t epoch; /* this router's incarnation, in every micro-batch */
+    uint64_t *live; /* scratch: one scheduler's sequence ids */
+    int live_cap;
 };
 
 /* The logits of one step, shared by every send of them (a retry sends them again).
@@ -90,6 +99,8 @@ int cpm_pipeline_new(const cpm_config *cfg, int n_replicas, cpm_jobs *jobs, cons
     p->m = m;
     p->io = *io;
     p->n_replicas = n_replicas;
+    p->epoch = (uv_hrtime() * 0x9E3779B97F4A7C15ull) ^ (uint64_t)(uintptr_t)p;
+    p->epoch |= 1; /* never 0: that means "none given" */
     return 0;
 }
 
@@ -99,6 +110,7 @@ void cpm_pipeline_free(cpm_pipeline *p) {
     for (int i = 0; i < p->n_replicas; i++)
         cpm_sched_free(p->replicas[i].sched);
     free(p->steps);
+    free(p->live);
     free(p);
 }
 
@@ -144,7 +156,9 @@ int cpm_pipeline_set_model(cpm_pipeline *p, const Cpm__V1__ModelInfo *mi, const 
     f->max_position = so.max_context;
     free(p->steps);
     p->steps = calloc((size_t)(so.max_inflight * p->n_replicas), sizeof *p->steps);
-    if (!p->steps)
+    p->live_cap = so.max_seqs + so.max_queue + 1;
+    p->live = calloc((size_t)p->live_cap, sizeof *p->live);
+    if (!p->steps || !p->live)
         return CPM_ENOMEM;
     so.id_stride = p->n_replicas;
     for (int i = 0; i < p->n_replicas; i++) {
@@ -216,6 +230,15 @@ void cpm_pipeline_release(cpm_pipeline *p, cpm_gen *g) {
 
 /* ---- micro-batches out ----------------------------------------------------------------- */
 
+/* The router's epoch and replica k's live set, for the stages' garbage collection. */
+static void attach_live(cpm_pipeline *p, int k, Cpm__V1__StageForward *fw) {
+    int n;
+    fw->router_epoch = p->epoch;
+    fw->live_horizon = cpm_sched_live(p->replicas[k].sched, p->live, p->live_cap, &n);
+    fw->n_live = (size_t)n;
+    fw->live = p->live;
+}
+
 static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
     Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
     protobuf_c_boolean want[b->n_rows > 0 ? b->n_rows : 1];
@@ -229,6 +252,9 @@ static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
     fw.want = want;
     fw.n_release = (size_t)b->n_release;
     fw.release = (uint64_t *)b->release;
+    attach_live(p, k, &fw);
+    p->replicas[k].gc_due = true;
+    p->replicas[k].last_sent = uv_hrtime();
     Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
     env.forward = &fw;
@@ -319,6 +345,35 @@ static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
     LOG(p, CPM_LOG_WARN, "step %" PRIu64 " failed: %s", step, why);
 }
 
+/* Whether a step of replica k is in flight. */
+static bool busy(const cpm_pipeline *p, int k) {
+    for (int i = 0; i < p->n_steps; i++)
+        if (p->steps[i].step % (uint64_t)p->n_replicas == (uint64_t)k)
+            return true;
+    return false;
+}
+
+/* Idle replicas that were busy get one micro-batch of nothing but the live set (step
+ * 0: its result matches no step and is dropped). */
+static void collect_garbage(cpm_pipeline *p) {
+    uint64_t now = uv_hrtime();
+    for (int k = 0; k < p->n_replicas; k++) {
+        replica *r = &p->replicas[k];
+        if (!r->gc_due || r->down || busy(p, k) || now - r->last_sent < GC_IDLE_NS)
+            continue;
+        Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+        attach_live(p, k, &fw);
+        Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
+        env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+        env.forward = &fw;
+        cpm_error e = {0};
+        if (p->io.forward(p->io.ud, k, &env, &e) == 0) {
+            r->gc_due = false;
+            r->last_sent = now;
+        }
+    }
+}
+
 void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms) {
     uint64_t now = uv_hrtime(), limit = (uint64_t)timeout_ms * 1000000ull;
     for (int i = 0; i < p->n_steps;) {
@@ -330,6 +385,8 @@ void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms) {
         }
     }
     cpm_pipeline_pump(p);
+    if (p->have_model && !p->stopped)
+        collect_garbage(p);
 }
 
 /* Every sequence of replica k, running or waiting there, moves. */
@@ -363,6 +420,7 @@ void cpm_pipeline_replica_down(cpm_pipeline *p, int k, const char *why) {
 
 void cpm_pipeline_replica_up(cpm_pipeline *p, int k) {
     p->replicas[k].down = false;
+    p->replicas[k].gc_due = true; /* its restarted stage's peers hold what died with it */
 }
 
 /* ---- results and sampling ----------------------------------------------------------------- */

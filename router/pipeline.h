@@ -91,7 +91,10 @@ void cpm_pipeline_on_result(cpm_pipeline *p, const Cpm__V1__StageResult *res,
  * NULL) for call, which is freed. */
 void cpm_pipeline_sampled(cpm_sample_call *call, const Cpm__V1__Envelope *reply, int status);
 
-/* Fails the steps out longer than timeout_ms. */
+/* Fails the steps out longer than timeout_ms; sends an idle replica that was busy a
+ * micro-batch with only the live set (every micro-batch carries the router's epoch and
+ * the replica's live sequence ids, so stages free what no request owns). Call it often
+ * (the hub: every 250 ms). */
 void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms);
 
 /* A replica lost a service: no new work goes there; its steps in flight and its

@@ -335,6 +335,16 @@ const int32_t *cpm_sched_tokens(const cpm_sched *s, uint64_t id, int *ret_n) {
     return q ? q->tok : NULL;
 }
 
+uint64_t cpm_sched_live(const cpm_sched *s, uint64_t *ids, int cap, int *ret_n) {
+    *ret_n = 0;
+    if (s->n_seqs > cap || s->next_seq <= 1)
+        return 0; /* a partial list would free live sequences: none at all */
+    for (int i = 0; i < s->n_seqs; i++)
+        ids[i] = s->seqs[i]->id;
+    *ret_n = s->n_seqs;
+    return (s->next_seq - 1) * (uint64_t)s->o.id_stride + (uint64_t)s->o.id_offset;
+}
+
 int cpm_sched_generated(const cpm_sched *s, uint64_t id) {
     seq *q = get(s, id);
     return q ? q->n_tok - q->n_prompt : -1;

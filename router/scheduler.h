@@ -103,4 +103,10 @@ typedef struct cpm_sched_stats {
 
 void cpm_sched_get_stats(const cpm_sched *s, cpm_sched_stats *ret);
 
+/* Every sequence it knows (running, queued, or finished with rows still in flight) into
+ * ids (room for cap; *ret_n set), and returns the horizon: the highest id it has given
+ * out. Together they tell a stage which of its sequences are garbage. 0 (and no ids)
+ * when it has given out none, or holds more than cap. */
+uint64_t cpm_sched_live(const cpm_sched *s, uint64_t *ids, int cap, int *ret_n);
+
 #endif

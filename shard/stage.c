@@ -119,6 +119,7 @@ struct cpm_stage {
     const cpm_model_info *info;
     seq_entry *seqs;
     int n_seqs;
+    uint64_t router_epoch; /* of the router whose sequences these are (0: none yet) */
     int32_t *b_pos;           /* [max_batch_tokens] per-chunk scratch */
     uint8_t *b_want;
     int32_t *handles;         /* [rows_cap] KV handle of every row */
@@ -176,12 +177,42 @@ static int seq_find(const cpm_stage *st, uint64_t id) {
     return -1;
 }
 
-static void seq_release(cpm_stage *st, uint64_t id) {
-    int i = seq_find(st, id);
-    if (i < 0)
-        return; /* released twice, or never reached this stage: nothing to do */
+static void seq_drop(cpm_stage *st, int i) {
     cpm_kv_cache_seq_free(st->kv, st->seqs[i].handle);
     st->seqs[i] = st->seqs[--st->n_seqs];
+}
+
+static void seq_release(cpm_stage *st, uint64_t id) {
+    int i = seq_find(st, id);
+    if (i >= 0) /* else released twice, or never reached this stage: nothing to do */
+        seq_drop(st, i);
+}
+
+static bool listed(const uint64_t *ids, size_t n, uint64_t id) {
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] == id)
+            return true;
+    return false;
+}
+
+/* Frees what no live request owns (proto: StageForward.router_epoch, live): every
+ * sequence of an earlier router incarnation, and each of this router's that it no
+ * longer lists (its releases died with a stage before this one). Micro-batches reach
+ * a stage in the order the router sent them, so a sequence started after the list was
+ * made has an id above its horizon and is kept. */
+static void collect_garbage(cpm_stage *st, const Cpm__V1__StageForward *f) {
+    if (f->router_epoch && f->router_epoch != st->router_epoch) {
+        while (st->n_seqs > 0)
+            seq_drop(st, st->n_seqs - 1);
+        st->router_epoch = f->router_epoch;
+    }
+    for (int i = 0; f->live_horizon && i < st->n_seqs;) {
+        uint64_t id = st->seqs[i].id;
+        if (id <= f->live_horizon && !listed(f->live, f->n_live, id))
+            seq_drop(st, i);
+        else
+            i++;
+    }
 }
 
 /* The KV handle of router sequence id, created when the sequence starts at position 0. */
@@ -389,6 +420,7 @@ static int pack_output(cpm_stage *st, const Cpm__V1__StageForward *f, size_t n_o
 
 static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_inmsg *m,
                       cpm_reply *reply, cpm_error *err) {
+    collect_garbage(st, f);
     for (size_t i = 0; i < f->n_release; i++)
         seq_release(st, f->release[i]);
     int rc = check_input(st, f, m, err);

@@ -105,7 +105,8 @@ static int check_count(const char *what, size_t n, size_t max, cpm_error *err) {
 static int check_forward(const Cpm__V1__StageForward *f, long long tsize, cpm_error *err) {
     size_t n = f->n_seq;
     if (check_count("forward.seq", n, CPM_WIRE_MAX_ROWS, err) ||
-        check_count("forward.release", f->n_release, CPM_WIRE_MAX_ROWS, err))
+        check_count("forward.release", f->n_release, CPM_WIRE_MAX_ROWS, err) ||
+        check_count("forward.live", f->n_live, CPM_WIRE_MAX_LIVE, err))
         return err ? err->code : CPM_ELIMIT;
     if (f->n_pos != n)
         return cpm_error_set(err, CPM_EFORMAT, "forward: %zu positions for %zu rows", f->n_pos, n);

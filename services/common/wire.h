@@ -21,6 +21,8 @@
 #define CPM_WIRE_MAX_ROWS 65536
 #define CPM_WIRE_MAX_IDS (1 << 20)
 #define CPM_WIRE_MAX_DIMS 4
+/* Most sequence ids a forward's live list may carry (a scheduler's sequences). */
+#define CPM_WIRE_MAX_LIVE 65536
 
 typedef Cpm__V1__Envelope cpm_envelope;
 
