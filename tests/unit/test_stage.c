@@ -403,6 +403,53 @@ static void test_misaligned_activations(void **state) {
     free(rows);
 }
 
+/* One micro-batch with the router's epoch and live set: seqs[i] at position 0 (none:
+ * a rows-free garbage-collection batch). Returns the stage's live sequences after it. */
+static int gc_step(fx *f, uint64_t stepno, uint64_t epoch, int n, const uint64_t *seqs,
+                   uint64_t horizon, int n_live, const uint64_t *live) {
+    Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+    uint32_t pos[4] = {0};
+    int32_t ids[4] = {1, 7, 42, 100};
+    fw.step = stepno;
+    fw.n_seq = fw.n_pos = fw.n_ids = (size_t)n;
+    fw.seq = (uint64_t *)seqs;
+    fw.pos = pos;
+    fw.ids = ids;
+    fw.router_epoch = epoch;
+    fw.live_horizon = horizon;
+    fw.n_live = (size_t)n_live;
+    fw.live = (uint64_t *)live;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+    env.forward = &fw;
+    cpm_inmsg_free(f->last);
+    f->last = NULL;
+    assert_int_equal(cpm_sock_send(f->to_stage, NULL, &env, NULL, NULL), 0);
+    uint64_t end = uv_hrtime() + 30000000000ull;
+    while (!f->last && uv_hrtime() < end)
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+    assert_non_null(f->last);
+    assert_null(f->last->env->result->error);
+    cpm_stage_stats st;
+    cpm_stage_get_stats(f->st, &st);
+    return st.live_seqs;
+}
+
+/* Sequences no live request owns are freed: ids under the horizon that the router no
+ * longer lists, and all of an earlier router incarnation's; later ids are kept. */
+static void test_garbage_collected(void **state) {
+    fx *f = *state;
+    const uint64_t e1 = 0x1111, e2 = 0x2222, two[2] = {3, 4}, four[1] = {4}, six[1] = {6};
+    assert_int_equal(gc_step(f, 1, e1, 2, two, 0, 0, NULL), 2);
+    assert_int_equal(gc_step(f, 2, e1, 0, NULL, 4, 1, four), 1);  /* 3 is not listed: freed */
+    assert_int_equal(gc_step(f, 3, e1, 1, six, 4, 1, four), 2);   /* 6 is above the horizon */
+    assert_int_equal(gc_step(f, 4, e1, 0, NULL, 6, 2, (uint64_t[]){4, 6}), 2);
+    assert_int_equal(gc_step(f, 5, e2, 0, NULL, 0, 0, NULL), 0);  /* a new router: all go */
+    cpm_stage_stats st;
+    cpm_stage_get_stats(f->st, &st);
+    assert_int_equal(st.kv_used, 0);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_stage MODEL_DIR\n");
@@ -416,6 +463,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup_teardown(test_bad_batches_give_error_results, setup, teardown),
         cmocka_unit_test_setup_teardown(test_buffers_sized_at_load, setup, teardown),
         cmocka_unit_test_setup_teardown(test_misaligned_activations, setup_last, teardown),
+        cmocka_unit_test_setup_teardown(test_garbage_collected, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
