@@ -271,6 +271,14 @@ static void on_missed(cpm_health *h, cpm_svc *sv, replica *p, int status) {
 
 static void on_answer(cpm_health *h, cpm_svc *sv, replica *p, bool last_stage,
                       const Cpm__V1__Health *hr) {
+    bool restarted = sv->incarnation && hr->incarnation && hr->incarnation != sv->incarnation;
+    sv->incarnation = hr->incarnation;
+    if (p && restarted && !p->down) {
+        char why[160];
+        snprintf(why, sizeof why, "pipeline stage %s restarted", sv->name);
+        LOG(h, CPM_LOG_WARN, "%s: its rows in flight and caches are gone", why);
+        h->hooks.replica_restarted(h->hooks.ud, (int)(p - h->replicas), why);
+    }
     sv->misses = 0;
     sv->ready = hr->ready;
     snprintf(sv->status, sizeof sv->status, "%s", hr->status ? hr->status : "");

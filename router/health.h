@@ -34,6 +34,7 @@ typedef struct cpm_svc {
     int misses; /* health polls in a row without an answer */
     char status[96];
     int kv_used, kv_total;
+    uint64_t incarnation; /* from its last answer: another one means it restarted */
 } cpm_svc;
 
 typedef struct cpm_health_hooks {
@@ -41,6 +42,9 @@ typedef struct cpm_health_hooks {
     /* replica stopped answering: why names the stage (the first time and while down) */
     void (*replica_down)(void *ud, int replica, const char *why);
     void (*replica_up)(void *ud, int replica);
+    /* a service of replica restarted between two polls (a new incarnation): what it
+     * held (KV, rows in flight) is gone, though the replica serves */
+    void (*replica_restarted)(void *ud, int replica, const char *why);
     /* the last stage described the model (called until the owner has taken it) */
     void (*model_info)(void *ud, const Cpm__V1__ModelInfo *mi);
 } cpm_health_hooks;

@@ -297,11 +297,11 @@ static void forget_step(cpm_pipeline *p, uint64_t step) {
  * router holds the whole history, so the new replica prefills prompt + generated tokens
  * again and the sampler's draws, keyed by (seed, step), continue unchanged. false when
  * no replica can take it. */
-static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why) {
+static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why, bool stay) {
     if (g->released || cpm_req_state_terminal(g->state) ||
         g->failovers >= CPM_PIPELINE_MAX_FAILOVERS)
         return false;
-    replica *from = replica_of(p, g->seq), *to = pick_replica(p, from);
+    replica *from = replica_of(p, g->seq), *to = pick_replica(p, stay ? NULL : from);
     int n;
     const int32_t *tok = to ? cpm_sched_tokens(from->sched, g->seq, &n) : NULL;
     int32_t *copy = tok ? malloc((size_t)n * sizeof *copy) : NULL;
@@ -315,17 +315,18 @@ static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why) {
     if (rc)
         return false;
     cpm_sched_finish(from->sched, g->seq);
-    LOG(p, CPM_LOG_WARN, "request %s: sequence %" PRIu64 " moves to sequence %" PRIu64
-        " on another pipeline replica after %d tokens (%s)", g->job->id, g->seq, seq, g->n_gen, why);
+    LOG(p, CPM_LOG_WARN, "request %s: sequence %" PRIu64 " continues as sequence %" PRIu64
+        " on pipeline replica %d after %d tokens (%s)", g->job->id, g->seq, seq,
+        (int)(to - p->replicas), g->n_gen, why);
     g->seq = seq;
     g->failovers++;
     p->m->failovers++;
     return true;
 }
 
-/* The step failed: each request with a sequence in it moves to another replica, or
- * ends with an error when none can take it. */
-static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
+/* The step failed: each request with a sequence in it moves to another replica (stay:
+ * or starts again on its own), or ends with an error when none can take it. */
+static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay) {
     const uint64_t *seqs;
     int n;
     cpm_sched *sched = sched_of(p, step);
@@ -338,11 +339,15 @@ static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
         memcpy(copy, seqs, (size_t)n * sizeof *copy);
     for (int i = 0; copy && i < n; i++) {
         cpm_gen *g = cpm_sched_owner(sched, copy[i]);
-        if (g && !gen_failover(p, g, why))
+        if (g && !gen_failover(p, g, why, stay))
             cpm_job_fail(g->job, 503, "server_error", "pipeline_error", why);
     }
     free(copy);
     LOG(p, CPM_LOG_WARN, "step %" PRIu64 " failed: %s", step, why);
+}
+
+static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
+    lose_step(p, step, why, false);
 }
 
 /* Whether a step of replica k is in flight. */
@@ -389,33 +394,48 @@ void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms) {
         collect_garbage(p);
 }
 
-/* Every sequence of replica k, running or waiting there, moves. */
-static void move_sequences(cpm_pipeline *p, int k, const char *why) {
+/* Every sequence of replica k with an id up to horizon, running or waiting there, moves
+ * (stay: may start again on k itself; the ids it then gets are above horizon). */
+static void move_sequences(cpm_pipeline *p, int k, const char *why, bool stay, uint64_t horizon) {
     for (cpm_job *j = cpm_jobs_first(p->jobs); j; j = j->next)
         for (int i = 0; i < j->n_gens; i++) {
             cpm_gen *g = &j->gens[i];
-            if (g->seq && replica_of(p, g->seq) == &p->replicas[k])
-                gen_failover(p, g, why);
+            if (g->seq && replica_of(p, g->seq) == &p->replicas[k] && g->seq <= horizon)
+                gen_failover(p, g, why, stay);
         }
 }
 
-void cpm_pipeline_replica_down(cpm_pipeline *p, int k, const char *why) {
-    p->replicas[k].down = true;
+/* Replica k lost what was in flight and, stay or not, what its caches held. */
+static void lose_replica_work(cpm_pipeline *p, int k, const char *why, bool stay) {
     if (!p->have_model)
         return;
+    /* the sequences there now; those that start again on k get ids above this */
+    uint64_t horizon = UINT64_MAX;
+    if (stay)
+        horizon = cpm_sched_horizon(p->replicas[k].sched);
     for (int i = 0; i < p->n_steps;) {
         uint64_t step = p->steps[i].step;
         if (step % (uint64_t)p->n_replicas != (uint64_t)k) {
             i++;
             continue;
         }
-        fail_step(p, step, why);
+        lose_step(p, step, why, stay);
         if (i < p->n_steps && p->steps[i].step == step)
             forget_step(p, step); /* unknown to the scheduler: a stale entry */
-        i = 0; /* fail_step reorders the table */
+        i = 0; /* lose_step reorders the table */
     }
-    move_sequences(p, k, why);
+    move_sequences(p, k, why, stay, horizon);
     cpm_pipeline_pump(p);
+}
+
+void cpm_pipeline_replica_down(cpm_pipeline *p, int k, const char *why) {
+    p->replicas[k].down = true;
+    lose_replica_work(p, k, why, false);
+}
+
+void cpm_pipeline_replica_restarted(cpm_pipeline *p, int k, const char *why) {
+    p->replicas[k].gc_due = true;
+    lose_replica_work(p, k, why, true);
 }
 
 void cpm_pipeline_replica_up(cpm_pipeline *p, int k) {

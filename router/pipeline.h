@@ -101,6 +101,10 @@ void cpm_pipeline_check_timeouts(cpm_pipeline *p, int timeout_ms);
  * sequences move to another replica or fail. */
 void cpm_pipeline_replica_down(cpm_pipeline *p, int replica, const char *why);
 void cpm_pipeline_replica_up(cpm_pipeline *p, int replica);
+/* A service of replica came back from a restart between two health polls: its rows in
+ * flight and cached sequences are gone. Every sequence of the replica starts again
+ * (prefilled with its history) on the least busy replica, possibly the same one. */
+void cpm_pipeline_replica_restarted(cpm_pipeline *p, int replica, const char *why);
 
 /* From now on nothing is sent and replies are dropped (shutdown). */
 void cpm_pipeline_stop(cpm_pipeline *p);

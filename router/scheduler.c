@@ -335,6 +335,12 @@ const int32_t *cpm_sched_tokens(const cpm_sched *s, uint64_t id, int *ret_n) {
     return q ? q->tok : NULL;
 }
 
+uint64_t cpm_sched_horizon(const cpm_sched *s) {
+    if (s->next_seq <= 1)
+        return 0;
+    return (s->next_seq - 1) * (uint64_t)s->o.id_stride + (uint64_t)s->o.id_offset;
+}
+
 uint64_t cpm_sched_live(const cpm_sched *s, uint64_t *ids, int cap, int *ret_n) {
     *ret_n = 0;
     if (s->n_seqs > cap || s->next_seq <= 1)
@@ -342,7 +348,7 @@ uint64_t cpm_sched_live(const cpm_sched *s, uint64_t *ids, int cap, int *ret_n) 
     for (int i = 0; i < s->n_seqs; i++)
         ids[i] = s->seqs[i]->id;
     *ret_n = s->n_seqs;
-    return (s->next_seq - 1) * (uint64_t)s->o.id_stride + (uint64_t)s->o.id_offset;
+    return cpm_sched_horizon(s);
 }
 
 int cpm_sched_generated(const cpm_sched *s, uint64_t id) {

@@ -109,4 +109,7 @@ void cpm_sched_get_stats(const cpm_sched *s, cpm_sched_stats *ret);
  * when it has given out none, or holds more than cap. */
 uint64_t cpm_sched_live(const cpm_sched *s, uint64_t *ids, int cap, int *ret_n);
 
+/* The highest sequence id given out so far (0: none). */
+uint64_t cpm_sched_horizon(const cpm_sched *s);
+
 #endif

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct job {
     uv_work_t work;
@@ -35,6 +36,7 @@ struct cpm_worker {
     bool loading, ready, closing;
     cpm_worker_stats stats;
     uint64_t started_ns;
+    uint64_t incarnation; /* this process's, in every health reply */
 };
 
 int cpm_reply_set(cpm_reply *out, cpm_envelope *env, cpm_payload *tensor, cpm_error *err) {
@@ -210,6 +212,7 @@ static void answer_health(cpm_worker *w, const cpm_inmsg *m) {
     h.status = w->status;
     h.queue_depth = (uint32_t)(w->stats.queued + w->stats.running);
     h.uptime_s = (double)(uv_hrtime() - w->started_ns) / 1e9;
+    h.incarnation = w->incarnation;
     if (w->opts.ops->health)
         w->opts.ops->health(w->opts.user, &h);
     cpm_sock_send_health(w->sock, &m->peer, m->env->corr, &h, NULL);
@@ -304,6 +307,8 @@ int cpm_worker_new(uv_loop_t *loop, void *zctx, const char *endpoint, const cpm_
     w->opts = *opts;
     copy_names(w, opts);
     w->started_ns = uv_hrtime();
+    w->incarnation = (w->started_ns * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)getpid() << 32) ^
+                     (uint64_t)(uintptr_t)w;
     int rc = cpm_sock_new(loop, zctx, ZMQ_ROUTER, opts->sock, on_msg, w, &w->sock, err);
     if (!rc) {
         cpm_sock_set_bad_cb(w->sock, on_bad);

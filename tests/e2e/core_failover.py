@@ -16,113 +16,30 @@ again and carries on: the clients see nothing but a pause (docs/ARCHITECTURE.md,
 
 usage: core_failover.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
 """
-import http.client
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
-import zmq
+from harness import E2E, RpcStream, SseStream
 
-BUILD, MODEL = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_GEN = 160  # long enough that the kill lands mid-generation
-
-tmp = tempfile.mkdtemp(prefix="cpm-failover-")
-subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + tmp,
-                os.path.join(SRC, "proto", "cpm.proto")], check=True)
-sys.path.insert(0, tmp)
-import cpm_pb2 as pb  # noqa: E402
-
-CTX = zmq.Context()
-procs = {}
-BINS = {"router": "router/cpm-router", "tokenizer": "services/tokenizer/cpm-tokenizer",
-        "sampler": "services/sampler/cpm-sampler", "stage": "shard/cpm-shard"}
 STAGES = ["p0s0", "p0s1", "p1s0", "p1s1"]  # config order: replica 0's two stages, then replica 1's
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def log_tail():
-    out = ""
-    for name in sorted(os.listdir(tmp)):
-        if name.endswith(".log"):
-            out += "--- %s\n%s" % (name, open(os.path.join(tmp, name)).read()[-2000:])
-    return out
-
-
-def cleanup():
-    for p in procs.values():
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def fail(msg):
-    print("FAIL:", msg)
-    print(log_tail())
-    cleanup()
-    raise SystemExit(1)
+h = E2E("cpm-failover-")
+MODEL, procs, fail, tmp = h.model, h.procs, h.fail, h.tmp
+req, ready, wait_ready = h.req, h.ready, h.wait_ready
 
 
 def write_config(ports, cut):
-    ep = lambda k: "tcp://127.0.0.1:%d" % ports[k]  # noqa: E731
-    lines = ["version: 1", "model: " + MODEL, "router:", "  http: 127.0.0.1:%d" % ports["http"],
-             "  rpc: " + ep("rpc"), "  results: " + ep("results"), "  micro_batches: 2",
-             "tokenizers:", "  - endpoint: " + ep("tok"), "samplers:", "  - endpoint: " + ep("smp"),
-             "stages:"]
-    for i, name in enumerate(STAGES):
-        layers = "[0, %d]" % cut if i % 2 == 0 else "[%d, end]" % cut
-        lines += ["  - layers: " + layers, "    endpoint: " + ep(name), "    pipeline: %d" % (i // 2)]
-    path = os.path.join(tmp, "cluster.yaml")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    stages = [{"layers": "[0, %d]" % cut if i % 2 == 0 else "[%d, end]" % cut, "endpoint": name,
+               "pipeline": i // 2} for i, name in enumerate(STAGES)]
+    return h.write_config(h.cluster_lines(ports, stages, router=["micro_batches: 2"]))
 
 
 def start(cfg, role, index, label):
-    args = [os.path.join(BUILD, BINS[role]), "--config", cfg]
-    if role != "router":
-        args += ["--index", str(index)]
-    log = open(os.path.join(tmp, label + ".log"), "a")
-    procs[label] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-
-
-def req(port, method, path, body=None, timeout=60):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    c.request(method, path, body=json.dumps(body) if body is not None else None,
-              headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    data = r.read().decode()
-    c.close()
-    return r.status, data
-
-
-def ready(port):
-    try:
-        return req(port, "GET", "/ready", timeout=10)[0]
-    except OSError:
-        return None
-
-
-def wait_ready(port, limit=30):
-    t0 = time.time()
-    while ready(port) != 200:
-        if time.time() - t0 > limit:
-            fail("/ready not 200 after %d s" % limit)
-        time.sleep(0.1)
+    h.start_service(cfg, role, index, label)
 
 
 def failovers(port):
@@ -131,83 +48,9 @@ def failovers(port):
     return int(m.group(1)) if m else None
 
 
-def cpm_run_ids(ids, n):
-    out = subprocess.run([os.path.join(BUILD, "shard", "cpm-run"), "--model", MODEL, "--ids",
-                          ",".join(map(str, ids)), "--n", str(n), "--ignore-eos", "--print-ids"],
-                         capture_output=True, text=True, check=True).stdout
-    return [int(x) for x in out.split()]
-
-
 def completion(port, ids, stream=False):
     body = {"prompt": ids, "max_tokens": N_GEN, "temperature": 0, "ignore_eos": True, "stream": stream}
     return req(port, "POST", "/v1/completions", body)
-
-
-# ---------------------------------------------------------------- streaming clients
-
-class RpcStream(threading.Thread):
-    """A streaming generate over the internal RPC; ids as they come, and the final event."""
-
-    def __init__(self, endpoint, ids):
-        super().__init__()
-        self.endpoint, self.prompt, self.ids, self.final, self.extra = endpoint, ids, [], None, 0
-
-    def run(self):
-        s = CTX.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(self.endpoint)
-        env = pb.Envelope(version=pb.PROTOCOL_VERSION_CURRENT, corr=7)
-        env.generate.request_id = "failover-rpc"
-        env.generate.prompt_ids.extend(self.prompt)
-        env.generate.max_tokens = N_GEN
-        env.generate.ignore_eos = True
-        env.generate.stream = True
-        s.send(env.SerializeToString())
-        while s.poll(60000):
-            r = pb.Envelope()
-            r.ParseFromString(s.recv_multipart()[0])
-            if r.WhichOneof("body") != "token_event":
-                self.final = r
-                break
-            self.ids.extend(r.token_event.ids)
-            if r.token_event.final:
-                self.final = r
-                break
-        while s.poll(500):
-            s.recv_multipart()
-            self.extra += 1
-        s.close()
-
-
-class SseStream(threading.Thread):
-    """A streaming HTTP completion; text pieces as they come, and the raw blocks."""
-
-    def __init__(self, port, ids):
-        super().__init__()
-        self.port, self.prompt, self.pieces, self.blocks, self.status = port, ids, [], [], None
-
-    def run(self):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        body = {"prompt": self.prompt, "max_tokens": N_GEN, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        self.status = r.status
-        buf = b""
-        while True:
-            chunk = r.read1(65536) if hasattr(r, "read1") else r.read(1)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                block = block.decode()
-                self.blocks.append(block)
-                if block.startswith("data: {"):
-                    ev = json.loads(block[6:])
-                    if "choices" in ev:
-                        self.pieces.append(ev["choices"][0].get("text", ""))
-        c.close()
 
 
 # ---------------------------------------------------------------- the scenario
@@ -217,9 +60,9 @@ def main():
     ids = [int(x) for x in open(os.path.join(MODEL, "ids.txt")).read().split()]
     cut = max(1, layers // 2)
     prompts = [ids, ids[:-3], ids[2:], ids[:-6] + ids[:4]]
-    refs = [cpm_run_ids(p, N_GEN) for p in prompts]
+    refs = [h.cpm_run_ids(p, N_GEN) for p in prompts]
 
-    ports = {k: free_port() for k in ["http", "rpc", "results", "tok", "smp"] + STAGES}
+    ports = h.ports("http", "rpc", "results", "tok", "smp", *STAGES)
     cfg = write_config(ports, cut)
     start(cfg, "tokenizer", 0, "tok")
     start(cfg, "sampler", 0, "smp")
@@ -245,7 +88,7 @@ def main():
         if st != 200:
             fail("1: prompt %d: %s %s" % (i, st, text[:300]))
         texts.append(json.loads(text)["choices"][0]["text"])
-    rpc = RpcStream(rpc_ep, prompts[0])
+    rpc = RpcStream(h, rpc_ep, prompts[0], N_GEN, "failover-rpc")
     rpc.start()
     rpc.join(60)
     if rpc.ids != refs[0]:
@@ -253,7 +96,7 @@ def main():
     print("ok 1 - two replicas: 4 concurrent completions and an RPC stream, greedy == cpm-run")
 
     # 2. kill a stage of replica 0 while two streams generate
-    a, b = RpcStream(rpc_ep, prompts[0]), SseStream(port, prompts[0])
+    a, b = RpcStream(h, rpc_ep, prompts[0], N_GEN, "failover-rpc"), SseStream(port, prompts[0], N_GEN)
     a.start()
     b.start()
     t0 = time.time()
@@ -308,17 +151,13 @@ def main():
     del procs["p1s1"]
     print("ok 3 - the survivor served on; the restarted stage brought replica 0 back, and with replica 1 "
           "then losing a stage too, replica 0 alone gave the same answers as the first run")
-    for p in procs.values():
-        p.terminate()
-    unclean = {k: p.wait(20) for k, p in procs.items()}
-    unclean = {k: rc for k, rc in unclean.items() if rc != 0}
+    unclean = h.stop_all()
     if unclean:
         fail("exit status after SIGTERM: %s" % unclean)
-    procs.clear()
 
 
 try:
     main()
 finally:
-    cleanup()
+    h.cleanup()
 print("PASS")

@@ -257,6 +257,33 @@ static void test_failover_moves_history(void **state) {
     cpm_job_drop(j);
 }
 
+/* A stage of the only serving replica restarted between two polls: its caches are gone,
+ * so the sequence starts again there with its whole history, at the same sampler step. */
+static void test_restart_reprefills_in_place(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    cpm_job *j = start_job(f, &r, 4);
+    cpm_job_hold(j);
+    step(f, 50);
+    int k = f->fw[f->fw_read].replica;
+    cpm_pipeline_replica_down(f->p, k == 0 ? 1 : 0, "the other one is down");
+    cpm_pipeline_replica_restarted(f->p, k, "pipeline stage stage1 restarted");
+    next_batch(f); /* the lost step */
+    const sent *b = next_batch(f);
+    assert_int_equal(b->replica, k);
+    assert_int_equal(b->n_rows, 4); /* prompt + the token */
+    assert_int_equal(b->ids[3], 50);
+    assert_int_equal(j->gens[0].failovers, 1); /* moved once, not twice */
+    f->fw_read--;
+    step(f, 51);
+    assert_int_equal(f->call_step, 1);
+    step(f, 52);
+    step(f, 53);
+    assert_int_equal(r.dones, 1);
+    assert_int_equal(r.finals, 1);
+    cpm_job_drop(j);
+}
+
 /* A late result of the lost step changes nothing. */
 static void test_late_result_ignored(void **state) {
     fixture *f = *state;
@@ -396,7 +423,7 @@ int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
         T(test_prefill_then_decode), T(test_failover_moves_history),
-        T(test_late_result_ignored), T(test_failed_step_fails_job), T(test_step_timeout),
+        T(test_late_result_ignored), T(test_restart_reprefills_in_place), T(test_failed_step_fails_job), T(test_step_timeout),
         T(test_failover_limit),      T(test_sampler_lost_retried),  T(test_sampler_attempts_run_out),
         T(test_sampler_error_not_retried), T(test_cancelled_row_dropped),
     };

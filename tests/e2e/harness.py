@@ -1,0 +1,399 @@
+"""harness.py - what every end-to-end test shares.
+
+A scratch folder with one log file per process (printed when a test fails), free
+loopback ports, the cluster file, the services started as real processes and stopped
+for good, readiness, the HTTP and internal-RPC clients, and the checks of "exactly one
+final answer". Tests run as `python3 tests/e2e/NAME.py BUILD_DIR MODEL_DIR ...`; Python
+puts this folder first on sys.path, so `from harness import E2E` works from each.
+
+    h = E2E("cpm-experts-")            # BUILD and MODEL from argv[1], argv[2]
+    ports = h.ports("http", "rpc", "results", "smp", "st0")
+    cfg = h.write_config(h.cluster_lines(ports, stages=[...]))
+    h.start_service(cfg, "sampler", 0, "smp")
+    h.wait_ready(ports["http"])
+"""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINS = {"router": "router/cpm-router", "tokenizer": "services/tokenizer/cpm-tokenizer",
+        "sampler": "services/sampler/cpm-sampler", "stage": "shard/cpm-shard",
+        "expert": "shard/cpm-expert", "cluster": "tools/cpm-cluster", "run": "shard/cpm-run"}
+
+
+def free_port():
+    """A TCP port nobody listens on now (the kernel's pick)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def ep(port):
+    return "tcp://127.0.0.1:%d" % port
+
+
+def sse_blocks(text):
+    """The events of an SSE body, in order."""
+    return [b for b in text.split("\n\n") if b.strip()]
+
+
+class E2E:
+    """One test's scratch folder, processes and clients."""
+
+    def __init__(self, prefix, build=None, model=None):
+        self.build = os.path.abspath(build or sys.argv[1])
+        arg_model = model or (sys.argv[2] if len(sys.argv) > 2 else None)
+        self.model = os.path.abspath(arg_model) if arg_model else None
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.procs = {}
+        self._pb = self._ctx = None
+
+    # ------------------------------------------------------------ the wire, lazily
+
+    @property
+    def pb(self):
+        """proto/cpm.proto compiled for Python at test time (nothing generated is kept)."""
+        if self._pb is None:
+            subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"),
+                            "--python_out=" + self.tmp, os.path.join(SRC, "proto", "cpm.proto")],
+                           check=True)
+            sys.path.insert(0, self.tmp)
+            import cpm_pb2
+            self._pb = cpm_pb2
+        return self._pb
+
+    @property
+    def ctx(self):
+        if self._ctx is None:
+            import zmq
+            self._ctx = zmq.Context()
+        return self._ctx
+
+    def envelope(self, corr=1):
+        return self.pb.Envelope(version=self.pb.PROTOCOL_VERSION_CURRENT, corr=corr)
+
+    # ------------------------------------------------------------ files and failure
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def log_tail(self, limit=2000):
+        out = ""
+        for name in sorted(os.listdir(self.tmp)):
+            if name.endswith(".log"):
+                out += "--- %s\n%s" % (name, open(self.path(name), errors="replace").read()[-limit:])
+        return out
+
+    def cleanup(self):
+        """Kills whatever still runs (and the process groups of launchers)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def fail(self, msg):
+        print("FAIL:", msg)
+        print(self.log_tail())
+        self.cleanup()
+        raise SystemExit(1)
+
+    def check(self, cond, what):
+        if not cond:
+            self.fail(what)
+
+    # ------------------------------------------------------------ processes
+
+    def bin(self, role):
+        return os.path.join(self.build, BINS[role])
+
+    def start(self, label, args, **popen):
+        """A process whose output goes to LABEL.log in the scratch folder."""
+        log = open(self.path(label + ".log"), "a")
+        popen.setdefault("stdout", log)
+        popen.setdefault("stderr", subprocess.STDOUT)
+        self.procs[label] = subprocess.Popen(args, **popen)
+        return self.procs[label]
+
+    def start_service(self, cfg, role, index, label, extra=()):
+        """Service `index` of its kind in cluster file cfg (the router has none)."""
+        args = [self.bin(role), "--config", cfg]
+        if role != "router":
+            args += ["--index", str(index)]
+        return self.start(label, args + list(extra))
+
+    def stop_all(self, timeout=20):
+        """SIGTERM to every process; the exit codes that were not 0, by label."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        unclean = {k: p.wait(timeout) for k, p in self.procs.items()}
+        self.procs.clear()
+        return {k: rc for k, rc in unclean.items() if rc != 0}
+
+    # ------------------------------------------------------------ addresses and the cluster file
+
+    def ports(self, *names):
+        return {k: free_port() for k in names}
+
+    def cluster_lines(self, ports, stages, router=(), tokenizer=True, samplers=("smp",),
+                      experts=(), model=None):
+        """A cluster file: router on ports http/rpc/results (+ `router` lines), tokenizer
+        `tok`, samplers, then stages and experts as lists of (keys: value) lines whose
+        endpoint names a port (stages=[{"layers": "[0, 2]", "endpoint": "st0", ...}])."""
+        lines = ["version: 1", "model: " + (model or self.model), "router:",
+                 "  http: 127.0.0.1:%d" % ports["http"], "  rpc: " + ep(ports["rpc"]),
+                 "  results: " + ep(ports["results"])] + ["  " + r for r in router]
+        if tokenizer:
+            lines += ["tokenizers:", "  - endpoint: " + ep(ports["tok"])]
+        lines += ["samplers:"] + ["  - endpoint: " + ep(ports[s]) for s in samplers]
+        for key, items in (("stages", stages), ("experts", experts)):
+            if items:
+                lines.append(key + ":")
+            for item in items:
+                first = True
+                for k, v in item.items():
+                    v = ep(ports[v]) if k == "endpoint" else v
+                    lines.append(("  - " if first else "    ") + "%s: %s" % (k, v))
+                    first = False
+        return lines
+
+    def write_config(self, lines, name="cluster.yaml"):
+        with open(self.path(name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return self.path(name)
+
+    # ------------------------------------------------------------ HTTP
+
+    def req(self, port, method, path, body=None, timeout=60, headers=None):
+        """One exchange: (status, body text)."""
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers=headers or {"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read().decode()
+        c.close()
+        return r.status, data
+
+    def ready(self, port):
+        """GET /ready's status, or None while nothing listens."""
+        try:
+            return self.req(port, "GET", "/ready", timeout=10)[0]
+        except OSError:
+            return None
+
+    def wait_ready(self, port, want=200, limit=30):
+        t0 = time.time()
+        while self.ready(port) != want:
+            if time.time() - t0 > limit:
+                self.fail("/ready not %d after %d s" % (want, limit))
+            time.sleep(0.05)
+
+    def completion_ids(self, port, ids, n, **extra):
+        """Greedy completion of ids: (200, generated ids) or (status, body)."""
+        body = dict({"prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                     "return_token_ids": True}, **extra)
+        st, text = self.req(port, "POST", "/v1/completions", body)
+        if st != 200:
+            return st, text
+        return st, json.loads(text)["choices"][0]["token_ids"]
+
+    def metric(self, port, name):
+        """A counter from /metrics (0 when absent)."""
+        for line in self.req(port, "GET", "/metrics")[1].splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    @staticmethod
+    def http_client(port, body, out):
+        """One completion, for a thread: out gets (status, body text, seconds)."""
+        t0 = time.time()
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            c.request("POST", "/v1/completions", body=json.dumps(body),
+                      headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            out.append((r.status, r.read().decode(), time.time() - t0))
+            c.close()
+        except (OSError, http.client.HTTPException) as e:
+            out.append((None, repr(e), time.time() - t0))
+
+    # ------------------------------------------------------------ the internal RPC
+
+    def rpc(self, endpoint, env, frames=(), timeout_ms=20000):
+        """One request on a fresh DEALER: the reply Envelope (None on timeout) and its frames."""
+        import zmq
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        s.send_multipart([env.SerializeToString() if not isinstance(env, bytes) else env] +
+                         list(frames))
+        if not s.poll(timeout_ms):
+            s.close()
+            return None, []
+        got = s.recv_multipart()
+        s.close()
+        r = self.pb.Envelope()
+        r.ParseFromString(got[0])
+        return r, got
+
+    def health(self, endpoint, timeout_ms=1000):
+        """A service's Health, or None."""
+        env = self.envelope(corr=9)
+        env.health_request.SetInParent()
+        r, _ = self.rpc(endpoint, env, timeout_ms=timeout_ms)
+        return r.health if r is not None and r.WhichOneof("body") == "health" else None
+
+    def rpc_client(self, endpoint, ids, out, request_id="e2e-1", stream=False, max_tokens=200):
+        """One generate, for a thread: out gets (events until the final one, events after it
+        within 1 s)."""
+        import zmq
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        env = self.envelope(corr=3)
+        env.generate.request_id = request_id
+        env.generate.prompt_ids.extend(ids)
+        env.generate.max_tokens = max_tokens
+        env.generate.ignore_eos = True
+        env.generate.stream = stream
+        s.send(env.SerializeToString())
+        events, extra = [], 0
+        while s.poll(60000):
+            r = self.pb.Envelope()
+            r.ParseFromString(s.recv_multipart()[0])
+            events.append(r)
+            if r.WhichOneof("body") != "token_event" or r.token_event.final:
+                break
+        while s.poll(1000):
+            s.recv_multipart()
+            extra += 1
+        s.close()
+        out.append((events, extra))
+
+    # ------------------------------------------------------------ references and checks
+
+    def cpm_run_ids(self, ids, n, model=None):
+        """cpm-run's greedy ids for prompt ids (one process: the reference)."""
+        out = subprocess.run([self.bin("run"), "--model", model or self.model, "--ids",
+                              ",".join(map(str, ids)), "--n", str(n), "--ignore-eos", "--print-ids"],
+                             capture_output=True, text=True, check=True).stdout
+        return [int(x) for x in out.split()]
+
+    def in_flight(self, port, rpc_ep, ids, request_id="e2e-1", rpc_stream=False):
+        """A non-streaming, a streaming and an RPC request on threads: (threads, results)."""
+        import threading
+        res = {"plain": [], "stream": [], "rpc": []}
+        body = {"prompt": ids, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        th = [threading.Thread(target=self.http_client, args=(port, body, res["plain"])),
+              threading.Thread(target=self.http_client, args=(port, dict(body, stream=True),
+                                                              res["stream"])),
+              threading.Thread(target=self.rpc_client, args=(rpc_ep, ids, res["rpc"], request_id,
+                                                             rpc_stream))]
+        for t in th:
+            t.start()
+        return th, res
+
+    def check_one_final_answer(self, res, what, may_succeed=False):
+        """Each client of in_flight got exactly one final answer, and it is an error: a 5xx
+        JSON error; a 200 stream with one error event then [DONE]; one final RPC event with
+        an error and nothing after it. With may_succeed, a whole answer also counts (the
+        piece that failed came back in time). Returns the first error message, or None."""
+        (st, text, _), = res["plain"]
+        ok = may_succeed and st == 200 and "choices" in json.loads(text)
+        if not ok and (st is None or st < 500 or "error" not in json.loads(text)):
+            self.fail("%s: non-streaming: %s %r" % (what, st, text[:300]))
+        why = None if ok else json.loads(text)["error"]["message"]
+        (st, text, _), = res["stream"]
+        blocks = sse_blocks(text)
+        if st != 200 or not blocks or blocks[-1] != "data: [DONE]" or blocks.count("data: [DONE]") != 1:
+            self.fail("%s: stream did not end with one [DONE]: %s %r" % (what, st, text[-300:]))
+        errors = [b for b in blocks if b.startswith("data: {") and "error" in json.loads(b[6:])]
+        if not (may_succeed and not errors) and (len(errors) != 1 or blocks[-2] != errors[0]):
+            self.fail("%s: stream: want one error event then [DONE], got %r" % (what, blocks[-3:]))
+        (events, extra), = res["rpc"]
+        finals = [e for e in events if e.WhichOneof("body") == "token_event" and e.token_event.final]
+        erred = len(finals) == 1 and finals[0].token_event.HasField("error")
+        if len(finals) != 1 or extra or not (erred or may_succeed):
+            self.fail("%s: rpc: %d final events (last %s), %d after it" %
+                      (what, len(finals), events[-1:], extra))
+        return why
+
+
+# ---------------------------------------------------------------- streaming clients
+
+class RpcStream(threading.Thread):
+    """A streaming generate over the internal RPC: ids as they come, and the final event."""
+
+    def __init__(self, h, endpoint, ids, n, request_id="stream-rpc"):
+        super().__init__()
+        self.h, self.endpoint, self.prompt, self.n, self.rid = h, endpoint, ids, n, request_id
+        self.ids, self.final, self.extra = [], None, 0
+
+    def run(self):
+        import zmq
+        s = self.h.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        env = self.h.envelope(corr=7)
+        env.generate.request_id = self.rid
+        env.generate.prompt_ids.extend(self.prompt)
+        env.generate.max_tokens = self.n
+        env.generate.ignore_eos = True
+        env.generate.stream = True
+        s.send(env.SerializeToString())
+        while s.poll(60000):
+            r = self.h.pb.Envelope()
+            r.ParseFromString(s.recv_multipart()[0])
+            if r.WhichOneof("body") != "token_event":
+                self.final = r
+                break
+            self.ids.extend(r.token_event.ids)
+            if r.token_event.final:
+                self.final = r
+                break
+        while s.poll(500):
+            s.recv_multipart()
+            self.extra += 1
+        s.close()
+
+
+class SseStream(threading.Thread):
+    """A streaming HTTP completion: text pieces as they come, and the raw blocks."""
+
+    def __init__(self, port, ids, n):
+        super().__init__()
+        self.port, self.prompt, self.n, self.pieces, self.blocks, self.status = port, ids, n, [], [], None
+
+    def run(self):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        body = {"prompt": self.prompt, "max_tokens": self.n, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        c.request("POST", "/v1/completions", body=json.dumps(body),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        self.status = r.status
+        buf = b""
+        while True:
+            chunk = r.read1(65536) if hasattr(r, "read1") else r.read(1)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                block = block.decode()
+                self.blocks.append(block)
+                if block.startswith("data: {"):
+                    ev = json.loads(block[6:])
+                    if "choices" in ev:
+                        self.pieces.append(ev["choices"][0].get("text", ""))
+        c.close()
