@@ -151,13 +151,7 @@ def main():
     del procs["p1s1"]
     print("ok 3 - the survivor served on; the restarted stage brought replica 0 back, and with replica 1 "
           "then losing a stage too, replica 0 alone gave the same answers as the first run")
-    unclean = h.stop_all()
-    if unclean:
-        fail("exit status after SIGTERM: %s" % unclean)
+    h.stop_cleanly()
 
 
-try:
-    main()
-finally:
-    h.cleanup()
-print("PASS")
+h.run(main)

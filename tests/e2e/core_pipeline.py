@@ -16,38 +16,22 @@ network namespace i with address CPM_E2E_ADDRS[i], and the router side (this scr
 binds its results endpoint on CPM_E2E_ROUTER_ADDR.
 """
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import zmq
 
-BUILD, MODEL = sys.argv[1], sys.argv[2]
+from harness import E2E, free_port
+
 N_STAGES = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 NETNS = os.environ.get("CPM_E2E_NETNS", "").split()
 ADDRS = os.environ.get("CPM_E2E_ADDRS", "").split()
 ROUTER_ADDR = os.environ.get("CPM_E2E_ROUTER_ADDR", "127.0.0.1")
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-tmp = tempfile.mkdtemp(prefix="cpm-e2e-")
-subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + tmp,
-                os.path.join(SRC, "proto", "cpm.proto")], check=True)
-sys.path.insert(0, tmp)
-import cpm_pb2 as pb  # noqa: E402
-
+e2e = E2E("cpm-e2e-")
+BUILD, MODEL, pb, CTX, fail = e2e.build, e2e.model, e2e.pb, e2e.ctx, e2e.fail
 VERSION = pb.PROTOCOL_VERSION_CURRENT
-CTX = zmq.Context()
-procs = []
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def n_layers():
@@ -57,41 +41,21 @@ def n_layers():
 
 
 def start(args):
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log.txt"), "a"))
-    procs.append(p)
-    return p
+    return e2e.start("proc%d" % len(e2e.procs), args, stdout=subprocess.DEVNULL)
 
 
 def rpc(endpoint, env, frames=(), timeout_ms=5000):
-    s = CTX.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
     env.version = VERSION
     env.corr = 77
-    s.send_multipart([env.SerializeToString(), *frames])
-    if not s.poll(timeout_ms):
-        s.close()
+    out, parts = e2e.rpc(endpoint, env, frames, timeout_ms)
+    if out is None:
         return None
-    parts = s.recv_multipart()
-    s.close()
-    out = pb.Envelope()
-    out.ParseFromString(parts[0])
     assert out.corr == 77, out
     return out, parts[1:]
 
 
 def health(endpoint, timeout_ms=500):
-    env = pb.Envelope()
-    env.health_request.SetInParent()
-    r = rpc(endpoint, env, timeout_ms=timeout_ms)
-    return r[0].health if r else None
-
-
-def fail(msg):
-    print("FAIL:", msg)
-    with open(os.path.join(tmp, "log.txt")) as f:
-        sys.stdout.write(f.read()[-3000:])
-    raise SystemExit(1)
+    return e2e.health(endpoint, timeout_ms)
 
 
 class Router:
@@ -300,15 +264,8 @@ def main():
 try:
     main()
 finally:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            rc = p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = "killed"
-        if rc not in (0, -15):
-            print("process %s exited with %s" % (p.args[0], rc))
-            sys.exit(1)
+    unclean = {k: rc for k, rc in e2e.stop_all(10).items() if rc != -15}
+    if unclean:
+        print("processes exited with %s" % unclean)
+        sys.exit(1)
 print("PASS")

@@ -68,20 +68,9 @@ def scenario_services(ids, ref, cut):
     wait_ready(ports["http"])
     rpc_ep = ep(ports["rpc"])
 
-    procs["st1"].send_signal(signal.SIGSTOP)
-    th, res = h.in_flight(ports["http"], rpc_ep, ids, "death-1")
-    time.sleep(0.5)  # admitted, prefilled by stage 0, stuck at stage 1
-    t_kill = time.time()
-    procs["st1"].kill()
-    procs["st1"].wait()
-    for t in th:
-        t.join(30)
-    if any(t.is_alive() for t in th):
-        fail("A: a client still waits 30 s after the stage died")
-    why = check_one_final_answer(res, "A")
-    took = max(r[0][2] for r in (res["plain"], res["stream"])) - 0.5
+    why, took = h.kill_in_flight("st1", ports["http"], rpc_ep, ids, "A", "death-1")
     print("ok 1 - A: stage killed mid-request: non-streaming, streaming and RPC requests each got one "
-          "final error (within %.1f s; timeout_ms %d): %r" % (time.time() - t_kill, TIMEOUT_MS, why))
+          "final error (within %.1f s; timeout_ms %d): %r" % (took, TIMEOUT_MS, why))
     if took > 8:
         fail("A: answers took %.1f s: the router should notice the dead stage from its health "
              "polls, not wait for timeout_ms (%d ms)" % (took, TIMEOUT_MS))

@@ -38,7 +38,8 @@ def free_port():
 
 
 def ep(port):
-    return "tcp://127.0.0.1:%d" % port
+    """A loopback endpoint for a port (an endpoint string passes through)."""
+    return port if isinstance(port, str) else "tcp://127.0.0.1:%d" % port
 
 
 def sse_blocks(text):
@@ -119,7 +120,7 @@ class E2E:
         """A process whose output goes to LABEL.log in the scratch folder."""
         log = open(self.path(label + ".log"), "a")
         popen.setdefault("stdout", log)
-        popen.setdefault("stderr", subprocess.STDOUT)
+        popen.setdefault("stderr", log)
         self.procs[label] = subprocess.Popen(args, **popen)
         return self.procs[label]
 
@@ -131,13 +132,34 @@ class E2E:
         return self.start(label, args + list(extra))
 
     def stop_all(self, timeout=20):
-        """SIGTERM to every process; the exit codes that were not 0, by label."""
+        """SIGTERM to every process (SIGKILL to those still there after timeout s); the exit
+        codes that were not 0, by label (-9: it had to be killed)."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
-        unclean = {k: p.wait(timeout) for k, p in self.procs.items()}
+        codes = {}
+        for k, p in self.procs.items():
+            try:
+                codes[k] = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[k] = p.wait()
         self.procs.clear()
-        return {k: rc for k, rc in unclean.items() if rc != 0}
+        return {k: rc for k, rc in codes.items() if rc != 0}
+
+    def stop_cleanly(self, what="exit status after SIGTERM"):
+        """stop_all, failing the test unless every process exited 0."""
+        unclean = self.stop_all()
+        if unclean:
+            self.fail("%s: %s" % (what, unclean))
+
+    def run(self, main):
+        """Runs the test's main, kills what is left whatever happens, says PASS."""
+        try:
+            main()
+        finally:
+            self.cleanup()
+        print("PASS")
 
     # ------------------------------------------------------------ addresses and the cluster file
 
@@ -183,6 +205,22 @@ class E2E:
         c.close()
         return r.status, data
 
+    @staticmethod
+    def http_json(port, path, body=None, timeout=60):
+        """(status, parsed JSON body); (None, None) when nothing answers."""
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+        except (urllib.error.URLError, ConnectionError):
+            return None, None
+
     def ready(self, port):
         """GET /ready's status, or None while nothing listens."""
         try:
@@ -212,6 +250,30 @@ class E2E:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         return 0.0
+
+    def check_greedy(self, port, prompts, refs, n, what="1"):
+        """Each prompt's greedy completion over HTTP equals its reference, one at a time."""
+        for i, p in enumerate(prompts):
+            st, got = self.completion_ids(port, p, n)
+            if st != 200 or got != refs[i]:
+                self.fail("%s: prompt %d: %s %s\n want (cpm-run) %s" % (what, i, st, got, refs[i]))
+
+    def check_concurrent(self, port, prompts, refs, n, k=8, what="2"):
+        """k requests at once (prompts in turn) give the same tokens as one at a time."""
+        import threading
+        results = [None] * k
+
+        def one(i):
+            results[i] = self.completion_ids(port, prompts[i % len(prompts)], n)
+        th = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join(60)
+        for i, r in enumerate(results):
+            want = refs[i % len(prompts)]
+            if r is None or r[0] != 200 or r[1] != want:
+                self.fail("%s: concurrent request %d: %s\n want %s" % (what, i, r, want))
 
     @staticmethod
     def http_client(port, body, out):
@@ -302,6 +364,24 @@ class E2E:
         for t in th:
             t.start()
         return th, res
+
+    def kill_in_flight(self, label, port, rpc_ep, ids, what, request_id="e2e-1", rpc_stream=False):
+        """Freezes process `label`, starts in_flight's three requests (they get stuck at
+        it), kills it, and checks each request got exactly one final error. Returns (the
+        error message, seconds from the kill to the last answer)."""
+        import signal
+        p = self.procs[label]
+        p.send_signal(signal.SIGSTOP)
+        th, res = self.in_flight(port, rpc_ep, ids, request_id, rpc_stream)
+        time.sleep(0.5)  # admitted, and stuck at the frozen process
+        t_kill = time.time()
+        p.kill()
+        p.wait()
+        for t in th:
+            t.join(30)
+        if any(t.is_alive() for t in th):
+            self.fail("%s: a client still waits 30 s after %s died" % (what, label))
+        return self.check_one_final_answer(res, what), time.time() - t_kill
 
     def check_one_final_answer(self, res, what, may_succeed=False):
         """Each client of in_flight got exactly one final answer, and it is an error: a 5xx

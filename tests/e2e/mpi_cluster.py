@@ -16,43 +16,23 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 
 MPIRUN = shutil.which("mpirun")
 if not MPIRUN:
     print("SKIP: no mpirun (Debian: openmpi-bin)")
     raise SystemExit(77)
 
-import zmq  # noqa: E402
+from harness import E2E, free_port  # noqa: E402
 
-BUILD, MODEL = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLUSTER = os.path.join(BUILD, "tools", "cpm-cluster")
 START_S, STOP_S = 60, 30
 
-tmp = tempfile.mkdtemp(prefix="cpm-mpi-e2e-")
-subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + tmp,
-                os.path.join(SRC, "proto", "cpm.proto")], check=True)
-sys.path.insert(0, tmp)
-import cpm_pb2 as pb  # noqa: E402
-
-CTX = zmq.Context()
+h = E2E("cpm-mpi-e2e-")
+MODEL, pb, tmp = h.model, h.pb, h.tmp
+CLUSTER = h.bin("cluster")
 LOG = os.path.join(tmp, "mpirun.log")
 job = None
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def log_tail():
@@ -79,32 +59,16 @@ def mpirun(n, cfg, http_port):
 
 
 def rpc(endpoint, env, timeout_ms=20000):
-    s = CTX.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
     env.version = pb.PROTOCOL_VERSION_CURRENT
     env.corr = 9
-    s.send(env.SerializeToString())
-    if not s.poll(timeout_ms):
-        s.close()
+    r, _ = h.rpc(endpoint, env, timeout_ms=timeout_ms)
+    if r is None:
         fail("%s: no reply" % endpoint)
-    r = pb.Envelope()
-    r.ParseFromString(s.recv_multipart()[0])
-    s.close()
     return r
 
 
 def http(port, path, body=None):
-    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-    except (urllib.error.URLError, ConnectionError):
-        return None, None
+    return h.http_json(port, path, body, timeout=30)
 
 
 def ranks_alive(cfg):

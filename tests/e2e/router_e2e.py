@@ -36,30 +36,24 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import zmq
 
+from harness import E2E
+
 ARGS = [a for a in sys.argv[1:] if a not in ("--node", "--overload")]
 NODE = "--node" in sys.argv
 OVERLOAD = "--overload" in sys.argv
-BUILD, MODEL = ARGS[0], ARGS[1]
 N_STAGES = int(ARGS[2]) if len(ARGS) > 2 else 2
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
 if NODE and not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
     print("openai npm client not installed (run `npm ci` in tests/e2e/node): skipped")
     sys.exit(77)
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TMP = tempfile.mkdtemp(prefix="cpm-router-e2e-")
+h = E2E("cpm-router-e2e-", ARGS[0], ARGS[1])
+BUILD, MODEL, pb, TMP = h.build, h.model, h.pb, h.tmp
 MAX_BODY = 65536
-
-subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + TMP,
-                os.path.join(SRC, "proto", "cpm.proto")], check=True)
-sys.path.insert(0, TMP)
-import cpm_pb2 as pb  # noqa: E402
-
 procs = []
 failures = []
 
@@ -68,14 +62,6 @@ def check(cond, what):
     if not cond:
         failures.append(what)
         print("FAIL:", what, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 STALL_TIMEOUT_MS = 3000
@@ -87,47 +73,25 @@ def config():
     with open(os.path.join(MODEL, "config.json")) as f:
         n_layers = json.load(f)["num_hidden_layers"]
     cuts = [n_layers * i // N_STAGES for i in range(N_STAGES)] + ["end"]
-    ports = {k: free_port() for k in ["http", "rpc", "results", "tok", "sampler"]}
-    stage_ports = [free_port() for _ in range(N_STAGES)]
-    lines = ["version: 1", "model: " + os.path.abspath(MODEL), "router:",
-             "  http: 127.0.0.1:%d" % ports["http"],
-             "  rpc: tcp://127.0.0.1:%d" % ports["rpc"],
-             "  results: tcp://127.0.0.1:%d" % ports["results"],
-             "  micro_batches: %d" % N_STAGES,
-             "  max_body_bytes: %d" % MAX_BODY,
-             "  max_tokens: 256"]
+    ports = h.ports("http", "rpc", "results", "tok", "sampler", *["st%d" % i for i in range(N_STAGES)])
+    router = ["micro_batches: %d" % N_STAGES, "max_body_bytes: %d" % MAX_BODY, "max_tokens: 256"]
     if not HAS_TOKENIZER:
-        lines += ["  tokenize: off"]  # token ids only: no cpm-tokenizer can load this model
+        router += ["tokenize: off"]  # token ids only: no cpm-tokenizer can load this model
     if OVERLOAD:
-        lines += ["  max_seqs: 1", "  max_queue: 1", "  timeout_ms: %d" % STALL_TIMEOUT_MS]
-    lines += ["tokenizers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["tok"],
-             "samplers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["sampler"],
-             "stages:"]
-    for i in range(N_STAGES):
-        lines += ["  - layers: [%d, %s]" % (cuts[i], cuts[i + 1]),
-                  "    endpoint: tcp://127.0.0.1:%d" % stage_ports[i]]
-        if N_STAGES == 3 and i == 1:
-            lines += ["    isa: avx2"]  # a stage pinned to other kernels: same tokens still
-    path = os.path.join(TMP, "cluster.yaml")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path, ports
+        router += ["max_seqs: 1", "max_queue: 1", "timeout_ms: %d" % STALL_TIMEOUT_MS]
+    stages = [{"layers": "[%d, %s]" % (cuts[i], cuts[i + 1]), "endpoint": "st%d" % i}
+              for i in range(N_STAGES)]
+    if N_STAGES == 3:
+        stages[1]["isa"] = "avx2"  # a stage pinned to other kernels: same tokens still
+    return h.write_config(h.cluster_lines(ports, stages, router=router, samplers=["sampler"])), ports
 
 
 def start(args, name):
-    log = open(os.path.join(TMP, name + ".log"), "w")
-    procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+    procs.append(h.start(name, args))
 
 
 def stop_all():
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    h.stop_all(10)
 
 
 # ---------------------------------------------------------------- HTTP helpers
@@ -190,10 +154,7 @@ def raw_exchange(data, read_timeout=5):
 
 
 def cpm_run(ids, n):
-    out = subprocess.run([os.path.join(BUILD, "shard/cpm-run"), "--model", MODEL, "--ids",
-                          ",".join(map(str, ids)), "--n", str(n), "--ignore-eos", "--print-ids"],
-                         capture_output=True, text=True, check=True)
-    return [int(t) for t in out.stdout.split()]
+    return h.cpm_run_ids(ids, n)
 
 
 def greedy_body(ids, n, **extra):

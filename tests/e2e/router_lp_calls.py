@@ -24,15 +24,14 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import zmq
+
+from harness import E2E, free_port
 
 ap = argparse.ArgumentParser()
 ap.add_argument("build")
@@ -42,13 +41,8 @@ ap.add_argument("--bench", type=int, default=0)
 ap.add_argument("--tokens", type=int, default=24)
 ap.add_argument("--streams", type=int, default=1, help="--bench: concurrent streams per run")
 ARGS = ap.parse_args()
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TMP = tempfile.mkdtemp(prefix="cpm-lp-calls-")
-subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"), "--python_out=" + TMP,
-                os.path.join(SRC, "proto", "cpm.proto")], check=True)
-sys.path.insert(0, TMP)
-import cpm_pb2 as pb  # noqa: E402
-
+h = E2E("cpm-lp-calls-", ARGS.build, ARGS.model)
+pb, TMP = h.pb, h.tmp
 procs = []
 failures = []
 CALL_TIMEOUT_MS = 1500
@@ -58,14 +52,6 @@ def check(cond, what):
     if not cond:
         failures.append(what)
         print("FAIL:", what, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 class Relay:
@@ -121,53 +107,28 @@ def config(tok_ep):
         n_layers = json.load(f)["num_hidden_layers"]
     n = ARGS.stages
     cuts = [n_layers * i // n for i in range(n)] + ["end"]
-    ports = {k: free_port() for k in ["http", "rpc", "results", "sampler"]}
-    lines = ["version: 1", "model: " + os.path.abspath(ARGS.model), "router:",
-             "  http: 127.0.0.1:%d" % ports["http"],
-             "  rpc: tcp://127.0.0.1:%d" % ports["rpc"],
-             "  results: tcp://127.0.0.1:%d" % ports["results"],
-             "  micro_batches: %d" % n,
-             "  max_tokens: 1024",
-             "  timeout_ms: %d" % CALL_TIMEOUT_MS,
-             "tokenizers:", "  - endpoint: " + tok_ep,
-             "samplers:", "  - endpoint: tcp://127.0.0.1:%d" % ports["sampler"],
-             "stages:"]
-    for i in range(n):
-        lines += ["  - layers: [%d, %s]" % (cuts[i], cuts[i + 1]),
-                  "    endpoint: tcp://127.0.0.1:%d" % free_port()]
-    path = os.path.join(TMP, "cluster-%s.yaml" % ("bench" if ARGS.bench else "relay"))
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path, ports["http"]
+    ports = dict(h.ports("http", "rpc", "results", "sampler", *["st%d" % i for i in range(n)]),
+                 tok=tok_ep)
+    stages = [{"layers": "[%d, %s]" % (cuts[i], cuts[i + 1]), "endpoint": "st%d" % i}
+              for i in range(n)]
+    lines = h.cluster_lines(ports, stages, samplers=["sampler"], router=[
+        "micro_batches: %d" % n, "max_tokens: 1024", "timeout_ms: %d" % CALL_TIMEOUT_MS])
+    return h.write_config(lines, "cluster-%s.yaml" % ("bench" if ARGS.bench else "relay")), ports["http"]
 
 
 def start(args, name, cfg, extra=()):
-    log = open(os.path.join(TMP, name + ".log"), "w")
-    procs.append(subprocess.Popen([os.path.join(ARGS.build, args), "--config", cfg] + list(extra),
-                                  stdout=log, stderr=subprocess.STDOUT))
+    procs.append(h.start(name, [os.path.join(ARGS.build, args), "--config", cfg] + list(extra)))
 
 
 def stop_all():
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    h.stop_all(10)
 
 
 def wait_ready(port):
     deadline = time.time() + 60
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/ready")
-            if c.getresponse().status == 200:
-                return True
-        except OSError:
-            pass
+        if h.ready(port) == 200:
+            return True
         time.sleep(0.2)
     return False
 
