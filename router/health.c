@@ -267,12 +267,14 @@ static void on_missed(cpm_health *h, cpm_svc *sv, replica *p, int status) {
              status ? cpm_strerror(status) : "unexpected reply to health_request");
     if (p && sv->misses >= CPM_HEALTH_STAGE_MISSES)
         replica_down(h, p, sv);
+    sv->reset_due |= !p && sv->misses == CPM_HEALTH_STAGE_MISSES;
 }
 
 static void on_answer(cpm_health *h, cpm_svc *sv, replica *p, bool last_stage,
                       const Cpm__V1__Health *hr) {
     bool restarted = sv->incarnation && hr->incarnation && hr->incarnation != sv->incarnation;
     sv->incarnation = hr->incarnation;
+    sv->reset_due |= restarted && !p; /* a tokenizer or sampler: its calls died with it */
     if (p && restarted && !p->down) {
         char why[160];
         snprintf(why, sizeof why, "pipeline stage %s restarted", sv->name);
@@ -308,7 +310,8 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
     cpm_inmsg_free(reply);
 }
 
-/* A tokenizer or sampler just reached the miss threshold: its calls in flight end now
+/* A tokenizer or sampler just reached the miss threshold, or answered as a new process:
+ * its calls in flight end now
  * (CPM_ECLOSED), so their owners ask another replica instead of waiting out
  * router.timeout_ms, and a fresh connection waits for it to come back. The new
  * socket is in place before the old one goes, since its calls' owners may pick it. */
@@ -321,7 +324,7 @@ static void reset_socket(cpm_health *h, cpm_svc *sv) {
         cpm_sock_free(fresh);
         return;
     }
-    LOG(h, CPM_LOG_WARN, "%s stopped answering (%s): its calls in flight go elsewhere", sv->name,
+    LOG(h, CPM_LOG_WARN, "%s was lost (%s): its calls in flight go elsewhere", sv->name,
         sv->status);
     sv->sock = fresh;
     cpm_sock_free(old);
@@ -330,8 +333,10 @@ static void reset_socket(cpm_health *h, cpm_svc *sv) {
 static void poll_all(cpm_health *h) {
     int timeout = h->interval_ms > 200 ? h->interval_ms - 100 : 100;
     for (int i = h->first_tok; i < h->first_sampler + h->n_samplers; i++)
-        if (h->svcs[i].misses == CPM_HEALTH_STAGE_MISSES)
+        if (h->svcs[i].reset_due) {
+            h->svcs[i].reset_due = false;
             reset_socket(h, &h->svcs[i]);
+        }
     for (int i = 0; i < h->n_svcs; i++) {
         poll_ctx *pc = malloc(sizeof *pc);
         if (!pc)

@@ -8,8 +8,9 @@
  * misses CPM_HEALTH_STAGE_MISSES polls in a row, and up again once all of them answer;
  * both are told to the owner through hooks, as is the model's description, taken
  * from the last stage's first ready answer. A tokenizer or sampler that misses as
- * many polls gets a fresh connection: its calls in flight end at once (CPM_ECLOSED)
- * and their owners retry on another replica.
+ * many polls, or answers as a new process (Health.incarnation), gets a fresh
+ * connection: its calls in flight end at once (CPM_ECLOSED) and their owners retry on
+ * another replica.
  */
 #ifndef CPM_HEALTH_H
 #define CPM_HEALTH_H
@@ -35,6 +36,7 @@ typedef struct cpm_svc {
     char status[96];
     int kv_used, kv_total;
     uint64_t incarnation; /* from its last answer: another one means it restarted */
+    bool reset_due; /* its calls in flight are lost: renew the connection at the next poll */
 } cpm_svc;
 
 typedef struct cpm_health_hooks {

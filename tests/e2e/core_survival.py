@@ -1,0 +1,153 @@
+#!/usr/bin/python3
+"""core_survival.py - the death of a redundant piece costs nothing under `cpm-cluster up`.
+
+Layout: router, 2 tokenizers, 2 samplers, 2 pipeline replicas of one stage each, all
+under the launcher. For each kind in turn - a sampler, a tokenizer, a stage - one process
+is SIGKILLed while 4 streams generate (2 SSE, 2 internal RPC). Checked each time:
+
+1. every stream finishes with exactly the text / token ids of an undisturbed run (no
+   error event, nothing lost or repeated), and how long the worst one paused;
+2. /ready stays 200 after the kill (the survivors serve), the launcher restarts the
+   victim (its log says so), and the cluster is whole again;
+3. afterwards no stage holds a sequence or KV block (its health reply), so nothing the
+   dead process touched leaks; the router counted the retries (cpm_service_retries_total).
+
+usage: core_survival.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
+"""
+import os
+import re
+import signal
+import subprocess
+import time
+
+from harness import E2E, RpcStream, SseStream, ep
+
+N_GEN = 96
+h = E2E("cpm-survival-")
+fail = h.fail
+VICTIMS = [("sampler", "cpm-sampler", 0), ("tokenizer", "cpm-tokenizer", 0), ("stage", "cpm-shard", 0)]
+
+
+def write_config(ports):
+    stages = [{"layers": "[0, end]", "endpoint": "st0", "pipeline": 0},
+              {"layers": "[0, end]", "endpoint": "st1", "pipeline": 1}]
+    lines = h.cluster_lines(ports, stages, samplers=["smp0", "smp1"], router=["micro_batches: 2"])
+    i = lines.index("samplers:")  # a second tokenizer
+    lines.insert(i, "  - endpoint: " + ep(ports["tok1"]))
+    return h.write_config(lines)
+
+
+def up(cfg):
+    log = open(h.path("launcher.log"), "a")
+    p = h.start("launcher", [h.bin("cluster"), "up", cfg, "--port", "0", "--timeout", "60"],
+                stdout=subprocess.PIPE, stderr=log, text=True)
+    m = re.search(r"ready: http://127\.0\.0\.1:(\d+) ", p.stdout.readline())
+    if not m:
+        fail("no ready line")
+    return p, int(m.group(1))
+
+
+def child(launcher, binary, index):
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
+                         capture_output=True, text=True).stdout
+    pids = [int(line.split()[0]) for line in out.splitlines()
+            if binary in line and "--index %d" % index in line]
+    return pids[0] if len(pids) == 1 else None
+
+
+def streams(port, rpc_ep, prompts):
+    ss = [SseStream(port, prompts[0], N_GEN), SseStream(port, prompts[1], N_GEN),
+          RpcStream(h, rpc_ep, prompts[2], N_GEN, "surv-a"), RpcStream(h, rpc_ep, prompts[3], N_GEN, "surv-b")]
+    for s in ss:
+        s.start()
+    return ss
+
+
+def progress(s):
+    return len(s.pieces) if isinstance(s, SseStream) else len(s.ids)
+
+
+def check_streams(ss, want, what):
+    for i, s in enumerate(ss):
+        s.join(90)
+        if s.is_alive():
+            fail("%s: stream %d still runs 90 s later" % (what, i))
+        if isinstance(s, SseStream):
+            got = "".join(s.pieces)
+            if s.status != 200 or s.blocks[-1] != "data: [DONE]" or got != want[i] or \
+                    any('"error"' in b for b in s.blocks):
+                fail("%s: SSE stream %d: %s %r\n want %r\n last %r" % (what, i, s.status, got, want[i],
+                                                                       s.blocks[-2:]))
+        elif s.ids != want[i] or s.final is None or s.final.token_event.HasField("error") or s.extra:
+            fail("%s: RPC stream %d: %d ids, final %s\n got %s\n want %s" % (what, i, len(s.ids), s.final,
+                                                                            s.ids, want[i]))
+
+
+def stages_clean(ports, limit=10):
+    """Every stage holds no sequence and no KV block (within limit s: the idle collection)."""
+    t0 = time.time()
+    while True:
+        hs = [h.health(ep(ports[k])) for k in ("st0", "st1")]
+        if all(x is not None and x.live_seqs == 0 and x.kv_used == 0 for x in hs):
+            return
+        if time.time() - t0 > limit:
+            fail("stages still hold sequences: %s" % [(x.live_seqs, x.kv_used) if x else None for x in hs])
+        time.sleep(0.2)
+
+
+def restarted(n):
+    return open(h.path("launcher.log")).read().count("started again") >= n
+
+
+def main():
+    ids = [int(x) for x in open(os.path.join(h.model, "ids.txt")).read().split()]
+    prompts = [ids, ids[:-3], ids[2:], ids[:-6] + ids[:4]]
+    ports = h.ports("http", "rpc", "results", "tok", "tok1", "smp0", "smp1", "st0", "st1")
+    launcher, port = up(write_config(ports))
+    rpc_ep = ep(ports["rpc"])
+
+    ss = streams(port, rpc_ep, prompts)  # the undisturbed run
+    for s in ss:
+        s.join(90)
+    want = ["".join(s.pieces) if isinstance(s, SseStream) else s.ids for s in ss]
+    if any(not w for w in want) or want[2] != h.cpm_run_ids(prompts[2], N_GEN):
+        fail("the undisturbed run: %r / rpc %s" % (want[:2], want[2][:8]))
+    print("ok 1 - undisturbed: 2 SSE and 2 RPC streams of %d tokens (RPC == cpm-run)" % N_GEN)
+
+    for k, (kind, binary, index) in enumerate(VICTIMS):
+        pid = child(launcher, binary, index)
+        if not pid:
+            fail("%s %d not found under the launcher" % (kind, index))
+        ss = streams(port, rpc_ep, prompts)
+        t0 = time.time()
+        while min(progress(s) for s in ss) < 8 and time.time() - t0 < 30:
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.time()
+        check_streams(ss, want, "%s killed" % kind)
+        took = time.time() - t_kill
+        if h.ready(port) != 200:
+            fail("%s killed: /ready %s with a survivor" % (kind, h.ready(port)))
+        t0 = time.time()
+        while not restarted(k + 1):
+            if time.time() - t0 > 30:
+                fail("%s killed: the launcher did not restart it" % kind)
+            time.sleep(0.1)
+        h.wait_ready(port)
+        stages_clean(ports)
+        print("ok %d - %s %d killed mid-stream: all 4 streams == the undisturbed run (done %.1f s after "
+              "the kill), /ready 200 throughout, restarted by the launcher, no sequence left on any "
+              "stage" % (k + 2, kind, index, took))
+    retries = h.metric(port, "cpm_service_retries_total")
+    failovers = h.metric(port, "cpm_failovers_total")
+    if retries < 1 or failovers < 1:
+        fail("retries %s, failovers %s: the kills cost nothing?" % (retries, failovers))
+    launcher.send_signal(signal.SIGTERM)
+    if launcher.wait(30) != 0:
+        fail("launcher exit %s after SIGTERM" % launcher.returncode)
+    h.procs.clear()
+    print("ok 5 - %d service retries and %d sequence moves counted; SIGTERM stops the cluster cleanly"
+          % (retries, failovers))
+
+
+h.run(main)
