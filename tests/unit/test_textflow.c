@@ -240,6 +240,7 @@ static void test_stop_string_across_tokens(void **state) {
     rec r = {0};
     char *stops[] = {"o w"};
     cpm_job *j = make_job(f, &r, stops, 1, true, false);
+    cpm_job_hold(j); /* keep j to look at its gen after the answer */
     cpm_gen *g = &j->gens[0];
     token(f, g, X, false, NULL);
     token(f, g, LO, false, NULL);
@@ -251,6 +252,7 @@ static void test_stop_string_across_tokens(void **state) {
     assert_int_equal(g->n_gen, 3); /* x lo " w": ORLD is dropped as never generated */
     assert_int_equal(r.dones, 1);
     assert_int_equal(f->releases, 1);
+    cpm_job_drop(j);
 }
 
 /* A held-back prefix of a stop string that never completes is shown at the end. */
