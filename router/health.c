@@ -255,6 +255,18 @@ static void replica_maybe_up(cpm_health *h, replica *p) {
     h->hooks.replica_up(h->hooks.ud, (int)(p - h->replicas));
 }
 
+static bool is_expert(const cpm_health *h, const cpm_svc *sv) {
+    int i = (int)(sv - h->svcs);
+    return sv->replica < 0 && i >= h->first_sampler + h->n_samplers;
+}
+
+static void expert_lost(cpm_health *h, const cpm_svc *sv, const char *what) {
+    char why[160];
+    snprintf(why, sizeof why, "expert service %s %s", sv->name, what);
+    LOG(h, CPM_LOG_WARN, "%s: the requests in flight cannot finish", why);
+    h->hooks.expert_lost(h->hooks.ud, why);
+}
+
 typedef struct poll_ctx {
     cpm_health *h;
     int i;
@@ -268,6 +280,8 @@ static void on_missed(cpm_health *h, cpm_svc *sv, replica *p, int status) {
     if (p && sv->misses >= CPM_HEALTH_STAGE_MISSES)
         replica_down(h, p, sv);
     sv->reset_due |= !p && sv->misses == CPM_HEALTH_STAGE_MISSES;
+    if (is_expert(h, sv) && sv->misses == CPM_HEALTH_STAGE_MISSES)
+        expert_lost(h, sv, "stopped answering");
 }
 
 static void on_answer(cpm_health *h, cpm_svc *sv, replica *p, bool last_stage,
@@ -275,6 +289,8 @@ static void on_answer(cpm_health *h, cpm_svc *sv, replica *p, bool last_stage,
     bool restarted = sv->incarnation && hr->incarnation && hr->incarnation != sv->incarnation;
     sv->incarnation = hr->incarnation;
     sv->reset_due |= restarted && !p; /* a tokenizer or sampler: its calls died with it */
+    if (restarted && is_expert(h, sv))
+        expert_lost(h, sv, "restarted");
     if (p && restarted && !p->down) {
         char why[160];
         snprintf(why, sizeof why, "pipeline stage %s restarted", sv->name);

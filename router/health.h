@@ -47,6 +47,9 @@ typedef struct cpm_health_hooks {
     /* a service of replica restarted between two polls (a new incarnation): what it
      * held (KV, rows in flight) is gone, though the replica serves */
     void (*replica_restarted)(void *ud, int replica, const char *why);
+    /* an expert service stopped answering (2 missed polls) or restarted: every stage
+     * needs it, so the steps in flight cannot finish */
+    void (*expert_lost)(void *ud, const char *why);
     /* the last stage described the model (called until the owner has taken it) */
     void (*model_info)(void *ud, const Cpm__V1__ModelInfo *mi);
 } cpm_health_hooks;

@@ -438,6 +438,18 @@ void cpm_pipeline_replica_restarted(cpm_pipeline *p, int k, const char *why) {
     lose_replica_work(p, k, why, true);
 }
 
+void cpm_pipeline_fail_all(cpm_pipeline *p, const char *why) {
+    for (cpm_job *j = cpm_jobs_first(p->jobs), *next; j; j = next) {
+        next = j->next; /* failing may free j */
+        bool placed = false;
+        for (int i = 0; i < j->n_gens; i++)
+            placed |= j->gens[i].seq != 0 && !cpm_req_state_terminal(j->gens[i].state);
+        if (placed)
+            cpm_job_fail(j, 503, "server_error", "pipeline_error", why);
+    }
+    cpm_pipeline_pump(p); /* the releases */
+}
+
 void cpm_pipeline_replica_up(cpm_pipeline *p, int k) {
     p->replicas[k].down = false;
     p->replicas[k].gc_due = true; /* its restarted stage's peers hold what died with it */

@@ -106,6 +106,10 @@ void cpm_pipeline_replica_up(cpm_pipeline *p, int replica);
  * (prefilled with its history) on the least busy replica, possibly the same one. */
 void cpm_pipeline_replica_restarted(cpm_pipeline *p, int replica, const char *why);
 
+/* Something every replica needs is gone (an expert service): every job with a sequence
+ * in a scheduler fails now, rather than at the stages' deadline. */
+void cpm_pipeline_fail_all(cpm_pipeline *p, const char *why);
+
 /* From now on nothing is sent and replies are dropped (shutdown). */
 void cpm_pipeline_stop(cpm_pipeline *p);
 

@@ -87,6 +87,10 @@ static void on_replica_restarted(void *ud, int replica, const char *why) {
     cpm_pipeline_replica_restarted(((cpm_router *)ud)->pipeline, replica, why);
 }
 
+static void on_expert_lost(void *ud, const char *why) {
+    cpm_pipeline_fail_all(((cpm_router *)ud)->pipeline, why);
+}
+
 static void on_model_info(void *ud, const Cpm__V1__ModelInfo *mi) {
     cpm_router *r = ud;
     cpm_pipeline_set_model(r->pipeline, mi, r->model_name);
@@ -234,7 +238,8 @@ static int open_doors(cpm_router *r, cpm_error *err) {
 
 int cpm_router_start(cpm_router *r, cpm_error *err) {
     cpm_health_hooks hh = {.ud = r, .replica_down = on_replica_down, .replica_up = on_replica_up,
-                           .replica_restarted = on_replica_restarted, .model_info = on_model_info};
+                           .replica_restarted = on_replica_restarted, .expert_lost = on_expert_lost,
+                           .model_info = on_model_info};
     int e = cpm_health_new(r->loop, r->zctx, r->cfg, r->admit.use_tok, r->o.health_interval_ms,
                            r->o.log, &hh, &r->health, err);
     r->admit.health = r->front.health = r->health;

@@ -286,6 +286,28 @@ static void test_restart_reprefills_in_place(void **state) {
     cpm_job_drop(j);
 }
 
+/* An expert service every stage needs is gone: each placed job fails once, now. */
+static void test_fail_all(void **state) {
+    fixture *f = *state;
+    rec a = {0}, b = {0};
+    start_job(f, &a, 4);
+    start_job(f, &b, 4);
+    cpm_pipeline_fail_all(f->p, "expert service expert1 stopped answering");
+    assert_int_equal(a.fails, 1);
+    assert_int_equal(b.fails, 1);
+    assert_string_equal(b.last_msg, "expert service expert1 stopped answering");
+    cpm_pipeline_fail_all(f->p, "again");
+    assert_int_equal(a.finals + b.finals, 2);
+    while (f->fw_read < f->n_fw) { /* the steps still come back, and are dropped */
+        const sent *batch = next_batch(f);
+        if (batch->n_rows == 0)
+            continue;
+        result_ok(f, batch);
+        if (f->call)
+            sampled(f, 1);
+    }
+}
+
 /* A late result of the lost step changes nothing. */
 static void test_late_result_ignored(void **state) {
     fixture *f = *state;
@@ -424,10 +446,12 @@ static void test_cancelled_row_dropped(void **state) {
 int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
-        T(test_prefill_then_decode), T(test_failover_moves_history),
-        T(test_late_result_ignored), T(test_restart_reprefills_in_place), T(test_failed_step_fails_job), T(test_step_timeout),
-        T(test_failover_limit),      T(test_sampler_lost_retried),  T(test_sampler_attempts_run_out),
-        T(test_sampler_error_not_retried), T(test_cancelled_row_dropped),
+        T(test_prefill_then_decode),        T(test_failover_moves_history),
+        T(test_late_result_ignored),        T(test_restart_reprefills_in_place),
+        T(test_fail_all),                   T(test_failed_step_fails_job),
+        T(test_step_timeout),               T(test_failover_limit),
+        T(test_sampler_lost_retried),       T(test_sampler_attempts_run_out),
+        T(test_sampler_error_not_retried),  T(test_cancelled_row_dropped),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
