@@ -106,6 +106,23 @@ static int teardown(void **state) {
     return 0;
 }
 
+/* Sends fw to the stage and waits for its result. */
+static const Cpm__V1__StageResult *send_forward(fx *f, Cpm__V1__StageForward *fw) {
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
+    env.forward = fw;
+    cpm_inmsg_free(f->last);
+    f->last = NULL;
+    assert_int_equal(cpm_sock_send(f->to_stage, NULL, &env, NULL, NULL), 0);
+    uint64_t end = uv_hrtime() + 30000000000ull;
+    while (!f->last && uv_hrtime() < end)
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+    assert_non_null(f->last);
+    assert_int_equal(f->last->env->body_case, CPM__V1__ENVELOPE__BODY_RESULT);
+    assert_int_equal(f->last->env->result->step, fw->step);
+    return f->last->env->result;
+}
+
 /* Sends one micro-batch and waits for its result. */
 static const Cpm__V1__StageResult *step(fx *f, uint64_t stepno, int n, const uint64_t *seq,
                                         const uint32_t *pos, const int32_t *ids, const int *want,
@@ -122,19 +139,7 @@ static const Cpm__V1__StageResult *step(fx *f, uint64_t stepno, int n, const uin
     fw.want = w;
     fw.n_release = (size_t)n_release;
     fw.release = (uint64_t *)release;
-    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
-    env.forward = &fw;
-    cpm_inmsg_free(f->last);
-    f->last = NULL;
-    assert_int_equal(cpm_sock_send(f->to_stage, NULL, &env, NULL, NULL), 0);
-    uint64_t end = uv_hrtime() + 30000000000ull;
-    while (!f->last && uv_hrtime() < end)
-        uv_run(&f->loop, UV_RUN_NOWAIT);
-    assert_non_null(f->last);
-    assert_int_equal(f->last->env->body_case, CPM__V1__ENVELOPE__BODY_RESULT);
-    assert_int_equal(f->last->env->result->step, stepno);
-    return f->last->env->result;
+    return send_forward(f, &fw);
 }
 
 static int argmax(const float *row, int n) {
@@ -419,17 +424,7 @@ static int gc_step(fx *f, uint64_t stepno, uint64_t epoch, int n, const uint64_t
     fw.live_horizon = horizon;
     fw.n_live = (size_t)n_live;
     fw.live = (uint64_t *)live;
-    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
-    env.forward = &fw;
-    cpm_inmsg_free(f->last);
-    f->last = NULL;
-    assert_int_equal(cpm_sock_send(f->to_stage, NULL, &env, NULL, NULL), 0);
-    uint64_t end = uv_hrtime() + 30000000000ull;
-    while (!f->last && uv_hrtime() < end)
-        uv_run(&f->loop, UV_RUN_NOWAIT);
-    assert_non_null(f->last);
-    assert_null(f->last->env->result->error);
+    assert_null(send_forward(f, &fw)->error);
     cpm_stage_stats st;
     cpm_stage_get_stats(f->st, &st);
     return st.live_seqs;
