@@ -15,6 +15,7 @@ struct cpm_sampler {
     int32_t *edge;    /* [vocab] top-p: the bucket where the mass crosses top_p */
     float *weight;    /* [vocab] exp(logit - best) of the candidates */
     uint8_t *seen;    /* [vocab] repetition-penalty marks, all 0 between calls */
+    int32_t *count;   /* [vocab] occurrences in the generated tokens, all 0 between calls */
     float *logit_save;/* [vocab] unmodified logits for the logprob */
 };
 
@@ -36,6 +37,12 @@ int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err) {
     if (!(p->repetition_penalty > 0.0f) || p->repetition_penalty > 100.0f)
         return cpm_error_set(err, CPM_ERANGE, "repetition_penalty %g must be in (0, 100]",
                              (double)p->repetition_penalty);
+    if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
+        return cpm_error_set(err, CPM_ERANGE, "presence_penalty %g must be in [-2, 2]",
+                             (double)p->presence_penalty);
+    if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
+        return cpm_error_set(err, CPM_ERANGE, "frequency_penalty %g must be in [-2, 2]",
+                             (double)p->frequency_penalty);
     return 0;
 }
 
@@ -72,9 +79,11 @@ cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_e
         s->edge = malloc((size_t)vocab_size * sizeof *s->edge);
         s->weight = malloc((size_t)vocab_size * sizeof *s->weight);
         s->seen = calloc((size_t)vocab_size, 1);
+        s->count = calloc((size_t)vocab_size, sizeof *s->count);
         s->logit_save = malloc((size_t)vocab_size * sizeof *s->logit_save);
     }
-    if (!s || !s->heap || !s->cand || !s->edge || !s->weight || !s->seen || !s->logit_save) {
+    if (!s || !s->heap || !s->cand || !s->edge || !s->weight || !s->seen || !s->count ||
+        !s->logit_save) {
         cpm_sampler_free(s);
         cpm_error_set(err, CPM_ENOMEM, "sampler: out of memory");
         return NULL;
@@ -92,6 +101,7 @@ void cpm_sampler_free(cpm_sampler *s) {
     free(s->edge);
     free(s->weight);
     free(s->seen);
+    free(s->count);
     free(s->logit_save);
     free(s);
 }
@@ -134,6 +144,22 @@ static void apply_repetition_penalty(cpm_sampler *s, float *logits, const int32_
     for (size_t i = 0; i < n; i++)
         if (hist[i] >= 0 && hist[i] < s->vocab)
             s->seen[hist[i]] = 0;
+}
+
+/* OpenAI's presence and frequency penalties over the generated tokens gen[0..n): each
+ * distinct token t loses presence + frequency * count(t). O(n); count is zero again
+ * on the way out. */
+static void apply_openai_penalties(cpm_sampler *s, float *logits, const int32_t *gen, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (gen[i] >= 0 && gen[i] < s->vocab)
+            s->count[gen[i]]++;
+    for (size_t i = 0; i < n; i++) {
+        int32_t t = gen[i];
+        if (t < 0 || t >= s->vocab || s->count[t] == 0)
+            continue;
+        logits[t] -= s->p.presence_penalty + s->p.frequency_penalty * (float)s->count[t];
+        s->count[t] = 0; /* once per distinct token; also what clears the array */
+    }
 }
 
 /* ---- filtering: HF order top-k, then top-p (over what top-k kept), then min-p ---- */
@@ -271,6 +297,9 @@ int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, si
         memcpy(s->logit_save, logits, (size_t)V * sizeof(float));
     if (s->p.repetition_penalty != 1.0f && n_history > 0)
         apply_repetition_penalty(s, logits, history, n_history);
+    size_t n_gen = s->step < n_history ? (size_t)s->step : n_history;
+    if ((s->p.presence_penalty != 0.0f || s->p.frequency_penalty != 0.0f) && n_gen > 0)
+        apply_openai_penalties(s, logits, history + n_history - n_gen, n_gen);
     if (s->p.temperature == 0.0f) {
         tok = argmax(logits, V);
     } else if (isinf(logits[argmax(logits, V)] / s->p.temperature)) {

@@ -27,13 +27,16 @@ typedef struct cpm_sampling_params {
     float top_p;              /* 1 = off */
     float min_p;              /* 0 = off */
     float repetition_penalty; /* 1 = off; HF semantics (divide positive, multiply negative) */
+    float presence_penalty;   /* 0 = off; OpenAI semantics over the generated tokens: */
+    float frequency_penalty;  /* logit -= presence * [count > 0] + frequency * count */
     uint64_t seed;
 } cpm_sampling_params;
 
 cpm_sampling_params cpm_sampling_params_default(void);
 
 /* Checks ranges: temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1,
- * repetition_penalty > 0. Message names the field. */
+ * repetition_penalty > 0, presence and frequency penalties in [-2, 2]. Message names
+ * the field. */
 int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err);
 
 typedef struct cpm_sampler cpm_sampler;
@@ -46,8 +49,9 @@ cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_e
 void cpm_sampler_free(cpm_sampler *s);
 
 /* Picks the next token from logits[vocab_size] (modified in place). history is
- * every token of the sequence so far (prompt and generated) for the repetition
- * penalty; it may be NULL when n_history is 0. ret_logprob (may be NULL)
+ * every token of the sequence so far (prompt and generated) for the penalties (its
+ * last `step` ids are the generated ones, which presence and frequency penalties
+ * count); it may be NULL when n_history is 0. ret_logprob (may be NULL)
  * receives log p(token) under the unmodified model distribution. CPM_ERANGE (and
  * no draw) when the row holds a NaN or +inf or no finite value at all. */
 int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,

@@ -18,6 +18,8 @@ int cpm_sampler_svc_params(const Cpm__V1__SamplingParams *in, cpm_sampling_param
     p.top_p = in->top_p == 0.0f ? 1.0f : in->top_p;
     p.min_p = in->min_p;
     p.repetition_penalty = in->repetition_penalty == 0.0f ? 1.0f : in->repetition_penalty;
+    p.presence_penalty = in->presence_penalty;
+    p.frequency_penalty = in->frequency_penalty;
     p.seed = in->seed;
     if (in->n_logprobs > MAX_TOP)
         return cpm_error_set(err, CPM_ERANGE, "n_logprobs %u must be at most %d", in->n_logprobs,

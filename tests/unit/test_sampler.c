@@ -225,12 +225,52 @@ static void test_bad_logits(void **state) {
     assert_int_equal(sample_row(row, 1e-38f, 7, 0, 1.0f), top_id()); /* logits / t overflow */
 }
 
+/* Greedy pick from a row where token 0 leads 3.0 > 2.5 (1) > 2.2 (2), after `step` tokens
+ * were generated: the last `step` ids of hist. */
+static int penalised(float presence, float frequency, const int32_t *hist, size_t n, int step) {
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = 0;
+    p.presence_penalty = presence;
+    p.frequency_penalty = frequency;
+    cpm_error e = {0};
+    cpm_sampler *s = cpm_sampler_new(V, &p, &e);
+    assert_non_null(s);
+    float l[V] = {0};
+    l[0] = 3.0f, l[1] = 2.5f, l[2] = 2.2f;
+    cpm_sampler_set_step(s, (uint64_t)step);
+    int t = cpm_sampler_sample(s, l, hist, n, NULL);
+    cpm_sampler_free(s);
+    return t;
+}
+
+/* OpenAI's presence and frequency penalties act (they used to be accepted and ignored),
+ * count only the generated tokens, and leave the arrays clean for the next call. */
+static void test_presence_frequency_penalties(void **state) {
+    (void)state;
+    const int32_t hist[] = {0, 0, 7, 0, 0}; /* prompt {0, 0}, then generated 7, 0, 0 */
+    assert_int_equal(penalised(0, 0, hist, 5, 3), 0);
+    assert_int_equal(penalised(0, 0.3f, hist, 5, 3), 1);   /* 3.0 - 2 x 0.3 = 2.4 < 2.5 */
+    assert_int_equal(penalised(0, 0.2f, hist, 5, 3), 0);   /* 2.6 still leads */
+    assert_int_equal(penalised(0.6f, 0, hist, 5, 3), 1);   /* 2.4 */
+    assert_int_equal(penalised(0.4f, 0, hist, 5, 3), 0);   /* 2.6 */
+    assert_int_equal(penalised(2.0f, 2.0f, hist, 5, 0), 0); /* nothing generated: the prompt's
+                                                              0s are not counted */
+    assert_int_equal(penalised(0, 0.3f, hist, 5, 1), 0);   /* one generated 0: 2.7 */
+    assert_int_equal(penalised(-1.0f, 0, (int32_t[]){2}, 1, 1), 2); /* negative: encourages */
+    cpm_sampling_params p = cpm_sampling_params_default();
+    cpm_error e = {0};
+    p.frequency_penalty = 2.5f;
+    assert_int_equal(cpm_sampling_params_validate(&p, &e), CPM_ERANGE);
+    assert_non_null(strstr(e.msg, "frequency_penalty"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),          cmocka_unit_test(test_seed_reproducible),
         cmocka_unit_test(test_top_k_one_is_greedy), cmocka_unit_test(test_stateless_steps), cmocka_unit_test(test_top_p_and_min_p_restrict),
         cmocka_unit_test(test_repetition_penalty), cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_validation),          cmocka_unit_test(test_bad_logits),
+        cmocka_unit_test(test_presence_frequency_penalties),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
