@@ -72,7 +72,7 @@ int main(int argc, char **argv) {
     }
     for (int r = 0; r < T; r++) {
         k[r] = (rank){.n = n, .iters = iters, .x = calloc(n, sizeof(float))};
-        if (!k[r].x || cpm_tp_mesh_new(z, r, T, mesh, hidden, rows, 10000, &k[r].mesh, &k[r].err)) {
+        if (!k[r].x || cpm_tp_mesh_new(z, NULL, r, T, mesh, hidden, rows, 10000, &k[r].mesh, &k[r].err)) {
             fprintf(stderr, "bench_tp_allreduce: %s\n", k[r].err.msg);
             return 1;
         }

@@ -314,7 +314,7 @@ static void on_message(cpm_sock *s, cpm_inmsg *m, void *user) {
 
 /* ---- life ------------------------------------------------------------------------------------ */
 
-int cpm_api_rpc_new(uv_loop_t *loop, void *zctx, const cpm_front_ctx *ctx, const char *endpoint,
+int cpm_api_rpc_new(uv_loop_t *loop, void *zctx, const cpm_curve *curve, const cpm_front_ctx *ctx, const char *endpoint,
                     cpm_api_rpc **ret, cpm_error *err) {
     cpm_api_rpc *api = calloc(1, sizeof *api);
     *ret = api;
@@ -323,6 +323,8 @@ int cpm_api_rpc_new(uv_loop_t *loop, void *zctx, const cpm_front_ctx *ctx, const
     api->ctx = ctx;
     cpm_sock_opts po = cpm_sock_opts_default();
     po.max_msg_size = 16ll << 20; /* generate requests carry ids, never tensors */
+    po.curve = curve;
+    po.admit = CPM_CURVE_RPC; /* other services call it with their own client keys */
     int e = cpm_sock_new(loop, zctx, ZMQ_ROUTER, &po, on_message, api, &api->sock, err);
     if (!e)
         e = cpm_sock_bind(api->sock, endpoint, err);

@@ -11,11 +11,12 @@
 #include <uv.h>
 
 #include "front.h"
+#include "../services/common/curve.h"
 
 typedef struct cpm_api_rpc cpm_api_rpc;
 
 /* Binds endpoint. ctx is borrowed; http_addr/http_port are told in Health replies. */
-int cpm_api_rpc_new(uv_loop_t *loop, void *zctx, const cpm_front_ctx *ctx, const char *endpoint,
+int cpm_api_rpc_new(uv_loop_t *loop, void *zctx, const cpm_curve *curve, const cpm_front_ctx *ctx, const char *endpoint,
                     cpm_api_rpc **ret, cpm_error *err);
 
 /* Where the HTTP front listens, for Health replies (http_addr borrowed). */

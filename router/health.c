@@ -20,6 +20,7 @@ typedef struct replica {
 struct cpm_health {
     uv_loop_t *loop;
     void *zctx;
+    const cpm_curve *curve; /* every connection to a service is a CURVE client (NULL: plain) */
     const cpm_log *log;
     cpm_health_hooks hooks;
     int interval_ms;
@@ -55,7 +56,9 @@ static int add_svc(cpm_health *h, const char *name, const char *endpoint, int re
     snprintf(sv->endpoint, sizeof sv->endpoint, "%s", endpoint);
     sv->replica = replica_idx;
     snprintf(sv->status, sizeof sv->status, "not answered yet");
-    int rc = cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, NULL, on_unexpected, h, &sv->sock, err);
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = h->curve;
+    int rc = cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, &so, on_unexpected, h, &sv->sock, err);
     if (rc == 0)
         rc = cpm_sock_connect(sv->sock, endpoint, err);
     if (rc)
@@ -131,7 +134,7 @@ static int add_services(cpm_health *h, const cpm_config *c, bool use_tok, cpm_er
     return add_tp_ranks(h, c, err);
 }
 
-int cpm_health_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg, bool use_tok,
+int cpm_health_new(uv_loop_t *loop, void *zctx, const cpm_curve *curve, const cpm_config *cfg, bool use_tok,
                    int interval_ms, const cpm_log *log, const cpm_health_hooks *hooks,
                    cpm_health **ret, cpm_error *err) {
     cpm_health *h = calloc(1, sizeof *h);
@@ -140,6 +143,7 @@ int cpm_health_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg, bool use_
         return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
     h->loop = loop;
     h->zctx = zctx;
+    h->curve = curve;
     h->log = log;
     h->hooks = *hooks;
     h->interval_ms = interval_ms;
@@ -334,7 +338,9 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
 static void reset_socket(cpm_health *h, cpm_svc *sv) {
     cpm_sock *fresh = NULL, *old = sv->sock;
     cpm_error e = {0};
-    if (cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, NULL, on_unexpected, h, &fresh, &e) ||
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = h->curve;
+    if (cpm_sock_new(h->loop, h->zctx, ZMQ_DEALER, &so, on_unexpected, h, &fresh, &e) ||
         cpm_sock_connect(fresh, sv->endpoint, &e)) {
         LOG(h, CPM_LOG_ERROR, "%s: reconnecting: %s", sv->name, e.msg);
         cpm_sock_free(fresh);

@@ -57,7 +57,7 @@ typedef struct cpm_health_hooks {
 typedef struct cpm_health cpm_health;
 
 /* Connects to every service of cfg (tokenizers only when use_tok). cfg, log borrowed. */
-int cpm_health_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg, bool use_tok,
+int cpm_health_new(uv_loop_t *loop, void *zctx, const cpm_curve *curve, const cpm_config *cfg, bool use_tok,
                    int interval_ms, const cpm_log *log, const cpm_health_hooks *hooks,
                    cpm_health **ret, cpm_error *err);
 

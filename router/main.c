@@ -10,6 +10,7 @@
 
 #include "common/cli.h"
 #include "router/options.h"
+#include "services/common/svcmain.h"
 
 enum { OPT_CONFIG = 1, OPT_MODEL, OPT_PORT, OPT_HOST, OPT_LOG_FORMAT, OPT_LOG_LEVEL };
 
@@ -91,8 +92,12 @@ int main(int argc, char **argv) {
     }
     signal(SIGPIPE, SIG_IGN);
     void *zctx = zmq_ctx_new();
+    cpm_curve *curve = NULL;
     app a = {.loop = uv_default_loop(), .log = &log};
-    int rc = cpm_router_new(a.loop, zctx, cfg, &ro, &a.router, &e);
+    int rc = cpm_svc_secure(cfg, NULL, false, zctx, &log, &curve, &e);
+    ro.curve = curve;
+    if (rc == 0)
+        rc = cpm_router_new(a.loop, zctx, cfg, &ro, &a.router, &e);
     if (rc == 0)
         rc = cpm_router_start(a.router, &e);
     if (rc) {
@@ -102,6 +107,7 @@ int main(int argc, char **argv) {
             uv_run(a.loop, UV_RUN_DEFAULT);
         }
         zmq_ctx_term(zctx);
+        cpm_curve_free(curve);
         cpm_config_free(cfg);
         return 1;
     }
@@ -115,6 +121,7 @@ int main(int argc, char **argv) {
     uv_run(a.loop, UV_RUN_DEFAULT);
     uv_loop_close(a.loop);
     zmq_ctx_term(zctx);
+    cpm_curve_free(curve);
     cpm_config_free(cfg);
     return 0;
 }

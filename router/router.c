@@ -222,11 +222,12 @@ int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
 static int open_doors(cpm_router *r, cpm_error *err) {
     const cpm_cfg_router *rc = &r->cfg->router;
     cpm_sock_opts ro = cpm_sock_opts_default();
+    ro.curve = r->o.curve;
     int e;
     if ((e = cpm_sock_new(r->loop, r->zctx, ZMQ_ROUTER, &ro, on_result, r, &r->results, err)) ||
         (e = cpm_sock_bind(r->results, rc->results, err)))
         return cpm_error_prefix(err, "router: results endpoint %s", rc->results);
-    if ((e = cpm_api_rpc_new(r->loop, r->zctx, &r->front, rc->rpc, &r->api_rpc, err)))
+    if ((e = cpm_api_rpc_new(r->loop, r->zctx, r->o.curve, &r->front, rc->rpc, &r->api_rpc, err)))
         return e;
     r->http_addr = r->o.http_addr ? r->o.http_addr : rc->http_addr[0] ? rc->http_addr : "127.0.0.1";
     int port = r->o.http_port >= 0 ? r->o.http_port : rc->http_port;
@@ -240,7 +241,7 @@ int cpm_router_start(cpm_router *r, cpm_error *err) {
     cpm_health_hooks hh = {.ud = r, .replica_down = on_replica_down, .replica_up = on_replica_up,
                            .replica_restarted = on_replica_restarted, .expert_lost = on_expert_lost,
                            .model_info = on_model_info};
-    int e = cpm_health_new(r->loop, r->zctx, r->cfg, r->admit.use_tok, r->o.health_interval_ms,
+    int e = cpm_health_new(r->loop, r->zctx, r->o.curve, r->cfg, r->admit.use_tok, r->o.health_interval_ms,
                            r->o.log, &hh, &r->health, err);
     r->admit.health = r->front.health = r->health;
     if (e || (e = open_doors(r, err)))

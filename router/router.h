@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "../services/common/config.h"
+#include "../services/common/curve.h"
 #include "../common/error.h"
 #include "../services/common/log.h"
 
@@ -31,6 +32,7 @@ typedef struct cpm_router_opts {
     const char *http_addr;  /* NULL: the config's */
     int health_interval_ms; /* how often back-end health is polled (default 1000) */
     const cpm_log *log;     /* may be NULL: no logging */
+    const cpm_curve *curve; /* the fabric's keys (services/common/curve.h); NULL = plain text */
 } cpm_router_opts;
 
 cpm_router_opts cpm_router_opts_default(void);

@@ -229,6 +229,9 @@ int cpm_expert_new(uv_loop_t *loop, void *zctx, const cpm_expert_opts *opts, cpm
     cpm_worker_opts wo = {.service = "expert", .name = ex->name, .what = "expert service",
                           .full_msg = "expert queue full", .max_running = 1,
                           .max_queue = opts->max_queue, .ops = &expert_ops, .user = ex};
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = opts->curve;
+    wo.sock = &so;
     int rc = cpm_worker_new(loop, zctx, opts->bind, &wo, &ex->w, err);
     if (rc) {
         free(ex);

@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "common/error.h"
+#include "services/common/curve.h"
 
 typedef struct cpm_expert cpm_expert;
 
@@ -33,6 +34,7 @@ typedef struct cpm_expert_opts {
     int max_batch_tokens;    /* rows per expert matmul call (bigger groups run in chunks) */
     int max_queue;           /* requests waiting before new ones are refused (CPM_ELIMIT) */
     const char *bind;        /* endpoint of the ROUTER socket */
+    const cpm_curve *curve;  /* the fabric's keys (NULL = plain text); must outlive it */
     const char *name;        /* for health and error messages ("expert0") */
 } cpm_expert_opts;
 

@@ -15,6 +15,7 @@
 #include <zmq.h>
 
 #include "services/common/frames.h"
+#include "services/common/transport.h"
 #include "services/common/wire.h"
 
 typedef struct peer {
@@ -39,7 +40,7 @@ static void peers_close(cpm_expert_client *c) {
             zmq_close(c->peers[i].sock);
 }
 
-int cpm_expert_client_new(void *zctx, const cpm_expert_peer *peers, int n_peers, int hidden,
+int cpm_expert_client_new(void *zctx, const cpm_curve *curve, const cpm_expert_peer *peers, int n_peers, int hidden,
                           int timeout_ms, cpm_expert_client **ret, cpm_error *err) {
     *ret = NULL;
     if (n_peers < 1 || hidden < 1 || timeout_ms < 1)
@@ -72,7 +73,7 @@ int cpm_expert_client_new(void *zctx, const cpm_expert_peer *peers, int n_peers,
          * fails the call at its deadline instead of receiving stale work on restart. */
         if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &zero, sizeof zero) ||
             zmq_setsockopt(p->sock, ZMQ_IMMEDIATE, &one, sizeof one) ||
-            zmq_connect(p->sock, p->endpoint)) {
+            cpm_sock_secure(p->sock, curve, false, NULL, NULL) || zmq_connect(p->sock, p->endpoint)) {
             int rc = cpm_error_set(err, CPM_EINVAL, "expert client: %s (%s): %s", p->name, p->endpoint,
                                    zmq_strerror(zmq_errno()));
             peers_close(c);

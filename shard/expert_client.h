@@ -13,7 +13,7 @@
  * socket moves between threads.
  *
  *   cpm_expert_peer peers[] = {{"tcp://h1:5600", 0, 4, "expert0"}, {"tcp://h2:5601", 4, 8, "expert1"}};
- *   cpm_expert_client_new(zctx, peers, 2, hidden, 30000, &cl, &e);
+ *   cpm_expert_client_new(zctx, curve, peers, 2, hidden, 30000, &cl, &e);
  *   cpm_expert_backend b = cpm_expert_client_backend(cl);
  *   cpm_model_set_expert_backend(model, &b);
  */
@@ -21,6 +21,7 @@
 #define CPM_EXPERT_CLIENT_H
 
 #include "common/error.h"
+#include "services/common/curve.h"
 #include "shard/engine/model/model.h"
 
 typedef struct cpm_expert_client cpm_expert_client;
@@ -33,7 +34,7 @@ typedef struct cpm_expert_peer {
 
 /* Connects one DEALER per peer. The ranges must tile [0, n_experts) in order (the
  * config checks that); hidden is the model's hidden size. */
-int cpm_expert_client_new(void *zctx, const cpm_expert_peer *peers, int n_peers, int hidden,
+int cpm_expert_client_new(void *zctx, const cpm_curve *curve, const cpm_expert_peer *peers, int n_peers, int hidden,
                           int timeout_ms, cpm_expert_client **ret, cpm_error *err);
 
 /* The backend to install with cpm_model_set_expert_backend; valid while c lives. */

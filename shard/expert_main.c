@@ -99,9 +99,15 @@ int main(int argc, char **argv) {
         return 2;
     }
     void *z = zmq_ctx_new();
+    cpm_curve *curve;
+    cpm_error e = {0};
+    if (cpm_svc_secure(a.config, a.keys, a.plaintext, z, &a.log, &curve, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    o.curve = curve;
     uv_loop_t *loop = uv_default_loop();
     cpm_expert *ex;
-    cpm_error e = {0};
     if (cpm_expert_new(loop, z, &o, on_ready, &a.log, &ex, &e)) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;
@@ -113,6 +119,7 @@ int main(int argc, char **argv) {
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);
+    cpm_curve_free(curve);
     cpm_log_info(&a.log, "stopped");
     return 0;
 }

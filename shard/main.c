@@ -138,6 +138,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     void *z = zmq_ctx_new();
+    cpm_curve *curve;
+    if (cpm_svc_secure(a.config, a.keys, a.plaintext, z, &a.log, &curve, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    o.curve = curve;
     uv_loop_t *loop = uv_default_loop();
     cpm_stage *st;
     if (cpm_stage_new(loop, z, &o, on_ready, &a.log, &st, &e)) {
@@ -155,6 +161,7 @@ int main(int argc, char **argv) {
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);
+    cpm_curve_free(curve);
     cpm_log_info(&a.log, "stopped");
     return 0;
 }

@@ -657,7 +657,7 @@ static int connect_experts(cpm_stage *st, cpm_error *err) {
     if (st->peers[n - 1].end != E)
         return cpm_error_set(err, CPM_ERANGE, "expert services cover experts 0..%d of %d",
                              st->peers[n - 1].end - 1, E);
-    int rc = cpm_expert_client_new(st->zctx, st->peers, n, st->info->hidden_size,
+    int rc = cpm_expert_client_new(st->zctx, st->opts.curve, st->peers, n, st->info->hidden_size,
                                    st->opts.expert_timeout_ms, &st->experts, err);
     if (rc)
         return rc;
@@ -674,11 +674,11 @@ static int connect_tp(cpm_stage *st, cpm_error *err) {
         mesh[r] = st->tp_mesh_eps[r];
         peers[r] = st->tp_peer_eps[r];
     }
-    int rc = cpm_tp_mesh_new(st->zctx, st->opts.tp_rank, st->opts.tp_size, mesh,
+    int rc = cpm_tp_mesh_new(st->zctx, st->opts.curve, st->opts.tp_rank, st->opts.tp_size, mesh,
                              st->info->hidden_size, st->info->max_batch_tokens,
                              st->opts.expert_timeout_ms, &st->mesh, err);
     if (rc == 0 && st->opts.tp_rank == 0)
-        rc = cpm_tp_fanout_new(st->zctx, peers, st->opts.tp_size - 1, st->opts.expert_timeout_ms,
+        rc = cpm_tp_fanout_new(st->zctx, st->opts.curve, peers, st->opts.tp_size - 1, st->opts.expert_timeout_ms,
                                &st->fanout, err);
     if (rc)
         return rc;
@@ -798,13 +798,15 @@ int cpm_stage_new(uv_loop_t *loop, void *zctx, const cpm_stage_opts *opts, cpm_s
 
     /* The next hop first: the worker starts loading as soon as it is made. */
     int rc = 0;
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = opts->curve;
     if (!follower)
-        rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, NULL, on_out, st, &st->out, err);
+        rc = cpm_sock_new(loop, zctx, ZMQ_DEALER, &so, on_out, st, &st->out, err);
     if (!rc && !follower)
         rc = cpm_sock_connect(st->out, opts->next, err);
     cpm_worker_opts wo = {.service = "stage", .name = st->name, .full_msg = "stage queue full",
                           .max_running = 1, .max_queue = opts->max_queue, .pipeline = true,
-                          .downstream = st->out, .ops = &stage_ops, .user = st};
+                          .downstream = st->out, .ops = &stage_ops, .user = st, .sock = &so};
     if (!rc)
         rc = cpm_worker_new(loop, zctx, opts->bind, &wo, &st->w, err);
     if (rc) {

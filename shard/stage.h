@@ -60,6 +60,9 @@ typedef struct cpm_stage_opts {
     int tp_rank, tp_size;
     const char *const *tp_mesh;
     const char *const *tp_peers;
+    /* The fabric's keys (every socket the stage opens: inbound, next hop, experts, TP);
+     * NULL = plain text. Borrowed: must outlive the stage. */
+    const cpm_curve *curve;
 } cpm_stage_opts;
 
 cpm_stage_opts cpm_stage_opts_default(void);

@@ -18,6 +18,7 @@
 #include <zmq.h>
 
 #include "services/common/frames.h"
+#include "services/common/transport.h"
 
 typedef struct slot {
     float *rows;           /* [max_rows, hidden] */
@@ -50,11 +51,12 @@ static int ms_left(uint64_t deadline) {
 
 /* A connected socket that drops nothing silently: IMMEDIATE queues only for a live
  * peer, so a dead rank fails the send at the deadline instead of buffering forever. */
-static void *dial(void *zctx, int type, const char *endpoint) {
+static void *dial(void *zctx, const cpm_curve *curve, int type, const char *endpoint) {
     int zero = 0, one = 1;
     void *s = zmq_socket(zctx, type);
     if (s && (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) ||
-              zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) || zmq_connect(s, endpoint))) {
+              zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) ||
+              cpm_sock_secure(s, curve, false, NULL, NULL) || zmq_connect(s, endpoint))) {
         zmq_close(s);
         return NULL;
     }
@@ -93,7 +95,7 @@ void cpm_tp_mesh_free(cpm_tp_mesh *t) {
     free(t);
 }
 
-int cpm_tp_mesh_new(void *zctx, int rank, int size, const char *const *mesh, int hidden,
+int cpm_tp_mesh_new(void *zctx, const cpm_curve *curve, int rank, int size, const char *const *mesh, int hidden,
                     int max_rows, int timeout_ms, cpm_tp_mesh **ret, cpm_error *err) {
     *ret = NULL;
     if (size < 2 || size > CPM_TP_MAX || rank < 0 || rank >= size || hidden < 1 || max_rows < 1 ||
@@ -108,10 +110,12 @@ int cpm_tp_mesh_new(void *zctx, int rank, int size, const char *const *mesh, int
                        .timeout_ms = timeout_ms};
     size_t floats = (size_t)max_rows * (size_t)hidden;
     int zero = 0;
+    char local[512];
+    cpm_endpoint_listen(mesh[rank], local, sizeof local);
     t->pull = zmq_socket(zctx, ZMQ_PULL);
     if (!t->pull || zmq_setsockopt(t->pull, ZMQ_LINGER, &zero, sizeof zero) ||
-        zmq_bind(t->pull, mesh[rank])) {
-        int rc = cpm_error_set(err, CPM_EIO, "tp rank %d: bind %s: %s", rank, mesh[rank],
+        cpm_sock_secure(t->pull, curve, true, CPM_CURVE_FABRIC, NULL) || zmq_bind(t->pull, local)) {
+        int rc = cpm_error_set(err, CPM_EIO, "tp rank %d: bind %s: %s", rank, local,
                                zmq_strerror(zmq_errno()));
         cpm_tp_mesh_free(t);
         return rc;
@@ -123,7 +127,7 @@ int cpm_tp_mesh_new(void *zctx, int rank, int size, const char *const *mesh, int
             continue;
         p->got.rows = malloc(floats * sizeof(float));
         p->early.rows = malloc(floats * sizeof(float));
-        p->push = dial(zctx, ZMQ_PUSH, mesh[r]);
+        p->push = dial(zctx, curve, ZMQ_PUSH, mesh[r]);
         if (!p->got.rows || !p->early.rows || !p->push) {
             int rc = cpm_error_set(err, p->push ? CPM_ENOMEM : CPM_EIO, "tp rank %d: peer %d (%s)",
                                    rank, r, mesh[r]);
@@ -315,7 +319,7 @@ void cpm_tp_fanout_free(cpm_tp_fanout *f) {
     free(f);
 }
 
-int cpm_tp_fanout_new(void *zctx, const char *const *endpoints, int n, int timeout_ms,
+int cpm_tp_fanout_new(void *zctx, const cpm_curve *curve, const char *const *endpoints, int n, int timeout_ms,
                       cpm_tp_fanout **ret, cpm_error *err) {
     *ret = NULL;
     if (n < 1 || n >= CPM_TP_MAX || timeout_ms < 1)
@@ -327,7 +331,7 @@ int cpm_tp_fanout_new(void *zctx, const char *const *endpoints, int n, int timeo
     f->timeout_ms = timeout_ms;
     for (int i = 0; i < n; i++) {
         snprintf(f->endpoint[i], sizeof f->endpoint[i], "%s", endpoints[i]);
-        if (!(f->sock[i] = dial(zctx, ZMQ_DEALER, endpoints[i]))) {
+        if (!(f->sock[i] = dial(zctx, curve, ZMQ_DEALER, endpoints[i]))) {
             int rc = cpm_error_set(err, CPM_EIO, "tp rank %d (%s): %s", i + 1, endpoints[i],
                                    zmq_strerror(zmq_errno()));
             cpm_tp_fanout_free(f);

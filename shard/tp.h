@@ -13,7 +13,7 @@
  * inside a job; libuv's work queue orders the jobs. Every wait ends at timeout_ms: a
  * dead or stuck rank fails the micro-batch (rank 0 then sends an Error StageResult).
  *
- *   cpm_tp_mesh_new(zctx, rank, 2, (const char *[]){"tcp://h:5700", "tcp://h:5701"},
+ *   cpm_tp_mesh_new(zctx, curve, rank, 2, (const char *[]){"tcp://h:5700", "tcp://h:5701"},
  *                   hidden, max_rows, 30000, &mesh, &e);
  *   cpm_allreduce_backend b = cpm_tp_mesh_backend(mesh);
  *   cpm_model_set_allreduce_backend(model, &b);
@@ -23,6 +23,8 @@
 #define CPM_TP_H
 
 #include <stddef.h>
+
+#include "services/common/curve.h"
 #include <stdint.h>
 
 #include "common/error.h"
@@ -35,7 +37,7 @@ typedef struct cpm_tp_mesh cpm_tp_mesh;
 
 /* Binds mesh[rank] (PULL) and connects to the other size - 1 endpoints of mesh
  * (index = rank). Partials hold at most max_rows rows of hidden floats. */
-int cpm_tp_mesh_new(void *zctx, int rank, int size, const char *const *mesh, int hidden,
+int cpm_tp_mesh_new(void *zctx, const cpm_curve *curve, int rank, int size, const char *const *mesh, int hidden,
                     int max_rows, int timeout_ms, cpm_tp_mesh **ret, cpm_error *err);
 
 /* Accepts NULL. */
@@ -54,7 +56,7 @@ double cpm_tp_mesh_mean_us(const cpm_tp_mesh *t, unsigned long long *ret_calls);
 typedef struct cpm_tp_fanout cpm_tp_fanout;
 
 /* Rank 0: one DEALER to each of ranks 1..n (their stage endpoints). */
-int cpm_tp_fanout_new(void *zctx, const char *const *endpoints, int n, int timeout_ms,
+int cpm_tp_fanout_new(void *zctx, const cpm_curve *curve, const char *const *endpoints, int n, int timeout_ms,
                       cpm_tp_fanout **ret, cpm_error *err);
 
 /* Accepts NULL. */

@@ -25,6 +25,7 @@
 
 #include "common/cli.h"
 #include "services/common/config.h"
+#include "services/common/curve.h"
 #include "services/common/transport.h"
 #include "shard/engine/model/hf_config.h"
 #include "shard/engine/model/tp_split.h"
@@ -32,8 +33,12 @@
 #define MAX_ARGS 32
 
 typedef struct launch {
-    const char *cmd;          /* up | rank | check | keys */
+    const char *cmd;          /* up | serve | health | rank | check | keys | schema */
     const char *config_path;
+    const char *role;         /* serve, health: ROLE[:N] (default $CPM_ROLE) */
+    const char *keys_dir;     /* keys: the directory */
+    const char *client;       /* keys --client NAME */
+    cpm_curve *curve;         /* the fabric's keys for our own health probes; NULL = plain */
     const char *model;
     int port;                 /* -1 = config's */
     const char *bin_dir;
@@ -73,7 +78,7 @@ static void on_signal(int sig) {
     arg_stop = 1;
 }
 
-enum { OPT_MODEL = 1, OPT_PORT, OPT_BIN_DIR, OPT_TIMEOUT, OPT_LOG_FORMAT };
+enum { OPT_MODEL = 1, OPT_PORT, OPT_BIN_DIR, OPT_TIMEOUT, OPT_LOG_FORMAT, OPT_CLIENT };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the model directory (overrides the file's)", OPT_MODEL},
@@ -82,16 +87,33 @@ static const cpm_cli_opt opts[] = {
      "tree, PATH)", OPT_BIN_DIR},
     {"timeout", 0, "S", "seconds until every process must be healthy (default 120)", OPT_TIMEOUT},
     {"log-format", 0, "text|json", "the processes' log lines as text or JSON", OPT_LOG_FORMAT},
+    {"client", 0, "NAME", "keys: also a keypair for an outside caller of the router's RPC",
+     OPT_CLIENT},
     {0},
 };
 
+/* Commands and how many positional arguments each takes. */
+static const struct command {
+    const char *name;
+    int min_args, max_args;
+} commands[] = {
+    {"up", 1, 1}, {"serve", 1, 2}, {"health", 1, 2}, {"rank", 1, 1}, {"check", 1, 1},
+    {"keys", 1, 1}, {"schema", 0, 0},
+};
+
 static void parse_args(int argc, char **argv, launch *l) {
-    cpm_cli cli = {.prog = "cpm-cluster", .synopsis = "up|rank|check CONFIG [options] | keys",
+    cpm_cli cli = {.prog = "cpm-cluster", .synopsis = "COMMAND [CONFIG] [ROLE] [options]",
                    .tables = {opts},
-                   .about = "  up CONFIG      start every process here, print the router's address\n"
-                            "  rank CONFIG    under mpirun: become the process of this rank\n"
-                            "  check CONFIG   check the file against the model, list the processes\n"
-                            "  keys           the configuration keys\n"};
+                   .about = "  up CONFIG            start every process here, print the router's address\n"
+                            "  serve CONFIG [ROLE]  become one process of the cluster (ROLE: router,\n"
+                            "                       tokenizer:N, sampler:N, stage:N, expert:N, tp:K;\n"
+                            "                       default $CPM_ROLE; N: $CPM_INDEX or the number\n"
+                            "                       ending the host name, as in a StatefulSet's pods)\n"
+                            "  health CONFIG [ROLE] exit 0 when that process answers ready (probes)\n"
+                            "  rank CONFIG          under mpirun: become the process of this rank\n"
+                            "  check CONFIG         check the file against the model, list the processes\n"
+                            "  keys DIR             make the cluster's CURVE keys (kept if present)\n"
+                            "  schema               the cluster file's keys and their defaults\n"};
     *l = (launch){.port = -1, .timeout_s = 120};
     int c;
     for (const char *v; (c = cpm_cli_next(&cli, argc, argv, &v)) != -1;) {
@@ -101,18 +123,25 @@ static void parse_args(int argc, char **argv, launch *l) {
         case OPT_BIN_DIR: l->bin_dir = v; break;
         case OPT_TIMEOUT: l->timeout_s = (int)cpm_cli_int(&cli, v, 0, INT_MAX); break;
         case OPT_LOG_FORMAT: l->log_format = v; break;
+        case OPT_CLIENT: l->client = v; break;
         }
     }
-    int n = argc - cli.optind;
-    l->cmd = n > 0 ? argv[cli.optind] : NULL;
-    bool keys = l->cmd && !strcmp(l->cmd, "keys");
-    bool known = keys || (l->cmd && (!strcmp(l->cmd, "up") || !strcmp(l->cmd, "rank") ||
-                                     !strcmp(l->cmd, "check")));
-    if (!known)
-        cpm_cli_fail(&cli, "the first argument is up, rank, check or keys");
-    if (n != (keys ? 1 : 2))
-        cpm_cli_fail(&cli, keys ? "keys takes no file" : "%s needs one cluster file", l->cmd);
-    l->config_path = keys ? NULL : argv[cli.optind + 1];
+    int n = argc - cli.optind - 1;
+    l->cmd = n >= 0 ? argv[cli.optind] : "";
+    const struct command *cmd = NULL;
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        if (!strcmp(l->cmd, commands[i].name))
+            cmd = &commands[i];
+    if (!cmd)
+        cpm_cli_fail(&cli, "the first argument is up, serve, health, rank, check, keys or schema");
+    if (n < cmd->min_args || n > cmd->max_args)
+        cpm_cli_fail(&cli, "%s: wrong number of arguments", l->cmd);
+    char **args = argv + cli.optind + 1;
+    if (!strcmp(l->cmd, "keys"))
+        l->keys_dir = args[0];
+    else if (n > 0)
+        l->config_path = args[0];
+    l->role = n > 1 ? args[1] : getenv("CPM_ROLE");
 }
 
 /* ------------------------------------------------------------------ checks before start */
@@ -372,13 +401,13 @@ static void relay_wait(relay *r, int ms) {
         relay_pump(r);
 }
 
-static bool probe(void *z, proc *p, cpm_error *err) {
+static bool probe(void *z, const cpm_curve *curve, proc *p, cpm_error *err) {
     Cpm__V1__HealthRequest hr = CPM__V1__HEALTH_REQUEST__INIT;
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST;
     env.health_request = &hr;
     cpm_inmsg *m;
-    if (cpm_rpc_call(z, p->endpoint, &env, NULL, 300, &m, err))
+    if (cpm_rpc_call(z, curve, p->endpoint, &env, NULL, 300, &m, err))
         return false;
     bool ok = m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH && m->env->health->ready;
     if (!ok && m->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH)
@@ -495,7 +524,7 @@ static int wait_ready(const launch *l, proc *ps, int n, relay *rl) {
                 describe_exit(&ps[i], why, sizeof why);
                 fprintf(stderr, "cpm-cluster: %s while starting (see its log above)\n", why);
                 rc = 1;
-            } else if (!ps[i].ready && probe(z, &ps[i], &e)) {
+            } else if (!ps[i].ready && probe(z, l->curve, &ps[i], &e)) {
                 ps[i].ready = true;
                 n_ready++;
             }
@@ -662,6 +691,116 @@ static int cmd_rank(const launch *l, cpm_config *c) {
     return 127;
 }
 
+/* ROLE[:N] -> the process number (as under mpirun). Without :N the index is $CPM_INDEX,
+ * else the number ending the host name (a StatefulSet's pod "cpm-stage-2" is stage 2),
+ * else 0 when the role has a single process. */
+static int role_proc(const cpm_config *c, const char *spec, int *ret, cpm_error *err) {
+    if (!spec || !*spec)
+        return cpm_error_set(err, CPM_EINVAL, "no role: give ROLE or set CPM_ROLE");
+    char name[32], host[256] = "";
+    const char *colon = strchr(spec, ':');
+    int nl = colon ? (int)(colon - spec) : (int)strlen(spec);
+    snprintf(name, sizeof name, "%.*s", nl, spec);
+    const char *idx_text = colon ? colon + 1 : getenv("CPM_INDEX");
+    if (!idx_text && gethostname(host, sizeof host - 1) == 0) {
+        const char *dash = strrchr(host, '-');
+        if (dash && dash[1] && strspn(dash + 1, "0123456789") == strlen(dash + 1))
+            idx_text = dash + 1;
+    }
+    int want = idx_text ? atoi(idx_text) : -1, count = 0, only = -1;
+    for (int r = 0; r < cpm_config_n_procs(c); r++) {
+        cpm_role role;
+        int idx;
+        cpm_config_proc(c, r, &role, &idx, NULL);
+        if (strcmp(cpm_role_name(role), name))
+            continue;
+        count++;
+        only = r;
+        if (idx == want) {
+            *ret = r;
+            return 0;
+        }
+    }
+    if (count == 1 && (want < 0 || !strcmp(name, "router"))) {
+        *ret = only;
+        return 0;
+    }
+    if (!count)
+        return cpm_error_set(err, CPM_EINVAL, "%s: no role '%s' (router, tokenizer, sampler, stage, "
+                             "expert, tp)", c->path, name);
+    if (want < 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: %d processes are '%s': say which (%s:N, "
+                             "CPM_INDEX or a host name ending in -N)", c->path, count, name, name);
+    return cpm_error_set(err, CPM_ERANGE, "%s: no %s %d (there are %d)", c->path, name, want, count);
+}
+
+/* One process of the cluster, here (a container, a pod): exec'd, so that it gets the
+ * signals (SIGTERM drains) and its exit status is the container's. */
+static int cmd_serve(const launch *l, const cpm_config *c) {
+    cpm_error e = {0};
+    proc p = {0};
+    int r;
+    if (role_proc(c, l->role, &r, &e) || cpm_config_proc(c, r, &p.role, &p.index, &e)) {
+        fprintf(stderr, "cpm-cluster serve: %s\n", e.msg);
+        return 2;
+    }
+    char bin[PATH_MAX * 3], bufs[3][32];
+    char *argv[MAX_ARGS];
+    build_argv(l, c, p.role, p.index, bin, sizeof bin, argv, bufs);
+    execvp(argv[0], argv);
+    fprintf(stderr, "cpm-cluster serve: %s: %s\n", argv[0], strerror(errno));
+    return 127;
+}
+
+/* A probe for container runtimes: 0 when the process answers ready, 1 otherwise. */
+static int cmd_health(const launch *l, const cpm_config *c) {
+    cpm_error e = {0};
+    proc p = {0};
+    int r;
+    if (role_proc(c, l->role, &r, &e) || cpm_config_proc(c, r, &p.role, &p.index, &e)) {
+        fprintf(stderr, "cpm-cluster health: %s\n", e.msg);
+        return 2;
+    }
+    p.endpoint = cpm_config_proc_endpoint(c, r);
+    void *z = zmq_ctx_new();
+    bool ok = probe(z, l->curve, &p, &e);
+    zmq_ctx_term(z);
+    printf("%s %d at %s: %s\n", cpm_role_name(p.role), p.index, p.endpoint,
+           ok ? "ready" : e.msg[0] ? e.msg : "not ready");
+    return ok ? 0 : 1;
+}
+
+static int cmd_keys(const launch *l) {
+    cpm_error e = {0};
+    bool made;
+    if (cpm_curve_generate(l->keys_dir, l->client, &made, &e)) {
+        fprintf(stderr, "cpm-cluster keys: %s\n", e.msg);
+        return 1;
+    }
+    printf("cpm-cluster keys: %s: %s fabric.pub, fabric.secret%s%s%s\n", l->keys_dir,
+           made ? "wrote" : "kept", l->client ? ", client-" : "", l->client ? l->client : "",
+           l->client ? ".pub, .secret" : "");
+    return 0;
+}
+
+/* The keys our own probes use; `up` makes them on first use, so that the first command
+ * just works, and says so. */
+static int load_keys(launch *l, const cpm_config *c, bool make, cpm_error *err) {
+    if (cpm_config_plaintext(c)) {
+        fprintf(stderr, "cpm-cluster: WARNING: %s: security.curve: off: the fabric is plain text\n",
+                c->path);
+        return 0;
+    }
+    char dir[1024];
+    int rc = cpm_config_keys_dir(c, dir, sizeof dir, err);
+    bool made = false;
+    if (!rc && make)
+        rc = cpm_curve_generate(dir, NULL, &made, err);
+    if (made)
+        fprintf(stderr, "cpm-cluster: made the cluster's CURVE keys in %s\n", dir);
+    return rc ? rc : cpm_curve_load(dir, &l->curve, err);
+}
+
 static int cmd_check(const cpm_config *c) {
     int n = cpm_config_n_procs(c);
     printf("%s: model %s, %d processes\n", c->path, c->model, n);
@@ -709,7 +848,9 @@ static int cmd_check(const cpm_config *c) {
 int main(int argc, char **argv) {
     launch l;
     parse_args(argc, argv, &l);
-    if (!strcmp(l.cmd, "keys")) {
+    if (!strcmp(l.cmd, "keys"))
+        return cmd_keys(&l);
+    if (!strcmp(l.cmd, "schema")) {
         static char buf[16384];
         cpm_config_describe(buf, sizeof buf);
         fputs(buf, stdout);
@@ -726,13 +867,22 @@ int main(int argc, char **argv) {
     if (l.port >= 0)
         c->router.http_port = l.port;
     int rc;
+    bool up = !strcmp(l.cmd, "up");
     if (!strcmp(l.cmd, "rank"))
         rc = cmd_rank(&l, c);
-    else if (check_cluster(c, !strcmp(l.cmd, "up"), &e)) {
+    else if (!strcmp(l.cmd, "serve"))
+        rc = cmd_serve(&l, c);
+    else if (!strcmp(l.cmd, "health") && load_keys(&l, c, false, &e)) {
+        fprintf(stderr, "cpm-cluster: %s\n", e.msg);
+        rc = 2;
+    } else if (!strcmp(l.cmd, "health"))
+        rc = cmd_health(&l, c);
+    else if (check_cluster(c, up, &e) || (up && load_keys(&l, c, true, &e))) {
         fprintf(stderr, "cpm-cluster: %s\n", e.msg);
         rc = 1;
     } else
-        rc = !strcmp(l.cmd, "up") ? cmd_up(&l, c) : cmd_check(c);
+        rc = up ? cmd_up(&l, c) : cmd_check(c);
+    cpm_curve_free(l.curve);
     cpm_config_free(c);
     return rc;
 }

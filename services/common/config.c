@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <yaml.h>
 
 typedef enum ktype { K_STR, K_INT, K_ENDPOINT, K_HTTP, K_LAYERS, K_MAP, K_LIST } ktype;
@@ -114,6 +115,16 @@ static const key router_keys[] = {
     END_KEYS,
 };
 
+static const key security_keys[] = {
+    {"curve", K_STR, offsetof(cpm_cfg_security, curve), 0, 0, "on",
+     "on: every ZeroMQ socket is encrypted and authenticated (CurveZMQ); off: plain text, "
+     "anyone who reaches a port can use it (warned at every start)", NULL, 0, 0, 0},
+    {"keys", K_STR, offsetof(cpm_cfg_security, keys), 0, 0, "keys",
+     "key directory made by `cpm-cluster keys DIR`, relative to this file; $CPM_KEYS_DIR "
+     "overrides it", NULL, 0, 0, 0},
+    END_KEYS,
+};
+
 #define LIST(name, T, arr, count, rows, max, doc) \
     {name, K_LIST, offsetof(cpm_config, arr), 0, 0, NULL, doc, rows, sizeof(T), offsetof(cpm_config, count), max}
 
@@ -122,6 +133,8 @@ static const key top_keys[] = {
     {"model", K_STR, offsetof(cpm_config, model), 0, 0, "", "model directory (or --model)", NULL, 0, 0, 0},
     {"name", K_STR, offsetof(cpm_config, name), 0, 0, "", "model name for /v1/models (default: basename of model)", NULL, 0, 0, 0},
     {"router", K_MAP, offsetof(cpm_config, router), 0, 0, NULL, "the front door", router_keys, 0, 0, 0},
+    {"security", K_MAP, offsetof(cpm_config, security), 0, 0, NULL, "the fabric's encryption",
+     security_keys, 0, 0, 0},
     LIST("tokenizers", cpm_cfg_service, tokenizers, n_tokenizers, service_keys, CPM_CFG_MAX_REPLICAS,
          "cpm-tokenizer replicas"),
     LIST("samplers", cpm_cfg_service, samplers, n_samplers, service_keys, CPM_CFG_MAX_REPLICAS,
@@ -179,6 +192,32 @@ static int parse_port(const char *s, int *ret) {
     return 0;
 }
 
+/* An IPv4/IPv6 literal ([::1] too) or a DNS name: labels of letters, digits and '-'. */
+static bool host_ok(const char *h, size_t len) {
+    char buf[CPM_CFG_STR];
+    if (len == 0 || len >= sizeof buf)
+        return false;
+    memcpy(buf, h, len);
+    buf[len] = '\0';
+    unsigned char addr[16];
+    if (buf[0] == '[' && buf[len - 1] == ']') {
+        buf[len - 1] = '\0';
+        return inet_pton(AF_INET6, buf + 1, addr) == 1;
+    }
+    if (inet_pton(AF_INET, buf, addr) == 1)
+        return true;
+    for (const char *p = buf, *label = buf;; p++) {
+        if (*p == '.' || !*p) {
+            if (p == label || p - label > 63 || *label == '-' || p[-1] == '-')
+                return false;
+            if (!*p)
+                return true;
+            label = p + 1;
+        } else if (!isalnum((unsigned char)*p) && *p != '-')
+            return false;
+    }
+}
+
 /* tcp://HOST:PORT or ipc://PATH. inproc:// cannot cross processes, wildcards cannot be dialled. */
 static int check_endpoint(const char *s, char *why, size_t why_size) {
     if (!strncmp(s, "ipc://", 6)) {
@@ -202,6 +241,10 @@ static int check_endpoint(const char *s, char *why, size_t why_size) {
     }
     if (memchr(s + 6, '*', (size_t)(colon - s - 6))) {
         snprintf(why, why_size, "'%s': a wildcard host cannot be connected to", s);
+        return -1;
+    }
+    if (!host_ok(s + 6, (size_t)(colon - s - 6))) {
+        snprintf(why, why_size, "'%s': the host is neither an IP address nor a DNS name", s);
         return -1;
     }
     return 0;
@@ -533,6 +576,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         if (strcmp(c->stages[i].kv_dtype, "f32") && strcmp(c->stages[i].kv_dtype, "f16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].kv_dtype: '%s' is not one of f32, f16",
                                  c->path, i, c->stages[i].kv_dtype);
+    if (strcmp(c->security.curve, "on") && strcmp(c->security.curve, "off"))
+        return cpm_error_set(err, CPM_EINVAL, "%s: security.curve: '%s' is not one of on, off",
+                             c->path, c->security.curve);
     if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
                              c->path, c->router.tokenize);
@@ -577,6 +623,7 @@ int cpm_config_parse(const char *text, size_t len, const char *name, cpm_config 
     yaml_node_t *root = yaml_document_get_root_node(&doc);
     apply_defaults(top_keys, c);
     apply_defaults(router_keys, &c->router);
+    apply_defaults(security_keys, &c->security);
     if (!root)
         rc = cpm_error_set(err, CPM_EINVAL, "%s: empty file", c->path);
     else if (!(rc = walk_map(&w, root, "", top_keys, c)))
@@ -782,4 +829,25 @@ void cpm_config_describe(char *buf, size_t size) {
     if (size)
         buf[0] = '\0';
     describe_rows(top_keys, "", buf, size, 0);
+}
+
+int cpm_config_keys_dir(const cpm_config *c, char *out, size_t size, cpm_error *err) {
+    const char *env = getenv("CPM_KEYS_DIR");
+    int n;
+    if (env && env[0])
+        n = snprintf(out, size, "%s", env);
+    else if (c->security.keys[0] == '/')
+        n = snprintf(out, size, "%s", c->security.keys);
+    else {
+        char tmp[CPM_CFG_STR];
+        snprintf(tmp, sizeof tmp, "%s", c->path);
+        n = snprintf(out, size, "%s/%s", dirname(tmp), c->security.keys);
+    }
+    if (n < 0 || (size_t)n >= size)
+        return cpm_error_set(err, CPM_ERANGE, "%s: the key directory's path is too long", c->path);
+    return 0;
+}
+
+bool cpm_config_plaintext(const cpm_config *c) {
+    return !strcmp(c->security.curve, "off");
 }

@@ -78,11 +78,18 @@ typedef struct cpm_cfg_router {
     char tokenize[CPM_CFG_STR];  /* "service": text via cpm-tokenizer; "off": token ids only */
 } cpm_cfg_router;
 
+/* The fabric's security (services/common/curve.h). */
+typedef struct cpm_cfg_security {
+    char curve[8];               /* "on" (default): CurveZMQ on every socket; "off": plain text */
+    char keys[CPM_CFG_STR];      /* key directory as written (see cpm_config_keys_dir) */
+} cpm_cfg_security;
+
 typedef struct cpm_config {
     char path[CPM_CFG_STR];      /* the file it came from (for messages) */
     char model[CPM_CFG_STR];     /* model directory */
     char name[CPM_CFG_STR];      /* model name served by /v1/models (default: basename of model) */
     cpm_cfg_router router;
+    cpm_cfg_security security;
     int n_tokenizers, n_samplers, n_stages;
     int n_pipelines;             /* replicas of the pipeline: stages carry pipeline 0 .. n-1 */
     cpm_cfg_service tokenizers[CPM_CFG_MAX_REPLICAS];
@@ -113,6 +120,13 @@ int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err);
 
 /* Replaces the model directory (and the default name derived from it). */
 void cpm_config_set_model(cpm_config *c, const char *dir);
+
+/* Where the cluster's keys are: $CPM_KEYS_DIR when set, else security.keys (relative to
+ * the cluster file's directory). CPM_ERANGE when it does not fit size. */
+int cpm_config_keys_dir(const cpm_config *c, char *out, size_t size, cpm_error *err);
+
+/* Whether the fabric runs in plain text (security.curve: off). */
+bool cpm_config_plaintext(const cpm_config *c);
 
 /* Processes of the cluster in launch order: router, tokenizers, samplers, stages,
  * expert services, then the tensor-parallel ranks > 0 of every stage (stage by stage,

@@ -19,6 +19,10 @@ static const cpm_cli_opt svc_opts[] = {
      CPM_SVC_OPT_THREADS},
     {"log-format", 0, "text|json", "log lines as text (default) or JSON", CPM_SVC_OPT_LOG_FORMAT},
     {"log-level", 0, "LEVEL", "debug, info (default), warn or error", CPM_SVC_OPT_LOG_LEVEL},
+    {"keys", 0, "DIR", "the cluster's CURVE keys (default: the cluster file's, $CPM_KEYS_DIR)",
+     CPM_SVC_OPT_KEYS},
+    {"plaintext", 0, NULL, "no encryption or authentication on the fabric (warned)",
+     CPM_SVC_OPT_PLAINTEXT},
     {0},
 };
 
@@ -30,6 +34,8 @@ static void take(const cpm_cli *cli, int id, const char *v, cpm_svc_args *a) {
     case CPM_SVC_OPT_NAME: a->name = v; break;
     case CPM_SVC_OPT_MODEL: a->model = v; break;
     case CPM_SVC_OPT_THREADS: a->threads = (int)cpm_cli_int(cli, v, 0, 4096); break;
+    case CPM_SVC_OPT_KEYS: a->keys = v; break;
+    case CPM_SVC_OPT_PLAINTEXT: a->plaintext = true; break;
     case CPM_SVC_OPT_LOG_FORMAT:
         if ((a->log.format = cpm_log_parse_format(v)) < 0)
             cpm_cli_fail(cli, "--log-format: text or json, not '%s'", v);
@@ -69,6 +75,36 @@ void cpm_svc_parse_args(int argc, char **argv, const cpm_svc_cli *spec, cpm_svc_
         if (a->model)
             cpm_config_set_model(a->config, a->model);
     }
+}
+
+int cpm_svc_secure(const cpm_config *cfg, const char *keys_dir, bool plaintext, void *zctx,
+                   const cpm_log *log, cpm_curve **ret, cpm_error *err) {
+    *ret = NULL;
+    if (plaintext || (cfg && cpm_config_plaintext(cfg))) {
+        cpm_log_warn(log, "the fabric is PLAIN TEXT (%s): anyone who can reach its ports can "
+                     "read and forge its messages", plaintext ? "--plaintext" : "security.curve: off");
+        return 0;
+    }
+    char dir[1024];
+    const char *env = getenv("CPM_KEYS_DIR");
+    if (keys_dir)
+        snprintf(dir, sizeof dir, "%s", keys_dir);
+    else if (cfg) {
+        int rc = cpm_config_keys_dir(cfg, dir, sizeof dir, err);
+        if (rc)
+            return rc;
+    } else if (env && env[0])
+        snprintf(dir, sizeof dir, "%s", env);
+    else
+        return cpm_error_set(err, CPM_EINVAL, "no CURVE keys: give --keys DIR (`cpm-cluster keys "
+                             "DIR` makes them) or, for plain text, --plaintext");
+    cpm_curve *c;
+    int rc = cpm_curve_load(dir, &c, err);
+    if (!rc && (rc = cpm_curve_attach(c, zctx, log, err)))
+        cpm_curve_free(c);
+    if (!rc)
+        *ret = c;
+    return rc;
 }
 
 typedef struct sigctx {

@@ -9,6 +9,7 @@
 
 #include "common/cli.h"
 #include "services/common/config.h"
+#include "services/common/curve.h"
 #include "services/common/log.h"
 
 typedef struct cpm_svc_args {
@@ -18,6 +19,8 @@ typedef struct cpm_svc_args {
     const char *name;         /* --name */
     const char *model;        /* --model */
     int threads;              /* --threads, 0 = from config or 1 */
+    const char *keys;         /* --keys: the key directory (overrides the config's) */
+    bool plaintext;           /* --plaintext: no CURVE (standalone runs without keys) */
     cpm_log log;
     cpm_config *config;       /* loaded when --config was given */
     char name_buf[64];
@@ -34,6 +37,8 @@ enum {
     CPM_SVC_OPT_THREADS,
     CPM_SVC_OPT_LOG_FORMAT,
     CPM_SVC_OPT_LOG_LEVEL,
+    CPM_SVC_OPT_KEYS,
+    CPM_SVC_OPT_PLAINTEXT,
     CPM_SVC_OPT_OWN = 100,
 };
 
@@ -54,6 +59,14 @@ typedef struct cpm_svc_cli {
  * option or a positional argument exit there), names the service and loads --config
  * (exit 1 when it cannot be read). */
 void cpm_svc_parse_args(int argc, char **argv, const cpm_svc_cli *spec, cpm_svc_args *a);
+
+/* The fabric's keys for this process (curve.h), with the ZAP handler started on zctx.
+ * From the cluster file's security section (its key directory, or $CPM_KEYS_DIR, or
+ * keys_dir when given); without a file from keys_dir or $CPM_KEYS_DIR. *ret = NULL means
+ * plain text, which happens only when asked for (security.curve: off, or plaintext) and
+ * is logged as a warning every time; no keys and no such request is an error. */
+int cpm_svc_secure(const cpm_config *cfg, const char *keys_dir, bool plaintext, void *zctx,
+                   const cpm_log *log, cpm_curve **ret, cpm_error *err);
 
 /* Runs loop until SIGINT/SIGTERM, then calls stop(user) and runs the loop until
  * every handle is closed. */

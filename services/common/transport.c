@@ -6,8 +6,10 @@
  */
 #include "transport.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -166,14 +168,49 @@ static void kick_soon(cpm_sock *s, uint64_t ms) {
         uv_timer_start(&s->kick, on_kick, ms, 0);
 }
 
+void cpm_endpoint_listen(const char *endpoint, char *out, size_t size) {
+    const char *colon = strrchr(endpoint, ':');
+    size_t hl = colon && !strncmp(endpoint, "tcp://", 6) ? (size_t)(colon - endpoint - 6) : 0;
+    char host[256];
+    unsigned char addr[16];
+    if (hl == 0 || hl >= sizeof host) {
+        snprintf(out, size, "%s", endpoint);
+        return;
+    }
+    memcpy(host, endpoint + 6, hl);
+    host[hl] = '\0';
+    if (!strcmp(host, "localhost"))
+        snprintf(out, size, "tcp://127.0.0.1%s", colon);
+    else if (inet_pton(AF_INET, host, addr) == 1 || host[0] == '[' || !strcmp(host, "*"))
+        snprintf(out, size, "%s", endpoint);
+    else
+        snprintf(out, size, "tcp://*%s", colon);
+}
+
+int cpm_sock_secure(void *zsock, const cpm_curve *curve, bool listen, const char *admit,
+                    cpm_error *err) {
+    if (!curve)
+        return 0;
+    return listen ? cpm_curve_listen(curve, zsock, admit ? admit : CPM_CURVE_FABRIC, err)
+                  : cpm_curve_dial(curve, zsock, err);
+}
+
 int cpm_sock_bind(cpm_sock *s, const char *endpoint, cpm_error *err) {
-    if (zmq_bind(s->z, endpoint))
-        return cpm_error_set(err, CPM_EIO, "bind %s: %s", endpoint, zmq_strerror(zmq_errno()));
+    char local[512];
+    cpm_endpoint_listen(endpoint, local, sizeof local);
+    int rc = cpm_sock_secure(s->z, s->opts.curve, true, s->opts.admit, err);
+    if (rc)
+        return rc;
+    if (zmq_bind(s->z, local))
+        return cpm_error_set(err, CPM_EIO, "bind %s: %s", local, zmq_strerror(zmq_errno()));
     kick_soon(s, 0);
     return 0;
 }
 
 int cpm_sock_connect(cpm_sock *s, const char *endpoint, cpm_error *err) {
+    int rc = cpm_sock_secure(s->z, s->opts.curve, false, NULL, err);
+    if (rc)
+        return rc;
     if (zmq_connect(s->z, endpoint))
         return cpm_error_set(err, CPM_EIO, "connect %s: %s", endpoint, zmq_strerror(zmq_errno()));
     kick_soon(s, 0);
@@ -572,8 +609,8 @@ static int64_t now_ms(void) {
     return (int64_t)(uv_hrtime() / 1000000);
 }
 
-int cpm_rpc_call(void *zctx, const char *endpoint, cpm_envelope *env, cpm_payload *tensor,
-                 int timeout_ms, cpm_inmsg **ret, cpm_error *err) {
+int cpm_rpc_call(void *zctx, const cpm_curve *curve, const char *endpoint, cpm_envelope *env,
+                 cpm_payload *tensor, int timeout_ms, cpm_inmsg **ret, cpm_error *err) {
     *ret = NULL;
     outmsg o = {0};
     int rc;
@@ -587,7 +624,8 @@ int cpm_rpc_call(void *zctx, const char *endpoint, cpm_envelope *env, cpm_payloa
     so.linger_ms = 0;
     /* A fresh socket per call, so corr only has to differ from stale replies: none can arrive. */
     env->corr = (uint64_t)uv_hrtime() | 1;
-    if ((rc = set_opts(z, ZMQ_DEALER, &so, err)) || (rc = build(&o, NULL, env, tensor, err)))
+    if ((rc = set_opts(z, ZMQ_DEALER, &so, err)) || (rc = build(&o, NULL, env, tensor, err)) ||
+        (rc = cpm_sock_secure(z, curve, false, NULL, err)))
         goto out;
     if (zmq_connect(z, endpoint)) {
         rc = cpm_error_set(err, CPM_EIO, "connect %s: %s", endpoint, zmq_strerror(zmq_errno()));

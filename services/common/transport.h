@@ -27,6 +27,7 @@
 #include <zmq.h>
 
 #include "common/error.h"
+#include "services/common/curve.h"
 #include "services/common/wire.h"
 
 typedef struct cpm_sock cpm_sock;
@@ -66,6 +67,8 @@ typedef struct cpm_sock_opts {
     int linger_ms;         /* on close (default 200) */
     int max_queue;         /* messages queued behind a full socket before sends fail (default 4096) */
     const char *identity;  /* DEALER identity, or NULL for a random one */
+    const cpm_curve *curve; /* the fabric's keys: CurveZMQ on bind and connect; NULL = plain text */
+    const char *admit;     /* listening: who may connect, CPM_CURVE_FABRIC (default) or _RPC */
 } cpm_sock_opts;
 
 cpm_sock_opts cpm_sock_opts_default(void);
@@ -84,7 +87,8 @@ int cpm_sock_new(uv_loop_t *loop, void *zctx, int type, const cpm_sock_opts *opt
 
 void cpm_sock_set_bad_cb(cpm_sock *s, cpm_sock_bad_cb cb);
 
-/* endpoint: "tcp://host:port", "ipc://path" or "inproc://name". */
+/* endpoint: "tcp://host:port", "ipc://path" or "inproc://name". cpm_sock_bind takes the
+ * endpoint peers reach the service at and listens where cpm_endpoint_listen says. */
 int cpm_sock_bind(cpm_sock *s, const char *endpoint, cpm_error *err);
 int cpm_sock_connect(cpm_sock *s, const char *endpoint, cpm_error *err);
 
@@ -125,10 +129,23 @@ void *cpm_sock_zmq(cpm_sock *s);
  * (the loop must run once more). Pending calls get CPM_ECLOSED. Accepts NULL. */
 void cpm_sock_free(cpm_sock *s);
 
+/* The address a service binds for the endpoint peers reach it at. A host name cannot be
+ * bound (and in a container or pod it names the Service, not an interface), so
+ * tcp://NAME:PORT listens on every interface (the * host); "localhost" listens on
+ * 127.0.0.1; IP addresses and ipc:// paths are bound as written. */
+void cpm_endpoint_listen(const char *endpoint, char *out, size_t size);
+
+/* Sets the CURVE options of a raw zmq socket (for the few sockets not wrapped in a
+ * cpm_sock): before zmq_bind with listen, before zmq_connect without. No-op when curve is
+ * NULL (plain text). */
+int cpm_sock_secure(void *zsock, const cpm_curve *curve, bool listen, const char *admit,
+                    cpm_error *err);
+
 /* Blocking one-shot request for tools and tests (no loop): connects a DEALER to
- * endpoint, sends env (+ tensor), waits up to timeout_ms for the reply. On success
+ * endpoint (with curve's keys unless NULL), sends env (+ tensor), waits up to timeout_ms
+ * for the reply. On success
  * *ret is owned by the caller. CPM_ETIMEDOUT names the endpoint. */
-int cpm_rpc_call(void *zctx, const char *endpoint, cpm_envelope *env, cpm_payload *tensor,
-                 int timeout_ms, cpm_inmsg **ret, cpm_error *err);
+int cpm_rpc_call(void *zctx, const cpm_curve *curve, const char *endpoint, cpm_envelope *env,
+                 cpm_payload *tensor, int timeout_ms, cpm_inmsg **ret, cpm_error *err);
 
 #endif

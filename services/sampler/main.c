@@ -39,10 +39,18 @@ int main(int argc, char **argv) {
     setenv("UV_THREADPOOL_SIZE", nthreads, 1);
 
     void *z = zmq_ctx_new();
-    uv_loop_t *loop = uv_default_loop();
-    cpm_server_opts o = {.service = "sampler", .name = a.name, .handler = cpm_sampler_svc_handle};
-    cpm_server *srv;
+    cpm_curve *curve;
     cpm_error e = {0};
+    if (cpm_svc_secure(a.config, a.keys, a.plaintext, z, &a.log, &curve, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
+    uv_loop_t *loop = uv_default_loop();
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = curve;
+    cpm_server_opts o = {.service = "sampler", .name = a.name, .handler = cpm_sampler_svc_handle,
+                         .sock = &so};
+    cpm_server *srv;
     if (cpm_server_new(loop, z, bind, &o, &srv, &e)) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;
@@ -52,6 +60,7 @@ int main(int argc, char **argv) {
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);
+    cpm_curve_free(curve);
     cpm_log_info(&a.log, "stopped");
     return 0;
 }

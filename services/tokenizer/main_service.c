@@ -47,9 +47,16 @@ int main(int argc, char **argv) {
         return 1;
     }
     void *z = zmq_ctx_new();
+    cpm_curve *curve;
+    if (cpm_svc_secure(a.config, a.keys, a.plaintext, z, &a.log, &curve, &e)) {
+        cpm_log_error(&a.log, "%s", e.msg);
+        return 1;
+    }
     uv_loop_t *loop = uv_default_loop();
+    cpm_sock_opts so = cpm_sock_opts_default();
+    so.curve = curve;
     cpm_server_opts o = {.service = "tokenizer", .name = a.name, .handler = cpm_tokenizer_svc_handle,
-                         .user = tok};
+                         .user = tok, .sock = &so};
     cpm_server *srv;
     if (cpm_server_new(loop, z, bind, &o, &srv, &e)) {
         cpm_log_error(&a.log, "%s", e.msg);
@@ -61,6 +68,7 @@ int main(int argc, char **argv) {
     cpm_tokenizer_free(tok);
     cpm_config_free(a.config);
     zmq_ctx_term(z);
+    cpm_curve_free(curve);
     cpm_log_info(&a.log, "stopped");
     return 0;
 }

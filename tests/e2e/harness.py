@@ -28,6 +28,37 @@ BINS = {"router": "router/cpm-router", "tokenizer": "services/tokenizer/cpm-toke
         "expert": "shard/cpm-expert", "cluster": "tools/cpm-cluster", "run": "shard/cpm-run"}
 
 
+def read_key(path):
+    """A Z85 CURVE key file as cpm-cluster writes it: the first line not blank or '#'."""
+    for line in open(path):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line.encode()
+    raise ValueError(path + ": no key")
+
+
+def make_keys(build, keys_dir, client=None):
+    """The cluster's keys in keys_dir, made by the real tool (kept when present)."""
+    args = [os.path.join(build, BINS["cluster"]), "keys", keys_dir]
+    subprocess.run(args + (["--client", client] if client else []), check=True,
+                   stdout=subprocess.DEVNULL)
+    return keys_dir
+
+
+def secure(sock, keys_dir, server=False, name="fabric"):
+    """CURVE on a pyzmq socket, before connect/bind: as the fabric (a service of the cluster)
+    or, with name "client-X", as an outside caller. A server admits every key (pyzmq has
+    no ZAP handler here): only test doubles listen."""
+    import zmq
+    sock.curve_secretkey = read_key(os.path.join(keys_dir, name + ".secret"))
+    if server:
+        sock.curve_server = True
+    else:
+        sock.curve_publickey = read_key(os.path.join(keys_dir, name + ".pub"))
+        sock.curve_serverkey = read_key(os.path.join(keys_dir, "fabric.pub"))
+    return sock
+
+
 def free_port():
     """A TCP port nobody listens on now (the kernel's pick)."""
     s = socket.socket()
@@ -56,7 +87,7 @@ class E2E:
         self.model = os.path.abspath(arg_model) if arg_model else None
         self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.procs = {}
-        self._pb = self._ctx = None
+        self._pb = self._ctx = self._keys = None
 
     # ------------------------------------------------------------ the wire, lazily
 
@@ -78,6 +109,20 @@ class E2E:
             import zmq
             self._ctx = zmq.Context()
         return self._ctx
+
+    @property
+    def keys(self):
+        """The cluster's CURVE keys (made on first use, as `tools/up` does)."""
+        if not self._keys:
+            self._keys = make_keys(self.build, self.path("keys"))
+        return self._keys
+
+    def socket(self, kind, server=False, name="fabric"):
+        """A pyzmq socket with the cluster's keys (security is on in every test)."""
+        import zmq
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        return secure(s, self.keys, server=server, name=name)
 
     def envelope(self, corr=1):
         return self.pb.Envelope(version=self.pb.PROTOCOL_VERSION_CURRENT, corr=corr)
@@ -189,6 +234,8 @@ class E2E:
         return lines
 
     def write_config(self, lines, name="cluster.yaml"):
+        """The file, in the scratch folder beside its keys (security.keys: keys)."""
+        self.keys
         with open(self.path(name), "w") as f:
             f.write("\n".join(lines) + "\n")
         return self.path(name)
@@ -294,8 +341,7 @@ class E2E:
     def rpc(self, endpoint, env, frames=(), timeout_ms=20000):
         """One request on a fresh DEALER: the reply Envelope (None on timeout) and its frames."""
         import zmq
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s = self.socket(zmq.DEALER)
         s.connect(endpoint)
         s.send_multipart([env.SerializeToString() if not isinstance(env, bytes) else env] +
                          list(frames))
@@ -319,8 +365,7 @@ class E2E:
         """One generate, for a thread: out gets (events until the final one, events after it
         within 1 s)."""
         import zmq
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s = self.socket(zmq.DEALER)
         s.connect(endpoint)
         env = self.envelope(corr=3)
         env.generate.request_id = request_id
@@ -421,8 +466,7 @@ class RpcStream(threading.Thread):
 
     def run(self):
         import zmq
-        s = self.h.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s = self.h.socket(zmq.DEALER)
         s.connect(self.endpoint)
         env = self.h.envelope(corr=7)
         env.generate.request_id = self.rid

@@ -251,7 +251,7 @@ static void test_services_bit_identical(void **state) {
     cpm_expert_peer peers[2] = {{eps[0], 0, 4, "expert0"}, {eps[1], 4, 8, "expert1"}};
     cpm_expert_client *cl;
     cpm_error e = {0};
-    if (cpm_expert_client_new(f->z, peers, 2, H, 10000, &cl, &e))
+    if (cpm_expert_client_new(f->z, NULL, peers, 2, H, 10000, &cl, &e))
         fail_msg("%s", e.msg);
     cpm_expert_backend b = cpm_expert_client_backend(cl);
     cpm_model_set_expert_backend(stage, &b);
@@ -290,7 +290,7 @@ static int call(svc_fx *f, int svc, uint32_t layer, size_t n, const uint32_t *ex
     cpm_payload t = {.data = x, .size = bytes};
     cpm_inmsg *r = NULL;
     cpm_error e = {0};
-    assert_int_equal(cpm_rpc_call(f->z, eps[svc], &env, &t, 5000, &r, &e), 0);
+    assert_int_equal(cpm_rpc_call(f->z, NULL, eps[svc], &env, &t, 5000, &r, &e), 0);
     free(x);
     int rc = 0;
     if (r->env->body_case == CPM__V1__ENVELOPE__BODY_ERROR) {
@@ -352,7 +352,7 @@ static void test_client_timeout(void **state) {
     cpm_expert_peer peers[2] = {{eps[0], 0, 4, "expert0"}, {"inproc://nobody", 4, 8, "expert1"}};
     cpm_expert_client *cl;
     cpm_error e = {0};
-    assert_int_equal(cpm_expert_client_new(f->z, peers, 2, 64, 200, &cl, &e), 0);
+    assert_int_equal(cpm_expert_client_new(f->z, NULL, peers, 2, 64, 200, &cl, &e), 0);
     cpm_expert_backend b = cpm_expert_client_backend(cl);
     float x[3 * 64] = {0}, y[3 * 64];
     int ids[2] = {1, 6}, rows[2] = {2, 1};
@@ -366,7 +366,7 @@ static void test_client_timeout(void **state) {
     cpm_expert_client_free(cl);
     /* ranges that do not tile are refused */
     cpm_expert_peer gap[2] = {{eps[0], 0, 3, NULL}, {eps[1], 4, 8, NULL}};
-    assert_int_equal(cpm_expert_client_new(f->z, gap, 2, 64, 200, &cl, &e), CPM_EINVAL);
+    assert_int_equal(cpm_expert_client_new(f->z, NULL, gap, 2, 64, 200, &cl, &e), CPM_EINVAL);
 }
 
 int main(int argc, char **argv) {

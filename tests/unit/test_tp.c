@@ -369,7 +369,7 @@ static void test_mesh_matches_in_process(void **state) {
         k[r] = (mesh_rank){.m = load_tp(r, T, 0, -1), .out = malloc(n * sizeof(float))};
     }
     for (int r = 0; r < T; r++) {
-        if (cpm_tp_mesh_new(z, r, T, mesh, in->hidden_size, in->max_batch_tokens, 10000,
+        if (cpm_tp_mesh_new(z, NULL, r, T, mesh, in->hidden_size, in->max_batch_tokens, 10000,
                             &k[r].mesh, &e))
             fail_msg("%s", e.msg);
         cpm_allreduce_backend b = cpm_tp_mesh_backend(k[r].mesh);
@@ -430,7 +430,7 @@ static void test_mesh_missing_rank_times_out(void **state) {
     cpm_model *m = load_tp(0, 2, 0, -1);
     cpm_tp_mesh *t;
     cpm_error e = {0};
-    assert_int_equal(cpm_tp_mesh_new(z, 0, 2, mesh, cpm_model_get_info(m)->hidden_size, 64, 200,
+    assert_int_equal(cpm_tp_mesh_new(z, NULL, 0, 2, mesh, cpm_model_get_info(m)->hidden_size, 64, 200,
                                      &t, &e), 0);
     cpm_allreduce_backend b = cpm_tp_mesh_backend(t);
     cpm_model_set_allreduce_backend(m, &b);
@@ -447,8 +447,8 @@ static void test_mesh_missing_rank_times_out(void **state) {
     assert_int_equal(cpm_kv_cache_seq_len(kv, seq), 0);
     /* bad arguments are refused, not crashed on */
     cpm_tp_mesh *bad;
-    assert_int_equal(cpm_tp_mesh_new(z, 2, 2, mesh, 64, 64, 200, &bad, &e), CPM_EINVAL);
-    assert_int_equal(cpm_tp_mesh_new(z, 0, CPM_TP_MAX + 1, mesh, 64, 64, 200, &bad, &e), CPM_EINVAL);
+    assert_int_equal(cpm_tp_mesh_new(z, NULL, 2, 2, mesh, 64, 64, 200, &bad, &e), CPM_EINVAL);
+    assert_int_equal(cpm_tp_mesh_new(z, NULL, 0, CPM_TP_MAX + 1, mesh, 64, 64, 200, &bad, &e), CPM_EINVAL);
     free(out);
     cpm_kv_cache_free(kv);
     cpm_tp_mesh_free(t);

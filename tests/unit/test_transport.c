@@ -510,14 +510,14 @@ static void test_rpc_call_blocking(void **state) {
     cpm_envelope env = health_req(&hr);
     cpm_inmsg *r = NULL;
     cpm_error e = {0};
-    assert_int_equal(cpm_rpc_call(f->z, ep, &env, NULL, 2000, &r, &e), 0);
+    assert_int_equal(cpm_rpc_call(f->z, NULL, ep, &env, NULL, 2000, &r, &e), 0);
     assert_int_equal(r->env->body_case, CPM__V1__ENVELOPE__BODY_HEALTH);
     assert_true(r->env->health->ready);
     cpm_inmsg_free(r);
     sl.stop = 1;
     pthread_join(th, NULL);
     /* Nobody listening: a timeout naming the endpoint. */
-    assert_int_equal(cpm_rpc_call(f->z, "tcp://127.0.0.1:1", &env, NULL, 100, &r, &e),
+    assert_int_equal(cpm_rpc_call(f->z, NULL, "tcp://127.0.0.1:1", &env, NULL, 100, &r, &e),
                      CPM_ETIMEDOUT);
     assert_non_null(strstr(e.msg, "tcp://127.0.0.1:1"));
 }
