@@ -66,8 +66,7 @@ def up(cfg, http_port, timeout=90):
 
 
 def rpc(endpoint, env, timeout_ms=20000):
-    s = CTX.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
+    s = h.socket(zmq.DEALER)
     s.connect(endpoint)
     env.version = pb.PROTOCOL_VERSION_CURRENT
     env.corr = 5

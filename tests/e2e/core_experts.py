@@ -52,7 +52,7 @@ def completion_ids(port, ids, n=N_GEN):
 
 def expert_call(endpoint, layer, experts, n_rows, rows, width, nbytes=None, raw=None):
     """One ExpertForward by hand; the reply Envelope and its frames."""
-    s = CTX.socket(zmq.DEALER)
+    s = h.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
     if raw is not None:

@@ -62,9 +62,9 @@ class Router:
     """The part of the router that drives the ring: forward to stage 0, results back."""
 
     def __init__(self, stage0, results):
-        self.results = CTX.socket(zmq.ROUTER)
+        self.results = e2e.socket(zmq.ROUTER, server=True)
         self.results.bind(results)
-        self.to_stage0 = CTX.socket(zmq.DEALER)
+        self.to_stage0 = e2e.socket(zmq.DEALER)
         self.to_stage0.connect(stage0)
         self.step = 0
 
@@ -164,13 +164,14 @@ def main():
     results_ep = "tcp://%s:%d" % (ROUTER_ADDR, free_port())
     sampler_ep = "tcp://127.0.0.1:%d" % free_port()
     router = Router(stage_ep[0], results_ep)
-    start([os.path.join(BUILD, "services/sampler/cpm-sampler"), "--bind", sampler_ep, "--threads", "2"])
+    start([os.path.join(BUILD, "services/sampler/cpm-sampler"), "--bind", sampler_ep, "--threads", "2",
+           "--keys", e2e.keys])
     for i in range(n_st):
         nxt = stage_ep[i + 1] if i + 1 < n_st else results_ep
         prefix = ["ip", "netns", "exec", NETNS[i]] if NETNS else []
         start(prefix + [os.path.join(BUILD, "shard/cpm-shard"), "--bind", stage_ep[i], "--next", nxt,
                "--model", MODEL, "--layers", "%d:%d" % (cuts[i], cuts[i + 1]), "--name", "stage%d" % i,
-               "--max-seqs", "32", "--kv-tokens", "4096"])
+               "--max-seqs", "32", "--kv-tokens", "4096", "--keys", e2e.keys])
     deadline = time.time() + 30
     for ep in stage_ep + [sampler_ep]:
         while True:
@@ -204,8 +205,7 @@ def main():
 
     # 3. Bad input on every socket; the services keep serving.
     for ep in stage_ep + [sampler_ep]:
-        s = CTX.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s = e2e.socket(zmq.DEALER)
         s.connect(ep)
         s.send(b"\xff\xfe garbage")
         if not s.poll(3000):

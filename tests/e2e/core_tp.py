@@ -66,7 +66,7 @@ def call(endpoint, frames, wait_ms=5000):
 
 
 def push(endpoint, frames):
-    s = CTX.socket(zmq.PUSH)
+    s = h.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 1000)
     s.connect(endpoint)
     s.send_multipart(frames)

@@ -112,9 +112,10 @@ class E2E:
 
     @property
     def keys(self):
-        """The cluster's CURVE keys (made on first use, as `tools/up` does)."""
+        """The cluster's CURVE keys (made on first use, as `tools/up` does), with a client
+        keypair "e2e" for the tests that call the router's RPC as an outside service would."""
         if not self._keys:
-            self._keys = make_keys(self.build, self.path("keys"))
+            self._keys = make_keys(self.build, self.path("keys"), client="e2e")
         return self._keys
 
     def socket(self, kind, server=False, name="fabric"):

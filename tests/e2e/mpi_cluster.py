@@ -106,6 +106,7 @@ def main():
     ports = {k: free_port() for k in ["rpc", "results", "tok", "smp", "st0", "st1", "http"]}
     ep = lambda k: "tcp://127.0.0.1:%d" % ports[k]  # noqa: E731
     cfg = os.path.join(tmp, "mpi.yaml")
+    h.keys  # security.keys defaults to the folder beside the file
     with open(cfg, "w") as f:
         f.write("\n".join(["version: 1", "router:", "  rpc: " + ep("rpc"), "  results: " + ep("results"),
                            "tokenizers:", "  - endpoint: " + ep("tok"), "samplers:", "  - endpoint: " + ep("smp"),

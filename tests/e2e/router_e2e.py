@@ -41,7 +41,7 @@ import time
 
 import zmq
 
-from harness import E2E
+from harness import E2E, secure
 
 ARGS = [a for a in sys.argv[1:] if a not in ("--node", "--overload")]
 NODE = "--node" in sys.argv
@@ -359,8 +359,7 @@ def test_tokenizer_stalled(ids):
 
         t = threading.Thread(target=run)
         t.start()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = h.socket(zmq.DEALER, name="client-e2e")
         sock.connect(RPC_EP)
         env = pb.Envelope(corr=1)
         env.generate.request_id = "while-stalled"
@@ -495,7 +494,7 @@ def rpc_call(sock, env, frames=(), timeout_ms=30000):
 
 
 def test_rpc(ctx, ids, want):
-    sock = ctx.socket(zmq.DEALER)
+    sock = secure(ctx.socket(zmq.DEALER), h.keys, name="client-e2e")  # an outside caller's key
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(RPC_EP)
     env = pb.Envelope()

@@ -31,7 +31,7 @@ import time
 
 import zmq
 
-from harness import E2E, free_port
+from harness import E2E, free_port, secure
 
 ap = argparse.ArgumentParser()
 ap.add_argument("build")
@@ -58,9 +58,9 @@ class Relay:
     """ROUTER in front, DEALER to the tokenizer: frames pass unchanged, requests are counted."""
 
     def __init__(self, ctx, front, back):
-        self.front = ctx.socket(zmq.ROUTER)
+        self.front = secure(ctx.socket(zmq.ROUTER), h.keys, server=True)
         self.front.bind(front)
-        self.back = ctx.socket(zmq.DEALER)
+        self.back = secure(ctx.socket(zmq.DEALER), h.keys)
         self.back.connect(back)
         self.counts = collections.Counter()
         self.piece_ids = []  # len(ids) of every pieces request
@@ -192,7 +192,7 @@ def run_relay_check(prompt):
     check(calls["detokenize"] <= n, "%d detokenize requests for %d tokens (text only)"
           % (calls["detokenize"], n))
     # the texts: as a [previous id, id] Detokenize says, asked of the tokenizer directly
-    direct = ctx.socket(zmq.DEALER)
+    direct = secure(ctx.socket(zmq.DEALER), h.keys)
     direct.connect(tok_ep)
     prev = [prompt[-1]] + ids[:-1]
     want = [pair_text(direct, c, t) for c, t in zip(prev, ids)]
