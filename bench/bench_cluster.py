@@ -40,6 +40,8 @@ def parse_args():
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--requests-per-stream", type=int, default=1)
     ap.add_argument("--stage-threads", type=int, default=1)
+    ap.add_argument("--curve", default="on", help="on, off or on,off: the fabric with CurveZMQ "
+                    "(the default) and/or in plain text, one cluster each, side by side")
     return ap.parse_args()
 
 
@@ -86,7 +88,7 @@ def cpm_run(build, model, ids, n, threads):
 
 # ---------------------------------------------------------------- the cluster
 
-def write_config(tmp, threads, cut):
+def write_config(tmp, threads, cut, curve):
     ep = lambda: "tcp://127.0.0.1:%d" % free_port()  # noqa: E731
     text = """# written by bench/bench_cluster.py
 version: 1
@@ -108,8 +110,10 @@ stages:
     endpoint: %s
     threads: %d
     kv_tokens: 8192
-""" % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads)
-    path = os.path.join(tmp, "bench.yaml")
+security:
+  curve: %s
+""" % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads, curve)
+    path = os.path.join(tmp, "bench-%s.yaml" % curve)
     with open(path, "w") as f:
         f.write(text)
     return path
@@ -222,10 +226,18 @@ def main():
     base1 = max((cpm_run(build, model, ps[0], n + 1, 1) for _ in range(2)), key=lambda r: r["decode"])
     base2 = cpm_run(build, model, ps[0], n + 1, 2)
 
-    tmp = tempfile.mkdtemp(prefix="cpm-bench-cluster-")
     layers = cfg_json["num_hidden_layers"]
     cut = max(1, layers // 2)
-    cfg = write_config(tmp, a.stage_threads, cut)
+    for curve in a.curve.split(","):
+        r = measure(a, build, model, ps, streams, cut, curve, base1)
+        report(a, r, cut, layers, curve, base1, base2)
+
+
+def measure(a, build, model, ps, streams, cut, curve, base1):
+    """One cluster with the fabric's security set to curve (on/off): its figures."""
+    n = a.tokens
+    tmp = tempfile.mkdtemp(prefix="cpm-bench-cluster-")
+    cfg = write_config(tmp, a.stage_threads, cut, curve)
     t0 = time.perf_counter()
     cl = Cluster(build, model, cfg, tmp)
     start_s = time.perf_counter() - t0
@@ -240,7 +252,14 @@ def main():
         agg = [(s,) + concurrent(cl, ps, s, a.requests_per_stream, n) for s in streams]
     finally:
         cl.stop()
+    return start_s, ttft, dec, same, agg
 
+
+def report(a, r, cut, layers, curve, base1, base2):
+    start_s, ttft, dec, same, agg = r
+    n = a.tokens
+    print()
+    print("=== fabric: %s" % ("CurveZMQ (encrypted, authenticated)" if curve == "on" else "PLAIN TEXT"))
     print("cluster: router + tokenizer + sampler + 2 stages (layers 0..%d | %d..%d), %d compute thread(s) "
           "per stage, micro_batches 2, loopback; started in %.1f s" % (cut - 1, cut, layers - 1,
                                                                       a.stage_threads, start_s))

@@ -38,7 +38,8 @@ struct key {
 
 #define SVC_KEYS(T, P)                                                                          \
     {"endpoint", K_ENDPOINT, offsetof(T, P endpoint), 0, 0, NULL,                               \
-     "zmq endpoint the service binds (tcp://HOST:PORT or ipc://PATH)", NULL, 0, 0, 0},          \
+     "where peers reach it: tcp://HOST:PORT (an IP address or a DNS name, bound as *:PORT) "   \
+     "or ipc://PATH", NULL, 0, 0, 0},                                                           \
     {"host", K_STR, offsetof(T, P host), 0, 0, "localhost",                                     \
      "host it runs on (mpirun places ranks; informational for `up`)", NULL, 0, 0, 0},           \
     {"threads", K_INT, offsetof(T, P threads), 1, 1024, "1", "worker threads", NULL, 0, 0, 0}

@@ -162,7 +162,7 @@ const char *cpm_config_proc_endpoint(const cpm_config *c, int r);
  * results endpoint. */
 const char *cpm_config_stage_next(const cpm_config *c, int i);
 
-/* Writes the documented key table (for `cpm-cluster keys` and cluster-config/README.md). */
+/* Writes the documented key table (for `cpm-cluster schema` and cluster-config/README.md). */
 void cpm_config_describe(char *buf, size_t size);
 
 #endif
