@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "services/common/config.h"
@@ -187,6 +188,14 @@ static const bad_case bad_cases[] = {
      "t.yaml:10:15: stages[0].endpoint: 'tcp://127.0.0.1:99999': port must be 1..65535"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: inproc://x\n", "is not tcp://HOST:PORT"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://*:5580\n", "wildcard host"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://stage_0.cpm:5580\n",
+     "t.yaml:10:15: stages[0].endpoint: 'tcp://stage_0.cpm:5580': the host is neither an IP "
+     "address nor a DNS name"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://-stage.cpm:5580\n", "nor a DNS name"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://stage..cpm:5580\n", "nor a DNS name"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://[::zz]:5580\n", "nor a DNS name"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\nsecurity:\n  curve: maybe\n",
+     "security.curve: 'maybe' is not one of on, off"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5560\n",
      "tokenizer 0 and stage 0 both bind tcp://127.0.0.1:5560"},
     {BASE "stages:\n  - layers: [0, 2]\n", "stages[0]: missing required key 'endpoint'"},
@@ -255,6 +264,31 @@ static void test_bad_configs(void **state) {
         if (!strstr(e.msg, bad_cases[i].expect))
             fail_msg("case %zu: '%s' lacks '%s'", i, e.msg, bad_cases[i].expect);
     }
+}
+
+/* Endpoints by host name (a Kubernetes Service, /etc/hosts) and the key directory. */
+static void test_names_and_keys(void **state) {
+    (void)state;
+    cpm_config *c;
+    cpm_error e = {0};
+    const char *named = BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://cpm-stage-0.cpm-stage.default.svc.cluster.local:5580\n"
+                        "  - layers: [2, end]\n    endpoint: tcp://[::1]:5581\n";
+    assert_int_equal(parse(named, &c, &e), 0);
+    assert_false(cpm_config_plaintext(c));
+    char dir[512];
+    unsetenv("CPM_KEYS_DIR");
+    assert_int_equal(cpm_config_keys_dir(c, dir, sizeof dir, &e), 0);
+    assert_string_equal(dir, "./keys"); /* beside the file ("t.yaml": this directory) */
+    setenv("CPM_KEYS_DIR", "/run/secrets/cpm", 1);
+    assert_int_equal(cpm_config_keys_dir(c, dir, sizeof dir, &e), 0);
+    assert_string_equal(dir, "/run/secrets/cpm");
+    unsetenv("CPM_KEYS_DIR");
+    cpm_config_free(c);
+    assert_int_equal(parse(BASE ONE_STAGE "security:\n  curve: off\n  keys: /etc/k\n", &c, &e), 0);
+    assert_true(cpm_config_plaintext(c));
+    assert_int_equal(cpm_config_keys_dir(c, dir, sizeof dir, &e), 0);
+    assert_string_equal(dir, "/etc/k");
+    cpm_config_free(c);
 }
 
 static void test_http_forms(void **state) {
@@ -417,6 +451,7 @@ int main(void) {
         cmocka_unit_test(test_bad_configs),
         cmocka_unit_test(test_expert_services),
         cmocka_unit_test(test_http_forms),
+        cmocka_unit_test(test_names_and_keys),
         cmocka_unit_test(test_shipped_examples),
         cmocka_unit_test(test_describe_lists_every_section),
         cmocka_unit_test(test_tp_stage),

@@ -522,8 +522,27 @@ static void test_rpc_call_blocking(void **state) {
     assert_non_null(strstr(e.msg, "tcp://127.0.0.1:1"));
 }
 
+/* Where a service listens for the endpoint peers reach it at. */
+static void test_endpoint_listen(void **state) {
+    (void)state;
+    static const char *cases[][2] = {
+        {"tcp://cpm-stage-0.cpm-stage:5580", "tcp://*:5580"}, /* a name: every interface */
+        {"tcp://localhost:5580", "tcp://127.0.0.1:5580"},
+        {"tcp://10.1.2.3:5580", "tcp://10.1.2.3:5580"},
+        {"tcp://[::1]:5580", "tcp://[::1]:5580"},
+        {"ipc:///tmp/cpm.sock", "ipc:///tmp/cpm.sock"},
+        {"inproc://x", "inproc://x"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char out[256];
+        cpm_endpoint_listen(cases[i][0], out, sizeof out);
+        assert_string_equal(out, cases[i][1]);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_endpoint_listen),
         cmocka_unit_test(test_wire_roundtrip_forward),
         cmocka_unit_test(test_wire_rejects_garbage),
         cmocka_unit_test(test_wire_tensor_bytes),
