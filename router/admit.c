@@ -51,14 +51,24 @@ static bool check_prompt(const cpm_admit *ad, cpm_job *j, int p) {
             return false;
         }
     }
-    if (j->max_tokens > rc->max_tokens || j->max_tokens > room) {
-        snprintf(msg, sizeof msg,
-                 "max_tokens %d is too large: at most %d for this server and %d left in the "
-                 "context after a %d-token prompt", j->max_tokens, rc->max_tokens, room, n);
+    if (j->max_tokens > room) {
+        snprintf(msg, sizeof msg, "max_tokens %d is too large: %d tokens are left in the context "
+                 "(%d) after a %d-token prompt", j->max_tokens, room, mf->max_position, n);
         refuse(j, "context_length_exceeded", msg);
         return false;
     }
+    if (rc->max_tokens && j->max_tokens > rc->max_tokens) {
+        snprintf(msg, sizeof msg, "max_tokens %d is above this server's cap of %d (router.max_tokens)",
+                 j->max_tokens, rc->max_tokens);
+        refuse(j, "max_tokens_too_large", msg);
+        return false;
+    }
     return true;
+}
+
+/* What a request that names no max_tokens gets: the context left, within the server's cap. */
+static int default_max_new(const cpm_cfg_router *rc, int room) {
+    return rc->max_tokens && rc->max_tokens < room ? rc->max_tokens : room;
 }
 
 /* g's buffers and its place in the pipeline; false when j was answered. */
@@ -67,7 +77,7 @@ static bool place_gen(cpm_admit *ad, cpm_gen *g) {
     const cpm_cfg_router *rc = &ad->cfg->router;
     int n = j->prompt_len[g->prompt];
     int room = cpm_pipeline_model(ad->pipeline)->max_position - n;
-    g->max_new = j->max_tokens ? j->max_tokens : (rc->max_tokens < room ? rc->max_tokens : room);
+    g->max_new = j->max_tokens ? j->max_tokens : default_max_new(rc, room);
     g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
     g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
     g->stopper = cpm_stopper_new(j->stops, j->n_stops);

@@ -68,7 +68,7 @@ typedef struct cpm_cfg_router {
     char rpc[CPM_CFG_STR];       /* internal generate API (zmq ROUTER, bound) */
     char results[CPM_CFG_STR];   /* where the last stage sends results (bound by the router) */
     int max_prompt_tokens;
-    int max_tokens;              /* default and cap for max_tokens */
+    int max_tokens;              /* cap on (and default of) max_tokens; 0: the context left */
     int max_queue;               /* waiting requests before 429 */
     int max_seqs;                /* concurrently running sequences */
     int max_body_bytes;          /* HTTP body limit */

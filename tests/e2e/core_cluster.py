@@ -203,6 +203,12 @@ def main():
             fail("HTTP text %r != decode(ref[:%d]) %r" % (text, n_done, want_text))
         print("ok 4 - HTTP completion (%d tokens) on the port --port 0 picked (%d) equals the reference "
               "decoded by cpm-tokenizer" % (n_done, http_port))
+        # max_tokens is bounded by the context left (no fixed 1024): 1100 tokens are made
+        st, body = http(http_port, "/v1/completions",
+                        {"prompt": ids, "max_tokens": 1100, "ignore_eos": True, "temperature": 0})
+        if st != 200 or body["usage"]["completion_tokens"] != 1100:
+            fail("max_tokens 1100: %s %s" % (st, str(body)[:300]))
+        print("ok 4b - max_tokens 1100 (above the old fixed cap of 1024) makes 1100 tokens")
     except BaseException:
         p.kill()
         for k in kids:
