@@ -15,11 +15,14 @@
 #include <zmq.h>
 
 #include "services/common/frames.h"
+#include "services/common/peerwatch.h"
 #include "services/common/transport.h"
 #include "services/common/wire.h"
 
 typedef struct peer {
     void *sock;
+    cpm_peerwatch *watch; /* its link: a service that dies fails the call at once */
+    unsigned drops;       /* the watch's count when this call began */
     char endpoint[256], name[64];
     int begin, end;
     /* this call's share */
@@ -35,9 +38,11 @@ struct cpm_expert_client {
 };
 
 static void peers_close(cpm_expert_client *c) {
-    for (int i = 0; i < c->n; i++)
+    for (int i = 0; i < c->n; i++) {
+        cpm_peerwatch_free(c->peers[i].watch);
         if (c->peers[i].sock)
             zmq_close(c->peers[i].sock);
+    }
 }
 
 int cpm_expert_client_new(void *zctx, const cpm_curve *curve, const cpm_expert_peer *peers, int n_peers, int hidden,
@@ -73,7 +78,8 @@ int cpm_expert_client_new(void *zctx, const cpm_curve *curve, const cpm_expert_p
          * fails the call at its deadline instead of receiving stale work on restart. */
         if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &zero, sizeof zero) ||
             zmq_setsockopt(p->sock, ZMQ_IMMEDIATE, &one, sizeof one) ||
-            cpm_sock_secure(p->sock, curve, false, NULL, NULL) || zmq_connect(p->sock, p->endpoint)) {
+            cpm_sock_secure(p->sock, curve, false, NULL, NULL) ||
+            cpm_peerwatch_new(zctx, p->sock, &p->watch, NULL) || zmq_connect(p->sock, p->endpoint)) {
             int rc = cpm_error_set(err, CPM_EINVAL, "expert client: %s (%s): %s", p->name, p->endpoint,
                                    zmq_strerror(zmq_errno()));
             peers_close(c);
@@ -221,6 +227,33 @@ static int drain(cpm_expert_client *c, peer *p, int layer, const int *expert, co
     return rc;
 }
 
+/* Sends p its share; a service whose link is down gets CPM_PEERWATCH_GRACE_MS to come
+ * back (a restart), not the whole deadline. */
+static int start_peer(cpm_expert_client *c, peer *p, int layer, const int *expert,
+                      const int *n_rows, const float *x, uint64_t deadline, cpm_error *err) {
+    cpm_peerwatch_update(p->watch);
+    p->drops = cpm_peerwatch_drops(p->watch);
+    uint64_t grace = uv_hrtime() + (uint64_t)CPM_PEERWATCH_GRACE_MS * 1000000u;
+    if (!cpm_peerwatch_up(p->watch) && grace < deadline)
+        deadline = grace;
+    return send_request(c, p, layer, expert, n_rows, x, deadline, err);
+}
+
+/* Whether a service this call waits on lost its connection (it died or restarted: the
+ * reply will never come). */
+static int check_links(cpm_expert_client *c, int layer, cpm_error *err) {
+    for (int i = 0; i < c->n; i++) {
+        peer *p = &c->peers[i];
+        if (!p->pending)
+            continue;
+        cpm_peerwatch_update(p->watch);
+        if (cpm_peerwatch_drops(p->watch) != p->drops)
+            return cpm_error_set(err, CPM_ECLOSED, "%s (%s): connection lost during layer %d",
+                                 p->name, p->endpoint, layer);
+    }
+    return 0;
+}
+
 static int client_run(void *ud, int layer, int n, const int *expert, const int *n_rows, const float *x,
                       float *y, cpm_error *err) {
     cpm_expert_client *c = ud;
@@ -229,20 +262,23 @@ static int client_run(void *ud, int layer, int n, const int *expert, const int *
     int rc = assign(c, n, expert, n_rows, err);
     for (int i = 0; i < c->n && rc == 0; i++)
         if (c->peers[i].ng)
-            rc = send_request(c, &c->peers[i], layer, expert, n_rows, x, deadline, err);
-    zmq_pollitem_t items[c->n];
+            rc = start_peer(c, &c->peers[i], layer, expert, n_rows, x, deadline, err);
+    zmq_pollitem_t items[2 * c->n];
     int idx[c->n];
     while (rc == 0) {
         int k = 0;
         for (int i = 0; i < c->n; i++)
             if (c->peers[i].pending) {
                 items[k] = (zmq_pollitem_t){.socket = c->peers[i].sock, .events = ZMQ_POLLIN};
+                items[c->n + k] = (zmq_pollitem_t){.socket = cpm_peerwatch_socket(c->peers[i].watch),
+                                                   .events = ZMQ_POLLIN};
                 idx[k++] = i;
             }
         if (!k)
             break;
+        memmove(items + k, items + c->n, (size_t)k * sizeof *items);
         int left = ms_left(deadline);
-        if (!left || zmq_poll(items, k, left) == 0) {
+        if (!left || zmq_poll(items, 2 * k, left) == 0) {
             peer *p = &c->peers[idx[0]];
             rc = cpm_error_set(err, CPM_ETIMEDOUT, "%s (%s): no reply for layer %d in %d ms", p->name,
                                p->endpoint, layer, c->timeout_ms);
@@ -251,6 +287,8 @@ static int client_run(void *ud, int layer, int n, const int *expert, const int *
         for (int j = 0; j < k && rc == 0; j++)
             if (items[j].revents & ZMQ_POLLIN)
                 rc = drain(c, &c->peers[idx[j]], layer, expert, n_rows, y, err);
+        if (rc == 0)
+            rc = check_links(c, layer, err);
     }
     return rc;
 }

@@ -18,6 +18,7 @@
 #include <zmq.h>
 
 #include "services/common/frames.h"
+#include "services/common/peerwatch.h"
 #include "services/common/transport.h"
 
 typedef struct slot {
@@ -30,6 +31,8 @@ typedef struct slot {
 
 typedef struct mesh_peer {
     void *push;            /* to this rank's mesh endpoint (NULL for ourselves) */
+    cpm_peerwatch *watch;  /* its link: a rank that dies fails the all-reduce at once */
+    unsigned drops;        /* the watch's count when this all-reduce began */
     char endpoint[256];
     slot got, early;       /* this all-reduce's partial; one that came ahead of time */
 } mesh_peer;
@@ -51,16 +54,28 @@ static int ms_left(uint64_t deadline) {
 
 /* A connected socket that drops nothing silently: IMMEDIATE queues only for a live
  * peer, so a dead rank fails the send at the deadline instead of buffering forever. */
-static void *dial(void *zctx, const cpm_curve *curve, int type, const char *endpoint) {
+static void *dial(void *zctx, const cpm_curve *curve, int type, const char *endpoint,
+                  cpm_peerwatch **watch) {
     int zero = 0, one = 1;
     void *s = zmq_socket(zctx, type);
     if (s && (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) ||
               zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) ||
-              cpm_sock_secure(s, curve, false, NULL, NULL) || zmq_connect(s, endpoint))) {
+              cpm_sock_secure(s, curve, false, NULL, NULL) ||
+              cpm_peerwatch_new(zctx, s, watch, NULL) || zmq_connect(s, endpoint))) {
+        cpm_peerwatch_free(*watch);
+        *watch = NULL;
         zmq_close(s);
         return NULL;
     }
     return s;
+}
+
+/* The deadline of a send to a peer: the call's, or CPM_PEERWATCH_GRACE_MS when its link is
+ * down (a rank that died does not keep the stage for the whole deadline). */
+static uint64_t send_deadline(cpm_peerwatch *w, uint64_t deadline) {
+    cpm_peerwatch_update(w);
+    uint64_t grace = uv_hrtime() + (uint64_t)CPM_PEERWATCH_GRACE_MS * 1000000u;
+    return cpm_peerwatch_up(w) || grace > deadline ? deadline : grace;
 }
 
 /* Sends one frame, waiting for the socket to become writable until the deadline. */
@@ -87,6 +102,7 @@ void cpm_tp_mesh_free(cpm_tp_mesh *t) {
     if (t->pull)
         zmq_close(t->pull);
     for (int r = 0; r < t->size; r++) {
+        cpm_peerwatch_free(t->peers[r].watch);
         if (t->peers[r].push)
             zmq_close(t->peers[r].push);
         free(t->peers[r].got.rows);
@@ -127,7 +143,7 @@ int cpm_tp_mesh_new(void *zctx, const cpm_curve *curve, int rank, int size, cons
             continue;
         p->got.rows = malloc(floats * sizeof(float));
         p->early.rows = malloc(floats * sizeof(float));
-        p->push = dial(zctx, curve, ZMQ_PUSH, mesh[r]);
+        p->push = dial(zctx, curve, ZMQ_PUSH, mesh[r], &p->watch);
         if (!p->got.rows || !p->early.rows || !p->push) {
             int rc = cpm_error_set(err, p->push ? CPM_ENOMEM : CPM_EIO, "tp rank %d: peer %d (%s)",
                                    rank, r, mesh[r]);
@@ -181,6 +197,8 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
         return rc;
     char who[300];
     snprintf(who, sizeof who, "tp rank %d (%s): layer %d", (int)(p - t->peers), p->endpoint, layer);
+    deadline = send_deadline(p->watch, deadline);
+    p->drops = cpm_peerwatch_drops(p->watch);
     rc = send_frame(p->push, who, buf, size, ZMQ_SNDMORE, deadline, err);
     free(buf);
     if (!rc)
@@ -268,6 +286,21 @@ static void sum_in_rank_order(cpm_tp_mesh *t, float *x, size_t n) {
     }
 }
 
+/* Whether a rank lost its link since this all-reduce began (it died or restarted: its
+ * partial will never come). */
+static int check_links(cpm_tp_mesh *t, int layer, cpm_error *err) {
+    for (int r = 0; r < t->size; r++) {
+        mesh_peer *p = &t->peers[r];
+        if (r == t->rank)
+            continue;
+        cpm_peerwatch_update(p->watch);
+        if (cpm_peerwatch_drops(p->watch) != p->drops)
+            return cpm_error_set(err, CPM_ECLOSED, "tp rank %d (%s): connection lost during layer %d",
+                                 r, p->endpoint, layer);
+    }
+    return 0;
+}
+
 static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_error *err) {
     cpm_tp_mesh *t = ud;
     uint64_t t0 = uv_hrtime(), deadline = t0 + (uint64_t)t->timeout_ms * 1000000u;
@@ -282,11 +315,16 @@ static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_erro
     int miss;
     while (rc == 0 && (miss = missing_peer(t)) >= 0) {
         rc = drain(t, n, layer, err);
-        if (rc || missing_peer(t) < 0)
+        if (rc || missing_peer(t) < 0 || (rc = check_links(t, layer, err)))
             break;
-        zmq_pollitem_t it = {.socket = t->pull, .events = ZMQ_POLLIN};
+        zmq_pollitem_t it[CPM_TP_MAX + 1] = {{.socket = t->pull, .events = ZMQ_POLLIN}};
+        int k = 1;
+        for (int r = 0; r < t->size; r++)
+            if (r != t->rank)
+                it[k++] = (zmq_pollitem_t){.socket = cpm_peerwatch_socket(t->peers[r].watch),
+                                           .events = ZMQ_POLLIN};
         int left = ms_left(deadline);
-        if (!left || zmq_poll(&it, 1, left) == 0)
+        if (!left || zmq_poll(it, k, left) == 0)
             rc = cpm_error_set(err, CPM_ETIMEDOUT, "tp rank %d (%s): no partial for layer %d in %d ms",
                                miss, t->peers[miss].endpoint, layer, t->timeout_ms);
     }
@@ -307,15 +345,18 @@ cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t) {
 struct cpm_tp_fanout {
     int n, timeout_ms;
     void *sock[CPM_TP_MAX];
+    cpm_peerwatch *watch[CPM_TP_MAX];
     char endpoint[CPM_TP_MAX][256];
 };
 
 void cpm_tp_fanout_free(cpm_tp_fanout *f) {
     if (!f)
         return;
-    for (int i = 0; i < f->n; i++)
+    for (int i = 0; i < f->n; i++) {
+        cpm_peerwatch_free(f->watch[i]);
         if (f->sock[i])
             zmq_close(f->sock[i]);
+    }
     free(f);
 }
 
@@ -331,7 +372,7 @@ int cpm_tp_fanout_new(void *zctx, const cpm_curve *curve, const char *const *end
     f->timeout_ms = timeout_ms;
     for (int i = 0; i < n; i++) {
         snprintf(f->endpoint[i], sizeof f->endpoint[i], "%s", endpoints[i]);
-        if (!(f->sock[i] = dial(zctx, curve, ZMQ_DEALER, endpoints[i]))) {
+        if (!(f->sock[i] = dial(zctx, curve, ZMQ_DEALER, endpoints[i], &f->watch[i]))) {
             int rc = cpm_error_set(err, CPM_EIO, "tp rank %d (%s): %s", i + 1, endpoints[i],
                                    zmq_strerror(zmq_errno()));
             cpm_tp_fanout_free(f);
@@ -359,9 +400,10 @@ int cpm_tp_fanout_send(cpm_tp_fanout *f, uint64_t seq, const Cpm__V1__StageForwa
     for (int i = 0; i < f->n && rc == 0; i++) {
         char who[300];
         snprintf(who, sizeof who, "tp rank %d (%s): forward", i + 1, f->endpoint[i]);
-        rc = send_frame(f->sock[i], who, buf, size, tensor ? ZMQ_SNDMORE : 0, deadline, err);
+        uint64_t until = send_deadline(f->watch[i], deadline);
+        rc = send_frame(f->sock[i], who, buf, size, tensor ? ZMQ_SNDMORE : 0, until, err);
         if (rc == 0 && tensor)
-            rc = send_frame(f->sock[i], who, tensor, tensor_bytes, 0, deadline, err);
+            rc = send_frame(f->sock[i], who, tensor, tensor_bytes, 0, until, err);
     }
     free(buf);
     return rc;

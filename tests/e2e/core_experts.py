@@ -13,8 +13,9 @@ cpm-expert services owning experts [0, 4) and [4, 8) of every layer. Checked:
    range, a layer the model lacks, rows of the wrong width; then a good ExpertForward
    gets an ExpertResult and the cluster still gives the same tokens.
 4. An expert service frozen then killed with requests in flight: a non-streaming, a
-   streaming and an RPC request each end with exactly one final error (no hang; the
-   stages' deadline is router.timeout_ms); /ready turns 503; restarted, the cluster
+   streaming and an RPC request each end with exactly one final error within a few
+   seconds of the kill, not at the stages' 30 s deadline (router.timeout_ms: the stage
+   sees the connection drop); /ready turns 503; restarted, the cluster
    gives cpm-run's tokens again; every process exits cleanly on SIGTERM.
 
 usage: core_experts.py BUILD_DIR MODEL_DIR (a MiniCPM-MoE with 8 experts)
@@ -29,7 +30,7 @@ import zmq
 from harness import E2E
 
 N_GEN = 24
-TIMEOUT_MS = 2000  # router.timeout_ms: also each stage's deadline for expert replies
+TIMEOUT_MS = 30000  # router.timeout_ms: also each stage's deadline for expert replies (the default)
 
 h = E2E("cpm-experts-")
 MODEL, pb, CTX, procs, fail = h.model, h.pb, h.ctx, h.procs, h.fail
@@ -141,6 +142,8 @@ def main():
 
     # 4. an expert service dies with requests in flight
     why, took = h.kill_in_flight("ex1", port, rpc_ep, ids, "4", "experts-1", rpc_stream=True)
+    if took > 5:  # the stage sees the connection drop; the 30 s deadline is not what ends them
+        fail("4: the requests ended %.1f s after the kill (router.timeout_ms %d)" % (took, TIMEOUT_MS))
     print("ok 4 - expert service killed mid-request: non-streaming, streaming and RPC requests each got "
           "one final error (%.1f s after the kill): %r" % (took, why))
     h.wait_ready(port, want=503, limit=10)
