@@ -168,6 +168,9 @@ int cpm_pipeline_set_model(cpm_pipeline *p, const Cpm__V1__ModelInfo *mi, const 
             LOG(p, CPM_LOG_ERROR, "scheduler: %s", e.msg);
             return CPM_ENOMEM;
         }
+        /* The stages may hold a previous router's sequences: the first idle collection
+         * tells them this router's epoch, and they free those. */
+        p->replicas[i].gc_due = true;
     }
     p->have_model = true;
     LOG(p, CPM_LOG_INFO, "model %s: vocab %d, context %d; micro-batches %d x %d rows, %d sequences",

@@ -11,6 +11,9 @@ is SIGKILLed while 4 streams generate (2 SSE, 2 internal RPC). Checked each time
    victim (its log says so), and the cluster is whole again;
 3. afterwards no stage holds a sequence or KV block (its health reply), so nothing the
    dead process touched leaks; the router counted the retries (cpm_service_retries_total).
+Then the router itself is killed mid-stream: its streams are cut (the process that held
+them is gone), the launcher restarts it, the stages free the dead router's sequences, and
+the same request gives the same text.
 
 usage: core_survival.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
 """
@@ -37,9 +40,9 @@ def write_config(ports):
     return h.write_config(lines)
 
 
-def up(cfg):
+def up(cfg, http_port):
     log = open(h.path("launcher.log"), "a")
-    p = h.start("launcher", [h.bin("cluster"), "up", cfg, "--port", "0", "--timeout", "60"],
+    p = h.start("launcher", [h.bin("cluster"), "up", cfg, "--port", str(http_port), "--timeout", "60"],
                 stdout=subprocess.PIPE, stderr=log, text=True)
     m = re.search(r"ready: http://127\.0\.0\.1:(\d+) ", p.stdout.readline())
     if not m:
@@ -48,10 +51,11 @@ def up(cfg):
 
 
 def child(launcher, binary, index):
+    """The launcher's child running binary (--index index; the router has none: -1)."""
     out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
                          capture_output=True, text=True).stdout
     pids = [int(line.split()[0]) for line in out.splitlines()
-            if binary in line and "--index %d" % index in line]
+            if binary in line and (index < 0 or "--index %d" % index in line)]
     return pids[0] if len(pids) == 1 else None
 
 
@@ -103,7 +107,7 @@ def main():
     ids = [int(x) for x in open(os.path.join(h.model, "ids.txt")).read().split()]
     prompts = [ids, ids[:-3], ids[2:], ids[:-6] + ids[:4]]
     ports = h.ports("http", "rpc", "results", "tok", "tok1", "smp0", "smp1", "st0", "st1")
-    launcher, port = up(write_config(ports))
+    launcher, port = up(write_config(ports), ports["http"])
     rpc_ep = ep(ports["rpc"])
 
     ss = streams(port, rpc_ep, prompts)  # the undisturbed run
@@ -142,12 +146,48 @@ def main():
     failovers = h.metric(port, "cpm_failovers_total")
     if retries < 1 or failovers < 1:
         fail("retries %s, failovers %s: the kills cost nothing?" % (retries, failovers))
+    print("ok 5 - %d service retries and %d sequence moves counted" % (retries, failovers))
+    kill_router(launcher, port, ports, prompts, want)
     launcher.send_signal(signal.SIGTERM)
     if launcher.wait(30) != 0:
         fail("launcher exit %s after SIGTERM" % launcher.returncode)
     h.procs.clear()
-    print("ok 5 - %d service retries and %d sequence moves counted; SIGTERM stops the cluster cleanly"
-          % (retries, failovers))
+    print("ok 7 - SIGTERM stops the cluster cleanly")
+
+
+def kill_router(launcher, port, ports, prompts, want):
+    """The router holds the clients' connections: its streams end, cut (no process can
+    answer for it), the launcher restarts it, the stages drop the dead router's sequences
+    at the new one's first micro-batch (a new epoch), and it serves the same tokens."""
+    pid = child(launcher, "cpm-router", -1)
+    ss = [SseStream(port, prompts[0], N_GEN), SseStream(port, prompts[1], N_GEN)]
+    for s in ss:
+        s.start()
+    t0 = time.time()
+    while min(progress(s) for s in ss) < 8 and time.time() - t0 < 30:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    t_kill = time.time()
+    for s in ss:
+        s.join(30)
+        if s.is_alive() or "data: [DONE]" in s.blocks:
+            fail("router killed: a stream %s" % ("still runs" if s.is_alive() else "finished?"))
+    t0 = time.time()
+    while not restarted(len(VICTIMS) + 1):
+        if time.time() - t0 > 30:
+            fail("router killed: the launcher did not restart it")
+        time.sleep(0.1)
+    h.wait_ready(port)
+    back = time.time() - t_kill
+    stages_clean(ports)
+    s = SseStream(port, prompts[0], N_GEN)
+    s.start()
+    s.join(60)
+    if "".join(s.pieces) != want[0] or s.blocks[-1] != "data: [DONE]":
+        fail("router restarted: %r" % "".join(s.pieces))
+    print("ok 6 - router killed mid-stream: its 2 streams were cut, the launcher restarted it (/ready "
+          "200 %.1f s after the kill), no stage kept the old router's sequences, the same text again"
+          % back)
 
 
 h.run(main)
