@@ -666,6 +666,17 @@ static int cmd_up(const launch *l, cpm_config *c) {
     return rc;
 }
 
+/* Becomes process p (exec): it gets the signals (SIGTERM drains) and its exit status is
+ * the caller's (a container's, an mpirun rank's). Returns only when exec fails. */
+static int become(const launch *l, const cpm_config *c, const proc *p) {
+    char bin[PATH_MAX * 3], bufs[3][32];
+    char *argv[MAX_ARGS];
+    build_argv(l, c, p->role, p->index, bin, sizeof bin, argv, bufs);
+    execvp(argv[0], argv);
+    fprintf(stderr, "cpm-cluster %s: %s: %s\n", l->cmd, argv[0], strerror(errno));
+    return 127;
+}
+
 /* Under mpirun: become the process this rank stands for. */
 static int cmd_rank(const launch *l, cpm_config *c) {
     const char *r_env = getenv("OMPI_COMM_WORLD_RANK");
@@ -683,12 +694,7 @@ static int cmd_rank(const launch *l, cpm_config *c) {
                 cpm_config_n_procs(c));
         return 1;
     }
-    char bin[PATH_MAX * 3], bufs[3][32];
-    char *argv[MAX_ARGS];
-    build_argv(l, c, p.role, p.index, bin, sizeof bin, argv, bufs);
-    execvp(argv[0], argv);
-    fprintf(stderr, "cpm-cluster rank %d: %s: %s\n", r, argv[0], strerror(errno));
-    return 127;
+    return become(l, c, &p);
 }
 
 /* ROLE[:N] -> the process number (as under mpirun). Without :N the index is $CPM_INDEX,
@@ -734,34 +740,31 @@ static int role_proc(const cpm_config *c, const char *spec, int *ret, cpm_error 
     return cpm_error_set(err, CPM_ERANGE, "%s: no %s %d (there are %d)", c->path, name, want, count);
 }
 
-/* One process of the cluster, here (a container, a pod): exec'd, so that it gets the
- * signals (SIGTERM drains) and its exit status is the container's. */
-static int cmd_serve(const launch *l, const cpm_config *c) {
+/* The process l->role names: *p (role, index, endpoint); prints why not. */
+static int find_role(const launch *l, const cpm_config *c, proc *p) {
     cpm_error e = {0};
-    proc p = {0};
-    int r;
-    if (role_proc(c, l->role, &r, &e) || cpm_config_proc(c, r, &p.role, &p.index, &e)) {
-        fprintf(stderr, "cpm-cluster serve: %s\n", e.msg);
+    int r = 0;
+    *p = (proc){0};
+    if (role_proc(c, l->role, &r, &e) || cpm_config_proc(c, r, &p->role, &p->index, &e)) {
+        fprintf(stderr, "cpm-cluster %s: %s\n", l->cmd, e.msg);
         return 2;
     }
-    char bin[PATH_MAX * 3], bufs[3][32];
-    char *argv[MAX_ARGS];
-    build_argv(l, c, p.role, p.index, bin, sizeof bin, argv, bufs);
-    execvp(argv[0], argv);
-    fprintf(stderr, "cpm-cluster serve: %s: %s\n", argv[0], strerror(errno));
-    return 127;
+    p->endpoint = cpm_config_proc_endpoint(c, r);
+    return 0;
+}
+
+/* One process of the cluster, here (a container, a pod). */
+static int cmd_serve(const launch *l, const cpm_config *c) {
+    proc p;
+    return find_role(l, c, &p) ? 2 : become(l, c, &p);
 }
 
 /* A probe for container runtimes: 0 when the process answers ready, 1 otherwise. */
 static int cmd_health(const launch *l, const cpm_config *c) {
     cpm_error e = {0};
-    proc p = {0};
-    int r;
-    if (role_proc(c, l->role, &r, &e) || cpm_config_proc(c, r, &p.role, &p.index, &e)) {
-        fprintf(stderr, "cpm-cluster health: %s\n", e.msg);
+    proc p;
+    if (find_role(l, c, &p))
         return 2;
-    }
-    p.endpoint = cpm_config_proc_endpoint(c, r);
     void *z = zmq_ctx_new();
     bool ok = probe(z, l->curve, &p, &e);
     zmq_ctx_term(z);
