@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -318,11 +319,17 @@ static pid_t spawn(const launch *l, const cpm_config *c, proc *p, int err_fd) {
     char bin[PATH_MAX * 3], bufs[3][32];
     char *argv[MAX_ARGS];
     build_argv(l, c, p->role, p->index, bin, sizeof bin, argv, bufs);
-    pid_t pid = fork();
+    pid_t parent = getpid(), pid = fork();
     if (pid == 0) {
         /* Own process group: a terminal's Ctrl-C reaches only the launcher, which then
          * stops the children in order. */
         setpgid(0, 0);
+        /* A launcher that dies (SIGKILL, OOM) takes its children with it: SIGTERM, so each
+         * drains and exits, instead of orphans holding the ports. The race with a death
+         * before this line is closed by checking the parent afterwards. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent)
+            _exit(1);
         signal(SIGPIPE, SIG_DFL); /* the launcher ignores it; children keep the default */
         if (err_fd >= 0) {
             dup2(err_fd, STDERR_FILENO);
