@@ -91,6 +91,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     signal(SIGPIPE, SIG_IGN);
+    cpm_svc_tune_malloc();
     void *zctx = zmq_ctx_new();
     cpm_curve *curve = NULL;
     app a = {.loop = uv_default_loop(), .log = &log};

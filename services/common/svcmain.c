@@ -3,6 +3,7 @@
 #include "svcmain.h"
 
 #include <limits.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,7 @@ static void take(const cpm_cli *cli, int id, const char *v, cpm_svc_args *a) {
 }
 
 void cpm_svc_parse_args(int argc, char **argv, const cpm_svc_cli *spec, cpm_svc_args *a) {
+    cpm_svc_tune_malloc();
     memset(a, 0, sizeof *a);
     a->log = (cpm_log){.service = spec->role, .out = stderr, .format = CPM_LOG_TEXT,
                        .min_level = CPM_LOG_INFO};
@@ -105,6 +107,11 @@ int cpm_svc_secure(const cpm_config *cfg, const char *keys_dir, bool plaintext, 
     if (!rc)
         *ret = c;
     return rc;
+}
+
+void cpm_svc_tune_malloc(void) {
+    mallopt(M_MMAP_THRESHOLD, 64 << 20);
+    mallopt(M_TRIM_THRESHOLD, 128 << 20); /* give memory back only past 128 MiB free */
 }
 
 typedef struct sigctx {
