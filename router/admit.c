@@ -6,7 +6,7 @@
 #include <string.h>
 
 bool cpm_admit_ready(const cpm_admit *ad) {
-    return cpm_pipeline_model(ad->pipeline) && cpm_health_ready(ad->health);
+    return !ad->closing && cpm_pipeline_model(ad->pipeline) && cpm_health_ready(ad->health);
 }
 
 bool cpm_admit_open(const cpm_admit *ad, const char **why) {

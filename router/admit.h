@@ -35,7 +35,8 @@ typedef struct cpm_admit {
 /* Whether new work can be taken now; *why says why not (for a 503). */
 bool cpm_admit_open(const cpm_admit *ad, const char **why);
 
-/* Ready: the model is known and the services answer (GET /ready). */
+/* Ready: not shutting down or draining, the model is known and the services answer
+ * (GET /ready). */
 bool cpm_admit_ready(const cpm_admit *ad);
 
 /* Takes j (state new, prompts and gens filled in): tokenizes, checks, places, and

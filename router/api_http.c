@@ -5,12 +5,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "door.h"
 #include "http.h"
 #include "openai.h"
 
 struct cpm_api_http {
     const cpm_front_ctx *ctx;
     cpm_http_server *http;
+    cpm_door *door;         /* API keys and CORS */
     cpm_oai_limits lim;
     void (*done)(void *ud); /* closing */
     void *done_ud;
@@ -423,12 +425,41 @@ static const struct route {
     {"POST", "/v1/chat/completions", on_chat},
     {"GET", "/v1/models", on_models},
     {"GET", "/health", on_health},
+    {"GET", "/live", on_health},
     {"GET", "/ready", on_ready},
     {"GET", "/metrics", on_metrics},
 };
 
+/* 401 in OpenAI's shape, with the challenge RFC 6750 asks for. */
+static void refuse_key(cpm_http_conn *c, const cpm_http_request *req) {
+    bool given = cpm_http_request_header(req, "Authorization") != NULL;
+    cpm_oai_error e;
+    cpm_oai_fail(&e, CPM_EINVAL, 401, "invalid_request_error", "invalid_api_key", NULL, "%s",
+                 given ? "Incorrect API key provided" : "No API key provided: send "
+                 "Authorization: Bearer KEY");
+    char *json = cpm_oai_error_json(&e);
+    const char *body = json ? json : "{}";
+    cpm_http_respond(c, 401, "application/json", body, strlen(body), "WWW-Authenticate: Bearer\r\n");
+    free(json);
+}
+
+/* Every response's CORS lines (http.c calls this for each head it writes). */
+static void cors_head(void *ud, const cpm_http_request *r, char *out, size_t size) {
+    cpm_api_http *api = ud;
+    cpm_door_cors(api->door, r, r && !strcmp(r->method, "OPTIONS"), out, size);
+}
+
 static void on_request(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
     cpm_api_http *api = ud;
+    if (!strcmp(req->method, "OPTIONS")) { /* a CORS preflight: the head carries the answer */
+        cpm_http_respond(c, 204, "text/plain", "", 0, NULL);
+        return;
+    }
+    if (!cpm_door_open(req->path) && !cpm_door_admits(api->door, req)) {
+        api->ctx->metrics->requests[CPM_EP_OTHER][CPM_OUT_REJECTED]++;
+        refuse_key(c, req);
+        return;
+    }
     bool path_known = false;
     for (size_t i = 0; i < sizeof routes / sizeof *routes; i++) {
         if (strcmp(req->path, routes[i].path) != 0)
@@ -456,15 +487,19 @@ int cpm_api_http_new(uv_loop_t *loop, const cpm_front_ctx *ctx, const char *addr
     if (!api)
         return cpm_error_set(err, CPM_ENOMEM, "router: out of memory");
     api->ctx = ctx;
+    int e = cpm_door_new(ctx->cfg, addr, ctx->log, &api->door, err);
+    if (e)
+        return e;
     api->lim = cpm_oai_limits_default();
     api->lim.max_prompt_ids = ctx->cfg->router.max_prompt_tokens;
     cpm_http_limits hl = cpm_http_limits_default();
     if (ctx->cfg->router.max_body_bytes > 0)
         hl.max_body = (size_t)ctx->cfg->router.max_body_bytes;
-    int e = cpm_http_server_new(loop, &hl, on_request, api, &api->http, err);
+    e = cpm_http_server_new(loop, &hl, on_request, api, &api->http, err);
     if (e)
         return e;
     cpm_http_server_set_error_body(api->http, cpm_oai_error_body);
+    cpm_http_server_set_head_fn(api->http, cors_head, api);
     return cpm_http_server_listen(api->http, addr, port, err);
 }
 
@@ -476,6 +511,7 @@ static void on_closed(void *ud) {
     cpm_api_http *api = ud;
     void (*done)(void *) = api->done;
     void *done_ud = api->done_ud;
+    cpm_door_free(api->door);
     free(api);
     if (done)
         done(done_ud);

@@ -40,6 +40,8 @@ struct cpm_http_server {
     cpm_http_handler handler;
     void *ud;
     cpm_http_error_body_fn error_body;
+    cpm_http_head_fn head_fn;
+    void *head_ud;
     cpm_http_conn *conns; /* newest first */
     int n_conns;
     int n_live;          /* connections not closing */
@@ -266,10 +268,13 @@ static int write_head(cpm_http_conn *c, int status, const char *content_type, co
                      length_line, c->keep_alive ? "keep-alive" : "close");
     if (n < 0 || (size_t)n >= sizeof head)
         return CPM_EINTERNAL;
-    uv_buf_t pieces[3] = {uv_buf_init(head, (unsigned)n),
+    char more[1024] = "";
+    if (c->srv->head_fn) /* the request may not be parsed yet (a refusal): then NULL */
+        c->srv->head_fn(c->srv->head_ud, c->req.path ? &c->req : NULL, more, sizeof more);
+    uv_buf_t pieces[4] = {uv_buf_init(head, (unsigned)n),
                           uv_buf_init((char *)(extra ? extra : ""), extra ? strlen(extra) : 0),
-                          uv_buf_init("\r\n", 2)};
-    return conn_writev(c, pieces, 3);
+                          uv_buf_init(more, (unsigned)strlen(more)), uv_buf_init("\r\n", 2)};
+    return conn_writev(c, pieces, 4);
 }
 
 static void conn_process(cpm_http_conn *c);
@@ -353,6 +358,11 @@ int cpm_http_stream_end(cpm_http_conn *c) {
     return rc ? rc : frc;
 }
 
+void cpm_http_server_set_head_fn(cpm_http_server *s, cpm_http_head_fn fn, void *ud) {
+    s->head_fn = fn;
+    s->head_ud = ud;
+}
+
 void cpm_http_server_set_error_body(cpm_http_server *s, cpm_http_error_body_fn fn) {
     s->error_body = fn;
 }
@@ -392,6 +402,7 @@ static void reject(cpm_http_conn *c, int status, const char *code, const char *m
 /* ---- request storage ------------------------------------------------------ */
 
 static void reset_request(cpm_http_conn *c) {
+    c->req = (cpm_http_request){0}; /* its strings live in the arena, reused now */
     c->arena_len = 0;
     c->header_bytes = 0;
     c->url = (item){0, 0};

@@ -120,6 +120,13 @@ typedef char *(*cpm_http_error_body_fn)(int status, const char *type, const char
  * timeouts) and cpm_http_respond_error. Without one they are "{}". */
 void cpm_http_server_set_error_body(cpm_http_server *s, cpm_http_error_body_fn fn);
 
+/* Header lines every response gets, computed per request (CORS): written into out
+ * ("Name: value\r\n" each, "" for none). r is NULL when the server refuses bytes it
+ * could not parse as a request. */
+typedef void (*cpm_http_head_fn)(void *ud, const cpm_http_request *r, char *out, size_t size);
+
+void cpm_http_server_set_head_fn(cpm_http_server *s, cpm_http_head_fn fn, void *ud);
+
 /* Writes an error (body from the server's error_body function) and ends the exchange. */
 int cpm_http_respond_error(cpm_http_conn *c, int status, const char *type, const char *code,
                            const char *msg);

@@ -57,6 +57,8 @@ typedef struct app {
     cpm_router *router;
     uv_signal_t sigint, sigterm;
     const cpm_log *log;
+    int drain_ms;
+    bool draining;
 } app;
 
 static void on_router_closed(void *ud) {
@@ -66,16 +68,23 @@ static void on_router_closed(void *ud) {
     uv_close((uv_handle_t *)&a->sigterm, NULL);
 }
 
+/* The first SIGTERM drains (router.drain_ms); SIGINT, or a second signal, stops now. */
 static void on_signal(uv_signal_t *s, int signum) {
     app *a = s->data;
     if (!a->router)
         return;
+    if (signum == SIGTERM && !a->draining && a->drain_ms > 0) {
+        cpm_log_info(a->log, "signal %d: draining (a second signal stops at once)", signum);
+        a->draining = true;
+        cpm_router_drain(a->router, a->drain_ms, on_router_closed, a);
+        return;
+    }
     cpm_log_info(a->log, "signal %d: shutting down", signum);
     cpm_router *r = a->router;
     a->router = NULL;
     uv_signal_stop(&a->sigint);
     uv_signal_stop(&a->sigterm);
-    cpm_router_close(r, on_router_closed, a);
+    cpm_router_close(r, on_router_closed, a); /* ends a drain too */
 }
 
 int main(int argc, char **argv) {
@@ -94,7 +103,7 @@ int main(int argc, char **argv) {
     cpm_svc_tune_malloc();
     void *zctx = zmq_ctx_new();
     cpm_curve *curve = NULL;
-    app a = {.loop = uv_default_loop(), .log = &log};
+    app a = {.loop = uv_default_loop(), .log = &log, .drain_ms = cfg->router.drain_ms};
     int rc = cpm_svc_secure(cfg, NULL, false, zctx, &log, &curve, &e);
     ro.curve = curve;
     if (rc == 0)

@@ -48,7 +48,10 @@ struct cpm_router {
     cpm_api_rpc *api_rpc;
     cpm_sock *results; /* the last stages' StageResults */
     uv_timer_t step_timer;
-    bool timer_open, closing;
+    uv_timer_t drain_timer; /* draining: the grace period, or at once when the last job ends */
+    bool timer_open, closing, draining, drain_open;
+    void (*drain_done)(void *ud);
+    void *drain_ud;
     int closing_handles;
     void (*done)(void *ud);
     void *done_ud;
@@ -67,10 +70,14 @@ static void on_release(void *ud, cpm_gen *g) {
     cpm_pipeline_release(((cpm_router *)ud)->pipeline, g);
 }
 
+static void on_drain_timer(uv_timer_t *t);
+
 static void on_jobs_empty(void *ud) {
     cpm_router *r = ud;
     if (r->closing)
         router_maybe_free(r);
+    else if (r->draining) /* on the next turn: this runs while a job is being freed */
+        uv_timer_start(&r->drain_timer, on_drain_timer, 0, 0);
 }
 
 /* ---- hooks: health -------------------------------------------------------------------- */
@@ -302,7 +309,7 @@ static void fail_all(cpm_router *r) {
 }
 
 void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud) {
-    if (!r)
+    if (!r || r->closing)
         return;
     r->closing = true;
     r->admit.closing = true;
@@ -328,5 +335,37 @@ void cpm_router_close(cpm_router *r, void (*done)(void *ud), void *ud) {
         r->closing_handles++;
         uv_close((uv_handle_t *)&r->step_timer, on_timer_closed);
     }
+    if (r->drain_open) {
+        r->closing_handles++;
+        uv_close((uv_handle_t *)&r->drain_timer, on_timer_closed);
+    }
     close_step(r);
+}
+
+/* ---- drain ---------------------------------------------------------------------------------- */
+
+static void on_drain_timer(uv_timer_t *t) {
+    cpm_router *r = t->data;
+    int left = cpm_jobs_count(r->jobs);
+    if (left && r->o.log)
+        cpm_log_warn(r->o.log, "drain: %d request(s) still running at the end of the grace "
+                     "period: each gets one final error", left);
+    cpm_router_close(r, r->drain_done, r->drain_ud);
+}
+
+void cpm_router_drain(cpm_router *r, int grace_ms, void (*done)(void *ud), void *ud) {
+    if (!r || r->closing || r->draining)
+        return;
+    r->draining = true;
+    r->admit.closing = true; /* new requests: 503; /ready: 503 */
+    r->drain_done = done;
+    r->drain_ud = ud;
+    int n = cpm_jobs_count(r->jobs);
+    if (r->o.log)
+        cpm_log_info(r->o.log, "draining: admitting nothing new, %d request(s) in flight get up "
+                     "to %d ms to finish", n, grace_ms);
+    uv_timer_init(r->loop, &r->drain_timer);
+    r->drain_timer.data = r;
+    r->drain_open = true;
+    uv_timer_start(&r->drain_timer, on_drain_timer, n ? (uint64_t)grace_ms : 0, 0);
 }

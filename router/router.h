@@ -50,6 +50,12 @@ int cpm_router_http_port(const cpm_router *r);
 
 bool cpm_router_ready(const cpm_router *r);
 
+/* Graceful stop (SIGTERM): admits nothing new (requests get 503, /ready 503 at once, so a
+ * load balancer stops sending), lets what runs finish for up to grace_ms, then closes as
+ * cpm_router_close does (whatever is left gets its one final error). done(ud) as there.
+ * A cpm_router_close during the drain ends it at once. */
+void cpm_router_drain(cpm_router *r, int grace_ms, void (*done)(void *ud), void *ud);
+
 /* Stops accepting, fails what is running (each request still gets its one final
  * answer), closes everything; done(ud) runs when all handles are closed and the
  * router is freed. r may be NULL. */

@@ -72,11 +72,10 @@ typedef struct relay {
     size_t len;
 } relay;
 
-static volatile sig_atomic_t arg_stop; /* set by SIGINT/SIGTERM */
+static volatile sig_atomic_t arg_stop; /* the signal that stops us: SIGINT or SIGTERM */
 
 static void on_signal(int sig) {
-    (void)sig;
-    arg_stop = 1;
+    arg_stop = sig;
 }
 
 enum { OPT_MODEL = 1, OPT_PORT, OPT_BIN_DIR, OPT_TIMEOUT, OPT_LOG_FORMAT, OPT_CLIENT };
@@ -451,12 +450,12 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Sends SIGTERM to the processes of one kind (router or not) and waits until they are
- * gone or the deadline passes, relaying the router's last lines meanwhile. */
-static void stop_some(proc *ps, int n, bool router, relay *rl, double deadline) {
+/* Sends sig to the processes of one kind (router or not) and waits until they are gone
+ * or the deadline passes, relaying the router's last lines meanwhile. */
+static void stop_some(proc *ps, int n, bool router, int sig, relay *rl, double deadline) {
     for (int i = 0; i < n; i++)
         if (!ps[i].exited && ps[i].pid > 0 && (ps[i].role == CPM_ROLE_ROUTER) == router)
-            kill(ps[i].pid, SIGTERM);
+            kill(ps[i].pid, sig);
     while (now_s() < deadline) {
         reap(ps, n);
         int left = 0;
@@ -469,15 +468,18 @@ static void stop_some(proc *ps, int n, bool router, relay *rl, double deadline) 
 }
 
 /* Router first, so it answers what it has in flight while the back ends still run and
- * takes no new work; then the rest. SIGKILL whatever is left after 10 s. */
-static int stop_all(proc *ps, int n, relay *rl) {
-    double t0 = now_s();
-    stop_some(ps, n, true, rl, t0 + 5);
-    stop_some(ps, n, false, rl, t0 + 10);
+ * takes no new work; then the rest. Our SIGTERM (a container stop) lets the router drain
+ * for router.drain_ms; Ctrl-C (SIGINT) ends its requests at once. SIGKILL whatever is left
+ * 5 s after that. */
+static int stop_all(proc *ps, int n, const cpm_config *c, relay *rl) {
+    bool drain = arg_stop == SIGTERM;
+    double t0 = now_s(), router_s = 5 + (drain ? c->router.drain_ms / 1000.0 : 0);
+    stop_some(ps, n, true, drain ? SIGTERM : SIGINT, rl, t0 + router_s);
+    stop_some(ps, n, false, SIGTERM, rl, now_s() + 5);
     int unclean = 0;
     for (int i = 0; i < n; i++)
         if (!ps[i].exited && ps[i].pid > 0) {
-            fprintf(stderr, "cpm-cluster: %s did not stop in 10 s: killing it\n", ps[i].label);
+            fprintf(stderr, "cpm-cluster: %s did not stop in time: killing it\n", ps[i].label);
             kill(ps[i].pid, SIGKILL);
             waitpid(ps[i].pid, &ps[i].status, 0);
             unclean++;
@@ -661,7 +663,7 @@ static int cmd_up(const launch *l, cpm_config *c) {
         fflush(stdout);
         rc = serve(l, c, ps, n, &rl);
     }
-    if (ps && stop_all(ps, n, &rl) && !rc)
+    if (ps && stop_all(ps, n, c, &rl) && !rc)
         rc = 1;
     for (double end = now_s() + 2; rl.fd >= 0 && now_s() < end;)
         relay_wait(&rl, 100); /* the router's last lines, until it closes its end */

@@ -112,6 +112,16 @@ static const key router_keys[] = {
     RK("micro_batches", K_INT, micro_batches, 1, 64, "2", "micro-batches in flight in the pipeline"),
     RK("prefill_chunk", K_INT, prefill_chunk, 1, 65536, "256", "prompt tokens per sequence per step"),
     RK("timeout_ms", K_INT, timeout_ms, 10, 3600000, "30000", "pipeline step / service call timeout"),
+    RK("api_keys", K_STR, api_keys, 0, 0, "",
+       "file of HTTP API keys, one per line (relative to this file); $CPM_API_KEYS adds "
+       "comma-separated ones; clients send Authorization: Bearer KEY"),
+    RK("auth", K_STR, auth, 0, 0, "keys",
+       "keys: the HTTP API needs a key when any is configured, and a router listening beyond "
+       "loopback without one refuses to start; none: open to anyone (warned at every start)"),
+    RK("cors_origins", K_STR, cors_origins, 0, 0, "",
+       "web origins allowed to read the API's answers (comma-separated, or *); empty: no CORS"),
+    RK("drain_ms", K_INT, drain_ms, 0, 3600000, "30000",
+       "on SIGTERM: stop admitting, let requests in flight finish this long, then end the rest"),
     RK("tokenize", K_STR, tokenize, 0, 0, "service",
        "service: text in and out through the tokenizers; off: token ids only (no tokenizer files)"),
     END_KEYS,
@@ -581,6 +591,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
     if (strcmp(c->security.curve, "on") && strcmp(c->security.curve, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: security.curve: '%s' is not one of on, off",
                              c->path, c->security.curve);
+    if (strcmp(c->router.auth, "keys") && strcmp(c->router.auth, "none"))
+        return cpm_error_set(err, CPM_EINVAL, "%s: router.auth: '%s' is not one of keys, none",
+                             c->path, c->router.auth);
     if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
                              c->path, c->router.tokenize);

@@ -48,8 +48,8 @@ typedef struct cpm_cfg_stage {
     int kv_tokens;              /* KV-cache capacity in tokens */
     int max_seqs;               /* live sequences */
     int max_batch_tokens;       /* rows per forward */
-    char kv_dtype[8];           /* "f32" (exact) or "f16" (half the KV memory) */
-    char isa[8];                /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
+    char kv_dtype[CPM_CFG_STR]; /* "f32" (exact) or "f16" (half the KV memory) */
+    char isa[CPM_CFG_STR]; /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
     char tp_mesh[CPM_CFG_STR];  /* tensor parallelism: rank 0's all-reduce endpoint */
     int n_tp;                   /* ranks besides rank 0 (0: no TP); tp size = n_tp + 1 */
     cpm_cfg_tp tp[CPM_CFG_MAX_TP - 1];
@@ -76,11 +76,15 @@ typedef struct cpm_cfg_router {
     int prefill_chunk;           /* most prompt tokens of one sequence per micro-batch */
     int timeout_ms;              /* per pipeline step / service call */
     char tokenize[CPM_CFG_STR];  /* "service": text via cpm-tokenizer; "off": token ids only */
+    char api_keys[CPM_CFG_STR];  /* file of HTTP API keys (router/door.h) */
+    char auth[CPM_CFG_STR]; /* "keys" or "none" */
+    char cors_origins[CPM_CFG_STR]; /* comma-separated, or "*" */
+    int drain_ms;                /* SIGTERM: grace for the requests in flight */
 } cpm_cfg_router;
 
 /* The fabric's security (services/common/curve.h). */
 typedef struct cpm_cfg_security {
-    char curve[8];               /* "on" (default): CurveZMQ on every socket; "off": plain text */
+    char curve[CPM_CFG_STR]; /* "on" (default): CurveZMQ on every socket; "off": plain text */
     char keys[CPM_CFG_STR];      /* key directory as written (see cpm_config_keys_dir) */
 } cpm_cfg_security;
 

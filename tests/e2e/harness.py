@@ -496,16 +496,16 @@ class RpcStream(threading.Thread):
 class SseStream(threading.Thread):
     """A streaming HTTP completion: text pieces as they come, and the raw blocks."""
 
-    def __init__(self, port, ids, n):
+    def __init__(self, port, ids, n, headers=None):
         super().__init__()
         self.port, self.prompt, self.n, self.pieces, self.blocks, self.status = port, ids, n, [], [], None
+        self.headers = dict({"Content-Type": "application/json"}, **(headers or {}))
 
     def run(self):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         body = {"prompt": self.prompt, "max_tokens": self.n, "temperature": 0, "ignore_eos": True,
                 "stream": True}
-        c.request("POST", "/v1/completions", body=json.dumps(body),
-                  headers={"Content-Type": "application/json"})
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers=self.headers)
         r = c.getresponse()
         self.status = r.status
         buf = b""
