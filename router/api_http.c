@@ -276,8 +276,20 @@ static int take_prompts(cpm_job *j, const cpm_oai_request *rq) {
     return 0;
 }
 
+/* The client's X-Request-Id, when it is one line of at most 128 visible characters. */
+static const char *client_request_id(const cpm_http_request *r) {
+    const char *id = r ? cpm_http_request_header(r, "X-Request-Id") : NULL;
+    if (!id || !*id || strlen(id) > 128)
+        return NULL;
+    for (const char *p = id; *p; p++)
+        if ((unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e)
+            return NULL;
+    return id;
+}
+
 /* A job for rq (owned by it from now on), answering on c. */
-static void start_job(cpm_api_http *api, cpm_http_conn *c, cpm_oai_request *rq, int ep) {
+static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req,
+                      cpm_oai_request *rq, int ep) {
     const cpm_front_ctx *ctx = api->ctx;
     http_answer *a = calloc(1, sizeof *a);
     cpm_job *j = a ? cpm_job_new(ctx->jobs, ep, ep == CPM_EP_CHAT ? "chatcmpl" : "cmpl",
@@ -289,6 +301,12 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, cpm_oai_request *rq, 
         return;
     }
     *a = (http_answer){.api = api, .conn = c, .rq = rq};
+    const char *xid = client_request_id(req);
+    if (xid)
+        cpm_log_write(ctx->log, CPM_LOG_INFO, j->id, "X-Request-Id %s", xid);
+    if (rq->ignored[0])
+        cpm_log_write(ctx->log, CPM_LOG_INFO, j->id, "ignored unknown request fields: %s",
+                      rq->ignored);
     j->stream = rq->stream;
     j->logprobs = rq->logprobs;
     j->top_logprobs = rq->top_logprobs;
@@ -334,7 +352,7 @@ static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_requ
         cpm_oai_request_free(rq);
         ctx->metrics->requests[ep][CPM_OUT_OVERLOAD]++;
     } else {
-        start_job(api, c, rq, ep);
+        start_job(api, c, req, rq, ep);
     }
 }
 
@@ -443,10 +461,15 @@ static void refuse_key(cpm_http_conn *c, const cpm_http_request *req) {
     free(json);
 }
 
-/* Every response's CORS lines (http.c calls this for each head it writes). */
-static void cors_head(void *ud, const cpm_http_request *r, char *out, size_t size) {
+/* Header lines of every response (http.c calls this for each head it writes): CORS, and
+ * the client's X-Request-Id echoed back so it can match answers and logs. */
+static void response_head(void *ud, const cpm_http_request *r, char *out, size_t size) {
     cpm_api_http *api = ud;
     cpm_door_cors(api->door, r, r && !strcmp(r->method, "OPTIONS"), out, size);
+    const char *id = client_request_id(r);
+    size_t used = strlen(out);
+    if (id && used < size)
+        snprintf(out + used, size - used, "X-Request-Id: %s\r\n", id);
 }
 
 static void on_request(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
@@ -499,7 +522,7 @@ int cpm_api_http_new(uv_loop_t *loop, const cpm_front_ctx *ctx, const char *addr
     if (e)
         return e;
     cpm_http_server_set_error_body(api->http, cpm_oai_error_body);
-    cpm_http_server_set_head_fn(api->http, cors_head, api);
+    cpm_http_server_set_head_fn(api->http, response_head, api);
     return cpm_http_server_listen(api->http, addr, port, err);
 }
 

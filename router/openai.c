@@ -430,6 +430,21 @@ static int f_response_format(cpm_oai_request *rq, json_t *v, parse_ctx *c, const
     return UNSUPPORTED(e, n, "only {\"type\":\"text\"} is supported for 'response_format'");
 }
 
+/* Adds an unknown field's name to rq->ignored ("a, b, ..."; cut at its size). */
+static void note_ignored(cpm_oai_request *rq, const char *key) {
+    size_t used = strlen(rq->ignored), room = sizeof rq->ignored - used;
+    if (room > 1)
+        snprintf(rq->ignored + used, room, "%s%.64s", used ? ", " : "", key);
+}
+
+/* A number that must be 0 (min_tokens): any other value would change what is generated. */
+static int f_zero_only(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                       cpm_oai_error *e) {
+    (void)rq, (void)c;
+    return json_is_integer(v) && json_integer_value(v) == 0
+               ? 0 : UNSUPPORTED(e, n, "'%s' is not supported by this server", n);
+}
+
 static int f_prompt(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                     cpm_oai_error *e);
 static int f_messages(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
@@ -477,6 +492,15 @@ static const struct field {
     {"tool_choice", K_CHAT, f_tool_choice},
     {"function_call", K_CHAT, f_tool_choice},
     {"response_format", K_CHAT, f_response_format},
+    /* vLLM's extras that change the output: refused until implemented, never ignored */
+    {"min_tokens", K_BOTH, f_zero_only},
+    {"stop_token_ids", K_BOTH, f_empty_only},
+    {"guided_json", K_BOTH, f_empty_only},
+    {"guided_regex", K_BOTH, f_empty_only},
+    {"guided_choice", K_BOTH, f_empty_only},
+    {"guided_grammar", K_BOTH, f_empty_only},
+    {"allowed_token_ids", K_BOTH, f_empty_only},
+    {"bad_words", K_BOTH, f_empty_only},
 };
 
 /* ---- prompts and messages ----------------------------------------------------- */
@@ -647,6 +671,15 @@ static const struct field *find_field(const char *name, cpm_oai_kind kind) {
     return NULL;
 }
 
+/* A field of the other endpoint (prompt on chat, messages on completions): sent here by
+ * mistake, and ignoring it would answer another question than the one asked. */
+static bool other_kinds_field(const char *name) {
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        if (strcmp(fields[i].name, name) == 0)
+            return true;
+    return false;
+}
+
 /* Rules across fields, once every field is parsed. */
 static int check_request(cpm_oai_request *rq, const parse_ctx *c, cpm_oai_error *e) {
     if (rq->kind == CPM_OAI_COMPLETION && rq->n_prompts == 0)
@@ -694,10 +727,14 @@ int cpm_oai_parse(cpm_oai_kind kind, const char *body, size_t len, const cpm_oai
     json_t *v;
     json_object_foreach(root, key, v) {
         const struct field *f = find_field(key, kind);
-        if (!f) {
+        if (!f && other_kinds_field(key)) {
             rc = cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter", key,
-                              "Unrecognized request argument supplied: %s", key);
+                              "'%s' belongs to the other endpoint", key);
             goto out_rq;
+        }
+        if (!f) { /* as vLLM does: clients send their ecosystem's extras; the caller logs them */
+            note_ignored(rq, key);
+            continue;
         }
         if (json_is_null(v) && strcmp(key, "prompt") != 0 && strcmp(key, "messages") != 0)
             continue; /* clients send null for "not set" */

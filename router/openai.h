@@ -79,6 +79,7 @@ typedef struct cpm_oai_request {
     bool stream, include_usage;
     bool ignore_eos;       /* extension (as vLLM): keep going past EOS */
     bool return_token_ids; /* extension (as vLLM): each choice/chunk also lists "token_ids" */
+    char ignored[256];     /* unknown fields, accepted and ignored ("a, b"): for the log */
 } cpm_oai_request;
 
 /* Error in OpenAI's shape, with the HTTP status to send it with. */

@@ -415,7 +415,8 @@ def test_n_and_seed(ids):
 def test_bad_input(vocab):
     cases = [
         ("malformed JSON", "/v1/completions", '{"prompt": [1,2', 400, "invalid_json"),
-        ("unknown field", "/v1/completions", '{"prompt": [1], "bogus": 1}', 400, "unknown_parameter"),
+        ("min_tokens is refused, not ignored", "/v1/completions", '{"prompt": [1], "min_tokens": 3}',
+         400, "unsupported_parameter"),
         ("wrong type", "/v1/completions", '{"prompt": [1], "max_tokens": "9"}', 400, None),
         ("token id out of vocab", "/v1/completions", '{"prompt": [1, %d]}' % vocab, 400,
          "invalid_token_id"),
@@ -434,6 +435,16 @@ def test_bad_input(vocab):
               "%s: got %s %s" % (name, status, text))
         if want_code:
             check(err.get("code") == want_code, "%s: code %s" % (name, err.get("code")))
+    # fields this server does not know are accepted and ignored (as vLLM), logged; the
+    # client's X-Request-Id comes back
+    c = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)
+    c.request("POST", "/v1/completions", body='{"prompt": [1], "max_tokens": 1, "bogus_extra": 1}',
+              headers={"Content-Type": "application/json", "X-Request-Id": "trace-42"})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    check(r.status == 200 and r.getheader("X-Request-Id") == "trace-42",
+          "unknown field / X-Request-Id: %s %s" % (r.status, r.getheader("X-Request-Id")))
     big = json.dumps({"prompt": "x" * (MAX_BODY + 10)})
     status, text = request("POST", "/v1/completions", raw=big)
     check(status == 413, "oversize body: %s" % status)
