@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../common/cli.h"
 #include "door.h"
 #include "http.h"
 #include "openai.h"
@@ -402,11 +403,39 @@ static void on_ready(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request
     free(b.p);
 }
 
+/* The context length, once the stages have told it (0 before). */
+static int max_model_len(const cpm_front_ctx *ctx) {
+    const cpm_model_facts *mf = cpm_pipeline_model(ctx->pipeline);
+    return mf ? mf->max_position : 0;
+}
+
 static void on_models(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
     (void)req;
-    char *json = cpm_oai_render_models(api->ctx->model_name, 0);
+    char *json = cpm_oai_render_models(api->ctx->model_name, 0, max_model_len(api->ctx));
     respond_json(c, json ? 200 : 500, json ? json : "{}");
     free(json);
+}
+
+/* GET /v1/models/{id}: this server's one model, or 404 in OpenAI's shape. */
+static void on_model(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    const char *id = req->path + strlen("/v1/models/");
+    if (strcmp(id, api->ctx->model_name) != 0) {
+        char msg[2 * CPM_CFG_STR + 96];
+        snprintf(msg, sizeof msg, "The model `%.200s` does not exist; this server has `%s`", id,
+                 api->ctx->model_name);
+        respond_error(c, 404, "invalid_request_error", "model_not_found", "model", msg);
+        return;
+    }
+    char *json = cpm_oai_render_model(api->ctx->model_name, 0, max_model_len(api->ctx));
+    respond_json(c, json ? 200 : 500, json ? json : "{}");
+    free(json);
+}
+
+static void on_version(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)api, (void)req;
+    char json[128];
+    snprintf(json, sizeof json, "{\"version\":\"%s\"}", cpm_cli_version());
+    respond_json(c, 200, json);
 }
 
 static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
@@ -446,6 +475,12 @@ static const struct route {
     {"GET", "/live", on_health},
     {"GET", "/ready", on_ready},
     {"GET", "/metrics", on_metrics},
+    {"GET", "/version", on_version},
+};
+
+/* Routes that take the rest of the path as a parameter. */
+static const struct route prefix_routes[] = {
+    {"GET", "/v1/models/", on_model},
 };
 
 /* 401 in OpenAI's shape, with the challenge RFC 6750 asks for. */
@@ -490,6 +525,16 @@ static void on_request(void *ud, cpm_http_conn *c, const cpm_http_request *req) 
         path_known = true;
         if (strcmp(req->method, routes[i].method) == 0) {
             routes[i].fn(api, c, req);
+            return;
+        }
+    }
+    for (size_t i = 0; i < sizeof prefix_routes / sizeof *prefix_routes; i++) {
+        const struct route *r = &prefix_routes[i];
+        if (strncmp(req->path, r->path, strlen(r->path)) != 0 || !req->path[strlen(r->path)])
+            continue;
+        path_known = true;
+        if (strcmp(req->method, r->method) == 0) {
+            r->fn(api, c, req);
             return;
         }
     }

@@ -941,8 +941,20 @@ char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, c
     return sse(root);
 }
 
-char *cpm_oai_render_models(const char *model, int64_t created) {
+/* One model object; max_model_len (the context length) once the stages told it. */
+static json_t *model_object(const char *model, int64_t created, int max_model_len) {
     json_t *m = json_pack("{s:s, s:s, s:I, s:s}", "id", model, "object", "model", "created",
                           (json_int_t)created, "owned_by", "cpm-cluster");
-    return dump(json_pack("{s:s, s:[o]}", "object", "list", "data", m));
+    if (m && max_model_len > 0)
+        json_object_set_new(m, "max_model_len", json_integer(max_model_len));
+    return m;
+}
+
+char *cpm_oai_render_models(const char *model, int64_t created, int max_model_len) {
+    return dump(json_pack("{s:s, s:[o]}", "object", "list", "data",
+                          model_object(model, created, max_model_len)));
+}
+
+char *cpm_oai_render_model(const char *model, int64_t created, int max_model_len) {
+    return dump(model_object(model, created, max_model_len));
 }

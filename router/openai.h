@@ -159,8 +159,10 @@ char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, c
 /* The stream's last event. */
 #define CPM_OAI_SSE_DONE "data: [DONE]\n\n"
 
-/* GET /v1/models with one model. Caller frees. */
-char *cpm_oai_render_models(const char *model, int64_t created);
+/* GET /v1/models with one model, and GET /v1/models/{id}; max_model_len 0 leaves it out
+ * (not known yet). Caller frees. */
+char *cpm_oai_render_models(const char *model, int64_t created, int max_model_len);
+char *cpm_oai_render_model(const char *model, int64_t created, int max_model_len);
 
 /* Copies s (len bytes) replacing every invalid UTF-8 sequence with U+FFFD, so
  * any bytes become a valid JSON string. Caller frees. */

@@ -435,6 +435,16 @@ def test_bad_input(vocab):
               "%s: got %s %s" % (name, status, text))
         if want_code:
             check(err.get("code") == want_code, "%s: code %s" % (name, err.get("code")))
+    # GET /v1/models/{id} (with the context length), a wrong id 404, /version
+    status, text = request("GET", "/v1/models/" + MODEL_NAME)
+    m = json.loads(text)
+    check(status == 200 and m.get("id") == MODEL_NAME and m.get("max_model_len", 0) > 0,
+          "/v1/models/{id}: %s %s" % (status, text))
+    status, text = request("GET", "/v1/models/gpt-17")
+    check(status == 404 and json.loads(text)["error"]["code"] == "model_not_found",
+          "/v1/models/gpt-17: %s %s" % (status, text))
+    status, text = request("GET", "/version")
+    check(status == 200 and json.loads(text).get("version"), "/version: %s %s" % (status, text))
     # fields this server does not know are accepted and ignored (as vLLM), logged; the
     # client's X-Request-Id comes back
     c = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)

@@ -486,12 +486,19 @@ static void test_utf8_clean(void **state) {
 
 static void test_models(void **state) {
     (void)state;
-    char *s = cpm_oai_render_models("minicpm-1b", 9);
+    char *s = cpm_oai_render_models("minicpm-1b", 9, 4096);
     json_t *j = load(s);
     assert_string_equal(json_string_value(json_object_get(j, "object")), "list");
     json_t *m = json_array_get(json_object_get(j, "data"), 0);
     assert_string_equal(json_string_value(json_object_get(m, "id")), "minicpm-1b");
     assert_string_equal(json_string_value(json_object_get(m, "object")), "model");
+    assert_int_equal(json_integer_value(json_object_get(m, "max_model_len")), 4096);
+    json_decref(j);
+    free(s);
+    s = cpm_oai_render_model("minicpm-1b", 9, 0); /* before the stages said: no length */
+    j = load(s);
+    assert_string_equal(json_string_value(json_object_get(j, "id")), "minicpm-1b");
+    assert_null(json_object_get(j, "max_model_len"));
     json_decref(j);
     free(s);
 }
