@@ -102,6 +102,11 @@ static bool place_gen(cpm_admit *ad, cpm_gen *g) {
 
 /* Every prompt has its ids: check them all, then place every gen. */
 static void admit(cpm_admit *ad, cpm_job *j) {
+    if (j->tokenize_only) { /* the ids are the answer: no limits, no pipeline */
+        cpm_job_transition(j, CPM_JOB_RUNNING);
+        cpm_job_done(j);
+        return;
+    }
     for (int p = 0; p < j->n_prompts; p++)
         if (!check_prompt(ad, j, p))
             return;

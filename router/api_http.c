@@ -1,6 +1,7 @@
 /* api_http.c - HTTP routes, OpenAI requests to jobs, and the HTTP answer sink. */
 #include "api_http.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,8 +177,31 @@ static void respond_whole(cpm_job *j, const cpm_oai_usage *u) {
     free(json);
 }
 
+/* The context length, once the stages have told it (0 before). */
+static int max_model_len(const cpm_front_ctx *ctx) {
+    const cpm_model_facts *mf = cpm_pipeline_model(ctx->pipeline);
+    return mf ? mf->max_position : 0;
+}
+
+/* POST /tokenize's answer (vLLM's shape). */
+static void respond_tokens(http_answer *a, const cpm_job *j) {
+    json_t *ids = json_array();
+    for (int i = 0; ids && i < j->prompt_len[0]; i++)
+        json_array_append_new(ids, json_integer(j->prompt_ids[0][i]));
+    json_t *o = json_pack("{s:i, s:i, s:o}", "count", j->prompt_len[0], "max_model_len",
+                          max_model_len(a->api->ctx), "tokens", ids);
+    char *json = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    respond_json(a->conn, json ? 200 : 500, json ? json : "{}");
+    free(json);
+    json_decref(o);
+}
+
 static void sink_done(cpm_job *j) {
     http_answer *a = answer_of(j);
+    if (j->tokenize_only) {
+        respond_tokens(a, j);
+        return;
+    }
     cpm_oai_usage u = usage_of(j);
     if (!a->streaming) {
         respond_whole(j, &u);
@@ -290,7 +314,7 @@ static const char *client_request_id(const cpm_http_request *r) {
 
 /* A job for rq (owned by it from now on), answering on c. */
 static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req,
-                      cpm_oai_request *rq, int ep) {
+                      cpm_oai_request *rq, int ep, bool tokenize_only) {
     const cpm_front_ctx *ctx = api->ctx;
     http_answer *a = calloc(1, sizeof *a);
     cpm_job *j = a ? cpm_job_new(ctx->jobs, ep, ep == CPM_EP_CHAT ? "chatcmpl" : "cmpl",
@@ -308,7 +332,8 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     if (rq->ignored[0])
         cpm_log_write(ctx->log, CPM_LOG_INFO, j->id, "ignored unknown request fields: %s",
                       rq->ignored);
-    j->stream = rq->stream;
+    j->tokenize_only = tokenize_only;
+    j->stream = rq->stream && !tokenize_only;
     j->logprobs = rq->logprobs;
     j->top_logprobs = rq->top_logprobs;
     j->ignore_eos = rq->ignore_eos;
@@ -317,8 +342,8 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     j->stops = rq->stop;
     j->n_stops = rq->n_stop;
     cpm_http_conn_set_abort_cb(c, on_abort, j);
-    int n_prompts = rq->kind == CPM_OAI_CHAT ? 1 : rq->n_prompts;
-    if (cpm_job_init_gens(j, n_prompts, rq->n) || take_prompts(j, rq)) {
+    int n_prompts = rq->kind == CPM_OAI_CHAT || tokenize_only ? 1 : rq->n_prompts;
+    if (cpm_job_init_gens(j, n_prompts, tokenize_only ? 0 : rq->n) || take_prompts(j, rq)) {
         cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
         return;
     }
@@ -330,9 +355,9 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
 }
 
 static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req,
-                        cpm_oai_kind kind) {
+                        cpm_oai_kind kind, bool tokenize_only) {
     const cpm_front_ctx *ctx = api->ctx;
-    int ep = kind == CPM_OAI_CHAT ? CPM_EP_CHAT : CPM_EP_COMPLETIONS;
+    int ep = tokenize_only ? CPM_EP_OTHER : kind == CPM_OAI_CHAT ? CPM_EP_CHAT : CPM_EP_COMPLETIONS;
     cpm_oai_request *rq;
     cpm_oai_error oe;
     const char *why;
@@ -353,16 +378,25 @@ static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_requ
         cpm_oai_request_free(rq);
         ctx->metrics->requests[ep][CPM_OUT_OVERLOAD]++;
     } else {
-        start_job(api, c, req, rq, ep);
+        start_job(api, c, req, rq, ep, tokenize_only);
     }
 }
 
 static void on_completions(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
-    on_generate(api, c, req, CPM_OAI_COMPLETION);
+    on_generate(api, c, req, CPM_OAI_COMPLETION, false);
+}
+
+/* POST /tokenize (vLLM's): {"prompt": "..."} or {"messages": [...]} (the chat template
+ * applied) -> {"count", "max_model_len", "tokens"}; through admission's tokenizer calls. */
+static void on_tokenize(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    json_t *root = json_loadb(req->body, req->body_len, 0, NULL);
+    bool chat = json_is_object(root) && json_object_get(root, "messages");
+    json_decref(root);
+    on_generate(api, c, req, chat ? CPM_OAI_CHAT : CPM_OAI_COMPLETION, true);
 }
 
 static void on_chat(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
-    on_generate(api, c, req, CPM_OAI_CHAT);
+    on_generate(api, c, req, CPM_OAI_CHAT, false);
 }
 
 /* ---- status endpoints ----------------------------------------------------------------------- */
@@ -401,12 +435,6 @@ static void on_ready(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request
     cpm_strbuf_add(&b, "]}", 2);
     respond_json(c, b.p ? (ready ? 200 : 503) : 500, b.p ? b.p : "{}");
     free(b.p);
-}
-
-/* The context length, once the stages have told it (0 before). */
-static int max_model_len(const cpm_front_ctx *ctx) {
-    const cpm_model_facts *mf = cpm_pipeline_model(ctx->pipeline);
-    return mf ? mf->max_position : 0;
 }
 
 static void on_models(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
@@ -470,6 +498,7 @@ static const struct route {
 } routes[] = {
     {"POST", "/v1/completions", on_completions},
     {"POST", "/v1/chat/completions", on_chat},
+    {"POST", "/tokenize", on_tokenize},
     {"GET", "/v1/models", on_models},
     {"GET", "/health", on_health},
     {"GET", "/live", on_health},

@@ -152,6 +152,7 @@ struct cpm_job {
     const char **prompt_text; /* per prompt; NULL when its ids are known */
     cpm_tokc_msg *chat;        /* a chat's messages (one prompt) */
     int n_chat;
+    bool tokenize_only; /* POST /tokenize: no gens; the answer is prompt 0's ids */
     int tok_pending; /* prompts at the tokenizer */
     int tok_attempts; /* failed tokenize calls */
     int n_gens, n_done;

@@ -435,6 +435,25 @@ def test_bad_input(vocab):
               "%s: got %s %s" % (name, status, text))
         if want_code:
             check(err.get("code") == want_code, "%s: code %s" % (name, err.get("code")))
+    # POST /tokenize (vLLM's shape): ids come back as they are; with a tokenizer, text and a
+    # chat (whose template adds tokens) through the tokenizer service
+    status, text = request("POST", "/tokenize", {"prompt": [5, 6, 7]})
+    t = json.loads(text)
+    check(status == 200 and t.get("tokens") == [5, 6, 7] and t.get("count") == 3 and
+          t.get("max_model_len", 0) > 0, "/tokenize ids: %s %s" % (status, text))
+    if HAS_TOKENIZER:
+        status, text = request("POST", "/tokenize", {"prompt": "Hello world", "add_special_tokens": True})
+        plain = json.loads(text)
+        status2, text2 = request("POST", "/tokenize",
+                                 {"messages": [{"role": "user", "content": "Hello world"}]})
+        chat = json.loads(text2)
+        check(status == 200 and status2 == 200 and plain["count"] == len(plain["tokens"]) > 1 and
+              chat["count"] > plain["count"], "/tokenize text/chat: %s %s / %s %s"
+              % (status, text, status2, text2))
+    else:
+        status, text = request("POST", "/tokenize", {"prompt": "Hello"})
+        check(status == 400 and json.loads(text)["error"]["code"] == "no_tokenizer",
+              "/tokenize text without a tokenizer: %s %s" % (status, text))
     # GET /v1/models/{id} (with the context length), a wrong id 404, /version
     status, text = request("GET", "/v1/models/" + MODEL_NAME)
     m = json.loads(text)
