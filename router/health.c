@@ -233,24 +233,28 @@ void cpm_health_kv(const cpm_health *h, int *used, int *total) {
 
 /* ---- polls ---------------------------------------------------------------------------- */
 
-/* sv of replica p stopped answering: the replica takes no new work; the owner moves or
- * fails what it had (every micro-batch passes every stage, so none can come back). */
+/* sv of replica p stopped answering, or is draining (stopping): the replica takes no new
+ * work; the owner moves or fails what it had (every micro-batch passes every stage, so
+ * none can come back). */
 static void replica_down(cpm_health *h, replica *p, const cpm_svc *sv) {
-    char why[160];
-    snprintf(why, sizeof why, "pipeline stage %s stopped answering (%s)", sv->name, sv->status);
+    char why[256];
+    if (!strcmp(sv->status, CPM_HEALTH_DRAINING))
+        snprintf(why, sizeof why, "pipeline stage %s is stopping (draining)", sv->name);
+    else
+        snprintf(why, sizeof why, "pipeline stage %s stopped answering (%s)", sv->name, sv->status);
     if (!p->down)
         LOG(h, CPM_LOG_WARN, "%s; its pipeline replica takes no new work", why);
     p->down = true;
     h->hooks.replica_down(h->hooks.ud, (int)(p - h->replicas), why);
 }
 
-/* A service of p answered again: p serves again once all of them do. */
+/* A service of p answered again: p serves again once all of them answer ready. */
 static void replica_maybe_up(cpm_health *h, replica *p) {
     for (int i = 0; i < p->n_stages; i++)
-        if (h->svcs[p->stage_svc[i]].misses > 0)
+        if (h->svcs[p->stage_svc[i]].misses > 0 || !h->svcs[p->stage_svc[i]].ready)
             return;
     for (int i = 0; i < p->n_tp; i++)
-        if (h->svcs[p->tp_svc[i]].misses > 0)
+        if (h->svcs[p->tp_svc[i]].misses > 0 || !h->svcs[p->tp_svc[i]].ready)
             return;
     if (!p->down)
         return;
@@ -306,7 +310,9 @@ static void on_answer(cpm_health *h, cpm_svc *sv, replica *p, bool last_stage,
     snprintf(sv->status, sizeof sv->status, "%s", hr->status ? hr->status : "");
     sv->kv_used = (int)hr->kv_used;
     sv->kv_total = (int)hr->kv_total;
-    if (p)
+    if (p && !strcmp(sv->status, CPM_HEALTH_DRAINING))
+        replica_down(h, p, sv);
+    else if (p)
         replica_maybe_up(h, p);
     if (last_stage && hr->ready && hr->model)
         h->hooks.model_info(h->hooks.ud, hr->model);

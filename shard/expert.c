@@ -250,6 +250,14 @@ void cpm_expert_get_stats(const cpm_expert *ex, cpm_expert_stats *ret) {
     ret->bad_messages = w.bad_messages;
 }
 
+void cpm_expert_drain(cpm_expert *ex) {
+    cpm_worker_drain(ex->w);
+}
+
+bool cpm_expert_busy(const cpm_expert *ex) {
+    return cpm_worker_busy(ex->w);
+}
+
 void cpm_expert_free(cpm_expert *ex) {
     if (!ex || ex->closing)
         return;

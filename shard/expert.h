@@ -57,6 +57,11 @@ void cpm_expert_get_stats(const cpm_expert *ex, cpm_expert_stats *ret);
 
 /* Stops taking work, closes the socket, and frees everything once the running job (if
  * any) is done and the loop has run. Accepts NULL. */
+/* Graceful stop (SIGTERM): health says "draining" (not ready) while accepted work
+ * finishes; cpm_expert_busy says whether any is left. */
+void cpm_expert_drain(cpm_expert *ex);
+bool cpm_expert_busy(const cpm_expert *ex);
+
 void cpm_expert_free(cpm_expert *ex);
 
 #endif

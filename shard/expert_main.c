@@ -15,6 +15,14 @@ typedef struct app {
     const cpm_log *log;
 } app;
 
+static void drain(void *user) {
+    cpm_expert_drain(((app *)user)->ex);
+}
+
+static bool busy(void *user) {
+    return cpm_expert_busy(((app *)user)->ex);
+}
+
 static void stop(void *user) {
     app *a = user;
     cpm_expert_stats s;
@@ -115,7 +123,7 @@ int main(int argc, char **argv) {
     cpm_log_info(&a.log, "experts %d..%d of %s on %s, loading", o.expert_begin, o.expert_end, o.model_dir,
                  o.bind);
     app ap = {.ex = ex, .log = &a.log};
-    cpm_svc_run(loop, stop, &ap, &a.log);
+    cpm_svc_run(loop, &(cpm_svc_life){stop, drain, busy, &ap}, &a.log);
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);

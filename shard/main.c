@@ -16,6 +16,14 @@ typedef struct app {
     const cpm_log *log;
 } app;
 
+static void drain(void *user) {
+    cpm_stage_drain(((app *)user)->st);
+}
+
+static bool busy(void *user) {
+    return cpm_stage_busy(((app *)user)->st);
+}
+
 static void stop(void *user) {
     app *a = user;
     cpm_stage_stats s;
@@ -157,7 +165,7 @@ int main(int argc, char **argv) {
                  o.model_dir, o.bind, o.next ? o.next : "(its rank 0)",
                  o.n_experts ? ", experts in the expert services" : "", tp);
     app ap = {.st = st, .log = &a.log};
-    cpm_svc_run(loop, stop, &ap, &a.log);
+    cpm_svc_run(loop, &(cpm_svc_life){stop, drain, busy, &ap}, &a.log);
     uv_loop_close(loop);
     cpm_config_free(a.config);
     zmq_ctx_term(z);

@@ -830,6 +830,14 @@ void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret) {
     ret->queued = w.queued;
 }
 
+void cpm_stage_drain(cpm_stage *st) {
+    cpm_worker_drain(st->w);
+}
+
+bool cpm_stage_busy(const cpm_stage *st) {
+    return cpm_worker_busy(st->w);
+}
+
 void cpm_stage_free(cpm_stage *st) {
     if (!st || st->closing)
         return;

@@ -95,6 +95,11 @@ void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret);
 
 /* Stops taking work, closes the sockets, and frees everything once the running job (if
  * any) is done and the loop has run. Accepts NULL. */
+/* Graceful stop (SIGTERM): health says "draining" (not ready) while accepted work
+ * finishes; cpm_stage_busy says whether any is left. */
+void cpm_stage_drain(cpm_stage *st);
+bool cpm_stage_busy(const cpm_stage *st);
+
 void cpm_stage_free(cpm_stage *st);
 
 #endif

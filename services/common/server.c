@@ -93,6 +93,14 @@ void cpm_server_get_stats(const cpm_server *s, cpm_server_stats *ret) {
                               .bad_messages = w.bad_messages, .inflight = w.running + w.queued};
 }
 
+void cpm_server_drain(cpm_server *s) {
+    cpm_worker_drain(s->w);
+}
+
+bool cpm_server_busy(const cpm_server *s) {
+    return cpm_worker_busy(s->w);
+}
+
 void cpm_server_free(cpm_server *s) {
     if (!s || s->closing)
         return;

@@ -50,6 +50,11 @@ void cpm_server_get_stats(const cpm_server *s, cpm_server_stats *ret);
 
 /* Stops taking requests; replies of running handlers are dropped. The memory is
  * released once those handlers finish and the loop has run. Accepts NULL. */
+/* Graceful stop (SIGTERM): health says "draining" (not ready) while accepted work
+ * finishes; cpm_server_busy says whether any is left. */
+void cpm_server_drain(cpm_server *s);
+bool cpm_server_busy(const cpm_server *s);
+
 void cpm_server_free(cpm_server *s);
 
 #endif

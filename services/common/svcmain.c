@@ -115,25 +115,57 @@ void cpm_svc_tune_malloc(void) {
 }
 
 typedef struct sigctx {
-    void (*stop)(void *);
-    void *user;
+    cpm_svc_life life;
     const cpm_log *log;
     uv_signal_t sigint, sigterm;
+    uv_timer_t drain;
+    uint64_t drain_start;
+    bool draining, stopped;
 } sigctx;
+
+static void stop_now(sigctx *c) {
+    if (c->stopped)
+        return;
+    c->stopped = true;
+    uv_close((uv_handle_t *)&c->sigint, NULL);
+    uv_close((uv_handle_t *)&c->sigterm, NULL);
+    uv_close((uv_handle_t *)&c->drain, NULL);
+    c->life.stop(c->life.user);
+}
+
+static void on_drain_tick(uv_timer_t *t) {
+    sigctx *c = t->data;
+    uint64_t ms = (uv_hrtime() - c->drain_start) / 1000000u;
+    bool busy = c->life.busy && c->life.busy(c->life.user);
+    if (ms < CPM_SVC_DRAIN_MIN_MS || (busy && ms < CPM_SVC_DRAIN_MAX_MS))
+        return;
+    if (busy)
+        cpm_log_warn(c->log, "drain: work still running after %d ms: stopping anyway",
+                     CPM_SVC_DRAIN_MAX_MS);
+    stop_now(c);
+}
 
 static void on_signal(uv_signal_t *h, int signum) {
     sigctx *c = h->data;
+    if (signum == SIGTERM && c->life.drain && !c->draining) {
+        cpm_log_info(c->log, "signal %d: draining (health: not ready; accepted work finishes)",
+                     signum);
+        c->draining = true;
+        c->drain_start = uv_hrtime();
+        c->life.drain(c->life.user);
+        uv_timer_start(&c->drain, on_drain_tick, 100, 100);
+        return;
+    }
     cpm_log_info(c->log, "signal %d: stopping", signum);
-    uv_close((uv_handle_t *)&c->sigint, NULL);
-    uv_close((uv_handle_t *)&c->sigterm, NULL);
-    c->stop(c->user);
+    stop_now(c);
 }
 
-void cpm_svc_run(uv_loop_t *loop, void (*stop)(void *user), void *user, const cpm_log *log) {
-    sigctx c = {.stop = stop, .user = user, .log = log};
+void cpm_svc_run(uv_loop_t *loop, const cpm_svc_life *life, const cpm_log *log) {
+    sigctx c = {.life = *life, .log = log};
     uv_signal_init(loop, &c.sigint);
     uv_signal_init(loop, &c.sigterm);
-    c.sigint.data = c.sigterm.data = &c;
+    uv_timer_init(loop, &c.drain);
+    c.sigint.data = c.sigterm.data = c.drain.data = &c;
     uv_signal_start(&c.sigint, on_signal, SIGINT);
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_run(loop, UV_RUN_DEFAULT);

@@ -75,8 +75,21 @@ int cpm_svc_secure(const cpm_config *cfg, const char *keys_dir, bool plaintext, 
  * up to 64 MiB come from the heap instead; the weights and KV cache, larger, still map. */
 void cpm_svc_tune_malloc(void);
 
-/* Runs loop until SIGINT/SIGTERM, then calls stop(user) and runs the loop until
- * every handle is closed. */
-void cpm_svc_run(uv_loop_t *loop, void (*stop)(void *user), void *user, const cpm_log *log);
+/* How a service stops. */
+typedef struct cpm_svc_life {
+    void (*stop)(void *user);  /* close everything now (required) */
+    void (*drain)(void *user); /* stop taking work: health says "draining" (NULL: stop at once) */
+    bool (*busy)(void *user);  /* work accepted and not finished yet (NULL: never) */
+    void *user;
+} cpm_svc_life;
+
+#define CPM_SVC_DRAIN_MIN_MS 1200 /* a drain lasts this long at least: the router polls health
+                                     every second and must see it to stop sending here */
+#define CPM_SVC_DRAIN_MAX_MS 5000 /* and at most this: then stop, whatever is left */
+
+/* Runs loop until a signal. SIGTERM drains (life->drain, then life->stop once nothing is
+ * busy, between the two bounds above); SIGINT or a second signal stops at once. Then
+ * runs the loop until every handle is closed. */
+void cpm_svc_run(uv_loop_t *loop, const cpm_svc_life *life, const cpm_log *log);
 
 #endif

@@ -17,6 +17,11 @@
 /* Must equal cpm.v1.ProtocolVersion.PROTOCOL_VERSION_CURRENT (checked at build time in wire.c). */
 #define CPM_WIRE_VERSION 1
 
+/* Health.status of a service that is stopping gracefully (ready = false): the router sends
+ * it nothing new (a stage's replica goes down and its sequences move) while the work it
+ * already accepted finishes. */
+#define CPM_HEALTH_DRAINING "draining"
+
 /* Most rows one forward/result/sample message may carry, and most ids in any id list. */
 #define CPM_WIRE_MAX_ROWS 65536
 #define CPM_WIRE_MAX_IDS (1 << 20)

@@ -33,7 +33,7 @@ struct cpm_worker {
     uv_work_t load_work;
     int load_rc;
     cpm_error load_err;
-    bool loading, ready, closing;
+    bool loading, ready, closing, draining;
     cpm_worker_stats stats;
     uint64_t started_ns;
     uint64_t incarnation; /* this process's, in every health reply */
@@ -86,6 +86,14 @@ void cpm_worker_free(cpm_worker *w) {
     w->sock = NULL;
     if (idle(w))
         finish(w);
+}
+
+void cpm_worker_drain(cpm_worker *w) {
+    w->draining = true;
+}
+
+bool cpm_worker_busy(const cpm_worker *w) {
+    return w->stats.running > 0 || w->stats.queued > 0 || w->loading;
 }
 
 void cpm_worker_get_stats(const cpm_worker *w, cpm_worker_stats *ret) {
@@ -202,8 +210,10 @@ static void answer_health(cpm_worker *w, const cpm_inmsg *m) {
     Cpm__V1__Health h = CPM__V1__HEALTH__INIT;
     h.service = w->service;
     h.name = w->name;
-    h.ready = w->ready;
-    if (w->loading)
+    h.ready = w->ready && !w->draining;
+    if (w->draining)
+        snprintf(w->status, sizeof w->status, CPM_HEALTH_DRAINING);
+    else if (w->loading)
         snprintf(w->status, sizeof w->status, "loading");
     else if (!w->ready)
         snprintf(w->status, sizeof w->status, "failed: %s", w->load_err.msg);

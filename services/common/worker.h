@@ -95,6 +95,13 @@ typedef struct cpm_worker_stats {
 
 void cpm_worker_get_stats(const cpm_worker *w, cpm_worker_stats *ret);
 
+/* Graceful stop, first step: health says not ready ("draining"); requests that still come
+ * are served (the router notices at its next poll). */
+void cpm_worker_drain(cpm_worker *w);
+
+/* Work accepted and not finished (running, queued, or the load). */
+bool cpm_worker_busy(const cpm_worker *w);
+
 /* Stops taking requests (the ROUTER closes now); replies of running jobs are dropped.
  * ops.release runs, and the worker's memory goes, once no job nor load runs: at once
  * if none does (inside this call). After this call the worker sends nothing, so the

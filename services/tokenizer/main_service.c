@@ -12,6 +12,14 @@ static void stop(void *user) {
     cpm_server_free(user);
 }
 
+static void drain(void *user) {
+    cpm_server_drain(user);
+}
+
+static bool busy(void *user) {
+    return cpm_server_busy(user);
+}
+
 int main(int argc, char **argv) {
     cpm_svc_args a;
     cpm_svc_cli spec = {.prog = "cpm-tokenizer", .role = "tokenizer",
@@ -63,7 +71,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     cpm_log_info(&a.log, "serving %s on %s (vocab %d)", model, bind, (int)cpm_tokenizer_vocab_size(tok));
-    cpm_svc_run(loop, stop, srv, &a.log);
+    cpm_svc_run(loop, &(cpm_svc_life){stop, drain, busy, srv}, &a.log);
     uv_loop_close(loop);
     cpm_tokenizer_free(tok);
     cpm_config_free(a.config);

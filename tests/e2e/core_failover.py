@@ -13,6 +13,8 @@ again and carries on: the clients see nothing but a pause (docs/ARCHITECTURE.md,
    lost or repeated; /metrics counts the failover; /ready stays 200 (replica 1 serves).
 3. New requests keep working on the surviving replica; the restarted stage brings
    replica 0 back and it serves again.
+4. A stage stopped with SIGTERM (a rolling update) drains: its health says "draining",
+   the router moves its replica's sequences at once, it exits 0, no stream notices.
 
 usage: core_failover.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
 """
@@ -151,7 +153,44 @@ def main():
     del procs["p1s1"]
     print("ok 3 - the survivor served on; the restarted stage brought replica 0 back, and with replica 1 "
           "then losing a stage too, replica 0 alone gave the same answers as the first run")
+    drain_a_stage(cfg, port, rpc_ep, prompts, refs, texts)
     h.stop_cleanly()
+
+
+def drain_a_stage(cfg, port, rpc_ep, prompts, refs, texts):
+    """4. A stage stopped with SIGTERM (a rolling update) drains: its health says so, the
+    router moves its replica's sequences at once, it exits 0, and no stream notices."""
+    start(cfg, "stage", 3, "p1s1")
+    t0 = time.time()
+    while open(os.path.join(tmp, "router.log")).read().count("replica 1 answers again") < 1:
+        if time.time() - t0 > 20:
+            fail("4: replica 1 did not come back")
+        time.sleep(0.1)
+    before = failovers(port)
+    ss = [RpcStream(h, rpc_ep, prompts[0], N_GEN, "drain-a"), RpcStream(h, rpc_ep, prompts[0], N_GEN, "drain-b"),
+          SseStream(port, prompts[0], N_GEN), SseStream(port, prompts[0], N_GEN)]
+    for s in ss:
+        s.start()
+    t0 = time.time()
+    while min(len(s.ids) if isinstance(s, RpcStream) else len(s.pieces) for s in ss) < 8 \
+            and time.time() - t0 < 30:
+        time.sleep(0.005)
+    procs["p0s1"].terminate()
+    rc = procs["p0s1"].wait(20)
+    for s in ss:
+        s.join(60)
+        if isinstance(s, RpcStream) and (s.ids != refs[0] or s.final.token_event.HasField("error")):
+            fail("4: rpc stream across the drain: %s" % s.ids)
+        if isinstance(s, SseStream) and ("".join(s.pieces) != texts[0] or s.blocks[-1] != "data: [DONE]"):
+            fail("4: SSE stream across the drain: %r" % "".join(s.pieces))
+    log = open(os.path.join(tmp, "router.log")).read()
+    if rc != 0 or "stage1 is stopping (draining)" not in log or failovers(port) <= before:
+        fail("4: stage exit %s, draining seen %s, failovers %s -> %s" %
+             (rc, "is stopping (draining)" in log, before, failovers(port)))
+    del procs["p0s1"]
+    print("ok 4 - a stage SIGTERMed mid-stream drained (health 'draining', the router moved %d "
+          "sequence(s) at once), exited 0; all 4 streams == the uninterrupted run"
+          % (failovers(port) - before))
 
 
 h.run(main)
