@@ -78,7 +78,7 @@ int cpm_expert_client_new(void *zctx, const cpm_curve *curve, const cpm_expert_p
          * fails the call at its deadline instead of receiving stale work on restart. */
         if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &zero, sizeof zero) ||
             zmq_setsockopt(p->sock, ZMQ_IMMEDIATE, &one, sizeof one) ||
-            cpm_sock_secure(p->sock, curve, false, NULL, NULL) ||
+            cpm_sock_dial_opts(p->sock, curve, NULL) ||
             cpm_peerwatch_new(zctx, p->sock, &p->watch, NULL) || zmq_connect(p->sock, p->endpoint)) {
             int rc = cpm_error_set(err, CPM_EINVAL, "expert client: %s (%s): %s", p->name, p->endpoint,
                                    zmq_strerror(zmq_errno()));

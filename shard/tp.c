@@ -60,7 +60,7 @@ static void *dial(void *zctx, const cpm_curve *curve, int type, const char *endp
     void *s = zmq_socket(zctx, type);
     if (s && (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) ||
               zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) ||
-              cpm_sock_secure(s, curve, false, NULL, NULL) ||
+              cpm_sock_dial_opts(s, curve, NULL) ||
               cpm_peerwatch_new(zctx, s, watch, NULL) || zmq_connect(s, endpoint))) {
         cpm_peerwatch_free(*watch);
         *watch = NULL;

@@ -26,14 +26,9 @@ int cpm_peerwatch_new(void *zctx, void *zsock, cpm_peerwatch **ret, cpm_error *e
     static atomic_ulong next_id;
     char ep[64];
     snprintf(ep, sizeof ep, "inproc://cpm-peerwatch-%lu", atomic_fetch_add(&next_id, 1));
-    /* A heartbeat every second, a peer silent for three is gone: a host that vanished
-     * without closing its connections is noticed too. */
-    int ivl = CPM_PEERWATCH_HEARTBEAT_MS, timeout = 3 * CPM_PEERWATCH_HEARTBEAT_MS, zero = 0;
-    int events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED;
+    int zero = 0, events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED;
     w->zsock = zsock;
-    if (zmq_setsockopt(zsock, ZMQ_HEARTBEAT_IVL, &ivl, sizeof ivl) ||
-        zmq_setsockopt(zsock, ZMQ_HEARTBEAT_TIMEOUT, &timeout, sizeof timeout) ||
-        zmq_socket_monitor(zsock, ep, events) || !(w->mon = zmq_socket(zctx, ZMQ_PAIR)) ||
+    if (zmq_socket_monitor(zsock, ep, events) || !(w->mon = zmq_socket(zctx, ZMQ_PAIR)) ||
         zmq_setsockopt(w->mon, ZMQ_LINGER, &zero, sizeof zero) || zmq_connect(w->mon, ep)) {
         int rc = cpm_error_set(err, CPM_EIO, "peer watch: %s", zmq_strerror(zmq_errno()));
         cpm_peerwatch_free(w);

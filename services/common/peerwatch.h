@@ -5,7 +5,7 @@
  * wait for the whole compute deadline (router.timeout_ms, 30 s by default). A watch
  * reads the socket's monitor events: the link is up once a handshake succeeds and
  * down at a disconnect, which the kernel reports at once when the peer's process dies
- * (and ZMTP heartbeats within CPM_PEERWATCH_HEARTBEAT_MS * 3 when its host does).
+ * (and the ZMTP heartbeats cpm_sock_dial_opts turns on, within 3 s, when its host does).
  *
  *   void *s = zmq_socket(zctx, ZMQ_DEALER);
  *   cpm_peerwatch_new(zctx, s, &w, &e);        // before zmq_connect
@@ -24,13 +24,11 @@
 
 #include "common/error.h"
 
-#define CPM_PEERWATCH_HEARTBEAT_MS 1000
 #define CPM_PEERWATCH_GRACE_MS 1000 /* how long a call waits for a link that is down */
 
 typedef struct cpm_peerwatch cpm_peerwatch;
 
-/* Watches zsock (a connecting socket of context zctx) and turns on ZMTP heartbeats on it.
- * Call before zmq_connect. */
+/* Watches zsock (a connecting socket of context zctx). Call before zmq_connect. */
 int cpm_peerwatch_new(void *zctx, void *zsock, cpm_peerwatch **ret, cpm_error *err);
 
 /* Readable (ZMQ_POLLIN) when an event waits: poll it beside the data socket. */

@@ -187,6 +187,16 @@ void cpm_endpoint_listen(const char *endpoint, char *out, size_t size) {
         snprintf(out, size, "tcp://*%s", colon);
 }
 
+int cpm_sock_dial_opts(void *zsock, const cpm_curve *curve, cpm_error *err) {
+    int connect_ms = CPM_SOCK_CONNECT_MS, ivl = CPM_SOCK_HEARTBEAT_MS,
+        timeout = 3 * CPM_SOCK_HEARTBEAT_MS;
+    if (zmq_setsockopt(zsock, ZMQ_CONNECT_TIMEOUT, &connect_ms, sizeof connect_ms) ||
+        zmq_setsockopt(zsock, ZMQ_HEARTBEAT_IVL, &ivl, sizeof ivl) ||
+        zmq_setsockopt(zsock, ZMQ_HEARTBEAT_TIMEOUT, &timeout, sizeof timeout))
+        return zerr(err, "connect options");
+    return cpm_sock_secure(zsock, curve, false, NULL, err);
+}
+
 int cpm_sock_secure(void *zsock, const cpm_curve *curve, bool listen, const char *admit,
                     cpm_error *err) {
     if (!curve)
@@ -208,7 +218,7 @@ int cpm_sock_bind(cpm_sock *s, const char *endpoint, cpm_error *err) {
 }
 
 int cpm_sock_connect(cpm_sock *s, const char *endpoint, cpm_error *err) {
-    int rc = cpm_sock_secure(s->z, s->opts.curve, false, NULL, err);
+    int rc = cpm_sock_dial_opts(s->z, s->opts.curve, err);
     if (rc)
         return rc;
     if (zmq_connect(s->z, endpoint))
@@ -625,7 +635,7 @@ int cpm_rpc_call(void *zctx, const cpm_curve *curve, const char *endpoint, cpm_e
     /* A fresh socket per call, so corr only has to differ from stale replies: none can arrive. */
     env->corr = (uint64_t)uv_hrtime() | 1;
     if ((rc = set_opts(z, ZMQ_DEALER, &so, err)) || (rc = build(&o, NULL, env, tensor, err)) ||
-        (rc = cpm_sock_secure(z, curve, false, NULL, err)))
+        (rc = cpm_sock_dial_opts(z, curve, err)))
         goto out;
     if (zmq_connect(z, endpoint)) {
         rc = cpm_error_set(err, CPM_EIO, "connect %s: %s", endpoint, zmq_strerror(zmq_errno()));

@@ -135,6 +135,16 @@ void cpm_sock_free(cpm_sock *s);
  * 127.0.0.1; IP addresses and ipc:// paths are bound as written. */
 void cpm_endpoint_listen(const char *endpoint, char *out, size_t size);
 
+/* Every connecting socket: a connect attempt gives up after CPM_SOCK_CONNECT_MS (then the
+ * name is resolved again: a pod back at a new address is found within seconds, not after
+ * the kernel's ~2 min of SYN retries to the old one), ZMTP heartbeats every
+ * CPM_SOCK_HEARTBEAT_MS drop a peer silent for three (a host that vanished), and the
+ * CURVE client options (curve NULL: plain text). Before zmq_connect; cpm_sock_connect
+ * and cpm_rpc_call apply it, the compute threads' raw sockets call it. */
+#define CPM_SOCK_CONNECT_MS 1000
+#define CPM_SOCK_HEARTBEAT_MS 1000
+int cpm_sock_dial_opts(void *zsock, const cpm_curve *curve, cpm_error *err);
+
 /* Sets the CURVE options of a raw zmq socket (for the few sockets not wrapped in a
  * cpm_sock): before zmq_bind with listen, before zmq_connect without. No-op when curve is
  * NULL (plain text). */
