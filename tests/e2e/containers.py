@@ -130,6 +130,10 @@ class Image:
         if hostname:
             env["HOSTNAME"] = hostname
         env.update(dict(extra))
+        # to try a library-level change without rebuilding (e.g. a libzmq option set by a
+        # zmq_connect wrapper), every container can get a preload: not used by the tests
+        if os.environ.get("CPM_E2E_LD_PRELOAD"):
+            env["LD_PRELOAD"] = os.environ["CPM_E2E_LD_PRELOAD"]
         return env
 
     def argv(self, entrypoint=None, cmd=None):
