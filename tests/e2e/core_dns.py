@@ -12,12 +12,13 @@ cluster file (cluster-config/compose.yaml) names every endpoint by service name.
    container becomes healthy by its own health check (the image's HEALTHCHECK, by role);
 2. a chat request from outside (the published port, with the API key) gives cpm-run's
    greedy tokens;
-3. each stage in turn is re-created with a NEW address (`docker compose up
-   --force-recreate`): the name moves, the router's health check stays good while /ready
-   is 503, then the cluster serves the same tokens again (names are resolved again on
-   every reconnect);
-4. SIGTERM stops every container with status 0;
-5. the image's default command alone (`docker run`: `cpm-cluster up` with the built-in
+3-4. stage-1, then stage-0, is re-created with a NEW address (`docker compose up
+   --force-recreate`: the container leaves the network, so its name stops resolving,
+   then comes back at another address): the router's health check stays good while
+   /ready is 503, then the cluster serves the same tokens again (names are resolved
+   again on every reconnect);
+5. SIGTERM stops every container with status 0;
+6. the image's default command alone (`docker run`: `cpm-cluster up` with the built-in
    cluster file, keys made at the first start) serves the same tokens, and its health
    check (no role: /ready) passes.
 
@@ -27,6 +28,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -333,6 +335,7 @@ def run(net, image):
     check(rc == 0, "default command: exit %s after SIGTERM" % rc)
     print("ok 6 - the image's default command (%s) serves alone: health check (/ready) good after %.1f s, "
           "chat == cpm-run, SIGTERM exits 0" % (" ".join(image.argv()), time.time() - t0))
+    shutil.rmtree(model)  # 82 MB; the logs stay
 
 
 h.run(main)

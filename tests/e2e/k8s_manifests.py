@@ -37,6 +37,7 @@ import hashlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -368,7 +369,7 @@ class Cluster:
             if time.time() - t0 > limit:
                 if quiet:
                     return limit
-                fail("%s: not within %d s; pods: %s" % (what, limit, self.describe()))
+                fail("%s: not within %d s; pods: %s%s" % (what, limit, self.describe(), self.stuck()))
             self.tick()
             time.sleep(0.05)
         return time.time() - t0
@@ -376,6 +377,17 @@ class Cluster:
     def all_ready(self):
         want = sum(w["spec"].get("replicas", 1) for w in self.workloads)
         return len(self.pods) == want and all(p.ready for p in self.pods)
+
+    def stuck(self):
+        """Connection attempts that still wait for an answer (SYN sent), by pod: where a
+        process dials an address that no pod has any more."""
+        out = ""
+        for p in self.pods:
+            r = subprocess.run(["ip", "netns", "exec", p.host.ns, "ss", "-tnpH", "state", "syn-sent"],
+                               capture_output=True, text=True)
+            for line in r.stdout.splitlines():
+                out += "\n  %s (%s): SYN-SENT %s" % (p.name, p.ip, " ".join(line.split()))
+        return "\nconnection attempts still waiting:" + out if out else ""
 
     def describe(self):
         return "; ".join("%s %s%s%s %s" % (p.name, p.ip, " started" if p.started else "",
@@ -410,8 +422,8 @@ def serve(cl, key, want, what):
     check(addr is not None, "%s: the router Service has no ready endpoint" % what)
     st, ids, out = chat(addr, port, key, PROMPT, N_GEN)
     if st != 200 or ids != want:
-        fail("%s: chat through Service cpm-router (%s:%d): %s %s\n want (cpm-run) %s"
-             % (what, addr, port, st, ids or out, want))
+        fail("%s: chat through Service cpm-router (%s:%d): %s %s\n want (cpm-run) %s%s"
+             % (what, addr, port, st, ids or out, want, cl.stuck()))
     return addr
 
 
@@ -456,5 +468,6 @@ def run(net, image):
     check(not unclean, "exit status after SIGTERM: %s" % unclean)
     print("ok 5 - no liveness probe failed throughout; deleting the %d pods ends every container with "
           "status 0" % len(codes))
+    shutil.rmtree(model)  # 82 MB; the logs stay
 
 h.run(main)
