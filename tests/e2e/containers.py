@@ -208,6 +208,12 @@ def request(addr, port, method, path, body=None, headers=None, timeout=30):
         return r.status, data
 
 
+def refused_without_key(addr, port):
+    """The HTTP API asks for a key: a chat request without one gets 401 (the status)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    return request(addr, port, "POST", "/v1/chat/completions", body)[0]
+
+
 def chat(addr, port, api_key, text, n):
     """A greedy one-turn chat with n tokens and their ids: (status, ids, body)."""
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": n, "temperature": 0,

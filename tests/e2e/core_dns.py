@@ -35,7 +35,7 @@ import time
 
 import yaml
 
-from containers import DOCKERFILE, SRC, Image, chat, make_model, reference_chat, request
+from containers import DOCKERFILE, SRC, Image, chat, make_model, reference_chat, refused_without_key, request
 from harness import E2E
 from netns import Net, skip_unless_possible
 
@@ -284,8 +284,10 @@ def run(net, image):
 
     # 2. a chat request from outside
     check_chat(addr, port, key, want, "2")
-    print("ok 2 - chat through the published port (%s:%d, API key) == cpm-run greedy, %d tokens"
-          % (addr, port, N_GEN))
+    st = refused_without_key(addr, port)
+    check(st == 401, "2: a chat request without the API key: %s" % st)
+    print("ok 2 - chat through the published port (%s:%d, API key) == cpm-run greedy, %d tokens; 401 "
+          "without the key" % (addr, port, N_GEN))
 
     # 3. each stage re-created with a new address
     for k, name in enumerate(("stage-1", "stage-0")):

@@ -45,7 +45,7 @@ import time
 
 import yaml
 
-from containers import SRC, Image, chat, make_model, reference_chat, request
+from containers import SRC, Image, chat, make_model, reference_chat, refused_without_key, request
 from harness import E2E, make_keys
 from netns import Net, skip_unless_possible
 
@@ -445,8 +445,10 @@ def run(net, image):
 
     # 2. a chat request through the router Service with the API key
     addr = serve(cl, key, want, "2")
-    print("ok 2 - chat through Service cpm-router (%s) with the API key == cpm-run greedy, %d tokens"
-          % (addr, N_GEN))
+    st = refused_without_key(*cl.service_address("cpm-router", "http"))
+    check(st == 401, "2: a chat request without the API key: %s" % st)
+    print("ok 2 - chat through Service cpm-router (%s) with the API key == cpm-run greedy, %d tokens; "
+          "401 without the key" % (addr, N_GEN))
 
     # 3. a stage pod deleted: the StatefulSet makes it again, same name, new address
     # 4. the router pod deleted: the Deployment makes a new one, new name and address
