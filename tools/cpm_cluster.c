@@ -717,10 +717,11 @@ static int role_proc(const cpm_config *c, const char *spec, int *ret, cpm_error 
     int nl = colon ? (int)(colon - spec) : (int)strlen(spec);
     snprintf(name, sizeof name, "%.*s", nl, spec);
     const char *idx_text = colon ? colon + 1 : getenv("CPM_INDEX");
+    bool from_host = false; /* a guess: a Deployment's pod name may end in digits too */
     if (!idx_text && gethostname(host, sizeof host - 1) == 0) {
         const char *dash = strrchr(host, '-');
         if (dash && dash[1] && strspn(dash + 1, "0123456789") == strlen(dash + 1))
-            idx_text = dash + 1;
+            idx_text = dash + 1, from_host = true;
     }
     int want = idx_text ? atoi(idx_text) : -1, count = 0, only = -1;
     for (int r = 0; r < cpm_config_n_procs(c); r++) {
@@ -736,7 +737,7 @@ static int role_proc(const cpm_config *c, const char *spec, int *ret, cpm_error 
             return 0;
         }
     }
-    if (count == 1 && (want < 0 || !strcmp(name, "router"))) {
+    if (count == 1 && (want < 0 || from_host || !strcmp(name, "router"))) {
         *ret = only;
         return 0;
     }
