@@ -162,7 +162,7 @@ def main():
         fail("mpirun still running %d s after its ranks got SIGTERM" % STOP_S)
     log = open(LOG).read()
     missing = [s for s in ["stage0 stopped", "stage1 stopped", "sampler0 stopped", "tokenizer0 stopped",
-                           "router signal 15: shutting down"] if s not in log]
+                           "router signal 15: draining"] if s not in log]
     if rc != 0 or missing:
         fail("mpirun exit %d; no clean stop for: %s" % (rc, missing))
     print("ok 4 - SIGTERM to the ranks: all 5 stopped cleanly and mpirun exited 0 in %.1f s" % (time.time() - t0))

@@ -46,6 +46,7 @@ pb, TMP = h.pb, h.tmp
 procs = []
 failures = []
 CALL_TIMEOUT_MS = 1500
+LAST_RAW = [""]  # the last streamed answer, as received
 
 
 def check(cond, what):
@@ -153,6 +154,7 @@ def stream_logprobs(port, prompt, n):
             if ch.get("logprobs"):
                 toks += ch["logprobs"]["tokens"]
                 tops += ch["logprobs"]["top_logprobs"]
+    LAST_RAW[0] = "%s %s" % (r.status, data[-400:])  # for a failure's message
     return ids, toks, tops, dt
 
 
@@ -212,7 +214,8 @@ def run_relay_check(prompt):
     relay.hold = False
     check(wait_ready(port), "router not ready after the tokenizer came back")
     ids2, toks2, _, _ = stream_logprobs(port, prompt, n)
-    check(ids2 == ids and toks2 == toks, "after the stall: %r != %r" % (toks2, toks))
+    check(ids2 == ids and toks2 == toks, "after the stall: %r != %r (answer: %s)"
+          % (toks2, toks, LAST_RAW[0]))
     relay.close()
 
 
