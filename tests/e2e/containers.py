@@ -22,6 +22,7 @@ import tempfile
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCKERFILE = os.path.join(SRC, "docker", "Dockerfile")
+BUILD_MOUNT = "/opt/cpm-e2e-build"  # where every container sees this build tree
 # The image's binaries -> this build's (the liberty above), by name as installed.
 BINARIES = {"cpm-cluster": "tools/cpm-cluster", "cpm-router": "router/cpm-router",
             "cpm-tokenizer": "services/tokenizer/cpm-tokenizer", "cpm-sampler": "services/sampler/cpm-sampler",
@@ -110,13 +111,18 @@ class Image:
                                 i += 1
                         for p in paths:
                             self.dirs.append((p, users.get(owner, 0), groups.get(group, 0), mode))
-        # the liberty: this build's binaries, first in PATH; in the build tree, since
-        # containers mount their own /tmp, and readable by others (the image's user is not root)
+        # the liberty: this build's binaries, first in PATH. The build tree is bound into
+        # every container at BUILD_MOUNT (wherever it lies here: under a /tmp the container
+        # replaces, or below a folder the image's user may not enter), with links relative
+        # to it, so cpm-cluster finds the other binaries beside its own real path.
+        self.build = build
         self.bin_dir = tempfile.mkdtemp(prefix="e2e-image-bin-", dir=build)
         os.chmod(self.bin_dir, 0o755)
         for name, rel in BINARIES.items():
-            os.symlink(os.path.join(build, rel), os.path.join(self.bin_dir, name))
-        os.symlink(os.path.join(SRC, "docker", "cpm-healthcheck"), os.path.join(self.bin_dir, "cpm-healthcheck"))
+            os.symlink(os.path.join("..", rel), os.path.join(self.bin_dir, name))
+        shutil.copy(os.path.join(SRC, "docker", "cpm-healthcheck"), os.path.join(self.bin_dir, "cpm-healthcheck"))
+        os.chmod(os.path.join(self.bin_dir, "cpm-healthcheck"), 0o755)
+        self.path_dir = os.path.join(BUILD_MOUNT, os.path.basename(self.bin_dir))
         self.scratch = scratch
 
     def close(self):
@@ -125,7 +131,7 @@ class Image:
     def environment(self, extra=(), hostname=None):
         """The image's ENV with the binaries' folder first in PATH, then the container's."""
         env = dict(self.env)
-        env["PATH"] = self.bin_dir + ":" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env["PATH"] = self.path_dir + ":" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.setdefault("HOME", "/")
         if hostname:
             env["HOSTNAME"] = hostname
@@ -148,7 +154,7 @@ class Image:
         """A container's own copy of what the image adds to the root file system, as mounts
         [(source, path, read-only)]: folders with their owner and mode, then the files."""
         root = tempfile.mkdtemp(prefix="rootfs-%s-" % name, dir=self.scratch)
-        mounts = []
+        mounts = [(self.build, BUILD_MOUNT, True)]
         for path, uid, gid, mode in self.dirs:
             d = os.path.join(root, path.strip("/").replace("/", "_"))
             os.makedirs(d, exist_ok=True)
