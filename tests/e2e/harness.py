@@ -60,8 +60,22 @@ def secure(sock, keys_dir, server=False, name="fabric"):
 
 
 def free_port():
-    """A TCP port nobody listens on now (the kernel's pick)."""
-    s = socket.socket()
+    """A TCP port nobody uses now, below the kernel's ephemeral range (32768-60999 by
+    default): a port from that range can be taken, before the service binds it, by any
+    process's outgoing connection (every test here reconnects a lot), which made tests fail
+    now and then with "Address already in use"."""
+    import random
+    for _ in range(200):
+        p = random.randrange(10000, 32000)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    s = socket.socket()  # the kernel's pick, then
     s.bind(("127.0.0.1", 0))
     p = s.getsockname()[1]
     s.close()
