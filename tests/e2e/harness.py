@@ -59,22 +59,28 @@ def secure(sock, keys_dir, server=False, name="fabric"):
     return sock
 
 
+_PORTS_GIVEN = set()  # by free_port, in this process
+
+
 def free_port():
-    """A TCP port nobody uses now, below the kernel's ephemeral range (32768-60999 by
-    default): a port from that range can be taken, before the service binds it, by any
-    process's outgoing connection (every test here reconnects a lot), which made tests fail
-    now and then with "Address already in use"."""
+    """A TCP port nobody uses now, never the same twice in one test, below the kernel's
+    ephemeral range (32768-60999 by default): a port from that range can be taken, before
+    the service binds it, by any process's outgoing connection (every test here
+    reconnects a lot), which made tests fail now and then with "Address already in use"."""
     import random
     for _ in range(200):
         p = random.randrange(10000, 32000)
+        if p in _PORTS_GIVEN:
+            continue
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", p))
-            return p
         except OSError:
             continue
         finally:
             s.close()
+        _PORTS_GIVEN.add(p)
+        return p
     s = socket.socket()  # the kernel's pick, then
     s.bind(("127.0.0.1", 0))
     p = s.getsockname()[1]
