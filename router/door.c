@@ -1,6 +1,7 @@
 /* door.c - API keys and CORS for the router's HTTP door. */
 #include "door.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <libgen.h>
@@ -91,8 +92,18 @@ static int read_origins(cpm_door *d, const cpm_config *cfg) {
     return 0;
 }
 
+/* 127.0.0.0/8, ::1 (any spelling) and ::ffff:127.x.y.z, read as addresses, so that
+ * "127.example.com" or "::10" is not taken for this host. */
 static bool loopback(const char *addr) {
-    return !strncmp(addr, "127.", 4) || !strcmp(addr, "::1") || !strcmp(addr, "localhost");
+    struct in_addr v4;
+    struct in6_addr v6;
+    if (!strcmp(addr, "localhost"))
+        return true;
+    if (inet_pton(AF_INET, addr, &v4) == 1)
+        return (ntohl(v4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, addr, &v6) != 1)
+        return false;
+    return IN6_IS_ADDR_LOOPBACK(&v6) || (IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127);
 }
 
 /* An open door is a choice: fine on loopback (said once), refused on the network unless
