@@ -107,16 +107,18 @@ static bool loopback(const char *addr) {
 }
 
 /* An open door is a choice: fine on loopback (said once), refused on the network unless
- * the file says auth: none (said at every start). */
-static int check_policy(const cpm_door *d, const cpm_config *cfg, const char *addr,
-                        const cpm_log *log, cpm_error *err) {
+ * the file says auth: none (said at every start; keys configured anyway are not asked for,
+ * so that the warning is the truth). */
+static int check_policy(cpm_door *d, const cpm_config *cfg, const char *addr, const cpm_log *log,
+                        cpm_error *err) {
     bool none = !strcmp(cfg->router.auth, "none");
     if (d->n_keys && !none)
         return 0;
     if (none) {
         if (log)
             cpm_log_warn(log, "router.auth: none: the HTTP API on %s takes requests from anyone "
-                         "who reaches it", addr);
+                         "who reaches it%s", addr, d->n_keys ? " (its API keys are ignored)" : "");
+        d->n_keys = 0;
         return 0;
     }
     if (loopback(addr)) {

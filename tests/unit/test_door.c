@@ -98,6 +98,14 @@ static void test_open_door_policy(void **state) {
     assert_int_equal(cpm_door_new(c, "0.0.0.0", NULL, &d, &e), 0);
     cpm_door_free(d);
     cpm_config_free(c);
+    setenv("CPM_API_KEYS", "sk-env", 1); /* auth: none means open, keys or not */
+    c = config_in(s, "  auth: none\n");
+    assert_int_equal(cpm_door_new(c, "0.0.0.0", NULL, &d, &e), 0);
+    assert_int_equal(cpm_door_n_keys(d), 0);
+    assert_true(cpm_door_admits(d, &r));
+    unsetenv("CPM_API_KEYS");
+    cpm_door_free(d);
+    cpm_config_free(c);
     c = config_in(s, "  api_keys: missing.txt\n");
     assert_int_equal(cpm_door_new(c, "127.0.0.1", NULL, &d, &e), CPM_EIO);
     assert_non_null(strstr(e.msg, "missing.txt"));
