@@ -9,13 +9,16 @@ bool cpm_admit_ready(const cpm_admit *ad) {
     return !ad->closing && cpm_pipeline_model(ad->pipeline) && cpm_health_ready(ad->health);
 }
 
-bool cpm_admit_open(const cpm_admit *ad, const char **why) {
-    if (ad->closing)
+bool cpm_admit_open(const cpm_admit *ad, const char **code, const char **why) {
+    if (ad->closing) {
+        *code = "shutting_down";
         *why = "the server is shutting down";
-    else if (!cpm_admit_ready(ad))
+    } else if (!cpm_admit_ready(ad)) {
+        *code = "not_ready";
         *why = "the cluster is not ready yet (see GET /ready)";
-    else
+    } else {
         return true;
+    }
     return false;
 }
 

@@ -32,8 +32,9 @@ typedef struct cpm_admit {
     bool closing;          /* shutting down: nothing is admitted */
 } cpm_admit;
 
-/* Whether new work can be taken now; *why says why not (for a 503). */
-bool cpm_admit_open(const cpm_admit *ad, const char **why);
+/* Whether new work can be taken now; if not, *code ("shutting_down" while the router
+ * drains or closes, else "not_ready") and *why say why (for a 503). */
+bool cpm_admit_open(const cpm_admit *ad, const char **code, const char **why);
 
 /* Ready: not shutting down or draining, the model is known and the services answer
  * (GET /ready). */

@@ -360,7 +360,7 @@ static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_requ
     int ep = tokenize_only ? CPM_EP_OTHER : kind == CPM_OAI_CHAT ? CPM_EP_CHAT : CPM_EP_COMPLETIONS;
     cpm_oai_request *rq;
     cpm_oai_error oe;
-    const char *why;
+    const char *code, *why;
     if (cpm_oai_parse(kind, req->body, req->body_len, &api->lim, &rq, &oe)) {
         char *json = cpm_oai_error_json(&oe);
         respond_json(c, oe.http_status, json ? json : "{}");
@@ -373,8 +373,8 @@ static void on_generate(cpm_api_http *api, cpm_http_conn *c, const cpm_http_requ
         respond_error(c, 404, "invalid_request_error", "model_not_found", "model", msg);
         cpm_oai_request_free(rq);
         ctx->metrics->requests[ep][CPM_OUT_REJECTED]++;
-    } else if (!cpm_admit_open(ctx->admit, &why)) {
-        respond_error(c, 503, "service_unavailable_error", "not_ready", NULL, why);
+    } else if (!cpm_admit_open(ctx->admit, &code, &why)) {
+        respond_error(c, 503, "service_unavailable_error", code, NULL, why);
         cpm_oai_request_free(rq);
         ctx->metrics->requests[ep][CPM_OUT_OVERLOAD]++;
     } else {

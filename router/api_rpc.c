@@ -198,13 +198,13 @@ static bool sampling_in_range(const Cpm__V1__SamplingParams *p) {
 static const char *refusal(cpm_api_rpc *api, const cpm_inmsg *m, const char *rid, int *code) {
     const Cpm__V1__GenerateRequest *g = m->env->generate;
     const Cpm__V1__SamplingParams *p = g->params;
-    const char *why;
+    const char *why, *why_code;
     *code = CPM_EINVAL;
     if (!rid[0] || strlen(rid) > REQUEST_ID_MAX)
         return "request_id must be 1..128 characters";
-    if (!cpm_admit_open(api->ctx->admit, &why)) {
+    if (!cpm_admit_open(api->ctx->admit, &why_code, &why)) {
         *code = CPM_EAGAIN;
-        return "the cluster is not ready";
+        return why; /* not ready yet, or shutting down (draining) */
     }
     if (find_job(api, &m->peer, rid))
         return "a request with this request_id is running";

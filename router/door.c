@@ -1,6 +1,7 @@
 /* door.c - API keys and CORS for the router's HTTP door. */
 #include "door.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <libgen.h>
@@ -91,21 +92,33 @@ static int read_origins(cpm_door *d, const cpm_config *cfg) {
     return 0;
 }
 
+/* 127.0.0.0/8, ::1 (any spelling) and ::ffff:127.x.y.z, read as addresses, so that
+ * "127.example.com" or "::10" is not taken for this host. */
 static bool loopback(const char *addr) {
-    return !strncmp(addr, "127.", 4) || !strcmp(addr, "::1") || !strcmp(addr, "localhost");
+    struct in_addr v4;
+    struct in6_addr v6;
+    if (!strcmp(addr, "localhost"))
+        return true;
+    if (inet_pton(AF_INET, addr, &v4) == 1)
+        return (ntohl(v4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, addr, &v6) != 1)
+        return false;
+    return IN6_IS_ADDR_LOOPBACK(&v6) || (IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127);
 }
 
 /* An open door is a choice: fine on loopback (said once), refused on the network unless
- * the file says auth: none (said at every start). */
-static int check_policy(const cpm_door *d, const cpm_config *cfg, const char *addr,
-                        const cpm_log *log, cpm_error *err) {
+ * the file says auth: none (said at every start; keys configured anyway are not asked for,
+ * so that the warning is the truth). */
+static int check_policy(cpm_door *d, const cpm_config *cfg, const char *addr, const cpm_log *log,
+                        cpm_error *err) {
     bool none = !strcmp(cfg->router.auth, "none");
     if (d->n_keys && !none)
         return 0;
     if (none) {
         if (log)
             cpm_log_warn(log, "router.auth: none: the HTTP API on %s takes requests from anyone "
-                         "who reaches it", addr);
+                         "who reaches it%s", addr, d->n_keys ? " (its API keys are ignored)" : "");
+        d->n_keys = 0;
         return 0;
     }
     if (loopback(addr)) {

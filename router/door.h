@@ -5,8 +5,9 @@
  * comments skipped; relative to the cluster file) and $CPM_API_KEYS (comma-separated).
  * A request needs `Authorization: Bearer KEY` except on the probes (/health, /live,
  * /ready) and CORS preflights. With no key at all the API is open, which the door only
- * allows on a loopback address or with router.auth: none (both logged at start): a
- * router listening on the network without keys refuses to start.
+ * allows on a loopback address or with router.auth: none (both logged at start; `none`
+ * opens it even when keys are configured): a router listening on the network without
+ * keys refuses to start.
  *
  *   cpm_door *d;
  *   if (cpm_door_new(cfg, "0.0.0.0", log, &d, &e)) die(e.msg);

@@ -810,7 +810,12 @@ void cpm_http_server_close(cpm_http_server *s, void (*done)(void *ud), void *ud)
     s->done_ud = ud;
     for (cpm_http_conn *c = s->conns, *next; c; c = next) {
         next = c->next;
-        conn_lost(c);
+        /* A last answer still in our queue (a slow reader's stream at the end of a drain)
+         * goes out before the close, within LINGER_MS; bytes the kernel holds go anyway. */
+        if (!c->exchange && uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > 0)
+            conn_linger(c);
+        else
+            conn_lost(c);
     }
     if (s->listener_open) {
         uv_close((uv_handle_t *)&s->listener, on_listener_closed);

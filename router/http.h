@@ -84,8 +84,9 @@ int cpm_http_server_port(const cpm_http_server *s);
 int cpm_http_server_connections(const cpm_http_server *s);
 
 /* Stops listening and closes every connection (pending exchanges see their abort
- * callback). done(ud) runs once everything is closed; the server is freed right
- * after, so s must not be used once this is called. s may be NULL. */
+ * callback; a finished answer still queued for a slow reader is sent first, for at most
+ * a couple of seconds). done(ud) runs once everything is closed; the server is freed
+ * right after, so s must not be used once this is called. s may be NULL. */
 void cpm_http_server_close(cpm_http_server *s, void (*done)(void *ud), void *ud);
 
 /* Called once if the client disconnects (or the server closes) while the

@@ -83,9 +83,27 @@ static void test_open_door_policy(void **state) {
     cpm_door_free(d);
     assert_int_equal(cpm_door_new(c, "0.0.0.0", NULL, &d, &e), CPM_EINVAL);
     assert_non_null(strstr(e.msg, "CPM_API_KEYS"));
+    /* loopback is read as an address: every spelling of this host, nothing else */
+    const char *here[] = {"127.0.0.1", "127.1.2.3", "::1", "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1",
+                          "localhost"};
+    for (size_t i = 0; i < sizeof here / sizeof *here; i++) {
+        assert_int_equal(cpm_door_new(c, here[i], NULL, &d, &e), 0);
+        cpm_door_free(d);
+    }
+    const char *beyond[] = {"::", "10.0.0.1", "128.0.0.1", "::10", "::ffff:10.0.0.1", "127.example"};
+    for (size_t i = 0; i < sizeof beyond / sizeof *beyond; i++)
+        assert_int_equal(cpm_door_new(c, beyond[i], NULL, &d, &e), CPM_EINVAL);
     cpm_config_free(c);
     c = config_in(s, "  auth: none\n");
     assert_int_equal(cpm_door_new(c, "0.0.0.0", NULL, &d, &e), 0);
+    cpm_door_free(d);
+    cpm_config_free(c);
+    setenv("CPM_API_KEYS", "sk-env", 1); /* auth: none means open, keys or not */
+    c = config_in(s, "  auth: none\n");
+    assert_int_equal(cpm_door_new(c, "0.0.0.0", NULL, &d, &e), 0);
+    assert_int_equal(cpm_door_n_keys(d), 0);
+    assert_true(cpm_door_admits(d, &r));
+    unsetenv("CPM_API_KEYS");
     cpm_door_free(d);
     cpm_config_free(c);
     c = config_in(s, "  api_keys: missing.txt\n");

@@ -27,6 +27,8 @@
 
 /* ---- the server under test ------------------------------------------------ */
 
+#define BIG_STREAM (4 << 20) /* bytes of /big's stream before its [DONE] */
+
 typedef struct slow_reply {
     uv_timer_t timer;
     cpm_http_conn *conn;
@@ -88,6 +90,14 @@ static void handle(void *ud, cpm_http_conn *c, const cpm_http_request *r) {
             int n = snprintf(buf, sizeof buf, "data: {\"i\":%d}\n\n", i);
             cpm_http_stream_write(c, buf, (size_t)n);
         }
+        cpm_http_stream_write(c, "data: [DONE]\n\n", 14);
+        cpm_http_stream_end(c);
+    } else if (strcmp(r->path, "/big") == 0) {
+        /* more than a slow reader's socket takes: most of it waits in our write queue */
+        cpm_http_stream_start(c, 200, "text/event-stream", NULL);
+        memset(buf, 'x', sizeof buf);
+        for (int i = 0; i < BIG_STREAM / (int)sizeof buf; i++)
+            cpm_http_stream_write(c, buf, sizeof buf);
         cpm_http_stream_write(c, "data: [DONE]\n\n", 14);
         cpm_http_stream_end(c);
     } else if (strcmp(r->path, "/hang") == 0) {
@@ -555,6 +565,38 @@ static void test_server_close_aborts_pending_exchange(void **state) {
     client_close(c);
 }
 
+/* A server closing (the router's drain ending) while a slow reader's last answer is
+ * still queued: the answer arrives whole, then the close; not a reset mid-stream. */
+static void test_server_close_sends_queued_answer(void **state) {
+    (void)state;
+    server *s = server_start(NULL);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), small = 4096;
+    assert_int_equal(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s->port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    client_send(fd, "GET /big HTTP/1.1\r\n\r\n", 21);
+    for (int i = 0; i < 200 && atomic_load(&s->handled) == 0; i++)
+        usleep(5000);
+    usleep(50000);
+    uv_async_send(&s->stop); /* closes while the stream is queued, unread */
+    static char got[BIG_STREAM + 65536];
+    size_t len = 0;
+    for (ssize_t n = 1; n > 0 && len < sizeof got; len += (size_t)n) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        assert_int_equal(poll(&pfd, 1, 5000), 1);
+        n = recv(fd, got + len, sizeof got - len, 0);
+        assert_true(n >= 0); /* no reset */
+    }
+    const char *end = "data: [DONE]\n\n\r\n0\r\n\r\n";
+    assert_true(len > BIG_STREAM && len - BIG_STREAM < 65536);
+    assert_memory_equal(got + len - strlen(end), end, strlen(end));
+    close(fd);
+    pthread_join(s->thread, NULL);
+    assert_int_equal(uv_loop_close(&s->loop), 0);
+    free(s);
+}
+
 static void test_partial_request_times_out_408(void **state) {
     (void)state;
     cpm_http_limits lim = cpm_http_limits_default();
@@ -679,6 +721,7 @@ int main(void) {
         cmocka_unit_test(test_expect_100_continue),
         cmocka_unit_test(test_client_disconnect_aborts_exchange),
         cmocka_unit_test(test_server_close_aborts_pending_exchange),
+        cmocka_unit_test(test_server_close_sends_queued_answer),
         cmocka_unit_test(test_partial_request_times_out_408),
         cmocka_unit_test(test_idle_connection_is_closed),
         cmocka_unit_test(test_connection_limit_is_503),
