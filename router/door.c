@@ -4,7 +4,6 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
-#include <libgen.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,17 +46,14 @@ static int read_key_file(cpm_door *d, const cpm_config *cfg, cpm_error *err) {
     const char *name = cfg->router.api_keys;
     if (!*name)
         return 0;
-    char path[2 * CPM_CFG_STR + 2], dir[CPM_CFG_STR];
-    snprintf(dir, sizeof dir, "%s", cfg->path);
-    if (name[0] == '/')
-        snprintf(path, sizeof path, "%s", name);
-    else
-        snprintf(path, sizeof path, "%s/%s", dirname(dir), name);
+    char path[2 * CPM_CFG_STR + 2];
+    int rc = cpm_config_file_path(cfg, name, path, sizeof path, err);
+    if (rc)
+        return rc;
     FILE *f = fopen(path, "r");
     if (!f)
         return cpm_error_set(err, CPM_EIO, "router.api_keys: %s: %s", path, strerror(errno));
     char line[KEY_MAX + 2];
-    int rc = 0;
     while (rc == 0 && fgets(line, sizeof line, f)) {
         char *k = trim(line);
         if (*k != '#')

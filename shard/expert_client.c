@@ -231,11 +231,8 @@ static int drain(cpm_expert_client *c, peer *p, int layer, const int *expert, co
  * back (a restart), not the whole deadline. */
 static int start_peer(cpm_expert_client *c, peer *p, int layer, const int *expert,
                       const int *n_rows, const float *x, uint64_t deadline, cpm_error *err) {
-    cpm_peerwatch_update(p->watch);
+    deadline = cpm_peerwatch_deadline(p->watch, deadline);
     p->drops = cpm_peerwatch_drops(p->watch);
-    uint64_t grace = uv_hrtime() + (uint64_t)CPM_PEERWATCH_GRACE_MS * 1000000u;
-    if (!cpm_peerwatch_up(p->watch) && grace < deadline)
-        deadline = grace;
     return send_request(c, p, layer, expert, n_rows, x, deadline, err);
 }
 

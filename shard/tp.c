@@ -70,13 +70,6 @@ static void *dial(void *zctx, const cpm_curve *curve, int type, const char *endp
     return s;
 }
 
-/* The deadline of a send to a peer: the call's, or CPM_PEERWATCH_GRACE_MS when its link is
- * down (a rank that died does not keep the stage for the whole deadline). */
-static uint64_t send_deadline(cpm_peerwatch *w, uint64_t deadline) {
-    cpm_peerwatch_update(w);
-    uint64_t grace = uv_hrtime() + (uint64_t)CPM_PEERWATCH_GRACE_MS * 1000000u;
-    return cpm_peerwatch_up(w) || grace > deadline ? deadline : grace;
-}
 
 /* Sends one frame, waiting for the socket to become writable until the deadline. */
 static int send_frame(void *sock, const char *who, const void *data, size_t size, int flags,
@@ -197,7 +190,7 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
         return rc;
     char who[300];
     snprintf(who, sizeof who, "tp rank %d (%s): layer %d", (int)(p - t->peers), p->endpoint, layer);
-    deadline = send_deadline(p->watch, deadline);
+    deadline = cpm_peerwatch_deadline(p->watch, deadline);
     p->drops = cpm_peerwatch_drops(p->watch);
     rc = send_frame(p->push, who, buf, size, ZMQ_SNDMORE, deadline, err);
     free(buf);
@@ -400,7 +393,7 @@ int cpm_tp_fanout_send(cpm_tp_fanout *f, uint64_t seq, const Cpm__V1__StageForwa
     for (int i = 0; i < f->n && rc == 0; i++) {
         char who[300];
         snprintf(who, sizeof who, "tp rank %d (%s): forward", i + 1, f->endpoint[i]);
-        uint64_t until = send_deadline(f->watch[i], deadline);
+        uint64_t until = cpm_peerwatch_deadline(f->watch[i], deadline);
         rc = send_frame(f->sock[i], who, buf, size, tensor ? ZMQ_SNDMORE : 0, until, err);
         if (rc == 0 && tensor)
             rc = send_frame(f->sock[i], who, tensor, tensor_bytes, 0, until, err);

@@ -846,20 +846,27 @@ void cpm_config_describe(char *buf, size_t size) {
     describe_rows(top_keys, "", buf, size, 0);
 }
 
-int cpm_config_keys_dir(const cpm_config *c, char *out, size_t size, cpm_error *err) {
-    const char *env = getenv("CPM_KEYS_DIR");
+int cpm_config_file_path(const cpm_config *c, const char *name, char *out, size_t size,
+                         cpm_error *err) {
     int n;
-    if (env && env[0])
-        n = snprintf(out, size, "%s", env);
-    else if (c->security.keys[0] == '/')
-        n = snprintf(out, size, "%s", c->security.keys);
+    if (name[0] == '/')
+        n = snprintf(out, size, "%s", name);
     else {
         char tmp[CPM_CFG_STR];
         snprintf(tmp, sizeof tmp, "%s", c->path);
-        n = snprintf(out, size, "%s/%s", dirname(tmp), c->security.keys);
+        n = snprintf(out, size, "%s/%s", dirname(tmp), name);
     }
     if (n < 0 || (size_t)n >= size)
-        return cpm_error_set(err, CPM_ERANGE, "%s: the key directory's path is too long", c->path);
+        return cpm_error_set(err, CPM_ERANGE, "%s: the path of %s is too long", c->path, name);
+    return 0;
+}
+
+int cpm_config_keys_dir(const cpm_config *c, char *out, size_t size, cpm_error *err) {
+    const char *env = getenv("CPM_KEYS_DIR");
+    if (!env || !env[0])
+        return cpm_config_file_path(c, c->security.keys, out, size, err);
+    if (snprintf(out, size, "%s", env) >= (int)size)
+        return cpm_error_set(err, CPM_ERANGE, "CPM_KEYS_DIR: the path is too long");
     return 0;
 }
 

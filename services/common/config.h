@@ -125,6 +125,11 @@ int cpm_config_resolve_experts(cpm_config *c, int n_experts, cpm_error *err);
 /* Replaces the model directory (and the default name derived from it). */
 void cpm_config_set_model(cpm_config *c, const char *dir);
 
+/* A path the file names (name), absolute or relative to the file's own directory.
+ * CPM_ERANGE when it does not fit size. */
+int cpm_config_file_path(const cpm_config *c, const char *name, char *out, size_t size,
+                         cpm_error *err);
+
 /* Where the cluster's keys are: $CPM_KEYS_DIR when set, else security.keys (relative to
  * the cluster file's directory). CPM_ERANGE when it does not fit size. */
 int cpm_config_keys_dir(const cpm_config *c, char *out, size_t size, cpm_error *err);

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 #include <zmq.h>
 
 struct cpm_peerwatch {
@@ -77,6 +78,12 @@ void cpm_peerwatch_update(cpm_peerwatch *w) {
 
 bool cpm_peerwatch_up(const cpm_peerwatch *w) {
     return w->up;
+}
+
+uint64_t cpm_peerwatch_deadline(cpm_peerwatch *w, uint64_t deadline) {
+    cpm_peerwatch_update(w);
+    uint64_t grace = uv_hrtime() + (uint64_t)CPM_PEERWATCH_GRACE_MS * 1000000u;
+    return w->up || grace > deadline ? deadline : grace;
 }
 
 unsigned cpm_peerwatch_drops(const cpm_peerwatch *w) {

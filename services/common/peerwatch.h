@@ -21,6 +21,7 @@
 #define CPM_PEERWATCH_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "common/error.h"
 
@@ -39,6 +40,11 @@ void cpm_peerwatch_update(cpm_peerwatch *w);
 
 /* Whether a handshake has succeeded since the last disconnect. */
 bool cpm_peerwatch_up(const cpm_peerwatch *w);
+
+/* The deadline for a send on the watched socket (hrtime ns): the call's own, or
+ * CPM_PEERWATCH_GRACE_MS from now when the link is down (a peer that died must not hold
+ * the caller for the whole deadline). Reads the waiting events first. */
+uint64_t cpm_peerwatch_deadline(cpm_peerwatch *w, uint64_t deadline);
 
 /* Disconnects seen so far: a call that saw a change lost its peer. */
 unsigned cpm_peerwatch_drops(const cpm_peerwatch *w);
