@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "services/common/worker.h"
 #include "shard/engine/kv_cache.h"
@@ -136,7 +137,7 @@ struct cpm_stage {
     char tp_mesh_eps[CPM_TP_MAX][256], tp_peer_eps[CPM_TP_MAX][256];
     cpm_tp_mesh *mesh;
     cpm_tp_fanout *fanout;    /* rank 0: to ranks 1..T-1 */
-    uint64_t tp_seq;          /* rank 0: micro-batches handed out so far */
+    uint64_t tp_seq;          /* rank 0: the last micro-batch's tag (see connect_tp) */
 
     /* the running job's counts, folded into stats at its hand-over */
     double job_compute_s;
@@ -499,7 +500,10 @@ static int stage_run(void *user, const cpm_inmsg *m, cpm_reply *out, cpm_error *
     }
     if (m->env->body_case == CPM__V1__ENVELOPE__BODY_TP_FORWARD) { /* a rank > 0: no output */
         cpm_tp_mesh_begin(st->mesh, m->env->tp_forward->seq);
-        return do_forward(st, m->env->tp_forward->forward, m, out, err);
+        int rc = do_forward(st, m->env->tp_forward->forward, m, out, err);
+        if (rc) /* e.g. a restarted rank handed sequences it never saw */
+            cpm_tp_mesh_abort(st->mesh, err);
+        return rc;
     }
     const Cpm__V1__StageForward *f = m->env->forward;
     int rc = 0;
@@ -507,8 +511,11 @@ static int stage_run(void *user, const cpm_inmsg *m, cpm_reply *out, cpm_error *
         rc = cpm_tp_fanout_send(st->fanout, ++st->tp_seq, f, m->tensor, m->tensor_size, err);
         cpm_tp_mesh_begin(st->mesh, st->tp_seq);
     }
-    if (rc || (rc = do_forward(st, f, m, out, err))) /* the Error's service field names this stage */
+    if (rc || (rc = do_forward(st, f, m, out, err))) { /* the Error's service field names this stage */
+        if (st->mesh)
+            cpm_tp_mesh_abort(st->mesh, err);
         pack_error(st, f->step, out, err);
+    }
     return rc;
 }
 
@@ -677,6 +684,13 @@ static int connect_tp(cpm_stage *st, cpm_error *err) {
     int rc = cpm_tp_mesh_new(st->zctx, st->opts.curve, st->opts.tp_rank, st->opts.tp_size, mesh,
                              st->info->hidden_size, st->info->max_batch_tokens,
                              st->opts.expert_timeout_ms, &st->mesh, err);
+    /* Tags start at this life's start time in microseconds, so a restarted rank 0's tags
+     * come after every tag of its previous life: a partial of that life still queued at
+     * a peer is older, hence dropped, and can never be summed into a new micro-batch
+     * (the epoch, without another field; a micro-batch takes far more than 1 us). */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    st->tp_seq = (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
     if (rc == 0 && st->opts.tp_rank == 0)
         rc = cpm_tp_fanout_new(st->zctx, st->opts.curve, peers, st->opts.tp_size - 1, st->opts.expert_timeout_ms,
                                &st->fanout, err);

@@ -5,7 +5,9 @@
  * (seq, op): seq names the micro-batch (rank 0's counter), op the all-reduce within it.
  * A rank may run at most one all-reduce ahead of another (it cannot pass the next one
  * without our partial), so one stash slot per peer holds an early partial; partials of
- * older tags (left over from a failed micro-batch) are dropped.
+ * older tags (left over from a failed micro-batch) are dropped. A rank whose forward
+ * fails says so to the others (a `failed` partial), so they fail that micro-batch at
+ * once instead of waiting for partials that will never come.
  */
 #include "tp.h"
 
@@ -35,6 +37,8 @@ typedef struct mesh_peer {
     unsigned drops;        /* the watch's count when this all-reduce began */
     char endpoint[256];
     slot got, early;       /* this all-reduce's partial; one that came ahead of time */
+    uint64_t failed_seq;   /* the latest micro-batch this rank said it failed (0: none) */
+    char failed_why[160];
 } mesh_peer;
 
 struct cpm_tp_mesh {
@@ -199,16 +203,25 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
     return rc;
 }
 
-/* Files one validated partial: this all-reduce's, an early one, or a stale one (dropped). */
+/* Files one validated partial: this all-reduce's, an early one, or a stale one (dropped);
+ * or a peer's word that it failed a micro-batch (this one's or a later one). */
 static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void *rows,
                         size_t n, int layer, cpm_error *err) {
     if (tp->rank >= (uint32_t)t->size || tp->rank == (uint32_t)t->rank)
         return 0; /* not from a peer of this stage: ignore it */
+    mesh_peer *p = &t->peers[tp->rank];
+    if (tp->failed) {
+        if (tp->seq >= t->seq && tp->seq > p->failed_seq) {
+            p->failed_seq = tp->seq;
+            snprintf(p->failed_why, sizeof p->failed_why, "%s",
+                     tp->failed->message ? tp->failed->message : "");
+        }
+        return 0;
+    }
     if (tp->partial->shape[1] != (uint32_t)t->hidden || tp->partial->shape[0] > (uint32_t)t->max_rows)
         return cpm_error_set(err, CPM_ESHAPE, "tp rank %u: partial [%u, %u], this stage has hidden "
                              "%d and at most %d rows", tp->rank, tp->partial->shape[0],
                              tp->partial->shape[1], t->hidden, t->max_rows);
-    mesh_peer *p = &t->peers[tp->rank];
     size_t floats = (size_t)tp->partial->shape[0] * (size_t)t->hidden;
     int c = tag_cmp(t, tp->seq, tp->op);
     if (c < 0)
@@ -279,13 +292,16 @@ static void sum_in_rank_order(cpm_tp_mesh *t, float *x, size_t n) {
     }
 }
 
-/* Whether a rank lost its link since this all-reduce began (it died or restarted: its
- * partial will never come). */
+/* Whether a rank lost its link since this all-reduce began (it died or restarted), or
+ * said it failed this micro-batch: either way its partial will never come. */
 static int check_links(cpm_tp_mesh *t, int layer, cpm_error *err) {
     for (int r = 0; r < t->size; r++) {
         mesh_peer *p = &t->peers[r];
         if (r == t->rank)
             continue;
+        if (p->failed_seq == t->seq)
+            return cpm_error_set(err, CPM_ECLOSED, "tp rank %d (%s) failed this micro-batch: %s", r,
+                                 p->endpoint, p->failed_why);
         cpm_peerwatch_update(p->watch);
         if (cpm_peerwatch_drops(p->watch) != p->drops)
             return cpm_error_set(err, CPM_ECLOSED, "tp rank %d (%s): connection lost during layer %d",
@@ -327,6 +343,33 @@ static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_erro
     t->calls++;
     t->total_us += (double)(uv_hrtime() - t0) / 1e3;
     return rc;
+}
+
+void cpm_tp_mesh_abort(cpm_tp_mesh *t, const cpm_error *why) {
+    Cpm__V1__Error e = CPM__V1__ERROR__INIT;
+    e.code = why && why->code ? why->code : CPM_EINTERNAL;
+    e.message = (char *)(why ? why->msg : "");
+    Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
+    tp.seq = t->seq;
+    tp.op = t->op;
+    tp.rank = (uint32_t)t->rank;
+    tp.failed = &e;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
+    env.tp_partial = &tp;
+    uint8_t *buf;
+    size_t size;
+    if (cpm_wire_pack(&env, &buf, &size, NULL))
+        return;
+    /* best effort and brief: a peer that is gone fails the micro-batch by itself */
+    uint64_t deadline = uv_hrtime() + 200 * 1000000ull;
+    for (int r = 0; r < t->size; r++) {
+        mesh_peer *p = &t->peers[r];
+        if (r != t->rank)
+            send_frame(p->push, "tp abort", buf, size, 0, cpm_peerwatch_deadline(p->watch, deadline),
+                       NULL);
+    }
+    free(buf);
 }
 
 cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t) {

@@ -47,6 +47,11 @@ void cpm_tp_mesh_free(cpm_tp_mesh *t);
  * Partials of earlier micro-batches still arriving are dropped. */
 void cpm_tp_mesh_begin(cpm_tp_mesh *t, uint64_t seq);
 
+/* Tells every other rank that this rank's forward of the current micro-batch failed
+ * (why: the error), so their all-reduces of it fail at once rather than at the
+ * deadline. Best effort, waits at most 200 ms per peer. */
+void cpm_tp_mesh_abort(cpm_tp_mesh *t, const cpm_error *why);
+
 /* The backend to install with cpm_model_set_allreduce_backend; valid while t lives. */
 cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t);
 

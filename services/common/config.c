@@ -148,7 +148,7 @@ static const key top_keys[] = {
     {"security", K_MAP, offsetof(cpm_config, security), 0, 0, NULL, "the fabric's encryption",
      security_keys, 0, 0, 0},
     LIST("tokenizers", cpm_cfg_service, tokenizers, n_tokenizers, service_keys, CPM_CFG_MAX_REPLICAS,
-         "cpm-tokenizer replicas"),
+         "cpm-tokenizer replicas (at least one unless router.tokenize: off)"),
     LIST("samplers", cpm_cfg_service, samplers, n_samplers, service_keys, CPM_CFG_MAX_REPLICAS,
          "cpm-sampler replicas"),
     LIST("stages", cpm_cfg_stage, stages, n_stages, stage_keys, CPM_CFG_MAX_STAGES,
@@ -570,8 +570,10 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         return cpm_error_set(err, CPM_EINVAL, "%s: router: missing (needs rpc and results)", c->path);
     if (c->n_stages == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: stages: at least one stage is required", c->path);
-    if (c->n_tokenizers == 0)
-        return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required", c->path);
+    /* a token-in cluster (router.tokenize: off) has no text to turn into ids */
+    if (c->n_tokenizers == 0 && strcmp(c->router.tokenize, "off") != 0)
+        return cpm_error_set(err, CPM_EINVAL, "%s: tokenizers: at least one is required (or "
+                             "router.tokenize: off)", c->path);
     if (c->n_samplers == 0)
         return cpm_error_set(err, CPM_EINVAL, "%s: samplers: at least one is required", c->path);
     static const char *isas[] = {"auto", "scalar", "avx2", "avx512", "amx"};

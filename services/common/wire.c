@@ -171,6 +171,9 @@ static int check_expert_rows(const char *what, size_t n_expert, const uint32_t *
 
 /* A TP partial: one F32 [rows, n] frame, rows bounded; the width is the receiver's to check. */
 static int check_tp_partial(const Cpm__V1__TpPartial *p, long long tsize, cpm_error *err) {
+    if (p->failed)
+        return p->partial ? cpm_error_set(err, CPM_EFORMAT, "tp_partial: failed with a partial")
+                          : check_tensor("tp_partial", NULL, 0, tsize, err);
     if (!p->partial || p->partial->n_shape != 2)
         return cpm_error_set(err, CPM_EFORMAT, "tp_partial: needs an F32 [rows, hidden] description");
     if (p->partial->dtype != CPM__V1__DTYPE__DTYPE_F32)

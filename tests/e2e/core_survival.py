@@ -18,9 +18,7 @@ the same request gives the same text.
 usage: core_survival.py BUILD_DIR MODEL_DIR (a model with tokenizer files)
 """
 import os
-import re
 import signal
-import subprocess
 import time
 
 from harness import E2E, RpcStream, SseStream, ep
@@ -38,25 +36,6 @@ def write_config(ports):
     i = lines.index("samplers:")  # a second tokenizer
     lines.insert(i, "  - endpoint: " + ep(ports["tok1"]))
     return h.write_config(lines)
-
-
-def up(cfg, http_port):
-    log = open(h.path("launcher.log"), "a")
-    p = h.start("launcher", [h.bin("cluster"), "up", cfg, "--port", str(http_port), "--timeout", "60"],
-                stdout=subprocess.PIPE, stderr=log, text=True)
-    m = re.search(r"ready: http://127\.0\.0\.1:(\d+) ", p.stdout.readline())
-    if not m:
-        fail("no ready line")
-    return p, int(m.group(1))
-
-
-def child(launcher, binary, index):
-    """The launcher's child running binary (--index index; the router has none: -1)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
-                         capture_output=True, text=True).stdout
-    pids = [int(line.split()[0]) for line in out.splitlines()
-            if binary in line and (index < 0 or "--index %d" % index in line)]
-    return pids[0] if len(pids) == 1 else None
 
 
 def streams(port, rpc_ep, prompts):
@@ -87,27 +66,20 @@ def check_streams(ss, want, what):
                                                                             s.ids, want[i]))
 
 
-def stages_clean(ports, limit=10):
-    """Every stage holds no sequence and no KV block (within limit s: the idle collection)."""
-    t0 = time.time()
-    while True:
-        hs = [h.health(ep(ports[k])) for k in ("st0", "st1")]
-        if all(x is not None and x.live_seqs == 0 and x.kv_used == 0 for x in hs):
-            return
-        if time.time() - t0 > limit:
-            fail("stages still hold sequences: %s" % [(x.live_seqs, x.kv_used) if x else None for x in hs])
-        time.sleep(0.2)
+def stages_clean(ports):
+    h.stages_clean([ep(ports[k]) for k in ("st0", "st1")])
 
 
-def restarted(n):
-    return open(h.path("launcher.log")).read().count("started again") >= n
+def child(launcher, binary, index):
+    """The launcher's child running binary (--index index; the router has none: -1)."""
+    return h.child(launcher, binary, () if index < 0 else ("--index %d" % index,))
 
 
 def main():
     ids = [int(x) for x in open(os.path.join(h.model, "ids.txt")).read().split()]
     prompts = [ids, ids[:-3], ids[2:], ids[:-6] + ids[:4]]
     ports = h.ports("http", "rpc", "results", "tok", "tok1", "smp0", "smp1", "st0", "st1")
-    launcher, port = up(write_config(ports), ports["http"])
+    launcher, port = h.up(write_config(ports), ports["http"])
     rpc_ep = ep(ports["rpc"])
 
     ss = streams(port, rpc_ep, prompts)  # the undisturbed run
@@ -132,11 +104,7 @@ def main():
         took = time.time() - t_kill
         if h.ready(port) != 200:
             fail("%s killed: /ready %s with a survivor" % (kind, h.ready(port)))
-        t0 = time.time()
-        while not restarted(k + 1):
-            if time.time() - t0 > 30:
-                fail("%s killed: the launcher did not restart it" % kind)
-            time.sleep(0.1)
+        h.wait_restarted(k + 1, "%s killed" % kind)
         h.wait_ready(port)
         stages_clean(ports)
         print("ok %d - %s %d killed mid-stream: all 4 streams == the undisturbed run (done %.1f s after "
@@ -172,11 +140,7 @@ def kill_router(launcher, port, ports, prompts, want):
         s.join(30)
         if s.is_alive() or "data: [DONE]" in s.blocks:
             fail("router killed: a stream %s" % ("still runs" if s.is_alive() else "finished?"))
-    t0 = time.time()
-    while not restarted(len(VICTIMS) + 1):
-        if time.time() - t0 > 30:
-            fail("router killed: the launcher did not restart it")
-        time.sleep(0.1)
+    h.wait_restarted(len(VICTIMS) + 1, "router killed")
     h.wait_ready(port)
     back = time.time() - t_kill
     stages_clean(ports)

@@ -15,6 +15,7 @@ puts this folder first on sys.path, so `from harness import E2E` works from each
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -229,6 +230,51 @@ class E2E:
         print("PASS")
 
     # ------------------------------------------------------------ addresses and the cluster file
+
+    def up(self, cfg, http_port, log_name="launcher.log"):
+        """`cpm-cluster up cfg` as process "launcher", its stderr in log_name: (the
+        launcher, the router's HTTP port from its ready line)."""
+        log = open(self.path(log_name), "a")
+        p = self.start("launcher", [self.bin("cluster"), "up", cfg, "--port", str(http_port),
+                                    "--timeout", "60"], stdout=subprocess.PIPE, stderr=log, text=True)
+        m = re.search(r"ready: http://127\.0\.0\.1:(\d+) ", p.stdout.readline())
+        if not m:
+            self.fail("no ready line from cpm-cluster up")
+        return p, int(m.group(1))
+
+    @staticmethod
+    def child(launcher, binary, has=(), lacks=()):
+        """The pid of the launcher's one child running binary whose arguments contain every
+        string of has and none of lacks (None unless exactly one matches)."""
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
+                             capture_output=True, text=True).stdout
+        pids = [int(line.split()[0]) for line in out.splitlines()
+                if binary in line and all(a in line for a in has) and not any(a in line for a in lacks)]
+        return pids[0] if len(pids) == 1 else None
+
+    def restarted(self, n, log_name="launcher.log"):
+        """Whether the launcher has restarted a child n times."""
+        return open(self.path(log_name)).read().count("started again") >= n
+
+    def wait_restarted(self, n, what, limit=30, log_name="launcher.log"):
+        t0 = time.time()
+        while not self.restarted(n, log_name):
+            if time.time() - t0 > limit:
+                self.fail("%s: the launcher did not restart it" % what)
+            time.sleep(0.1)
+
+    def stages_clean(self, endpoints, limit=10):
+        """Every stage at endpoints holds no sequence and no KV block (within limit s:
+        the idle collection)."""
+        t0 = time.time()
+        while True:
+            hs = [self.health(e) for e in endpoints]
+            if all(x is not None and x.live_seqs == 0 and x.kv_used == 0 for x in hs):
+                return
+            if time.time() - t0 > limit:
+                self.fail("stages still hold sequences: %s" %
+                          [(x.live_seqs, x.kv_used) if x else None for x in hs])
+            time.sleep(0.2)
 
     def ports(self, *names):
         return {k: free_port() for k in names}

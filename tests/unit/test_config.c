@@ -67,6 +67,20 @@ static void test_good_two_stages(void **state) {
     cpm_config_free(c);
 }
 
+/* A token-in cluster (router.tokenize: off) needs no tokenizer service. */
+static void test_token_in_without_tokenizers(void **state) {
+    (void)state;
+    const char *y = "router:\n  rpc: tcp://127.0.0.1:5550\n  results: tcp://127.0.0.1:5551\n"
+                    "  tokenize: off\nsamplers:\n  - endpoint: tcp://127.0.0.1:5570\n"
+                    "stages:\n  - {layers: [0, end], endpoint: tcp://127.0.0.1:5580}\n";
+    cpm_config *c;
+    cpm_error e = {0};
+    if (parse(y, &c, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(c->n_tokenizers, 0);
+    cpm_config_free(c);
+}
+
 static void test_missing_layers_at_model_end(void **state) {
     (void)state;
     const char *y = BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n";
@@ -219,6 +233,9 @@ static const bad_case bad_cases[] = {
           "  - {layers: [1, end], endpoint: tcp://127.0.0.1:5582, pipeline: 1}\n",
      "stages[2].layers: starts at 1, overlapping stage 1 (which ends at 2)"},
     {"tokenizers:\n  - endpoint: tcp://127.0.0.1:5560\n", "router: missing"},
+    {"router:\n  rpc: tcp://127.0.0.1:5550\n  results: tcp://127.0.0.1:5551\nsamplers:\n"
+     "  - endpoint: tcp://127.0.0.1:5570\n" ONE_STAGE,
+     "tokenizers: at least one is required (or router.tokenize: off)"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\nrouter: {}\n",
      "router: given twice"},
     {BASE "stages:\n  - layers: [0, 2\n", "t.yaml:"}, /* YAML syntax error with a position */
@@ -450,6 +467,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_two_stages),
         cmocka_unit_test(test_missing_layers_at_model_end),
+        cmocka_unit_test(test_token_in_without_tokenizers),
         cmocka_unit_test(test_pipeline_replicas),
         cmocka_unit_test(test_bad_configs),
         cmocka_unit_test(test_expert_services),

@@ -22,6 +22,7 @@
 
 #include "shard/engine/kv_cache.h"
 #include "shard/engine/model/model.h"
+#include "services/common/wire.h"
 #include "shard/tp.h"
 
 static const char *model_dir;
@@ -456,6 +457,119 @@ static void test_mesh_missing_rank_times_out(void **state) {
     zmq_ctx_term(z);
 }
 
+/* Sends rank 1's word that it failed micro-batch seq to rank 0's mesh socket. */
+static void push_failed(void *push, uint64_t seq) {
+    Cpm__V1__Error er = CPM__V1__ERROR__INIT;
+    er.code = CPM_ERANGE;
+    er.message = "unknown sequence 7";
+    Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
+    tp.seq = seq;
+    tp.rank = 1;
+    tp.failed = &er;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
+    env.tp_partial = &tp;
+    uint8_t *buf;
+    size_t size;
+    assert_int_equal(cpm_wire_pack(&env, &buf, &size, NULL), 0);
+    assert_int_equal(zmq_send(push, buf, size, 0), (int)size);
+    free(buf);
+}
+
+/* Sends rank 1's partial (seq, op) of `rows` rows of `value` to rank 0's mesh socket. */
+static void push_partial(void *push, uint64_t seq, uint32_t op, int rows, int hidden, float value) {
+    uint32_t shape[2] = {(uint32_t)rows, (uint32_t)hidden};
+    Cpm__V1__TensorDesc d = CPM__V1__TENSOR_DESC__INIT;
+    d.dtype = CPM__V1__DTYPE__DTYPE_F32;
+    d.n_shape = 2;
+    d.shape = shape;
+    Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
+    tp.seq = seq;
+    tp.op = op;
+    tp.rank = 1;
+    tp.partial = &d;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
+    env.tp_partial = &tp;
+    uint8_t *buf;
+    size_t size;
+    cpm_error e = {0};
+    assert_int_equal(cpm_wire_pack(&env, &buf, &size, &e), 0);
+    size_t n = (size_t)rows * (size_t)hidden;
+    float *x = malloc(n * sizeof *x);
+    for (size_t i = 0; i < n; i++)
+        x[i] = value;
+    assert_int_equal(zmq_send(push, buf, size, ZMQ_SNDMORE), (int)size);
+    assert_int_equal(zmq_send(push, x, n * sizeof *x, 0), (int)(n * sizeof *x));
+    free(x);
+    free(buf);
+}
+
+/* The mesh's tags order partials across lives of rank 0 (the stage starts its tags at its
+ * start time, so a restarted rank 0 tags later): a partial of an earlier tag - a previous
+ * life's, still queued - is dropped even when its op matches, and one of a later tag is
+ * kept for its turn. Rank 1 is a raw socket pair here, so the test picks what arrives. */
+static void test_mesh_orders_lives(void **state) {
+    (void)state;
+    const int hidden = 8, rows = 2;
+    const size_t n = (size_t)rows * hidden;
+    void *z = zmq_ctx_new();
+    char eps[MAX_T][64];
+    mesh_endpoints(eps, 2);
+    const char *mesh[2] = {eps[0], eps[1]};
+    void *sink = zmq_socket(z, ZMQ_PULL); /* takes rank 0's partials for rank 1 */
+    assert_int_equal(zmq_bind(sink, eps[1]), 0);
+    cpm_tp_mesh *t;
+    cpm_error e = {0};
+    assert_int_equal(cpm_tp_mesh_new(z, NULL, 0, 2, mesh, hidden, 4, 300, &t, &e), 0);
+    void *push = zmq_socket(z, ZMQ_PUSH);
+    int zero = 0;
+    zmq_setsockopt(push, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(sink, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_connect(push, eps[0]), 0);
+    const uint64_t life1 = 1000, life2 = 5000000; /* tags of two lives of rank 0 */
+    push_partial(push, life1 + 7, 0, rows, hidden, 100.0f); /* a previous life's, same op */
+    push_partial(push, life2 + 2, 0, rows, hidden, 30.0f);  /* early: the next micro-batch's */
+    push_partial(push, life2 + 1, 0, rows, hidden, 2.0f);   /* this one's */
+    cpm_allreduce_backend b = cpm_tp_mesh_backend(t);
+    float x[16];
+    cpm_tp_mesh_begin(t, life2 + 1);
+    for (size_t i = 0; i < n; i++)
+        x[i] = 1.0f;
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), 0);
+    for (size_t i = 0; i < n; i++)
+        assert_true(x[i] == 3.0f);
+    cpm_tp_mesh_begin(t, life2 + 2);
+    for (size_t i = 0; i < n; i++)
+        x[i] = 1.0f;
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), 0);
+    for (size_t i = 0; i < n; i++)
+        assert_true(x[i] == 31.0f);
+    /* a life-1 tag that is now current again never is: nothing comes, the deadline names it */
+    push_partial(push, life1 + 8, 0, rows, hidden, 100.0f);
+    cpm_tp_mesh_begin(t, life2 + 3);
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), CPM_ETIMEDOUT);
+    assert_non_null(strstr(e.msg, "tp rank 1"));
+    /* rank 1 says it failed the micro-batch (a restarted rank handed sequences it never
+     * saw): the all-reduce fails with its reason (CPM_ECLOSED), not at the deadline */
+    cpm_tp_mesh_begin(t, life2 + 4);
+    push_failed(push, life2 + 4);
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), CPM_ECLOSED);
+    if (!strstr(e.msg, "failed this micro-batch: unknown sequence 7"))
+        fail_msg("%s", e.msg);
+    /* and the next micro-batch is not affected by it */
+    push_partial(push, life2 + 5, 0, rows, hidden, 2.0f);
+    cpm_tp_mesh_begin(t, life2 + 5);
+    for (size_t i = 0; i < n; i++)
+        x[i] = 1.0f;
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), 0);
+    assert_true(x[0] == 3.0f);
+    zmq_close(push);
+    cpm_tp_mesh_free(t);
+    zmq_close(sink);
+    zmq_ctx_term(z);
+}
+
 /* A GPTQ config is refused before any weight is read: a temporary directory holding
  * only this model's config.json with a quantization_config added is enough. */
 static void test_refuses_quantized(void **state) {
@@ -536,6 +650,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_refuses_quantized),
         cmocka_unit_test(test_mesh_matches_in_process),
         cmocka_unit_test(test_mesh_missing_rank_times_out),
+        cmocka_unit_test(test_mesh_orders_lives),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
