@@ -7,6 +7,8 @@
  */
 #include "worker.h"
 
+#include "services/common/quota.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +31,7 @@ struct cpm_worker {
     char status[CPM_ERROR_MSG_MAX + 16]; /* the last health reply's */
     job *jobs;               /* [max_running] */
     cpm_inmsg **q;           /* ring of max_running + max_queue waiting requests */
+    cpm_quota *quota;        /* per-sender and total bounds on what they hold */
     int q_cap, q_head;
     uv_work_t load_work;
     int load_rc;
@@ -73,6 +76,7 @@ static void finish(cpm_worker *w) {
         w->opts.ops->release(w->opts.user);
     for (int i = 0; i < w->stats.queued; i++)
         cpm_inmsg_free(w->q[(w->q_head + i) % w->q_cap]);
+    cpm_quota_free(w->quota);
     free(w->q);
     free(w->jobs);
     free(w);
@@ -103,6 +107,11 @@ void cpm_worker_get_stats(const cpm_worker *w, cpm_worker_stats *ret) {
 /* ------------------------------------------------------------------ jobs */
 
 static void job_done(uv_work_t *work, int status);
+
+/* What a request holds while it waits or runs: its envelope and tensor frame. */
+static size_t held_bytes(const cpm_inmsg *m) {
+    return cpm__v1__envelope__get_packed_size(m->env) + m->tensor_size;
+}
 
 static void job_run(uv_work_t *work) {
     job *j = work->data;
@@ -168,6 +177,7 @@ static void job_done(uv_work_t *work, int status) {
     if (w->opts.ops->done)
         w->opts.ops->done(w->opts.user, j->in, j->rc);
     reply_clear(&j->out);
+    cpm_quota_give(w->quota, &j->in->peer, held_bytes(j->in));
     cpm_inmsg_free(j->in);
     j->in = NULL;
     w->stats.running--;
@@ -248,6 +258,11 @@ static bool take_job(cpm_worker *w, cpm_inmsg *m) {
         refuse(w, m, CPM_ELIMIT, w->full_msg);
         return false;
     }
+    cpm_error e;
+    if (cpm_quota_take(w->quota, &m->peer, held_bytes(m), &e)) {
+        refuse(w, m, CPM_ELIMIT, e.msg);
+        return false;
+    }
     w->q[(w->q_head + w->stats.queued++) % w->q_cap] = m;
     start_next(w);
     return true;
@@ -300,17 +315,23 @@ int cpm_worker_new(uv_loop_t *loop, void *zctx, const char *endpoint, const cpm_
         return cpm_error_set(err, CPM_EINVAL, "worker: needs a run hook, max_running >= 1 and "
                              "max_queue >= 0 (got %d and %d)", opts->max_running, opts->max_queue);
     cpm_worker *w = calloc(1, sizeof *w);
+    int qrc = CPM_ENOMEM;
     if (w) {
         w->q_cap = opts->max_running + opts->max_queue;
         w->jobs = calloc((size_t)opts->max_running, sizeof *w->jobs);
         w->q = calloc((size_t)w->q_cap, sizeof *w->q);
+        qrc = cpm_quota_new(w->q_cap, opts->max_bytes ? opts->max_bytes : (size_t)1 << 30,
+                            opts->peer_pct ? opts->peer_pct : 75, &w->quota, err);
     }
-    if (!w || !w->jobs || !w->q) {
+    if (!w || !w->jobs || !w->q || qrc) {
         if (w) {
             free(w->jobs);
             free(w->q);
+            cpm_quota_free(w->quota);
         }
         free(w);
+        if (qrc && qrc != CPM_ENOMEM)
+            return qrc; /* err says why */
         return cpm_error_set(err, CPM_ENOMEM, "worker: %d jobs", opts->max_running);
     }
     w->loop = loop;
@@ -326,6 +347,7 @@ int cpm_worker_new(uv_loop_t *loop, void *zctx, const char *endpoint, const cpm_
     }
     if (rc) {
         cpm_sock_free(w->sock);
+        cpm_quota_free(w->quota);
         free(w->jobs);
         free(w->q);
         free(w);

@@ -70,6 +70,9 @@ typedef struct cpm_worker_opts {
     const char *full_msg;     /* refusal when full (default "busy: too many requests in flight") */
     int max_running;          /* jobs at once (>= 1) */
     int max_queue;            /* jobs waiting behind them (>= 0) */
+    size_t max_bytes;         /* bytes held by queued + running jobs (0: 1 GiB) */
+    int peer_pct;             /* share of either bound one sender may hold (0: 75 %, see
+                               * services/common/quota.h) */
     bool pipeline;            /* false: each reply goes back to its sender. true (a stage):
                                * replies go to downstream when it is set, else nowhere, and a
                                * job that fails without packing a reply sends nothing */

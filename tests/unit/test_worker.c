@@ -273,12 +273,13 @@ static void test_replies_and_handler_error(void **state) {
     assert_true(atomic_load(&f->max_running_seen) <= 2);
 }
 
-/* max_running 1 runs in arrival order; beyond max_queue the worker refuses. */
+/* max_running 1 runs in arrival order; beyond max_queue the worker refuses (one sender
+ * may hold all of it here: peer_pct 100). */
 static void test_in_order_and_refused_when_full(void **state) {
     fixture *f = *state;
     f->gate_open = false;
     start(f, (cpm_worker_opts){.max_running = 1, .max_queue = 2, .full_msg = "test queue full",
-                               .ops = &ops});
+                               .peer_pct = 100, .ops = &ops});
     for (uint64_t s = 1; s <= 4; s++)
         call(f, s);
     run_until(f, &f->replies, 1); /* the fourth: one running, two waiting */
@@ -303,6 +304,58 @@ static void test_in_order_and_refused_when_full(void **state) {
     cpm_worker_get_stats(f->w, &st);
     assert_int_equal(st.served, 3);
     assert_int_equal(st.refused, 1);
+}
+
+/* One sender may hold only its share of the queue: the next of its requests is refused
+ * while another sender still gets in; its bytes are bounded too. */
+static void test_per_sender_share(void **state) {
+    fixture *f = *state;
+    f->gate_open = false;
+    start(f, (cpm_worker_opts){.max_running = 1, .max_queue = 3, .peer_pct = 50, .ops = &ops});
+    for (uint64_t s = 1; s <= 3; s++)
+        call(f, s);
+    run_until(f, &f->replies, 1); /* 2 of 4 slots held: the third is refused */
+    assert_int_equal(f->replies, 1);
+    assert_int_equal(f->got_code[0], CPM_ELIMIT);
+    if (!strstr(f->last_error, "this sender holds 2 messages"))
+        fail_msg("%s", f->last_error);
+    cpm_sock *other;
+    assert_int_equal(cpm_sock_new(&f->loop, f->z, ZMQ_DEALER, NULL, on_unexpected, f, &other, NULL), 0);
+    assert_int_equal(cpm_sock_connect(other, "inproc://worker", NULL), 0);
+    Cpm__V1__Heartbeat hb = CPM__V1__HEARTBEAT__INIT;
+    hb.seq = 4;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &hb;
+    assert_int_equal(cpm_sock_call(other, &env, NULL, 5000, on_reply, f, NULL), 0);
+    open_gate(f, &f->gate_open);
+    run_until(f, &f->replies, 4);
+    assert_int_equal(f->replies, 4);
+    assert_int_equal(f->errors, 1); /* the other sender's request was served */
+    uint64_t sum = 0;
+    for (int i = 1; i < 4; i++)
+        sum += f->got_seq[i];
+    assert_int_equal(sum, 70); /* 10 + 20 + 40 */
+    cpm_sock_free(other);
+}
+
+/* The bytes held in all are bounded as well as the messages. */
+static void test_bytes_bound(void **state) {
+    fixture *f = *state;
+    f->gate_open = false;
+    /* a heartbeat envelope is 8-14 bytes: 30 hold two or three of them */
+    start(f, (cpm_worker_opts){.max_running = 1, .max_queue = 8, .max_bytes = 30, .peer_pct = 100,
+                               .ops = &ops});
+    for (uint64_t s = 1; s <= 8; s++)
+        call(f, s);
+    run_until(f, &f->errors, 1);
+    assert_true(f->errors >= 1);
+    if (!strstr(f->last_error, "bytes queued (bounds 9, 30)"))
+        fail_msg("%s", f->last_error);
+    open_gate(f, &f->gate_open);
+    run_until(f, &f->replies, 8);
+    assert_int_equal(f->replies, 8);
+    assert_true(f->errors >= 5 && f->errors <= 6);
 }
 
 /* Freed with one job running and two queued: the running one finishes, the queued
@@ -401,6 +454,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_replies_and_handler_error, setup, teardown),
         cmocka_unit_test_setup_teardown(test_in_order_and_refused_when_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_per_sender_share, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bytes_bound, setup, teardown),
         cmocka_unit_test_setup_teardown(test_shutdown_with_work_queued, setup, teardown),
         cmocka_unit_test_setup_teardown(test_free_idle_releases_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_loading_then_failed, setup, teardown),
