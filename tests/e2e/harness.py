@@ -221,12 +221,29 @@ class E2E:
         if unclean:
             self.fail("%s: %s" % (what, unclean))
 
+    SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
+
+    def sanitizer_reports(self):
+        """Lines of the processes' logs where a sanitizer (a -Db_sanitize build) spoke: a
+        service that crashed and was restarted must still fail the test."""
+        found = []
+        for name in sorted(os.listdir(self.tmp)):
+            if name.endswith(".log"):
+                for line in open(self.path(name), errors="replace"):
+                    if any(r in line for r in self.SANITIZER_REPORTS):
+                        found.append("%s: %s" % (name, line.strip()))
+        return found
+
     def run(self, main):
-        """Runs the test's main, kills what is left whatever happens, says PASS."""
+        """Runs the test's main, kills what is left whatever happens, fails on a sanitizer
+        report in any process's log, says PASS."""
         try:
             main()
         finally:
             self.cleanup()
+        reports = self.sanitizer_reports()
+        if reports:
+            self.fail("sanitizer reports:\n" + "\n".join(reports[:20]))
         print("PASS")
 
     # ------------------------------------------------------------ addresses and the cluster file
