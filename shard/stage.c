@@ -561,10 +561,10 @@ static void stage_done(void *user, const cpm_inmsg *in, int rc) {
 }
 
 /* Refuses a forward without queueing it: the error still travels to the router. */
-static void stage_refuse(void *user, const cpm_inmsg *m, int code, const char *why) {
+static bool stage_refuse(void *user, const cpm_inmsg *m, int code, const char *why) {
     cpm_stage *st = user;
-    if (!st->out) /* a TP rank > 0: rank 0 fails the micro-batch at its all-reduce */
-        return;
+    if (!st->out) /* a TP rank > 0: the Error goes back to rank 0, which fails the micro-batch */
+        return false;
     uint64_t step = m->env->body_case == CPM__V1__ENVELOPE__BODY_FORWARD ? m->env->forward->step : 0;
     Cpm__V1__Error er = CPM__V1__ERROR__INIT;
     er.code = code;
@@ -577,6 +577,7 @@ static void stage_refuse(void *user, const cpm_inmsg *m, int code, const char *w
     env.body_case = CPM__V1__ENVELOPE__BODY_RESULT;
     env.result = &r;
     cpm_sock_send(st->out, NULL, &env, NULL, NULL);
+    return true;
 }
 
 /* The layers, the cache and the model a ready stage serves. */
@@ -696,6 +697,8 @@ static int connect_tp(cpm_stage *st, cpm_error *err) {
                                &st->fanout, err);
     if (rc)
         return rc;
+    if (st->fanout) /* a rank that refuses a forward fails the micro-batch at once */
+        cpm_tp_mesh_watch_refusals(st->mesh, st->fanout);
     cpm_allreduce_backend b = cpm_tp_mesh_backend(st->mesh);
     cpm_model_set_allreduce_backend(st->model, &b);
     return 0;

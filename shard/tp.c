@@ -41,9 +41,20 @@ typedef struct mesh_peer {
     char failed_why[160];
 } mesh_peer;
 
+/* Rank 0's DEALERs to the other ranks' stage endpoints. They carry no replies, except
+ * an Error when a rank refused a TpForward (still loading, queue full, malformed): its
+ * corr is the forward's seq. */
+struct cpm_tp_fanout {
+    int n, timeout_ms;
+    void *sock[CPM_TP_MAX];
+    cpm_peerwatch *watch[CPM_TP_MAX];
+    char endpoint[CPM_TP_MAX][256];
+};
+
 struct cpm_tp_mesh {
     int rank, size, hidden, max_rows, timeout_ms;
     void *pull;
+    cpm_tp_fanout *refusals; /* rank 0: where refused forwards are answered (may be NULL) */
     mesh_peer peers[CPM_TP_MAX];
     uint64_t seq;
     uint32_t op;
@@ -203,6 +214,14 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
     return rc;
 }
 
+/* Rank p failed micro-batch seq (or refused it): no partial of it will come. */
+static void note_failure(cpm_tp_mesh *t, mesh_peer *p, uint64_t seq, const char *why) {
+    if (seq >= t->seq && seq > p->failed_seq) {
+        p->failed_seq = seq;
+        snprintf(p->failed_why, sizeof p->failed_why, "%s", why ? why : "");
+    }
+}
+
 /* Files one validated partial: this all-reduce's, an early one, or a stale one (dropped);
  * or a peer's word that it failed a micro-batch (this one's or a later one). */
 static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void *rows,
@@ -211,11 +230,7 @@ static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void
         return 0; /* not from a peer of this stage: ignore it */
     mesh_peer *p = &t->peers[tp->rank];
     if (tp->failed) {
-        if (tp->seq >= t->seq && tp->seq > p->failed_seq) {
-            p->failed_seq = tp->seq;
-            snprintf(p->failed_why, sizeof p->failed_why, "%s",
-                     tp->failed->message ? tp->failed->message : "");
-        }
+        note_failure(t, p, tp->seq, tp->failed->message);
         return 0;
     }
     if (tp->partial->shape[1] != (uint32_t)t->hidden || tp->partial->shape[0] > (uint32_t)t->max_rows)
@@ -251,6 +266,22 @@ static int drain(cpm_tp_mesh *t, size_t n, int layer, cpm_error *err) {
         cpm_frames_close(&fr);
     }
     return rc;
+}
+
+/* Rank 0: reads the other ranks' refusals of forwards (Error replies on the fan-out). */
+static void drain_refusals(cpm_tp_mesh *t) {
+    cpm_tp_fanout *f = t->refusals;
+    for (int i = 0; f && i < f->n; i++) {
+        cpm_frames fr;
+        while (cpm_frames_recv(&fr, f->sock[i], 2, ZMQ_DONTWAIT, NULL) == 0) {
+            cpm_envelope *env = NULL;
+            if (!cpm_frames_envelope(&fr, 0, &env, NULL) && env->body_case == CPM__V1__ENVELOPE__BODY_ERROR &&
+                i + 1 < t->size)
+                note_failure(t, &t->peers[i + 1], env->corr, env->error->message);
+            cpm_wire_free(env);
+            cpm_frames_close(&fr);
+        }
+    }
 }
 
 /* An early partial kept from before this all-reduce started becomes this one's. */
@@ -324,14 +355,17 @@ static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_erro
     int miss;
     while (rc == 0 && (miss = missing_peer(t)) >= 0) {
         rc = drain(t, n, layer, err);
+        drain_refusals(t);
         if (rc || missing_peer(t) < 0 || (rc = check_links(t, layer, err)))
             break;
-        zmq_pollitem_t it[CPM_TP_MAX + 1] = {{.socket = t->pull, .events = ZMQ_POLLIN}};
+        zmq_pollitem_t it[2 * CPM_TP_MAX + 1] = {{.socket = t->pull, .events = ZMQ_POLLIN}};
         int k = 1;
         for (int r = 0; r < t->size; r++)
             if (r != t->rank)
                 it[k++] = (zmq_pollitem_t){.socket = cpm_peerwatch_socket(t->peers[r].watch),
                                            .events = ZMQ_POLLIN};
+        for (int i = 0; t->refusals && i < t->refusals->n; i++)
+            it[k++] = (zmq_pollitem_t){.socket = t->refusals->sock[i], .events = ZMQ_POLLIN};
         int left = ms_left(deadline);
         if (!left || zmq_poll(it, k, left) == 0)
             rc = cpm_error_set(err, CPM_ETIMEDOUT, "tp rank %d (%s): no partial for layer %d in %d ms",
@@ -372,18 +406,15 @@ void cpm_tp_mesh_abort(cpm_tp_mesh *t, const cpm_error *why) {
     free(buf);
 }
 
+void cpm_tp_mesh_watch_refusals(cpm_tp_mesh *t, cpm_tp_fanout *f) {
+    t->refusals = f;
+}
+
 cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t) {
     return (cpm_allreduce_backend){.ud = t, .sum = mesh_sum};
 }
 
 /* ------------------------------------------------------------------ rank 0's fan-out */
-
-struct cpm_tp_fanout {
-    int n, timeout_ms;
-    void *sock[CPM_TP_MAX];
-    cpm_peerwatch *watch[CPM_TP_MAX];
-    char endpoint[CPM_TP_MAX][256];
-};
 
 void cpm_tp_fanout_free(cpm_tp_fanout *f) {
     if (!f)
@@ -425,6 +456,7 @@ int cpm_tp_fanout_send(cpm_tp_fanout *f, uint64_t seq, const Cpm__V1__StageForwa
     tf.seq = seq;
     tf.forward = (Cpm__V1__StageForward *)forward; /* packed, not modified */
     cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = seq; /* a refusal's Error echoes it: the mesh fails that micro-batch */
     env.body_case = CPM__V1__ENVELOPE__BODY_TP_FORWARD;
     env.tp_forward = &tf;
     uint8_t *buf;

@@ -52,13 +52,18 @@ void cpm_tp_mesh_begin(cpm_tp_mesh *t, uint64_t seq);
  * deadline. Best effort, waits at most 200 ms per peer. */
 void cpm_tp_mesh_abort(cpm_tp_mesh *t, const cpm_error *why);
 
+typedef struct cpm_tp_fanout cpm_tp_fanout;
+
+/* Rank 0: while an all-reduce waits, a rank's refusal of the micro-batch's forward (an
+ * Error reply on f: still loading, queue full, malformed) fails it at once, as a
+ * `failed` partial does. f must outlive t's use, or be detached with NULL. */
+void cpm_tp_mesh_watch_refusals(cpm_tp_mesh *t, cpm_tp_fanout *f);
+
 /* The backend to install with cpm_model_set_allreduce_backend; valid while t lives. */
 cpm_allreduce_backend cpm_tp_mesh_backend(cpm_tp_mesh *t);
 
 /* Mean wall time of one all-reduce so far, in microseconds, and how many ran. */
 double cpm_tp_mesh_mean_us(const cpm_tp_mesh *t, unsigned long long *ret_calls);
-
-typedef struct cpm_tp_fanout cpm_tp_fanout;
 
 /* Rank 0: one DEALER to each of ranks 1..n (their stage endpoints). */
 int cpm_tp_fanout_new(void *zctx, const cpm_curve *curve, const char *const *endpoints, int n, int timeout_ms,

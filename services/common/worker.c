@@ -240,9 +240,7 @@ static void answer_health(cpm_worker *w, const cpm_inmsg *m) {
 
 static void refuse(cpm_worker *w, const cpm_inmsg *m, int code, const char *why) {
     w->stats.refused++;
-    if (w->opts.ops->refuse)
-        w->opts.ops->refuse(w->opts.user, m, code, why);
-    else
+    if (!w->opts.ops->refuse || !w->opts.ops->refuse(w->opts.user, m, code, why))
         cpm_sock_send_error(w->sock, &m->peer, m->env->corr, code, why, NULL);
 }
 

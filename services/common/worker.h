@@ -52,8 +52,9 @@ typedef struct cpm_worker_ops {
      * result. May be NULL. */
     void (*done)(void *user, const cpm_inmsg *in, int rc);
     /* Loop thread: a job refused (code CPM_EAGAIN while loading, CPM_ELIMIT when full).
-     * NULL: the sender gets Envelope{error} with code and why. */
-    void (*refuse)(void *user, const cpm_inmsg *m, int code, const char *why);
+     * Returns whether it answered; if not (or NULL) the sender gets Envelope{error}
+     * with code and why, its corr echoed. */
+    bool (*refuse)(void *user, const cpm_inmsg *m, int code, const char *why);
     /* Loop thread: adds the service's fields to a health reply whose service, name, ready,
      * status, queue_depth and uptime_s are set. The worker packs h after the hook returns,
      * so what the hook points h at lives in the service's struct. May be NULL. */

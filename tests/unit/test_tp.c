@@ -570,6 +570,68 @@ static void test_mesh_orders_lives(void **state) {
     zmq_ctx_term(z);
 }
 
+/* Rank 0 hears a rank refuse a forward (an Error reply on the fan-out, corr = the forward's
+ * tag: it was still loading, say) and fails that micro-batch's all-reduce at once. */
+static void test_mesh_hears_refusals(void **state) {
+    (void)state;
+    const int hidden = 8;
+    void *z = zmq_ctx_new();
+    char eps[MAX_T][64], stage1[96];
+    mesh_endpoints(eps, 2);
+    snprintf(stage1, sizeof stage1, "%s-stage", eps[1]);
+    const char *mesh[2] = {eps[0], eps[1]};
+    int zero = 0;
+    void *sink = zmq_socket(z, ZMQ_PULL), *rank1 = zmq_socket(z, ZMQ_ROUTER);
+    zmq_setsockopt(sink, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(rank1, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_bind(sink, eps[1]), 0);
+    assert_int_equal(zmq_bind(rank1, stage1), 0);
+    cpm_tp_mesh *t;
+    cpm_tp_fanout *f;
+    cpm_error e = {0};
+    const char *peers[1] = {stage1};
+    assert_int_equal(cpm_tp_mesh_new(z, NULL, 0, 2, mesh, hidden, 4, 5000, &t, &e), 0);
+    assert_int_equal(cpm_tp_fanout_new(z, NULL, peers, 1, 5000, &f, &e), 0);
+    cpm_tp_mesh_watch_refusals(t, f);
+    Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
+    assert_int_equal(cpm_tp_fanout_send(f, 77, &fw, NULL, 0, &e), 0);
+    cpm_tp_mesh_begin(t, 77);
+    /* rank 1 refuses it, as its worker does while loading */
+    zmq_msg_t id, body;
+    zmq_msg_init(&id);
+    zmq_msg_init(&body);
+    assert_true(zmq_msg_recv(&id, rank1, 0) > 0);
+    assert_true(zmq_msg_recv(&body, rank1, 0) > 0);
+    cpm_envelope *in = cpm__v1__envelope__unpack(NULL, zmq_msg_size(&body), zmq_msg_data(&body));
+    assert_non_null(in);
+    assert_int_equal(in->corr, 77);
+    Cpm__V1__Error er = CPM__V1__ERROR__INIT;
+    er.code = CPM_EAGAIN;
+    er.message = "stage is still loading";
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.corr = in->corr;
+    env.body_case = CPM__V1__ENVELOPE__BODY_ERROR;
+    env.error = &er;
+    uint8_t *buf;
+    size_t size;
+    assert_int_equal(cpm_wire_pack(&env, &buf, &size, NULL), 0);
+    assert_true(zmq_msg_send(&id, rank1, ZMQ_SNDMORE) > 0);
+    assert_int_equal(zmq_send(rank1, buf, size, 0), (int)size);
+    free(buf);
+    cpm__v1__envelope__free_unpacked(in, NULL);
+    zmq_msg_close(&body);
+    cpm_allreduce_backend b = cpm_tp_mesh_backend(t);
+    float x[8] = {0};
+    assert_int_equal(b.sum(b.ud, 0, 0, x, 8, &e), CPM_ECLOSED); /* not at the 5 s deadline */
+    if (!strstr(e.msg, "failed this micro-batch: stage is still loading"))
+        fail_msg("%s", e.msg);
+    cpm_tp_fanout_free(f);
+    cpm_tp_mesh_free(t);
+    zmq_close(rank1);
+    zmq_close(sink);
+    zmq_ctx_term(z);
+}
+
 /* A GPTQ config is refused before any weight is read: a temporary directory holding
  * only this model's config.json with a quantization_config added is enough. */
 static void test_refuses_quantized(void **state) {
@@ -651,6 +713,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_mesh_matches_in_process),
         cmocka_unit_test(test_mesh_missing_rank_times_out),
         cmocka_unit_test(test_mesh_orders_lives),
+        cmocka_unit_test(test_mesh_hears_refusals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
