@@ -36,6 +36,23 @@ static void stop(void *user) {
     cpm_stage_free(a->st);
 }
 
+/* The loading thread's progress, in the log at most once a second (and at the end). */
+typedef struct load_log {
+    const cpm_log *log;
+    uint64_t started_ns, last_ns;
+} load_log;
+
+static void on_progress(void *ud, size_t done, size_t total) {
+    load_log *l = ud;
+    uint64_t now = uv_hrtime();
+    if (done < total && now - l->last_ns < 1000000000u)
+        return;
+    l->last_ns = now;
+    cpm_log_info(l->log, "loading: weights paged in %.0f of %.0f MiB (%.0f %%, %.1f s)", (double)done / 1048576.0,
+                 (double)total / 1048576.0, total ? 100.0 * (double)done / (double)total : 100.0,
+                 (double)(now - l->started_ns) / 1e9);
+}
+
 static void on_ready(cpm_stage *st, int status, const cpm_error *err, void *user) {
     const cpm_log *log = user;
     if (status) {
@@ -152,6 +169,9 @@ int main(int argc, char **argv) {
         return 1;
     }
     o.curve = curve;
+    load_log ll = {.log = &a.log, .started_ns = uv_hrtime()};
+    o.load_progress = on_progress;
+    o.load_progress_ud = &ll;
     uv_loop_t *loop = uv_default_loop();
     cpm_stage *st;
     if (cpm_stage_new(loop, z, &o, on_ready, &a.log, &st, &e)) {

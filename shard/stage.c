@@ -138,6 +138,9 @@ struct cpm_stage {
     cpm_tp_mesh *mesh;
     cpm_tp_fanout *fanout;    /* rank 0: to ranks 1..T-1 */
     uint64_t tp_seq;          /* rank 0: the last micro-batch's tag (see connect_tp) */
+    /* loading: weights paged in (written by the loading thread, read by health) */
+    atomic_size_t paged_bytes, page_bytes;
+    char load_status[96];
 
     /* the running job's counts, folded into stats at its hand-over */
     double job_compute_s;
@@ -583,6 +586,13 @@ static bool stage_refuse(void *user, const cpm_inmsg *m, int code, const char *w
 /* The layers, the cache and the model a ready stage serves. */
 static void stage_health(void *user, Cpm__V1__Health *h) {
     cpm_stage *st = user;
+    size_t total = atomic_load(&st->page_bytes);
+    if (!h->ready && !st->stats.ready && total && !strcmp(h->status, "loading")) {
+        size_t done = atomic_load(&st->paged_bytes);
+        snprintf(st->load_status, sizeof st->load_status, "loading: weights paged in %.0f of %.0f MiB "
+                 "(%.0f %%)", (double)done / 1048576.0, (double)total / 1048576.0, 100.0 * (double)done / (double)total);
+        h->status = st->load_status;
+    }
     if (!h->ready)
         return;
     const cpm_model_info *in = st->info;
@@ -704,6 +714,14 @@ static int connect_tp(cpm_stage *st, cpm_error *err) {
     return 0;
 }
 
+static void on_paged(void *ud, size_t done, size_t total) {
+    cpm_stage *st = ud;
+    atomic_store(&st->page_bytes, total);
+    atomic_store(&st->paged_bytes, done);
+    if (st->opts.load_progress)
+        st->opts.load_progress(st->opts.load_progress_ud, done, total);
+}
+
 static int stage_load(void *user, cpm_error *err) {
     cpm_stage *st = user;
     cpm_model_opts mo = cpm_model_opts_default();
@@ -732,6 +750,8 @@ static int stage_load(void *user, cpm_error *err) {
     }
     if (!rc)
         rc = alloc_scratch(st, err);
+    if (!rc) /* ready means the first request does not wait for the disk */
+        cpm_model_page_in(st->model, on_paged, st);
     return rc;
 }
 
@@ -845,6 +865,8 @@ void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret) {
     ret->failed = w.failed + w.refused + w.undelivered;
     ret->bad_messages = w.bad_messages;
     ret->queued = w.queued;
+    ret->paged_bytes = atomic_load(&st->paged_bytes);
+    ret->page_bytes = atomic_load(&st->page_bytes);
 }
 
 void cpm_stage_drain(cpm_stage *st) {

@@ -63,6 +63,10 @@ typedef struct cpm_stage_opts {
     /* The fabric's keys (every socket the stage opens: inbound, next hop, experts, TP);
      * NULL = plain text. Borrowed: must outlive the stage. */
     const cpm_curve *curve;
+    /* Called on the loading thread while the weights are paged in (about every 5 %), so
+     * the service can log it; health shows it too. May be NULL. */
+    void (*load_progress)(void *ud, size_t done, size_t total);
+    void *load_progress_ud;
 } cpm_stage_opts;
 
 cpm_stage_opts cpm_stage_opts_default(void);
@@ -89,6 +93,7 @@ typedef struct cpm_stage_stats {
                                       at an address floats cannot be read from */
     unsigned long long tp_allreduces; /* tensor parallelism: all-reduces run, and their */
     double tp_allreduce_us;           /* mean wall time (send, wait, sum) in microseconds */
+    size_t paged_bytes, page_bytes;   /* loading: weights paged in so far, of all */
 } cpm_stage_stats;
 
 void cpm_stage_get_stats(const cpm_stage *st, cpm_stage_stats *ret);

@@ -157,6 +157,11 @@ def main():
     kids = children(p.pid)
     if len(kids) != 6:
         fail("expected 6 processes, got %s" % kids)
+    log = open(os.path.join(tmp, "cluster.log")).read()
+    paged = re.findall(r"(stage\d) loading: weights paged in [\d.]+ of ([\d.]+) MiB \(100 %", log)
+    if len({s for s, _ in paged}) != 2 or any(float(mib) <= 0 for _, mib in paged):
+        fail("each stage logs its weights paged in before ready: %s" % paged)
+    print("ok 1b - each stage paged its weights in before saying ready (the log says how much)")
     rpc_ep = "tcp://127.0.0.1:%d" % ports["rpc"]
     try:
         toks, n_events = generate(rpc_ep, ids, len(ref), stream=False)

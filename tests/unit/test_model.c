@@ -139,6 +139,42 @@ static void test_pipeline_split_matches(void **state) {
     cpm_model_free(whole);
 }
 
+typedef struct progress {
+    size_t calls, last_done, total;
+    bool monotone;
+} progress;
+
+static void on_progress(void *ud, size_t done, size_t total) {
+    progress *p = ud;
+    p->monotone = p->monotone && done >= p->last_done && done <= total && (!p->calls || total == p->total);
+    p->calls++;
+    p->last_done = done;
+    p->total = total;
+}
+
+/* Paging in touches every mapped weight once, reports progress up to the total, and the
+ * stages of a split page in what the whole model does (the tied embedding twice). */
+static void test_page_in(void **state) {
+    (void)state;
+    cpm_model *whole = load(0, -1, 1);
+    progress p = {.monotone = true};
+    size_t n = cpm_model_page_in(whole, on_progress, &p);
+    assert_true(n > 0);
+    assert_true(p.monotone);
+    assert_true(p.calls >= 2);
+    assert_int_equal(p.last_done, n);
+    assert_int_equal(p.total, n);
+    int L = cpm_model_get_info(whole)->n_layers;
+    cpm_model *s0 = load(0, 1, 1), *s1 = load(1, L, 1);
+    size_t split = cpm_model_page_in(s0, NULL, NULL) + cpm_model_page_in(s1, NULL, NULL);
+    const cpm_model_info *in = cpm_model_get_info(whole);
+    size_t embed = (size_t)in->vocab_size * (size_t)in->hidden_size * 4; /* at most (f32) */
+    assert_true(split >= n && split <= n + embed);
+    cpm_model_free(s0);
+    cpm_model_free(s1);
+    cpm_model_free(whole);
+}
+
 static void test_bad_batches(void **state) {
     (void)state;
     cpm_model *m = load(0, -1, 1);
@@ -179,6 +215,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_interleaved_sequences_match),
         cmocka_unit_test(test_pipeline_split_matches),
         cmocka_unit_test(test_bad_batches),
+        cmocka_unit_test(test_page_in),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

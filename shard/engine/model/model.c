@@ -605,6 +605,69 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
     return total;
 }
 
+/* ---- paging in ---- */
+
+/* The mapped bytes of w (a TP column slice spans its rows at the full width). */
+static size_t mapped_bytes(const cpm_weight *w) {
+    if (!w->data || w->q4)
+        return 0;
+    return (size_t)w->rows * (size_t)(w->ld ? w->ld : w->cols) * cpm_dtype_size(w->dtype);
+}
+
+typedef struct page_walk {
+    size_t done, total, next_report;
+    cpm_model_progress_fn fn;
+    void *ud;
+} page_walk;
+
+/* Touches one byte per page of w (sum: so the reads are not optimised away). */
+static void page_weight(page_walk *pw, const cpm_weight *w, volatile unsigned char *sink) {
+    size_t n = mapped_bytes(w);
+    const unsigned char *p = w->data;
+    unsigned char acc = 0;
+    for (size_t off = 0; off < n; off += 4096) {
+        acc ^= p[off];
+        pw->done += n - off < 4096 ? n - off : 4096;
+        if (pw->fn && pw->done >= pw->next_report) {
+            pw->fn(pw->ud, pw->done, pw->total);
+            pw->next_report = pw->done + pw->total / 20 + 1;
+        }
+    }
+    *sink ^= acc;
+}
+
+/* Calls fn(pw, w, sink) for every weight the model holds (each once). */
+static void each_weight(const cpm_model *m, page_walk *pw, volatile unsigned char *sink,
+                        void (*fn)(page_walk *, const cpm_weight *, volatile unsigned char *)) {
+    for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
+        const cpm_layer *L = &m->layers[l];
+        for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
+            fn(pw, &L->w[r], sink);
+        for (int j = 0; j < 3; j++)
+            for (int e = 0; L->experts[j] && e < m->hp.n_experts; e++)
+                fn(pw, &L->experts[j][e], sink);
+    }
+    if (m->info.first_stage)
+        fn(pw, &m->embed, sink);
+    if (m->info.last_stage && m->lm_head.data != m->embed.data)
+        fn(pw, &m->lm_head, sink);
+}
+
+static void count_weight(page_walk *pw, const cpm_weight *w, volatile unsigned char *sink) {
+    (void)sink;
+    pw->total += mapped_bytes(w);
+}
+
+size_t cpm_model_page_in(const cpm_model *m, cpm_model_progress_fn fn, void *ud) {
+    page_walk pw = {.fn = fn, .ud = ud};
+    volatile unsigned char sink = 0;
+    each_weight(m, &pw, &sink, count_weight);
+    each_weight(m, &pw, &sink, page_weight);
+    if (fn)
+        fn(ud, pw.done, pw.total);
+    return pw.done;
+}
+
 void cpm_model_set_expert_backend(cpm_model *m, const cpm_expert_backend *b) {
     m->experts_remote = b ? *b : (cpm_expert_backend){0};
 }

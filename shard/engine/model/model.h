@@ -73,6 +73,15 @@ const cpm_model_info *cpm_model_get_info(const cpm_model *m);
 /* What this stage's KV cache must hold per token (for cpm_kv_cache_new). */
 cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m);
 
+/* Progress of cpm_model_page_in: bytes paged in so far, of total. */
+typedef void (*cpm_model_progress_fn)(void *ud, size_t done, size_t total);
+
+/* Reads every page of the weights this model uses that still live in the mapped
+ * checkpoint (repacked weights were written at load and are resident), so the first
+ * request does not pay for the disk: a server says ready only after this. fn (may be
+ * NULL) hears the progress about every 5 % and at the end. Returns the bytes paged. */
+size_t cpm_model_page_in(const cpm_model *m, cpm_model_progress_fn fn, void *ud);
+
 /* Bytes of weights one decode step of one sequence reads in this stage: every
  * matrix of its layers (for MoE only the router and the k routed experts) plus
  * lm_head on the last stage and one embedding row on the first. The numerator
