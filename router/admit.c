@@ -100,6 +100,7 @@ static bool place_gen(cpm_admit *ad, cpm_gen *g) {
     }
     cpm_req_transition(&g->state, CPM_REQ_PREFILLING);
     ad->m->prompt_tokens += (uint64_t)n;
+    cpm_hist_observe(&ad->m->prompt_len, n);
     return true;
 }
 

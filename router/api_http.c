@@ -479,8 +479,22 @@ static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reque
     g.kv_reserved = st.kv_reserved;
     g.kv_budget = st.kv_tokens;
     cpm_health_kv(ctx->health, &g.kv_used_blocks, &g.kv_total_blocks);
+    g.model_name = ctx->model_name;
+    int n;
+    const cpm_svc *svcs = cpm_health_services(ctx->health, &n);
+    cpm_metrics_service *ms = calloc((size_t)(n > 0 ? n : 1), sizeof *ms);
+    char (*kinds)[32] = calloc((size_t)(n > 0 ? n : 1), sizeof *kinds);
+    for (int i = 0; ms && kinds && i < n; i++) {
+        snprintf(kinds[i], sizeof kinds[i], "%.*s", (int)strcspn(svcs[i].name, "0123456789."),
+                 svcs[i].name); /* "stage0.tp1" -> "stage" */
+        ms[i] = (cpm_metrics_service){svcs[i].name, kinds[i], svcs[i].ready, svcs[i].poll_s};
+    }
+    g.services = ms && kinds ? ms : NULL;
+    g.n_services = ms && kinds ? n : 0;
     size_t len;
     char *text = cpm_metrics_render(ctx->metrics, &g, &len);
+    free(ms);
+    free(kinds);
     if (text)
         cpm_http_respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, len, NULL);
     else

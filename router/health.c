@@ -278,6 +278,7 @@ static void expert_lost(cpm_health *h, const cpm_svc *sv, const char *what) {
 typedef struct poll_ctx {
     cpm_health *h;
     int i;
+    uint64_t t0; /* sent, ns */
 } poll_ctx;
 
 static void on_missed(cpm_health *h, cpm_svc *sv, replica *p, int status) {
@@ -325,12 +326,15 @@ static void on_health_reply(cpm_sock *s, cpm_inmsg *reply, int status, void *use
     cpm_svc *sv = &h->svcs[pc->i];
     replica *p = sv->replica >= 0 ? &h->replicas[sv->replica] : NULL;
     bool last_stage = p && p->stage_svc[p->n_stages - 1] == pc->i;
+    uint64_t t0 = pc->t0;
     free(pc);
     sv->answered = true;
     /* while closing, the sockets are going and their calls end with CPM_ECLOSED */
     bool answered = status == 0 && reply->env->body_case == CPM__V1__ENVELOPE__BODY_HEALTH;
-    if (!h->closing && answered)
+    if (!h->closing && answered) {
+        sv->poll_s = (double)(uv_hrtime() - t0) / 1e9;
         on_answer(h, sv, p, last_stage, reply->env->health);
+    }
     else if (!h->closing)
         on_missed(h, sv, p, status);
     cpm_inmsg_free(reply);
@@ -369,7 +373,7 @@ static void poll_all(cpm_health *h) {
         poll_ctx *pc = malloc(sizeof *pc);
         if (!pc)
             return;
-        *pc = (poll_ctx){h, i};
+        *pc = (poll_ctx){h, i, uv_hrtime()};
         Cpm__V1__HealthRequest hr = CPM__V1__HEALTH_REQUEST__INIT;
         Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
         env.body_case = CPM__V1__ENVELOPE__BODY_HEALTH_REQUEST;

@@ -36,6 +36,7 @@ typedef struct cpm_svc {
     char status[96];
     int kv_used, kv_total;
     uint64_t incarnation; /* from its last answer: another one means it restarted */
+    double poll_s;  /* round trip of its last answered health poll */
     bool reset_due; /* its calls in flight are lost: renew the connection at the next poll */
 } cpm_svc;
 

@@ -196,12 +196,28 @@ void cpm_gen_release(cpm_gen *g) {
         js->hooks.release(js->hooks.ud, g);
 }
 
+/* The finish reason, its length and decode time, in the metrics. */
+static void count_finish(cpm_gen *g, cpm_req_state to, const char *reason) {
+    cpm_metrics *m = g->job->jobs->m;
+    int f = to == CPM_REQ_CANCELLED ? CPM_FIN_ABORT
+            : to == CPM_REQ_FAILED  ? CPM_FIN_ERROR
+            : reason && !strcmp(reason, "length") ? CPM_FIN_LENGTH
+                                                  : CPM_FIN_STOP;
+    m->finished[f]++;
+    if (to != CPM_REQ_FINISHED)
+        return;
+    cpm_hist_observe(&m->gen_len, g->n_gen);
+    if (g->t_first)
+        cpm_hist_observe(&m->decode_time, (double)(uv_hrtime() - g->t_first) / 1e9);
+}
+
 void cpm_gen_finish(cpm_gen *g, cpm_req_state to, const char *reason) {
     if (cpm_req_transition(&g->state, to) != 0)
         return;
     cpm_gen_release(g);
     g->finish = reason;
     g->job->n_done++;
+    count_finish(g, to, reason);
 }
 
 static void end_gens(cpm_job *j, cpm_req_state to) {

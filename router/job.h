@@ -77,6 +77,7 @@ typedef struct cpm_gen {
     cpm_strbuf text; /* a non-streamed answer's whole text */
     const char *finish; /* "stop" / "length" once finished */
     uint64_t t_last; /* ns of the last token */
+    uint64_t t_sent, t_first; /* ns its first rows went out, of its first token (metrics) */
     /* text, behind generation: ids[0..n_text) are text (fed to the stopper) */
     int n_text;
     int n_textable; /* ids that have text (a final stop id has none) */

@@ -242,6 +242,20 @@ static void attach_live(cpm_pipeline *p, int k, Cpm__V1__StageForward *fw) {
     fw->live = p->live;
 }
 
+/* A sequence's first rows leave the queue: its queue time ends, its prefill begins. */
+static void note_sent(cpm_pipeline *p, const cpm_sched_batch *b) {
+    uint64_t now = uv_hrtime();
+    for (int i = 0; i < b->n_rows; i++) {
+        if (i && b->seq[i] == b->seq[i - 1]) /* a prefill chunk: one sequence, many rows */
+            continue;
+        cpm_gen *g = owner_of(p, b->seq[i]);
+        if (g && !g->t_sent) {
+            g->t_sent = now;
+            cpm_hist_observe(&p->m->queue_time, secs(now - g->job->t_start));
+        }
+    }
+}
+
 static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
     Cpm__V1__StageForward fw = CPM__V1__STAGE_FORWARD__INIT;
     protobuf_c_boolean want[b->n_rows > 0 ? b->n_rows : 1];
@@ -264,6 +278,7 @@ static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
     p->steps[p->n_steps++] = (step_time){b->step, uv_hrtime()};
     p->m->steps++;
     p->m->step_rows += (uint64_t)b->n_rows;
+    note_sent(p, b);
     cpm_error e = {0};
     if (p->io.forward(p->io.ud, k, &env, &e) < 0) /* the step will time out and fail */
         LOG(p, CPM_LOG_ERROR, "sending step %" PRIu64 " to replica %d: %s", b->step, k, e.msg);
@@ -592,6 +607,11 @@ static void take_token(cpm_pipeline *p, cpm_gen *g, const Cpm__V1__SampledToken 
         cpm_hist_observe(&p->m->ttft, secs(now - j->t_start));
     } else if (g->t_last) {
         cpm_hist_observe(&p->m->inter_token, secs(now - g->t_last));
+    }
+    if (!g->t_first) {
+        g->t_first = now;
+        if (g->t_sent)
+            cpm_hist_observe(&p->m->prefill_time, secs(now - g->t_sent));
     }
     g->t_last = now;
     p->m->generation_tokens++;

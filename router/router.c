@@ -217,6 +217,7 @@ int cpm_router_new(uv_loop_t *loop, void *zctx, const cpm_config *cfg,
     r->loop = loop;
     r->zctx = zctx;
     r->cfg = cfg;
+    cpm_metrics_init(&r->m);
     r->o = opts ? *opts : cpm_router_opts_default();
     if (r->o.health_interval_ms <= 0)
         r->o.health_interval_ms = 1000;

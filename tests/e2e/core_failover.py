@@ -24,7 +24,7 @@ import re
 import threading
 import time
 
-from harness import E2E, RpcStream, SseStream
+from harness import E2E, RpcStream, SseStream, metric_value
 
 N_GEN = 160  # long enough that the kill lands mid-generation
 STAGES = ["p0s0", "p0s1", "p1s0", "p1s1"]  # config order: replica 0's two stages, then replica 1's
@@ -46,8 +46,7 @@ def start(cfg, role, index, label):
 
 def failovers(port):
     text = req(port, "GET", "/metrics")[1]
-    m = re.search(r"^cpm_failovers_total (\d+)", text, re.M)
-    return int(m.group(1)) if m else None
+    return int(metric_value(text, "cpm_failovers_total")) if "cpm_failovers_total{" in text else None
 
 
 def completion(port, ids, stream=False):

@@ -94,6 +94,24 @@ def ep(port):
     return port if isinstance(port, str) else "tcp://127.0.0.1:%d" % port
 
 
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_value(text, name, **labels):
+    """The sum of the Prometheus series called name whose labels include labels (0 when
+    none is there), from the text of /metrics."""
+    total = 0.0
+    for line in text.splitlines():
+        m = METRIC_LINE.match(line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(LABEL.findall(m.group(2) or ""))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
 def sse_blocks(text):
     """The events of an SSE body, in order."""
     return [b for b in text.split("\n\n") if b.strip()]
@@ -376,12 +394,9 @@ class E2E:
             return st, text
         return st, json.loads(text)["choices"][0]["token_ids"]
 
-    def metric(self, port, name):
-        """A counter from /metrics (0 when absent)."""
-        for line in self.req(port, "GET", "/metrics")[1].splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
+    def metric(self, port, name, **labels):
+        """A series from /metrics, summed over the labels not given (0 when absent)."""
+        return metric_value(self.req(port, "GET", "/metrics")[1], name, **labels)
 
     def check_greedy(self, port, prompts, refs, n, what="1"):
         """Each prompt's greedy completion over HTTP equals its reference, one at a time."""

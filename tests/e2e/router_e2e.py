@@ -31,6 +31,7 @@ usage: router_e2e.py BUILD_DIR MODEL_DIR [N_STAGES] [--node | --overload]
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ import time
 
 import zmq
 
-from harness import E2E, secure
+from harness import E2E, metric_value, secure
 
 ARGS = [a for a in sys.argv[1:] if a not in ("--node", "--overload")]
 NODE = "--node" in sys.argv
@@ -170,13 +171,8 @@ def completion_ids(ids, n):
     return r["choices"][0]["token_ids"]
 
 
-def metric(name):
-    _, text = request("GET", "/metrics")
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def metric(name, **labels):
+    return metric_value(request("GET", "/metrics")[1], name, **labels)
 
 
 # ---------------------------------------------------------------- the checks
@@ -339,7 +335,7 @@ def test_overload(ids):
             check(r["choices"][0]["token_ids"] == want, "an admitted request under overload "
                   "gave %s, alone %s" % (r["choices"][0]["token_ids"], want))
     check(completion_ids(ids, 48) == want, "not serving after the overload")
-    check(metric('cpm_requests_total{endpoint="completions",outcome="overloaded"}')
+    check(metric("cpm_requests_total", endpoint="completions", outcome="overloaded")
           == statuses.count(429), "429s not counted as overload")
 
 
@@ -490,7 +486,7 @@ def test_bad_input(vocab):
 
 
 def test_disconnect_cancels(ids):
-    before = metric('cpm_requests_total{endpoint="completions",outcome="cancelled"}')
+    before = metric("cpm_requests_total", endpoint="completions", outcome="cancelled")
     s = socket.create_connection(("127.0.0.1", HTTP_PORT))
     body = json.dumps(greedy_body(ids, 200, stream=True)).encode()
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -500,7 +496,7 @@ def test_disconnect_cancels(ids):
         got += s.recv(4096)
     s.close()
     for _ in range(100):
-        after = metric('cpm_requests_total{endpoint="completions",outcome="cancelled"}')
+        after = metric("cpm_requests_total", endpoint="completions", outcome="cancelled")
         if after > before and metric("cpm_running_sequences") == 0:
             break
         time.sleep(0.05)
@@ -509,12 +505,36 @@ def test_disconnect_cancels(ids):
 
 
 def test_metrics():
+    """What a dashboard made for vLLM needs: a model_name label on every series, finish
+    reasons, length and phase histograms with buckets up to an hour, services' health."""
     _, text = request("GET", "/metrics")
     for name in ["cpm_requests_total", "cpm_time_to_first_token_seconds_bucket",
                  "cpm_inter_token_latency_seconds_count", "cpm_queue_depth", "cpm_kv_usage_ratio",
                  "cpm_generation_tokens_total"]:
         check(name in text, "metric %s missing" % name)
     check(metric("cpm_generation_tokens_total") > 0, "no generated tokens counted")
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    check(all('model_name="' in line for line in series),
+          "a series without model_name: %s" % [s for s in series if "model_name" not in s][:3])
+    finished = metric("cpm_request_finished_total")
+    check(finished > 0 and metric("cpm_request_finished_total", finished_reason="length") > 0,
+          "finish reasons not counted (%s)" % finished)
+    for name in ["cpm_request_queue_time_seconds", "cpm_request_prefill_time_seconds",
+                 "cpm_request_decode_time_seconds", "cpm_request_prompt_tokens",
+                 "cpm_request_generation_tokens"]:
+        check(metric(name + "_count") > 0, "%s observed nothing" % name)
+    check(metric("cpm_request_duration_seconds_bucket", le="3600") > 0, "no bucket up to an hour")
+    check(metric("cpm_request_prompt_tokens_bucket", le="262144") > 0, "no length bucket of 256k")
+    check(metric("cpm_service_up", kind="stage") >= 1 and metric("cpm_service_up", kind="sampler") >= 1,
+          "services' up gauges missing")
+    check(metric("cpm_service_health_seconds", kind="sampler") > 0, "no health round trip measured")
+    # docker/grafana-dashboard.json asks only for series this router serves
+    dash = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docker",
+                        "grafana-dashboard.json")
+    exprs = [t["expr"] for p in json.load(open(dash))["panels"] for t in p["targets"]]
+    used = set(re.findall(r"\b(cpm_[a-z_]+)", " ".join(exprs)))
+    served = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
+    check(used and used <= served, "the dashboard uses series /metrics lacks: %s" % sorted(used - served))
 
 
 # ---------------------------------------------------------------- internal RPC
