@@ -196,8 +196,23 @@ static void respond_tokens(http_answer *a, const cpm_job *j) {
     json_decref(o);
 }
 
+/* What the access log says of a job's answer (request id, tokens, time to first token,
+ * finish reason): the exchange's note, logged when it ends (on_exchange_done). */
+static void note_answer(http_answer *a, const cpm_job *j, const char *outcome) {
+    cpm_oai_usage u = usage_of(j);
+    const char *finish = outcome ? outcome : j->n_gens && j->gens[0].finish ? j->gens[0].finish : "stop";
+    char note[256];
+    int n = snprintf(note, sizeof note, "request_id=%s prompt_tokens=%d completion_tokens=%d "
+                     "finish_reason=%s", j->id, u.prompt_tokens, u.completion_tokens, finish);
+    if (j->first_token_seen && n > 0 && (size_t)n < sizeof note)
+        snprintf(note + n, sizeof note - (size_t)n, " ttft_ms=%.1f",
+                 (double)(j->t_first_token - j->t_start) / 1e6);
+    cpm_http_conn_set_note(a->conn, note);
+}
+
 static void sink_done(cpm_job *j) {
     http_answer *a = answer_of(j);
+    note_answer(a, j, NULL);
     if (j->tokenize_only) {
         respond_tokens(a, j);
         return;
@@ -216,6 +231,7 @@ static void sink_done(cpm_job *j) {
 
 static void sink_fail(cpm_job *j, const cpm_job_error *e) {
     http_answer *a = answer_of(j);
+    note_answer(a, j, "error");
     if (!a->streaming) {
         respond_error(a->conn, e->status, e->type, e->code, NULL, e->msg);
         return;
@@ -239,6 +255,7 @@ static void sink_fail(cpm_job *j, const cpm_job_error *e) {
 /* Nobody is listening, but the exchange must end. */
 static void sink_cancelled(cpm_job *j) {
     http_answer *a = answer_of(j);
+    note_answer(a, j, "abort");
     if (a->streaming)
         cpm_http_stream_end(a->conn);
     else
@@ -327,8 +344,10 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     }
     *a = (http_answer){.api = api, .conn = c, .rq = rq};
     const char *xid = client_request_id(req);
-    if (xid)
+    if (xid) /* echoed by response_head */
         cpm_log_write(ctx->log, CPM_LOG_INFO, j->id, "X-Request-Id %s", xid);
+    else /* the client gets the id every log line about the request carries */
+        cpm_http_conn_add_header(c, "X-Request-Id", j->id);
     if (rq->ignored[0])
         cpm_log_write(ctx->log, CPM_LOG_INFO, j->id, "ignored unknown request fields: %s",
                       rq->ignored);
@@ -550,6 +569,22 @@ static void response_head(void *ud, const cpm_http_request *r, char *out, size_t
         snprintf(out + used, size - used, "X-Request-Id: %s\r\n", id);
 }
 
+/* The access log: one line per exchange, whatever its end (answer, refusal, client gone:
+ * status 0). A job's answer adds its note (note_answer). */
+static void on_exchange_done(void *ud, const cpm_http_exchange *x) {
+    cpm_api_http *api = ud;
+    const char *xid = client_request_id(x->req);
+    char kv[640];
+    snprintf(kv, sizeof kv, "method=%s path=%.128s status=%d client=%s duration_ms=%.1f%s%s%s%s",
+             x->req ? x->req->method : "-", x->req ? x->req->path : "-", x->status, x->client,
+             x->seconds * 1e3, x->note[0] ? " " : "", x->note, xid ? " x_request_id=" : "",
+             xid ? xid : "");
+    for (char *p = kv; *p; p++) /* a path's odd bytes must not break the fields */
+        if ((unsigned char)*p < 0x21 && *p != ' ')
+            *p = '?';
+    cpm_log_kv(api->ctx->log, CPM_LOG_INFO, NULL, "access", kv);
+}
+
 static void on_request(void *ud, cpm_http_conn *c, const cpm_http_request *req) {
     cpm_api_http *api = ud;
     if (!strcmp(req->method, "OPTIONS")) { /* a CORS preflight: the head carries the answer */
@@ -611,6 +646,7 @@ int cpm_api_http_new(uv_loop_t *loop, const cpm_front_ctx *ctx, const char *addr
         return e;
     cpm_http_server_set_error_body(api->http, cpm_oai_error_body);
     cpm_http_server_set_head_fn(api->http, response_head, api);
+    cpm_http_server_set_done_fn(api->http, on_exchange_done, api);
     return cpm_http_server_listen(api->http, addr, port, err);
 }
 

@@ -42,6 +42,8 @@ struct cpm_http_server {
     cpm_http_error_body_fn error_body;
     cpm_http_head_fn head_fn;
     void *head_ud;
+    cpm_http_done_fn done_fn;
+    void *done_fn_ud;
     cpm_http_conn *conns; /* newest first */
     int n_conns;
     int n_live;          /* connections not closing */
@@ -87,6 +89,12 @@ struct cpm_http_conn {
     cpm_http_request req;
 
     size_t write_queue;
+    /* for the done hook (an access log) */
+    char client[64];  /* the peer, "ip:port" */
+    uint64_t t_req;   /* ns the request began */
+    int status;       /* of the response written, 0 before */
+    char note[256];
+    char head_extra[192]; /* header lines for this exchange's response (cpm_http_conn_add_header) */
 };
 
 typedef struct write_req {
@@ -261,6 +269,7 @@ static void conn_linger(cpm_http_conn *c) {
 
 static int write_head(cpm_http_conn *c, int status, const char *content_type, const char *extra,
                       const char *length_line) {
+    c->status = status;
     char head[1024];
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: %s\r\n",
@@ -271,17 +280,36 @@ static int write_head(cpm_http_conn *c, int status, const char *content_type, co
     char more[1024] = "";
     if (c->srv->head_fn) /* the request may not be parsed yet (a refusal): then NULL */
         c->srv->head_fn(c->srv->head_ud, c->req.path ? &c->req : NULL, more, sizeof more);
-    uv_buf_t pieces[4] = {uv_buf_init(head, (unsigned)n),
+    uv_buf_t pieces[5] = {uv_buf_init(head, (unsigned)n),
                           uv_buf_init((char *)(extra ? extra : ""), extra ? strlen(extra) : 0),
-                          uv_buf_init(more, (unsigned)strlen(more)), uv_buf_init("\r\n", 2)};
-    return conn_writev(c, pieces, 4);
+                          uv_buf_init(more, (unsigned)strlen(more)),
+                          uv_buf_init(c->head_extra, (unsigned)strlen(c->head_extra)),
+                          uv_buf_init("\r\n", 2)};
+    return conn_writev(c, pieces, 5);
 }
 
 static void conn_process(cpm_http_conn *c);
 static void reset_request(cpm_http_conn *c);
 
 /* Ends the current exchange: next request, lingering close, or free. */
+/* Tells the done hook what the exchange was. */
+static void report_exchange(cpm_http_conn *c) {
+    cpm_http_server *s = c->srv;
+    if (s->done_fn) {
+        uint64_t now = uv_hrtime();
+        cpm_http_exchange x = {.req = c->req.path ? &c->req : NULL, .status = c->status,
+                               .client = c->client, .note = c->note,
+                               .seconds = c->t_req ? (double)(now - c->t_req) / 1e9 : 0.0};
+        s->done_fn(s->done_fn_ud, &x);
+    }
+    c->note[0] = '\0';
+    c->head_extra[0] = '\0';
+    c->status = 0;
+    c->t_req = 0;
+}
+
 static int finish_exchange(cpm_http_conn *c) {
+    report_exchange(c);
     c->exchange = false;
     c->abort_cb = NULL;
     c->streaming = false;
@@ -356,6 +384,28 @@ int cpm_http_stream_end(cpm_http_conn *c) {
         rc = conn_write(c, "0\r\n\r\n", 5);
     int frc = finish_exchange(c);
     return rc ? rc : frc;
+}
+
+void cpm_http_server_set_done_fn(cpm_http_server *s, cpm_http_done_fn fn, void *ud) {
+    s->done_fn = fn;
+    s->done_fn_ud = ud;
+}
+
+int cpm_http_conn_add_header(cpm_http_conn *c, const char *name, const char *value) {
+    size_t used = strlen(c->head_extra);
+    for (const char *p = value; *p; p++)
+        if ((unsigned char)*p < 0x20)
+            return CPM_EINVAL; /* no header splitting */
+    int n = snprintf(c->head_extra + used, sizeof c->head_extra - used, "%s: %s\r\n", name, value);
+    if (n < 0 || (size_t)n >= sizeof c->head_extra - used) {
+        c->head_extra[used] = '\0';
+        return CPM_ELIMIT;
+    }
+    return 0;
+}
+
+void cpm_http_conn_set_note(cpm_http_conn *c, const char *note) {
+    snprintf(c->note, sizeof c->note, "%s", note ? note : "");
 }
 
 void cpm_http_server_set_head_fn(cpm_http_server *s, cpm_http_head_fn fn, void *ud) {
@@ -458,6 +508,7 @@ static int on_message_begin(http_parser *p) {
     cpm_http_conn *c = conn_of(p);
     reset_request(c);
     c->begun = true;
+    c->t_req = uv_hrtime();
     arm_timer(c, c->srv->lim.request_timeout_ms);
     return 0;
 }
@@ -712,6 +763,24 @@ static bool evict_idle(cpm_http_server *s, const cpm_http_conn *newcomer) {
     return oldest != NULL;
 }
 
+/* "ip:port" of the client, for the access log. */
+static void peer_name(cpm_http_conn *c) {
+    struct sockaddr_storage sa;
+    int len = sizeof sa;
+    char ip[48] = "?";
+    int port = 0;
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &len) == 0) {
+        if (sa.ss_family == AF_INET6) {
+            uv_ip6_name((struct sockaddr_in6 *)&sa, ip, sizeof ip);
+            port = ntohs(((struct sockaddr_in6 *)&sa)->sin6_port);
+        } else {
+            uv_ip4_name((struct sockaddr_in *)&sa, ip, sizeof ip);
+            port = ntohs(((struct sockaddr_in *)&sa)->sin_port);
+        }
+    }
+    snprintf(c->client, sizeof c->client, sa.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d", ip, port);
+}
+
 static void on_connection(uv_stream_t *listener, int status) {
     cpm_http_server *s = listener->data;
     if (status < 0 || s->closing)
@@ -729,6 +798,7 @@ static void on_connection(uv_stream_t *listener, int status) {
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1); /* SSE tokens must not wait for Nagle */
+    peer_name(c);
     if (s->n_live > s->lim.max_connections && !evict_idle(s, c)) {
         reject(c, 503, "too_many_connections", "the server has too many open connections");
         return;

@@ -128,6 +128,28 @@ typedef void (*cpm_http_head_fn)(void *ud, const cpm_http_request *r, char *out,
 
 void cpm_http_server_set_head_fn(cpm_http_server *s, cpm_http_head_fn fn, void *ud);
 
+/* What an exchange was, when it ends: for an access log. */
+typedef struct cpm_http_exchange {
+    const cpm_http_request *req; /* NULL: bytes that never parsed as a request */
+    int status;                  /* the response's; 0 when none was written (client gone) */
+    const char *client;          /* the peer, "ip:port" */
+    double seconds;              /* from the request's first byte to the exchange's end */
+    const char *note;            /* the handler's (cpm_http_conn_set_note), "" when none */
+} cpm_http_exchange;
+
+typedef void (*cpm_http_done_fn)(void *ud, const cpm_http_exchange *x);
+
+/* Called as every exchange ends (answered, refused, or its client gone). */
+void cpm_http_server_set_done_fn(cpm_http_server *s, cpm_http_done_fn fn, void *ud);
+
+/* Adds a header line to this exchange's response (before it starts). CPM_EINVAL for a
+ * value with control characters, CPM_ELIMIT past 191 bytes in all. */
+int cpm_http_conn_add_header(cpm_http_conn *c, const char *name, const char *value);
+
+/* Attaches a short text (copied, at most 255 bytes) to the exchange for the done hook,
+ * e.g. the request id and token counts of the answer. */
+void cpm_http_conn_set_note(cpm_http_conn *c, const char *note);
+
 /* Writes an error (body from the server's error_body function) and ends the exchange. */
 int cpm_http_respond_error(cpm_http_conn *c, int status, const char *type, const char *code,
                            const char *msg);

@@ -159,6 +159,7 @@ struct cpm_job {
     int n_gens, n_done;
     cpm_gen *gens;
     bool first_token_seen;
+    uint64_t t_first_token; /* ns, once first_token_seen */
     int refs; /* tokenizer calls in flight */
 };
 

@@ -604,6 +604,7 @@ static void take_token(cpm_pipeline *p, cpm_gen *g, const Cpm__V1__SampledToken 
     uint64_t now = uv_hrtime();
     if (!j->first_token_seen) {
         j->first_token_seen = true;
+        j->t_first_token = now;
         cpm_hist_observe(&p->m->ttft, secs(now - j->t_start));
     } else if (g->t_last) {
         cpm_hist_observe(&p->m->inter_token, secs(now - g->t_last));

@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <string.h>
 #include <time.h>
 
@@ -35,14 +36,48 @@ static void put_json(FILE *f, const char *s) {
     }
 }
 
-void cpm_log_write(const cpm_log *l, int level, const char *request_id, const char *fmt, ...) {
-    if (!l || !l->out || level < l->min_level)
-        return;
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
+/* A logfmt value that JSON can hold as a number (so dashboards can sum it). */
+static bool is_number(const char *s, size_t n) {
+    size_t i = s[0] == '-';
+    bool digits = false, dot = false;
+    for (; i < n; i++) {
+        if (s[i] >= '0' && s[i] <= '9')
+            digits = true;
+        else if (s[i] == '.' && !dot)
+            dot = true;
+        else
+            return false;
+    }
+    return digits;
+}
+
+/* kv's `key=value` pairs (split at spaces) as JSON fields. */
+static void put_json_fields(FILE *f, const char *kv) {
+    while (kv && *kv) {
+        size_t n = strcspn(kv, " ");
+        const char *eq = memchr(kv, '=', n);
+        if (eq && eq > kv) {
+            fputs(",\"", f);
+            fwrite(kv, 1, (size_t)(eq - kv), f);
+            fputs("\":", f);
+            size_t vn = n - (size_t)(eq - kv) - 1;
+            char v[512];
+            snprintf(v, sizeof v, "%.*s", (int)(vn < sizeof v ? vn : sizeof v - 1), eq + 1);
+            if (is_number(v, strlen(v))) {
+                fputs(v, f);
+            } else {
+                fputc('"', f);
+                put_json(f, v);
+                fputc('"', f);
+            }
+        }
+        kv += n;
+        kv += strspn(kv, " ");
+    }
+}
+
+static void write_line(const cpm_log *l, int level, const char *request_id, const char *msg,
+                       const char *kv) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
@@ -60,11 +95,30 @@ void cpm_log_write(const cpm_log *l, int level, const char *request_id, const ch
         }
         fputs("\",\"msg\":\"", l->out);
         put_json(l->out, msg);
-        fputs("\"}\n", l->out);
+        fputc('"', l->out);
+        put_json_fields(l->out, kv);
+        fputs("}\n", l->out);
     } else {
-        fprintf(l->out, "%s.%03ldZ %-5s %s%s%s%s %s\n", when, ts.tv_nsec / 1000000, lv,
+        fprintf(l->out, "%s.%03ldZ %-5s %s%s%s%s %s%s%s\n", when, ts.tv_nsec / 1000000, lv,
                 l->service ? l->service : "", request_id ? " [" : "", request_id ? request_id : "",
-                request_id ? "]" : "", msg);
+                request_id ? "]" : "", msg, kv && *kv ? " " : "", kv ? kv : "");
     }
     fflush(l->out);
+}
+
+void cpm_log_write(const cpm_log *l, int level, const char *request_id, const char *fmt, ...) {
+    if (!l || !l->out || level < l->min_level)
+        return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    write_line(l, level, request_id, msg, NULL);
+}
+
+void cpm_log_kv(const cpm_log *l, int level, const char *request_id, const char *msg, const char *kv) {
+    if (!l || !l->out || level < l->min_level)
+        return;
+    write_line(l, level, request_id, msg, kv);
 }

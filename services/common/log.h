@@ -26,6 +26,11 @@ int cpm_log_parse_level(const char *s);
 void cpm_log_write(const cpm_log *l, int level, const char *request_id, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* One line with fields: kv is `key=value` pairs separated by spaces (values without
+ * spaces). Text: appended to msg as they are (logfmt); JSON: one field each, numbers as
+ * numbers. For access logs and anything a log pipeline should index. */
+void cpm_log_kv(const cpm_log *l, int level, const char *request_id, const char *msg, const char *kv);
+
 #define cpm_log_info(l, ...) cpm_log_write((l), CPM_LOG_INFO, NULL, __VA_ARGS__)
 #define cpm_log_warn(l, ...) cpm_log_write((l), CPM_LOG_WARN, NULL, __VA_ARGS__)
 #define cpm_log_error(l, ...) cpm_log_write((l), CPM_LOG_ERROR, NULL, __VA_ARGS__)

@@ -537,6 +537,40 @@ def test_metrics():
     check(used and used <= served, "the dashboard uses series /metrics lacks: %s" % sorted(used - served))
 
 
+def test_access_log(ids):
+    """One access line per exchange with the request id the client got back (its own
+    X-Request-Id echoed, or the generated one), tokens, time to first token, finish."""
+    body = json.dumps({"prompt": ids[:4], "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+    got = {}
+    for xid in ("e2e-access-1", None):
+        c = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)
+        headers = {"Content-Type": "application/json"}
+        if xid:
+            headers["X-Request-Id"] = xid
+        c.request("POST", "/v1/completions", body=body, headers=headers)
+        r = c.getresponse()
+        answer = json.loads(r.read().decode())
+        c.close()
+        rid = r.getheader("X-Request-Id")
+        check(r.status == 200 and rid == (xid or answer["id"]),
+              "X-Request-Id %r for %r (answer id %s)" % (rid, xid, answer.get("id")))
+        got[xid] = answer["id"]
+    request("GET", "/nowhere")
+    deadline = time.time() + 5
+    want = [r'access method=POST path=/v1/completions status=200 client=127\.0\.0\.1:\d+ duration_ms=[\d.]+ '
+            r'request_id=%s prompt_tokens=4 completion_tokens=3 finish_reason=length ttft_ms=[\d.]+ '
+            r'x_request_id=e2e-access-1' % re.escape(got["e2e-access-1"]),
+            r'access method=POST path=/v1/completions status=200 .* request_id=%s ' % re.escape(got[None]),
+            r'access method=GET path=/nowhere status=404 ']
+    while True:
+        log = open(h.path("router.log"), errors="replace").read()
+        missing = [w for w in want if not re.search(w, log)]
+        if not missing or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    check(not missing, "access log lines missing: %s" % missing)
+
+
 # ---------------------------------------------------------------- internal RPC
 
 def rpc_call(sock, env, frames=(), timeout_ms=30000):
@@ -694,6 +728,7 @@ def main():
     test_disconnect_cancels(ids)
     test_rpc(zmq.Context(), ids, cpm_run(ids, 10))
     test_metrics()
+    test_access_log(ids)
     for p in procs:
         check(p.poll() is None, "%s exited (rc %s)" % (p.args[0], p.poll()))
     return 1 if failures else 0
