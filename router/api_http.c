@@ -521,6 +521,21 @@ static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reque
     free(text);
 }
 
+/* The web chat page (router/web/index.html, compiled in by router/web/embed.py). It holds
+ * no secret, so it is served without a key; what it calls is not. Inline script and
+ * style only from this page, requests only to this server. */
+extern const unsigned char cpm_web_index[];
+extern const unsigned long cpm_web_index_len;
+
+static void on_page(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)api, (void)req;
+    cpm_http_respond(c, 200, "text/html; charset=utf-8", (const char *)cpm_web_index, cpm_web_index_len,
+                     "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                     "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n"
+                     "X-Content-Type-Options: nosniff\r\nCache-Control: no-cache\r\n");
+}
+
 /* ---- routing ----------------------------------------------------------------------------- */
 
 typedef void (*route_fn)(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req);
@@ -538,6 +553,8 @@ static const struct route {
     {"GET", "/ready", on_ready},
     {"GET", "/metrics", on_metrics},
     {"GET", "/version", on_version},
+    {"GET", "/", on_page},
+    {"GET", "/index.html", on_page},
 };
 
 /* Routes that take the rest of the path as a parameter. */
