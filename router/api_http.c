@@ -142,10 +142,7 @@ static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *fin
 
 static cpm_oai_usage usage_of(const cpm_job *j) {
     cpm_oai_usage u = {0};
-    for (int p = 0; p < j->n_prompts; p++)
-        u.prompt_tokens += j->prompt_len[p];
-    for (int i = 0; i < j->n_gens; i++)
-        u.completion_tokens += j->gens[i].n_gen;
+    cpm_job_usage(j, &u.prompt_tokens, &u.completion_tokens);
     return u;
 }
 
@@ -199,14 +196,8 @@ static void respond_tokens(http_answer *a, const cpm_job *j) {
 /* What the access log says of a job's answer (request id, tokens, time to first token,
  * finish reason): the exchange's note, logged when it ends (on_exchange_done). */
 static void note_answer(http_answer *a, const cpm_job *j, const char *outcome) {
-    cpm_oai_usage u = usage_of(j);
-    const char *finish = outcome ? outcome : j->n_gens && j->gens[0].finish ? j->gens[0].finish : "stop";
     char note[256];
-    int n = snprintf(note, sizeof note, "request_id=%s prompt_tokens=%d completion_tokens=%d "
-                     "finish_reason=%s", j->id, u.prompt_tokens, u.completion_tokens, finish);
-    if (j->first_token_seen && n > 0 && (size_t)n < sizeof note)
-        snprintf(note + n, sizeof note - (size_t)n, " ttft_ms=%.1f",
-                 (double)(j->t_first_token - j->t_start) / 1e6);
+    cpm_job_access_note(j, outcome, note, sizeof note);
     cpm_http_conn_set_note(a->conn, note);
 }
 
