@@ -14,35 +14,52 @@ static float fold(__m512 v) {
     return _mm_cvtss_f32(d);
 }
 
-#define MB 4 /* rows of x per pass: each code word is used MB times from a register */
+/* Blocks of NB output rows x MB input rows: NB * MB independent sums (a masked add waits
+ * for the one before it on the same register, so one row alone would run at the adds'
+ * latency, not their throughput), each code word loaded once per MB rows of x and each
+ * x vector once per NB rows of W. Every sum still runs in its own 16 lanes in k order. */
+#define NB 4
+#define MB 4
+
+typedef struct block {
+    int n, nb, m, mb;
+} block;
+
+static void t2_block(const struct cpm_t2 *w, float *y, size_t ldy, const float *x, size_t ldx,
+                     block b) {
+    const int G = w->G, full = w->K / 16;
+    const __mmask16 tail = (__mmask16)((1u << (w->K % 16)) - 1u);
+    const uint32_t *rows[NB];
+    __m512 acc[NB][MB];
+    for (int j = 0; j < NB; j++) {
+        rows[j] = w->codes + (size_t)(b.n + (j < b.nb ? j : 0)) * (size_t)G;
+        for (int i = 0; i < MB; i++)
+            acc[j][i] = _mm512_setzero_ps();
+    }
+    for (int g = 0; g < G; g++) {
+        __m512 xv[MB];
+        for (int i = 0; i < b.mb; i++) {
+            const float *xp = x + (size_t)(b.m + i) * ldx + (size_t)g * 16;
+            xv[i] = g < full ? _mm512_loadu_ps(xp) : _mm512_maskz_loadu_ps(tail, xp);
+        }
+        for (int j = 0; j < b.nb; j++) {
+            uint32_t word = rows[j][g];
+            __mmask16 plus = (__mmask16)word, minus = (__mmask16)(word >> 16);
+            for (int i = 0; i < b.mb; i++) {
+                acc[j][i] = _mm512_mask_add_ps(acc[j][i], plus, acc[j][i], xv[i]);
+                acc[j][i] = _mm512_mask_sub_ps(acc[j][i], minus, acc[j][i], xv[i]);
+            }
+        }
+    }
+    for (int j = 0; j < b.nb; j++)
+        for (int i = 0; i < b.mb; i++)
+            y[(size_t)(b.m + i) * ldy + (size_t)(b.n + j)] = w->scale[b.n + j] * fold(acc[j][i]);
+}
 
 void cpm_t2_mm_avx512(const struct cpm_t2 *w, float *y, size_t ldy, const float *x, size_t ldx,
                       int m0, int m1, int n0, int n1) {
-    const int G = w->G, full = w->K / 16;
-    const __mmask16 tail = (__mmask16)((1u << (w->K % 16)) - 1u);
-    for (int n = n0; n < n1; n++) {
-        const uint32_t *words = w->codes + (size_t)n * (size_t)G;
-        if (n + 1 < n1)
-            _mm_prefetch((const char *)(words + G), _MM_HINT_T0);
-        for (int m = m0; m < m1; m += MB) {
-            int mb = m1 - m < MB ? m1 - m : MB;
-            __m512 acc[MB];
-            for (int i = 0; i < MB; i++)
-                acc[i] = _mm512_setzero_ps();
-            for (int g = 0; g < G; g++) {
-                uint32_t word = words[g];
-                if (!word)
-                    continue;
-                __mmask16 plus = (__mmask16)word, minus = (__mmask16)(word >> 16);
-                for (int i = 0; i < mb; i++) {
-                    const float *xp = x + (size_t)(m + i) * ldx + (size_t)g * 16;
-                    __m512 xv = g < full ? _mm512_loadu_ps(xp) : _mm512_maskz_loadu_ps(tail, xp);
-                    acc[i] = _mm512_mask_add_ps(acc[i], plus, acc[i], xv);
-                    acc[i] = _mm512_mask_sub_ps(acc[i], minus, acc[i], xv);
-                }
-            }
-            for (int i = 0; i < mb; i++)
-                y[(size_t)(m + i) * ldy + (size_t)n] = w->scale[n] * fold(acc[i]);
-        }
-    }
+    for (int n = n0; n < n1; n += NB)
+        for (int m = m0; m < m1; m += MB)
+            t2_block(w, y, ldy, x, ldx,
+                     (block){n, n1 - n < NB ? n1 - n : NB, m, m1 - m < MB ? m1 - m : MB});
 }
