@@ -184,7 +184,7 @@ static int tokenize_prompt(cpm_admit *ad, cpm_job *j, int p, cpm_error *e) {
     cpm_svc *tk = cpm_health_tokenizer(ad->health);
     int timeout = ad->cfg->router.timeout_ms, rc;
     if (j->chat)
-        rc = cpm_tokc_chat(tk->sock, tk->name, j->chat, (size_t)j->n_chat, timeout,
+        rc = cpm_tokc_chat(tk->sock, tk->name, j->chat, (size_t)j->n_chat, j->tools_json, timeout,
                            on_prompt_ids, pc, e);
     else
         rc = cpm_tokc_tokenize(tk->sock, tk->name, j->prompt_text[p], true, timeout,

@@ -299,9 +299,13 @@ static int take_prompts(cpm_job *j, const cpm_oai_request *rq) {
     if (rq->kind == CPM_OAI_CHAT) {
         if (!(j->chat = calloc((size_t)rq->n_messages + 1, sizeof *j->chat)))
             return CPM_ENOMEM;
-        for (int i = 0; i < rq->n_messages; i++)
-            j->chat[i] = (cpm_tokc_msg){rq->messages[i].role, rq->messages[i].content};
+        for (int i = 0; i < rq->n_messages; i++) {
+            const cpm_oai_message *m = &rq->messages[i];
+            j->chat[i] = (cpm_tokc_msg){m->role, m->content, m->tool_calls_json, m->thought,
+                                        m->tool_call_id};
+        }
         j->n_chat = rq->n_messages;
+        j->tools_json = rq->tools_json;
         return 0;
     }
     for (int p = 0; p < j->n_prompts; p++) {
@@ -360,6 +364,9 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     j->max_tokens = rq->max_tokens;
     j->stops = rq->stop;
     j->n_stops = rq->n_stop;
+    j->constraint_kind = rq->constraint_kind;
+    j->constraint_schema = rq->constraint_schema;
+    j->constraint_single = rq->constraint_single;
     cpm_http_conn_set_abort_cb(c, on_abort, j);
     int n_prompts = rq->kind == CPM_OAI_CHAT || tokenize_only ? 1 : rq->n_prompts;
     if (cpm_job_init_gens(j, n_prompts, tokenize_only ? 0 : rq->n) || take_prompts(j, rq)) {
