@@ -170,6 +170,8 @@ static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
         return;
     }
     memcpy(j->prompt_ids[p], res->ids, res->n_ids * sizeof(int32_t));
+    if (j->tokenize_only && j->chat && res->text && !j->rendered)
+        j->rendered = strdup(res->text); /* shown by /tokenize; none without memory */
     j->prompt_len[p] = (int)res->n_ids;
     if (j->tok_pending == 0)
         admit(ad, j);

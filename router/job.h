@@ -160,6 +160,7 @@ struct cpm_job {
     const char *constraint_schema;
     bool constraint_single;
     bool tokenize_only; /* POST /tokenize: no gens; the answer is prompt 0's ids */
+    char *rendered;     /* tokenize_only chat: the prompt text the template made (owned) */
     int tok_pending; /* prompts at the tokenizer */
     int tok_attempts; /* failed tokenize calls */
     int n_gens, n_done;

@@ -1163,6 +1163,54 @@ static char *dump(json_t *j) {
     return s;
 }
 
+/* tool_calls as OpenAI shows them: whole in a message; in a delta, a call's first piece
+ * carries id, type and name, later pieces only arguments. */
+static json_t *tool_calls_json(const cpm_oai_choice *ch, bool delta) {
+    json_t *arr = json_array();
+    for (int i = 0; i < ch->n_tool_calls; i++) {
+        const cpm_oai_tool_call *t = &ch->tool_calls[i];
+        json_t *fn = json_object(), *c = json_object();
+        if (t->name)
+            json_object_set_new(fn, "name", json_string(t->name));
+        json_object_set_new(fn, "arguments", json_string(t->arguments ? t->arguments : ""));
+        if (delta)
+            json_object_set_new(c, "index", json_integer(t->index));
+        if (t->id) {
+            json_object_set_new(c, "id", json_string(t->id));
+            json_object_set_new(c, "type", json_string("function"));
+        }
+        json_object_set_new(c, "function", fn);
+        json_array_append_new(arr, c);
+    }
+    return arr;
+}
+
+/* A chat choice's message: content (null when there are tool calls and no text),
+ * reasoning_content and tool_calls when there are some. */
+static json_t *chat_message(const cpm_oai_choice *ch) {
+    json_t *m = json_pack("{s:s}", "role", "assistant");
+    bool null_content = ch->n_tool_calls > 0 && (!ch->text || ch->text_len == 0);
+    json_object_set_new(m, "content", null_content ? json_null() : jstr(ch->text, ch->text_len));
+    if (ch->reasoning && ch->reasoning_len)
+        json_object_set_new(m, "reasoning_content", jstr(ch->reasoning, ch->reasoning_len));
+    if (ch->n_tool_calls > 0)
+        json_object_set_new(m, "tool_calls", tool_calls_json(ch, false));
+    return m;
+}
+
+/* A chat chunk's delta: whatever of content, reasoning_content and tool_calls it has. */
+static json_t *chat_delta(const cpm_oai_choice *ch) {
+    json_t *delta = json_object();
+    if (ch->reasoning && ch->reasoning_len)
+        json_object_set_new(delta, "reasoning_content", jstr(ch->reasoning, ch->reasoning_len));
+    /* the closing chunk of a chat choice has an empty delta */
+    if (ch->text_len > 0 || (!ch->finish_reason && !ch->reasoning_len && !ch->n_tool_calls))
+        json_object_set_new(delta, "content", jstr(ch->text, ch->text_len));
+    if (ch->n_tool_calls > 0)
+        json_object_set_new(delta, "tool_calls", tool_calls_json(ch, true));
+    return delta;
+}
+
 char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t created,
                               const char *model, const cpm_oai_choice *choices, int n_choices,
                               const cpm_oai_usage *usage) {
@@ -1172,12 +1220,14 @@ char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t
     for (int i = 0; i < n_choices; i++) {
         const cpm_oai_choice *ch = &choices[i];
         json_t *text = jstr(ch->text, ch->text_len);
-        json_t *c = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:o}", "index", ch->index,
-                                     "message", "role", "assistant", "content", text, "logprobs",
-                                     logprobs_of(rq, ch), "finish_reason", finish_of(ch))
+        json_t *c = chat ? json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "message",
+                                     chat_message(ch), "logprobs", logprobs_of(rq, ch),
+                                     "finish_reason", finish_of(ch))
                          : json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "text", text,
                                      "logprobs", logprobs_of(rq, ch), "finish_reason",
                                      finish_of(ch));
+        if (chat)
+            json_decref(text);
         json_array_append_new(arr, with_ids(rq, c, ch));
     }
     json_object_set_new(root, "choices", arr);
@@ -1213,10 +1263,7 @@ char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, c
                                              choice->index, "delta", "role", "assistant",
                                              "content", "", "logprobs", "finish_reason"));
     } else if (kind == CPM_OAI_CHUNK_CONTENT) {
-        json_t *delta = json_object();
-        /* the closing chunk of a chat choice has an empty delta */
-        if (choice->text_len > 0 || !choice->finish_reason)
-            json_object_set_new(delta, "content", jstr(choice->text, choice->text_len));
+        json_t *delta = chat ? chat_delta(choice) : json_object();
         json_t *c = chat ? json_pack("{s:i, s:o, s:o, s:o}", "index", choice->index, "delta",
                                      delta, "logprobs", logprobs_of(rq, choice), "finish_reason",
                                      finish_of(choice))

@@ -62,7 +62,9 @@ static void on_reply(cpm_sock *s, cpm_inmsg *m, int status, void *user) {
         fail(c, CPM_EFORMAT, false, what);
     } else if (c->want == CPM__V1__ENVELOPE__BODY_TOKENIZED) {
         const Cpm__V1__TokenizeReply *t = m->env->tokenized;
-        cpm_tokc_result res = {.ids = t->ids, .n_ids = t->n_ids};
+        const char *text = t->text ? t->text : "";
+        cpm_tokc_result res = {.ids = t->ids, .n_ids = t->n_ids, .text = text,
+                               .text_len = strlen(text)};
         c->cb(c->user, &res);
     } else if (c->want == CPM__V1__ENVELOPE__BODY_PIECES_REPLY) {
         pieces_reply(c, m->env->pieces_reply);

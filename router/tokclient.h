@@ -26,7 +26,7 @@ typedef struct cpm_tokc_result {
     const char *msg;      /* on failure: names the tokenizer and the problem */
     const int32_t *ids;   /* tokenize / chat */
     size_t n_ids;
-    const char *text;     /* detokenize: the new text (NUL-terminated) */
+    const char *text;     /* detokenize: the new text; chat: the rendered prompt (NUL-terminated) */
     size_t text_len;
     size_t consumed;      /* detokenize: how many new ids the text covers */
     const char *const *texts; /* pieces: texts[i] (texts_len[i] bytes, not NUL-terminated) */

@@ -411,7 +411,8 @@ struct cpm_toolcall {
     size_t scanned;     /* S_BLOCK: held[0..scanned) has no end marker */
     buf content, reasoning; /* this feed's decisions */
     cpm_toolcall_call *calls;
-    int n_calls, cap_calls;
+    int n_calls;
+    int n_rejected; /* blocks given back as content */
     bool oom;
 };
 
@@ -545,6 +546,10 @@ int cpm_toolcall_count(const cpm_toolcall *tc) {
     return tc->n_calls;
 }
 
+int cpm_toolcall_rejected(const cpm_toolcall *tc) {
+    return tc->n_rejected;
+}
+
 const cpm_toolcall_call *cpm_toolcall_get(const cpm_toolcall *tc, int i) {
     return i >= 0 && i < tc->n_calls ? &tc->calls[i] : NULL;
 }
@@ -637,6 +642,7 @@ static bool step(cpm_toolcall *tc, bool end) {
             drop_then(tc, stop, S_BODY);
         } else {
             emit(tc, &tc->content, stop); /* not a call we take: the text as it was */
+            tc->n_rejected++;
             tc->state = S_BODY;
         }
         return true;
@@ -672,6 +678,16 @@ int cpm_toolcall_feed(cpm_toolcall *tc, const char *text, size_t len, cpm_toolca
         buf_add(&tc->held, text, len);
     run(tc, false, d);
     return tc->held.oom || tc->content.oom || tc->reasoning.oom ? CPM_ENOMEM : 0;
+}
+
+int cpm_toolcall_whole(cpm_toolcall *tc, const char *text, size_t len, cpm_toolcall_delta *d) {
+    begin(tc);
+    if (tc->state != S_DONE)
+        buf_add(&tc->held, text, len);
+    run(tc, true, d);
+    int rc = tc->held.oom || tc->content.oom || tc->reasoning.oom ? CPM_ENOMEM : 0;
+    tc->state = S_DONE;
+    return rc;
 }
 
 int cpm_toolcall_finish(cpm_toolcall *tc, cpm_toolcall_delta *d) {

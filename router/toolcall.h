@@ -64,7 +64,12 @@ int cpm_toolcall_feed(cpm_toolcall *tc, const char *text, size_t len, cpm_toolca
 /* The text is over: *d is everything still held back. Further feeds are ignored. */
 int cpm_toolcall_finish(cpm_toolcall *tc, cpm_toolcall_delta *d);
 
+/* The whole text at once (a non-streamed answer): a feed and the finish in one delta. */
+int cpm_toolcall_whole(cpm_toolcall *tc, const char *text, size_t len, cpm_toolcall_delta *d);
+
 int cpm_toolcall_count(const cpm_toolcall *tc);
+/* Call blocks that did not parse (given back as content): for the log. */
+int cpm_toolcall_rejected(const cpm_toolcall *tc);
 const cpm_toolcall_call *cpm_toolcall_get(const cpm_toolcall *tc, int i);
 
 /* Python call arguments "kw=value, ..." (the text between the parentheses) as a JSON

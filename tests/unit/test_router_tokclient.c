@@ -140,7 +140,8 @@ static void test_tokenize_matches_golden_ids(void **state) {
 /* Chat: the service renders the model's template and tokenizes, as the library does. */
 static void test_chat_renders_and_tokenizes(void **state) {
     fixture *f = *state;
-    cpm_tokc_msg msgs[] = {{"system", "Be brief."}, {"user", "Hello, 世界!"}};
+    cpm_tokc_msg msgs[] = {{.role = "system", .content = "Be brief."},
+                           {.role = "user", .content = "Hello, 世界!"}};
     seen s = {0};
     cpm_error e = {0};
     assert_int_equal(cpm_tokc_chat(f->dealer, "tok0", msgs, 2, NULL, 5000, on_result, &s, &e), 0);

@@ -25,6 +25,7 @@ typedef struct result {
     int n_calls;
     char calls[8][2][512]; /* name, arguments */
     char ids[8][64];
+    int n_rejected;
 } result;
 
 static void add(char *dst, size_t cap, const char *s, size_t n) {
@@ -64,6 +65,7 @@ static void run_cuts(const char *text, const size_t *cuts, int n_cuts, result *r
     assert_int_equal(cpm_toolcall_finish(tc, &d), 0);
     take(tc, &d, r);
     assert_int_equal(cpm_toolcall_count(tc), r->n_calls);
+    r->n_rejected = cpm_toolcall_rejected(tc);
     cpm_toolcall_free(tc);
 }
 
@@ -80,11 +82,25 @@ static void same(const result *a, const result *b, const char *text, const char 
     }
 }
 
+/* cpm_toolcall_whole: one delta. */
+static void run_whole(const char *text, result *r) {
+    memset(r, 0, sizeof *r);
+    cpm_toolcall *tc = cpm_toolcall_new(NAMES, 4, "call_t");
+    assert_non_null(tc);
+    cpm_toolcall_delta d;
+    assert_int_equal(cpm_toolcall_whole(tc, text, strlen(text), &d), 0);
+    take(tc, &d, r);
+    r->n_rejected = cpm_toolcall_rejected(tc);
+    cpm_toolcall_free(tc);
+}
+
 /* The whole parse, then every cut must agree with it. */
 static void check_cuts(const char *text, result *whole) {
-    run_cuts(text, NULL, 0, whole);
+    run_whole(text, whole);
     size_t n = strlen(text);
     result r;
+    run_cuts(text, NULL, 0, &r);
+    same(whole, &r, text, "one feed and the finish");
     for (size_t i = 0; i <= n; i++) {
         run_cuts(text, &i, 1, &r);
         same(whole, &r, text, "a cut in two");
@@ -207,6 +223,7 @@ static void test_malformed_is_content(void **state) {
         result r;
         check_cuts(text, &r);
         assert_int_equal(r.n_calls, 0);
+        assert_int_equal(r.n_rejected, 1);
         assert_string_equal(r.content, text);
     }
 }
