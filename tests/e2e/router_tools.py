@@ -310,10 +310,11 @@ def check_bad_requests(port):
         h.check(st == 400 and r["error"]["param"] == param, "400 naming %s: %s %s" % (param, st, r))
 
 
-def check_node_client(port):
+def check_node_client(port, sampler):
     if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
-        print("openai npm client not installed: its tool-call check skipped")
+        print("openai npm client not installed (npm ci in tests/e2e/node): its check skipped")
         return
+    sampler.set_script(text_ids(port, ANSWER))
     out = subprocess.run(["node", os.path.join(NODE_DIR, "openai_tools.mjs"),
                           "http://127.0.0.1:%d/v1" % port, "m3"],
                          capture_output=True, text=True, timeout=120)
@@ -360,7 +361,7 @@ def main():
     check_parsed_calls(port, sampler)
     check_constraints(port, sampler)
     check_bad_requests(port)
-    check_node_client(port)
+    check_node_client(port, sampler)
     sampler.stop = True
     h.stop_cleanly("MiniCPM3 cluster")
     m4 = gen_model("m4", "minicpm4-tiny")
