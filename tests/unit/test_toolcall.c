@@ -269,6 +269,11 @@ static void test_args_json(void **state) {
     j = cpm_toolcall_args_json("", 0);
     assert_string_equal(j, "{}");
     free(j);
+    /* a broken UTF-8 sequence in a string: still valid JSON, with U+FFFD */
+    j = cpm_toolcall_args_json("s='a\x93b'", 8);
+    assert_non_null(j);
+    args_equal(j, "{\"s\":\"a\xef\xbf\xbd" "b\"}");
+    free(j);
     /* deeper than any call we take: refused, not a stack overflow */
     char deep[4096];
     size_t k = 0;
