@@ -98,9 +98,12 @@ static void put_utf8(buf *b, uint32_t cp) {
 }
 
 /* A code point as JSON string content: escapes for quotes, backslash, controls and
- * surrogates (which UTF-8 cannot carry). */
-static void put_json_cp(buf *b, uint32_t cp) {
+ * surrogates (which UTF-8 cannot carry). NUL is never written: many JSON readers refuse
+ * it (jansson in object keys), and no model's call means it. */
+static bool put_json_cp(buf *b, uint32_t cp) {
     char esc[16];
+    if (cp == 0)
+        return false;
     if (cp == '"' || cp == '\\') {
         esc[0] = '\\', esc[1] = (char)cp;
         buf_add(b, esc, 2);
@@ -110,6 +113,7 @@ static void put_json_cp(buf *b, uint32_t cp) {
     } else {
         put_utf8(b, cp);
     }
+    return true;
 }
 
 /* Length of the valid UTF-8 sequence at s (1..4), or 0 when it is not one. */
@@ -159,28 +163,21 @@ static bool read_escape(reader *r, buf *b) {
     r->i++;
     uint32_t cp;
     const char *k = c ? strchr(from, c) : NULL;
-    if (k && !(c == '0' && peek(r) >= '0' && peek(r) <= '7')) {
-        put_json_cp(b, (unsigned char)to[k - from]);
-        return true;
-    }
+    if (k && !(c == '0' && peek(r) >= '0' && peek(r) <= '7'))
+        return put_json_cp(b, (unsigned char)to[k - from]);
     if (c == '\n')
         return true; /* a line continuation */
     if (c >= '0' && c <= '7') { /* up to three octal digits */
         cp = (uint32_t)(c - '0');
         for (int d = 0; d < 2 && peek(r) >= '0' && peek(r) <= '7'; d++)
             cp = cp * 8 + (uint32_t)(peek(r) - '0'), r->i++;
-        put_json_cp(b, cp);
-        return true;
+        return put_json_cp(b, cp);
     }
     if (c == 'x' || c == 'u' || c == 'U') {
-        if (!read_hex(r, c == 'x' ? 2 : c == 'u' ? 4 : 8, &cp))
-            return false;
-        put_json_cp(b, cp);
-        return true;
+        return read_hex(r, c == 'x' ? 2 : c == 'u' ? 4 : 8, &cp) && put_json_cp(b, cp);
     }
-    put_json_cp(b, '\\'); /* Python keeps an unknown escape as it is */
-    r->i--;
-    return true;
+    r->i--; /* Python keeps an unknown escape as it is */
+    return put_json_cp(b, '\\');
 }
 
 /* '...' or "..." (single line; triple quotes are not taken) as a JSON string. */
@@ -210,7 +207,8 @@ static bool read_string(reader *r, buf *b) {
             if (!read_escape(r, b))
                 return false;
         } else if (c == '"' || c < 0x20) {
-            put_json_cp(b, c);
+            if (!put_json_cp(b, c))
+                return false;
         } else {
             buf_add(b, &c, 1);
         }
