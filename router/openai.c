@@ -828,25 +828,32 @@ static int parse_content(json_t *v, const char *role, int idx, cpm_oai_message *
 
 /* One of an assistant message's tool_calls: {id?, type: "function", function: {name,
  * arguments}}, arguments a JSON object as text (as OpenAI sends them) or as an object. */
+/* v is an object of only those keys (else a 400 naming param). */
+static int object_of(json_t *v, const char *const *keys, const char *param, const char *shape,
+                     cpm_oai_error *e) {
+    if (!json_is_object(v))
+        return BAD(e, param, "'%s' must be %s", param, shape);
+    return only_keys(v, keys, param, e);
+}
+
 static int check_call(json_t *call, const char *param, cpm_oai_error *e) {
     static const char *const keys[] = {"id", "type", "function", "index", NULL};
     static const char *const fkeys[] = {"name", "arguments", NULL};
-    if (!json_is_object(call) || only_keys(call, keys, param, e))
-        return json_is_object(call) ? CPM_EINVAL : BAD(e, param, "'%s' must be an object", param);
+    if (object_of(call, keys, param, "an object", e))
+        return CPM_EINVAL;
     const char *type = json_string_value(json_object_get(call, "type"));
     json_t *fn = json_object_get(call, "function"), *id = json_object_get(call, "id");
     if (type && strcmp(type, "function") != 0)
         return BAD(e, param, "'%s.type' must be \"function\"", param);
     if (id && !json_is_null(id) && !json_is_string(id))
         return BAD(e, param, "'%s.id' must be a string", param);
-    if (!json_is_object(fn) || only_keys(fn, fkeys, param, e))
-        return json_is_object(fn) ? CPM_EINVAL
-                                  : BAD(e, param, "'%s.function' must be {name, arguments}", param);
+    if (object_of(fn, fkeys, param, "an object with 'function': {name, arguments}", e))
+        return CPM_EINVAL;
     json_t *name = json_object_get(fn, "name"), *args = json_object_get(fn, "arguments");
     if (!json_is_string(name) || json_string_length(name) == 0)
         return BAD(e, param, "'%s.function.name' must be a non-empty string", param);
-    if (json_is_object(args) || !args || json_is_null(args))
-        return 0;
+    if (!args || json_is_null(args) || json_is_object(args))
+        return 0; /* the template takes an object too */
     json_t *parsed = json_is_string(args) ? json_loads(json_string_value(args), 0, NULL) : NULL;
     bool ok = json_is_object(parsed);
     json_decref(parsed);
