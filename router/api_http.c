@@ -13,6 +13,14 @@
 #include "openai.h"
 #include "toolcall.h"
 
+/* openai.c's constraint kinds travel as proto's (job.h, pipeline.c) unchanged. */
+_Static_assert((int)CPM_OAI_CONSTRAINT_JSON_OBJECT ==
+                   (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT &&
+               (int)CPM_OAI_CONSTRAINT_JSON_SCHEMA ==
+                   (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA &&
+               (int)CPM_OAI_CONSTRAINT_TOOL_CALLS == (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS,
+               "constraint kinds");
+
 struct cpm_api_http {
     const cpm_front_ctx *ctx;
     cpm_http_server *http;
@@ -488,7 +496,7 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     j->max_tokens = rq->max_tokens;
     j->stops = rq->stop;
     j->n_stops = rq->n_stop;
-    j->constraint_kind = rq->constraint_kind;
+    j->constraint_kind = (int)rq->constraint_kind;
     j->constraint_schema = rq->constraint_schema;
     j->constraint_single = rq->constraint_single;
     cpm_http_conn_set_abort_cb(c, on_abort, j);

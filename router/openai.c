@@ -7,8 +7,6 @@
 #include "openai.h"
 
 #include <jansson.h>
-
-#include "../proto/cpm.pb-c.h"
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -577,7 +575,7 @@ static int json_format(cpm_oai_request *rq, json_t *v, const char *n, cpm_oai_er
     if (schema && !json_is_null(schema) && !json_is_object(schema))
         return BAD(e, "response_format.json_schema.schema",
                    "'response_format.json_schema.schema' must be a JSON Schema object");
-    rq->constraint_kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
+    rq->constraint_kind = CPM_OAI_CONSTRAINT_JSON_SCHEMA;
     free(rq->constraint_schema);
     /* no schema: any JSON value the schema {} allows */
     rq->constraint_schema = json_is_object(schema) ? json_dumps(schema, JSON_COMPACT) : strdup("{}");
@@ -597,7 +595,7 @@ static int f_response_format(cpm_oai_request *rq, json_t *v, parse_ctx *c, const
     if (strcmp(t, "text") == 0)
         return 0;
     if (strcmp(t, "json_object") == 0) {
-        rq->constraint_kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT;
+        rq->constraint_kind = CPM_OAI_CONSTRAINT_JSON_OBJECT;
         return 0;
     }
     if (strcmp(t, "json_schema") == 0)
@@ -643,7 +641,7 @@ static int check_tools(cpm_oai_request *rq, cpm_oai_error *e) {
     rq->parse_tool_calls = rq->n_tools > 0 && rq->tool_choice != CPM_OAI_TOOLS_NONE;
     if (!forced)
         return 0;
-    rq->constraint_kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS;
+    rq->constraint_kind = CPM_OAI_CONSTRAINT_TOOL_CALLS;
     rq->constraint_single = rq->tool_choice == CPM_OAI_TOOLS_NAMED;
     return (rq->constraint_schema = allowed_tools(rq)) ? 0 : CPM_ENOMEM;
 }

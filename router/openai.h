@@ -15,8 +15,8 @@
  * Tools (chat): `tools` is checked and kept as normalized JSON text for the tokenizer
  * (which renders it); `tool_choice` decides whether the answer is parsed for calls
  * (toolcall.h) and whether the sampler is constrained; `response_format` json_object
- * / json_schema sets a constraint too. The constraint's kinds are proto's
- * CPM__V1__CONSTRAINT_KIND__* values.
+ * / json_schema sets a constraint too (cpm_oai_constraint: the values of proto's
+ * ConstraintKind, asserted where both are seen, api_http.c).
  *
  *   cpm_oai_request *rq; cpm_oai_error oe;
  *   if (cpm_oai_parse(CPM_OAI_CHAT, body, len, NULL, &rq, &oe)) send(oe.http_status, cpm_oai_error_json(&oe));
@@ -68,6 +68,14 @@ typedef struct cpm_oai_message {
 
 #define CPM_OAI_MAX_TOOLS 128 /* as api.openai.com */
 
+/* What the sampler must keep an answer to; proto's ConstraintKind values. */
+typedef enum cpm_oai_constraint {
+    CPM_OAI_CONSTRAINT_NONE = 0,
+    CPM_OAI_CONSTRAINT_JSON_OBJECT = 1,
+    CPM_OAI_CONSTRAINT_JSON_SCHEMA = 2,
+    CPM_OAI_CONSTRAINT_TOOL_CALLS = 3,
+} cpm_oai_constraint;
+
 typedef enum cpm_oai_tool_choice {
     CPM_OAI_TOOLS_AUTO,     /* the model decides; its calls are parsed (default with tools) */
     CPM_OAI_TOOLS_NONE,     /* tools are still rendered (as vLLM); the answer is plain text */
@@ -105,7 +113,7 @@ typedef struct cpm_oai_request {
     char *tool_choice_name; /* CPM_OAI_TOOLS_NAMED */
     bool parse_tool_calls;  /* the answer goes through the tool-call parser */
     /* the sampler's constraint (response_format, tool_choice required/named) */
-    int constraint_kind;     /* CPM__V1__CONSTRAINT_KIND__*; 0 = none */
+    cpm_oai_constraint constraint_kind;
     char *constraint_schema; /* JSON_SCHEMA: the schema; TOOL_CALLS: the allowed tools */
     bool constraint_single;  /* TOOL_CALLS: exactly one call */
     char ignored[256];     /* unknown fields, accepted and ignored ("a, b"): for the log */
