@@ -626,6 +626,57 @@ static void test_response_format(void **state) {
         parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
 }
 
+/* Tool calls and reasoning: whole in the message (content null), in pieces in deltas. */
+static void test_render_tool_calls(void **state) {
+    (void)state;
+    cpm_oai_request *rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "]}");
+    cpm_oai_tool_call calls[] = {{0, "call_a_0", "get_weather", "{\"city\":\"Paris\"}"}};
+    cpm_oai_choice ch = {.index = 0, .text = "", .text_len = 0, .reasoning = "think",
+                         .reasoning_len = 5, .n_tool_calls = 1, .tool_calls = calls,
+                         .finish_reason = "tool_calls"};
+    cpm_oai_usage u = {3, 4};
+    char *s = cpm_oai_render_response(rq, "c1", 5, "m", &ch, 1, &u);
+    json_t *j = json_loads(s, 0, NULL);
+    json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+    json_t *m = json_object_get(c0, "message");
+    assert_true(json_is_null(json_object_get(m, "content")));
+    assert_string_equal(json_string_value(json_object_get(m, "reasoning_content")), "think");
+    json_t *tc = json_array_get(json_object_get(m, "tool_calls"), 0);
+    assert_string_equal(json_string_value(json_object_get(tc, "id")), "call_a_0");
+    assert_string_equal(json_string_value(json_object_get(tc, "type")), "function");
+    assert_string_equal(json_string_value(json_object_get(json_object_get(tc, "function"), "arguments")),
+                        "{\"city\":\"Paris\"}");
+    assert_null(json_object_get(tc, "index")); /* index is for deltas */
+    assert_string_equal(json_string_value(json_object_get(c0, "finish_reason")), "tool_calls");
+    json_decref(j);
+    free(s);
+
+    ch.finish_reason = NULL;
+    s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_CONTENT, "c1", 5, "m", &ch, NULL);
+    j = load_sse(s);
+    json_t *d = json_object_get(json_array_get(json_object_get(j, "choices"), 0), "delta");
+    assert_null(json_object_get(d, "content")); /* nothing of it in this delta */
+    assert_string_equal(json_string_value(json_object_get(d, "reasoning_content")), "think");
+    tc = json_array_get(json_object_get(d, "tool_calls"), 0);
+    assert_int_equal(json_integer_value(json_object_get(tc, "index")), 0);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(tc, "function"), "name")),
+                        "get_weather");
+    json_decref(j);
+    free(s);
+    /* a later piece of the same call: index and arguments only */
+    cpm_oai_tool_call more = {0, NULL, NULL, "}"};
+    ch = (cpm_oai_choice){.index = 0, .n_tool_calls = 1, .tool_calls = &more};
+    s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_CONTENT, "c1", 5, "m", &ch, NULL);
+    j = load_sse(s);
+    tc = json_array_get(json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                        "delta"), "tool_calls"), 0);
+    assert_null(json_object_get(tc, "id"));
+    assert_null(json_object_get(json_object_get(tc, "function"), "name"));
+    json_decref(j);
+    free(s);
+    cpm_oai_request_free(rq);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_completion_defaults),
@@ -640,6 +691,7 @@ int main(void) {
         cmocka_unit_test(test_tools),
         cmocka_unit_test(test_tool_messages),
         cmocka_unit_test(test_response_format),
+        cmocka_unit_test(test_render_tool_calls),
         cmocka_unit_test(test_chat_messages),
         cmocka_unit_test(test_error_json_shape),
         cmocka_unit_test(test_render_chat_response),
