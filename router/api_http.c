@@ -220,10 +220,7 @@ static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *fin
 
 static cpm_oai_usage usage_of(const cpm_job *j) {
     cpm_oai_usage u = {0};
-    for (int p = 0; p < j->n_prompts; p++)
-        u.prompt_tokens += j->prompt_len[p];
-    for (int i = 0; i < j->n_gens; i++)
-        u.completion_tokens += j->gens[i].n_gen;
+    cpm_job_usage(j, &u.prompt_tokens, &u.completion_tokens);
     return u;
 }
 
@@ -312,14 +309,8 @@ static void respond_tokens(http_answer *a, const cpm_job *j) {
 /* What the access log says of a job's answer (request id, tokens, time to first token,
  * finish reason): the exchange's note, logged when it ends (on_exchange_done). */
 static void note_answer(http_answer *a, const cpm_job *j, const char *outcome) {
-    cpm_oai_usage u = usage_of(j);
-    const char *finish = outcome ? outcome : j->n_gens && j->gens[0].finish ? j->gens[0].finish : "stop";
     char note[256];
-    int n = snprintf(note, sizeof note, "request_id=%s prompt_tokens=%d completion_tokens=%d "
-                     "finish_reason=%s", j->id, u.prompt_tokens, u.completion_tokens, finish);
-    if (j->first_token_seen && n > 0 && (size_t)n < sizeof note)
-        snprintf(note + n, sizeof note - (size_t)n, " ttft_ms=%.1f",
-                 (double)(j->t_first_token - j->t_start) / 1e6);
+    cpm_job_access_note(j, outcome, note, sizeof note);
     cpm_http_conn_set_note(a->conn, note);
 }
 
@@ -665,6 +656,21 @@ static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reque
     free(text);
 }
 
+/* The web chat page (router/web/index.html, compiled in by router/web/embed.py). It holds
+ * no secret, so it is served without a key; what it calls is not. Inline script and
+ * style only from this page, requests only to this server. */
+extern const unsigned char cpm_web_index[];
+extern const unsigned long cpm_web_index_len;
+
+static void on_page(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    (void)api, (void)req;
+    cpm_http_respond(c, 200, "text/html; charset=utf-8", (const char *)cpm_web_index, cpm_web_index_len,
+                     "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                     "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n"
+                     "X-Content-Type-Options: nosniff\r\nCache-Control: no-cache\r\n");
+}
+
 /* ---- routing ----------------------------------------------------------------------------- */
 
 typedef void (*route_fn)(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req);
@@ -682,6 +688,8 @@ static const struct route {
     {"GET", "/ready", on_ready},
     {"GET", "/metrics", on_metrics},
     {"GET", "/version", on_version},
+    {"GET", "/", on_page},
+    {"GET", "/index.html", on_page},
 };
 
 /* Routes that take the rest of the path as a parameter. */

@@ -126,7 +126,22 @@ static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *fin
     g->n_emitted_ids = upto;
 }
 
+/* The access log's line for an RPC request (the HTTP front's come from http.c). */
+static void log_access(const cpm_job *j, const char *outcome) {
+    const rpc_answer *a = answer_of(j);
+    char note[256], kv[512], xid[sizeof a->request_id];
+    snprintf(xid, sizeof xid, "%s", a->request_id[0] ? a->request_id : "-");
+    for (char *p = xid; *p; p++) /* a caller's id with spaces must not break the fields */
+        if ((unsigned char)*p < 0x21)
+            *p = '?';
+    cpm_job_access_note(j, outcome, note, sizeof note);
+    snprintf(kv, sizeof kv, "method=RPC path=generate duration_ms=%.1f %s x_request_id=%s",
+             (double)(uv_hrtime() - j->t_start) / 1e6, note, xid);
+    cpm_log_kv(a->api->ctx->log, CPM_LOG_INFO, NULL, "access", kv);
+}
+
 static void sink_done(cpm_job *j) {
+    log_access(j, NULL);
     const cpm_gen *g = &j->gens[0];
     Cpm__V1__FinishReason finish = !g->finish ? CPM__V1__FINISH_REASON__FINISH_ERROR
                                    : strcmp(g->finish, "length") == 0
@@ -136,11 +151,13 @@ static void sink_done(cpm_job *j) {
 }
 
 static void sink_fail(cpm_job *j, const cpm_job_error *e) {
+    log_access(j, "error");
     int code = e->status == 429 ? CPM_ELIMIT : e->status == 400 ? CPM_EINVAL : CPM_EINTERNAL;
     send_event(j, NULL, 0, 0, CPM__V1__FINISH_REASON__FINISH_ERROR, true, code, e->msg);
 }
 
 static void sink_cancelled(cpm_job *j) {
+    log_access(j, "abort");
     send_event(j, NULL, 0, 0, CPM__V1__FINISH_REASON__FINISH_CANCELLED, true, 0, NULL);
 }
 

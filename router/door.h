@@ -32,7 +32,7 @@ typedef struct cpm_door cpm_door;
 int cpm_door_new(const cpm_config *cfg, const char *http_addr, const cpm_log *log, cpm_door **ret,
                  cpm_error *err);
 
-/* Paths anyone may reach: the probes. */
+/* Paths anyone may reach: the probes, and the chat page (which asks the user for a key). */
 bool cpm_door_open(const char *path);
 
 /* Whether r carries an accepted key (always true when no key is configured). The

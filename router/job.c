@@ -238,6 +238,26 @@ bool cpm_job_is_stop_id(const cpm_job *j, const int32_t *eos, int n_eos, int32_t
     return false;
 }
 
+void cpm_job_usage(const cpm_job *j, int *ret_prompt, int *ret_completion) {
+    int p = 0, c = 0;
+    for (int i = 0; i < j->n_prompts; i++)
+        p += j->prompt_len[i];
+    for (int i = 0; i < j->n_gens; i++)
+        c += j->gens[i].n_gen;
+    *ret_prompt = p;
+    *ret_completion = c;
+}
+
+void cpm_job_access_note(const cpm_job *j, const char *outcome, char *out, size_t size) {
+    int prompt, completion;
+    cpm_job_usage(j, &prompt, &completion);
+    const char *finish = outcome ? outcome : j->n_gens && j->gens[0].finish ? j->gens[0].finish : "stop";
+    int n = snprintf(out, size, "request_id=%s prompt_tokens=%d completion_tokens=%d finish_reason=%s",
+                     j->id, prompt, completion, finish);
+    if (j->first_token_seen && n > 0 && (size_t)n < size)
+        snprintf(out + n, size - (size_t)n, " ttft_ms=%.1f", (double)(j->t_first_token - j->t_start) / 1e6);
+}
+
 /* ---- the one final answer ------------------------------------------------------------------ */
 
 static void count(cpm_job *j, int outcome) {

@@ -26,6 +26,7 @@ typedef struct run_args {
     bool print_ids;
     bool ignore_eos;
     bool chat;
+    bool keep_bf16;
     cpm_dtype kv_dtype;
     const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
@@ -40,7 +41,7 @@ typedef struct run_ctx {
 
 enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
        OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
-       OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT };
+       OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16 };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
@@ -57,6 +58,7 @@ static const cpm_cli_opt opts[] = {
     {"batch", 0, "N", "most prompt tokens per forward pass (default 512)", OPT_BATCH},
     {"kv-dtype", 0, "f32|f16", "KV cache elements (default f32, exact; f16 halves its memory)",
      OPT_KV_DTYPE},
+    {"keep-bf16", 0, NULL, "run ternary bf16 matrices (BitCPM4) as bf16, not 2-bit", OPT_KEEP_BF16},
     {"isa", 0, "NAME", "pin the matmul kernels: scalar, avx2, avx512, amx (default: best)",
      OPT_ISA},
     {"logits-out", 0, "FILE", "write every prompt position's logits (f32 LE rows)",
@@ -87,6 +89,7 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
     case OPT_PRINT_IDS: a->print_ids = true; break;
     case OPT_IGNORE_EOS: a->ignore_eos = true; break;
     case OPT_CHAT: a->chat = true; break;
+    case OPT_KEEP_BF16: a->keep_bf16 = true; break;
     case OPT_ISA: a->isa = v; break;
     case OPT_KV_DTYPE:
         if (strcmp(v, "f32") && strcmp(v, "f16"))
@@ -234,10 +237,14 @@ int main(int argc, char **argv) {
     cpm_model_opts mo = cpm_model_opts_default();
     mo.n_threads = a.threads;
     mo.max_batch_tokens = a.batch;
+    mo.keep_bf16 = a.keep_bf16;
     if (cpm_model_load(a.model, &mo, &m, &err)) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.model, err.msg);
         goto out;
     }
+    if (cpm_model_get_info(m)->n_ternary)
+        fprintf(stderr, "cpm-run: %d ternary matrices run with 2-bit weights\n",
+                cpm_model_get_info(m)->n_ternary);
     if (a.logits_out && !(ctx.logits_file = fopen(a.logits_out, "wb"))) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.logits_out, strerror(errno));
         goto out;

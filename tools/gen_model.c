@@ -77,6 +77,7 @@ typedef struct gen_args {
     int gptq;           /* --quant gptq|awq: decoder linears as int4 tensors */
     int awq;            /* --quant awq: in AutoAWQ's GEMM layout rather than AutoGPTQ's */
     int dequant;        /* --dequant: the same int4 weights written as plain floats */
+    int ternary;        /* --ternary: decoder linears hold only 0 and ±a per row (BitCPM4) */
     int group_size;     /* GPTQ columns per group; -1 = one group per row */
     int desc_act;       /* GPTQ act-order: g_idx from a random column order */
 } gen_args;
@@ -252,6 +253,20 @@ static bool is_norm_role(cpm_role r) {
            r == CPM_W_KV_A_NORM || r == CPM_W_FINAL_NORM;
 }
 
+static bool is_quantized(const cpm_tensor_need *n);
+
+/* --ternary (BitCPM4's pseudo-quantized weights): the uniform draws in v[0..c) (elements
+ * at..at+c of a [rows, cols] matrix) become 0, +a_r or −a_r by thirds, a_r a bf16 value
+ * per row around the same std (a·sqrt(2/3) = amp/sqrt(3)). */
+static void ternary_values(float *v, size_t c, size_t at, size_t cols, float amp) {
+    for (size_t i = 0; i < c; i++) {
+        size_t row = (at + i) / cols;
+        float a = cpm_bf16_to_f32(cpm_f32_to_bf16(amp / sqrtf(2.0f) * (0.75f + 0.5f * (float)(row * 37 % 101) / 100.0f)));
+        float u = v[i] / amp; /* uniform in [-1, 1) */
+        v[i] = u < -1.0f / 3.0f ? -a : u < 1.0f / 3.0f ? 0.0f : a;
+    }
+}
+
 /* Values: norms near 1, embeddings with std ~0.1 (initializer_range), linear
  * layers uniform with std 1/sqrt(fan_in) so activations stay in range. */
 static int write_tensor(writer *w, const cpm_tensor_need *n) {
@@ -266,6 +281,8 @@ static int write_tensor(writer *w, const cpm_tensor_need *n) {
             float v = amp * uniform(&w->rng);
             w->fbuf[i] = is_norm_role(n->role) ? 1.0f + v : v;
         }
+        if (w->a->ternary && is_quantized(n))
+            ternary_values(w->fbuf, c, at, cols, amp);
         if (w->a->dtype == CPM_DTYPE_F32) {
             if (fwrite(w->fbuf, 4, c, w->f) != c)
                 return -1;
@@ -668,7 +685,7 @@ static int copy_tokenizer(const gen_args *a, cpm_error *err) {
 
 enum { OPT_VARIANT = 1, OPT_OUT, OPT_DTYPE, OPT_SEED, OPT_SHARD_MB, OPT_LAYERS, OPT_HIDDEN,
        OPT_INTER, OPT_HEADS, OPT_KV_HEADS, OPT_VOCAB, OPT_EXPERTS, OPT_TOKENIZER, OPT_ASSETS,
-       OPT_SPARSE, OPT_QUANT, OPT_GROUP_SIZE, OPT_DESC_ACT, OPT_DEQUANT };
+       OPT_SPARSE, OPT_QUANT, OPT_GROUP_SIZE, OPT_DESC_ACT, OPT_DEQUANT, OPT_TERNARY };
 
 static const cpm_cli_opt opts[] = {
     {"variant", 0, "NAME", "the preset (list below; required)", OPT_VARIANT},
@@ -690,6 +707,7 @@ static const cpm_cli_opt opts[] = {
     {"desc-act", 0, NULL, "GPTQ act-order", OPT_DESC_ACT},
     {"dequant", 0, NULL, "write the same int4 weights as plain floats (exact with --dtype f32)",
      OPT_DEQUANT},
+    {"ternary", 0, NULL, "decoder linears ternary per row (0, ±a), as BitCPM4 ships them", OPT_TERNARY},
     {"tokenizer", 0, "DIR", "tokenizer files (default: the variant's under assets/tokenizers)",
      OPT_TOKENIZER},
     {"assets", 0, "DIR", "the assets directory (default " CPM_ASSETS_DIR ")", OPT_ASSETS},
@@ -736,6 +754,7 @@ static void take(const cpm_cli *cli, int c, const char *v, gen_args *a, const ch
     case OPT_GROUP_SIZE: a->group_size = (int)cpm_cli_int(cli, v, -1, INT_MAX); break;
     case OPT_DESC_ACT: a->desc_act = 1; break;
     case OPT_DEQUANT: a->dequant = 1; break;
+    case OPT_TERNARY: a->ternary = 1; break;
     }
 }
 

@@ -8,7 +8,7 @@ pkgs="meson ninja-build pkg-config gcc libc6-dev libzmq3-dev libprotobuf-c-dev p
 libuv1-dev libopenmpi-dev openmpi-bin libjansson-dev libyaml-dev libhttp-parser-dev curl"
 if [ "${1:-}" = "--test" ]; then
     pkgs="$pkgs libcmocka-dev clang libclang-rt-14-dev python3 python3-sentencepiece python3-numpy python3-zmq
-python3-protobuf python3-yaml protobuf-compiler iproute2 curl"
+python3-protobuf python3-yaml protobuf-compiler iproute2 curl chromium"
 fi
 missing=""
 for p in $pkgs; do

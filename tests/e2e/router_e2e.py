@@ -561,7 +561,9 @@ def test_access_log(ids):
             r'request_id=%s prompt_tokens=4 completion_tokens=3 finish_reason=length ttft_ms=[\d.]+ '
             r'x_request_id=e2e-access-1' % re.escape(got["e2e-access-1"]),
             r'access method=POST path=/v1/completions status=200 .* request_id=%s ' % re.escape(got[None]),
-            r'access method=GET path=/nowhere status=404 ']
+            r'access method=GET path=/nowhere status=404 ',
+            r'access method=RPC path=generate duration_ms=[\d.]+ request_id=\S+ prompt_tokens=\d+ '
+            r'completion_tokens=\d+ finish_reason=\w+']  # test_rpc's calls
     while True:
         log = open(h.path("router.log"), errors="replace").read()
         missing = [w for w in want if not re.search(w, log)]

@@ -11,6 +11,7 @@
 #include "../kernels/pool.h"
 #include "../kernels/matmul.h"
 #include "../kernels/matmul_q4.h"
+#include "../kernels/matmul_t2.h"
 #include "../kv_cache_internal.h"
 #include "arch.h"
 #include "checkpoint.h"
@@ -25,6 +26,7 @@ typedef struct cpm_weight {
     int rows, cols;
     int ld;    /* row stride in elements; 0 = cols (a TP column slice keeps the full width) */
     cpm_q4 *q4;
+    cpm_t2 *t2; /* a ternary bf16 matrix (BitCPM4), repacked to 2 bits: used instead of data */
 } cpm_weight;
 
 typedef struct cpm_layer {
@@ -101,6 +103,7 @@ struct cpm_model {
     int expert_begin, expert_end; /* MoE experts bound here */
     cpm_expert_backend experts_remote; /* run != NULL: MoE experts run there */
     int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
+    bool keep_bf16;                    /* opts.keep_bf16: no ternary repacking */
     cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
 };
 
@@ -116,6 +119,8 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
                                     int n) {
     if (w->q4)
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
+    else if (w->t2)
+        cpm_matmul_t2(m->pool, y, w->rows, x, w->cols, w->t2, n);
     else
         cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->ld ? w->ld : w->cols, n,
                    w->rows, w->cols);
@@ -123,14 +128,15 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
 
 /* Several weights applied to the same x[n, K] (q/k/v, gate/up): ys[i][n, ws[i]->rows] =
  * x * Ws[i]^T, the same bits as one cpm_model_matmul each, with x packed once where the
- * kernel packs it (AMX). Int4 weights, or weights of different widths, go one by one. */
+ * kernel packs it (AMX). Int4 or ternary weights, or weights of different widths, go one by
+ * one. */
 #define CPM_MODEL_MULTI_MAX 4
 static inline void cpm_model_matmul_multi(cpm_model *m, float *const *ys, const float *x,
                                           const cpm_weight *const *ws, int count, int n) {
     cpm_matmul_out outs[CPM_MODEL_MULTI_MAX];
     bool shared = count <= CPM_MODEL_MULTI_MAX;
     for (int i = 0; i < count && shared; i++)
-        shared = !ws[i]->q4 && ws[i]->cols == ws[0]->cols;
+        shared = !ws[i]->q4 && !ws[i]->t2 && ws[i]->cols == ws[0]->cols;
     if (!shared) {
         for (int i = 0; i < count; i++)
             cpm_model_matmul(m, ys[i], x, ws[i], n);

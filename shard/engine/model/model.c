@@ -191,12 +191,31 @@ static void dequant_rows(const cpm_weight *w, int row0, int nrows, float *out) {
         cpm_q4_dequant_row(w->q4, row0 + r, out + (size_t)r * (size_t)w->cols);
 }
 
-static void free_q4_weights(cpm_layer *L, int n_experts) {
-    for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
+static void free_packed_weights(cpm_layer *L, int n_experts) {
+    for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++) {
         cpm_q4_free(L->w[r].q4);
+        cpm_t2_free(L->w[r].t2);
+    }
     for (int j = 0; j < 3; j++)
-        for (int e = 0; L->experts[j] && e < n_experts; e++)
+        for (int e = 0; L->experts[j] && e < n_experts; e++) {
             cpm_q4_free(L->experts[j][e].q4);
+            cpm_t2_free(L->experts[j][e].t2);
+        }
+}
+
+/* BitCPM4 (minicpm-spec.md §2.10): a bf16 matrix whose rows hold only 0 and ±a is repacked
+ * to 2 bits (matmul_t2.h) and run by the ternary kernels; anything else stays as it is.
+ * Not with tensor parallelism (its column slices are views of the bf16 data) nor for
+ * MLA's kv_b (absorbed in f32 from the bf16 data). */
+static int maybe_ternary(cpm_model *m, cpm_role role, cpm_weight *w, cpm_error *err) {
+    if (m->keep_bf16 || m->tp_size > 1 || role == CPM_W_KV_B || w->dtype != CPM_DTYPE_BF16 ||
+        w->rows < 1 || w->cols < 16)
+        return 0;
+    int rc = cpm_t2_from_bf16(w->data, w->rows, w->cols, w->cols, &w->t2);
+    if (rc < 0)
+        return cpm_error_set(err, CPM_ENOMEM, "ternary weights: out of memory");
+    m->info.n_ternary += rc == 0;
+    return 0;
 }
 
 static int bind_one(const cpm_tensor_need *need, void *vctx) {
@@ -225,10 +244,10 @@ static int bind_one(const cpm_tensor_need *need, void *vctx) {
     if (need->expert >= 0) {
         int which = need->role - CPM_W_EXPERT_GATE;
         L->experts[which][need->expert] = weight_of(t);
-        return 0;
+        return maybe_ternary(m, need->role, &L->experts[which][need->expert], c->err);
     }
     L->w[need->role] = weight_of(t);
-    return 0;
+    return maybe_ternary(m, need->role, &L->w[need->role], c->err);
 }
 
 /* ---- geometry, rope, scratch ---- */
@@ -522,6 +541,7 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->expert_end = o.expert_end;
     m->tp_rank = o.tp_rank;
     m->tp_size = o.tp_size;
+    m->keep_bf16 = o.keep_bf16;
     fill_info(m, &o);
     cpm_hparams full = m->hp; /* the checkpoint's shapes; m->hp becomes this rank's */
     tp_localize(&m->hp, o.tp_size);
@@ -560,7 +580,7 @@ void cpm_model_free(cpm_model *m) {
         for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
             for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
                 free(m->layers[l].norm[r]);
-            free_q4_weights(&m->layers[l], m->hp.n_experts);
+            free_packed_weights(&m->layers[l], m->hp.n_experts);
             for (int j = 0; j < 3; j++)
                 free(m->layers[l].experts[j]);
             free(m->layers[l].absorb_k);
@@ -583,6 +603,8 @@ const cpm_model_info *cpm_model_get_info(const cpm_model *m) {
 static size_t weight_bytes(const cpm_weight *w) {
     if (w->q4)
         return cpm_q4_bytes(w->q4);
+    if (w->t2)
+        return cpm_t2_bytes(w->t2);
     return w->data ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
 }
 
@@ -609,7 +631,7 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 
 /* The mapped bytes of w (a TP column slice spans its rows at the full width). */
 static size_t mapped_bytes(const cpm_weight *w) {
-    if (!w->data || w->q4)
+    if (!w->data || w->q4 || w->t2) /* repacked: resident already */
         return 0;
     return (size_t)w->rows * (size_t)(w->ld ? w->ld : w->cols) * cpm_dtype_size(w->dtype);
 }

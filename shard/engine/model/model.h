@@ -38,6 +38,8 @@ typedef struct cpm_model_opts {
     int expert_end;       /* begin == end binds none (their weights are never touched) */
     int tp_rank;          /* tensor parallelism: this rank of tp_size (default 0 of 1) holds */
     int tp_size;          /* heads [r*nh/T, (r+1)*nh/T), whole KV groups, and F/T of the FFN */
+    bool keep_bf16;       /* leave ternary bf16 matrices (BitCPM4) as bf16 instead of
+                             repacking them to 2 bits (default false: repack; for A/B runs) */
 } cpm_model_opts;
 
 cpm_model_opts cpm_model_opts_default(void);
@@ -59,6 +61,7 @@ typedef struct cpm_model_info {
     int bos_id;
     int n_eos;
     int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */
+    int n_ternary;             /* matrices repacked to 2 bits (ternary bf16, BitCPM4) */
 } cpm_model_info;
 
 /* Loads config.json and the weights this stage needs from directory dir.
