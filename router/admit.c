@@ -170,6 +170,8 @@ static void on_prompt_ids(void *user, const cpm_tokc_result *res) {
         return;
     }
     memcpy(j->prompt_ids[p], res->ids, res->n_ids * sizeof(int32_t));
+    if (j->tokenize_only && j->chat && res->text && !j->rendered)
+        j->rendered = strdup(res->text); /* shown by /tokenize; none without memory */
     j->prompt_len[p] = (int)res->n_ids;
     if (j->tok_pending == 0)
         admit(ad, j);
@@ -184,7 +186,7 @@ static int tokenize_prompt(cpm_admit *ad, cpm_job *j, int p, cpm_error *e) {
     cpm_svc *tk = cpm_health_tokenizer(ad->health);
     int timeout = ad->cfg->router.timeout_ms, rc;
     if (j->chat)
-        rc = cpm_tokc_chat(tk->sock, tk->name, j->chat, (size_t)j->n_chat, timeout,
+        rc = cpm_tokc_chat(tk->sock, tk->name, j->chat, (size_t)j->n_chat, j->tools_json, timeout,
                            on_prompt_ids, pc, e);
     else
         rc = cpm_tokc_tokenize(tk->sock, tk->name, j->prompt_text[p], true, timeout,

@@ -1,6 +1,7 @@
 /* api_http.c - HTTP routes, OpenAI requests to jobs, and the HTTP answer sink. */
 #include "api_http.h"
 
+#include <inttypes.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,15 @@
 #include "door.h"
 #include "http.h"
 #include "openai.h"
+#include "toolcall.h"
+
+/* openai.c's constraint kinds travel as proto's (job.h, pipeline.c) unchanged. */
+_Static_assert((int)CPM_OAI_CONSTRAINT_JSON_OBJECT ==
+                   (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT &&
+               (int)CPM_OAI_CONSTRAINT_JSON_SCHEMA ==
+                   (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA &&
+               (int)CPM_OAI_CONSTRAINT_TOOL_CALLS == (int)CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS,
+               "constraint kinds");
 
 struct cpm_api_http {
     const cpm_front_ctx *ctx;
@@ -26,6 +36,8 @@ typedef struct http_answer {
     cpm_http_conn *conn;
     cpm_oai_request *rq;
     bool streaming; /* the 200 and SSE headers are out */
+    cpm_toolcall **tc; /* per gen, when the answer is parsed for tool calls; else NULL */
+    int n_tc;
 } http_answer;
 
 static http_answer *answer_of(const cpm_job *j) {
@@ -112,26 +124,32 @@ static void sink_begin(cpm_job *j) {
     }
 }
 
-/* An SSE chunk with new text of g and the ids [n_emitted_ids, upto) (with their
+/* What one SSE chunk of a chat choice shows besides its ids and logprobs. */
+typedef struct chunk_parts {
+    const char *text, *reasoning;
+    size_t text_len, reasoning_len;
+    int n_calls;
+    const cpm_oai_tool_call *calls;
+} chunk_parts;
+
+/* An SSE chunk with new parts of g and the ids [n_emitted_ids, upto) (with their
  * logprobs, as far as their texts are known): a chunk carries the ids its text came
- * from. Without streaming, the text is kept for the final answer. */
-static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *finish, int upto) {
+ * from. Nothing is sent when a client could see nothing. */
+static void stream_chunk(cpm_gen *g, const chunk_parts *pt, const char *finish, int upto) {
     cpm_job *j = g->job;
     http_answer *a = answer_of(j);
-    if (!a->streaming) {
-        if (len)
-            cpm_strbuf_add(&g->text, text, len);
-        return;
-    }
     int lp_upto = upto < g->n_lp_ready ? upto : g->n_lp_ready;
     int n_lp = j->logprobs && lp_upto > g->n_emitted_lps ? lp_upto - g->n_emitted_lps : 0;
     int n_ids = upto > g->n_emitted_ids ? upto - g->n_emitted_ids : 0;
     bool want_ids = a->rq->return_token_ids && n_ids > 0;
-    if (len == 0 && !finish && n_lp == 0 && !want_ids)
-        return; /* nothing a client could see */
+    if (pt->text_len == 0 && pt->reasoning_len == 0 && pt->n_calls == 0 && !finish && n_lp == 0 &&
+        !want_ids)
+        return;
     cpm_oai_logprob *lv = n_lp > 0 ? lp_views(g, g->n_emitted_lps, lp_upto) : NULL;
-    cpm_oai_choice ch = {.index = g->index, .text = text, .text_len = len, .finish_reason = finish,
-                         .n_logprobs = lv ? n_lp : 0, .logprobs = lv,
+    cpm_oai_choice ch = {.index = g->index, .text = pt->text, .text_len = pt->text_len,
+                         .reasoning = pt->reasoning, .reasoning_len = pt->reasoning_len,
+                         .n_tool_calls = pt->n_calls, .tool_calls = pt->calls,
+                         .finish_reason = finish, .n_logprobs = lv ? n_lp : 0, .logprobs = lv,
                          .n_token_ids = n_ids, .token_ids = g->ids + g->n_emitted_ids};
     stream_send(a, cpm_oai_render_chunk(a->rq, CPM_OAI_CHUNK_CONTENT, j->id, j->created,
                                         a->api->ctx->model_name, &ch, NULL));
@@ -140,10 +158,88 @@ static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *fin
     g->n_emitted_ids += n_ids;
 }
 
+/* "tool_calls" once the parser found calls, else the gen's own reason. */
+static const char *finish_of_parsed(const cpm_toolcall *tc, const char *finish) {
+    return finish && tc && cpm_toolcall_count(tc) > 0 ? "tool_calls" : finish;
+}
+
+/* Calls [d->call_from, d->call_to) of tc as OpenAI tool calls (each whole). */
+static cpm_oai_tool_call *calls_of(const cpm_toolcall *tc, int from, int to) {
+    cpm_oai_tool_call *c = calloc((size_t)(to > from ? to - from : 1), sizeof *c);
+    for (int i = from; c && i < to; i++) {
+        const cpm_toolcall_call *t = cpm_toolcall_get(tc, i);
+        c[i - from] = (cpm_oai_tool_call){i, t->id, t->name, t->arguments};
+    }
+    return c;
+}
+
+/* A parser's decision as one chunk. */
+static void stream_parsed(cpm_gen *g, const cpm_toolcall *tc, const cpm_toolcall_delta *d,
+                          const char *finish, int upto) {
+    cpm_oai_tool_call *calls = calls_of(tc, d->call_from, d->call_to);
+    chunk_parts pt = {d->content, d->reasoning, d->content_len, d->reasoning_len,
+                      calls ? d->call_to - d->call_from : 0, calls};
+    stream_chunk(g, &pt, finish_of_parsed(tc, finish), upto);
+    free(calls);
+}
+
+/* Notes in the log that a choice's call block was given back as text. */
+static void log_rejected(const cpm_job *j, const cpm_gen *g, const cpm_toolcall *tc) {
+    int n = cpm_toolcall_rejected(tc);
+    if (n > 0)
+        cpm_log_write(answer_of(j)->api->ctx->log, CPM_LOG_WARN, j->id,
+                      "choice %d: %d tool-call block(s) did not parse (unknown function or not "
+                      "Python keyword literals): returned as content", g->index, n);
+}
+
+/* New text of g. Streaming: as chunks (through the tool-call parser when the request has
+ * tools); otherwise kept for the final answer. */
+static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *finish, int upto) {
+    cpm_job *j = g->job;
+    http_answer *a = answer_of(j);
+    if (!a->streaming) {
+        if (len)
+            cpm_strbuf_add(&g->text, text, len);
+        return;
+    }
+    cpm_toolcall *tc = a->tc && g->index < a->n_tc ? a->tc[g->index] : NULL;
+    if (!tc) {
+        chunk_parts pt = {.text = text, .text_len = len};
+        stream_chunk(g, &pt, finish, upto);
+        return;
+    }
+    cpm_toolcall_delta d;
+    cpm_toolcall_feed(tc, text, len, &d);
+    stream_parsed(g, tc, &d, NULL, upto);
+    if (!finish)
+        return;
+    cpm_toolcall_finish(tc, &d);
+    stream_parsed(g, tc, &d, finish, upto);
+    log_rejected(j, g, tc);
+}
+
 static cpm_oai_usage usage_of(const cpm_job *j) {
     cpm_oai_usage u = {0};
     cpm_job_usage(j, &u.prompt_tokens, &u.completion_tokens);
     return u;
+}
+
+/* A non-streamed choice through its tool-call parser: content, reasoning and calls
+ * into *ch (borrowing the parser's strings); the calls array is the caller's. */
+static cpm_oai_tool_call *parse_whole(const cpm_job *j, const cpm_gen *g, cpm_toolcall *tc,
+                                      cpm_oai_choice *ch) {
+    cpm_toolcall_delta d;
+    cpm_toolcall_whole(tc, g->text.p ? g->text.p : "", g->text.len, &d);
+    ch->text = d.content;
+    ch->text_len = d.content_len;
+    ch->reasoning = d.reasoning;
+    ch->reasoning_len = d.reasoning_len;
+    ch->finish_reason = finish_of_parsed(tc, g->finish);
+    cpm_oai_tool_call *calls = calls_of(tc, 0, cpm_toolcall_count(tc));
+    ch->n_tool_calls = calls ? cpm_toolcall_count(tc) : 0;
+    ch->tool_calls = calls;
+    log_rejected(j, g, tc);
+    return calls;
 }
 
 /* The whole answer as one JSON response. */
@@ -152,19 +248,25 @@ static void respond_whole(cpm_job *j, const cpm_oai_usage *u) {
     cpm_oai_choice *ch = calloc((size_t)j->n_gens, sizeof *ch);
     cpm_oai_logprob **lv = calloc((size_t)j->n_gens, sizeof *lv);
     char *json = NULL;
-    for (int i = 0; ch && lv && i < j->n_gens; i++) {
+    cpm_oai_tool_call **calls = calloc((size_t)j->n_gens, sizeof *calls);
+    for (int i = 0; ch && lv && calls && i < j->n_gens; i++) {
         cpm_gen *g = &j->gens[i];
         lv[i] = j->logprobs ? lp_views(g, 0, g->n_gen) : NULL;
         ch[i] = (cpm_oai_choice){.index = g->index, .text = g->text.p ? g->text.p : "",
                                  .text_len = g->text.len, .finish_reason = g->finish,
                                  .n_logprobs = lv[i] ? g->n_gen : 0, .logprobs = lv[i],
                                  .n_token_ids = g->n_gen, .token_ids = g->ids};
+        if (a->tc && i < a->n_tc && a->tc[i])
+            calls[i] = parse_whole(j, g, a->tc[i], &ch[i]);
     }
-    if (ch && lv)
+    if (ch && lv && calls)
         json = cpm_oai_render_response(a->rq, j->id, j->created, a->api->ctx->model_name, ch,
                                        j->n_gens, u);
     for (int i = 0; lv && i < j->n_gens; i++)
         lp_views_free(lv[i], lv[i] ? j->gens[i].n_gen : 0);
+    for (int i = 0; calls && i < j->n_gens; i++)
+        free(calls[i]);
+    free(calls);
     free(lv);
     free(ch);
     if (json)
@@ -180,13 +282,24 @@ static int max_model_len(const cpm_front_ctx *ctx) {
     return mf ? mf->max_position : 0;
 }
 
-/* POST /tokenize's answer (vLLM's shape). */
+/* A JSON string from the tokenizer's text (made valid UTF-8). */
+static json_t *jstr_of(const char *s) {
+    size_t n;
+    char *clean = cpm_oai_utf8_clean(s, strlen(s), &n);
+    json_t *j = clean ? json_stringn(clean, n) : NULL;
+    free(clean);
+    return j ? j : json_string("");
+}
+
+/* POST /tokenize's answer (vLLM's shape), with "prompt" for a chat. */
 static void respond_tokens(http_answer *a, const cpm_job *j) {
     json_t *ids = json_array();
     for (int i = 0; ids && i < j->prompt_len[0]; i++)
         json_array_append_new(ids, json_integer(j->prompt_ids[0][i]));
     json_t *o = json_pack("{s:i, s:i, s:o}", "count", j->prompt_len[0], "max_model_len",
                           max_model_len(a->api->ctx), "tokens", ids);
+    if (o && j->rendered) /* a chat: the prompt the template made (tools included) */
+        json_object_set_new(o, "prompt", jstr_of(j->rendered));
     char *json = o ? json_dumps(o, JSON_COMPACT) : NULL;
     respond_json(a->conn, json ? 200 : 500, json ? json : "{}");
     free(json);
@@ -255,6 +368,9 @@ static void sink_cancelled(cpm_job *j) {
 
 static void sink_free(void *ud) {
     http_answer *a = ud;
+    for (int i = 0; i < a->n_tc; i++)
+        cpm_toolcall_free(a->tc[i]);
+    free(a->tc);
     cpm_oai_request_free(a->rq);
     free(a);
 }
@@ -290,9 +406,13 @@ static int take_prompts(cpm_job *j, const cpm_oai_request *rq) {
     if (rq->kind == CPM_OAI_CHAT) {
         if (!(j->chat = calloc((size_t)rq->n_messages + 1, sizeof *j->chat)))
             return CPM_ENOMEM;
-        for (int i = 0; i < rq->n_messages; i++)
-            j->chat[i] = (cpm_tokc_msg){rq->messages[i].role, rq->messages[i].content};
+        for (int i = 0; i < rq->n_messages; i++) {
+            const cpm_oai_message *m = &rq->messages[i];
+            j->chat[i] = (cpm_tokc_msg){m->role, m->content, m->tool_calls_json, m->thought,
+                                        m->tool_call_id};
+        }
         j->n_chat = rq->n_messages;
+        j->tools_json = rq->tools_json;
         return 0;
     }
     for (int p = 0; p < j->n_prompts; p++) {
@@ -318,6 +438,22 @@ static const char *client_request_id(const cpm_http_request *r) {
         if ((unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e)
             return NULL;
     return id;
+}
+
+/* One tool-call parser per choice. Call ids are "call_" and 16 hex digits drawn from the
+ * clock and the job (as default seeds are), then the call's index. CPM_ENOMEM. */
+static int make_parsers(http_answer *a, cpm_job *j) {
+    if (!(a->tc = calloc((size_t)(j->n_gens ? j->n_gens : 1), sizeof *a->tc)))
+        return CPM_ENOMEM;
+    a->n_tc = j->n_gens;
+    for (int i = 0; i < j->n_gens; i++) {
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "call_%016" PRIx64, cpm_job_default_seed(j, i + 1000));
+        a->tc[i] = cpm_toolcall_new((const char *const *)a->rq->tool_names, a->rq->n_tools, prefix);
+        if (!a->tc[i])
+            return CPM_ENOMEM;
+    }
+    return 0;
 }
 
 /* A job for rq (owned by it from now on), answering on c. */
@@ -351,9 +487,16 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     j->max_tokens = rq->max_tokens;
     j->stops = rq->stop;
     j->n_stops = rq->n_stop;
+    j->constraint_kind = (int)rq->constraint_kind;
+    j->constraint_schema = rq->constraint_schema;
+    j->constraint_single = rq->constraint_single;
     cpm_http_conn_set_abort_cb(c, on_abort, j);
     int n_prompts = rq->kind == CPM_OAI_CHAT || tokenize_only ? 1 : rq->n_prompts;
     if (cpm_job_init_gens(j, n_prompts, tokenize_only ? 0 : rq->n) || take_prompts(j, rq)) {
+        cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    if (rq->parse_tool_calls && !tokenize_only && make_parsers(a, j)) {
         cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
         return;
     }
@@ -397,7 +540,8 @@ static void on_completions(cpm_api_http *api, cpm_http_conn *c, const cpm_http_r
 }
 
 /* POST /tokenize (vLLM's): {"prompt": "..."} or {"messages": [...]} (the chat template
- * applied) -> {"count", "max_model_len", "tokens"}; through admission's tokenizer calls. */
+ * applied, with "tools" as in a chat request) -> {"count", "max_model_len", "tokens"} and, for a
+ * chat, "prompt" (the rendered text); through admission's tokenizer calls. */
 static void on_tokenize(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
     json_t *root = json_loadb(req->body, req->body_len, 0, NULL);
     bool chat = json_is_object(root) && json_object_get(root, "messages");

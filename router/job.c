@@ -163,6 +163,7 @@ static void job_free(cpm_job *j) {
     free(j->prompt_len);
     free(j->prompt_text);
     free(j->chat);
+    free(j->rendered);
     free(j->stop_ids);
     j->sink->free(j->sink_ud);
     free(j);

@@ -153,7 +153,14 @@ struct cpm_job {
     const char **prompt_text; /* per prompt; NULL when its ids are known */
     cpm_tokc_msg *chat;        /* a chat's messages (one prompt) */
     int n_chat;
+    const char *tools_json;    /* a chat's tools (JSON array, borrowed), or NULL */
+    /* what the sampler must keep the output to (response_format, tool_choice): set on
+     * every sample row of the job's gens (strings borrowed from the front's request) */
+    int constraint_kind;       /* CPM__V1__CONSTRAINT_KIND__*; 0 = none */
+    const char *constraint_schema;
+    bool constraint_single;
     bool tokenize_only; /* POST /tokenize: no gens; the answer is prompt 0's ids */
+    char *rendered;     /* tokenize_only chat: the prompt text the template made (owned) */
     int tok_pending; /* prompts at the tokenizer */
     int tok_attempts; /* failed tokenize calls */
     int n_gens, n_done;

@@ -365,6 +365,14 @@ static int f_return_token_ids(cpm_oai_request *rq, json_t *v, parse_ctx *c, cons
     return get_bool(v, n, &rq->return_token_ids, e);
 }
 
+/* Accepted: MiniCPM may write several calls in one block whatever it says; a client
+ * that asks for at most one still gets what the model wrote (as vLLM). */
+static int f_parallel_tool_calls(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                                 cpm_oai_error *e) {
+    (void)rq, (void)c;
+    return json_is_boolean(v) ? 0 : BAD(e, n, "'%s' must be a boolean", n);
+}
+
 /* Known, harmless, no effect here (user ids, metadata for stored completions). */
 static int f_ignored(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                      cpm_oai_error *e) {
@@ -412,22 +420,230 @@ static int f_empty_only(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char
     return empty ? 0 : UNSUPPORTED(e, n, "'%s' is not supported by this server", n);
 }
 
+/* ---- tools, tool_choice, response_format ------------------------------------------ */
+
+/* OpenAI's rule for function names: what the model writes back must match one exactly. */
+static bool valid_tool_name(const char *s, size_t len) {
+    if (len == 0 || len > 64)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!(s[i] == '_' || s[i] == '-' || (s[i] >= '0' && s[i] <= '9') ||
+              ((s[i] | 0x20) >= 'a' && (s[i] | 0x20) <= 'z')))
+            return false;
+    return true;
+}
+
+static bool key_in(const char *key, const char *const *keys) {
+    for (; *keys; keys++)
+        if (strcmp(key, *keys) == 0)
+            return true;
+    return false;
+}
+
+/* Object v has only keys from `allowed` (else 400 naming param and the key). */
+static int only_keys(json_t *v, const char *const *allowed, const char *param, cpm_oai_error *e) {
+    const char *key;
+    json_t *x;
+    json_object_foreach(v, key, x) {
+        if (!key_in(key, allowed))
+            return cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter",
+                                param, "Unrecognized argument in %s: %s", param, key);
+    }
+    return 0;
+}
+
+/* tools[i].function: {name, description?, parameters?, strict?}; its name into names[i]. */
+static int check_function(json_t *fn, const char *param, char **name_out, cpm_oai_error *e) {
+    static const char *const keys[] = {"name", "description", "parameters", "strict", NULL};
+    if (!json_is_object(fn))
+        return BAD(e, param, "'%s' must be an object", param);
+    if (only_keys(fn, keys, param, e))
+        return CPM_EINVAL;
+    json_t *name = json_object_get(fn, "name"), *desc = json_object_get(fn, "description"),
+           *params = json_object_get(fn, "parameters"), *strict = json_object_get(fn, "strict");
+    if (!json_is_string(name) || !valid_tool_name(json_string_value(name), json_string_length(name)))
+        return BAD(e, param, "'%s.name' must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -",
+                   param);
+    if (desc && !json_is_null(desc) && !json_is_string(desc))
+        return BAD(e, param, "'%s.description' must be a string", param);
+    if (params && !json_is_null(params) && !json_is_object(params))
+        return BAD(e, param, "'%s.parameters' must be a JSON Schema object", param);
+    if (strict && !json_is_null(strict) && !json_is_boolean(strict))
+        return BAD(e, param, "'%s.strict' must be a boolean", param);
+    return (*name_out = dup_string(name)) ? 0 : CPM_ENOMEM;
+}
+
+static int check_tool(cpm_oai_request *rq, json_t *t, size_t i, cpm_oai_error *e) {
+    static const char *const keys[] = {"type", "function", NULL};
+    char param[48];
+    snprintf(param, sizeof param, "tools[%zu]", i);
+    if (!json_is_object(t))
+        return BAD(e, param, "'%s' must be an object", param);
+    if (only_keys(t, keys, param, e))
+        return CPM_EINVAL;
+    const char *type = json_string_value(json_object_get(t, "type"));
+    if (!type || strcmp(type, "function") != 0)
+        return BAD(e, param, "'%s.type' must be \"function\"", param);
+    snprintf(param, sizeof param, "tools[%zu].function", i);
+    int rc = check_function(json_object_get(t, "function"), param, &rq->tool_names[i], e);
+    for (size_t k = 0; rc == 0 && k < i; k++)
+        if (strcmp(rq->tool_names[k], rq->tool_names[i]) == 0)
+            rc = BAD(e, param, "tools[%zu] and tools[%zu] are both named '%s'", k, i,
+                     rq->tool_names[i]);
+    return rc;
+}
+
+static int f_tools(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                   cpm_oai_error *e) {
+    (void)c;
+    if (!json_is_array(v))
+        return BAD(e, n, "'tools' must be an array of {\"type\":\"function\",\"function\":{...}}");
+    size_t count = json_array_size(v);
+    if (count == 0)
+        return 0; /* no tools: a plain chat */
+    if (count > CPM_OAI_MAX_TOOLS)
+        return BAD(e, n, "at most %d tools per request, got %zu", CPM_OAI_MAX_TOOLS, count);
+    if (!(rq->tool_names = calloc(count, sizeof *rq->tool_names)))
+        return CPM_ENOMEM;
+    rq->n_tools = (int)count;
+    for (size_t i = 0; i < count; i++) {
+        int rc = check_tool(rq, json_array_get(v, i), i, e);
+        if (rc)
+            return rc;
+    }
+    rq->tools_json = json_dumps(v, JSON_COMPACT | JSON_ENSURE_ASCII);
+    return rq->tools_json ? 0 : CPM_ENOMEM;
+}
+
+/* "none" | "auto" | "required" | {"type":"function","function":{"name":...}}; whether a
+ * named tool exists is checked once every field is read (check_tools). */
 static int f_tool_choice(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                          cpm_oai_error *e) {
+    (void)c;
+    static const char *const modes[] = {"auto", "none", "required"};
+    const char *s = json_string_value(v);
+    for (int k = 0; s && k < 3; k++)
+        if (strcmp(s, modes[k]) == 0) {
+            rq->tool_choice = (cpm_oai_tool_choice)k;
+            return 0;
+        }
+    if (s)
+        return BAD(e, n, "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                         "{\"type\":\"function\",\"function\":{\"name\":...}}, got \"%.64s\"", s);
+    const char *type = json_string_value(json_object_get(v, "type"));
+    const char *name = json_string_value(json_object_get(json_object_get(v, "function"), "name"));
+    if (!json_is_object(v) || !type || strcmp(type, "function") != 0 || !name)
+        return BAD(e, n, "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                         "{\"type\":\"function\",\"function\":{\"name\":...}}");
+    rq->tool_choice = CPM_OAI_TOOLS_NAMED;
+    free(rq->tool_choice_name);
+    return (rq->tool_choice_name = strdup(name)) ? 0 : CPM_ENOMEM;
+}
+
+/* The legacy function-calling fields: refused with the way to the current ones. */
+static int f_functions(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                       cpm_oai_error *e) {
+    (void)rq, (void)c;
+    if (json_is_array(v) && json_array_size(v) == 0)
+        return 0;
+    return UNSUPPORTED(e, n, "'functions' is deprecated and not supported: send 'tools' "
+                             "([{\"type\":\"function\",\"function\":{...}}])");
+}
+
+static int f_function_call(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                           cpm_oai_error *e) {
     (void)rq, (void)c;
     const char *s = json_string_value(v);
     if (s && (strcmp(s, "none") == 0 || strcmp(s, "auto") == 0))
-        return 0; /* both mean plain text when no tools are given */
-    return UNSUPPORTED(e, n, "'tool_choice' is not supported by this server");
+        return 0; /* plain text either way without 'functions' */
+    return UNSUPPORTED(e, n, "'function_call' is deprecated and not supported: send "
+                             "'tool_choice'");
 }
 
+static int json_format(cpm_oai_request *rq, json_t *v, const char *n, cpm_oai_error *e) {
+    json_t *js = json_object_get(v, "json_schema");
+    static const char *const keys[] = {"name", "description", "schema", "strict", NULL};
+    if (!json_is_object(js))
+        return BAD(e, n, "'response_format.json_schema' must be an object {name, schema, strict}");
+    if (only_keys(js, keys, "response_format.json_schema", e))
+        return CPM_EINVAL;
+    json_t *name = json_object_get(js, "name"), *schema = json_object_get(js, "schema");
+    if (!json_is_string(name) || !valid_tool_name(json_string_value(name), json_string_length(name)))
+        return BAD(e, "response_format.json_schema.name",
+                   "'response_format.json_schema.name' must be 1 to 64 characters of a-z, A-Z, "
+                   "0-9, _ and -");
+    if (schema && !json_is_null(schema) && !json_is_object(schema))
+        return BAD(e, "response_format.json_schema.schema",
+                   "'response_format.json_schema.schema' must be a JSON Schema object");
+    rq->constraint_kind = CPM_OAI_CONSTRAINT_JSON_SCHEMA;
+    free(rq->constraint_schema);
+    /* no schema: any JSON value the schema {} allows */
+    rq->constraint_schema = json_is_object(schema) ? json_dumps(schema, JSON_COMPACT) : strdup("{}");
+    return rq->constraint_schema ? 0 : CPM_ENOMEM;
+}
+
+/* {"type":"text"} | {"type":"json_object"} | {"type":"json_schema","json_schema":{...}} */
 static int f_response_format(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                              cpm_oai_error *e) {
-    (void)rq, (void)c;
+    (void)c;
+    static const char *const keys[] = {"type", "json_schema", NULL};
     const char *t = json_string_value(json_object_get(v, "type"));
-    if (json_is_object(v) && json_object_size(v) == 1 && t && strcmp(t, "text") == 0)
+    if (!json_is_object(v) || !t)
+        return BAD(e, n, "'response_format' must be an object with a 'type'");
+    if (only_keys(v, keys, n, e))
+        return CPM_EINVAL;
+    if (strcmp(t, "text") == 0)
         return 0;
-    return UNSUPPORTED(e, n, "only {\"type\":\"text\"} is supported for 'response_format'");
+    if (strcmp(t, "json_object") == 0) {
+        rq->constraint_kind = CPM_OAI_CONSTRAINT_JSON_OBJECT;
+        return 0;
+    }
+    if (strcmp(t, "json_schema") == 0)
+        return json_format(rq, v, n, e);
+    return BAD(e, n, "'response_format.type' must be \"text\", \"json_object\" or "
+                     "\"json_schema\", got \"%.64s\"", t);
+}
+
+/* The tools array a TOOL_CALLS constraint allows: all of them, or the named one. */
+static char *allowed_tools(const cpm_oai_request *rq) {
+    json_t *all = json_loads(rq->tools_json, 0, NULL), *out = all;
+    if (all && rq->tool_choice == CPM_OAI_TOOLS_NAMED) {
+        out = json_array();
+        size_t i;
+        json_t *t;
+        json_array_foreach(all, i, t) {
+            if (strcmp(rq->tool_names[i], rq->tool_choice_name) == 0)
+                json_array_append(out, t);
+        }
+        json_decref(all);
+    }
+    char *s = out ? json_dumps(out, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
+    json_decref(out);
+    return s;
+}
+
+/* tool_choice against tools, and the constraint it makes. */
+static int check_tools(cpm_oai_request *rq, cpm_oai_error *e) {
+    bool forced = rq->tool_choice == CPM_OAI_TOOLS_REQUIRED || rq->tool_choice == CPM_OAI_TOOLS_NAMED;
+    if (forced && rq->n_tools == 0)
+        return BAD(e, "tool_choice", "'tool_choice' \"required\" or a named function needs "
+                                     "'tools'");
+    bool found = false;
+    for (int i = 0; rq->tool_choice == CPM_OAI_TOOLS_NAMED && i < rq->n_tools; i++)
+        found |= strcmp(rq->tool_names[i], rq->tool_choice_name) == 0;
+    if (rq->tool_choice == CPM_OAI_TOOLS_NAMED && !found)
+        return BAD(e, "tool_choice", "'tool_choice' names '%.64s', which is not in 'tools'",
+                   rq->tool_choice_name);
+    if (forced && rq->constraint_kind)
+        return BAD(e, "response_format", "'response_format' json_object/json_schema cannot be "
+                                         "combined with 'tool_choice' \"required\" or a named "
+                                         "function");
+    rq->parse_tool_calls = rq->n_tools > 0 && rq->tool_choice != CPM_OAI_TOOLS_NONE;
+    if (!forced)
+        return 0;
+    rq->constraint_kind = CPM_OAI_CONSTRAINT_TOOL_CALLS;
+    rq->constraint_single = rq->tool_choice == CPM_OAI_TOOLS_NAMED;
+    return (rq->constraint_schema = allowed_tools(rq)) ? 0 : CPM_ENOMEM;
 }
 
 /* Adds an unknown field's name to rq->ignored ("a, b, ..."; cut at its size). */
@@ -482,15 +698,15 @@ static const struct field {
     {"metadata", K_BOTH, f_ignored},
     {"store", K_CHAT, f_ignored},
     {"service_tier", K_BOTH, f_ignored},
-    {"parallel_tool_calls", K_CHAT, f_ignored},
+    {"parallel_tool_calls", K_CHAT, f_parallel_tool_calls},
     {"best_of", K_COMP, f_best_of},
     {"echo", K_COMP, f_echo},
     {"suffix", K_COMP, f_suffix},
     {"logit_bias", K_BOTH, f_empty_only},
-    {"tools", K_CHAT, f_empty_only},
-    {"functions", K_CHAT, f_empty_only},
+    {"tools", K_CHAT, f_tools},
+    {"functions", K_CHAT, f_functions},
     {"tool_choice", K_CHAT, f_tool_choice},
-    {"function_call", K_CHAT, f_tool_choice},
+    {"function_call", K_CHAT, f_function_call},
     {"response_format", K_CHAT, f_response_format},
     /* vLLM's extras that change the output: refused until implemented, never ignored */
     {"min_tokens", K_BOTH, f_zero_only},
@@ -608,6 +824,90 @@ static int parse_content(json_t *v, const char *role, int idx, cpm_oai_message *
     return 0;
 }
 
+/* One of an assistant message's tool_calls: {id?, type: "function", function: {name,
+ * arguments}}, arguments a JSON object as text (as OpenAI sends them) or as an object. */
+/* v is an object of only those keys (else a 400 naming param). */
+static int object_of(json_t *v, const char *const *keys, const char *param, const char *shape,
+                     cpm_oai_error *e) {
+    if (!json_is_object(v))
+        return BAD(e, param, "'%s' must be %s", param, shape);
+    return only_keys(v, keys, param, e);
+}
+
+static int check_call(json_t *call, const char *param, cpm_oai_error *e) {
+    static const char *const keys[] = {"id", "type", "function", "index", NULL};
+    static const char *const fkeys[] = {"name", "arguments", NULL};
+    if (object_of(call, keys, param, "an object", e))
+        return CPM_EINVAL;
+    const char *type = json_string_value(json_object_get(call, "type"));
+    json_t *fn = json_object_get(call, "function"), *id = json_object_get(call, "id");
+    if (type && strcmp(type, "function") != 0)
+        return BAD(e, param, "'%s.type' must be \"function\"", param);
+    if (id && !json_is_null(id) && !json_is_string(id))
+        return BAD(e, param, "'%s.id' must be a string", param);
+    if (object_of(fn, fkeys, param, "an object with 'function': {name, arguments}", e))
+        return CPM_EINVAL;
+    json_t *name = json_object_get(fn, "name"), *args = json_object_get(fn, "arguments");
+    if (!json_is_string(name) || json_string_length(name) == 0)
+        return BAD(e, param, "'%s.function.name' must be a non-empty string", param);
+    if (!args || json_is_null(args) || json_is_object(args))
+        return 0; /* the template takes an object too */
+    json_t *parsed = json_is_string(args) ? json_loads(json_string_value(args), 0, NULL) : NULL;
+    bool ok = json_is_object(parsed);
+    json_decref(parsed);
+    return ok ? 0 : BAD(e, param, "'%s.function.arguments' must be a JSON object, as a string",
+                        param);
+}
+
+static int parse_tool_calls(json_t *tc, int idx, cpm_oai_message *m, cpm_oai_error *e) {
+    char param[64];
+    snprintf(param, sizeof param, "messages[%d].tool_calls", idx);
+    if (!json_is_array(tc))
+        return BAD(e, param, "'%s' must be an array", param);
+    size_t i;
+    json_t *call;
+    json_array_foreach(tc, i, call) {
+        char p[96];
+        snprintf(p, sizeof p, "%.64s[%zu]", param, i);
+        int rc = check_call(call, p, e);
+        if (rc)
+            return rc;
+    }
+    m->tool_calls_json = json_dumps(tc, JSON_COMPACT | JSON_ENSURE_ASCII);
+    return m->tool_calls_json ? 0 : CPM_ENOMEM;
+}
+
+/* The tool-calling parts of a message: an assistant's tool_calls and reasoning_content,
+ * a tool result's tool_call_id (required, as OpenAI). */
+static int parse_tool_parts(json_t *v, const char *role, int idx, cpm_oai_message *m,
+                            cpm_oai_error *e) {
+    char param[64];
+    json_t *tc = json_object_get(v, "tool_calls"), *rc_ = json_object_get(v, "reasoning_content"),
+           *id = json_object_get(v, "tool_call_id");
+    bool assistant = strcmp(role, "assistant") == 0;
+    bool has_calls = tc && !json_is_null(tc) && !(json_is_array(tc) && json_array_size(tc) == 0);
+    snprintf(param, sizeof param, "messages[%d]", idx);
+    if (has_calls && !assistant)
+        return BAD(e, param, "messages[%d]: only assistant messages have 'tool_calls'", idx);
+    int rc = has_calls ? parse_tool_calls(tc, idx, m, e) : 0;
+    if (rc)
+        return rc;
+    if (rc_ && !json_is_null(rc_)) {
+        if (!assistant || !json_is_string(rc_))
+            return BAD(e, param, "messages[%d]: 'reasoning_content' must be a string, on an "
+                                 "assistant message", idx);
+        if (!(m->thought = dup_string(rc_)))
+            return CPM_ENOMEM;
+    }
+    if (strcmp(role, "tool") == 0) {
+        if (!json_is_string(id))
+            return BAD(e, param, "messages[%d]: a 'tool' message needs 'tool_call_id' (a string)",
+                       idx);
+        return (m->tool_call_id = dup_string(id)) ? 0 : CPM_ENOMEM;
+    }
+    return 0;
+}
+
 static int parse_message(json_t *v, int idx, cpm_oai_message *m, cpm_oai_error *e) {
     char param[64];
     snprintf(param, sizeof param, "messages[%d]", idx);
@@ -617,30 +917,22 @@ static int parse_message(json_t *v, int idx, cpm_oai_message *m, cpm_oai_error *
     json_t *x;
     json_object_foreach(v, key, x) {
         static const char *const known[] = {"role", "content", "name", "tool_calls",
-                                            "tool_call_id", "refusal"};
-        bool ok = false;
-        for (size_t k = 0; k < sizeof known / sizeof *known; k++)
-            ok |= strcmp(key, known[k]) == 0;
-        if (!ok)
+                                            "tool_call_id", "refusal", "reasoning_content", NULL};
+        if (!key_in(key, known))
             return cpm_oai_fail(e, CPM_EINVAL, 400, "invalid_request_error", "unknown_parameter",
                                 param, "Unrecognized argument in messages[%d]: %s", idx, key);
     }
-    json_t *tc = json_object_get(v, "tool_calls");
-    if (tc && !json_is_null(tc) && !(json_is_array(tc) && json_array_size(tc) == 0))
-        return UNSUPPORTED(e, param, "messages[%d]: tool_calls are not supported", idx);
     const char *role = json_string_value(json_object_get(v, "role"));
     if (!role)
         return BAD(e, param, "messages[%d]: 'role' must be a string", idx);
-    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool"};
-    bool known_role = false;
-    for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
-        known_role |= strcmp(role, roles[k]) == 0;
-    if (!known_role)
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", NULL};
+    if (!key_in(role, roles))
         return BAD(e, param, "messages[%d]: unknown role '%s'", idx, role);
     /* the templates know "system"; OpenAI's newer "developer" means the same */
     if (!(m->role = strdup(strcmp(role, "developer") == 0 ? "system" : role)))
         return CPM_ENOMEM;
-    return parse_content(json_object_get(v, "content"), role, idx, m, e);
+    int rc = parse_tool_parts(v, role, idx, m, e);
+    return rc ? rc : parse_content(json_object_get(v, "content"), role, idx, m, e);
 }
 
 static int f_messages(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
@@ -696,7 +988,7 @@ static int check_request(cpm_oai_request *rq, const parse_ctx *c, cpm_oai_error 
     if (rq->kind == CPM_OAI_COMPLETION && rq->n_prompts * rq->n > c->lim->max_n)
         return BAD(e, "n", "too many choices: %d prompts x n=%d, the limit is %d", rq->n_prompts,
                    rq->n, c->lim->max_n);
-    return 0;
+    return rq->kind == CPM_OAI_CHAT ? check_tools(rq, e) : 0;
 }
 
 int cpm_oai_parse(cpm_oai_kind kind, const char *body, size_t len, const cpm_oai_limits *lim,
@@ -768,7 +1060,16 @@ void cpm_oai_request_free(cpm_oai_request *rq) {
     for (int i = 0; i < rq->n_messages; i++) {
         free(rq->messages[i].role);
         free(rq->messages[i].content);
+        free(rq->messages[i].tool_calls_json);
+        free(rq->messages[i].thought);
+        free(rq->messages[i].tool_call_id);
     }
+    for (int i = 0; i < rq->n_tools; i++)
+        free(rq->tool_names[i]);
+    free(rq->tool_names);
+    free(rq->tools_json);
+    free(rq->tool_choice_name);
+    free(rq->constraint_schema);
     free(rq->messages);
     for (int i = 0; i < rq->n_stop; i++)
         free(rq->stop[i]);
@@ -867,6 +1168,54 @@ static char *dump(json_t *j) {
     return s;
 }
 
+/* tool_calls as OpenAI shows them: whole in a message; in a delta, a call's first piece
+ * carries id, type and name, later pieces only arguments. */
+static json_t *tool_calls_json(const cpm_oai_choice *ch, bool delta) {
+    json_t *arr = json_array();
+    for (int i = 0; i < ch->n_tool_calls; i++) {
+        const cpm_oai_tool_call *t = &ch->tool_calls[i];
+        json_t *fn = json_object(), *c = json_object();
+        if (t->name)
+            json_object_set_new(fn, "name", json_string(t->name));
+        json_object_set_new(fn, "arguments", json_string(t->arguments ? t->arguments : ""));
+        if (delta)
+            json_object_set_new(c, "index", json_integer(t->index));
+        if (t->id) {
+            json_object_set_new(c, "id", json_string(t->id));
+            json_object_set_new(c, "type", json_string("function"));
+        }
+        json_object_set_new(c, "function", fn);
+        json_array_append_new(arr, c);
+    }
+    return arr;
+}
+
+/* A chat choice's message: content (null when there are tool calls and no text),
+ * reasoning_content and tool_calls when there are some. */
+static json_t *chat_message(const cpm_oai_choice *ch) {
+    json_t *m = json_pack("{s:s}", "role", "assistant");
+    bool null_content = ch->n_tool_calls > 0 && (!ch->text || ch->text_len == 0);
+    json_object_set_new(m, "content", null_content ? json_null() : jstr(ch->text, ch->text_len));
+    if (ch->reasoning && ch->reasoning_len)
+        json_object_set_new(m, "reasoning_content", jstr(ch->reasoning, ch->reasoning_len));
+    if (ch->n_tool_calls > 0)
+        json_object_set_new(m, "tool_calls", tool_calls_json(ch, false));
+    return m;
+}
+
+/* A chat chunk's delta: whatever of content, reasoning_content and tool_calls it has. */
+static json_t *chat_delta(const cpm_oai_choice *ch) {
+    json_t *delta = json_object();
+    if (ch->reasoning && ch->reasoning_len)
+        json_object_set_new(delta, "reasoning_content", jstr(ch->reasoning, ch->reasoning_len));
+    /* the closing chunk of a chat choice has an empty delta */
+    if (ch->text_len > 0 || (!ch->finish_reason && !ch->reasoning_len && !ch->n_tool_calls))
+        json_object_set_new(delta, "content", jstr(ch->text, ch->text_len));
+    if (ch->n_tool_calls > 0)
+        json_object_set_new(delta, "tool_calls", tool_calls_json(ch, true));
+    return delta;
+}
+
 char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t created,
                               const char *model, const cpm_oai_choice *choices, int n_choices,
                               const cpm_oai_usage *usage) {
@@ -876,12 +1225,14 @@ char *cpm_oai_render_response(const cpm_oai_request *rq, const char *id, int64_t
     for (int i = 0; i < n_choices; i++) {
         const cpm_oai_choice *ch = &choices[i];
         json_t *text = jstr(ch->text, ch->text_len);
-        json_t *c = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:o}", "index", ch->index,
-                                     "message", "role", "assistant", "content", text, "logprobs",
-                                     logprobs_of(rq, ch), "finish_reason", finish_of(ch))
+        json_t *c = chat ? json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "message",
+                                     chat_message(ch), "logprobs", logprobs_of(rq, ch),
+                                     "finish_reason", finish_of(ch))
                          : json_pack("{s:i, s:o, s:o, s:o}", "index", ch->index, "text", text,
                                      "logprobs", logprobs_of(rq, ch), "finish_reason",
                                      finish_of(ch));
+        if (chat)
+            json_decref(text);
         json_array_append_new(arr, with_ids(rq, c, ch));
     }
     json_object_set_new(root, "choices", arr);
@@ -917,10 +1268,7 @@ char *cpm_oai_render_chunk(const cpm_oai_request *rq, cpm_oai_chunk_kind kind, c
                                              choice->index, "delta", "role", "assistant",
                                              "content", "", "logprobs", "finish_reason"));
     } else if (kind == CPM_OAI_CHUNK_CONTENT) {
-        json_t *delta = json_object();
-        /* the closing chunk of a chat choice has an empty delta */
-        if (choice->text_len > 0 || !choice->finish_reason)
-            json_object_set_new(delta, "content", jstr(choice->text, choice->text_len));
+        json_t *delta = chat ? chat_delta(choice) : json_object();
         json_t *c = chat ? json_pack("{s:i, s:o, s:o, s:o}", "index", choice->index, "delta",
                                      delta, "logprobs", logprobs_of(rq, choice), "finish_reason",
                                      finish_of(choice))

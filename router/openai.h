@@ -9,8 +9,14 @@
  * does not know gets 400 "Unrecognized request argument supplied: NAME", as
  * api.openai.com does; fields that are known but have no effect here (user,
  * metadata, store, ...) are accepted and ignored; known fields we cannot honour
- * (tools, logit_bias, echo, images, ...) get 400 naming the field, never a silent
- * wrong answer.
+ * (logit_bias, echo, images, legacy functions, ...) get 400 naming the field, never a
+ * silent wrong answer.
+ *
+ * Tools (chat): `tools` is checked and kept as normalized JSON text for the tokenizer
+ * (which renders it); `tool_choice` decides whether the answer is parsed for calls
+ * (toolcall.h) and whether the sampler is constrained; `response_format` json_object
+ * / json_schema sets a constraint too (cpm_oai_constraint: the values of proto's
+ * ConstraintKind, asserted where both are seen, api_http.c).
  *
  *   cpm_oai_request *rq; cpm_oai_error oe;
  *   if (cpm_oai_parse(CPM_OAI_CHAT, body, len, NULL, &rq, &oe)) send(oe.http_status, cpm_oai_error_json(&oe));
@@ -55,7 +61,27 @@ typedef struct cpm_oai_prompt {
 typedef struct cpm_oai_message {
     char *role;    /* "system", "user", "assistant", "tool" ("developer" becomes "system") */
     char *content; /* text parts joined; "" for null content */
+    char *tool_calls_json; /* assistant: its tool_calls (a JSON array, checked), or NULL */
+    char *thought;         /* assistant: its reasoning_content, or NULL */
+    char *tool_call_id;    /* tool: the call it answers, or NULL */
 } cpm_oai_message;
+
+#define CPM_OAI_MAX_TOOLS 128 /* as api.openai.com */
+
+/* What the sampler must keep an answer to; proto's ConstraintKind values. */
+typedef enum cpm_oai_constraint {
+    CPM_OAI_CONSTRAINT_NONE = 0,
+    CPM_OAI_CONSTRAINT_JSON_OBJECT = 1,
+    CPM_OAI_CONSTRAINT_JSON_SCHEMA = 2,
+    CPM_OAI_CONSTRAINT_TOOL_CALLS = 3,
+} cpm_oai_constraint;
+
+typedef enum cpm_oai_tool_choice {
+    CPM_OAI_TOOLS_AUTO,     /* the model decides; its calls are parsed (default with tools) */
+    CPM_OAI_TOOLS_NONE,     /* tools are still rendered (as vLLM); the answer is plain text */
+    CPM_OAI_TOOLS_REQUIRED, /* at least one call: constrained, parsed */
+    CPM_OAI_TOOLS_NAMED,    /* exactly one call of tool_choice_name: constrained, parsed */
+} cpm_oai_tool_choice;
 
 typedef struct cpm_oai_request {
     cpm_oai_kind kind;
@@ -79,6 +105,17 @@ typedef struct cpm_oai_request {
     bool stream, include_usage;
     bool ignore_eos;       /* extension (as vLLM): keep going past EOS */
     bool return_token_ids; /* extension (as vLLM): each choice/chunk also lists "token_ids" */
+    /* tools (chat) */
+    char *tools_json; /* the tools as a compact JSON array, NULL when none were given */
+    int n_tools;
+    char **tool_names; /* [n_tools] */
+    cpm_oai_tool_choice tool_choice;
+    char *tool_choice_name; /* CPM_OAI_TOOLS_NAMED */
+    bool parse_tool_calls;  /* the answer goes through the tool-call parser */
+    /* the sampler's constraint (response_format, tool_choice required/named) */
+    cpm_oai_constraint constraint_kind;
+    char *constraint_schema; /* JSON_SCHEMA: the schema; TOOL_CALLS: the allowed tools */
+    bool constraint_single;  /* TOOL_CALLS: exactly one call */
     char ignored[256];     /* unknown fields, accepted and ignored ("a, b"): for the log */
 } cpm_oai_request;
 
@@ -121,12 +158,23 @@ typedef struct cpm_oai_logprob {
     const float *top_logprobs;     /* [n_top] */
 } cpm_oai_logprob;
 
+/* A parsed tool call. In a stream chunk, id == NULL continues the call at index
+ * (arguments only); the first chunk of a call carries id, type and name. */
+typedef struct cpm_oai_tool_call {
+    int index;
+    const char *id, *name, *arguments; /* arguments: JSON text */
+} cpm_oai_tool_call;
+
 /* One choice, whole (responses) or a delta (stream chunks). Everything borrowed. */
 typedef struct cpm_oai_choice {
     int index;
-    const char *text;
+    const char *text; /* chat with tool calls: NULL = "content": null */
     size_t text_len;
-    const char *finish_reason; /* "stop", "length", or NULL while running */
+    const char *reasoning; /* chat: reasoning_content, NULL/0 = none */
+    size_t reasoning_len;
+    int n_tool_calls; /* chat: message.tool_calls / delta.tool_calls */
+    const cpm_oai_tool_call *tool_calls;
+    const char *finish_reason; /* "stop", "length", "tool_calls", or NULL while running */
     int n_logprobs;            /* entries in logprobs (tokens this text covers) */
     const cpm_oai_logprob *logprobs;
     int n_token_ids;           /* generated ids this choice/chunk covers (return_token_ids) */

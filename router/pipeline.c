@@ -480,16 +480,33 @@ static bool needs_history(const Cpm__V1__SamplingParams *sp) {
            sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f;
 }
 
-/* Row i of a sample request: g's parameters, step and (for penalties) history; a
+/* g's job's constraint with the tokens it may still generate, this one included. */
+static void constraint_of(const cpm_gen *g, Cpm__V1__Constraint *c) {
+    const cpm_job *j = g->job;
+    cpm__v1__constraint__init(c);
+    c->kind = (Cpm__V1__ConstraintKind)j->constraint_kind;
+    c->schema = (char *)(j->constraint_schema ? j->constraint_schema : "");
+    c->single_call = j->constraint_single;
+    c->tokens_left = (uint32_t)(g->max_new > g->n_gen ? g->max_new - g->n_gen : 1);
+}
+
+/* Row i of a sample request: g's parameters, step, constraint (into *cons, which must
+ * live until the request is packed) and (for penalties or a constraint) history; a
  * cancelled row (no g) is sampled with neutral parameters and dropped. */
 static void sample_row(cpm_pipeline *p, Cpm__V1__SampleRow *row, cpm_gen *g,
-                       Cpm__V1__SamplingParams *neutral) {
+                       Cpm__V1__SamplingParams *neutral, Cpm__V1__Constraint *cons) {
     cpm__v1__sample_row__init(row);
     row->params = g ? &g->params : neutral;
     if (!g)
         return;
     row->step = (uint32_t)g->n_gen;
-    if (needs_history(&g->params)) {
+    bool constrained = g->job->constraint_kind != 0;
+    if (constrained) {
+        constraint_of(g, cons);
+        row->constraint = cons;
+    }
+    /* the sampler reads the generated text of a constrained row from its history */
+    if (needs_history(&g->params) || constrained) {
         int nt;
         const int32_t *t = cpm_sched_tokens(sched_of(p, g->seq), g->seq, &nt);
         row->n_history = (size_t)nt;
@@ -513,13 +530,14 @@ static int send_sample(cpm_pipeline *p, cpm_sample_call *call, cpm_error *e) {
     int n = call->n;
     Cpm__V1__SampleRow *rows = calloc((size_t)n, sizeof *rows);
     Cpm__V1__SampleRow **rowp = calloc((size_t)n, sizeof *rowp);
+    Cpm__V1__Constraint *cons = calloc((size_t)n, sizeof *cons);
     Cpm__V1__SamplingParams neutral = CPM__V1__SAMPLING_PARAMS__INIT;
-    if (!rows || !rowp) {
-        free(rows), free(rowp);
+    if (!rows || !rowp || !cons) {
+        free(rows), free(rowp), free(cons);
         return cpm_error_set(e, CPM_ENOMEM, "sampling: out of memory");
     }
     for (int i = 0; i < n; i++) {
-        sample_row(p, &rows[i], owner_of(p, call->seqs[i]), &neutral);
+        sample_row(p, &rows[i], owner_of(p, call->seqs[i]), &neutral, &cons[i]);
         rowp[i] = &rows[i];
     }
     Cpm__V1__SampleRequest sq = CPM__V1__SAMPLE_REQUEST__INIT;
@@ -537,6 +555,7 @@ static int send_sample(cpm_pipeline *p, cpm_sample_call *call, cpm_error *e) {
     int rc = p->io.sample(p->io.ud, &env, &pl, call, e);
     free(rows);
     free(rowp);
+    free(cons);
     return rc;
 }
 

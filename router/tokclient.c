@@ -62,7 +62,9 @@ static void on_reply(cpm_sock *s, cpm_inmsg *m, int status, void *user) {
         fail(c, CPM_EFORMAT, false, what);
     } else if (c->want == CPM__V1__ENVELOPE__BODY_TOKENIZED) {
         const Cpm__V1__TokenizeReply *t = m->env->tokenized;
-        cpm_tokc_result res = {.ids = t->ids, .n_ids = t->n_ids};
+        const char *text = t->text ? t->text : "";
+        cpm_tokc_result res = {.ids = t->ids, .n_ids = t->n_ids, .text = text,
+                               .text_len = strlen(text)};
         c->cb(c->user, &res);
     } else if (c->want == CPM__V1__ENVELOPE__BODY_PIECES_REPLY) {
         pieces_reply(c, m->env->pieces_reply);
@@ -114,8 +116,13 @@ int cpm_tokc_tokenize(cpm_sock *s, const char *name, const char *text, bool add_
     return call(s, name, &env, CPM__V1__ENVELOPE__BODY_TOKENIZED, 0, timeout_ms, cb, user, err);
 }
 
+/* proto3 has no null string: "" stands for none. */
+static const char *or_empty(const char *s) {
+    return s ? s : "";
+}
+
 int cpm_tokc_chat(cpm_sock *s, const char *name, const cpm_tokc_msg *msgs, size_t n,
-                  int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err) {
+                  const char *tools_json, int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err) {
     Cpm__V1__ChatMessage *m = calloc(n ? n : 1, sizeof *m);
     Cpm__V1__ChatMessage **mp = calloc(n ? n : 1, sizeof *mp);
     if (!m || !mp) {
@@ -127,12 +134,16 @@ int cpm_tokc_chat(cpm_sock *s, const char *name, const cpm_tokc_msg *msgs, size_
         cpm__v1__chat_message__init(&m[i]);
         m[i].role = (char *)msgs[i].role;
         m[i].content = (char *)msgs[i].content;
+        m[i].tool_calls_json = (char *)or_empty(msgs[i].tool_calls_json);
+        m[i].thought = (char *)or_empty(msgs[i].thought);
+        m[i].tool_call_id = (char *)or_empty(msgs[i].tool_call_id);
         mp[i] = &m[i];
     }
     Cpm__V1__ChatRequest q = CPM__V1__CHAT_REQUEST__INIT;
     q.n_messages = n;
     q.messages = mp;
     q.add_generation_prompt = true;
+    q.tools_json = (char *)or_empty(tools_json);
     Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_CHAT;
     env.chat = &q;

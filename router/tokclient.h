@@ -26,7 +26,7 @@ typedef struct cpm_tokc_result {
     const char *msg;      /* on failure: names the tokenizer and the problem */
     const int32_t *ids;   /* tokenize / chat */
     size_t n_ids;
-    const char *text;     /* detokenize: the new text (NUL-terminated) */
+    const char *text;     /* detokenize: the new text; chat: the rendered prompt (NUL-terminated) */
     size_t text_len;
     size_t consumed;      /* detokenize: how many new ids the text covers */
     const char *const *texts; /* pieces: texts[i] (texts_len[i] bytes, not NUL-terminated) */
@@ -37,17 +37,21 @@ typedef struct cpm_tokc_result {
 /* Called exactly once per call that was sent (return 0), never when sending failed. */
 typedef void (*cpm_tokc_cb)(void *user, const cpm_tokc_result *res);
 
+/* One chat message; the last three may be NULL (none): an assistant's tool_calls array
+ * (JSON text) and reasoning, a tool result's call id. */
 typedef struct cpm_tokc_msg {
     const char *role, *content;
+    const char *tool_calls_json, *thought, *tool_call_id;
 } cpm_tokc_msg;
 
 /* Text to ids (add_bos: prepend the model's BOS). name labels the replica in messages. */
 int cpm_tokc_tokenize(cpm_sock *s, const char *name, const char *text, bool add_bos,
                       int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err);
 
-/* Renders the model's chat template over msgs (with the assistant prompt), then tokenizes. */
+/* Renders the model's chat template over msgs (with the assistant prompt) and tools_json
+ * (NULL or a JSON array of OpenAI tools), then tokenizes. */
 int cpm_tokc_chat(cpm_sock *s, const char *name, const cpm_tokc_msg *msgs, size_t n,
-                  int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err);
+                  const char *tools_json, int timeout_ms, cpm_tokc_cb cb, void *user, cpm_error *err);
 
 /* Text that ids[prefix_len:n] add after ids[:prefix_len]. Trailing ids that end inside
  * a UTF-8 character are not consumed (resend them with the next ids). */

@@ -455,6 +455,15 @@ static void render_minicpm2(render *r, const cpm_chat_msg *msgs, size_t n) {
     }
 }
 
+/* A conversation that called tools (or kept a thought) is in MiniCPM3's format even
+ * when this request lists no tools: plain ChatML would drop the calls. */
+static bool has_tool_turns(const cpm_chat_msg *msgs, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((msgs[i].tool_calls_json && *msgs[i].tool_calls_json) || (msgs[i].thought && *msgs[i].thought))
+            return true;
+    return false;
+}
+
 int cpm_chat_render(const cpm_tokenizer *tok, const cpm_chat_msg *msgs, size_t n, const char *tools_json,
                     bool add_generation_prompt, char **ret_text, cpm_error *err) {
     *ret_text = NULL;
@@ -474,9 +483,12 @@ int cpm_chat_render(const cpm_tokenizer *tok, const cpm_chat_msg *msgs, size_t n
     cpm_chat_family family = cpm_tokenizer_chat_family(tok);
     if (truthy(tools) && family == CPM_CHAT_MINICPM2)
         fail(&r, CPM_EUNSUPPORTED, "tools: MiniCPM-1B/2B have no tool-calling format");
+    else if (family == CPM_CHAT_MINICPM2 && has_tool_turns(msgs, n))
+        fail(&r, CPM_EUNSUPPORTED, "messages: tool_calls and reasoning_content: MiniCPM-1B/2B have "
+                                   "no tool-calling format");
     else if (family == CPM_CHAT_MINICPM2)
         render_minicpm2(&r, msgs, n);
-    else if (family == CPM_CHAT_MINICPM3 || truthy(tools))
+    else if (family == CPM_CHAT_MINICPM3 || truthy(tools) || has_tool_turns(msgs, n))
         render_minicpm3(&r, msgs, n, tools);
     else
         render_chatml(&r, msgs, n);

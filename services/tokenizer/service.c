@@ -119,6 +119,11 @@ static int do_tokenize(const cpm_tokenizer *tok, const Cpm__V1__TokenizeRequest 
     return rc;
 }
 
+/* proto3 strings are "" when not set; the renderer takes NULL for "none". */
+static const char *nonempty(const char *s) {
+    return s && *s ? s : NULL;
+}
+
 static int do_chat(const cpm_tokenizer *tok, const Cpm__V1__ChatRequest *q, cpm_reply *out,
                    cpm_error *err) {
     cpm_chat_msg *msgs = calloc(q->n_messages ? q->n_messages : 1, sizeof *msgs);
@@ -127,11 +132,13 @@ static int do_chat(const cpm_tokenizer *tok, const Cpm__V1__ChatRequest *q, cpm_
     for (size_t i = 0; i < q->n_messages; i++) {
         msgs[i].role = q->messages[i]->role;
         msgs[i].content = q->messages[i]->content;
+        msgs[i].tool_calls_json = nonempty(q->messages[i]->tool_calls_json);
+        msgs[i].thought = nonempty(q->messages[i]->thought);
     }
     char *text = NULL;
     int32_t *ids = NULL;
     size_t n = 0;
-    int rc = cpm_chat_render(tok, msgs, q->n_messages, NULL, q->add_generation_prompt, &text, err);
+    int rc = cpm_chat_render(tok, msgs, q->n_messages, nonempty(q->tools_json), q->add_generation_prompt, &text, err);
     if (!rc)
         rc = cpm_tokenizer_encode(tok, text, strlen(text), true, &ids, &n, err);
     if (!rc)

@@ -15,6 +15,36 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* A JSON array text of n items. */
+static void check_array(const char *text, int n) {
+    json_t *j = text ? json_loads(text, 0, NULL) : NULL;
+    if (!json_is_array(j) || (n >= 0 && json_array_size(j) != (size_t)n))
+        __builtin_trap();
+    json_decref(j);
+}
+
+/* Tools: kept as a JSON array of n_tools; a constraint only of a known kind, with its
+ * schema; a named choice is one of the tools; assistant tool_calls are JSON arrays. */
+static void check_tools(const cpm_oai_request *rq) {
+    if (rq->n_tools < 0 || rq->n_tools > CPM_OAI_MAX_TOOLS || (rq->n_tools > 0) != !!rq->tools_json)
+        __builtin_trap();
+    if (rq->n_tools)
+        check_array(rq->tools_json, rq->n_tools);
+    if (rq->constraint_kind < 0 || rq->constraint_kind > 3 ||
+        (rq->constraint_kind >= 2 && !rq->constraint_schema))
+        __builtin_trap();
+    if (rq->constraint_kind == 3)
+        check_array(rq->constraint_schema, rq->constraint_single ? 1 : rq->n_tools);
+    bool found = rq->tool_choice != CPM_OAI_TOOLS_NAMED;
+    for (int i = 0; i < rq->n_tools; i++)
+        found |= rq->tool_choice_name && !strcmp(rq->tool_names[i], rq->tool_choice_name);
+    if (!found || (rq->parse_tool_calls && rq->n_tools == 0))
+        __builtin_trap();
+    for (int i = 0; i < rq->n_messages; i++)
+        if (rq->messages[i].tool_calls_json)
+            check_array(rq->messages[i].tool_calls_json, -1);
+}
+
 static void check_request(const cpm_oai_request *rq) {
     cpm_oai_limits lim = cpm_oai_limits_default();
     if (rq->n < 1 || rq->n > lim.max_n || rq->n_stop > CPM_OAI_MAX_STOP || rq->top_logprobs < 0 ||
@@ -40,6 +70,7 @@ static void check_request(const cpm_oai_request *rq) {
     for (int i = 0; i < rq->n_stop; i++)
         if (!rq->stop[i][0])
             __builtin_trap();
+    check_tools(rq);
 }
 
 static void check_render(const cpm_oai_request *rq) {

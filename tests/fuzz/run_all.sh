@@ -1,7 +1,7 @@
 #!/bin/sh
 # Every libFuzzer target of the project for a bounded time each (default 20 s):
-# the checkpoint parsers, the tokenizer, the router's HTTP and OpenAI JSON
-# parsers and the wire protocol (every Envelope a service reads). Needs clang; builds them once in $FUZZ_BUILD_DIR (default build-fuzz).
+# the checkpoint parsers, the tokenizer, the router's HTTP, OpenAI JSON and
+# tool-call parsers and the wire protocol (every Envelope a service reads). Needs clang; builds them once in $FUZZ_BUILD_DIR (default build-fuzz).
 # New inputs go to a scratch corpus under $OUT_DIR (default ./fuzz-out), crashes
 # too; the seed corpora in tests/fuzz/corpus are never modified.
 #   tests/fuzz/run_all.sh [seconds-per-target]
@@ -15,7 +15,7 @@ if [ ! -f "$build/build.ninja" ]; then
 fi
 targets="tests/fuzz/fuzz_safetensors:safetensors tests/fuzz/fuzz_torch_pickle:torch_pickle
 tests/tokenizer/fuzz_tokenizer:tokenizer tests/fuzz/fuzz_http:http tests/fuzz/fuzz_openai_json:openai_json
-tests/fuzz/fuzz_wire:wire"
+tests/fuzz/fuzz_toolcall:toolcall tests/fuzz/fuzz_wire:wire"
 ninja -C "$build" $(for t in $targets; do printf '%s ' "${t%%:*}"; done) >/dev/null
 status=0
 for t in $targets; do

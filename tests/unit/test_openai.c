@@ -222,18 +222,16 @@ static void test_unknown_fields(void **state) {
 static void test_unsupported_features_are_named(void **state) {
     (void)state;
     const char *chat_bad[][2] = {
-        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\"}]}",
-         "tools"},
         {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logit_bias\":{\"5\":10}}",
          "logit_bias"},
-        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
-         "\"response_format\":{\"type\":\"json_object\"}}",
-         "response_format"},
         {"{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\","
          "\"image_url\":{\"url\":\"http://x\"}}]}]}",
          "messages[0].content"},
-        {"{\"messages\":[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"1\"}]}]}",
-         "messages[0]"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"functions\":[{\"name\":\"f\"}]}",
+         "functions"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+         "\"function_call\":{\"name\":\"f\"}}",
+         "function_call"},
     };
     for (size_t i = 0; i < sizeof chat_bad / sizeof *chat_bad; i++)
         parse_bad(CPM_OAI_CHAT, chat_bad[i][0], chat_bad[i][1], "unsupported_parameter");
@@ -503,6 +501,182 @@ static void test_models(void **state) {
     free(s);
 }
 
+#define USER "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]"
+#define WEATHER "{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":\"d\"," \
+                "\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}}}}}"
+#define SEARCH "{\"type\":\"function\",\"function\":{\"name\":\"search\"}}"
+
+/* tools and tool_choice: kept for the tokenizer, parsed or not, and the constraint. */
+static void test_tools(void **state) {
+    (void)state;
+    cpm_oai_request *rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "," SEARCH "]}");
+    assert_int_equal(rq->n_tools, 2);
+    assert_string_equal(rq->tool_names[1], "search");
+    assert_int_equal(rq->tool_choice, CPM_OAI_TOOLS_AUTO);
+    assert_true(rq->parse_tool_calls);
+    assert_int_equal(rq->constraint_kind, 0);
+    json_t *tools = json_loads(rq->tools_json, 0, NULL);
+    assert_int_equal(json_array_size(tools), 2);
+    json_decref(tools);
+    cpm_oai_request_free(rq);
+
+    rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "],\"tool_choice\":\"none\"}");
+    assert_false(rq->parse_tool_calls); /* rendered, not parsed (as vLLM) */
+    assert_non_null(rq->tools_json);
+    cpm_oai_request_free(rq);
+
+    rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "," SEARCH "],"
+                                "\"tool_choice\":\"required\",\"parallel_tool_calls\":false}");
+    assert_int_equal(rq->constraint_kind, 3); /* TOOL_CALLS, all tools */
+    assert_false(rq->constraint_single);
+    tools = json_loads(rq->constraint_schema, 0, NULL);
+    assert_int_equal(json_array_size(tools), 2);
+    json_decref(tools);
+    cpm_oai_request_free(rq);
+
+    rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "," SEARCH "],\"tool_choice\":"
+                                "{\"type\":\"function\",\"function\":{\"name\":\"search\"}}}");
+    assert_int_equal(rq->tool_choice, CPM_OAI_TOOLS_NAMED);
+    assert_int_equal(rq->constraint_kind, 3);
+    assert_true(rq->constraint_single);
+    tools = json_loads(rq->constraint_schema, 0, NULL);
+    assert_int_equal(json_array_size(tools), 1);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(json_array_get(tools, 0),
+                                                                          "function"), "name")),
+                        "search");
+    json_decref(tools);
+    cpm_oai_request_free(rq);
+
+    const char *bad[][2] = {
+        {"{" USER ",\"tools\":{}}", "tools"},
+        {"{" USER ",\"tools\":[{\"type\":\"function\"}]}", "tools[0].function"},
+        {"{" USER ",\"tools\":[{\"type\":\"code\",\"function\":{\"name\":\"f\"}}]}", "tools[0]"},
+        {"{" USER ",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a b\"}}]}",
+         "tools[0].function"},
+        {"{" USER ",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":3}}]}",
+         "tools[0].function"},
+        {"{" USER ",\"tools\":[" SEARCH "," SEARCH "]}", "tools[1].function"},
+        {"{" USER ",\"tools\":[" SEARCH "],\"tool_choice\":\"always\"}", "tool_choice"},
+        {"{" USER ",\"tool_choice\":\"required\"}", "tool_choice"},
+        {"{" USER ",\"tools\":[" SEARCH "],\"tool_choice\":{\"type\":\"function\","
+                  "\"function\":{\"name\":\"nope\"}}}", "tool_choice"},
+        {"{" USER ",\"tools\":[" SEARCH "],\"tool_choice\":\"required\","
+                  "\"response_format\":{\"type\":\"json_object\"}}", "response_format"},
+        {"{" USER ",\"parallel_tool_calls\":1}", "parallel_tool_calls"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
+}
+
+/* A tool-calling conversation: assistant tool_calls (content null) and reasoning, tool results. */
+static void test_tool_messages(void **state) {
+    (void)state;
+    cpm_oai_request *rq = parse_ok(CPM_OAI_CHAT,
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"weather?\"},"
+        "{\"role\":\"assistant\",\"content\":null,\"reasoning_content\":\"look it up\","
+        "\"tool_calls\":[{\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":"
+        "\"get_weather\",\"arguments\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},"
+        "{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":\"sunny\"}],"
+        "\"tools\":[" WEATHER "]}");
+    assert_int_equal(rq->n_messages, 3);
+    assert_string_equal(rq->messages[1].content, "");
+    assert_string_equal(rq->messages[1].thought, "look it up");
+    json_t *calls = json_loads(rq->messages[1].tool_calls_json, 0, NULL);
+    assert_int_equal(json_array_size(calls), 1);
+    json_decref(calls);
+    assert_string_equal(rq->messages[2].tool_call_id, "call_1");
+    assert_null(rq->messages[0].tool_calls_json);
+    cpm_oai_request_free(rq);
+
+    const char *bad[][2] = {
+        {"{\"messages\":[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"1\"}]}]}",
+         "messages[0].tool_calls[0]"},
+        {"{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"type\":\"function\",\"function\":"
+         "{\"name\":\"f\",\"arguments\":\"not json\"}}]}]}", "messages[0].tool_calls[0]"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\",\"tool_calls\":[{\"type\":\"function\","
+         "\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}]}", "messages[0]"},
+        {"{\"messages\":[{\"role\":\"tool\",\"content\":\"x\"}]}", "messages[0]"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\",\"reasoning_content\":\"r\"}]}",
+         "messages[0]"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
+}
+
+/* response_format: the JSON constraints. */
+static void test_response_format(void **state) {
+    (void)state;
+    cpm_oai_request *rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"response_format\":{\"type\":\"json_object\"}}");
+    assert_int_equal(rq->constraint_kind, 1);
+    cpm_oai_request_free(rq);
+    rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":"
+                                "{\"name\":\"person\",\"strict\":true,\"schema\":{\"type\":\"object\"}}}}");
+    assert_int_equal(rq->constraint_kind, 2);
+    assert_string_equal(rq->constraint_schema, "{\"type\":\"object\"}");
+    cpm_oai_request_free(rq);
+    const char *bad[][2] = {
+        {"{" USER ",\"response_format\":{\"type\":\"xml\"}}", "response_format"},
+        {"{" USER ",\"response_format\":{\"type\":\"json_schema\"}}", "response_format"},
+        {"{" USER ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{}}}}",
+         "response_format.json_schema.name"},
+        {"{" USER ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"n\","
+                  "\"schema\":[]}}}", "response_format.json_schema.schema"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
+}
+
+/* Tool calls and reasoning: whole in the message (content null), in pieces in deltas. */
+static void test_render_tool_calls(void **state) {
+    (void)state;
+    cpm_oai_request *rq = parse_ok(CPM_OAI_CHAT, "{" USER ",\"tools\":[" WEATHER "]}");
+    cpm_oai_tool_call calls[] = {{0, "call_a_0", "get_weather", "{\"city\":\"Paris\"}"}};
+    cpm_oai_choice ch = {.index = 0, .text = "", .text_len = 0, .reasoning = "think",
+                         .reasoning_len = 5, .n_tool_calls = 1, .tool_calls = calls,
+                         .finish_reason = "tool_calls"};
+    cpm_oai_usage u = {3, 4};
+    char *s = cpm_oai_render_response(rq, "c1", 5, "m", &ch, 1, &u);
+    json_t *j = json_loads(s, 0, NULL);
+    json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+    json_t *m = json_object_get(c0, "message");
+    assert_true(json_is_null(json_object_get(m, "content")));
+    assert_string_equal(json_string_value(json_object_get(m, "reasoning_content")), "think");
+    json_t *tc = json_array_get(json_object_get(m, "tool_calls"), 0);
+    assert_string_equal(json_string_value(json_object_get(tc, "id")), "call_a_0");
+    assert_string_equal(json_string_value(json_object_get(tc, "type")), "function");
+    assert_string_equal(json_string_value(json_object_get(json_object_get(tc, "function"), "arguments")),
+                        "{\"city\":\"Paris\"}");
+    assert_null(json_object_get(tc, "index")); /* index is for deltas */
+    assert_string_equal(json_string_value(json_object_get(c0, "finish_reason")), "tool_calls");
+    json_decref(j);
+    free(s);
+
+    ch.finish_reason = NULL;
+    s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_CONTENT, "c1", 5, "m", &ch, NULL);
+    j = load_sse(s);
+    json_t *d = json_object_get(json_array_get(json_object_get(j, "choices"), 0), "delta");
+    assert_null(json_object_get(d, "content")); /* nothing of it in this delta */
+    assert_string_equal(json_string_value(json_object_get(d, "reasoning_content")), "think");
+    tc = json_array_get(json_object_get(d, "tool_calls"), 0);
+    assert_int_equal(json_integer_value(json_object_get(tc, "index")), 0);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(tc, "function"), "name")),
+                        "get_weather");
+    json_decref(j);
+    free(s);
+    /* a later piece of the same call: index and arguments only */
+    cpm_oai_tool_call more = {0, NULL, NULL, "}"};
+    ch = (cpm_oai_choice){.index = 0, .n_tool_calls = 1, .tool_calls = &more};
+    s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_CONTENT, "c1", 5, "m", &ch, NULL);
+    j = load_sse(s);
+    tc = json_array_get(json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                        "delta"), "tool_calls"), 0);
+    assert_null(json_object_get(tc, "id"));
+    assert_null(json_object_get(json_object_get(tc, "function"), "name"));
+    json_decref(j);
+    free(s);
+    cpm_oai_request_free(rq);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_completion_defaults),
@@ -514,6 +688,10 @@ int main(void) {
         cmocka_unit_test(test_unknown_fields),
         cmocka_unit_test(test_unsupported_features_are_named),
         cmocka_unit_test(test_cross_field_rules),
+        cmocka_unit_test(test_tools),
+        cmocka_unit_test(test_tool_messages),
+        cmocka_unit_test(test_response_format),
+        cmocka_unit_test(test_render_tool_calls),
         cmocka_unit_test(test_chat_messages),
         cmocka_unit_test(test_error_json_shape),
         cmocka_unit_test(test_render_chat_response),

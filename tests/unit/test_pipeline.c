@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -48,6 +49,12 @@ typedef struct fixture {
     cpm_sample_call *call; /* the sample call waiting for a reply */
     uint32_t call_step;    /* its first row's sampler step */
     int call_rows;
+    /* its first row's constraint and history length */
+    int cons_kind;
+    char cons_schema[256];
+    bool cons_single;
+    uint32_t cons_left;
+    int n_history;
 } fixture;
 
 static int fake_forward(void *ud, int replica, Cpm__V1__Envelope *env, cpm_error *err) {
@@ -74,6 +81,12 @@ static int fake_sample(void *ud, Cpm__V1__Envelope *env, cpm_payload *logits,
     f->call = call;
     f->call_rows = (int)env->sample->n_rows;
     f->call_step = env->sample->rows[0]->step;
+    const Cpm__V1__Constraint *c = env->sample->rows[0]->constraint;
+    f->cons_kind = c ? (int)c->kind : -1;
+    snprintf(f->cons_schema, sizeof f->cons_schema, "%s", c && c->schema ? c->schema : "");
+    f->cons_single = c && c->single_call;
+    f->cons_left = c ? c->tokens_left : 0;
+    f->n_history = (int)env->sample->rows[0]->n_history;
     return 0;
 }
 
@@ -222,6 +235,29 @@ static void test_prefill_then_decode(void **state) {
     assert_string_equal(r.gens[0].finish, "length");
     assert_int_equal(f->m.generation_tokens, 3);
     (void)j;
+}
+
+/* A job's constraint (response_format, tool_choice) is on every row of its gens, with
+ * the tokens it may still generate and the history the sampler reads the text from. */
+static void test_constraint_on_rows(void **state) {
+    fixture *f = *state;
+    rec r = {0};
+    cpm_job *j = start_job(f, &r, 3);
+    step(f, 50);
+    assert_int_equal(f->cons_kind, -1); /* none: no constraint, no history */
+    assert_int_equal(f->n_history, 0);
+    j->constraint_kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS;
+    j->constraint_schema = "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]";
+    j->constraint_single = true;
+    step(f, 51);
+    assert_int_equal(f->cons_kind, CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS);
+    assert_string_equal(f->cons_schema, j->constraint_schema);
+    assert_true(f->cons_single);
+    assert_int_equal(f->cons_left, 2); /* max 3, one generated: this one and one more */
+    assert_int_equal(f->n_history, 4);  /* prompt 10 11 12 and 50 */
+    step(f, 52);
+    assert_int_equal(f->cons_left, 1);
+    assert_int_equal(r.dones, 1);
 }
 
 /* Replica 0 dies after two tokens: the sequence moves to replica 1 with its whole
@@ -452,6 +488,7 @@ int main(void) {
         T(test_step_timeout),               T(test_failover_limit),
         T(test_sampler_lost_retried),       T(test_sampler_attempts_run_out),
         T(test_sampler_error_not_retried),  T(test_cancelled_row_dropped),
+        T(test_constraint_on_rows),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -140,10 +140,11 @@ static void test_tokenize_matches_golden_ids(void **state) {
 /* Chat: the service renders the model's template and tokenizes, as the library does. */
 static void test_chat_renders_and_tokenizes(void **state) {
     fixture *f = *state;
-    cpm_tokc_msg msgs[] = {{"system", "Be brief."}, {"user", "Hello, 世界!"}};
+    cpm_tokc_msg msgs[] = {{.role = "system", .content = "Be brief."},
+                           {.role = "user", .content = "Hello, 世界!"}};
     seen s = {0};
     cpm_error e = {0};
-    assert_int_equal(cpm_tokc_chat(f->dealer, "tok0", msgs, 2, 5000, on_result, &s, &e), 0);
+    assert_int_equal(cpm_tokc_chat(f->dealer, "tok0", msgs, 2, NULL, 5000, on_result, &s, &e), 0);
     wait_for(f, &s);
     assert_int_equal(s.status, 0);
     cpm_chat_msg cm[] = {{.role = "system", .content = "Be brief."},
@@ -160,6 +161,53 @@ static void test_chat_renders_and_tokenizes(void **state) {
 }
 
 /* Detokenizing id by id (resending what ended inside a character) gives the one-shot text. */
+/* Tools, an assistant's tool calls and reasoning, and a tool result travel in the chat
+ * request and render as the library renders them (MiniCPM3's tool format). */
+static void test_chat_with_tools(void **state) {
+    fixture *f = *state;
+    const char *tools = "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+                        "\"description\":\"Weather of a city\",\"parameters\":{\"type\":\"object\","
+                        "\"properties\":{\"city\":{\"type\":\"string\"}},\"required\":[\"city\"]}}}]";
+    const char *calls = "[{\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":"
+                        "\"get_weather\",\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]";
+    cpm_tokc_msg msgs[] = {{"user", "Weather in Paris?", NULL, NULL, NULL},
+                           {"assistant", "", calls, "I should look it up.", NULL},
+                           {"tool", "sunny", NULL, NULL, "call_1"}};
+    seen s = {0};
+    cpm_error e = {0};
+    assert_int_equal(cpm_tokc_chat(f->dealer, "tok0", msgs, 3, tools, 5000, on_result, &s, &e), 0);
+    wait_for(f, &s);
+    assert_int_equal(s.status, 0);
+    cpm_chat_msg cm[] = {{.role = "user", .content = "Weather in Paris?"},
+                         {.role = "assistant", .content = "", .tool_calls_json = calls,
+                          .thought = "I should look it up."},
+                         {.role = "tool", .content = "sunny"}};
+    char *text;
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(cpm_chat_render(f->tok, cm, 3, tools, true, &text, &e), 0);
+    assert_non_null(strstr(text, "get_weather(city=\"Paris\")"));
+    assert_non_null(strstr(text, "<|thought_start|>\nI should look it up.\n<|thought_end|>"));
+    assert_int_equal(cpm_tokenizer_encode(f->tok, text, strlen(text), true, &ids, &n, &e), 0);
+    assert_int_equal(s.n_ids, n);
+    assert_memory_equal(s.ids, ids, n * sizeof *ids);
+    free(text);
+    free(ids);
+}
+
+/* A tools array that is not JSON is the request's fault: refused, naming tools. */
+static void test_chat_bad_tools_refused(void **state) {
+    fixture *f = *state;
+    cpm_tokc_msg msgs[] = {{"user", "hi", NULL, NULL, NULL}};
+    seen s = {0};
+    cpm_error e = {0};
+    assert_int_equal(cpm_tokc_chat(f->dealer, "tok0", msgs, 1, "{oops", 5000, on_result, &s, &e), 0);
+    wait_for(f, &s);
+    assert_int_not_equal(s.status, 0);
+    assert_true(s.refused);
+    assert_non_null(strstr(s.msg, "tools"));
+}
+
 static void test_incremental_detok_equals_decode(void **state) {
     fixture *f = *state;
     const char *sample = "Streaming: 你好，MiniCPM! naïve café 😀 end.";
@@ -293,6 +341,8 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tokenize_matches_golden_ids),
         cmocka_unit_test(test_chat_renders_and_tokenizes),
+        cmocka_unit_test(test_chat_with_tools),
+        cmocka_unit_test(test_chat_bad_tools_refused),
         cmocka_unit_test(test_incremental_detok_equals_decode),
         cmocka_unit_test(test_error_reply_is_refused),
         cmocka_unit_test(test_pieces_equal_pair_detok),
