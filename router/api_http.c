@@ -243,6 +243,8 @@ static cpm_oai_tool_call *parse_whole(const cpm_job *j, const cpm_gen *g, cpm_to
 }
 
 /* The whole answer as one JSON response. */
+static void note_answer(http_answer *a, const cpm_job *j, const char *outcome);
+
 static void respond_whole(cpm_job *j, const cpm_oai_usage *u) {
     http_answer *a = answer_of(j);
     cpm_oai_choice *ch = calloc((size_t)j->n_gens, sizeof *ch);
@@ -269,6 +271,7 @@ static void respond_whole(cpm_job *j, const cpm_oai_usage *u) {
     free(calls);
     free(lv);
     free(ch);
+    note_answer(a, j, NULL); /* after the parse: it may say "tool_calls" */
     if (json)
         respond_json(a->conn, 200, json);
     else
@@ -309,6 +312,8 @@ static void respond_tokens(http_answer *a, const cpm_job *j) {
 /* What the access log says of a job's answer (request id, tokens, time to first token,
  * finish reason): the exchange's note, logged when it ends (on_exchange_done). */
 static void note_answer(http_answer *a, const cpm_job *j, const char *outcome) {
+    if (!outcome && a->tc && a->n_tc > 0 && a->tc[0] && cpm_toolcall_count(a->tc[0]) > 0)
+        outcome = "tool_calls"; /* what the answer says, not the gen's own "stop" */
     char note[256];
     cpm_job_access_note(j, outcome, note, sizeof note);
     cpm_http_conn_set_note(a->conn, note);
@@ -316,8 +321,8 @@ static void note_answer(http_answer *a, const cpm_job *j, const char *outcome) {
 
 static void sink_done(cpm_job *j) {
     http_answer *a = answer_of(j);
-    note_answer(a, j, NULL);
     if (j->tokenize_only) {
+        note_answer(a, j, NULL);
         respond_tokens(a, j);
         return;
     }
@@ -326,6 +331,7 @@ static void sink_done(cpm_job *j) {
         respond_whole(j, &u);
         return;
     }
+    note_answer(a, j, NULL);
     if (a->rq->include_usage)
         stream_send(a, cpm_oai_render_chunk(a->rq, CPM_OAI_CHUNK_USAGE, j->id, j->created,
                                             a->api->ctx->model_name, NULL, &u));
