@@ -28,6 +28,23 @@ static void refuse(cpm_job *j, const char *code, const char *msg) {
     cpm_job_fail(j, 400, "invalid_request_error", code, msg);
 }
 
+/* logit_bias and stop_token_ids name tokens of the vocabulary. */
+static bool ids_in_vocab(const cpm_job *j, int vocab, char *msg, size_t size) {
+    for (int i = 0; i < j->n_bias; i++)
+        if (j->bias_ids[i] >= vocab) {
+            snprintf(msg, size, "logit_bias names token %d, outside the vocabulary (size %d)",
+                     j->bias_ids[i], vocab);
+            return false;
+        }
+    for (int i = 0; i < j->n_stop_ids; i++)
+        if (j->stop_ids[i] < 0 || j->stop_ids[i] >= vocab) {
+            snprintf(msg, size, "stop token %d is outside the vocabulary (size %d)", j->stop_ids[i],
+                     vocab);
+            return false;
+        }
+    return true;
+}
+
 /* Prompt p of j against the limits; false when j was refused. */
 static bool check_prompt(const cpm_admit *ad, cpm_job *j, int p) {
     const cpm_cfg_router *rc = &ad->cfg->router;
@@ -53,6 +70,10 @@ static bool check_prompt(const cpm_admit *ad, cpm_job *j, int p) {
             refuse(j, "invalid_token_id", msg);
             return false;
         }
+    }
+    if (!ids_in_vocab(j, mf->vocab_size, msg, sizeof msg)) {
+        refuse(j, "invalid_token_id", msg);
+        return false;
     }
     if (j->max_tokens > room) {
         snprintf(msg, sizeof msg, "max_tokens %d is too large: %d tokens are left in the context "

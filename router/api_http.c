@@ -404,6 +404,7 @@ static void copy_sampling(Cpm__V1__SamplingParams *p, const cpm_oai_request *rq)
     p->frequency_penalty = rq->frequency_penalty;
     p->logprobs = rq->logprobs;
     p->n_logprobs = (uint32_t)rq->top_logprobs;
+    p->min_tokens = (uint32_t)rq->min_tokens;
 }
 
 /* The request's prompts into j: token ids as they are, text and chats for the
@@ -509,6 +510,11 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     for (int i = 0; i < j->n_gens; i++) {
         copy_sampling(&j->gens[i].params, rq);
         j->gens[i].params.seed = rq->has_seed ? rq->seed + (uint64_t)i : cpm_job_default_seed(j, i);
+    }
+    if (cpm_job_set_bias(j, rq->bias_ids, rq->bias, rq->n_bias) ||
+        cpm_job_set_stop_ids(j, rq->stop_ids, rq->n_stop_ids)) {
+        cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
+        return;
     }
     cpm_admit_job(ctx->admit, j);
 }

@@ -202,13 +202,23 @@ static cpm_job *find_job(cpm_api_rpc *api, const cpm_peer *peer, const char *req
 }
 
 /* The ranges the HTTP API accepts too (openai.c); 0 leaves a penalty off. */
+static bool bias_in_range(const Cpm__V1__SamplingParams *p) {
+    if (p->n_bias_ids != p->n_bias || p->n_bias > CPM_JOB_MAX_BIAS)
+        return false;
+    for (size_t i = 0; i < p->n_bias; i++)
+        if (!(p->bias[i] >= -100.0f && p->bias[i] <= 100.0f) || p->bias_ids[i] < 0)
+            return false;
+    return true;
+}
+
 static bool sampling_in_range(const Cpm__V1__SamplingParams *p) {
     return p->temperature >= 0.0f && p->temperature <= 100.0f && p->top_p >= 0.0f &&
            p->top_p <= 1.0f && p->min_p >= 0.0f && p->min_p <= 1.0f &&
            p->top_k <= INT32_MAX && p->n_logprobs <= CPM_JOB_MAX_TOP &&
            p->repetition_penalty >= 0.0f && p->repetition_penalty <= 10.0f &&
            p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f &&
-           p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f;
+           p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f &&
+           p->min_tokens <= INT32_MAX && bias_in_range(p);
 }
 
 /* Why a GenerateRequest cannot be taken, or NULL. */
@@ -239,20 +249,22 @@ static int take_request(cpm_job *j, const Cpm__V1__GenerateRequest *g) {
     const Cpm__V1__SamplingParams *p = g->params;
     if (cpm_job_init_gens(j, 1, 1) ||
         !(j->prompt_ids[0] = malloc((g->n_prompt_ids ? g->n_prompt_ids : 1) * sizeof(int32_t))) ||
-        (g->n_stop_ids && !(j->stop_ids = malloc(g->n_stop_ids * sizeof *j->stop_ids))))
+        cpm_job_set_stop_ids(j, g->stop_ids, (int)g->n_stop_ids))
         return CPM_ENOMEM;
     memcpy(j->prompt_ids[0], g->prompt_ids, g->n_prompt_ids * sizeof(int32_t));
     j->prompt_len[0] = (int)g->n_prompt_ids;
-    if (g->n_stop_ids)
-        memcpy(j->stop_ids, g->stop_ids, g->n_stop_ids * sizeof(int32_t));
-    j->n_stop_ids = (int)g->n_stop_ids;
-    if (p)
-        j->gens[0].params = *p;
-    else
-        cpm__v1__sampling_params__init(&j->gens[0].params);
+    Cpm__V1__SamplingParams *gp = &j->gens[0].params;
+    cpm__v1__sampling_params__init(gp);
+    if (p) { /* the scalars; arrays are copied below, the message goes away after this call */
+        gp->temperature = p->temperature, gp->top_p = p->top_p, gp->top_k = p->top_k;
+        gp->min_p = p->min_p, gp->repetition_penalty = p->repetition_penalty;
+        gp->presence_penalty = p->presence_penalty, gp->frequency_penalty = p->frequency_penalty;
+        gp->seed = p->seed, gp->n_logprobs = p->n_logprobs, gp->logprobs = p->logprobs;
+        gp->min_tokens = p->min_tokens;
+    }
     if (!p || p->seed == 0)
-        j->gens[0].params.seed = cpm_job_default_seed(j, 0);
-    return 0;
+        gp->seed = cpm_job_default_seed(j, 0);
+    return p ? cpm_job_set_bias(j, p->bias_ids, p->bias, (int)p->n_bias) : 0;
 }
 
 static void on_generate(cpm_api_rpc *api, const cpm_inmsg *m) {

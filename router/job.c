@@ -165,6 +165,9 @@ static void job_free(cpm_job *j) {
     free(j->chat);
     free(j->rendered);
     free(j->stop_ids);
+    free(j->bias_ids);
+    free(j->bias);
+    free(j->min_stop);
     j->sink->free(j->sink_ud);
     free(j);
     if (js->n == 0 && js->hooks.empty)
@@ -236,6 +239,51 @@ bool cpm_job_is_stop_id(const cpm_job *j, const int32_t *eos, int n_eos, int32_t
         if (j->stop_ids[i] == id)
             return true;
     return false;
+}
+
+int cpm_job_set_stop_ids(cpm_job *j, const int32_t *ids, int n) {
+    if (n <= 0)
+        return 0;
+    if (!(j->stop_ids = malloc((size_t)n * sizeof *ids)))
+        return CPM_ENOMEM;
+    memcpy(j->stop_ids, ids, (size_t)n * sizeof *ids);
+    j->n_stop_ids = n;
+    return 0;
+}
+
+int cpm_job_set_bias(cpm_job *j, const int32_t *ids, const float *bias, int n) {
+    if (n > 0) {
+        j->bias_ids = malloc((size_t)n * sizeof *ids);
+        j->bias = malloc((size_t)n * sizeof *bias);
+        if (!j->bias_ids || !j->bias)
+            return CPM_ENOMEM;
+        memcpy(j->bias_ids, ids, (size_t)n * sizeof *ids);
+        memcpy(j->bias, bias, (size_t)n * sizeof *bias);
+    }
+    j->n_bias = n > 0 ? n : 0;
+    for (int i = 0; i < j->n_gens; i++) {
+        Cpm__V1__SamplingParams *p = &j->gens[i].params;
+        p->n_bias_ids = p->n_bias = (size_t)j->n_bias;
+        p->bias_ids = j->bias_ids;
+        p->bias = j->bias;
+    }
+    return 0;
+}
+
+const int32_t *cpm_job_min_stop_ids(cpm_job *j, const int32_t *eos, int n_eos, int *ret_n) {
+    if (!j->min_stop_made) {
+        int n = (j->ignore_eos ? 0 : n_eos) + j->n_stop_ids;
+        if (!(j->min_stop = malloc((size_t)(n > 0 ? n : 1) * sizeof *j->min_stop)))
+            return NULL;
+        if (!j->ignore_eos)
+            memcpy(j->min_stop, eos, (size_t)n_eos * sizeof *eos);
+        memcpy(j->min_stop + (j->ignore_eos ? 0 : n_eos), j->stop_ids,
+               (size_t)j->n_stop_ids * sizeof *j->stop_ids);
+        j->n_min_stop = n;
+        j->min_stop_made = true;
+    }
+    *ret_n = j->n_min_stop;
+    return j->min_stop;
 }
 
 void cpm_job_usage(const cpm_job *j, int *ret_prompt, int *ret_completion) {

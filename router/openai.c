@@ -353,6 +353,60 @@ static int f_stream_options(cpm_oai_request *rq, json_t *v, parse_ctx *c, const 
     return 0;
 }
 
+/* {"token id": bias}: OpenAI's map (keys are decimal ids), biases in [-100, 100]. */
+static int f_logit_bias(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                        cpm_oai_error *e) {
+    (void)c;
+    if (json_is_null(v))
+        return 0;
+    if (!json_is_object(v))
+        return BAD(e, n, "'%s' must be an object mapping token ids to biases", n);
+    if (json_object_size(v) > CPM_OAI_MAX_BIAS)
+        return BAD(e, n, "'%s' has %zu entries, at most %d", n, json_object_size(v), CPM_OAI_MAX_BIAS);
+    const char *key;
+    json_t *b;
+    json_object_foreach(v, key, b) {
+        char *end;
+        long id = strtol(key, &end, 10);
+        if (!*key || *end || id < 0 || id > INT32_MAX)
+            return BAD(e, n, "'%s': key '%.32s' is not a token id", n, key);
+        if (!json_is_number(b) || !(json_number_value(b) >= -100.0 && json_number_value(b) <= 100.0))
+            return BAD(e, n, "'%s': the bias of token %ld must be a number in [-100, 100]", n, id);
+        rq->bias_ids[rq->n_bias] = (int32_t)id;
+        rq->bias[rq->n_bias++] = (float)json_number_value(b);
+    }
+    return 0;
+}
+
+static int f_min_tokens(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                        cpm_oai_error *e) {
+    (void)c;
+    long long x = 0;
+    int rc = get_int(v, n, 0, INT32_MAX, &x, e);
+    if (rc == 0)
+        rq->min_tokens = (int)x;
+    return rc;
+}
+
+static int f_stop_token_ids(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                            cpm_oai_error *e) {
+    (void)c;
+    if (json_is_null(v))
+        return 0;
+    if (!json_is_array(v) || json_array_size(v) > CPM_OAI_MAX_STOP_IDS)
+        return BAD(e, n, "'%s' must be an array of at most %d token ids", n, CPM_OAI_MAX_STOP_IDS);
+    size_t i;
+    json_t *id;
+    json_array_foreach(v, i, id) {
+        long long x = 0;
+        int rc = get_int(id, n, 0, INT32_MAX, &x, e);
+        if (rc)
+            return rc;
+        rq->stop_ids[rq->n_stop_ids++] = (int32_t)x;
+    }
+    return 0;
+}
+
 static int f_ignore_eos(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                         cpm_oai_error *e) {
     (void)c;
@@ -653,14 +707,6 @@ static void note_ignored(cpm_oai_request *rq, const char *key) {
         snprintf(rq->ignored + used, room, "%s%.64s", used ? ", " : "", key);
 }
 
-/* A number that must be 0 (min_tokens): any other value would change what is generated. */
-static int f_zero_only(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
-                       cpm_oai_error *e) {
-    (void)rq, (void)c;
-    return json_is_integer(v) && json_integer_value(v) == 0
-               ? 0 : UNSUPPORTED(e, n, "'%s' is not supported by this server", n);
-}
-
 static int f_prompt(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                     cpm_oai_error *e);
 static int f_messages(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
@@ -702,15 +748,15 @@ static const struct field {
     {"best_of", K_COMP, f_best_of},
     {"echo", K_COMP, f_echo},
     {"suffix", K_COMP, f_suffix},
-    {"logit_bias", K_BOTH, f_empty_only},
+    {"logit_bias", K_BOTH, f_logit_bias},
     {"tools", K_CHAT, f_tools},
     {"functions", K_CHAT, f_functions},
     {"tool_choice", K_CHAT, f_tool_choice},
     {"function_call", K_CHAT, f_function_call},
     {"response_format", K_CHAT, f_response_format},
     /* vLLM's extras that change the output: refused until implemented, never ignored */
-    {"min_tokens", K_BOTH, f_zero_only},
-    {"stop_token_ids", K_BOTH, f_empty_only},
+    {"min_tokens", K_BOTH, f_min_tokens},
+    {"stop_token_ids", K_BOTH, f_stop_token_ids},
     {"guided_json", K_BOTH, f_empty_only},
     {"guided_regex", K_BOTH, f_empty_only},
     {"guided_choice", K_BOTH, f_empty_only},

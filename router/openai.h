@@ -39,6 +39,8 @@ typedef enum cpm_oai_kind {
 } cpm_oai_kind;
 
 #define CPM_OAI_MAX_STOP 4 /* as api.openai.com */
+#define CPM_OAI_MAX_BIAS 300     /* logit_bias entries (OpenAI's limit) */
+#define CPM_OAI_MAX_STOP_IDS 64  /* stop_token_ids */
 
 typedef struct cpm_oai_limits {
     int max_prompts;      /* entries of a completions prompt array */
@@ -104,6 +106,12 @@ typedef struct cpm_oai_request {
     int top_logprobs; /* alternatives per token */
     bool stream, include_usage;
     bool ignore_eos;       /* extension (as vLLM): keep going past EOS */
+    int n_bias;            /* logit_bias: token id -> bias in [-100, 100] */
+    int32_t bias_ids[CPM_OAI_MAX_BIAS];
+    float bias[CPM_OAI_MAX_BIAS];
+    int min_tokens;        /* extension (as vLLM): no EOS / stop_token_ids before this many */
+    int n_stop_ids;        /* extension (as vLLM): stop_token_ids, besides EOS */
+    int32_t stop_ids[CPM_OAI_MAX_STOP_IDS];
     bool return_token_ids; /* extension (as vLLM): each choice/chunk also lists "token_ids" */
     /* tools (chat) */
     char *tools_json; /* the tools as a compact JSON array, NULL when none were given */

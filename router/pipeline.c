@@ -500,6 +500,12 @@ static void sample_row(cpm_pipeline *p, Cpm__V1__SampleRow *row, cpm_gen *g,
     if (!g)
         return;
     row->step = (uint32_t)g->n_gen;
+    if ((int)g->params.min_tokens > g->n_gen && !g->params.n_min_tokens_stop_ids) {
+        int n = 0; /* what the request stops on may not be drawn yet */
+        const int32_t *ids = cpm_job_min_stop_ids(g->job, p->facts.eos_ids, p->facts.n_eos, &n);
+        g->params.min_tokens_stop_ids = (int32_t *)ids;
+        g->params.n_min_tokens_stop_ids = ids ? (size_t)n : 0;
+    }
     bool constrained = g->job->constraint_kind != 0;
     if (constrained) {
         constraint_of(g, cons);

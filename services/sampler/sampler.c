@@ -24,6 +24,27 @@ cpm_sampling_params cpm_sampling_params_default(void) {
                                  .repetition_penalty = 1.0f, .seed = 0};
 }
 
+static int check_ids(const char *what, const int32_t *ids, int n, int vocab, cpm_error *err) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= vocab)
+            return cpm_error_set(err, CPM_ERANGE, "%s: token %d outside the vocabulary (%d)", what,
+                                 ids[i], vocab);
+    return 0;
+}
+
+static int check_edits(const cpm_sampling_params *p, cpm_error *err) {
+    if (p->n_bias < 0 || p->n_bias > CPM_SAMPLER_MAX_BIAS)
+        return cpm_error_set(err, CPM_ELIMIT, "logit_bias: %d entries, at most %d", p->n_bias,
+                             CPM_SAMPLER_MAX_BIAS);
+    for (int i = 0; i < p->n_bias; i++)
+        if (!(p->bias[i] >= -100.0f && p->bias[i] <= 100.0f))
+            return cpm_error_set(err, CPM_ERANGE, "logit_bias: %g for token %d must be in [-100, 100]",
+                                 (double)p->bias[i], p->bias_ids[i]);
+    if (p->min_tokens < 0 || p->n_stop_ids < 0)
+        return cpm_error_set(err, CPM_ERANGE, "min_tokens %d must be >= 0", p->min_tokens);
+    return 0;
+}
+
 int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err) {
     if (!(p->temperature >= 0.0f) || p->temperature > 100.0f)
         return cpm_error_set(err, CPM_ERANGE, "temperature %g must be in [0, 100]",
@@ -43,7 +64,7 @@ int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err) {
     if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
         return cpm_error_set(err, CPM_ERANGE, "frequency_penalty %g must be in [-2, 2]",
                              (double)p->frequency_penalty);
-    return 0;
+    return check_edits(p, err);
 }
 
 /* ---- the generator: splitmix64 seeds xoshiro256** ---- */
@@ -70,7 +91,9 @@ cpm_sampler *cpm_sampler_new(int vocab_size, const cpm_sampling_params *p, cpm_e
         cpm_error_set(err, CPM_EINVAL, "sampler: vocab_size %d", vocab_size);
         return NULL;
     }
-    if (cpm_sampling_params_validate(p, err))
+    if (cpm_sampling_params_validate(p, err) ||
+        check_ids("logit_bias", p->bias_ids, p->n_bias, vocab_size, err) ||
+        check_ids("min_tokens stop ids", p->stop_ids, p->n_stop_ids, vocab_size, err))
         return NULL;
     cpm_sampler *s = calloc(1, sizeof *s);
     if (s) {
@@ -288,6 +311,17 @@ static bool logits_usable(const float *l, int n) {
     return finite;
 }
 
+/* logit_bias, then min_tokens: what the request asked of the logits before any sampling
+ * step (the reported logprob stays the model's own). The bias arrays are the request's,
+ * read during the call only. */
+static void apply_edits(cpm_sampler *s, float *logits) {
+    for (int i = 0; i < s->p.n_bias; i++)
+        logits[s->p.bias_ids[i]] += s->p.bias[i];
+    if (s->step < (uint64_t)s->p.min_tokens)
+        for (int i = 0; i < s->p.n_stop_ids; i++)
+            logits[s->p.stop_ids[i]] = -INFINITY;
+}
+
 int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, size_t n_history,
                        float *ret_logprob) {
     int V = s->vocab, tok;
@@ -295,6 +329,7 @@ int cpm_sampler_sample(cpm_sampler *s, float *logits, const int32_t *history, si
         return CPM_ERANGE;
     if (ret_logprob)
         memcpy(s->logit_save, logits, (size_t)V * sizeof(float));
+    apply_edits(s, logits);
     if (s->p.repetition_penalty != 1.0f && n_history > 0)
         apply_repetition_penalty(s, logits, history, n_history);
     size_t n_gen = s->step < n_history ? (size_t)s->step : n_history;

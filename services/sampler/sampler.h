@@ -30,13 +30,25 @@ typedef struct cpm_sampling_params {
     float presence_penalty;   /* 0 = off; OpenAI semantics over the generated tokens: */
     float frequency_penalty;  /* logit -= presence * [count > 0] + frequency * count */
     uint64_t seed;
+    /* logit_bias: logits[bias_ids[i]] += bias[i] first of all (borrowed arrays) */
+    const int32_t *bias_ids;
+    const float *bias;
+    int n_bias;
+    /* min_tokens: while fewer tokens have been generated (the step), none of stop_ids is
+     * drawn (the ids the request would stop on: EOS, stop_token_ids; borrowed) */
+    int min_tokens;
+    const int32_t *stop_ids;
+    int n_stop_ids;
 } cpm_sampling_params;
+
+#define CPM_SAMPLER_MAX_BIAS 300 /* logit_bias entries, as OpenAI allows */
 
 cpm_sampling_params cpm_sampling_params_default(void);
 
 /* Checks ranges: temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1,
- * repetition_penalty > 0, presence and frequency penalties in [-2, 2]. Message names
- * the field. */
+ * repetition_penalty > 0, presence and frequency penalties in [-2, 2], biases in
+ * [-100, 100] (at most 300), min_tokens >= 0. Message names the field. cpm_sampler_new
+ * also checks that the bias and stop ids are in the vocabulary. */
 int cpm_sampling_params_validate(const cpm_sampling_params *p, cpm_error *err);
 
 typedef struct cpm_sampler cpm_sampler;

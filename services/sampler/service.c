@@ -21,6 +21,19 @@ int cpm_sampler_svc_params(const Cpm__V1__SamplingParams *in, cpm_sampling_param
     p.presence_penalty = in->presence_penalty;
     p.frequency_penalty = in->frequency_penalty;
     p.seed = in->seed;
+    if (in->n_bias_ids != in->n_bias)
+        return cpm_error_set(err, CPM_EFORMAT, "bias_ids: %zu ids for %zu biases", in->n_bias_ids,
+                             in->n_bias);
+    if (in->n_bias > CPM_SAMPLER_MAX_BIAS || in->n_min_tokens_stop_ids > 64 || in->min_tokens > INT32_MAX)
+        return cpm_error_set(err, CPM_ELIMIT, "logit_bias (%zu) at most %d, min_tokens_stop_ids (%zu) "
+                             "at most 64, min_tokens %u", in->n_bias, CPM_SAMPLER_MAX_BIAS,
+                             in->n_min_tokens_stop_ids, in->min_tokens);
+    p.bias_ids = in->bias_ids;
+    p.bias = in->bias;
+    p.n_bias = (int)in->n_bias;
+    p.min_tokens = (int)in->min_tokens;
+    p.stop_ids = in->min_tokens_stop_ids;
+    p.n_stop_ids = (int)in->n_min_tokens_stop_ids;
     if (in->n_logprobs > MAX_TOP)
         return cpm_error_set(err, CPM_ERANGE, "n_logprobs %u must be at most %d", in->n_logprobs,
                              MAX_TOP);

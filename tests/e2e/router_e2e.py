@@ -408,11 +408,35 @@ def test_n_and_seed(ids):
           "same seed gave different samples")
 
 
+def test_sampling_extras(ids):
+    """logit_bias, stop_token_ids and min_tokens change the output as asked."""
+    def gen(**extra):
+        body = dict({"prompt": ids[:6], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                     "return_token_ids": True}, **extra)
+        status, a = post("/v1/completions", body)
+        check(status == 200, "%s: %s %s" % (extra, status, a))
+        return a["choices"][0]
+    base = gen()["token_ids"]
+    forced = next(t for t in range(5, 50) if t not in base)
+    got = gen(logit_bias={str(forced): 100})["token_ids"]
+    check(got == [forced] * 6, "logit_bias +100 on %d: %s" % (forced, got))
+    got = gen(logit_bias={str(base[0]): -100})["token_ids"]
+    check(got[0] != base[0], "logit_bias -100 on the greedy token %d: %s" % (base[0], got))
+    c = gen(stop_token_ids=[base[2]])
+    check(c["finish_reason"] == "stop" and c["token_ids"][:2] == base[:2] and len(c["token_ids"]) <= 3,
+          "stop_token_ids [%d]: %s" % (base[2], c))
+    c = gen(stop_token_ids=[base[0]], min_tokens=3)
+    check(base[0] not in c["token_ids"][:3] and len(c["token_ids"]) >= 3,
+          "min_tokens 3 with stop id %d: %s" % (base[0], c))
+
+
 def test_bad_input(vocab):
     cases = [
         ("malformed JSON", "/v1/completions", '{"prompt": [1,2', 400, "invalid_json"),
-        ("min_tokens is refused, not ignored", "/v1/completions", '{"prompt": [1], "min_tokens": 3}',
-         400, "unsupported_parameter"),
+        ("guided decoding by regex is refused, not ignored", "/v1/completions",
+         '{"prompt": [1], "guided_regex": "a+"}', 400, "unsupported_parameter"),
+        ("logit_bias outside the vocabulary", "/v1/completions",
+         '{"prompt": [1], "logit_bias": {"%d": 5}}' % vocab, 400, "invalid_token_id"),
         ("wrong type", "/v1/completions", '{"prompt": [1], "max_tokens": "9"}', 400, None),
         ("token id out of vocab", "/v1/completions", '{"prompt": [1, %d]}' % vocab, 400,
          "invalid_token_id"),
@@ -726,6 +750,7 @@ def main():
         test_no_tokenizer()
     test_concurrent([ids[: 2 + (i * 7) % (len(ids) - 1)] for i in range(16)])
     test_n_and_seed(ids[:6])
+    test_sampling_extras(ids)
     test_bad_input(vocab)
     test_disconnect_cancels(ids)
     test_rpc(zmq.Context(), ids, cpm_run(ids, 10))

@@ -197,10 +197,25 @@ static void test_unknown_fields(void **state) {
     assert_true(ig->temperature == 1.0f);
     cpm_oai_request_free(ig);
     /* extras that would change the output are refused, never ignored */
-    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"min_tokens\":2}", "min_tokens",
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"guided_regex\":\"a+\"}", "guided_regex",
               "unsupported_parameter");
-    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"stop_token_ids\":[5]}", "stop_token_ids",
-              "unsupported_parameter");
+    /* vLLM's min_tokens and stop_token_ids, OpenAI's logit_bias: taken */
+    cpm_oai_request *ex = parse_ok(CPM_OAI_COMPLETION,
+                                   "{\"prompt\":\"x\",\"min_tokens\":2,\"stop_token_ids\":[5,7],"
+                                   "\"logit_bias\":{\"5\":10,\"900\":-100}}");
+    assert_int_equal(ex->min_tokens, 2);
+    assert_int_equal(ex->n_stop_ids, 2);
+    assert_int_equal(ex->stop_ids[1], 7);
+    assert_int_equal(ex->n_bias, 2);
+    assert_int_equal(ex->bias_ids[1], 900);
+    assert_true(ex->bias[1] == -100.0f);
+    cpm_oai_request_free(ex);
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"logit_bias\":{\"5\":101}}", "logit_bias",
+              NULL);
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"logit_bias\":{\"a\":1}}", "logit_bias", NULL);
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"min_tokens\":-1}", "min_tokens", NULL);
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"stop_token_ids\":[-3]}", "stop_token_ids",
+              NULL);
     /* a field of the other endpoint is refused here */
     parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"x\",\"messages\":[]}", "messages",
               "unknown_parameter");
@@ -222,8 +237,6 @@ static void test_unknown_fields(void **state) {
 static void test_unsupported_features_are_named(void **state) {
     (void)state;
     const char *chat_bad[][2] = {
-        {"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logit_bias\":{\"5\":10}}",
-         "logit_bias"},
         {"{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\","
          "\"image_url\":{\"url\":\"http://x\"}}]}]}",
          "messages[0].content"},

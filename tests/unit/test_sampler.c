@@ -264,6 +264,54 @@ static void test_presence_frequency_penalties(void **state) {
     assert_non_null(strstr(e.msg, "frequency_penalty"));
 }
 
+/* logit_bias adds to the logits before anything else: +100 makes a token the argmax,
+ * -100 removes the argmax; the reported logprob stays the model's own. */
+static void test_logit_bias(void **state) {
+    (void)state;
+    int top = top_id(), other = (top + 1) % V;
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = 0;
+    int32_t ids[2] = {other, top};
+    float bias[2] = {100.0f, 0.0f};
+    p.bias_ids = ids, p.bias = bias, p.n_bias = 1;
+    assert_int_equal(sample_once(&p, NULL, 0, 0), other);
+    bias[0] = 0.0f, bias[1] = -100.0f, p.n_bias = 2;
+    int second = sample_once(&p, NULL, 0, 0);
+    assert_true(second != top);
+    float l[V];
+    fill(l);
+    assert_true(l[second] == 7.75f); /* the next best of the permutation */
+    cpm_error e = {0};
+    cpm_sampler *s = cpm_sampler_new(V, &p, &e);
+    float lp, raw[V];
+    fill(l), fill(raw);
+    assert_int_equal(cpm_sampler_sample(s, l, NULL, 0, &lp), second);
+    assert_true(fabsf(lp - cpm_logprob_of(raw, V, second)) < 1e-6f);
+    cpm_sampler_free(s);
+    bias[1] = 100.5f; /* out of range, and ids outside the vocabulary */
+    assert_null(cpm_sampler_new(V, &p, &e));
+    assert_non_null(strstr(e.msg, "logit_bias: 100.5"));
+    bias[1] = 1.0f, ids[0] = V;
+    assert_null(cpm_sampler_new(V, &p, &e));
+    assert_non_null(strstr(e.msg, "outside the vocabulary"));
+}
+
+/* min_tokens: before that many tokens, no stop id is drawn; from then on they are. */
+static void test_min_tokens(void **state) {
+    (void)state;
+    int top = top_id();
+    cpm_sampling_params p = cpm_sampling_params_default();
+    p.temperature = 0;
+    int32_t stops[1] = {top};
+    p.stop_ids = stops, p.n_stop_ids = 1, p.min_tokens = 3;
+    for (int step = 0; step < 3; step++)
+        assert_true(sample_once(&p, NULL, 0, step) != top);
+    assert_int_equal(sample_once(&p, NULL, 0, 3), top);
+    p.min_tokens = -1;
+    cpm_error e = {0};
+    assert_int_equal(cpm_sampling_params_validate(&p, &e), CPM_ERANGE);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),          cmocka_unit_test(test_seed_reproducible),
@@ -271,6 +319,7 @@ int main(void) {
         cmocka_unit_test(test_repetition_penalty), cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_validation),          cmocka_unit_test(test_bad_logits),
         cmocka_unit_test(test_presence_frequency_penalties),
+        cmocka_unit_test(test_logit_bias), cmocka_unit_test(test_min_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
