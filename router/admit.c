@@ -95,6 +95,20 @@ static int default_max_new(const cpm_cfg_router *rc, int room) {
     return rc->max_tokens && rc->max_tokens < room ? rc->max_tokens : room;
 }
 
+/* The model's generation_config.json values for what the request left out. */
+static void apply_model_defaults(const cpm_model_facts *mf, cpm_gen *g) {
+    unsigned want = g->job->model_defaults;
+    Cpm__V1__SamplingParams *p = &g->params;
+    if ((want & CPM_JOB_DEFAULT_TEMPERATURE) && mf->temperature_set)
+        p->temperature = mf->temperature;
+    if ((want & CPM_JOB_DEFAULT_TOP_P) && mf->top_p_set)
+        p->top_p = mf->top_p;
+    if ((want & CPM_JOB_DEFAULT_TOP_K) && mf->top_k_set)
+        p->top_k = (uint32_t)mf->top_k;
+    if ((want & CPM_JOB_DEFAULT_REPETITION_PENALTY) && mf->repetition_penalty_set)
+        p->repetition_penalty = mf->repetition_penalty;
+}
+
 /* g's buffers and its place in the pipeline; false when j was answered. */
 static bool place_gen(cpm_admit *ad, cpm_gen *g) {
     cpm_job *j = g->job;
@@ -102,6 +116,7 @@ static bool place_gen(cpm_admit *ad, cpm_gen *g) {
     int n = j->prompt_len[g->prompt];
     int room = cpm_pipeline_model(ad->pipeline)->max_position - n;
     g->max_new = j->max_tokens ? j->max_tokens : default_max_new(rc, room);
+    apply_model_defaults(cpm_pipeline_model(ad->pipeline), g);
     g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
     g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
     g->stopper = cpm_stopper_new(j->stops, j->n_stops);

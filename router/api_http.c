@@ -511,6 +511,11 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
         copy_sampling(&j->gens[i].params, rq);
         j->gens[i].params.seed = rq->has_seed ? rq->seed + (uint64_t)i : cpm_job_default_seed(j, i);
     }
+    j->model_defaults = (rq->given & CPM_OAI_GIVEN_TEMPERATURE ? 0 : CPM_JOB_DEFAULT_TEMPERATURE) |
+                        (rq->given & CPM_OAI_GIVEN_TOP_P ? 0 : CPM_JOB_DEFAULT_TOP_P) |
+                        (rq->given & CPM_OAI_GIVEN_TOP_K ? 0 : CPM_JOB_DEFAULT_TOP_K) |
+                        (rq->given & CPM_OAI_GIVEN_REPETITION_PENALTY ? 0
+                                                                      : CPM_JOB_DEFAULT_REPETITION_PENALTY);
     if (cpm_job_set_bias(j, rq->bias_ids, rq->bias, rq->n_bias) ||
         cpm_job_set_stop_ids(j, rq->stop_ids, rq->n_stop_ids)) {
         cpm_job_fail(j, 500, "server_error", NULL, "out of memory");

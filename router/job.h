@@ -34,6 +34,12 @@
 #include "tokclient.h"
 
 #define CPM_JOB_MAX_TOP 20 /* top_logprobs alternatives per token */
+enum { /* sampling fields a job may take from the model (cpm_job.model_defaults) */
+    CPM_JOB_DEFAULT_TEMPERATURE = 1,
+    CPM_JOB_DEFAULT_TOP_P = 2,
+    CPM_JOB_DEFAULT_TOP_K = 4,
+    CPM_JOB_DEFAULT_REPETITION_PENALTY = 8,
+};
 #define CPM_JOB_MAX_BIAS 300 /* logit_bias entries (OpenAI's limit; the sampler's too) */
 
 /* A growable byte string, NUL-terminated when non-empty. */
@@ -150,6 +156,8 @@ struct cpm_job {
     int32_t *bias_ids; /* logit_bias (owned; every gen's params point here) */
     float *bias;
     int n_bias;
+    unsigned model_defaults; /* CPM_JOB_DEFAULT_*: what the request left to the model's
+                                generation_config.json (0: it set everything, as the RPC) */
     int32_t *min_stop; /* what min_tokens keeps from being drawn (cpm_job_min_stop_ids) */
     int n_min_stop;
     bool min_stop_made;

@@ -196,12 +196,14 @@ static int float_field(json_t *v, const char *name, double lo, double hi, float 
 static int f_temperature(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                          cpm_oai_error *e) {
     (void)c;
+    rq->given |= json_is_null(v) ? 0u : CPM_OAI_GIVEN_TEMPERATURE;
     return float_field(v, n, 0.0, 2.0, &rq->temperature, e);
 }
 
 static int f_top_p(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                    cpm_oai_error *e) {
     (void)c;
+    rq->given |= json_is_null(v) ? 0u : CPM_OAI_GIVEN_TOP_P;
     int rc = float_field(v, n, 0.0, 1.0, &rq->top_p, e);
     if (rc == 0 && rq->top_p <= 0.0f)
         return BAD(e, n, "'top_p' must be greater than 0");
@@ -221,12 +223,14 @@ static int f_top_k(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
     int rc = get_int(v, n, -1, 1 << 20, &k, e);
     if (rc == 0)
         rq->top_k = k < 0 ? 0 : (int)k; /* -1 means off, as in vLLM */
+    rq->given |= CPM_OAI_GIVEN_TOP_K;
     return rc;
 }
 
 static int f_repetition_penalty(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                                 cpm_oai_error *e) {
     (void)c;
+    rq->given |= json_is_null(v) ? 0u : CPM_OAI_GIVEN_REPETITION_PENALTY;
     int rc = float_field(v, n, 0.0, 10.0, &rq->repetition_penalty, e);
     if (rc == 0 && rq->repetition_penalty <= 0.0f)
         return BAD(e, n, "'repetition_penalty' must be greater than 0");

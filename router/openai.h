@@ -85,6 +85,13 @@ typedef enum cpm_oai_tool_choice {
     CPM_OAI_TOOLS_NAMED,    /* exactly one call of tool_choice_name: constrained, parsed */
 } cpm_oai_tool_choice;
 
+enum {
+    CPM_OAI_GIVEN_TEMPERATURE = 1,
+    CPM_OAI_GIVEN_TOP_P = 2,
+    CPM_OAI_GIVEN_TOP_K = 4,
+    CPM_OAI_GIVEN_REPETITION_PENALTY = 8,
+};
+
 typedef struct cpm_oai_request {
     cpm_oai_kind kind;
     char *model;
@@ -94,6 +101,8 @@ typedef struct cpm_oai_request {
     cpm_oai_message *messages;
 
     int max_tokens; /* 0 = not given: up to the context length */
+    unsigned given; /* CPM_OAI_GIVEN_*: sampling fields the request set (the rest may come
+                       from the model's generation_config.json) */
     float temperature, top_p, min_p;
     int top_k; /* 0 = off */
     float repetition_penalty, presence_penalty, frequency_penalty;

@@ -149,6 +149,16 @@ int cpm_pipeline_set_model(cpm_pipeline *p, const Cpm__V1__ModelInfo *mi, const 
         return 0;
     cpm_model_facts *f = &p->facts;
     f->vocab_size = (int)mi->vocab_size;
+    const Cpm__V1__SamplingDefaults *d = mi->defaults;
+    if (d) { /* a stage's own reading of the model: still checked, as any reply */
+        f->temperature_set = d->temperature_set && d->temperature >= 0.0f && d->temperature <= 2.0f;
+        f->top_p_set = d->top_p_set && d->top_p > 0.0f && d->top_p <= 1.0f;
+        f->top_k_set = d->top_k_set && d->top_k <= (1u << 20);
+        f->repetition_penalty_set = d->repetition_penalty_set && d->repetition_penalty > 0.0f &&
+                                    d->repetition_penalty <= 10.0f;
+        f->temperature = d->temperature, f->top_p = d->top_p, f->top_k = (int)d->top_k;
+        f->repetition_penalty = d->repetition_penalty;
+    }
     f->n_eos = 0;
     for (size_t i = 0; i < mi->n_eos_ids && f->n_eos < 8; i++)
         f->eos_ids[f->n_eos++] = mi->eos_ids[i];

@@ -57,6 +57,11 @@ typedef struct cpm_pipeline_io {
 /* What the last stage says of the model, and the limits that follow. */
 typedef struct cpm_model_facts {
     int vocab_size;
+    /* generation_config.json's sampling defaults (temperature, top_p, top_k, repetition
+     * penalty), for the fields a request left out; *_set false: none */
+    bool temperature_set, top_p_set, top_k_set, repetition_penalty_set;
+    float temperature, top_p, repetition_penalty;
+    int top_k;
     int max_position; /* positions per sequence (the tightest stage's KV budget included) */
     int n_eos;
     int32_t eos_ids[8];

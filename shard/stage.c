@@ -153,6 +153,7 @@ struct cpm_stage {
     cpm_stage_stats stats;    /* the counts of jobs are the worker's (cpm_stage_get_stats) */
     Cpm__V1__ModelInfo health_model; /* what the last health reply pointed at */
     int32_t health_eos[CPM_MAX_EOS];
+    Cpm__V1__SamplingDefaults health_defaults;
 };
 
 cpm_stage_opts cpm_stage_opts_default(void) {
@@ -615,6 +616,14 @@ static void stage_health(void *user, Cpm__V1__Health *h) {
     mi->n_eos_ids = (size_t)in->n_eos;
     mi->eos_ids = st->health_eos;
     mi->name = st->model_name;
+    Cpm__V1__SamplingDefaults *d = &st->health_defaults;
+    cpm__v1__sampling_defaults__init(d);
+    d->temperature_set = in->gen.has_temperature, d->temperature = in->gen.temperature;
+    d->top_p_set = in->gen.has_top_p, d->top_p = in->gen.top_p;
+    d->top_k_set = in->gen.has_top_k, d->top_k = (uint32_t)in->gen.top_k;
+    d->repetition_penalty_set = in->gen.has_repetition_penalty;
+    d->repetition_penalty = in->gen.repetition_penalty;
+    mi->defaults = d;
     h->model = mi;
 }
 

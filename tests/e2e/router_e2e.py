@@ -428,6 +428,22 @@ def test_sampling_extras(ids):
     c = gen(stop_token_ids=[base[0]], min_tokens=3)
     check(base[0] not in c["token_ids"][:3] and len(c["token_ids"]) >= 3,
           "min_tokens 3 with stop id %d: %s" % (base[0], c))
+    # the model's generation_config.json fills what a request leaves out
+    path = os.path.join(MODEL, "generation_config.json")
+    g = json.load(open(path)) if os.path.exists(path) else {}
+    if "temperature" in g and "top_p" in g and g.get("do_sample", True):
+        def sampled(**extra):
+            body = dict({"prompt": ids[:6], "max_tokens": 16, "seed": 7, "ignore_eos": True,
+                         "return_token_ids": True}, **extra)
+            status, a = post("/v1/completions", body)
+            check(status == 200, "seeded: %s %s" % (status, a))
+            return a["choices"][0]["token_ids"]
+        left_out = sampled()
+        check(left_out == sampled(temperature=g["temperature"], top_p=g["top_p"]),
+              "a request without temperature/top_p did not get generation_config's %s/%s"
+              % (g["temperature"], g["top_p"]))
+        check(left_out != sampled(temperature=1.0, top_p=1.0),
+              "generation_config's defaults made no difference (OpenAI's 1.0/1.0 gave the same)")
 
 
 def test_bad_input(vocab):

@@ -7,6 +7,8 @@
 #include <cmocka.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "shard/engine/model/hf_config.h"
 
@@ -152,6 +154,46 @@ static void test_eos_merge_and_sparse(void **state) {
     assert_int_equal(hp.sparse_dense_len, 100);
 }
 
+/* Writes dir/name with text. */
+static void put_file(const char *dir, const char *name, const char *text) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* generation_config.json's sampling defaults; do_sample false means greedy. */
+static void test_generation_defaults(void **state) {
+    (void)state;
+    char dir[] = "/tmp/cpm-test-hf-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    put_file(dir, "config.json", "{" BASE "}");
+    put_file(dir, "generation_config.json",
+             "{\"do_sample\":true,\"temperature\":0.8,\"top_p\":0.8,\"top_k\":40,"
+             "\"repetition_penalty\":1.02,\"eos_token_id\":[2,73440]}");
+    cpm_hparams hp;
+    cpm_error e = {0};
+    assert_int_equal(cpm_hparams_load(dir, &hp, &e), 0);
+    assert_true(hp.gen.has_temperature && hp.gen.temperature == 0.8f);
+    assert_true(hp.gen.has_top_p && hp.gen.top_p == 0.8f);
+    assert_true(hp.gen.has_top_k && hp.gen.top_k == 40);
+    assert_true(hp.gen.has_repetition_penalty && hp.gen.repetition_penalty == 1.02f);
+    put_file(dir, "generation_config.json", "{\"do_sample\":false,\"temperature\":0.7,\"top_p\":\"x\"}");
+    assert_int_equal(cpm_hparams_load(dir, &hp, &e), 0);
+    assert_true(hp.gen.has_temperature && hp.gen.temperature == 0.0f);
+    assert_false(hp.gen.has_top_p); /* a value of the wrong type is no default */
+    char path[512];
+    snprintf(path, sizeof path, "%s/generation_config.json", dir);
+    unlink(path);
+    assert_int_equal(cpm_hparams_load(dir, &hp, &e), 0);
+    assert_false(hp.gen.has_temperature || hp.gen.has_top_p || hp.gen.has_top_k);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
@@ -160,6 +202,7 @@ int main(void) {
         cmocka_unit_test(test_gptq),
         cmocka_unit_test(test_awq),
         cmocka_unit_test(test_eos_merge_and_sparse),
+        cmocka_unit_test(test_generation_defaults),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

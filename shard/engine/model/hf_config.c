@@ -51,6 +51,25 @@ static int require(json_t *o, const char *key, const char *file, cpm_error *err)
 }
 
 /* eos_token_id may be an int or a list; ids are merged without duplicates. */
+/* The sampling keys of generation_config.json that a request may leave to the model;
+ * values of the wrong type are ignored (transformers would fail later, not here). */
+static void read_gen_defaults(json_t *g, cpm_gen_defaults *d) {
+    json_t *v;
+    if ((v = json_object_get(g, "temperature")) && json_is_number(v) && json_number_value(v) >= 0)
+        d->has_temperature = true, d->temperature = (float)json_number_value(v);
+    if ((v = json_object_get(g, "top_p")) && json_is_number(v) && json_number_value(v) > 0 &&
+        json_number_value(v) <= 1)
+        d->has_top_p = true, d->top_p = (float)json_number_value(v);
+    if ((v = json_object_get(g, "top_k")) && json_is_integer(v) && json_integer_value(v) >= 0 &&
+        json_integer_value(v) <= 1 << 20)
+        d->has_top_k = true, d->top_k = (int)json_integer_value(v);
+    if ((v = json_object_get(g, "repetition_penalty")) && json_is_number(v) &&
+        json_number_value(v) > 0 && json_number_value(v) <= 10)
+        d->has_repetition_penalty = true, d->repetition_penalty = (float)json_number_value(v);
+    if ((v = json_object_get(g, "do_sample")) && json_is_false(v))
+        d->has_temperature = true, d->temperature = 0.0f; /* greedy */
+}
+
 static int merge_eos(json_t *o, cpm_hparams *hp, const char *file, cpm_error *err) {
     json_t *v = json_object_get(o, "eos_token_id");
     if (!v || json_is_null(v))
@@ -468,8 +487,8 @@ int cpm_hparams_load(const char *dir, cpm_hparams *ret, cpm_error *err) {
     if (rc == 0 && gen) {
         if (!json_is_object(gen))
             rc = cpm_error_set(err, CPM_EFORMAT, "generation_config.json: expected an object");
-        else
-            rc = merge_eos(gen, ret, "generation_config.json", err);
+        else if (!(rc = merge_eos(gen, ret, "generation_config.json", err)))
+            read_gen_defaults(gen, &ret->gen);
     }
     json_decref(gen);
     return rc;

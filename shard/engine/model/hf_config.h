@@ -97,10 +97,14 @@ typedef struct cpm_hparams {
     int bos_id;
     int n_eos;
     int eos_ids[CPM_MAX_EOS];
+
+    /* generation_config.json's sampling defaults (what a request that names none gets):
+     * do_sample false means greedy whatever the temperature says */
+    cpm_gen_defaults gen;
 } cpm_hparams;
 
 /* Reads dir/config.json and, if present, dir/generation_config.json (its eos
- * ids are merged in). */
+ * ids are merged in, its sampling defaults kept in hp.gen). */
 int cpm_hparams_load(const char *dir, cpm_hparams *ret, cpm_error *err);
 
 /* Parses a config.json text (for tests). name is used in messages. */

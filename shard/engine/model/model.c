@@ -497,6 +497,7 @@ static void fill_info(cpm_model *m, const cpm_model_opts *o) {
     in->tp_size = o->tp_size;
     in->bos_id = hp->bos_id;
     in->n_eos = hp->n_eos;
+    in->gen = hp->gen;
     memcpy(in->eos_ids, hp->eos_ids, sizeof in->eos_ids);
 }
 

@@ -46,6 +46,15 @@ cpm_model_opts cpm_model_opts_default(void);
 
 #define CPM_MAX_EOS 4
 
+/* generation_config.json's sampling defaults (do_sample false: temperature 0). */
+typedef struct cpm_gen_defaults {
+    bool has_temperature, has_top_p, has_top_k, has_repetition_penalty;
+    float temperature; /* 0 when do_sample is false */
+    float top_p;
+    int top_k;
+    float repetition_penalty;
+} cpm_gen_defaults;
+
 typedef struct cpm_model_info {
     const char *arch;          /* "MiniCPMForCausalLM", "MiniCPM3ForCausalLM" */
     const char *variant;       /* "dense", "moe", "mla" */
@@ -62,6 +71,7 @@ typedef struct cpm_model_info {
     int n_eos;
     int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */
     int n_ternary;             /* matrices repacked to 2 bits (ternary bf16, BitCPM4) */
+    cpm_gen_defaults gen;      /* generation_config.json's sampling defaults */
 } cpm_model_info;
 
 /* Loads config.json and the weights this stage needs from directory dir.
