@@ -758,7 +758,8 @@ static const struct field {
     {"tool_choice", K_CHAT, f_tool_choice},
     {"function_call", K_CHAT, f_function_call},
     {"response_format", K_CHAT, f_response_format},
-    /* vLLM's extras that change the output: refused until implemented, never ignored */
+    /* vLLM's extras: the ones honoured, then those that would change the output and are
+     * refused until implemented (never silently ignored) */
     {"min_tokens", K_BOTH, f_min_tokens},
     {"stop_token_ids", K_BOTH, f_stop_token_ids},
     {"guided_json", K_BOTH, f_empty_only},
