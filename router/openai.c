@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/utf8.h"
+
 cpm_oai_limits cpm_oai_limits_default(void) {
     return (cpm_oai_limits){
         .max_prompts = 16,
@@ -69,33 +71,6 @@ char *cpm_oai_error_body(int status, const char *type, const char *code, const c
 
 /* ---- UTF-8 ----------------------------------------------------------------- */
 
-/* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid. */
-static size_t utf8_seq(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t len;
-    unsigned cp, min;
-    if ((c & 0xE0) == 0xC0)
-        len = 2, cp = c & 0x1F, min = 0x80;
-    else if ((c & 0xF0) == 0xE0)
-        len = 3, cp = c & 0x0F, min = 0x800;
-    else if ((c & 0xF8) == 0xF0)
-        len = 4, cp = c & 0x07, min = 0x10000;
-    else
-        return 0;
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return len;
-}
-
 char *cpm_oai_utf8_clean(const char *s, size_t len, size_t *ret_len) {
     char *out = malloc(len * 3 + 1); /* each bad byte becomes 3 bytes of U+FFFD */
     if (!out)
@@ -103,7 +78,7 @@ char *cpm_oai_utf8_clean(const char *s, size_t len, size_t *ret_len) {
     size_t o = 0;
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < len;) {
-        size_t k = utf8_seq(u + i, len - i);
+        size_t k = cpm_utf8_seq_len(u + i, len - i);
         if (k == 0) {
             memcpy(out + o, "\xEF\xBF\xBD", 3);
             o += 3;

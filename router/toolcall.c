@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/utf8.h"
+
 #include "../common/error.h"
 
 #define THOUGHT_START "<|thought_start|>"
@@ -116,30 +118,6 @@ static bool put_json_cp(buf *b, uint32_t cp) {
     return true;
 }
 
-/* Length of the valid UTF-8 sequence at s (1..4), or 0 when it is not one. */
-static size_t utf8_len(const unsigned char *s, size_t n) {
-    unsigned c = s[0], cp, min;
-    size_t len;
-    if (c < 0x80)
-        return 1;
-    if ((c & 0xE0) == 0xC0)
-        len = 2, cp = c & 0x1F, min = 0x80;
-    else if ((c & 0xF0) == 0xE0)
-        len = 3, cp = c & 0x0F, min = 0x800;
-    else if ((c & 0xF8) == 0xF0)
-        len = 4, cp = c & 0x07, min = 0x10000;
-    else
-        return 0;
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = cp << 6 | (s[i] & 0x3F);
-    }
-    return cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : len;
-}
-
 /* n hex digits at r (after \x, \u, \U). */
 static bool read_hex(reader *r, int n, uint32_t *cp) {
     *cp = 0;
@@ -194,7 +172,7 @@ static bool read_string(reader *r, buf *b) {
         if (c == '\n')
             return false;
         if (c >= 0x80) { /* arguments must be valid JSON: a broken sequence becomes U+FFFD */
-            size_t k = utf8_len((const unsigned char *)r->s + r->i, r->n - r->i);
+            size_t k = cpm_utf8_seq_len((const unsigned char *)r->s + r->i, r->n - r->i);
             if (k)
                 buf_add(b, r->s + r->i, k);
             else

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "common/error.h"
-#include "services/tokenizer/utf8.h"
+#include "common/utf8.h"
 
 /* float.__repr__: the shortest digits that read back to the same double, in fixed
  * notation when the decimal exponent is in [-4, 16), else d.ddde+XX. */

@@ -11,7 +11,7 @@
 
 #include "proto/sentencepiece_model.pb-c.h"
 #include "services/tokenizer/tok_internal.h"
-#include "services/tokenizer/utf8.h"
+#include "common/utf8.h"
 
 #define SPM_MAX_PIECES (1 << 24)
 

@@ -12,7 +12,7 @@
 
 #include "services/tokenizer/strbuf.h"
 #include "services/tokenizer/tok_internal.h"
-#include "services/tokenizer/utf8.h"
+#include "common/utf8.h"
 
 #define MAX_FILE_BYTES (512u << 20)
 

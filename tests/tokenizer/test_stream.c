@@ -17,7 +17,7 @@
 #include <cmocka.h>
 
 #include "services/tokenizer/tokenizer.h"
-#include "services/tokenizer/utf8.h"
+#include "common/utf8.h"
 
 static const char *corpus_path;
 static char **model_dirs;

@@ -1,4 +1,4 @@
-/* utf8.h - the UTF-8 rules the tokenizer enforces on its input (the same as
+/* utf8.h - the UTF-8 rules the project enforces (tokenizer input, the router's JSON text) (the same as
  * Rust's str, which the HF tokenizers library works on: no overlong forms, no
  * surrogates, nothing past U+10FFFF) and small helpers for decoding/rendering.
  */

@@ -1,5 +1,5 @@
 /* utf8.c - UTF-8 validation and conversion for the tokenizer (see utf8.h). */
-#include "services/tokenizer/utf8.h"
+#include "common/utf8.h"
 
 size_t cpm_utf8_seq_len(const uint8_t *s, size_t n) {
     if (n == 0)
