@@ -85,7 +85,7 @@ static void test_kernels_match_reference(void **state) {
         uint16_t *w = ternary(N, K, K);
         cpm_t2 *t;
         assert_int_equal(cpm_t2_from_bf16(w, N, K, K, &t), 0);
-        for (int M = 1; M <= 9; M += 4) {
+        for (int M = 1; M <= 17; M += 4) {
             float *x = random_x(M, K), *ref = malloc((size_t)M * N * 4), *y = malloc((size_t)M * N * 4);
             cpm_matmul_t2_ref(ref, N, x, K, t, M);
             for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
