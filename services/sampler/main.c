@@ -53,11 +53,17 @@ int main(int argc, char **argv) {
         cpm_log_error(&a.log, "%s", e.msg);
         return 1;
     }
+    /* constrained decoding (response_format) needs the model's tokenizer; without it the
+     * sampler serves everything else and refuses constrained rows with a message */
+    cpm_constrainer *cons = NULL;
+    const char *model = a.config ? a.config->model : NULL;
+    if (model && model[0] && cpm_constrainer_new(model, &cons, &e))
+        cpm_log_warn(&a.log, "no constrained decoding: %s", e.msg);
     uv_loop_t *loop = uv_default_loop();
     cpm_sock_opts so = cpm_sock_opts_default();
     so.curve = curve;
     cpm_server_opts o = {.service = "sampler", .name = a.name, .handler = cpm_sampler_svc_handle,
-                         .sock = &so};
+                         .user = cons, .sock = &so};
     cpm_server *srv;
     if (cpm_server_new(loop, z, bind, &o, &srv, &e)) {
         cpm_log_error(&a.log, "%s", e.msg);
@@ -66,6 +72,7 @@ int main(int argc, char **argv) {
     cpm_log_info(&a.log, "serving on %s with %s threads", bind, nthreads);
     cpm_svc_run(loop, &(cpm_svc_life){stop, drain, busy, srv}, &a.log);
     uv_loop_close(loop);
+    cpm_constrainer_free(cons);
     cpm_config_free(a.config);
     zmq_ctx_term(z);
     cpm_curve_free(curve);

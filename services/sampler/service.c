@@ -50,6 +50,7 @@ typedef struct reply_mem {
     Cpm__V1__TopLogprob *tops;
     Cpm__V1__TopLogprob **top_ptrs;
     float *row;
+    uint8_t *allowed; /* constrained rows: the token mask's scratch */
 } reply_mem;
 
 static void reply_mem_free(reply_mem *m) {
@@ -58,10 +59,29 @@ static void reply_mem_free(reply_mem *m) {
     free(m->tops);
     free(m->top_ptrs);
     free(m->row);
+    free(m->allowed);
 }
 
-static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *logits, int vocab,
-                      reply_mem *m, cpm_error *err) {
+/* A constrained row's mask on m->row (the generated ids are the history's last `step`). */
+static int constrain_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
+                         int vocab, reply_mem *m, cpm_error *err) {
+    if (!row->constraint || row->constraint->kind == CPM__V1__CONSTRAINT_KIND__CONSTRAINT_NONE)
+        return 0;
+    if (!c)
+        return cpm_error_set(err, CPM_EUNSUPPORTED, "sample.rows[%u]: constrained output needs the "
+                             "model's tokenizer files beside this sampler (cluster `model:`)", r);
+    if (row->step > row->n_history)
+        return cpm_error_set(err, CPM_EINVAL, "sample.rows[%u]: step %u but %zu history ids", r,
+                             row->step, row->n_history);
+    if (!m->allowed && !(m->allowed = malloc((size_t)vocab)))
+        return cpm_error_set(err, CPM_ENOMEM, "sample: token mask");
+    const int32_t *gen = row->history + (row->n_history - row->step);
+    int rc = cpm_constrainer_apply(c, row->constraint, gen, row->step, m->row, vocab, m->allowed, err);
+    return rc ? cpm_error_prefix(err, "sample.rows[%u]", r) : 0;
+}
+
+static int sample_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
+                      const float *logits, int vocab, reply_mem *m, cpm_error *err) {
     cpm_sampling_params p;
     int rc = cpm_sampler_svc_params(row->params, &p, err);
     if (rc)
@@ -75,6 +95,10 @@ static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *lo
         return err && err->code ? err->code : CPM_ENOMEM;
     cpm_sampler_set_step(s, row->step);
     memcpy(m->row, logits, (size_t)vocab * sizeof *logits);
+    if ((rc = constrain_row(c, row, r, vocab, m, err))) {
+        cpm_sampler_free(s);
+        return rc;
+    }
     float lp = 0.0f;
     int tok = cpm_sampler_sample(s, m->row, row->history, row->n_history, &lp);
     cpm_sampler_free(s);
@@ -105,7 +129,7 @@ static int sample_row(const Cpm__V1__SampleRow *row, uint32_t r, const float *lo
 }
 
 int cpm_sampler_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err) {
-    (void)user;
+    const cpm_constrainer *c = user;
     if (in->env->body_case != CPM__V1__ENVELOPE__BODY_SAMPLE)
         return cpm_error_set(err, CPM_EUNSUPPORTED, "sampler: cannot handle '%s'",
                              cpm_wire_body_name(in->env->body_case));
@@ -125,7 +149,7 @@ int cpm_sampler_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_
         rc = cpm_error_set(err, CPM_ENOMEM, "sample: %zu rows of %d", n, vocab);
     const float *logits = in->tensor;
     for (size_t r = 0; r < n && !rc; r++) {
-        rc = sample_row(req->rows[r], (uint32_t)r, logits + r * (size_t)vocab, vocab, &m, err);
+        rc = sample_row(c, req->rows[r], (uint32_t)r, logits + r * (size_t)vocab, vocab, &m, err);
         m.token_ptrs[r] = &m.tokens[r];
     }
     if (!rc) {

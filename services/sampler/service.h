@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "services/common/server.h"
+#include "services/sampler/constrain.h"
 #include "services/sampler/sampler.h"
 
 /* Converts wire parameters (0 = "off" for top_p and repetition_penalty) and validates
@@ -17,7 +18,8 @@
 int cpm_sampler_svc_params(const Cpm__V1__SamplingParams *in, cpm_sampling_params *ret,
                            cpm_error *err);
 
-/* cpm_server_handler for `sample` requests (user is unused, may be NULL). */
+/* cpm_server_handler for `sample` requests. user: a cpm_constrainer (constrain.h) for
+ * constrained rows, or NULL (such rows are then refused with a message). */
 int cpm_sampler_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err);
 
 #endif

@@ -462,6 +462,24 @@ int cpm_tok_piece_text(const cpm_tokenizer *tok, int32_t id, cpm_strbuf *out) {
     return rc;
 }
 
+int cpm_tokenizer_token_bytes(const cpm_tokenizer *tok, int32_t id, char *out, size_t cap) {
+    if (id < 0 || id >= tok->vocab.n || (tok->vocab.flags[id] & CPM_VOCAB_SPECIAL))
+        return 0;
+    if (tok->dec_byte_fallback && (tok->vocab.flags[id] & CPM_VOCAB_BYTE)) {
+        if (cap < 1)
+            return -1;
+        out[0] = (char)cpm_tok_byte_piece(cpm_vocab_piece(&tok->vocab, id), tok->vocab.len[id]);
+        return 1;
+    }
+    cpm_strbuf b = {0};
+    int rc = cpm_tok_piece_text(tok, id, &b);
+    int n = rc < 0 || b.len > cap ? -1 : (int)b.len;
+    if (n > 0)
+        memcpy(out, b.p, b.len);
+    free(b.p);
+    return n;
+}
+
 int cpm_tokenizer_decode(const cpm_tokenizer *tok, const int32_t *ids, size_t n, bool skip_special,
                          char **ret_text, size_t *ret_len, cpm_error *err) {
     *ret_text = NULL;

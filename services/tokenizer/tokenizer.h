@@ -98,6 +98,11 @@ bool cpm_tokenizer_is_special(const cpm_tokenizer *tok, int32_t id);
 /* The vocabulary string of an id ("▁Hello", "<0x0A>", "<|im_end|>"), borrowed
  * from tok; NULL when id is out of range. *ret_len (may be NULL) gets its length. */
 const char *cpm_tokenizer_id_to_piece(const cpm_tokenizer *tok, int32_t id, size_t *ret_len);
+/* The bytes id adds to a decoded text in the middle of it (SentencePiece "▁" as a space,
+ * a byte-fallback piece as its byte), written to out (up to cap); returns their count,
+ * 0 for a special token or an id out of range, or -1 when cap is too small. For a
+ * grammar that must know what each token writes. */
+int cpm_tokenizer_token_bytes(const cpm_tokenizer *tok, int32_t id, char *out, size_t cap);
 /* The id of an exact vocabulary string (model pieces and added tokens), -1 if none. */
 int32_t cpm_tokenizer_piece_to_id(const cpm_tokenizer *tok, const char *piece, size_t len);
 /* The chat format of the model (from config.json's model_type, the chat

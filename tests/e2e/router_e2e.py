@@ -202,6 +202,27 @@ def test_stream_equals_non_stream(ids):
                             "total_tokens": len(ids) + 20}, "usage: %s" % full["usage"])
 
 
+def test_json_mode():
+    """response_format json_object: whatever the (random) weights, the answer is one JSON
+    object that ended with a stop, streamed or not, greedy or sampled, any max_tokens."""
+    for i, (max_tokens, temperature) in enumerate([(8, 0), (12, 1.0), (30, 0.8), (64, 1.5), (20, 0)]):
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Give me JSON %d" % i}],
+                "max_tokens": max_tokens, "temperature": temperature, "seed": i,
+                "response_format": {"type": "json_object"}}
+        status, a = post("/v1/chat/completions", body)
+        check(status == 200, "json mode: %s %s" % (status, a))
+        text = a["choices"][0]["message"]["content"]
+        try:
+            ok = isinstance(json.loads(text), dict)
+        except ValueError:
+            ok = False
+        check(ok and a["choices"][0]["finish_reason"] == "stop",
+              "json mode %d: %r (%s)" % (i, text, a["choices"][0]["finish_reason"]))
+        chunks, done = stream("/v1/chat/completions", dict(body, stream=True))
+        text_s = "".join(c["choices"][0]["delta"].get("content", "") or "" for c in chunks if c["choices"])
+        check(done and text_s == text, "json mode %d streamed %r != %r" % (i, text_s, text))
+
+
 def test_chat(ids):
     """Only with a tokenizer: chat, text equality streamed vs not."""
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello, who are you?"}],
@@ -759,6 +780,7 @@ def main():
     test_stream_equals_non_stream(ids)
     if HAS_TOKENIZER:
         test_chat(ids)
+        test_json_mode()
         test_text_prompt(ids)
         test_stop_strings(ids)
         test_logprob_texts(ids)
