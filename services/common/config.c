@@ -150,7 +150,7 @@ static const key top_keys[] = {
     LIST("tokenizers", cpm_cfg_service, tokenizers, n_tokenizers, service_keys, CPM_CFG_MAX_REPLICAS,
          "cpm-tokenizer replicas (at least one unless router.tokenize: off)"),
     LIST("samplers", cpm_cfg_service, samplers, n_samplers, service_keys, CPM_CFG_MAX_REPLICAS,
-         "cpm-sampler replicas"),
+         "cpm-sampler replicas (they read the model's tokenizer files, for constrained decoding)"),
     LIST("stages", cpm_cfg_stage, stages, n_stages, stage_keys, CPM_CFG_MAX_STAGES,
          "pipeline stages in order"),
     LIST("experts", cpm_cfg_expert, experts, n_experts, expert_keys, CPM_CFG_MAX_EXPERT_SVCS,
