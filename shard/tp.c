@@ -244,6 +244,11 @@ static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void
     if (c == 0 && floats != n)
         return cpm_error_set(err, CPM_ESHAPE, "tp rank %u: layer %d: partial of %zu floats, expected "
                              "%zu", tp->rank, layer, floats, n);
+    /* A rank sends this micro-batch's partials before any of a later one (one connection
+     * keeps order), so a later one while this one's is missing means it never comes: the
+     * rank restarted, or its rank 0 did and went on. */
+    if (c > 0 && tp->seq != t->seq && !p->got.full)
+        note_failure(t, p, t->seq, "it went on to a later micro-batch without this one");
     slot *s = c == 0 ? &p->got : &p->early;
     if (c > 0 && s->full && (s->seq < tp->seq || (s->seq == tp->seq && s->op < tp->op)))
         return 0; /* keep the early partial needed sooner */
@@ -366,7 +371,9 @@ static int mesh_sum(void *ud, int layer, int phase, float *x, size_t n, cpm_erro
                                            .events = ZMQ_POLLIN};
         for (int i = 0; t->refusals && i < t->refusals->n; i++)
             it[k++] = (zmq_pollitem_t){.socket = t->refusals->sock[i], .events = ZMQ_POLLIN};
-        int left = ms_left(deadline);
+        /* a rank whose link is down (it died before this all-reduce began, so no drop is
+         * new) gets the grace period, not the whole deadline */
+        int left = ms_left(cpm_peerwatch_deadline(t->peers[miss].watch, deadline));
         if (!left || zmq_poll(it, k, left) == 0)
             rc = cpm_error_set(err, CPM_ETIMEDOUT, "tp rank %d (%s): no partial for layer %d in %d ms",
                                miss, t->peers[miss].endpoint, layer, t->timeout_ms);

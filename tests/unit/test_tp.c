@@ -564,6 +564,18 @@ static void test_mesh_orders_lives(void **state) {
         x[i] = 1.0f;
     assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), 0);
     assert_true(x[0] == 3.0f);
+    /* rank 1 sends a later micro-batch's partial while this one's is missing (its rank 0
+     * restarted and went on): this one fails at once, the later one is kept */
+    cpm_tp_mesh_begin(t, life2 + 6);
+    push_partial(push, life2 + 9, 0, rows, hidden, 5.0f);
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), CPM_ECLOSED);
+    if (!strstr(e.msg, "later micro-batch"))
+        fail_msg("%s", e.msg);
+    cpm_tp_mesh_begin(t, life2 + 9);
+    for (size_t i = 0; i < n; i++)
+        x[i] = 1.0f;
+    assert_int_equal(b.sum(b.ud, 0, 0, x, n, &e), 0);
+    assert_true(x[0] == 6.0f);
     zmq_close(push);
     cpm_tp_mesh_free(t);
     zmq_close(sink);
