@@ -10,6 +10,8 @@
 #include <string.h>
 
 #define PATH_MAX_LEN 256
+/* Schemas nest at most this deep: the walk recurses, and a worker thread's stack is small. */
+#define MAX_DEPTH 32
 
 /* Keywords that only describe: they never change which documents are valid. */
 static const char *const descriptive[] = {
@@ -26,7 +28,7 @@ static int in_list(const char *const *list, const char *s) {
     return 0;
 }
 
-static int check_node(json_t *root, json_t *node, const char *path, cpm_error *err);
+static int check_node(json_t *root, json_t *node, const char *path, int depth, cpm_error *err);
 
 static void child_path(char *out, const char *path, const char *a, const char *b) {
     snprintf(out, PATH_MAX_LEN, "%s/%s%s%s", path, a, b ? "/" : "", b ? b : "");
@@ -56,7 +58,8 @@ static int check_type(json_t *t, const char *path, cpm_error *err) {
 }
 
 /* Each member of an object-valued keyword (properties, $defs) is a schema. */
-static int check_map(json_t *root, json_t *map, const char *path, const char *kw, cpm_error *err) {
+static int check_map(json_t *root, json_t *map, const char *path, const char *kw, int depth,
+                     cpm_error *err) {
     char sub[PATH_MAX_LEN];
     const char *k;
     json_t *v;
@@ -64,14 +67,15 @@ static int check_map(json_t *root, json_t *map, const char *path, const char *kw
         return cpm_error_set(err, CPM_EINVAL, "%s/%s: must be an object", path, kw);
     json_object_foreach(map, k, v) {
         child_path(sub, path, kw, k);
-        int rc = check_node(root, v, sub, err);
+        int rc = check_node(root, v, sub, depth + 1, err);
         if (rc)
             return rc;
     }
     return 0;
 }
 
-static int check_list(json_t *root, json_t *list, const char *path, const char *kw, cpm_error *err) {
+static int check_list(json_t *root, json_t *list, const char *path, const char *kw, int depth,
+                      cpm_error *err) {
     char sub[PATH_MAX_LEN], idx[24];
     size_t i;
     json_t *v;
@@ -80,7 +84,7 @@ static int check_list(json_t *root, json_t *list, const char *path, const char *
     json_array_foreach(list, i, v) {
         snprintf(idx, sizeof idx, "%zu", i);
         child_path(sub, path, kw, idx);
-        int rc = check_node(root, v, sub, err);
+        int rc = check_node(root, v, sub, depth + 1, err);
         if (rc)
             return rc;
     }
@@ -104,22 +108,23 @@ static int check_ref(json_t *root, json_t *ref, const char *path, cpm_error *err
     return 0;
 }
 
-static int check_keyword(json_t *root, const char *path, const char *k, json_t *v, cpm_error *err) {
+static int check_keyword(json_t *root, const char *path, const char *k, json_t *v, int depth,
+                         cpm_error *err) {
     if (in_list(descriptive, k))
         return 0;
     if (strcmp(k, "type") == 0)
         return check_type(v, path, err);
     if (strcmp(k, "properties") == 0 || strcmp(k, "$defs") == 0 || strcmp(k, "definitions") == 0)
-        return check_map(root, v, path, k, err);
+        return check_map(root, v, path, k, depth, err);
     if (strcmp(k, "items") == 0) {
         char sub[PATH_MAX_LEN];
         child_path(sub, path, k, NULL);
-        return check_node(root, v, sub, err);
+        return check_node(root, v, sub, depth + 1, err);
     }
     if (strcmp(k, "anyOf") == 0)
-        return check_list(root, v, path, k, err);
+        return check_list(root, v, path, k, depth, err);
     if (strcmp(k, "allOf") == 0 && json_array_size(v) == 1)
-        return check_list(root, v, path, k, err);
+        return check_list(root, v, path, k, depth, err);
     if (strcmp(k, "$ref") == 0)
         return check_ref(root, v, path, err);
     if (strcmp(k, "additionalProperties") == 0 && json_is_false(v))
@@ -137,16 +142,18 @@ static int check_keyword(json_t *root, const char *path, const char *k, json_t *
                          path, k);
 }
 
-static int check_node(json_t *root, json_t *node, const char *path, cpm_error *err) {
+static int check_node(json_t *root, json_t *node, const char *path, int depth, cpm_error *err) {
     const char *k;
     json_t *v;
+    if (depth > MAX_DEPTH)
+        return cpm_error_set(err, CPM_EINVAL, "%s: schemas nested deeper than %d", path, MAX_DEPTH);
     if (json_is_true(node))
         return cpm_error_set(err, CPM_EINVAL, "%s: schema true (anything) is not supported",
                              path[0] ? path : "/");
     if (!json_is_object(node))
         return cpm_error_set(err, CPM_EINVAL, "%s: a schema must be an object", path[0] ? path : "/");
     json_object_foreach(node, k, v) {
-        int rc = check_keyword(root, path, k, v, err);
+        int rc = check_keyword(root, path, k, v, depth, err);
         if (rc)
             return rc;
     }
@@ -167,7 +174,7 @@ static int check_tools(json_t *tools, int single_call, cpm_error *err) {
             return cpm_error_set(err, CPM_EINVAL, "/%zu/function/name: missing", i);
         json_t *params = json_object_get(fn, "parameters");
         snprintf(path, sizeof path, "/%zu/function/parameters", i);
-        int rc = params ? check_node(params, params, path, err) : 0;
+        int rc = params ? check_node(params, params, path, 0, err) : 0;
         if (rc)
             return rc;
     }
@@ -184,7 +191,7 @@ int cpm_jschema_check(int kind, const char *schema_text, int single_call, cpm_er
     if (!root)
         return cpm_error_set(err, CPM_EINVAL, "schema: not JSON: %s (line %d)", jerr.text, jerr.line);
     int rc = kind == CPM_JSCHEMA_TOOL_CALLS ? check_tools(root, single_call, err)
-                                            : check_node(root, root, "", err);
+                                            : check_node(root, root, "", 0, err);
     json_decref(root);
     return rc;
 }

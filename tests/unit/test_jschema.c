@@ -65,6 +65,20 @@ static void test_refuses_with_path(void **state) {
     }
 }
 
+/* Deep nesting is refused, not recursed into without bound. */
+static void test_depth_bounded(void **state) {
+    (void)state;
+    char deep[4096] = "";
+    for (int i = 0; i < 200; i++)
+        strcat(deep, "{\"items\":");
+    strcat(deep, "{}");
+    for (int i = 0; i < 200; i++)
+        strcat(deep, "}");
+    cpm_error err = {0};
+    assert_int_equal(cpm_jschema_check(CPM_JSCHEMA_JSON_SCHEMA, deep, 0, &err), CPM_EINVAL);
+    assert_non_null(strstr(err.msg, "nested deeper than"));
+}
+
 static void test_tool_calls(void **state) {
     (void)state;
     const char *two = "[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":"
@@ -87,6 +101,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accepts_subset),
         cmocka_unit_test(test_refuses_with_path),
+        cmocka_unit_test(test_depth_bounded),
         cmocka_unit_test(test_tool_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
