@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "services/sampler/jschema.h"
 #include "services/sampler/json_match.h"
 #include "services/sampler/vocab_trie.h"
 #include "services/tokenizer/tokenizer.h"
@@ -48,7 +49,15 @@ static bool enforced(int kind) {
 int cpm_constrainer_apply(const cpm_constrainer *c, const Cpm__V1__Constraint *k,
                           const int32_t *generated, size_t n, float *logits, int vocab,
                           uint8_t *allowed, cpm_error *err) {
-    if (!k || !enforced(k->kind))
+    if (!k)
+        return 0;
+    /* A schema outside the enforceable subset is the request's fault, refused before any
+     * mask; it is parsed again each step until compiled grammars are cached. */
+    int rc = k->kind == CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT ? 0
+             : cpm_jschema_check((int)k->kind, k->schema, k->single_call, err);
+    if (rc)
+        return cpm_error_prefix(err, "constraint");
+    if (!enforced(k->kind))
         return 0;
     int tv = cpm_vtrie_vocab(c->trie);
     if (vocab < tv)

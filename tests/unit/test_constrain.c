@@ -93,10 +93,20 @@ static void test_other_kinds_and_errors(void **state) {
         logits[i] = (float)i;
     Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
     k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS; /* not enforced yet: untouched */
+    k.schema = "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]";
     cpm_error e = {0};
     assert_int_equal(cpm_constrainer_apply(cons, &k, NULL, 0, logits, V, allowed, &e), 0);
     for (int i = 0; i < V; i++)
         assert_true(logits[i] == (float)i);
+    /* A schema outside the subset: the row's error, named by its JSON pointer. */
+    k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
+    k.schema = "{\"type\":\"string\",\"pattern\":\"a\"}";
+    assert_int_equal(cpm_constrainer_apply(cons, &k, NULL, 0, logits, V, allowed, &e), CPM_EINVAL);
+    assert_non_null(strstr(e.msg, "/pattern: not supported"));
+    k.schema = "{\"type\":";
+    assert_int_equal(cpm_constrainer_apply(cons, &k, NULL, 0, logits, V, allowed, &e), CPM_EINVAL);
+    assert_non_null(strstr(e.msg, "not JSON"));
+    k.schema = "{\"type\":\"object\"}";
     k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT;
     int32_t hello[4];
     size_t n = 0;
