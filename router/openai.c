@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common/utf8.h"
+#include "services/sampler/jschema.h"
 
 cpm_oai_limits cpm_oai_limits_default(void) {
     return (cpm_oai_limits){
@@ -612,7 +613,13 @@ static int json_format(cpm_oai_request *rq, json_t *v, const char *n, cpm_oai_er
     free(rq->constraint_schema);
     /* no schema: any JSON value the schema {} allows */
     rq->constraint_schema = json_is_object(schema) ? json_dumps(schema, JSON_COMPACT) : strdup("{}");
-    return rq->constraint_schema ? 0 : CPM_ENOMEM;
+    if (!rq->constraint_schema)
+        return CPM_ENOMEM;
+    cpm_error why = {0}; /* the subset the sampler can hold the output to: the rest is a 400 */
+    if (cpm_jschema_check(CPM_OAI_CONSTRAINT_JSON_SCHEMA, rq->constraint_schema, 0, &why))
+        return BAD(e, "response_format.json_schema.schema", "'response_format.json_schema.schema': %s",
+                   why.msg);
+    return 0;
 }
 
 /* {"type":"text"} | {"type":"json_object"} | {"type":"json_schema","json_schema":{...}} */

@@ -52,9 +52,12 @@ int cpm_constrainer_apply(const cpm_constrainer *c, const Cpm__V1__Constraint *k
     if (!k)
         return 0;
     /* A schema outside the enforceable subset is the request's fault, refused before any
-     * mask; it is parsed again each step until compiled grammars are cached. */
-    int rc = k->kind == CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT ? 0
-             : cpm_jschema_check((int)k->kind, k->schema, k->single_call, err);
+     * mask (the router refuses it first, with a 400); it is parsed again each step until
+     * compiled grammars are cached. Tool calls are not masked yet, so their tools' schemas
+     * are not judged here. */
+    int rc = k->kind == CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA
+                 ? cpm_jschema_check((int)k->kind, k->schema, k->single_call, err)
+                 : 0;
     if (rc)
         return cpm_error_prefix(err, "constraint");
     if (!enforced(k->kind))

@@ -634,9 +634,18 @@ static void test_response_format(void **state) {
          "response_format.json_schema.name"},
         {"{" USER ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"n\","
                   "\"schema\":[]}}}", "response_format.json_schema.schema"},
+        /* outside the subset the sampler can hold the output to: refused, keyword named */
+        {"{" USER ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"n\","
+                  "\"schema\":{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"string\","
+                  "\"pattern\":\"x+\"}}}}}}", "response_format.json_schema.schema"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
+    cpm_oai_request *refused = (void *)1;
+    cpm_oai_error e = {0};
+    assert_int_not_equal(cpm_oai_parse(CPM_OAI_CHAT, bad[4][0], strlen(bad[4][0]), NULL, &refused, &e), 0);
+    if (!strstr(e.message, "/properties/a/pattern"))
+        fail_msg("%s", e.message);
 }
 
 /* Tool calls and reasoning: whole in the message (content null), in pieces in deltas. */
