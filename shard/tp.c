@@ -181,6 +181,18 @@ static int tag_cmp(const cpm_tp_mesh *t, uint64_t seq, uint32_t op) {
     return op < t->op ? -1 : op > t->op;
 }
 
+/* tp, tagged with this rank and the current all-reduce, as one packed Envelope. */
+static int pack_partial(const cpm_tp_mesh *t, Cpm__V1__TpPartial *tp, uint8_t **buf, size_t *size,
+                        cpm_error *err) {
+    tp->seq = t->seq;
+    tp->op = t->op;
+    tp->rank = (uint32_t)t->rank;
+    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
+    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
+    env.tp_partial = tp;
+    return cpm_wire_pack(&env, buf, size, err);
+}
+
 static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, const float *x,
                         size_t n, uint64_t deadline, cpm_error *err) {
     uint32_t shape[2] = {(uint32_t)(n / (size_t)t->hidden), (uint32_t)t->hidden};
@@ -189,18 +201,12 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
     d.n_shape = 2;
     d.shape = shape;
     Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
-    tp.seq = t->seq;
-    tp.op = t->op;
     tp.layer = (uint32_t)layer;
     tp.phase = (uint32_t)phase;
-    tp.rank = (uint32_t)t->rank;
     tp.partial = &d;
-    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
-    env.tp_partial = &tp;
     uint8_t *buf;
     size_t size;
-    int rc = cpm_wire_pack(&env, &buf, &size, err);
+    int rc = pack_partial(t, &tp, &buf, &size, err);
     if (rc)
         return rc;
     char who[300];
@@ -391,16 +397,10 @@ void cpm_tp_mesh_abort(cpm_tp_mesh *t, const cpm_error *why) {
     e.code = why && why->code ? why->code : CPM_EINTERNAL;
     e.message = (char *)(why ? why->msg : "");
     Cpm__V1__TpPartial tp = CPM__V1__TP_PARTIAL__INIT;
-    tp.seq = t->seq;
-    tp.op = t->op;
-    tp.rank = (uint32_t)t->rank;
     tp.failed = &e;
-    cpm_envelope env = CPM__V1__ENVELOPE__INIT;
-    env.body_case = CPM__V1__ENVELOPE__BODY_TP_PARTIAL;
-    env.tp_partial = &tp;
     uint8_t *buf;
     size_t size;
-    if (cpm_wire_pack(&env, &buf, &size, NULL))
+    if (pack_partial(t, &tp, &buf, &size, NULL))
         return;
     /* best effort and brief: a peer that is gone fails the micro-batch by itself */
     uint64_t deadline = uv_hrtime() + 200 * 1000000ull;
