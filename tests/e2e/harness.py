@@ -127,35 +127,42 @@ class E2E:
         self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.procs = {}
         self._pb = self._ctx = self._keys = None
+        self._lazy = threading.RLock()  # client threads reach for pb/ctx/keys at once
         self.curve = True  # False: the test's cluster says security.curve: off
 
     # ------------------------------------------------------------ the wire, lazily
 
     @property
     def pb(self):
-        """proto/cpm.proto compiled for Python at test time (nothing generated is kept)."""
-        if self._pb is None:
-            subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"),
-                            "--python_out=" + self.tmp, os.path.join(SRC, "proto", "cpm.proto")],
-                           check=True)
-            sys.path.insert(0, self.tmp)
-            import cpm_pb2
-            self._pb = cpm_pb2
+        """proto/cpm.proto compiled for Python at test time (nothing generated is kept).
+
+        Client threads reach for it at once: without the lock a second thread's protoc
+        rewrote cpm_pb2.py while the first imported it, and the module came up empty."""
+        with self._lazy:
+            if self._pb is None:
+                subprocess.run(["protoc", "--proto_path=" + os.path.join(SRC, "proto"),
+                                "--python_out=" + self.tmp, os.path.join(SRC, "proto", "cpm.proto")],
+                               check=True)
+                sys.path.insert(0, self.tmp)
+                import cpm_pb2
+                self._pb = cpm_pb2
         return self._pb
 
     @property
     def ctx(self):
-        if self._ctx is None:
-            import zmq
-            self._ctx = zmq.Context()
+        with self._lazy:
+            if self._ctx is None:
+                import zmq
+                self._ctx = zmq.Context()
         return self._ctx
 
     @property
     def keys(self):
         """The cluster's CURVE keys (made on first use, as `tools/up` does), with a client
         keypair "e2e" for the tests that call the router's RPC as an outside service would."""
-        if not self._keys:
-            self._keys = make_keys(self.build, self.path("keys"), client="e2e")
+        with self._lazy:
+            if not self._keys:
+                self._keys = make_keys(self.build, self.path("keys"), client="e2e")
         return self._keys
 
     def socket(self, kind, server=False, name="fabric"):
