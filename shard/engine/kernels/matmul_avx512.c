@@ -16,7 +16,8 @@ enum { SRC_F32, SRC_BF16, SRC_F16 };
 #define MR 4          /* x rows per register tile */
 #define NR 6          /* W rows per register tile (and per decoded panel) */
 #define DEC_ROWS 4    /* W rows per step of the decode (M = 1) loop */
-#define PANEL_K 8192  /* longest K decoded into a stack panel (192 KiB) */
+#define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
+#define PANEL_K ((GROUP_FLOATS / NR) & ~15) /* longest K widened (then one panel per group) */
 
 INLINE __m512 load_w(int src, const void *row, int k) {
     if (src == SRC_F32)
@@ -60,6 +61,9 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
+        if (mr == 1) /* the next rows' lines: a row is too short for the prefetcher to learn */
+            for (int j = 0; j < nr; j++)
+                _mm_prefetch(wr[j] + (size_t)nr * w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
         for (int j = 0; j < nr; j++)
             wv[j] = load_w(src, wr[j], k);
         for (int i = 0; i < mr; i++) {
@@ -84,6 +88,47 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
             y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
 }
 
+/* Prefill tile over f32 W: the mr x vectors of a chunk stay in registers and
+ * each W vector is loaded once and used mr times, so loads stay well below the
+ * FMAs (mr + nr loads for mr * nr FMAs). W element (j, k) is at
+ * w[j * w_rs + (k / 16) * w_cs + k % 16]: a row-major panel has w_rs = its row
+ * stride, w_cs = 16; a chunk-interleaved one (one stream for the prefetcher)
+ * w_rs = 16, w_cs = 16 * its rows. The same fma(x, w, acc) per lane and chunk
+ * as tile(): the same bits. */
+INLINE void tile_xreg(const int mr, const int nr, const float *x, size_t ldx, const float *w,
+                      size_t w_rs, size_t w_cs, int K, float *y, size_t ldy) {
+    __m512 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16, w += w_cs) {
+        __m512 xv[MR];
+        for (int i = 0; i < mr; i++)
+            xv[i] = _mm512_loadu_ps(x + (size_t)i * ldx + k);
+        for (int j = 0; j < nr; j++) {
+            __m512 wv = _mm512_loadu_ps(w + (size_t)j * w_rs);
+            __asm__("" : "+v"(wv)); /* one load in a register: GCC would fold it into mr FMAs */
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+    }
+    if (k < K) { /* the panel is zero-padded past K; x is masked */
+        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv[MR];
+        for (int i = 0; i < mr; i++)
+            xv[i] = _mm512_maskz_loadu_ps(mk, x + (size_t)i * ldx + k);
+        for (int j = 0; j < nr; j++) {
+            __m512 wv = _mm512_maskz_loadu_ps(mk, w + (size_t)j * w_rs);
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
+}
+
 /* One x row against W rows [n0, n1): memory bound, W read exactly once. */
 INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int n1) {
     const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
@@ -94,18 +139,6 @@ INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int
         tile(1, DEC_ROWS, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
     for (; n < n1; n++)
         tile(1, 1, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
-}
-
-/* x rows [m0, m1) against nr W rows given as f32 (a panel, or W itself). */
-INLINE void panel_rows(const int nr, const cpm_mm_job *job, int m0, int m1,
-                       const float *w, size_t w_ld, int n) {
-    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
-    const int K = job->K;
-    int m = m0;
-    for (; m + MR <= m1; m += MR)
-        tile(MR, nr, SRC_F32, job->x + m * ldx, ldx, w, w_ld, K, job->y + m * ldy + n, ldy);
-    for (; m < m1; m++)
-        tile(1, nr, SRC_F32, job->x + m * ldx, ldx, w, w_ld, K, job->y + m * ldy + n, ldy);
 }
 
 /* Prefill with W streamed in its own type (f32 weights, or K too long for a
@@ -129,38 +162,61 @@ INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1,
     }
 }
 
-static void widen_rows(float *dst, size_t ld, const cpm_mm_job *job, int n, int nr) {
-    const int K = job->K;
+/* W rows [n, n + nr) widened to f32 and interleaved by chunk: chunk c of row j
+ * at dst[(c * nr + j) * 16], the last chunk zero-padded. */
+static void widen_panel(float *dst, const cpm_mm_job *job, int n, int nr) {
+    const int K = job->K, src = job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
     for (int j = 0; j < nr; j++) {
         const void *row = (const char *)job->w + ((size_t)(n + j) * job->w_ld) * 2;
-        const int src = job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
+        float *d = dst + j * 16;
         int k = 0;
-        for (; k + 16 <= K; k += 16)
-            _mm512_storeu_ps(dst + j * ld + k, src == SRC_F16 ? load_w(SRC_F16, row, k)
-                                                              : load_w(SRC_BF16, row, k));
+        for (; k + 16 <= K; k += 16, d += nr * 16)
+            _mm512_store_ps(d, src == SRC_F16 ? load_w(SRC_F16, row, k) : load_w(SRC_BF16, row, k));
         if (k < K) {
             __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
-            __m512 v = src == SRC_F16 ? load_w_tail(SRC_F16, row, k, mk)
-                                      : load_w_tail(SRC_BF16, row, k, mk);
-            _mm512_mask_storeu_ps(dst + j * ld + k, mk, v);
+            _mm512_store_ps(d, src == SRC_F16 ? load_w_tail(SRC_F16, row, k, mk)
+                                              : load_w_tail(SRC_BF16, row, k, mk));
+        }
+    }
+}
+
+/* W rows [n, n + rows) widened into group as panels of NR rows (the last may be
+ * narrower), then every MR-row x tile of [m0, m1) run against each panel. The
+ * group stays in L2 while x streams past once per group; each x tile stays in
+ * L1 while it meets the group's panels, and each panel is one sequential
+ * stream. */
+static void prefill_group(const cpm_mm_job *job, float *group, int m0, int m1, int n, int rows) {
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
+    const int K = job->K;
+    const size_t panel = (((size_t)K + 15) & ~(size_t)15) * NR; /* floats per panel */
+    for (int j = 0; j < rows; j += NR)
+        widen_panel(group + j / NR * panel, job, n + j, rows - j < NR ? rows - j : NR);
+    for (int m = m0; m < m1; m += MR) {
+        const int mr = m1 - m < MR ? m1 - m : MR;
+        const float *x = job->x + m * ldx;
+        float *y = job->y + m * ldy + n;
+        for (int j = 0; j < rows; j += NR) {
+            const float *p = group + j / NR * panel;
+            const int nr = rows - j < NR ? rows - j : NR;
+            if (mr == MR && nr == NR) {
+                tile_xreg(MR, NR, x, ldx, p, 16, NR * 16, K, y + j, ldy);
+                continue;
+            }
+            for (int i = 0; i < mr; i++)
+                for (int jj = 0; jj < nr; jj++)
+                    tile_xreg(1, 1, x + i * ldx, ldx, p + jj * 16, 16, (size_t)nr * 16, K,
+                              y + i * ldy + j + jj, ldy);
         }
     }
 }
 
 static void prefill_panel(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    _Static_assert(NR * PANEL_K * sizeof(float) <= 192 * 1024, "panel fits the stack");
-    float panel[NR * PANEL_K] __attribute__((aligned(64)));
+    _Static_assert(GROUP_FLOATS * sizeof(float) <= 256 * 1024, "group fits the stack");
+    float group[GROUP_FLOATS] __attribute__((aligned(64)));
     const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
-    for (int n = n0; n < n1; n += NR) {
-        int nr = n1 - n < NR ? n1 - n : NR;
-        widen_rows(panel, ld, job, n, nr);
-        if (nr == NR) {
-            panel_rows(NR, job, m0, m1, panel, ld, n);
-        } else {
-            for (int j = 0; j < nr; j++)
-                panel_rows(1, job, m0, m1, panel + j * ld, ld, n + j);
-        }
-    }
+    const int rows = (int)(GROUP_FLOATS / ld) / NR * NR;
+    for (int n = n0; n < n1; n += rows)
+        prefill_group(job, group, m0, m1, n, n1 - n < rows ? n1 - n : rows);
 }
 
 void cpm_mm_avx512(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
