@@ -3,8 +3,16 @@
  * Same canonical order as the other kernels (matmul_internal.h): each output's
  * 16-lane accumulator is held as two 8-lane halves, lanes 0-7 and 8-15, so the
  * results match the scalar and AVX-512 kernels bit for bit.
+ *
+ * Decode (one x row) streams W rows and prefetches the next rows ahead (a row
+ * is too short for the hardware prefetcher to learn). Prefill widens a group
+ * of W rows to f32 panels interleaved by chunk (one sequential stream each),
+ * kept in L2, and runs every PMR-row tile of x against each panel with the x
+ * vectors held in registers.
  */
 #include <immintrin.h>
+
+#include <stdbool.h>
 
 #include "matmul_internal.h"
 
@@ -16,6 +24,9 @@ enum { SRC_F32, SRC_BF16, SRC_F16 };
 #define NR 2       /* W rows per register tile */
 #define DEC_ROWS 4 /* W rows per step when there is one x row */
 #define NMAX 4
+#define PMR 2      /* prefill: x rows per tile (x halves in registers) */
+#define PNR 3      /* prefill: W rows per panel: 2 x 3 x 2 accumulators + 2 x + 1 w = 15 ymm */
+#define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
 
 INLINE __m256 load8(int src, const void *row, int k) {
     if (src == SRC_F32)
@@ -61,6 +72,9 @@ INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *jo
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m256 wl[NMAX], wh[NMAX];
+        if (mr == 1) /* decode: the next rows' lines, 32 bytes of each row per chunk */
+            for (int j = 0; j < nr; j++)
+                _mm_prefetch(wr[j] + (size_t)nr * job->w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
         for (int j = 0; j < nr; j++) {
             wl[j] = load8(src, wr[j], k);
             wh[j] = load8(src, wr[j], k + 8);
@@ -91,6 +105,108 @@ INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *jo
             job->y[(size_t)(m + i) * job->ldy + n + j] = reduce16(lo[i][j], hi[i][j]);
 }
 
+/* W rows [n, n + nr) as f32, chunk c of row j at dst[(c * nr + j) * 16], the
+ * last chunk zero-padded. */
+static void widen_panel(float *dst, const cpm_mm_job *job, const int src, int n, int nr) {
+    const int K = job->K;
+    for (int j = 0; j < nr; j++) {
+        const char *row = (const char *)job->w + (size_t)(n + j) * job->w_ld * 2;
+        float *d = dst + j * 16;
+        int k = 0;
+        for (; k + 16 <= K; k += 16, d += nr * 16) {
+            _mm256_storeu_ps(d, src == SRC_F16 ? load8(SRC_F16, row, k) : load8(SRC_BF16, row, k));
+            _mm256_storeu_ps(d + 8, src == SRC_F16 ? load8(SRC_F16, row, k + 8)
+                                                   : load8(SRC_BF16, row, k + 8));
+        }
+        if (k < K)
+            pad_w(d, job, n + j, k);
+    }
+}
+
+/* y[i, j] for i < mr x rows from x, j < nr rows of a panel interleaved by nrp
+ * rows: per chunk, each half of the mr x vectors is loaded once, each W half
+ * once, and the FMAs are the canonical ones. */
+INLINE void panel_tile(const int mr, const int nr, const float *x, size_t ldx, const float *w,
+                       int nrp, int K, float *y, size_t ldy) {
+    __m256 acc[PMR][PNR][2];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16, w += (size_t)nrp * 16) {
+        for (int h = 0; h < 2; h++) {
+            __m256 xv[PMR];
+            for (int i = 0; i < mr; i++) {
+                xv[i] = _mm256_loadu_ps(x + (size_t)i * ldx + k + 8 * h);
+                __asm__("" : "+x"(xv[i])); /* loaded once, kept: GCC would reload or fold */
+            }
+            for (int j = 0; j < nr; j++) {
+                __m256 wv = _mm256_loadu_ps(w + j * 16 + 8 * h);
+                __asm__("" : "+x"(wv));
+                for (int i = 0; i < mr; i++)
+                    acc[i][j][h] = _mm256_fmadd_ps(xv[i], wv, acc[i][j][h]);
+            }
+        }
+    }
+    if (k < K) {
+        float xt[CPM_MM_LANES];
+        for (int i = 0; i < mr; i++) {
+            pad_x(xt, x + (size_t)i * ldx, k, K);
+            for (int h = 0; h < 2; h++) {
+                __m256 xv = _mm256_loadu_ps(xt + 8 * h);
+                for (int j = 0; j < nr; j++)
+                    acc[i][j][h] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + j * 16 + 8 * h),
+                                                   acc[i][j][h]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = reduce16(acc[i][j][0], acc[i][j][1]);
+}
+
+/* W rows [n, n + rows) widened into group, then every x tile against each
+ * panel of it (the group in L2, the x tile in L1). */
+static void prefill_group(const cpm_mm_job *job, const int src, float *group, int m0, int m1,
+                          int n, int rows) {
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
+    const int K = job->K;
+    const size_t panel = (((size_t)K + 15) & ~(size_t)15) * PNR;
+    for (int j = 0; j < rows; j += PNR)
+        widen_panel(group + j / PNR * panel, job, src, n + j, rows - j < PNR ? rows - j : PNR);
+    for (int m = m0; m < m1; m += PMR) {
+        const int mr = m1 - m < PMR ? m1 - m : PMR;
+        const float *x = job->x + m * ldx;
+        float *y = job->y + m * ldy + n;
+        for (int j = 0; j < rows; j += PNR) {
+            const float *p = group + j / PNR * panel;
+            const int nr = rows - j < PNR ? rows - j : PNR;
+            if (mr == PMR && nr == PNR) {
+                panel_tile(PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
+                continue;
+            }
+            for (int i = 0; i < mr; i++)
+                for (int jj = 0; jj < nr; jj++)
+                    panel_tile(1, 1, x + i * ldx, ldx, p + jj * 16, nr, K, y + i * ldy + j + jj,
+                               ldy);
+        }
+    }
+}
+
+/* Prefill of BF16 / F16 weights through widened panels; false when K is too
+ * long for one panel per group (then the direct tiles serve). */
+static bool prefill_panels(const cpm_mm_job *job, const int src, int m0, int m1, int n0, int n1) {
+    const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
+    const int rows = (int)(GROUP_FLOATS / ld) / PNR * PNR;
+    if (rows < PNR)
+        return false;
+    _Static_assert(GROUP_FLOATS * sizeof(float) <= 256 * 1024, "group fits the stack");
+    float group[GROUP_FLOATS] __attribute__((aligned(32)));
+    for (int n = n0; n < n1; n += rows)
+        prefill_group(job, src, group, m0, m1, n, n1 - n < rows ? n1 - n : rows);
+    return true;
+}
+
 INLINE void run(const int src, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     if (m1 - m0 == 1) {
         int n = n0;
@@ -100,6 +216,8 @@ INLINE void run(const int src, const cpm_mm_job *job, int m0, int m1, int n0, in
             tile(1, 1, src, job, m0, n);
         return;
     }
+    if (src != SRC_F32 && prefill_panels(job, src, m0, m1, n0, n1))
+        return;
     int n = n0;
     for (; n + NR <= n1; n += NR) {
         int m = m0;

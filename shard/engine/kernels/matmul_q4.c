@@ -287,7 +287,7 @@ static void gather_worker(void *arg, int tid, int nt) {
 
 static void q4_worker(void *arg, int tid, int nt) {
     const q4_run *r = arg;
-    float *panel = r->job.panels ? r->job.panels + (size_t)tid * CPM_Q4_NR_MAX * r->job.w->Kp
+    float *panel = r->job.panels ? r->job.panels + (size_t)tid * cpm_q4_panel_floats(r->job.w->Kp)
                                  : NULL;
     int lo, hi;
     if (r->split_n) {
@@ -319,7 +319,7 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
     int nt = cpm_pool_size(pool);
     size_t Kp = (size_t)w->Kp;
     size_t xg = w->gather ? (size_t)M * Kp : 0;
-    size_t panels = M > 1 ? (size_t)nt * CPM_Q4_NR_MAX * Kp : 0;
+    size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
     size_t bytes = (xg + panels) * sizeof(float);
     float *buf = NULL, *owned = NULL;
     if (bytes) {

@@ -26,6 +26,13 @@
 
 #define CPM_Q4_BLOCK 32  /* positions per 16-byte block */
 #define CPM_Q4_NR_MAX 4  /* most weight rows any kernel dequantizes into a panel */
+#define CPM_Q4_GROUP_FLOATS (64 * 1024) /* weight rows widened at once: 256 KiB, in L2 */
+
+/* Floats of one thread's prefill panels: a group of rows, at least CPM_Q4_NR_MAX. */
+static inline size_t cpm_q4_panel_floats(int Kp) {
+    size_t min = (size_t)CPM_Q4_NR_MAX * (size_t)Kp;
+    return min > CPM_Q4_GROUP_FLOATS ? min : CPM_Q4_GROUP_FLOATS;
+}
 
 struct cpm_q4 {
     int N, K;
@@ -47,7 +54,7 @@ typedef struct cpm_q4_job {
     float *y;
     size_t ldy;
     int M;
-    float *panels;    /* per thread CPM_Q4_NR_MAX * Kp floats (prefill), or NULL */
+    float *panels;    /* per thread cpm_q4_panel_floats(Kp) floats (prefill), or NULL */
 } cpm_q4_job;
 
 /* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:

@@ -13,11 +13,18 @@
  * Decode (one x row) streams Q4_DEC rows of nibbles at a time; a few x rows
  * (M up to Q4_SMALL_M) go Q4_SMR at a time against Q4_SDEC weight rows
  * (Q4_SDEC2 for a pair of x rows), each block unpacked once for all of them.
- * Prefill widens Q4_NR rows to (q − z) f32 into the thread's panel once and
- * reuses them for every Q4_MR-row tile of x. All paths feed the same lanes in
- * the same order, so a row's result never depends on the path it took.
+ * Prefill widens a group of weight rows to (q − z) f32 into the thread's panel
+ * buffer (Q4_NR rows per panel, interleaved by 16-lane chunk so that a panel is
+ * one sequential stream), then runs every Q4_MR-row tile of x against each panel
+ * of the group: the group stays in L2 while x passes once per group. All paths
+ * feed the same lanes in the same order, so a row's result never depends on the
+ * path it took.
  */
 #define Q4_INLINE static inline __attribute__((always_inline))
+
+#ifndef V_KEEP /* optional: V_KEEP(v) keeps v in a register (not refetched per use) */
+#define V_KEEP(v) ((void)0)
+#endif
 
 #ifndef Q4_PREFETCH /* optional: Q4_PREFETCH(p) fetches the nibbles Q4_PF_DIST bytes ahead */
 #define Q4_PREFETCH(p) ((void)(p))
@@ -74,47 +81,52 @@ Q4_INLINE void q4_decode(const int mr, const int nr, const cpm_q4 *w, const floa
             y[(size_t)i * ldy + (size_t)j] = v_reduce(tot[i][j]);
 }
 
-/* Rows [n, n + nr) of W as (q − z) f32 into panel [nr][Kp]. */
+/* Rows [n, n + nr) of W as (q − z) f32 into panel, chunk c of row j at
+ * panel[(c * nr + j) * 16]. */
 static void q4_fill_panel(const cpm_q4 *w, int n, int nr, float *panel) {
     const size_t row_bytes = (size_t)w->Kp / 2;
     for (int j = 0; j < nr; j++) {
         const uint8_t *row = w->nib + (size_t)(n + j) * row_bytes;
         const uint8_t *zp = w->zero + (size_t)(n + j) * (size_t)w->G;
-        float *dst = panel + (size_t)j * (size_t)w->Kp;
+        float *dst = panel + (size_t)j * 16;
+        const size_t step = (size_t)nr * 16; /* floats from one chunk of a row to its next */
         for (int g = 0; g < w->G; g++) {
             VZ z = vz_set1(zp[g]);
             size_t p0 = (size_t)g * (size_t)w->gp;
             for (size_t p = p0; p < p0 + (size_t)w->gp; p += CPM_Q4_BLOCK) {
                 V lo, hi;
                 v_nibbles(row + p / 2, z, &lo, &hi);
-                v_store(dst + p, lo);
-                v_store(dst + p + 16, hi);
+                v_store(dst + p / 16 * step, lo);
+                v_store(dst + (p / 16 + 1) * step, hi);
             }
         }
     }
 }
 
-/* y[i, j] for i < mr x rows and j < nr panel rows (weight rows n + j). */
+/* y[i, j] for i < mr x rows and j < nr rows of an interleaved panel of nrp
+ * rows (weight rows n + j): the mr x vectors of a chunk stay in registers and
+ * each weight vector is loaded once for all of them. */
 Q4_INLINE void q4_tile(const int mr, const int nr, const cpm_q4 *w, const float *x, size_t ldx,
-                       const float *panel, int n, float *y, size_t ldy) {
-    const size_t Kp = (size_t)w->Kp;
+                       const float *panel, int nrp, int n, float *y, size_t ldy) {
     V tot[Q4_MR][Q4_NR], acc[Q4_MR][Q4_NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             tot[i][j] = v_zero();
+    const float *wp = panel;
     for (int g = 0; g < w->G; g++) {
         const size_t p0 = (size_t)g * (size_t)w->gp;
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++)
                 acc[i][j] = v_zero();
-        for (size_t p = p0; p < p0 + (size_t)w->gp; p += 16) {
-            V wv[Q4_NR];
-            for (int j = 0; j < nr; j++)
-                wv[j] = v_load(panel + (size_t)j * Kp + p);
-            for (int i = 0; i < mr; i++) {
-                V xv = v_load(x + (size_t)i * ldx + p);
-                for (int j = 0; j < nr; j++)
-                    acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+        for (size_t p = p0; p < p0 + (size_t)w->gp; p += 16, wp += (size_t)nrp * 16) {
+            V xv[Q4_MR];
+            for (int i = 0; i < mr; i++)
+                xv[i] = v_load(x + (size_t)i * ldx + p);
+            for (int j = 0; j < nr; j++) {
+                V wv = v_load(wp + (size_t)j * 16);
+                V_KEEP(wv);
+                for (int i = 0; i < mr; i++)
+                    acc[i][j] = v_fma(xv[i], wv, acc[i][j]);
             }
         }
         for (int j = 0; j < nr; j++) {
@@ -158,24 +170,27 @@ static void q4_decode_rows(const cpm_q4_job *job, int m0, int m1, int n0, int n1
         q4_decode_span(1, job, m, n0, n1);
 }
 
-/* x rows [m0, m1) against the panel rows [n, n + nr). */
-static void q4_panel_rows(const cpm_q4_job *job, int m0, int m1, const float *panel, int n,
-                          int nr) {
+/* Weight rows [n, n + rows) widened into the thread's panels, then every x tile
+ * of [m0, m1) against each panel in turn (x tile in L1, the group in L2). */
+static void q4_group(const cpm_q4_job *job, int m0, int m1, int n, int rows, float *panels) {
     const size_t ldx = job->ldx, ldy = job->ldy, Kp = (size_t)job->w->Kp;
-    for (int j = 0; j < nr; j += Q4_NR) {
-        int m = m0;
-        if (nr - j >= Q4_NR) {
-            for (; m + Q4_MR <= m1; m += Q4_MR)
-                q4_tile(Q4_MR, Q4_NR, job->w, job->x + (size_t)m * ldx, ldx, panel + j * Kp,
-                        n + j, job->y + (size_t)m * ldy + n + j, ldy);
-            for (; m < m1; m++)
-                q4_tile(1, Q4_NR, job->w, job->x + (size_t)m * ldx, ldx, panel + j * Kp, n + j,
-                        job->y + (size_t)m * ldy + n + j, ldy);
-        } else {
-            for (int jj = j; jj < nr; jj++)
-                for (m = m0; m < m1; m++)
-                    q4_tile(1, 1, job->w, job->x + (size_t)m * ldx, ldx, panel + jj * Kp,
-                            n + jj, job->y + (size_t)m * ldy + n + jj, ldy);
+    for (int j = 0; j < rows; j += Q4_NR)
+        q4_fill_panel(job->w, n + j, rows - j < Q4_NR ? rows - j : Q4_NR, panels + j * Kp);
+    for (int m = m0; m < m1; m += Q4_MR) {
+        const int mr = m1 - m < Q4_MR ? m1 - m : Q4_MR;
+        const float *x = job->x + (size_t)m * ldx;
+        float *y = job->y + (size_t)m * ldy + n;
+        for (int j = 0; j < rows; j += Q4_NR) {
+            const float *p = panels + j * Kp;
+            const int nr = rows - j < Q4_NR ? rows - j : Q4_NR;
+            if (mr == Q4_MR && nr == Q4_NR) {
+                q4_tile(Q4_MR, Q4_NR, job->w, x, ldx, p, Q4_NR, n + j, y + j, ldy);
+                continue;
+            }
+            for (int i = 0; i < mr; i++)
+                for (int jj = 0; jj < nr; jj++)
+                    q4_tile(1, 1, job->w, x + i * ldx, ldx, p + jj * 16, nr, n + j + jj,
+                            y + i * ldy + j + jj, ldy);
         }
     }
 }
@@ -187,9 +202,7 @@ void Q4_KERNEL(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *pan
         return;
     }
     _Static_assert(Q4_NR <= CPM_Q4_NR_MAX, "panel sized for CPM_Q4_NR_MAX rows");
-    for (int n = n0; n < n1; n += Q4_NR) {
-        int nr = n1 - n < Q4_NR ? n1 - n : Q4_NR;
-        q4_fill_panel(job->w, n, nr, panel);
-        q4_panel_rows(job, m0, m1, panel, n, nr);
-    }
+    const int rows = (int)(cpm_q4_panel_floats(job->w->Kp) / (size_t)job->w->Kp) / Q4_NR * Q4_NR;
+    for (int n = n0; n < n1; n += rows)
+        q4_group(job, m0, m1, n, n1 - n < rows ? n1 - n : rows, panel);
 }
