@@ -1,7 +1,12 @@
 /* bench_engine.c - whole-model prefill and decode tokens/s, and decode as a
  * fraction of this machine's memory-bandwidth roofline, measured in one run.
  *
- *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32]
+ *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
+ *
+ * --batch also times batched decode: B sequences (each with a 16-token prompt)
+ * step together, one row each per forward pass, so the weights are read once
+ * per step for all of them; it prints the aggregate tokens/s and its ratio to
+ * B = 1 (at the largest thread count given).
  *
  * roofline tokens/s = read bandwidth / bytes of weights read per decode token
  * (cpm_model_decode_bytes). A benchmark, never a test: nothing is asserted.
@@ -11,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench/clock.h"
 #include "bench/membw.h"
 #include "shard/generate.h"
 #include "shard/engine/kernels/matmul.h"
@@ -59,21 +65,107 @@ static int run_once(const char *dir, int threads, int n_prompt, int n_decode, do
     return rc;
 }
 
+/* Aggregate decode tokens/s of B sequences stepping together (n_decode steps
+ * after a 16-token prompt each, prefilled one sequence at a time, untimed). */
+static int run_batch(cpm_model *m, int B, int n_decode, double *ret_tps) {
+    enum { PROMPT = 16 };
+    cpm_error e = {0};
+    int V = cpm_model_get_info(m)->vocab_size, rc = -1, rows = B > PROMPT ? B : PROMPT;
+    cpm_kv_geometry geo = cpm_model_kv_geometry(m);
+    /* each sequence holds whole blocks */
+    int per_seq = (PROMPT + n_decode + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK * CPM_KV_BLOCK;
+    cpm_kv_cache *kv = cpm_kv_cache_new(&geo, B * per_seq, B, &e);
+    float *logits = malloc((size_t)rows * (size_t)V * sizeof(float));
+    int32_t *ids = malloc((size_t)rows * sizeof(int32_t)), *seq = malloc((size_t)rows * sizeof(int32_t));
+    int32_t *pos = malloc((size_t)rows * sizeof(int32_t)), *handle = malloc((size_t)B * sizeof(int32_t));
+    if (!kv || !logits || !ids || !seq || !pos || !handle)
+        goto out;
+    for (int s = 0; s < B; s++) {
+        if ((handle[s] = cpm_kv_cache_seq_new(kv, &e)) < 0)
+            goto out;
+        for (int i = 0; i < PROMPT; i++) {
+            ids[i] = 1 + (s * 131 + i * 7919) % (V - 1);
+            seq[i] = handle[s];
+            pos[i] = i;
+        }
+        cpm_batch b = {.n_tokens = PROMPT, .ids = ids, .seq = seq, .pos = pos};
+        if (cpm_model_forward(m, kv, &b, logits, &e))
+            goto out;
+    }
+    double t0 = cpm_bench_seconds();
+    for (int d = 0; d < n_decode; d++) {
+        for (int s = 0; s < B; s++) {
+            ids[s] = 1 + (s * 31 + d * 977) % (V - 1);
+            seq[s] = handle[s];
+            pos[s] = PROMPT + d;
+        }
+        cpm_batch b = {.n_tokens = B, .ids = ids, .seq = seq, .pos = pos};
+        if (cpm_model_forward(m, kv, &b, logits, &e))
+            goto out;
+    }
+    *ret_tps = (double)B * n_decode / (cpm_bench_seconds() - t0);
+    rc = 0;
+out:
+    if (rc)
+        fprintf(stderr, "bench_engine: batch %d: %s\n", B, e.msg[0] ? e.msg : "out of memory");
+    cpm_kv_cache_free(kv);
+    free(logits);
+    free(ids);
+    free(seq);
+    free(pos);
+    free(handle);
+    return rc;
+}
+
+static int bench_batches(const char *dir, int threads, const char *batches, int n_decode) {
+    cpm_error e = {0};
+    cpm_model_opts o = cpm_model_opts_default();
+    o.n_threads = threads;
+    cpm_model *m;
+    if (cpm_model_load(dir, &o, &m, &e)) {
+        fprintf(stderr, "bench_engine: %s\n", e.msg);
+        return -1;
+    }
+    cpm_model_page_in(m, NULL, NULL);
+    printf("\nbatched decode, %d threads, %d steps\n%-8s %14s %10s\n", threads, n_decode,
+           "batch", "agg tok/s", "x batch 1");
+    char *list = strdup(batches);
+    double one = 0;
+    int rc = 0;
+    for (char *tok = strtok(list, ","); tok && !rc; tok = strtok(NULL, ",")) {
+        double tps = 0;
+        int B = atoi(tok);
+        if (B < 1 || (rc = run_batch(m, B, n_decode, &tps)))
+            break;
+        one = B == 1 ? tps : one;
+        if (one > 0)
+            printf("%-8d %14.2f %9.2fx\n", B, tps, tps / one);
+        else
+            printf("%-8d %14.2f %10s\n", B, tps, "-");
+        fflush(stdout);
+    }
+    free(list);
+    cpm_model_free(m);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     static const struct option opts[] = {{"model", 1, 0, 'm'}, {"threads", 1, 0, 't'},
                                          {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
+                                         {"batch", 1, 0, 'b'},
                                          {0, 0, 0, 0}};
-    const char *dir = NULL, *threads = "1,2";
+    const char *dir = NULL, *threads = "1,2", *batches = NULL;
     int n_prompt = 128, n_decode = 32, c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (c == 'm') dir = optarg;
         else if (c == 't') threads = optarg;
         else if (c == 'p') n_prompt = atoi(optarg);
         else if (c == 'd') n_decode = atoi(optarg);
+        else if (c == 'b') batches = optarg;
         else return 2;
     }
     if (!dir || n_prompt < 1 || n_decode < 1) {
-        fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]\n");
+        fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N] [--batch 1,4,16,64]\n");
         return 2;
     }
     printf("model %s  isa %s  prompt %d  decode %d\n", dir, cpm_isa_name(cpm_isa_detect()),
@@ -94,5 +186,12 @@ int main(int argc, char **argv) {
         fflush(stdout);
     }
     free(list);
+    if (batches) {
+        int most = 1;
+        for (const char *p = threads; p; p = strchr(p, ','), p = p ? p + 1 : NULL)
+            most = atoi(p) > most ? atoi(p) : most;
+        if (bench_batches(dir, most, batches, n_decode))
+            return 1;
+    }
     return 0;
 }

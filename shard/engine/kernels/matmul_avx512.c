@@ -6,6 +6,7 @@
  * W to f32 once and reuses it for every MR-row tile of x.
  */
 #include <immintrin.h>
+#include <stdbool.h>
 
 #include "matmul_internal.h"
 
@@ -18,6 +19,10 @@ enum { SRC_F32, SRC_BF16, SRC_F16 };
 #define DEC_ROWS 4    /* W rows per step of the decode (M = 1) loop */
 #define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
 #define PANEL_K ((GROUP_FLOATS / NR) & ~15) /* longest K widened (then one panel per group) */
+#ifndef DIRECT_M
+#define DIRECT_M 32 /* up to this many x rows (batched decode) W is widened in registers per
+                     * tile: a widened panel would serve too few rows to repay its stores */
+#endif
 
 INLINE __m512 load_w(int src, const void *row, int k) {
     if (src == SRC_F32)
@@ -49,7 +54,7 @@ INLINE float reduce16(__m512 a) {
 /* y[i, j] for i < mr, j < nr; mr and nr are constants after inlining, so
  * the accumulators live in registers. w_ld is in elements of src. */
 INLINE void tile(const int mr, const int nr, const int src, const float *x, size_t ldx,
-                 const void *w, size_t w_ld, int K, float *y, size_t ldy) {
+                 const void *w, size_t w_ld, int K, float *y, size_t ldy, bool prefetch) {
     const size_t esz = src == SRC_F32 ? 4 : 2;
     const char *wr[NR > DEC_ROWS ? NR : DEC_ROWS];
     __m512 acc[MR][NR > DEC_ROWS ? NR : DEC_ROWS];
@@ -61,7 +66,7 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
-        if (mr == 1) /* the next rows' lines: a row is too short for the prefetcher to learn */
+        if (prefetch) /* the next rows' lines: a row is too short for the prefetcher to learn */
             for (int j = 0; j < nr; j++)
                 _mm_prefetch(wr[j] + (size_t)nr * w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
         for (int j = 0; j < nr; j++)
@@ -136,9 +141,9 @@ INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int
     float *y = job->y + (size_t)m * job->ldy;
     int n = n0;
     for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
-        tile(1, DEC_ROWS, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
+        tile(1, DEC_ROWS, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
     for (; n < n1; n++)
-        tile(1, 1, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0);
+        tile(1, 1, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
 }
 
 /* Prefill with W streamed in its own type (f32 weights, or K too long for a
@@ -151,13 +156,16 @@ INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1,
         int m = m0;
         if (n + NR <= n1) {
             for (; m + MR <= m1; m += MR)
-                tile(MR, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy);
+                tile(MR, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                     m == m0);
             for (; m < m1; m++)
-                tile(1, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy);
+                tile(1, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                     m == m0);
         } else {
             for (int j = n; j < n1; j++, w += w_ld * esz)
                 for (m = m0; m < m1; m++)
-                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + j, ldy);
+                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + j, ldy,
+                         false);
         }
     }
 }
@@ -231,7 +239,7 @@ void cpm_mm_avx512(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
             decode_rows(SRC_BF16, job, m0, n0, n1);
     } else if (src == SRC_F32) {
         prefill_direct(SRC_F32, job, m0, m1, n0, n1);
-    } else if (job->K <= PANEL_K) {
+    } else if (job->K <= PANEL_K && m1 - m0 > DIRECT_M) {
         prefill_panel(job, m0, m1, n0, n1);
     } else if (src == SRC_F16) {
         prefill_direct(SRC_F16, job, m0, m1, n0, n1);
