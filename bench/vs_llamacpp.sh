@@ -116,21 +116,23 @@ samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 : >"$samples"
 
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
-    local d line
+    local d pp tg mb
     d=$(ckpt "$1")
-    # the "threads" row: threads, prefill t/s, decode t/s, weights MB, "MB", GB/s, roofline
+    # bench_engine's result row: threads, prefill t/s, decode t/s, weights/token MB, "MB",
+    # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 >"$out/ours.txt"
-    line=$(awk -v t="$threads" '$1 == t' "$out/ours.txt")
-    [ -n "$line" ] || die "bench_engine gave no result for $d"
+    read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
     sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
-    set -- "$1" $line
-    echo "$1 ours pp128 $3" >>"$samples"
-    echo "$1 ours tg64 $4" >>"$samples"
-    echo "$1 ours_bytes - $(awk -v mb="$5" 'BEGIN { printf "%.0f", mb * 1e6 }')" >>"$samples"
-    line=$("$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 | awk -v t="$threads" '$1 == t')
-    [ -n "$line" ] || die "bench_engine gave no result for $d"
-    set -- "$1" $line
-    echo "$1 ours pp512 $3" >>"$samples"
+    {
+        echo "$1 ours pp128 $pp"
+        echo "$1 ours tg64 $tg"
+        echo "$1 ours_bytes - $(awk -v mb="$mb" 'BEGIN { printf "%.0f", mb * 1e6 }')"
+    } >>"$samples"
+    "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 >"$out/ours.txt"
+    read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
+    echo "$1 ours pp512 $pp" >>"$samples"
 }
 
 run_llama() { # run_llama FORMAT: appends pp128, pp512, tg64 from llama-bench's CSV
