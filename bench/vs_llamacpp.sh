@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# vs_llamacpp.sh - our engine beside llama.cpp on this machine, same random
+# MiniCPM-1B-shaped checkpoint, decode and prefill, BF16 / F16 / Int4.
+#
+#   bench/vs_llamacpp.sh [BUILD_DIR (default build)]
+#
+# Environment:
+#   LLAMACPP_DIR      llama.cpp source tree (default /work/peers/llama.cpp); built
+#                     here (build/, Release, GGML_NATIVE) when it has no llama-bench yet
+#   CPM_BENCH_MODELS  where checkpoints and GGUF files are cached (default
+#                     /tmp/cpm-bench-models: ~2.7 GB bf16 + 2.7 GB f16 + 0.9 GB gptq
+#                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
+#   REPS              rounds per format (default 3); each cell is the median
+#   THREADS           threads for both engines (default 2)
+#   FORMATS           subset of "bf16 f16 int4" (default all three)
+#
+# Int4 is GPTQ int4, group 128, act-order (ours; embeddings stay BF16) against
+# llama.cpp's Q4_0 made by llama-quantize from the F16 GGUF (its tied
+# token_embd/output becomes Q6_K, as llama-quantize does by default).
+#
+# Per format and round the two engines run back to back (the order alternates
+# between rounds):
+#   ours   bench_engine --prompt 128 --decode 64   -> pp128, tg64 (decoded after the
+#                                                     128-token prompt)
+#          bench_engine --prompt 512 --decode 1    -> pp512
+#   llama  llama-bench -p 128,512 -n 64 -r 1      -> pp128, pp512, tg64 (empty context)
+# The decode roofline is read GB/s (bench_membw, THREADS threads, measured once)
+# divided by the bytes of weights one token reads: bench_engine's weights/token for
+# ours, the GGUF's tensor bytes for llama.cpp (tools/hf_to_gguf.py --decode-bytes:
+# token_embd counts once, as the tied output matrix).
+#
+# A benchmark, never a test: nothing is asserted and .ci/run does not call it.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${1:-build}
+case $build in /*) ;; *) build="$root/$build" ;; esac
+llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
+models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
+reps=${REPS:-3}
+threads=${THREADS:-2}
+formats=${FORMATS:-bf16 f16 int4}
+py=$(command -v python3 || echo /usr/bin/python3)
+
+say() { echo "vs_llamacpp: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+# ---------------------------------------------------------------- our binaries
+[ -f "$build/build.ninja" ] || die "no build in $build: run tools/build.sh first"
+ninja -C "$build" tools/cpm-gen-model bench/bench_engine bench/bench_membw >/dev/null ||
+    die "building our benchmarks failed (ninja -C $build)"
+gen="$build/tools/cpm-gen-model"
+engine="$build/bench/bench_engine"
+
+# ---------------------------------------------------------------- llama.cpp
+lbench="$llama/build/bin/llama-bench"
+lquant="$llama/build/bin/llama-quantize"
+if [ ! -x "$lbench" ] || [ ! -x "$lquant" ]; then
+    if [ ! -f "$llama/CMakeLists.txt" ]; then
+        die "no llama.cpp at $llama. Get it with:
+    git clone https://github.com/ggml-org/llama.cpp $llama
+then run this script again (it builds llama-bench and llama-quantize), or set LLAMACPP_DIR."
+    fi
+    say "building llama.cpp in $llama/build (llama-bench, llama-quantize; takes a while)"
+    (cd "$llama" &&
+        nice -n 10 cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null &&
+        nice -n 10 cmake --build build -j"$(nproc)" --target llama-bench llama-quantize >/dev/null) ||
+        die "building llama.cpp failed"
+fi
+
+# ---------------------------------------------------------------- models (cached)
+mkdir -p "$models/gguf"
+ckpt() { # ckpt FORMAT: our checkpoint directory for FORMAT
+    case $1 in int4) echo "$models/minicpm-1b-gptq" ;; *) echo "$models/minicpm-1b-$1" ;; esac
+}
+gguf() { # gguf FORMAT: llama.cpp's file for FORMAT
+    case $1 in int4) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;; *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
+}
+need_ckpt() { # need_ckpt DTYPE-NAME: generates $models/minicpm-1b-NAME once
+    local d="$models/minicpm-1b-$1" args
+    case $1 in
+    gptq) args="--dtype bf16 --quant gptq --group-size 128 --desc-act" ;;
+    *) args="--dtype $1" ;;
+    esac
+    [ -f "$d/config.json" ] && return 0
+    say "generating $d"
+    # shellcheck disable=SC2086
+    "$gen" --variant minicpm-1b $args --out "$d" >/dev/null
+}
+need_gguf() { # need_gguf bf16|f16: converts the checkpoint once
+    local g; g=$(gguf "$1")
+    [ -f "$g" ] && return 0
+    need_ckpt "$1"
+    say "converting $(ckpt "$1") -> $g"
+    "$py" "$root/tools/hf_to_gguf.py" "$(ckpt "$1")" "$g" >/dev/null
+}
+for f in $formats; do
+    case $f in
+    bf16 | f16) need_ckpt "$f"; need_gguf "$f" ;;
+    int4)
+        need_ckpt gptq
+        if [ ! -f "$(gguf int4)" ]; then
+            need_gguf f16
+            say "llama-quantize -> $(gguf int4)"
+            "$lquant" "$(gguf f16)" "$(gguf int4)" Q4_0 >/dev/null 2>&1 || die "llama-quantize failed"
+        fi
+        ;;
+    *) die "unknown format $f (bf16, f16, int4)" ;;
+    esac
+done
+
+# ---------------------------------------------------------------- runs
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
+: >"$samples"
+
+run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
+    local d pp tg mb
+    d=$(ckpt "$1")
+    # bench_engine's result row: threads, prefill t/s, decode t/s, weights/token MB, "MB",
+    # read GB/s (its own measurement, unused here), % roofline
+    "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 >"$out/ours.txt"
+    read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
+    sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
+    {
+        echo "$1 ours pp128 $pp"
+        echo "$1 ours tg64 $tg"
+        echo "$1 ours_bytes - $(awk -v mb="$mb" 'BEGIN { printf "%.0f", mb * 1e6 }')"
+    } >>"$samples"
+    "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 >"$out/ours.txt"
+    read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
+    echo "$1 ours pp512 $pp" >>"$samples"
+}
+
+run_llama() { # run_llama FORMAT: appends pp128, pp512, tg64 from llama-bench's CSV
+    local csv="$out/llama.csv"
+    "$lbench" -m "$(gguf "$1")" -t "$threads" -p 128,512 -n 64 -r 1 -o csv >"$csv" 2>"$out/llama.err" ||
+        { cat "$out/llama.err" >&2; die "llama-bench failed on $(gguf "$1")"; }
+    "$py" - "$1" "$csv" >>"$samples" <<'EOF'
+import csv, sys
+fmt, path = sys.argv[1], sys.argv[2]
+for r in csv.DictReader(open(path)):
+    p, n = int(r["n_prompt"]), int(r["n_gen"])
+    print(fmt, "llama", "pp%d" % p if n == 0 else "tg%d" % n, r["avg_ts"])
+EOF
+}
+
+bw=$("$build/bench/bench_membw" "$threads" 1024 5 | awk '{ print $3 }')
+for f in $formats; do
+    # warm the page cache so that neither side pays for the first read from disk
+    cat "$(ckpt "$f")"/*.safetensors "$(gguf "$f")" >/dev/null
+    for r in $(seq 1 "$reps"); do
+        say "$f round $r/$reps"
+        if [ $((r % 2)) -eq 1 ]; then
+            run_ours "$f"; run_llama "$f"
+        else
+            run_llama "$f"; run_ours "$f"
+        fi
+    done
+    echo "$f llama_bytes - $("$py" "$root/tools/hf_to_gguf.py" --decode-bytes "$(gguf "$f")")" >>"$samples"
+done
+
+# ---------------------------------------------------------------- report
+median() { # median FORMAT SIDE TEST: median of the samples (the lower middle one if even)
+    awk -v f="$1" -v s="$2" -v t="$3" '$1 == f && $2 == s && $3 == t { print $4 }' "$samples" |
+        sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}
+all() { # all FORMAT SIDE TEST: the samples, in run order
+    awk -v f="$1" -v s="$2" -v t="$3" '$1 == f && $2 == s && $3 == t { printf "%s%.2f", sep, $4; sep = " " }' "$samples"
+}
+
+flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+has() { case " $flags " in *" $1 "*) echo yes ;; *) echo no ;; esac; }
+echo "# ours vs llama.cpp, MiniCPM-1B-shaped random checkpoint"
+echo
+echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs;" \
+    "avx512f $(has avx512f), avx512_bf16 $(has avx512_bf16), avx512_vnni $(has avx512_vnni)," \
+    "amx_bf16 $(has amx_bf16), amx_tile $(has amx_tile)"
+echo "- ours: $(git -C "$root" log -1 --format='%h %ad' --date=short 2>/dev/null || echo '?')," \
+    "kernels $(cat "$out/isa")"
+echo "- llama.cpp: $(git -C "$llama" log -1 --format='%h %ad %s' --date=short 2>/dev/null || echo '?')"
+echo "- threads $threads, $reps round(s) per format, ours and llama.cpp interleaved; cells are medians"
+echo "- read bandwidth ($threads threads, bench_membw): $bw GB/s"
+echo "- decode roofline t/s = read GB/s / weights read per token: ours = bench_engine's weights/token," \
+    "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output)"
+echo
+echo "| format | test | ours t/s | llama.cpp t/s | ours / llama.cpp | ours % roofline | llama.cpp % roofline |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+for f in $formats; do
+    ob=$(median "$f" ours_bytes -)
+    lb=$(median "$f" llama_bytes -)
+    for t in pp128 pp512 tg64; do
+        o=$(median "$f" ours "$t")
+        l=$(median "$f" llama "$t")
+        awk -v f="$f" -v t="$t" -v o="$o" -v l="$l" -v bw="$bw" -v ob="$ob" -v lb="$lb" 'BEGIN {
+            name = (f == "int4") ? "int4 (GPTQ g128 / Q4_0)" : f
+            ratio = (l > 0) ? sprintf("%.2f", o / l) : "-"
+            ro = "-"; rl = "-"
+            if (t ~ /^tg/) {
+                ro = sprintf("%.0f%%", 100 * o / (bw * 1e9 / ob))
+                rl = sprintf("%.0f%%", 100 * l / (bw * 1e9 / lb))
+            }
+            printf "| %s | %s | %.2f | %.2f | %s | %s | %s |\n", name, t, o, l, ratio, ro, rl
+        }'
+    done
+done
+echo
+echo "Weights read per decode token, and every sample (t/s, in run order):"
+echo
+for f in $formats; do
+    printf -- "- %s: ours %.1f MB, llama.cpp %.1f MB\n" "$f" \
+        "$(awk -v b="$(median "$f" ours_bytes -)" 'BEGIN { print b / 1e6 }')" \
+        "$(awk -v b="$(median "$f" llama_bytes -)" 'BEGIN { print b / 1e6 }')"
+    for t in pp128 pp512 tg64; do
+        echo "  - $t: ours [$(all "$f" ours "$t")], llama.cpp [$(all "$f" llama "$t")]"
+    done
+done
