@@ -76,8 +76,10 @@ static int run_batch(cpm_model *m, int B, int n_decode, double *ret_tps) {
     int per_seq = (PROMPT + n_decode + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK * CPM_KV_BLOCK;
     cpm_kv_cache *kv = cpm_kv_cache_new(&geo, B * per_seq, B, &e);
     float *logits = malloc((size_t)rows * (size_t)V * sizeof(float));
-    int32_t *ids = malloc((size_t)rows * sizeof(int32_t)), *seq = malloc((size_t)rows * sizeof(int32_t));
-    int32_t *pos = malloc((size_t)rows * sizeof(int32_t)), *handle = malloc((size_t)B * sizeof(int32_t));
+    int32_t *ids = malloc((size_t)rows * sizeof(int32_t));
+    int32_t *seq = malloc((size_t)rows * sizeof(int32_t));
+    int32_t *pos = malloc((size_t)rows * sizeof(int32_t));
+    int32_t *handle = malloc((size_t)B * sizeof(int32_t));
     if (!kv || !logits || !ids || !seq || !pos || !handle)
         goto out;
     for (int s = 0; s < B; s++) {
@@ -165,7 +167,8 @@ int main(int argc, char **argv) {
         else return 2;
     }
     if (!dir || n_prompt < 1 || n_decode < 1) {
-        fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N] [--batch 1,4,16,64]\n");
+        fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
+                        " [--batch 1,4,16,64]\n");
         return 2;
     }
     printf("model %s  isa %s  prompt %d  decode %d\n", dir, cpm_isa_name(cpm_isa_detect()),

@@ -1,9 +1,12 @@
 /* matmul_avx512.c - AVX-512 kernels for cpm_matmul, in the canonical order of
  * matmul_internal.h (one 16-lane accumulator per output element).
  *
- * Decode (one x row) streams W straight from memory, several rows at a time,
- * widening bf16/f16 to f32 in registers. Prefill widens a panel of NR rows of
- * W to f32 once and reuses it for every MR-row tile of x.
+ * Decode (one x row) and small batches (up to DIRECT_M rows) stream W straight
+ * from memory, several rows at a time, widening bf16/f16 to f32 in registers
+ * and prefetching the next rows. Prefill widens a group of W rows (L2-sized)
+ * into chunk-interleaved f32 panels once and runs every MR-row tile of x
+ * against each panel with the x vectors in registers. docs/KERNELS.md has the
+ * measurements behind each choice.
  */
 #include <immintrin.h>
 #include <stdbool.h>
@@ -139,11 +142,12 @@ INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int
     const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
     const float *x = job->x + (size_t)m * job->ldx;
     float *y = job->y + (size_t)m * job->ldy;
+    const char *w = job->w;
     int n = n0;
     for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
-        tile(1, DEC_ROWS, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
+        tile(1, DEC_ROWS, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
     for (; n < n1; n++)
-        tile(1, 1, src, x, 0, (const char *)job->w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
+        tile(1, 1, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
 }
 
 /* Prefill with W streamed in its own type (f32 weights, or K too long for a
@@ -164,8 +168,8 @@ INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1,
         } else {
             for (int j = n; j < n1; j++, w += w_ld * esz)
                 for (m = m0; m < m1; m++)
-                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + j, ldy,
-                         false);
+                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K,
+                         job->y + m * ldy + j, ldy, false);
         }
     }
 }
