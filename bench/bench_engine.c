@@ -2,6 +2,7 @@
  * fraction of this machine's memory-bandwidth roofline, measured in one run.
  *
  *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
+ *                [--activations exact|bf16]
  *
  * --batch also times batched decode: B sequences (each with a 16-token prompt)
  * step together, one row each per forward pass, so the weights are read once
@@ -12,6 +13,7 @@
  * (cpm_model_decode_bytes). A benchmark, never a test: nothing is asserted.
  */
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,10 +27,13 @@ typedef struct bench_result {
     double prefill_tps, decode_tps;
 } bench_result;
 
+static bool act_bf16; /* --activations bf16: the whole run's precision */
+
 static int run_once(const char *dir, int threads, int n_prompt, int n_decode, double *ret_gbps,
                     size_t *ret_bytes, bench_result *r) {
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
+    o.act_bf16 = act_bf16;
     o.n_threads = threads;
     o.max_batch_tokens = n_prompt;
     cpm_model *m;
@@ -123,6 +128,7 @@ static int bench_batches(const char *dir, int threads, const char *batches, int 
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
     o.n_threads = threads;
+    o.act_bf16 = act_bf16;
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
         fprintf(stderr, "bench_engine: %s\n", e.msg);
@@ -154,7 +160,7 @@ static int bench_batches(const char *dir, int threads, const char *batches, int 
 int main(int argc, char **argv) {
     static const struct option opts[] = {{"model", 1, 0, 'm'}, {"threads", 1, 0, 't'},
                                          {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
-                                         {"batch", 1, 0, 'b'},
+                                         {"batch", 1, 0, 'b'}, {"activations", 1, 0, 'a'},
                                          {0, 0, 0, 0}};
     const char *dir = NULL, *threads = "1,2", *batches = NULL;
     int n_prompt = 128, n_decode = 32, c;
@@ -164,15 +170,16 @@ int main(int argc, char **argv) {
         else if (c == 'p') n_prompt = atoi(optarg);
         else if (c == 'd') n_decode = atoi(optarg);
         else if (c == 'b') batches = optarg;
+        else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
         else return 2;
     }
     if (!dir || n_prompt < 1 || n_decode < 1) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
-                        " [--batch 1,4,16,64]\n");
+                        " [--batch 1,4,16,64] [--activations exact|bf16]\n");
         return 2;
     }
-    printf("model %s  isa %s  prompt %d  decode %d\n", dir, cpm_isa_name(cpm_isa_detect()),
-           n_prompt, n_decode);
+    printf("model %s  isa %s  activations %s  prompt %d  decode %d\n", dir,
+           cpm_isa_name(cpm_isa_detect()), act_bf16 ? "bf16" : "exact", n_prompt, n_decode);
     printf("%-8s %12s %12s %14s %12s %10s\n", "threads", "prefill t/s", "decode t/s",
            "weights/token", "read GB/s", "roofline");
     char *list = strdup(threads);

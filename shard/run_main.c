@@ -27,6 +27,7 @@ typedef struct run_args {
     bool ignore_eos;
     bool chat;
     bool keep_bf16;
+    bool act_bf16;
     cpm_dtype kv_dtype;
     const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
@@ -41,7 +42,8 @@ typedef struct run_ctx {
 
 enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
        OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
-       OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16 };
+       OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16,
+       OPT_ACTIVATIONS };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
@@ -59,6 +61,9 @@ static const cpm_cli_opt opts[] = {
     {"kv-dtype", 0, "f32|f16", "KV cache elements (default f32, exact; f16 halves its memory)",
      OPT_KV_DTYPE},
     {"keep-bf16", 0, NULL, "run ternary bf16 matrices (BitCPM4) as bf16, not 2-bit", OPT_KEEP_BF16},
+    {"activations", 0, "exact|bf16",
+     "BF16 weights meet f32 activations (exact, default) or bf16-rounded ones (faster prefill, "
+     "less exact)", OPT_ACTIVATIONS},
     {"isa", 0, "NAME", "pin the matmul kernels: scalar, avx2, avx512, amx (default: best)",
      OPT_ISA},
     {"logits-out", 0, "FILE", "write every prompt position's logits (f32 LE rows)",
@@ -90,6 +95,11 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
     case OPT_IGNORE_EOS: a->ignore_eos = true; break;
     case OPT_CHAT: a->chat = true; break;
     case OPT_KEEP_BF16: a->keep_bf16 = true; break;
+    case OPT_ACTIVATIONS:
+        if (strcmp(v, "bf16") && strcmp(v, "exact"))
+            cpm_cli_fail(cli, "--activations: '%s' is not exact or bf16", v);
+        a->act_bf16 = strcmp(v, "bf16") == 0;
+        break;
     case OPT_ISA: a->isa = v; break;
     case OPT_KV_DTYPE:
         if (strcmp(v, "f32") && strcmp(v, "f16"))
@@ -238,6 +248,7 @@ int main(int argc, char **argv) {
     mo.n_threads = a.threads;
     mo.max_batch_tokens = a.batch;
     mo.keep_bf16 = a.keep_bf16;
+    mo.act_bf16 = a.act_bf16;
     if (cpm_model_load(a.model, &mo, &m, &err)) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.model, err.msg);
         goto out;

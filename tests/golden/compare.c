@@ -1,8 +1,12 @@
 /* compare.c - checks cpm-run's output for one golden folder against the
  * independent float64 reference: rel = max|got-ref| / max|ref| within the
  * tolerance, argmax identical at every prompt position, greedy ids identical.
+ * With MIN_ARGMAX (a fraction), a lossy precision mode's bar instead: rel within
+ * the tolerance and at least that fraction of prompt positions with the same
+ * argmax; the greedy run is reported, not required (one changed token changes
+ * every later one).
  *
- *   golden-compare REF_DIR LOGITS_FILE GREEDY_FILE TOLERANCE
+ *   golden-compare REF_DIR LOGITS_FILE GREEDY_FILE TOLERANCE [MIN_ARGMAX]
  */
 #include <math.h>
 #include <stdio.h>
@@ -45,8 +49,8 @@ static long argmax(const float *x, long n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: golden-compare REF_DIR LOGITS GREEDY TOLERANCE\n");
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: golden-compare REF_DIR LOGITS GREEDY TOLERANCE [MIN_ARGMAX]\n");
         return 2;
     }
     char path[4096];
@@ -83,6 +87,8 @@ int main(int argc, char **argv) {
         same += got_greedy[i] == ref_greedy[i];
     double rel = maxdiff / maxref;
     int ok = rel <= tol && agree == n && same == ng && nh == ng;
+    if (argc == 6) /* a lossy mode's bar */
+        ok = rel <= tol && agree >= atof(argv[5]) * n && nh == ng;
     printf("%s %s: rel %.3g (tol %g), argmax %d/%d, greedy %d/%d\n", ok ? "PASS" : "FAIL",
            argv[1], rel, tol, agree, n, same, ng);
     free(ref);

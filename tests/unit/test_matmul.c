@@ -375,6 +375,69 @@ static void test_multi_qkv_shape(void **state) {
     cpm_pool_free(pool3);
 }
 
+/* ---- bf16 activations (cpm_matmul_bf16x) ---- */
+
+static float *run_bf16x(cpm_pool *pool, const operands *o, int m0, int M) {
+    float *y = malloc(sizeof(float) * (size_t)M * o->ldy);
+    assert_non_null(y);
+    for (size_t i = 0; i < (size_t)M * o->ldy; i++)
+        y[i] = SENTINEL;
+    cpm_matmul_bf16x(pool, y, o->ldy, o->x + (size_t)m0 * o->ldx, o->ldx, o->w, o->w_ld, M,
+                     o->s.N, o->s.K);
+    return y;
+}
+
+/* Against the double reference on x rounded to bf16: the only loss allowed is
+ * that rounding plus f32 summation. */
+static void test_bf16x_against_rounded_ref(void **state) {
+    (void)state;
+    cpm_pool *pool = cpm_pool_new(2);
+    assert_non_null(pool);
+    print_message("VDPBF16PS here: %s\n", cpm_cpu_has_bf16_dot() ? "yes" : "no");
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int i = 0; i < NSHAPES; i++) {
+            operands o = make_operands(shapes[i], CPM_DTYPE_BF16);
+            float *y = run_bf16x(i % 2 ? pool : NULL, &o, 0, o.s.M);
+            for (size_t j = 0; j < (size_t)o.s.M * o.ldx; j++) /* the reference sees bf16(x) */
+                o.x[j] = cpm_bf16_to_f32(cpm_f32_to_bf16(o.x[j]));
+            check_against_ref((cpm_isa)isa, &o, y);
+            free(y);
+            free_operands(&o);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(pool);
+}
+
+/* A row alone, in a sub-batch and in the whole batch (direct and panel paths),
+ * with 1 or 3 threads: the same bits. */
+static void test_bf16x_row_bits_independent_of_batch(void **state) {
+    (void)state;
+    const shape cases[] = {{37, 129, 257, 0, 0, 0}, {23, 300, 1536, 0, 0, 0}, {70, 40, 100, 1, 2, 3}};
+    cpm_pool *pool = cpm_pool_new(3);
+    assert_non_null(pool);
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int c = 0; c < 3; c++) {
+            operands o = make_operands(cases[c], CPM_DTYPE_BF16);
+            float *all = run_bf16x(pool, &o, 0, o.s.M), *sub = run_bf16x(NULL, &o, 3, 5);
+            for (int m = 0; m < o.s.M; m++) {
+                float *one = run_bf16x(m % 2 ? pool : NULL, &o, m, 1);
+                assert_memory_equal(one, all + (size_t)m * o.ldy, sizeof(float) * o.s.N);
+                if (m >= 3 && m < 8)
+                    assert_memory_equal(sub + (size_t)(m - 3) * o.ldy, one, sizeof(float) * o.s.N);
+                free(one);
+            }
+            free(all);
+            free(sub);
+            free_operands(&o);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(pool);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ref_small_exact),
@@ -386,6 +449,8 @@ int main(void) {
         cmocka_unit_test(test_stride_padding_is_ignored),
         cmocka_unit_test(test_multi_equals_separate_calls),
         cmocka_unit_test(test_multi_qkv_shape),
+        cmocka_unit_test(test_bf16x_against_rounded_ref),
+        cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -27,6 +27,7 @@
  * changes behaviour; the forced ISA is the one knob, meant for tests. */
 static atomic_int detected_isa = -1;
 static atomic_int forced_isa = -1;
+static atomic_int detected_bf16_dot = -1;
 
 #if X86_KERNELS
 static uint64_t xgetbv0(void) {
@@ -82,6 +83,20 @@ cpm_isa cpm_isa_detect(void) {
         atomic_store(&detected_isa, isa);
     }
     return (cpm_isa)isa;
+}
+
+bool cpm_cpu_has_bf16_dot(void) {
+    int has = atomic_load(&detected_bf16_dot);
+    if (has < 0) {
+        has = 0;
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+        unsigned a, b, c, d;
+        if (cpm_isa_detect() >= CPM_ISA_AVX512 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+            has = (a >> 5) & 1; /* AVX512_BF16 */
+#endif
+        atomic_store(&detected_bf16_dot, has);
+    }
+    return has != 0;
 }
 
 cpm_isa cpm_isa_force(cpm_isa isa) {
@@ -163,6 +178,12 @@ void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,
             y[(size_t)m * ldy + n] = (float)s;
         }
     }
+}
+
+static void fill_nan(float *y, int ldy, int M, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            y[(size_t)m * ldy + n] = NAN;
 }
 
 /* ---- threading ---- */
@@ -282,11 +303,6 @@ static int run_amx_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
     return 0;
 }
 
-static void fill_nan(float *y, int ldy, int M, int N) {
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++)
-            y[(size_t)m * ldy + n] = NAN;
-}
 #endif
 
 static cpm_mm_kernel pick_kernel(cpm_isa isa) {
@@ -363,4 +379,70 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
             if (outs[i].N > 0)
                 fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
 #endif
+}
+
+/* ---- bf16 activations ---- */
+
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+static void bf16x_pack_worker(void *arg, int tid, int nt) {
+    const cpm_mm_job *job = arg;
+    int lo, hi;
+    share(job->M, 1, tid, nt, &lo, &hi);
+    if (lo < hi)
+        cpm_mm_bf16x_pack(job, lo, hi);
+}
+#endif
+
+/* x rounded to bf16 and back into job->packed as f32 rows of K, for the FMA kernels. */
+static void bf16x_round_worker(void *arg, int tid, int nt) {
+    const cpm_mm_job *job = arg;
+    int lo, hi;
+    share(job->M, 1, tid, nt, &lo, &hi);
+    for (int m = lo; m < hi; m++)
+        for (int k = 0; k < job->K; k++)
+            ((float *)job->packed)[(size_t)m * job->K + k] =
+                cpm_bf16_to_f32(cpm_f32_to_bf16(job->x[(size_t)m * job->ldx + k]));
+}
+
+void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                      const uint16_t *w, int w_ld, int M, int N, int K) {
+    cpm_isa isa = isa_in_effect();
+    if (M <= 0 || N <= 0)
+        return;
+    if (isa == CPM_ISA_AMX || K <= 0) { /* AMX tiles beat VDPBF16PS exactly */
+        cpm_matmul(pool, y, ldy, x, ldx, w, CPM_DTYPE_BF16, w_ld, M, N, K);
+        return;
+    }
+    bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+    size_t bytes = dot ? cpm_mm_bf16x_packed_size(M, K) : (size_t)M * (size_t)K * sizeof(float);
+    void *owned = NULL, *buf = cpm_pool_scratch(pool, bytes);
+    if (!buf)
+        buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!buf) {
+        fill_nan(y, ldy, M, N);
+        return;
+    }
+    mm_run r = {
+        .job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = CPM_DTYPE_BF16,
+                .w_ld = w_ld, .M = M, .N = N, .K = K, .packed = buf},
+    };
+    if (dot) {
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+        if (M <= 4) /* a decode row: not worth waking the threads for */
+            cpm_mm_bf16x_pack(&r.job, 0, M);
+        else
+            cpm_pool_run(pool, bf16x_pack_worker, &r.job);
+        r.kernel = cpm_mm_bf16x;
+#endif
+    } else {
+        cpm_pool_run(pool, bf16x_round_worker, &r.job);
+        r.job.x = buf;
+        r.job.ldx = K;
+        r.kernel = pick_kernel(isa);
+    }
+    int nt = cpm_pool_size(pool);
+    r.split_n = N >= 16 * nt || M < 2 * nt;
+    r.align = r.split_n ? 16 : 1;
+    cpm_pool_run(pool, mm_worker, &r);
+    free(owned);
 }

@@ -49,6 +49,13 @@ size_t cpm_mm_amx_packed_size(int M, int K);
 void cpm_mm_amx_pack(const cpm_mm_job *job, int b0, int b1);
 void cpm_mm_amx(const cpm_mm_job *job, int m0, int m1, int n0, int n1);
 
+/* bf16 activations (cpm_matmul_bf16x, BF16 weights, VDPBF16PS): rows [m0, m1)
+ * of x rounded to bf16 into job->packed (cpm_mm_bf16x_packed_size(M, K) bytes),
+ * then the kernel over the packed rows. */
+size_t cpm_mm_bf16x_packed_size(int M, int K);
+void cpm_mm_bf16x_pack(const cpm_mm_job *job, int m0, int m1);
+void cpm_mm_bf16x(const cpm_mm_job *job, int m0, int m1, int n0, int n1);
+
 /* Element (row n, column k) of W as f32, for the scalar code. */
 static inline float cpm_mm_w_at(const cpm_mm_job *job, int n, int k) {
     size_t i = (size_t)n * (size_t)job->w_ld + (size_t)k;

@@ -104,6 +104,7 @@ struct cpm_model {
     cpm_expert_backend experts_remote; /* run != NULL: MoE experts run there */
     int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
     bool keep_bf16;                    /* opts.keep_bf16: no ternary repacking */
+    bool act_bf16;                     /* opts.act_bf16: BF16 weights via cpm_matmul_bf16x */
     cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
 };
 
@@ -121,6 +122,9 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
     else if (w->t2)
         cpm_matmul_t2(m->pool, y, w->rows, x, w->cols, w->t2, n);
+    else if (m->act_bf16 && w->dtype == CPM_DTYPE_BF16)
+        cpm_matmul_bf16x(m->pool, y, w->rows, x, w->cols, w->data, w->ld ? w->ld : w->cols, n,
+                         w->rows, w->cols);
     else
         cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->ld ? w->ld : w->cols, n,
                    w->rows, w->cols);
@@ -134,7 +138,7 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
 static inline void cpm_model_matmul_multi(cpm_model *m, float *const *ys, const float *x,
                                           const cpm_weight *const *ws, int count, int n) {
     cpm_matmul_out outs[CPM_MODEL_MULTI_MAX];
-    bool shared = count <= CPM_MODEL_MULTI_MAX;
+    bool shared = count <= CPM_MODEL_MULTI_MAX && !m->act_bf16;
     for (int i = 0; i < count && shared; i++)
         shared = !ws[i]->q4 && !ws[i]->t2 && ws[i]->cols == ws[0]->cols;
     if (!shared) {

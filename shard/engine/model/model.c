@@ -543,6 +543,7 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->tp_rank = o.tp_rank;
     m->tp_size = o.tp_size;
     m->keep_bf16 = o.keep_bf16;
+    m->act_bf16 = o.act_bf16;
     fill_info(m, &o);
     cpm_hparams full = m->hp; /* the checkpoint's shapes; m->hp becomes this rank's */
     tp_localize(&m->hp, o.tp_size);
@@ -778,7 +779,10 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
             xn[j] /= width;
         n++;
     }
-    if (n > 0)
+    if (n > 0 && m->act_bf16 && m->lm_head.dtype == CPM_DTYPE_BF16)
+        cpm_matmul_bf16x(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data, H, n,
+                         m->hp.vocab_size, H);
+    else if (n > 0)
         cpm_matmul(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,
                    m->lm_head.dtype, H, n, m->hp.vocab_size, H);
 }

@@ -1,0 +1,212 @@
+/* matmul_bf16x_avx512.c - BF16 weights times x rounded to bf16, with the
+ * AVX-512 BF16 dot-product instruction (VDPBF16PS: 32 products per
+ * instruction, twice the f32 FMA's). The opt-in "bf16 activations" precision
+ * of cpm_matmul_bf16x (matmul.h); compiled with -mavx512bf16 only here.
+ *
+ * x arrives already rounded and packed (cpm_mm_bf16x_pack): each row Kp = K
+ * rounded up to 32 bf16, zero-padded, so only W needs a mask at the tail.
+ * Order: lane j of a 16-lane f32 accumulator takes the pair (2j, 2j + 1) of
+ * each 32-wide chunk in turn, as VDPBF16PS adds it; then the canonical tree of
+ * matmul_internal.h. Every M goes through the same per-output sequence, so a
+ * row's bits never depend on its batch.
+ *
+ * Decode and small batches stream W rows (4 or 6 at a time, the next ones
+ * prefetched); prefill copies a group of W rows into chunk-interleaved panels
+ * (one sequential stream each, L2-sized) and runs 4-row x tiles against them
+ * with the x chunks held in registers.
+ */
+#include <immintrin.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include "matmul_internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+#define MR 4                      /* x rows per tile */
+#define NR 6                      /* W rows per tile and per panel */
+#define DEC_ROWS 4                /* W rows per step with one x row */
+#define DIRECT_M 16               /* up to this many x rows W is read in place */
+#define GROUP_HALFS (128 * 1024)  /* bf16 of W copied per group: 256 KiB, in L2 */
+
+INLINE float reduce16(__m512 a) {
+    __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
+    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
+}
+
+INLINE __m512bh load_bh(const uint16_t *p) {
+    return (__m512bh)_mm512_loadu_si512(p);
+}
+
+INLINE __m512bh load_bh_tail(const uint16_t *p, __mmask32 mk) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mk, p);
+}
+
+size_t cpm_mm_bf16x_packed_size(int M, int K) {
+    return (size_t)M * (size_t)((K + 31) & ~31) * sizeof(uint16_t);
+}
+
+/* Rows [m0, m1) of x rounded to bf16 (nearest even) into job->packed. */
+void cpm_mm_bf16x_pack(const cpm_mm_job *job, int m0, int m1) {
+    const int K = job->K, Kp = (K + 31) & ~31;
+    for (int m = m0; m < m1; m++) {
+        const float *x = job->x + (size_t)m * job->ldx;
+        uint16_t *d = (uint16_t *)job->packed + (size_t)m * Kp;
+        for (int k = 0; k < Kp; k += 32) {
+            __mmask16 lo = (__mmask16)(K - k >= 16 ? 0xffff : K - k <= 0 ? 0 : (1u << (K - k)) - 1);
+            __mmask16 hi = (__mmask16)(K - k >= 32 ? 0xffff : K - k <= 16 ? 0
+                                                              : (1u << (K - k - 16)) - 1);
+            __m512 a = _mm512_maskz_loadu_ps(lo, x + k), b = _mm512_maskz_loadu_ps(hi, x + k + 16);
+            _mm512_storeu_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+/* y[i, j], i < mr x rows (packed, stride Kp), j < nr W rows read in place. */
+INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp,
+                        const uint16_t *w, size_t w_ld, int K, float *y, size_t ldy,
+                        bool prefetch) {
+    __m512 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh wv[NR];
+        for (int j = 0; j < nr; j++) {
+            if (prefetch) /* the next rows: a row is too short for the prefetcher to learn */
+                _mm_prefetch((const char *)(w + (size_t)(j + nr) * w_ld + k), _MM_HINT_T0);
+            wv[j] = load_bh(w + (size_t)j * w_ld + k);
+        }
+        for (int i = 0; i < mr; i++) {
+            __m512bh xv = load_bh(x + (size_t)i * Kp + k);
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+        }
+    }
+    if (k < K) {
+        __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
+        for (int i = 0; i < mr; i++) {
+            __m512bh xv = load_bh(x + (size_t)i * Kp + k);
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv,
+                                             load_bh_tail(w + (size_t)j * w_ld + k, mk));
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
+}
+
+/* y[i, j] against a panel interleaved by chunk: chunk c of row j at
+ * p[(c * nrp + j) * 32], zero-padded past K. */
+INLINE void tile_panel(const int mr, const int nr, const uint16_t *x, size_t Kp,
+                       const uint16_t *p, int nrp, float *y, size_t ldy) {
+    __m512 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    for (size_t k = 0; k < Kp; k += 32, p += (size_t)nrp * 32) {
+        __m512bh xv[MR];
+        for (int i = 0; i < mr; i++)
+            xv[i] = load_bh(x + (size_t)i * Kp + k);
+        for (int j = 0; j < nr; j++) {
+            __m512bh wv = load_bh(p + (size_t)j * 32);
+            __asm__("" : "+v"(wv)); /* one load in a register: GCC would fold it into mr ops */
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
+}
+
+/* W rows [n, n + nr) copied into a panel interleaved by 32-wide chunk. */
+static void copy_panel(uint16_t *dst, const cpm_mm_job *job, int n, int nr) {
+    const int K = job->K;
+    for (int j = 0; j < nr; j++) {
+        const uint16_t *row = (const uint16_t *)job->w + (size_t)(n + j) * job->w_ld;
+        uint16_t *d = dst + j * 32;
+        int k = 0;
+        for (; k + 32 <= K; k += 32, d += nr * 32)
+            _mm512_storeu_si512(d, _mm512_loadu_si512(row + k));
+        if (k < K)
+            _mm512_storeu_si512(d, _mm512_maskz_loadu_epi16((__mmask32)((1ull << (K - k)) - 1),
+                                                            row + k));
+    }
+}
+
+static void run_direct(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    const size_t Kp = (size_t)((job->K + 31) & ~31), w_ld = (size_t)job->w_ld;
+    const size_t ldy = (size_t)job->ldy;
+    const uint16_t *xp = (const uint16_t *)job->packed, *w = job->w;
+    if (m1 - m0 == 1) {
+        int n = n0;
+        for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
+            tile_direct(1, DEC_ROWS, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K,
+                        job->y + m0 * ldy + n, ldy, true);
+        for (; n < n1; n++)
+            tile_direct(1, 1, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m0 * ldy + n,
+                        ldy, true);
+        return;
+    }
+    int n = n0;
+    for (; n + NR <= n1; n += NR) {
+        int m = m0;
+        for (; m + MR <= m1; m += MR)
+            tile_direct(MR, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
+                        job->y + m * ldy + n, ldy, m == m0);
+        for (; m < m1; m++)
+            tile_direct(1, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
+                        job->y + m * ldy + n, ldy, m == m0);
+    }
+    for (; n < n1; n++)
+        for (int m = m0; m < m1; m++)
+            tile_direct(1, 1, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m * ldy + n,
+                        ldy, false);
+}
+
+static void run_panels(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    const size_t Kp = (size_t)((job->K + 31) & ~31), ldy = (size_t)job->ldy;
+    const size_t panel = Kp * NR;
+    const int rows = (int)(GROUP_HALFS / Kp) / NR * NR;
+    if (rows < NR) {
+        run_direct(job, m0, m1, n0, n1);
+        return;
+    }
+    _Static_assert(GROUP_HALFS * sizeof(uint16_t) <= 256 * 1024, "group fits the stack");
+    uint16_t group[GROUP_HALFS] __attribute__((aligned(64)));
+    const uint16_t *xp = (const uint16_t *)job->packed;
+    for (int n = n0; n < n1; n += rows) {
+        const int nrows = n1 - n < rows ? n1 - n : rows;
+        for (int j = 0; j < nrows; j += NR)
+            copy_panel(group + j / NR * panel, job, n + j, nrows - j < NR ? nrows - j : NR);
+        for (int m = m0; m < m1; m += MR) {
+            const int mr = m1 - m < MR ? m1 - m : MR;
+            for (int j = 0; j < nrows; j += NR) {
+                const uint16_t *p = group + j / NR * panel;
+                const int nr = nrows - j < NR ? nrows - j : NR;
+                float *y = job->y + m * ldy + n + j;
+                if (mr == MR && nr == NR) {
+                    tile_panel(MR, NR, xp + m * Kp, Kp, p, NR, y, ldy);
+                    continue;
+                }
+                for (int i = 0; i < mr; i++)
+                    for (int jj = 0; jj < nr; jj++)
+                        tile_panel(1, 1, xp + (m + i) * Kp, Kp, p + jj * 32, nr,
+                                   y + i * ldy + jj, ldy);
+            }
+        }
+    }
+}
+
+void cpm_mm_bf16x(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    if (m1 - m0 <= DIRECT_M)
+        run_direct(job, m0, m1, n0, n1);
+    else
+        run_panels(job, m0, m1, n0, n1);
+}
