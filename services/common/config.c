@@ -66,6 +66,9 @@ static const key stage_keys[] = {
     {"isa", K_STR, offsetof(cpm_cfg_stage, isa), 0, 0, "auto",
      "matmul kernels: auto (the best this CPU has) or scalar/avx2/avx512/amx; pin one on "
      "mixed CPUs, since ISAs may differ in the last bits", NULL, 0, 0, 0},
+    {"activations", K_STR, offsetof(cpm_cfg_stage, activations), 0, 0, "exact",
+     "BF16 weights meet exact f32 activations, or bf16-rounded ones (about twice the prefill "
+     "rate with VDPBF16PS, logits within ~5e-2: docs/KERNELS.md)", NULL, 0, 0, 0},
     {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
      "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
      0},
@@ -586,6 +589,10 @@ static int check_whole(cpm_config *c, cpm_error *err) {
                                  "%s: stages[%d].isa: '%s' is not one of auto, scalar, avx2, avx512, amx",
                                  c->path, i, c->stages[i].isa);
     }
+    for (int i = 0; i < c->n_stages; i++)
+        if (strcmp(c->stages[i].activations, "exact") && strcmp(c->stages[i].activations, "bf16"))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].activations: '%s' is not one of "
+                                 "exact, bf16", c->path, i, c->stages[i].activations);
     for (int i = 0; i < c->n_stages; i++)
         if (strcmp(c->stages[i].kv_dtype, "f32") && strcmp(c->stages[i].kv_dtype, "f16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].kv_dtype: '%s' is not one of f32, f16",

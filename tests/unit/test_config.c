@@ -221,6 +221,8 @@ static const bad_case bad_cases[] = {
      "stages[0].isa: 'sse9' is not one of auto, scalar, avx2, avx512, amx"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    kv_dtype: bf16\n",
      "stages[0].kv_dtype: 'bf16' is not one of f32, f16"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    activations: f16\n",
+     "stages[0].activations: 'f16' is not one of exact, bf16"},
     /* a long value in a short-valued key: an error, never a write past the field */
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
           "    kv_dtype: f32f32f32f32f32f32f32f32f32f32f32f32\n", "is not one of f32, f16"},

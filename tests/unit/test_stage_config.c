@@ -26,6 +26,7 @@
     "    threads: 3\n"                                \
     "    kv_tokens: 1024\n"                           \
     "    kv_dtype: f16\n"                             \
+    "    activations: bf16\n"                         \
     "    tp_mesh: tcp://127.0.0.1:5590\n"             \
     "    tp:\n"                                       \
     "      - endpoint: tcp://127.0.0.1:5582\n"        \
@@ -56,6 +57,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(o->threads, 3);
     assert_int_equal(o->kv_tokens, 1024);
     assert_int_equal(o->kv_dtype, CPM_DTYPE_F16);
+    assert_true(o->act_bf16);
     assert_string_equal(o->model_dir, c->model);
     assert_int_equal(o->n_experts, 0);
     /* rank 0 of a TP stage: every mesh, the peers' stage endpoints */
@@ -71,6 +73,7 @@ static void test_stage_from_file(void **state) {
     assert_string_equal(sc.opts.next, "tcp://127.0.0.1:5551");
     assert_int_equal(sc.opts.layer_end, -1);
     assert_int_equal(sc.opts.kv_dtype, CPM_DTYPE_F32);
+    assert_false(sc.opts.act_bf16); /* exact by default */
     assert_int_equal(sc.opts.tp_size, 1);
     cpm_config_free(c);
 }
