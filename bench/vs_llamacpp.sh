@@ -12,7 +12,9 @@
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
 #   REPS              rounds per format (default 3); each cell is the median
 #   THREADS           threads for both engines (default 2)
-#   FORMATS           subset of "bf16 f16 int4" (default all three)
+#   FORMATS           subset of "bf16 bf16x f16 int4" (default all four); bf16x is
+#                     our BF16 checkpoint run with --activations bf16 (x rounded to
+#                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF
 #
 # Int4 is GPTQ int4, group 128, act-order (ours; embeddings stay BF16) against
 # llama.cpp's Q4_0 made by llama-quantize from the F16 GGUF (its tied
@@ -39,7 +41,7 @@ llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
 models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
 reps=${REPS:-3}
 threads=${THREADS:-2}
-formats=${FORMATS:-bf16 f16 int4}
+formats=${FORMATS:-bf16 bf16x f16 int4}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -71,10 +73,12 @@ fi
 # ---------------------------------------------------------------- models (cached)
 mkdir -p "$models/gguf"
 ckpt() { # ckpt FORMAT: our checkpoint directory for FORMAT
-    case $1 in int4) echo "$models/minicpm-1b-gptq" ;; *) echo "$models/minicpm-1b-$1" ;; esac
+    case $1 in int4) echo "$models/minicpm-1b-gptq" ;; bf16x) echo "$models/minicpm-1b-bf16" ;;
+    *) echo "$models/minicpm-1b-$1" ;; esac
 }
 gguf() { # gguf FORMAT: llama.cpp's file for FORMAT
-    case $1 in int4) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;; *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
+    case $1 in int4) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;;
+    bf16x) echo "$models/gguf/minicpm-1b-bf16.gguf" ;; *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
 }
 need_ckpt() { # need_ckpt DTYPE-NAME: generates $models/minicpm-1b-NAME once
     local d="$models/minicpm-1b-$1" args
@@ -97,6 +101,7 @@ need_gguf() { # need_gguf bf16|f16: converts the checkpoint once
 for f in $formats; do
     case $f in
     bf16 | f16) need_ckpt "$f"; need_gguf "$f" ;;
+    bf16x) need_ckpt bf16; need_gguf bf16 ;;
     int4)
         need_ckpt gptq
         if [ ! -f "$(gguf int4)" ]; then
@@ -105,7 +110,7 @@ for f in $formats; do
             "$lquant" "$(gguf f16)" "$(gguf int4)" Q4_0 >/dev/null 2>&1 || die "llama-quantize failed"
         fi
         ;;
-    *) die "unknown format $f (bf16, f16, int4)" ;;
+    *) die "unknown format $f (bf16, bf16x, f16, int4)" ;;
     esac
 done
 
@@ -116,11 +121,13 @@ samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 : >"$samples"
 
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
-    local d pp tg mb
+    local d pp tg mb act=exact
     d=$(ckpt "$1")
+    [ "$1" != bf16x ] || act=bf16
     # bench_engine's result row: threads, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
-    "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 >"$out/ours.txt"
+    "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
+        >"$out/ours.txt"
     read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
     [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
     sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
@@ -129,7 +136,8 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
         echo "$1 ours tg64 $tg"
         echo "$1 ours_bytes - $(awk -v mb="$mb" 'BEGIN { printf "%.0f", mb * 1e6 }')"
     } >>"$samples"
-    "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 >"$out/ours.txt"
+    "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 --activations "$act" \
+        >"$out/ours.txt"
     read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
     [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
     echo "$1 ours pp512 $pp" >>"$samples"
