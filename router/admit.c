@@ -119,7 +119,7 @@ static bool place_gen(cpm_admit *ad, cpm_gen *g) {
     apply_model_defaults(cpm_pipeline_model(ad->pipeline), g);
     g->ids = calloc((size_t)g->max_new, sizeof *g->ids);
     g->lps = j->logprobs ? calloc((size_t)g->max_new, sizeof *g->lps) : NULL;
-    g->stopper = cpm_stopper_new(j->stops, j->n_stops);
+    g->stopper = cpm_stopper_new(j->stops, j->n_stops, j->include_stop_str);
     if (!g->ids || (j->logprobs && !g->lps) || !g->stopper) {
         cpm_job_fail(j, 500, "server_error", NULL, "out of memory");
         return false;

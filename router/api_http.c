@@ -490,6 +490,8 @@ static void start_job(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reques
     j->logprobs = rq->logprobs;
     j->top_logprobs = rq->top_logprobs;
     j->ignore_eos = rq->ignore_eos;
+    j->skip_special = !rq->keep_special;
+    j->include_stop_str = rq->include_stop_str;
     j->want_text = ctx->admit->use_tok;
     j->max_tokens = rq->max_tokens;
     j->stops = rq->stop;

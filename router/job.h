@@ -147,6 +147,10 @@ struct cpm_job {
     /* what was asked */
     bool stream, ignore_eos, logprobs;
     bool want_text; /* ids become text (detokenized, stop strings); else ids only */
+    bool skip_special;     /* the text leaves special tokens out (default; vLLM's
+                              skip_special_tokens) */
+    bool include_stop_str; /* a stop string that ends the text stays in it (vLLM's
+                              include_stop_str_in_output) */
     int top_logprobs;
     int max_tokens; /* 0: as many as fit */
     char *const *stops; /* stop strings (borrowed from the front's request) */

@@ -393,6 +393,21 @@ static int f_ignore_eos(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char
     return get_bool(v, n, &rq->ignore_eos, e);
 }
 
+static int f_skip_special_tokens(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                                 cpm_oai_error *e) {
+    (void)c;
+    bool skip = true;
+    int rc = get_bool(v, n, &skip, e);
+    rq->keep_special = !skip;
+    return rc;
+}
+
+static int f_include_stop_str(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
+                              cpm_oai_error *e) {
+    (void)c;
+    return get_bool(v, n, &rq->include_stop_str, e);
+}
+
 static int f_return_token_ids(cpm_oai_request *rq, json_t *v, parse_ctx *c, const char *n,
                               cpm_oai_error *e) {
     (void)c;
@@ -744,6 +759,8 @@ static const struct field {
      * refused until implemented (never silently ignored) */
     {"min_tokens", K_BOTH, f_min_tokens},
     {"stop_token_ids", K_BOTH, f_stop_token_ids},
+    {"skip_special_tokens", K_BOTH, f_skip_special_tokens},
+    {"include_stop_str_in_output", K_BOTH, f_include_stop_str},
     {"guided_json", K_BOTH, f_empty_only},
     {"guided_regex", K_BOTH, f_empty_only},
     {"guided_choice", K_BOTH, f_empty_only},

@@ -115,6 +115,8 @@ typedef struct cpm_oai_request {
     int top_logprobs; /* alternatives per token */
     bool stream, include_usage;
     bool ignore_eos;       /* extension (as vLLM): keep going past EOS */
+    bool keep_special;     /* extension (as vLLM): skip_special_tokens false */
+    bool include_stop_str; /* extension (as vLLM): include_stop_str_in_output */
     int n_bias;            /* logit_bias: token id -> bias in [-100, 100] */
     int32_t bias_ids[CPM_OAI_MAX_BIAS];
     float bias[CPM_OAI_MAX_BIAS];

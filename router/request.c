@@ -36,12 +36,14 @@ struct cpm_stopper {
     char *out;
     size_t out_cap;
     bool stopped;
+    bool include; /* the output keeps the stop string that ended it */
 };
 
-cpm_stopper *cpm_stopper_new(char *const *stops, int n) {
+cpm_stopper *cpm_stopper_new(char *const *stops, int n, bool include) {
     cpm_stopper *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
+    s->include = include;
     s->stops = calloc((size_t)n + 1, sizeof *s->stops);
     s->lens = calloc((size_t)n + 1, sizeof *s->lens);
     if (!s->stops || !s->lens) {
@@ -112,15 +114,19 @@ int cpm_stopper_feed(cpm_stopper *s, const char *text, size_t len, const char **
         return CPM_ENOMEM;
     memcpy(s->held + s->held_len, text, len);
     s->held_len += len;
-    /* the earliest stop string wins */
-    size_t cut = s->held_len;
+    /* the earliest stop string wins (the longest, of those starting there) */
+    size_t cut = s->held_len, hit_len = 0;
     for (int i = 0; i < s->n; i++) {
         const char *hit = memmem(s->held, s->held_len, s->stops[i], s->lens[i]);
-        if (hit && (size_t)(hit - s->held) < cut) {
-            cut = (size_t)(hit - s->held);
+        size_t at = hit ? (size_t)(hit - s->held) : 0;
+        if (hit && (at < cut || (at == cut && s->lens[i] > hit_len))) {
+            cut = at;
+            hit_len = s->lens[i];
             s->stopped = true;
         }
     }
+    if (s->stopped && s->include)
+        cut += hit_len;
     size_t show = s->stopped ? cut : s->held_len - partial_tail(s, s->held, s->held_len);
     if (reserve(&s->out, &s->out_cap, show + 1))
         return CPM_ENOMEM;

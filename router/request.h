@@ -37,15 +37,17 @@ int cpm_req_transition(cpm_req_state *s, cpm_req_state to);
 
 typedef struct cpm_stopper cpm_stopper;
 
-/* Copies the n stop strings (n may be 0). NULL without memory. */
-cpm_stopper *cpm_stopper_new(char *const *stops, int n);
+/* Copies the n stop strings (n may be 0). include: the output keeps the stop string
+ * that ended it (vLLM's include_stop_str_in_output); else it ends before it. NULL
+ * without memory. */
+cpm_stopper *cpm_stopper_new(char *const *stops, int n, bool include);
 
 /* Accepts NULL. */
 void cpm_stopper_free(cpm_stopper *s);
 
 /* Feeds new text. *ret_out, *ret_len: text now safe to show (borrowed, valid until
  * the next call). *ret_stopped: a stop string was found; the output ends before it
- * and later feeds return nothing. */
+ * (or with it, when the stopper includes it) and later feeds return nothing. */
 int cpm_stopper_feed(cpm_stopper *s, const char *text, size_t len, const char **ret_out,
                      size_t *ret_len, bool *ret_stopped);
 

@@ -157,12 +157,12 @@ static void on_step_timer(uv_timer_t *t) {
 
 /* ---- hooks: the text flow's tokenizer ------------------------------------------------- */
 
-static int detok(void *ud, const int32_t *ids, size_t n, size_t prefix_len, cpm_tokc_cb cb,
-                 void *cb_ud, cpm_error *err) {
+static int detok(void *ud, const int32_t *ids, size_t n, size_t prefix_len, bool skip_special,
+                 cpm_tokc_cb cb, void *cb_ud, cpm_error *err) {
     cpm_router *r = ud;
     cpm_svc *tk = cpm_health_tokenizer(r->health);
-    return cpm_tokc_detok(tk->sock, tk->name, ids, n, prefix_len, true, r->cfg->router.timeout_ms,
-                          cb, cb_ud, err);
+    return cpm_tokc_detok(tk->sock, tk->name, ids, n, prefix_len, skip_special,
+                          r->cfg->router.timeout_ms, cb, cb_ud, err);
 }
 
 static int pieces(void *ud, int32_t context, const int32_t *ids, size_t n, cpm_tokc_cb cb,

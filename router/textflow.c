@@ -144,7 +144,7 @@ static int send_window(cpm_textflow *tf, cpm_gen *g, int end, cpm_error *e) {
     memcpy(win, j->prompt_ids[g->prompt] + plen - n_ctx, (size_t)n_ctx * sizeof *win);
     memcpy(win + n_ctx, g->ids + start, (size_t)(end - start) * sizeof *win);
     int rc = tf->io.detok(tf->io.ud, win, (size_t)n, (size_t)(n_ctx + g->n_text - start),
-                          on_detok, c, e);
+                          j->skip_special, on_detok, c, e);
     free(win);
     if (rc) {
         free(c);

@@ -44,8 +44,8 @@ typedef struct cpm_textflow_io {
     void *ud;
     /* cpm_tokc_detok / cpm_tokc_pieces on some tokenizer; cb runs exactly once when
      * this returns 0, never otherwise */
-    int (*detok)(void *ud, const int32_t *ids, size_t n, size_t prefix_len, cpm_tokc_cb cb,
-                 void *cb_ud, cpm_error *err);
+    int (*detok)(void *ud, const int32_t *ids, size_t n, size_t prefix_len, bool skip_special,
+                 cpm_tokc_cb cb, void *cb_ud, cpm_error *err);
     int (*pieces)(void *ud, int32_t context, const int32_t *ids, size_t n, cpm_tokc_cb cb,
                   void *cb_ud, cpm_error *err);
     /* text moved on and may have ended a sequence: the pipeline may have room */

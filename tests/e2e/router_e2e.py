@@ -275,6 +275,41 @@ def test_stop_strings(ids):
     ids_s = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
     check(done and text_s == want and ids_s == ch["token_ids"],
           "streamed stop %r: %r %s vs %r %s" % (stop, text_s, ids_s, want, ch["token_ids"]))
+    # include_stop_str_in_output (vLLM): the same cut, with the stop string kept
+    status, r = post("/v1/completions", greedy_body(ids, 40, stop=[stop],
+                                                    include_stop_str_in_output=True))
+    got = r["choices"][0]["text"] if status == 200 else None
+    check(got == want + stop, "include_stop_str_in_output %r: got %r, want %r" % (stop, got, want + stop))
+    chunks, done = stream("/v1/completions", greedy_body(ids, 40, stop=[stop], stream=True,
+                                                         include_stop_str_in_output=True))
+    text_s = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    check(done and text_s == want + stop, "streamed include_stop_str_in_output: %r" % text_s)
+
+
+def test_special_tokens(ids):
+    """skip_special_tokens (vLLM, default true): a special token the model is made to
+    generate (logit_bias) is left out of the text, or spelled out when false."""
+    tok = json.load(open(os.path.join(MODEL, "tokenizer.json")))
+    cfg = json.load(open(os.path.join(MODEL, "config.json")))
+    eos = cfg.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    special = [t for t in tok.get("added_tokens", []) if t.get("special") and t["id"] not in eos
+               and t["id"] < cfg["vocab_size"] and t["content"].strip()]
+    if not special:
+        check(False, "the test model's tokenizer has no special token to force")
+        return
+    sp = special[0]
+
+    def text(**extra):
+        body = dict({"prompt": ids[:6], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                     "return_token_ids": True, "logit_bias": {str(sp["id"]): 100}}, **extra)
+        status, a = post("/v1/completions", body)
+        check(status == 200 and a["choices"][0]["token_ids"] == [sp["id"]] * 3,
+              "forcing %r: %s %s" % (sp["content"], status, a))
+        return a["choices"][0]["text"]
+    check(sp["content"] not in text(), "skip_special_tokens by default: %r shown" % sp["content"])
+    got = text(skip_special_tokens=False)
+    check(got == sp["content"] * 3, "skip_special_tokens false: %r, want %r" % (got, sp["content"] * 3))
 
 
 def test_logprob_texts(ids):
@@ -783,6 +818,7 @@ def main():
         test_json_mode()
         test_text_prompt(ids)
         test_stop_strings(ids)
+        test_special_tokens(ids)
         test_logprob_texts(ids)
     else:
         test_no_tokenizer()

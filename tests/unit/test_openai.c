@@ -68,7 +68,8 @@ static void test_completion_all_fields(void **state) {
         "\"presence_penalty\":0.5,\"frequency_penalty\":-0.5,\"seed\":42,\"stop\":[\"\\n\",\"END\"],"
         "\"n\":2,\"logprobs\":3,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
         "\"user\":\"u1\",\"best_of\":2,\"echo\":false,\"suffix\":\"\",\"logit_bias\":{},"
-        "\"ignore_eos\":true,\"metadata\":{\"a\":\"b\"},\"return_token_ids\":true}");
+        "\"ignore_eos\":true,\"metadata\":{\"a\":\"b\"},\"return_token_ids\":true,"
+        "\"skip_special_tokens\":false,\"include_stop_str_in_output\":true}");
     assert_int_equal(rq->n_prompts, 1);
     assert_int_equal(rq->prompts[0].n_ids, 3);
     assert_int_equal(rq->prompts[0].ids[2], 3);
@@ -89,7 +90,16 @@ static void test_completion_all_fields(void **state) {
     assert_true(rq->logprobs);
     assert_int_equal(rq->top_logprobs, 3);
     assert_true(rq->stream && rq->include_usage && rq->ignore_eos && rq->return_token_ids);
+    assert_true(rq->keep_special && rq->include_stop_str);
     cpm_oai_request_free(rq);
+    rq = parse_ok(CPM_OAI_COMPLETION, "{\"prompt\":\"a\",\"skip_special_tokens\":true}");
+    assert_false(rq->keep_special || rq->include_stop_str); /* the defaults */
+    cpm_oai_request_free(rq);
+    parse_bad(CPM_OAI_COMPLETION, "{\"prompt\":\"a\",\"skip_special_tokens\":1}",
+              "skip_special_tokens", NULL);
+    parse_bad(CPM_OAI_CHAT,
+              "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}],\"include_stop_str_in_output\":\"yes\"}",
+              "include_stop_str_in_output", NULL);
 }
 
 static void test_prompt_forms(void **state) {

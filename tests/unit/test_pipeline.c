@@ -98,9 +98,9 @@ static void on_release(void *ud, cpm_gen *g) {
     cpm_pipeline_release(((fixture *)ud)->p, g);
 }
 
-static int no_detok(void *ud, const int32_t *ids, size_t n, size_t prefix, cpm_tokc_cb cb,
-                    void *cb_ud, cpm_error *err) {
-    (void)ud, (void)ids, (void)n, (void)prefix, (void)cb, (void)cb_ud;
+static int no_detok(void *ud, const int32_t *ids, size_t n, size_t prefix, bool skip_special,
+                    cpm_tokc_cb cb, void *cb_ud, cpm_error *err) {
+    (void)ud, (void)ids, (void)n, (void)prefix, (void)skip_special, (void)cb, (void)cb_ud;
     return cpm_error_set(err, CPM_EINTERNAL, "token-id jobs never detokenize");
 }
 
@@ -158,7 +158,7 @@ static cpm_job *start_job(fixture *f, rec *r, int max_new) {
     cpm_gen *g = &j->gens[0];
     g->max_new = max_new;
     g->ids = calloc((size_t)max_new, sizeof *g->ids);
-    g->stopper = cpm_stopper_new(NULL, 0);
+    g->stopper = cpm_stopper_new(NULL, 0, false);
     cpm_error e = {0};
     assert_int_equal(cpm_pipeline_add(f->p, g, j->prompt_ids[0], 3, &e), 0);
     assert_int_equal(cpm_req_transition(&g->state, CPM_REQ_PREFILLING), 0);

@@ -32,8 +32,9 @@ static void test_state_edges(void **state) {
 }
 
 /* Feeds pieces, returns everything shown (flushing at the end unless stopped). */
-static char *run(char *const *stops, int n_stops, const char *const *pieces, bool *stopped) {
-    cpm_stopper *s = cpm_stopper_new(stops, n_stops);
+static char *run_inc(char *const *stops, int n_stops, const char *const *pieces, bool *stopped,
+                     bool include) {
+    cpm_stopper *s = cpm_stopper_new(stops, n_stops, include);
     assert_non_null(s);
     char *acc = calloc(1, 1024);
     *stopped = false;
@@ -53,6 +54,10 @@ static char *run(char *const *stops, int n_stops, const char *const *pieces, boo
     return acc;
 }
 
+static char *run(char *const *stops, int n_stops, const char *const *pieces, bool *stopped) {
+    return run_inc(stops, n_stops, pieces, stopped, false);
+}
+
 static void test_stop_across_pieces(void **state) {
     (void)state;
     char *stops[] = {"END"};
@@ -66,7 +71,7 @@ static void test_stop_across_pieces(void **state) {
 static void test_partial_match_is_released(void **state) {
     (void)state;
     char *stops[] = {"END"};
-    cpm_stopper *s = cpm_stopper_new(stops, 1);
+    cpm_stopper *s = cpm_stopper_new(stops, 1, false);
     const char *out;
     size_t len;
     bool st;
@@ -95,6 +100,26 @@ static void test_earliest_stop_wins(void **state) {
     free(t);
 }
 
+/* include_stop_str_in_output: the text ends with the stop string that ended it (the
+ * earliest; of two starting there, the longer), across pieces, and nothing after. */
+static void test_include_stop_string(void **state) {
+    (void)state;
+    char *stops[] = {"END", "lo w", "lo wor"};
+    bool st;
+    char *t = run_inc(stops, 1, (const char *const[]){"Hello E", "N", "D and more", NULL}, &st, true);
+    assert_true(st);
+    assert_string_equal(t, "Hello END");
+    free(t);
+    t = run_inc(stops, 3, (const char *const[]){"hel", "lo world", NULL}, &st, true);
+    assert_true(st);
+    assert_string_equal(t, "hello wor");
+    free(t);
+    t = run_inc(stops, 3, (const char *const[]){"no stop here", NULL}, &st, true);
+    assert_false(st);
+    assert_string_equal(t, "no stop here");
+    free(t);
+}
+
 static void test_no_stops_pass_through(void **state) {
     (void)state;
     bool st;
@@ -107,7 +132,7 @@ static void test_no_stops_pass_through(void **state) {
 static void test_nothing_after_stop(void **state) {
     (void)state;
     char *stops[] = {"\n\n"};
-    cpm_stopper *s = cpm_stopper_new(stops, 1);
+    cpm_stopper *s = cpm_stopper_new(stops, 1, false);
     const char *out;
     size_t len;
     bool st;
@@ -128,6 +153,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_state_edges),
         cmocka_unit_test(test_stop_across_pieces),
+        cmocka_unit_test(test_include_stop_string),
         cmocka_unit_test(test_partial_match_is_released),
         cmocka_unit_test(test_earliest_stop_wins),
         cmocka_unit_test(test_no_stops_pass_through),

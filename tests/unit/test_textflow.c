@@ -50,9 +50,9 @@ static int enqueue(fixture *f, bool pieces, const int32_t *ids, size_t n, size_t
     return 0;
 }
 
-static int fake_detok(void *ud, const int32_t *ids, size_t n, size_t prefix_len, cpm_tokc_cb cb,
-                      void *cb_ud, cpm_error *err) {
-    (void)err;
+static int fake_detok(void *ud, const int32_t *ids, size_t n, size_t prefix_len, bool skip_special,
+                      cpm_tokc_cb cb, void *cb_ud, cpm_error *err) {
+    (void)err, (void)skip_special;
     return enqueue(ud, false, ids, n, prefix_len, cb, cb_ud);
 }
 
@@ -176,7 +176,7 @@ static cpm_job *make_job(fixture *f, rec *r, char *const *stops, int n_stops, bo
     g->seq = 1;
     g->ids = calloc(16, sizeof *g->ids);
     g->lps = logprobs ? calloc(16, sizeof *g->lps) : NULL;
-    g->stopper = cpm_stopper_new(stops, n_stops);
+    g->stopper = cpm_stopper_new(stops, n_stops, false);
     assert_int_equal(cpm_req_transition(&g->state, CPM_REQ_PREFILLING), 0);
     assert_int_equal(cpm_job_transition(j, CPM_JOB_RUNNING), 0);
     return j;
