@@ -11,6 +11,7 @@
 #include "door.h"
 #include "http.h"
 #include "openai.h"
+#include "tokclient.h"
 #include "toolcall.h"
 
 /* openai.c's constraint kinds travel as proto's (job.h, pipeline.c) unchanged. */
@@ -568,6 +569,88 @@ static void on_tokenize(cpm_api_http *api, cpm_http_conn *c, const cpm_http_requ
     on_generate(api, c, req, chat ? CPM_OAI_CHAT : CPM_OAI_COMPLETION, true);
 }
 
+/* ---- POST /detokenize (vLLM): {"tokens": [ids]} -> {"prompt": text} -------------------------- */
+
+#define DETOK_MAX_IDS (1 << 20)
+
+/* The tokenizer's answer: the text of every id, special tokens spelled out (as vLLM's
+ * tokenizer.decode); ids that end inside a UTF-8 character add U+FFFD, as HF does. */
+typedef struct detok_call {
+    cpm_http_conn *c; /* stays valid until the exchange is answered, client gone or not */
+    size_t n;         /* ids sent */
+} detok_call;
+
+static void on_detok_answer(void *user, const cpm_tokc_result *res) {
+    detok_call call = *(detok_call *)user;
+    cpm_http_conn *c = call.c;
+    free(user);
+    if (res->status) {
+        respond_error(c, res->refused ? 400 : 503, res->refused ? "invalid_request_error"
+                      : "server_error", NULL, NULL, res->msg ? res->msg : "tokenizer failed");
+        return;
+    }
+    json_t *o = json_object();
+    char *text = malloc(res->text_len + 4);
+    if (text) {
+        memcpy(text, res->text, res->text_len);
+        size_t len = res->text_len;
+        if (res->consumed < call.n)
+            memcpy(text + len, "\xEF\xBF\xBD", 3), len += 3;
+        json_object_set_new(o, "prompt", json_stringn(text, len));
+    }
+    char *json = text ? json_dumps(o, JSON_COMPACT) : NULL;
+    if (json)
+        respond_json(c, 200, json);
+    else
+        respond_error(c, 500, "server_error", NULL, NULL, "out of memory");
+    free(json);
+    free(text);
+    json_decref(o);
+}
+
+static void on_detokenize(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
+    const cpm_front_ctx *ctx = api->ctx;
+    const cpm_model_facts *mf = cpm_pipeline_model(ctx->pipeline);
+    json_error_t jerr;
+    json_t *root = json_loadb(req->body, req->body_len, 0, &jerr);
+    json_t *tokens = json_is_object(root) ? json_object_get(root, "tokens") : NULL;
+    size_t n = json_array_size(tokens);
+    int32_t *ids = n && n <= DETOK_MAX_IDS ? malloc(n * sizeof *ids) : NULL;
+    const char *bad = !root ? "request body is not valid JSON"
+                    : !json_is_array(tokens) ? "'tokens' must be an array of token ids"
+                    : n == 0 ? "'tokens' is empty"
+                    : n > DETOK_MAX_IDS ? "'tokens' holds too many ids" : NULL;
+    for (size_t i = 0; !bad && ids && i < n; i++) {
+        json_t *v = json_array_get(tokens, i);
+        json_int_t id = json_is_integer(v) ? json_integer_value(v) : -1;
+        if (id < 0 || (mf && id >= mf->vocab_size))
+            bad = "'tokens' holds an id outside the vocabulary";
+        else
+            ids[i] = (int32_t)id;
+    }
+    json_decref(root);
+    cpm_svc *tk = ctx->admit->use_tok ? cpm_health_tokenizer(ctx->health) : NULL;
+    detok_call *call = malloc(sizeof *call);
+    cpm_error e = {0};
+    if (bad)
+        respond_error(c, 400, "invalid_request_error", NULL, "tokens", bad);
+    else if (!ids || !call)
+        respond_error(c, 500, "server_error", NULL, NULL, "out of memory");
+    else if (!tk)
+        respond_error(c, 400, "invalid_request_error", NULL, NULL,
+                      "this cluster has no tokenizer (router.tokenize: off)");
+    else {
+        *call = (detok_call){c, n};
+        if (cpm_tokc_detok(tk->sock, tk->name, ids, n, 0, false, ctx->cfg->router.timeout_ms,
+                           on_detok_answer, call, &e) == 0)
+            call = NULL; /* the answer callback owns it now */
+        else
+            respond_error(c, 503, "server_error", NULL, NULL, e.msg);
+    }
+    free(call);
+    free(ids);
+}
+
 static void on_chat(cpm_api_http *api, cpm_http_conn *c, const cpm_http_request *req) {
     on_generate(api, c, req, CPM_OAI_CHAT, false);
 }
@@ -701,6 +784,7 @@ static const struct route {
     {"POST", "/v1/completions", on_completions},
     {"POST", "/v1/chat/completions", on_chat},
     {"POST", "/tokenize", on_tokenize},
+    {"POST", "/detokenize", on_detokenize},
     {"GET", "/v1/models", on_models},
     {"GET", "/health", on_health},
     {"GET", "/live", on_health},

@@ -546,6 +546,21 @@ def test_bad_input(vocab):
         status, text = request("POST", "/tokenize", {"prompt": "Hello"})
         check(status == 400 and json.loads(text)["error"]["code"] == "no_tokenizer",
               "/tokenize text without a tokenizer: %s %s" % (status, text))
+    # POST /detokenize (vLLM's shape): the ids' text, special tokens spelled out
+    if HAS_TOKENIZER:
+        status, text = request("POST", "/detokenize", {"tokens": plain["tokens"]})
+        d = json.loads(text) if status == 200 else {}
+        check(d.get("prompt", "").endswith("Hello world") and len(d["prompt"]) > len("Hello world"),
+              "/detokenize of /tokenize's ids (BOS spelled out): %s %s" % (status, text))
+        for body, why in (({"tokens": [vocab]}, "an id past the vocabulary"), ({"tokens": []}, "no ids"),
+                          ({"tokens": "1 2"}, "not an array"), ({"tokens": [1, -1]}, "a negative id"),
+                          ({"tokens": [1.5]}, "not an integer")):
+            status, text = request("POST", "/detokenize", body)
+            check(status == 400 and "tokens" in json.loads(text)["error"].get("param", ""),
+                  "/detokenize with %s: %s %s" % (why, status, text))
+    else:
+        status, text = request("POST", "/detokenize", {"tokens": [5]})
+        check(status == 400, "/detokenize without a tokenizer: %s %s" % (status, text))
     # GET /v1/models/{id} (with the context length), a wrong id 404, /version
     status, text = request("GET", "/v1/models/" + MODEL_NAME)
     m = json.loads(text)
