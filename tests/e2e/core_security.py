@@ -122,7 +122,7 @@ def exchange(ports, prompt_ids):
     http_ids = json.loads(text)["choices"][0]["token_ids"]
     out = []
     h.rpc_client(ep(ports["rpc"]), prompt_ids, out, max_tokens=8)  # fabric key
-    events, _ = out[0]
+    events, _, _ = out[0]
     rpc_ids = [t for e in events if e.WhichOneof("body") == "token_event" for t in e.token_event.ids]
     if len(rpc_ids) != 8:
         fail("rpc generate: %s" % events)

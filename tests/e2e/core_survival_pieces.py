@@ -68,7 +68,7 @@ def kill_and_back(launcher, port, ports, model, victim, what, n_restarts):
         t.join(30)
     if any(t.is_alive() for t in th):
         fail("%s: a client still waits 30 s after the kill" % what)
-    took = time.time() - t_kill
+    took = errors_ended(res, t_kill)
     # A victim back within the router's detection (the launcher restarts in 0.5 s) may let
     # the router restart the sequences on the whole stage again: then a request succeeds,
     # and must give the undisturbed tokens.
@@ -78,8 +78,8 @@ def kill_and_back(launcher, port, ports, model, victim, what, n_restarts):
     if not events[-1].token_event.HasField("error") and \
             rpc_ids != h.cpm_run_ids(prompts[0], len(rpc_ids), model=model):
         fail("%s: the RPC stream went on with other tokens: %s" % (what, rpc_ids))
-    if why is not None and took > LIMIT_S:
-        fail("%s: the requests ended %.1f s after the kill" % (what, took))
+    if took > LIMIT_S:
+        fail("%s: the failed requests ended %.1f s after the kill" % (what, took))
     h.wait_restarted(n_restarts, what)
     h.wait_ready(port, limit=60)
     h.check_greedy(port, prompts, refs, N_GEN, what + ", after the restart")
@@ -87,11 +87,26 @@ def kill_and_back(launcher, port, ports, model, victim, what, n_restarts):
     return took, why
 
 
+def errors_ended(res, t_kill):
+    """Seconds from the kill to the last answer that was an error. A request the router
+    carried on (the victim was back in time) may take as long as its 200 tokens take on a
+    loaded machine (a CI run saw 30 s): the promise is about errors, not about those."""
+    ends = []
+    for kind in ("plain", "stream"):
+        (st, text, secs), = res[kind]
+        if st != 200 or '"error"' in text:
+            ends.append(res["started"] + secs)
+    (events, _, final_at), = res["rpc"]
+    if final_at and events[-1].token_event.HasField("error"):
+        ends.append(final_at)
+    return max(ends) - t_kill if ends else 0.0
+
+
 def run_cluster(lines, ports, victims, first_ok):
     launcher, port = h.up(h.write_config(lines, "cluster-%d.yaml" % first_ok), ports["http"])
     for k, (victim, what, model) in enumerate(victims):
         took, why = kill_and_back(launcher, port, ports, model, victim, what, k + 1)
-        ended = "each got one final error %.1f s after the kill (%r)" % (took, why) if why else \
+        ended = "got one final answer each, the errors %.1f s after the kill (%r)" % (took, why) if why else \
             "finished (the restart came back before the loss was final; RPC ids == cpm-run)"
         print("ok %d - %s mid-request: non-streaming, streaming and RPC requests %s; restarted by the "
               "launcher, greedy == cpm-run for 4 prompts, no sequence or KV block left"

@@ -431,7 +431,8 @@ class E2E:
 
     @staticmethod
     def http_client(port, body, out):
-        """One completion, for a thread: out gets (status, body text, seconds)."""
+        """One completion, for a thread: out gets (status, body text, seconds from its start
+        to its end)."""
         t0 = time.time()
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -470,7 +471,7 @@ class E2E:
 
     def rpc_client(self, endpoint, ids, out, request_id="e2e-1", stream=False, max_tokens=200):
         """One generate, for a thread: out gets (events until the final one, events after it
-        within 1 s)."""
+        within 1 s, the wall-clock time the final one came)."""
         import zmq
         s = self.socket(zmq.DEALER)
         s.connect(endpoint)
@@ -481,18 +482,19 @@ class E2E:
         env.generate.ignore_eos = True
         env.generate.stream = stream
         s.send(env.SerializeToString())
-        events, extra = [], 0
+        events, extra, final_at = [], 0, None
         while s.poll(60000):
             r = self.pb.Envelope()
             r.ParseFromString(s.recv_multipart()[0])
             events.append(r)
             if r.WhichOneof("body") != "token_event" or r.token_event.final:
+                final_at = time.time()
                 break
         while s.poll(1000):
             s.recv_multipart()
             extra += 1
         s.close()
-        out.append((events, extra))
+        out.append((events, extra, final_at))
 
     # ------------------------------------------------------------ references and checks
 
@@ -504,9 +506,10 @@ class E2E:
         return [int(x) for x in out.split()]
 
     def in_flight(self, port, rpc_ep, ids, request_id="e2e-1", rpc_stream=False):
-        """A non-streaming, a streaming and an RPC request on threads: (threads, results)."""
+        """A non-streaming, a streaming and an RPC request on threads: (threads, results);
+        results["started"] is the wall-clock time they were started."""
         import threading
-        res = {"plain": [], "stream": [], "rpc": []}
+        res = {"plain": [], "stream": [], "rpc": [], "started": time.time()}
         body = {"prompt": ids, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
         th = [threading.Thread(target=self.http_client, args=(port, body, res["plain"])),
               threading.Thread(target=self.http_client, args=(port, dict(body, stream=True),
@@ -552,7 +555,7 @@ class E2E:
         errors = [b for b in blocks if b.startswith("data: {") and "error" in json.loads(b[6:])]
         if not (may_succeed and not errors) and (len(errors) != 1 or blocks[-2] != errors[0]):
             self.fail("%s: stream: want one error event then [DONE], got %r" % (what, blocks[-3:]))
-        (events, extra), = res["rpc"]
+        (events, extra, _), = res["rpc"]
         finals = [e for e in events if e.WhichOneof("body") == "token_event" and e.token_event.final]
         erred = len(finals) == 1 and finals[0].token_event.HasField("error")
         if len(finals) != 1 or extra or not (erred or may_succeed):
