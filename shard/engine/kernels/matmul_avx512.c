@@ -12,6 +12,7 @@
 #include <stdbool.h>
 
 #include "matmul_internal.h"
+#include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -45,14 +46,7 @@ INLINE __m512 load_w_tail(int src, const void *row, int k, __mmask16 mk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* The canonical tree: halves, then quarters, then pairs. */
-INLINE float reduce16(__m512 a) {
-    __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
-    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-}
+INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
 
 /* y[i, j] for i < mr, j < nr; mr and nr are constants after inlining, so
  * the accumulators live in registers. w_ld is in elements of src. */

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "matmul_internal.h"
+#include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -29,13 +30,7 @@
 #define DIRECT_M 16               /* up to this many x rows W is read in place */
 #define GROUP_HALFS (128 * 1024)  /* bf16 of W copied per group: 256 KiB, in L2 */
 
-INLINE float reduce16(__m512 a) {
-    __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
-    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-}
+INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
 
 INLINE __m512bh load_bh(const uint16_t *p) {
     return (__m512bh)_mm512_loadu_si512(p);

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "matmul_q4_internal.h"
+#include "reduce_avx512.h"
 
 typedef __m512 V;
 typedef __m512 VZ; /* the 16 values q − z for q = 0..15, as f32 */
@@ -38,14 +39,7 @@ INLINE void v_nibbles(const uint8_t *p, VZ table, V *lo, V *hi) {
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
 }
 
-/* The canonical tree: halves, then quarters, then pairs. */
-INLINE float v_reduce(V a) {
-    __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
-    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-}
+INLINE float v_reduce(V a) { return cpm_reduce16_avx512(a); }
 
 /* Decode outruns the hardware prefetchers (a row of W is used once): ask for
  * the nibbles 8 KiB ahead, several rows further on, since rows lie end to end.
