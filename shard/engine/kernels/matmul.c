@@ -217,6 +217,52 @@ static void mm_worker(void *arg, int tid, int nt) {
     }
 }
 
+/* cpm_matmul_multi in one parallel section: the outputs' W rows laid end to end in
+ * units of align rows and shared evenly by the threads (one barrier for q/k/v, not
+ * three); each range runs the kernel a separate cpm_matmul would: the same bits. */
+typedef struct mm_multi {
+    cpm_mm_job base; /* x, ldx, M, K, packed */
+    const cpm_matmul_out *outs;
+    int n_outs;
+    int units;
+    cpm_mm_kernel kernel;
+    int align;
+} mm_multi;
+
+static int multi_units(const cpm_matmul_out *o, int align) {
+    return o->N > 0 ? (o->N + align - 1) / align : 0;
+}
+
+static mm_multi multi_of(const float *x, int ldx, int M, int K, const cpm_matmul_out *outs,
+                         int n_outs, cpm_mm_kernel kernel, int align) {
+    mm_multi r = {.base = {.x = x, .ldx = ldx, .M = M, .K = K}, .outs = outs, .n_outs = n_outs,
+                  .kernel = kernel, .align = align};
+    for (int i = 0; i < n_outs; i++)
+        r.units += multi_units(&outs[i], align);
+    return r;
+}
+
+static void multi_worker(void *arg, int tid, int nt) {
+    const mm_multi *r = arg;
+    int lo, hi, off = 0;
+    share(r->units, 1, tid, nt, &lo, &hi);
+    for (int i = 0; i < r->n_outs && off < hi; i++) {
+        const cpm_matmul_out *o = &r->outs[i];
+        int u = multi_units(o, r->align), a = lo > off ? lo - off : 0, b = hi - off < u ? hi - off : u;
+        off += u;
+        if (a >= b)
+            continue;
+        cpm_mm_job job = r->base;
+        job.y = o->y;
+        job.ldy = o->ldy;
+        job.w = o->w;
+        job.wtype = o->wtype;
+        job.w_ld = o->w_ld;
+        job.N = o->N;
+        r->kernel(&job, 0, job.M, a * r->align, b * r->align < o->N ? b * r->align : o->N);
+    }
+}
+
 #if X86_KERNELS
 #define AMX_ALIGN 32 /* W rows per unit of work: one pair of 16-row tiles */
 
@@ -256,49 +302,13 @@ static int run_amx(cpm_pool *pool, mm_run *r) {
     return 0;
 }
 
-/* cpm_matmul_multi on AMX: one packed x, the outputs' W rows laid end to end
- * in units of AMX_ALIGN and shared evenly by the threads. */
-typedef struct mm_multi {
-    cpm_mm_job base; /* x, ldx, M, K, packed */
-    const cpm_matmul_out *outs;
-    int n_outs;
-    int units;
-} mm_multi;
-
-static int amx_units(const cpm_matmul_out *o) {
-    return o->N > 0 ? (o->N + AMX_ALIGN - 1) / AMX_ALIGN : 0;
-}
-
-static void amx_multi_worker(void *arg, int tid, int nt) {
-    const mm_multi *r = arg;
-    int lo, hi, off = 0;
-    share(r->units, 1, tid, nt, &lo, &hi);
-    for (int i = 0; i < r->n_outs && off < hi; i++) {
-        const cpm_matmul_out *o = &r->outs[i];
-        int u = amx_units(o), a = lo > off ? lo - off : 0, b = hi - off < u ? hi - off : u;
-        off += u;
-        if (a >= b)
-            continue;
-        cpm_mm_job job = r->base;
-        job.y = o->y;
-        job.ldy = o->ldy;
-        job.w = o->w;
-        job.wtype = o->wtype;
-        job.w_ld = o->w_ld;
-        job.N = o->N;
-        cpm_mm_amx(&job, 0, job.M, a * AMX_ALIGN, b * AMX_ALIGN < o->N ? b * AMX_ALIGN : o->N);
-    }
-}
-
 static int run_amx_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
                          const cpm_matmul_out *outs, int n_outs) {
-    mm_multi r = {.base = {.x = x, .ldx = ldx, .M = M, .K = K}, .outs = outs, .n_outs = n_outs};
-    for (int i = 0; i < n_outs; i++)
-        r.units += amx_units(&outs[i]);
+    mm_multi r = multi_of(x, ldx, M, K, outs, n_outs, cpm_mm_amx, AMX_ALIGN);
     void *owned;
     if (amx_pack(pool, &r.base, &owned) != 0)
         return -1;
-    cpm_pool_run(pool, amx_multi_worker, &r);
+    cpm_pool_run(pool, multi_worker, &r);
     free(owned);
     return 0;
 }
@@ -366,11 +376,19 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
     if (M <= 0 || n_outs <= 0)
         return;
     if (!multi_uses_amx(K, outs, n_outs)) {
-        /* The FMA kernels pack nothing: one call per output loses nothing but a
-         * pool wake-up, and is trivially the same bits. */
+        cpm_isa isa = isa_in_effect();
+        bool amx_bf16 = false; /* an AMX output alone goes through cpm_matmul's AMX path */
         for (int i = 0; i < n_outs; i++)
-            cpm_matmul(pool, outs[i].y, outs[i].ldy, x, ldx, outs[i].w, outs[i].wtype,
-                       outs[i].w_ld, M, outs[i].N, K);
+            amx_bf16 |= isa == CPM_ISA_AMX && outs[i].wtype == CPM_DTYPE_BF16;
+        if (amx_bf16 || K <= 0) {
+            for (int i = 0; i < n_outs; i++)
+                cpm_matmul(pool, outs[i].y, outs[i].ldy, x, ldx, outs[i].w, outs[i].wtype,
+                           outs[i].w_ld, M, outs[i].N, K);
+            return;
+        }
+        /* The FMA kernels pack nothing: one parallel section over every output */
+        mm_multi r = multi_of(x, ldx, M, K, outs, n_outs, pick_kernel(isa), 16);
+        cpm_pool_run(pool, multi_worker, &r);
         return;
     }
 #if X86_KERNELS
