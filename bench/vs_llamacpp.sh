@@ -156,6 +156,7 @@ for r in csv.DictReader(open(path)):
 EOF
 }
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg) # others' load on the machine shows up as noise
 bw=$("$build/bench/bench_membw" "$threads" 1024 5 | awk '{ print $3 }')
 for f in $formats; do
     # warm the page cache so that neither side pays for the first read from disk
@@ -192,6 +193,7 @@ echo "- ours: $(git -C "$root" log -1 --format='%h %ad' --date=short 2>/dev/null
 echo "- llama.cpp: $(git -C "$llama" log -1 --format='%h %ad %s' --date=short 2>/dev/null || echo '?')"
 echo "- threads $threads, $reps round(s) per format, ours and llama.cpp interleaved; cells are medians"
 echo "- read bandwidth ($threads threads, bench_membw): $bw GB/s"
+echo "- load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "- decode roofline t/s = read GB/s / weights read per token: ours = bench_engine's weights/token," \
     "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output)"
 echo
