@@ -35,6 +35,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 build=${1:-build}
 case $build in /*) ;; *) build="$root/$build" ;; esac
 llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
@@ -200,8 +201,10 @@ echo "- threads $threads, $reps round(s) per format, ours and llama.cpp interlea
 echo "- read bandwidth ($threads threads, bench_membw, 1 GiB, best of 5 passes): $bw GB/s, the best of" \
     "[$bws] measured before the runs and after each format"
 echo "- load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- decode: ours after its 128-token prompt (bench_engine --prompt 128 --decode 64), llama.cpp from an" \
+    "empty context (llama-bench -n 64); prefill: one batch of 128 or 512 tokens on both sides"
 echo "- decode roofline t/s = read GB/s / weights read per token: ours = bench_engine's weights/token," \
-    "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output)"
+    "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output; Q4_0 keeps it in Q6_K)"
 echo
 echo "| format | test | ours t/s | llama.cpp t/s | ours / llama.cpp | ours % roofline | llama.cpp % roofline |"
 echo "|---|---|---:|---:|---:|---:|---:|"
