@@ -35,6 +35,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 build=${1:-build}
 case $build in /*) ;; *) build="$root/$build" ;; esac
 llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
@@ -128,7 +129,7 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
         >"$out/ours.txt"
-    read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
     sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
     {
@@ -138,7 +139,7 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
     } >>"$samples"
     "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 --activations "$act" \
         >"$out/ours.txt"
-    read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt")
+    read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
     echo "$1 ours pp512 $pp" >>"$samples"
 }
@@ -156,7 +157,11 @@ for r in csv.DictReader(open(path)):
 EOF
 }
 
-bw=$("$build/bench/bench_membw" "$threads" 1024 5 | awk '{ print $3 }')
+# Read bandwidth: measured before the runs and after each format, since others' load on
+# the machine moves it (and every t/s); the roofline is the best seen, as in bench_matmul.
+membw() { "$build/bench/bench_membw" "$threads" 1024 5 | awk '{ print $3 }'; }
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+bws=$(membw)
 for f in $formats; do
     # warm the page cache so that neither side pays for the first read from disk
     cat "$(ckpt "$f")"/*.safetensors "$(gguf "$f")" >/dev/null
@@ -169,7 +174,9 @@ for f in $formats; do
         fi
     done
     echo "$f llama_bytes - $("$py" "$root/tools/hf_to_gguf.py" --decode-bytes "$(gguf "$f")")" >>"$samples"
+    bws="$bws $(membw)"
 done
+bw=$(echo "$bws" | tr ' ' '\n' | sort -g | tail -1)
 
 # ---------------------------------------------------------------- report
 median() { # median FORMAT SIDE TEST: median of the samples (the lower middle one if even)
@@ -191,9 +198,13 @@ echo "- ours: $(git -C "$root" log -1 --format='%h %ad' --date=short 2>/dev/null
     "kernels $(cat "$out/isa")"
 echo "- llama.cpp: $(git -C "$llama" log -1 --format='%h %ad %s' --date=short 2>/dev/null || echo '?')"
 echo "- threads $threads, $reps round(s) per format, ours and llama.cpp interleaved; cells are medians"
-echo "- read bandwidth ($threads threads, bench_membw): $bw GB/s"
+echo "- read bandwidth ($threads threads, bench_membw, 1 GiB, best of 5 passes): $bw GB/s, the best of" \
+    "[$bws] measured before the runs and after each format"
+echo "- load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- decode: ours after its 128-token prompt (bench_engine --prompt 128 --decode 64), llama.cpp from an" \
+    "empty context (llama-bench -n 64); prefill: one batch of 128 or 512 tokens on both sides"
 echo "- decode roofline t/s = read GB/s / weights read per token: ours = bench_engine's weights/token," \
-    "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output)"
+    "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output; Q4_0 keeps it in Q6_K)"
 echo
 echo "| format | test | ours t/s | llama.cpp t/s | ours / llama.cpp | ours % roofline | llama.cpp % roofline |"
 echo "|---|---|---:|---:|---:|---:|---:|"
