@@ -180,7 +180,10 @@ static void stream_parsed(cpm_gen *g, const cpm_toolcall *tc, const cpm_toolcall
     cpm_oai_tool_call *calls = calls_of(tc, d->call_from, d->call_to);
     chunk_parts pt = {d->content, d->reasoning, d->content_len, d->reasoning_len,
                       calls ? d->call_to - d->call_from : 0, calls};
-    stream_chunk(g, &pt, finish_of_parsed(tc, finish), upto);
+    const char *fin = finish_of_parsed(tc, finish);
+    if (fin && fin != finish)
+        cpm_gen_found_tool_calls(g);
+    stream_chunk(g, &pt, fin, upto);
     free(calls);
 }
 
@@ -227,7 +230,7 @@ static cpm_oai_usage usage_of(const cpm_job *j) {
 
 /* A non-streamed choice through its tool-call parser: content, reasoning and calls
  * into *ch (borrowing the parser's strings); the calls array is the caller's. */
-static cpm_oai_tool_call *parse_whole(const cpm_job *j, const cpm_gen *g, cpm_toolcall *tc,
+static cpm_oai_tool_call *parse_whole(const cpm_job *j, cpm_gen *g, cpm_toolcall *tc,
                                       cpm_oai_choice *ch) {
     cpm_toolcall_delta d;
     cpm_toolcall_whole(tc, g->text.p ? g->text.p : "", g->text.len, &d);
@@ -236,6 +239,8 @@ static cpm_oai_tool_call *parse_whole(const cpm_job *j, const cpm_gen *g, cpm_to
     ch->reasoning = d.reasoning;
     ch->reasoning_len = d.reasoning_len;
     ch->finish_reason = finish_of_parsed(tc, g->finish);
+    if (ch->finish_reason && ch->finish_reason != g->finish)
+        cpm_gen_found_tool_calls(g);
     cpm_oai_tool_call *calls = calls_of(tc, 0, cpm_toolcall_count(tc));
     ch->n_tool_calls = calls ? cpm_toolcall_count(tc) : 0;
     ch->tool_calls = calls;

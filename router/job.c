@@ -206,8 +206,10 @@ static void count_finish(cpm_gen *g, cpm_req_state to, const char *reason) {
     int f = to == CPM_REQ_CANCELLED ? CPM_FIN_ABORT
             : to == CPM_REQ_FAILED  ? CPM_FIN_ERROR
             : reason && !strcmp(reason, "length") ? CPM_FIN_LENGTH
+            : g->tool_calls                       ? CPM_FIN_TOOL_CALLS
                                                   : CPM_FIN_STOP;
     m->finished[f]++;
+    g->counted_fin = 1 + f;
     if (to != CPM_REQ_FINISHED)
         return;
     cpm_hist_observe(&m->gen_len, g->n_gen);
@@ -222,6 +224,18 @@ void cpm_gen_finish(cpm_gen *g, cpm_req_state to, const char *reason) {
     g->finish = reason;
     g->job->n_done++;
     count_finish(g, to, reason);
+}
+
+void cpm_gen_found_tool_calls(cpm_gen *g) {
+    if (g->tool_calls)
+        return;
+    g->tool_calls = true;
+    if (g->counted_fin == 1 + CPM_FIN_STOP) {
+        cpm_metrics *m = g->job->jobs->m;
+        m->finished[CPM_FIN_STOP]--;
+        m->finished[CPM_FIN_TOOL_CALLS]++;
+        g->counted_fin = 1 + CPM_FIN_TOOL_CALLS;
+    }
 }
 
 static void end_gens(cpm_job *j, cpm_req_state to) {

@@ -94,6 +94,8 @@ typedef struct cpm_gen {
     bool text_stopped; /* a stop string ended the text */
     const char *gen_end; /* generation over: "stop" / "length"; NULL while running */
     bool released; /* the pipeline is done with its sequence */
+    bool tool_calls;  /* the front found tool calls in its answer (cpm_gen_found_tool_calls) */
+    int counted_fin;  /* 1 + the enum cpm_metric_finish it was counted under; 0 not yet */
     int failovers; /* times it moved to another pipeline replica */
 } cpm_gen;
 
@@ -237,6 +239,11 @@ void cpm_gen_release(cpm_gen *g);
 /* Moves g to a terminal state (releasing its sequence); reason "stop"/"length" or NULL.
  * The job answers only through cpm_job_done / _fail / _cancel. */
 void cpm_gen_finish(cpm_gen *g, cpm_req_state to, const char *reason);
+
+/* The front's tool-call parser found calls in g's answer (finish_reason tool_calls): the
+ * metrics count its finish as tool_calls, whether it was already counted (as stop) or
+ * is counted later. */
+void cpm_gen_found_tool_calls(cpm_gen *g);
 
 /* Whether token id ends g's generation (EOS of the model unless ignore_eos, or a
  * request's stop id). */

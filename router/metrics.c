@@ -115,7 +115,8 @@ static void requests(out *o, const cpm_metrics *m) {
     static const char *const eps[CPM_EP_COUNT] = {"completions", "chat_completions", "rpc", "other"};
     static const char *const outs[CPM_OUT_COUNT] = {"ok", "rejected", "overloaded", "cancelled",
                                                     "failed"};
-    static const char *const fins[CPM_FIN_COUNT] = {"stop", "length", "abort", "error"};
+    static const char *const fins[CPM_FIN_COUNT] = {"stop", "length", "abort", "error",
+                                                    "tool_calls"};
     help(o, "cpm_requests_total", "counter", "Requests by endpoint and outcome.");
     for (int e = 0; e < CPM_EP_COUNT; e++)
         for (int k = 0; k < CPM_OUT_COUNT; k++)

@@ -56,6 +56,7 @@ enum cpm_metric_finish {
     CPM_FIN_LENGTH, /* max_tokens or the context */
     CPM_FIN_ABORT,  /* cancelled: the client went away */
     CPM_FIN_ERROR,  /* the request failed */
+    CPM_FIN_TOOL_CALLS, /* it ended normally and the front's parser found tool calls in it */
     CPM_FIN_COUNT,
 };
 

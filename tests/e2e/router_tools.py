@@ -224,10 +224,16 @@ def check_calls_message(m, what):
             what + ": arguments 2")
 
 
+def finished(port, reason):
+    """cpm_request_finished_total for one finish reason."""
+    return h.metric(port, "cpm_request_finished_total", finished_reason=reason)
+
+
 def check_parsed_calls(port, sampler):
     sampler.set_script(text_ids(port, ANSWER))
     body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
             "max_tokens": 96, "temperature": 0}
+    calls0, stops0 = finished(port, "tool_calls"), finished(port, "stop")
     st, r = post(port, "/v1/chat/completions", body)
     h.check(st == 200, "tool call: %s %s" % (st, r))
     ch = r["choices"][0]
@@ -236,6 +242,10 @@ def check_parsed_calls(port, sampler):
     # streamed: the same, from deltas
     s = reassemble(stream(port, body))[0]
     h.check(s["finish"] == "tool_calls", "streamed finish_reason")
+    # the metrics count both answers as tool_calls, not stop (whole and streamed)
+    calls, stops = finished(port, "tool_calls") - calls0, finished(port, "stop") - stops0
+    h.check(calls == 2 and stops == 0, "metrics: %s tool_calls and %s stop finishes for two "
+            "tool-call answers" % (calls, stops))
     h.check(s["reasoning"] == "I will check the weather." and s["content"] == "",
             "streamed reasoning/content: %s" % s)
     calls = [s["calls"][k] for k in sorted(s["calls"])]
