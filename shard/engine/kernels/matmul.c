@@ -263,6 +263,15 @@ static void multi_worker(void *arg, int tid, int nt) {
     }
 }
 
+/* Runs r's kernel on the pool. Threads own contiguous column ranges (each streams
+ * its own rows of W) unless N is too narrow to share, as for tiny test shapes. */
+static void run_split(cpm_pool *pool, mm_run *r) {
+    int nt = cpm_pool_size(pool), M = r->job.M, N = r->job.N;
+    r->split_n = N >= 16 * nt || M < 2 * nt;
+    r->align = r->split_n ? 16 : 1;
+    cpm_pool_run(pool, mm_worker, r);
+}
+
 #if X86_KERNELS
 #define AMX_ALIGN 32 /* W rows per unit of work: one pair of 16-row tiles */
 
@@ -348,12 +357,7 @@ void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
     }
 #endif
     r.kernel = pick_kernel(isa);
-    int nt = cpm_pool_size(pool);
-    /* Threads own contiguous column ranges (each streams its own rows of W)
-     * unless N is too narrow to share, as for tiny test shapes. */
-    r.split_n = N >= 16 * nt || M < 2 * nt;
-    r.align = r.split_n ? 16 : 1;
-    cpm_pool_run(pool, mm_worker, &r);
+    run_split(pool, &r);
 }
 
 /* Whether every output can share one AMX pack of x (BF16 weights only). */
@@ -458,9 +462,6 @@ void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx
         r.job.ldx = K;
         r.kernel = pick_kernel(isa);
     }
-    int nt = cpm_pool_size(pool);
-    r.split_n = N >= 16 * nt || M < 2 * nt;
-    r.align = r.split_n ? 16 : 1;
-    cpm_pool_run(pool, mm_worker, &r);
+    run_split(pool, &r);
     free(owned);
 }
