@@ -77,19 +77,34 @@ static void check_answer(const char *buf, size_t n) {
         broken("the answer does not start with an HTTP/1.1 status line");
 }
 
+/* A client socket connected to the server, from the next of many loopback source
+ * addresses (no port runs out). A loaded machine can refuse a connect now and then (a CI
+ * run saw one in ~80k): the server's robustness is what is fuzzed, not the host's, so a
+ * fresh socket tries again before the run gives up. */
+static int connect_client(void) {
+    static uint32_t next_source;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int tries = 0; tries < 50; tries++) {
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        src.sin_addr.s_addr = htonl(0x7f000000u | (1u + next_source++ % 0xfffffeu));
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&src, sizeof src) != 0)
+            broken("cannot bind the client socket");
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+            return fd;
+        fprintf(stderr, "fuzz_http: connect: %s (trying again)\n", strerror(errno));
+        close(fd);
+        usleep(20000);
+    }
+    broken("cannot connect to the server");
+    return -1;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!server)
         setup();
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    static uint32_t next_source;
-    struct sockaddr_in src = {.sin_family = AF_INET};
-    src.sin_addr.s_addr = htonl(0x7f000000u | (1u + next_source++ % 0xfffffeu));
-    if (fd < 0 || bind(fd, (struct sockaddr *)&src, sizeof src) != 0)
-        broken("cannot bind the client socket");
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
-        broken("cannot connect to the server");
+    int fd = connect_client();
     fcntl(fd, F_SETFL, O_NONBLOCK);
     size_t sent = 0;
     static char answer[1 << 16];
