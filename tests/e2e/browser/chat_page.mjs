@@ -46,8 +46,9 @@ try {
   out.updates = await page.evaluate(() => [...window.__lengths].filter((n) => n > 0).length);
   out.glance = await page.$eval("#g_rate", (e) => e.textContent);
   await page.screenshot({ path: shot, fullPage: true });
-  // Stop: a long answer, stopped once it has begun
-  await set("max_tokens", "3000");
+  // Stop: a long answer, stopped once it has begun. Long enough (tens of seconds on the
+  // tiny model) that a browser slowed by a loaded host still clicks before it ends.
+  await set("max_tokens", "12000");
   await page.type("#prompt", "Tell me a very long story.");
   await page.click("#send");
   await page.waitForFunction(() => {
