@@ -7,8 +7,10 @@
  * logit becomes -inf. The model's stop tokens are allowed exactly when the text is
  * complete. Stateless like the rest of the sampler: any replica gives the same mask.
  *
- * Kinds: JSON_OBJECT is enforced (one JSON object). JSON_SCHEMA is enforced as JSON_OBJECT
- * (valid JSON, the schema's own rules not yet); TOOL_CALLS is not masked yet.
+ * Kinds: JSON_OBJECT (one JSON object, json_match.h), JSON_SCHEMA (a document valid against
+ * the schema) and TOOL_CALLS (MiniCPM's call block for the allowed tools), the last two as
+ * grammars (json_grammar.h) compiled once per schema text and kept in a small LRU cache,
+ * shared by the sampler's threads under a lock taken only to look up.
  */
 #ifndef CPM_CONSTRAIN_H
 #define CPM_CONSTRAIN_H
@@ -28,9 +30,9 @@ int cpm_constrainer_new(const char *model_dir, cpm_constrainer **ret, cpm_error 
 void cpm_constrainer_free(cpm_constrainer *c);
 
 /* Masks logits[vocab] for constraint k after the generated ids; allowed is vocab bytes
- * of scratch. CPM_EINVAL when the generated text already breaks the format, CPM_ERANGE
- * when the vocabularies differ. A kind it does not enforce leaves the logits as they are. */
-int cpm_constrainer_apply(const cpm_constrainer *c, const Cpm__V1__Constraint *k,
+ * of scratch. CPM_EINVAL when the schema cannot be compiled or the generated text already
+ * breaks the format, CPM_ERANGE when the vocabularies differ. Thread-safe. */
+int cpm_constrainer_apply(cpm_constrainer *c, const Cpm__V1__Constraint *k,
                           const int32_t *generated, size_t n, float *logits, int vocab,
                           uint8_t *allowed, cpm_error *err);
 

@@ -63,7 +63,7 @@ static void reply_mem_free(reply_mem *m) {
 }
 
 /* A constrained row's mask on m->row (the generated ids are the history's last `step`). */
-static int constrain_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
+static int constrain_row(cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
                          int vocab, reply_mem *m, cpm_error *err) {
     if (!row->constraint || row->constraint->kind == CPM__V1__CONSTRAINT_KIND__CONSTRAINT_NONE)
         return 0;
@@ -80,7 +80,7 @@ static int constrain_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row
     return rc ? cpm_error_prefix(err, "sample.rows[%u]", r) : 0;
 }
 
-static int sample_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
+static int sample_row(cpm_constrainer *c, const Cpm__V1__SampleRow *row, uint32_t r,
                       const float *logits, int vocab, reply_mem *m, cpm_error *err) {
     cpm_sampling_params p;
     int rc = cpm_sampler_svc_params(row->params, &p, err);
@@ -129,7 +129,7 @@ static int sample_row(const cpm_constrainer *c, const Cpm__V1__SampleRow *row, u
 }
 
 int cpm_sampler_svc_handle(void *user, const cpm_inmsg *in, cpm_reply *out, cpm_error *err) {
-    const cpm_constrainer *c = user;
+    cpm_constrainer *c = user;
     if (in->env->body_case != CPM__V1__ENVELOPE__BODY_SAMPLE)
         return cpm_error_set(err, CPM_EUNSUPPORTED, "sampler: cannot handle '%s'",
                              cpm_wire_body_name(in->env->body_case));

@@ -114,30 +114,33 @@ int cpm_vtrie_vocab(const cpm_vtrie *t) {
     return t->vocab;
 }
 
-bool cpm_vtrie_feed(const cpm_vtrie *t, cpm_jm *m, int32_t id) {
+bool cpm_vtrie_feed(const cpm_vtrie *t, const cpm_vtrie_matcher *mt, void *state, int32_t id) {
     if (id < 0 || id >= t->vocab || t->off[id + 1] == t->off[id])
         return false;
     for (uint32_t i = t->off[id]; i < t->off[id + 1]; i++)
-        if (!cpm_jm_feed(m, t->bytes[i]))
+        if (!mt->feed(mt->ctx, state, t->bytes[i]))
             return false;
     return true;
 }
 
 typedef struct walk {
     const cpm_vtrie *t;
+    const cpm_vtrie_matcher *mt;
     int budget;
     uint8_t *allowed;
     int count;
 } walk;
 
-/* The subtree under node at, whose prefix leaves the matcher in m. */
-static void visit(walk *w, int32_t at, const cpm_jm *m) {
+/* The subtree under node at, whose prefix leaves the matcher in state m. */
+static void visit(walk *w, int32_t at, const void *m) {
+    _Alignas(16) unsigned char next[CPM_VTRIE_STATE_MAX];
+    const cpm_vtrie_matcher *mt = w->mt;
     for (int32_t c = w->t->nodes[at].child; c >= 0; c = w->t->nodes[c].sibling) {
-        cpm_jm next = *m;
-        if (!cpm_jm_feed(&next, w->t->nodes[c].byte))
+        memcpy(next, m, mt->size);
+        if (!mt->feed(mt->ctx, next, w->t->nodes[c].byte))
             continue;
         /* after this token: the closing bytes, one token each, then the stop token */
-        bool fits = w->budget <= 0 || cpm_jm_min_close(&next) + 1 <= w->budget - 1;
+        bool fits = w->budget <= 0 || mt->min_close(mt->ctx, next) + 1 <= w->budget - 1;
         for (int32_t id = w->t->nodes[c].tokens; fits && id >= 0; id = w->t->next_token[id]) {
             w->allowed[id] = 1;
             w->count++;
@@ -146,10 +149,11 @@ static void visit(walk *w, int32_t at, const cpm_jm *m) {
     }
 }
 
-int cpm_vtrie_mask(const cpm_vtrie *t, const cpm_jm *m, int budget, uint8_t *allowed) {
+int cpm_vtrie_mask(const cpm_vtrie *t, const cpm_vtrie_matcher *mt, const void *state, int budget,
+                   uint8_t *allowed) {
     memset(allowed, 0, (size_t)t->vocab);
-    walk w = {.t = t, .budget = budget, .allowed = allowed};
-    if (!m->dead)
-        visit(&w, 0, m);
+    walk w = {.t = t, .mt = mt, .budget = budget, .allowed = allowed};
+    if (mt->size <= CPM_VTRIE_STATE_MAX)
+        visit(&w, 0, state);
     return w.count;
 }

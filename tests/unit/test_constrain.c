@@ -1,8 +1,9 @@
 /* test_constrain.c - services/sampler/constrain.c with the real 73448-token vocabulary:
  * whatever the logits (random rows stand for random weights, the hard case), every text
- * drawn under a json_object constraint is one JSON object (jansson parses it) that ends
- * with a stop token within tokens_left; a constraint it does not enforce leaves the
- * logits alone; a generated text that already breaks the JSON is an error. */
+ * drawn under a json_object constraint is one JSON object (jansson parses it), under a
+ * json_schema one a document of the schema, under a forced tool choice one call block of
+ * the tool, each ending with a stop token within tokens_left; a schema outside the subset
+ * and a generated text that already breaks the format are errors. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -34,8 +35,9 @@ static int argmax(const float *x, int n) {
     return b;
 }
 
-/* One constrained greedy generation over random logits; returns the ids (stop excluded). */
-static int generate(int budget, int32_t *ids, bool *stopped) {
+/* One constrained greedy generation over random logits under k (its tokens_left is set
+ * here); returns the ids (stop excluded). */
+static int generate(Cpm__V1__Constraint k, int budget, int32_t *ids, bool *stopped) {
     int V = cpm_tokenizer_vocab_size(tok), n = 0;
     float *logits = malloc((size_t)V * sizeof *logits);
     uint8_t *allowed = malloc((size_t)V);
@@ -43,8 +45,6 @@ static int generate(int budget, int32_t *ids, bool *stopped) {
     for (int step = 0; step < budget; step++) {
         for (int i = 0; i < V; i++)
             logits[i] = 10.0f * uniform();
-        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
-        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT;
         k.tokens_left = (uint32_t)(budget - step);
         cpm_error e = {0};
         if (cpm_constrainer_apply(cons, &k, ids, (size_t)n, logits, V, allowed, &e))
@@ -69,7 +69,9 @@ static void test_json_object_always(void **state) {
         int budget = budgets[run % 4];
         int32_t ids[64];
         bool stopped;
-        int n = generate(budget, ids, &stopped);
+        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
+        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_OBJECT;
+        int n = generate(k, budget, ids, &stopped);
         char *text;
         size_t len;
         cpm_error e = {0};
@@ -84,7 +86,73 @@ static void test_json_object_always(void **state) {
     }
 }
 
-static void test_other_kinds_and_errors(void **state) {
+static char *decode(const int32_t *ids, int n) {
+    char *text;
+    size_t len;
+    cpm_error e = {0};
+    assert_int_equal(cpm_tokenizer_decode(tok, ids, (size_t)n, true, &text, &len, &e), 0);
+    return text;
+}
+
+static const char SCHEMA[] =
+    "{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\"},\"age\":{\"type\":"
+    "\"integer\"},\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"red\",\"blue\"]},"
+    "\"maxItems\":2},\"zip\":{\"anyOf\":[{\"type\":\"string\"},{\"type\":\"null\"}]}},"
+    "\"required\":[\"name\",\"age\",\"tags\",\"zip\"],\"additionalProperties\":false}";
+
+static void test_json_schema_always(void **state) {
+    (void)state;
+    const int budgets[] = {44, 52, 64}; /* the shortest document is 40 bytes */
+    for (int run = 0; run < 12; run++) {
+        int budget = budgets[run % 3];
+        int32_t ids[64];
+        bool stopped;
+        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
+        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
+        k.schema = (char *)SCHEMA;
+        int n = generate(k, budget, ids, &stopped);
+        char *text = decode(ids, n);
+        json_error_t je;
+        json_t *o = json_loads(text, 0, &je), *tags = json_object_get(o, "tags"), *zip = json_object_get(o, "zip");
+        bool ok = stopped && json_is_object(o) && json_object_size(o) == 4 &&
+                  json_is_string(json_object_get(o, "name")) && json_is_integer(json_object_get(o, "age")) &&
+                  json_is_array(tags) && json_array_size(tags) <= 2 && (json_is_string(zip) || json_is_null(zip));
+        for (size_t i = 0; ok && i < json_array_size(tags); i++) {
+            const char *t = json_string_value(json_array_get(tags, i));
+            ok = t && (!strcmp(t, "red") || !strcmp(t, "blue"));
+        }
+        if (!ok)
+            fail_msg("run %d (budget %d, %d tokens, stopped %d): not valid: %s", run, budget, n, stopped, text);
+        json_decref(o);
+        free(text);
+    }
+}
+
+static void test_tool_call_always(void **state) {
+    (void)state;
+    for (int run = 0; run < 6; run++) {
+        int32_t ids[160];
+        bool stopped;
+        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
+        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS;
+        k.single_call = true;
+        k.schema = "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":"
+                   "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"},\"days\":"
+                   "{\"type\":\"integer\"}},\"required\":[\"city\",\"days\"]}}}]";
+        int budget = 90 + 10 * run;
+        int n = generate(k, budget, ids, &stopped);
+        char *text = decode(ids, n);
+        const char *head = "<|tool_call_start|>\n```python\nget_weather(city=\"";
+        const char *tail = ")\n```\n<|tool_call_end|>";
+        size_t len = strlen(text);
+        if (!stopped || strncmp(text, head, strlen(head)) || len < strlen(tail) ||
+            strcmp(text + len - strlen(tail), tail) || !strstr(text, "\", days="))
+            fail_msg("run %d (budget %d, %d tokens): not one call: %s", run, budget, n, text);
+        free(text);
+    }
+}
+
+static void test_errors(void **state) {
     (void)state;
     int V = cpm_tokenizer_vocab_size(tok);
     float *logits = malloc((size_t)V * sizeof *logits);
@@ -92,12 +160,7 @@ static void test_other_kinds_and_errors(void **state) {
     for (int i = 0; i < V; i++)
         logits[i] = (float)i;
     Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
-    k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS; /* not enforced yet: untouched */
-    k.schema = "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]";
     cpm_error e = {0};
-    assert_int_equal(cpm_constrainer_apply(cons, &k, NULL, 0, logits, V, allowed, &e), 0);
-    for (int i = 0; i < V; i++)
-        assert_true(logits[i] == (float)i);
     /* A schema outside the subset: the row's error, named by its JSON pointer. */
     k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
     k.schema = "{\"type\":\"string\",\"pattern\":\"a\"}";
@@ -116,7 +179,7 @@ static void test_other_kinds_and_errors(void **state) {
     free(enc);
     assert_int_equal(cpm_constrainer_apply(cons, &k, hello, n < 4 ? n : 4, logits, V, allowed, &e),
                      CPM_EINVAL);
-    assert_non_null(strstr(e.msg, "breaks the JSON"));
+    assert_non_null(strstr(e.msg, "breaks the format"));
     assert_int_equal(cpm_constrainer_apply(cons, &k, NULL, 0, logits, V - 1, allowed, &e), CPM_ERANGE);
     free(logits);
     free(allowed);
@@ -147,7 +210,9 @@ int main(int argc, char **argv) {
     tok_dir = argv[1];
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_json_object_always),
-        cmocka_unit_test(test_other_kinds_and_errors),
+        cmocka_unit_test(test_json_schema_always),
+        cmocka_unit_test(test_tool_call_always),
+        cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
