@@ -698,7 +698,13 @@ static int check_tools(cpm_oai_request *rq, cpm_oai_error *e) {
         return 0;
     rq->constraint_kind = CPM_OAI_CONSTRAINT_TOOL_CALLS;
     rq->constraint_single = rq->tool_choice == CPM_OAI_TOOLS_NAMED;
-    return (rq->constraint_schema = allowed_tools(rq)) ? 0 : CPM_ENOMEM;
+    if (!(rq->constraint_schema = allowed_tools(rq)))
+        return CPM_ENOMEM;
+    cpm_error why = {0}; /* the sampler holds a forced call to the tool's parameters schema */
+    if (cpm_jschema_check(CPM_OAI_CONSTRAINT_TOOL_CALLS, rq->constraint_schema, rq->constraint_single,
+                          &why))
+        return BAD(e, "tools", "'tools' with a forced 'tool_choice': %s", why.msg);
+    return 0;
 }
 
 /* Adds an unknown field's name to rq->ignored ("a, b, ..."; cut at its size). */

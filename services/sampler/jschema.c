@@ -160,6 +160,29 @@ static int check_node(json_t *root, json_t *node, const char *path, int depth, c
     return 0;
 }
 
+/* A call's keyword: letters, digits and _, not starting with a digit (MiniCPM writes calls
+ * as Python, name(kw=value)). */
+static int is_keyword(const char *s) {
+    if (!s[0] || (s[0] >= '0' && s[0] <= '9'))
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '_'))
+            return 0;
+    return 1;
+}
+
+static int check_keywords(json_t *params, size_t i, cpm_error *err) {
+    const char *k;
+    json_t *v;
+    json_object_foreach(json_object_get(params, "properties"), k, v) {
+        if (!is_keyword(k))
+            return cpm_error_set(err, CPM_EINVAL, "/%zu/function/parameters/properties/%.64s: not a "
+                                 "Python identifier, so a forced call cannot name it", i, k);
+    }
+    return 0;
+}
+
 static int check_tools(json_t *tools, int single_call, cpm_error *err) {
     char path[PATH_MAX_LEN];
     size_t i;
@@ -175,6 +198,8 @@ static int check_tools(json_t *tools, int single_call, cpm_error *err) {
         json_t *params = json_object_get(fn, "parameters");
         snprintf(path, sizeof path, "/%zu/function/parameters", i);
         int rc = params ? check_node(params, params, path, 0, err) : 0;
+        if (!rc && params)
+            rc = check_keywords(params, i, err);
         if (rc)
             return rc;
     }

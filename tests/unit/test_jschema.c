@@ -93,6 +93,11 @@ static void test_tool_calls(void **state) {
     assert_int_equal(cpm_jschema_check(CPM_JSCHEMA_TOOL_CALLS, bad, 0, &err), CPM_EINVAL);
     assert_non_null(strstr(err.msg, "/0/function/parameters/properties/x/maxLength"));
     assert_int_equal(cpm_jschema_check(CPM_JSCHEMA_TOOL_CALLS, "[{}]", 0, &err), CPM_EINVAL);
+    /* a forced call names its arguments as Python keywords */
+    const char *dash = "[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":"
+                       "{\"type\":\"object\",\"properties\":{\"max-items\":{\"type\":\"integer\"}}}}}]";
+    assert_int_equal(cpm_jschema_check(CPM_JSCHEMA_TOOL_CALLS, dash, 0, &err), CPM_EINVAL);
+    assert_non_null(strstr(err.msg, "max-items: not a Python identifier"));
     assert_int_equal(cpm_jschema_check(CPM_JSCHEMA_JSON_OBJECT, NULL, 0, &err), 0);
     assert_int_equal(cpm_jschema_check(9, "{}", 0, &err), CPM_EINVAL);
 }

@@ -586,6 +586,14 @@ static void test_tools(void **state) {
         {"{" USER ",\"tools\":[" SEARCH "],\"tool_choice\":\"required\","
                   "\"response_format\":{\"type\":\"json_object\"}}", "response_format"},
         {"{" USER ",\"parallel_tool_calls\":1}", "parallel_tool_calls"},
+        /* a forced call is held to its schema: keywords must be names, the subset enforceable */
+        {"{" USER ",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":"
+                  "{\"type\":\"object\",\"properties\":{\"a-b\":{\"type\":\"string\"}}}}}],"
+                  "\"tool_choice\":\"required\"}", "tools"},
+        {"{" USER ",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":"
+                  "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"string\",\"format\":"
+                  "\"date\"}}}}}],\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"f\"}}}",
+         "tools"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         parse_bad(CPM_OAI_CHAT, bad[i][0], bad[i][1], NULL);
