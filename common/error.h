@@ -27,7 +27,8 @@
     X(CPM_ETIMEDOUT, -11, "timed out")                     \
     X(CPM_ECLOSED, -12, "peer closed")                     \
     X(CPM_ELIMIT, -13, "limit exceeded")                   \
-    X(CPM_EINTERNAL, -14, "internal error")
+    X(CPM_EINTERNAL, -14, "internal error")               \
+    X(CPM_ESTALE, -15, "stale (a cached prefix is gone)")
 
 enum cpm_errno {
 #define CPM_ERR_ENUM(name, value, desc) name = value,

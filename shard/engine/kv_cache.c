@@ -1,10 +1,12 @@
-/* kv_cache.c - paged KV cache: a block pool, per-sequence block tables.
+/* kv_cache.c - paged KV cache: a block pool, per-sequence block tables, and the
+ * prefix cache's published blocks (a hash table and an LRU of the idle ones).
  * The layout is in kv_cache_internal.h. */
 #include "kv_cache.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+#include "../../common/u64map.h"
 #include "kv_cache_internal.h"
 
 cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max_seqs,
@@ -37,7 +39,14 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max
     kv->free_blocks = malloc((size_t)kv->n_blocks * sizeof(int));
     kv->seqs = calloc((size_t)max_seqs, sizeof *kv->seqs);
     kv->block_tables = malloc((size_t)max_seqs * (size_t)kv->max_blocks_per_seq * sizeof(int));
-    if (!kv->data || !kv->free_blocks || !kv->seqs || !kv->block_tables)
+    kv->table = cpm_u64map_new(kv->n_blocks);
+    kv->refs = calloc((size_t)kv->n_blocks, sizeof *kv->refs);
+    kv->hash = calloc((size_t)kv->n_blocks, sizeof *kv->hash);
+    kv->lru_prev = malloc((size_t)kv->n_blocks * sizeof *kv->lru_prev);
+    kv->lru_next = malloc((size_t)kv->n_blocks * sizeof *kv->lru_next);
+    kv->lru_head = kv->lru_tail = -1;
+    if (!kv->data || !kv->free_blocks || !kv->seqs || !kv->block_tables || !kv->table ||
+        !kv->refs || !kv->hash || !kv->lru_prev || !kv->lru_next)
         goto out_nomem;
     for (int i = 0; i < kv->n_blocks; i++) /* pop order: block 0 first */
         kv->free_blocks[i] = kv->n_blocks - 1 - i;
@@ -61,7 +70,83 @@ void cpm_kv_cache_free(cpm_kv_cache *kv) {
     free(kv->free_blocks);
     free(kv->seqs);
     free(kv->block_tables);
+    cpm_u64map_free(kv->table);
+    free(kv->refs);
+    free(kv->hash);
+    free(kv->lru_prev);
+    free(kv->lru_next);
     free(kv);
+}
+
+/* ---- published blocks: the hash map and the LRU of idle ones --------------------- */
+
+static int table_find(const cpm_kv_cache *kv, uint64_t h) {
+    return cpm_u64map_get(kv->table, h);
+}
+
+static void unpublish(cpm_kv_cache *kv, int b) {
+    cpm_u64map_remove(kv->table, kv->hash[b]);
+    kv->hash[b] = 0;
+    kv->n_published--;
+}
+
+static void lru_push(cpm_kv_cache *kv, int b) {
+    kv->lru_prev[b] = kv->lru_tail;
+    kv->lru_next[b] = -1;
+    if (kv->lru_tail >= 0)
+        kv->lru_next[kv->lru_tail] = b;
+    else
+        kv->lru_head = b;
+    kv->lru_tail = b;
+    kv->n_idle++;
+}
+
+static void lru_remove(cpm_kv_cache *kv, int b) {
+    if (kv->lru_prev[b] >= 0)
+        kv->lru_next[kv->lru_prev[b]] = kv->lru_next[b];
+    else
+        kv->lru_head = kv->lru_next[b];
+    if (kv->lru_next[b] >= 0)
+        kv->lru_prev[kv->lru_next[b]] = kv->lru_prev[b];
+    else
+        kv->lru_tail = kv->lru_prev[b];
+    kv->n_idle--;
+}
+
+/* A block for one holder: a free one, else the oldest idle published one (evicted).
+ * The caller checked that one exists. */
+static int block_take(cpm_kv_cache *kv) {
+    int b;
+    if (kv->n_free > 0) {
+        b = kv->free_blocks[--kv->n_free];
+    } else {
+        b = kv->lru_head;
+        lru_remove(kv, b);
+        unpublish(kv, b);
+    }
+    kv->refs[b] = 1;
+    return b;
+}
+
+static void block_drop(cpm_kv_cache *kv, int b) {
+    if (--kv->refs[b] > 0)
+        return;
+    if (kv->hash[b])
+        lru_push(kv, b); /* kept for a later prompt with the same prefix */
+    else
+        kv->free_blocks[kv->n_free++] = b;
+}
+
+/* A private copy of the seq's block index i (shared: rewinding will overwrite it). */
+static void copy_on_write(cpm_kv_cache *kv, struct cpm_kv_seq *s, int i) {
+    int from = s->blocks[i], to = block_take(kv);
+    memcpy(kv->data + (size_t)to * kv->block_elems * kv->elem,
+           kv->data + (size_t)from * kv->block_elems * kv->elem, kv->block_elems * kv->elem);
+    if (kv->key_sums)
+        memcpy(cpm_kv_key_sum(kv, 0, to), cpm_kv_key_sum(kv, 0, from),
+               (size_t)kv->n_layers * (size_t)kv->k_dim * sizeof(float));
+    s->blocks[i] = to;
+    block_drop(kv, from);
 }
 
 int cpm_kv_cache_seq_new(cpm_kv_cache *kv, cpm_error *err) {
@@ -81,15 +166,72 @@ static bool seq_valid(const cpm_kv_cache *kv, int seq) {
     return seq >= 0 && seq < kv->max_seqs && kv->seqs[seq].live;
 }
 
-void cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len) {
+int cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len) {
     if (!seq_valid(kv, seq) || len < 0)
-        return;
+        return 0;
     struct cpm_kv_seq *s = &kv->seqs[seq];
     int keep = (len + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
+    if (len < s->len && len % CPM_KV_BLOCK && keep <= s->n_blocks) {
+        /* the kept block will be written again from len on */
+        int b = s->blocks[keep - 1];
+        if (kv->refs[b] > 1) {
+            if (kv->n_free + kv->n_idle == 0)
+                return CPM_ELIMIT;
+            copy_on_write(kv, s, keep - 1);
+        } else if (kv->hash[b]) {
+            unpublish(kv, b);
+        }
+    }
     while (s->n_blocks > keep)
-        kv->free_blocks[kv->n_free++] = s->blocks[--s->n_blocks];
+        block_drop(kv, s->blocks[--s->n_blocks]);
     if (s->len > len)
         s->len = len;
+    return 0;
+}
+
+int cpm_kv_cache_seq_attach(cpm_kv_cache *kv, int seq, const uint64_t *hashes, int n,
+                            cpm_error *err) {
+    if (!seq_valid(kv, seq) || kv->seqs[seq].len || kv->seqs[seq].n_blocks)
+        return cpm_error_set(err, CPM_EINVAL, "kv cache: a prefix attaches only to a new sequence");
+    if (n < 0 || n > kv->max_blocks_per_seq)
+        return cpm_error_set(err, CPM_ELIMIT, "kv cache: a prefix of %d blocks", n);
+    for (int i = 0; i < n; i++)
+        if (!hashes[i] || table_find(kv, hashes[i]) < 0)
+            return cpm_error_set(err, CPM_ESTALE, "kv cache: prefix block %d of %d is not cached "
+                                 "(evicted, or never reached this stage)", i, n);
+    struct cpm_kv_seq *s = &kv->seqs[seq];
+    for (int i = 0; i < n; i++) {
+        int b = table_find(kv, hashes[i]);
+        if (kv->refs[b]++ == 0)
+            lru_remove(kv, b);
+        s->blocks[s->n_blocks++] = b;
+    }
+    s->len = n * CPM_KV_BLOCK;
+    return 0;
+}
+
+int cpm_kv_cache_seq_publish(cpm_kv_cache *kv, int seq, int first, const uint64_t *hashes, int n) {
+    if (!seq_valid(kv, seq) || first < 0)
+        return 0;
+    const struct cpm_kv_seq *s = &kv->seqs[seq];
+    int done = 0;
+    for (int i = 0; i < n && first + i < s->n_blocks; i++) {
+        int b = s->blocks[first + i];
+        if (s->len < (first + i + 1) * CPM_KV_BLOCK)
+            break; /* not full yet */
+        if (kv->hash[b] || !hashes[i] || table_find(kv, hashes[i]) >= 0)
+            continue;
+        kv->hash[b] = hashes[i];
+        cpm_u64map_put(kv->table, hashes[i], b);
+        kv->n_published++;
+        done++;
+    }
+    return done;
+}
+
+void cpm_kv_cache_cached(const cpm_kv_cache *kv, int *ret_idle, int *ret_published) {
+    *ret_idle = kv->n_idle;
+    *ret_published = kv->n_published;
 }
 
 void cpm_kv_cache_seq_free(cpm_kv_cache *kv, int seq) {
@@ -104,7 +246,7 @@ int cpm_kv_cache_seq_len(const cpm_kv_cache *kv, int seq) {
 }
 
 void cpm_kv_cache_usage(const cpm_kv_cache *kv, int *ret_used, int *ret_total) {
-    *ret_used = kv->n_blocks - kv->n_free;
+    *ret_used = kv->n_blocks - kv->n_free - kv->n_idle;
     *ret_total = kv->n_blocks;
 }
 
@@ -132,13 +274,13 @@ int cpm_kv_cache_reserve(cpm_kv_cache *kv, const cpm_batch *b, int *slots, cpm_e
         if (b->pos[i] % CPM_KV_BLOCK == 0 && b->pos[i] / CPM_KV_BLOCK >= kv->seqs[sq].n_blocks)
             need++;
     }
-    if (need > kv->n_free)
+    if (need > kv->n_free + kv->n_idle)
         return cpm_error_set(err, CPM_ELIMIT, "kv cache full: %d blocks needed, %d free", need,
-                             kv->n_free);
+                             kv->n_free + kv->n_idle);
     for (int i = 0; i < b->n_tokens; i++) {
         struct cpm_kv_seq *s = &kv->seqs[b->seq[i]];
         if (b->pos[i] / CPM_KV_BLOCK >= s->n_blocks)
-            s->blocks[s->n_blocks++] = kv->free_blocks[--kv->n_free];
+            s->blocks[s->n_blocks++] = block_take(kv);
         slots[i] = cpm_kv_slot(kv, b->seq[i], b->pos[i]);
     }
     return 0;

@@ -4,6 +4,14 @@
  * layers) reserved at creation; a sequence holds a table of block indices that
  * grows as it does, so short and long sequences share the pool without
  * fragmentation and nothing is allocated per token.
+ *
+ * Prefix caching: a full block can be published under a hash of every token up to
+ * and including it (the router computes them: it knows the tokens, later stages only
+ * see activations). A published block outlives its sequences in an LRU of cached
+ * blocks, and a new sequence can start by attaching the blocks of its prompt's first
+ * positions; shared blocks are counted, never written (a sequence that rewinds into
+ * one gets a private copy), and cached blocks are evicted, oldest first, only when a
+ * reservation finds no free block.
  */
 #ifndef CPM_KV_CACHE_H
 #define CPM_KV_CACHE_H
@@ -52,11 +60,28 @@ void cpm_kv_cache_seq_free(cpm_kv_cache *kv, int seq);
 /* Tokens cached for seq, or -1 for an unknown handle. */
 int cpm_kv_cache_seq_len(const cpm_kv_cache *kv, int seq);
 
-/* Drops cached tokens at positions >= len (to rewind). */
-void cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len);
+/* Drops cached tokens at positions >= len (to rewind). A block kept partly that other
+ * sequences share (or that is published) is first copied: CPM_ELIMIT when no block is
+ * left for the copy (nothing changed then). */
+int cpm_kv_cache_seq_truncate(cpm_kv_cache *kv, int seq, int len);
 
-/* Blocks in use and in total (for the KV-usage metric). */
+/* Starts the empty sequence seq with the n published blocks of these hashes, in order
+ * (its length becomes n * CPM_KV_BLOCK). CPM_ESTALE when one is not cached (any more),
+ * CPM_EINVAL when seq is not empty; nothing changes on failure. */
+int cpm_kv_cache_seq_attach(cpm_kv_cache *kv, int seq, const uint64_t *hashes, int n,
+                            cpm_error *err);
+
+/* Publishes seq's blocks first .. first + n - 1 under hashes[0 .. n) (non-zero), each
+ * when it is full and not published yet; a hash already held by another block is left
+ * to it. Returns how many blocks were published. */
+int cpm_kv_cache_seq_publish(cpm_kv_cache *kv, int seq, int first, const uint64_t *hashes, int n);
+
+/* Blocks held by sequences, and in total (for the KV-usage metric); cached blocks no
+ * sequence holds count as free. */
 void cpm_kv_cache_usage(const cpm_kv_cache *kv, int *ret_used, int *ret_total);
+
+/* Blocks published and held by no sequence (evictable), and published in all. */
+void cpm_kv_cache_cached(const cpm_kv_cache *kv, int *ret_idle, int *ret_published);
 
 /* For the forward pass: makes room for the batch rows and records each row's
  * cache slot (block * CPM_KV_BLOCK + offset) in slots[n_tokens]; checks that

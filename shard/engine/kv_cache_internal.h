@@ -34,8 +34,14 @@ struct cpm_kv_cache {
     size_t block_elems;  /* n_layers * CPM_KV_BLOCK * (k_dim + v_dim) */
     char *data;          /* [n_blocks, block_elems] elements */
     float *key_sums;     /* [n_blocks, n_layers, k_dim], or NULL without key sums */
-    int *free_blocks;    /* stack */
+    int *free_blocks;    /* stack of blocks neither held nor published */
     int n_free;
+    /* prefix caching (kv_cache.h): per block, holders and hash (0: not published) */
+    int *refs;
+    uint64_t *hash;
+    int *lru_prev, *lru_next; /* published blocks no sequence holds, oldest first */
+    int lru_head, lru_tail, n_idle, n_published;
+    struct cpm_u64map *table; /* hash -> published block */
     struct cpm_kv_seq *seqs;
     int *block_tables;   /* [max_seqs, max_blocks_per_seq] */
 };

@@ -73,6 +73,104 @@ static void test_reserve_checks_positions(void **state) {
     cpm_kv_cache_free(kv);
 }
 
+/* Rows 0..n-1 of seq, reserved and committed, each key's first element = marker + pos. */
+static void fill(cpm_kv_cache *kv, int seq, int from, int n, float marker) {
+    cpm_error e = {0};
+    int32_t sq[64], pos[64];
+    int slots[64];
+    for (int i = 0; i < n; i++)
+        sq[i] = seq, pos[i] = from + i;
+    cpm_batch b = {.n_tokens = n, .seq = sq, .pos = pos};
+    assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
+    for (int i = 0; i < n; i++)
+        *(float *)cpm_kv_key(kv, 0, slots[i]) = marker + (float)pos[i];
+    cpm_kv_cache_commit(kv, &b);
+}
+
+static float key_at(const cpm_kv_cache *kv, int seq, int pos) {
+    return *(const float *)cpm_kv_key(kv, 0, cpm_kv_slot(kv, seq, pos));
+}
+
+/* Prefix caching: publish full blocks, keep them after the sequence, attach them to a
+ * new one (shared, counted), copy on a rewind into a shared block, evict oldest first. */
+static void test_prefix_blocks(void **state) {
+    cpm_error e = {0};
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    g.dtype = CPM_DTYPE_F32;
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 64, 3, &e); /* 4 blocks */
+    const uint64_t h[] = {11, 22, 33}, other[] = {99};
+    int a = cpm_kv_cache_seq_new(kv, &e);
+    fill(kv, a, 0, 40, 1000.0f);
+    assert_int_equal(cpm_kv_cache_seq_publish(kv, a, 0, h, 3), 2); /* block 2 is not full */
+    int idle, published, used, total;
+    cpm_kv_cache_cached(kv, &idle, &published);
+    assert_int_equal(published, 2);
+    assert_int_equal(idle, 0);
+    cpm_kv_cache_seq_free(kv, a);
+    cpm_kv_cache_cached(kv, &idle, &published);
+    cpm_kv_cache_usage(kv, &used, &total);
+    assert_int_equal(idle, 2);
+    assert_int_equal(used, 0);
+    /* a new sequence starts from the two blocks: same contents, no copy */
+    int b = cpm_kv_cache_seq_new(kv, &e);
+    assert_int_equal(cpm_kv_cache_seq_attach(kv, b, other, 1, &e), CPM_ESTALE);
+    assert_int_equal(cpm_kv_cache_seq_len(kv, b), 0);
+    assert_int_equal(cpm_kv_cache_seq_attach(kv, b, h, 2, &e), 0);
+    assert_int_equal(cpm_kv_cache_seq_len(kv, b), 32);
+    assert_true(key_at(kv, b, 17) == 1017.0f);
+    assert_int_equal(cpm_kv_cache_seq_attach(kv, b, h, 1, &e), CPM_EINVAL); /* not empty */
+    fill(kv, b, 32, 4, 2000.0f);                                           /* goes on privately */
+    /* a second holder; rewinding it into block 0 copies that block first */
+    int c = cpm_kv_cache_seq_new(kv, &e);
+    assert_int_equal(cpm_kv_cache_seq_attach(kv, c, h, 2, &e), 0);
+    assert_int_equal(cpm_kv_cache_seq_truncate(kv, c, 8), 0);
+    assert_true(kv->seqs[c].blocks[0] != kv->seqs[b].blocks[0]);
+    assert_true(key_at(kv, c, 5) == 1005.0f);
+    fill(kv, c, 8, 8, 3000.0f);
+    assert_true(key_at(kv, c, 9) == 3009.0f && key_at(kv, b, 9) == 1009.0f);
+    cpm_kv_cache_cached(kv, &idle, &published);
+    assert_int_equal(published, 2);
+    /* the last holder of a published block rewinding into it unpublishes it */
+    cpm_kv_cache_seq_free(kv, c);
+    assert_int_equal(cpm_kv_cache_seq_truncate(kv, b, 20), 0);
+    cpm_kv_cache_cached(kv, &idle, &published);
+    assert_int_equal(published, 1);
+    /* under pressure the idle published blocks go, oldest first */
+    cpm_kv_cache_seq_free(kv, b);
+    int d = cpm_kv_cache_seq_new(kv, &e);
+    fill(kv, d, 0, 64, 4000.0f);
+    cpm_kv_cache_cached(kv, &idle, &published);
+    assert_int_equal(published, 0);
+    assert_int_equal(cpm_kv_cache_seq_attach(kv, cpm_kv_cache_seq_new(kv, &e), h, 1, &e), CPM_ESTALE);
+    cpm_kv_cache_free(kv);
+}
+
+/* The hash table survives many publish/evict rounds (deletions in probe runs). */
+static void test_prefix_table_churn(void **state) {
+    cpm_error e = {0};
+    cpm_kv_geometry g = cpm_model_kv_geometry(*state);
+    g.dtype = CPM_DTYPE_F32;
+    cpm_kv_cache *kv = cpm_kv_cache_new(&g, 8 * CPM_KV_BLOCK, 2, &e);
+    uint64_t next = 1;
+    for (int round = 0; round < 200; round++) {
+        int s = cpm_kv_cache_seq_new(kv, &e);
+        fill(kv, s, 0, 2 * CPM_KV_BLOCK, (float)round);
+        uint64_t hs[2] = {next * 0x100000001ull, (next + 1) * 0x100000001ull};
+        next += 2;
+        assert_int_equal(cpm_kv_cache_seq_publish(kv, s, 0, hs, 2), 2);
+        cpm_kv_cache_seq_free(kv, s);
+        int t = cpm_kv_cache_seq_new(kv, &e); /* the newest prefix is still there */
+        assert_int_equal(cpm_kv_cache_seq_attach(kv, t, hs, 2, &e), 0);
+        assert_true(key_at(kv, t, 3) == (float)round + 3.0f);
+        cpm_kv_cache_seq_free(kv, t);
+    }
+    int idle, published;
+    cpm_kv_cache_cached(kv, &idle, &published);
+    assert_int_equal(published, 8);
+    assert_int_equal(idle, 8);
+    cpm_kv_cache_free(kv);
+}
+
 static void test_full(void **state) {
     cpm_error e = {0};
     cpm_kv_geometry g = cpm_model_kv_geometry(*state);
@@ -126,6 +224,8 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_slots),
         cmocka_unit_test(test_reserve_checks_positions),
+        cmocka_unit_test(test_prefix_blocks),
+        cmocka_unit_test(test_prefix_table_churn),
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_dtypes),
     };
