@@ -225,6 +225,13 @@ static void sink_delta(cpm_gen *g, const char *text, size_t len, const char *fin
 static cpm_oai_usage usage_of(const cpm_job *j) {
     cpm_oai_usage u = {0};
     cpm_job_usage(j, &u.prompt_tokens, &u.completion_tokens);
+    for (int p = 0; p < j->n_prompts; p++) { /* each prompt counted once, as prompt_tokens are */
+        int most = 0;
+        for (int i = 0; i < j->n_gens; i++)
+            if (j->gens[i].prompt == p && j->gens[i].cached_tokens > most)
+                most = j->gens[i].cached_tokens;
+        u.cached_tokens += most;
+    }
     return u;
 }
 
@@ -739,6 +746,8 @@ static void on_metrics(cpm_api_http *api, cpm_http_conn *c, const cpm_http_reque
     g.inflight = st.inflight;
     g.kv_reserved = st.kv_reserved;
     g.kv_budget = st.kv_tokens;
+    g.prefix_asked = st.prefix_blocks_asked * 16;
+    g.prefix_reused = st.prefix_blocks_reused * 16;
     cpm_health_kv(ctx->health, &g.kv_used_blocks, &g.kv_total_blocks);
     g.model_name = ctx->model_name;
     int n;

@@ -74,6 +74,7 @@ typedef struct cpm_gen {
     Cpm__V1__SamplingParams params;
     int max_new;
     int n_gen;
+    int cached_tokens; /* prompt tokens the prefix cache supplied */
     int32_t *ids; /* generated ids (all of them; stream chunks use the tail) */
     cpm_tok_lp *lps; /* logprobs of generated ids, when asked */
     int n_emitted_ids; /* ids the sink has shown (streams) */

@@ -173,6 +173,14 @@ char *cpm_metrics_render(const cpm_metrics *m, const cpm_metrics_gauges *g, size
     counter(&o, "cpm_pipeline_rows_total", "Token rows sent through the pipeline.", m->step_rows);
     counter(&o, "cpm_failovers_total", "Sequences moved to another pipeline replica after theirs failed.",
             m->failovers);
+    counter(&o, "cpm_prefix_cache_queries_total",
+            "Prompt tokens (whole KV blocks, all but each prompt's last) a cached prefix could "
+            "have supplied.", g->prefix_asked);
+    counter(&o, "cpm_prefix_cache_hits_total", "Prompt tokens supplied by the prefix cache.",
+            g->prefix_reused);
+    counter(&o, "cpm_prefix_cache_misses_total",
+            "Micro-batches a stage failed because a cached prefix block was gone (their requests "
+            "started again from the first token).", m->prefix_misses);
     counter(&o, "cpm_service_retries_total",
             "Sampler and tokenizer calls sent again to another replica after a timeout or a lost "
             "service.", m->retries);

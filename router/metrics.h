@@ -66,6 +66,7 @@ typedef struct cpm_metrics {
     uint64_t prompt_tokens, generation_tokens;
     uint64_t steps, step_rows;
     uint64_t failovers; /* sequences moved to another pipeline replica */
+    uint64_t prefix_misses; /* steps that lost a cached prefix block at a stage */
     uint64_t retries;   /* service calls sent again to another replica (sampler, tokenizer) */
     cpm_hist ttft;          /* request accepted -> first token */
     cpm_hist inter_token;   /* between consecutive tokens of a sequence */
@@ -98,6 +99,7 @@ typedef struct cpm_metrics_gauges {
     int kv_used_blocks, kv_total_blocks; /* from the stages' health (summed) */
     int http_connections;
     int ready;
+    uint64_t prefix_asked, prefix_reused; /* prompt tokens a cached prefix could cover / did */
     const cpm_metrics_service *services;
     int n_services;
 } cpm_metrics_gauges;

@@ -1208,9 +1208,10 @@ static json_t *finish_of(const cpm_oai_choice *ch) {
 }
 
 static json_t *usage_json(const cpm_oai_usage *u) {
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", u->prompt_tokens, "completion_tokens",
-                     u->completion_tokens, "total_tokens",
-                     u->prompt_tokens + u->completion_tokens);
+    return json_pack("{s:i, s:i, s:i, s:{s:i}}", "prompt_tokens", u->prompt_tokens,
+                     "completion_tokens", u->completion_tokens, "total_tokens",
+                     u->prompt_tokens + u->completion_tokens, "prompt_tokens_details",
+                     "cached_tokens", u->cached_tokens);
 }
 
 static json_t *envelope(const char *object, const char *id, int64_t created, const char *model) {

@@ -203,6 +203,7 @@ typedef struct cpm_oai_choice {
 typedef struct cpm_oai_usage {
     int prompt_tokens;
     int completion_tokens;
+    int cached_tokens; /* of prompt_tokens, supplied by the prefix cache */
 } cpm_oai_usage;
 
 /* The non-streamed answer: "text_completion" or "chat.completion". Caller frees. */

@@ -18,9 +18,13 @@ typedef struct replica {
 /* An idle replica gets a micro-batch with no rows, only the live set, this long after
  * its last one, so stages free what died with a request even when no traffic follows. */
 #define GC_IDLE_NS 1000000000ull
+/* A new prompt goes to the replica holding its longest cached prefix when that replica has
+ * at most this many more sequences than the least loaded one. */
+#define PREFIX_LOAD_SLACK 4
 
 typedef struct step_time {
     uint64_t step, t;
+    bool attach; /* it started sequences from cached prefix blocks */
 } step_time;
 
 struct cpm_pipeline {
@@ -127,6 +131,7 @@ static cpm_sched_opts sched_opts(const cpm_config *c, int max_position) {
     so.max_seqs = c->router.max_seqs > 0 ? c->router.max_seqs : 64;
     so.max_context = max_position;
     so.kv_tokens = 0;
+    bool prefix = strcmp(c->router.prefix_cache, "on") == 0;
     so.max_batch_tokens = 1 << 30;
     for (int i = 0; i < c->n_stages; i++) {
         const cpm_cfg_stage *st = &c->stages[i];
@@ -141,6 +146,8 @@ static cpm_sched_opts sched_opts(const cpm_config *c, int max_position) {
         so.max_batch_tokens = 512;
     if (so.kv_tokens && so.kv_tokens < so.max_context)
         so.max_context = so.kv_tokens; /* one sequence can never outgrow one stage's cache */
+    /* the directory lists about what the stages' caches hold (they evict on their own) */
+    so.prefix_blocks = !prefix ? 0 : so.kv_tokens ? so.kv_tokens / 16 : 4096;
     return so;
 }
 
@@ -204,6 +211,8 @@ void cpm_pipeline_stats(const cpm_pipeline *p, cpm_sched_stats *ret) {
         ret->kv_reserved += st.kv_reserved;
         ret->kv_tokens += st.kv_tokens;
         ret->steps += st.steps;
+        ret->prefix_blocks_asked += st.prefix_blocks_asked;
+        ret->prefix_blocks_reused += st.prefix_blocks_reused;
     }
 }
 
@@ -228,8 +237,31 @@ static replica *pick_replica(cpm_pipeline *p, const replica *avoid) {
     return best ? best : avoid ? NULL : any;
 }
 
+/* Where a new prompt goes: the replica whose directory lists the longest prefix of it, unless
+ * its load exceeds the least loaded one's by more than the reuse is worth (a block saved is
+ * CPM_PREFIX_BLOCK prompt rows; a queued sequence costs a whole request). */
+static replica *pick_for_prompt(cpm_pipeline *p, const int32_t *prompt, int n) {
+    replica *least = pick_replica(p, NULL), *best = least;
+    if (p->n_replicas < 2)
+        return least;
+    cpm_sched_stats st;
+    cpm_sched_get_stats(least->sched, &st);
+    int least_load = st.live + st.queued, best_gain = 0;
+    for (int i = 0; i < p->n_replicas; i++) {
+        replica *r = &p->replicas[i];
+        if (r->down)
+            continue;
+        int blocks = cpm_sched_prefix_match(r->sched, prompt, n);
+        cpm_sched_get_stats(r->sched, &st);
+        int extra = st.live + st.queued - least_load;
+        if (blocks > 0 && extra <= PREFIX_LOAD_SLACK && blocks > best_gain)
+            best = r, best_gain = blocks;
+    }
+    return best;
+}
+
 int cpm_pipeline_add(cpm_pipeline *p, cpm_gen *g, const int32_t *prompt, int n, cpm_error *err) {
-    replica *r = pick_replica(p, NULL);
+    replica *r = pick_for_prompt(p, prompt, n);
     int rc = cpm_sched_add(r->sched, prompt, n, g->max_new, g, &g->seq, err);
     if (rc)
         g->seq = 0;
@@ -279,13 +311,32 @@ static void send_batch(cpm_pipeline *p, int k, const cpm_sched_batch *b) {
     fw.want = want;
     fw.n_release = (size_t)b->n_release;
     fw.release = (uint64_t *)b->release;
+    /* prefix caching: blocks to start from, blocks to keep */
+    Cpm__V1__SeqBlocks blocks[b->n_attach + b->n_publish + 1];
+    Cpm__V1__SeqBlocks *attach[b->n_attach + 1], *publish[b->n_publish + 1];
+    for (int i = 0; i < b->n_attach + b->n_publish; i++) {
+        const cpm_sched_blocks *x = i < b->n_attach ? &b->attach[i] : &b->publish[i - b->n_attach];
+        cpm__v1__seq_blocks__init(&blocks[i]);
+        blocks[i].seq = x->seq;
+        blocks[i].first_block = (uint32_t)x->first;
+        blocks[i].n_hash = (size_t)x->n;
+        blocks[i].hash = (uint64_t *)x->hash;
+        if (i < b->n_attach)
+            attach[i] = &blocks[i];
+        else
+            publish[i - b->n_attach] = &blocks[i];
+    }
+    fw.n_attach = (size_t)b->n_attach;
+    fw.attach = attach;
+    fw.n_publish = (size_t)b->n_publish;
+    fw.publish = publish;
     attach_live(p, k, &fw);
     p->replicas[k].gc_due = true;
     p->replicas[k].last_sent = uv_hrtime();
     Cpm__V1__Envelope env = CPM__V1__ENVELOPE__INIT;
     env.body_case = CPM__V1__ENVELOPE__BODY_FORWARD;
     env.forward = &fw;
-    p->steps[p->n_steps++] = (step_time){b->step, uv_hrtime()};
+    p->steps[p->n_steps++] = (step_time){b->step, uv_hrtime(), b->n_attach > 0};
     p->m->steps++;
     p->m->step_rows += (uint64_t)b->n_rows;
     note_sent(p, b);
@@ -376,6 +427,22 @@ static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay
 
 static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
     lose_step(p, step, why, false);
+}
+
+static bool step_attached(const cpm_pipeline *p, uint64_t step) {
+    for (int i = 0; i < p->n_steps; i++)
+        if (p->steps[i].step == step)
+            return p->steps[i].attach;
+    return false;
+}
+
+/* A step that started sequences from cached blocks failed: a stage may have evicted one
+ * (or restarted without them). The replica's directory is forgotten and the step's
+ * requests start again where they are, from their first token. */
+static void lose_prefix_step(cpm_pipeline *p, uint64_t step, const char *why) {
+    cpm_sched_prefix_forget(sched_of(p, step));
+    p->m->prefix_misses++;
+    lose_step(p, step, why, true);
 }
 
 /* Whether a step of replica k is in flight. */
@@ -620,7 +687,12 @@ void cpm_pipeline_on_result(cpm_pipeline *p, const Cpm__V1__StageResult *res,
         char why[CPM_ERROR_MSG_MAX];
         snprintf(why, sizeof why, "%s: %s", res->error->service ? res->error->service : "stage",
                  res->error->message ? res->error->message : "error");
-        fail_step(p, res->step, why);
+        if (step_attached(p, res->step)) /* whatever failed, the directory may be wrong */
+            cpm_sched_prefix_forget(sched_of(p, res->step));
+        if (res->error->code == CPM_ESTALE)
+            lose_prefix_step(p, res->step, why);
+        else
+            fail_step(p, res->step, why);
     } else if (cpm_sched_step_done(sched_of(p, res->step), res->step, true, NULL, NULL) == 0) {
         forget_step(p, res->step);
         if (res->n_seq > 0) {
@@ -637,6 +709,8 @@ void cpm_pipeline_on_result(cpm_pipeline *p, const Cpm__V1__StageResult *res,
 static void take_token(cpm_pipeline *p, cpm_gen *g, const Cpm__V1__SampledToken *t) {
     cpm_job *j = g->job;
     uint64_t now = uv_hrtime();
+    if (g->n_gen == 0 && !g->failovers)
+        g->cached_tokens = cpm_sched_cached_tokens(sched_of(p, g->seq), g->seq);
     if (!j->first_token_seen) {
         j->first_token_seen = true;
         j->t_first_token = now;

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "prefix.h"
+
 #define KV_BLOCK 16 /* the stages' CPM_KV_BLOCK: reservations are whole blocks */
 
 typedef struct seq {
@@ -24,6 +26,12 @@ typedef struct seq {
     bool wants;    /* waiting for the token of its last wanted row */
     bool dead;     /* finished while in the pipeline: removed when its step returns */
     bool failed;
+    /* prefix caching */
+    uint64_t *hash;    /* [cap / KV_BLOCK]: chained hashes of its full blocks */
+    int n_hash;        /* computed so far */
+    int n_published;   /* blocks published (or attached) */
+    int attach;        /* blocks to attach with its first rows */
+    int cached;        /* prompt tokens reused */
 } seq;
 
 typedef struct step_rec {
@@ -50,6 +58,10 @@ struct cpm_sched {
     uint64_t *release;
     int n_release;
     uint64_t *scratch;
+    cpm_prefix *dir;                 /* NULL: prefix caching off */
+    cpm_sched_blocks *b_attach, *b_publish;
+    int n_attach, n_publish;
+    uint64_t prefix_asked, prefix_reused;
 };
 
 cpm_sched_opts cpm_sched_opts_default(void) {
@@ -91,8 +103,13 @@ int cpm_sched_new(const cpm_sched_opts *opts, cpm_sched **ret, cpm_error *err) {
     s->b_want = malloc(bt * sizeof *s->b_want);
     s->release = malloc((size_t)s->cap_seqs * sizeof *s->release);
     s->scratch = malloc(bt * sizeof *s->scratch);
+    s->b_attach = malloc(bt * sizeof *s->b_attach);
+    s->b_publish = malloc(bt * sizeof *s->b_publish);
+    if (o.prefix_blocks > 0)
+        s->dir = cpm_prefix_new(o.prefix_blocks);
     bool ok = s->seqs && s->steps && s->b_seq && s->b_pos && s->b_ids && s->b_want &&
-              s->release && s->scratch;
+              s->release && s->scratch && s->b_attach && s->b_publish &&
+              (o.prefix_blocks <= 0 || s->dir);
     for (int i = 0; ok && i < o.max_inflight; i++)
         ok = (s->steps[i].seqs = malloc(bt * sizeof *s->steps[i].seqs)) != NULL;
     if (!ok) {
@@ -106,6 +123,7 @@ int cpm_sched_new(const cpm_sched_opts *opts, cpm_sched **ret, cpm_error *err) {
 static void seq_free(seq *q) {
     if (q) {
         free(q->tok);
+        free(q->hash);
         free(q);
     }
 }
@@ -125,6 +143,9 @@ void cpm_sched_free(cpm_sched *s) {
     free(s->b_want);
     free(s->release);
     free(s->scratch);
+    free(s->b_attach);
+    free(s->b_publish);
+    cpm_prefix_free(s->dir);
     free(s);
 }
 
@@ -160,9 +181,11 @@ int cpm_sched_add(cpm_sched *s, const int32_t *prompt, int n_prompt, int max_new
         return cpm_error_set(err, CPM_ELIMIT, "too many requests waiting (%d queued)",
                              s->n_seqs - s->n_live);
     seq *q = calloc(1, sizeof *q);
-    if (q)
+    if (q) {
         q->tok = malloc((size_t)(n_prompt + max_new) * sizeof *q->tok);
-    if (!q || !q->tok) {
+        q->hash = malloc(((size_t)(n_prompt + max_new) / KV_BLOCK + 1) * sizeof *q->hash);
+    }
+    if (!q || !q->tok || !q->hash) {
         seq_free(q);
         return cpm_error_set(err, CPM_ENOMEM, "scheduler: out of memory");
     }
@@ -177,12 +200,35 @@ int cpm_sched_add(cpm_sched *s, const int32_t *prompt, int n_prompt, int max_new
     return 0;
 }
 
+/* Hashes q's full blocks up to block n (those its tokens fill). */
+static void hash_upto(seq *q, int n) {
+    for (; q->n_hash < n && (q->n_hash + 1) * KV_BLOCK <= q->n_tok; q->n_hash++)
+        q->hash[q->n_hash] = cpm_prefix_hash(q->n_hash ? q->hash[q->n_hash - 1] : 0,
+                                             q->tok + q->n_hash * KV_BLOCK);
+}
+
+/* A sequence about to start: after the longest cached prefix of its prompt, leaving at
+ * least its last prompt token to compute (its logits give the first new token). */
+static void use_cached_prefix(cpm_sched *s, seq *q) {
+    if (!s->dir || q->n_sent > 0)
+        return;
+    int eligible = (q->n_prompt - 1) / KV_BLOCK;
+    hash_upto(q, eligible);
+    int k = cpm_prefix_match(s->dir, q->hash, eligible);
+    cpm_prefix_touch(s->dir, q->hash, k);
+    s->prefix_asked += (uint64_t)eligible;
+    s->prefix_reused += (uint64_t)k;
+    q->attach = q->n_published = k;
+    q->n_sent = q->cached = k * KV_BLOCK;
+}
+
 /* Moves queued sequences into live slots, oldest first, while slots and KV allow. */
 static void admit(cpm_sched *s) {
     while (s->n_live < s->n_seqs && s->n_live < s->o.max_seqs) {
         seq *q = s->seqs[s->n_live];
         if (s->o.kv_tokens && s->kv_reserved + q->reserve > s->o.kv_tokens)
             return; /* FIFO: a big request is not overtaken by small ones forever */
+        use_cached_prefix(s, q);
         q->admitted = true;
         s->kv_reserved += q->reserve;
         s->n_live++;
@@ -214,6 +260,25 @@ void cpm_sched_finish(cpm_sched *s, uint64_t id) {
         remove_at(s, i);
 }
 
+/* The prefix blocks q's rows in this batch start from (attach) and fill (publish). */
+static void add_blocks(cpm_sched *s, seq *q) {
+    if (!s->dir)
+        return;
+    if (q->attach) {
+        s->b_attach[s->n_attach++] = (cpm_sched_blocks){q->id, 0, q->attach, q->hash};
+        q->attach = 0;
+    }
+    int full = q->n_sent / KV_BLOCK;
+    hash_upto(q, full);
+    if (full <= q->n_published)
+        return;
+    s->b_publish[s->n_publish++] = (cpm_sched_blocks){q->id, q->n_published, full - q->n_published,
+                                                      q->hash + q->n_published};
+    for (int b = q->n_published; b < full; b++)
+        cpm_prefix_add(s->dir, q->hash[b]);
+    q->n_published = full;
+}
+
 /* Appends seq q's next rows (up to budget) to the batch being built. */
 static int add_rows(cpm_sched *s, seq *q, int n_rows, int budget) {
     int end = q->n_sent + budget;
@@ -232,6 +297,7 @@ static int add_rows(cpm_sched *s, seq *q, int n_rows, int budget) {
         s->b_want[n_rows - 1] = 1;
     q->n_sent = end;
     q->in_step = true;
+    add_blocks(s, q);
     return n_rows;
 }
 
@@ -244,6 +310,7 @@ int cpm_sched_next(cpm_sched *s, cpm_sched_batch *b) {
     if (s->n_steps >= s->o.max_inflight)
         return 0;
     admit(s);
+    s->n_attach = s->n_publish = 0;
     int n_rows = 0, n_in = 0, budget = s->o.max_batch_tokens;
     step_rec *rec = &s->steps[s->n_steps];
     /* decode rows first (one token each, latency-bound), then prefill chunks */
@@ -272,7 +339,9 @@ int cpm_sched_next(cpm_sched *s, cpm_sched_batch *b) {
     memcpy(s->scratch, s->release, (size_t)s->n_release * sizeof *s->release);
     *b = (cpm_sched_batch){.step = rec->step, .n_rows = n_rows, .seq = s->b_seq,
                            .pos = s->b_pos, .ids = s->b_ids, .want = s->b_want,
-                           .n_want = n_want, .n_release = s->n_release, .release = s->scratch};
+                           .n_want = n_want, .n_release = s->n_release, .release = s->scratch,
+                           .n_attach = s->n_attach, .attach = s->b_attach,
+                           .n_publish = s->n_publish, .publish = s->b_publish};
     s->n_release = 0;
     return 1;
 }
@@ -364,5 +433,30 @@ bool cpm_sched_failed(const cpm_sched *s, uint64_t id) {
 void cpm_sched_get_stats(const cpm_sched *s, cpm_sched_stats *ret) {
     *ret = (cpm_sched_stats){.live = s->n_live, .queued = s->n_seqs - s->n_live,
                              .inflight = s->n_steps, .kv_reserved = s->kv_reserved,
-                             .kv_tokens = s->o.kv_tokens, .steps = s->steps_sent};
+                             .kv_tokens = s->o.kv_tokens, .steps = s->steps_sent,
+                             .prefix_blocks_asked = s->prefix_asked,
+                             .prefix_blocks_reused = s->prefix_reused};
+}
+
+int cpm_sched_cached_tokens(const cpm_sched *s, uint64_t id) {
+    seq *q = get(s, id);
+    return q ? q->cached : 0;
+}
+
+int cpm_sched_prefix_match(const cpm_sched *s, const int32_t *prompt, int n) {
+    if (!s->dir)
+        return 0;
+    uint64_t prev = 0;
+    int k = 0;
+    for (; (k + 1) * KV_BLOCK < n; k++) { /* the last prompt token is always computed */
+        prev = cpm_prefix_hash(prev, prompt + k * KV_BLOCK);
+        if (!cpm_prefix_match(s->dir, &prev, 1))
+            break;
+    }
+    return k;
+}
+
+void cpm_sched_prefix_forget(cpm_sched *s) {
+    if (s->dir)
+        cpm_prefix_clear(s->dir);
 }

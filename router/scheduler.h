@@ -12,6 +12,10 @@
  *   while (cpm_sched_next(s, &b) == 1) send_forward(&b);     // ids/pos/seq/want rows + releases
  *   on result(step): cpm_sched_step_done(s, step, ok);       // prefill-only rows become ready again
  *   on sampled token for seq: cpm_sched_push_token(s, seq, tok) or cpm_sched_finish(s, seq)
+ *
+ * Prefix caching (opts.prefix_blocks > 0, router/prefix.h): a sequence admitted with the
+ * first blocks of its prompt believed cached on the stages starts after them (the batch
+ * says which blocks to attach), and every block its rows fill is published.
  */
 #ifndef CPM_SCHEDULER_H
 #define CPM_SCHEDULER_H
@@ -34,6 +38,7 @@ typedef struct cpm_sched_opts {
     /* Sequence and step ids are k * id_stride + id_offset (k = 1, 2, ...): schedulers of
      * several pipeline replicas get disjoint ids (stride = replicas, offset = replica; stride 0 means 1). */
     int id_stride, id_offset;
+    int prefix_blocks;    /* prefix cache: blocks the directory lists at most (0: off) */
 } cpm_sched_opts;
 
 cpm_sched_opts cpm_sched_opts_default(void);
@@ -52,6 +57,13 @@ int cpm_sched_add(cpm_sched *s, const int32_t *prompt, int n_prompt, int max_new
 
 /* One micro-batch, valid until the next cpm_sched_next call. Rows of one sequence
  * are consecutive and in position order. */
+/* KV blocks of one sequence by prefix hash: block first + i is hash[i]. */
+typedef struct cpm_sched_blocks {
+    uint64_t seq;
+    int first, n;
+    const uint64_t *hash;
+} cpm_sched_blocks;
+
 typedef struct cpm_sched_batch {
     uint64_t step;
     int n_rows;
@@ -62,6 +74,10 @@ typedef struct cpm_sched_batch {
     int n_want;
     int n_release;
     const uint64_t *release; /* sequences the stages must free before these rows */
+    int n_attach;            /* new sequences starting from cached blocks */
+    const cpm_sched_blocks *attach;
+    int n_publish;           /* full blocks to keep after these rows */
+    const cpm_sched_blocks *publish;
 } cpm_sched_batch;
 
 /* 1 and *b filled when a micro-batch (rows and/or releases) should be sent now; 0
@@ -99,9 +115,21 @@ typedef struct cpm_sched_stats {
     int kv_reserved; /* tokens reserved by admitted sequences */
     int kv_tokens;   /* budget (0 = unlimited) */
     uint64_t steps;  /* micro-batches sent so far */
+    uint64_t prefix_blocks_asked;  /* prompt blocks a cached prefix could have covered */
+    uint64_t prefix_blocks_reused; /* of them, taken from the cache */
 } cpm_sched_stats;
 
 void cpm_sched_get_stats(const cpm_sched *s, cpm_sched_stats *ret);
+
+/* Prompt tokens of seq taken from the prefix cache (0 until it is admitted). */
+int cpm_sched_cached_tokens(const cpm_sched *s, uint64_t id);
+
+/* How many leading full blocks of prompt[0 .. n) the directory lists (for routing a new
+ * request to the replica that holds the most); 0 when prefix caching is off. */
+int cpm_sched_prefix_match(const cpm_sched *s, const int32_t *prompt, int n);
+
+/* A stage had lost a block the directory listed: forget them all. */
+void cpm_sched_prefix_forget(cpm_sched *s);
 
 /* Every sequence it knows (running, queued, or finished with rows still in flight) into
  * ids (room for cap; *ret_n set), and returns the horizon: the highest id it has given

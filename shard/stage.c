@@ -288,10 +288,41 @@ static int map_rows(cpm_stage *st, const Cpm__V1__StageForward *f, int32_t *ret_
         if ((int)f->pos[i] > len)
             return cpm_error_set(err, CPM_EINVAL, "seq %llu: position %u but %d tokens are cached",
                                  (unsigned long long)f->seq[i], f->pos[i], len);
-        if ((int)f->pos[i] < len)
-            cpm_kv_cache_seq_truncate(st->kv, h, (int)f->pos[i]);
+        if ((int)f->pos[i] < len && cpm_kv_cache_seq_truncate(st->kv, h, (int)f->pos[i]))
+            return cpm_error_set(err, CPM_ELIMIT, "seq %llu: no KV block left to rewind into",
+                                 (unsigned long long)f->seq[i]);
     }
     return 0;
+}
+
+/* New sequences that start from cached prefix blocks (proto: StageForward.attach). */
+static int attach_prefixes(cpm_stage *st, const Cpm__V1__StageForward *f, cpm_error *err) {
+    for (size_t i = 0; i < f->n_attach; i++) {
+        const Cpm__V1__SeqBlocks *a = f->attach[i];
+        if (seq_find(st, a->seq) >= 0 || a->first_block != 0)
+            return cpm_error_set(err, CPM_EINVAL, "seq %llu: a prefix attaches only to a new "
+                                 "sequence, from block 0", (unsigned long long)a->seq);
+        int h = seq_handle(st, a->seq, 0, err);
+        if (h < 0)
+            return h;
+        int rc = cpm_kv_cache_seq_attach(st->kv, h, a->hash, (int)a->n_hash, err);
+        if (rc) {
+            seq_release(st, a->seq);
+            return cpm_error_prefix(err, "seq %llu", (unsigned long long)a->seq);
+        }
+    }
+    return 0;
+}
+
+/* Full blocks the rows completed, kept for later prompts (StageForward.publish). */
+static void publish_blocks(cpm_stage *st, const Cpm__V1__StageForward *f) {
+    for (size_t i = 0; i < f->n_publish; i++) {
+        const Cpm__V1__SeqBlocks *p = f->publish[i];
+        int k = seq_find(st, p->seq);
+        if (k >= 0)
+            cpm_kv_cache_seq_publish(st->kv, st->seqs[k].handle, (int)p->first_block, p->hash,
+                                     (int)p->n_hash);
+    }
 }
 
 /* Makes the row scratch hold n rows. Sized at load for max_batch_tokens; only a caller
@@ -436,7 +467,8 @@ static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_i
         n_out += !f->n_want || f->want[i];
     if (!st->info->last_stage)
         n_out = n;
-    if ((rc = rows_reserve(st, n, err)) || (rc = map_rows(st, f, st->handles, err)))
+    if ((rc = attach_prefixes(st, f, err)) || (rc = rows_reserve(st, n, err)) ||
+        (rc = map_rows(st, f, st->handles, err)))
         return rc;
     size_t row = st->info->last_stage ? (size_t)st->info->vocab_size : (size_t)st->info->hidden_size;
     cpm_payload t;
@@ -456,6 +488,8 @@ static int do_forward(cpm_stage *st, const Cpm__V1__StageForward *f, const cpm_i
     if (n)
         rc = run_chunks(st, f, hidden, out, err);
     double dt = (double)(uv_hrtime() - t0) / 1e9;
+    if (!rc)
+        publish_blocks(st, f);
     if (!rc && tp_follower(st)) { /* rank 0 sends the output; ours is the same */
         if (out)
             t.free_fn(t.data, t.hint);

@@ -39,6 +39,7 @@ typedef struct mesh_peer {
     slot got, early;       /* this all-reduce's partial; one that came ahead of time */
     uint64_t failed_seq;   /* the latest micro-batch this rank said it failed (0: none) */
     char failed_why[160];
+    int failed_code;       /* its code, when it said (CPM_ESTALE passes on: the router retries) */
 } mesh_peer;
 
 /* Rank 0's DEALERs to the other ranks' stage endpoints. They carry no replies, except
@@ -221,9 +222,10 @@ static int send_partial(cpm_tp_mesh *t, mesh_peer *p, int layer, int phase, cons
 }
 
 /* Rank p failed micro-batch seq (or refused it): no partial of it will come. */
-static void note_failure(cpm_tp_mesh *t, mesh_peer *p, uint64_t seq, const char *why) {
+static void note_failure(cpm_tp_mesh *t, mesh_peer *p, uint64_t seq, const char *why, int code) {
     if (seq >= t->seq && seq > p->failed_seq) {
         p->failed_seq = seq;
+        p->failed_code = code;
         snprintf(p->failed_why, sizeof p->failed_why, "%s", why ? why : "");
     }
 }
@@ -236,7 +238,7 @@ static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void
         return 0; /* not from a peer of this stage: ignore it */
     mesh_peer *p = &t->peers[tp->rank];
     if (tp->failed) {
-        note_failure(t, p, tp->seq, tp->failed->message);
+        note_failure(t, p, tp->seq, tp->failed->message, tp->failed->code);
         return 0;
     }
     if (tp->partial->shape[1] != (uint32_t)t->hidden || tp->partial->shape[0] > (uint32_t)t->max_rows)
@@ -254,7 +256,7 @@ static int file_partial(cpm_tp_mesh *t, const Cpm__V1__TpPartial *tp, const void
      * keeps order), so a later one while this one's is missing means it never comes: the
      * rank restarted, or its rank 0 did and went on. */
     if (c > 0 && tp->seq != t->seq && !p->got.full)
-        note_failure(t, p, t->seq, "it went on to a later micro-batch without this one");
+        note_failure(t, p, t->seq, "it went on to a later micro-batch without this one", 0);
     slot *s = c == 0 ? &p->got : &p->early;
     if (c > 0 && s->full && (s->seq < tp->seq || (s->seq == tp->seq && s->op < tp->op)))
         return 0; /* keep the early partial needed sooner */
@@ -288,7 +290,7 @@ static void drain_refusals(cpm_tp_mesh *t) {
             cpm_envelope *env = NULL;
             if (!cpm_frames_envelope(&fr, 0, &env, NULL) && env->body_case == CPM__V1__ENVELOPE__BODY_ERROR &&
                 i + 1 < t->size)
-                note_failure(t, &t->peers[i + 1], env->corr, env->error->message);
+                note_failure(t, &t->peers[i + 1], env->corr, env->error->message, env->error->code);
             cpm_wire_free(env);
             cpm_frames_close(&fr);
         }
@@ -342,8 +344,9 @@ static int check_links(cpm_tp_mesh *t, int layer, cpm_error *err) {
         if (r == t->rank)
             continue;
         if (p->failed_seq == t->seq)
-            return cpm_error_set(err, CPM_ECLOSED, "tp rank %d (%s) failed this micro-batch: %s", r,
-                                 p->endpoint, p->failed_why);
+            return cpm_error_set(err, p->failed_code == CPM_ESTALE ? CPM_ESTALE : CPM_ECLOSED,
+                                 "tp rank %d (%s) failed this micro-batch: %s", r, p->endpoint,
+                                 p->failed_why);
         cpm_peerwatch_update(p->watch);
         if (cpm_peerwatch_drops(p->watch) != p->drops)
             return cpm_error_set(err, CPM_ECLOSED, "tp rank %d (%s): connection lost during layer %d",

@@ -127,6 +127,9 @@ static const key router_keys[] = {
        "on SIGTERM: stop admitting, let requests in flight finish this long, then end the rest"),
     RK("tokenize", K_STR, tokenize, 0, 0, "service",
        "service: text in and out through the tokenizers; off: token ids only (no tokenizer files)"),
+    RK("prefix_cache", K_STR, prefix_cache, 0, 0, "on",
+       "on: the stages keep full KV blocks of earlier prompts and a request whose prompt starts "
+       "the same way reuses them (and goes to the replica holding the most); off: never"),
     END_KEYS,
 };
 
@@ -606,6 +609,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
     if (strcmp(c->router.tokenize, "service") && strcmp(c->router.tokenize, "off"))
         return cpm_error_set(err, CPM_EINVAL, "%s: router.tokenize: '%s' is not one of service, off",
                              c->path, c->router.tokenize);
+    if (strcmp(c->router.prefix_cache, "on") && strcmp(c->router.prefix_cache, "off"))
+        return cpm_error_set(err, CPM_EINVAL, "%s: router.prefix_cache: '%s' is not one of on, off",
+                             c->path, c->router.prefix_cache);
     int rc = count_pipelines(c, err);
     if (!rc)
         rc = check_stage_order(c, err);

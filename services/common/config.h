@@ -77,6 +77,7 @@ typedef struct cpm_cfg_router {
     int prefill_chunk;           /* most prompt tokens of one sequence per micro-batch */
     int timeout_ms;              /* per pipeline step / service call */
     char tokenize[CPM_CFG_STR];  /* "service": text via cpm-tokenizer; "off": token ids only */
+    char prefix_cache[CPM_CFG_STR]; /* "on": reuse cached KV blocks of earlier prompts; "off" */
     char api_keys[CPM_CFG_STR];  /* file of HTTP API keys (router/door.h) */
     char auth[CPM_CFG_STR]; /* "keys" or "none" */
     char cors_origins[CPM_CFG_STR]; /* comma-separated, or "*" */

@@ -198,8 +198,11 @@ def test_stream_equals_non_stream(ids):
     check(finals == ["length"], "stream finish reasons: %s" % finals)
     check(chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20,
           "usage chunk missing or wrong: %s" % chunks[-1])
+    cached = full["usage"].get("prompt_tokens_details", {}).get("cached_tokens", -1)
     check(full["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 20,
-                            "total_tokens": len(ids) + 20}, "usage: %s" % full["usage"])
+                            "total_tokens": len(ids) + 20,
+                            "prompt_tokens_details": {"cached_tokens": cached}}
+          and 0 <= cached < len(ids) and cached % 16 == 0, "usage: %s" % full["usage"])
 
 
 def test_json_mode():

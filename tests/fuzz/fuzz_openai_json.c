@@ -75,7 +75,7 @@ static void check_request(const cpm_oai_request *rq) {
 
 static void check_render(const cpm_oai_request *rq) {
     cpm_oai_choice ch = {.index = 0, .text = "a\xff", .text_len = 2, .finish_reason = "stop"};
-    cpm_oai_usage u = {1, 1};
+    cpm_oai_usage u = {1, 1, 0};
     char *s = cpm_oai_render_response(rq, "id", 1, "m", &ch, 1, &u);
     json_error_t je;
     json_t *j = s ? json_loads(s, 0, &je) : NULL;

@@ -391,7 +391,7 @@ static void test_render_completion_response(void **state) {
          .logprobs = lps},
         {.index = 1, .text = "", .text_len = 0, .finish_reason = "stop"},
     };
-    cpm_oai_usage u = {3, 2};
+    cpm_oai_usage u = {3, 2, 0};
     char *s = cpm_oai_render_response(rq, "cmpl-1", 1, "m", ch, 2, &u);
     json_t *j = load(s);
     assert_string_equal(json_string_value(json_object_get(j, "object")), "text_completion");
@@ -456,7 +456,7 @@ static void test_render_chat_stream(void **state) {
     json_decref(j);
     free(s);
 
-    cpm_oai_usage u = {4, 2};
+    cpm_oai_usage u = {4, 2, 0};
     s = cpm_oai_render_chunk(rq, CPM_OAI_CHUNK_USAGE, "c1", 5, "m", NULL, &u);
     j = load_sse(s);
     assert_int_equal(json_array_size(json_object_get(j, "choices")), 0);
@@ -674,7 +674,7 @@ static void test_render_tool_calls(void **state) {
     cpm_oai_choice ch = {.index = 0, .text = "", .text_len = 0, .reasoning = "think",
                          .reasoning_len = 5, .n_tool_calls = 1, .tool_calls = calls,
                          .finish_reason = "tool_calls"};
-    cpm_oai_usage u = {3, 4};
+    cpm_oai_usage u = {3, 4, 0};
     char *s = cpm_oai_render_response(rq, "c1", 5, "m", &ch, 1, &u);
     json_t *j = json_loads(s, 0, NULL);
     json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
