@@ -277,6 +277,69 @@ static void test_randomized_pipeline_invariants(void **state) {
 }
 
 /* Replicas' schedulers hand out disjoint sequence and step ids: id % stride = offset. */
+/* Runs seq id to its first wanted row (prefill), then pushes n tokens and finishes it;
+ * returns the attach/publish counts seen. */
+static void run_to_end(cpm_sched *s, uint64_t id, int n, int *attached, int *published) {
+    cpm_sched_batch b;
+    for (int t = 0; t <= n;) {
+        assert_int_equal(cpm_sched_next(s, &b), 1);
+        for (int i = 0; i < b.n_attach; i++)
+            if (b.attach[i].seq == id)
+                *attached += b.attach[i].n;
+        for (int i = 0; i < b.n_publish; i++)
+            if (b.publish[i].seq == id)
+                *published += b.publish[i].n;
+        assert_int_equal(cpm_sched_step_done(s, b.step, true, NULL, NULL), 0);
+        if (b.n_want) {
+            if (++t > n)
+                break;
+            assert_int_equal(cpm_sched_push_token(s, id, 7), 0);
+        }
+    }
+    cpm_sched_finish(s, id);
+}
+
+/* Prefix caching: the second of two prompts sharing 40 tokens starts after their 2 shared
+ * full blocks (attached, not sent); every block the rows fill is published once. */
+static void test_prefix_reuse(void **state) {
+    (void)state;
+    cpm_sched_opts o = {.max_batch_tokens = 64, .prefill_chunk = 64, .max_inflight = 1,
+                        .max_seqs = 4, .max_queue = 4, .max_context = 200, .prefix_blocks = 64};
+    cpm_sched *s;
+    cpm_error e;
+    assert_int_equal(cpm_sched_new(&o, &s, &e), 0);
+    int32_t p[60], q[60];
+    for (int i = 0; i < 60; i++)
+        p[i] = q[i] = 100 + i;
+    q[40] = 1; /* q shares p's first 40 tokens: blocks 0 and 1 */
+    uint64_t a;
+    assert_int_equal(cpm_sched_add(s, p, 60, 4, NULL, &a, &e), 0);
+    int att = 0, pub = 0;
+    run_to_end(s, a, 4, &att, &pub);
+    assert_int_equal(att, 0);
+    assert_int_equal(pub, 4);                       /* 60 + 4 tokens sent: blocks 0..3 */
+    assert_int_equal(cpm_sched_prefix_match(s, q, 60), 2);
+    assert_int_equal(cpm_sched_prefix_match(s, p, 33), 2); /* the last token is never reused */
+    assert_int_equal(cpm_sched_prefix_match(s, p, 32), 1);
+    uint64_t c;
+    assert_int_equal(cpm_sched_add(s, q, 60, 2, NULL, &c, &e), 0);
+    cpm_sched_batch b;
+    assert_int_equal(cpm_sched_next(s, &b), 1);
+    assert_int_equal(b.pos[0], 32);                 /* starts after the two blocks */
+    assert_int_equal(b.n_rows, 28);
+    assert_int_equal(b.n_attach, 1);
+    assert_int_equal(b.attach[0].n, 2);
+    assert_int_equal(cpm_sched_cached_tokens(s, c), 32);
+    cpm_sched_stats st;
+    cpm_sched_get_stats(s, &st);
+    assert_int_equal(st.prefix_blocks_reused, 2);
+    assert_int_equal(st.prefix_blocks_asked, 3 + 3);
+    /* a stage lost a block: the directory forgets, the next prompt starts from 0 */
+    cpm_sched_prefix_forget(s);
+    assert_int_equal(cpm_sched_prefix_match(s, q, 60), 0);
+    cpm_sched_free(s);
+}
+
 static void test_ids_of_a_replica(void **state) {
     (void)state;
     cpm_sched_opts o = cpm_sched_opts_default();
@@ -310,6 +373,7 @@ int main(void) {
         cmocka_unit_test(test_finish_in_flight_and_failure),
         cmocka_unit_test(test_randomized_pipeline_invariants),
         cmocka_unit_test(test_ids_of_a_replica),
+        cmocka_unit_test(test_prefix_reuse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
