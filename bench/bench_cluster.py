@@ -88,16 +88,16 @@ def cpm_run(build, model, ids, n, threads):
 
 # ---------------------------------------------------------------- the cluster
 
-def write_config(tmp, threads, cut, curve):
+def write_config(tmp, threads, cut, curve, router_extra=""):
     ep = lambda: "tcp://127.0.0.1:%d" % free_port()  # noqa: E731
-    text = """# written by bench/bench_cluster.py
+    text = ("""# written by bench/bench_cluster.py
 version: 1
 router:
   rpc: %s
   results: %s
   micro_batches: 2
   max_seqs: 64
-tokenizers:
+""" + router_extra + """tokenizers:
   - endpoint: %s
 samplers:
   - endpoint: %s
@@ -112,8 +112,8 @@ stages:
     kv_tokens: 8192
 security:
   curve: %s
-""" % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads, curve)
-    path = os.path.join(tmp, "bench-%s.yaml" % curve)
+""") % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads, curve)
+    path = os.path.join(tmp, "bench-%s-%d.yaml" % (curve, len(router_extra)))
     with open(path, "w") as f:
         f.write(text)
     return path
