@@ -205,7 +205,7 @@ static int mask(const cpm_constrainer *c, const cpm_vtrie_matcher *mt, void *sta
     int budget = k->tokens_left > (uint32_t)INT32_MAX ? 0 : (int)k->tokens_left;
     bool complete = done(state);
     int count = cpm_vtrie_mask(c->trie, mt, state, budget, allowed);
-    if (!complete && count == 0) /* out of budget: still a valid text, if longer */
+    if (!complete && count == 0) /* no token brings the end nearer: still a valid text */
         count = cpm_vtrie_mask(c->trie, mt, state, 0, allowed);
     if (!complete && count == 0)
         return cpm_error_set(err, CPM_EINVAL, "constraint: no token continues the text");

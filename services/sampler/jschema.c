@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PATH_MAX_LEN 256
@@ -91,20 +92,78 @@ static int check_list(json_t *root, json_t *list, const char *path, const char *
     return 0;
 }
 
-/* Only local refs into $defs/definitions: the decoder never fetches anything. */
+/* One segment of a JSON pointer from *p (up to '/' or the end) into out, "~1" as '/', "~0"
+ * as '~' and %XX as its byte (a pointer in a URI fragment may be percent-encoded); false
+ * when it does not fit or is malformed. */
+static int pointer_segment(const char **p, char *out, size_t cap) {
+    size_t n = 0;
+    const char *s = *p;
+    for (; *s && *s != '/'; s++) {
+        char ch = *s;
+        if (ch == '~') {
+            if (s[1] != '0' && s[1] != '1')
+                return 0;
+            ch = s[1] == '0' ? '~' : '/';
+            s++;
+        } else if (ch == '%') {
+            unsigned v;
+            if (!s[1] || !s[2] || sscanf(s + 1, "%2x", &v) != 1 || v == 0)
+                return 0;
+            ch = (char)v;
+            s += 2;
+        }
+        if (n + 1 >= cap)
+            return 0;
+        out[n++] = ch;
+    }
+    out[n] = 0;
+    *p = s;
+    return 1;
+}
+
+json_t *cpm_jschema_resolve(json_t *root, const char *ref) {
+    char key[PATH_MAX_LEN], name[PATH_MAX_LEN];
+    if (!ref || ref[0] != '#')
+        return NULL;
+    const char *p = ref + 1;
+    json_t *node = root;
+    while (node && *p == '/') {
+        p++;
+        if (!pointer_segment(&p, key, sizeof key))
+            return NULL;
+        if (strcmp(key, "items") == 0) {
+            node = json_object_get(node, key);
+            continue;
+        }
+        int map = !strcmp(key, "properties") || !strcmp(key, "$defs") || !strcmp(key, "definitions");
+        int list = !strcmp(key, "anyOf") || !strcmp(key, "allOf");
+        if ((!map && !list) || *p != '/')
+            return NULL;
+        p++;
+        if (!pointer_segment(&p, name, sizeof name))
+            return NULL;
+        json_t *in = json_object_get(node, key);
+        if (map) {
+            node = json_is_object(in) ? json_object_get(in, name) : NULL;
+        } else {
+            char *end;
+            unsigned long i = strtoul(name, &end, 10);
+            node = json_is_array(in) && name[0] >= '0' && name[0] <= '9' && !*end
+                       ? json_array_get(in, i) : NULL;
+        }
+    }
+    return !*p && json_is_object(node) ? node : NULL;
+}
+
+/* Only local refs ("#", "#/$defs/x", "#/properties/a/items", ...) through the keywords that
+ * hold schemas, so the target is a schema this walk checks where it stands: the decoder
+ * never fetches anything. */
 static int check_ref(json_t *root, json_t *ref, const char *path, cpm_error *err) {
     const char *r = json_string_value(ref);
-    const char *name = NULL;
-    json_t *defs = NULL;
-    if (r && strncmp(r, "#/$defs/", 8) == 0)
-        name = r + 8, defs = json_object_get(root, "$defs");
-    else if (r && strncmp(r, "#/definitions/", 14) == 0)
-        name = r + 14, defs = json_object_get(root, "definitions");
-    else if (r && strcmp(r, "#") == 0)
-        return 0;
-    if (!name || !json_object_get(defs, name))
-        return cpm_error_set(err, CPM_EINVAL, "%s/$ref: \"%s\" does not name a local $defs entry",
-                             path, r ? r : "(not a string)");
+    if (!cpm_jschema_resolve(root, r))
+        return cpm_error_set(err, CPM_EINVAL, "%s/$ref: \"%s\" does not name a schema in this "
+                             "document (#/$defs/NAME, #/properties/NAME, ...)", path,
+                             r ? r : "(not a string)");
     return 0;
 }
 

@@ -4,6 +4,8 @@
 #ifndef CPM_JSCHEMA_H
 #define CPM_JSCHEMA_H
 
+#include <jansson.h>
+
 #include "common/error.h"
 
 /* Same numbers as proto/cpm.proto's ConstraintKind. */
@@ -17,5 +19,12 @@ enum {
  * of OpenAI tools; single_call then requires exactly one tool. Returns 0, or CPM_EINVAL with a
  * message naming the keyword and its JSON pointer ("/properties/a/pattern: not supported"). */
 int cpm_jschema_check(int kind, const char *schema_text, int single_call, cpm_error *err);
+
+/* The schema a local $ref names in root: "#", or "#" and a JSON pointer ("~0", "~1" and %XX
+ * escapes) whose steps go only through keywords that hold schemas: properties/NAME,
+ * $defs/NAME, definitions/NAME, items, anyOf/I, allOf/I ("#/$defs/node",
+ * "#/properties/home", as zod-to-json-schema writes a reused sub-schema). NULL when it names
+ * anything else or nothing. */
+json_t *cpm_jschema_resolve(json_t *root, const char *ref);
 
 #endif

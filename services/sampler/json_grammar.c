@@ -413,16 +413,6 @@ static int target_rule(cx *c, json_t *target, int depth) {
     return r;
 }
 
-static json_t *resolve(cx *c, const char *ref) {
-    if (strcmp(ref, "#") == 0)
-        return c->root;
-    if (strncmp(ref, "#/$defs/", 8) == 0)
-        return json_object_get(json_object_get(c->root, "$defs"), ref + 8);
-    if (strncmp(ref, "#/definitions/", 14) == 0)
-        return json_object_get(json_object_get(c->root, "definitions"), ref + 14);
-    return NULL;
-}
-
 static int node_rule(cx *c, json_t *node, int depth) {
     if (c->rc)
         return -1;
@@ -430,9 +420,9 @@ static int node_rule(cx *c, json_t *node, int depth) {
         return fail(c, CPM_EINVAL, "schema%s: not a schema object, or nested too deep", "");
     json_t *v;
     if ((v = json_object_get(node, "$ref"))) {
-        json_t *t = json_is_string(v) ? resolve(c, json_string_value(v)) : NULL;
+        json_t *t = cpm_jschema_resolve(c->root, json_string_value(v));
         return t ? target_rule(c, t, depth + 1)
-                 : fail(c, CPM_EINVAL, "$ref \"%.64s\": not a local $defs entry",
+                 : fail(c, CPM_EINVAL, "$ref \"%.64s\": not a schema in this document",
                         json_is_string(v) ? json_string_value(v) : "?");
     }
     if ((v = json_object_get(node, "const"))) {

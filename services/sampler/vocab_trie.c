@@ -1,6 +1,7 @@
 /* vocab_trie.c - the vocabulary's byte trie and the constrained-decoding mask. */
 #include "vocab_trie.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,6 +128,8 @@ typedef struct walk {
     const cpm_vtrie *t;
     const cpm_vtrie_matcher *mt;
     int budget;
+    int closest; /* >= 0: allow the tokens that leave at most this many bytes to close */
+    int best;    /* the fewest bytes left to close after any one live token (INT_MAX: none) */
     uint8_t *allowed;
     int count;
 } walk;
@@ -139,9 +142,16 @@ static void visit(walk *w, int32_t at, const void *m) {
         memcpy(next, m, mt->size);
         if (!mt->feed(mt->ctx, next, w->t->nodes[c].byte))
             continue;
-        /* after this token: the closing bytes, one token each, then the stop token */
-        bool fits = w->budget <= 0 || mt->min_close(mt->ctx, next) + 1 <= w->budget - 1;
-        for (int32_t id = w->t->nodes[c].tokens; fits && id >= 0; id = w->t->next_token[id]) {
+        int32_t first = w->t->nodes[c].tokens;
+        bool fits = true;
+        if (first >= 0 && (w->budget > 0 || w->closest >= 0)) {
+            int left = mt->min_close(mt->ctx, next);
+            if (left < w->best)
+                w->best = left;
+            /* after this token: the closing bytes, one token each, then the stop token */
+            fits = w->closest >= 0 ? left <= w->closest : left + 1 <= w->budget - 1;
+        }
+        for (int32_t id = first; fits && id >= 0; id = w->t->next_token[id]) {
             w->allowed[id] = 1;
             w->count++;
         }
@@ -152,8 +162,18 @@ static void visit(walk *w, int32_t at, const void *m) {
 int cpm_vtrie_mask(const cpm_vtrie *t, const cpm_vtrie_matcher *mt, const void *state, int budget,
                    uint8_t *allowed) {
     memset(allowed, 0, (size_t)t->vocab);
-    walk w = {.t = t, .mt = mt, .budget = budget, .allowed = allowed};
-    if (mt->size <= CPM_VTRIE_STATE_MAX)
+    walk w = {.t = t, .mt = mt, .budget = budget, .closest = -1, .best = INT_MAX,
+              .allowed = allowed};
+    if (mt->size > CPM_VTRIE_STATE_MAX)
+        return 0;
+    visit(&w, 0, state);
+    /* Nothing closes in time by the one-byte-a-token count (a budget under the shortest
+     * completion's bytes: many tokens write several bytes): the tokens that bring the end
+     * nearest, so the text closes in as few tokens as it can rather than running on. Only
+     * when they make progress: a complete text that could go on ends with a stop instead. */
+    if (w.count == 0 && budget > 0 && w.best < mt->min_close(mt->ctx, state)) {
+        w.closest = w.best;
         visit(&w, 0, state);
+    }
     return w.count;
 }

@@ -44,8 +44,11 @@ bool cpm_vtrie_feed(const cpm_vtrie *t, const cpm_vtrie_matcher *mt, void *state
 /* allowed[0 .. vocab) = 1 for each token whose bytes keep the (live) state alive and, with budget > 0
  * (tokens the request may still make, this one included), leave at most budget - 2 bytes
  * to close: each closing byte exists as a one-byte token, and a stop token must still fit,
- * so the text always ends complete and stopped in time; 0 otherwise. Returns how many
- * are allowed. */
+ * so the text always ends complete and stopped in time; 0 otherwise. When no token leaves
+ * that few (a budget under the bytes still to write), the tokens that leave the fewest
+ * bytes to close, if fewer than now: the text then closes by the shortest way, one token
+ * at least one byte nearer each, and most budgets in tokens still suffice. Returns how
+ * many are allowed. */
 int cpm_vtrie_mask(const cpm_vtrie *t, const cpm_vtrie_matcher *mt, const void *state, int budget,
                    uint8_t *allowed);
 

@@ -100,56 +100,75 @@ static const char SCHEMA[] =
     "\"maxItems\":2},\"zip\":{\"anyOf\":[{\"type\":\"string\"},{\"type\":\"null\"}]}},"
     "\"required\":[\"name\",\"age\",\"tags\",\"zip\"],\"additionalProperties\":false}";
 
+/* One generation under SCHEMA with budget tokens: a valid document, stopped in time. */
+static void schema_run(int run, int budget) {
+    int32_t ids[64];
+    bool stopped;
+    Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
+    k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
+    k.schema = (char *)SCHEMA;
+    int n = generate(k, budget, ids, &stopped);
+    char *text = decode(ids, n);
+    json_error_t je;
+    json_t *o = json_loads(text, 0, &je), *tags = json_object_get(o, "tags"), *zip = json_object_get(o, "zip");
+    bool ok = stopped && json_is_object(o) && json_object_size(o) == 4 &&
+              json_is_string(json_object_get(o, "name")) && json_is_integer(json_object_get(o, "age")) &&
+              json_is_array(tags) && json_array_size(tags) <= 2 && (json_is_string(zip) || json_is_null(zip));
+    for (size_t i = 0; ok && i < json_array_size(tags); i++) {
+        const char *t = json_string_value(json_array_get(tags, i));
+        ok = t && (!strcmp(t, "red") || !strcmp(t, "blue"));
+    }
+    if (!ok)
+        fail_msg("run %d (budget %d, %d tokens, stopped %d): not valid: %s", run, budget, n, stopped, text);
+    json_decref(o);
+    free(text);
+}
+
 static void test_json_schema_always(void **state) {
     (void)state;
     const int budgets[] = {44, 52, 64}; /* the shortest document is 40 bytes */
-    for (int run = 0; run < 12; run++) {
-        int budget = budgets[run % 3];
-        int32_t ids[64];
-        bool stopped;
-        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
-        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_JSON_SCHEMA;
-        k.schema = (char *)SCHEMA;
-        int n = generate(k, budget, ids, &stopped);
-        char *text = decode(ids, n);
-        json_error_t je;
-        json_t *o = json_loads(text, 0, &je), *tags = json_object_get(o, "tags"), *zip = json_object_get(o, "zip");
-        bool ok = stopped && json_is_object(o) && json_object_size(o) == 4 &&
-                  json_is_string(json_object_get(o, "name")) && json_is_integer(json_object_get(o, "age")) &&
-                  json_is_array(tags) && json_array_size(tags) <= 2 && (json_is_string(zip) || json_is_null(zip));
-        for (size_t i = 0; ok && i < json_array_size(tags); i++) {
-            const char *t = json_string_value(json_array_get(tags, i));
-            ok = t && (!strcmp(t, "red") || !strcmp(t, "blue"));
-        }
-        if (!ok)
-            fail_msg("run %d (budget %d, %d tokens, stopped %d): not valid: %s", run, budget, n, stopped, text);
-        json_decref(o);
-        free(text);
-    }
+    for (int run = 0; run < 12; run++)
+        schema_run(run, budgets[run % 3]);
+}
+
+/* A budget under the shortest document's 40 bytes but over its ~16 tokens: no token closes
+ * in time by the one-byte-a-token count from the start, and the text must still close (by
+ * the shortest way) rather than run on in a string to the end of its budget. */
+static void test_json_schema_tight_budget(void **state) {
+    (void)state;
+    const int budgets[] = {24, 30, 38};
+    for (int run = 0; run < 6; run++)
+        schema_run(run, budgets[run % 3]);
+}
+
+/* One forced call of get_weather with budget tokens: one call block, stopped in time. */
+static void tool_call_run(int run, int budget) {
+    int32_t ids[160];
+    bool stopped;
+    Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
+    k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS;
+    k.single_call = true;
+    k.schema = "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":"
+               "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"},\"days\":"
+               "{\"type\":\"integer\"}},\"required\":[\"city\",\"days\"]}}}]";
+    int n = generate(k, budget, ids, &stopped);
+    char *text = decode(ids, n);
+    const char *head = "<|tool_call_start|>\n```python\nget_weather(city=\"";
+    const char *tail = ")\n```\n<|tool_call_end|>";
+    size_t len = strlen(text);
+    if (!stopped || strncmp(text, head, strlen(head)) || len < strlen(tail) ||
+        strcmp(text + len - strlen(tail), tail) || !strstr(text, "\", days="))
+        fail_msg("run %d (budget %d, %d tokens): not one call: %s", run, budget, n, text);
+    free(text);
 }
 
 static void test_tool_call_always(void **state) {
     (void)state;
-    for (int run = 0; run < 6; run++) {
-        int32_t ids[160];
-        bool stopped;
-        Cpm__V1__Constraint k = CPM__V1__CONSTRAINT__INIT;
-        k.kind = CPM__V1__CONSTRAINT_KIND__CONSTRAINT_TOOL_CALLS;
-        k.single_call = true;
-        k.schema = "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":"
-                   "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"},\"days\":"
-                   "{\"type\":\"integer\"}},\"required\":[\"city\",\"days\"]}}}]";
-        int budget = 90 + 10 * run;
-        int n = generate(k, budget, ids, &stopped);
-        char *text = decode(ids, n);
-        const char *head = "<|tool_call_start|>\n```python\nget_weather(city=\"";
-        const char *tail = ")\n```\n<|tool_call_end|>";
-        size_t len = strlen(text);
-        if (!stopped || strncmp(text, head, strlen(head)) || len < strlen(tail) ||
-            strcmp(text + len - strlen(tail), tail) || !strstr(text, "\", days="))
-            fail_msg("run %d (budget %d, %d tokens): not one call: %s", run, budget, n, text);
-        free(text);
-    }
+    for (int run = 0; run < 6; run++)
+        tool_call_run(run, 90 + 10 * run);
+    /* under the shortest block's 80 bytes: closed by the shortest way */
+    tool_call_run(6, 44);
+    tool_call_run(7, 56);
 }
 
 static void test_errors(void **state) {
@@ -211,6 +230,7 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_json_object_always),
         cmocka_unit_test(test_json_schema_always),
+        cmocka_unit_test(test_json_schema_tight_budget),
         cmocka_unit_test(test_tool_call_always),
         cmocka_unit_test(test_errors),
     };

@@ -21,6 +21,15 @@ static const char *const accepted[] = {
     "{\"kids\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/definitions/t\"}}}}},"
     "\"$ref\":\"#/definitions/t\"}",
     "{\"allOf\":[{\"type\":\"string\"}]}",
+    /* a reused sub-schema as zod-to-json-schema (LangChain.js) writes it: a pointer to where
+     * it first stands; and pointers through items, anyOf, escapes */
+    "{\"type\":\"object\",\"properties\":{\"home\":{\"type\":\"object\",\"properties\":"
+    "{\"city\":{\"type\":\"string\"}}},\"work\":{\"$ref\":\"#/properties/home\"},"
+    "\"city\":{\"$ref\":\"#/properties/home/properties/city\"}}}",
+    "{\"type\":\"array\",\"items\":{\"anyOf\":[{\"type\":\"null\"},{\"type\":\"array\","
+    "\"items\":{\"$ref\":\"#/items/anyOf/1\"}}]}}",
+    "{\"$defs\":{\"a/b\":{\"type\":\"null\"},\"c~d\":{\"$ref\":\"#/%24defs/a~1b\"}},"
+    "\"$ref\":\"#/$defs/c~0d\"}",
 };
 
 static const struct {
@@ -39,7 +48,16 @@ static const struct {
     {"{\"type\":\"strng\"}", "/type: unknown type"},
     {"{\"type\":[\"string\",5]}", "/type/1: unknown type"},
     {"{\"$ref\":\"#/$defs/missing\"}", "/$ref: \"#/$defs/missing\" does not name"},
-    {"{\"$ref\":\"http://x/y.json\"}", "does not name a local $defs entry"},
+    {"{\"$ref\":\"http://x/y.json\"}", "does not name a schema in this document"},
+    /* pointers to what is not a schema, or not through the keywords that hold schemas */
+    {"{\"required\":[\"a\"],\"anyOf\":[{\"$ref\":\"#/required/0\"}]}", "/anyOf/0/$ref"},
+    {"{\"properties\":{\"a\":{\"description\":\"x\"},\"b\":{\"$ref\":\"#/properties/a/description\"}}}",
+     "/properties/b/$ref"},
+    {"{\"properties\":{\"a\":{\"$ref\":\"#/properties\"}}}", "/properties/a/$ref"},
+    {"{\"anyOf\":[{\"type\":\"null\"},{\"$ref\":\"#/anyOf/x\"}]}", "/anyOf/1/$ref"},
+    {"{\"anyOf\":[{\"type\":\"null\"},{\"$ref\":\"#/anyOf/5\"}]}", "/anyOf/1/$ref"},
+    {"{\"$defs\":{\"a\":{}},\"$ref\":\"#/$defs/a~2\"}", "/$ref"},
+    {"{\"$defs\":{\"a\":{}},\"$ref\":\"#/$defs/a/\"}", "/$ref"},
     {"[1]", "a schema must be an object"},
     {"{\"type\":", "schema: not JSON"},
 };

@@ -69,6 +69,14 @@ static const table tables[] = {
      {"[1,2]", "[1,2,3,4]"}, {"[1]", "[]", "[1,2,]"}},
     {"{\"type\":\"object\",\"properties\":{\"o\":{\"type\":\"object\"}},\"required\":[\"o\"]}",
      {"{\"o\":{}}", "{\"o\":{\"x\":[1]}}"}, {"{\"o\":[]}", "{\"o\":1}"}},
+    /* a sub-schema used twice, as zod-to-json-schema writes it: a pointer to its first place */
+    {"{\"type\":\"object\",\"properties\":{\"home\":{\"type\":\"object\",\"properties\":"
+     "{\"city\":{\"type\":\"string\"}},\"required\":[\"city\"],\"additionalProperties\":false},"
+     "\"work\":{\"$ref\":\"#/properties/home\"},\"n\":{\"$ref\":\"#/properties/home/properties/city\"}},"
+     "\"required\":[\"home\",\"work\",\"n\"],\"additionalProperties\":false}",
+     {"{\"home\":{\"city\":\"a\"},\"work\":{\"city\":\"b\"},\"n\":\"c\"}"},
+     {"{\"home\":{\"city\":\"a\"},\"work\":{},\"n\":\"c\"}",
+      "{\"home\":{\"city\":\"a\"},\"work\":{\"city\":\"b\"},\"n\":1}"}},
 };
 
 static void test_tables(void **state) {
