@@ -104,54 +104,61 @@ static void test_active_set_is_the_union(void **state) {
 
 /* ---- up: the listed rows, with cpm_matmul's bits ---- */
 
-static void check_rows(cpm_pool *pool, cpm_dtype t, int M, int K, int N, int pad) {
-    int ldx = K + pad, ldy = N + pad, w_ld = K + pad;
-    float *x = rand_floats((size_t)M * ldx);
+/* Up and h: at the listed (m, j) - up to CPM_FFN_SPARSE_TILE rows: the union for every
+ * row; more: each 4-row tile's own list, from a random gate at ~25 % active -
+ * h = fatrelu(g) * u with u the bits of cpm_matmul; nothing else written. */
+static void check_up(cpm_pool *pool, cpm_dtype t, int M, int K, int N, int pad) {
+    int ldx = K + pad, ldg = N + pad, w_ld = K + pad;
+    float *x = rand_floats((size_t)M * ldx), *g = rand_floats((size_t)M * ldg);
     void *w = rand_weights(t, (size_t)N * w_ld, 1.0f);
-    float *want = malloc(sizeof(float) * (size_t)M * ldy), *got = malloc(sizeof(float) * (size_t)M * ldy);
-    int *ks = malloc(sizeof(int) * (size_t)N), nk = 0;
-    for (int j = 0; j < N; j++)
-        if (frand() < -0.5f || j == N - 1) /* about a quarter, and the last row */
-            ks[nk++] = j;
-    cpm_matmul(NULL, want, ldy, x, ldx, w, t, w_ld, M, N, K);
-    for (size_t i = 0; i < (size_t)M * ldy; i++)
-        got[i] = SENTINEL;
-    cpm_ffn_sparse_rows(pool, got, ldy, x, ldx, w, t, w_ld, M, K, ks, nk);
+    float *u = malloc(sizeof(float) * (size_t)M * N), *h = malloc(sizeof(float) * (size_t)M * ldg);
+    int *ks = malloc(sizeof(int) * (size_t)N);
+    int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(M, N));
+    float thr = M > CPM_FFN_SPARSE_TILE ? 0.5f : 0.9f;
+    int nk = cpm_ffn_sparse_active(g, ldg, M, N, thr, ks, NULL);
+    const int *tiles = cpm_ffn_sparse_tiles(pool, g, ldg, M, N, thr, ks, nk, work);
+    assert_true((tiles != NULL) == (M > CPM_FFN_SPARSE_TILE));
+    cpm_matmul(NULL, u, N, x, ldx, w, t, w_ld, M, N, K);
+    memcpy(h, g, sizeof(float) * (size_t)M * ldg);
+    cpm_ffn_sparse_up(pool, h, ldg, x, ldx, w, t, w_ld, M, K, thr, ks, nk, tiles);
     for (int m = 0; m < M; m++) {
-        int t2 = 0;
-        for (int j = 0; j < ldy; j++) {
-            float g = got[(size_t)m * ldy + j];
-            if (t2 < nk && ks[t2] == j) {
-                t2++;
-                if (memcmp(&g, &want[(size_t)m * ldy + j], sizeof g))
-                    fail_msg("%s %s M=%d K=%d: y[%d,%d] = %.9g, cpm_matmul %.9g",
-                             cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(t), M, K, m, j, g,
-                             want[(size_t)m * ldy + j]);
-            } else {
-                assert_true(g == SENTINEL);
-            }
+        int i0 = tiles ? m / CPM_FFN_SPARSE_TILE * CPM_FFN_SPARSE_TILE : 0;
+        int i1 = tiles ? i0 + CPM_FFN_SPARSE_TILE : M;
+        for (int j = 0; j < ldg; j++) {
+            bool listed = false;
+            for (int i = i0; i < i1 && i < M && j < N; i++)
+                listed |= g[(size_t)i * ldg + j] > thr;
+            float got = h[(size_t)m * ldg + j], gm = g[(size_t)m * ldg + j];
+            float want = !listed ? gm : gm > thr ? gm * u[(size_t)m * N + j] : 0.0f;
+            if (memcmp(&got, &want, sizeof got))
+                fail_msg("%s %s M=%d K=%d: h[%d,%d] = %.9g, want %.9g (%s)",
+                         cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(t), M, K, m, j, got,
+                         want, listed ? "listed" : "untouched");
         }
     }
     free(x);
+    free(g);
     free(w);
-    free(want);
-    free(got);
+    free(u);
+    free(h);
     free(ks);
+    free(work);
 }
 
-static void test_rows_match_matmul_bits(void **state) {
+static void test_up_matches_matmul_bits(void **state) {
     (void)state;
-    static const int shapes[][4] = {{1, 1, 5, 0},    {1, 1536, 300, 0}, {1, 33, 41, 3},
-                                    {2, 100, 37, 1}, {5, 17, 64, 0},    {9, 257, 50, 2},
-                                    {33, 64, 23, 0}};
+    static const int shapes[][4] = {{1, 1, 5, 0},      {1, 1536, 300, 0}, {1, 33, 41, 3},
+                                    {2, 100, 37, 1},   {5, 17, 64, 0},    {9, 257, 50, 2},
+                                    {33, 64, 23, 0},   {13, 1536, 200, 0}, {17, 5000, 130, 1},
+                                    {21, 70000, 3, 0}, {30, 1536, 300, 0}};
     cpm_pool *pool = cpm_pool_new(3);
     assert_non_null(pool);
     for (int isa = CPM_ISA_SCALAR; isa <= top_fma_isa(); isa++) {
         cpm_isa_force((cpm_isa)isa);
         for (int d = 0; d < 3; d++)
             for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
-                check_rows(s % 2 ? pool : NULL, dtypes[d], shapes[s][0], shapes[s][1],
-                           shapes[s][2], shapes[s][3]);
+                check_up(s % 2 ? pool : NULL, dtypes[d], shapes[s][0], shapes[s][1],
+                         shapes[s][2], shapes[s][3]);
     }
     cpm_isa_force(cpm_isa_detect());
     cpm_pool_free(pool);
@@ -197,16 +204,22 @@ static void free_down(down_case *c) {
     free(c->ks);
 }
 
+/* Tiles from |h| > 0: each tile visits exactly the k where one of its rows has h != 0. */
 static float *run_down(cpm_pool *pool, const down_case *c) {
     float *y = malloc(sizeof(float) * (size_t)c->M * c->ldy);
+    float *mag = malloc(sizeof(float) * (size_t)c->M * c->ldh);
     int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(c->M, c->K));
     assert_non_null(y);
     assert_non_null(work);
+    for (size_t i = 0; i < (size_t)c->M * c->ldh; i++)
+        mag[i] = fabsf(c->h[i]);
     for (size_t i = 0; i < (size_t)c->M * c->ldy; i++)
         y[i] = SENTINEL;
-    cpm_ffn_sparse_down(pool, y, c->ldy, c->h, c->ldh, c->wt, c->t, c->wt_ld, c->M, c->N, c->K,
-                        c->ks, c->nk, work);
+    const int *tiles = cpm_ffn_sparse_tiles(pool, mag, c->ldh, c->M, c->K, 0.0f, c->ks, c->nk, work);
+    cpm_ffn_sparse_down(pool, y, c->ldy, c->h, c->ldh, c->wt, c->t, c->wt_ld, c->M, c->N, c->ks,
+                        c->nk, tiles);
     free(work);
+    free(mag);
     return y;
 }
 
@@ -234,9 +247,10 @@ static void check_down_bits(const down_case *c, const float *y, const char *what
 
 static void test_down_bits_every_isa_thread_count_and_batch(void **state) {
     (void)state;
-    static const int shapes[][4] = {{1, 768, 3840, 0}, {1, 100, 50, 3}, {2, 64, 40, 0},
-                                    {4, 33, 77, 1},    {5, 64, 64, 0},  {9, 130, 100, 2},
-                                    {13, 16, 7, 0},    {3, 1, 9, 0}};
+    static const int shapes[][4] = {{1, 768, 3840, 0}, {1, 100, 50, 3},   {2, 64, 40, 0},
+                                    {4, 33, 77, 1},    {5, 64, 64, 0},    {9, 130, 100, 2},
+                                    {13, 16, 7, 0},    {3, 1, 9, 0},      {6, 600, 700, 0},
+                                    {17, 300, 1100, 1}, {25, 70, 30, 0}, {40, 600, 300, 2}};
     static const float densities[] = {0.12f, 1.0f, 0.0f};
     cpm_pool *pools[3] = {NULL, cpm_pool_new(2), cpm_pool_new(3)};
     for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
@@ -378,21 +392,21 @@ static float *ffn_sparse(cpm_pool *pool, const ffn_case *c, float thr, bool all_
     float *y = malloc(sizeof(float) * (size_t)c->M * c->H);
     int *ks = malloc(sizeof(int) * (size_t)c->F);
     int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(c->M, c->F));
+    const int *tiles;
     cpm_matmul(pool, g, c->F, c->x, c->H, c->gate, c->t, c->H, c->M, c->F, c->H);
     int nk = cpm_ffn_sparse_active(g, c->F, c->M, c->F, thr, ks, NULL);
     if (all_k) {
-        cpm_matmul(pool, u, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->F, c->H);
-        cpm_fatrelu_mul(g, u, (int)MF, thr);
         for (nk = 0; nk < c->F; nk++)
             ks[nk] = nk;
+        tiles = cpm_ffn_sparse_tiles(pool, g, c->F, c->M, c->F, -INFINITY, ks, nk, work);
+        cpm_matmul(pool, u, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->F, c->H);
+        cpm_fatrelu_mul(g, u, (int)MF, thr);
     } else {
-        for (size_t i = 0; i < MF; i++)
-            u[i] = NAN; /* only the active rows of up may be computed and read */
-        cpm_ffn_sparse_rows(pool, u, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->H, ks, nk);
-        cpm_ffn_sparse_act(g, u, c->F, c->M, thr, ks, nk);
+        tiles = cpm_ffn_sparse_tiles(pool, g, c->F, c->M, c->F, thr, ks, nk, work);
+        cpm_ffn_sparse_up(pool, g, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->H, thr, ks, nk,
+                          tiles);
     }
-    cpm_ffn_sparse_down(pool, y, c->H, g, c->F, c->down_t, c->t, c->H, c->M, c->H, c->F, ks, nk,
-                        work);
+    cpm_ffn_sparse_down(pool, y, c->H, g, c->F, c->down_t, c->t, c->H, c->M, c->H, ks, nk, tiles);
     free(g);
     free(u);
     free(ks);
@@ -453,7 +467,7 @@ static void run_ffn_case(int M, cpm_dtype t, double active_want, cpm_pool *pool)
 static void test_ffn_sparse_equals_dense(void **state) {
     (void)state;
     static const double actives[] = {0.0, 0.12, 1.0};
-    static const int rows[] = {1, 3, 7, 33};
+    static const int rows[] = {1, 3, 7, 33}; /* decode, union, union with tiles, tiles */
     cpm_pool *pool = cpm_pool_new(2);
     for (int isa = CPM_ISA_SCALAR; isa <= top_fma_isa(); isa++) {
         cpm_isa_force((cpm_isa)isa);
@@ -469,7 +483,7 @@ static void test_ffn_sparse_equals_dense(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_active_set_is_the_union),
-        cmocka_unit_test(test_rows_match_matmul_bits),
+        cmocka_unit_test(test_up_matches_matmul_bits),
         cmocka_unit_test(test_down_bits_every_isa_thread_count_and_batch),
         cmocka_unit_test(test_down_row_alone_equals_row_in_batch),
         cmocka_unit_test(test_transpose_is_a_bit_copy),

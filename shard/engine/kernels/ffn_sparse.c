@@ -30,6 +30,8 @@
 #define ROWS_ALIGN 4  /* listed W rows per unit of the rows split: one decode step */
 #define DEC_ALIGN 32  /* columns per unit of the decode split: whole cache lines of Wt */
 #define TILE_ALIGN 64 /* columns per unit of the tiled split: one AVX-512 column block */
+#define ROWS_TILED_ALIGN 64 /* W rows per unit of the tiled up split */
+#define ROWS_CHUNK_BYTES (1024 * 1024) /* W rows every tile meets while they sit in L2 */
 
 /* ---- the active set and h ---- */
 
@@ -62,30 +64,27 @@ int cpm_ffn_sparse_active(const float *g, int ldg, int M, int F, float threshold
     return nk;
 }
 
-void cpm_ffn_sparse_act(float *g, const float *u, int ld, int M, float threshold,
-                        const int *ks, int nk) {
-    for (int m = 0; m < M; m++) {
-        float *gr = g + (size_t)m * (size_t)ld;
-        const float *ur = u + (size_t)m * (size_t)ld;
-        for (int t = 0; t < nk; t++) {
-            float v = gr[ks[t]];
-            gr[ks[t]] = v > threshold ? v * ur[ks[t]] : 0.0f;
-        }
-    }
-}
 
 /* ---- scalar kernels ---- */
 
-/* One W row at a time through cpm_matmul's own scalar kernel: the canonical bits. */
+/* One element at a time through cpm_matmul's own scalar kernel: the canonical bits. */
 void cpm_fs_rows_scalar(const cpm_fs_rows_job *job, int t0, int t1) {
     size_t esz = cpm_dtype_size(job->wtype);
     for (int t = t0; t < t1; t++) {
         int j = job->ks[t];
-        cpm_mm_job one = {.y = job->y + j, .ldy = job->ldy, .x = job->x, .ldx = job->ldx,
-                          .w = (const char *)job->w + (size_t)j * (size_t)job->w_ld * esz,
-                          .wtype = job->wtype, .w_ld = job->w_ld, .M = job->M, .N = 1,
-                          .K = job->K};
-        cpm_mm_scalar(&one, 0, job->M, 0, 1);
+        for (int m = 0; m < job->M; m++) {
+            float u, *g = job->y + (size_t)m * (size_t)job->ldy + j;
+            if (!(*g > job->threshold)) {
+                *g = 0.0f;
+                continue;
+            }
+            cpm_mm_job one = {.y = &u, .ldy = 1, .x = job->x + (size_t)m * (size_t)job->ldx,
+                              .ldx = job->ldx,
+                              .w = (const char *)job->w + (size_t)j * (size_t)job->w_ld * esz,
+                              .wtype = job->wtype, .w_ld = job->w_ld, .M = 1, .N = 1, .K = job->K};
+            cpm_mm_scalar(&one, 0, 1, 0, 1);
+            *g = cpm_fs_act(*g, u, job->threshold);
+        }
     }
 }
 
@@ -93,10 +92,12 @@ void cpm_fs_down_decode_scalar(const cpm_fs_down_job *job, int n0, int n1) {
     for (int m = 0; m < job->M; m++) {
         float *y = job->y + (size_t)m * (size_t)job->ldy;
         const float *h = job->h + (size_t)m * (size_t)job->ldh;
+        const int *ks = job->ks, *list = job->tiles ? cpm_fs_tile(job->tiles, m / TILE) : NULL;
+        int nk = list ? list[0] : job->nk;
         for (int n = n0; n < n1; n++)
             y[n] = 0.0f;
-        for (int t = 0; t < job->nk; t++) {
-            int k = job->ks[t];
+        for (int t = 0; t < nk; t++) {
+            int k = list ? list[1 + t] : ks[t];
             if (h[k] == 0.0f)
                 continue;
             for (int n = n0; n < n1; n++)
@@ -107,7 +108,7 @@ void cpm_fs_down_decode_scalar(const cpm_fs_down_job *job, int n0, int n1) {
 
 void cpm_fs_down_tiles_scalar(const cpm_fs_down_job *job, int n0, int n1) {
     for (int m0 = 0; m0 < job->M; m0 += TILE) {
-        const int *list = job->tiles + (size_t)(m0 / TILE) * job->stride;
+        const int *list = cpm_fs_tile(job->tiles, m0 / TILE);
         int mr = job->M - m0 < TILE ? job->M - m0 : TILE;
         for (int i = 0; i < mr; i++) {
             const float *h = job->h + (size_t)(m0 + i) * (size_t)job->ldh;
@@ -154,62 +155,123 @@ static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
     *hi = (int)(b * align < total ? b * align : total);
 }
 
-typedef struct rows_run {
-    cpm_fs_rows_job job;
-    cpm_fs_rows_kernel kernel;
-} rows_run;
+/* ---- tiles ---- */
 
-static void rows_worker(void *arg, int tid, int nt) {
-    const rows_run *r = arg;
-    int lo, hi;
-    share(r->job.nk, ROWS_ALIGN, tid, nt, &lo, &hi);
-    if (lo < hi)
-        r->kernel(&r->job, lo, hi);
+size_t cpm_ffn_sparse_work_ints(int M, int F) {
+    return 2 + (M > TILE ? (size_t)((M + TILE - 1) / TILE) * ((size_t)F + 1) : 0);
 }
 
-void cpm_ffn_sparse_rows(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
-                         const void *w, cpm_dtype wtype, int w_ld, int M, int K, const int *ks,
-                         int nk) {
-    if (M <= 0 || nk <= 0)
-        return;
-    rows_run r = {.job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = wtype,
-                          .w_ld = w_ld, .M = M, .K = K, .ks = ks, .nk = nk},
-                  .kernel = rows_kernel()};
-    cpm_pool_run(pool, rows_worker, &r);
-}
+typedef struct tiles_run {
+    const float *g;
+    int ldg, M;
+    float threshold;
+    const int *ks;
+    int nk;
+    int *work;
+} tiles_run;
 
-size_t cpm_ffn_sparse_work_ints(int M, int K) {
-    return M > TILE ? (size_t)((M + TILE - 1) / TILE) * ((size_t)K + 1) : 1;
-}
-
-typedef struct down_run {
-    cpm_fs_down_job job;
-    cpm_fs_down_kernel kernel;
-    int align;
-    int *tiles; /* writable view of job.tiles */
-} down_run;
-
-/* Tile b's list: the k of ks where one of its rows has h != 0 (count first). */
-static void build_tile(const cpm_fs_down_job *job, int *list, int m0, int mr) {
-    int n = 0;
-    for (int t = 0; t < job->nk; t++) {
-        int k = job->ks[t], any = 0;
-        for (int i = 0; i < mr; i++)
-            any |= job->h[(size_t)(m0 + i) * (size_t)job->ldh + k] != 0.0f;
-        list[1 + n] = k;
-        n += any;
+/* Tile b's list: the j of ks where one of its rows has g > threshold (count first). The
+ * flags go into the list first, then are compacted in place, as cpm_ffn_sparse_active. */
+static void build_tile(const tiles_run *r, int b) {
+    int m0 = b * TILE, mr = r->M - m0 < TILE ? r->M - m0 : TILE, F = r->work[1] - 1, n = 0;
+    int *list = r->work + 2 + (size_t)b * (size_t)r->work[1];
+    mark_active(r->g + (size_t)m0 * (size_t)r->ldg, r->ldg, mr, F, r->threshold, list + 1);
+    for (int t = 0; t < r->nk; t++) { /* list[1 + ks[t]] is read before list[1 + n <= ks[t]] */
+        int j = r->ks[t], a = list[1 + j];
+        list[1 + n] = j;
+        n += a;
     }
     list[0] = n;
 }
 
 static void tiles_worker(void *arg, int tid, int nt) {
-    const down_run *r = arg;
-    int lo, hi, M = r->job.M;
-    share((M + TILE - 1) / TILE, 1, tid, nt, &lo, &hi);
+    const tiles_run *r = arg;
+    int lo, hi;
+    share(r->work[0], 1, tid, nt, &lo, &hi);
     for (int b = lo; b < hi; b++)
-        build_tile(&r->job, r->tiles + (size_t)b * r->job.stride, b * TILE,
-                   M - b * TILE < TILE ? M - b * TILE : TILE);
+        build_tile(r, b);
 }
+
+const int *cpm_ffn_sparse_tiles(cpm_pool *pool, const float *g, int ldg, int M, int F,
+                                float threshold, const int *ks, int nk, int *work) {
+    if (M <= TILE)
+        return NULL;
+    work[0] = (M + TILE - 1) / TILE;
+    work[1] = F + 1;
+    tiles_run r = {.g = g, .ldg = ldg, .M = M, .threshold = threshold, .ks = ks, .nk = nk,
+                   .work = work};
+    cpm_pool_run(pool, tiles_worker, &r);
+    return work;
+}
+
+/* ---- up and h ---- */
+
+typedef struct rows_run {
+    cpm_fs_rows_job job;
+    cpm_fs_rows_kernel kernel;
+} rows_run;
+
+/* Tiled: W rows [j0, j1) in chunks that stay in L2 while every tile meets the rows of
+ * its list there through the ISA's kernel (measured: as fast as widening the chunk into
+ * f32 panels first, as cpm_matmul's prefill does, and simpler). */
+static void rows_tiled(const rows_run *r, int j0, int j1) {
+    const cpm_fs_rows_job *job = &r->job;
+    size_t row_bytes = (size_t)job->K * cpm_dtype_size(job->wtype);
+    int chunk = (int)(ROWS_CHUNK_BYTES / (row_bytes ? row_bytes : 1));
+    chunk = chunk < 16 ? 16 : chunk;
+    for (int c0 = j0; c0 < j1; c0 += chunk) {
+        int c1 = j1 - c0 < chunk ? j1 : c0 + chunk;
+        for (int b = 0; b < job->tiles[0]; b++) {
+            const int *list = cpm_fs_tile(job->tiles, b);
+            int a = cpm_fs_lower_bound(list + 1, list[0], c0);
+            int e = a + cpm_fs_lower_bound(list + 1 + a, list[0] - a, c1);
+            cpm_fs_rows_job one = *job;
+            one.x += (size_t)b * TILE * (size_t)job->ldx;
+            one.y += (size_t)b * TILE * (size_t)job->ldy;
+            one.M = job->M - b * TILE < TILE ? job->M - b * TILE : TILE;
+            one.ks = list + 1 + a;
+            one.nk = e - a;
+            one.tiles = NULL;
+            if (e > a)
+                r->kernel(&one, 0, e - a);
+        }
+    }
+}
+
+static void rows_worker(void *arg, int tid, int nt) {
+    const rows_run *r = arg;
+    int lo, hi;
+    if (!r->job.tiles) {
+        share(r->job.nk, ROWS_ALIGN, tid, nt, &lo, &hi);
+        if (lo < hi)
+            r->kernel(&r->job, lo, hi);
+        return;
+    }
+    int first = r->job.ks[0], span = r->job.ks[r->job.nk - 1] + 1 - first;
+    share(span, ROWS_TILED_ALIGN, tid, nt, &lo, &hi);
+    if (lo < hi)
+        rows_tiled(r, first + lo, first + hi);
+}
+
+void cpm_ffn_sparse_up(cpm_pool *pool, float *g, int ldg, const float *x, int ldx,
+                       const void *w, cpm_dtype wtype, int w_ld, int M, int K, float threshold,
+                       const int *ks, int nk, const int *tiles) {
+    if (M <= 0 || nk <= 0)
+        return;
+    rows_run r = {.job = {.y = g, .ldy = ldg, .x = x, .ldx = ldx, .w = w, .wtype = wtype,
+                          .w_ld = w_ld, .M = M, .K = K, .ks = ks, .nk = nk, .tiles = tiles,
+                          .threshold = threshold},
+                  .kernel = rows_kernel()};
+    cpm_pool_run(pool, rows_worker, &r);
+}
+
+/* ---- down ---- */
+
+typedef struct down_run {
+    cpm_fs_down_job job;
+    cpm_fs_down_kernel kernel;
+    int align;
+} down_run;
 
 static void down_worker(void *arg, int tid, int nt) {
     const down_run *r = arg;
@@ -220,18 +282,14 @@ static void down_worker(void *arg, int tid, int nt) {
 }
 
 void cpm_ffn_sparse_down(cpm_pool *pool, float *y, int ldy, const float *h, int ldh,
-                         const void *wt, cpm_dtype wtype, int wt_ld, int M, int N, int K,
-                         const int *ks, int nk, int *work) {
+                         const void *wt, cpm_dtype wtype, int wt_ld, int M, int N, const int *ks,
+                         int nk, const int *tiles) {
     if (M <= 0 || N <= 0)
         return;
-    bool tiled = M > TILE;
+    bool tiled = tiles && M > CPM_FFN_SPARSE_UNION_ROWS;
     down_run r = {.job = {.y = y, .ldy = ldy, .h = h, .ldh = ldh, .wt = wt, .wtype = wtype,
-                          .wt_ld = wt_ld, .M = M, .N = N, .ks = ks, .nk = nk, .tiles = work,
-                          .stride = (size_t)K + 1},
-                  .kernel = down_kernel(tiled), .align = tiled ? TILE_ALIGN : DEC_ALIGN,
-                  .tiles = work};
-    if (tiled)
-        cpm_pool_run(pool, tiles_worker, &r);
+                          .wt_ld = wt_ld, .M = M, .N = N, .ks = ks, .nk = nk, .tiles = tiles},
+                  .kernel = down_kernel(tiled), .align = tiled ? TILE_ALIGN : DEC_ALIGN};
     cpm_pool_run(pool, down_worker, &r);
 }
 

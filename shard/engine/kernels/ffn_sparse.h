@@ -4,26 +4,27 @@
  *
  * Most h are exactly 0 (about 88 % in MiniCPM-S-1B), and a zero h_j needs neither row j
  * of up nor column j of down. After the gate matmul the FFN finds the active set
- * (cpm_ffn_sparse_active), computes up for those rows only (cpm_ffn_sparse_rows), forms h
- * there (cpm_ffn_sparse_act) and sums down over those columns only (cpm_ffn_sparse_down).
- * A column of down [H, F] is strided, so down is repacked once, transposed to [F, H] in
- * its own dtype (cpm_ffn_sparse_transpose): an active neuron is then one contiguous row.
+ * (cpm_ffn_sparse_active; for a prefill batch also each 4-row tile's, cpm_ffn_sparse_tiles),
+ * computes up and h for those neurons only (cpm_ffn_sparse_up) and sums down over them
+ * only (cpm_ffn_sparse_down). A column of down [H, F] is strided, so down is repacked
+ * once, transposed to [F, H] in its own dtype (cpm_ffn_sparse_transpose): an active
+ * neuron is then one contiguous row.
  *
- * Exactness. cpm_ffn_sparse_rows gives each element the bits cpm_matmul gives it (the
+ * Exactness. cpm_ffn_sparse_up gives each up element the bits cpm_matmul gives it (the
  * canonical order of matmul_internal.h; not the AMX order: under AMX, BF16 up rows differ
- * from AMX's in the last bits). cpm_ffn_sparse_down sums y[m, n] = sum_k h[m, k] Wt[k, n]
- * one fma per term, k ascending, from +0 - whatever M, the tile a row falls in, the thread
- * or the ISA - and a skipped term is an exact zero, which leaves the sum unchanged (fma(0,
- * w, a) = a for finite w, a != 0; at a = 0 only the sign of a zero may differ). So the
- * sparse FFN equals the same FFN with every neuron visited, bit for bit up to the sign of
- * zero; against cpm_matmul on the row-major down (16 lanes of ceil(F/16) terms then a
- * 4-level tree) only the order of down's sum differs, and with u = 2^-24,
- * gamma(n) = n u / (1 - n u), S = sum_k |h_k w_k|:
+ * from AMX's in the last bits) and h = g * u as cpm_fatrelu_mul does. cpm_ffn_sparse_down
+ * sums y[m, n] = sum_k h[m, k] Wt[k, n] one fma per term, k ascending, from +0 - whatever
+ * M, the tile a row falls in, the thread or the ISA - and a skipped term is an exact zero,
+ * which leaves the sum unchanged (fma(0, w, a) = a for finite w, a != 0; at a = 0 only
+ * the sign of a zero may differ). So the sparse FFN equals the same FFN with every neuron
+ * visited, bit for bit up to the sign of zero; against cpm_matmul on the row-major down
+ * (16 lanes of ceil(F/16) terms then a 4-level tree) only the order of down's sum
+ * differs, and with u = 2^-24, gamma(n) = n u / (1 - n u), S = sum_k |h_k w_k|:
  *   |y_sparse - y_rowmajor| <= (gamma(nk) + gamma(ceil(F/16) + 4)) * S,
  * nk the nonzero terms (tests/unit/test_ffn_sparse.c checks it).
  *
  * Threads: every kernel splits its work over the pool's threads (pool may be NULL) and
- * allocates nothing; x/h and y are f32, weights F32, F16 or BF16.
+ * allocates nothing; x, g/h and y are f32, weights F32, F16 or BF16.
  */
 #ifndef CPM_FFN_SPARSE_H
 #define CPM_FFN_SPARSE_H
@@ -33,9 +34,15 @@
 #include "dtype.h"
 #include "pool.h"
 
-/* Rows of h per tile in cpm_ffn_sparse_down's tiled path: a tile visits the union of its
- * rows' active sets, so a small tile keeps most of each row's sparsity. */
+/* Past this many rows (prefill, large batches) the rows run in tiles of this many, each
+ * tile over the union of its rows' active sets: a union of many rows is nearly dense, a
+ * small tile's keeps most of each row's sparsity. Up to it, one union serves all rows. */
 #define CPM_FFN_SPARSE_TILE 4
+
+/* Up to this many rows cpm_ffn_sparse_down still reads each active row of the transposed
+ * down once for all rows, each row taking it only where its tile lists it (measured
+ * faster than tiles for batched decode); past it, tile by tile. */
+#define CPM_FFN_SPARSE_UNION_ROWS 16
 
 /* The union over rows m < M of {j < F : g[m, j] > threshold}, ascending, into ks[0..F)
  * (ks must hold F ints); returns its size. *ret_active (may be NULL) gets the count
@@ -43,32 +50,32 @@
 int cpm_ffn_sparse_active(const float *g, int ldg, int M, int F, float threshold, int *ks,
                           long *ret_active);
 
-/* y[m, ks[t]] = x[m, 0..K) . W[ks[t], 0..K) for m < M, t < nk: W [*, K] of type wtype,
- * row stride w_ld elements. Each element gets the bits cpm_matmul would give it under
- * the same ISA (scalar, avx2, avx512); other elements of y are not touched. */
-void cpm_ffn_sparse_rows(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
-                         const void *w, cpm_dtype wtype, int w_ld, int M, int K, const int *ks,
-                         int nk);
+/* Ints of work cpm_ffn_sparse_tiles needs for M rows of F (size scratch with it at load). */
+size_t cpm_ffn_sparse_work_ints(int M, int F);
 
-/* h = fatrelu(g) * u on the active set: g[m, ks[t]] = g > threshold ? g * u : 0, in
- * place, for m < M, t < nk (g and u share the row stride ld). Entries of g off ks are
- * left as they are (cpm_ffn_sparse_down never reads them); u is read only where g is
- * above the threshold. */
-void cpm_ffn_sparse_act(float *g, const float *u, int ld, int M, float threshold,
-                        const int *ks, int nk);
+/* For M > CPM_FFN_SPARSE_TILE: the active set of every tile of CPM_FFN_SPARSE_TILE rows
+ * (the j of ks where one of its rows has g > threshold), built in work and returned for
+ * the kernels below. NULL for fewer rows: the kernels then use ks for every row. */
+const int *cpm_ffn_sparse_tiles(cpm_pool *pool, const float *g, int ldg, int M, int F,
+                                float threshold, const int *ks, int nk, int *work);
 
-/* Ints of work cpm_ffn_sparse_down needs for M rows of K (size scratch with it at load). */
-size_t cpm_ffn_sparse_work_ints(int M, int K);
+/* h = fatrelu(g) * u in place of g, u = x[m, 0..K) . W[j, 0..K), for m < M and j in ks
+ * (nk of them) or, with tiles, in the list of m's tile: g[m, j] = g > threshold ? g * u
+ * : 0. W [*, K] of type wtype, row stride w_ld elements. u gets the bits cpm_matmul
+ * would give it under the same ISA (scalar, avx2, avx512), and is computed (W row j
+ * read) only there; other entries of g are not touched (cpm_ffn_sparse_down never reads
+ * them). */
+void cpm_ffn_sparse_up(cpm_pool *pool, float *g, int ldg, const float *x, int ldx,
+                       const void *w, cpm_dtype wtype, int w_ld, int M, int K, float threshold,
+                       const int *ks, int nk, const int *tiles);
 
-/* y[m, n] = sum over k in ks of h[m, k] * Wt[k, n], for m < M, n < N: Wt [K, N] of type
- * wtype, row stride wt_ld elements (the transposed down, cpm_ffn_sparse_transpose); ks
- * ascending, nk of them, h read only at ks. Up to CPM_FFN_SPARSE_TILE rows stream each
- * active row of Wt once (decode); more rows run in tiles of CPM_FFN_SPARSE_TILE rows,
- * each visiting only the k of ks where one of its rows has h != 0. work holds
- * cpm_ffn_sparse_work_ints(M, K) ints. Bits: see the top of this file. */
+/* y[m, n] = sum over k of h[m, k] * Wt[k, n], for m < M, n < N: Wt [K, N] of type wtype,
+ * row stride wt_ld elements (the transposed down, cpm_ffn_sparse_transpose). The k
+ * visited are ks (ascending, nk of them) or, with tiles, the list of m's tile; h is read
+ * only there and must be 0 at every other k. Bits: see the top of this file. */
 void cpm_ffn_sparse_down(cpm_pool *pool, float *y, int ldy, const float *h, int ldh,
-                         const void *wt, cpm_dtype wtype, int wt_ld, int M, int N, int K,
-                         const int *ks, int nk, int *work);
+                         const void *wt, cpm_dtype wtype, int wt_ld, int M, int N, const int *ks,
+                         int nk, const int *tiles);
 
 /* dst [cols, rows] (contiguous) = the transpose of src [rows, cols] (row stride src_ld
  * elements), both of type t: a bit copy, so exact. Split over the pool's threads. */

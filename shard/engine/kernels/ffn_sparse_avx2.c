@@ -48,7 +48,7 @@ static float w_at(int src, const void *row, int k) {
 
 /* ---- rows: x . W[ks[j]] ---- */
 
-/* y[m + i, ks[j]] for i < mr, j < nr; next (or NULL) lists the rows to prefetch. */
+/* h at [m + i, ks[j]] for i < mr, j < nr; next (or NULL) lists the rows to prefetch. */
 INLINE void rows_tile(const int mr, const int nr, const int src, const cpm_fs_rows_job *job,
                       int m, const int *ks, const int *next) {
     const size_t esz = esz_of(src), w_ld = (size_t)job->w_ld, ldx = (size_t)job->ldx;
@@ -97,8 +97,10 @@ INLINE void rows_tile(const int mr, const int nr, const int src, const cpm_fs_ro
         }
     }
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++)
-            job->y[(size_t)(m + i) * (size_t)job->ldy + ks[j]] = reduce16(lo[i][j], hi[i][j]);
+        for (int j = 0; j < nr; j++) {
+            float *g = job->y + (size_t)(m + i) * (size_t)job->ldy + ks[j];
+            *g = cpm_fs_act(*g, reduce16(lo[i][j], hi[i][j]), job->threshold);
+        }
 }
 
 INLINE void rows_run(const int src, const cpm_fs_rows_job *job, int t0, int t1) {
@@ -135,6 +137,8 @@ void cpm_fs_rows_avx2(const cpm_fs_rows_job *job, int t0, int t1) {
 
 INLINE void decode_run(const int src, const cpm_fs_down_job *job, int n0, int n1) {
     const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+    const int T = CPM_FFN_SPARSE_TILE;
+    int cur[CPM_FS_UNION_TILES + 1] = {0};
     for (int m = 0; m < job->M; m++)
         for (int n = n0; n < n1; n += 8)
             _mm256_storeu_ps(job->y + (size_t)m * job->ldy + n, _mm256_setzero_ps());
@@ -145,14 +149,19 @@ INLINE void decode_run(const int src, const cpm_fs_down_job *job, int n0, int n1
             for (int n = n0; n < n1; n += 32)
                 _mm_prefetch((const char *)job->wt + (size_t)job->ks[t + 1] * ld * esz +
                              (size_t)n * esz, _MM_HINT_T0);
-        for (int m = 0; m < job->M; m++) {
-            float hk = job->h[(size_t)m * job->ldh + k];
-            if (hk == 0.0f)
+        for (int m0 = 0; m0 < job->M; m0 += T) {
+            if (!cpm_fs_listed(job->tiles, m0 / T, cur, k))
                 continue;
-            __m256 a = _mm256_set1_ps(hk);
-            float *y = job->y + (size_t)m * job->ldy;
-            for (int n = n0; n < n1; n += 8)
-                _mm256_storeu_ps(y + n, _mm256_fmadd_ps(a, load8(src, w, n), _mm256_loadu_ps(y + n)));
+            for (int m = m0; m < m0 + T && m < job->M; m++) {
+                float hk = job->h[(size_t)m * job->ldh + k];
+                if (hk == 0.0f)
+                    continue;
+                __m256 a = _mm256_set1_ps(hk);
+                float *y = job->y + (size_t)m * job->ldy;
+                for (int n = n0; n < n1; n += 8)
+                    _mm256_storeu_ps(y + n, _mm256_fmadd_ps(a, load8(src, w, n),
+                                                            _mm256_loadu_ps(y + n)));
+            }
         }
     }
 }
@@ -204,7 +213,7 @@ INLINE void tiles_run(const int src, const cpm_fs_down_job *job, int n0, int n1)
     const int T = CPM_FFN_SPARSE_TILE;
     for (int c = n0; c < n1; c += 8 * TV)
         for (int m0 = 0; m0 < job->M; m0 += T)
-            down_tile(src, job, job->tiles + (size_t)(m0 / T) * job->stride, m0,
+            down_tile(src, job, cpm_fs_tile(job->tiles, m0 / T), m0,
                       job->M - m0 < T ? job->M - m0 : T, c);
 }
 

@@ -47,31 +47,32 @@ INLINE __m512 load_w_mask(int src, const void *row, int k, __mmask16 mk) {
 
 /* ---- rows: x . W[ks[j]] ---- */
 
-/* y[m + i, ks[j]] for i < mr, j < nr; next (or NULL) lists the rows to prefetch. */
-INLINE void rows_tile(const int mr, const int nr, const int src, const cpm_fs_rows_job *job,
-                      int m, const int *ks, const int *next) {
-    const size_t esz = esz_of(src), w_ld = (size_t)job->w_ld, ldx = (size_t)job->ldx;
-    const int K = job->K;
-    const float *x = job->x + (size_t)m * ldx;
-    const char *wr[RNR], *pf[RNR];
+/* y_i[cols[j]] = fatrelu(y_i[cols[j]]) * x_i . w_j for i < mr, j < nr (stored for
+ * i < mr_store): the dot products are the tile of
+ * matmul_avx512.c - one 16-lane accumulator per element over K's chunks in order, the
+ * zero-padded tail, the canonical tree - over rows given by pointer; pf (or NULL): the
+ * rows to prefetch meanwhile. */
+INLINE void dot_tile(const int mr, const int nr, const int src, const float *const *xr,
+                     const char *const *wr, const char *const *pf, int K, float *const *yr,
+                     int mr_store, const int *cols, float threshold) {
+    const size_t esz = esz_of(src);
     __m512 acc[RMR][RNR];
-    for (int j = 0; j < nr; j++) {
-        wr[j] = (const char *)job->w + (size_t)ks[j] * w_ld * esz;
-        pf[j] = next ? (const char *)job->w + (size_t)next[j] * w_ld * esz : NULL;
-    }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[RNR];
-        if (next)
+        if (pf)
             for (int j = 0; j < nr; j++)
                 _mm_prefetch(pf[j] + (size_t)k * esz, _MM_HINT_T0);
-        for (int j = 0; j < nr; j++)
+        for (int j = 0; j < nr; j++) {
             wv[j] = load_w(src, wr[j], k);
+            __asm__("" : "+v"(wv[j])); /* one load in a register: GCC would fold it into mr FMAs */
+        }
         for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_loadu_ps(x + (size_t)i * ldx + k);
+            __m512 xv = _mm512_loadu_ps(xr[i] + k);
+            __asm__("" : "+v"(xv));
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
@@ -82,14 +83,32 @@ INLINE void rows_tile(const int mr, const int nr, const int src, const cpm_fs_ro
         for (int j = 0; j < nr; j++)
             wv[j] = load_w_mask(src, wr[j], k, mk);
         for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mk, x + (size_t)i * ldx + k);
+            __m512 xv = _mm512_maskz_loadu_ps(mk, xr[i] + k);
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < mr; i++)
+    for (int i = 0; i < mr_store; i++)
         for (int j = 0; j < nr; j++)
-            job->y[(size_t)(m + i) * (size_t)job->ldy + ks[j]] = cpm_reduce16_avx512(acc[i][j]);
+            yr[i][cols[j]] = cpm_fs_act(yr[i][cols[j]], cpm_reduce16_avx512(acc[i][j]), threshold);
+}
+
+/* y[m + i, ks[j]] for i < mr, j < nr, from W in place; next (or NULL): rows to prefetch. */
+INLINE void rows_tile(const int mr, const int nr, const int src, const cpm_fs_rows_job *job,
+                      int m, const int *ks, const int *next) {
+    const size_t esz = esz_of(src), w_ld = (size_t)job->w_ld;
+    const float *xr[RMR];
+    float *yr[RMR];
+    const char *wr[RNR], *pf[RNR];
+    for (int i = 0; i < mr; i++) {
+        xr[i] = job->x + (size_t)(m + i) * (size_t)job->ldx;
+        yr[i] = job->y + (size_t)(m + i) * (size_t)job->ldy;
+    }
+    for (int j = 0; j < nr; j++) {
+        wr[j] = (const char *)job->w + (size_t)ks[j] * w_ld * esz;
+        pf[j] = next ? (const char *)job->w + (size_t)next[j] * w_ld * esz : NULL;
+    }
+    dot_tile(mr, nr, src, xr, wr, next ? pf : NULL, job->K, yr, mr, ks, job->threshold);
 }
 
 INLINE void rows_run(const int src, const cpm_fs_rows_job *job, int t0, int t1) {
@@ -166,9 +185,12 @@ INLINE void decode_one(const int src, const cpm_fs_down_job *job, int n0, int n1
 }
 
 /* A few rows (batched decode): each listed row of Wt is read once for all of them; a row
- * whose h is 0 there skips it (the same bits: an exact zero term). */
+ * whose tile does not list it, or whose h is 0 there, skips it (the same bits: an exact
+ * zero term). */
 INLINE void decode_few(const int src, const cpm_fs_down_job *job, int n0, int n1) {
     const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+    const int T = CPM_FFN_SPARSE_TILE;
+    int cur[CPM_FS_UNION_TILES + 1] = {0};
     for (int m = 0; m < job->M; m++)
         for (int n = n0; n < n1; n += 16)
             _mm512_storeu_ps(job->y + (size_t)m * job->ldy + n, _mm512_setzero_ps());
@@ -179,15 +201,19 @@ INLINE void decode_few(const int src, const cpm_fs_down_job *job, int n0, int n1
             for (int n = n0; n < n1; n += 32)
                 _mm_prefetch((const char *)job->wt + (size_t)job->ks[t + 1] * ld * esz +
                              (size_t)n * esz, _MM_HINT_T0);
-        for (int m = 0; m < job->M; m++) {
-            float hk = job->h[(size_t)m * job->ldh + k];
-            if (hk == 0.0f)
+        for (int m0 = 0; m0 < job->M; m0 += T) {
+            if (!cpm_fs_listed(job->tiles, m0 / T, cur, k))
                 continue;
-            __m512 a = _mm512_set1_ps(hk);
-            float *y = job->y + (size_t)m * job->ldy;
-            for (int n = n0; n < n1; n += 16)
-                _mm512_storeu_ps(y + n,
-                                 _mm512_fmadd_ps(a, load_w(src, w, n), _mm512_loadu_ps(y + n)));
+            for (int m = m0; m < m0 + T && m < job->M; m++) {
+                float hk = job->h[(size_t)m * job->ldh + k];
+                if (hk == 0.0f)
+                    continue;
+                __m512 a = _mm512_set1_ps(hk);
+                float *y = job->y + (size_t)m * job->ldy;
+                for (int n = n0; n < n1; n += 16)
+                    _mm512_storeu_ps(y + n, _mm512_fmadd_ps(a, load_w(src, w, n),
+                                                            _mm512_loadu_ps(y + n)));
+            }
         }
     }
 }
@@ -210,27 +236,36 @@ void cpm_fs_down_decode_avx512(const cpm_fs_down_job *job, int n0, int n1) {
     }
 }
 
-/* ---- down, tiled: 4 rows of h x 64 columns over the tile's list ---- */
+/* ---- down, tiled: 4 rows of h x 64 columns over the tile's list ----
+ * Read in place, the rows of a column slab of Wt sit a hidden size apart: few cache sets
+ * and no stream for the prefetcher. So a panel of KC rows x SB columns (the rows of ks in
+ * [k0, k0 + KC); 512 contiguous bytes of each bf16 row) is first widened into 256 KiB of
+ * f32 that stays in L2, then every tile of h runs over it, 64 columns at a time. A chunk's
+ * partial sums wait in y, exact f32: each element still sees its fmas in k order. */
+
+#define SB 256 /* columns per panel */
+#define KC 256 /* Wt rows per panel */
 
 /* Rows [m0, m0 + mr) (mr <= 4; missing rows repeat row m0 and are not stored), columns
- * [c, c + 64) under the masks mk. */
-INLINE void down_tile(const int src, const cpm_fs_down_job *job, const int *list, int m0,
-                      int mr, int c, const __mmask16 *mk) {
-    const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+ * [c, c + 64) under the masks mk, over the tile's ks[0..n) (all in [k0, k0 + KC)): Wt row
+ * k is panel row k - k0 (SB floats apart). first: start from 0, else from y. */
+INLINE void down_tile(const cpm_fs_down_job *job, const int *ks, int n, const float *panel,
+                      int k0, int m0, int mr, int c, const __mmask16 *mk, bool first) {
     const float *hr[CPM_FFN_SPARSE_TILE];
     __m512 acc[CPM_FFN_SPARSE_TILE][TV];
     for (int i = 0; i < CPM_FFN_SPARSE_TILE; i++) {
-        hr[i] = job->h + (size_t)(m0 + (i < mr ? i : 0)) * (size_t)job->ldh;
+        int m = m0 + (i < mr ? i : 0);
+        const float *y = job->y + (size_t)m * job->ldy + c;
+        hr[i] = job->h + (size_t)m * (size_t)job->ldh;
         for (int v = 0; v < TV; v++)
-            acc[i][v] = _mm512_setzero_ps();
+            acc[i][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], y + 16 * v);
     }
-    const char *wt = (const char *)job->wt + (size_t)c * esz;
-    for (int t = 0; t < list[0]; t++) {
-        int k = list[1 + t];
-        const char *row = wt + (size_t)k * ld * esz;
+    for (int t = 0; t < n; t++) {
+        int k = ks[t];
+        const float *row = panel + (size_t)(k - k0) * SB;
         __m512 wv[TV];
         for (int v = 0; v < TV; v++)
-            wv[v] = load_w_mask(src, row, 16 * v, mk[v]);
+            wv[v] = _mm512_load_ps(row + 16 * v);
         for (int i = 0; i < CPM_FFN_SPARSE_TILE; i++) {
             __m512 b = _mm512_set1_ps(hr[i][k]);
             for (int v = 0; v < TV; v++)
@@ -243,17 +278,49 @@ INLINE void down_tile(const int src, const cpm_fs_down_job *job, const int *list
                                   acc[i][v]);
 }
 
+/* Wt rows ks[t0..t1) (within [k0, k0 + KC)), columns [c, c + SB) under mk (zero past the
+ * edge), widened into panel row k - k0. */
+INLINE void pack_panel(const int src, const cpm_fs_down_job *job, float *panel, int k0,
+                       int t0, int t1, int c, int width, const __mmask16 *mk) {
+    const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+    for (int t = t0; t < t1; t++) {
+        const char *row = (const char *)job->wt + ((size_t)job->ks[t] * ld + (size_t)c) * esz;
+        float *d = panel + (size_t)(job->ks[t] - k0) * SB;
+        if (t + 4 < t1) { /* rows ahead: scattered, so the prefetcher cannot guess them */
+            const char *next = (const char *)job->wt + ((size_t)job->ks[t + 4] * ld + (size_t)c) * esz;
+            for (size_t b = 0; b < (size_t)width * esz; b += 64)
+                _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+        for (int v = 0; v < SB / 16; v++)
+            _mm512_store_ps(d + 16 * v, load_w_mask(src, row, 16 * v, mk[v]));
+    }
+}
+
 INLINE void tiles_run(const int src, const cpm_fs_down_job *job, int n0, int n1) {
+    _Static_assert(KC * SB * sizeof(float) <= 256 * 1024, "the panel fits the stack");
+    float panel[KC * SB] __attribute__((aligned(64)));
     const int T = CPM_FFN_SPARSE_TILE;
-    for (int c = n0; c < n1; c += 16 * TV) { /* the slab stays in L2 across the tiles */
-        __mmask16 mk[TV];
-        for (int v = 0; v < TV; v++) {
-            int left = n1 - c - 16 * v;
+    for (int c = n0; c < n1; c += SB) {
+        int width = n1 - c < SB ? n1 - c : SB;
+        __mmask16 mk[SB / 16];
+        for (int v = 0; v < SB / 16; v++) {
+            int left = width - 16 * v;
             mk[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
         }
-        for (int m0 = 0; m0 < job->M; m0 += T)
-            down_tile(src, job, job->tiles + (size_t)(m0 / T) * job->stride, m0,
-                      job->M - m0 < T ? job->M - m0 : T, c, mk);
+        int t0 = 0;
+        for (int k0 = 0; k0 == 0 || t0 < job->nk; k0 += KC) {
+            int t1 = t0 + cpm_fs_lower_bound(job->ks + t0, job->nk - t0, k0 + KC);
+            pack_panel(src, job, panel, k0, t0, t1, c, width, mk);
+            for (int m0 = 0; m0 < job->M; m0 += T) {
+                const int *list = cpm_fs_tile(job->tiles, m0 / T);
+                int a = cpm_fs_lower_bound(list + 1, list[0], k0);
+                int b = a + cpm_fs_lower_bound(list + 1 + a, list[0] - a, k0 + KC);
+                for (int cb = 0; cb < width; cb += 16 * TV)
+                    down_tile(job, list + 1 + a, b - a, panel + cb, k0, m0,
+                              job->M - m0 < T ? job->M - m0 : T, c + cb, mk + cb / 16, k0 == 0);
+            }
+            t0 = t1;
+        }
     }
 }
 

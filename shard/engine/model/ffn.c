@@ -36,16 +36,11 @@ static void dense_forward(cpm_model *m, int li, int n) {
     m->ffn_stats.dense_bytes += bytes;
 }
 
-/* Past this fraction of active neurons (the union over the batch's rows) up runs as one
- * dense matmul: the gathered-rows kernel widens bf16 per tile while cpm_matmul's prefill
- * widens panels once, and a union this wide saves little (measured: docs/KERNELS.md). */
-#define SPARSE_UP_MAX 0.5
-
 /* MiniCPM-S: h = fatrelu(gate x) * up x is mostly exact zeros. After the gate, only the
  * active neurons' rows of up and rows of the transposed down are read: decode reads
- * about a third of the FFN's bytes at 88 % sparsity; prefill tiles of 4 rows visit the
- * union of their rows' neurons. The logits equal the dense FFN's up to the order of
- * down's sum (the bound is in ffn_sparse.h). */
+ * about a third of the FFN's bytes at 88 % sparsity; a few rows share their union;
+ * in prefill every tile of 4 rows computes the union of its rows' neurons only. The logits equal the dense FFN's up to
+ * the order of down's sum (the bound is in ffn_sparse.h). */
 static void sparse_mlp(cpm_model *m, int li, int n) {
     const cpm_layer *L = &m->layers[li];
     const cpm_weight *gate = &L->w[CPM_W_GATE], *up = &L->w[CPM_W_UP], *down = &L->w[CPM_W_DOWN];
@@ -55,23 +50,19 @@ static void sparse_mlp(cpm_model *m, int li, int n) {
     long active;
     cpm_model_matmul(m, s->gate, s->xn, gate, n);
     int nk = cpm_ffn_sparse_active(s->gate, F, n, F, thr, s->active, &active);
-    bool gather = nk <= SPARSE_UP_MAX * F;
-    if (gather)
-        cpm_ffn_sparse_rows(m->pool, s->up, F, s->xn, H, up->data, up->dtype,
-                            up->ld ? up->ld : up->cols, n, H, s->active, nk);
-    else
-        cpm_model_matmul(m, s->up, s->xn, up, n);
-    cpm_ffn_sparse_act(s->gate, s->up, F, n, thr, s->active, nk);
-    cpm_ffn_sparse_down(m->pool, s->out, H, s->gate, F, down->t, down->dtype, H, n, H, F,
-                        s->active, nk, s->ffn_work);
+    const int *tiles = cpm_ffn_sparse_tiles(m->pool, s->gate, F, n, F, thr, s->active, nk,
+                                            s->ffn_work);
+    cpm_ffn_sparse_up(m->pool, s->gate, F, s->xn, H, up->data, up->dtype,
+                      up->ld ? up->ld : up->cols, n, H, thr, s->active, nk, tiles);
+    cpm_ffn_sparse_down(m->pool, s->out, H, s->gate, F, down->t, down->dtype, H, n, H,
+                        s->active, nk, tiles);
 
-    size_t row_bytes = (size_t)H * cpm_dtype_size(up->dtype), gb = cpm_weight_bytes(gate);
+    size_t gb = cpm_weight_bytes(gate), row_bytes = (size_t)H * cpm_dtype_size(up->dtype);
     cpm_ffn_stats *st = &m->ffn_stats;
     st->rows += (uint64_t)n;
     st->neurons += (uint64_t)n * (uint64_t)F;
     st->active += (uint64_t)active;
-    st->weight_bytes += gb + (gather ? (size_t)nk : (size_t)F) * row_bytes +
-                        (size_t)nk * (size_t)H * cpm_dtype_size(down->dtype);
+    st->weight_bytes += gb + (size_t)nk * (row_bytes + (size_t)H * cpm_dtype_size(down->dtype));
     st->dense_bytes += gb + cpm_weight_bytes(up) + cpm_weight_bytes(down);
 }
 
