@@ -216,6 +216,17 @@ static void report(const cpm_generate_stats *st) {
             st->prompt_tokens, pf, st->generated_tokens, dc, st->finish ? st->finish : "-");
 }
 
+/* MiniCPM-S: how sparse its FFN ran, and what that saved of the dense FFN's reads. */
+static void report_ffn(cpm_model *m) {
+    cpm_ffn_stats fs;
+    cpm_model_ffn_stats(m, &fs, false);
+    if (!cpm_model_get_info(m)->ffn_sparse || !fs.neurons || !fs.dense_bytes)
+        return;
+    fprintf(stderr, "cpm-run: sparse FFN: %.1f %% of neurons active; read %.1f %% of the dense "
+            "FFN's weight bytes\n", 100.0 * (double)fs.active / (double)fs.neurons,
+            100.0 * (double)fs.weight_bytes / (double)fs.dense_bytes);
+}
+
 int main(int argc, char **argv) {
     run_args a;
     parse_args(argc, argv, &a);
@@ -289,6 +300,7 @@ int main(int argc, char **argv) {
     }
     printf("\n");
     report(&st);
+    report_ffn(m);
     rc = 0;
 out:
     if (ctx.logits_file && fclose(ctx.logits_file) && rc == 0) {
