@@ -1,7 +1,7 @@
 /* bench_ffn_sparse.c - one MiniCPM-S-1B FFN layer (hidden 1536, FFN 3840, FATReLU), dense
  * (cpm_matmul on the row-major weights, as the engine runs other models) against sparse
  * (ffn_sparse.h: gate, then up and the transposed down on the active neurons only), per
- * kernel (sets: the active set and the tiles' lists), at a chosen share of active neurons.
+ * kernel (sets: the batch's active set), at a chosen share of active neurons.
  *
  * Decode (M = 1) rotates through copies of the layer larger than the last-level cache
  * and reports GB/s of weights actually read; prefill (M > 1) reports the dense FFN's
@@ -38,7 +38,7 @@ typedef struct bench {
     int nl;
     float thr;
     float *x, *g, *u, *y;
-    int *ks, *work;
+    int *ks;
 } bench;
 
 static uint32_t rng = 12345u;
@@ -92,11 +92,10 @@ static void ffn_sparse(bench *b, const layer *l, int M, split *sp) {
     cpm_matmul(b->pool, b->g, F, b->x, H, l->gate, b->t, H, M, F, H);
     double t1 = cpm_bench_seconds();
     int nk = cpm_ffn_sparse_active(b->g, F, M, F, b->thr, b->ks, NULL);
-    const int *tiles = cpm_ffn_sparse_tiles(b->pool, b->g, F, M, F, b->thr, b->ks, nk, b->work);
     double ta = cpm_bench_seconds();
-    cpm_ffn_sparse_up(b->pool, b->g, F, b->x, H, l->up, b->t, H, M, H, b->thr, b->ks, nk, tiles);
+    cpm_ffn_sparse_up(b->pool, b->g, F, b->x, H, l->up, b->t, H, M, H, b->thr, b->ks, nk);
     double t2 = cpm_bench_seconds();
-    cpm_ffn_sparse_down(b->pool, b->y, H, b->g, F, l->down_t, b->t, H, M, H, b->ks, nk, tiles);
+    cpm_ffn_sparse_down(b->pool, b->y, H, b->g, F, l->down_t, b->t, H, M, H, b->ks, nk);
     double t3 = cpm_bench_seconds();
     sp->gate += t1 - t0;
     sp->sets += ta - t1;
@@ -166,12 +165,11 @@ int main(int argc, char **argv) {
         b.L[l].down_t = aligned_alloc(64, (size_t)H * F * cpm_dtype_size(b.t));
         cpm_ffn_sparse_transpose(b.pool, b.L[l].down_t, b.L[l].down, b.t, H, F, F);
     }
-    b.x = malloc(sizeof(float) * MAX_M * H);
-    b.g = malloc(sizeof(float) * MAX_M * F);
-    b.u = malloc(sizeof(float) * MAX_M * F);
-    b.y = malloc(sizeof(float) * MAX_M * H);
+    b.x = aligned_alloc(64, sizeof(float) * MAX_M * H); /* as the engine's scratch: the */
+    b.g = aligned_alloc(64, sizeof(float) * MAX_M * F); /* threads' column ranges of y  */
+    b.u = aligned_alloc(64, sizeof(float) * MAX_M * F); /* share no cache line          */
+    b.y = aligned_alloc(64, sizeof(float) * MAX_M * H);
     b.ks = malloc(sizeof(int) * F);
-    b.work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(MAX_M, F));
     for (size_t i = 0; i < (size_t)MAX_M * H; i++)
         b.x[i] = cpm_bench_frand(&rng) * 1.7f; /* unit variance, as rmsnorm's output */
     printf("bench_ffn_sparse: H %d F %d %s, %d threads, isa %s, %d layer copies\n", H, F,

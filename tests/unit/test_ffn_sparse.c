@@ -104,36 +104,30 @@ static void test_active_set_is_the_union(void **state) {
 
 /* ---- up: the listed rows, with cpm_matmul's bits ---- */
 
-/* Up and h: at the listed (m, j) - up to CPM_FFN_SPARSE_TILE rows: the union for every
- * row; more: each 4-row tile's own list, from a random gate at ~25 % active -
- * h = fatrelu(g) * u with u the bits of cpm_matmul; nothing else written. */
+/* Up and h for a random gate: h = fatrelu(g) * u on the batch's active set, u with the
+ * bits of cpm_matmul; nothing off it written. */
 static void check_up(cpm_pool *pool, cpm_dtype t, int M, int K, int N, int pad) {
     int ldx = K + pad, ldg = N + pad, w_ld = K + pad;
     float *x = rand_floats((size_t)M * ldx), *g = rand_floats((size_t)M * ldg);
     void *w = rand_weights(t, (size_t)N * w_ld, 1.0f);
     float *u = malloc(sizeof(float) * (size_t)M * N), *h = malloc(sizeof(float) * (size_t)M * ldg);
     int *ks = malloc(sizeof(int) * (size_t)N);
-    int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(M, N));
-    float thr = M > CPM_FFN_SPARSE_TILE ? 0.5f : 0.9f;
+    float thr = M > 4 ? 0.8f : 0.5f;
     int nk = cpm_ffn_sparse_active(g, ldg, M, N, thr, ks, NULL);
-    const int *tiles = cpm_ffn_sparse_tiles(pool, g, ldg, M, N, thr, ks, nk, work);
-    assert_true((tiles != NULL) == (M > CPM_FFN_SPARSE_TILE));
     cpm_matmul(NULL, u, N, x, ldx, w, t, w_ld, M, N, K);
     memcpy(h, g, sizeof(float) * (size_t)M * ldg);
-    cpm_ffn_sparse_up(pool, h, ldg, x, ldx, w, t, w_ld, M, K, thr, ks, nk, tiles);
+    cpm_ffn_sparse_up(pool, h, ldg, x, ldx, w, t, w_ld, M, K, thr, ks, nk);
     for (int m = 0; m < M; m++) {
-        int i0 = tiles ? m / CPM_FFN_SPARSE_TILE * CPM_FFN_SPARSE_TILE : 0;
-        int i1 = tiles ? i0 + CPM_FFN_SPARSE_TILE : M;
         for (int j = 0; j < ldg; j++) {
             bool listed = false;
-            for (int i = i0; i < i1 && i < M && j < N; i++)
+            for (int i = 0; i < M && j < N; i++)
                 listed |= g[(size_t)i * ldg + j] > thr;
             float got = h[(size_t)m * ldg + j], gm = g[(size_t)m * ldg + j];
             float want = !listed ? gm : gm > thr ? gm * u[(size_t)m * N + j] : 0.0f;
             if (memcmp(&got, &want, sizeof got))
                 fail_msg("%s %s M=%d K=%d: h[%d,%d] = %.9g, want %.9g (%s)",
                          cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(t), M, K, m, j, got,
-                         want, listed ? "listed" : "untouched");
+                         want, listed ? "active set" : "untouched");
         }
     }
     free(x);
@@ -142,7 +136,6 @@ static void check_up(cpm_pool *pool, cpm_dtype t, int M, int K, int N, int pad) 
     free(u);
     free(h);
     free(ks);
-    free(work);
 }
 
 static void test_up_matches_matmul_bits(void **state) {
@@ -204,22 +197,13 @@ static void free_down(down_case *c) {
     free(c->ks);
 }
 
-/* Tiles from |h| > 0: each tile visits exactly the k where one of its rows has h != 0. */
 static float *run_down(cpm_pool *pool, const down_case *c) {
     float *y = malloc(sizeof(float) * (size_t)c->M * c->ldy);
-    float *mag = malloc(sizeof(float) * (size_t)c->M * c->ldh);
-    int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(c->M, c->K));
     assert_non_null(y);
-    assert_non_null(work);
-    for (size_t i = 0; i < (size_t)c->M * c->ldh; i++)
-        mag[i] = fabsf(c->h[i]);
     for (size_t i = 0; i < (size_t)c->M * c->ldy; i++)
         y[i] = SENTINEL;
-    const int *tiles = cpm_ffn_sparse_tiles(pool, mag, c->ldh, c->M, c->K, 0.0f, c->ks, c->nk, work);
     cpm_ffn_sparse_down(pool, y, c->ldy, c->h, c->ldh, c->wt, c->t, c->wt_ld, c->M, c->N, c->ks,
-                        c->nk, tiles);
-    free(work);
-    free(mag);
+                        c->nk);
     return y;
 }
 
@@ -391,26 +375,20 @@ static float *ffn_sparse(cpm_pool *pool, const ffn_case *c, float thr, bool all_
     float *g = malloc(sizeof(float) * MF), *u = malloc(sizeof(float) * MF);
     float *y = malloc(sizeof(float) * (size_t)c->M * c->H);
     int *ks = malloc(sizeof(int) * (size_t)c->F);
-    int *work = malloc(sizeof(int) * cpm_ffn_sparse_work_ints(c->M, c->F));
-    const int *tiles;
     cpm_matmul(pool, g, c->F, c->x, c->H, c->gate, c->t, c->H, c->M, c->F, c->H);
     int nk = cpm_ffn_sparse_active(g, c->F, c->M, c->F, thr, ks, NULL);
     if (all_k) {
         for (nk = 0; nk < c->F; nk++)
             ks[nk] = nk;
-        tiles = cpm_ffn_sparse_tiles(pool, g, c->F, c->M, c->F, -INFINITY, ks, nk, work);
         cpm_matmul(pool, u, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->F, c->H);
         cpm_fatrelu_mul(g, u, (int)MF, thr);
     } else {
-        tiles = cpm_ffn_sparse_tiles(pool, g, c->F, c->M, c->F, thr, ks, nk, work);
-        cpm_ffn_sparse_up(pool, g, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->H, thr, ks, nk,
-                          tiles);
+        cpm_ffn_sparse_up(pool, g, c->F, c->x, c->H, c->up, c->t, c->H, c->M, c->H, thr, ks, nk);
     }
-    cpm_ffn_sparse_down(pool, y, c->H, g, c->F, c->down_t, c->t, c->H, c->M, c->H, ks, nk, tiles);
+    cpm_ffn_sparse_down(pool, y, c->H, g, c->F, c->down_t, c->t, c->H, c->M, c->H, ks, nk);
     free(g);
     free(u);
     free(ks);
-    free(work);
     return y;
 }
 
@@ -467,7 +445,7 @@ static void run_ffn_case(int M, cpm_dtype t, double active_want, cpm_pool *pool)
 static void test_ffn_sparse_equals_dense(void **state) {
     (void)state;
     static const double actives[] = {0.0, 0.12, 1.0};
-    static const int rows[] = {1, 3, 7, 33}; /* decode, union, union with tiles, tiles */
+    static const int rows[] = {1, 3, 7, 33};
     cpm_pool *pool = cpm_pool_new(2);
     for (int isa = CPM_ISA_SCALAR; isa <= top_fma_isa(); isa++) {
         cpm_isa_force((cpm_isa)isa);

@@ -82,7 +82,6 @@ typedef struct cpm_scratch {
     int *rows;       /* [T] wanted rows (last stage) */
     int *kv_slot;    /* [T] KV cache slot (block * BLOCK + offset) of each row */
     int *active;     /* sparse FFN: [F] the batch's active neurons */
-    int *ffn_work;   /* sparse FFN: cpm_ffn_sparse_work_ints(T, F) */
 } cpm_scratch;
 
 struct cpm_model {

@@ -340,8 +340,6 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->rows, T * sizeof(int)},
         {(void **)&s->kv_slot, T * sizeof(int)},
         {(void **)&s->active, m->ffn_sparse ? F * sizeof(int) : 0},
-        {(void **)&s->ffn_work,
-         m->ffn_sparse ? cpm_ffn_sparse_work_ints((int)T, (int)F) * sizeof(int) : 0},
     };
     for (size_t i = 0; i < sizeof plan / sizeof *plan; i++) {
         /* 64-byte alignment keeps SIMD loads on cache lines */
@@ -359,7 +357,7 @@ static void free_scratch(cpm_scratch *s) {
                     s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg,
                     s->moe_ids, s->moe_rows, s->attn_tls,
                     s->infllm_tls,
-                    s->rows, s->kv_slot, s->active, s->ffn_work};
+                    s->rows, s->kv_slot, s->active};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
         free(ptrs[i]);
 }
