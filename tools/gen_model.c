@@ -80,7 +80,7 @@ typedef struct gen_args {
     int ternary;        /* --ternary: decoder linears hold only 0 and ±a per row (BitCPM4) */
     int group_size;     /* GPTQ columns per group; -1 = one group per row */
     int desc_act;       /* GPTQ act-order: g_idx from a random column order */
-    double gate_sparsity; /* FATReLU: the fraction of fatrelu(gate x) that is 0; 0 = the preset's threshold */
+    double gate_sparsity; /* FATReLU: the share of fatrelu(gate x) that is 0 (0: preset's) */
 } gen_args;
 
 /* ---- config.json ---- */

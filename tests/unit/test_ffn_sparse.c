@@ -220,7 +220,8 @@ static void check_down_bits(const down_case *c, const float *y, const char *what
             float acc = 0.0f;
             for (int t = 0; t < c->nk; t++)
                 if (h[c->ks[t]] != 0.0f)
-                    acc = fmaf(h[c->ks[t]], w_at(c->wt, c->t, (size_t)c->ks[t] * c->wt_ld + n), acc);
+                    acc = fmaf(h[c->ks[t]], w_at(c->wt, c->t, (size_t)c->ks[t] * c->wt_ld + n),
+                               acc);
             if (!(got == acc))
                 fail_msg("%s %s %s M=%d N=%d K=%d: y[%d,%d] = %.9g, fma loop %.9g", what,
                          cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(c->t), c->M, c->N,

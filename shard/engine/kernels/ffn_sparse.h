@@ -7,22 +7,24 @@
  * batch (cpm_ffn_sparse_active), then, row by row, computes up and h for that row's
  * active neurons only (cpm_ffn_sparse_up) and sums down over them only
  * (cpm_ffn_sparse_down); the rows of a batch share the weight rows they both use
- * through the caches. A column of down [H, F] is strided, so down is repacked
- * once, transposed to [F, H] in its own dtype (cpm_ffn_sparse_transpose): an active
- * neuron is then one contiguous row.
+ * through the caches. A column of down [H, F] is strided, so down is repacked once,
+ * transposed to [F, H] in its own dtype (cpm_ffn_sparse_transpose): an active neuron
+ * is then one contiguous row.
  *
  * Exactness. cpm_ffn_sparse_up gives each up element the bits cpm_matmul gives it (the
  * canonical order of matmul_internal.h; not the AMX order: under AMX, BF16 up rows differ
  * from AMX's in the last bits) and h = g * u as cpm_fatrelu_mul does. cpm_ffn_sparse_down
- * sums y[m, n] = sum_k h[m, k] Wt[k, n] one fma per term, k ascending, from +0 - whatever
- * M, the row's place in the batch, the thread or the ISA - and a skipped term is an exact zero,
- * which leaves the sum unchanged (fma(0, w, a) = a for finite w, a != 0; at a = 0 only
- * the sign of a zero may differ). So the sparse FFN equals the same FFN with every neuron
- * visited, bit for bit up to the sign of zero; against cpm_matmul on the row-major down
- * (16 lanes of ceil(F/16) terms then a 4-level tree) only the order of down's sum
- * differs, and with u = 2^-24, gamma(n) = n u / (1 - n u), S = sum_k |h_k w_k|:
+ * sums y[m, n] = sum_k h[m, k] Wt[k, n] one fma per term, k ascending, from +0 -
+ * whatever M, the row's place in the batch, the thread or the ISA - and a skipped term
+ * is an exact zero, which leaves the sum unchanged (fma(0, w, a) = a for finite w,
+ * a != 0; at a = 0 only the sign of a zero may differ). So the sparse FFN equals the
+ * same FFN with every neuron visited, bit for bit up to the sign of zero; against
+ * cpm_matmul on the row-major down (16 lanes of ceil(F/16) terms then a 4-level tree)
+ * only the order of down's sum differs, and with u = 2^-24, gamma(n) = n u / (1 - n u),
+ * S = sum_k |h_k w_k|:
  *   |y_sparse - y_rowmajor| <= (gamma(nk) + gamma(ceil(F/16) + 4)) * S,
- * nk the nonzero terms (tests/unit/test_ffn_sparse.c checks it).
+ * nk the nonzero terms (tests/unit/test_ffn_sparse.c checks it). Weights and h are
+ * finite (a NaN or inf weight would poison the dense sum through 0 * inf, not this one).
  *
  * Threads: every kernel splits its work over the pool's threads (pool may be NULL) and
  * allocates nothing; x, g/h and y are f32, weights F32, F16 or BF16.

@@ -100,9 +100,10 @@ void cpm_fs_up_avx512(const cpm_fs_up_job *job, int t0, int t1) {
 }
 
 /* ---- down: y += h[k] * Wt[k] for the active k ----
- * Row by row, each over its own active k (those of ks where its h is not 0): DK rows of Wt are folded into each y vector per pass, so y (in L1) is
- * loaded and stored once per DK terms, and the rows DK ahead are prefetched. A row that
- * shares an active k with an earlier one finds that Wt row in cache. */
+ * Row by row, each over its own active k (those of ks where its h is not 0): DK rows of
+ * Wt are folded into each y vector per pass, so y (in L1) is loaded and stored once per
+ * DK terms, and the rows DK ahead are prefetched. A row that shares an active k with an
+ * earlier one finds that Wt row in cache. */
 
 #define SEG 1024 /* active k gathered per pass (stack) */
 
