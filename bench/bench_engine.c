@@ -2,7 +2,13 @@
  * fraction of this machine's memory-bandwidth roofline, measured in one run.
  *
  *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
- *                [--activations exact|bf16]
+ *                [--activations exact|bf16] [--ffn dense,sparse] [--rounds N]
+ *
+ * --ffn runs a MiniCPM-S (FATReLU) model with each FFN in turn, interleaved --rounds
+ * times (default 1) in this process, so both see the same machine; it also prints the
+ * share of active neurons measured during decode. Weights per token are then measured:
+ * the model's decode bytes with the FFN's replaced by what its kernels read per decode
+ * step (cpm_model_ffn_stats).
  *
  * --batch also times batched decode: B sequences (each with a 16-token prompt)
  * step together, one row each per forward pass, so the weights are read once
@@ -29,28 +35,50 @@ typedef struct bench_result {
 
 static bool act_bf16; /* --activations bf16: the whole run's precision */
 
-static int run_once(const char *dir, int threads, int n_prompt, int n_decode, double *ret_gbps,
-                    size_t *ret_bytes, bench_result *r) {
+/* The FFN counters start at the first generated token: what follows is decode. */
+static int on_first_token(int32_t token, void *ctx) {
+    cpm_model **m = ctx;
+    (void)token;
+    if (*m)
+        cpm_model_ffn_stats(*m, NULL, true);
+    *m = NULL;
+    return 0;
+}
+
+/* Weights read per decode token: the model's, with the FFN's as measured. */
+static double measured_bytes(cpm_model *m, double *ret_active) {
+    cpm_ffn_stats fs;
+    cpm_model_ffn_stats(m, &fs, false);
+    const cpm_model_info *in = cpm_model_get_info(m);
+    double tokens = (double)fs.rows / (in->layer_end - in->layer_begin);
+    *ret_active = fs.neurons ? (double)fs.active / (double)fs.neurons : -1;
+    double bytes = (double)cpm_model_decode_bytes(m);
+    if (tokens > 0)
+        bytes += ((double)fs.weight_bytes - (double)fs.dense_bytes) / tokens;
+    return bytes;
+}
+
+static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, int n_decode,
+                    double *ret_bytes, double *ret_active, bench_result *r) {
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
     o.act_bf16 = act_bf16;
     o.n_threads = threads;
     o.max_batch_tokens = n_prompt;
+    o.ffn_dense = ffn_dense == 1;
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
         fprintf(stderr, "bench_engine: %s\n", e.msg);
         return -1;
     }
-    cpm_pool *pool = cpm_pool_new(threads);
-    cpm_membw_read(pool, (size_t)1 << 30, 3, ret_gbps);
-    cpm_pool_free(pool);
-    *ret_bytes = cpm_model_decode_bytes(m);
     int V = cpm_model_get_info(m)->vocab_size;
     int32_t *ids = malloc((size_t)n_prompt * sizeof *ids);
     for (int i = 0; i < n_prompt; i++)
         ids[i] = 1 + (i * 7919) % (V - 1);
+    cpm_model *first = m;
     cpm_generate_opts go = {.max_new_tokens = n_decode + 1, .ignore_eos = true,
-                            .sampling = cpm_sampling_params_default()};
+                            .sampling = cpm_sampling_params_default(), .on_token = on_first_token,
+                            .ctx = &first};
     go.sampling.temperature = 0;
     cpm_generate_stats st;
     /* As a serving stage does before it says ready: weights paged in, and one
@@ -58,6 +86,7 @@ static int run_once(const char *dir, int threads, int n_prompt, int n_decode, do
     cpm_model_page_in(m, NULL, NULL);
     cpm_generate_opts warm = go;
     warm.max_new_tokens = 2;
+    warm.on_token = NULL;
     int rc = cpm_generate(m, ids, n_prompt < 8 ? n_prompt : 8, &warm, &st, &e);
     if (!rc)
         rc = cpm_generate(m, ids, n_prompt, &go, &st, &e);
@@ -65,6 +94,7 @@ static int run_once(const char *dir, int threads, int n_prompt, int n_decode, do
         fprintf(stderr, "bench_engine: %s\n", e.msg);
     r->prefill_tps = n_prompt / st.prefill_seconds;
     r->decode_tps = n_decode / st.decode_seconds; /* n_decode forward passes */
+    *ret_bytes = measured_bytes(m, ret_active);
     free(ids);
     cpm_model_free(m);
     return rc;
@@ -161,9 +191,10 @@ int main(int argc, char **argv) {
     static const struct option opts[] = {{"model", 1, 0, 'm'}, {"threads", 1, 0, 't'},
                                          {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
                                          {"batch", 1, 0, 'b'}, {"activations", 1, 0, 'a'},
+                                         {"ffn", 1, 0, 'f'}, {"rounds", 1, 0, 'r'},
                                          {0, 0, 0, 0}};
-    const char *dir = NULL, *threads = "1,2", *batches = NULL;
-    int n_prompt = 128, n_decode = 32, c;
+    const char *dir = NULL, *threads = "1,2", *batches = NULL, *ffns = NULL;
+    int n_prompt = 128, n_decode = 32, rounds = 1, c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (c == 'm') dir = optarg;
         else if (c == 't') threads = optarg;
@@ -171,29 +202,51 @@ int main(int argc, char **argv) {
         else if (c == 'd') n_decode = atoi(optarg);
         else if (c == 'b') batches = optarg;
         else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
+        else if (c == 'f') ffns = optarg;
+        else if (c == 'r') rounds = atoi(optarg);
         else return 2;
     }
-    if (!dir || n_prompt < 1 || n_decode < 1) {
+    int modes[2], n_modes = 0; /* -1: the model's default FFN, 0: sparse, 1: dense */
+    for (const char *p = ffns; p && n_modes < 2; p = strchr(p, ','), p = p ? p + 1 : NULL)
+        modes[n_modes++] = strncmp(p, "dense", 5) == 0 ? 1 : strncmp(p, "sparse", 6) == 0 ? 0 : -2;
+    if (!ffns)
+        modes[n_modes++] = -1;
+    bool bad_mode = false;
+    for (int i = 0; i < n_modes; i++)
+        bad_mode |= modes[i] == -2;
+    if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
-                        " [--batch 1,4,16,64] [--activations exact|bf16]\n");
+                        " [--batch 1,4,16,64] [--activations exact|bf16] [--ffn dense,sparse]"
+                        " [--rounds N]\n");
         return 2;
     }
     printf("model %s  isa %s  activations %s  prompt %d  decode %d\n", dir,
            cpm_isa_name(cpm_isa_detect()), act_bf16 ? "bf16" : "exact", n_prompt, n_decode);
-    printf("%-8s %12s %12s %14s %12s %10s\n", "threads", "prefill t/s", "decode t/s",
-           "weights/token", "read GB/s", "roofline");
+    printf("%-8s %-7s %12s %12s %14s %8s %12s %10s\n", "threads", "ffn", "prefill t/s",
+           "decode t/s", "weights/token", "active", "read GB/s", "roofline");
     char *list = strdup(threads);
     for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
         int t = atoi(tok);
         double gbps = 0;
-        size_t bytes = 0;
-        bench_result r;
-        if (run_once(dir, t, n_prompt, n_decode, &gbps, &bytes, &r))
-            return 1;
-        double roof = gbps * 1e9 / (double)bytes;
-        printf("%-8d %12.1f %12.2f %11.1f MB %12.1f %9.1f%%\n", t, r.prefill_tps, r.decode_tps,
-               bytes / 1e6, gbps, 100.0 * r.decode_tps / roof);
-        fflush(stdout);
+        cpm_pool *pool = cpm_pool_new(t);
+        cpm_membw_read(pool, (size_t)1 << 30, 3, &gbps);
+        cpm_pool_free(pool);
+        for (int round = 0; round < rounds; round++)
+            for (int i = 0; i < n_modes; i++) {
+                double bytes = 0, active = -1;
+                bench_result r;
+                if (run_once(dir, t, modes[i], n_prompt, n_decode, &bytes, &active, &r))
+                    return 1;
+                double roof = gbps * 1e9 / bytes;
+                char act[16] = "-";
+                if (active >= 0)
+                    snprintf(act, sizeof act, "%.1f%%", 100.0 * active);
+                printf("%-8d %-7s %12.1f %12.2f %11.1f MB %8s %12.1f %9.1f%%\n", t,
+                       modes[i] == 1 ? "dense" : modes[i] == 0 ? "sparse" : "default",
+                       r.prefill_tps, r.decode_tps, bytes / 1e6, act, gbps,
+                       100.0 * r.decode_tps / roof);
+                fflush(stdout);
+            }
     }
     free(list);
     if (batches) {

@@ -28,6 +28,7 @@ typedef struct run_args {
     bool chat;
     bool keep_bf16;
     bool act_bf16;
+    bool ffn_dense;
     cpm_dtype kv_dtype;
     const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
@@ -43,7 +44,7 @@ typedef struct run_ctx {
 enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
        OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
        OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16,
-       OPT_ACTIVATIONS };
+       OPT_ACTIVATIONS, OPT_FFN };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
@@ -64,6 +65,9 @@ static const cpm_cli_opt opts[] = {
     {"activations", 0, "exact|bf16",
      "BF16 weights meet f32 activations (exact, default) or bf16-rounded ones (faster prefill, "
      "less exact)", OPT_ACTIVATIONS},
+    {"ffn", 0, "sparse|dense",
+     "MiniCPM-S (FATReLU): skip the inactive neurons (sparse, default) or run every one (dense, "
+     "the row-major down_proj as other models)", OPT_FFN},
     {"isa", 0, "NAME", "pin the matmul kernels: scalar, avx2, avx512, amx (default: best)",
      OPT_ISA},
     {"logits-out", 0, "FILE", "write every prompt position's logits (f32 LE rows)",
@@ -99,6 +103,11 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
         if (strcmp(v, "bf16") && strcmp(v, "exact"))
             cpm_cli_fail(cli, "--activations: '%s' is not exact or bf16", v);
         a->act_bf16 = strcmp(v, "bf16") == 0;
+        break;
+    case OPT_FFN:
+        if (strcmp(v, "sparse") && strcmp(v, "dense"))
+            cpm_cli_fail(cli, "--ffn: '%s' is not sparse or dense", v);
+        a->ffn_dense = strcmp(v, "dense") == 0;
         break;
     case OPT_ISA: a->isa = v; break;
     case OPT_KV_DTYPE:
@@ -207,6 +216,17 @@ static void report(const cpm_generate_stats *st) {
             st->prompt_tokens, pf, st->generated_tokens, dc, st->finish ? st->finish : "-");
 }
 
+/* MiniCPM-S: how sparse its FFN ran, and what that saved of the dense FFN's reads. */
+static void report_ffn(cpm_model *m) {
+    cpm_ffn_stats fs;
+    cpm_model_ffn_stats(m, &fs, false);
+    if (!cpm_model_get_info(m)->ffn_sparse || !fs.neurons || !fs.dense_bytes)
+        return;
+    fprintf(stderr, "cpm-run: sparse FFN: %.1f %% of neurons active; read %.1f %% of the dense "
+            "FFN's weight bytes\n", 100.0 * (double)fs.active / (double)fs.neurons,
+            100.0 * (double)fs.weight_bytes / (double)fs.dense_bytes);
+}
+
 int main(int argc, char **argv) {
     run_args a;
     parse_args(argc, argv, &a);
@@ -249,6 +269,7 @@ int main(int argc, char **argv) {
     mo.max_batch_tokens = a.batch;
     mo.keep_bf16 = a.keep_bf16;
     mo.act_bf16 = a.act_bf16;
+    mo.ffn_dense = a.ffn_dense;
     if (cpm_model_load(a.model, &mo, &m, &err)) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.model, err.msg);
         goto out;
@@ -279,6 +300,7 @@ int main(int argc, char **argv) {
     }
     printf("\n");
     report(&st);
+    report_ffn(m);
     rc = 0;
 out:
     if (ctx.logits_file && fclose(ctx.logits_file) && rc == 0) {

@@ -80,6 +80,7 @@ typedef struct gen_args {
     int ternary;        /* --ternary: decoder linears hold only 0 and ±a per row (BitCPM4) */
     int group_size;     /* GPTQ columns per group; -1 = one group per row */
     int desc_act;       /* GPTQ act-order: g_idx from a random column order */
+    double gate_sparsity; /* FATReLU: the share of fatrelu(gate x) that is 0 (0: preset's) */
 } gen_args;
 
 /* ---- config.json ---- */
@@ -145,6 +146,30 @@ static json_t *resample(json_t *list, int n) {
     return out;
 }
 
+/* Phi^-1(p) by bisection on the normal CDF (p in (0, 1)). */
+static double normal_quantile(double p) {
+    double lo = -10.0, hi = 10.0;
+    for (int i = 0; i < 100; i++) {
+        double mid = (lo + hi) / 2.0;
+        if (0.5 * erfc(-mid / sqrt(2.0)) < p)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return (lo + hi) / 2.0;
+}
+
+/* --gate-sparsity P: the FATReLU threshold (hidden_act_param) under which a fraction P of
+ * the gate pre-activations fall for typical hidden states. The FFN's input is rmsnorm(x)
+ * times a norm weight 1 + U(-0.1, 0.1) (mean square 1 + 0.01/3) and a gate row is
+ * uniform with variance 1/hidden (write_tensor), so g = w . x is close to N(0, s^2),
+ * s^2 = 1 + 0.01/3, whatever the hidden state: threshold = s * Phi^-1(P). MiniCPM-S-1B's
+ * own gates are ~88 % zero at its 0.03; the engine's cpm_model_ffn_stats measures it. */
+static void set_gate_sparsity(json_t *c, double p) {
+    double s = sqrt(1.0 + 0.01 / 3.0);
+    json_object_set_new(c, "hidden_act_param", json_real(s * normal_quantile(p)));
+}
+
 static void override_int(json_t *c, const char *key, int v) {
     if (v > 0)
         json_object_set_new(c, key, json_integer(v));
@@ -163,6 +188,8 @@ static void apply_overrides(json_t *c, const gen_args *a) {
                         json_string(a->dtype == CPM_DTYPE_F32 ? "float32"
                                     : a->dtype == CPM_DTYPE_F16 ? "float16" : "bfloat16"));
     json_object_del(c, "_name_or_path");
+    if (a->gate_sparsity > 0)
+        set_gate_sparsity(c, a->gate_sparsity);
 }
 
 /* --sparse: a sparse_config object (MiniCPM4 InfLLM v2) with the HF defaults
@@ -685,7 +712,8 @@ static int copy_tokenizer(const gen_args *a, cpm_error *err) {
 
 enum { OPT_VARIANT = 1, OPT_OUT, OPT_DTYPE, OPT_SEED, OPT_SHARD_MB, OPT_LAYERS, OPT_HIDDEN,
        OPT_INTER, OPT_HEADS, OPT_KV_HEADS, OPT_VOCAB, OPT_EXPERTS, OPT_TOKENIZER, OPT_ASSETS,
-       OPT_SPARSE, OPT_QUANT, OPT_GROUP_SIZE, OPT_DESC_ACT, OPT_DEQUANT, OPT_TERNARY };
+       OPT_SPARSE, OPT_QUANT, OPT_GROUP_SIZE, OPT_DESC_ACT, OPT_DEQUANT, OPT_TERNARY,
+       OPT_GATE_SPARSITY };
 
 static const cpm_cli_opt opts[] = {
     {"variant", 0, "NAME", "the preset (list below; required)", OPT_VARIANT},
@@ -708,6 +736,8 @@ static const cpm_cli_opt opts[] = {
     {"dequant", 0, NULL, "write the same int4 weights as plain floats (exact with --dtype f32)",
      OPT_DEQUANT},
     {"ternary", 0, NULL, "decoder linears ternary per row (0, ±a), as BitCPM4 ships them", OPT_TERNARY},
+    {"gate-sparsity", 0, "P", "FATReLU presets: set the threshold so that a fraction P (e.g. 0.88, "
+     "MiniCPM-S-1B's) of fatrelu(gate x) is 0", OPT_GATE_SPARSITY},
     {"tokenizer", 0, "DIR", "tokenizer files (default: the variant's under assets/tokenizers)",
      OPT_TOKENIZER},
     {"assets", 0, "DIR", "the assets directory (default " CPM_ASSETS_DIR ")", OPT_ASSETS},
@@ -755,6 +785,11 @@ static void take(const cpm_cli *cli, int c, const char *v, gen_args *a, const ch
     case OPT_DESC_ACT: a->desc_act = 1; break;
     case OPT_DEQUANT: a->dequant = 1; break;
     case OPT_TERNARY: a->ternary = 1; break;
+    case OPT_GATE_SPARSITY:
+        a->gate_sparsity = cpm_cli_float(cli, v);
+        if (!(a->gate_sparsity > 0 && a->gate_sparsity < 1))
+            cpm_cli_fail(cli, "--gate-sparsity: %s is not in (0, 1)", v);
+        break;
     }
 }
 
@@ -780,6 +815,8 @@ static void parse(int argc, char **argv, gen_args *a) {
         cpm_cli_fail(&cli, "unknown variant '%s'", variant);
     if (!a->p || !a->out)
         cpm_cli_fail(&cli, "--variant NAME and --out DIR are required");
+    if (a->gate_sparsity > 0 && (!a->p->act || strcmp(a->p->act, "fatrelu")))
+        cpm_cli_fail(&cli, "--gate-sparsity: %s has no FATReLU FFN", a->p->name);
 }
 
 static int write_configs(const gen_args *a, cpm_hparams *hp, cpm_error *err) {

@@ -204,6 +204,43 @@ static void test_bad_batches(void **state) {
     assert_non_null(strstr(e.msg, "layer range"));
 }
 
+/* MiniCPM-S (FATReLU): the sparse FFN, on by default, gives the dense FFN's logits up to
+ * summation order, reads less, and gives a row the same bits alone or in a batch; other
+ * models run the dense FFN either way. */
+static void test_ffn_sparse_matches_dense(void **state) {
+    (void)state;
+    cpm_model_opts o = cpm_model_opts_default();
+    o.n_threads = 2;
+    o.ffn_dense = true;
+    cpm_model *sp = load(0, -1, 2), *dn;
+    cpm_error e = {0};
+    assert_int_equal(cpm_model_load(model_dir, &o, &dn, &e), 0);
+    assert_false(cpm_model_get_info(dn)->ffn_sparse);
+    int V = cpm_model_get_info(sp)->vocab_size;
+    bool sparse = cpm_model_get_info(sp)->ffn_sparse;
+    print_message("%s: FFN %s\n", model_dir, sparse ? "sparse" : "dense");
+    float *a = run_alone(sp, prompt_a, N), *one = run_alone(sp, prompt_a, 1);
+    float *b = run_alone(dn, prompt_a, N);
+    assert_true(max_rel(a, b, (size_t)N * V) < 1e-5);
+    for (size_t i = 0; i < (size_t)N * V; i++) /* decode rows vs 4-row tiles: same bits */
+        assert_true(a[i] == one[i]);
+    cpm_ffn_stats st;
+    cpm_model_ffn_stats(sp, &st, true);
+    assert_true(st.weight_bytes <= st.dense_bytes);
+    assert_true(st.rows > 0 || cpm_model_get_info(sp)->n_experts > 0); /* MoE: not counted */
+    if (sparse) {
+        assert_true(st.active > 0 && st.active < st.neurons);
+        assert_true(st.weight_bytes < st.dense_bytes);
+    }
+    cpm_model_ffn_stats(sp, &st, false);
+    assert_true(st.rows == 0 && st.weight_bytes == 0);
+    free(a);
+    free(one);
+    free(b);
+    cpm_model_free(sp);
+    cpm_model_free(dn);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_model GOLDEN_MODEL_DIR\n");
@@ -216,6 +253,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_pipeline_split_matches),
         cmocka_unit_test(test_bad_batches),
         cmocka_unit_test(test_page_in),
+        cmocka_unit_test(test_ffn_sparse_matches_dense),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

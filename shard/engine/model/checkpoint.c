@@ -586,6 +586,22 @@ void cpm_checkpoint_free(cpm_checkpoint *ck) {
     free(ck);
 }
 
+void cpm_checkpoint_release(const cpm_checkpoint *ck, const void *p, size_t n) {
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p, b = a + n;
+    for (size_t i = 0; page > 0 && i < ck->nfiles; i++) {
+        uintptr_t lo = (uintptr_t)ck->files[i].map, hi = lo + ck->files[i].len;
+        if (ck->files[i].len == 0 || a < lo || b > hi)
+            continue;
+        /* whole pages inside [a, b) only: a neighbouring tensor may share the edge pages */
+        uintptr_t first = (a + (uintptr_t)page - 1) / (uintptr_t)page * (uintptr_t)page;
+        uintptr_t last = b / (uintptr_t)page * (uintptr_t)page;
+        if (first < last)
+            madvise((void *)first, last - first, MADV_DONTNEED);
+        return;
+    }
+}
+
 /* ---- lookups ---- */
 
 size_t cpm_checkpoint_count(const cpm_checkpoint *ck) {

@@ -47,6 +47,12 @@ int cpm_checkpoint_open_file(const char *dir, const char *name, cpm_checkpoint *
 /* Accepts NULL. Invalidates every view handed out. */
 void cpm_checkpoint_free(cpm_checkpoint *ck);
 
+/* Tells the system this process will not read mapped bytes [p, p + n) again (a weight
+ * repacked into memory of its own): their pages leave the process's resident set, to
+ * be read from the file again should they be touched. Bytes that are not wholly inside
+ * one file mapping (a tensor copied at open time) are left alone. */
+void cpm_checkpoint_release(const cpm_checkpoint *ck, const void *p, size_t n);
+
 /* Number of tensors, and the i-th one (0 <= i < count), in file order. */
 size_t cpm_checkpoint_count(const cpm_checkpoint *ck);
 const cpm_tensor_view *cpm_checkpoint_at(const cpm_checkpoint *ck, size_t i);

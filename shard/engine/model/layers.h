@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "../kernels/dtype.h"
+#include "../kernels/ffn_sparse.h"
 #include "../kernels/pool.h"
 #include "../kernels/matmul.h"
 #include "../kernels/matmul_q4.h"
@@ -27,7 +28,18 @@ typedef struct cpm_weight {
     int ld;    /* row stride in elements; 0 = cols (a TP column slice keeps the full width) */
     cpm_q4 *q4;
     cpm_t2 *t2; /* a ternary bf16 matrix (BitCPM4), repacked to 2 bits: used instead of data */
+    void *t;    /* FATReLU down_proj transposed to [cols, rows], same dtype (ffn_sparse.h),
+                 * owned by the model: used instead of data, which is then NULL */
 } cpm_weight;
+
+/* Bytes of w's weights, in whichever form the kernels read them. */
+static inline size_t cpm_weight_bytes(const cpm_weight *w) {
+    if (w->q4)
+        return cpm_q4_bytes(w->q4);
+    if (w->t2)
+        return cpm_t2_bytes(w->t2);
+    return w->data || w->t ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
+}
 
 typedef struct cpm_layer {
     cpm_weight w[CPM_LAYER_ROLE_COUNT]; /* experts' roles unused here */
@@ -69,6 +81,7 @@ typedef struct cpm_scratch {
     float *infllm_tls; /* per thread: InfLLM v2 block selection (sparse models only) */
     int *rows;       /* [T] wanted rows (last stage) */
     int *kv_slot;    /* [T] KV cache slot (block * BLOCK + offset) of each row */
+    int *active;     /* sparse FFN: [F] the batch's active neurons */
 } cpm_scratch;
 
 struct cpm_model {
@@ -105,6 +118,8 @@ struct cpm_model {
     int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
     bool keep_bf16;                    /* opts.keep_bf16: no ternary repacking */
     bool act_bf16;                     /* opts.act_bf16: BF16 weights via cpm_matmul_bf16x */
+    bool ffn_sparse;                   /* FATReLU FFN on its active neurons (ffn_sparse.h) */
+    cpm_ffn_stats ffn_stats;
     cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
 };
 

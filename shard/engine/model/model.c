@@ -195,6 +195,7 @@ static void free_packed_weights(cpm_layer *L, int n_experts) {
     for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++) {
         cpm_q4_free(L->w[r].q4);
         cpm_t2_free(L->w[r].t2);
+        free(L->w[r].t);
     }
     for (int j = 0; j < 3; j++)
         for (int e = 0; L->experts[j] && e < n_experts; e++) {
@@ -338,6 +339,7 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->infllm_tls, (size_t)m->n_threads * m->infllm_tls_floats * 4},
         {(void **)&s->rows, T * sizeof(int)},
         {(void **)&s->kv_slot, T * sizeof(int)},
+        {(void **)&s->active, m->ffn_sparse ? F * sizeof(int) : 0},
     };
     for (size_t i = 0; i < sizeof plan / sizeof *plan; i++) {
         /* 64-byte alignment keeps SIMD loads on cache lines */
@@ -355,7 +357,7 @@ static void free_scratch(cpm_scratch *s) {
                     s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg,
                     s->moe_ids, s->moe_rows, s->attn_tls,
                     s->infllm_tls,
-                    s->rows, s->kv_slot};
+                    s->rows, s->kv_slot, s->active};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
         free(ptrs[i]);
 }
@@ -457,6 +459,58 @@ void cpm_model_set_allreduce_backend(cpm_model *m, const cpm_allreduce_backend *
     m->tp = b ? *b : (cpm_allreduce_backend){0};
 }
 
+/* ---- MiniCPM-S: the sparse FATReLU FFN (ffn_sparse.h) ----
+ * Its down_proj is repacked once, transposed to [F, H] in its own dtype, so that an
+ * active neuron's column is one contiguous row; the row-major original is then never
+ * read again (its mapped pages are given back), so the weights take no extra memory.
+ * Int4 (GPTQ/AWQ) and bf16-activation models, and any layer whose up or down was
+ * repacked to 2 bits, keep the dense FFN. */
+
+static bool sparse_ffn_wanted(const cpm_model *m, const cpm_model_opts *o) {
+    return m->hp.act == CPM_ACT_FATRELU && m->ffn == CPM_FFN_GATED && !o->ffn_dense &&
+           !o->act_bf16 && m->hp.quant == CPM_QUANT_NONE;
+}
+
+static bool sparse_ffn_possible(const cpm_model *m) {
+    for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
+        const cpm_weight *up = &m->layers[l].w[CPM_W_UP], *down = &m->layers[l].w[CPM_W_DOWN];
+        if (up->q4 || up->t2 || down->q4 || down->t2 || !up->data || !down->data)
+            return false;
+    }
+    return true;
+}
+
+static int repack_down(cpm_model *m, cpm_weight *w, cpm_error *err) {
+    size_t esz = cpm_dtype_size(w->dtype), ld = (size_t)(w->ld ? w->ld : w->cols);
+    w->t = aligned_alloc(64, ((size_t)w->rows * (size_t)w->cols * esz + 63) & ~(size_t)63);
+    if (!w->t)
+        return cpm_error_set(err, CPM_ENOMEM, "sparse FFN: transposed down_proj: out of memory");
+    cpm_ffn_sparse_transpose(m->pool, w->t, w->data, w->dtype, w->rows, w->cols, (int)ld);
+    cpm_checkpoint_release(m->ckpt, w->data, ((size_t)(w->rows - 1) * ld + (size_t)w->cols) * esz);
+    w->data = NULL;
+    w->ld = 0;
+    return 0;
+}
+
+static int prepare_sparse_ffn(cpm_model *m, cpm_error *err) {
+    if (!m->ffn_sparse || !(m->ffn_sparse = sparse_ffn_possible(m)))
+        return 0;
+    for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
+        int rc = repack_down(m, &m->layers[l].w[CPM_W_DOWN], err);
+        if (rc)
+            return rc;
+    }
+    m->info.ffn_sparse = true;
+    return 0;
+}
+
+void cpm_model_ffn_stats(cpm_model *m, cpm_ffn_stats *ret, bool reset) {
+    if (ret)
+        *ret = m->ffn_stats;
+    if (reset)
+        m->ffn_stats = (cpm_ffn_stats){0};
+}
+
 /* ---- load / free ---- */
 
 static int check_opts(const cpm_hparams *hp, cpm_model_opts *o, cpm_error *err) {
@@ -544,6 +598,7 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->tp_size = o.tp_size;
     m->keep_bf16 = o.keep_bf16;
     m->act_bf16 = o.act_bf16;
+    m->ffn_sparse = sparse_ffn_wanted(m, &o);
     fill_info(m, &o);
     cpm_hparams full = m->hp; /* the checkpoint's shapes; m->hp becomes this rank's */
     tp_localize(&m->hp, o.tp_size);
@@ -568,6 +623,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
         rc = cpm_error_set(err, CPM_ENOMEM, "cannot start %d threads", o.n_threads);
         goto fail;
     }
+    if ((rc = prepare_sparse_ffn(m, err)))
+        goto fail;
     *ret = m;
     return 0;
 fail:
@@ -602,28 +659,20 @@ const cpm_model_info *cpm_model_get_info(const cpm_model *m) {
     return &m->info;
 }
 
-static size_t weight_bytes(const cpm_weight *w) {
-    if (w->q4)
-        return cpm_q4_bytes(w->q4);
-    if (w->t2)
-        return cpm_t2_bytes(w->t2);
-    return w->data ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
-}
-
 size_t cpm_model_decode_bytes(const cpm_model *m) {
     size_t total = 0;
     for (int l = 0; l < m->info.layer_end - m->info.layer_begin; l++) {
         const cpm_layer *L = &m->layers[l];
         for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++)
             if (!(r == CPM_W_KV_B && L->absorb_k)) /* MLA reads the f32 absorbed copy instead */
-                total += weight_bytes(&L->w[r]);
+                total += cpm_weight_bytes(&L->w[r]);
         if (L->absorb_k)
             total += (size_t)L->w[CPM_W_KV_B].rows * (size_t)L->w[CPM_W_KV_B].cols * sizeof(float);
         for (int j = 0; j < 3 && m->ffn == CPM_FFN_MOE; j++) /* k of E experts per token */
-            total += weight_bytes(&L->experts[j][0]) * (size_t)m->hp.n_experts_per_tok;
+            total += cpm_weight_bytes(&L->experts[j][0]) * (size_t)m->hp.n_experts_per_tok;
     }
     if (m->info.last_stage)
-        total += weight_bytes(&m->lm_head);
+        total += cpm_weight_bytes(&m->lm_head);
     if (m->info.first_stage)
         total += (size_t)m->hp.hidden_size * cpm_dtype_size(m->embed.dtype);
     return total;

@@ -43,6 +43,9 @@ typedef struct cpm_model_opts {
     bool act_bf16;        /* BF16 weights meet activations rounded to bf16 (cpm_matmul_bf16x):
                              faster prefill, less exact logits (default false: exact f32;
                              docs/KERNELS.md has the measured error) */
+    bool ffn_dense;       /* FATReLU models (MiniCPM-S): run the FFN densely from the row-major
+                             down_proj, as other models do (default false: skip the inactive
+                             neurons, ffn_sparse.h; the same logits up to summation order) */
 } cpm_model_opts;
 
 cpm_model_opts cpm_model_opts_default(void);
@@ -74,6 +77,7 @@ typedef struct cpm_model_info {
     int n_eos;
     int eos_ids[CPM_MAX_EOS];  /* union of config.json and generation_config.json */
     int n_ternary;             /* matrices repacked to 2 bits (ternary bf16, BitCPM4) */
+    bool ffn_sparse;           /* the FATReLU FFN skips inactive neurons (down_proj repacked) */
     cpm_gen_defaults gen;      /* generation_config.json's sampling defaults */
 } cpm_model_info;
 
@@ -103,6 +107,22 @@ size_t cpm_model_page_in(const cpm_model *m, cpm_model_progress_fn fn, void *ud)
  * lm_head on the last stage and one embedding row on the first. The numerator
  * of the memory-bandwidth roofline. */
 size_t cpm_model_decode_bytes(const cpm_model *m);
+
+/* What the gated FFN did since load or the last reset, for sparsity and bandwidth
+ * figures: rows counts each token once per layer. weight_bytes is what the FFN's kernels
+ * read of gate, up and down (a batch's active union counted once), dense_bytes what the
+ * dense FFN reads for the same calls; active and neurons are counted on the sparse path
+ * only (fatrelu(gate x) != 0, of rows x intermediate_size). */
+typedef struct cpm_ffn_stats {
+    uint64_t rows;
+    uint64_t neurons;
+    uint64_t active;
+    uint64_t weight_bytes;
+    uint64_t dense_bytes;
+} cpm_ffn_stats;
+
+/* Copies the counters to *ret (may be NULL) and, if reset, zeroes them. */
+void cpm_model_ffn_stats(cpm_model *m, cpm_ffn_stats *ret, bool reset);
 
 
 /* ---- expert parallelism (MoE): the experts of a layer may run in other processes ----
