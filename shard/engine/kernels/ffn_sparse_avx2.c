@@ -8,42 +8,18 @@
 #include <stdbool.h>
 
 #include "ffn_sparse_internal.h"
+#include "wload.h"
 
 #define INLINE static inline __attribute__((always_inline))
-
-enum { SRC_F32, SRC_BF16, SRC_F16 };
-
 
 #define RNR 4 /* listed W rows per rows tile */
 #define DK 4  /* down: Wt rows folded into each y vector per pass */
 
-INLINE int src_of(cpm_dtype t) {
-    return t == CPM_DTYPE_F32 ? SRC_F32 : t == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
-}
-
-INLINE size_t esz_of(int src) { return src == SRC_F32 ? 4 : 2; }
-
-INLINE __m256 load8(int src, const void *row, int k) {
-    if (src == SRC_F32)
-        return _mm256_loadu_ps((const float *)row + k);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
-    if (src == SRC_F16)
-        return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-INLINE float reduce16(__m256 lo, __m256 hi) {
-    __m256 r8 = _mm256_add_ps(lo, hi);
-    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
-    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-}
-
 static float w_at(int src, const void *row, int k) {
-    if (src == SRC_F32)
+    if (src == CPM_WSRC_F32)
         return ((const float *)row)[k];
     uint16_t v = ((const uint16_t *)row)[k];
-    return src == SRC_F16 ? cpm_f16_to_f32(v) : cpm_bf16_to_f32(v);
+    return src == CPM_WSRC_F16 ? cpm_f16_to_f32(v) : cpm_bf16_to_f32(v);
 }
 
 /* ---- up: h = fatrelu(g) * x . W[j] for the listed j ---- */
@@ -53,7 +29,7 @@ static float w_at(int src, const void *row, int k) {
  * listed rows; next (or NULL): the rows to prefetch meanwhile. */
 INLINE void rows_tile(const int nr, const int src, const cpm_fs_up_job *job, const int *ks,
                       const int *next) {
-    const size_t esz = esz_of(src), w_ld = (size_t)job->w_ld;
+    const size_t esz = cpm_wsrc_size(src), w_ld = (size_t)job->w_ld;
     const int K = job->K;
     const float *x = job->x;
     const char *wr[RNR], *pf[RNR];
@@ -70,8 +46,8 @@ INLINE void rows_tile(const int nr, const int src, const cpm_fs_up_job *job, con
                 _mm_prefetch(pf[j] + (size_t)k * esz, _MM_HINT_T0);
         __m256 xl = _mm256_loadu_ps(x + k), xh = _mm256_loadu_ps(x + k + 8);
         for (int j = 0; j < nr; j++) {
-            lo[j] = _mm256_fmadd_ps(xl, load8(src, wr[j], k), lo[j]);
-            hi[j] = _mm256_fmadd_ps(xh, load8(src, wr[j], k + 8), hi[j]);
+            lo[j] = _mm256_fmadd_ps(xl, cpm_wload8(src, wr[j], k), lo[j]);
+            hi[j] = _mm256_fmadd_ps(xh, cpm_wload8(src, wr[j], k + 8), hi[j]);
         }
     }
     if (k < K) { /* the last chunk zero-padded, as matmul_avx2.c pads it */
@@ -87,7 +63,7 @@ INLINE void rows_tile(const int nr, const int src, const cpm_fs_up_job *job, con
         }
     }
     for (int j = 0; j < nr; j++)
-        job->g[ks[j]] = cpm_fs_act(job->g[ks[j]], reduce16(lo[j], hi[j]), job->threshold);
+        job->g[ks[j]] = cpm_fs_act(job->g[ks[j]], cpm_reduce16_avx2(lo[j], hi[j]), job->threshold);
 }
 
 /* Memory bound: the next RNR rows arrive while these are summed. */
@@ -101,10 +77,10 @@ INLINE void rows_run(const int src, const cpm_fs_up_job *job, int t0, int t1) {
 }
 
 void cpm_fs_up_avx2(const cpm_fs_up_job *job, int t0, int t1) {
-    switch (src_of(job->wtype)) {
-    case SRC_F32: rows_run(SRC_F32, job, t0, t1); break;
-    case SRC_F16: rows_run(SRC_F16, job, t0, t1); break;
-    default: rows_run(SRC_BF16, job, t0, t1); break;
+    switch (cpm_wsrc_of(job->wtype)) {
+    case CPM_WSRC_F32: rows_run(CPM_WSRC_F32, job, t0, t1); break;
+    case CPM_WSRC_F16: rows_run(CPM_WSRC_F16, job, t0, t1); break;
+    default: rows_run(CPM_WSRC_BF16, job, t0, t1); break;
     }
 }
 
@@ -116,7 +92,7 @@ void cpm_fs_up_avx2(const cpm_fs_up_job *job, int t0, int t1) {
  * folded into each y vector per pass, the rows DK ahead prefetched. */
 INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h, float *y,
                       const int *ks, int n, int n0, int n1) {
-    const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+    const size_t esz = cpm_wsrc_size(src), ld = (size_t)job->wt_ld;
     const char *wt = job->wt;
     int t = 0;
     for (; t + DK <= n; t += DK) {
@@ -134,7 +110,7 @@ INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h,
                     _mm_prefetch(pf[j] + (size_t)c * esz, _MM_HINT_T0);
             __m256 acc = _mm256_loadu_ps(y + c);
             for (int j = 0; j < DK; j++)
-                acc = _mm256_fmadd_ps(a[j], load8(src, w[j], c), acc);
+                acc = _mm256_fmadd_ps(a[j], cpm_wload8(src, w[j], c), acc);
             _mm256_storeu_ps(y + c, acc);
         }
     }
@@ -142,7 +118,7 @@ INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h,
         const char *w = wt + (size_t)ks[t] * ld * esz;
         __m256 a = _mm256_set1_ps(h[ks[t]]);
         for (int c = n0; c < n1; c += 8)
-            _mm256_storeu_ps(y + c, _mm256_fmadd_ps(a, load8(src, w, c), _mm256_loadu_ps(y + c)));
+            _mm256_storeu_ps(y + c, _mm256_fmadd_ps(a, cpm_wload8(src, w, c), _mm256_loadu_ps(y + c)));
     }
 }
 
@@ -167,10 +143,10 @@ INLINE void down_row(const int src, const cpm_fs_down_job *job, int m, int n0, i
 void cpm_fs_down_avx2(const cpm_fs_down_job *job, int n0, int n1) {
     int full = n0 + (n1 - n0) / 8 * 8;
     for (int m = 0; full > n0 && m < job->M; m++) {
-        switch (src_of(job->wtype)) {
-        case SRC_F32: down_row(SRC_F32, job, m, n0, full); break;
-        case SRC_F16: down_row(SRC_F16, job, m, n0, full); break;
-        default: down_row(SRC_BF16, job, m, n0, full); break;
+        switch (cpm_wsrc_of(job->wtype)) {
+        case CPM_WSRC_F32: down_row(CPM_WSRC_F32, job, m, n0, full); break;
+        case CPM_WSRC_F16: down_row(CPM_WSRC_F16, job, m, n0, full); break;
+        default: down_row(CPM_WSRC_BF16, job, m, n0, full); break;
         }
     }
     if (full < n1)

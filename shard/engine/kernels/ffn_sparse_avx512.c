@@ -11,39 +11,13 @@
 #include <stdbool.h>
 
 #include "ffn_sparse_internal.h"
+#include "wload.h"
 #include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
-enum { SRC_F32, SRC_BF16, SRC_F16 };
-
-
 #define RNR 4 /* listed W rows per up tile */
 #define DK 4  /* down: Wt rows folded into each y vector per pass */
-
-INLINE int src_of(cpm_dtype t) {
-    return t == CPM_DTYPE_F32 ? SRC_F32 : t == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
-}
-
-INLINE size_t esz_of(int src) { return src == SRC_F32 ? 4 : 2; }
-
-INLINE __m512 load_w(int src, const void *row, int k) {
-    if (src == SRC_F32)
-        return _mm512_loadu_ps((const float *)row + k);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
-    if (src == SRC_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-INLINE __m512 load_w_mask(int src, const void *row, int k, __mmask16 mk) {
-    if (src == SRC_F32)
-        return _mm512_maskz_loadu_ps(mk, (const float *)row + k);
-    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k);
-    if (src == SRC_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* ---- up: h = fatrelu(g) * x . W[j] for the listed j ---- */
 
@@ -52,7 +26,7 @@ INLINE __m512 load_w_mask(int src, const void *row, int k, __mmask16 mk) {
  * canonical tree - over listed rows; next (or NULL): the rows to prefetch meanwhile. */
 INLINE void rows_tile(const int nr, const int src, const cpm_fs_up_job *job, const int *ks,
                       const int *next) {
-    const size_t esz = esz_of(src), w_ld = (size_t)job->w_ld;
+    const size_t esz = cpm_wsrc_size(src), w_ld = (size_t)job->w_ld;
     const int K = job->K;
     const float *x = job->x;
     const char *wr[RNR], *pf[RNR];
@@ -69,13 +43,13 @@ INLINE void rows_tile(const int nr, const int src, const cpm_fs_up_job *job, con
                 _mm_prefetch(pf[j] + (size_t)k * esz, _MM_HINT_T0);
         __m512 xv = _mm512_loadu_ps(x + k);
         for (int j = 0; j < nr; j++)
-            acc[j] = _mm512_fmadd_ps(xv, load_w(src, wr[j], k), acc[j]);
+            acc[j] = _mm512_fmadd_ps(xv, cpm_wload16(src, wr[j], k), acc[j]);
     }
     if (k < K) { /* zero-padded last chunk, as the canonical order says */
         __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
         __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
         for (int j = 0; j < nr; j++)
-            acc[j] = _mm512_fmadd_ps(xv, load_w_mask(src, wr[j], k, mk), acc[j]);
+            acc[j] = _mm512_fmadd_ps(xv, cpm_wload16_tail(src, wr[j], k, mk), acc[j]);
     }
     for (int j = 0; j < nr; j++)
         job->g[ks[j]] = cpm_fs_act(job->g[ks[j]], cpm_reduce16_avx512(acc[j]), job->threshold);
@@ -92,10 +66,10 @@ INLINE void rows_run(const int src, const cpm_fs_up_job *job, int t0, int t1) {
 }
 
 void cpm_fs_up_avx512(const cpm_fs_up_job *job, int t0, int t1) {
-    switch (src_of(job->wtype)) {
-    case SRC_F32: rows_run(SRC_F32, job, t0, t1); break;
-    case SRC_F16: rows_run(SRC_F16, job, t0, t1); break;
-    default: rows_run(SRC_BF16, job, t0, t1); break;
+    switch (cpm_wsrc_of(job->wtype)) {
+    case CPM_WSRC_F32: rows_run(CPM_WSRC_F32, job, t0, t1); break;
+    case CPM_WSRC_F16: rows_run(CPM_WSRC_F16, job, t0, t1); break;
+    default: rows_run(CPM_WSRC_BF16, job, t0, t1); break;
     }
 }
 
@@ -110,7 +84,7 @@ void cpm_fs_up_avx512(const cpm_fs_up_job *job, int t0, int t1) {
 /* y[n0, n1) (zeroed) += h[k] Wt[k, n0..n1) for the ks[0..n) in order. */
 INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h, float *y,
                       const int *ks, int n, int n0, int n1) {
-    const size_t esz = esz_of(src), ld = (size_t)job->wt_ld;
+    const size_t esz = cpm_wsrc_size(src), ld = (size_t)job->wt_ld;
     const char *wt = job->wt;
     int t = 0;
     for (; t + DK <= n; t += DK) {
@@ -127,7 +101,7 @@ INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h,
                 _mm_prefetch(pf[j] + (size_t)c * esz, _MM_HINT_T0);
             __m512 acc = _mm512_loadu_ps(y + c);
             for (int j = 0; j < DK; j++)
-                acc = _mm512_fmadd_ps(a[j], load_w(src, w[j], c), acc);
+                acc = _mm512_fmadd_ps(a[j], cpm_wload16(src, w[j], c), acc);
             _mm512_storeu_ps(y + c, acc);
         }
     }
@@ -135,7 +109,7 @@ INLINE void fold_rows(const int src, const cpm_fs_down_job *job, const float *h,
         const char *w = wt + (size_t)ks[t] * ld * esz;
         __m512 a = _mm512_set1_ps(h[ks[t]]);
         for (int c = n0; c < n1; c += 16)
-            _mm512_storeu_ps(y + c, _mm512_fmadd_ps(a, load_w(src, w, c), _mm512_loadu_ps(y + c)));
+            _mm512_storeu_ps(y + c, _mm512_fmadd_ps(a, cpm_wload16(src, w, c), _mm512_loadu_ps(y + c)));
     }
 }
 
@@ -166,9 +140,9 @@ INLINE void down_rows(const int src, const cpm_fs_down_job *job, int n0, int n1)
 }
 
 void cpm_fs_down_avx512(const cpm_fs_down_job *job, int n0, int n1) {
-    switch (src_of(job->wtype)) {
-    case SRC_F32: down_rows(SRC_F32, job, n0, n1); break;
-    case SRC_F16: down_rows(SRC_F16, job, n0, n1); break;
-    default: down_rows(SRC_BF16, job, n0, n1); break;
+    switch (cpm_wsrc_of(job->wtype)) {
+    case CPM_WSRC_F32: down_rows(CPM_WSRC_F32, job, n0, n1); break;
+    case CPM_WSRC_F16: down_rows(CPM_WSRC_F16, job, n0, n1); break;
+    default: down_rows(CPM_WSRC_BF16, job, n0, n1); break;
     }
 }

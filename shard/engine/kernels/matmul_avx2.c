@@ -15,10 +15,9 @@
 #include <stdbool.h>
 
 #include "matmul_internal.h"
+#include "wload.h"
 
 #define INLINE static inline __attribute__((always_inline))
-
-enum { SRC_F32, SRC_BF16, SRC_F16 };
 
 #define MR 2       /* x rows per register tile */
 #define NR 2       /* W rows per register tile */
@@ -27,22 +26,6 @@ enum { SRC_F32, SRC_BF16, SRC_F16 };
 #define PMR 2      /* prefill: x rows per tile (x halves in registers) */
 #define PNR 3      /* prefill: W rows per panel: 2 x 3 x 2 accumulators + 2 x + 1 w = 15 ymm */
 #define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
-
-INLINE __m256 load8(int src, const void *row, int k) {
-    if (src == SRC_F32)
-        return _mm256_loadu_ps((const float *)row + k);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
-    if (src == SRC_F16)
-        return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-INLINE float reduce16(__m256 lo, __m256 hi) {
-    __m256 r8 = _mm256_add_ps(lo, hi);
-    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
-    __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-}
 
 /* The last, partial chunk of a row, zero-padded to 16 lanes in f32. */
 static void pad_w(float *dst, const cpm_mm_job *job, int n, int k0) {
@@ -57,7 +40,7 @@ static void pad_x(float *dst, const float *x, int k0, int K) {
 
 /* y[i, j] for i < mr, j < nr, x rows from m, W rows from n. */
 INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *job, int m, int n) {
-    const size_t esz = src == SRC_F32 ? 4 : 2;
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2;
     const int K = job->K;
     const float *x[MR];
     const char *wr[NMAX];
@@ -76,8 +59,8 @@ INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *jo
             for (int j = 0; j < nr; j++)
                 _mm_prefetch(wr[j] + (size_t)nr * job->w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
         for (int j = 0; j < nr; j++) {
-            wl[j] = load8(src, wr[j], k);
-            wh[j] = load8(src, wr[j], k + 8);
+            wl[j] = cpm_wload8(src, wr[j], k);
+            wh[j] = cpm_wload8(src, wr[j], k + 8);
         }
         for (int i = 0; i < mr; i++) {
             __m256 xl = _mm256_loadu_ps(x[i] + k), xh = _mm256_loadu_ps(x[i] + k + 8);
@@ -102,7 +85,7 @@ INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *jo
     }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
-            job->y[(size_t)(m + i) * job->ldy + n + j] = reduce16(lo[i][j], hi[i][j]);
+            job->y[(size_t)(m + i) * job->ldy + n + j] = cpm_reduce16_avx2(lo[i][j], hi[i][j]);
 }
 
 /* W rows [n, n + nr) as f32, chunk c of row j at dst[(c * nr + j) * 16], the
@@ -114,9 +97,9 @@ static void widen_panel(float *dst, const cpm_mm_job *job, const int src, int n,
         float *d = dst + j * 16;
         int k = 0;
         for (; k + 16 <= K; k += 16, d += nr * 16) {
-            _mm256_storeu_ps(d, src == SRC_F16 ? load8(SRC_F16, row, k) : load8(SRC_BF16, row, k));
-            _mm256_storeu_ps(d + 8, src == SRC_F16 ? load8(SRC_F16, row, k + 8)
-                                                   : load8(SRC_BF16, row, k + 8));
+            _mm256_storeu_ps(d, src == CPM_WSRC_F16 ? cpm_wload8(CPM_WSRC_F16, row, k) : cpm_wload8(CPM_WSRC_BF16, row, k));
+            _mm256_storeu_ps(d + 8, src == CPM_WSRC_F16 ? cpm_wload8(CPM_WSRC_F16, row, k + 8)
+                                                   : cpm_wload8(CPM_WSRC_BF16, row, k + 8));
         }
         if (k < K)
             pad_w(d, job, n + j, k);
@@ -162,7 +145,7 @@ INLINE void panel_tile(const int mr, const int nr, const float *x, size_t ldx, c
     }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
-            y[(size_t)i * ldy + j] = reduce16(acc[i][j][0], acc[i][j][1]);
+            y[(size_t)i * ldy + j] = cpm_reduce16_avx2(acc[i][j][0], acc[i][j][1]);
 }
 
 /* W rows [n, n + rows) widened into group, then every x tile against each
@@ -216,7 +199,7 @@ INLINE void run(const int src, const cpm_mm_job *job, int m0, int m1, int n0, in
             tile(1, 1, src, job, m0, n);
         return;
     }
-    if (src != SRC_F32 && prefill_panels(job, src, m0, m1, n0, n1))
+    if (src != CPM_WSRC_F32 && prefill_panels(job, src, m0, m1, n0, n1))
         return;
     int n = n0;
     for (; n + NR <= n1; n += NR) {
@@ -233,8 +216,8 @@ INLINE void run(const int src, const cpm_mm_job *job, int m0, int m1, int n0, in
 
 void cpm_mm_avx2(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     switch (job->wtype) {
-    case CPM_DTYPE_F32: run(SRC_F32, job, m0, m1, n0, n1); break;
-    case CPM_DTYPE_F16: run(SRC_F16, job, m0, m1, n0, n1); break;
-    default: run(SRC_BF16, job, m0, m1, n0, n1); break;
+    case CPM_DTYPE_F32: run(CPM_WSRC_F32, job, m0, m1, n0, n1); break;
+    case CPM_DTYPE_F16: run(CPM_WSRC_F16, job, m0, m1, n0, n1); break;
+    default: run(CPM_WSRC_BF16, job, m0, m1, n0, n1); break;
     }
 }

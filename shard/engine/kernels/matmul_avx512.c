@@ -12,11 +12,10 @@
 #include <stdbool.h>
 
 #include "matmul_internal.h"
+#include "wload.h"
 #include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
-
-enum { SRC_F32, SRC_BF16, SRC_F16 };
 
 #define MR 4          /* x rows per register tile */
 #define NR 6          /* W rows per register tile (and per decoded panel) */
@@ -28,31 +27,13 @@ enum { SRC_F32, SRC_BF16, SRC_F16 };
                      * tile: a widened panel would serve too few rows to repay its stores */
 #endif
 
-INLINE __m512 load_w(int src, const void *row, int k) {
-    if (src == SRC_F32)
-        return _mm512_loadu_ps((const float *)row + k);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
-    if (src == SRC_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-INLINE __m512 load_w_tail(int src, const void *row, int k, __mmask16 mk) {
-    if (src == SRC_F32)
-        return _mm512_maskz_loadu_ps(mk, (const float *)row + k);
-    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k);
-    if (src == SRC_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
 
 /* y[i, j] for i < mr, j < nr; mr and nr are constants after inlining, so
  * the accumulators live in registers. w_ld is in elements of src. */
 INLINE void tile(const int mr, const int nr, const int src, const float *x, size_t ldx,
                  const void *w, size_t w_ld, int K, float *y, size_t ldy, bool prefetch) {
-    const size_t esz = src == SRC_F32 ? 4 : 2;
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2;
     const char *wr[NR > DEC_ROWS ? NR : DEC_ROWS];
     __m512 acc[MR][NR > DEC_ROWS ? NR : DEC_ROWS];
     for (int j = 0; j < nr; j++)
@@ -67,7 +48,7 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
             for (int j = 0; j < nr; j++)
                 _mm_prefetch(wr[j] + (size_t)nr * w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
         for (int j = 0; j < nr; j++)
-            wv[j] = load_w(src, wr[j], k);
+            wv[j] = cpm_wload16(src, wr[j], k);
         for (int i = 0; i < mr; i++) {
             __m512 xv = _mm512_loadu_ps(x + (size_t)i * ldx + k);
             for (int j = 0; j < nr; j++)
@@ -78,7 +59,7 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
         __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
         __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
         for (int j = 0; j < nr; j++)
-            wv[j] = load_w_tail(src, wr[j], k, mk);
+            wv[j] = cpm_wload16_tail(src, wr[j], k, mk);
         for (int i = 0; i < mr; i++) {
             __m512 xv = _mm512_maskz_loadu_ps(mk, x + (size_t)i * ldx + k);
             for (int j = 0; j < nr; j++)
@@ -133,7 +114,7 @@ INLINE void tile_xreg(const int mr, const int nr, const float *x, size_t ldx, co
 
 /* One x row against W rows [n0, n1): memory bound, W read exactly once. */
 INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int n1) {
-    const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
     const float *x = job->x + (size_t)m * job->ldx;
     float *y = job->y + (size_t)m * job->ldy;
     const char *w = job->w;
@@ -147,7 +128,7 @@ INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int
 /* Prefill with W streamed in its own type (f32 weights, or K too long for a
  * panel): the widening is repeated per x tile, which costs time, not bits. */
 INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    const size_t esz = src == SRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
     const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
     for (int n = n0; n < n1; n += NR) {
         const char *w = (const char *)job->w + n * w_ld * esz;
@@ -171,17 +152,17 @@ INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1,
 /* W rows [n, n + nr) widened to f32 and interleaved by chunk: chunk c of row j
  * at dst[(c * nr + j) * 16], the last chunk zero-padded. */
 static void widen_panel(float *dst, const cpm_mm_job *job, int n, int nr) {
-    const int K = job->K, src = job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
+    const int K = job->K, src = job->wtype == CPM_DTYPE_F16 ? CPM_WSRC_F16 : CPM_WSRC_BF16;
     for (int j = 0; j < nr; j++) {
         const void *row = (const char *)job->w + ((size_t)(n + j) * job->w_ld) * 2;
         float *d = dst + j * 16;
         int k = 0;
         for (; k + 16 <= K; k += 16, d += nr * 16)
-            _mm512_store_ps(d, src == SRC_F16 ? load_w(SRC_F16, row, k) : load_w(SRC_BF16, row, k));
+            _mm512_store_ps(d, src == CPM_WSRC_F16 ? cpm_wload16(CPM_WSRC_F16, row, k) : cpm_wload16(CPM_WSRC_BF16, row, k));
         if (k < K) {
             __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
-            _mm512_store_ps(d, src == SRC_F16 ? load_w_tail(SRC_F16, row, k, mk)
-                                              : load_w_tail(SRC_BF16, row, k, mk));
+            _mm512_store_ps(d, src == CPM_WSRC_F16 ? cpm_wload16_tail(CPM_WSRC_F16, row, k, mk)
+                                              : cpm_wload16_tail(CPM_WSRC_BF16, row, k, mk));
         }
     }
 }
@@ -226,22 +207,22 @@ static void prefill_panel(const cpm_mm_job *job, int m0, int m1, int n0, int n1)
 }
 
 void cpm_mm_avx512(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    const int src = job->wtype == CPM_DTYPE_F32 ? SRC_F32
-                  : job->wtype == CPM_DTYPE_F16 ? SRC_F16 : SRC_BF16;
+    const int src = job->wtype == CPM_DTYPE_F32 ? CPM_WSRC_F32
+                  : job->wtype == CPM_DTYPE_F16 ? CPM_WSRC_F16 : CPM_WSRC_BF16;
     if (m1 - m0 == 1) {
-        if (src == SRC_F32)
-            decode_rows(SRC_F32, job, m0, n0, n1);
-        else if (src == SRC_F16)
-            decode_rows(SRC_F16, job, m0, n0, n1);
+        if (src == CPM_WSRC_F32)
+            decode_rows(CPM_WSRC_F32, job, m0, n0, n1);
+        else if (src == CPM_WSRC_F16)
+            decode_rows(CPM_WSRC_F16, job, m0, n0, n1);
         else
-            decode_rows(SRC_BF16, job, m0, n0, n1);
-    } else if (src == SRC_F32) {
-        prefill_direct(SRC_F32, job, m0, m1, n0, n1);
+            decode_rows(CPM_WSRC_BF16, job, m0, n0, n1);
+    } else if (src == CPM_WSRC_F32) {
+        prefill_direct(CPM_WSRC_F32, job, m0, m1, n0, n1);
     } else if (job->K <= PANEL_K && m1 - m0 > DIRECT_M) {
         prefill_panel(job, m0, m1, n0, n1);
-    } else if (src == SRC_F16) {
-        prefill_direct(SRC_F16, job, m0, m1, n0, n1);
+    } else if (src == CPM_WSRC_F16) {
+        prefill_direct(CPM_WSRC_F16, job, m0, m1, n0, n1);
     } else {
-        prefill_direct(SRC_BF16, job, m0, m1, n0, n1);
+        prefill_direct(CPM_WSRC_BF16, job, m0, m1, n0, n1);
     }
 }
