@@ -74,6 +74,25 @@ def ask(port, ids, extra=None, n=N_GEN):
     return a["choices"][0]["token_ids"], a["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
+def concurrently(port, P, ref, k, what):
+    """k requests at once, the prompts in turn: each must give its reference tokens.
+    Returns [(prompt key, (ids, cached))]."""
+    keys, results = sorted(P), [None] * k
+
+    def one(i):
+        key = keys[i % len(keys)]
+        results[i] = (key, ask(port, P[key]))
+    th = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(120)
+    for r in results:
+        if r is None or r[1][0] != ref[r[0]]:
+            fail("%s: %s" % (what, r))
+    return results
+
+
 def prompts():
     ids = [int(x) for x in open(os.path.join(MODEL, "ids.txt")).read().split()]
     vocab = json.load(open(os.path.join(MODEL, "config.json")))["vocab_size"]
@@ -86,11 +105,10 @@ def prompts():
 
 def main():
     P = prompts()
-    keys = sorted(P)
 
     # the reference: no prefix cache, one stage
     launcher, port, _ = start("b", 1, 1, prefix=False)
-    ref = {k: ask(port, P[k])[0] for k in keys}
+    ref = {k: ask(port, P[k])[0] for k in sorted(P)}
     ref_sampled = ask(port, P["a"], SAMPLED)[0]
     ref_long = ask(port, P["c"], n=24)[0]
     stop(launcher)
@@ -114,19 +132,7 @@ def main():
           "and seeded answers equal the uncached cluster's")
 
     # 2. concurrent requests sharing prefixes
-    results = [None] * 8
-
-    def one(i):
-        k = keys[i % len(keys)]
-        results[i] = (k, ask(port, P[k]))
-    th = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in th:
-        t.start()
-    for t in th:
-        t.join(120)
-    for r in results:
-        if r is None or r[1][0] != ref[r[0]]:
-            fail("concurrent: %s" % (r,))
+    results = concurrently(port, P, ref, 8, "concurrent")
     print("ok 2 - 8 concurrent requests with shared prefixes: the uncached cluster's tokens "
           "(cached tokens %s)" % sorted(r[1][1] for r in results))
 
@@ -160,15 +166,7 @@ def main():
     got, _ = ask(port, P["c"], n=24)
     if got != ref_long:
         fail("under eviction, a longer answer: %s want %s" % (got, ref_long))
-    results = [None] * 6
-    th = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-    for t in th:
-        t.start()
-    for t in th:
-        t.join(120)
-    for r in results:
-        if r is None or r[1][0] != ref[r[0]]:
-            fail("concurrent under eviction: %s" % (r,))
+    concurrently(port, P, ref, 6, "concurrent under eviction")
     misses = h.metric(port, "cpm_prefix_cache_misses_total")
     h.stages_clean(stages)
     print("ok 4 - 128-token KV caches: %d prompts in turn and 6 at once, every answer the uncached "
