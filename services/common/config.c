@@ -69,6 +69,10 @@ static const key stage_keys[] = {
     {"activations", K_STR, offsetof(cpm_cfg_stage, activations), 0, 0, "exact",
      "BF16 weights meet exact f32 activations, or bf16-rounded ones (about twice the prefill "
      "rate with VDPBF16PS, logits within ~5e-2: docs/KERNELS.md)", NULL, 0, 0, 0},
+    {"ffn", K_STR, offsetof(cpm_cfg_stage, ffn), 0, 0, "sparse",
+     "MiniCPM-S's FATReLU FFN: sparse (only the neurons the gate lets through; down_proj kept "
+     "transposed) or dense (every neuron, the checkpoint's layout); other models ignore it",
+     NULL, 0, 0, 0},
     {"kv_dtype", K_STR, offsetof(cpm_cfg_stage, kv_dtype), 0, 0, "f32",
      "KV-cache elements: f32 (exact) or f16 (half the memory, logits within ~1e-3)", NULL, 0, 0,
      0},
@@ -592,10 +596,14 @@ static int check_whole(cpm_config *c, cpm_error *err) {
                                  "%s: stages[%d].isa: '%s' is not one of auto, scalar, avx2, avx512, amx",
                                  c->path, i, c->stages[i].isa);
     }
-    for (int i = 0; i < c->n_stages; i++)
+    for (int i = 0; i < c->n_stages; i++) {
         if (strcmp(c->stages[i].activations, "exact") && strcmp(c->stages[i].activations, "bf16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].activations: '%s' is not one of "
                                  "exact, bf16", c->path, i, c->stages[i].activations);
+        if (strcmp(c->stages[i].ffn, "sparse") && strcmp(c->stages[i].ffn, "dense"))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].ffn: '%s' is not one of "
+                                 "sparse, dense", c->path, i, c->stages[i].ffn);
+    }
     for (int i = 0; i < c->n_stages; i++)
         if (strcmp(c->stages[i].kv_dtype, "f32") && strcmp(c->stages[i].kv_dtype, "f16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].kv_dtype: '%s' is not one of f32, f16",

@@ -27,6 +27,7 @@
     "    kv_tokens: 1024\n"                           \
     "    kv_dtype: f16\n"                             \
     "    activations: bf16\n"                         \
+    "    ffn: dense\n"                                \
     "    tp_mesh: tcp://127.0.0.1:5590\n"             \
     "    tp:\n"                                       \
     "      - endpoint: tcp://127.0.0.1:5582\n"        \
@@ -58,6 +59,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(o->kv_tokens, 1024);
     assert_int_equal(o->kv_dtype, CPM_DTYPE_F16);
     assert_true(o->act_bf16);
+    assert_true(o->ffn_dense);
     assert_string_equal(o->model_dir, c->model);
     assert_int_equal(o->n_experts, 0);
     /* rank 0 of a TP stage: every mesh, the peers' stage endpoints */
