@@ -146,8 +146,10 @@ static cpm_sched_opts sched_opts(const cpm_config *c, int max_position) {
         so.max_batch_tokens = 512;
     if (so.kv_tokens && so.kv_tokens < so.max_context)
         so.max_context = so.kv_tokens; /* one sequence can never outgrow one stage's cache */
-    /* the directory lists about what the stages' caches hold (they evict on their own) */
-    so.prefix_blocks = !prefix ? 0 : so.kv_tokens ? so.kv_tokens / 16 : 4096;
+    /* the directory lists about what the stages' caches can keep besides the blocks running
+     * sequences hold (half of them: the stages evict on their own, and a listed block that is
+     * gone costs a prefill) */
+    so.prefix_blocks = !prefix ? 0 : so.kv_tokens ? so.kv_tokens / 32 : 4096;
     return so;
 }
 
@@ -376,9 +378,9 @@ static void forget_step(cpm_pipeline *p, uint64_t step) {
  * router holds the whole history, so the new replica prefills prompt + generated tokens
  * again and the sampler's draws, keyed by (seed, step), continue unchanged. false when
  * no replica can take it. */
-static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why, bool stay) {
+static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why, bool stay, bool counted) {
     if (g->released || cpm_req_state_terminal(g->state) ||
-        g->failovers >= CPM_PIPELINE_MAX_FAILOVERS)
+        (counted && g->failovers >= CPM_PIPELINE_MAX_FAILOVERS))
         return false;
     replica *from = replica_of(p, g->seq), *to = pick_replica(p, stay ? NULL : from);
     int n;
@@ -398,14 +400,17 @@ static bool gen_failover(cpm_pipeline *p, cpm_gen *g, const char *why, bool stay
         " on pipeline replica %d after %d tokens (%s)", g->job->id, g->seq, seq,
         (int)(to - p->replicas), g->n_gen, why);
     g->seq = seq;
-    g->failovers++;
-    p->m->failovers++;
+    if (counted) { /* a stale prefix costs a prefill, not one of the request's failovers */
+        g->failovers++;
+        p->m->failovers++;
+    }
     return true;
 }
 
 /* The step failed: each request with a sequence in it moves to another replica (stay:
- * or starts again on its own), or ends with an error when none can take it. */
-static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay) {
+ * or starts again on its own), or ends with an error when none can take it. counted:
+ * the move counts toward the request's CPM_PIPELINE_MAX_FAILOVERS. */
+static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay, bool counted) {
     const uint64_t *seqs;
     int n;
     cpm_sched *sched = sched_of(p, step);
@@ -418,7 +423,7 @@ static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay
         memcpy(copy, seqs, (size_t)n * sizeof *copy);
     for (int i = 0; copy && i < n; i++) {
         cpm_gen *g = cpm_sched_owner(sched, copy[i]);
-        if (g && !gen_failover(p, g, why, stay))
+        if (g && !gen_failover(p, g, why, stay, counted))
             cpm_job_fail(g->job, 503, "server_error", "pipeline_error", why);
     }
     free(copy);
@@ -426,7 +431,7 @@ static void lose_step(cpm_pipeline *p, uint64_t step, const char *why, bool stay
 }
 
 static void fail_step(cpm_pipeline *p, uint64_t step, const char *why) {
-    lose_step(p, step, why, false);
+    lose_step(p, step, why, false, true);
 }
 
 static bool step_attached(const cpm_pipeline *p, uint64_t step) {
@@ -442,7 +447,7 @@ static bool step_attached(const cpm_pipeline *p, uint64_t step) {
 static void lose_prefix_step(cpm_pipeline *p, uint64_t step, const char *why) {
     cpm_sched_prefix_forget(sched_of(p, step));
     p->m->prefix_misses++;
-    lose_step(p, step, why, true);
+    lose_step(p, step, why, true, false);
 }
 
 /* Whether a step of replica k is in flight. */
@@ -496,7 +501,7 @@ static void move_sequences(cpm_pipeline *p, int k, const char *why, bool stay, u
         for (int i = 0; i < j->n_gens; i++) {
             cpm_gen *g = &j->gens[i];
             if (g->seq && replica_of(p, g->seq) == &p->replicas[k] && g->seq <= horizon)
-                gen_failover(p, g, why, stay);
+                gen_failover(p, g, why, stay, true);
         }
 }
 
@@ -514,7 +519,7 @@ static void lose_replica_work(cpm_pipeline *p, int k, const char *why, bool stay
             i++;
             continue;
         }
-        lose_step(p, step, why, stay);
+        lose_step(p, step, why, stay, true);
         if (i < p->n_steps && p->steps[i].step == step)
             forget_step(p, step); /* unknown to the scheduler: a stale entry */
         i = 0; /* lose_step reorders the table */

@@ -33,9 +33,10 @@ typedef struct sent {
     int replica;
     uint64_t step;
     int n_rows;
-    uint64_t seq[32];
-    uint32_t pos[32];
-    int32_t ids[32];
+    uint64_t seq[64];
+    uint32_t pos[64];
+    int32_t ids[64];
+    int attached; /* prefix blocks the batch attaches (all its sequences) */
 } sent;
 
 typedef struct fixture {
@@ -62,9 +63,11 @@ static int fake_forward(void *ud, int replica, Cpm__V1__Envelope *env, cpm_error
     fixture *f = ud;
     const Cpm__V1__StageForward *fw = env->forward;
     assert_int_equal(env->body_case, CPM__V1__ENVELOPE__BODY_FORWARD);
-    assert_true(f->n_fw < 64 && fw->n_seq <= 32);
+    assert_true(f->n_fw < 64 && fw->n_seq <= 64);
     sent *s = &f->fw[f->n_fw++];
     *s = (sent){.replica = replica, .step = fw->step, .n_rows = (int)fw->n_seq};
+    for (size_t i = 0; i < fw->n_attach; i++)
+        s->attached += (int)fw->attach[i]->n_hash;
     memcpy(s->seq, fw->seq, fw->n_seq * sizeof *s->seq);
     memcpy(s->pos, fw->pos, fw->n_seq * sizeof *s->pos);
     memcpy(s->ids, fw->ids, fw->n_seq * sizeof *s->ids);
@@ -147,30 +150,43 @@ static int teardown(void **state) {
     return 0;
 }
 
-/* A running token-id job of one gen with prompt 10 11 12, in the pipeline. */
-static cpm_job *start_job(fixture *f, rec *r, int max_new) {
+/* A running token-id job of one gen with prompt ids[0 .. n), in the pipeline. */
+static cpm_job *start_job_ids(fixture *f, rec *r, const int32_t *ids, int n, int max_new) {
     cpm_job *j = cpm_job_new(f->jobs, CPM_EP_RPC, "cmpl", &rec_sink, r);
     assert_int_equal(cpm_job_init_gens(j, 1, 1), 0);
     j->stream = true;
-    j->prompt_ids[0] = malloc(3 * sizeof(int32_t));
-    memcpy(j->prompt_ids[0], (int32_t[]){10, 11, 12}, 3 * sizeof(int32_t));
-    j->prompt_len[0] = 3;
+    j->prompt_ids[0] = malloc((size_t)n * sizeof(int32_t));
+    memcpy(j->prompt_ids[0], ids, (size_t)n * sizeof(int32_t));
+    j->prompt_len[0] = n;
     cpm_gen *g = &j->gens[0];
     g->max_new = max_new;
     g->ids = calloc((size_t)max_new, sizeof *g->ids);
     g->stopper = cpm_stopper_new(NULL, 0, false);
     cpm_error e = {0};
-    assert_int_equal(cpm_pipeline_add(f->p, g, j->prompt_ids[0], 3, &e), 0);
+    assert_int_equal(cpm_pipeline_add(f->p, g, j->prompt_ids[0], n, &e), 0);
     assert_int_equal(cpm_req_transition(&g->state, CPM_REQ_PREFILLING), 0);
     assert_int_equal(cpm_job_transition(j, CPM_JOB_RUNNING), 0);
     cpm_pipeline_pump(f->p);
     return j;
 }
 
+/* A running token-id job of one gen with prompt 10 11 12, in the pipeline. */
+static cpm_job *start_job(fixture *f, rec *r, int max_new) {
+    return start_job_ids(f, r, (const int32_t[]){10, 11, 12}, 3, max_new);
+}
+
 /* The next micro-batch stage 0 got. */
 static const sent *next_batch(fixture *f) {
     assert_true(f->fw_read < f->n_fw);
     return &f->fw[f->fw_read++];
+}
+
+/* The next micro-batch with rows (releases of finished sequences may go out alone). */
+static const sent *next_rows(fixture *f) {
+    const sent *b = next_batch(f);
+    while (b->n_rows == 0)
+        b = next_batch(f);
+    return b;
 }
 
 /* The last stage's logits for every row of batch b. */
@@ -479,6 +495,52 @@ static void test_cancelled_row_dropped(void **state) {
     assert_int_equal(f->m.generation_tokens, 0);
 }
 
+/* Prefix caching: a prompt seen before starts after its cached blocks, on the replica that
+ * holds them; when a stage says one is gone (CPM_ESTALE) the request starts over from its
+ * first token without spending one of its failovers, and ends normally. */
+static void test_stale_prefix_starts_over(void **state) {
+    fixture *f = *state;
+    int32_t prompt[40];
+    for (int i = 0; i < 40; i++)
+        prompt[i] = 10 + i;
+    rec r1 = {0}, r2 = {0};
+    start_job_ids(f, &r1, prompt, 40, 2);
+    const sent *b = next_batch(f);
+    int home = b->replica;
+    assert_int_equal(b->n_rows, 40);
+    assert_int_equal(b->attached, 0);
+    result_ok(f, b);
+    sampled(f, 50);
+    step(f, 51);
+    assert_int_equal(r1.dones, 1);
+    start_job_ids(f, &r2, prompt, 40, 2);
+    b = next_rows(f);
+    assert_int_equal(b->replica, home);   /* where the prefix is */
+    assert_int_equal(b->attached, 2);     /* blocks 0 and 1 */
+    assert_int_equal(b->pos[0], 32);
+    Cpm__V1__Error err = CPM__V1__ERROR__INIT;
+    err.code = CPM_ESTALE;
+    err.message = "kv cache: prefix block 1 of 2 is not cached";
+    err.service = "stage0";
+    Cpm__V1__StageResult res = CPM__V1__STAGE_RESULT__INIT;
+    res.step = b->step;
+    res.error = &err;
+    cpm_payload none = {0};
+    cpm_pipeline_on_result(f->p, &res, &none);
+    assert_int_equal(r2.fails, 0);
+    assert_int_equal(f->m.prefix_misses, 1);
+    assert_int_equal(f->m.failovers, 0);
+    b = next_rows(f);                     /* from the first token, nothing attached */
+    assert_int_equal(b->pos[0], 0);
+    assert_int_equal(b->n_rows, 40);
+    assert_int_equal(b->attached, 0);
+    result_ok(f, b);
+    sampled(f, 50);
+    step(f, 51);
+    assert_int_equal(r2.dones, 1);
+    assert_int_equal(r2.finals, 1);
+}
+
 int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -488,7 +550,7 @@ int main(void) {
         T(test_step_timeout),               T(test_failover_limit),
         T(test_sampler_lost_retried),       T(test_sampler_attempts_run_out),
         T(test_sampler_error_not_retried),  T(test_cancelled_row_dropped),
-        T(test_constraint_on_rows),
+        T(test_constraint_on_rows),         T(test_stale_prefix_starts_over),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
