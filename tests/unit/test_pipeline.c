@@ -205,6 +205,19 @@ static void result_ok(fixture *f, const sent *b) {
     cpm_pipeline_on_result(f->p, &res, &logits);
 }
 
+/* Stage 0's error (code, message) for batch b. */
+static void result_error(fixture *f, const sent *b, int code, const char *msg) {
+    Cpm__V1__Error err = CPM__V1__ERROR__INIT;
+    err.code = code;
+    err.message = (char *)msg;
+    err.service = "stage0";
+    Cpm__V1__StageResult res = CPM__V1__STAGE_RESULT__INIT;
+    res.step = b->step;
+    res.error = &err;
+    cpm_payload none = {0};
+    cpm_pipeline_on_result(f->p, &res, &none);
+}
+
 /* The sampler's answer to the waiting call: token id for its one row. */
 static void sampled(fixture *f, int32_t id) {
     Cpm__V1__SampledToken t = CPM__V1__SAMPLED_TOKEN__INIT, *tp = &t;
@@ -381,14 +394,7 @@ static void test_failed_step_fails_job(void **state) {
     start_job(f, &r, 4);
     cpm_pipeline_replica_down(f->p, f->fw[0].replica == 0 ? 1 : 0, "the other one is down");
     const sent *b = next_batch(f);
-    Cpm__V1__Error err = CPM__V1__ERROR__INIT;
-    err.message = "out of KV blocks";
-    err.service = "stage0";
-    Cpm__V1__StageResult res = CPM__V1__STAGE_RESULT__INIT;
-    res.step = b->step;
-    res.error = &err;
-    cpm_payload none = {0};
-    cpm_pipeline_on_result(f->p, &res, &none);
+    result_error(f, b, 0, "out of KV blocks");
     assert_int_equal(r.fails, 1);
     assert_int_equal(r.finals, 1);
     assert_int_equal(r.last_status, 503);
@@ -518,15 +524,7 @@ static void test_stale_prefix_starts_over(void **state) {
     assert_int_equal(b->replica, home);   /* where the prefix is */
     assert_int_equal(b->attached, 2);     /* blocks 0 and 1 */
     assert_int_equal(b->pos[0], 32);
-    Cpm__V1__Error err = CPM__V1__ERROR__INIT;
-    err.code = CPM_ESTALE;
-    err.message = "kv cache: prefix block 1 of 2 is not cached";
-    err.service = "stage0";
-    Cpm__V1__StageResult res = CPM__V1__STAGE_RESULT__INIT;
-    res.step = b->step;
-    res.error = &err;
-    cpm_payload none = {0};
-    cpm_pipeline_on_result(f->p, &res, &none);
+    result_error(f, b, CPM_ESTALE, "kv cache: prefix block 1 of 2 is not cached");
     assert_int_equal(r2.fails, 0);
     assert_int_equal(f->m.prefix_misses, 1);
     assert_int_equal(f->m.failovers, 0);
