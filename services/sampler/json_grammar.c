@@ -44,9 +44,13 @@ static int fail(cx *c, int code, const char *fmt, const char *arg) {
     return -1;
 }
 
+static int oom(cx *c) {
+    return fail(c, CPM_ENOMEM, "schema grammar: %s", "out of memory");
+}
+
 static int new_rule(cx *c) {
     int r = c->rc ? -1 : cpm_gram_rule(c->g);
-    return r < 0 ? fail(c, CPM_ENOMEM, "schema grammar: out of memory%s", "") : r;
+    return r < 0 ? oom(c) : r;
 }
 
 /* Adds c->seq as an alternative of rule r. */
@@ -56,7 +60,7 @@ static void alt(cx *c, int r) {
         return;
     }
     if (cpm_gram_alt(c->g, r, &c->seq))
-        fail(c, CPM_ENOMEM, "schema grammar: out of memory%s", "");
+        oom(c);
 }
 
 static void lit(cx *c, const char *s) {
@@ -65,7 +69,7 @@ static void lit(cx *c, const char *s) {
 
 static void ref(cx *c, int r) {
     if (r < 0)
-        fail(c, CPM_EINVAL, "schema grammar: a part failed%s", "");
+        fail(c, CPM_EINVAL, "schema grammar: %s", "a part failed");
     else
         cpm_gram_seq_push(&c->seq, (cpm_gram_el){CPM_GRAM_RULE, (uint32_t)r});
 }
@@ -219,7 +223,7 @@ static int node_rule(cx *c, json_t *node, int depth);
 static void value_lit(cx *c, json_t *v) {
     char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
     if (!s) {
-        fail(c, CPM_ENOMEM, "schema grammar: out of memory%s", "");
+        oom(c);
         return;
     }
     lit(c, s);
@@ -272,7 +276,7 @@ static int members(cx *c, json_t *props, json_t *req, int depth, bool kwargs) {
     int *values = calloc(n ? n : 1, sizeof *values);
     if (!keys || !values) {
         free(keys), free(values);
-        return fail(c, CPM_ENOMEM, "schema grammar: out of memory%s", "");
+        return oom(c);
     }
     const char *k;
     json_t *v;
@@ -328,8 +332,8 @@ static int array_rule(cx *c, json_t *node, int depth) {
     json_t *hv = json_object_get(node, "maxItems");
     json_int_t hi = hv ? json_integer_value(hv) : -1;
     if (lo > MAX_UNROLL || (hi >= 0 && hi - lo > MAX_UNROLL) || (hi >= 0 && hi < lo))
-        return fail(c, CPM_EINVAL, "array bounds%s: minItems at most 256, maxItems at most 256 "
-                                   "above it and not below it", "");
+        return fail(c, CPM_EINVAL, "array bounds: %s", "minItems at most 256, maxItems at most "
+                                   "256 above it and not below it");
     /* tail: the items after the mandatory ones */
     int tail = new_rule(c);
     if (hi < 0) {
@@ -402,7 +406,7 @@ static int target_rule(cx *c, json_t *target, int depth) {
         int nc = c->cap_refs ? c->cap_refs * 2 : 8;
         memo *m = realloc(c->refs, (size_t)nc * sizeof *m);
         if (!m)
-            return fail(c, CPM_ENOMEM, "schema grammar: out of memory%s", "");
+            return oom(c);
         c->refs = m, c->cap_refs = nc;
     }
     int r = new_rule(c);
