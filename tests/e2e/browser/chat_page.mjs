@@ -26,12 +26,13 @@ try {
   // the lengths the answer had as it changed: streamed text shows several
   await page.evaluate(() => {
     window.__lengths = new Set();
-    new MutationObserver(() => {
+    window.__watch = new MutationObserver(() => {
       const els = document.querySelectorAll(".msg.assistant");
       if (els.length) window.__lengths.add(els[els.length - 1].childNodes.length > 0 ?
                                            [...els[els.length - 1].childNodes].filter((n) => n.nodeType === 3)
                                              .map((n) => n.textContent).join("").length : 0);
-    }).observe(document.getElementById("log"), { childList: true, subtree: true, characterData: true });
+    });
+    window.__watch.observe(document.getElementById("log"), { childList: true, subtree: true, characterData: true });
   });
   await page.type("#prompt", message);
   await page.click("#send");
@@ -43,7 +44,11 @@ try {
              meta: meta ? meta.textContent : "", error: e.classList.contains("error") };
   });
   out.answer = first;
-  out.updates = await page.evaluate(() => [...window.__lengths].filter((n) => n > 0).length);
+  // the watcher reads the whole answer per change: off before the long answer below
+  out.updates = await page.evaluate(() => {
+    window.__watch.disconnect();
+    return [...window.__lengths].filter((n) => n > 0).length;
+  });
   out.glance = await page.$eval("#g_rate", (e) => e.textContent);
   await page.screenshot({ path: shot, fullPage: true });
   // Stop: a long answer, stopped once it has begun. Long enough (tens of seconds on the
