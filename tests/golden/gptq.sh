@@ -5,6 +5,8 @@
 # cpm-run on the F32 copy is the reference, and the int4 run must match it
 # (golden-compare: rel <= 1e-5, every argmax and greedy token identical), with
 # 1 and 2 threads, whole and chunked prefill, on every ISA.
+# With ACTIVATIONS=bf16 in the environment the int4 runs take the opt-in bf16
+# activations (lossy) and meet its bar instead: rel <= 8e-2, >= 85 % argmax.
 # Usage: gptq.sh CPM_RUN CPM_GEN_MODEL GOLDEN_COMPARE QUANT GEN_ARGS...
 set -eu
 run=$1 gen=$2 compare=$3 quant=$4
@@ -19,11 +21,15 @@ ids=1,5,300,2,99,17,42,7,1000,3,64,9
 echo "$ids" | tr ',' ' ' > "$tmp/ref/ids.txt"
 "$run" --model "$tmp/ref" --ids "$ids" --n 16 --ignore-eos --print-ids \
     --logits-out "$tmp/ref/ref_logits.f32" > "$tmp/ref/ref_greedy.txt" 2>/dev/null
+act=${ACTIVATIONS:-exact}
+bar=1e-5
+[ "$act" = exact ] || bar="8e-2 0.85"
 check() { # THREADS BATCH [ISA]
-    set -- --threads "$1" --batch "$2" ${3:+--isa "$3"}
+    set -- --threads "$1" --batch "$2" --activations "$act" ${3:+--isa "$3"}
     "$run" --model "$tmp/q" --ids "$ids" --n 16 --ignore-eos --print-ids \
         --logits-out "$tmp/got.f32" "$@" > "$tmp/got.txt" 2>/dev/null
-    "$compare" "$tmp/ref" "$tmp/got.f32" "$tmp/got.txt" 1e-5
+    # shellcheck disable=SC2086 # $bar is one or two arguments
+    "$compare" "$tmp/ref" "$tmp/got.f32" "$tmp/got.txt" $bar
 }
 check 1 512
 check 2 5

@@ -4,7 +4,9 @@
  * interleaved column order, real zeros); random GPTQ and AWQ linears of odd
  * shapes against a naive double loop over the raw tensors (not the repacked ones), on every ISA
  * this CPU has; the same bits for 1 and 2 threads, for a row alone or in a
- * batch, and across ISAs; and the repack's refusals. */
+ * batch, and across ISAs; and the repack's refusals. The bf16-activation path
+ * (cpm_matmul_q4_bf16x) against the double loop on rounded operands, with a
+ * row's bits independent of its batch and thread count. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "shard/engine/kernels/dtype.h"
 #include "shard/engine/kernels/matmul.h"
 #include "shard/engine/kernels/matmul_q4.h"
 
@@ -368,6 +371,100 @@ static void test_ref_1b_shape(void **state) {
     free_raw(&r);
 }
 
+/* ---- bf16 activations (cpm_matmul_q4_bf16x) ---- */
+
+static float *run_bf16x(cpm_pool *pool, const raw *r, int m0, int M) {
+    int ldy = r->s.N + r->s.pad_y, ldx = r->s.K + r->s.pad_x;
+    float *y = malloc((size_t)M * ldy * sizeof *y);
+    assert_non_null(y);
+    for (int i = 0; i < M * ldy; i++)
+        y[i] = 12345.0f;
+    cpm_matmul_q4_bf16x(pool, y, ldy, r->x + (size_t)m0 * ldx, ldx, r->w, M);
+    return y;
+}
+
+static double bf16_of(double v) { return cpm_bf16_to_f32(cpm_f32_to_bf16((float)v)); }
+
+/* Against the double loop on bf16(x) and, where VDPBF16PS runs, bf16((q − z)·s)
+ * (else the exact weight): the only other loss allowed is f32 summation. */
+static void check_bf16x(const raw *r, const float *y, int rounded_w) {
+    const qshape *s = &r->s;
+    int ldx = s->K + s->pad_x, ldy = s->N + s->pad_y;
+    for (int m = 0; m < s->M; m++)
+        for (int n = 0; n < ldy; n++) {
+            float got = y[(size_t)m * ldy + n];
+            if (n >= s->N) {
+                assert_true(got == 12345.0f);
+                continue;
+            }
+            double want = 0, mag = 0;
+            for (int k = 0; k < s->K; k++) {
+                double w = rounded_w ? bf16_of(raw_w(r, n, k)) : raw_w(r, n, k);
+                double t = bf16_of(r->x[(size_t)m * ldx + k]) * w;
+                want += t;
+                mag += fabs(t);
+            }
+            if (fabs(got - want) > 1e-5 * mag + 1e-6) {
+                fprintf(stderr, "bf16x M%d N%d K%d gs%d: y[%d,%d] = %.9g, want %.9g\n", s->M,
+                        s->N, s->K, s->gs, m, n, got, want);
+                fail();
+            }
+        }
+}
+
+static void test_bf16x_against_rounded_ref(void **state) {
+    (void)state;
+    cpm_pool *p2 = cpm_pool_new(2);
+    assert_non_null(p2);
+    print_message("VDPBF16PS here: %s\n", cpm_cpu_has_bf16_dot() ? "yes" : "no");
+    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+        if (cpm_isa_force(isas[a]) != isas[a])
+            continue;
+        int dot = isas[a] >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+        for (int i = 0; i < 2 * NSHAPES; i++) {
+            raw r = make_case(i);
+            float *y = run_bf16x(i % 2 ? p2 : NULL, &r, 0, r.s.M);
+            check_bf16x(&r, y, dot);
+            free(y);
+            free_raw(&r);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(p2);
+}
+
+/* A row alone, in a sub-batch and in the whole batch (direct and panel paths),
+ * with 1 or 3 threads: the same bits, on every ISA. */
+static void test_bf16x_row_bits_independent_of_batch(void **state) {
+    (void)state;
+    const qshape cases[] = {{37, 64, 256, 128, 0, 0, 0}, {21, 40, 136, 8, 1, 1, 2},
+                            {70, 48, 512, 64, 1, 0, 0}};
+    cpm_pool *p3 = cpm_pool_new(3);
+    assert_non_null(p3);
+    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+        if (cpm_isa_force(isas[a]) != isas[a])
+            continue;
+        for (int c = 0; c < 3; c++) {
+            raw r = make_raw(cases[c], c == 1 ? CPM_Q4_AWQ : CPM_Q4_GPTQ);
+            size_t ldy = (size_t)r.s.N + (size_t)r.s.pad_y, row = (size_t)r.s.N * sizeof(float);
+            float *all = run_bf16x(p3, &r, 0, r.s.M), *sub = run_bf16x(NULL, &r, 3, 5);
+            check_bf16x(&r, all, isas[a] >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot());
+            for (int m = 0; m < r.s.M; m++) {
+                float *one = run_bf16x(m % 2 ? p3 : NULL, &r, m, 1);
+                assert_memory_equal(one, all + (size_t)m * ldy, row);
+                if (m >= 3 && m < 8)
+                    assert_memory_equal(sub + (size_t)(m - 3) * ldy, one, row);
+                free(one);
+            }
+            free(all);
+            free(sub);
+            free_raw(&r);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(p3);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hand_packed),
@@ -377,6 +474,8 @@ int main(void) {
         cmocka_unit_test(test_dequant_exact),
         cmocka_unit_test(test_every_isa),
         cmocka_unit_test(test_ref_1b_shape),
+        cmocka_unit_test(test_bf16x_against_rounded_ref),
+        cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

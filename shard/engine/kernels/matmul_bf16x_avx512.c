@@ -5,9 +5,7 @@
  *
  * x arrives already rounded and packed (cpm_mm_bf16x_pack): each row Kp = K
  * rounded up to 32 bf16, zero-padded, so only W needs a mask at the tail.
- * Order: lane j of a 16-lane f32 accumulator takes the pair (2j, 2j + 1) of
- * each 32-wide chunk in turn, as VDPBF16PS adds it; then the canonical tree of
- * matmul_internal.h. Every M goes through the same per-output sequence, so a
+ * Every M goes through the per-output sequence of bf16dot_avx512.h, so a
  * row's bits never depend on its batch.
  *
  * Decode and small batches stream W rows (4 or 6 at a time, the next ones
@@ -19,22 +17,18 @@
 #include <stdbool.h>
 #include <string.h>
 
+#include "bf16dot_avx512.h"
 #include "matmul_internal.h"
-#include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
-#define MR 4                      /* x rows per tile */
-#define NR 6                      /* W rows per tile and per panel */
+#define MR CPM_BF16DOT_MR
+#define NR CPM_BF16DOT_NR
 #define DEC_ROWS 4                /* W rows per step with one x row */
 #define DIRECT_M 16               /* up to this many x rows W is read in place */
 #define GROUP_HALFS (128 * 1024)  /* bf16 of W copied per group: 256 KiB, in L2 */
 
 INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
-
-INLINE __m512bh load_bh(const uint16_t *p) {
-    return (__m512bh)_mm512_loadu_si512(p);
-}
 
 INLINE __m512bh load_bh_tail(const uint16_t *p, __mmask32 mk) {
     return (__m512bh)_mm512_maskz_loadu_epi16(mk, p);
@@ -46,18 +40,10 @@ size_t cpm_mm_bf16x_packed_size(int M, int K) {
 
 /* Rows [m0, m1) of x rounded to bf16 (nearest even) into job->packed. */
 void cpm_mm_bf16x_pack(const cpm_mm_job *job, int m0, int m1) {
-    const int K = job->K, Kp = (K + 31) & ~31;
-    for (int m = m0; m < m1; m++) {
-        const float *x = job->x + (size_t)m * job->ldx;
-        uint16_t *d = (uint16_t *)job->packed + (size_t)m * Kp;
-        for (int k = 0; k < Kp; k += 32) {
-            __mmask16 lo = (__mmask16)(K - k >= 16 ? 0xffff : K - k <= 0 ? 0 : (1u << (K - k)) - 1);
-            __mmask16 hi = (__mmask16)(K - k >= 32 ? 0xffff : K - k <= 16 ? 0
-                                                              : (1u << (K - k - 16)) - 1);
-            __m512 a = _mm512_maskz_loadu_ps(lo, x + k), b = _mm512_maskz_loadu_ps(hi, x + k + 16);
-            _mm512_storeu_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-        }
-    }
+    const size_t Kp = (size_t)((job->K + 31) & ~31);
+    for (int m = m0; m < m1; m++)
+        cpm_bf16dot_round_row(job->x + (size_t)m * job->ldx, job->K,
+                              (uint16_t *)job->packed + (size_t)m * Kp);
 }
 
 /* y[i, j], i < mr x rows (packed, stride Kp), j < nr W rows read in place. */
@@ -74,10 +60,10 @@ INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp
         for (int j = 0; j < nr; j++) {
             if (prefetch) /* the next rows: a row is too short for the prefetcher to learn */
                 _mm_prefetch((const char *)(w + (size_t)(j + nr) * w_ld + k), _MM_HINT_T0);
-            wv[j] = load_bh(w + (size_t)j * w_ld + k);
+            wv[j] = cpm_bh_load(w + (size_t)j * w_ld + k);
         }
         for (int i = 0; i < mr; i++) {
-            __m512bh xv = load_bh(x + (size_t)i * Kp + k);
+            __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
         }
@@ -85,34 +71,10 @@ INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp
     if (k < K) {
         __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
         for (int i = 0; i < mr; i++) {
-            __m512bh xv = load_bh(x + (size_t)i * Kp + k);
+            __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv,
                                              load_bh_tail(w + (size_t)j * w_ld + k, mk));
-        }
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++)
-            y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
-}
-
-/* y[i, j] against a panel interleaved by chunk: chunk c of row j at
- * p[(c * nrp + j) * 32], zero-padded past K. */
-INLINE void tile_panel(const int mr, const int nr, const uint16_t *x, size_t Kp,
-                       const uint16_t *p, int nrp, float *y, size_t ldy) {
-    __m512 acc[MR][NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++)
-            acc[i][j] = _mm512_setzero_ps();
-    for (size_t k = 0; k < Kp; k += 32, p += (size_t)nrp * 32) {
-        __m512bh xv[MR];
-        for (int i = 0; i < mr; i++)
-            xv[i] = load_bh(x + (size_t)i * Kp + k);
-        for (int j = 0; j < nr; j++) {
-            __m512bh wv = load_bh(p + (size_t)j * 32);
-            __asm__("" : "+v"(wv)); /* one load in a register: GCC would fold it into mr ops */
-            for (int i = 0; i < mr; i++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
         }
     }
     for (int i = 0; i < mr; i++)
@@ -180,22 +142,7 @@ static void run_panels(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
         const int nrows = n1 - n < rows ? n1 - n : rows;
         for (int j = 0; j < nrows; j += NR)
             copy_panel(group + j / NR * panel, job, n + j, nrows - j < NR ? nrows - j : NR);
-        for (int m = m0; m < m1; m += MR) {
-            const int mr = m1 - m < MR ? m1 - m : MR;
-            for (int j = 0; j < nrows; j += NR) {
-                const uint16_t *p = group + j / NR * panel;
-                const int nr = nrows - j < NR ? nrows - j : NR;
-                float *y = job->y + m * ldy + n + j;
-                if (mr == MR && nr == NR) {
-                    tile_panel(MR, NR, xp + m * Kp, Kp, p, NR, y, ldy);
-                    continue;
-                }
-                for (int i = 0; i < mr; i++)
-                    for (int jj = 0; jj < nr; jj++)
-                        tile_panel(1, 1, xp + (m + i) * Kp, Kp, p + jj * 32, nr,
-                                   y + i * ldy + jj, ldy);
-            }
-        }
+        cpm_bf16dot_group(xp, Kp, m0, m1, group, nrows, job->y + n, ldy);
     }
 }
 

@@ -262,12 +262,9 @@ static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
     *hi = (int)(b * align < total ? b * align : total);
 }
 
-/* x rows into packed order: sorted by group, each group padded with zeros. */
-static void gather_worker(void *arg, int tid, int nt) {
-    const q4_run *r = arg;
+/* x rows [lo, hi) into packed order: sorted by group, each group padded with zeros. */
+static void gather_rows(const q4_run *r, int lo, int hi) {
     const cpm_q4 *w = r->job.w;
-    int lo, hi;
-    share(r->job.M, 1, tid, nt, &lo, &hi);
     for (int m = lo; m < hi; m++) {
         const float *x = r->x + (size_t)m * r->ldx;
         float *d = (float *)r->job.x + (size_t)m * r->job.ldx;
@@ -283,6 +280,19 @@ static void gather_worker(void *arg, int tid, int nt) {
                 dg[i] = 0.0f;
         }
     }
+}
+
+static void gather_worker(void *arg, int tid, int nt) {
+    const q4_run *r = arg;
+    int lo, hi;
+    share(r->job.M, 1, tid, nt, &lo, &hi);
+    gather_rows(r, lo, hi);
+}
+
+static void fill_nan(float *y, int ldy, int M, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            y[(size_t)m * ldy + n] = NAN;
 }
 
 static void q4_worker(void *arg, int tid, int nt) {
@@ -327,9 +337,7 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         if (!buf)
             buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
         if (!buf) {
-            for (int m = 0; m < M; m++)
-                for (int n = 0; n < w->N; n++)
-                    y[(size_t)m * ldy + n] = NAN;
+            fill_nan(y, ldy, M, w->N);
             return;
         }
     }
@@ -345,6 +353,84 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
     /* Threads own contiguous output rows (each streams its own nibbles) unless
      * N is too narrow to share. */
     r.split_n = w->N >= 16 * nt || M < 2 * nt;
+    cpm_pool_run(pool, q4_worker, &r);
+    free(owned);
+}
+
+/* ---- bf16 activations ---- */
+
+/* Rows [lo, hi) of x into job.x in packed order, rounded to bf16 (and back
+ * to f32): the exact kernels then see the same products as VDPBF16PS would,
+ * in another summation order (CPUs without it). */
+static void round_rows(const q4_run *r, int lo, int hi) {
+    gather_rows(r, lo, hi);
+    for (int m = lo; m < hi; m++) {
+        float *d = (float *)r->job.x + (size_t)m * r->job.ldx;
+        for (int k = 0; k < r->job.w->Kp; k++)
+            d[k] = cpm_bf16_to_f32(cpm_f32_to_bf16(d[k]));
+    }
+}
+
+/* Rows [lo, hi) of x as the kernel in job wants them: rounded to bf16 into
+ * job.xh (gathered first where the layout needs it), or rounded in place. */
+static void bf16x_prepare_rows(const q4_run *r, int lo, int hi) {
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+    if (r->job.xh) {
+        if (r->job.w->gather)
+            gather_rows(r, lo, hi);
+        cpm_q4_bf16x_pack(&r->job, lo, hi);
+        return;
+    }
+#endif
+    round_rows(r, lo, hi);
+}
+
+static void bf16x_prepare_worker(void *arg, int tid, int nt) {
+    const q4_run *r = arg;
+    int lo, hi;
+    share(r->job.M, 1, tid, nt, &lo, &hi);
+    if (lo < hi)
+        bf16x_prepare_rows(r, lo, hi);
+}
+
+void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const cpm_q4 *w, int M) {
+    if (M <= 0)
+        return;
+    bool dot = false;
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+    dot = cpm_isa_in_effect() >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+#endif
+    int nt = cpm_pool_size(pool);
+    size_t Kp = (size_t)w->Kp;
+    size_t xf = dot && !w->gather ? 0 : (size_t)M * Kp; /* f32 x in packed order */
+    size_t xh = dot ? ((size_t)M * Kp + 31) / 32 * 16 : 0; /* bf16 x, counted in floats */
+    size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
+    size_t bytes = (xf + xh + panels) * sizeof(float);
+    float *owned = NULL, *buf = cpm_pool_scratch(pool, bytes);
+    if (!buf)
+        buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!buf) {
+        fill_nan(y, ldy, M, w->N);
+        return;
+    }
+    q4_run r = {
+        .job = {.w = w, .x = xf ? buf : x, .ldx = xf ? Kp : (size_t)ldx, .y = y,
+                .ldy = (size_t)ldy, .M = M, .panels = panels ? buf + xf + xh : NULL,
+                .xh = xh ? (uint16_t *)(buf + xf) : NULL},
+        .kernel = pick_kernel(),
+        .x = x,
+        .ldx = (size_t)ldx,
+        .split_n = w->N >= 16 * nt || M < 2 * nt,
+    };
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+    if (dot)
+        r.kernel = cpm_q4_mm_bf16x;
+#endif
+    if (M <= 4) /* decode rows: not worth waking the threads for */
+        bf16x_prepare_rows(&r, 0, M);
+    else
+        cpm_pool_run(pool, bf16x_prepare_worker, &r);
     cpm_pool_run(pool, q4_worker, &r);
     free(owned);
 }

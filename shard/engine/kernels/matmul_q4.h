@@ -85,6 +85,16 @@ void cpm_q4_dequant_row(const cpm_q4 *w, int n, float *out);
 void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, const cpm_q4 *w,
                    int M);
 
+/* The opt-in "bf16 activations" precision (cpm-run --activations bf16): each
+ * x rounded to the nearest bf16 and, with VDPBF16PS (cpm_cpu_has_bf16_dot and
+ * AVX-512 or better in effect), each weight taken as bf16((q − z) · s), 32
+ * products per instruction; without it the rounded x runs through the exact
+ * kernels above (exact weights, their summation order). A row's bits depend
+ * only on its x row and W, as for cpm_matmul_q4. Buffers and failure as
+ * cpm_matmul_q4; docs/KERNELS.md has the measured error. */
+void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const cpm_q4 *w, int M);
+
 /* Double-precision reference over the dequantized rows (tests). */
 void cpm_matmul_q4_ref(float *y, int ldy, const float *x, int ldx, const cpm_q4 *w, int M);
 

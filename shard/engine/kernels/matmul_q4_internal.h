@@ -55,6 +55,7 @@ typedef struct cpm_q4_job {
     size_t ldy;
     int M;
     float *panels;    /* per thread cpm_q4_panel_floats(Kp) floats (prefill), or NULL */
+    uint16_t *xh;     /* bf16 activations: x rounded to bf16, [M][Kp] (cpm_q4_bf16x_pack) */
 } cpm_q4_job;
 
 /* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:
@@ -65,5 +66,11 @@ typedef void (*cpm_q4_kernel)(const cpm_q4_job *job, int m0, int m1, int n0, int
 void cpm_q4_mm_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 void cpm_q4_mm_avx2(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 void cpm_q4_mm_avx512(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+
+/* bf16 activations on VDPBF16PS (matmul_q4_bf16x_avx512.c): rows [m0, m1) of
+ * job->x (packed order) rounded into job->xh, then the kernel over job->xh;
+ * its panels hold bf16, two per float of the thread's panel buffer. */
+void cpm_q4_bf16x_pack(const cpm_q4_job *job, int m0, int m1);
+void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 
 #endif
