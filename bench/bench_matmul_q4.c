@@ -10,7 +10,10 @@
  * kernel's compute ceiling, to tell a compute-bound kernel from a memory-bound
  * one.
  *
- *   bench_matmul_q4 [--threads N] [--group-size G] [--desc-act] [--hot]
+ * --activations bf16 times the opt-in bf16-activation int4 kernel
+ * (cpm_matmul_q4_bf16x) in the q4 columns instead.
+ *
+ *   bench_matmul_q4 [--threads N] [--group-size G] [--desc-act] [--hot] [--activations bf16]
  */
 #include <getopt.h>
 #include <stdint.h>
@@ -74,7 +77,8 @@ static cpm_q4 *make_q4(int N, int K, int gs, int desc_act) {
     return w;
 }
 
-static int hot; /* --hot: one copy of each weight, cache resident, more rounds */
+static int hot;      /* --hot: one copy of each weight, cache resident, more rounds */
+static int act_bf16; /* --activations bf16: cpm_matmul_q4_bf16x */
 
 /* Best seconds per call over rounds, rotating through the copies. */
 static double time_q4(cpm_pool *pool, cpm_q4 **ws, int nw, const float *x, float *y, int M) {
@@ -82,7 +86,8 @@ static double time_q4(cpm_pool *pool, cpm_q4 **ws, int nw, const float *x, float
     for (int r = 0; r < (hot && M == 1 ? 200 : 5); r++) {
         double t0 = now();
         for (int i = 0; i < nw; i++)
-            cpm_matmul_q4(pool, y, cpm_q4_rows(ws[i]), x, cpm_q4_cols(ws[i]), ws[i], M);
+            (act_bf16 ? cpm_matmul_q4_bf16x : cpm_matmul_q4)(pool, y, cpm_q4_rows(ws[i]), x,
+                                                             cpm_q4_cols(ws[i]), ws[i], M);
         double t = (now() - t0) / nw;
         best = t < best ? t : best;
     }
@@ -142,21 +147,22 @@ static void bench_shape(cpm_pool *pool, const shape *s, int gs, int desc_act, do
 int main(int argc, char **argv) {
     static const struct option opts[] = {{"threads", 1, 0, 't'}, {"group-size", 1, 0, 'g'},
                                          {"desc-act", 0, 0, 'd'}, {"hot", 0, 0, 'h'},
-                                         {0, 0, 0, 0}};
+                                         {"activations", 1, 0, 'a'}, {0, 0, 0, 0}};
     int threads = 1, gs = 128, desc_act = 0, c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (c == 't') threads = atoi(optarg);
         else if (c == 'g') gs = atoi(optarg);
         else if (c == 'd') desc_act = 1;
         else if (c == 'h') hot = 1;
+        else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
         else return 2;
     }
     cpm_pool *pool = cpm_pool_new(threads);
     double gbps = 0;
     cpm_membw_read(pool, (size_t)1 << 30, 3, &gbps);
-    printf("isa %s  threads %d  group %d%s%s  read bandwidth %.1f GB/s (decode %% is of this)\n",
+    printf("isa %s  threads %d  group %d%s%s%s  read bandwidth %.1f GB/s (decode %% is of this)\n",
            cpm_isa_name(cpm_isa_in_effect()), threads, gs, desc_act ? " act-order" : "",
-           hot ? "  hot (cache resident)" : "", gbps);
+           hot ? "  hot (cache resident)" : "", act_bf16 ? "  q4 with bf16 activations" : "", gbps);
     for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
         bench_shape(pool, &shapes[i], gs, desc_act, gbps);
     cpm_pool_free(pool);

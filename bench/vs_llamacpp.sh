@@ -12,9 +12,11 @@
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
 #   REPS              rounds per format (default 3); each cell is the median
 #   THREADS           threads for both engines (default 2)
-#   FORMATS           subset of "bf16 bf16x f16 int4" (default all four); bf16x is
+#   FORMATS           subset of "bf16 bf16x f16 int4 int4x" (default all five); bf16x is
 #                     our BF16 checkpoint run with --activations bf16 (x rounded to
-#                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF
+#                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF;
+#                     int4x our GPTQ checkpoint with --activations bf16 against the
+#                     same Q4_0 (which meets activations quantized to 8 bits, Q8_0)
 #
 # Int4 is GPTQ int4, group 128, act-order (ours; embeddings stay BF16) against
 # llama.cpp's Q4_0 made by llama-quantize from the F16 GGUF (its tied
@@ -42,7 +44,7 @@ llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
 models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
 reps=${REPS:-3}
 threads=${THREADS:-2}
-formats=${FORMATS:-bf16 bf16x f16 int4}
+formats=${FORMATS:-bf16 bf16x f16 int4 int4x}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -74,11 +76,11 @@ fi
 # ---------------------------------------------------------------- models (cached)
 mkdir -p "$models/gguf"
 ckpt() { # ckpt FORMAT: our checkpoint directory for FORMAT
-    case $1 in int4) echo "$models/minicpm-1b-gptq" ;; bf16x) echo "$models/minicpm-1b-bf16" ;;
+    case $1 in int4 | int4x) echo "$models/minicpm-1b-gptq" ;; bf16x) echo "$models/minicpm-1b-bf16" ;;
     *) echo "$models/minicpm-1b-$1" ;; esac
 }
 gguf() { # gguf FORMAT: llama.cpp's file for FORMAT
-    case $1 in int4) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;;
+    case $1 in int4 | int4x) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;;
     bf16x) echo "$models/gguf/minicpm-1b-bf16.gguf" ;; *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
 }
 need_ckpt() { # need_ckpt DTYPE-NAME: generates $models/minicpm-1b-NAME once
@@ -103,7 +105,7 @@ for f in $formats; do
     case $f in
     bf16 | f16) need_ckpt "$f"; need_gguf "$f" ;;
     bf16x) need_ckpt bf16; need_gguf bf16 ;;
-    int4)
+    int4 | int4x)
         need_ckpt gptq
         if [ ! -f "$(gguf int4)" ]; then
             need_gguf f16
@@ -111,7 +113,7 @@ for f in $formats; do
             "$lquant" "$(gguf f16)" "$(gguf int4)" Q4_0 >/dev/null 2>&1 || die "llama-quantize failed"
         fi
         ;;
-    *) die "unknown format $f (bf16, bf16x, f16, int4)" ;;
+    *) die "unknown format $f (bf16, bf16x, f16, int4, int4x)" ;;
     esac
 done
 
@@ -124,7 +126,7 @@ samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
     local d pp tg mb act=exact
     d=$(ckpt "$1")
-    [ "$1" != bf16x ] || act=bf16
+    case $1 in bf16x | int4x) act=bf16 ;; esac
     # bench_engine's result row: threads, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
@@ -215,7 +217,7 @@ for f in $formats; do
         o=$(median "$f" ours "$t")
         l=$(median "$f" llama "$t")
         awk -v f="$f" -v t="$t" -v o="$o" -v l="$l" -v bw="$bw" -v ob="$ob" -v lb="$lb" 'BEGIN {
-            name = (f == "int4") ? "int4 (GPTQ g128 / Q4_0)" : f
+            name = (f == "int4") ? "int4 (GPTQ g128 / Q4_0)" : (f == "int4x") ? "int4x (same, bf16 act.)" : f
             ratio = (l > 0) ? sprintf("%.2f", o / l) : "-"
             ro = "-"; rl = "-"
             if (t ~ /^tg/) {
