@@ -127,11 +127,11 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
     local d pp tg mb act=exact
     d=$(ckpt "$1")
     case $1 in bf16x | int4x) act=bf16 ;; esac
-    # bench_engine's result row: threads, prefill t/s, decode t/s, weights/token MB, "MB",
+    # bench_engine's result row: threads, ffn, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
         >"$out/ours.txt"
-    read -r _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
+    read -r _ _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
     sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
     {
@@ -141,7 +141,7 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
     } >>"$samples"
     "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 --activations "$act" \
         >"$out/ours.txt"
-    read -r _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
+    read -r _ _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
     echo "$1 ours pp512 $pp" >>"$samples"
 }

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "../kernels/attn.h"
 #include "../kernels/ops.h"
 #include "infllm.h"
 #include "layers.h"
@@ -100,7 +101,7 @@ typedef struct group_state {
     const core_args *a;
     int g, G, dk, dv, seq;
     const float *q;
-    float *acc, *score, *mx, *sum, *kbuf, *vbuf;
+    float *acc, *mx, *sum, *kbuf, *vbuf, *work;
 } group_state;
 
 static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls) {
@@ -109,11 +110,12 @@ static void group_begin(group_state *st, const core_args *a, int row, int g, flo
     *st = (group_state){.a = a, .g = g, .G = G, .dk = dk, .dv = dv, .seq = a->b->seq[row]};
     st->q = m->s.q + (size_t)row * m->hp.n_heads * dk + (size_t)g * G * dk;
     st->acc = tls;
-    st->score = st->acc + (size_t)G * dv;
-    st->mx = st->score + (size_t)G * CPM_KV_BLOCK;
+    st->mx = st->acc + (size_t)G * dv;
     st->sum = st->mx + G;
     st->kbuf = st->sum + G;
     st->vbuf = st->kbuf + (size_t)CPM_KV_BLOCK * dk;
+    uintptr_t w = (uintptr_t)(st->vbuf + (size_t)CPM_KV_BLOCK * dv);
+    st->work = (float *)((w + 63) & ~(uintptr_t)63); /* the kernel's 64-byte aligned scratch */
     memset(st->acc, 0, (size_t)G * dv * sizeof(float));
     for (int h = 0; h < G; h++) {
         st->mx[h] = -INFINITY;
@@ -131,22 +133,10 @@ static void group_chunk(group_state *st, int j0, int nb) {
                                 st->kbuf, &ks);
     const float *V = block_rows(kv, cpm_kv_value(kv, a->li, slot0), st->g * dv, dv, kv->v_dim, nb,
                                 st->vbuf, &vs);
-    for (int h = 0; h < G; h++) {
-        float *sc = st->score + (size_t)h * CPM_KV_BLOCK, bmax = -INFINITY;
-        cpm_dot_rows(sc, st->q + (size_t)h * dk, K, ks, nb, dk, a->m->attn_scale);
-        for (int j = 0; j < nb; j++)
-            bmax = sc[j] > bmax ? sc[j] : bmax;
-        float newmax = bmax > st->mx[h] ? bmax : st->mx[h];
-        float corr = expf(st->mx[h] - newmax); /* 0 on the first block */
-        float *ac = st->acc + (size_t)h * dv;
-        st->sum[h] *= corr;
-        cpm_scale(ac, corr, dv);
-        cpm_exp_shifted(sc, nb, newmax); /* scores become weights in place */
-        for (int j = 0; j < nb; j++)
-            st->sum[h] += sc[j];
-        cpm_axpy_rows(ac, sc, V, vs, nb, dv);
-        st->mx[h] = newmax;
-    }
+    cpm_attn_fold(&(cpm_attn_block){.q = st->q, .K = K, .V = V, .ks = ks, .vs = vs, .nb = nb,
+                                    .G = G, .dk = dk, .dv = dv, .scale = a->m->attn_scale,
+                                    .acc = st->acc, .mx = st->mx, .sum = st->sum,
+                                    .work = st->work});
 }
 
 /* Keys [from, to] (inclusive), chunk by chunk along cache blocks. */

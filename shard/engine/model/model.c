@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/attn.h"
 #include "../kernels/matmul.h"
 #include "../kernels/ops.h"
 #include "infllm.h"
@@ -273,10 +274,11 @@ static void set_geometry(cpm_model *m) {
     m->rot_dim = cpm_hparams_rotary_dim(hp);
     m->attn_scale = (float)(1.0 / sqrt((double)m->qk_dim));
     size_t G = (size_t)(hp->n_heads / m->kv_heads);
-    /* per thread: G heads x (v accumulator + a block of scores + max + sum), and a
-     * block of keys and values widened from an f16 cache */
-    m->attn_tls_floats = G * ((size_t)m->v_dim + CPM_KV_BLOCK + 2) +
-                         (size_t)CPM_KV_BLOCK * (size_t)(m->qk_dim + m->v_dim) + 16;
+    /* per thread: G heads x (v accumulator + max + sum), a block of keys and values
+     * widened from an f16 cache, and the attention step's aligned scratch */
+    m->attn_tls_floats = G * ((size_t)m->v_dim + 2) +
+                         (size_t)CPM_KV_BLOCK * (size_t)(m->qk_dim + m->v_dim) +
+                         (size_t)cpm_attn_work_floats((int)G, m->qk_dim) + 16;
     /* MLA: q_abs, ctx, scores, a widened block of latent rows */
     size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK +
                     (size_t)CPM_KV_BLOCK * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim) + 16;

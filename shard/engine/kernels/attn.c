@@ -1,0 +1,48 @@
+/* attn.c - the portable online-softmax step of attn.h, over the element-wise
+ * operations of ops.c, and the dispatch to the AVX-512 kernel. */
+#include "attn.h"
+
+#include <math.h>
+
+#include "matmul.h"
+#include "ops.h"
+
+#if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
+#define X86_KERNELS 1
+void cpm_attn_fold_avx512(const cpm_attn_block *b);
+#else
+#define X86_KERNELS 0
+#endif
+
+#define BLOCK 16
+
+int cpm_attn_work_floats(int G, int dk) { return BLOCK * (dk + G) + G + 16; }
+
+void cpm_attn_fold_ref(const cpm_attn_block *b) {
+    for (int h = 0; h < b->G; h++) {
+        float *sc = b->work + (size_t)h * BLOCK, bmax = -INFINITY;
+        cpm_dot_rows(sc, b->q + (size_t)h * b->dk, b->K, b->ks, b->nb, b->dk, b->scale);
+        for (int j = 0; j < b->nb; j++)
+            bmax = sc[j] > bmax ? sc[j] : bmax;
+        float newmax = bmax > b->mx[h] ? bmax : b->mx[h];
+        float corr = expf(b->mx[h] - newmax); /* 0 on the first block */
+        float *ac = b->acc + (size_t)h * b->dv;
+        b->sum[h] *= corr;
+        cpm_scale(ac, corr, b->dv);
+        cpm_exp_shifted(sc, b->nb, newmax); /* scores become weights in place */
+        for (int j = 0; j < b->nb; j++)
+            b->sum[h] += sc[j];
+        cpm_axpy_rows(ac, sc, b->V, b->vs, b->nb, b->dv);
+        b->mx[h] = newmax;
+    }
+}
+
+void cpm_attn_fold(const cpm_attn_block *b) {
+#if X86_KERNELS
+    if (cpm_isa_in_effect() >= CPM_ISA_AVX512) {
+        cpm_attn_fold_avx512(b);
+        return;
+    }
+#endif
+    cpm_attn_fold_ref(b);
+}

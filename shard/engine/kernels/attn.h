@@ -1,0 +1,43 @@
+/* attn.h - one block of cached keys folded into the online-softmax state of
+ * the query heads that share them (a KV head group of one query row): the
+ * inner step of attention. Kernels know nothing of models or caches: the
+ * caller hands over the block's key and value rows as f32.
+ *
+ * Arithmetic (fixed; the portable code and the AVX-512 kernel give the same
+ * bits, so decode, prefill and every ISA agree): for each head h in order,
+ *   s[j]  = cpm_dot(q_h, K_j) * scale                      (its 8-way order)
+ *   m'    = max(mx[h], max_j s[j]);  c = expf(mx[h] - m')
+ *   sum[h] = sum[h] * c;  acc_h[d] = acc_h[d] * c
+ *   p[j]  = e^(s[j] - m')                                   (cpm_exp_shifted)
+ *   sum[h] = sum[h] + p[j]          for j = 0, 1, ... in order
+ *   acc_h[d] = acc_h[d] + p[j] * V_j[d]   for j in order    (cpm_axpy_rows)
+ *   mx[h] = m'
+ * with every product and sum rounded to f32 on its own (no fused multiply-add).
+ */
+#ifndef CPM_ATTN_H
+#define CPM_ATTN_H
+
+typedef struct cpm_attn_block {
+    const float *q;   /* [G][dk] the group's query heads */
+    const float *K;   /* nb key rows, ks floats apart */
+    const float *V;   /* nb value rows, vs floats apart */
+    int ks, vs;
+    int nb;           /* 1 .. 16 keys */
+    int G, dk, dv;
+    float scale;
+    float *acc;       /* [G][dv] running sums of p·V */
+    float *mx, *sum;  /* [G] running max and sum of p */
+    float *work;      /* cpm_attn_work_floats(G, dk) floats of scratch, 64-byte aligned */
+} cpm_attn_block;
+
+/* Scratch cpm_attn_fold needs. */
+int cpm_attn_work_floats(int G, int dk);
+
+/* Folds the block in (the arithmetic above), with the best kernel this CPU
+ * has: AVX-512 when cpm_isa_in_effect() has it, else the portable code. */
+void cpm_attn_fold(const cpm_attn_block *b);
+
+/* The portable code alone (tests compare the kernels with it). */
+void cpm_attn_fold_ref(const cpm_attn_block *b);
+
+#endif
