@@ -10,6 +10,7 @@
 #if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
 #define X86_KERNELS 1
 void cpm_attn_fold_avx512(const cpm_attn_block *b);
+void cpm_attn_transpose_avx512(const float *K, int ks, int nb, int dk, float *kt);
 #else
 #define X86_KERNELS 0
 #endif
@@ -35,6 +36,20 @@ void cpm_attn_fold_ref(const cpm_attn_block *b) {
         cpm_axpy_rows(ac, sc, b->V, b->vs, b->nb, b->dv);
         b->mx[h] = newmax;
     }
+}
+
+bool cpm_attn_wants_transposed(void) {
+    return X86_KERNELS && cpm_isa_in_effect() >= CPM_ISA_AVX512;
+}
+
+void cpm_attn_transpose(const float *K, int ks, int nb, int dk, float *kt) {
+#if X86_KERNELS
+    cpm_attn_transpose_avx512(K, ks, nb, dk, kt);
+#else
+    for (int i = 0; i < dk; i++)
+        for (int j = 0; j < BLOCK; j++)
+            kt[(size_t)i * BLOCK + j] = j < nb ? K[(size_t)j * ks + i] : 0.0f;
+#endif
 }
 
 void cpm_attn_fold(const cpm_attn_block *b) {

@@ -45,7 +45,8 @@ INLINE void transpose16(__m512 r[16]) {
 INLINE __mmask16 first(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
 /* kt[i * 16 + j] = K[j][i] for i < dk; keys j >= nb read as 0. */
-static void transpose_keys(const float *K, int ks, int nb, int dk, float *kt) {
+void cpm_attn_transpose_avx512(const float *K, int ks, int nb, int dk, float *kt);
+void cpm_attn_transpose_avx512(const float *K, int ks, int nb, int dk, float *kt) {
     for (int i0 = 0; i0 < dk; i0 += 16) {
         const int w = dk - i0 < 16 ? dk - i0 : 16;
         __m512 r[16];
@@ -161,9 +162,13 @@ static void fold_values(const cpm_attn_block *b, const float *p, const float *co
 }
 
 void cpm_attn_fold_avx512(const cpm_attn_block *b) {
-    float *kt = b->work, *p = kt + (size_t)b->dk * BLOCK, *corr = p + (size_t)b->G * BLOCK;
+    float *p = b->work + (size_t)b->dk * BLOCK, *corr = p + (size_t)b->G * BLOCK;
     const __mmask16 valid = first(b->nb);
-    transpose_keys(b->K, b->ks, b->nb, b->dk, kt);
+    const float *kt = b->kt;
+    if (!kt) {
+        cpm_attn_transpose_avx512(b->K, b->ks, b->nb, b->dk, b->work);
+        kt = b->work;
+    }
     for (int h = 0; h < b->G; h++) {
         const __m512 s = scores(b->q + (size_t)h * b->dk, kt, b->dk, b->scale);
         float bmax = _mm512_mask_reduce_max_ps(valid, s);

@@ -75,6 +75,8 @@ typedef struct core_args {
     int li;
     const cpm_batch *b;
     int n;
+    uint64_t call;   /* this run's number (m->attn_calls) */
+    bool cache_keys; /* the kernel reads keys transposed: keep them per thread */
 } core_args;
 
 /* nb cache rows of `width` elements starting at column `col` of rows `stride`
@@ -102,9 +104,12 @@ typedef struct group_state {
     int g, G, dk, dv, seq;
     const float *q;
     float *acc, *mx, *sum, *kbuf, *vbuf, *work;
+    cpm_attn_kt *kt_tag; /* this thread's transposed keys, or NULL */
+    float *kt;
 } group_state;
 
-static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls) {
+static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls,
+                        int tid) {
     const cpm_model *m = a->m;
     int G = m->hp.n_heads / m->kv_heads, dk = m->qk_dim, dv = m->v_dim;
     *st = (group_state){.a = a, .g = g, .G = G, .dk = dk, .dv = dv, .seq = a->b->seq[row]};
@@ -116,11 +121,36 @@ static void group_begin(group_state *st, const core_args *a, int row, int g, flo
     st->vbuf = st->kbuf + (size_t)CPM_KV_BLOCK * dk;
     uintptr_t w = (uintptr_t)(st->vbuf + (size_t)CPM_KV_BLOCK * dv);
     st->work = (float *)((w + 63) & ~(uintptr_t)63); /* the kernel's 64-byte aligned scratch */
+    if (a->cache_keys) {
+        st->kt_tag = m->s.attn_kt_tag + tid;
+        st->kt = m->s.attn_kt + (size_t)tid * m->attn_kt_floats;
+    }
     memset(st->acc, 0, (size_t)G * dv * sizeof(float));
     for (int h = 0; h < G; h++) {
         st->mx[h] = -INFINITY;
         st->sum[h] = 0.0f;
     }
+}
+
+/* The keys of the block at j0 (nb of them, rows ks apart) transposed for the
+ * kernel, from this thread's cache: the prefill rows of one sequence that a
+ * thread takes in turn read the same blocks, so each is transposed once per
+ * run (the last, partial one again as later rows see more of it). NULL: not
+ * cached (the kernel transposes it itself). */
+static const float *cached_keys(group_state *st, int j0, int nb, const float *K, int ks) {
+    cpm_attn_kt *c = st->kt_tag;
+    const int blk = j0 / CPM_KV_BLOCK;
+    if (!c || j0 % CPM_KV_BLOCK || blk >= CPM_ATTN_KT_BLOCKS)
+        return NULL;
+    if (c->call != st->a->call || c->seq != st->seq || c->g != st->g) {
+        *c = (cpm_attn_kt){.call = st->a->call, .seq = st->seq, .g = st->g};
+    }
+    float *kt = st->kt + (size_t)blk * CPM_KV_BLOCK * (size_t)st->dk;
+    if (c->nb[blk] < nb) {
+        cpm_attn_transpose(K, ks, nb, st->dk, kt);
+        c->nb[blk] = nb;
+    }
+    return kt;
 }
 
 /* Folds keys j0 .. j0 + nb - 1 (one cache block, nb <= CPM_KV_BLOCK) in. */
@@ -136,7 +166,8 @@ static void group_chunk(group_state *st, int j0, int nb) {
     cpm_attn_fold(&(cpm_attn_block){.q = st->q, .K = K, .V = V, .ks = ks, .vs = vs, .nb = nb,
                                     .G = G, .dk = dk, .dv = dv, .scale = a->m->attn_scale,
                                     .acc = st->acc, .mx = st->mx, .sum = st->sum,
-                                    .work = st->work});
+                                    .work = st->work,
+                                    .kt = cached_keys(st, j0, nb, K, ks)});
 }
 
 /* Keys [from, to] (inclusive), chunk by chunk along cache blocks. */
@@ -176,10 +207,11 @@ static void group_sparse(group_state *st, int pos, float *sel_tls) {
 }
 
 /* One KV head group of one row: dense over positions 0..pos, or InfLLM v2. */
-static void attend_group(const core_args *a, int row, int g, float *tls, float *sel_tls) {
+static void attend_group(const core_args *a, int row, int g, float *tls, float *sel_tls,
+                         int tid) {
     group_state st;
     int pos = a->b->pos[row];
-    group_begin(&st, a, row, g, tls);
+    group_begin(&st, a, row, g, tls, tid);
     if (cpm_infllm_is_sparse(&a->m->hp, pos))
         group_sparse(&st, pos, sel_tls);
     else
@@ -192,8 +224,10 @@ static void core_worker(void *arg, int tid, int nthreads) {
     float *tls = a->m->s.attn_tls + (size_t)tid * a->m->attn_tls_floats;
     float *sel_tls = a->m->s.infllm_tls + (size_t)tid * a->m->infllm_tls_floats;
     int tasks = a->n * a->m->kv_heads;
-    for (int t = tid; t < tasks; t += nthreads) /* interleaved: causal rows differ in cost */
-        attend_group(a, t / a->m->kv_heads, t % a->m->kv_heads, tls, sel_tls);
+    /* interleaved, as causal rows differ in cost; group by group, so that a thread
+     * meets the rows of one sequence and group in turn (cached_keys) */
+    for (int t = tid; t < tasks; t += nthreads)
+        attend_group(a, t % a->n, t / a->n, tls, sel_tls, tid);
 }
 
 static void store_row(const cpm_kv_cache *kv, void *dst, const float *src, int n) {
@@ -215,7 +249,7 @@ static void store_kv(cpm_model *m, cpm_kv_cache *kv, int li, int n, const float 
 
 static void attend_and_project(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b,
                                int n) {
-    core_args a = {m, kv, li, b, n};
+    core_args a = {m, kv, li, b, n, ++m->attn_calls, cpm_attn_wants_transposed()};
     cpm_pool_run(m->pool, core_worker, &a);
     cpm_model_matmul(m, m->s.out, m->s.attn, &m->layers[li].w[CPM_W_O], n);
 }
@@ -340,7 +374,7 @@ static void mla_forward(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch 
     rope_heads(m, m->s.q, n, nh, dk, nh * dk);
     mla_latent_rows(m, L, n);
     store_kv(m, kv, li, n, m->s.k, NULL);
-    core_args a = {m, kv, li, b, n};
+    core_args a = {.m = m, .kv = kv, .li = li, .b = b, .n = n};
     cpm_pool_run(m->pool, latent_worker, &a);
     cpm_model_matmul(m, m->s.out, m->s.attn, &L->w[CPM_W_O], n);
 }

@@ -282,6 +282,8 @@ static void set_geometry(cpm_model *m) {
     /* MLA: q_abs, ctx, scores, a widened block of latent rows */
     size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK +
                     (size_t)CPM_KV_BLOCK * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim) + 16;
+    m->attn_kt_floats = m->arch->attn == CPM_ATTN_MLA ? 0
+                        : (size_t)CPM_ATTN_KT_BLOCKS * CPM_KV_BLOCK * (size_t)m->qk_dim;
     if (m->arch->attn == CPM_ATTN_MLA && latent > m->attn_tls_floats)
         m->attn_tls_floats = latent;
     if (hp->sparse)
@@ -338,6 +340,8 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->moe_ids, E * sizeof(int)},
         {(void **)&s->moe_rows, E * sizeof(int)},
         {(void **)&s->attn_tls, (size_t)m->n_threads * m->attn_tls_floats * 4},
+        {(void **)&s->attn_kt, (size_t)m->n_threads * m->attn_kt_floats * 4},
+        {(void **)&s->attn_kt_tag, (size_t)m->n_threads * sizeof(cpm_attn_kt)},
         {(void **)&s->infllm_tls, (size_t)m->n_threads * m->infllm_tls_floats * 4},
         {(void **)&s->rows, T * sizeof(int)},
         {(void **)&s->kv_slot, T * sizeof(int)},
@@ -350,6 +354,8 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         if (!*plan[i].p)
             return cpm_error_set(err, CPM_ENOMEM, "scratch for %zu batch tokens: out of memory", T);
     }
+    /* call 0: no attention run's (m->attn_calls counts from 1) */
+    memset(s->attn_kt_tag, 0, (size_t)m->n_threads * sizeof(cpm_attn_kt));
     return 0;
 }
 
@@ -357,7 +363,7 @@ static void free_scratch(cpm_scratch *s) {
     void *ptrs[] = {s->x, s->xn, s->q, s->k, s->v, s->attn, s->lat_q, s->lat_kv,
                     s->lat_kvn, s->kv_b, s->gate, s->up, s->out, s->rope_cos, s->rope_sin,
                     s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg,
-                    s->moe_ids, s->moe_rows, s->attn_tls,
+                    s->moe_ids, s->moe_rows, s->attn_tls, s->attn_kt, s->attn_kt_tag,
                     s->infllm_tls,
                     s->rows, s->kv_slot, s->active};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
