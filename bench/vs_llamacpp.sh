@@ -12,9 +12,11 @@
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
 #   REPS              rounds per format (default 3); each cell is the median
 #   THREADS           threads for both engines (default 2)
-#   FORMATS           subset of "bf16 bf16x f16 int4 int4x" (default all five); bf16x is
+#   FORMATS           subset of "bf16 bf16x f16 f16x int4 int4x" (default all); bf16x is
 #                     our BF16 checkpoint run with --activations bf16 (x rounded to
 #                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF;
+#                     f16x our F16 checkpoint with --activations bf16 (weights rounded
+#                     to bf16 too) against the same F16 GGUF;
 #                     int4x our GPTQ checkpoint with --activations bf16 against the
 #                     same Q4_0 (which meets activations quantized to 8 bits, Q8_0)
 #
@@ -44,7 +46,7 @@ llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
 models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
 reps=${REPS:-3}
 threads=${THREADS:-2}
-formats=${FORMATS:-bf16 bf16x f16 int4 int4x}
+formats=${FORMATS:-bf16 bf16x f16 f16x int4 int4x}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -77,11 +79,13 @@ fi
 mkdir -p "$models/gguf"
 ckpt() { # ckpt FORMAT: our checkpoint directory for FORMAT
     case $1 in int4 | int4x) echo "$models/minicpm-1b-gptq" ;; bf16x) echo "$models/minicpm-1b-bf16" ;;
+    f16x) echo "$models/minicpm-1b-f16" ;;
     *) echo "$models/minicpm-1b-$1" ;; esac
 }
 gguf() { # gguf FORMAT: llama.cpp's file for FORMAT
     case $1 in int4 | int4x) echo "$models/gguf/minicpm-1b-q4_0.gguf" ;;
-    bf16x) echo "$models/gguf/minicpm-1b-bf16.gguf" ;; *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
+    bf16x) echo "$models/gguf/minicpm-1b-bf16.gguf" ;; f16x) echo "$models/gguf/minicpm-1b-f16.gguf" ;;
+    *) echo "$models/gguf/minicpm-1b-$1.gguf" ;; esac
 }
 need_ckpt() { # need_ckpt DTYPE-NAME: generates $models/minicpm-1b-NAME once
     local d="$models/minicpm-1b-$1" args
@@ -105,6 +109,7 @@ for f in $formats; do
     case $f in
     bf16 | f16) need_ckpt "$f"; need_gguf "$f" ;;
     bf16x) need_ckpt bf16; need_gguf bf16 ;;
+    f16x) need_ckpt f16; need_gguf f16 ;;
     int4 | int4x)
         need_ckpt gptq
         if [ ! -f "$(gguf int4)" ]; then
@@ -113,7 +118,7 @@ for f in $formats; do
             "$lquant" "$(gguf f16)" "$(gguf int4)" Q4_0 >/dev/null 2>&1 || die "llama-quantize failed"
         fi
         ;;
-    *) die "unknown format $f (bf16, bf16x, f16, int4, int4x)" ;;
+    *) die "unknown format $f (bf16, bf16x, f16, f16x, int4, int4x)" ;;
     esac
 done
 
@@ -126,7 +131,7 @@ samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
     local d pp tg mb act=exact
     d=$(ckpt "$1")
-    case $1 in bf16x | int4x) act=bf16 ;; esac
+    case $1 in bf16x | f16x | int4x) act=bf16 ;; esac
     # bench_engine's result row: threads, ffn, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \

@@ -63,8 +63,8 @@ static const cpm_cli_opt opts[] = {
      OPT_KV_DTYPE},
     {"keep-bf16", 0, NULL, "run ternary bf16 matrices (BitCPM4) as bf16, not 2-bit", OPT_KEEP_BF16},
     {"activations", 0, "exact|bf16",
-     "BF16 and int4 weights meet f32 activations (exact, default) or bf16-rounded ones (faster prefill, "
-     "less exact)", OPT_ACTIVATIONS},
+     "BF16, F16 and int4 weights meet f32 activations (exact, default) or bf16-rounded ones "
+     "(faster prefill, less exact)", OPT_ACTIVATIONS},
     {"ffn", 0, "sparse|dense",
      "MiniCPM-S (FATReLU): skip the inactive neurons (sparse, default) or run every one (dense, "
      "the row-major down_proj as other models)", OPT_FFN},

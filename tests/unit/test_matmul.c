@@ -382,29 +382,35 @@ static float *run_bf16x(cpm_pool *pool, const operands *o, int m0, int M) {
     assert_non_null(y);
     for (size_t i = 0; i < (size_t)M * o->ldy; i++)
         y[i] = SENTINEL;
-    cpm_matmul_bf16x(pool, y, o->ldy, o->x + (size_t)m0 * o->ldx, o->ldx, o->w, o->w_ld, M,
+    cpm_matmul_bf16x(pool, y, o->ldy, o->x + (size_t)m0 * o->ldx, o->ldx, o->w, o->wt, o->w_ld, M,
                      o->s.N, o->s.K);
     return y;
 }
 
-/* Against the double reference on x rounded to bf16: the only loss allowed is
- * that rounding plus f32 summation. */
+/* Against the double reference on x rounded to bf16 (and, where VDPBF16PS runs,
+ * F16 weights rounded to bf16): the only other loss allowed is f32 summation. */
 static void test_bf16x_against_rounded_ref(void **state) {
     (void)state;
     cpm_pool *pool = cpm_pool_new(2);
     assert_non_null(pool);
     print_message("VDPBF16PS here: %s\n", cpm_cpu_has_bf16_dot() ? "yes" : "no");
+    const cpm_dtype wts[] = {CPM_DTYPE_BF16, CPM_DTYPE_F16};
     for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
         cpm_isa_force((cpm_isa)isa);
-        for (int i = 0; i < NSHAPES; i++) {
-            operands o = make_operands(shapes[i], CPM_DTYPE_BF16);
-            float *y = run_bf16x(i % 2 ? pool : NULL, &o, 0, o.s.M);
-            for (size_t j = 0; j < (size_t)o.s.M * o.ldx; j++) /* the reference sees bf16(x) */
-                o.x[j] = cpm_bf16_to_f32(cpm_f32_to_bf16(o.x[j]));
-            check_against_ref((cpm_isa)isa, &o, y);
-            free(y);
-            free_operands(&o);
-        }
+        bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+        for (int d = 0; d < 2; d++)
+            for (int i = 0; i < NSHAPES; i++) {
+                operands o = make_operands(shapes[i], wts[d]);
+                float *y = run_bf16x(i % 2 ? pool : NULL, &o, 0, o.s.M);
+                for (size_t j = 0; j < (size_t)o.s.M * o.ldx; j++) /* the reference sees bf16(x) */
+                    o.x[j] = cpm_bf16_to_f32(cpm_f32_to_bf16(o.x[j]));
+                uint16_t *w = o.w;
+                for (size_t j = 0; dot && wts[d] == CPM_DTYPE_F16 && j < (size_t)o.s.N * o.w_ld; j++)
+                    w[j] = cpm_f32_to_f16(cpm_bf16_to_f32(cpm_f32_to_bf16(cpm_f16_to_f32(w[j]))));
+                check_against_ref((cpm_isa)isa, &o, y);
+                free(y);
+                free_operands(&o);
+            }
     }
     cpm_isa_force(cpm_isa_detect());
     cpm_pool_free(pool);
@@ -419,8 +425,8 @@ static void test_bf16x_row_bits_independent_of_batch(void **state) {
     assert_non_null(pool);
     for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
         cpm_isa_force((cpm_isa)isa);
-        for (int c = 0; c < 3; c++) {
-            operands o = make_operands(cases[c], CPM_DTYPE_BF16);
+        for (int c = 0; c < 4; c++) { /* the last: the first shape with F16 weights */
+            operands o = make_operands(cases[c % 3], c < 3 ? CPM_DTYPE_BF16 : CPM_DTYPE_F16);
             float *all = run_bf16x(pool, &o, 0, o.s.M), *sub = run_bf16x(NULL, &o, 3, 5);
             for (int m = 0; m < o.s.M; m++) {
                 float *one = run_bf16x(m % 2 ? pool : NULL, &o, m, 1);

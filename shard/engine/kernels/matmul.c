@@ -427,12 +427,13 @@ static void bf16x_round_worker(void *arg, int tid, int nt) {
 }
 
 void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
-                      const uint16_t *w, int w_ld, int M, int N, int K) {
+                      const uint16_t *w, cpm_dtype wtype, int w_ld, int M, int N, int K) {
     cpm_isa isa = isa_in_effect();
     if (M <= 0 || N <= 0)
         return;
-    if (isa == CPM_ISA_AMX || K <= 0) { /* AMX tiles beat VDPBF16PS exactly */
-        cpm_matmul(pool, y, ldy, x, ldx, w, CPM_DTYPE_BF16, w_ld, M, N, K);
+    if ((isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16) || K <= 0) { /* AMX tiles beat
+                                                                        VDPBF16PS exactly */
+        cpm_matmul(pool, y, ldy, x, ldx, w, wtype, w_ld, M, N, K);
         return;
     }
     bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
@@ -445,7 +446,7 @@ void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx
         return;
     }
     mm_run r = {
-        .job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = CPM_DTYPE_BF16,
+        .job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = wtype,
                 .w_ld = w_ld, .M = M, .N = N, .K = K, .packed = buf},
     };
     if (dot) {

@@ -85,18 +85,20 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
  * build carries the kernel that uses it. */
 bool cpm_cpu_has_bf16_dot(void);
 
-/* The opt-in "bf16 activations" precision, BF16 weights only: y = bf16(x) * W^T,
- * each x rounded to the nearest bf16 first (as llama.cpp's BF16 path does),
- * products summed in f32. With VDPBF16PS (cpm_cpu_has_bf16_dot, and AVX-512 or
- * better in effect) it runs at about twice the f32 FMA rate; on AVX2 or scalar
- * x is rounded and the FMA kernels run (same products, another summation
- * order: last bits differ); on AMX the exact AMX path runs (faster still, and
+/* The opt-in "bf16 activations" precision, BF16 or F16 weights (wtype): y =
+ * bf16(x) * W^T, each x rounded to the nearest bf16 first (as llama.cpp's BF16
+ * path does), products summed in f32. With VDPBF16PS (cpm_cpu_has_bf16_dot, and
+ * AVX-512 or better in effect) it runs at about twice the f32 FMA rate, F16
+ * weights rounded to bf16 too (nothing multiplies f16 faster on these CPUs);
+ * on AVX2 or scalar x is rounded and the FMA kernels run on the weights as
+ * stored (for BF16 the same products, another summation order: last bits
+ * differ); on AMX, BF16 weights take the exact AMX path (faster still, and
  * exact). A row's bits depend only on its x row and W, as for cpm_matmul.
  * Rounding x costs accuracy (docs/KERNELS.md has the measured error). The
  * rounded x lives in cpm_pool_scratch (or per call without a pool); if it
  * cannot be had, y is filled with NaN. */
 void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
-                      const uint16_t *w, int w_ld, int M, int N, int K);
+                      const uint16_t *w, cpm_dtype wtype, int w_ld, int M, int N, int K);
 
 /* Single-threaded reference implementation (tests compare against it). */
 void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,

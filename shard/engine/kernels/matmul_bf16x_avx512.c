@@ -1,4 +1,4 @@
-/* matmul_bf16x_avx512.c - BF16 weights times x rounded to bf16, with the
+/* matmul_bf16x_avx512.c - BF16 (or F16, rounded) weights times x rounded to bf16, with the
  * AVX-512 BF16 dot-product instruction (VDPBF16PS: 32 products per
  * instruction, twice the f32 FMA's). The opt-in "bf16 activations" precision
  * of cpm_matmul_bf16x (matmul.h); compiled with -mavx512bf16 only here.
@@ -30,8 +30,14 @@
 
 INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
 
-INLINE __m512bh load_bh_tail(const uint16_t *p, __mmask32 mk) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(mk, p);
+/* 32 weights as bf16: BF16 as stored; F16 widened (exactly) and rounded to
+ * the nearest bf16, the same in every path. Lanes outside mk read as 0. */
+INLINE __m512bh w_bf16(const int f16, const uint16_t *p, __mmask32 mk) {
+    __m512i h = mk == (__mmask32)~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mk, p);
+    if (!f16)
+        return (__m512bh)h;
+    return _mm512_cvtne2ps_pbh(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)),
+                               _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
 }
 
 size_t cpm_mm_bf16x_packed_size(int M, int K) {
@@ -47,7 +53,7 @@ void cpm_mm_bf16x_pack(const cpm_mm_job *job, int m0, int m1) {
 }
 
 /* y[i, j], i < mr x rows (packed, stride Kp), j < nr W rows read in place. */
-INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp,
+INLINE void tile_direct(const int f16, const int mr, const int nr, const uint16_t *x, size_t Kp,
                         const uint16_t *w, size_t w_ld, int K, float *y, size_t ldy,
                         bool prefetch) {
     __m512 acc[MR][NR];
@@ -60,7 +66,7 @@ INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp
         for (int j = 0; j < nr; j++) {
             if (prefetch) /* the next rows: a row is too short for the prefetcher to learn */
                 _mm_prefetch((const char *)(w + (size_t)(j + nr) * w_ld + k), _MM_HINT_T0);
-            wv[j] = cpm_bh_load(w + (size_t)j * w_ld + k);
+            wv[j] = w_bf16(f16, w + (size_t)j * w_ld + k, (__mmask32)~0u);
         }
         for (int i = 0; i < mr; i++) {
             __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
@@ -74,7 +80,7 @@ INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp
             __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv,
-                                             load_bh_tail(w + (size_t)j * w_ld + k, mk));
+                                             w_bf16(f16, w + (size_t)j * w_ld + k, mk));
         }
     }
     for (int i = 0; i < mr; i++)
@@ -82,32 +88,32 @@ INLINE void tile_direct(const int mr, const int nr, const uint16_t *x, size_t Kp
             y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
 }
 
-/* W rows [n, n + nr) copied into a panel interleaved by 32-wide chunk. */
-static void copy_panel(uint16_t *dst, const cpm_mm_job *job, int n, int nr) {
+/* W rows [n, n + nr) as bf16 into a panel interleaved by 32-wide chunk. */
+INLINE void copy_panel(const int f16, uint16_t *dst, const cpm_mm_job *job, int n, int nr) {
     const int K = job->K;
     for (int j = 0; j < nr; j++) {
         const uint16_t *row = (const uint16_t *)job->w + (size_t)(n + j) * job->w_ld;
         uint16_t *d = dst + j * 32;
         int k = 0;
         for (; k + 32 <= K; k += 32, d += nr * 32)
-            _mm512_storeu_si512(d, _mm512_loadu_si512(row + k));
+            _mm512_storeu_si512(d, (__m512i)w_bf16(f16, row + k, (__mmask32)~0u));
         if (k < K)
-            _mm512_storeu_si512(d, _mm512_maskz_loadu_epi16((__mmask32)((1ull << (K - k)) - 1),
-                                                            row + k));
+            _mm512_storeu_si512(d, (__m512i)w_bf16(f16, row + k,
+                                                   (__mmask32)((1ull << (K - k)) - 1)));
     }
 }
 
-static void run_direct(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+INLINE void run_direct(const int f16, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     const size_t Kp = (size_t)((job->K + 31) & ~31), w_ld = (size_t)job->w_ld;
     const size_t ldy = (size_t)job->ldy;
     const uint16_t *xp = (const uint16_t *)job->packed, *w = job->w;
     if (m1 - m0 == 1) {
         int n = n0;
         for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
-            tile_direct(1, DEC_ROWS, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K,
+            tile_direct(f16, 1, DEC_ROWS, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K,
                         job->y + m0 * ldy + n, ldy, true);
         for (; n < n1; n++)
-            tile_direct(1, 1, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m0 * ldy + n,
+            tile_direct(f16, 1, 1, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m0 * ldy + n,
                         ldy, true);
         return;
     }
@@ -115,24 +121,24 @@ static void run_direct(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     for (; n + NR <= n1; n += NR) {
         int m = m0;
         for (; m + MR <= m1; m += MR)
-            tile_direct(MR, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
+            tile_direct(f16, MR, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
                         job->y + m * ldy + n, ldy, m == m0);
         for (; m < m1; m++)
-            tile_direct(1, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
+            tile_direct(f16, 1, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
                         job->y + m * ldy + n, ldy, m == m0);
     }
     for (; n < n1; n++)
         for (int m = m0; m < m1; m++)
-            tile_direct(1, 1, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m * ldy + n,
+            tile_direct(f16, 1, 1, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m * ldy + n,
                         ldy, false);
 }
 
-static void run_panels(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+INLINE void run_panels(const int f16, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     const size_t Kp = (size_t)((job->K + 31) & ~31), ldy = (size_t)job->ldy;
     const size_t panel = Kp * NR;
     const int rows = (int)(GROUP_HALFS / Kp) / NR * NR;
     if (rows < NR) {
-        run_direct(job, m0, m1, n0, n1);
+        run_direct(f16, job, m0, m1, n0, n1);
         return;
     }
     _Static_assert(GROUP_HALFS * sizeof(uint16_t) <= 256 * 1024, "group fits the stack");
@@ -141,14 +147,19 @@ static void run_panels(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     for (int n = n0; n < n1; n += rows) {
         const int nrows = n1 - n < rows ? n1 - n : rows;
         for (int j = 0; j < nrows; j += NR)
-            copy_panel(group + j / NR * panel, job, n + j, nrows - j < NR ? nrows - j : NR);
+            copy_panel(f16, group + j / NR * panel, job, n + j, nrows - j < NR ? nrows - j : NR);
         cpm_bf16dot_group(xp, Kp, m0, m1, group, nrows, job->y + n, ldy);
     }
 }
 
 void cpm_mm_bf16x(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    if (m1 - m0 <= DIRECT_M)
-        run_direct(job, m0, m1, n0, n1);
+    const bool f16 = job->wtype == CPM_DTYPE_F16, direct = m1 - m0 <= DIRECT_M;
+    if (f16 && direct)
+        run_direct(1, job, m0, m1, n0, n1);
+    else if (f16)
+        run_panels(1, job, m0, m1, n0, n1);
+    else if (direct)
+        run_direct(0, job, m0, m1, n0, n1);
     else
-        run_panels(job, m0, m1, n0, n1);
+        run_panels(0, job, m0, m1, n0, n1);
 }

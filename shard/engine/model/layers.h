@@ -130,7 +130,7 @@ struct cpm_model {
     cpm_expert_backend experts_remote; /* run != NULL: MoE experts run there */
     int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
     bool keep_bf16;                    /* opts.keep_bf16: no ternary repacking */
-    bool act_bf16;                     /* opts.act_bf16: BF16 and int4 weights meet bf16(x) */
+    bool act_bf16;                     /* opts.act_bf16: BF16, F16, int4 weights meet bf16(x) */
     bool ffn_sparse;                   /* FATReLU FFN on its active neurons (ffn_sparse.h) */
     cpm_ffn_stats ffn_stats;
     cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
@@ -152,9 +152,9 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
     else if (w->t2)
         cpm_matmul_t2(m->pool, y, w->rows, x, w->cols, w->t2, n);
-    else if (m->act_bf16 && w->dtype == CPM_DTYPE_BF16)
-        cpm_matmul_bf16x(m->pool, y, w->rows, x, w->cols, w->data, w->ld ? w->ld : w->cols, n,
-                         w->rows, w->cols);
+    else if (m->act_bf16 && (w->dtype == CPM_DTYPE_BF16 || w->dtype == CPM_DTYPE_F16))
+        cpm_matmul_bf16x(m->pool, y, w->rows, x, w->cols, w->data, w->dtype,
+                         w->ld ? w->ld : w->cols, n, w->rows, w->cols);
     else
         cpm_matmul(m->pool, y, w->rows, x, w->cols, w->data, w->dtype, w->ld ? w->ld : w->cols, n,
                    w->rows, w->cols);

@@ -836,9 +836,10 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
             xn[j] /= width;
         n++;
     }
-    if (n > 0 && m->act_bf16 && m->lm_head.dtype == CPM_DTYPE_BF16)
-        cpm_matmul_bf16x(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data, H, n,
-                         m->hp.vocab_size, H);
+    if (n > 0 && m->act_bf16 &&
+        (m->lm_head.dtype == CPM_DTYPE_BF16 || m->lm_head.dtype == CPM_DTYPE_F16))
+        cpm_matmul_bf16x(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,
+                         m->lm_head.dtype, H, n, m->hp.vocab_size, H);
     else if (n > 0)
         cpm_matmul(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,
                    m->lm_head.dtype, H, n, m->hp.vocab_size, H);

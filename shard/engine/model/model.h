@@ -40,8 +40,9 @@ typedef struct cpm_model_opts {
     int tp_size;          /* heads [r*nh/T, (r+1)*nh/T), whole KV groups, and F/T of the FFN */
     bool keep_bf16;       /* leave ternary bf16 matrices (BitCPM4) as bf16 instead of
                              repacking them to 2 bits (default false: repack; for A/B runs) */
-    bool act_bf16;        /* BF16 and int4 weights meet activations rounded to bf16
-                             (cpm_matmul_bf16x, cpm_matmul_q4_bf16x):
+    bool act_bf16;        /* BF16, F16 and int4 weights meet activations rounded to bf16
+                             (cpm_matmul_bf16x, cpm_matmul_q4_bf16x; F16 and int4 weights
+                             rounded to bf16 too where VDPBF16PS runs):
                              faster prefill, less exact logits (default false: exact f32;
                              docs/KERNELS.md has the measured error) */
     bool ffn_dense;       /* FATReLU models (MiniCPM-S): run the FFN densely from the row-major
