@@ -289,6 +289,15 @@ static void gather_worker(void *arg, int tid, int nt) {
     gather_rows(r, lo, hi);
 }
 
+/* A call's buffer: the pool's scratch, else one of its own (*owned, freed by
+ * the caller); NULL if neither can be had. */
+static float *call_buffer(cpm_pool *pool, size_t bytes, float **owned) {
+    float *buf = cpm_pool_scratch(pool, bytes);
+    if (!buf)
+        buf = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    return buf;
+}
+
 static void fill_nan(float *y, int ldy, int M, int N) {
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++)
@@ -331,15 +340,10 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
     size_t xg = w->gather ? (size_t)M * Kp : 0;
     size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
     size_t bytes = (xg + panels) * sizeof(float);
-    float *buf = NULL, *owned = NULL;
-    if (bytes) {
-        buf = cpm_pool_scratch(pool, bytes);
-        if (!buf)
-            buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        if (!buf) {
-            fill_nan(y, ldy, M, w->N);
-            return;
-        }
+    float *owned = NULL, *buf = bytes ? call_buffer(pool, bytes, &owned) : NULL;
+    if (bytes && !buf) {
+        fill_nan(y, ldy, M, w->N);
+        return;
     }
     q4_run r = {
         .job = {.w = w, .x = w->gather ? buf : x, .ldx = w->gather ? Kp : (size_t)ldx, .y = y,
@@ -407,9 +411,7 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
     size_t xh = dot ? ((size_t)M * Kp + 31) / 32 * 16 : 0; /* bf16 x, counted in floats */
     size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
     size_t bytes = (xf + xh + panels) * sizeof(float);
-    float *owned = NULL, *buf = cpm_pool_scratch(pool, bytes);
-    if (!buf)
-        buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    float *owned = NULL, *buf = call_buffer(pool, bytes, &owned);
     if (!buf) {
         fill_nan(y, ldy, M, w->N);
         return;

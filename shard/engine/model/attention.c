@@ -142,9 +142,8 @@ static const float *cached_keys(group_state *st, int j0, int nb, const float *K,
     const int blk = j0 / CPM_KV_BLOCK;
     if (!c || j0 % CPM_KV_BLOCK || blk >= CPM_ATTN_KT_BLOCKS)
         return NULL;
-    if (c->call != st->a->call || c->seq != st->seq || c->g != st->g) {
+    if (c->call != st->a->call || c->seq != st->seq || c->g != st->g)
         *c = (cpm_attn_kt){.call = st->a->call, .seq = st->seq, .g = st->g};
-    }
     float *kt = st->kt + (size_t)blk * CPM_KV_BLOCK * (size_t)st->dk;
     if (c->nb[blk] < nb) {
         cpm_attn_transpose(K, ks, nb, st->dk, kt);
