@@ -352,7 +352,9 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         .x = x,
         .ldx = (size_t)ldx,
     };
-    if (w->gather)
+    if (w->gather && M <= 4) /* decode rows: not worth waking the threads for */
+        gather_rows(&r, 0, M);
+    else if (w->gather)
         cpm_pool_run(pool, gather_worker, &r);
     /* Threads own contiguous output rows (each streams its own nibbles) unless
      * N is too narrow to share. */
