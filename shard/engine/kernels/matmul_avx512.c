@@ -30,27 +30,38 @@
 INLINE float reduce16(__m512 a) { return cpm_reduce16_avx512(a); }
 
 /* y[i, j] for i < mr, j < nr; mr and nr are constants after inlining, so
- * the accumulators live in registers. w_ld is in elements of src. */
+ * the accumulators live in registers. w_ld is in elements of src. The rows of
+ * W and x are addressed from two bases each (rows 0 and 3 of W, 0 and 2 of x,
+ * plus whole strides), advanced together: with one pointer per row GCC reloads
+ * some of them from the stack in the inner loop. Prefetch as in
+ * matmul_bf16x_avx512.c: one chunk in every pf_period, from pf_phase (0: none). */
 INLINE void tile(const int mr, const int nr, const int src, const float *x, size_t ldx,
-                 const void *w, size_t w_ld, int K, float *y, size_t ldy, bool prefetch) {
-    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2;
-    const char *wr[NR > DEC_ROWS ? NR : DEC_ROWS];
+                 const void *w, size_t w_ld, int K, float *y, size_t ldy, const int pf_period,
+                 int pf_phase) {
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2, wb = w_ld * esz, xb = ldx * sizeof(float);
+    const char *w0 = w, *w3 = w0 + 3 * wb, *x0 = (const char *)x, *x2 = x0 + 2 * xb;
+#define WROW(j) ((j) < 3 ? w0 + (size_t)(j) * wb : w3 + (size_t)((j) - 3) * wb)
+#define XROW(i) ((const float *)((i) < 2 ? x0 + (size_t)(i) * xb : x2 + (size_t)((i) - 2) * xb))
     __m512 acc[MR][NR > DEC_ROWS ? NR : DEC_ROWS];
-    for (int j = 0; j < nr; j++)
-        wr[j] = (const char *)w + (size_t)j * w_ld * esz;
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
+    int k = 0, pc = pf_phase;
+    for (; k + 16 <= K; k += 16, w0 += 16 * esz, w3 += 16 * esz, x0 += 64, x2 += 64) {
         __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
-        if (prefetch) /* the next rows' lines: a row is too short for the prefetcher to learn */
+        bool pf = false;
+        if (pf_period) {
+            pf = pc == 0;
+            if (++pc == pf_period)
+                pc = 0;
+        }
+        if (pf) /* the next rows' lines: a row is too short for the prefetcher to learn */
             for (int j = 0; j < nr; j++)
-                _mm_prefetch(wr[j] + (size_t)nr * w_ld * esz + (size_t)k * esz, _MM_HINT_T0);
+                _mm_prefetch(WROW(j + nr), _MM_HINT_T0);
         for (int j = 0; j < nr; j++)
-            wv[j] = cpm_wload16(src, wr[j], k);
+            wv[j] = cpm_wload16(src, WROW(j), 0);
         for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_loadu_ps(x + (size_t)i * ldx + k);
+            __m512 xv = _mm512_loadu_ps(XROW(i));
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
@@ -59,13 +70,15 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
         __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
         __m512 wv[NR > DEC_ROWS ? NR : DEC_ROWS];
         for (int j = 0; j < nr; j++)
-            wv[j] = cpm_wload16_tail(src, wr[j], k, mk);
+            wv[j] = cpm_wload16_tail(src, WROW(j), 0, mk);
         for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mk, x + (size_t)i * ldx + k);
+            __m512 xv = _mm512_maskz_loadu_ps(mk, XROW(i));
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
+#undef WROW
+#undef XROW
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
@@ -120,33 +133,45 @@ INLINE void decode_rows(const int src, const cpm_mm_job *job, int m, int n0, int
     const char *w = job->w;
     int n = n0;
     for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
-        tile(1, DEC_ROWS, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
+        tile(1, DEC_ROWS, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, 1, 0);
     for (; n < n1; n++)
-        tile(1, 1, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, true);
+        tile(1, 1, src, x, 0, w + n * w_ld * esz, w_ld, job->K, y + n, 0, 1, 0);
+}
+
+/* x rows [m0, m1) against W rows [n, n + nr); the first x tile prefetches
+ * the W rows that follow (a literal flag: the loop is compiled without it). */
+INLINE void direct_rows(const int src, const int nr, const cpm_mm_job *job, int m0, int m1, int n,
+                        const bool prefetch) {
+    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
+    const char *w = (const char *)job->w + n * w_ld * esz;
+    const int tiles = (m1 - m0) / MR;
+    int m = m0;
+    for (int t = 0; t < tiles; t++, m += MR)
+        if (prefetch)
+            tile(MR, nr, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                 tiles, t);
+        else
+            tile(MR, nr, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                 0, 0);
+    for (; m < m1; m++)
+        tile(1, nr, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+             prefetch && tiles == 0 && m == m0, 0);
 }
 
 /* Prefill with W streamed in its own type (f32 weights, or K too long for a
- * panel): the widening is repeated per x tile, which costs time, not bits. */
+ * panel): the widening is repeated per x tile, which costs time, not bits.
+ * The last W rows short of a whole tile go 4, 2 and 1 at a time. */
 INLINE void prefill_direct(const int src, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
-    const size_t esz = src == CPM_WSRC_F32 ? 4 : 2, w_ld = (size_t)job->w_ld;
-    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
-    for (int n = n0; n < n1; n += NR) {
-        const char *w = (const char *)job->w + n * w_ld * esz;
-        int m = m0;
-        if (n + NR <= n1) {
-            for (; m + MR <= m1; m += MR)
-                tile(MR, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
-                     m == m0);
-            for (; m < m1; m++)
-                tile(1, NR, src, job->x + m * ldx, ldx, w, w_ld, job->K, job->y + m * ldy + n, ldy,
-                     m == m0);
-        } else {
-            for (int j = n; j < n1; j++, w += w_ld * esz)
-                for (m = m0; m < m1; m++)
-                    tile(1, 1, src, job->x + m * ldx, ldx, w, w_ld, job->K,
-                         job->y + m * ldy + j, ldy, false);
-        }
-    }
+    int n = n0;
+    for (; n + NR <= n1; n += NR)
+        direct_rows(src, NR, job, m0, m1, n, true);
+    if (n + 4 <= n1)
+        direct_rows(src, 4, job, m0, m1, n, false), n += 4;
+    if (n + 2 <= n1)
+        direct_rows(src, 2, job, m0, m1, n, false), n += 2;
+    if (n < n1)
+        direct_rows(src, 1, job, m0, m1, n, false);
 }
 
 /* W rows [n, n + nr) widened to f32 and interleaved by chunk: chunk c of row j

@@ -52,24 +52,45 @@ void cpm_mm_bf16x_pack(const cpm_mm_job *job, int m0, int m1) {
                               (uint16_t *)job->packed + (size_t)m * Kp);
 }
 
-/* y[i, j], i < mr x rows (packed, stride Kp), j < nr W rows read in place. */
+/* y[i, j], i < mr x rows (packed, stride Kp), j < nr W rows read in place.
+ * The rows are addressed from two bases each (row 0 and row 3, plus 0..2
+ * strides), advanced together: with one pointer per row GCC reloads some of
+ * them from the stack in the inner loop.
+ *
+ * Prefetch: a tile prefetches the W rows that follow its own on one chunk in
+ * every pf_period, starting at pf_phase (0: none). The x tiles that share W
+ * rows take the phases in turn, so the next rows' lines are asked for evenly
+ * over all of them: asked for all at once by the first tile, they queued
+ * behind each other (M = 16 streamed W at 20 GB/s and ran 30-40 % slower than
+ * with W in cache; spread, as fast). */
 INLINE void tile_direct(const int f16, const int mr, const int nr, const uint16_t *x, size_t Kp,
                         const uint16_t *w, size_t w_ld, int K, float *y, size_t ldy,
-                        bool prefetch) {
+                        const int pf_period, int pf_phase) {
     __m512 acc[MR][NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 32 <= K; k += 32) {
+    const size_t wb = w_ld * sizeof(uint16_t), xb = Kp * sizeof(uint16_t);
+    const char *w0 = (const char *)w, *w3 = w0 + 3 * wb;
+    const char *x0 = (const char *)x, *x2 = x0 + 2 * xb;
+#define WROW(j) ((j) < 3 ? w0 + (size_t)(j) * wb : w3 + (size_t)((j) - 3) * wb)
+#define XROW(i) ((i) < 2 ? x0 + (size_t)(i) * xb : x2 + (size_t)((i) - 2) * xb)
+    int k = 0, pc = pf_phase;
+    for (; k + 32 <= K; k += 32, w0 += 64, w3 += 64, x0 += 64, x2 += 64) {
         __m512bh wv[NR];
+        bool pf = false;
+        if (pf_period) {
+            pf = pc == 0;
+            if (++pc == pf_period)
+                pc = 0;
+        }
         for (int j = 0; j < nr; j++) {
-            if (prefetch) /* the next rows: a row is too short for the prefetcher to learn */
-                _mm_prefetch((const char *)(w + (size_t)(j + nr) * w_ld + k), _MM_HINT_T0);
-            wv[j] = w_bf16(f16, w + (size_t)j * w_ld + k, (__mmask32)~0u);
+            if (pf) /* the next rows: a row is too short for the prefetcher to learn */
+                _mm_prefetch(WROW(j + nr), _MM_HINT_T0);
+            wv[j] = w_bf16(f16, (const uint16_t *)WROW(j), (__mmask32)~0u);
         }
         for (int i = 0; i < mr; i++) {
-            __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
+            __m512bh xv = cpm_bh_load((const uint16_t *)XROW(i));
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
         }
@@ -77,12 +98,14 @@ INLINE void tile_direct(const int f16, const int mr, const int nr, const uint16_
     if (k < K) {
         __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
         for (int i = 0; i < mr; i++) {
-            __m512bh xv = cpm_bh_load(x + (size_t)i * Kp + k);
+            __m512bh xv = cpm_bh_load((const uint16_t *)XROW(i));
             for (int j = 0; j < nr; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv,
-                                             w_bf16(f16, w + (size_t)j * w_ld + k, mk));
+                                             w_bf16(f16, (const uint16_t *)WROW(j), mk));
         }
     }
+#undef WROW
+#undef XROW
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
@@ -103,34 +126,46 @@ INLINE void copy_panel(const int f16, uint16_t *dst, const cpm_mm_job *job, int 
     }
 }
 
-INLINE void run_direct(const int f16, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+/* x rows [m0, m1) against W rows [n, n + nr); the first x tile prefetches
+ * the W rows that follow (a literal flag: the loop is compiled without it). */
+INLINE void direct_rows(const int f16, const int nr, const cpm_mm_job *job, int m0, int m1, int n,
+                        const bool prefetch) {
     const size_t Kp = (size_t)((job->K + 31) & ~31), w_ld = (size_t)job->w_ld;
     const size_t ldy = (size_t)job->ldy;
-    const uint16_t *xp = (const uint16_t *)job->packed, *w = job->w;
+    const uint16_t *xp = (const uint16_t *)job->packed, *w = (const uint16_t *)job->w + n * w_ld;
+    const int tiles = (m1 - m0) / MR;
+    int m = m0;
+    for (int t = 0; t < tiles; t++, m += MR)
+        if (prefetch)
+            tile_direct(f16, MR, nr, xp + m * Kp, Kp, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                        tiles, t);
+        else
+            tile_direct(f16, MR, nr, xp + m * Kp, Kp, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                        0, 0);
+    for (; m < m1; m++)
+        tile_direct(f16, 1, nr, xp + m * Kp, Kp, w, w_ld, job->K, job->y + m * ldy + n, ldy,
+                    prefetch && tiles == 0 && m == m0, 0);
+}
+
+/* Decode (one x row) streams DEC_ROWS W rows a step; small batches take NR
+ * rows a step, the last rows short of a step 4, 2 and 1 at a time. */
+INLINE void run_direct(const int f16, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
+    int n = n0;
     if (m1 - m0 == 1) {
-        int n = n0;
         for (; n + DEC_ROWS <= n1; n += DEC_ROWS)
-            tile_direct(f16, 1, DEC_ROWS, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K,
-                        job->y + m0 * ldy + n, ldy, true);
+            direct_rows(f16, DEC_ROWS, job, m0, m1, n, true);
         for (; n < n1; n++)
-            tile_direct(f16, 1, 1, xp + m0 * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m0 * ldy + n,
-                        ldy, true);
+            direct_rows(f16, 1, job, m0, m1, n, true);
         return;
     }
-    int n = n0;
-    for (; n + NR <= n1; n += NR) {
-        int m = m0;
-        for (; m + MR <= m1; m += MR)
-            tile_direct(f16, MR, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
-                        job->y + m * ldy + n, ldy, m == m0);
-        for (; m < m1; m++)
-            tile_direct(f16, 1, NR, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K,
-                        job->y + m * ldy + n, ldy, m == m0);
-    }
-    for (; n < n1; n++)
-        for (int m = m0; m < m1; m++)
-            tile_direct(f16, 1, 1, xp + m * Kp, Kp, w + n * w_ld, w_ld, job->K, job->y + m * ldy + n,
-                        ldy, false);
+    for (; n + NR <= n1; n += NR)
+        direct_rows(f16, NR, job, m0, m1, n, true);
+    if (n + 4 <= n1)
+        direct_rows(f16, 4, job, m0, m1, n, false), n += 4;
+    if (n + 2 <= n1)
+        direct_rows(f16, 2, job, m0, m1, n, false), n += 2;
+    if (n < n1)
+        direct_rows(f16, 1, job, m0, m1, n, false);
 }
 
 INLINE void run_panels(const int f16, const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
