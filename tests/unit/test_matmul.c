@@ -314,16 +314,27 @@ static const multi_case multi_cases[] = {
 #undef BF
 #define NMULTI (int)(sizeof(multi_cases) / sizeof(multi_cases[0]))
 
-static void check_multi_case(cpm_pool *pool, const multi_case *c, cpm_dtype all) {
+static float *run_bf16x(cpm_pool *pool, const operands *o, int m0, int M);
+
+/* The weight type output i of c takes: all overrides, unless it is BF16; with
+ * bf16 activations (F16 or BF16 weights only) c's F32 outputs take F16. */
+static cpm_dtype multi_wtype(const multi_case *c, int i, cpm_dtype all, bool bf16x) {
+    cpm_dtype t = all == CPM_DTYPE_BF16 ? c->wt[i] : all;
+    return bf16x && t == CPM_DTYPE_F32 ? CPM_DTYPE_F16 : t;
+}
+
+/* bf16x: cpm_matmul_bf16x_multi against cpm_matmul_bf16x; else cpm_matmul_multi
+ * against cpm_matmul. */
+static void check_multi_case(cpm_pool *pool, const multi_case *c, cpm_dtype all, bool bf16x) {
     operands o[4];
     cpm_matmul_out outs[4];
     float *sep[4];
     for (int i = 0; i < c->n_outs; i++) {
         shape s = {c->M, c->N[i], c->K, c->pad_x, c->pad_y[i], c->pad_w[i]};
-        o[i] = make_operands(s, all == CPM_DTYPE_BF16 ? c->wt[i] : all);
+        o[i] = make_operands(s, multi_wtype(c, i, all, bf16x));
         if (i > 0) /* one x for all: copy the first's (same M, K and stride) */
             memcpy(o[i].x, o[0].x, sizeof(float) * (size_t)c->M * o[0].ldx);
-        sep[i] = run(NULL, &o[i]);
+        sep[i] = bf16x ? run_bf16x(NULL, &o[i], 0, c->M) : run(NULL, &o[i]);
         size_t len = (size_t)c->M * o[i].ldy;
         outs[i] = (cpm_matmul_out){.y = malloc(sizeof(float) * (len ? len : 1)), .ldy = o[i].ldy,
                                    .w = o[i].w, .wtype = o[i].wt, .w_ld = o[i].w_ld,
@@ -332,12 +343,16 @@ static void check_multi_case(cpm_pool *pool, const multi_case *c, cpm_dtype all)
         for (size_t j = 0; j < len; j++)
             outs[i].y[j] = SENTINEL;
     }
-    cpm_matmul_multi(pool, o[0].x, o[0].ldx, c->M, c->K, outs, c->n_outs);
+    if (bf16x)
+        cpm_matmul_bf16x_multi(pool, o[0].x, o[0].ldx, c->M, c->K, outs, c->n_outs);
+    else
+        cpm_matmul_multi(pool, o[0].x, o[0].ldx, c->M, c->K, outs, c->n_outs);
     for (int i = 0; i < c->n_outs; i++) {
         /* whole rows, padding included: the padding must stay the sentinel */
         if (memcmp(outs[i].y, sep[i], sizeof(float) * (size_t)c->M * o[i].ldy) != 0)
-            fail_msg("%s %s M=%d K=%d: output %d (N=%d) differs from cpm_matmul with %d threads",
-                     cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(o[i].wt), c->M, c->K, i,
+            fail_msg("%s %s%s M=%d K=%d: output %d (N=%d) differs from a call of its own with %d "
+                     "threads", cpm_isa_name(cpm_isa_in_effect()), cpm_dtype_name(o[i].wt),
+                     bf16x ? " bf16x" : "", c->M, c->K, i,
                      c->N[i], cpm_pool_size(pool));
         free(outs[i].y);
         free(sep[i]);
@@ -355,7 +370,7 @@ static void test_multi_equals_separate_calls(void **state) {
         for (int d = 0; d < 3; d++)
             for (int i = 0; i < NMULTI; i++)
                 for (int t = -1; t < 4; t++)
-                    check_multi_case(t < 0 ? NULL : pools[t], &multi_cases[i], dtypes[d]);
+                    check_multi_case(t < 0 ? NULL : pools[t], &multi_cases[i], dtypes[d], false);
     }
     cpm_isa_force(cpm_isa_detect());
     for (int t = 0; t < 4; t++)
@@ -370,8 +385,8 @@ static void test_multi_qkv_shape(void **state) {
                             CPM_DTYPE_BF16, CPM_DTYPE_BF16}};
     cpm_pool *pool3 = cpm_pool_new(3);
     assert_non_null(pool3);
-    check_multi_case(pool3, &qkv, CPM_DTYPE_BF16);
-    check_multi_case(NULL, &qkv, CPM_DTYPE_BF16);
+    check_multi_case(pool3, &qkv, CPM_DTYPE_BF16, false);
+    check_multi_case(NULL, &qkv, CPM_DTYPE_BF16, false);
     cpm_pool_free(pool3);
 }
 
@@ -444,6 +459,34 @@ static void test_bf16x_row_bits_independent_of_batch(void **state) {
     cpm_pool_free(pool);
 }
 
+/* cpm_matmul_bf16x_multi: every output the bits of its own cpm_matmul_bf16x, for
+ * every ISA (VDPBF16PS, the FMA fallback, AMX's exact path), thread count and
+ * the multi cases with BF16 and F16 weights; and the 1B q/k/v at a batched
+ * decode step of 16 rows and at prefill size. */
+static void test_bf16x_multi_equals_separate_calls(void **state) {
+    (void)state;
+    cpm_pool *pools[3];
+    for (int t = 0; t < 3; t++)
+        assert_non_null(pools[t] = cpm_pool_new(t + 1));
+    const cpm_dtype wts[] = {CPM_DTYPE_BF16, CPM_DTYPE_F16};
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)cpm_isa_detect(); isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int d = 0; d < 2; d++)
+            for (int i = 0; i < NMULTI; i++)
+                for (int t = -1; t < 3; t++)
+                    check_multi_case(t < 0 ? NULL : pools[t], &multi_cases[i], wts[d], true);
+    }
+    cpm_isa_force(cpm_isa_detect());
+    for (int M = 16; M <= 19; M += 3) {
+        const multi_case qkv = {M, 1536, 0, 3, {1536, 512, 512}, {0}, {0}, {CPM_DTYPE_BF16,
+                                CPM_DTYPE_BF16, CPM_DTYPE_BF16}};
+        check_multi_case(pools[1], &qkv, CPM_DTYPE_BF16, true);
+        check_multi_case(pools[2], &qkv, CPM_DTYPE_F16, true);
+    }
+    for (int t = 0; t < 3; t++)
+        cpm_pool_free(pools[t]);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ref_small_exact),
@@ -457,6 +500,7 @@ int main(void) {
         cmocka_unit_test(test_multi_qkv_shape),
         cmocka_unit_test(test_bf16x_against_rounded_ref),
         cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
+        cmocka_unit_test(test_bf16x_multi_equals_separate_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -426,43 +426,84 @@ static void bf16x_round_worker(void *arg, int tid, int nt) {
                 cpm_bf16_to_f32(cpm_f32_to_bf16(job->x[(size_t)m * job->ldx + k]));
 }
 
+/* Whether cpm_matmul_bf16x hands W of this type to cpm_matmul as it is: AMX
+ * tiles beat VDPBF16PS, exactly. */
+static bool bf16x_goes_exact(cpm_isa isa, cpm_dtype wtype, int K) {
+    return (isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16) || K <= 0;
+}
+
+/* x rounded to bf16 once into a buffer (*owned if not the pool's scratch):
+ * packed for VDPBF16PS, or as f32 rows of K for the FMA kernels, which base
+ * then reads as its x. Sets base's x, ldx, M, K, packed and *kernel; returns
+ * -1 when no buffer can be had. */
+static int bf16x_prepare(cpm_pool *pool, cpm_isa isa, const float *x, int ldx, int M, int K,
+                         cpm_mm_job *base, cpm_mm_kernel *kernel, void **owned) {
+    bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+    size_t bytes = dot ? cpm_mm_bf16x_packed_size(M, K) : (size_t)M * (size_t)K * sizeof(float);
+    void *buf = cpm_pool_scratch(pool, bytes);
+    *owned = NULL;
+    if (!buf)
+        buf = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!buf)
+        return -1;
+    *base = (cpm_mm_job){.x = x, .ldx = ldx, .M = M, .K = K, .packed = buf};
+    if (dot) {
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+        if (M <= 4) /* a decode row: not worth waking the threads for */
+            cpm_mm_bf16x_pack(base, 0, M);
+        else
+            cpm_pool_run(pool, bf16x_pack_worker, base);
+        *kernel = cpm_mm_bf16x;
+#endif
+    } else {
+        cpm_pool_run(pool, bf16x_round_worker, base);
+        base->x = buf;
+        base->ldx = K;
+        *kernel = pick_kernel(isa);
+    }
+    return 0;
+}
+
 void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                       const uint16_t *w, cpm_dtype wtype, int w_ld, int M, int N, int K) {
     cpm_isa isa = isa_in_effect();
     if (M <= 0 || N <= 0)
         return;
-    if ((isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16) || K <= 0) { /* AMX tiles beat
-                                                                        VDPBF16PS exactly */
+    if (bf16x_goes_exact(isa, wtype, K)) {
         cpm_matmul(pool, y, ldy, x, ldx, w, wtype, w_ld, M, N, K);
         return;
     }
-    bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
-    size_t bytes = dot ? cpm_mm_bf16x_packed_size(M, K) : (size_t)M * (size_t)K * sizeof(float);
-    void *owned = NULL, *buf = cpm_pool_scratch(pool, bytes);
-    if (!buf)
-        buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!buf) {
+    mm_run r = {0};
+    void *owned;
+    if (bf16x_prepare(pool, isa, x, ldx, M, K, &r.job, &r.kernel, &owned) != 0) {
         fill_nan(y, ldy, M, N);
         return;
     }
-    mm_run r = {
-        .job = {.y = y, .ldy = ldy, .x = x, .ldx = ldx, .w = w, .wtype = wtype,
-                .w_ld = w_ld, .M = M, .N = N, .K = K, .packed = buf},
-    };
-    if (dot) {
-#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
-        if (M <= 4) /* a decode row: not worth waking the threads for */
-            cpm_mm_bf16x_pack(&r.job, 0, M);
-        else
-            cpm_pool_run(pool, bf16x_pack_worker, &r.job);
-        r.kernel = cpm_mm_bf16x;
-#endif
-    } else {
-        cpm_pool_run(pool, bf16x_round_worker, &r.job);
-        r.job.x = buf;
-        r.job.ldx = K;
-        r.kernel = pick_kernel(isa);
-    }
+    r.job.y = y, r.job.ldy = ldy, r.job.w = w, r.job.wtype = wtype, r.job.w_ld = w_ld, r.job.N = N;
     run_split(pool, &r);
+    free(owned);
+}
+
+void cpm_matmul_bf16x_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
+                            const cpm_matmul_out *outs, int n_outs) {
+    cpm_isa isa = isa_in_effect();
+    bool shared = M > 0;
+    for (int i = 0; i < n_outs && shared; i++)
+        shared = !bf16x_goes_exact(isa, outs[i].wtype, K);
+    if (!shared) {
+        for (int i = 0; i < n_outs; i++)
+            cpm_matmul_bf16x(pool, outs[i].y, outs[i].ldy, x, ldx, outs[i].w, outs[i].wtype,
+                             outs[i].w_ld, M, outs[i].N, K);
+        return;
+    }
+    mm_multi r = multi_of(x, ldx, M, K, outs, n_outs, NULL, 16);
+    void *owned;
+    if (bf16x_prepare(pool, isa, x, ldx, M, K, &r.base, &r.kernel, &owned) != 0) {
+        for (int i = 0; i < n_outs; i++)
+            if (outs[i].N > 0)
+                fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
+        return;
+    }
+    cpm_pool_run(pool, multi_worker, &r);
     free(owned);
 }

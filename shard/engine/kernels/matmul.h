@@ -100,6 +100,14 @@ bool cpm_cpu_has_bf16_dot(void);
 void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                       const uint16_t *w, cpm_dtype wtype, int w_ld, int M, int N, int K);
 
+/* cpm_matmul_bf16x for several weights applied to the same x (q/k/v, gate/up):
+ * x rounded once, one parallel section over the outputs' combined rows; every
+ * outs[i].y gets exactly the bits a separate cpm_matmul_bf16x would give it
+ * (and the same NaN fill when no buffer can be had). No y may overlap x or
+ * another y. */
+void cpm_matmul_bf16x_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
+                            const cpm_matmul_out *outs, int n_outs);
+
 /* Single-threaded reference implementation (tests compare against it). */
 void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,
                     const void *w, cpm_dtype wtype, int w_ld, int M, int N, int K);

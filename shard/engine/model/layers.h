@@ -162,15 +162,16 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
 
 /* Several weights applied to the same x[n, K] (q/k/v, gate/up): ys[i][n, ws[i]->rows] =
  * x * Ws[i]^T, the same bits as one cpm_model_matmul each, with x packed once where the
- * kernel packs it (AMX). Int4 or ternary weights, or weights of different widths, go one by
+ * kernel packs it (AMX, bf16 activations). Int4 or ternary weights, or weights of different widths, go one by
  * one. */
 #define CPM_MODEL_MULTI_MAX 4
 static inline void cpm_model_matmul_multi(cpm_model *m, float *const *ys, const float *x,
                                           const cpm_weight *const *ws, int count, int n) {
     cpm_matmul_out outs[CPM_MODEL_MULTI_MAX];
-    bool shared = count <= CPM_MODEL_MULTI_MAX && !m->act_bf16;
+    bool shared = count <= CPM_MODEL_MULTI_MAX;
     for (int i = 0; i < count && shared; i++)
-        shared = !ws[i]->q4 && !ws[i]->t2 && ws[i]->cols == ws[0]->cols;
+        shared = !ws[i]->q4 && !ws[i]->t2 && ws[i]->cols == ws[0]->cols &&
+                 (!m->act_bf16 || ws[i]->dtype == CPM_DTYPE_BF16 || ws[i]->dtype == CPM_DTYPE_F16);
     if (!shared) {
         for (int i = 0; i < count; i++)
             cpm_model_matmul(m, ys[i], x, ws[i], n);
@@ -180,7 +181,10 @@ static inline void cpm_model_matmul_multi(cpm_model *m, float *const *ys, const 
         outs[i] = (cpm_matmul_out){.y = ys[i], .ldy = ws[i]->rows, .w = ws[i]->data,
                                    .wtype = ws[i]->dtype,
                                    .w_ld = ws[i]->ld ? ws[i]->ld : ws[i]->cols, .N = ws[i]->rows};
-    cpm_matmul_multi(m->pool, x, ws[0]->cols, n, ws[0]->cols, outs, count);
+    if (m->act_bf16)
+        cpm_matmul_bf16x_multi(m->pool, x, ws[0]->cols, n, ws[0]->cols, outs, count);
+    else
+        cpm_matmul_multi(m->pool, x, ws[0]->cols, n, ws[0]->cols, outs, count);
 }
 
 #endif
