@@ -13,6 +13,7 @@
 #include <stdlib.h>
 
 #include "matmul_internal.h"
+#include "split.h"
 
 #if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
 #include <cpuid.h>
@@ -191,22 +192,30 @@ static void fill_nan(float *y, int ldy, int M, int N) {
 typedef struct mm_run {
     cpm_mm_job job;
     cpm_mm_kernel kernel;
-    int split_n; /* 1: threads share N, 0: threads share M */
-    int align;   /* chunk granularity along the split dimension */
+    int split_n;  /* 1: threads share N, 0: threads share M */
+    int align;    /* chunk granularity along the split dimension */
+    bool dynamic; /* N in chunks claimed from dyn (decode, small batches) */
+    cpm_split dyn;
 } mm_run;
 
-/* [*lo, *hi) of total, cut into units of align shared evenly by nt threads. */
+/* Decode and small batches (microseconds to a millisecond per run) split N
+ * into chunks claimed at run time: a thread held up by the machine would
+ * otherwise keep the other waiting at the end of every run. Prefill keeps one
+ * range per thread (its L2-sized groups of W rows want long ranges). */
+#define DYNAMIC_MAX_M 32
+#define DYNAMIC_CHUNKS 8 /* chunks per thread */
+
 static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
-    long units = (total + align - 1) / align;
-    long a = units * tid / nt, b = units * (tid + 1) / nt;
-    *lo = (int)(a * align < total ? a * align : total);
-    *hi = (int)(b * align < total ? b * align : total);
+    cpm_split_static(total, align, tid, nt, lo, hi);
 }
 
 static void mm_worker(void *arg, int tid, int nt) {
-    const mm_run *r = arg;
+    mm_run *r = arg;
     int lo, hi;
-    if (r->split_n) {
+    if (r->dynamic) {
+        while (cpm_split_next(&r->dyn, tid, &lo, &hi))
+            r->kernel(&r->job, 0, r->job.M, lo, hi);
+    } else if (r->split_n) {
         share(r->job.N, r->align, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, 0, r->job.M, lo, hi);
@@ -227,6 +236,8 @@ typedef struct mm_multi {
     int units;
     cpm_mm_kernel kernel;
     int align;
+    bool dynamic;  /* units claimed in chunks from dyn (decode, small batches) */
+    cpm_split dyn;
 } mm_multi;
 
 static int multi_units(const cpm_matmul_out *o, int align) {
@@ -242,10 +253,9 @@ static mm_multi multi_of(const float *x, int ldx, int M, int K, const cpm_matmul
     return r;
 }
 
-static void multi_worker(void *arg, int tid, int nt) {
-    const mm_multi *r = arg;
-    int lo, hi, off = 0;
-    share(r->units, 1, tid, nt, &lo, &hi);
+/* Units [lo, hi) of r: each output's part of them, through its own job. */
+static void multi_range(const mm_multi *r, int lo, int hi) {
+    int off = 0;
     for (int i = 0; i < r->n_outs && off < hi; i++) {
         const cpm_matmul_out *o = &r->outs[i];
         int u = multi_units(o, r->align), a = lo > off ? lo - off : 0, b = hi - off < u ? hi - off : u;
@@ -263,12 +273,36 @@ static void multi_worker(void *arg, int tid, int nt) {
     }
 }
 
+static void multi_worker(void *arg, int tid, int nt) {
+    mm_multi *r = arg;
+    int lo, hi;
+    if (!r->dynamic) {
+        share(r->units, 1, tid, nt, &lo, &hi);
+        multi_range(r, lo, hi);
+        return;
+    }
+    while (cpm_split_next(&r->dyn, tid, &lo, &hi))
+        multi_range(r, lo, hi);
+}
+
+/* Runs r's kernel over every output on the pool. */
+static void run_multi(cpm_pool *pool, mm_multi *r) {
+    int nt = cpm_pool_size(pool);
+    r->dynamic = r->base.M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    if (r->dynamic)
+        cpm_split_init(&r->dyn, r->units, 1, nt, DYNAMIC_CHUNKS);
+    cpm_pool_run(pool, multi_worker, r);
+}
+
 /* Runs r's kernel on the pool. Threads own contiguous column ranges (each streams
  * its own rows of W) unless N is too narrow to share, as for tiny test shapes. */
 static void run_split(cpm_pool *pool, mm_run *r) {
     int nt = cpm_pool_size(pool), M = r->job.M, N = r->job.N;
     r->split_n = N >= 16 * nt || M < 2 * nt;
     r->align = r->split_n ? 16 : 1;
+    r->dynamic = r->split_n && M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    if (r->dynamic)
+        cpm_split_init(&r->dyn, N, r->align, nt, DYNAMIC_CHUNKS);
     cpm_pool_run(pool, mm_worker, r);
 }
 
@@ -317,7 +351,7 @@ static int run_amx_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
     void *owned;
     if (amx_pack(pool, &r.base, &owned) != 0)
         return -1;
-    cpm_pool_run(pool, multi_worker, &r);
+    run_multi(pool, &r);
     free(owned);
     return 0;
 }
@@ -392,7 +426,7 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
         }
         /* The FMA kernels pack nothing: one parallel section over every output */
         mm_multi r = multi_of(x, ldx, M, K, outs, n_outs, pick_kernel(isa), 16);
-        cpm_pool_run(pool, multi_worker, &r);
+        run_multi(pool, &r);
         return;
     }
 #if X86_KERNELS
@@ -504,6 +538,6 @@ void cpm_matmul_bf16x_multi(cpm_pool *pool, const float *x, int ldx, int M, int 
                 fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
         return;
     }
-    cpm_pool_run(pool, multi_worker, &r);
+    run_multi(pool, &r);
     free(owned);
 }

@@ -12,6 +12,7 @@
 
 #include "matmul.h"
 #include "matmul_q4_internal.h"
+#include "split.h"
 
 /* ---- the scalar kernel: the template over 16-float structs ---- */
 
@@ -252,14 +253,17 @@ typedef struct q4_run {
     const float *x; /* caller's x when gathering */
     size_t ldx;
     int split_n;
+    bool dynamic;   /* output rows in chunks claimed from dyn (decode, small batches) */
+    cpm_split dyn;
 } q4_run;
 
-/* [*lo, *hi) of total in units of align, shared evenly by nt threads. */
+/* As in matmul.c: up to this many x rows, threads claim chunks of output rows
+ * at run time rather than one range each. */
+#define DYNAMIC_MAX_M 32
+#define DYNAMIC_CHUNKS 8 /* chunks per thread */
+
 static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
-    long units = (total + align - 1) / align;
-    long a = units * tid / nt, b = units * (tid + 1) / nt;
-    *lo = (int)(a * align < total ? a * align : total);
-    *hi = (int)(b * align < total ? b * align : total);
+    cpm_split_static(total, align, tid, nt, lo, hi);
 }
 
 /* x rows [lo, hi) into packed order: sorted by group, each group padded with zeros. */
@@ -305,11 +309,14 @@ static void fill_nan(float *y, int ldy, int M, int N) {
 }
 
 static void q4_worker(void *arg, int tid, int nt) {
-    const q4_run *r = arg;
+    q4_run *r = arg;
     float *panel = r->job.panels ? r->job.panels + (size_t)tid * cpm_q4_panel_floats(r->job.w->Kp)
                                  : NULL;
     int lo, hi;
-    if (r->split_n) {
+    if (r->dynamic) {
+        while (cpm_split_next(&r->dyn, tid, &lo, &hi))
+            r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
+    } else if (r->split_n) {
         share(r->job.w->N, 16, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
@@ -318,6 +325,15 @@ static void q4_worker(void *arg, int tid, int nt) {
         if (lo < hi)
             r->kernel(&r->job, lo, hi, 0, r->job.w->N, panel);
     }
+}
+
+/* Runs r's kernel on the pool, in chunks claimed at run time for small M. */
+static void run_rows(cpm_pool *pool, q4_run *r) {
+    int nt = cpm_pool_size(pool);
+    r->dynamic = r->split_n && r->job.M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    if (r->dynamic)
+        cpm_split_init(&r->dyn, r->job.w->N, 16, nt, DYNAMIC_CHUNKS);
+    cpm_pool_run(pool, q4_worker, r);
 }
 
 static cpm_q4_kernel pick_kernel(void) {
@@ -356,10 +372,10 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         gather_rows(&r, 0, M);
     else if (w->gather)
         cpm_pool_run(pool, gather_worker, &r);
-    /* Threads own contiguous output rows (each streams its own nibbles) unless
-     * N is too narrow to share. */
+    /* Threads share the output rows (each streams its own nibbles) unless N is
+     * too narrow to share. */
     r.split_n = w->N >= 16 * nt || M < 2 * nt;
-    cpm_pool_run(pool, q4_worker, &r);
+    run_rows(pool, &r);
     free(owned);
 }
 
@@ -435,6 +451,6 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
         bf16x_prepare_rows(&r, 0, M);
     else
         cpm_pool_run(pool, bf16x_prepare_worker, &r);
-    cpm_pool_run(pool, q4_worker, &r);
+    run_rows(pool, &r);
     free(owned);
 }
