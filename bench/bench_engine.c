@@ -2,7 +2,8 @@
  * fraction of this machine's memory-bandwidth roofline, measured in one run.
  *
  *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
- *                [--activations exact|bf16] [--ffn dense,sparse] [--rounds N]
+ *                [--activations exact|bf16] [--ffn dense,sparse] [--lm-head stored|int8]
+ *                [--rounds N]
  *
  * --ffn runs a MiniCPM-S (FATReLU) model with each FFN in turn, interleaved --rounds
  * times (default 1) in this process, so both see the same machine; it also prints the
@@ -33,7 +34,8 @@ typedef struct bench_result {
     double prefill_tps, decode_tps;
 } bench_result;
 
-static bool act_bf16; /* --activations bf16: the whole run's precision */
+static bool act_bf16;     /* --activations bf16: the whole run's precision */
+static bool lm_head_int8; /* --lm-head int8: the output layer quantized at load */
 
 /* The FFN counters start at the first generated token: what follows is decode. */
 static int on_first_token(int32_t token, void *ctx) {
@@ -63,6 +65,7 @@ static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, i
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
     o.act_bf16 = act_bf16;
+    o.lm_head_int8 = lm_head_int8;
     o.n_threads = threads;
     o.max_batch_tokens = n_prompt;
     o.ffn_dense = ffn_dense == 1;
@@ -159,6 +162,7 @@ static int bench_batches(const char *dir, int threads, const char *batches, int 
     cpm_model_opts o = cpm_model_opts_default();
     o.n_threads = threads;
     o.act_bf16 = act_bf16;
+    o.lm_head_int8 = lm_head_int8;
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
         fprintf(stderr, "bench_engine: %s\n", e.msg);
@@ -192,7 +196,7 @@ int main(int argc, char **argv) {
                                          {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
                                          {"batch", 1, 0, 'b'}, {"activations", 1, 0, 'a'},
                                          {"ffn", 1, 0, 'f'}, {"rounds", 1, 0, 'r'},
-                                         {0, 0, 0, 0}};
+                                         {"lm-head", 1, 0, 'l'}, {0, 0, 0, 0}};
     const char *dir = NULL, *threads = "1,2", *batches = NULL, *ffns = NULL;
     int n_prompt = 128, n_decode = 32, rounds = 1, c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -204,6 +208,7 @@ int main(int argc, char **argv) {
         else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
         else if (c == 'f') ffns = optarg;
         else if (c == 'r') rounds = atoi(optarg);
+        else if (c == 'l') lm_head_int8 = strcmp(optarg, "int8") == 0;
         else return 2;
     }
     int modes[2], n_modes = 0; /* -1: the model's default FFN, 0: sparse, 1: dense */
@@ -217,11 +222,12 @@ int main(int argc, char **argv) {
     if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
                         " [--batch 1,4,16,64] [--activations exact|bf16] [--ffn dense,sparse]"
-                        " [--rounds N]\n");
+                        " [--lm-head stored|int8] [--rounds N]\n");
         return 2;
     }
-    printf("model %s  isa %s  activations %s  prompt %d  decode %d\n", dir,
-           cpm_isa_name(cpm_isa_detect()), act_bf16 ? "bf16" : "exact", n_prompt, n_decode);
+    printf("model %s  isa %s  activations %s  lm_head %s  prompt %d  decode %d\n", dir,
+           cpm_isa_name(cpm_isa_detect()), act_bf16 ? "bf16" : "exact",
+           lm_head_int8 ? "int8" : "stored", n_prompt, n_decode);
     printf("%-8s %-7s %12s %12s %14s %8s %12s %10s\n", "threads", "ffn", "prefill t/s",
            "decode t/s", "weights/token", "active", "read GB/s", "roofline");
     char *list = strdup(threads);

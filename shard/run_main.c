@@ -29,6 +29,7 @@ typedef struct run_args {
     bool keep_bf16;
     bool act_bf16;
     bool ffn_dense;
+    bool lm_head_int8;
     cpm_dtype kv_dtype;
     const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
@@ -44,7 +45,7 @@ typedef struct run_ctx {
 enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
        OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
        OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16,
-       OPT_ACTIVATIONS, OPT_FFN };
+       OPT_ACTIVATIONS, OPT_FFN, OPT_LM_HEAD };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
@@ -65,6 +66,9 @@ static const cpm_cli_opt opts[] = {
     {"activations", 0, "exact|bf16",
      "BF16, F16 and int4 weights meet f32 activations (exact, default) or bf16-rounded ones "
      "(faster prefill, less exact)", OPT_ACTIVATIONS},
+    {"lm-head", 0, "stored|int8",
+     "the output layer as the checkpoint stores it (default) or quantized to int8 with a scale "
+     "per 32 at load (half the bytes a decode token reads for it, less exact)", OPT_LM_HEAD},
     {"ffn", 0, "sparse|dense",
      "MiniCPM-S (FATReLU): skip the inactive neurons (sparse, default) or run every one (dense, "
      "the row-major down_proj as other models)", OPT_FFN},
@@ -103,6 +107,11 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
         if (strcmp(v, "bf16") && strcmp(v, "exact"))
             cpm_cli_fail(cli, "--activations: '%s' is not exact or bf16", v);
         a->act_bf16 = strcmp(v, "bf16") == 0;
+        break;
+    case OPT_LM_HEAD:
+        if (strcmp(v, "stored") && strcmp(v, "int8"))
+            cpm_cli_fail(cli, "--lm-head: '%s' is not stored or int8", v);
+        a->lm_head_int8 = strcmp(v, "int8") == 0;
         break;
     case OPT_FFN:
         if (strcmp(v, "sparse") && strcmp(v, "dense"))
@@ -270,6 +279,7 @@ int main(int argc, char **argv) {
     mo.keep_bf16 = a.keep_bf16;
     mo.act_bf16 = a.act_bf16;
     mo.ffn_dense = a.ffn_dense;
+    mo.lm_head_int8 = a.lm_head_int8;
     if (cpm_model_load(a.model, &mo, &m, &err)) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.model, err.msg);
         goto out;

@@ -12,6 +12,7 @@
 #include "../kernels/pool.h"
 #include "../kernels/matmul.h"
 #include "../kernels/matmul_q4.h"
+#include "../kernels/matmul_q8.h"
 #include "../kernels/matmul_t2.h"
 #include "../kv_cache_internal.h"
 #include "arch.h"
@@ -28,6 +29,7 @@ typedef struct cpm_weight {
     int ld;    /* row stride in elements; 0 = cols (a TP column slice keeps the full width) */
     cpm_q4 *q4;
     cpm_t2 *t2; /* a ternary bf16 matrix (BitCPM4), repacked to 2 bits: used instead of data */
+    cpm_q8 *q8; /* the output layer quantized at load (opts.lm_head_int8): used instead of data */
     void *t;    /* FATReLU down_proj transposed to [cols, rows], same dtype (ffn_sparse.h),
                  * owned by the model: used instead of data, which is then NULL */
 } cpm_weight;
@@ -38,6 +40,8 @@ static inline size_t cpm_weight_bytes(const cpm_weight *w) {
         return cpm_q4_bytes(w->q4);
     if (w->t2)
         return cpm_t2_bytes(w->t2);
+    if (w->q8)
+        return cpm_q8_bytes(w->q8);
     return w->data || w->t ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
 }
 

@@ -370,6 +370,19 @@ static void free_scratch(cpm_scratch *s) {
         free(ptrs[i]);
 }
 
+/* opts.lm_head_int8: the output layer quantized once (matmul_q8.h); the
+ * checkpoint's matrix (the embedding too, when tied) stays for the lookup. */
+static int quantize_lm_head(cpm_model *m, cpm_error *err) {
+    cpm_weight *w = &m->lm_head;
+    if (!w->data || w->q4 || w->t2 || w->ld)
+        return cpm_error_set(err, CPM_EINVAL, "lm_head int8: the output layer is not a plain "
+                             "F32/F16/BF16 matrix here");
+    if (!(w->q8 = cpm_q8_from(w->data, w->dtype, w->rows, w->cols, w->cols)))
+        return cpm_error_set(err, CPM_ENOMEM, "lm_head int8: no memory for %d x %d", w->rows,
+                             w->cols);
+    return 0;
+}
+
 /* MLA weight absorption: per head, the k_nope rows and the v rows of
  * kv_b_proj, decoded to f32 once, so attention can run on the latent cache
  * (q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p·(W_v c) = W_v (Σ p·c)). */
@@ -622,6 +635,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
         goto fail;
     if (m->info.last_stage && m->hp.tie_word_embeddings)
         m->lm_head = m->embed;
+    if (m->info.last_stage && o.lm_head_int8 && (rc = quantize_lm_head(m, err)))
+        goto fail;
     for (int l = 0; o.tp_size > 1 && l < o.layer_end - o.layer_begin; l++)
         tp_slice_layer(m, &full, &m->layers[l]);
     for (int l = 0; m->arch->attn == CPM_ATTN_MLA && l < o.layer_end - o.layer_begin; l++)
@@ -655,6 +670,7 @@ void cpm_model_free(cpm_model *m) {
         }
         free(m->layers);
     }
+    cpm_q8_free(m->lm_head.q8);
     free(m->final_norm);
     free(m->inv_freq);
     free_scratch(&m->s);
@@ -836,8 +852,11 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
             xn[j] /= width;
         n++;
     }
-    if (n > 0 && m->act_bf16 &&
-        (m->lm_head.dtype == CPM_DTYPE_BF16 || m->lm_head.dtype == CPM_DTYPE_F16))
+    if (n > 0 && m->lm_head.q8)
+        cpm_matmul_q8(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.q8, n,
+                      m->act_bf16);
+    else if (n > 0 && m->act_bf16 &&
+             (m->lm_head.dtype == CPM_DTYPE_BF16 || m->lm_head.dtype == CPM_DTYPE_F16))
         cpm_matmul_bf16x(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,
                          m->lm_head.dtype, H, n, m->hp.vocab_size, H);
     else if (n > 0)

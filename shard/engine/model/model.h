@@ -45,6 +45,9 @@ typedef struct cpm_model_opts {
                              rounded to bf16 too where VDPBF16PS runs):
                              faster prefill, less exact logits (default false: exact f32;
                              docs/KERNELS.md has the measured error) */
+    bool lm_head_int8;    /* quantize the output layer to int8 with a scale per 32 at load
+                             (matmul_q8.h): half the bytes a decode token reads for it, lossy
+                             (default false: the checkpoint's own weights) */
     bool ffn_dense;       /* FATReLU models (MiniCPM-S): run the FFN densely from the row-major
                              down_proj, as other models do (default false: skip the inactive
                              neurons, ffn_sparse.h; the same logits up to summation order) */
