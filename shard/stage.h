@@ -37,6 +37,7 @@ typedef struct cpm_stage_opts {
     cpm_dtype kv_dtype;      /* KV elements: CPM_DTYPE_F32 (default, exact) or CPM_DTYPE_F16 */
     bool act_bf16;           /* BF16 weights meet bf16-rounded activations (cpm_model_opts) */
     bool ffn_dense;          /* MiniCPM-S: every FFN neuron, not only the active ones (cpm_model_opts) */
+    bool lm_head_int8;       /* the output layer quantized to int8 at load (cpm_model_opts) */
     int max_seqs;            /* live sequences */
     int max_batch_tokens;    /* rows per forward call; bigger micro-batches run in chunks */
     int max_queue;           /* micro-batches waiting before new ones fail with CPM_ELIMIT */

@@ -69,6 +69,10 @@ static const key stage_keys[] = {
     {"activations", K_STR, offsetof(cpm_cfg_stage, activations), 0, 0, "exact",
      "BF16 weights meet exact f32 activations, or bf16-rounded ones (about twice the prefill "
      "rate with VDPBF16PS, logits within ~5e-2: docs/KERNELS.md)", NULL, 0, 0, 0},
+    {"lm_head", K_STR, offsetof(cpm_cfg_stage, lm_head), 0, 0, "stored",
+     "the output layer as the checkpoint stores it, or int8 (quantized at load with a scale per "
+     "32: half the bytes a decode token reads for it, logits within ~1e-2: docs/KERNELS.md); "
+     "read by the last stage", NULL, 0, 0, 0},
     {"ffn", K_STR, offsetof(cpm_cfg_stage, ffn), 0, 0, "sparse",
      "MiniCPM-S's FATReLU FFN: sparse (only the neurons the gate lets through; down_proj kept "
      "transposed) or dense (every neuron, the checkpoint's layout); other models ignore it",
@@ -600,6 +604,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         if (strcmp(c->stages[i].activations, "exact") && strcmp(c->stages[i].activations, "bf16"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].activations: '%s' is not one of "
                                  "exact, bf16", c->path, i, c->stages[i].activations);
+        if (strcmp(c->stages[i].lm_head, "stored") && strcmp(c->stages[i].lm_head, "int8"))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].lm_head: '%s' is not one of "
+                                 "stored, int8", c->path, i, c->stages[i].lm_head);
         if (strcmp(c->stages[i].ffn, "sparse") && strcmp(c->stages[i].ffn, "dense"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].ffn: '%s' is not one of "
                                  "sparse, dense", c->path, i, c->stages[i].ffn);

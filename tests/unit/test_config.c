@@ -225,6 +225,8 @@ static const bad_case bad_cases[] = {
      "stages[0].activations: 'f16' is not one of exact, bf16"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    ffn: lazy\n",
      "stages[0].ffn: 'lazy' is not one of sparse, dense"},
+    {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    lm_head: int4\n",
+     "stages[0].lm_head: 'int4' is not one of stored, int8"},
     /* a long value in a short-valued key: an error, never a write past the field */
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n"
           "    kv_dtype: f32f32f32f32f32f32f32f32f32f32f32f32\n", "is not one of f32, f16"},

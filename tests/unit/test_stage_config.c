@@ -34,7 +34,8 @@
     "        mesh: tcp://127.0.0.1:5591\n"            \
     "        threads: 2\n"                            \
     "  - layers: [1, end]\n"                          \
-    "    endpoint: tcp://127.0.0.1:5581\n"
+    "    endpoint: tcp://127.0.0.1:5581\n"            \
+    "    lm_head: int8\n"
 
 static cpm_config *parse(const char *text) {
     cpm_config *c;
@@ -60,6 +61,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(o->kv_dtype, CPM_DTYPE_F16);
     assert_true(o->act_bf16);
     assert_true(o->ffn_dense);
+    assert_false(o->lm_head_int8); /* as stored by default */
     assert_string_equal(o->model_dir, c->model);
     assert_int_equal(o->n_experts, 0);
     /* rank 0 of a TP stage: every mesh, the peers' stage endpoints */
@@ -76,6 +78,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(sc.opts.layer_end, -1);
     assert_int_equal(sc.opts.kv_dtype, CPM_DTYPE_F32);
     assert_false(sc.opts.act_bf16); /* exact by default */
+    assert_true(sc.opts.lm_head_int8);
     assert_int_equal(sc.opts.tp_size, 1);
     cpm_config_free(c);
 }
