@@ -12,6 +12,7 @@
 #include "ffn_sparse_internal.h"
 #include "matmul.h"
 #include "matmul_internal.h"
+#include "split.h"
 
 #if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS)
 #define X86_KERNELS 1
@@ -117,14 +118,6 @@ static cpm_fs_down_kernel down_kernel(void) {
     return cpm_fs_down_scalar;
 }
 
-/* [*lo, *hi) of total, cut into units of align shared evenly by nt threads. */
-static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
-    long units = (total + align - 1) / align;
-    long a = units * tid / nt, b = units * (tid + 1) / nt;
-    *lo = (int)(a * align < total ? a * align : total);
-    *hi = (int)(b * align < total ? b * align : total);
-}
-
 /* ---- up and h ---- */
 
 typedef struct up_run {
@@ -165,7 +158,7 @@ static void up_rows(const up_run *r, int t0, int t1) {
 static void up_worker(void *arg, int tid, int nt) {
     const up_run *r = arg;
     int lo, hi;
-    share(r->row.nk, UP_ALIGN, tid, nt, &lo, &hi);
+    cpm_split_static(r->row.nk, UP_ALIGN, tid, nt, &lo, &hi);
     if (lo < hi)
         up_rows(r, lo, hi);
 }
@@ -192,7 +185,7 @@ typedef struct down_run {
 static void down_worker(void *arg, int tid, int nt) {
     const down_run *r = arg;
     int lo, hi;
-    share(r->job.N, DOWN_ALIGN, tid, nt, &lo, &hi);
+    cpm_split_static(r->job.N, DOWN_ALIGN, tid, nt, &lo, &hi);
     if (lo < hi)
         r->kernel(&r->job, lo, hi);
 }
@@ -236,7 +229,7 @@ static void transpose_block(const transpose_run *r, int c0, int c1, int r0, int 
 static void transpose_worker(void *arg, int tid, int nt) {
     const transpose_run *r = arg;
     int lo, hi;
-    share(r->cols, TR_BLOCK, tid, nt, &lo, &hi); /* each thread owns dst rows [lo, hi) */
+    cpm_split_static(r->cols, TR_BLOCK, tid, nt, &lo, &hi); /* each thread owns dst rows [lo, hi) */
     for (int c = lo; c < hi; c += TR_BLOCK)
         for (int i = 0; i < r->rows; i += TR_BLOCK)
             transpose_block(r, c, c + TR_BLOCK < hi ? c + TR_BLOCK : hi, i,

@@ -198,17 +198,6 @@ typedef struct mm_run {
     cpm_split dyn;
 } mm_run;
 
-/* Decode and small batches (microseconds to a millisecond per run) split N
- * into chunks claimed at run time: a thread held up by the machine would
- * otherwise keep the other waiting at the end of every run. Prefill keeps one
- * range per thread (its L2-sized groups of W rows want long ranges). */
-#define DYNAMIC_MAX_M 32
-#define DYNAMIC_CHUNKS 8 /* chunks per thread */
-
-static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
-    cpm_split_static(total, align, tid, nt, lo, hi);
-}
-
 static void mm_worker(void *arg, int tid, int nt) {
     mm_run *r = arg;
     int lo, hi;
@@ -216,11 +205,11 @@ static void mm_worker(void *arg, int tid, int nt) {
         while (cpm_split_next(&r->dyn, tid, &lo, &hi))
             r->kernel(&r->job, 0, r->job.M, lo, hi);
     } else if (r->split_n) {
-        share(r->job.N, r->align, tid, nt, &lo, &hi);
+        cpm_split_static(r->job.N, r->align, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, 0, r->job.M, lo, hi);
     } else {
-        share(r->job.M, r->align, tid, nt, &lo, &hi);
+        cpm_split_static(r->job.M, r->align, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, lo, hi, 0, r->job.N);
     }
@@ -277,7 +266,7 @@ static void multi_worker(void *arg, int tid, int nt) {
     mm_multi *r = arg;
     int lo, hi;
     if (!r->dynamic) {
-        share(r->units, 1, tid, nt, &lo, &hi);
+        cpm_split_static(r->units, 1, tid, nt, &lo, &hi);
         multi_range(r, lo, hi);
         return;
     }
@@ -288,9 +277,9 @@ static void multi_worker(void *arg, int tid, int nt) {
 /* Runs r's kernel over every output on the pool. */
 static void run_multi(cpm_pool *pool, mm_multi *r) {
     int nt = cpm_pool_size(pool);
-    r->dynamic = r->base.M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    r->dynamic = cpm_split_dynamic(r->base.M, nt);
     if (r->dynamic)
-        cpm_split_init(&r->dyn, r->units, 1, nt, DYNAMIC_CHUNKS);
+        cpm_split_init(&r->dyn, r->units, 1, nt, CPM_SPLIT_CHUNKS);
     cpm_pool_run(pool, multi_worker, r);
 }
 
@@ -300,9 +289,9 @@ static void run_split(cpm_pool *pool, mm_run *r) {
     int nt = cpm_pool_size(pool), M = r->job.M, N = r->job.N;
     r->split_n = N >= 16 * nt || M < 2 * nt;
     r->align = r->split_n ? 16 : 1;
-    r->dynamic = r->split_n && M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    r->dynamic = r->split_n && cpm_split_dynamic(M, nt);
     if (r->dynamic)
-        cpm_split_init(&r->dyn, N, r->align, nt, DYNAMIC_CHUNKS);
+        cpm_split_init(&r->dyn, N, r->align, nt, CPM_SPLIT_CHUNKS);
     cpm_pool_run(pool, mm_worker, r);
 }
 
@@ -312,7 +301,7 @@ static void run_split(cpm_pool *pool, mm_run *r) {
 static void amx_pack_worker(void *arg, int tid, int nt) {
     const cpm_mm_job *job = arg;
     int blocks = (job->M + CPM_MM_AMX_ROWS - 1) / CPM_MM_AMX_ROWS, lo, hi;
-    share(blocks, 1, tid, nt, &lo, &hi);
+    cpm_split_static(blocks, 1, tid, nt, &lo, &hi);
     if (lo < hi)
         cpm_mm_amx_pack(job, lo, hi);
 }
@@ -443,7 +432,7 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
 static void bf16x_pack_worker(void *arg, int tid, int nt) {
     const cpm_mm_job *job = arg;
     int lo, hi;
-    share(job->M, 1, tid, nt, &lo, &hi);
+    cpm_split_static(job->M, 1, tid, nt, &lo, &hi);
     if (lo < hi)
         cpm_mm_bf16x_pack(job, lo, hi);
 }
@@ -453,7 +442,7 @@ static void bf16x_pack_worker(void *arg, int tid, int nt) {
 static void bf16x_round_worker(void *arg, int tid, int nt) {
     const cpm_mm_job *job = arg;
     int lo, hi;
-    share(job->M, 1, tid, nt, &lo, &hi);
+    cpm_split_static(job->M, 1, tid, nt, &lo, &hi);
     for (int m = lo; m < hi; m++)
         for (int k = 0; k < job->K; k++)
             ((float *)job->packed)[(size_t)m * job->K + k] =

@@ -257,15 +257,6 @@ typedef struct q4_run {
     cpm_split dyn;
 } q4_run;
 
-/* As in matmul.c: up to this many x rows, threads claim chunks of output rows
- * at run time rather than one range each. */
-#define DYNAMIC_MAX_M 32
-#define DYNAMIC_CHUNKS 8 /* chunks per thread */
-
-static void share(int total, int align, int tid, int nt, int *lo, int *hi) {
-    cpm_split_static(total, align, tid, nt, lo, hi);
-}
-
 /* x rows [lo, hi) into packed order: sorted by group, each group padded with zeros. */
 static void gather_rows(const q4_run *r, int lo, int hi) {
     const cpm_q4 *w = r->job.w;
@@ -289,7 +280,7 @@ static void gather_rows(const q4_run *r, int lo, int hi) {
 static void gather_worker(void *arg, int tid, int nt) {
     const q4_run *r = arg;
     int lo, hi;
-    share(r->job.M, 1, tid, nt, &lo, &hi);
+    cpm_split_static(r->job.M, 1, tid, nt, &lo, &hi);
     gather_rows(r, lo, hi);
 }
 
@@ -317,11 +308,11 @@ static void q4_worker(void *arg, int tid, int nt) {
         while (cpm_split_next(&r->dyn, tid, &lo, &hi))
             r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
     } else if (r->split_n) {
-        share(r->job.w->N, 16, tid, nt, &lo, &hi);
+        cpm_split_static(r->job.w->N, 16, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
     } else {
-        share(r->job.M, 1, tid, nt, &lo, &hi);
+        cpm_split_static(r->job.M, 1, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, lo, hi, 0, r->job.w->N, panel);
     }
@@ -330,9 +321,9 @@ static void q4_worker(void *arg, int tid, int nt) {
 /* Runs r's kernel on the pool, in chunks claimed at run time for small M. */
 static void run_rows(cpm_pool *pool, q4_run *r) {
     int nt = cpm_pool_size(pool);
-    r->dynamic = r->split_n && r->job.M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    r->dynamic = r->split_n && cpm_split_dynamic(r->job.M, nt);
     if (r->dynamic)
-        cpm_split_init(&r->dyn, r->job.w->N, 16, nt, DYNAMIC_CHUNKS);
+        cpm_split_init(&r->dyn, r->job.w->N, 16, nt, CPM_SPLIT_CHUNKS);
     cpm_pool_run(pool, q4_worker, r);
 }
 
@@ -410,7 +401,7 @@ static void bf16x_prepare_rows(const q4_run *r, int lo, int hi) {
 static void bf16x_prepare_worker(void *arg, int tid, int nt) {
     const q4_run *r = arg;
     int lo, hi;
-    share(r->job.M, 1, tid, nt, &lo, &hi);
+    cpm_split_static(r->job.M, 1, tid, nt, &lo, &hi);
     if (lo < hi)
         bf16x_prepare_rows(r, lo, hi);
 }

@@ -128,9 +128,6 @@ void cpm_matmul_q8_ref(float *y, int ldy, const float *x, int ldx, const cpm_q8 
 
 /* ---- the call path ---- */
 
-#define DYNAMIC_MAX_M 32 /* as matmul.c: small M claims chunks of rows */
-#define DYNAMIC_CHUNKS 8
-
 typedef struct q8_run {
     cpm_q8_job job;
     cpm_q8_kernel kernel;
@@ -190,6 +187,8 @@ static cpm_q8_kernel f32_kernel(void) {
 #if X86_KERNELS
     if (cpm_isa_in_effect() >= CPM_ISA_AVX512)
         return cpm_q8_mm_avx512;
+    if (cpm_isa_in_effect() == CPM_ISA_AVX2)
+        return cpm_q8_mm_avx2;
 #endif
     return cpm_q8_mm_scalar;
 }
@@ -220,9 +219,9 @@ void cpm_matmul_q8(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         }
         round_x(pool, &r, buf, dot);
     }
-    r.dynamic = M <= DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+    r.dynamic = cpm_split_dynamic(M, nt);
     if (r.dynamic)
-        cpm_split_init(&r.dyn, w->N, 16, nt, DYNAMIC_CHUNKS);
+        cpm_split_init(&r.dyn, w->N, 16, nt, CPM_SPLIT_CHUNKS);
     cpm_pool_run(pool, q8_worker, &r);
     free(owned);
 }

@@ -22,6 +22,7 @@ typedef struct cpm_q8_job {
 typedef void (*cpm_q8_kernel)(const cpm_q8_job *job, int m0, int m1, int n0, int n1);
 
 void cpm_q8_mm_scalar(const cpm_q8_job *job, int m0, int m1, int n0, int n1);
+void cpm_q8_mm_avx2(const cpm_q8_job *job, int m0, int m1, int n0, int n1);
 void cpm_q8_mm_avx512(const cpm_q8_job *job, int m0, int m1, int n0, int n1);
 void cpm_q8_mm_bf16x(const cpm_q8_job *job, int m0, int m1, int n0, int n1);
 /* Rows [m0, m1) of job->x rounded to bf16 into job->xh (VDPBF16PS builds). */

@@ -25,6 +25,17 @@ static inline void cpm_split_static(int total, int align, int tid, int nt, int *
 
 #define CPM_SPLIT_MAX_THREADS 64 /* more threads than this split statically */
 
+/* Runs of up to this many x rows (decode, small batches: microseconds to a
+ * millisecond each) claim chunks; prefill keeps one range per thread (its
+ * L2-sized groups of W rows want long ranges). */
+#define CPM_SPLIT_DYNAMIC_MAX_M 32
+#define CPM_SPLIT_CHUNKS 8 /* chunks per thread */
+
+/* Whether a run of M x rows on nt threads should claim chunks. */
+static inline bool cpm_split_dynamic(int M, int nt) {
+    return M <= CPM_SPLIT_DYNAMIC_MAX_M && nt > 1 && nt <= CPM_SPLIT_MAX_THREADS;
+}
+
 /* Thread t owns a contiguous range of chunks and takes them from its front, so
  * its weights stay one stream (the kernels prefetch past the end of a chunk
  * into the next); a thread whose range is empty takes chunks from the back of
