@@ -139,17 +139,6 @@ bool cpm_isa_from_name(const char *name, cpm_isa *ret) {
 
 /* ---- scalar kernel: the canonical order written out plainly ---- */
 
-static float tree16(const float *a) {
-    float r8[8], r4[4], r2[2];
-    for (int i = 0; i < 8; i++)
-        r8[i] = a[i] + a[i + 8];
-    for (int i = 0; i < 4; i++)
-        r4[i] = r8[i] + r8[i + 4];
-    for (int i = 0; i < 2; i++)
-        r2[i] = r4[i] + r4[i + 2];
-    return r2[0] + r2[1];
-}
-
 void cpm_mm_scalar(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
     const int K = job->K;
     for (int m = m0; m < m1; m++) {
@@ -163,7 +152,7 @@ void cpm_mm_scalar(const cpm_mm_job *job, int m0, int m1, int n0, int n1) {
                     acc[j] = fmaf(xv, wv, acc[j]);
                 }
             }
-            job->y[(size_t)m * (size_t)job->ldy + n] = tree16(acc);
+            job->y[(size_t)m * (size_t)job->ldy + n] = cpm_mm_tree16(acc);
         }
     }
 }

@@ -34,6 +34,18 @@ typedef struct cpm_mm_job {
     void *packed; /* AMX: x split and packed by cpm_mm_amx_pack */
 } cpm_mm_job;
 
+/* The canonical tree over 16 lanes, written out (the scalar kernels). */
+static inline float cpm_mm_tree16(const float *a) {
+    float r8[8], r4[4], r2[2];
+    for (int i = 0; i < 8; i++)
+        r8[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++)
+        r4[i] = r8[i] + r8[i + 4];
+    for (int i = 0; i < 2; i++)
+        r2[i] = r4[i] + r4[i + 2];
+    return r2[0] + r2[1];
+}
+
 /* Computes y[m, n] for m in [m0, m1), n in [n0, n1). */
 typedef void (*cpm_mm_kernel)(const cpm_mm_job *job, int m0, int m1, int n0, int n1);
 

@@ -79,17 +79,6 @@ size_t cpm_q8_bytes(const cpm_q8 *w) {
     return (size_t)w->N * ((size_t)w->Kp + q8_blocks(w) * sizeof(float));
 }
 
-static float tree16(const float *a) {
-    float r8[8], r4[4], r2[2];
-    for (int i = 0; i < 8; i++)
-        r8[i] = a[i] + a[i + 8];
-    for (int i = 0; i < 4; i++)
-        r4[i] = r8[i] + r8[i + 4];
-    for (int i = 0; i < 2; i++)
-        r2[i] = r4[i] + r4[i + 2];
-    return r2[0] + r2[1];
-}
-
 /* The f32 order lane by lane: per block, A[l] = fma(x[k0 + 16 + l], q, fma(x[k0 + l], q, 0)),
  * T[l] = fma(A[l], s, T[l]); then the tree. x past K reads as 0. */
 void cpm_q8_mm_scalar(const cpm_q8_job *job, int m0, int m1, int n0, int n1) {
@@ -110,7 +99,7 @@ void cpm_q8_mm_scalar(const cpm_q8_job *job, int m0, int m1, int n0, int n1) {
                     T[l] = fmaf(a, s[k0 / CPM_Q8_BLOCK], T[l]);
                 }
             }
-            job->y[(size_t)m * job->ldy + n] = tree16(T);
+            job->y[(size_t)m * job->ldy + n] = cpm_mm_tree16(T);
         }
     }
 }
