@@ -155,6 +155,24 @@ static void test_scratch(void **state) {
     cpm_pool_free(p);
 }
 
+/* A call's buffer: the pool's scratch when there is a pool, else one the caller owns. */
+static void test_buffer(void **state) {
+    (void)state;
+    void *owned;
+    char *own = cpm_pool_buffer(NULL, 100, &owned);
+    assert_non_null(own);
+    assert_ptr_equal(own, owned); /* no pool: the caller frees it */
+    assert_int_equal((uintptr_t)own % 64, 0);
+    memset(own, 3, 100);
+    free(owned);
+    cpm_pool *p = cpm_pool_new(2);
+    assert_non_null(p);
+    char *a = cpm_pool_buffer(p, 1000, &owned);
+    assert_null(owned);
+    assert_ptr_equal(a, cpm_pool_scratch(p, 1000));
+    cpm_pool_free(p);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_free_null),
@@ -165,6 +183,7 @@ int main(void) {
         cmocka_unit_test(test_wakes_after_idle),
         cmocka_unit_test(test_waits_for_slow_worker),
         cmocka_unit_test(test_scratch),
+        cmocka_unit_test(test_buffer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

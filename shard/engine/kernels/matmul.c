@@ -170,12 +170,6 @@ void cpm_matmul_ref(float *y, int ldy, const float *x, int ldx,
     }
 }
 
-static void fill_nan(float *y, int ldy, int M, int N) {
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++)
-            y[(size_t)m * ldy + n] = NAN;
-}
-
 /* ---- threading ---- */
 
 typedef struct mm_run {
@@ -300,11 +294,7 @@ static void amx_pack_worker(void *arg, int tid, int nt) {
  * without a pool, per call: then *owned is set and the caller frees it. */
 static int amx_pack(cpm_pool *pool, cpm_mm_job *job, void **owned) {
     size_t bytes = cpm_mm_amx_packed_size(job->M, job->K);
-    *owned = NULL;
-    job->packed = cpm_pool_scratch(pool, bytes);
-    if (!job->packed)
-        job->packed = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!job->packed)
+    if (!(job->packed = cpm_pool_buffer(pool, bytes, owned)))
         return -1;
     cpm_pool_run(pool, amx_pack_worker, job);
     return 0;
@@ -364,7 +354,7 @@ void cpm_matmul(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
      * changing the rounding. */
     if (isa == CPM_ISA_AMX && wtype == CPM_DTYPE_BF16 && K > 0) {
         if (run_amx(pool, &r) != 0)
-            fill_nan(y, ldy, M, N);
+            cpm_mm_fill_nan(y, (size_t)ldy, M, N);
         return;
     }
 #endif
@@ -411,7 +401,7 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
     if (run_amx_multi(pool, x, ldx, M, K, outs, n_outs) != 0)
         for (int i = 0; i < n_outs; i++)
             if (outs[i].N > 0)
-                fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
+                cpm_mm_fill_nan(outs[i].y, (size_t)outs[i].ldy, M, outs[i].N);
 #endif
 }
 
@@ -452,10 +442,7 @@ static int bf16x_prepare(cpm_pool *pool, cpm_isa isa, const float *x, int ldx, i
                          cpm_mm_job *base, cpm_mm_kernel *kernel, void **owned) {
     bool dot = isa >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
     size_t bytes = dot ? cpm_mm_bf16x_packed_size(M, K) : (size_t)M * (size_t)K * sizeof(float);
-    void *buf = cpm_pool_scratch(pool, bytes);
-    *owned = NULL;
-    if (!buf)
-        buf = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    void *buf = cpm_pool_buffer(pool, bytes, owned);
     if (!buf)
         return -1;
     *base = (cpm_mm_job){.x = x, .ldx = ldx, .M = M, .K = K, .packed = buf};
@@ -488,7 +475,7 @@ void cpm_matmul_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx
     mm_run r = {0};
     void *owned;
     if (bf16x_prepare(pool, isa, x, ldx, M, K, &r.job, &r.kernel, &owned) != 0) {
-        fill_nan(y, ldy, M, N);
+        cpm_mm_fill_nan(y, (size_t)ldy, M, N);
         return;
     }
     r.job.y = y, r.job.ldy = ldy, r.job.w = w, r.job.wtype = wtype, r.job.w_ld = w_ld, r.job.N = N;
@@ -513,7 +500,7 @@ void cpm_matmul_bf16x_multi(cpm_pool *pool, const float *x, int ldx, int M, int 
     if (bf16x_prepare(pool, isa, x, ldx, M, K, &r.base, &r.kernel, &owned) != 0) {
         for (int i = 0; i < n_outs; i++)
             if (outs[i].N > 0)
-                fill_nan(outs[i].y, outs[i].ldy, M, outs[i].N);
+                cpm_mm_fill_nan(outs[i].y, (size_t)outs[i].ldy, M, outs[i].N);
         return;
     }
     run_multi(pool, &r);

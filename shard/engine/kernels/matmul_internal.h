@@ -46,6 +46,14 @@ static inline float cpm_mm_tree16(const float *a) {
     return r2[0] + r2[1];
 }
 
+/* y[M, N] (row stride ldy) all NaN: how a call that could not get its buffer
+ * fails loudly instead of rounding differently. */
+static inline void cpm_mm_fill_nan(float *y, size_t ldy, int M, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            y[(size_t)m * ldy + n] = __builtin_nanf("");
+}
+
 /* Computes y[m, n] for m in [m0, m1), n in [n0, n1). */
 typedef void (*cpm_mm_kernel)(const cpm_mm_job *job, int m0, int m1, int n0, int n1);
 

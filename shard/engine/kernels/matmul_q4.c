@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "matmul.h"
+#include "matmul_internal.h"
 #include "matmul_q4_internal.h"
 #include "split.h"
 
@@ -284,21 +285,6 @@ static void gather_worker(void *arg, int tid, int nt) {
     gather_rows(r, lo, hi);
 }
 
-/* A call's buffer: the pool's scratch, else one of its own (*owned, freed by
- * the caller); NULL if neither can be had. */
-static float *call_buffer(cpm_pool *pool, size_t bytes, float **owned) {
-    float *buf = cpm_pool_scratch(pool, bytes);
-    if (!buf)
-        buf = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    return buf;
-}
-
-static void fill_nan(float *y, int ldy, int M, int N) {
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++)
-            y[(size_t)m * ldy + n] = NAN;
-}
-
 static void q4_worker(void *arg, int tid, int nt) {
     q4_run *r = arg;
     float *panel = r->job.panels ? r->job.panels + (size_t)tid * cpm_q4_panel_floats(r->job.w->Kp)
@@ -347,9 +333,10 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
     size_t xg = w->gather ? (size_t)M * Kp : 0;
     size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
     size_t bytes = (xg + panels) * sizeof(float);
-    float *owned = NULL, *buf = bytes ? call_buffer(pool, bytes, &owned) : NULL;
+    void *owned = NULL;
+    float *buf = bytes ? cpm_pool_buffer(pool, bytes, &owned) : NULL;
     if (bytes && !buf) {
-        fill_nan(y, ldy, M, w->N);
+        cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
         return;
     }
     q4_run r = {
@@ -420,9 +407,10 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
     size_t xh = dot ? ((size_t)M * Kp + 31) / 32 * 16 : 0; /* bf16 x, counted in floats */
     size_t panels = M > 1 ? (size_t)nt * cpm_q4_panel_floats(w->Kp) : 0;
     size_t bytes = (xf + xh + panels) * sizeof(float);
-    float *owned = NULL, *buf = call_buffer(pool, bytes, &owned);
+    void *owned;
+    float *buf = cpm_pool_buffer(pool, bytes, &owned);
     if (!buf) {
-        fill_nan(y, ldy, M, w->N);
+        cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
         return;
     }
     q4_run r = {

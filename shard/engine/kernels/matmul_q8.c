@@ -197,13 +197,9 @@ void cpm_matmul_q8(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
 #endif
         size_t bytes = dot ? (size_t)M * (size_t)w->Kp * sizeof(uint16_t)
                            : (size_t)M * (size_t)w->K * sizeof(float);
-        void *buf = cpm_pool_scratch(pool, bytes);
-        if (!buf)
-            buf = owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        void *buf = cpm_pool_buffer(pool, bytes, &owned);
         if (!buf) {
-            for (int m = 0; m < M; m++)
-                for (int n = 0; n < w->N; n++)
-                    y[(size_t)m * ldy + n] = NAN;
+            cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
             return;
         }
         round_x(pool, &r, buf, dot);

@@ -184,6 +184,14 @@ void cpm_pool_run(cpm_pool *pool, cpm_pool_fn fn, void *arg) {
     wait_workers(pool);
 }
 
+void *cpm_pool_buffer(cpm_pool *pool, size_t bytes, void **owned) {
+    void *buf = cpm_pool_scratch(pool, bytes);
+    *owned = NULL;
+    if (!buf)
+        buf = *owned = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    return buf;
+}
+
 void *cpm_pool_scratch(cpm_pool *pool, size_t bytes) {
     if (!pool)
         return NULL;

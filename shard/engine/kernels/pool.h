@@ -35,4 +35,10 @@ void cpm_pool_run(cpm_pool *pool, cpm_pool_fn fn, void *arg);
  * NULL when pool is NULL or the allocation fails. */
 void *cpm_pool_scratch(cpm_pool *pool, size_t bytes);
 
+/* A call's buffer of at least bytes, 64-byte aligned: the pool's scratch, or
+ * (no pool, or its scratch cannot grow) one allocated for this call, which is
+ * then also stored in *owned for the caller to free (else *owned = NULL).
+ * NULL when neither can be had. */
+void *cpm_pool_buffer(cpm_pool *pool, size_t bytes, void **owned);
+
 #endif
