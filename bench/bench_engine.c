@@ -2,7 +2,7 @@
  * fraction of this machine's memory-bandwidth roofline, measured in one run.
  *
  *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
- *                [--activations exact|bf16] [--ffn dense,sparse] [--lm-head stored|int8]
+ *                [--activations exact|bf16|int8] [--ffn dense,sparse] [--lm-head stored|int8]
  *                [--rounds N]
  *
  * --ffn runs a MiniCPM-S (FATReLU) model with each FFN in turn, interleaved --rounds
@@ -34,7 +34,7 @@ typedef struct bench_result {
     double prefill_tps, decode_tps;
 } bench_result;
 
-static bool act_bf16;     /* --activations bf16: the whole run's precision */
+static const char *act = "exact"; /* --activations exact|bf16|int8: the run's precision */
 static bool lm_head_int8; /* --lm-head int8: the output layer quantized at load */
 
 /* The FFN counters start at the first generated token: what follows is decode. */
@@ -64,7 +64,8 @@ static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, i
                     double *ret_bytes, double *ret_active, bench_result *r) {
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
-    o.act_bf16 = act_bf16;
+    o.act_bf16 = strcmp(act, "bf16") == 0;
+    o.act_int8 = strcmp(act, "int8") == 0;
     o.lm_head_int8 = lm_head_int8;
     o.n_threads = threads;
     o.max_batch_tokens = n_prompt;
@@ -161,7 +162,8 @@ static int bench_batches(const char *dir, int threads, const char *batches, int 
     cpm_error e = {0};
     cpm_model_opts o = cpm_model_opts_default();
     o.n_threads = threads;
-    o.act_bf16 = act_bf16;
+    o.act_bf16 = strcmp(act, "bf16") == 0;
+    o.act_int8 = strcmp(act, "int8") == 0;
     o.lm_head_int8 = lm_head_int8;
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
@@ -205,7 +207,7 @@ int main(int argc, char **argv) {
         else if (c == 'p') n_prompt = atoi(optarg);
         else if (c == 'd') n_decode = atoi(optarg);
         else if (c == 'b') batches = optarg;
-        else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
+        else if (c == 'a') act = optarg;
         else if (c == 'f') ffns = optarg;
         else if (c == 'r') rounds = atoi(optarg);
         else if (c == 'l') lm_head_int8 = strcmp(optarg, "int8") == 0;
@@ -219,14 +221,15 @@ int main(int argc, char **argv) {
     bool bad_mode = false;
     for (int i = 0; i < n_modes; i++)
         bad_mode |= modes[i] == -2;
-    if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode) {
+    bool bad_act = strcmp(act, "exact") && strcmp(act, "bf16") && strcmp(act, "int8");
+    if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode || bad_act) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
-                        " [--batch 1,4,16,64] [--activations exact|bf16] [--ffn dense,sparse]"
+                        " [--batch 1,4,16,64] [--activations exact|bf16|int8] [--ffn dense,sparse]"
                         " [--lm-head stored|int8] [--rounds N]\n");
         return 2;
     }
     printf("model %s  isa %s  activations %s  lm_head %s  prompt %d  decode %d\n", dir,
-           cpm_isa_name(cpm_isa_detect()), act_bf16 ? "bf16" : "exact",
+           cpm_isa_name(cpm_isa_detect()), act,
            lm_head_int8 ? "int8" : "stored", n_prompt, n_decode);
     printf("%-8s %-7s %12s %12s %14s %8s %12s %10s\n", "threads", "ffn", "prefill t/s",
            "decode t/s", "weights/token", "active", "read GB/s", "roofline");

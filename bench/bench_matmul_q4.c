@@ -11,9 +11,11 @@
  * one.
  *
  * --activations bf16 times the opt-in bf16-activation int4 kernel
- * (cpm_matmul_q4_bf16x) in the q4 columns instead.
+ * (cpm_matmul_q4_bf16x) in the q4 columns instead, --activations int8 the
+ * int8-activation one (cpm_matmul_q4_q8x).
  *
- *   bench_matmul_q4 [--threads N] [--group-size G] [--desc-act] [--hot] [--activations bf16]
+ *   bench_matmul_q4 [--threads N] [--group-size G] [--desc-act] [--hot]
+ *                   [--activations exact|bf16|int8]
  */
 #include <getopt.h>
 #include <stdint.h>
@@ -78,7 +80,17 @@ static cpm_q4 *make_q4(int N, int K, int gs, int desc_act) {
 }
 
 static int hot;      /* --hot: one copy of each weight, cache resident, more rounds */
-static int act_bf16; /* --activations bf16: cpm_matmul_q4_bf16x */
+static const char *act = "exact"; /* --activations exact|bf16|int8 */
+
+typedef void (*q4_fn)(cpm_pool *, float *, int, const float *, int, const cpm_q4 *, int);
+
+static q4_fn q4_kernel(void) {
+    if (strcmp(act, "bf16") == 0)
+        return cpm_matmul_q4_bf16x;
+    if (strcmp(act, "int8") == 0)
+        return cpm_matmul_q4_q8x;
+    return cpm_matmul_q4;
+}
 
 /* Best seconds per call over rounds, rotating through the copies. */
 static double time_q4(cpm_pool *pool, cpm_q4 **ws, int nw, const float *x, float *y, int M) {
@@ -86,8 +98,7 @@ static double time_q4(cpm_pool *pool, cpm_q4 **ws, int nw, const float *x, float
     for (int r = 0; r < (hot && M == 1 ? 200 : 5); r++) {
         double t0 = now();
         for (int i = 0; i < nw; i++)
-            (act_bf16 ? cpm_matmul_q4_bf16x : cpm_matmul_q4)(pool, y, cpm_q4_rows(ws[i]), x,
-                                                             cpm_q4_cols(ws[i]), ws[i], M);
+            q4_kernel()(pool, y, cpm_q4_rows(ws[i]), x, cpm_q4_cols(ws[i]), ws[i], M);
         double t = (now() - t0) / nw;
         best = t < best ? t : best;
     }
@@ -154,15 +165,16 @@ int main(int argc, char **argv) {
         else if (c == 'g') gs = atoi(optarg);
         else if (c == 'd') desc_act = 1;
         else if (c == 'h') hot = 1;
-        else if (c == 'a') act_bf16 = strcmp(optarg, "bf16") == 0;
+        else if (c == 'a') act = optarg;
         else return 2;
     }
     cpm_pool *pool = cpm_pool_new(threads);
     double gbps = 0;
     cpm_membw_read(pool, (size_t)1 << 30, 3, &gbps);
-    printf("isa %s  threads %d  group %d%s%s%s  read bandwidth %.1f GB/s (decode %% is of this)\n",
+    printf("isa %s  threads %d  group %d%s%s%s%s  read bandwidth %.1f GB/s (decode %% is of this)\n",
            cpm_isa_name(cpm_isa_in_effect()), threads, gs, desc_act ? " act-order" : "",
-           hot ? "  hot (cache resident)" : "", act_bf16 ? "  q4 with bf16 activations" : "", gbps);
+           hot ? "  hot (cache resident)" : "", strcmp(act, "exact") ? "  q4 activations: " : "",
+           strcmp(act, "exact") ? act : "", gbps);
     for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
         bench_shape(pool, &shapes[i], gs, desc_act, gbps);
     cpm_pool_free(pool);

@@ -28,6 +28,7 @@ typedef struct run_args {
     bool chat;
     bool keep_bf16;
     bool act_bf16;
+    bool act_int8;
     bool ffn_dense;
     bool lm_head_int8;
     cpm_dtype kv_dtype;
@@ -63,9 +64,10 @@ static const cpm_cli_opt opts[] = {
     {"kv-dtype", 0, "f32|f16", "KV cache elements (default f32, exact; f16 halves its memory)",
      OPT_KV_DTYPE},
     {"keep-bf16", 0, NULL, "run ternary bf16 matrices (BitCPM4) as bf16, not 2-bit", OPT_KEEP_BF16},
-    {"activations", 0, "exact|bf16",
+    {"activations", 0, "exact|bf16|int8",
      "BF16, F16 and int4 weights meet f32 activations (exact, default) or bf16-rounded ones "
-     "(faster prefill, less exact)", OPT_ACTIVATIONS},
+     "(faster prefill, less exact); int8: int4 weights meet x quantized to int8 per 32, the "
+     "others bf16 (faster int4 decode)", OPT_ACTIVATIONS},
     {"lm-head", 0, "stored|int8",
      "the output layer as the checkpoint stores it (default) or quantized to int8 with a scale "
      "per 32 at load (half the bytes a decode token reads for it, less exact)", OPT_LM_HEAD},
@@ -104,9 +106,10 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
     case OPT_CHAT: a->chat = true; break;
     case OPT_KEEP_BF16: a->keep_bf16 = true; break;
     case OPT_ACTIVATIONS:
-        if (strcmp(v, "bf16") && strcmp(v, "exact"))
-            cpm_cli_fail(cli, "--activations: '%s' is not exact or bf16", v);
+        if (strcmp(v, "bf16") && strcmp(v, "exact") && strcmp(v, "int8"))
+            cpm_cli_fail(cli, "--activations: '%s' is not exact, bf16 or int8", v);
         a->act_bf16 = strcmp(v, "bf16") == 0;
+        a->act_int8 = strcmp(v, "int8") == 0;
         break;
     case OPT_LM_HEAD:
         if (strcmp(v, "stored") && strcmp(v, "int8"))
@@ -278,6 +281,7 @@ int main(int argc, char **argv) {
     mo.max_batch_tokens = a.batch;
     mo.keep_bf16 = a.keep_bf16;
     mo.act_bf16 = a.act_bf16;
+    mo.act_int8 = a.act_int8;
     mo.ffn_dense = a.ffn_dense;
     mo.lm_head_int8 = a.lm_head_int8;
     if (cpm_model_load(a.model, &mo, &m, &err)) {

@@ -773,6 +773,7 @@ static int stage_load(void *user, cpm_error *err) {
     mo.n_threads = st->opts.threads;
     mo.max_batch_tokens = st->opts.max_batch_tokens;
     mo.act_bf16 = st->opts.act_bf16;
+    mo.act_int8 = st->opts.act_int8;
     mo.ffn_dense = st->opts.ffn_dense;
     mo.lm_head_int8 = st->opts.lm_head_int8;
     if (st->opts.n_experts) /* the experts run in the expert services: bind none here */

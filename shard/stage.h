@@ -36,6 +36,7 @@ typedef struct cpm_stage_opts {
     int kv_tokens;           /* KV-cache capacity in tokens */
     cpm_dtype kv_dtype;      /* KV elements: CPM_DTYPE_F32 (default, exact) or CPM_DTYPE_F16 */
     bool act_bf16;           /* BF16 weights meet bf16-rounded activations (cpm_model_opts) */
+    bool act_int8;           /* int4 weights meet int8 activations (cpm_model_opts) */
     bool ffn_dense;          /* MiniCPM-S: every FFN neuron, not only the active ones (cpm_model_opts) */
     bool lm_head_int8;       /* the output layer quantized to int8 at load (cpm_model_opts) */
     int max_seqs;            /* live sequences */

@@ -64,6 +64,7 @@ int cpm_stage_config_from_cluster(cpm_stage_config *sc, const cpm_config *c, int
     o->kv_tokens = s->kv_tokens;
     o->kv_dtype = strcmp(s->kv_dtype, "f16") ? CPM_DTYPE_F32 : CPM_DTYPE_F16;
     o->act_bf16 = strcmp(s->activations, "bf16") == 0;
+    o->act_int8 = strcmp(s->activations, "int8") == 0;
     o->ffn_dense = strcmp(s->ffn, "dense") == 0;
     o->lm_head_int8 = strcmp(s->lm_head, "int8") == 0;
     o->max_seqs = s->max_seqs;

@@ -68,7 +68,8 @@ static const key stage_keys[] = {
      "mixed CPUs, since ISAs may differ in the last bits", NULL, 0, 0, 0},
     {"activations", K_STR, offsetof(cpm_cfg_stage, activations), 0, 0, "exact",
      "BF16 weights meet exact f32 activations, or bf16-rounded ones (about twice the prefill "
-     "rate with VDPBF16PS, logits within ~5e-2: docs/KERNELS.md)", NULL, 0, 0, 0},
+     "rate with VDPBF16PS, logits within ~5e-2: docs/KERNELS.md); int8: int4 weights meet x "
+     "quantized to int8 per 32, the others bf16", NULL, 0, 0, 0},
     {"lm_head", K_STR, offsetof(cpm_cfg_stage, lm_head), 0, 0, "stored",
      "the output layer as the checkpoint stores it, or int8 (quantized at load with a scale per "
      "32: half the bytes a decode token reads for it, logits within ~1e-2: docs/KERNELS.md); "
@@ -601,9 +602,10 @@ static int check_whole(cpm_config *c, cpm_error *err) {
                                  c->path, i, c->stages[i].isa);
     }
     for (int i = 0; i < c->n_stages; i++) {
-        if (strcmp(c->stages[i].activations, "exact") && strcmp(c->stages[i].activations, "bf16"))
+        if (strcmp(c->stages[i].activations, "exact") && strcmp(c->stages[i].activations, "bf16") &&
+            strcmp(c->stages[i].activations, "int8"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].activations: '%s' is not one of "
-                                 "exact, bf16", c->path, i, c->stages[i].activations);
+                                 "exact, bf16, int8", c->path, i, c->stages[i].activations);
         if (strcmp(c->stages[i].lm_head, "stored") && strcmp(c->stages[i].lm_head, "int8"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].lm_head: '%s' is not one of "
                                  "stored, int8", c->path, i, c->stages[i].lm_head);

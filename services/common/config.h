@@ -50,7 +50,7 @@ typedef struct cpm_cfg_stage {
     int max_batch_tokens;       /* rows per forward */
     char kv_dtype[CPM_CFG_STR]; /* "f32" (exact) or "f16" (half the KV memory) */
     char isa[CPM_CFG_STR]; /* matmul kernels: "auto" or scalar/avx2/avx512/amx */
-    char activations[CPM_CFG_STR]; /* BF16 weights meet "exact" f32 or "bf16" activations */
+    char activations[CPM_CFG_STR]; /* "exact" f32, "bf16" or "int8" (int4 weights) activations */
     char lm_head[CPM_CFG_STR];  /* output layer: "stored" (the checkpoint's) or "int8" (at load) */
     char ffn[CPM_CFG_STR];      /* FATReLU (MiniCPM-S) FFN: "sparse" (active neurons only) or "dense" */
     char tp_mesh[CPM_CFG_STR];  /* tensor parallelism: rank 0's all-reduce endpoint */

@@ -465,6 +465,141 @@ static void test_bf16x_row_bits_independent_of_batch(void **state) {
     cpm_pool_free(p3);
 }
 
+/* ---- int8 activations (cpm_matmul_q4_q8x) ---- */
+
+static float *run_q8x(cpm_pool *pool, const raw *r, int m0, int M) {
+    int ldy = r->s.N + r->s.pad_y, ldx = r->s.K + r->s.pad_x;
+    float *y = malloc((size_t)M * ldy * sizeof *y);
+    assert_non_null(y);
+    for (int i = 0; i < M * ldy; i++)
+        y[i] = 12345.0f;
+    cpm_matmul_q4_q8x(pool, y, ldy, r->x + (size_t)m0 * ldx, ldx, r->w, M);
+    return y;
+}
+
+/* x as the kernel sees it is x to within half a step of its block's scale,
+ * and y is the double loop over that x to f32 summation. */
+static void check_q8x(const raw *r, const float *y) {
+    const qshape *s = &r->s;
+    int ldx = s->K + s->pad_x, ldy = s->N + s->pad_y;
+    double *want = malloc((size_t)s->N * sizeof *want), *mag = malloc((size_t)s->N * sizeof *mag);
+    float *xq = malloc((size_t)s->K * sizeof *xq);
+    assert_true(want && mag && xq);
+    for (int m = 0; m < s->M; m++) {
+        const float *x = r->x + (size_t)m * ldx;
+        assert_int_equal(cpm_q4_q8x_dequant_x(r->w, x, xq), 0);
+        float amax = 0;
+        for (int k = 0; k < s->K; k++)
+            amax = fmaxf(amax, fabsf(x[k]));
+        for (int k = 0; k < s->K; k++)
+            assert_true(fabsf(xq[k] - x[k]) <= amax / 254 * 1.0001f);
+        for (int n = 0; n < s->N; n++) {
+            want[n] = mag[n] = 0;
+            for (int k = 0; k < s->K; k++) {
+                double t = (double)xq[k] * raw_w(r, n, k);
+                want[n] += t;
+                mag[n] += fabs(t);
+            }
+        }
+        for (int n = 0; n < ldy; n++) {
+            float got = y[(size_t)m * ldy + n];
+            if (n >= s->N) {
+                assert_true(got == 12345.0f);
+                continue;
+            }
+            if (fabs(got - want[n]) > 1e-5 * mag[n] + 1e-6) {
+                fprintf(stderr, "q8x M%d N%d K%d gs%d: y[%d,%d] = %.9g, want %.9g\n", s->M,
+                        s->N, s->K, s->gs, m, n, got, want[n]);
+                fail();
+            }
+        }
+    }
+    free(want);
+    free(mag);
+    free(xq);
+}
+
+/* Every shape, GPTQ and AWQ, every ISA, 1 and 2 threads: against the loop,
+ * and every ISA's bits equal the plain C kernel's. */
+static void test_q8x_every_isa(void **state) {
+    (void)state;
+    cpm_pool *p2 = cpm_pool_new(2);
+    assert_non_null(p2);
+    print_message("VPDPBUSD here: %s\n", cpm_cpu_has_int8_dot() ? "yes" : "no");
+    for (int i = 0; i < 2 * NSHAPES; i++) {
+        raw r = make_case(i);
+        size_t ny = (size_t)r.s.M * (r.s.N + r.s.pad_y) * sizeof(float);
+        cpm_isa_force(CPM_ISA_SCALAR);
+        float *base = run_q8x(NULL, &r, 0, r.s.M);
+        check_q8x(&r, base);
+        for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+            if (cpm_isa_force(isas[a]) != isas[a])
+                continue;
+            float *y1 = run_q8x(NULL, &r, 0, r.s.M), *y2 = run_q8x(p2, &r, 0, r.s.M);
+            assert_memory_equal(y1, base, ny);
+            assert_memory_equal(y2, base, ny);
+            free(y1);
+            free(y2);
+        }
+        cpm_isa_force(cpm_isa_detect());
+        free(base);
+        free_raw(&r);
+    }
+    cpm_pool_free(p2);
+}
+
+/* A row alone, in a sub-batch and in batches past a tile and an L2 chunk,
+ * with 1 or 3 threads: the same bits, on every ISA. */
+static void test_q8x_row_bits_independent_of_batch(void **state) {
+    (void)state;
+    const qshape cases[] = {{37, 64, 256, 128, 0, 0, 0}, {21, 40, 136, 8, 1, 1, 2},
+                            {70, 48, 512, 64, 1, 0, 0}, {9, 40, 384, 384, 1, 0, 0}};
+    cpm_pool *p3 = cpm_pool_new(3);
+    assert_non_null(p3);
+    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+        if (cpm_isa_force(isas[a]) != isas[a])
+            continue;
+        for (int c = 0; c < 4; c++) {
+            raw r = make_raw(cases[c], c == 1 ? CPM_Q4_AWQ : CPM_Q4_GPTQ);
+            size_t ldy = (size_t)r.s.N + (size_t)r.s.pad_y, row = (size_t)r.s.N * sizeof(float);
+            float *all = run_q8x(p3, &r, 0, r.s.M), *sub = run_q8x(NULL, &r, 3, 5);
+            check_q8x(&r, all);
+            for (int m = 0; m < r.s.M; m++) {
+                float *one = run_q8x(m % 2 ? p3 : NULL, &r, m, 1);
+                assert_memory_equal(one, all + (size_t)m * ldy, row);
+                if (m >= 3 && m < 8)
+                    assert_memory_equal(sub + (size_t)(m - 3) * ldy, one, row);
+                free(one);
+            }
+            free(all);
+            free(sub);
+            free_raw(&r);
+        }
+    }
+    cpm_isa_force(cpm_isa_detect());
+    cpm_pool_free(p3);
+}
+
+/* A NaN in x makes its row's outputs NaN, not a quiet number; other rows are untouched. */
+static void test_q8x_nan_is_loud(void **state) {
+    (void)state;
+    qshape s = {2, 16, 256, 128, 0, 0, 0};
+    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+        if (cpm_isa_force(isas[a]) != isas[a])
+            continue;
+        raw r = make_raw(s, CPM_Q4_GPTQ);
+        r.x[77] = NAN;
+        float *y = run_q8x(NULL, &r, 0, 2);
+        for (int n = 0; n < s.N; n++) {
+            assert_true(isnan(y[n]));
+            assert_true(isfinite(y[s.N + n]));
+        }
+        free(y);
+        free_raw(&r);
+    }
+    cpm_isa_force(cpm_isa_detect());
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hand_packed),
@@ -476,6 +611,9 @@ int main(void) {
         cmocka_unit_test(test_ref_1b_shape),
         cmocka_unit_test(test_bf16x_against_rounded_ref),
         cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
+        cmocka_unit_test(test_q8x_every_isa),
+        cmocka_unit_test(test_q8x_row_bits_independent_of_batch),
+        cmocka_unit_test(test_q8x_nan_is_loud),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

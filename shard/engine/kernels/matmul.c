@@ -29,6 +29,7 @@
 static atomic_int detected_isa = -1;
 static atomic_int forced_isa = -1;
 static atomic_int detected_bf16_dot = -1;
+static atomic_int detected_int8_dot = -1;
 
 #if X86_KERNELS
 static uint64_t xgetbv0(void) {
@@ -96,6 +97,20 @@ bool cpm_cpu_has_bf16_dot(void) {
             has = (a >> 5) & 1; /* AVX512_BF16 */
 #endif
         atomic_store(&detected_bf16_dot, has);
+    }
+    return has != 0;
+}
+
+bool cpm_cpu_has_int8_dot(void) {
+    int has = atomic_load(&detected_int8_dot);
+    if (has < 0) {
+        has = 0;
+#if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
+        unsigned a, b, c, d;
+        if (cpm_isa_detect() >= CPM_ISA_AVX512 && __get_cpuid_count(7, 0, &a, &b, &c, &d))
+            has = (c >> 11) & 1; /* AVX512_VNNI */
+#endif
+        atomic_store(&detected_int8_dot, has);
     }
     return has != 0;
 }

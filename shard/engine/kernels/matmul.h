@@ -85,6 +85,10 @@ void cpm_matmul_multi(cpm_pool *pool, const float *x, int ldx, int M, int K,
  * build carries the kernel that uses it. */
 bool cpm_cpu_has_bf16_dot(void);
 
+/* Whether this CPU has the AVX-512 int8 dot product (VPDPBUSD, AVX512_VNNI)
+ * and this build carries the kernel that uses it. */
+bool cpm_cpu_has_int8_dot(void);
+
 /* The opt-in "bf16 activations" precision, BF16 or F16 weights (wtype): y =
  * bf16(x) * W^T, each x rounded to the nearest bf16 first (as llama.cpp's BF16
  * path does), products summed in f32. With VDPBF16PS (cpm_cpu_has_bf16_dot, and

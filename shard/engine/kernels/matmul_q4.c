@@ -248,15 +248,17 @@ void cpm_matmul_q4_ref(float *y, int ldy, const float *x, int ldx, const cpm_q4 
 
 /* ---- the call path ---- */
 
-typedef struct q4_run {
+typedef struct q4_run q4_run;
+struct q4_run {
     cpm_q4_job job;
     cpm_q4_kernel kernel;
+    void (*prepare)(const q4_run *r, int lo, int hi); /* x rows into the kernel's form */
     const float *x; /* caller's x when gathering */
     size_t ldx;
     int split_n;
     bool dynamic;   /* output rows in chunks claimed from dyn (decode, small batches) */
     cpm_split dyn;
-} q4_run;
+};
 
 /* x rows [lo, hi) into packed order: sorted by group, each group padded with zeros. */
 static void gather_rows(const q4_run *r, int lo, int hi) {
@@ -278,11 +280,21 @@ static void gather_rows(const q4_run *r, int lo, int hi) {
     }
 }
 
-static void gather_worker(void *arg, int tid, int nt) {
+static void prepare_worker(void *arg, int tid, int nt) {
     const q4_run *r = arg;
     int lo, hi;
     cpm_split_static(r->job.M, 1, tid, nt, &lo, &hi);
-    gather_rows(r, lo, hi);
+    if (lo < hi)
+        r->prepare(r, lo, hi);
+}
+
+/* r->prepare over every x row: decode rows on this thread (not worth waking
+ * the others for), batches on the pool. */
+static void prepare_rows(cpm_pool *pool, const q4_run *r) {
+    if (r->job.M <= 4)
+        r->prepare(r, 0, r->job.M);
+    else
+        cpm_pool_run(pool, prepare_worker, (void *)r);
 }
 
 static void q4_worker(void *arg, int tid, int nt) {
@@ -343,13 +355,12 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
         .job = {.w = w, .x = w->gather ? buf : x, .ldx = w->gather ? Kp : (size_t)ldx, .y = y,
                 .ldy = (size_t)ldy, .M = M, .panels = panels ? buf + xg : NULL},
         .kernel = pick_kernel(),
+        .prepare = gather_rows,
         .x = x,
         .ldx = (size_t)ldx,
     };
-    if (w->gather && M <= 4) /* decode rows: not worth waking the threads for */
-        gather_rows(&r, 0, M);
-    else if (w->gather)
-        cpm_pool_run(pool, gather_worker, &r);
+    if (w->gather)
+        prepare_rows(pool, &r);
     /* Threads share the output rows (each streams its own nibbles) unless N is
      * too narrow to share. */
     r.split_n = w->N >= 16 * nt || M < 2 * nt;
@@ -385,14 +396,6 @@ static void bf16x_prepare_rows(const q4_run *r, int lo, int hi) {
     round_rows(r, lo, hi);
 }
 
-static void bf16x_prepare_worker(void *arg, int tid, int nt) {
-    const q4_run *r = arg;
-    int lo, hi;
-    cpm_split_static(r->job.M, 1, tid, nt, &lo, &hi);
-    if (lo < hi)
-        bf16x_prepare_rows(r, lo, hi);
-}
-
 void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                          const cpm_q4 *w, int M) {
     if (M <= 0)
@@ -418,6 +421,7 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
                 .ldy = (size_t)ldy, .M = M, .panels = panels ? buf + xf + xh : NULL,
                 .xh = xh ? (uint16_t *)(buf + xf) : NULL},
         .kernel = pick_kernel(),
+        .prepare = bf16x_prepare_rows,
         .x = x,
         .ldx = (size_t)ldx,
         .split_n = w->N >= 16 * nt || M < 2 * nt,
@@ -426,10 +430,87 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
     if (dot)
         r.kernel = cpm_q4_mm_bf16x;
 #endif
-    if (M <= 4) /* decode rows: not worth waking the threads for */
-        bf16x_prepare_rows(&r, 0, M);
-    else
-        cpm_pool_run(pool, bf16x_prepare_worker, &r);
+    prepare_rows(pool, &r);
     run_rows(pool, &r);
     free(owned);
+}
+
+/* ---- int8 activations ---- */
+
+static void q8x_prepare_rows(const q4_run *r, int lo, int hi) {
+    if (r->job.w->gather)
+        gather_rows(r, lo, hi);
+    cpm_q4_q8x_pack(&r->job, lo, hi);
+}
+
+static cpm_q4_kernel pick_q8x_kernel(void) {
+#if X86_KERNELS
+    cpm_isa isa = cpm_isa_in_effect();
+#if defined(CPM_HAVE_VNNI_KERNEL)
+    if (isa >= CPM_ISA_AVX512 && cpm_cpu_has_int8_dot())
+        return cpm_q4_mm_q8x_vnni;
+#endif
+    if (isa >= CPM_ISA_AVX2)
+        return cpm_q4_mm_q8x_avx2;
+#endif
+    return cpm_q4_mm_q8x_scalar;
+}
+
+static size_t q8x_steps_per_row(const cpm_q4 *w) {
+    return (size_t)w->G * (size_t)cpm_q4_q8x_steps(w->gp);
+}
+
+void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                       const cpm_q4 *w, int M) {
+    if (M <= 0)
+        return;
+    int nt = cpm_pool_size(pool);
+    size_t Kp = (size_t)w->Kp;
+    size_t xf = w->gather ? (size_t)M * Kp * sizeof(float) : 0; /* f32 x in packed order */
+    size_t xq = (size_t)M * q8x_steps_per_row(w) * sizeof(cpm_q4_xstep);
+    void *owned;
+    char *buf = cpm_pool_buffer(pool, xf + xq, &owned);
+    if (!buf) {
+        cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
+        return;
+    }
+    q4_run r = {
+        .job = {.w = w, .x = xf ? (const float *)buf : x, .ldx = xf ? Kp : (size_t)ldx, .y = y,
+                .ldy = (size_t)ldy, .M = M, .xq = (cpm_q4_xstep *)(buf + xf)},
+        .kernel = pick_q8x_kernel(),
+        .prepare = q8x_prepare_rows,
+        .x = x,
+        .ldx = (size_t)ldx,
+        .split_n = w->N >= 16 * nt || M < 2 * nt,
+    };
+    prepare_rows(pool, &r);
+    run_rows(pool, &r);
+    free(owned);
+}
+
+int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out) {
+    float *xp = malloc((size_t)w->Kp * sizeof *xp);
+    cpm_q4_xstep *xq = malloc(q8x_steps_per_row(w) * sizeof *xq);
+    if (!xp || !xq) {
+        free(xp);
+        free(xq);
+        return -1;
+    }
+    q4_run r = {.job = {.w = w, .x = xp, .ldx = (size_t)w->Kp, .M = 1, .xq = xq},
+                .x = x, .ldx = (size_t)w->K};
+    gather_rows(&r, 0, 1);
+    cpm_q4_q8x_pack(&r.job, 0, 1);
+    const int steps = cpm_q4_q8x_steps(w->gp);
+    for (int g = 0; g < w->G; g++) {
+        for (int i = 0; i < w->gs; i++) {
+            int blk = i / CPM_Q4_BLOCK, slot = blk % 4, j = i % CPM_Q4_BLOCK;
+            const cpm_q4_xstep *st = xq + (size_t)g * (size_t)steps + (size_t)(blk / 4);
+            int q = j < 16 ? st->lo[16 * slot + j] : st->hi[16 * slot + j - 16];
+            int sp = g * w->gs + i;
+            out[w->src_k ? w->src_k[sp] : sp] = (float)q * st->scale[4 * slot];
+        }
+    }
+    free(xp);
+    free(xq);
+    return 0;
 }

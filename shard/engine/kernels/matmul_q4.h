@@ -95,6 +95,22 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
 void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                          const cpm_q4 *w, int M);
 
+/* The opt-in "int8 activations" precision (cpm-run --activations int8), as
+ * llama.cpp's Q4_0 meets Q8_0: x (in packed order) quantized per block of 32
+ * to int8 with an f32 scale max|x| / 127, rounded to nearest even; the
+ * products of nibbles and int8 x summed exactly in int32 per lane of 8, the
+ * group's zero point taken out in the integers, then the scales applied in
+ * f32. VPDPBUSD with AVX-512 VNNI (cpm_cpu_has_int8_dot), AVX2 otherwise,
+ * plain C below that: every one the same bits, and a row's bits depend only on
+ * its x row and W. A NaN or inf in a block of x makes the outputs NaN. Buffers
+ * and failure as cpm_matmul_q4; docs/KERNELS.md has the measured error. */
+void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                       const cpm_q4 *w, int M);
+
+/* x[K] as cpm_matmul_q4_q8x sees it (int8 times its block's scale), in the
+ * original column order (tests). Returns 0, or -1 without memory. */
+int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out);
+
 /* Double-precision reference over the dequantized rows (tests). */
 void cpm_matmul_q4_ref(float *y, int ldy, const float *x, int ldx, const cpm_q4 *w, int M);
 

@@ -47,6 +47,35 @@ struct cpm_q4 {
     int gather;       /* x must be permuted or padded into packed order before the kernel */
 };
 
+/* ---- int8 activations (cpm_matmul_q4_q8x) ----
+ *
+ * x in packed order is quantized per block of 32 positions (scale = max|x| /
+ * 127, q = x / scale rounded to nearest even) and laid out in steps: a step is
+ * up to 4 blocks of one group, the positions one 64-byte load of nibbles holds
+ * (a group of gp positions takes cpm_q4_q8x_steps(w) steps; blocks past the
+ * group's end are zero). Slot b of a step holds its block's positions 0..15 at
+ * lo[16b..], 16..31 at hi[16b..], matching the low and high nibbles of the
+ * weight bytes 16b.. . A 32-bit lane l of the step (bytes 4l..4l+3, block l/4)
+ * carries that block's scale and the sum of the 8 int8 values it meets.
+ *
+ * Summation order (the "q8x order"), shared by every ISA: for output (m, n),
+ * A[16] = 0; for each group g (zero z, scale s) and each step in order, per
+ * lane: d = Σ of the lane's 8 products q·x8 (an exact int32), t = d − z·sum
+ * (exact in f32), A = fma(t · scale, s, A). y = the 16-lane tree of
+ * matmul_internal.h over A. Integer dots make the order inside a lane free. */
+#define CPM_Q4_Q8X_STEP 128 /* positions per step */
+
+typedef struct cpm_q4_xstep {
+    int8_t lo[64];
+    int8_t hi[64];
+    float scale[16];
+    float sum[16];
+} cpm_q4_xstep;
+
+static inline int cpm_q4_q8x_steps(int gp) {
+    return (gp + CPM_Q4_Q8X_STEP - 1) / CPM_Q4_Q8X_STEP;
+}
+
 typedef struct cpm_q4_job {
     const cpm_q4 *w;
     const float *x;   /* [M][ldx] in packed order: Kp floats per row, zero in the padding */
@@ -56,6 +85,7 @@ typedef struct cpm_q4_job {
     int M;
     float *panels;    /* per thread cpm_q4_panel_floats(Kp) floats (prefill), or NULL */
     uint16_t *xh;     /* bf16 activations: x rounded to bf16, [M][Kp] (cpm_q4_bf16x_pack) */
+    cpm_q4_xstep *xq; /* int8 activations: [M][G · cpm_q4_q8x_steps(gp)] (cpm_q4_q8x_pack) */
 } cpm_q4_job;
 
 /* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:
@@ -72,5 +102,13 @@ void cpm_q4_mm_avx512(const cpm_q4_job *job, int m0, int m1, int n0, int n1, flo
  * its panels hold bf16, two per float of the thread's panel buffer. */
 void cpm_q4_bf16x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+
+/* int8 activations: rows [m0, m1) of job->x (packed order) quantized into
+ * job->xq; then the kernels, all giving the same bits (the VNNI one needs
+ * AVX-512 VNNI, cpm_cpu_has_int8_dot). */
+void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1);
+void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+void cpm_q4_mm_q8x_avx2(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
+void cpm_q4_mm_q8x_vnni(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 
 #endif

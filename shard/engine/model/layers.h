@@ -135,6 +135,7 @@ struct cpm_model {
     int tp_rank, tp_size;              /* hp holds this rank's heads and FFN width */
     bool keep_bf16;                    /* opts.keep_bf16: no ternary repacking */
     bool act_bf16;                     /* opts.act_bf16: BF16, F16, int4 weights meet bf16(x) */
+    bool act_int8;                     /* opts.act_int8: int4 weights meet int8(x) */
     bool ffn_sparse;                   /* FATReLU FFN on its active neurons (ffn_sparse.h) */
     cpm_ffn_stats ffn_stats;
     cpm_allreduce_backend tp;          /* sums the partial outputs of the TP ranks */
@@ -150,7 +151,9 @@ void cpm_rope_prepare(cpm_model *m, const cpm_batch *b, const cpm_kv_cache *kv);
 /* Weight matmul for n rows: y[n, w.rows] = x[n, w.cols] * W^T. */
 static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, const cpm_weight *w,
                                     int n) {
-    if (w->q4 && m->act_bf16)
+    if (w->q4 && m->act_int8)
+        cpm_matmul_q4_q8x(m->pool, y, w->rows, x, w->cols, w->q4, n);
+    else if (w->q4 && m->act_bf16)
         cpm_matmul_q4_bf16x(m->pool, y, w->rows, x, w->cols, w->q4, n);
     else if (w->q4)
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);

@@ -489,7 +489,7 @@ void cpm_model_set_allreduce_backend(cpm_model *m, const cpm_allreduce_backend *
 
 static bool sparse_ffn_wanted(const cpm_model *m, const cpm_model_opts *o) {
     return m->hp.act == CPM_ACT_FATRELU && m->ffn == CPM_FFN_GATED && !o->ffn_dense &&
-           !o->act_bf16 && m->hp.quant == CPM_QUANT_NONE;
+           !o->act_bf16 && !o->act_int8 && m->hp.quant == CPM_QUANT_NONE;
 }
 
 static bool sparse_ffn_possible(const cpm_model *m) {
@@ -618,7 +618,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     m->tp_rank = o.tp_rank;
     m->tp_size = o.tp_size;
     m->keep_bf16 = o.keep_bf16;
-    m->act_bf16 = o.act_bf16;
+    m->act_bf16 = o.act_bf16 || o.act_int8;
+    m->act_int8 = o.act_int8;
     m->ffn_sparse = sparse_ffn_wanted(m, &o);
     fill_info(m, &o);
     cpm_hparams full = m->hp; /* the checkpoint's shapes; m->hp becomes this rank's */

@@ -45,6 +45,9 @@ typedef struct cpm_model_opts {
                              rounded to bf16 too where VDPBF16PS runs):
                              faster prefill, less exact logits (default false: exact f32;
                              docs/KERNELS.md has the measured error) */
+    bool act_int8;        /* int4 weights meet activations quantized to int8 per 32
+                             (cpm_matmul_q4_q8x, as llama.cpp's Q4_0 meets Q8_0); every
+                             other weight as act_bf16, which this implies (default false) */
     bool lm_head_int8;    /* quantize the output layer to int8 with a scale per 32 at load
                              (matmul_q8.h): half the bytes a decode token reads for it, lossy
                              (default false: the checkpoint's own weights) */
