@@ -580,6 +580,39 @@ static void test_q8x_row_bits_independent_of_batch(void **state) {
     cpm_pool_free(p3);
 }
 
+/* Halves round to even in every ISA's quantization: a block whose largest |x| is
+ * 127 has scale 1, so x = n + 0.5 must become the even neighbour. */
+static void test_q8x_ties_to_even(void **state) {
+    (void)state;
+    qshape s = {3, 24, 256, 64, 0, 0, 0}; /* no act-order: blocks are columns 32i.. */
+    raw r = make_raw(s, CPM_Q4_GPTQ);
+    for (int k = 0; k < s.M * s.K; k++)
+        r.x[k] = k % 32 == 5 ? -127.0f : (float)((k * 7) % 200 - 100) + 0.5f;
+    float *xq = malloc((size_t)s.K * sizeof *xq);
+    assert_non_null(xq);
+    assert_int_equal(cpm_q4_q8x_dequant_x(r.w, r.x, xq), 0);
+    for (int k = 0; k < s.K; k++) {
+        float lo = floorf(r.x[k]), want = r.x[k];
+        if (lo != r.x[k]) /* n + 0.5: the even one of n, n + 1 */
+            want = ((long)lo & 1) == 0 ? lo : lo + 1.0f;
+        assert_true(xq[k] == want);
+    }
+    cpm_isa_force(CPM_ISA_SCALAR);
+    float *base = run_q8x(NULL, &r, 0, s.M);
+    check_q8x(&r, base);
+    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
+        if (cpm_isa_force(isas[a]) != isas[a])
+            continue;
+        float *y = run_q8x(NULL, &r, 0, s.M);
+        assert_memory_equal(y, base, (size_t)s.M * s.N * sizeof *y);
+        free(y);
+    }
+    cpm_isa_force(cpm_isa_detect());
+    free(base);
+    free(xq);
+    free_raw(&r);
+}
+
 /* A NaN in x makes its row's outputs NaN, not a quiet number; other rows are untouched. */
 static void test_q8x_nan_is_loud(void **state) {
     (void)state;
@@ -613,6 +646,7 @@ int main(void) {
         cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
         cmocka_unit_test(test_q8x_every_isa),
         cmocka_unit_test(test_q8x_row_bits_independent_of_batch),
+        cmocka_unit_test(test_q8x_ties_to_even),
         cmocka_unit_test(test_q8x_nan_is_loud),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

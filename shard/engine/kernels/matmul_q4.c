@@ -437,9 +437,23 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
 
 /* ---- int8 activations ---- */
 
+static bool q8x_vnni(void) {
+#if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
+    return cpm_isa_in_effect() >= CPM_ISA_AVX512 && cpm_cpu_has_int8_dot();
+#else
+    return false;
+#endif
+}
+
 static void q8x_prepare_rows(const q4_run *r, int lo, int hi) {
     if (r->job.w->gather)
         gather_rows(r, lo, hi);
+#if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
+    if (q8x_vnni()) {
+        cpm_q4_q8x_pack_vnni(&r->job, lo, hi);
+        return;
+    }
+#endif
     cpm_q4_q8x_pack(&r->job, lo, hi);
 }
 
@@ -447,7 +461,7 @@ static cpm_q4_kernel pick_q8x_kernel(void) {
 #if X86_KERNELS
     cpm_isa isa = cpm_isa_in_effect();
 #if defined(CPM_HAVE_VNNI_KERNEL)
-    if (isa >= CPM_ISA_AVX512 && cpm_cpu_has_int8_dot())
+    if (q8x_vnni())
         return cpm_q4_mm_q8x_vnni;
 #endif
     if (isa >= CPM_ISA_AVX2)

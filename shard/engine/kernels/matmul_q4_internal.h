@@ -107,6 +107,7 @@ void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, floa
  * job->xq; then the kernels, all giving the same bits (the VNNI one needs
  * AVX-512 VNNI, cpm_cpu_has_int8_dot). */
 void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1);
+void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1); /* the same bytes */
 void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 void cpm_q4_mm_q8x_avx2(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 void cpm_q4_mm_q8x_vnni(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);

@@ -11,6 +11,7 @@
  * go through x in chunks that stay in L2 (CHUNK_M rows).
  */
 #include <immintrin.h>
+#include <string.h>
 
 #include "matmul_q4_internal.h"
 #include "reduce_avx512.h"
@@ -28,6 +29,63 @@ typedef struct q8x_ctx {
     size_t per_row;     /* steps per x row */
     size_t row_bytes;   /* nibble bytes per weight row */
 } q8x_ctx;
+
+/* ---- x into steps: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
+
+/* One block of 32 packed positions into slot b of st: CVTPS2DQ rounds to
+ * nearest even, as the portable code's round_even does. */
+INLINE void quantize_block(const float *x, cpm_q4_xstep *st, int b) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
+    __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
+    __m512 aa = _mm512_andnot_ps(sign, a), ca = _mm512_andnot_ps(sign, c);
+    __mmask16 finite = _mm512_cmp_ps_mask(aa, inf, _CMP_LT_OQ) &
+                       _mm512_cmp_ps_mask(ca, inf, _CMP_LT_OQ);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ca));
+    float scale = amax / 127.0f;
+    __m128i qa = _mm_setzero_si128(), qc = _mm_setzero_si128();
+    if (finite != 0xffff) {
+        scale = __builtin_nanf("");
+    } else if (amax > 0.0f) {
+        __m512 inv = _mm512_set1_ps(127.0f / amax);
+        qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+        qc = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(c, inv)));
+    }
+    _mm_storeu_si128((__m128i *)(st->lo + 16 * b), qa);
+    _mm_storeu_si128((__m128i *)(st->hi + 16 * b), qc);
+    _mm_storeu_ps(st->scale + 4 * b, _mm_set1_ps(scale));
+}
+
+/* The lanes' sums of the 8 int8 values each meets, once the step is filled. */
+INLINE void step_sums(cpm_q4_xstep *st) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(st->lo));
+    d = _mm512_dpbusd_epi32(d, ones, _mm512_loadu_si512(st->hi));
+    _mm512_storeu_ps(st->sum, _mm512_cvtepi32_ps(d));
+}
+
+void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
+    const cpm_q4 *w = job->w;
+    const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
+    const size_t per_row = (size_t)w->G * (size_t)steps;
+    for (int m = m0; m < m1; m++) {
+        const float *x = job->x + (size_t)m * job->ldx;
+        cpm_q4_xstep *out = job->xq + (size_t)m * per_row;
+        for (int g = 0; g < w->G; g++) {
+            for (int s = 0; s < steps; s++) {
+                cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)s;
+                const int nb = blocks - 4 * s < 4 ? blocks - 4 * s : 4;
+                if (nb < 4)
+                    memset(st, 0, sizeof *st);
+                for (int b = 0; b < nb; b++)
+                    quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)(4 * s + b) * CPM_Q4_BLOCK,
+                                   st, b);
+                step_sums(st);
+            }
+        }
+    }
+}
+
+/* ---- the kernel ---- */
 
 /* Bytes of step st that hold blocks of the group (the rest reads as zero). */
 INLINE __mmask64 step_mask(const q8x_ctx *c, int st) {
