@@ -12,7 +12,7 @@
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
 #   REPS              rounds per format (default 3); each cell is the median
 #   THREADS           threads for both engines (default 2)
-#   FORMATS           subset of "bf16 bf16x f16 f16x int4 int4x int4x8" (default all); bf16x is
+#   FORMATS           subset of "bf16 bf16x f16 f16x int4 int4x int4x8 int4q8" (default all); bf16x is
 #                     our BF16 checkpoint run with --activations bf16 (x rounded to
 #                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF;
 #                     f16x our F16 checkpoint with --activations bf16 (weights rounded
@@ -20,7 +20,9 @@
 #                     int4x our GPTQ checkpoint with --activations bf16 against the
 #                     same Q4_0 (which meets activations quantized to 8 bits, Q8_0);
 #                     int4x8 the same with --lm-head int8 (our output layer quantized
-#                     to 8 bits at load, as llama-quantize makes Q4_0's Q6_K)
+#                     to 8 bits at load, as llama-quantize makes Q4_0's Q6_K);
+#                     int4q8 that with --activations int8 (x quantized to int8 per 32
+#                     for the int4 weights, as Q4_0 meets Q8_0: like for like)
 #
 # Int4 is GPTQ int4, group 128, act-order (ours; embeddings stay BF16) against
 # llama.cpp's Q4_0 made by llama-quantize from the F16 GGUF (its tied
@@ -48,7 +50,7 @@ llama=${LLAMACPP_DIR:-/work/peers/llama.cpp}
 models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
 reps=${REPS:-3}
 threads=${THREADS:-2}
-formats=${FORMATS:-bf16 bf16x f16 f16x int4 int4x int4x8}
+formats=${FORMATS:-bf16 bf16x f16 f16x int4 int4x int4x8 int4q8}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -112,7 +114,7 @@ for f in $formats; do
     bf16 | f16) need_ckpt "$f"; need_gguf "$f" ;;
     bf16x) need_ckpt bf16; need_gguf bf16 ;;
     f16x) need_ckpt f16; need_gguf f16 ;;
-    int4 | int4x | int4x8)
+    int4 | int4x | int4x8 | int4q8)
         need_ckpt gptq
         if [ ! -f "$(gguf int4)" ]; then
             need_gguf f16
@@ -120,7 +122,7 @@ for f in $formats; do
             "$lquant" "$(gguf f16)" "$(gguf int4)" Q4_0 >/dev/null 2>&1 || die "llama-quantize failed"
         fi
         ;;
-    *) die "unknown format $f (bf16, bf16x, f16, f16x, int4, int4x, int4x8)" ;;
+    *) die "unknown format $f (bf16, bf16x, f16, f16x, int4, int4x, int4x8, int4q8)" ;;
     esac
 done
 
@@ -133,7 +135,7 @@ samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
     local d pp tg mb act=exact head=stored
     d=$(ckpt "$1")
-    case $1 in bf16x | f16x | int4x) act=bf16 ;; int4x8) act=bf16 head=int8 ;; esac
+    case $1 in bf16x | f16x | int4x) act=bf16 ;; int4x8) act=bf16 head=int8 ;; int4q8) act=int8 head=int8 ;; esac
     # bench_engine's result row: threads, ffn, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
@@ -225,7 +227,8 @@ for f in $formats; do
         l=$(median "$f" llama "$t")
         awk -v f="$f" -v t="$t" -v o="$o" -v l="$l" -v bw="$bw" -v ob="$ob" -v lb="$lb" 'BEGIN {
             name = (f == "int4") ? "int4 (GPTQ g128 / Q4_0)" : (f == "int4x") ? "int4x (same, bf16 act.)" \
-                 : (f == "int4x8") ? "int4x8 (+ int8 lm_head)" : f
+                 : (f == "int4x8") ? "int4x8 (+ int8 lm_head)" \
+                 : (f == "int4q8") ? "int4q8 (int8 act. + lm_head)" : f
             ratio = (l > 0) ? sprintf("%.2f", o / l) : "-"
             ro = "-"; rl = "-"
             if (t ~ /^tg/) {
