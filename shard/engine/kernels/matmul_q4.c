@@ -185,7 +185,12 @@ int cpm_q4_new(const cpm_q4_gptq *s, cpm_q4 **ret, int *ret_bad) {
         return rc;
     }
     w->gather = w->src_k != NULL || w->gp != w->gs;
-    w->nib = calloc((size_t)w->N, (size_t)w->Kp / 2);
+    /* 64-byte aligned: a step of the int8-activation kernel is one whole cache line */
+    size_t nib_bytes = (size_t)w->N * ((size_t)w->Kp / 2);
+    if (posix_memalign((void **)&w->nib, 64, nib_bytes))
+        w->nib = NULL;
+    else
+        memset(w->nib, 0, nib_bytes);
     w->scale = malloc((size_t)w->N * (size_t)w->G * sizeof *w->scale);
     w->zero = malloc((size_t)w->N * (size_t)w->G);
     if (!w->nib || !w->scale || !w->zero) {
@@ -482,15 +487,17 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
     size_t Kp = (size_t)w->Kp;
     size_t xf = w->gather ? (size_t)M * Kp * sizeof(float) : 0; /* f32 x in packed order */
     size_t xq = (size_t)M * q8x_steps_per_row(w) * sizeof(cpm_q4_xstep);
+    size_t xz = (size_t)M * (size_t)w->G * sizeof(float);
     void *owned;
-    char *buf = cpm_pool_buffer(pool, xf + xq, &owned);
+    char *buf = cpm_pool_buffer(pool, xf + xq + xz, &owned);
     if (!buf) {
         cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
         return;
     }
     q4_run r = {
         .job = {.w = w, .x = xf ? (const float *)buf : x, .ldx = xf ? Kp : (size_t)ldx, .y = y,
-                .ldy = (size_t)ldy, .M = M, .xq = (cpm_q4_xstep *)(buf + xf)},
+                .ldy = (size_t)ldy, .M = M, .xq = (cpm_q4_xstep *)(buf + xf),
+                .xz = (float *)(buf + xf + xq)},
         .kernel = pick_q8x_kernel(),
         .prepare = q8x_prepare_rows,
         .x = x,
@@ -505,12 +512,14 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
 int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out) {
     float *xp = malloc((size_t)w->Kp * sizeof *xp);
     cpm_q4_xstep *xq = malloc(q8x_steps_per_row(w) * sizeof *xq);
-    if (!xp || !xq) {
+    float *xz = malloc((size_t)w->G * sizeof *xz);
+    if (!xp || !xq || !xz) {
         free(xp);
         free(xq);
+        free(xz);
         return -1;
     }
-    q4_run r = {.job = {.w = w, .x = xp, .ldx = (size_t)w->Kp, .M = 1, .xq = xq},
+    q4_run r = {.job = {.w = w, .x = xp, .ldx = (size_t)w->Kp, .M = 1, .xq = xq, .xz = xz},
                 .x = x, .ldx = (size_t)w->K};
     gather_rows(&r, 0, 1);
     cpm_q4_q8x_pack(&r.job, 0, 1);
@@ -526,5 +535,6 @@ int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out) {
     }
     free(xp);
     free(xq);
+    free(xz);
     return 0;
 }

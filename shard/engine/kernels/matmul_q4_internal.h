@@ -50,26 +50,30 @@ struct cpm_q4 {
 /* ---- int8 activations (cpm_matmul_q4_q8x) ----
  *
  * x in packed order is quantized per block of 32 positions (scale = max|x| /
- * 127, q = x / scale rounded to nearest even) and laid out in steps: a step is
+ * 127, q8 = x / scale rounded to nearest even) and laid out in steps: a step is
  * up to 4 blocks of one group, the positions one 64-byte load of nibbles holds
- * (a group of gp positions takes cpm_q4_q8x_steps(w) steps; blocks past the
+ * (a group of gp positions takes cpm_q4_q8x_steps(gp) steps; blocks past the
  * group's end are zero). Slot b of a step holds its block's positions 0..15 at
  * lo[16b..], 16..31 at hi[16b..], matching the low and high nibbles of the
  * weight bytes 16b.. . A 32-bit lane l of the step (bytes 4l..4l+3, block l/4)
- * carries that block's scale and the sum of the 8 int8 values it meets.
+ * carries that block's scale. Per group, S_g = Σ over its blocks b in order of
+ * fma(scale_b, T_b, S) with T_b the (exact) sum of block b's int8 values: what
+ * the zero point multiplies.
  *
  * Summation order (the "q8x order"), shared by every ISA: for output (m, n),
- * A[16] = 0; for each group g (zero z, scale s) and each step in order, per
- * lane: d = Σ of the lane's 8 products q·x8 (an exact int32), t = d − z·sum
- * (exact in f32), A = fma(t · scale, s, A). y = the 16-lane tree of
- * matmul_internal.h over A. Integer dots make the order inside a lane free. */
+ * A[16] = 0; for each group g (scale s) and each step in order, per lane:
+ * d = Σ of the lane's 8 products q·q8 (an exact int32), A = fma(d · scale, s, A).
+ * Then C[16] = 0; for each group g (zero z, scale s): C[g mod 16] =
+ * fma(z · s, S_g, C[g mod 16]). y = the 16-lane tree of matmul_internal.h over
+ * A − C. Integer dots make the order inside a lane free, and taking the zero
+ * point out once per group (not per lane) keeps it out of the inner loop; the
+ * cancellation it risks is far below the int8 rounding of x. */
 #define CPM_Q4_Q8X_STEP 128 /* positions per step */
 
 typedef struct cpm_q4_xstep {
     int8_t lo[64];
     int8_t hi[64];
     float scale[16];
-    float sum[16];
 } cpm_q4_xstep;
 
 static inline int cpm_q4_q8x_steps(int gp) {
@@ -86,6 +90,7 @@ typedef struct cpm_q4_job {
     float *panels;    /* per thread cpm_q4_panel_floats(Kp) floats (prefill), or NULL */
     uint16_t *xh;     /* bf16 activations: x rounded to bf16, [M][Kp] (cpm_q4_bf16x_pack) */
     cpm_q4_xstep *xq; /* int8 activations: [M][G · cpm_q4_q8x_steps(gp)] (cpm_q4_q8x_pack) */
+    float *xz;        /* int8 activations: [M][G], S_g of each x row */
 } cpm_q4_job;
 
 /* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:
@@ -104,8 +109,8 @@ void cpm_q4_bf16x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 
 /* int8 activations: rows [m0, m1) of job->x (packed order) quantized into
- * job->xq; then the kernels, all giving the same bits (the VNNI one needs
- * AVX-512 VNNI, cpm_cpu_has_int8_dot). */
+ * job->xq and job->xz; then the kernels, all giving the same bits (the VNNI
+ * one needs AVX-512 VNNI, cpm_cpu_has_int8_dot). */
 void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1); /* the same bytes */
 void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);

@@ -23,8 +23,9 @@ static inline float round_even(float v) {
     return (v + 0x1.8p23f) - 0x1.8p23f;
 }
 
-/* One block of 32 packed positions into slot b of a step. */
-static void quantize_block(const float *x, cpm_q4_xstep *st, int b) {
+/* One block of 32 packed positions into slot b of a step; returns the sum of
+ * its int8 values. */
+static int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
     float amax = 0.0f;
     bool finite = true;
     for (int j = 0; j < CPM_Q4_BLOCK; j++) {
@@ -43,39 +44,45 @@ static void quantize_block(const float *x, cpm_q4_xstep *st, int b) {
     }
     memcpy(st->lo + 16 * b, q, 16);
     memcpy(st->hi + 16 * b, q + 16, 16);
-    for (int l = 4 * b; l < 4 * b + 4; l++) {
-        int sum = 0;
-        for (int i = 0; i < 4; i++)
-            sum += st->lo[4 * l + i] + st->hi[4 * l + i];
+    int sum = 0;
+    for (int j = 0; j < CPM_Q4_BLOCK; j++)
+        sum += q[j];
+    for (int l = 4 * b; l < 4 * b + 4; l++)
         st->scale[l] = scale;
-        st->sum[l] = (float)sum;
-    }
+    return sum;
 }
 
-/* x (packed order, Kp floats) into G · steps steps. */
-static void quantize_row(const cpm_q4 *w, const float *x, cpm_q4_xstep *out) {
+/* x (packed order, Kp floats) into G · steps steps and G sums S_g. */
+static void quantize_row(const cpm_q4 *w, const float *x, cpm_q4_xstep *out, float *xz) {
     const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
     memset(out, 0, (size_t)w->G * (size_t)steps * sizeof *out);
-    for (int g = 0; g < w->G; g++)
-        for (int k = 0; k < blocks; k++)
-            quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)k * CPM_Q4_BLOCK,
-                           out + (size_t)g * (size_t)steps + (size_t)(k / 4), k % 4);
+    for (int g = 0; g < w->G; g++) {
+        float S = 0.0f;
+        for (int k = 0; k < blocks; k++) {
+            cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)(k / 4);
+            int T = quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)k * CPM_Q4_BLOCK, st,
+                                   k % 4);
+            S = fmaf(st->scale[4 * (k % 4)], (float)T, S);
+        }
+        xz[g] = S;
+    }
 }
 
 void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1) {
     const size_t per_row = (size_t)job->w->G * (size_t)cpm_q4_q8x_steps(job->w->gp);
     for (int m = m0; m < m1; m++)
-        quantize_row(job->w, job->x + (size_t)m * job->ldx, job->xq + (size_t)m * per_row);
+        quantize_row(job->w, job->x + (size_t)m * job->ldx, job->xq + (size_t)m * per_row,
+                     job->xz + (size_t)m * (size_t)job->w->G);
 }
 
-/* One output: weight row n against x row m's steps, in the q8x order. */
-static float dot_row(const cpm_q4 *w, const cpm_q4_xstep *x, int n) {
+/* One output: weight row n against x row m's steps and sums, in the q8x order. */
+static float dot_row(const cpm_q4 *w, const cpm_q4_xstep *x, const float *xz, int n) {
     const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
     const uint8_t *row = w->nib + (size_t)n * (size_t)(w->Kp / 2);
-    float acc[16] = {0};
+    const float *scale = w->scale + (size_t)n * (size_t)w->G;
+    const uint8_t *zero = w->zero + (size_t)n * (size_t)w->G;
+    float acc[16] = {0}, corr[16] = {0};
     for (int g = 0; g < w->G; g++) {
-        const size_t at = (size_t)n * (size_t)w->G + (size_t)g;
-        const float z = (float)w->zero[at], s = w->scale[at];
         for (int st = 0; st < steps; st++) {
             const cpm_q4_xstep *xs = x + (size_t)g * (size_t)steps + (size_t)st;
             const uint8_t *nib = row + ((size_t)g * (size_t)w->gp + (size_t)st * CPM_Q4_Q8X_STEP) / 2;
@@ -84,12 +91,14 @@ static float dot_row(const cpm_q4 *w, const cpm_q4_xstep *x, int n) {
                 int32_t d = 0;
                 for (int i = 4 * l; i < 4 * l + 4 && l < lanes; i++)
                     d += (nib[i] & 15) * xs->lo[i] + (nib[i] >> 4) * xs->hi[i];
-                float t = fmaf(-z, xs->sum[l], (float)d);
-                float u = t * xs->scale[l];
-                acc[l] = fmaf(u, s, acc[l]);
+                acc[l] = fmaf((float)d * xs->scale[l], scale[g], acc[l]);
             }
         }
     }
+    for (int g = 0; g < w->G; g++)
+        corr[g % 16] = fmaf((float)zero[g] * scale[g], xz[g], corr[g % 16]);
+    for (int l = 0; l < 16; l++)
+        acc[l] -= corr[l];
     return cpm_mm_tree16(acc);
 }
 
@@ -99,5 +108,5 @@ void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1,
     for (int m = m0; m < m1; m++)
         for (int n = n0; n < n1; n++)
             job->y[(size_t)m * job->ldy + (size_t)n] =
-                dot_row(job->w, job->xq + (size_t)m * per_row, n);
+                dot_row(job->w, job->xq + (size_t)m * per_row, job->xz + (size_t)m * job->w->G, n);
 }

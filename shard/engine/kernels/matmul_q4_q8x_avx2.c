@@ -37,10 +37,26 @@ INLINE __m256i half_dot(__m256i v, const int8_t *xlo, const int8_t *xhi) {
     return _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones));
 }
 
-INLINE __m256 half_step(__m256i d, __m256 z, const float *sum, const float *scale, __m256 s,
-                        __m256 acc) {
-    __m256 t = _mm256_fnmadd_ps(z, _mm256_loadu_ps(sum), _mm256_cvtepi32_ps(d));
-    return _mm256_fmadd_ps(_mm256_mul_ps(t, _mm256_loadu_ps(scale)), s, acc);
+INLINE __m256 half_step(__m256i d, const float *scale, __m256 s, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(scale)), s, acc);
+}
+
+/* y of one x row and weight row n: the tree over A − C (the q8x order), C
+ * gathered 16 groups at a time into lanes g mod 16. */
+INLINE float finish(const cpm_q4 *w, int n, const float *xz, __m256 lo, __m256 hi) {
+    const uint8_t *zero = w->zero + (size_t)n * (size_t)w->G;
+    const float *scale = w->scale + (size_t)n * (size_t)w->G;
+    __m256 clo = _mm256_setzero_ps(), chi = _mm256_setzero_ps();
+    for (int g = 0; g < w->G; g += 16) {
+        float zs[16] = {0}, S[16] = {0};
+        for (int i = 0; i < 16 && g + i < w->G; i++) {
+            zs[i] = (float)zero[g + i] * scale[g + i];
+            S[i] = xz[g + i];
+        }
+        clo = _mm256_fmadd_ps(_mm256_loadu_ps(zs), _mm256_loadu_ps(S), clo);
+        chi = _mm256_fmadd_ps(_mm256_loadu_ps(zs + 8), _mm256_loadu_ps(S + 8), chi);
+    }
+    return cpm_reduce16_avx2(_mm256_sub_ps(lo, clo), _mm256_sub_ps(hi, chi));
 }
 
 /* y[m, n + j] for j < nr: one x row against nr weight rows. */
@@ -58,20 +74,19 @@ INLINE void tile(const int nr, const cpm_q4_job *job, int m, int n) {
             const size_t off = ((size_t)g * (size_t)w->gp + (size_t)st * CPM_Q4_Q8X_STEP) / 2;
             const int nb = blocks - 4 * st < 4 ? blocks - 4 * st : 4;
             for (int j = 0; j < nr; j++) {
-                const size_t at = (size_t)(n + j) * (size_t)w->G + (size_t)g;
-                const __m256 z = _mm256_set1_ps((float)w->zero[at]);
-                const __m256 s = _mm256_set1_ps(w->scale[at]);
+                const __m256 s = _mm256_set1_ps(w->scale[(size_t)(n + j) * (size_t)w->G + (size_t)g]);
                 const uint8_t *b = w->nib + (size_t)(n + j) * row_bytes + off;
                 _mm_prefetch((const char *)b + 8192, _MM_HINT_T0);
                 __m256i d0 = half_dot(load_half(b, nb, 0), xs->lo, xs->hi);
                 __m256i d1 = half_dot(load_half(b, nb, 1), xs->lo + 32, xs->hi + 32);
-                lo[j] = half_step(d0, z, xs->sum, xs->scale, s, lo[j]);
-                hi[j] = half_step(d1, z, xs->sum + 8, xs->scale + 8, s, hi[j]);
+                lo[j] = half_step(d0, xs->scale, s, lo[j]);
+                hi[j] = half_step(d1, xs->scale + 8, s, hi[j]);
             }
         }
     }
     for (int j = 0; j < nr; j++)
-        job->y[(size_t)m * job->ldy + (size_t)(n + j)] = cpm_reduce16_avx2(lo[j], hi[j]);
+        job->y[(size_t)m * job->ldy + (size_t)(n + j)] =
+            finish(w, n + j, job->xz + (size_t)m * (size_t)w->G, lo[j], hi[j]);
 }
 
 /* Each step of NR weight rows meets every x row of a chunk while its nibbles

@@ -11,6 +11,8 @@
  * go through x in chunks that stay in L2 (CHUNK_M rows).
  */
 #include <immintrin.h>
+#include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "matmul_q4_internal.h"
@@ -21,6 +23,7 @@
 #define MR 4       /* x rows per tile */
 #define NR 4       /* weight rows per tile */
 #define CHUNK_M 32 /* x rows whose steps stay in L2 while the weight rows go by */
+#define PRELOAD_M 2 /* up to this many x rows are held in registers through a step */
 
 typedef struct q8x_ctx {
     const cpm_q4 *w;
@@ -32,9 +35,9 @@ typedef struct q8x_ctx {
 
 /* ---- x into steps: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
 
-/* One block of 32 packed positions into slot b of st: CVTPS2DQ rounds to
- * nearest even, as the portable code's round_even does. */
-INLINE void quantize_block(const float *x, cpm_q4_xstep *st, int b) {
+/* One block of 32 packed positions into slot b of st; returns the sum of its
+ * int8 values. CVTPS2DQ rounds to nearest even, as the portable round_even. */
+INLINE int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
     const __m512 sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
     __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
     __m512 aa = _mm512_andnot_ps(sign, a), ca = _mm512_andnot_ps(sign, c);
@@ -42,25 +45,18 @@ INLINE void quantize_block(const float *x, cpm_q4_xstep *st, int b) {
                        _mm512_cmp_ps_mask(ca, inf, _CMP_LT_OQ);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ca));
     float scale = amax / 127.0f;
-    __m128i qa = _mm_setzero_si128(), qc = _mm_setzero_si128();
+    __m512i qa = _mm512_setzero_si512(), qc = _mm512_setzero_si512();
     if (finite != 0xffff) {
         scale = __builtin_nanf("");
     } else if (amax > 0.0f) {
         __m512 inv = _mm512_set1_ps(127.0f / amax);
-        qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
-        qc = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(c, inv)));
+        qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
+        qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, inv));
     }
-    _mm_storeu_si128((__m128i *)(st->lo + 16 * b), qa);
-    _mm_storeu_si128((__m128i *)(st->hi + 16 * b), qc);
+    _mm_storeu_si128((__m128i *)(st->lo + 16 * b), _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(st->hi + 16 * b), _mm512_cvtsepi32_epi8(qc));
     _mm_storeu_ps(st->scale + 4 * b, _mm_set1_ps(scale));
-}
-
-/* The lanes' sums of the 8 int8 values each meets, once the step is filled. */
-INLINE void step_sums(cpm_q4_xstep *st) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(st->lo));
-    d = _mm512_dpbusd_epi32(d, ones, _mm512_loadu_si512(st->hi));
-    _mm512_storeu_ps(st->sum, _mm512_cvtepi32_ps(d));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
 }
 
 void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
@@ -70,17 +66,18 @@ void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
     for (int m = m0; m < m1; m++) {
         const float *x = job->x + (size_t)m * job->ldx;
         cpm_q4_xstep *out = job->xq + (size_t)m * per_row;
+        float *xz = job->xz + (size_t)m * (size_t)w->G;
         for (int g = 0; g < w->G; g++) {
-            for (int s = 0; s < steps; s++) {
-                cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)s;
-                const int nb = blocks - 4 * s < 4 ? blocks - 4 * s : 4;
-                if (nb < 4)
-                    memset(st, 0, sizeof *st);
-                for (int b = 0; b < nb; b++)
-                    quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)(4 * s + b) * CPM_Q4_BLOCK,
-                                   st, b);
-                step_sums(st);
+            float S = 0.0f;
+            for (int k = 0; k < blocks; k++) {
+                cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)(k / 4);
+                if (k % 4 == 0 && blocks - k < 4)
+                    memset(st, 0, sizeof *st); /* a step the group does not fill */
+                int T = quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)k * CPM_Q4_BLOCK,
+                                       st, k % 4);
+                S = fmaf(st->scale[4 * (k % 4)], (float)T, S);
             }
+            xz[g] = S;
         }
     }
 }
@@ -93,9 +90,23 @@ INLINE __mmask64 step_mask(const q8x_ctx *c, int st) {
     return b >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * b)) - 1);
 }
 
+/* The zero points' share of y[i, j] (C of the q8x order), 16 groups a vector. */
+INLINE __m512 zero_share(const cpm_q4 *w, int n, const float *xz) {
+    __m512 C = _mm512_setzero_ps();
+    const uint8_t *zero = w->zero + (size_t)n * (size_t)w->G;
+    const float *scale = w->scale + (size_t)n * (size_t)w->G;
+    for (int g = 0; g < w->G; g += 16) {
+        const __mmask16 k = w->G - g >= 16 ? 0xffff : (__mmask16)((1u << (w->G - g)) - 1);
+        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zero + g)));
+        __m512 zs = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, scale + g));
+        C = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(k, xz + g), C);
+    }
+    return C;
+}
+
 /* y[i, j] for i < mr x rows (their steps per_row apart), j < nr weight rows from n. */
-INLINE void tile(const int mr, const int nr, const q8x_ctx *c, const cpm_q4_xstep *x, int n,
-                 float *y, size_t ldy) {
+INLINE void tile(const int mr, const int nr, const q8x_ctx *c, const cpm_q4_xstep *x,
+                 const float *xz, int n, float *y, size_t ldy) {
     const cpm_q4 *w = c->w;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc[MR][NR];
@@ -103,16 +114,22 @@ INLINE void tile(const int mr, const int nr, const q8x_ctx *c, const cpm_q4_xste
         for (int j = 0; j < nr; j++)
             acc[i][j] = _mm512_setzero_ps();
     for (int g = 0; g < w->G; g++) {
-        __m512 zf[NR], sv[NR];
-        for (int j = 0; j < nr; j++) {
-            size_t at = (size_t)(n + j) * (size_t)w->G + (size_t)g;
-            zf[j] = _mm512_set1_ps((float)w->zero[at]);
-            sv[j] = _mm512_set1_ps(w->scale[at]);
-        }
+        __m512 sv[NR];
+        for (int j = 0; j < nr; j++)
+            sv[j] = _mm512_set1_ps(w->scale[(size_t)(n + j) * (size_t)w->G + (size_t)g]);
         for (int st = 0; st < c->steps; st++) {
             const __mmask64 mask = step_mask(c, st);
             const cpm_q4_xstep *xs = x + (size_t)g * (size_t)c->steps + (size_t)st;
             const size_t off = ((size_t)g * (size_t)w->gp + (size_t)st * CPM_Q4_Q8X_STEP) / 2;
+            /* x in registers across the weight rows: the 512-bit loads, not the
+             * arithmetic, bound a decode step that reloads them per row */
+            __m512i xl[PRELOAD_M], xh[PRELOAD_M];
+            __m512 xsc[PRELOAD_M];
+            for (int i = 0; i < mr && mr <= PRELOAD_M; i++) {
+                xl[i] = _mm512_loadu_si512(xs[(size_t)i * c->per_row].lo);
+                xh[i] = _mm512_loadu_si512(xs[(size_t)i * c->per_row].hi);
+                xsc[i] = _mm512_loadu_ps(xs[(size_t)i * c->per_row].scale);
+            }
             for (int j = 0; j < nr; j++) {
                 const uint8_t *b = w->nib + (size_t)(n + j) * c->row_bytes + off;
                 /* rows lie end to end: fetch well ahead of a short row's end */
@@ -122,31 +139,34 @@ INLINE void tile(const int mr, const int nr, const q8x_ctx *c, const cpm_q4_xste
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int i = 0; i < mr; i++) {
                     const cpm_q4_xstep *xi = xs + (size_t)i * c->per_row;
+                    const bool pre = mr <= PRELOAD_M;
                     __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                    _mm512_loadu_si512(xi->lo));
-                    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xi->hi));
-                    __m512 t = _mm512_fnmadd_ps(zf[j], _mm512_loadu_ps(xi->sum),
-                                                _mm512_cvtepi32_ps(d));
-                    acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(t, _mm512_loadu_ps(xi->scale)),
-                                                sv[j], acc[i][j]);
+                                                    pre ? xl[i] : _mm512_loadu_si512(xi->lo));
+                    d = _mm512_dpbusd_epi32(d, hi, pre ? xh[i] : _mm512_loadu_si512(xi->hi));
+                    __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(d),
+                                             pre ? xsc[i] : _mm512_loadu_ps(xi->scale));
+                    acc[i][j] = _mm512_fmadd_ps(u, sv[j], acc[i][j]);
                 }
             }
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++)
-            y[(size_t)i * ldy + j] = cpm_reduce16_avx512(acc[i][j]);
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mr; i++) {
+            __m512 C = zero_share(w, n + j, xz + (size_t)i * (size_t)w->G);
+            y[(size_t)i * ldy + j] = cpm_reduce16_avx512(_mm512_sub_ps(acc[i][j], C));
+        }
 }
 
 /* x rows [m, m + mr) against weight rows [n, n + NR). */
 INLINE void tile_rows(const q8x_ctx *c, const cpm_q4_job *job, int m, int mr, int n) {
     const cpm_q4_xstep *x = job->xq + (size_t)m * c->per_row;
+    const float *xz = job->xz + (size_t)m * (size_t)c->w->G;
     float *y = job->y + (size_t)m * job->ldy + n;
     switch (mr) { /* constant tile sizes: the accumulators stay in registers */
-    case 4: tile(4, NR, c, x, n, y, job->ldy); break;
-    case 3: tile(3, NR, c, x, n, y, job->ldy); break;
-    case 2: tile(2, NR, c, x, n, y, job->ldy); break;
-    default: tile(1, NR, c, x, n, y, job->ldy); break;
+    case 4: tile(4, NR, c, x, xz, n, y, job->ldy); break;
+    case 3: tile(3, NR, c, x, xz, n, y, job->ldy); break;
+    case 2: tile(2, NR, c, x, xz, n, y, job->ldy); break;
+    default: tile(1, NR, c, x, xz, n, y, job->ldy); break;
     }
 }
 
@@ -164,7 +184,8 @@ void cpm_q4_mm_q8x_vnni(const cpm_q4_job *job, int m0, int m1, int n0, int n1, f
                 tile_rows(&c, job, m, mc1 - m < MR ? mc1 - m : MR, n);
         for (; n < n1; n++)
             for (int m = mc; m < mc1; m++)
-                tile(1, 1, &c, job->xq + (size_t)m * c.per_row, n,
+                tile(1, 1, &c, job->xq + (size_t)m * c.per_row,
+                     job->xz + (size_t)m * (size_t)job->w->G, n,
                      job->y + (size_t)m * job->ldy + n, job->ldy);
     }
 }
