@@ -473,8 +473,38 @@ static float *run_q8x(cpm_pool *pool, const raw *r, int m0, int M) {
     assert_non_null(y);
     for (int i = 0; i < M * ldy; i++)
         y[i] = 12345.0f;
+    assert_int_equal(cpm_q4_to_panels(r->w), 0); /* the layout it runs on (idempotent) */
     cpm_matmul_q4_q8x(pool, y, ldy, r->x + (size_t)m0 * ldx, ldx, r->w, M);
     return y;
+}
+
+/* The panel layout holds the same weights (cpm_q4_dequant_row reads both), and
+ * the kernels made for the row layout refuse it loudly. */
+static void test_q8x_panel_layout(void **state) {
+    (void)state;
+    for (int i = 0; i < 2 * NSHAPES; i++) {
+        raw r = make_case(i);
+        size_t K = (size_t)r.s.K;
+        float *before = malloc((size_t)r.s.N * K * sizeof *before), *after = malloc(K * sizeof *after);
+        assert_true(before && after);
+        for (int n = 0; n < r.s.N; n++)
+            cpm_q4_dequant_row(r.w, n, before + (size_t)n * K);
+        assert_false(cpm_q4_panelled(r.w));
+        assert_int_equal(cpm_q4_to_panels(r.w), 0);
+        assert_true(cpm_q4_panelled(r.w));
+        for (int n = 0; n < r.s.N; n++) {
+            cpm_q4_dequant_row(r.w, n, after);
+            assert_memory_equal(after, before + (size_t)n * K, K * sizeof *after);
+        }
+        float *y = run(NULL, &r);
+        for (int m = 0; m < r.s.M; m++)
+            for (int n = 0; n < r.s.N; n++)
+                assert_true(isnan(y[(size_t)m * (r.s.N + r.s.pad_y) + n]));
+        free(y);
+        free(before);
+        free(after);
+        free_raw(&r);
+    }
 }
 
 /* x as the kernel sees it is x to within half a step of its block's scale,
@@ -644,6 +674,7 @@ int main(void) {
         cmocka_unit_test(test_ref_1b_shape),
         cmocka_unit_test(test_bf16x_against_rounded_ref),
         cmocka_unit_test(test_bf16x_row_bits_independent_of_batch),
+        cmocka_unit_test(test_q8x_panel_layout),
         cmocka_unit_test(test_q8x_every_isa),
         cmocka_unit_test(test_q8x_row_bits_independent_of_batch),
         cmocka_unit_test(test_q8x_ties_to_even),

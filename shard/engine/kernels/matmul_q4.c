@@ -222,13 +222,18 @@ size_t cpm_q4_bytes(const cpm_q4 *w) {
 void cpm_q4_dequant_row(const cpm_q4 *w, int n, float *out) {
     const uint8_t *row = w->nib + (size_t)n * (size_t)w->Kp / 2;
     for (int g = 0; g < w->G; g++) {
-        size_t at = (size_t)n * (size_t)w->G + (size_t)g;
+        size_t at = w->panels ? cpm_q4_panel_meta(w, n, g) : (size_t)n * (size_t)w->G + (size_t)g;
         float s = w->scale[at];
         int z = w->zero[at];
         for (int i = 0; i < w->gs; i++) {
             size_t p = (size_t)g * (size_t)w->gp + (size_t)i;
-            uint8_t b = row[p / CPM_Q4_BLOCK * 16 + p % 16];
-            int q = p % CPM_Q4_BLOCK >= 16 ? b >> 4 : b & 15;
+            int q;
+            if (w->panels) {
+                q = cpm_q4_panel_q(w, n, (int)p);
+            } else {
+                uint8_t b = row[p / CPM_Q4_BLOCK * 16 + p % 16];
+                q = p % CPM_Q4_BLOCK >= 16 ? b >> 4 : b & 15;
+            }
             int sp = g * w->gs + i;
             out[w->src_k ? w->src_k[sp] : sp] = (float)(q - z) * s;
         }
@@ -345,6 +350,10 @@ void cpm_matmul_q4(cpm_pool *pool, float *y, int ldy, const float *x, int ldx, c
                    int M) {
     if (M <= 0)
         return;
+    if (w->panels) { /* laid out for cpm_matmul_q4_q8x only */
+        cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
+        return;
+    }
     int nt = cpm_pool_size(pool);
     size_t Kp = (size_t)w->Kp;
     size_t xg = w->gather ? (size_t)M * Kp : 0;
@@ -405,6 +414,10 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
                          const cpm_q4 *w, int M) {
     if (M <= 0)
         return;
+    if (w->panels) { /* laid out for cpm_matmul_q4_q8x only */
+        cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
+        return;
+    }
     bool dot = false;
 #if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
     dot = cpm_isa_in_effect() >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
@@ -475,8 +488,19 @@ static cpm_q4_kernel pick_q8x_kernel(void) {
     return cpm_q4_mm_q8x_scalar;
 }
 
-static size_t q8x_steps_per_row(const cpm_q4 *w) {
-    return (size_t)w->G * (size_t)cpm_q4_q8x_steps(w->gp);
+/* The int8 x of M rows: where each part sits in one buffer (byte offsets). */
+typedef struct q8x_bufs {
+    size_t xf, x8, xs, xz, bytes;
+} q8x_bufs;
+
+static q8x_bufs q8x_layout(const cpm_q4 *w, int M) {
+    const size_t Kp = (size_t)w->Kp, m = (size_t)M;
+    q8x_bufs b = {0};
+    b.x8 = w->gather ? m * Kp * sizeof(float) : 0; /* f32 x in packed order first */
+    b.xs = b.x8 + (m * Kp + 63) / 64 * 64;
+    b.xz = b.xs + m * (Kp / CPM_Q4_BLOCK) * sizeof(float);
+    b.bytes = b.xz + m * (size_t)w->G * sizeof(float);
+    return b;
 }
 
 void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
@@ -485,19 +509,18 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
         return;
     int nt = cpm_pool_size(pool);
     size_t Kp = (size_t)w->Kp;
-    size_t xf = w->gather ? (size_t)M * Kp * sizeof(float) : 0; /* f32 x in packed order */
-    size_t xq = (size_t)M * q8x_steps_per_row(w) * sizeof(cpm_q4_xstep);
-    size_t xz = (size_t)M * (size_t)w->G * sizeof(float);
-    void *owned;
-    char *buf = cpm_pool_buffer(pool, xf + xq + xz, &owned);
+    q8x_bufs b = q8x_layout(w, M);
+    void *owned = NULL;
+    char *buf = w->panels ? cpm_pool_buffer(pool, b.bytes, &owned) : NULL;
     if (!buf) {
         cpm_mm_fill_nan(y, (size_t)ldy, M, w->N);
         return;
     }
     q4_run r = {
-        .job = {.w = w, .x = xf ? (const float *)buf : x, .ldx = xf ? Kp : (size_t)ldx, .y = y,
-                .ldy = (size_t)ldy, .M = M, .xq = (cpm_q4_xstep *)(buf + xf),
-                .xz = (float *)(buf + xf + xq)},
+        .job = {.w = w, .x = w->gather ? (const float *)buf : x,
+                .ldx = w->gather ? Kp : (size_t)ldx, .y = y, .ldy = (size_t)ldy, .M = M,
+                .x8 = (int8_t *)(buf + b.x8), .xs = (float *)(buf + b.xs),
+                .xz = (float *)(buf + b.xz)},
         .kernel = pick_q8x_kernel(),
         .prepare = q8x_prepare_rows,
         .x = x,
@@ -510,31 +533,25 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
 }
 
 int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out) {
-    float *xp = malloc((size_t)w->Kp * sizeof *xp);
-    cpm_q4_xstep *xq = malloc(q8x_steps_per_row(w) * sizeof *xq);
-    float *xz = malloc((size_t)w->G * sizeof *xz);
-    if (!xp || !xq || !xz) {
-        free(xp);
-        free(xq);
-        free(xz);
+    q8x_bufs b = q8x_layout(w, 1);
+    size_t xf = (size_t)w->Kp * sizeof(float);
+    char *buf = malloc(xf + b.bytes); /* always gathered: packed order, padded groups */
+    if (!buf)
         return -1;
-    }
-    q4_run r = {.job = {.w = w, .x = xp, .ldx = (size_t)w->Kp, .M = 1, .xq = xq, .xz = xz},
+    q4_run r = {.job = {.w = w, .x = (const float *)buf, .ldx = (size_t)w->Kp, .M = 1,
+                        .x8 = (int8_t *)(buf + xf + b.x8), .xs = (float *)(buf + xf + b.xs),
+                        .xz = (float *)(buf + xf + b.xz)},
                 .x = x, .ldx = (size_t)w->K};
     gather_rows(&r, 0, 1);
     cpm_q4_q8x_pack(&r.job, 0, 1);
-    const int steps = cpm_q4_q8x_steps(w->gp);
     for (int g = 0; g < w->G; g++) {
         for (int i = 0; i < w->gs; i++) {
-            int blk = i / CPM_Q4_BLOCK, slot = blk % 4, j = i % CPM_Q4_BLOCK;
-            const cpm_q4_xstep *st = xq + (size_t)g * (size_t)steps + (size_t)(blk / 4);
-            int q = j < 16 ? st->lo[16 * slot + j] : st->hi[16 * slot + j - 16];
-            int sp = g * w->gs + i;
-            out[w->src_k ? w->src_k[sp] : sp] = (float)q * st->scale[4 * slot];
+            int p = g * w->gp + i, sp = g * w->gs + i;
+            out[w->src_k ? w->src_k[sp] : sp] = (float)r.job.x8[p] * r.job.xs[p / CPM_Q4_BLOCK];
         }
     }
-    free(xp);
-    free(xq);
-    free(xz);
+    free(buf);
     return 0;
 }
+
+int cpm_q4_panelled(const cpm_q4 *w) { return w->panels; }

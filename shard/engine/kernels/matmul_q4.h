@@ -97,15 +97,24 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
 
 /* The opt-in "int8 activations" precision (cpm-run --activations int8), as
  * llama.cpp's Q4_0 meets Q8_0: x (in packed order) quantized per block of 32
- * to int8 with an f32 scale max|x| / 127, rounded to nearest even; the
- * products of nibbles and int8 x summed exactly in int32 per lane of 8, the
- * group's zero point taken out in the integers, then the scales applied in
- * f32. VPDPBUSD with AVX-512 VNNI (cpm_cpu_has_int8_dot), AVX2 otherwise,
- * plain C below that: every one the same bits, and a row's bits depend only on
- * its x row and W. A NaN or inf in a block of x makes the outputs NaN. Buffers
- * and failure as cpm_matmul_q4; docs/KERNELS.md has the measured error. */
+ * to int8 with an f32 scale max|x| / 127, rounded to nearest even; each
+ * block's products of nibbles and int8 x summed exactly in int32, then the
+ * scales applied in f32 and the zero points taken out once per group. w must
+ * be in the panel layout (cpm_q4_to_panels), else y is NaN. VPDPBUSD with
+ * AVX-512 VNNI (cpm_cpu_has_int8_dot), AVX2 otherwise, plain C below that:
+ * every one the same bits, and a row's bits depend only on its x row and W.
+ * A NaN or inf in a block of x makes the outputs NaN. Buffers and failure as
+ * cpm_matmul_q4; docs/KERNELS.md has the measured error. */
 void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                        const cpm_q4 *w, int M);
+
+/* Rewrites w into the layout cpm_matmul_q4_q8x runs on (rows in panels of 16,
+ * matmul_q4_internal.h), in place; after it, cpm_matmul_q4 and
+ * cpm_matmul_q4_bf16x fill y with NaN. 0, or CPM_Q4_ENOMEM (w unchanged). */
+int cpm_q4_to_panels(cpm_q4 *w);
+
+/* Whether cpm_q4_to_panels ran on w. */
+int cpm_q4_panelled(const cpm_q4 *w);
 
 /* x[K] as cpm_matmul_q4_q8x sees it (int8 times its block's scale), in the
  * original column order (tests). Returns 0, or -1 without memory. */

@@ -45,40 +45,37 @@ struct cpm_q4 {
     uint8_t *zero;    /* [N][G] effective zero point, 0..16 */
     int32_t *src_k;   /* [G * gs] original column of each sorted position; NULL = identity */
     int gather;       /* x must be permuted or padded into packed order before the kernel */
+    int panels;       /* cpm_q4_to_panels ran: the panel layout, cpm_matmul_q4_q8x only */
 };
 
-/* ---- int8 activations (cpm_matmul_q4_q8x) ----
+/* ---- int8 activations (cpm_matmul_q4_q8x): the panel layout ----
  *
- * x in packed order is quantized per block of 32 positions (scale = max|x| /
- * 127, q8 = x / scale rounded to nearest even) and laid out in steps: a step is
- * up to 4 blocks of one group, the positions one 64-byte load of nibbles holds
- * (a group of gp positions takes cpm_q4_q8x_steps(gp) steps; blocks past the
- * group's end are zero). Slot b of a step holds its block's positions 0..15 at
- * lo[16b..], 16..31 at hi[16b..], matching the low and high nibbles of the
- * weight bytes 16b.. . A 32-bit lane l of the step (bytes 4l..4l+3, block l/4)
- * carries that block's scale. Per group, S_g = Σ over its blocks b in order of
- * fma(scale_b, T_b, S) with T_b the (exact) sum of block b's int8 values: what
- * the zero point multiplies.
+ * cpm_q4_to_panels rewrites a weight for this kernel: rows in panels of 16 (N
+ * padded with zero rows), so that 32-bit lane r of a vector is row 16P + r of
+ * panel P. For panel P and block k of the packed row (positions 32k..32k+31),
+ * 256 bytes in 4 chunks of 64: chunk c holds, at bytes 4r..4r+3 for row r,
+ * positions 32k + 8c + i in the low nibble of byte i and 32k + 8c + 4 + i in
+ * the high one. AND 0x0f gives each row's 4 low positions as the unsigned bytes
+ * VPDPBUSD takes, a shift and the AND the 4 high ones, and each meets a
+ * broadcast of 4 int8 x values: 64 products per instruction, no shuffle, and a
+ * panel is one forward stream. scale and zero become [P][G][16].
  *
- * Summation order (the "q8x order"), shared by every ISA: for output (m, n),
- * A[16] = 0; for each group g (scale s) and each step in order, per lane:
- * d = Σ of the lane's 8 products q·q8 (an exact int32), A = fma(d · scale, s, A).
- * Then C[16] = 0; for each group g (zero z, scale s): C[g mod 16] =
- * fma(z · s, S_g, C[g mod 16]). y = the 16-lane tree of matmul_internal.h over
- * A − C. Integer dots make the order inside a lane free, and taking the zero
- * point out once per group (not per lane) keeps it out of the inner loop; the
+ * x in packed order is quantized per block of 32 positions (xs = max|x| / 127,
+ * q8 = x / xs rounded to nearest even), and per group S_g = Σ over its blocks
+ * in order of fma(xs_k, T_k, S), T_k the exact sum of block k's q8.
+ *
+ * Summation order (the "q8x order"), every ISA and batch: for output (m, n),
+ * A = 0; for each group g (scale s, zero z) and each of its blocks k in order,
+ * d = Σ of the block's 32 products q·q8 (an exact int32) and A = fma(d · xs_k,
+ * s, A); then C = 0 and for each group C = fma(z · s, S_g, C); y = A − C.
+ * Taking the zero point out once per group keeps it out of the inner loop; the
  * cancellation it risks is far below the int8 rounding of x. */
-#define CPM_Q4_Q8X_STEP 128 /* positions per step */
+#define CPM_Q4_PANEL 16 /* weight rows per panel: one per 32-bit lane of a zmm */
 
-typedef struct cpm_q4_xstep {
-    int8_t lo[64];
-    int8_t hi[64];
-    float scale[16];
-} cpm_q4_xstep;
-
-static inline int cpm_q4_q8x_steps(int gp) {
-    return (gp + CPM_Q4_Q8X_STEP - 1) / CPM_Q4_Q8X_STEP;
-}
+/* In a panel-layout weight: q of row n at packed position p, and the index of
+ * (row n, group g) in scale and zero. */
+int cpm_q4_panel_q(const cpm_q4 *w, int n, int p);
+size_t cpm_q4_panel_meta(const cpm_q4 *w, int n, int g);
 
 typedef struct cpm_q4_job {
     const cpm_q4 *w;
@@ -89,8 +86,9 @@ typedef struct cpm_q4_job {
     int M;
     float *panels;    /* per thread cpm_q4_panel_floats(Kp) floats (prefill), or NULL */
     uint16_t *xh;     /* bf16 activations: x rounded to bf16, [M][Kp] (cpm_q4_bf16x_pack) */
-    cpm_q4_xstep *xq; /* int8 activations: [M][G · cpm_q4_q8x_steps(gp)] (cpm_q4_q8x_pack) */
-    float *xz;        /* int8 activations: [M][G], S_g of each x row */
+    int8_t *x8;       /* int8 activations (cpm_q4_q8x_pack): [M][Kp] q8 in packed order, */
+    float *xs;        /* [M][Kp / 32] block scales, */
+    float *xz;        /* [M][G] S_g */
 } cpm_q4_job;
 
 /* y[m, n] for m in [m0, m1), n in [n0, n1); panel is this thread's (may be NULL:
@@ -109,8 +107,9 @@ void cpm_q4_bf16x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 
 /* int8 activations: rows [m0, m1) of job->x (packed order) quantized into
- * job->xq and job->xz; then the kernels, all giving the same bits (the VNNI
- * one needs AVX-512 VNNI, cpm_cpu_has_int8_dot). */
+ * job->x8, xs, xz; then the kernels over a panel-layout weight, all giving the
+ * same bits (the VNNI one needs AVX-512 VNNI, cpm_cpu_has_int8_dot). n0 is a
+ * multiple of CPM_Q4_PANEL. */
 void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1); /* the same bytes */
 void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);

@@ -1,31 +1,102 @@
 /* matmul_q4_q8x.c - int4 weights times x quantized to int8: the opt-in
  * "int8 activations" precision of cpm_matmul_q4_q8x (matmul_q4.h), the way
- * llama.cpp's Q4_0 meets Q8_0. Here: quantizing x into the step layout of
- * matmul_q4_internal.h, and the portable kernel every vector one must match
- * bit for bit (the q8x order).
+ * llama.cpp's Q4_0 meets Q8_0. Here: the panel layout (cpm_q4_to_panels),
+ * quantizing x, and the portable kernel every vector one must match bit for
+ * bit (the q8x order of matmul_q4_internal.h).
  *
- * Why it is fast: a weight's nibble is an unsigned byte after one AND or one
- * shift, and VPDPBUSD takes 64 byte products per instruction with no table
- * and no shuffle; the scale and zero point are applied once per 16 lanes per
- * step. The bf16 path needs a widening and a table permute per 32 weights.
+ * Why it is fast: with 16 weight rows across the lanes, a nibble is an
+ * unsigned byte after one AND or one shift, and VPDPBUSD does 64 byte products
+ * per instruction against 4 broadcast x values, with no table and no shuffle;
+ * scales apply once per block of 32 for 16 rows, the zero point once per
+ * group. The bf16 path needs a widening and a table permute per 32 weights.
  */
 #include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#include "matmul_internal.h"
 #include "matmul_q4_internal.h"
 
+/* ---- the panel layout ---- */
+
+/* Nibble q of row n, packed position p, in the row layout of cpm_q4_new. */
+static int row_q(const cpm_q4 *w, int n, int p) {
+    uint8_t b = w->nib[(size_t)n * (size_t)(w->Kp / 2) + (size_t)(p / CPM_Q4_BLOCK) * 16 +
+                       (size_t)(p % 16)];
+    return p % CPM_Q4_BLOCK >= 16 ? b >> 4 : b & 15;
+}
+
+/* Byte offset and shift of (row n, packed position p) in the panel layout. */
+static size_t panel_at(const cpm_q4 *w, int n, int p, int *shift) {
+    const int k = p / CPM_Q4_BLOCK, c = p % CPM_Q4_BLOCK / 8, i = p % 8;
+    *shift = i >= 4 ? 4 : 0;
+    return (((size_t)(n / CPM_Q4_PANEL) * (size_t)(w->Kp / CPM_Q4_BLOCK) + (size_t)k) * 4 +
+            (size_t)c) * 64 + (size_t)(n % CPM_Q4_PANEL) * 4 + (size_t)(i % 4);
+}
+
+int cpm_q4_panel_q(const cpm_q4 *w, int n, int p) {
+    int shift = 0;
+    return (w->nib[panel_at(w, n, p, &shift)] >> shift) & 15;
+}
+
+size_t cpm_q4_panel_meta(const cpm_q4 *w, int n, int g) {
+    return ((size_t)(n / CPM_Q4_PANEL) * (size_t)w->G + (size_t)g) * CPM_Q4_PANEL +
+           (size_t)(n % CPM_Q4_PANEL);
+}
+
+int cpm_q4_to_panels(cpm_q4 *w) {
+    if (w->panels)
+        return 0;
+    const size_t np = ((size_t)w->N + CPM_Q4_PANEL - 1) / CPM_Q4_PANEL;
+    const size_t nib_bytes = np * CPM_Q4_PANEL * ((size_t)w->Kp / 2);
+    const size_t meta = np * CPM_Q4_PANEL * (size_t)w->G;
+    uint8_t *nib = NULL;
+    if (posix_memalign((void **)&nib, 64, nib_bytes))
+        return CPM_Q4_ENOMEM;
+    float *scale = calloc(meta, sizeof *scale);
+    uint8_t *zero = calloc(meta, 1);
+    if (!scale || !zero) {
+        free(nib);
+        free(scale);
+        free(zero);
+        return CPM_Q4_ENOMEM;
+    }
+    memset(nib, 0, nib_bytes); /* padding rows: q = 0, scale 0 */
+    cpm_q4 out = *w;
+    out.nib = nib;
+    out.scale = scale;
+    out.zero = zero;
+    out.panels = 1;
+    for (int n = 0; n < w->N; n++) {
+        for (int p = 0; p < w->Kp; p++) {
+            int shift = 0;
+            size_t at = panel_at(&out, n, p, &shift);
+            nib[at] |= (uint8_t)(row_q(w, n, p) << shift);
+        }
+        for (int g = 0; g < w->G; g++) {
+            scale[cpm_q4_panel_meta(&out, n, g)] = w->scale[(size_t)n * (size_t)w->G + (size_t)g];
+            zero[cpm_q4_panel_meta(&out, n, g)] = w->zero[(size_t)n * (size_t)w->G + (size_t)g];
+        }
+    }
+    free(w->nib);
+    free(w->scale);
+    free(w->zero);
+    *w = out;
+    return 0;
+}
+
+/* ---- x ---- */
+
 /* v rounded to the nearest integer, ties to even, for |v| < 2^22: adding and
- * taking away 1.5 · 2^23 leaves no fraction bits (what CVTPS2DQ does). */
+ * taking away 1.5 · 2^23 leaves no fraction bits (what CVTPS2DQ does; this
+ * file is C17, so the compiler contracts nothing into an FMA). */
 static inline float round_even(float v) {
     return (v + 0x1.8p23f) - 0x1.8p23f;
 }
 
-/* One block of 32 packed positions into slot b of a step; returns the sum of
- * its int8 values. */
-static int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
+/* One block of 32 packed positions: q8 and the scale; returns the sum of q8. */
+static int quantize_block(const float *x, int8_t *q, float *ret_scale) {
     float amax = 0.0f;
     bool finite = true;
     for (int j = 0; j < CPM_Q4_BLOCK; j++) {
@@ -33,7 +104,7 @@ static int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
         amax = a > amax ? a : amax;
         finite = finite && isfinite(x[j]);
     }
-    int8_t q[CPM_Q4_BLOCK] = {0};
+    memset(q, 0, CPM_Q4_BLOCK);
     float scale = amax / 127.0f;
     if (!finite) {
         scale = NAN; /* a NaN or inf in x: the outputs say so */
@@ -42,71 +113,62 @@ static int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
         for (int j = 0; j < CPM_Q4_BLOCK; j++)
             q[j] = (int8_t)round_even(x[j] * inv);
     }
-    memcpy(st->lo + 16 * b, q, 16);
-    memcpy(st->hi + 16 * b, q + 16, 16);
     int sum = 0;
     for (int j = 0; j < CPM_Q4_BLOCK; j++)
         sum += q[j];
-    for (int l = 4 * b; l < 4 * b + 4; l++)
-        st->scale[l] = scale;
+    *ret_scale = scale;
     return sum;
 }
 
-/* x (packed order, Kp floats) into G · steps steps and G sums S_g. */
-static void quantize_row(const cpm_q4 *w, const float *x, cpm_q4_xstep *out, float *xz) {
-    const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
-    memset(out, 0, (size_t)w->G * (size_t)steps * sizeof *out);
-    for (int g = 0; g < w->G; g++) {
-        float S = 0.0f;
-        for (int k = 0; k < blocks; k++) {
-            cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)(k / 4);
-            int T = quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)k * CPM_Q4_BLOCK, st,
-                                   k % 4);
-            S = fmaf(st->scale[4 * (k % 4)], (float)T, S);
-        }
-        xz[g] = S;
-    }
-}
-
 void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1) {
-    const size_t per_row = (size_t)job->w->G * (size_t)cpm_q4_q8x_steps(job->w->gp);
-    for (int m = m0; m < m1; m++)
-        quantize_row(job->w, job->x + (size_t)m * job->ldx, job->xq + (size_t)m * per_row,
-                     job->xz + (size_t)m * (size_t)job->w->G);
-}
-
-/* One output: weight row n against x row m's steps and sums, in the q8x order. */
-static float dot_row(const cpm_q4 *w, const cpm_q4_xstep *x, const float *xz, int n) {
-    const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
-    const uint8_t *row = w->nib + (size_t)n * (size_t)(w->Kp / 2);
-    const float *scale = w->scale + (size_t)n * (size_t)w->G;
-    const uint8_t *zero = w->zero + (size_t)n * (size_t)w->G;
-    float acc[16] = {0}, corr[16] = {0};
-    for (int g = 0; g < w->G; g++) {
-        for (int st = 0; st < steps; st++) {
-            const cpm_q4_xstep *xs = x + (size_t)g * (size_t)steps + (size_t)st;
-            const uint8_t *nib = row + ((size_t)g * (size_t)w->gp + (size_t)st * CPM_Q4_Q8X_STEP) / 2;
-            const int lanes = 4 * (blocks - 4 * st < 4 ? blocks - 4 * st : 4);
-            for (int l = 0; l < 16; l++) {
-                int32_t d = 0;
-                for (int i = 4 * l; i < 4 * l + 4 && l < lanes; i++)
-                    d += (nib[i] & 15) * xs->lo[i] + (nib[i] >> 4) * xs->hi[i];
-                acc[l] = fmaf((float)d * xs->scale[l], scale[g], acc[l]);
+    const cpm_q4 *w = job->w;
+    const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
+    for (int m = m0; m < m1; m++) {
+        const float *x = job->x + (size_t)m * job->ldx;
+        int8_t *q = job->x8 + (size_t)m * Kp;
+        float *xs = job->xs + (size_t)m * nb, *xz = job->xz + (size_t)m * (size_t)w->G;
+        for (int g = 0; g < w->G; g++) {
+            float S = 0.0f;
+            for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
+                int T = quantize_block(x + k * CPM_Q4_BLOCK, q + k * CPM_Q4_BLOCK, &xs[k]);
+                S = fmaf(xs[k], (float)T, S);
             }
+            xz[g] = S;
         }
     }
-    for (int g = 0; g < w->G; g++)
-        corr[g % 16] = fmaf((float)zero[g] * scale[g], xz[g], corr[g % 16]);
-    for (int l = 0; l < 16; l++)
-        acc[l] -= corr[l];
-    return cpm_mm_tree16(acc);
+}
+
+/* ---- the portable kernel ---- */
+
+/* One output: weight row n against x row m, in the q8x order. */
+static float dot_row(const cpm_q4_job *job, int m, int n) {
+    const cpm_q4 *w = job->w;
+    const size_t Kp = (size_t)w->Kp, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
+    const int8_t *q8 = job->x8 + (size_t)m * Kp;
+    const float *xs = job->xs + (size_t)m * (Kp / CPM_Q4_BLOCK);
+    const float *xz = job->xz + (size_t)m * (size_t)w->G;
+    float A = 0.0f, C = 0.0f;
+    for (int g = 0; g < w->G; g++) {
+        const float s = w->scale[cpm_q4_panel_meta(w, n, g)];
+        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
+            int32_t d = 0;
+            for (int j = 0; j < CPM_Q4_BLOCK; j++) {
+                int p = (int)k * CPM_Q4_BLOCK + j;
+                d += cpm_q4_panel_q(w, n, p) * q8[p];
+            }
+            A = fmaf((float)d * xs[k], s, A);
+        }
+    }
+    for (int g = 0; g < w->G; g++) {
+        size_t at = cpm_q4_panel_meta(w, n, g);
+        C = fmaf((float)w->zero[at] * w->scale[at], xz[g], C);
+    }
+    return A - C;
 }
 
 void cpm_q4_mm_q8x_scalar(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel) {
     (void)panel;
-    const size_t per_row = (size_t)job->w->G * (size_t)cpm_q4_q8x_steps(job->w->gp);
     for (int m = m0; m < m1; m++)
         for (int n = n0; n < n1; n++)
-            job->y[(size_t)m * job->ldy + (size_t)n] =
-                dot_row(job->w, job->xq + (size_t)m * per_row, job->xz + (size_t)m * job->w->G, n);
+            job->y[(size_t)m * job->ldy + (size_t)n] = dot_row(job, m, n);
 }

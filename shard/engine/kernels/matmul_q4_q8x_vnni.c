@@ -1,43 +1,33 @@
 /* matmul_q4_q8x_vnni.c - int4 weights times int8 x on AVX-512 VNNI
  * (VPDPBUSD): the fast kernel of cpm_matmul_q4_q8x, bit for bit the portable
- * one (matmul_q4_q8x.c; the q8x order of matmul_q4_internal.h). Compiled with
- * -mavx512vnni only here.
+ * one (matmul_q4_q8x.c; the q8x order and the panel layout of
+ * matmul_q4_internal.h). Compiled with -mavx512vnni only here.
  *
- * A step of one weight row is one 64-byte load: AND 0x0f gives the low
- * nibbles as unsigned bytes, a 16-bit shift and the same AND the high ones;
- * two VPDPBUSD against the step's int8 x give the 16 lanes' exact dots. Each
- * loaded step meets every x row of the tile while it is in registers, so
- * decode streams the nibbles once and a batch reuses them MR times. Batches
- * go through x in chunks that stay in L2 (CHUNK_M rows).
+ * A zmm lane is a weight row: each 64-byte load of a panel gives 16 rows × 8
+ * positions, AND 0x0f and a shift make them unsigned bytes, and two VPDPBUSD
+ * against broadcasts of 4 int8 x values add 128 exact products. A block of
+ * 32 positions is 4 loads, then one conversion, one multiply by the x scale
+ * and one FMA by the 16 rows' group scales. Each loaded chunk meets every x
+ * row of the tile (up to MR) while it is in registers, so decode streams the
+ * panels once (one forward stream each) and a batch reuses them MR times.
+ * Batches go through x in chunks that stay in L2 (CHUNK_M rows).
  */
 #include <immintrin.h>
 #include <math.h>
-#include <stdbool.h>
 #include <string.h>
 
 #include "matmul_q4_internal.h"
-#include "reduce_avx512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
 #define MR 4       /* x rows per tile */
-#define NR 4       /* weight rows per tile */
-#define CHUNK_M 32 /* x rows whose steps stay in L2 while the weight rows go by */
-#define PRELOAD_M 2 /* up to this many x rows are held in registers through a step */
+#define CHUNK_M 32 /* x rows whose q8 stay in L2 while the panels go by */
 
-typedef struct q8x_ctx {
-    const cpm_q4 *w;
-    int steps;          /* per group */
-    int blocks;         /* per group */
-    size_t per_row;     /* steps per x row */
-    size_t row_bytes;   /* nibble bytes per weight row */
-} q8x_ctx;
+/* ---- x: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
 
-/* ---- x into steps: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
-
-/* One block of 32 packed positions into slot b of st; returns the sum of its
- * int8 values. CVTPS2DQ rounds to nearest even, as the portable round_even. */
-INLINE int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
+/* One block of 32 packed positions: q8 and the scale; returns the sum of q8.
+ * CVTPS2DQ rounds to nearest even, as the portable round_even. */
+INLINE int quantize_block(const float *x, int8_t *q, float *ret_scale) {
     const __m512 sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
     __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
     __m512 aa = _mm512_andnot_ps(sign, a), ca = _mm512_andnot_ps(sign, c);
@@ -53,29 +43,24 @@ INLINE int quantize_block(const float *x, cpm_q4_xstep *st, int b) {
         qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
         qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, inv));
     }
-    _mm_storeu_si128((__m128i *)(st->lo + 16 * b), _mm512_cvtsepi32_epi8(qa));
-    _mm_storeu_si128((__m128i *)(st->hi + 16 * b), _mm512_cvtsepi32_epi8(qc));
-    _mm_storeu_ps(st->scale + 4 * b, _mm_set1_ps(scale));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qc));
+    *ret_scale = scale;
     return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
 }
 
 void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
     const cpm_q4 *w = job->w;
-    const int steps = cpm_q4_q8x_steps(w->gp), blocks = w->gp / CPM_Q4_BLOCK;
-    const size_t per_row = (size_t)w->G * (size_t)steps;
+    const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
     for (int m = m0; m < m1; m++) {
         const float *x = job->x + (size_t)m * job->ldx;
-        cpm_q4_xstep *out = job->xq + (size_t)m * per_row;
-        float *xz = job->xz + (size_t)m * (size_t)w->G;
+        int8_t *q = job->x8 + (size_t)m * Kp;
+        float *xs = job->xs + (size_t)m * nb, *xz = job->xz + (size_t)m * (size_t)w->G;
         for (int g = 0; g < w->G; g++) {
             float S = 0.0f;
-            for (int k = 0; k < blocks; k++) {
-                cpm_q4_xstep *st = out + (size_t)g * (size_t)steps + (size_t)(k / 4);
-                if (k % 4 == 0 && blocks - k < 4)
-                    memset(st, 0, sizeof *st); /* a step the group does not fill */
-                int T = quantize_block(x + (size_t)g * (size_t)w->gp + (size_t)k * CPM_Q4_BLOCK,
-                                       st, k % 4);
-                S = fmaf(st->scale[4 * (k % 4)], (float)T, S);
+            for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
+                int T = quantize_block(x + k * CPM_Q4_BLOCK, q + k * CPM_Q4_BLOCK, &xs[k]);
+                S = fmaf(xs[k], (float)T, S);
             }
             xz[g] = S;
         }
@@ -84,108 +69,85 @@ void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
 
 /* ---- the kernel ---- */
 
-/* Bytes of step st that hold blocks of the group (the rest reads as zero). */
-INLINE __mmask64 step_mask(const q8x_ctx *c, int st) {
-    int b = c->blocks - 4 * st;
-    return b >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * b)) - 1);
+/* 4 int8 x values at q, in every lane. */
+INLINE __m512i bcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return _mm512_set1_epi32(v);
 }
 
-/* The zero points' share of y[i, j] (C of the q8x order), 16 groups a vector. */
-INLINE __m512 zero_share(const cpm_q4 *w, int n, const float *xz) {
-    __m512 C = _mm512_setzero_ps();
-    const uint8_t *zero = w->zero + (size_t)n * (size_t)w->G;
-    const float *scale = w->scale + (size_t)n * (size_t)w->G;
-    for (int g = 0; g < w->G; g += 16) {
-        const __mmask16 k = w->G - g >= 16 ? 0xffff : (__mmask16)((1u << (w->G - g)) - 1);
-        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zero + g)));
-        __m512 zs = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, scale + g));
-        C = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(k, xz + g), C);
-    }
-    return C;
-}
-
-/* y[i, j] for i < mr x rows (their steps per_row apart), j < nr weight rows from n. */
-INLINE void tile(const int mr, const int nr, const q8x_ctx *c, const cpm_q4_xstep *x,
-                 const float *xz, int n, float *y, size_t ldy) {
-    const cpm_q4 *w = c->w;
+/* y[m + i, 16P + r] for i < mr, r < 16 rows of panel P (lanes at or past
+ * `lanes` are not stored). */
+INLINE void tile(const int mr, const cpm_q4_job *job, int m, int P, int lanes) {
+    const cpm_q4 *w = job->w;
+    const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512 acc[MR][NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++)
-            acc[i][j] = _mm512_setzero_ps();
+    const uint8_t *chunk = w->nib + (size_t)P * nb * 256;
+    const float *scale = w->scale + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
+    const uint8_t *zero = w->zero + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
+    const int8_t *q8[MR];
+    const float *xs[MR], *xz[MR];
+    __m512 A[MR], C[MR];
+    for (int i = 0; i < mr; i++) {
+        q8[i] = job->x8 + (size_t)(m + i) * Kp;
+        xs[i] = job->xs + (size_t)(m + i) * nb;
+        xz[i] = job->xz + (size_t)(m + i) * (size_t)w->G;
+        A[i] = C[i] = _mm512_setzero_ps();
+    }
     for (int g = 0; g < w->G; g++) {
-        __m512 sv[NR];
-        for (int j = 0; j < nr; j++)
-            sv[j] = _mm512_set1_ps(w->scale[(size_t)(n + j) * (size_t)w->G + (size_t)g]);
-        for (int st = 0; st < c->steps; st++) {
-            const __mmask64 mask = step_mask(c, st);
-            const cpm_q4_xstep *xs = x + (size_t)g * (size_t)c->steps + (size_t)st;
-            const size_t off = ((size_t)g * (size_t)w->gp + (size_t)st * CPM_Q4_Q8X_STEP) / 2;
-            /* x in registers across the weight rows: the 512-bit loads, not the
-             * arithmetic, bound a decode step that reloads them per row */
-            __m512i xl[PRELOAD_M], xh[PRELOAD_M];
-            __m512 xsc[PRELOAD_M];
-            for (int i = 0; i < mr && mr <= PRELOAD_M; i++) {
-                xl[i] = _mm512_loadu_si512(xs[(size_t)i * c->per_row].lo);
-                xh[i] = _mm512_loadu_si512(xs[(size_t)i * c->per_row].hi);
-                xsc[i] = _mm512_loadu_ps(xs[(size_t)i * c->per_row].scale);
-            }
-            for (int j = 0; j < nr; j++) {
-                const uint8_t *b = w->nib + (size_t)(n + j) * c->row_bytes + off;
-                /* rows lie end to end: fetch well ahead of a short row's end */
-                _mm_prefetch((const char *)b + 8192, _MM_HINT_T0);
-                __m512i v = _mm512_maskz_loadu_epi8(mask, b);
+        const __m512 s = _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL);
+        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++, chunk += 256) {
+            __m512i dl[MR], dh[MR];
+            for (int i = 0; i < mr; i++)
+                dl[i] = dh[i] = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                /* a panel is one stream: fetch a few blocks ahead */
+                _mm_prefetch((const char *)chunk + 64 * c + 2048, _MM_HINT_T0);
+                __m512i v = _mm512_load_si512(chunk + 64 * c);
                 __m512i lo = _mm512_and_si512(v, low4);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int i = 0; i < mr; i++) {
-                    const cpm_q4_xstep *xi = xs + (size_t)i * c->per_row;
-                    const bool pre = mr <= PRELOAD_M;
-                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                    pre ? xl[i] : _mm512_loadu_si512(xi->lo));
-                    d = _mm512_dpbusd_epi32(d, hi, pre ? xh[i] : _mm512_loadu_si512(xi->hi));
-                    __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(d),
-                                             pre ? xsc[i] : _mm512_loadu_ps(xi->scale));
-                    acc[i][j] = _mm512_fmadd_ps(u, sv[j], acc[i][j]);
+                    const int8_t *q = q8[i] + k * CPM_Q4_BLOCK + 8 * (size_t)c;
+                    dl[i] = _mm512_dpbusd_epi32(dl[i], lo, bcast4(q));
+                    dh[i] = _mm512_dpbusd_epi32(dh[i], hi, bcast4(q + 4));
                 }
+            }
+            for (int i = 0; i < mr; i++) {
+                __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dl[i], dh[i]));
+                A[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[i][k])), s, A[i]);
             }
         }
     }
-    for (int j = 0; j < nr; j++)
-        for (int i = 0; i < mr; i++) {
-            __m512 C = zero_share(w, n + j, xz + (size_t)i * (size_t)w->G);
-            y[(size_t)i * ldy + j] = cpm_reduce16_avx512(_mm512_sub_ps(acc[i][j], C));
-        }
+    for (int g = 0; g < w->G; g++) {
+        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_loadu_si128((const __m128i *)(zero + (size_t)g * CPM_Q4_PANEL))));
+        __m512 zs = _mm512_mul_ps(z, _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL));
+        for (int i = 0; i < mr; i++)
+            C[i] = _mm512_fmadd_ps(zs, _mm512_set1_ps(xz[i][g]), C[i]);
+    }
+    const __mmask16 keep = lanes >= 16 ? 0xffff : (__mmask16)((1u << lanes) - 1);
+    for (int i = 0; i < mr; i++)
+        _mm512_mask_storeu_ps(job->y + (size_t)(m + i) * job->ldy + (size_t)P * CPM_Q4_PANEL, keep,
+                              _mm512_sub_ps(A[i], C[i]));
 }
 
-/* x rows [m, m + mr) against weight rows [n, n + NR). */
-INLINE void tile_rows(const q8x_ctx *c, const cpm_q4_job *job, int m, int mr, int n) {
-    const cpm_q4_xstep *x = job->xq + (size_t)m * c->per_row;
-    const float *xz = job->xz + (size_t)m * (size_t)c->w->G;
-    float *y = job->y + (size_t)m * job->ldy + n;
+/* x rows [m, m + mr) against panel P. */
+INLINE void tile_rows(const cpm_q4_job *job, int m, int mr, int P, int lanes) {
     switch (mr) { /* constant tile sizes: the accumulators stay in registers */
-    case 4: tile(4, NR, c, x, xz, n, y, job->ldy); break;
-    case 3: tile(3, NR, c, x, xz, n, y, job->ldy); break;
-    case 2: tile(2, NR, c, x, xz, n, y, job->ldy); break;
-    default: tile(1, NR, c, x, xz, n, y, job->ldy); break;
+    case 4: tile(4, job, m, P, lanes); break;
+    case 3: tile(3, job, m, P, lanes); break;
+    case 2: tile(2, job, m, P, lanes); break;
+    default: tile(1, job, m, P, lanes); break;
     }
 }
 
 void cpm_q4_mm_q8x_vnni(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel) {
     (void)panel;
-    const int steps = cpm_q4_q8x_steps(job->w->gp);
-    const q8x_ctx c = {.w = job->w, .steps = steps, .blocks = job->w->gp / CPM_Q4_BLOCK,
-                       .per_row = (size_t)job->w->G * (size_t)steps,
-                       .row_bytes = (size_t)job->w->Kp / 2};
     for (int mc = m0; mc < m1; mc += CHUNK_M) {
         const int mc1 = m1 - mc < CHUNK_M ? m1 : mc + CHUNK_M;
-        int n = n0;
-        for (; n + NR <= n1; n += NR)
+        for (int n = n0; n < n1; n += CPM_Q4_PANEL)
             for (int m = mc; m < mc1; m += MR)
-                tile_rows(&c, job, m, mc1 - m < MR ? mc1 - m : MR, n);
-        for (; n < n1; n++)
-            for (int m = mc; m < mc1; m++)
-                tile(1, 1, &c, job->xq + (size_t)m * c.per_row,
-                     job->xz + (size_t)m * (size_t)job->w->G, n,
-                     job->y + (size_t)m * job->ldy + n, job->ldy);
+                tile_rows(job, m, mc1 - m < MR ? mc1 - m : MR, n / CPM_Q4_PANEL,
+                          n1 - n < CPM_Q4_PANEL ? n1 - n : CPM_Q4_PANEL);
     }
 }

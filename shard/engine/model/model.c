@@ -179,6 +179,8 @@ static int bind_q4(cpm_model *m, const cpm_tensor_need *need, cpm_error *err) {
         rc = cpm_q4_new(&src, &w->q4, &bad);
         if (rc)
             rc = q4_error(rc, need->name, bad, K / gs, gs, err);
+        else if (m->act_int8 && cpm_q4_to_panels(w->q4)) /* the int8-activation kernel's layout */
+            rc = q4_error(CPM_Q4_ENOMEM, need->name, 0, K / gs, gs, err);
     }
     free(q.scales);
     w->rows = N;
