@@ -30,6 +30,18 @@
 
 #define COPIES_BYTES ((size_t)384 << 20) /* per format: well past any LLC */
 
+static const char *act = "exact"; /* --activations exact|bf16|int8 */
+
+typedef void (*q4_fn)(cpm_pool *, float *, int, const float *, int, const cpm_q4 *, int);
+
+static q4_fn q4_kernel(void) {
+    if (strcmp(act, "bf16") == 0)
+        return cpm_matmul_q4_bf16x;
+    if (strcmp(act, "int8") == 0)
+        return cpm_matmul_q4_q8x;
+    return cpm_matmul_q4;
+}
+
 typedef struct shape {
     const char *name;
     int N, K;
@@ -70,7 +82,7 @@ static cpm_q4 *make_q4(int N, int K, int gs, int desc_act) {
     cpm_q4_gptq src = {.qweight = qw, .scales = sc, .qzeros = qz, .g_idx = gi, .K = K, .N = N,
                        .group_size = gs, .zero_offset = 1};
     cpm_q4 *w = NULL;
-    if (cpm_q4_new(&src, &w, NULL))
+    if (cpm_q4_new(&src, &w, NULL) || (strcmp(act, "int8") == 0 && cpm_q4_to_panels(w)))
         fprintf(stderr, "bench_matmul_q4: repack failed\n");
     free(qw);
     free(qz);
@@ -80,17 +92,6 @@ static cpm_q4 *make_q4(int N, int K, int gs, int desc_act) {
 }
 
 static int hot;      /* --hot: one copy of each weight, cache resident, more rounds */
-static const char *act = "exact"; /* --activations exact|bf16|int8 */
-
-typedef void (*q4_fn)(cpm_pool *, float *, int, const float *, int, const cpm_q4 *, int);
-
-static q4_fn q4_kernel(void) {
-    if (strcmp(act, "bf16") == 0)
-        return cpm_matmul_q4_bf16x;
-    if (strcmp(act, "int8") == 0)
-        return cpm_matmul_q4_q8x;
-    return cpm_matmul_q4;
-}
 
 /* Best seconds per call over rounds, rotating through the copies. */
 static double time_q4(cpm_pool *pool, cpm_q4 **ws, int nw, const float *x, float *y, int M) {

@@ -20,13 +20,6 @@
 
 /* ---- the panel layout ---- */
 
-/* Nibble q of row n, packed position p, in the row layout of cpm_q4_new. */
-static int row_q(const cpm_q4 *w, int n, int p) {
-    uint8_t b = w->nib[(size_t)n * (size_t)(w->Kp / 2) + (size_t)(p / CPM_Q4_BLOCK) * 16 +
-                       (size_t)(p % 16)];
-    return p % CPM_Q4_BLOCK >= 16 ? b >> 4 : b & 15;
-}
-
 /* Byte offset and shift of (row n, packed position p) in the panel layout. */
 static size_t panel_at(const cpm_q4 *w, int n, int p, int *shift) {
     const int k = p / CPM_Q4_BLOCK, c = p % CPM_Q4_BLOCK / 8, i = p % 8;
@@ -68,11 +61,19 @@ int cpm_q4_to_panels(cpm_q4 *w) {
     out.scale = scale;
     out.zero = zero;
     out.panels = 1;
+    const size_t nb = (size_t)w->Kp / CPM_Q4_BLOCK;
     for (int n = 0; n < w->N; n++) {
-        for (int p = 0; p < w->Kp; p++) {
-            int shift = 0;
-            size_t at = panel_at(&out, n, p, &shift);
-            nib[at] |= (uint8_t)(row_q(w, n, p) << shift);
+        for (size_t k = 0; k < nb; k++) {
+            const uint8_t *rb = w->nib + (size_t)n * (size_t)(w->Kp / 2) + k * 16;
+            int unused;
+            uint8_t *d = nib + panel_at(&out, n, (int)k * CPM_Q4_BLOCK, &unused);
+            for (int c = 0; c < 4; c++) /* chunk c: positions 8c + i (low), 8c + 4 + i (high) */
+                for (int i = 0; i < 4; i++) {
+                    int lo = 8 * c + i, hi = lo + 4;
+                    int qlo = lo < 16 ? rb[lo] & 15 : rb[lo - 16] >> 4;
+                    int qhi = hi < 16 ? rb[hi] & 15 : rb[hi - 16] >> 4;
+                    d[64 * c + i] = (uint8_t)(qlo | qhi << 4);
+                }
         }
         for (int g = 0; g < w->G; g++) {
             scale[cpm_q4_panel_meta(&out, n, g)] = w->scale[(size_t)n * (size_t)w->G + (size_t)g];

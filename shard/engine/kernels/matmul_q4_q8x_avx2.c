@@ -50,7 +50,7 @@ static void tile(const cpm_q4_job *job, int m, int P, int lanes) {
             for (int c = 0; c < 4; c++) {
                 const int8_t *q = q8 + k * CPM_Q4_BLOCK + 8 * (size_t)c;
                 const __m256i xl = bcast4(q), xh = bcast4(q + 4);
-                _mm_prefetch((const char *)chunk + 64 * c + 2048, _MM_HINT_T0);
+                _mm_prefetch((const char *)chunk + 64 * c + 4096, _MM_HINT_T0);
                 d0 = _mm256_add_epi32(d0, dot8(_mm256_loadu_si256((const __m256i *)(chunk + 64 * c)),
                                                xl, xh));
                 d1 = _mm256_add_epi32(

@@ -101,8 +101,8 @@ INLINE void tile(const int mr, const cpm_q4_job *job, int m, int P, int lanes) {
             for (int i = 0; i < mr; i++)
                 dl[i] = dh[i] = _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
-                /* a panel is one stream: fetch a few blocks ahead */
-                _mm_prefetch((const char *)chunk + 64 * c + 2048, _MM_HINT_T0);
+                /* a panel is one stream: 4 KB ahead covers the DRAM latency at ~20 GB/s a thread */
+                _mm_prefetch((const char *)chunk + 64 * c + 4096, _MM_HINT_T0);
                 __m512i v = _mm512_load_si512(chunk + 64 * c);
                 __m512i lo = _mm512_and_si512(v, low4);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
