@@ -222,7 +222,7 @@ static const bad_case bad_cases[] = {
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    kv_dtype: bf16\n",
      "stages[0].kv_dtype: 'bf16' is not one of f32, f16"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    activations: f16\n",
-     "stages[0].activations: 'f16' is not one of exact, bf16"},
+     "stages[0].activations: 'f16' is not one of exact, bf16, int8"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    ffn: lazy\n",
      "stages[0].ffn: 'lazy' is not one of sparse, dense"},
     {BASE "stages:\n  - layers: [0, 2]\n    endpoint: tcp://127.0.0.1:5580\n    lm_head: int4\n",

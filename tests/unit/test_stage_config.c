@@ -35,6 +35,7 @@
     "        threads: 2\n"                            \
     "  - layers: [1, end]\n"                          \
     "    endpoint: tcp://127.0.0.1:5581\n"            \
+    "    activations: int8\n"                         \
     "    lm_head: int8\n"
 
 static cpm_config *parse(const char *text) {
@@ -60,6 +61,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(o->kv_tokens, 1024);
     assert_int_equal(o->kv_dtype, CPM_DTYPE_F16);
     assert_true(o->act_bf16);
+    assert_false(o->act_int8);
     assert_true(o->ffn_dense);
     assert_false(o->lm_head_int8); /* as stored by default */
     assert_string_equal(o->model_dir, c->model);
@@ -77,7 +79,8 @@ static void test_stage_from_file(void **state) {
     assert_string_equal(sc.opts.next, "tcp://127.0.0.1:5551");
     assert_int_equal(sc.opts.layer_end, -1);
     assert_int_equal(sc.opts.kv_dtype, CPM_DTYPE_F32);
-    assert_false(sc.opts.act_bf16); /* exact by default */
+    assert_false(sc.opts.act_bf16); /* int8: int4 weights meet int8 x (the model implies bf16) */
+    assert_true(sc.opts.act_int8);
     assert_true(sc.opts.lm_head_int8);
     assert_int_equal(sc.opts.tp_size, 1);
     cpm_config_free(c);
