@@ -20,7 +20,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-#define MR 4       /* x rows per tile */
+#define MR 8       /* x rows per tile */
 #define CHUNK_M 32 /* x rows whose q8 stay in L2 while the panels go by */
 
 /* ---- x: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
@@ -134,6 +134,10 @@ INLINE void tile(const int mr, const cpm_q4_job *job, int m, int P, int lanes) {
 /* x rows [m, m + mr) against panel P. */
 INLINE void tile_rows(const cpm_q4_job *job, int m, int mr, int P, int lanes) {
     switch (mr) { /* constant tile sizes: the accumulators stay in registers */
+    case 8: tile(8, job, m, P, lanes); break;
+    case 7: tile(7, job, m, P, lanes); break;
+    case 6: tile(6, job, m, P, lanes); break;
+    case 5: tile(5, job, m, P, lanes); break;
     case 4: tile(4, job, m, P, lanes); break;
     case 3: tile(3, job, m, P, lanes); break;
     case 2: tile(2, job, m, P, lanes); break;
