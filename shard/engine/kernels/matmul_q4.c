@@ -266,6 +266,7 @@ struct q4_run {
     const float *x; /* caller's x when gathering */
     size_t ldx;
     int split_n;
+    int align;      /* output rows per unit of the split: 16, or the q8x panel */
     bool dynamic;   /* output rows in chunks claimed from dyn (decode, small batches) */
     cpm_split dyn;
 };
@@ -316,7 +317,7 @@ static void q4_worker(void *arg, int tid, int nt) {
         while (cpm_split_next(&r->dyn, tid, &lo, &hi))
             r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
     } else if (r->split_n) {
-        cpm_split_static(r->job.w->N, 16, tid, nt, &lo, &hi);
+        cpm_split_static(r->job.w->N, r->align, tid, nt, &lo, &hi);
         if (lo < hi)
             r->kernel(&r->job, 0, r->job.M, lo, hi, panel);
     } else {
@@ -329,9 +330,11 @@ static void q4_worker(void *arg, int tid, int nt) {
 /* Runs r's kernel on the pool, in chunks claimed at run time for small M. */
 static void run_rows(cpm_pool *pool, q4_run *r) {
     int nt = cpm_pool_size(pool);
+    if (!r->align)
+        r->align = 16;
     r->dynamic = r->split_n && cpm_split_dynamic(r->job.M, nt);
     if (r->dynamic)
-        cpm_split_init(&r->dyn, r->job.w->N, 16, nt, CPM_SPLIT_CHUNKS);
+        cpm_split_init(&r->dyn, r->job.w->N, r->align, nt, CPM_SPLIT_CHUNKS);
     cpm_pool_run(pool, q4_worker, r);
 }
 
@@ -464,8 +467,6 @@ static bool q8x_vnni(void) {
 }
 
 static void q8x_prepare_rows(const q4_run *r, int lo, int hi) {
-    if (r->job.w->gather)
-        gather_rows(r, lo, hi);
 #if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
     if (q8x_vnni()) {
         cpm_q4_q8x_pack_vnni(&r->job, lo, hi);
@@ -490,14 +491,13 @@ static cpm_q4_kernel pick_q8x_kernel(void) {
 
 /* The int8 x of M rows: where each part sits in one buffer (byte offsets). */
 typedef struct q8x_bufs {
-    size_t xf, x8, xs, xz, bytes;
+    size_t x8, xs, xz, bytes;
 } q8x_bufs;
 
 static q8x_bufs q8x_layout(const cpm_q4 *w, int M) {
     const size_t Kp = (size_t)w->Kp, m = (size_t)M;
     q8x_bufs b = {0};
-    b.x8 = w->gather ? m * Kp * sizeof(float) : 0; /* f32 x in packed order first */
-    b.xs = b.x8 + (m * Kp + 63) / 64 * 64;
+    b.xs = (m * Kp + 63) / 64 * 64;
     b.xz = b.xs + m * (Kp / CPM_Q4_BLOCK) * sizeof(float);
     b.bytes = b.xz + m * (size_t)w->G * sizeof(float);
     return b;
@@ -508,7 +508,6 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
     if (M <= 0)
         return;
     int nt = cpm_pool_size(pool);
-    size_t Kp = (size_t)w->Kp;
     q8x_bufs b = q8x_layout(w, M);
     void *owned = NULL;
     char *buf = w->panels ? cpm_pool_buffer(pool, b.bytes, &owned) : NULL;
@@ -517,15 +516,15 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
         return;
     }
     q4_run r = {
-        .job = {.w = w, .x = w->gather ? (const float *)buf : x,
-                .ldx = w->gather ? Kp : (size_t)ldx, .y = y, .ldy = (size_t)ldy, .M = M,
+        .job = {.w = w, .x = x, .ldx = (size_t)ldx, .y = y, .ldy = (size_t)ldy, .M = M,
                 .x8 = (int8_t *)(buf + b.x8), .xs = (float *)(buf + b.xs),
                 .xz = (float *)(buf + b.xz)},
         .kernel = pick_q8x_kernel(),
         .prepare = q8x_prepare_rows,
         .x = x,
         .ldx = (size_t)ldx,
-        .split_n = w->N >= 16 * nt || M < 2 * nt,
+        .split_n = w->N >= CPM_Q4_PANEL * nt || M < 2 * nt,
+        .align = CPM_Q4_PANEL, /* a thread's rows start at a panel */
     };
     prepare_rows(pool, &r);
     run_rows(pool, &r);
@@ -534,15 +533,11 @@ void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ld
 
 int cpm_q4_q8x_dequant_x(const cpm_q4 *w, const float *x, float *out) {
     q8x_bufs b = q8x_layout(w, 1);
-    size_t xf = (size_t)w->Kp * sizeof(float);
-    char *buf = malloc(xf + b.bytes); /* always gathered: packed order, padded groups */
+    char *buf = malloc(b.bytes);
     if (!buf)
         return -1;
-    q4_run r = {.job = {.w = w, .x = (const float *)buf, .ldx = (size_t)w->Kp, .M = 1,
-                        .x8 = (int8_t *)(buf + xf + b.x8), .xs = (float *)(buf + xf + b.xs),
-                        .xz = (float *)(buf + xf + b.xz)},
-                .x = x, .ldx = (size_t)w->K};
-    gather_rows(&r, 0, 1);
+    q4_run r = {.job = {.w = w, .x = x, .ldx = (size_t)w->K, .M = 1, .x8 = (int8_t *)(buf + b.x8),
+                        .xs = (float *)(buf + b.xs), .xz = (float *)(buf + b.xz)}};
     cpm_q4_q8x_pack(&r.job, 0, 1);
     for (int g = 0; g < w->G; g++) {
         for (int i = 0; i < w->gs; i++) {

@@ -50,15 +50,15 @@ struct cpm_q4 {
 
 /* ---- int8 activations (cpm_matmul_q4_q8x): the panel layout ----
  *
- * cpm_q4_to_panels rewrites a weight for this kernel: rows in panels of 16 (N
- * padded with zero rows), so that 32-bit lane r of a vector is row 16P + r of
- * panel P. For panel P and block k of the packed row (positions 32k..32k+31),
- * 256 bytes in 4 chunks of 64: chunk c holds, at bytes 4r..4r+3 for row r,
- * positions 32k + 8c + i in the low nibble of byte i and 32k + 8c + 4 + i in
- * the high one. AND 0x0f gives each row's 4 low positions as the unsigned bytes
- * VPDPBUSD takes, a shift and the AND the 4 high ones, and each meets a
- * broadcast of 4 int8 x values: 64 products per instruction, no shuffle, and a
- * panel is one forward stream. scale and zero become [P][G][16].
+ * cpm_q4_to_panels rewrites a weight for this kernel: rows in panels of 32 (N
+ * padded with zero rows). For panel P and block k of the packed row (positions
+ * 32k..32k+31), 512 bytes in 8 chunks of 64: chunk c holds, in byte 4r + i
+ * (r < 16, i < 4), position 32k + 4c + i of row 32P + r in the low nibble and
+ * of row 32P + 16 + r in the high one. AND 0x0f makes 16 rows' 4 positions the
+ * unsigned bytes VPDPBUSD takes (32-bit lane r = row r), a shift and the AND
+ * the other 16 rows', and both meet one broadcast of the same 4 int8 x values:
+ * 64 products per instruction, no shuffle, one x load per 128 products, and a
+ * panel is one forward stream. scale and zero become [P][G][32].
  *
  * x in packed order is quantized per block of 32 positions (xs = max|x| / 127,
  * q8 = x / xs rounded to nearest even), and per group S_g = Σ over its blocks
@@ -70,7 +70,7 @@ struct cpm_q4 {
  * s, A); then C = 0 and for each group C = fma(z · s, S_g, C); y = A − C.
  * Taking the zero point out once per group keeps it out of the inner loop; the
  * cancellation it risks is far below the int8 rounding of x. */
-#define CPM_Q4_PANEL 16 /* weight rows per panel: one per 32-bit lane of a zmm */
+#define CPM_Q4_PANEL 32 /* weight rows per panel: two zmm of 32-bit lanes */
 
 /* In a panel-layout weight: q of row n at packed position p, and the index of
  * (row n, group g) in scale and zero. */
@@ -106,7 +106,21 @@ void cpm_q4_mm_avx512(const cpm_q4_job *job, int m0, int m1, int n0, int n1, flo
 void cpm_q4_bf16x_pack(const cpm_q4_job *job, int m0, int m1);
 void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, float *panel);
 
-/* int8 activations: rows [m0, m1) of job->x (packed order) quantized into
+/* Block k (32 packed positions) of x, a row in the checkpoint's column order:
+ * x itself where no gathering is needed, else gathered into tmp (act-order
+ * columns by src_k, a group's padding as zeros). */
+static inline const float *cpm_q4_x_block(const cpm_q4 *w, const float *x, size_t k, float *tmp) {
+    if (!w->gather)
+        return x + k * CPM_Q4_BLOCK;
+    for (int j = 0; j < CPM_Q4_BLOCK; j++) {
+        size_t p = k * CPM_Q4_BLOCK + (size_t)j, g = p / (size_t)w->gp, i = p % (size_t)w->gp;
+        size_t sp = g * (size_t)w->gs + i;
+        tmp[j] = i >= (size_t)w->gs ? 0.0f : x[w->src_k ? (size_t)w->src_k[sp] : sp];
+    }
+    return tmp;
+}
+
+/* int8 activations: rows [m0, m1) of job->x (the caller's order) quantized into
  * job->x8, xs, xz; then the kernels over a panel-layout weight, all giving the
  * same bits (the VNNI one needs AVX-512 VNNI, cpm_cpu_has_int8_dot). n0 is a
  * multiple of CPM_Q4_PANEL. */

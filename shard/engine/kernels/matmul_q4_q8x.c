@@ -22,10 +22,10 @@
 
 /* Byte offset and shift of (row n, packed position p) in the panel layout. */
 static size_t panel_at(const cpm_q4 *w, int n, int p, int *shift) {
-    const int k = p / CPM_Q4_BLOCK, c = p % CPM_Q4_BLOCK / 8, i = p % 8;
-    *shift = i >= 4 ? 4 : 0;
-    return (((size_t)(n / CPM_Q4_PANEL) * (size_t)(w->Kp / CPM_Q4_BLOCK) + (size_t)k) * 4 +
-            (size_t)c) * 64 + (size_t)(n % CPM_Q4_PANEL) * 4 + (size_t)(i % 4);
+    const int k = p / CPM_Q4_BLOCK, c = p % CPM_Q4_BLOCK / 4, i = p % 4, r = n % CPM_Q4_PANEL;
+    *shift = r >= 16 ? 4 : 0;
+    return (((size_t)(n / CPM_Q4_PANEL) * (size_t)(w->Kp / CPM_Q4_BLOCK) + (size_t)k) * 8 +
+            (size_t)c) * 64 + (size_t)(r % 16) * 4 + (size_t)i;
 }
 
 int cpm_q4_panel_q(const cpm_q4 *w, int n, int p) {
@@ -65,15 +65,10 @@ int cpm_q4_to_panels(cpm_q4 *w) {
     for (int n = 0; n < w->N; n++) {
         for (size_t k = 0; k < nb; k++) {
             const uint8_t *rb = w->nib + (size_t)n * (size_t)(w->Kp / 2) + k * 16;
-            int unused;
-            uint8_t *d = nib + panel_at(&out, n, (int)k * CPM_Q4_BLOCK, &unused);
-            for (int c = 0; c < 4; c++) /* chunk c: positions 8c + i (low), 8c + 4 + i (high) */
-                for (int i = 0; i < 4; i++) {
-                    int lo = 8 * c + i, hi = lo + 4;
-                    int qlo = lo < 16 ? rb[lo] & 15 : rb[lo - 16] >> 4;
-                    int qhi = hi < 16 ? rb[hi] & 15 : rb[hi - 16] >> 4;
-                    d[64 * c + i] = (uint8_t)(qlo | qhi << 4);
-                }
+            int shift = 0;
+            uint8_t *d = nib + panel_at(&out, n, (int)k * CPM_Q4_BLOCK, &shift);
+            for (int p = 0; p < CPM_Q4_BLOCK; p++) /* chunk p / 4, byte p % 4 */
+                d[64 * (p / 4) + p % 4] |= (uint8_t)((p < 16 ? rb[p] & 15 : rb[p - 16] >> 4) << shift);
         }
         for (int g = 0; g < w->G; g++) {
             scale[cpm_q4_panel_meta(&out, n, g)] = w->scale[(size_t)n * (size_t)w->G + (size_t)g];
@@ -131,7 +126,8 @@ void cpm_q4_q8x_pack(const cpm_q4_job *job, int m0, int m1) {
         for (int g = 0; g < w->G; g++) {
             float S = 0.0f;
             for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
-                int T = quantize_block(x + k * CPM_Q4_BLOCK, q + k * CPM_Q4_BLOCK, &xs[k]);
+                float tmp[CPM_Q4_BLOCK];
+                int T = quantize_block(cpm_q4_x_block(w, x, k, tmp), q + k * CPM_Q4_BLOCK, &xs[k]);
                 S = fmaf(xs[k], (float)T, S);
             }
             xz[g] = S;

@@ -1,7 +1,7 @@
 /* matmul_q4_q8x_avx2.c - int4 weights times int8 x on AVX2: the kernel of
  * cpm_matmul_q4_q8x for CPUs without AVX-512 VNNI, bit for bit the portable
- * one (the q8x order and panel layout of matmul_q4_internal.h), a panel's 16
- * rows held as two 8-lane halves.
+ * one (the q8x order and panel layout of matmul_q4_internal.h), a panel's 32
+ * rows held as four 8-lane vectors.
  *
  * A row's dot over 4 positions is VPMADDUBSW (nibble bytes times the 4
  * broadcast int8 x, pairs into int16: at most 2 · 15 · 127, no saturation)
@@ -22,58 +22,55 @@ INLINE __m256i bcast4(const int8_t *q) {
     return _mm256_set1_epi32(v);
 }
 
-/* 8 rows' dots of 8 positions: low nibbles against xl, high against xh. */
-INLINE __m256i dot8(__m256i v, __m256i xl, __m256i xh) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m256i lo = _mm256_and_si256(v, low4);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones);
-    __m256i b = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones);
-    return _mm256_add_epi32(a, b);
-}
-
-/* y[m, 16P + r] for the 16 rows of panel P (lanes at or past `lanes` not stored). */
+/* Accumulator j of a panel holds rows 8j..8j+7: the low nibbles of chunk
+ * bytes 32h.. are rows 8h.., the high ones rows 16 + 8h.. . */
 static void tile(const cpm_q4_job *job, int m, int P, int lanes) {
     const cpm_q4 *w = job->w;
     const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
-    const uint8_t *chunk = w->nib + (size_t)P * nb * 256;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const uint8_t *chunk = w->nib + (size_t)P * nb * 512;
     const float *scale = w->scale + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
     const uint8_t *zero = w->zero + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
     const int8_t *q8 = job->x8 + (size_t)m * Kp;
     const float *xs = job->xs + (size_t)m * nb, *xz = job->xz + (size_t)m * (size_t)w->G;
-    __m256 A0 = _mm256_setzero_ps(), A1 = _mm256_setzero_ps();
+    __m256 A[4], C[4];
+    for (int j = 0; j < 4; j++)
+        A[j] = C[j] = _mm256_setzero_ps();
     for (int g = 0; g < w->G; g++) {
-        const __m256 s0 = _mm256_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL);
-        const __m256 s1 = _mm256_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL + 8);
-        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++, chunk += 256) {
-            __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
-            for (int c = 0; c < 4; c++) {
-                const int8_t *q = q8 + k * CPM_Q4_BLOCK + 8 * (size_t)c;
-                const __m256i xl = bcast4(q), xh = bcast4(q + 4);
+        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++, chunk += 512) {
+            __m256i d[4];
+            for (int j = 0; j < 4; j++)
+                d[j] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i xb = bcast4(q8 + k * CPM_Q4_BLOCK + 4 * (size_t)c);
                 _mm_prefetch((const char *)chunk + 64 * c + 4096, _MM_HINT_T0);
-                d0 = _mm256_add_epi32(d0, dot8(_mm256_loadu_si256((const __m256i *)(chunk + 64 * c)),
-                                               xl, xh));
-                d1 = _mm256_add_epi32(
-                    d1, dot8(_mm256_loadu_si256((const __m256i *)(chunk + 64 * c + 32)), xl, xh));
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(chunk + 64 * c + 32 * h));
+                    __m256i lo = _mm256_and_si256(v, low4);
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    d[h] = _mm256_add_epi32(d[h], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xb), ones));
+                    d[2 + h] = _mm256_add_epi32(d[2 + h],
+                                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), ones));
+                }
             }
             const __m256 x = _mm256_set1_ps(xs[k]);
-            A0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d0), x), s0, A0);
-            A1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d1), x), s1, A1);
+            for (int j = 0; j < 4; j++)
+                A[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d[j]), x),
+                                       _mm256_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL + 8 * j), A[j]);
         }
     }
-    __m256 C0 = _mm256_setzero_ps(), C1 = _mm256_setzero_ps();
     for (int g = 0; g < w->G; g++) {
-        const uint8_t *z = zero + (size_t)g * CPM_Q4_PANEL;
-        const float *s = scale + (size_t)g * CPM_Q4_PANEL;
-        __m256 z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)z)));
-        __m256 z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + 8))));
         const __m256 S = _mm256_set1_ps(xz[g]);
-        C0 = _mm256_fmadd_ps(_mm256_mul_ps(z0, _mm256_loadu_ps(s)), S, C0);
-        C1 = _mm256_fmadd_ps(_mm256_mul_ps(z1, _mm256_loadu_ps(s + 8)), S, C1);
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *z = zero + (size_t)g * CPM_Q4_PANEL + 8 * j;
+            __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)z)));
+            __m256 zs = _mm256_mul_ps(zf, _mm256_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL + 8 * j));
+            C[j] = _mm256_fmadd_ps(zs, S, C[j]);
+        }
     }
     float out[CPM_Q4_PANEL];
-    _mm256_storeu_ps(out, _mm256_sub_ps(A0, C0));
-    _mm256_storeu_ps(out + 8, _mm256_sub_ps(A1, C1));
+    for (int j = 0; j < 4; j++)
+        _mm256_storeu_ps(out + 8 * j, _mm256_sub_ps(A[j], C[j]));
     memcpy(job->y + (size_t)m * job->ldy + (size_t)P * CPM_Q4_PANEL, out,
            (size_t)lanes * sizeof(float));
 }

@@ -3,11 +3,11 @@
  * one (matmul_q4_q8x.c; the q8x order and the panel layout of
  * matmul_q4_internal.h). Compiled with -mavx512vnni only here.
  *
- * A zmm lane is a weight row: each 64-byte load of a panel gives 16 rows × 8
- * positions, AND 0x0f and a shift make them unsigned bytes, and two VPDPBUSD
- * against broadcasts of 4 int8 x values add 128 exact products. A block of
- * 32 positions is 4 loads, then one conversion, one multiply by the x scale
- * and one FMA by the 16 rows' group scales. Each loaded chunk meets every x
+ * A zmm lane is a weight row: each 64-byte load of a panel gives 32 rows × 4
+ * positions, AND 0x0f and a shift make them two vectors of unsigned bytes, and
+ * two VPDPBUSD against one broadcast of 4 int8 x values add 128 exact
+ * products. A block of 32 positions is 8 loads, then per 16 rows one
+ * conversion, one multiply by the x scale and one FMA by the group scales. Each loaded chunk meets every x
  * row of the tile (up to MR) while it is in registers, so decode streams the
  * panels once (one forward stream each) and a batch reuses them MR times.
  * Batches go through x in chunks that stay in L2 (CHUNK_M rows).
@@ -20,7 +20,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-#define MR 8       /* x rows per tile */
+#define MR 4       /* x rows per tile */
 #define CHUNK_M 32 /* x rows whose q8 stay in L2 while the panels go by */
 
 /* ---- x: the bytes of cpm_q4_q8x_pack (matmul_q4_q8x.c) ---- */
@@ -59,7 +59,8 @@ void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
         for (int g = 0; g < w->G; g++) {
             float S = 0.0f;
             for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
-                int T = quantize_block(x + k * CPM_Q4_BLOCK, q + k * CPM_Q4_BLOCK, &xs[k]);
+                float tmp[CPM_Q4_BLOCK];
+                int T = quantize_block(cpm_q4_x_block(w, x, k, tmp), q + k * CPM_Q4_BLOCK, &xs[k]);
                 S = fmaf(xs[k], (float)T, S);
             }
             xz[g] = S;
@@ -76,68 +77,81 @@ INLINE __m512i bcast4(const int8_t *q) {
     return _mm512_set1_epi32(v);
 }
 
-/* y[m + i, 16P + r] for i < mr, r < 16 rows of panel P (lanes at or past
+/* y[m + i, 32P + r] for i < mr, r < 32 rows of panel P (rows at or past
  * `lanes` are not stored). */
 INLINE void tile(const int mr, const cpm_q4_job *job, int m, int P, int lanes) {
     const cpm_q4 *w = job->w;
     const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    const uint8_t *chunk = w->nib + (size_t)P * nb * 256;
+    const uint8_t *chunk = w->nib + (size_t)P * nb * 512;
     const float *scale = w->scale + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
     const uint8_t *zero = w->zero + (size_t)P * (size_t)w->G * CPM_Q4_PANEL;
     const int8_t *q8[MR];
     const float *xs[MR], *xz[MR];
-    __m512 A[MR], C[MR];
+    __m512 A0[MR], A1[MR]; /* rows 0..15 and 16..31 of the panel */
     for (int i = 0; i < mr; i++) {
         q8[i] = job->x8 + (size_t)(m + i) * Kp;
         xs[i] = job->xs + (size_t)(m + i) * nb;
         xz[i] = job->xz + (size_t)(m + i) * (size_t)w->G;
-        A[i] = C[i] = _mm512_setzero_ps();
+        A0[i] = A1[i] = _mm512_setzero_ps();
     }
     for (int g = 0; g < w->G; g++) {
-        const __m512 s = _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL);
-        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++, chunk += 256) {
-            __m512i dl[MR], dh[MR];
+        const __m512 s0 = _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL);
+        const __m512 s1 = _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL + 16);
+        for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++, chunk += 512) {
+            __m512i d0[MR], d1[MR];
             for (int i = 0; i < mr; i++)
-                dl[i] = dh[i] = _mm512_setzero_si512();
-            for (int c = 0; c < 4; c++) {
+                d0[i] = d1[i] = _mm512_setzero_si512();
+            for (int c = 0; c < 8; c++) {
                 /* a panel is one stream: 4 KB ahead covers the DRAM latency at ~20 GB/s a thread */
                 _mm_prefetch((const char *)chunk + 64 * c + 4096, _MM_HINT_T0);
                 __m512i v = _mm512_load_si512(chunk + 64 * c);
                 __m512i lo = _mm512_and_si512(v, low4);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int i = 0; i < mr; i++) {
-                    const int8_t *q = q8[i] + k * CPM_Q4_BLOCK + 8 * (size_t)c;
-                    dl[i] = _mm512_dpbusd_epi32(dl[i], lo, bcast4(q));
-                    dh[i] = _mm512_dpbusd_epi32(dh[i], hi, bcast4(q + 4));
+                    __m512i xb = bcast4(q8[i] + k * CPM_Q4_BLOCK + 4 * (size_t)c);
+                    d0[i] = _mm512_dpbusd_epi32(d0[i], lo, xb);
+                    d1[i] = _mm512_dpbusd_epi32(d1[i], hi, xb);
                 }
             }
             for (int i = 0; i < mr; i++) {
-                __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dl[i], dh[i]));
-                A[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[i][k])), s, A[i]);
+                const __m512 x = _mm512_set1_ps(xs[i][k]);
+                A0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0[i]), x), s0, A0[i]);
+                A1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1[i]), x), s1, A1[i]);
             }
         }
     }
-    for (int g = 0; g < w->G; g++) {
-        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128((const __m128i *)(zero + (size_t)g * CPM_Q4_PANEL))));
-        __m512 zs = _mm512_mul_ps(z, _mm512_loadu_ps(scale + (size_t)g * CPM_Q4_PANEL));
-        for (int i = 0; i < mr; i++)
-            C[i] = _mm512_fmadd_ps(zs, _mm512_set1_ps(xz[i][g]), C[i]);
-    }
-    const __mmask16 keep = lanes >= 16 ? 0xffff : (__mmask16)((1u << lanes) - 1);
+    __m512 C0[MR], C1[MR];
     for (int i = 0; i < mr; i++)
-        _mm512_mask_storeu_ps(job->y + (size_t)(m + i) * job->ldy + (size_t)P * CPM_Q4_PANEL, keep,
-                              _mm512_sub_ps(A[i], C[i]));
+        C0[i] = C1[i] = _mm512_setzero_ps();
+    for (int g = 0; g < w->G; g++) {
+        const uint8_t *z = zero + (size_t)g * CPM_Q4_PANEL;
+        const float *sc = scale + (size_t)g * CPM_Q4_PANEL;
+        __m512 zs0 = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)z))),
+            _mm512_loadu_ps(sc));
+        __m512 zs1 = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(z + 16)))),
+            _mm512_loadu_ps(sc + 16));
+        for (int i = 0; i < mr; i++) {
+            const __m512 S = _mm512_set1_ps(xz[i][g]);
+            C0[i] = _mm512_fmadd_ps(zs0, S, C0[i]);
+            C1[i] = _mm512_fmadd_ps(zs1, S, C1[i]);
+        }
+    }
+    const __mmask16 keep0 = lanes >= 16 ? 0xffff : (__mmask16)((1u << lanes) - 1);
+    const __mmask16 keep1 = lanes >= 32 ? 0xffff
+                            : lanes <= 16 ? 0 : (__mmask16)((1u << (lanes - 16)) - 1);
+    for (int i = 0; i < mr; i++) {
+        float *y = job->y + (size_t)(m + i) * job->ldy + (size_t)P * CPM_Q4_PANEL;
+        _mm512_mask_storeu_ps(y, keep0, _mm512_sub_ps(A0[i], C0[i]));
+        _mm512_mask_storeu_ps(y + 16, keep1, _mm512_sub_ps(A1[i], C1[i]));
+    }
 }
 
 /* x rows [m, m + mr) against panel P. */
 INLINE void tile_rows(const cpm_q4_job *job, int m, int mr, int P, int lanes) {
     switch (mr) { /* constant tile sizes: the accumulators stay in registers */
-    case 8: tile(8, job, m, P, lanes); break;
-    case 7: tile(7, job, m, P, lanes); break;
-    case 6: tile(6, job, m, P, lanes); break;
-    case 5: tile(5, job, m, P, lanes); break;
     case 4: tile(4, job, m, P, lanes); break;
     case 3: tile(3, job, m, P, lanes); break;
     case 2: tile(2, job, m, P, lanes); break;
