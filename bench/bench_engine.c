@@ -3,7 +3,10 @@
  *
  *   bench_engine --model DIR [--threads 1,2] [--prompt 128] [--decode 32] [--batch 1,4,16,64]
  *                [--activations exact|bf16|int8] [--ffn dense,sparse] [--lm-head stored|int8]
- *                [--rounds N]
+ *                [--weights resident|mapped] [--rounds N]
+ *
+ * --weights mapped leaves the matrices in the checkpoint's file mapping instead of
+ * the model's own memory (cpm_model_opts.map_weights), for A/B runs.
  *
  * --ffn runs a MiniCPM-S (FATReLU) model with each FFN in turn, interleaved --rounds
  * times (default 1) in this process, so both see the same machine; it also prints the
@@ -36,6 +39,7 @@ typedef struct bench_result {
 
 static const char *act = "exact"; /* --activations exact|bf16|int8: the run's precision */
 static bool lm_head_int8; /* --lm-head int8: the output layer quantized at load */
+static bool map_weights;  /* --weights mapped: left in the file mapping (cpm_model_opts) */
 
 /* The FFN counters start at the first generated token: what follows is decode. */
 static int on_first_token(int32_t token, void *ctx) {
@@ -67,6 +71,7 @@ static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, i
     o.act_bf16 = strcmp(act, "bf16") == 0;
     o.act_int8 = strcmp(act, "int8") == 0;
     o.lm_head_int8 = lm_head_int8;
+    o.map_weights = map_weights;
     o.n_threads = threads;
     o.max_batch_tokens = n_prompt;
     o.ffn_dense = ffn_dense == 1;
@@ -165,6 +170,7 @@ static int bench_batches(const char *dir, int threads, const char *batches, int 
     o.act_bf16 = strcmp(act, "bf16") == 0;
     o.act_int8 = strcmp(act, "int8") == 0;
     o.lm_head_int8 = lm_head_int8;
+    o.map_weights = map_weights;
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
         fprintf(stderr, "bench_engine: %s\n", e.msg);
@@ -197,6 +203,7 @@ int main(int argc, char **argv) {
     static const struct option opts[] = {{"model", 1, 0, 'm'}, {"threads", 1, 0, 't'},
                                          {"prompt", 1, 0, 'p'}, {"decode", 1, 0, 'd'},
                                          {"batch", 1, 0, 'b'}, {"activations", 1, 0, 'a'},
+                                         {"weights", 1, 0, 'w'},
                                          {"ffn", 1, 0, 'f'}, {"rounds", 1, 0, 'r'},
                                          {"lm-head", 1, 0, 'l'}, {0, 0, 0, 0}};
     const char *dir = NULL, *threads = "1,2", *batches = NULL, *ffns = NULL;
@@ -211,6 +218,7 @@ int main(int argc, char **argv) {
         else if (c == 'f') ffns = optarg;
         else if (c == 'r') rounds = atoi(optarg);
         else if (c == 'l') lm_head_int8 = strcmp(optarg, "int8") == 0;
+        else if (c == 'w') map_weights = strcmp(optarg, "mapped") == 0;
         else return 2;
     }
     int modes[2], n_modes = 0; /* -1: the model's default FFN, 0: sparse, 1: dense */
@@ -225,7 +233,7 @@ int main(int argc, char **argv) {
     if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode || bad_act) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
                         " [--batch 1,4,16,64] [--activations exact|bf16|int8] [--ffn dense,sparse]"
-                        " [--lm-head stored|int8] [--rounds N]\n");
+                        " [--lm-head stored|int8] [--weights resident|mapped] [--rounds N]\n");
         return 2;
     }
     printf("model %s  isa %s  activations %s  lm_head %s  prompt %d  decode %d\n", dir,

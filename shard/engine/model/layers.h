@@ -32,6 +32,8 @@ typedef struct cpm_weight {
     cpm_q8 *q8; /* the output layer quantized at load (opts.lm_head_int8): used instead of data */
     void *t;    /* FATReLU down_proj transposed to [cols, rows], same dtype (ffn_sparse.h),
                  * owned by the model: used instead of data, which is then NULL */
+    void *own;  /* data copied out of the checkpoint's mapping at load (dense rows), owned by
+                 * the model: data points here (NULL: data is the mapping's) */
 } cpm_weight;
 
 /* Bytes of w's weights, in whichever form the kernels read them. */

@@ -199,11 +199,13 @@ static void free_packed_weights(cpm_layer *L, int n_experts) {
         cpm_q4_free(L->w[r].q4);
         cpm_t2_free(L->w[r].t2);
         free(L->w[r].t);
+        free(L->w[r].own);
     }
     for (int j = 0; j < 3; j++)
         for (int e = 0; L->experts[j] && e < n_experts; e++) {
             cpm_q4_free(L->experts[j][e].q4);
             cpm_t2_free(L->experts[j][e].t2);
+            free(L->experts[j][e].own);
         }
 }
 
@@ -515,6 +517,47 @@ static int repack_down(cpm_model *m, cpm_weight *w, cpm_error *err) {
     return 0;
 }
 
+/* ---- resident matrices ---- */
+
+/* Copies w's matrix out of the checkpoint's mapping into the model's own memory
+ * (dense rows: a TP column slice drops the full-width stride) and, unless the
+ * mapping must stay (release false: the tied embedding still reads it), lets
+ * the mapped pages go. Decode streams anonymous memory faster than a file
+ * mapping of the same bytes (docs/KERNELS.md). */
+static int make_resident(cpm_model *m, cpm_weight *w, bool release, cpm_error *err) {
+    if (!w->data || w->q4 || w->t2 || w->q8 || w->own)
+        return 0;
+    size_t esz = cpm_dtype_size(w->dtype), row = (size_t)w->cols * esz;
+    size_t ld = (size_t)(w->ld ? w->ld : w->cols) * esz;
+    void *p = aligned_alloc(64, ((size_t)w->rows * row + 63) & ~(size_t)63);
+    if (!p)
+        return cpm_error_set(err, CPM_ENOMEM, "copying the weights into memory: out of memory "
+                             "(map_weights keeps them in the file mapping)");
+    for (int r = 0; r < w->rows; r++)
+        memcpy((char *)p + (size_t)r * row, (const char *)w->data + (size_t)r * ld, row);
+    if (release)
+        cpm_checkpoint_release(m->ckpt, w->data, (size_t)(w->rows - 1) * ld + row);
+    w->data = p;
+    w->own = p;
+    w->ld = 0;
+    return 0;
+}
+
+static int make_all_resident(cpm_model *m, cpm_error *err) {
+    int rc = 0;
+    for (int l = 0; !rc && l < m->info.layer_end - m->info.layer_begin; l++) {
+        cpm_layer *L = &m->layers[l];
+        for (int r = 0; !rc && r < CPM_LAYER_ROLE_COUNT; r++)
+            rc = make_resident(m, &L->w[r], true, err);
+        for (int j = 0; j < 3; j++)
+            for (int e = 0; !rc && L->experts[j] && e < m->hp.n_experts; e++)
+                rc = make_resident(m, &L->experts[j][e], true, err);
+    }
+    if (!rc && m->info.last_stage)
+        rc = make_resident(m, &m->lm_head, m->lm_head.data != m->embed.data, err);
+    return rc;
+}
+
 static int prepare_sparse_ffn(cpm_model *m, cpm_error *err) {
     if (!m->ffn_sparse || !(m->ffn_sparse = sparse_ffn_possible(m)))
         return 0;
@@ -651,6 +694,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     }
     if ((rc = prepare_sparse_ffn(m, err)))
         goto fail;
+    if (!o.map_weights && (rc = make_all_resident(m, err)))
+        goto fail;
     *ret = m;
     return 0;
 fail:
@@ -674,6 +719,7 @@ void cpm_model_free(cpm_model *m) {
         free(m->layers);
     }
     cpm_q8_free(m->lm_head.q8);
+    free(m->lm_head.own);
     free(m->final_norm);
     free(m->inv_freq);
     free_scratch(&m->s);
@@ -709,7 +755,7 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 
 /* The mapped bytes of w (a TP column slice spans its rows at the full width). */
 static size_t mapped_bytes(const cpm_weight *w) {
-    if (!w->data || w->q4 || w->t2) /* repacked: resident already */
+    if (!w->data || w->q4 || w->t2 || w->own) /* repacked or copied: resident already */
         return 0;
     return (size_t)w->rows * (size_t)(w->ld ? w->ld : w->cols) * cpm_dtype_size(w->dtype);
 }

@@ -48,6 +48,10 @@ typedef struct cpm_model_opts {
     bool act_int8;        /* int4 weights meet activations quantized to int8 per 32
                              (cpm_matmul_q4_q8x, as llama.cpp's Q4_0 meets Q8_0); every
                              other weight as act_bf16, which this implies (default false) */
+    bool map_weights;     /* leave the matrices in the checkpoint's file mapping (the page
+                             cache) instead of copying them into the model's own memory at
+                             load (default false: copied; decode reads a file mapping 15-20 %
+                             slower on the machines measured, docs/KERNELS.md) */
     bool lm_head_int8;    /* quantize the output layer to int8 with a scale per 32 at load
                              (matmul_q8.h): half the bytes a decode token reads for it, lossy
                              (default false: the checkpoint's own weights) */
