@@ -21,6 +21,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "matmul_q4.h"
 
@@ -112,11 +113,17 @@ void cpm_q4_mm_bf16x(const cpm_q4_job *job, int m0, int m1, int n0, int n1, floa
 static inline const float *cpm_q4_x_block(const cpm_q4 *w, const float *x, size_t k, float *tmp) {
     if (!w->gather)
         return x + k * CPM_Q4_BLOCK;
-    for (int j = 0; j < CPM_Q4_BLOCK; j++) {
-        size_t p = k * CPM_Q4_BLOCK + (size_t)j, g = p / (size_t)w->gp, i = p % (size_t)w->gp;
-        size_t sp = g * (size_t)w->gs + i;
-        tmp[j] = i >= (size_t)w->gs ? 0.0f : x[w->src_k ? (size_t)w->src_k[sp] : sp];
-    }
+    const size_t bpg = (size_t)w->gp / CPM_Q4_BLOCK, g = k / bpg; /* a block lies in one group */
+    const size_t i0 = (k % bpg) * CPM_Q4_BLOCK, gs = (size_t)w->gs;
+    const size_t n = i0 >= gs ? 0 : gs - i0 < CPM_Q4_BLOCK ? gs - i0 : CPM_Q4_BLOCK;
+    const size_t sp = g * gs + i0;
+    if (w->src_k)
+        for (size_t j = 0; j < n; j++)
+            tmp[j] = x[w->src_k[sp + j]];
+    else
+        memcpy(tmp, x + sp, n * sizeof *tmp);
+    for (size_t j = n; j < CPM_Q4_BLOCK; j++)
+        tmp[j] = 0.0f; /* the group's padding */
     return tmp;
 }
 
