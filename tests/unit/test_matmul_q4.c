@@ -433,24 +433,28 @@ static void test_bf16x_against_rounded_ref(void **state) {
     cpm_pool_free(p2);
 }
 
-/* A row alone, in a sub-batch and in the whole batch (direct and panel paths),
- * with 1 or 3 threads: the same bits, on every ISA. */
-static void test_bf16x_row_bits_independent_of_batch(void **state) {
-    (void)state;
+typedef float *(*run_fn)(cpm_pool *pool, const raw *r, int m0, int M);
+typedef void (*check_fn)(const raw *r, const float *y);
+
+/* A row alone, in a sub-batch and in the whole batch (every path a kernel has
+ * by batch size), with 1 or 3 threads: the same bits, on every ISA; the batch
+ * also meets check. */
+static void check_rows_independent_of_batch(run_fn run_it, check_fn check) {
     const qshape cases[] = {{37, 64, 256, 128, 0, 0, 0}, {21, 40, 136, 8, 1, 1, 2},
-                            {70, 48, 512, 64, 1, 0, 0}};
+                            {70, 48, 512, 64, 1, 0, 0}, {9, 40, 384, 384, 1, 0, 0}};
+    const int n_cases = (int)(sizeof cases / sizeof *cases);
     cpm_pool *p3 = cpm_pool_new(3);
     assert_non_null(p3);
     for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
         if (cpm_isa_force(isas[a]) != isas[a])
             continue;
-        for (int c = 0; c < 3; c++) {
+        for (int c = 0; c < n_cases; c++) {
             raw r = make_raw(cases[c], c == 1 ? CPM_Q4_AWQ : CPM_Q4_GPTQ);
             size_t ldy = (size_t)r.s.N + (size_t)r.s.pad_y, row = (size_t)r.s.N * sizeof(float);
-            float *all = run_bf16x(p3, &r, 0, r.s.M), *sub = run_bf16x(NULL, &r, 3, 5);
-            check_bf16x(&r, all, isas[a] >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot());
+            float *all = run_it(p3, &r, 0, r.s.M), *sub = run_it(NULL, &r, 3, 5);
+            check(&r, all);
             for (int m = 0; m < r.s.M; m++) {
-                float *one = run_bf16x(m % 2 ? p3 : NULL, &r, m, 1);
+                float *one = run_it(m % 2 ? p3 : NULL, &r, m, 1);
                 assert_memory_equal(one, all + (size_t)m * ldy, row);
                 if (m >= 3 && m < 8)
                     assert_memory_equal(sub + (size_t)(m - 3) * ldy, one, row);
@@ -463,6 +467,16 @@ static void test_bf16x_row_bits_independent_of_batch(void **state) {
     }
     cpm_isa_force(cpm_isa_detect());
     cpm_pool_free(p3);
+}
+
+/* check_bf16x with the weights rounded where this ISA runs VDPBF16PS. */
+static void check_bf16x_here(const raw *r, const float *y) {
+    check_bf16x(r, y, cpm_isa_in_effect() >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot());
+}
+
+static void test_bf16x_row_bits_independent_of_batch(void **state) {
+    (void)state;
+    check_rows_independent_of_batch(run_bf16x, check_bf16x_here);
 }
 
 /* ---- int8 activations (cpm_matmul_q4_q8x) ---- */
@@ -578,36 +592,10 @@ static void test_q8x_every_isa(void **state) {
     cpm_pool_free(p2);
 }
 
-/* A row alone, in a sub-batch and in batches past a tile and an L2 chunk,
- * with 1 or 3 threads: the same bits, on every ISA. */
+/* Batches past a tile and an L2 chunk, a group of 384 (three 128-position steps). */
 static void test_q8x_row_bits_independent_of_batch(void **state) {
     (void)state;
-    const qshape cases[] = {{37, 64, 256, 128, 0, 0, 0}, {21, 40, 136, 8, 1, 1, 2},
-                            {70, 48, 512, 64, 1, 0, 0}, {9, 40, 384, 384, 1, 0, 0}};
-    cpm_pool *p3 = cpm_pool_new(3);
-    assert_non_null(p3);
-    for (size_t a = 0; a < sizeof isas / sizeof *isas; a++) {
-        if (cpm_isa_force(isas[a]) != isas[a])
-            continue;
-        for (int c = 0; c < 4; c++) {
-            raw r = make_raw(cases[c], c == 1 ? CPM_Q4_AWQ : CPM_Q4_GPTQ);
-            size_t ldy = (size_t)r.s.N + (size_t)r.s.pad_y, row = (size_t)r.s.N * sizeof(float);
-            float *all = run_q8x(p3, &r, 0, r.s.M), *sub = run_q8x(NULL, &r, 3, 5);
-            check_q8x(&r, all);
-            for (int m = 0; m < r.s.M; m++) {
-                float *one = run_q8x(m % 2 ? p3 : NULL, &r, m, 1);
-                assert_memory_equal(one, all + (size_t)m * ldy, row);
-                if (m >= 3 && m < 8)
-                    assert_memory_equal(sub + (size_t)(m - 3) * ldy, one, row);
-                free(one);
-            }
-            free(all);
-            free(sub);
-            free_raw(&r);
-        }
-    }
-    cpm_isa_force(cpm_isa_detect());
-    cpm_pool_free(p3);
+    check_rows_independent_of_batch(run_q8x, check_q8x);
 }
 
 /* Halves round to even in every ISA's quantization: a block whose largest |x| is

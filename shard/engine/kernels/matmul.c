@@ -87,33 +87,46 @@ cpm_isa cpm_isa_detect(void) {
     return (cpm_isa)isa;
 }
 
-bool cpm_cpu_has_bf16_dot(void) {
-    int has = atomic_load(&detected_bf16_dot);
-    if (has < 0) {
-        has = 0;
-#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
-        unsigned a, b, c, d;
-        if (cpm_isa_detect() >= CPM_ISA_AVX512 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
-            has = (a >> 5) & 1; /* AVX512_BF16 */
+#if X86_KERNELS && (defined(CPM_HAVE_BF16X_KERNEL) || defined(CPM_HAVE_VNNI_KERNEL))
+/* Bit `bit` of register `reg` (0 eax .. 3 edx) of CPUID leaf 7, subleaf `sub`, on a CPU
+ * with AVX-512 (the extensions asked about here are AVX-512 ones). */
+static int avx512_feature(unsigned sub, int reg, int bit) {
+    unsigned r[4];
+    if (cpm_isa_detect() < CPM_ISA_AVX512 || !__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3]))
+        return 0;
+    return (int)((r[reg] >> bit) & 1);
+}
 #endif
-        atomic_store(&detected_bf16_dot, has);
+
+/* Detected once: *cache is -1 until then. */
+static bool cached_feature(atomic_int *cache, int (*detect)(void)) {
+    int has = atomic_load(cache);
+    if (has < 0) {
+        has = detect();
+        atomic_store(cache, has);
     }
     return has != 0;
 }
 
-bool cpm_cpu_has_int8_dot(void) {
-    int has = atomic_load(&detected_int8_dot);
-    if (has < 0) {
-        has = 0;
-#if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
-        unsigned a, b, c, d;
-        if (cpm_isa_detect() >= CPM_ISA_AVX512 && __get_cpuid_count(7, 0, &a, &b, &c, &d))
-            has = (c >> 11) & 1; /* AVX512_VNNI */
+static int detect_bf16_dot(void) {
+#if X86_KERNELS && defined(CPM_HAVE_BF16X_KERNEL)
+    return avx512_feature(1, 0, 5); /* AVX512_BF16 */
+#else
+    return 0;
 #endif
-        atomic_store(&detected_int8_dot, has);
-    }
-    return has != 0;
 }
+
+static int detect_int8_dot(void) {
+#if X86_KERNELS && defined(CPM_HAVE_VNNI_KERNEL)
+    return avx512_feature(0, 2, 11); /* AVX512_VNNI */
+#else
+    return 0;
+#endif
+}
+
+bool cpm_cpu_has_bf16_dot(void) { return cached_feature(&detected_bf16_dot, detect_bf16_dot); }
+
+bool cpm_cpu_has_int8_dot(void) { return cached_feature(&detected_int8_dot, detect_int8_dot); }
 
 cpm_isa cpm_isa_force(cpm_isa isa) {
     cpm_isa best = cpm_isa_detect();

@@ -127,6 +127,31 @@ static inline const float *cpm_q4_x_block(const cpm_q4 *w, const float *x, size_
     return tmp;
 }
 
+/* One block of 32 f32 into q8 and its scale; returns the sum of q8. */
+typedef int (*cpm_q4_quantize_fn)(const float *x, int8_t *q, float *ret_scale);
+
+/* Rows [m0, m1) of job->x into job->x8, xs, xz with quantize (the portable or
+ * the AVX-512 one: the same bytes); S_g in block order, as the q8x order says. */
+static inline __attribute__((always_inline)) void
+cpm_q4_q8x_pack_with(const cpm_q4_job *job, int m0, int m1, cpm_q4_quantize_fn quantize) {
+    const cpm_q4 *w = job->w;
+    const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
+    for (int m = m0; m < m1; m++) {
+        const float *x = job->x + (size_t)m * job->ldx;
+        int8_t *q = job->x8 + (size_t)m * Kp;
+        float *xs = job->xs + (size_t)m * nb, *xz = job->xz + (size_t)m * (size_t)w->G;
+        for (int g = 0; g < w->G; g++) {
+            float S = 0.0f;
+            for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
+                float tmp[CPM_Q4_BLOCK];
+                int T = quantize(cpm_q4_x_block(w, x, k, tmp), q + k * CPM_Q4_BLOCK, &xs[k]);
+                S = __builtin_fmaf(xs[k], (float)T, S);
+            }
+            xz[g] = S;
+        }
+    }
+}
+
 /* int8 activations: rows [m0, m1) of job->x (the caller's order) quantized into
  * job->x8, xs, xz; then the kernels over a panel-layout weight, all giving the
  * same bits (the VNNI one needs AVX-512 VNNI, cpm_cpu_has_int8_dot). n0 is a

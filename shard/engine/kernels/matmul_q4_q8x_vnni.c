@@ -50,22 +50,7 @@ INLINE int quantize_block(const float *x, int8_t *q, float *ret_scale) {
 }
 
 void cpm_q4_q8x_pack_vnni(const cpm_q4_job *job, int m0, int m1) {
-    const cpm_q4 *w = job->w;
-    const size_t Kp = (size_t)w->Kp, nb = Kp / CPM_Q4_BLOCK, bpg = (size_t)w->gp / CPM_Q4_BLOCK;
-    for (int m = m0; m < m1; m++) {
-        const float *x = job->x + (size_t)m * job->ldx;
-        int8_t *q = job->x8 + (size_t)m * Kp;
-        float *xs = job->xs + (size_t)m * nb, *xz = job->xz + (size_t)m * (size_t)w->G;
-        for (int g = 0; g < w->G; g++) {
-            float S = 0.0f;
-            for (size_t k = (size_t)g * bpg; k < (size_t)(g + 1) * bpg; k++) {
-                float tmp[CPM_Q4_BLOCK];
-                int T = quantize_block(cpm_q4_x_block(w, x, k, tmp), q + k * CPM_Q4_BLOCK, &xs[k]);
-                S = fmaf(xs[k], (float)T, S);
-            }
-            xz[g] = S;
-        }
-    }
+    cpm_q4_q8x_pack_with(job, m0, m1, quantize_block);
 }
 
 /* ---- the kernel ---- */
