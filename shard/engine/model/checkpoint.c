@@ -602,6 +602,30 @@ void cpm_checkpoint_release(const cpm_checkpoint *ck, const void *p, size_t n) {
     }
 }
 
+int cpm_checkpoint_copy(const cpm_checkpoint *ck, const void *p, size_t n, void *dst) {
+    uintptr_t a = (uintptr_t)p;
+    for (size_t i = 0; i < ck->nfiles; i++) {
+        uintptr_t lo = (uintptr_t)ck->files[i].map;
+        if (ck->files[i].len == 0 || a < lo || a + n > lo + ck->files[i].len)
+            continue;
+        char *path = join(ck->dir, ck->files[i].name);
+        int fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+        free(path);
+        if (fd < 0)
+            return -1;
+        size_t got = 0;
+        while (got < n) {
+            ssize_t r = pread(fd, (char *)dst + got, n - got, (off_t)(a - lo + got));
+            if (r <= 0 && !(r < 0 && errno == EINTR))
+                break;
+            got += r > 0 ? (size_t)r : 0;
+        }
+        close(fd);
+        return got == n ? 0 : -1;
+    }
+    return -1;
+}
+
 /* ---- lookups ---- */
 
 size_t cpm_checkpoint_count(const cpm_checkpoint *ck) {

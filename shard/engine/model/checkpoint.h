@@ -53,6 +53,10 @@ void cpm_checkpoint_free(cpm_checkpoint *ck);
  * one file mapping (a tensor copied at open time) are left alone. */
 void cpm_checkpoint_release(const cpm_checkpoint *ck, const void *p, size_t n);
 
+/* Copies the n mapped bytes at p into dst by reading the file (no page faults on
+ * the mapping). 0, or -1 when p is not in one file or the read fails. */
+int cpm_checkpoint_copy(const cpm_checkpoint *ck, const void *p, size_t n, void *dst);
+
 /* Number of tensors, and the i-th one (0 <= i < count), in file order. */
 size_t cpm_checkpoint_count(const cpm_checkpoint *ck);
 const cpm_tensor_view *cpm_checkpoint_at(const cpm_checkpoint *ck, size_t i);
