@@ -149,6 +149,23 @@ static void test_safetensors_good(void **state) {
     cpm_checkpoint_free(ck);
 }
 
+/* cpm_checkpoint_copy reads a tensor's bytes from its file; bytes outside every
+ * file mapping are refused. */
+static void test_checkpoint_copy(void **state) {
+    scratch *s = *state;
+    write_good(s->dir, "model.safetensors");
+    cpm_checkpoint *ck = open_ok(s->dir);
+    const cpm_tensor_view *v = cpm_checkpoint_find(ck, "model.embed_tokens.weight");
+    assert_non_null(v);
+    uint16_t got[6] = {0};
+    assert_int_equal(cpm_checkpoint_copy(ck, v->data, sizeof got, got), 0);
+    assert_memory_equal(got, emb_w, sizeof emb_w);
+    assert_int_equal(cpm_checkpoint_copy(ck, (const char *)v->data + 2, 4, got), 0);
+    assert_memory_equal(got, emb_w + 1, 4);
+    assert_int_equal(cpm_checkpoint_copy(ck, got, sizeof got, got), -1); /* not mapped */
+    cpm_checkpoint_free(ck);
+}
+
 static void test_safetensors_wrong_shape(void **state) {
     scratch *s = *state;
     write_good(s->dir, "model.safetensors");
@@ -699,6 +716,7 @@ static void test_preference_order(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         SCRATCH(test_safetensors_good),
+        SCRATCH(test_checkpoint_copy),
         SCRATCH(test_safetensors_wrong_shape),
         SCRATCH(test_safetensors_missing_tensor),
         SCRATCH(test_safetensors_unsupported_dtype),
