@@ -31,6 +31,7 @@ typedef struct run_args {
     bool act_int8;
     bool ffn_dense;
     bool lm_head_int8;
+    bool map_weights;
     cpm_dtype kv_dtype;
     const char *isa;          /* NULL = the best this CPU has */
     cpm_sampling_params sampling;
@@ -46,7 +47,7 @@ typedef struct run_ctx {
 enum { OPT_MODEL = 1, OPT_IDS, OPT_PROMPT, OPT_N, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P,
        OPT_REPETITION_PENALTY, OPT_SEED, OPT_THREADS, OPT_BATCH, OPT_KV_DTYPE, OPT_ISA,
        OPT_LOGITS_OUT, OPT_PRINT_IDS, OPT_IGNORE_EOS, OPT_CHAT, OPT_KEEP_BF16,
-       OPT_ACTIVATIONS, OPT_FFN, OPT_LM_HEAD };
+       OPT_ACTIVATIONS, OPT_FFN, OPT_LM_HEAD, OPT_WEIGHTS };
 
 static const cpm_cli_opt opts[] = {
     {"model", 0, "DIR", "the checkpoint directory (required)", OPT_MODEL},
@@ -71,6 +72,9 @@ static const cpm_cli_opt opts[] = {
     {"lm-head", 0, "stored|int8",
      "the output layer as the checkpoint stores it (default) or quantized to int8 with a scale "
      "per 32 at load (half the bytes a decode token reads for it, less exact)", OPT_LM_HEAD},
+    {"weights", 0, "resident|mapped",
+     "copy the weights into memory at load (resident, default: faster decode) or read them from "
+     "the file mapping (mapped: faster load)", OPT_WEIGHTS},
     {"ffn", 0, "sparse|dense",
      "MiniCPM-S (FATReLU): skip the inactive neurons (sparse, default) or run every one (dense, "
      "the row-major down_proj as other models)", OPT_FFN},
@@ -115,6 +119,11 @@ static void take(const cpm_cli *cli, int c, const char *v, run_args *a) {
         if (strcmp(v, "stored") && strcmp(v, "int8"))
             cpm_cli_fail(cli, "--lm-head: '%s' is not stored or int8", v);
         a->lm_head_int8 = strcmp(v, "int8") == 0;
+        break;
+    case OPT_WEIGHTS:
+        if (strcmp(v, "resident") && strcmp(v, "mapped"))
+            cpm_cli_fail(cli, "--weights: '%s' is not resident or mapped", v);
+        a->map_weights = strcmp(v, "mapped") == 0;
         break;
     case OPT_FFN:
         if (strcmp(v, "sparse") && strcmp(v, "dense"))
@@ -284,6 +293,7 @@ int main(int argc, char **argv) {
     mo.act_int8 = a.act_int8;
     mo.ffn_dense = a.ffn_dense;
     mo.lm_head_int8 = a.lm_head_int8;
+    mo.map_weights = a.map_weights;
     if (cpm_model_load(a.model, &mo, &m, &err)) {
         fprintf(stderr, "cpm-run: %s: %s\n", a.model, err.msg);
         goto out;

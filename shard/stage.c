@@ -776,6 +776,7 @@ static int stage_load(void *user, cpm_error *err) {
     mo.act_int8 = st->opts.act_int8;
     mo.ffn_dense = st->opts.ffn_dense;
     mo.lm_head_int8 = st->opts.lm_head_int8;
+    mo.map_weights = st->opts.map_weights;
     if (st->opts.n_experts) /* the experts run in the expert services: bind none here */
         mo.expert_begin = mo.expert_end = 0;
     mo.tp_rank = st->opts.tp_rank;

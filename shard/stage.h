@@ -39,6 +39,7 @@ typedef struct cpm_stage_opts {
     bool act_int8;           /* int4 weights meet int8 activations (cpm_model_opts) */
     bool ffn_dense;          /* MiniCPM-S: every FFN neuron, not only the active ones (cpm_model_opts) */
     bool lm_head_int8;       /* the output layer quantized to int8 at load (cpm_model_opts) */
+    bool map_weights;        /* weights left in the file mapping (cpm_model_opts) */
     int max_seqs;            /* live sequences */
     int max_batch_tokens;    /* rows per forward call; bigger micro-batches run in chunks */
     int max_queue;           /* micro-batches waiting before new ones fail with CPM_ELIMIT */

@@ -67,6 +67,7 @@ int cpm_stage_config_from_cluster(cpm_stage_config *sc, const cpm_config *c, int
     o->act_int8 = strcmp(s->activations, "int8") == 0;
     o->ffn_dense = strcmp(s->ffn, "dense") == 0;
     o->lm_head_int8 = strcmp(s->lm_head, "int8") == 0;
+    o->map_weights = strcmp(s->weights, "mapped") == 0;
     o->max_seqs = s->max_seqs;
     o->max_batch_tokens = s->max_batch_tokens;
     o->model_dir = c->model;

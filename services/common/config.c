@@ -74,6 +74,10 @@ static const key stage_keys[] = {
      "the output layer as the checkpoint stores it, or int8 (quantized at load with a scale per "
      "32: half the bytes a decode token reads for it, logits within ~1e-2: docs/KERNELS.md); "
      "read by the last stage", NULL, 0, 0, 0},
+    {"weights", K_STR, offsetof(cpm_cfg_stage, weights), 0, 0, "resident",
+     "resident (copied into the stage's own memory at load: faster decode) or mapped (left in "
+     "the file mapping: faster load, one page-cache copy shared by the processes of a host)",
+     NULL, 0, 0, 0},
     {"ffn", K_STR, offsetof(cpm_cfg_stage, ffn), 0, 0, "sparse",
      "MiniCPM-S's FATReLU FFN: sparse (only the neurons the gate lets through; down_proj kept "
      "transposed) or dense (every neuron, the checkpoint's layout); other models ignore it",
@@ -609,6 +613,9 @@ static int check_whole(cpm_config *c, cpm_error *err) {
         if (strcmp(c->stages[i].lm_head, "stored") && strcmp(c->stages[i].lm_head, "int8"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].lm_head: '%s' is not one of "
                                  "stored, int8", c->path, i, c->stages[i].lm_head);
+        if (strcmp(c->stages[i].weights, "resident") && strcmp(c->stages[i].weights, "mapped"))
+            return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].weights: '%s' is not one of "
+                                 "resident, mapped", c->path, i, c->stages[i].weights);
         if (strcmp(c->stages[i].ffn, "sparse") && strcmp(c->stages[i].ffn, "dense"))
             return cpm_error_set(err, CPM_EINVAL, "%s: stages[%d].ffn: '%s' is not one of "
                                  "sparse, dense", c->path, i, c->stages[i].ffn);

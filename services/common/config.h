@@ -53,6 +53,7 @@ typedef struct cpm_cfg_stage {
     char activations[CPM_CFG_STR]; /* "exact" f32, "bf16" or "int8" (int4 weights) activations */
     char lm_head[CPM_CFG_STR];  /* output layer: "stored" (the checkpoint's) or "int8" (at load) */
     char ffn[CPM_CFG_STR];      /* FATReLU (MiniCPM-S) FFN: "sparse" (active neurons only) or "dense" */
+    char weights[CPM_CFG_STR];  /* "resident" (copied at load) or "mapped" (the file mapping) */
     char tp_mesh[CPM_CFG_STR];  /* tensor parallelism: rank 0's all-reduce endpoint */
     int n_tp;                   /* ranks besides rank 0 (0: no TP); tp size = n_tp + 1 */
     cpm_cfg_tp tp[CPM_CFG_MAX_TP - 1];

@@ -36,6 +36,7 @@
     "  - layers: [1, end]\n"                          \
     "    endpoint: tcp://127.0.0.1:5581\n"            \
     "    activations: int8\n"                         \
+    "    weights: mapped\n"                           \
     "    lm_head: int8\n"
 
 static cpm_config *parse(const char *text) {
@@ -62,6 +63,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(o->kv_dtype, CPM_DTYPE_F16);
     assert_true(o->act_bf16);
     assert_false(o->act_int8);
+    assert_false(o->map_weights); /* resident by default */
     assert_true(o->ffn_dense);
     assert_false(o->lm_head_int8); /* as stored by default */
     assert_string_equal(o->model_dir, c->model);
@@ -81,6 +83,7 @@ static void test_stage_from_file(void **state) {
     assert_int_equal(sc.opts.kv_dtype, CPM_DTYPE_F32);
     assert_false(sc.opts.act_bf16); /* int8: int4 weights meet int8 x (the model implies bf16) */
     assert_true(sc.opts.act_int8);
+    assert_true(sc.opts.map_weights);
     assert_true(sc.opts.lm_head_int8);
     assert_int_equal(sc.opts.tp_size, 1);
     cpm_config_free(c);
