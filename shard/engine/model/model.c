@@ -762,10 +762,13 @@ size_t cpm_model_decode_bytes(const cpm_model *m) {
 
 /* ---- paging in ---- */
 
-/* The mapped bytes of w (a TP column slice spans its rows at the full width). */
-static size_t mapped_bytes(const cpm_weight *w) {
-    if (!w->data || w->q4 || w->t2 || w->own) /* repacked or copied: resident already */
+/* The bytes of w a page walk touches: its mapping (a TP column slice spans its rows at
+ * the full width) or its copy. */
+static size_t walk_bytes(const cpm_weight *w) {
+    if (!w->data || w->q4 || w->t2) /* repacked: resident already */
         return 0;
+    if (w->own) /* copied at load: dense, resident already (the walk touches it all the same) */
+        return (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype);
     return (size_t)w->rows * (size_t)(w->ld ? w->ld : w->cols) * cpm_dtype_size(w->dtype);
 }
 
@@ -777,7 +780,7 @@ typedef struct page_walk {
 
 /* Touches one byte per page of w (sum: so the reads are not optimised away). */
 static void page_weight(page_walk *pw, const cpm_weight *w, volatile unsigned char *sink) {
-    size_t n = mapped_bytes(w);
+    size_t n = walk_bytes(w);
     const unsigned char *p = w->data;
     unsigned char acc = 0;
     for (size_t off = 0; off < n; off += 4096) {
@@ -810,7 +813,7 @@ static void each_weight(const cpm_model *m, page_walk *pw, volatile unsigned cha
 
 static void count_weight(page_walk *pw, const cpm_weight *w, volatile unsigned char *sink) {
     (void)sink;
-    pw->total += mapped_bytes(w);
+    pw->total += walk_bytes(w);
 }
 
 size_t cpm_model_page_in(const cpm_model *m, cpm_model_progress_fn fn, void *ud) {
