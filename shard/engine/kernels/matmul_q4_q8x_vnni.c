@@ -7,13 +7,13 @@
  * positions, AND 0x0f and a shift make them two vectors of unsigned bytes, and
  * two VPDPBUSD against one broadcast of 4 int8 x values add 128 exact
  * products. A block of 32 positions is 8 loads, then per 16 rows one
- * conversion, one multiply by the x scale and one FMA by the group scales. Each loaded chunk meets every x
- * row of the tile (up to MR) while it is in registers, so decode streams the
- * panels once (one forward stream each) and a batch reuses them MR times.
- * Batches go through x in chunks that stay in L2 (CHUNK_M rows).
+ * conversion, one multiply by the x scale and one FMA by the group scales.
+ * Each loaded chunk meets every x row of the tile (up to MR) while it is in
+ * registers, so decode streams the panels once (one forward stream each) and a
+ * batch reuses them MR times. Batches go through x in chunks that stay in L2
+ * (CHUNK_M rows).
  */
 #include <immintrin.h>
-#include <math.h>
 #include <string.h>
 
 #include "matmul_q4_internal.h"
