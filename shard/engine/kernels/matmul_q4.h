@@ -108,7 +108,7 @@ void cpm_matmul_q4_bf16x(cpm_pool *pool, float *y, int ldy, const float *x, int 
 void cpm_matmul_q4_q8x(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
                        const cpm_q4 *w, int M);
 
-/* Rewrites w into the layout cpm_matmul_q4_q8x runs on (rows in panels of 16,
+/* Rewrites w into the layout cpm_matmul_q4_q8x runs on (rows in panels of 32,
  * matmul_q4_internal.h), in place; after it, cpm_matmul_q4 and
  * cpm_matmul_q4_bf16x fill y with NaN. 0, or CPM_Q4_ENOMEM (w unchanged). */
 int cpm_q4_to_panels(cpm_q4 *w);
