@@ -30,7 +30,8 @@ static size_t panel_at(const cpm_q4 *w, int n, int p, int *shift) {
 
 int cpm_q4_panel_q(const cpm_q4 *w, int n, int p) {
     int shift = 0;
-    return (w->nib[panel_at(w, n, p, &shift)] >> shift) & 15;
+    size_t at = panel_at(w, n, p, &shift); /* before shift is read: not in one expression */
+    return (w->nib[at] >> shift) & 15;
 }
 
 size_t cpm_q4_panel_meta(const cpm_q4 *w, int n, int g) {
