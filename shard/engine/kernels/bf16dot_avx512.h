@@ -58,6 +58,14 @@ cpm_bf16dot_tile_panel(const int mr, const int nr, const uint16_t *x, size_t Kp,
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
         }
     }
+    if (mr == CPM_BF16DOT_MR && nr == CPM_BF16DOT_NR) { /* acc is then mr * nr in a row */
+        float sums[CPM_BF16DOT_MR * CPM_BF16DOT_NR + 16];
+        cpm_reduce16_many_avx512(&acc[0][0], mr * nr, sums);
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                y[(size_t)i * ldy + j] = sums[i * nr + j];
+        return;
+    }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[(size_t)i * ldy + j] = cpm_reduce16_avx512(acc[i][j]);
