@@ -24,7 +24,9 @@
 
 #define MR CPM_BF16DOT_MR
 #define NR CPM_BF16DOT_NR
-#define DEC_ROWS 4                /* W rows per step with one x row */
+/* W rows per step with one x row: 8 streams read 10 % faster than 4 on a
+ * Zen 5 (the 1B's projections, 2 threads, weights from DRAM) */
+#define DEC_ROWS 8
 #define DIRECT_M 16               /* up to this many x rows W is read in place */
 #define GROUP_HALFS (128 * 1024)  /* bf16 of W copied per group: 256 KiB, in L2 */
 
