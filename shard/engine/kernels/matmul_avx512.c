@@ -19,7 +19,9 @@
 
 #define MR 4          /* x rows per register tile */
 #define NR 6          /* W rows per register tile (and per decoded panel) */
-#define DEC_ROWS 4    /* W rows per step of the decode (M = 1) loop */
+/* W rows per step of the decode (M = 1) loop: 8 streams read 4-10 % faster than
+ * 4 on a Zen 5 (the 1B's projections, F16 and BF16, 2 threads, from DRAM) */
+#define DEC_ROWS 8
 #define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
 #define PANEL_K ((GROUP_FLOATS / NR) & ~15) /* longest K widened (then one panel per group) */
 #ifndef DIRECT_M
@@ -79,6 +81,18 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
     }
 #undef WROW
 #undef XROW
+    if (mr * nr >= 8) { /* a batch tile: its sums 16 at a time, the same bits */
+        __m512 flat[MR * (NR > DEC_ROWS ? NR : DEC_ROWS)];
+        float sums[MR * (NR > DEC_ROWS ? NR : DEC_ROWS) + 16];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                flat[i * nr + j] = acc[i][j];
+        cpm_reduce16_many_avx512(flat, mr * nr, sums);
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                y[(size_t)i * ldy + j] = sums[i * nr + j];
+        return;
+    }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[(size_t)i * ldy + j] = reduce16(acc[i][j]);
