@@ -8,7 +8,7 @@
  * Every M goes through the per-output sequence of bf16dot_avx512.h, so a
  * row's bits never depend on its batch.
  *
- * Decode and small batches stream W rows (4 or 6 at a time, the next ones
+ * Decode and small batches stream W rows (8 or 6 at a time, the next ones
  * prefetched); prefill copies a group of W rows into chunk-interleaved panels
  * (one sequential stream each, L2-sized) and runs 4-row x tiles against them
  * with the x chunks held in registers.
