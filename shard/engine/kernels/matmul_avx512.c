@@ -81,7 +81,7 @@ INLINE void tile(const int mr, const int nr, const int src, const float *x, size
     }
 #undef WROW
 #undef XROW
-    if (mr * nr >= 8) { /* a batch tile: its sums 16 at a time, the same bits */
+    if (mr * nr >= 8) { /* a decode step or a batch tile: sums 16 at a time, the same bits */
         __m512 flat[MR * (NR > DEC_ROWS ? NR : DEC_ROWS)];
         float sums[MR * (NR > DEC_ROWS ? NR : DEC_ROWS) + 16];
         for (int i = 0; i < mr; i++)

@@ -110,7 +110,7 @@ INLINE void tile_direct(const int f16, const int mr, const int nr, const uint16_
     }
 #undef WROW
 #undef XROW
-    if (mr * nr < 8) { /* decode: a few sums, after a memory-bound loop */
+    if (mr * nr < 8) { /* a few sums (rows at the end of a range): one at a time */
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++)
                 y[(size_t)i * ldy + j] = reduce16(acc[i * nr + j]);
