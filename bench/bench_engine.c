@@ -64,15 +64,21 @@ static double measured_bytes(cpm_model *m, double *ret_active) {
     return bytes;
 }
 
-static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, int n_decode,
-                    double *ret_bytes, double *ret_active, bench_result *r) {
-    cpm_error e = {0};
+/* The model options every run of this process shares: the command line's. */
+static cpm_model_opts run_opts(int threads) {
     cpm_model_opts o = cpm_model_opts_default();
     o.act_bf16 = strcmp(act, "bf16") == 0;
     o.act_int8 = strcmp(act, "int8") == 0;
     o.lm_head_int8 = lm_head_int8;
     o.map_weights = map_weights;
     o.n_threads = threads;
+    return o;
+}
+
+static int run_once(const char *dir, int threads, int ffn_dense, int n_prompt, int n_decode,
+                    double *ret_bytes, double *ret_active, bench_result *r) {
+    cpm_error e = {0};
+    cpm_model_opts o = run_opts(threads);
     o.max_batch_tokens = n_prompt;
     o.ffn_dense = ffn_dense == 1;
     cpm_model *m;
@@ -165,12 +171,7 @@ out:
 
 static int bench_batches(const char *dir, int threads, const char *batches, int n_decode) {
     cpm_error e = {0};
-    cpm_model_opts o = cpm_model_opts_default();
-    o.n_threads = threads;
-    o.act_bf16 = strcmp(act, "bf16") == 0;
-    o.act_int8 = strcmp(act, "int8") == 0;
-    o.lm_head_int8 = lm_head_int8;
-    o.map_weights = map_weights;
+    cpm_model_opts o = run_opts(threads);
     cpm_model *m;
     if (cpm_model_load(dir, &o, &m, &e)) {
         fprintf(stderr, "bench_engine: %s\n", e.msg);
