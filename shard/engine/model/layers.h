@@ -11,6 +11,7 @@
 #include "../kernels/ffn_sparse.h"
 #include "../kernels/pool.h"
 #include "../kernels/matmul.h"
+#include "../kernels/matmul_bf16p.h"
 #include "../kernels/matmul_q4.h"
 #include "../kernels/matmul_q8.h"
 #include "../kernels/matmul_t2.h"
@@ -30,6 +31,8 @@ typedef struct cpm_weight {
     cpm_q4 *q4;
     cpm_t2 *t2; /* a ternary bf16 matrix (BitCPM4), repacked to 2 bits: used instead of data */
     cpm_q8 *q8; /* the output layer quantized at load (opts.lm_head_int8): used instead of data */
+    cpm_bf16p *bp; /* BF16/F16 repacked into panels at load for bf16 activations
+                    * (matmul_bf16p.h): used instead of data */
     void *t;    /* FATReLU down_proj transposed to [cols, rows], same dtype (ffn_sparse.h),
                  * owned by the model: used instead of data, which is then NULL */
     void *own;  /* data copied out of the checkpoint's mapping at load (dense rows), owned by
@@ -44,6 +47,8 @@ static inline size_t cpm_weight_bytes(const cpm_weight *w) {
         return cpm_t2_bytes(w->t2);
     if (w->q8)
         return cpm_q8_bytes(w->q8);
+    if (w->bp)
+        return cpm_bf16p_bytes(w->bp);
     return w->data || w->t ? (size_t)w->rows * (size_t)w->cols * cpm_dtype_size(w->dtype) : 0;
 }
 
@@ -161,6 +166,8 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
         cpm_matmul_q4(m->pool, y, w->rows, x, w->cols, w->q4, n);
     else if (w->t2)
         cpm_matmul_t2(m->pool, y, w->rows, x, w->cols, w->t2, n);
+    else if (w->bp)
+        cpm_matmul_bf16p(m->pool, y, w->rows, x, w->cols, w->bp, n);
     else if (m->act_bf16 && (w->dtype == CPM_DTYPE_BF16 || w->dtype == CPM_DTYPE_F16))
         cpm_matmul_bf16x(m->pool, y, w->rows, x, w->cols, w->data, w->dtype,
                          w->ld ? w->ld : w->cols, n, w->rows, w->cols);
@@ -171,15 +178,24 @@ static inline void cpm_model_matmul(cpm_model *m, float *y, const float *x, cons
 
 /* Several weights applied to the same x[n, K] (q/k/v, gate/up): ys[i][n, ws[i]->rows] =
  * x * Ws[i]^T, the same bits as one cpm_model_matmul each, with x packed once where the
- * kernel packs it (AMX, bf16 activations). Int4 or ternary weights, or weights of different widths, go one by
+ * kernel packs it (AMX, bf16 activations, panels). Int4 or ternary weights, or weights of different widths, go one by
  * one. */
 #define CPM_MODEL_MULTI_MAX 4
 static inline void cpm_model_matmul_multi(cpm_model *m, float *const *ys, const float *x,
                                           const cpm_weight *const *ws, int count, int n) {
     cpm_matmul_out outs[CPM_MODEL_MULTI_MAX];
-    bool shared = count <= CPM_MODEL_MULTI_MAX;
+    cpm_bf16p_out pouts[CPM_MODEL_MULTI_MAX];
+    bool shared = count <= CPM_MODEL_MULTI_MAX, panels = shared;
+    for (int i = 0; i < count && panels; i++)
+        panels = ws[i]->bp && ws[i]->cols == ws[0]->cols;
+    if (panels) {
+        for (int i = 0; i < count; i++)
+            pouts[i] = (cpm_bf16p_out){.y = ys[i], .ldy = ws[i]->rows, .w = ws[i]->bp};
+        cpm_matmul_bf16p_multi(m->pool, x, ws[0]->cols, n, pouts, count);
+        return;
+    }
     for (int i = 0; i < count && shared; i++)
-        shared = !ws[i]->q4 && !ws[i]->t2 && ws[i]->cols == ws[0]->cols &&
+        shared = !ws[i]->q4 && !ws[i]->t2 && !ws[i]->bp && ws[i]->cols == ws[0]->cols &&
                  (!m->act_bf16 || ws[i]->dtype == CPM_DTYPE_BF16 || ws[i]->dtype == CPM_DTYPE_F16);
     if (!shared) {
         for (int i = 0; i < count; i++)

@@ -199,6 +199,7 @@ static void free_packed_weights(cpm_layer *L, int n_experts) {
     for (int r = 0; r < CPM_LAYER_ROLE_COUNT; r++) {
         cpm_q4_free(L->w[r].q4);
         cpm_t2_free(L->w[r].t2);
+        cpm_bf16p_free(L->w[r].bp);
         free(L->w[r].t);
         free(L->w[r].own);
     }
@@ -206,6 +207,7 @@ static void free_packed_weights(cpm_layer *L, int n_experts) {
         for (int e = 0; L->experts[j] && e < n_experts; e++) {
             cpm_q4_free(L->experts[j][e].q4);
             cpm_t2_free(L->experts[j][e].t2);
+            cpm_bf16p_free(L->experts[j][e].bp);
             free(L->experts[j][e].own);
         }
 }
@@ -567,6 +569,57 @@ static int make_all_resident(cpm_model *m, cpm_error *err) {
     return rc;
 }
 
+/* ---- panels for bf16 activations ---- */
+
+/* Whether w is a dense BF16/F16 matrix the panel kernel can take. */
+static bool panel_candidate(const cpm_weight *w) {
+    return w->data && !w->q4 && !w->t2 && !w->q8 && !w->t && w->rows > 0 && w->cols > 0 &&
+           (w->dtype == CPM_DTYPE_BF16 || w->dtype == CPM_DTYPE_F16);
+}
+
+/* w repacked into panels (matmul_bf16p.h), its rows let go unless keep (the tied
+ * embedding still reads them). */
+static int repack_panels(cpm_model *m, cpm_weight *w, bool keep, cpm_error *err) {
+    if (!panel_candidate(w))
+        return 0;
+    int ld = w->ld ? w->ld : w->cols;
+    if (!(w->bp = cpm_bf16p_from(m->pool, w->data, w->dtype, w->rows, w->cols, ld)))
+        return cpm_error_set(err, CPM_ENOMEM, "bf16 activations: repacking a %d x %d matrix: "
+                             "out of memory", w->rows, w->cols);
+    if (keep)
+        return 0;
+    if (w->own)
+        free(w->own);
+    else
+        cpm_checkpoint_release(m->ckpt, w->data, ((size_t)(w->rows - 1) * (size_t)ld +
+                                                  (size_t)w->cols) * cpm_dtype_size(w->dtype));
+    w->own = NULL;
+    w->data = NULL;
+    w->ld = 0;
+    return 0;
+}
+
+/* Bf16 activations on a CPU with VDPBF16PS (AMX takes BF16 exactly instead): every
+ * BF16/F16 matrix the layers multiply, and the output layer, into panels. Decode
+ * streams a panel as one sequence and batches overlap reading it with the
+ * arithmetic (docs/KERNELS.md). */
+static int prepare_panels(cpm_model *m, cpm_error *err) {
+    if (!m->act_bf16 || !cpm_bf16p_available() || cpm_isa_in_effect() == CPM_ISA_AMX)
+        return 0;
+    int rc = 0;
+    for (int l = 0; !rc && l < m->info.layer_end - m->info.layer_begin; l++) {
+        cpm_layer *L = &m->layers[l];
+        for (int r = 0; !rc && r < CPM_LAYER_ROLE_COUNT; r++)
+            rc = repack_panels(m, &L->w[r], false, err);
+        for (int j = 0; j < 3; j++)
+            for (int e = 0; !rc && L->experts[j] && e < m->hp.n_experts; e++)
+                rc = repack_panels(m, &L->experts[j][e], false, err);
+    }
+    if (!rc && m->info.last_stage)
+        rc = repack_panels(m, &m->lm_head, m->lm_head.data == m->embed.data, err);
+    return rc;
+}
+
 static int prepare_sparse_ffn(cpm_model *m, cpm_error *err) {
     if (!m->ffn_sparse || !(m->ffn_sparse = sparse_ffn_possible(m)))
         return 0;
@@ -705,6 +758,8 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
         goto fail;
     if (!o.map_weights && (rc = make_all_resident(m, err)))
         goto fail;
+    if ((rc = prepare_panels(m, err)))
+        goto fail;
     *ret = m;
     return 0;
 fail:
@@ -728,6 +783,7 @@ void cpm_model_free(cpm_model *m) {
         free(m->layers);
     }
     cpm_q8_free(m->lm_head.q8);
+    cpm_bf16p_free(m->lm_head.bp);
     free(m->lm_head.own);
     free(m->final_norm);
     free(m->inv_freq);
@@ -916,6 +972,8 @@ static void head_rows(cpm_model *m, const cpm_batch *b, float *logits) {
     if (n > 0 && m->lm_head.q8)
         cpm_matmul_q8(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.q8, n,
                       m->act_bf16);
+    else if (n > 0 && m->lm_head.bp)
+        cpm_matmul_bf16p(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.bp, n);
     else if (n > 0 && m->act_bf16 &&
              (m->lm_head.dtype == CPM_DTYPE_BF16 || m->lm_head.dtype == CPM_DTYPE_F16))
         cpm_matmul_bf16x(m->pool, logits, m->hp.vocab_size, m->s.xn, H, m->lm_head.data,

@@ -1,0 +1,230 @@
+/* matmul_bf16p.c - panel-packed bf16 weights: the repack at load, the scalar
+ * order (matmul_bf16p.h), and the call path (x rounded once, panels over the
+ * threads).
+ */
+#include "matmul_bf16p.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "matmul.h"
+#include "matmul_bf16p_internal.h"
+#include "matmul_internal.h"
+#include "split.h"
+
+#if defined(__x86_64__) && defined(CPM_HAVE_X86_KERNELS) && defined(CPM_HAVE_BF16X_KERNEL)
+#define PANEL_KERNEL 1
+#else
+#define PANEL_KERNEL 0
+#endif
+
+#define COLS CPM_BF16P_COLS
+#define MULTI_MAX 8 /* weights one cpm_matmul_bf16p_multi call shares x between */
+
+bool cpm_bf16p_available(void) {
+#if PANEL_KERNEL
+    return cpm_isa_in_effect() >= CPM_ISA_AVX512 && cpm_cpu_has_bf16_dot();
+#else
+    return false;
+#endif
+}
+
+static size_t panel_halfs(const cpm_bf16p *w) { return (size_t)w->Q * COLS * 2; }
+
+/* ---- repack ---- */
+
+typedef struct repack_job {
+    cpm_bf16p *p;
+    const void *w;
+    cpm_dtype wtype;
+    int ld;
+} repack_job;
+
+/* One weight as bf16: BF16 as stored, F16 rounded to the nearest bf16. */
+static uint16_t weight_bf16(const repack_job *j, size_t i) {
+    const uint16_t h = ((const uint16_t *)j->w)[i];
+    return j->wtype == CPM_DTYPE_BF16 ? h : cpm_f32_to_bf16(cpm_f16_to_f32(h));
+}
+
+static void repack_panels(const repack_job *j, int p0, int p1) {
+    const cpm_bf16p *p = j->p;
+    for (int pn = p0; pn < p1; pn++) {
+        uint16_t *dst = p->data + (size_t)pn * panel_halfs(p);
+        for (int c = 0; c < COLS; c++) {
+            const int n = pn * COLS + c;
+            for (int k = 0; k < 2 * p->Q; k++)
+                dst[((size_t)(k / 2) * COLS + (size_t)c) * 2 + (size_t)(k & 1)] =
+                    n < p->N && k < p->K ? weight_bf16(j, (size_t)n * (size_t)j->ld + (size_t)k)
+                                         : 0;
+        }
+    }
+}
+
+static void repack_worker(void *arg, int tid, int nt) {
+    const repack_job *j = arg;
+    int lo, hi;
+    cpm_split_static(j->p->panels, 1, tid, nt, &lo, &hi);
+    repack_panels(j, lo, hi);
+}
+
+cpm_bf16p *cpm_bf16p_from(cpm_pool *pool, const void *w, cpm_dtype wtype, int N, int K, int ld) {
+    if (N < 1 || K < 1 || ld < K || (wtype != CPM_DTYPE_BF16 && wtype != CPM_DTYPE_F16))
+        return NULL;
+    cpm_bf16p *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->N = N, p->K = K, p->Q = (K + 1) / 2, p->panels = (N + COLS - 1) / COLS;
+    size_t bytes = (size_t)p->panels * panel_halfs(p) * sizeof(uint16_t);
+    if (!(p->data = aligned_alloc(64, bytes))) {
+        free(p);
+        return NULL;
+    }
+    repack_job j = {.p = p, .w = w, .wtype = wtype, .ld = ld};
+    cpm_pool_run(pool, repack_worker, &j);
+    return p;
+}
+
+void cpm_bf16p_free(cpm_bf16p *w) {
+    if (!w)
+        return;
+    free(w->data);
+    free(w);
+}
+
+size_t cpm_bf16p_bytes(const cpm_bf16p *w) {
+    return (size_t)w->panels * panel_halfs(w) * sizeof(uint16_t);
+}
+
+/* ---- the scalar order ---- */
+
+/* bf16 as f32, flushed to 0 when subnormal (VDPBF16PS reads them as 0). */
+static float bf16_daz(uint16_t h) {
+    return (h & 0x7f80) == 0 ? 0.0f * cpm_bf16_to_f32(h) : cpm_bf16_to_f32(h);
+}
+
+void cpm_bf16p_mm_scalar(const cpm_bf16p_job *job, int p0, int p1) {
+    const cpm_bf16p *w = job->w;
+    for (int m = 0; m < job->M; m++) {
+        const uint16_t *x = job->xh + (size_t)m * job->xs;
+        for (int pn = p0; pn < p1; pn++) {
+            const uint16_t *panel = w->data + (size_t)pn * panel_halfs(w);
+            for (int c = 0; c < COLS && pn * COLS + c < w->N; c++) {
+                float acc = 0.0f;
+                for (int q = 0; q < w->Q; q++) {
+                    const uint16_t *pw = panel + ((size_t)q * COLS + (size_t)c) * 2;
+                    acc += bf16_daz(x[2 * q + 1]) * bf16_daz(pw[1]);
+                    acc += bf16_daz(x[2 * q]) * bf16_daz(pw[0]);
+                }
+                job->y[(size_t)m * job->ldy + (size_t)(pn * COLS + c)] = acc;
+            }
+        }
+    }
+}
+
+/* ---- the call path ---- */
+
+typedef struct bf16p_run {
+    cpm_bf16p_job jobs[MULTI_MAX];
+    int first_panel[MULTI_MAX + 1]; /* job i owns combined panels [first[i], first[i + 1]) */
+    int n_jobs;
+    cpm_bf16p_kernel kernel;
+    bool dynamic;
+    cpm_split dyn;
+    /* rounding x */
+    const float *x;
+    size_t ldx;
+    int K;
+} bf16p_run;
+
+/* Combined panels [lo, hi), each job's share in turn. */
+static void run_panels(const bf16p_run *r, int lo, int hi) {
+    for (int i = 0; i < r->n_jobs && lo < hi; i++) {
+        int a = lo > r->first_panel[i] ? lo : r->first_panel[i];
+        int b = hi < r->first_panel[i + 1] ? hi : r->first_panel[i + 1];
+        if (a < b)
+            r->kernel(&r->jobs[i], a - r->first_panel[i], b - r->first_panel[i]);
+    }
+}
+
+static void mm_worker(void *arg, int tid, int nt) {
+    bf16p_run *r = arg;
+    int lo, hi;
+    if (r->dynamic) {
+        while (cpm_split_next(&r->dyn, tid, &lo, &hi))
+            run_panels(r, lo, hi);
+        return;
+    }
+    cpm_split_static(r->first_panel[r->n_jobs], 1, tid, nt, &lo, &hi);
+    run_panels(r, lo, hi);
+}
+
+static void round_rows(const bf16p_run *r, int m0, int m1) {
+    const cpm_bf16p_job *j = &r->jobs[0];
+    uint16_t *xh = (uint16_t *)j->xh;
+#if PANEL_KERNEL
+    if (r->kernel == cpm_bf16p_mm_avx512) {
+        cpm_bf16p_round_avx512(r->x, r->ldx, r->K, xh, j->xs, m0, m1);
+        return;
+    }
+#endif
+    for (int m = m0; m < m1; m++)
+        for (size_t k = 0; k < j->xs; k++)
+            xh[(size_t)m * j->xs + k] =
+                (int)k < r->K ? cpm_f32_to_bf16(r->x[(size_t)m * r->ldx + k]) : 0;
+}
+
+static void round_worker(void *arg, int tid, int nt) {
+    const bf16p_run *r = arg;
+    int lo, hi;
+    cpm_split_static(r->jobs[0].M, 1, tid, nt, &lo, &hi);
+    round_rows(r, lo, hi);
+}
+
+void cpm_matmul_bf16p_multi(cpm_pool *pool, const float *x, int ldx, int M,
+                            const cpm_bf16p_out *outs, int n_outs) {
+    if (M <= 0 || n_outs <= 0)
+        return;
+    if (n_outs > MULTI_MAX) {
+        for (int i = 0; i < n_outs; i += MULTI_MAX)
+            cpm_matmul_bf16p_multi(pool, x, ldx, M, outs + i,
+                                   n_outs - i < MULTI_MAX ? n_outs - i : MULTI_MAX);
+        return;
+    }
+    const int K = outs[0].w->K;
+    const size_t xs = (size_t)((K + 31) & ~31);
+    void *owned;
+    uint16_t *xh = cpm_pool_buffer(pool, (size_t)M * xs * sizeof(uint16_t), &owned);
+    if (!xh) {
+        for (int i = 0; i < n_outs; i++)
+            cpm_mm_fill_nan(outs[i].y, (size_t)outs[i].ldy, M, outs[i].w->N);
+        return;
+    }
+    bf16p_run r = {.n_jobs = n_outs, .kernel = cpm_bf16p_mm_scalar, .x = x, .ldx = (size_t)ldx,
+                   .K = K};
+#if PANEL_KERNEL
+    if (cpm_bf16p_available())
+        r.kernel = cpm_bf16p_mm_avx512;
+#endif
+    for (int i = 0; i < n_outs; i++) {
+        r.jobs[i] = (cpm_bf16p_job){.w = outs[i].w, .xh = xh, .xs = xs, .y = outs[i].y,
+                                    .ldy = (size_t)outs[i].ldy, .M = M};
+        r.first_panel[i + 1] = r.first_panel[i] + outs[i].w->panels;
+    }
+    if (M <= 4) /* decode rows: not worth waking the threads for */
+        round_rows(&r, 0, M);
+    else
+        cpm_pool_run(pool, round_worker, &r);
+    int nt = cpm_pool_size(pool);
+    r.dynamic = cpm_split_dynamic(M, nt);
+    if (r.dynamic)
+        cpm_split_init(&r.dyn, r.first_panel[n_outs], 1, nt, CPM_SPLIT_CHUNKS);
+    cpm_pool_run(pool, mm_worker, &r);
+    free(owned);
+}
+
+void cpm_matmul_bf16p(cpm_pool *pool, float *y, int ldy, const float *x, int ldx,
+                      const cpm_bf16p *w, int M) {
+    cpm_bf16p_out out = {.y = y, .ldy = ldy, .w = w};
+    cpm_matmul_bf16p_multi(pool, x, ldx, M, &out, 1);
+}
