@@ -21,6 +21,9 @@
 
 #define COLS CPM_BF16P_COLS
 #define MULTI_MAX 8 /* weights one cpm_matmul_bf16p_multi call shares x between */
+/* up to this many x values the calling thread rounds alone: a few microseconds, about
+ * what a pool run costs (16 rows of the 1B's widest K take 61440) */
+#define ROUND_ALONE 65536
 
 bool cpm_bf16p_available(void) {
 #if PANEL_KERNEL
@@ -41,22 +44,26 @@ typedef struct repack_job {
     int ld;
 } repack_job;
 
-/* One weight as bf16: BF16 as stored, F16 rounded to the nearest bf16. */
-static uint16_t weight_bf16(const repack_job *j, size_t i) {
-    const uint16_t h = ((const uint16_t *)j->w)[i];
-    return j->wtype == CPM_DTYPE_BF16 ? h : cpm_f32_to_bf16(cpm_f16_to_f32(h));
+/* One weight as bf16: BF16 as stored, F16 rounded to the nearest bf16; 0 past K. */
+static uint32_t weight_bf16(const uint16_t *row, cpm_dtype t, int k, int K) {
+    if (k >= K)
+        return 0;
+    return t == CPM_DTYPE_BF16 ? row[k] : cpm_f32_to_bf16(cpm_f16_to_f32(row[k]));
 }
 
+/* Panels [p0, p1): row n's pair q is the 32-bit word (q * COLS + c) of its panel. */
 static void repack_panels(const repack_job *j, int p0, int p1) {
     const cpm_bf16p *p = j->p;
     for (int pn = p0; pn < p1; pn++) {
-        uint16_t *dst = p->data + (size_t)pn * panel_halfs(p);
+        uint32_t *dst = (uint32_t *)(p->data + (size_t)pn * panel_halfs(p));
         for (int c = 0; c < COLS; c++) {
             const int n = pn * COLS + c;
-            for (int k = 0; k < 2 * p->Q; k++)
-                dst[((size_t)(k / 2) * COLS + (size_t)c) * 2 + (size_t)(k & 1)] =
-                    n < p->N && k < p->K ? weight_bf16(j, (size_t)n * (size_t)j->ld + (size_t)k)
-                                         : 0;
+            const uint16_t *row = (const uint16_t *)j->w + (size_t)n * (size_t)j->ld;
+            for (int q = 0; q < p->Q; q++)
+                dst[(size_t)q * COLS + (size_t)c] =
+                    n >= p->N ? 0
+                              : weight_bf16(row, j->wtype, 2 * q, p->K) |
+                                    weight_bf16(row, j->wtype, 2 * q + 1, p->K) << 16;
         }
     }
 }
@@ -211,14 +218,14 @@ void cpm_matmul_bf16p_multi(cpm_pool *pool, const float *x, int ldx, int M,
                                     .ldy = (size_t)outs[i].ldy, .M = M};
         r.first_panel[i + 1] = r.first_panel[i] + outs[i].w->panels;
     }
-    if (M <= 4) /* decode rows: not worth waking the threads for */
+    if ((size_t)M * (size_t)K <= ROUND_ALONE) /* not worth waking the threads for */
         round_rows(&r, 0, M);
     else
         cpm_pool_run(pool, round_worker, &r);
     int nt = cpm_pool_size(pool);
     r.dynamic = cpm_split_dynamic(M, nt);
-    if (r.dynamic)
-        cpm_split_init(&r.dyn, r.first_panel[n_outs], 1, nt, CPM_SPLIT_CHUNKS);
+    if (r.dynamic) /* a panel a chunk: microseconds each, so the threads end together */
+        cpm_split_init(&r.dyn, r.first_panel[n_outs], 1, nt, r.first_panel[n_outs]);
     cpm_pool_run(pool, mm_worker, &r);
     free(owned);
 }
