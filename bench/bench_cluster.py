@@ -40,6 +40,8 @@ def parse_args():
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--requests-per-stream", type=int, default=1)
     ap.add_argument("--stage-threads", type=int, default=1)
+    ap.add_argument("--activations", default="exact", help="the stages' activations: exact, bf16 "
+                    "or int8 (docs/KERNELS.md)")
     ap.add_argument("--curve", default="on", help="on, off or on,off: the fabric with CurveZMQ "
                     "(the default) and/or in plain text, one cluster each, side by side")
     return ap.parse_args()
@@ -74,10 +76,10 @@ def prompts(vocab, n, length, seed=1):
 
 # ---------------------------------------------------------------- cpm-run, the baseline
 
-def cpm_run(build, model, ids, n, threads):
+def cpm_run(build, model, ids, n, threads, activations):
     r = subprocess.run([os.path.join(build, "shard", "cpm-run"), "--model", model,
                         "--ids", ",".join(map(str, ids)), "--n", str(n), "--ignore-eos",
-                        "--threads", str(threads), "--print-ids"],
+                        "--threads", str(threads), "--activations", activations, "--print-ids"],
                        capture_output=True, text=True, check=True)
     m = re.search(r"prefill ([\d.]+) tok/s; generated (\d+) tokens, decode ([\d.]+) tok/s", r.stderr)
     if not m:
@@ -88,7 +90,7 @@ def cpm_run(build, model, ids, n, threads):
 
 # ---------------------------------------------------------------- the cluster
 
-def write_config(tmp, threads, cut, curve, router_extra=""):
+def write_config(tmp, threads, cut, curve, router_extra="", activations="exact"):
     ep = lambda: "tcp://127.0.0.1:%d" % free_port()  # noqa: E731
     text = ("""# written by bench/bench_cluster.py
 version: 1
@@ -106,13 +108,16 @@ stages:
     endpoint: %s
     threads: %d
     kv_tokens: 8192
+    activations: %s
   - layers: [%d, end]
     endpoint: %s
     threads: %d
     kv_tokens: 8192
+    activations: %s
 security:
   curve: %s
-""") % (ep(), ep(), ep(), ep(), cut, ep(), threads, cut, ep(), threads, curve)
+""") % (ep(), ep(), ep(), ep(), cut, ep(), threads, activations, cut, ep(), threads, activations,
+         curve)
     path = os.path.join(tmp, "bench-%s-%d.yaml" % (curve, len(router_extra)))
     with open(path, "w") as f:
         f.write(text)
@@ -221,10 +226,12 @@ def main():
     print("model: %s (%s, %d layers, hidden %d, %s)" % (model, cfg_json.get("architectures", ["?"])[0],
                                                        cfg_json["num_hidden_layers"], cfg_json["hidden_size"],
                                                        cfg_json.get("torch_dtype", "?")))
-    print("machine: %d CPUs; prompt %d tokens, max_tokens %d, greedy, ignore_eos" % (os.cpu_count(), a.prompt, n))
+    print("machine: %d CPUs; prompt %d tokens, max_tokens %d, greedy, ignore_eos; activations %s"
+          % (os.cpu_count(), a.prompt, n, a.activations))
 
-    base1 = max((cpm_run(build, model, ps[0], n + 1, 1) for _ in range(2)), key=lambda r: r["decode"])
-    base2 = cpm_run(build, model, ps[0], n + 1, 2)
+    base1 = max((cpm_run(build, model, ps[0], n + 1, 1, a.activations) for _ in range(2)),
+                key=lambda r: r["decode"])
+    base2 = cpm_run(build, model, ps[0], n + 1, 2, a.activations)
 
     layers = cfg_json["num_hidden_layers"]
     cut = max(1, layers // 2)
@@ -237,7 +244,7 @@ def measure(a, build, model, ps, streams, cut, curve, base1):
     """One cluster with the fabric's security set to curve (on/off): its figures."""
     n = a.tokens
     tmp = tempfile.mkdtemp(prefix="cpm-bench-cluster-")
-    cfg = write_config(tmp, a.stage_threads, cut, curve)
+    cfg = write_config(tmp, a.stage_threads, cut, curve, activations=a.activations)
     t0 = time.perf_counter()
     cl = Cluster(build, model, cfg, tmp)
     start_s = time.perf_counter() - t0
