@@ -39,9 +39,9 @@ static size_t panel_halfs(const cpm_bf16p *w) { return (size_t)w->Q * COLS * 2; 
 
 typedef struct repack_job {
     cpm_bf16p *p;
-    const void *w;
+    const void *rows; /* row row0 of the matrix */
     cpm_dtype wtype;
-    int ld;
+    int ld, row0, nrows;
 } repack_job;
 
 /* One weight as bf16: BF16 as stored, F16 rounded to the nearest bf16; 0 past K. */
@@ -51,44 +51,68 @@ static uint32_t weight_bf16(const uint16_t *row, cpm_dtype t, int k, int K) {
     return t == CPM_DTYPE_BF16 ? row[k] : cpm_f32_to_bf16(cpm_f16_to_f32(row[k]));
 }
 
-/* Panels [p0, p1): row n's pair q is the 32-bit word (q * COLS + c) of its panel. */
+/* Panels [p0, p1) of the job's rows: row n's pair q is the 32-bit word (q * COLS + c)
+ * of its panel; rows past N are 0. The panel is written in order, pair by pair, from
+ * its 64 rows at once (their current lines stay in L1). */
 static void repack_panels(const repack_job *j, int p0, int p1) {
     const cpm_bf16p *p = j->p;
+    const int full = p->K / 2; /* pairs with both weights inside K */
+    const bool bf16 = j->wtype == CPM_DTYPE_BF16;
     for (int pn = p0; pn < p1; pn++) {
         uint32_t *dst = (uint32_t *)(p->data + (size_t)pn * panel_halfs(p));
+        const uint16_t *row[COLS];
         for (int c = 0; c < COLS; c++) {
             const int n = pn * COLS + c;
-            const uint16_t *row = (const uint16_t *)j->w + (size_t)n * (size_t)j->ld;
-            for (int q = 0; q < p->Q; q++)
-                dst[(size_t)q * COLS + (size_t)c] =
-                    n >= p->N ? 0
-                              : weight_bf16(row, j->wtype, 2 * q, p->K) |
-                                    weight_bf16(row, j->wtype, 2 * q + 1, p->K) << 16;
+            row[c] = n < p->N ? (const uint16_t *)j->rows + (size_t)(n - j->row0) * (size_t)j->ld
+                              : NULL;
         }
+        for (int q = 0; q < p->Q; q++, dst += COLS)
+            for (int c = 0; c < COLS; c++) {
+                uint32_t v = 0;
+                if (row[c] && bf16 && q < full)
+                    memcpy(&v, row[c] + 2 * q, sizeof v); /* little-endian: k = 2q low */
+                else if (row[c])
+                    v = weight_bf16(row[c], j->wtype, 2 * q, p->K) |
+                        weight_bf16(row[c], j->wtype, 2 * q + 1, p->K) << 16;
+                dst[c] = v;
+            }
     }
 }
 
 static void repack_worker(void *arg, int tid, int nt) {
     const repack_job *j = arg;
+    const int first = j->row0 / COLS, count = (j->nrows + COLS - 1) / COLS;
     int lo, hi;
-    cpm_split_static(j->p->panels, 1, tid, nt, &lo, &hi);
-    repack_panels(j, lo, hi);
+    cpm_split_static(count, 1, tid, nt, &lo, &hi);
+    repack_panels(j, first + lo, first + hi);
 }
 
-cpm_bf16p *cpm_bf16p_from(cpm_pool *pool, const void *w, cpm_dtype wtype, int N, int K, int ld) {
-    if (N < 1 || K < 1 || ld < K || (wtype != CPM_DTYPE_BF16 && wtype != CPM_DTYPE_F16))
+cpm_bf16p *cpm_bf16p_new(int N, int K) {
+    if (N < 1 || K < 1)
         return NULL;
     cpm_bf16p *p = calloc(1, sizeof *p);
     if (!p)
         return NULL;
     p->N = N, p->K = K, p->Q = (K + 1) / 2, p->panels = (N + COLS - 1) / COLS;
-    size_t bytes = (size_t)p->panels * panel_halfs(p) * sizeof(uint16_t);
-    if (!(p->data = aligned_alloc(64, bytes))) {
+    if (!(p->data = aligned_alloc(64, cpm_bf16p_bytes(p)))) {
         free(p);
         return NULL;
     }
-    repack_job j = {.p = p, .w = w, .wtype = wtype, .ld = ld};
+    return p;
+}
+
+void cpm_bf16p_fill(cpm_pool *pool, cpm_bf16p *p, const void *rows, cpm_dtype wtype, int ld,
+                    int row0, int nrows) {
+    repack_job j = {.p = p, .rows = rows, .wtype = wtype, .ld = ld, .row0 = row0, .nrows = nrows};
     cpm_pool_run(pool, repack_worker, &j);
+}
+
+cpm_bf16p *cpm_bf16p_from(cpm_pool *pool, const void *w, cpm_dtype wtype, int N, int K, int ld) {
+    if (ld < K || (wtype != CPM_DTYPE_BF16 && wtype != CPM_DTYPE_F16))
+        return NULL;
+    cpm_bf16p *p = cpm_bf16p_new(N, K);
+    if (p)
+        cpm_bf16p_fill(pool, p, w, wtype, ld, 0, N);
     return p;
 }
 

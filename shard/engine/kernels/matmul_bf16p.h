@@ -47,6 +47,14 @@ bool cpm_bf16p_available(void);
  * pool's threads (pool may be NULL). */
 cpm_bf16p *cpm_bf16p_from(cpm_pool *pool, const void *w, cpm_dtype wtype, int N, int K, int ld);
 
+/* The same in parts, for a caller that reads the rows in pieces: an unfilled
+ * N x K matrix (NULL when out of memory or N, K < 1), then rows [row0, row0 + nrows)
+ * from rows (row r at rows + (r - row0) * ld); row0 a multiple of
+ * CPM_BF16P_COLS, and nrows too unless the piece ends at N. */
+cpm_bf16p *cpm_bf16p_new(int N, int K);
+void cpm_bf16p_fill(cpm_pool *pool, cpm_bf16p *p, const void *rows, cpm_dtype wtype, int ld,
+                    int row0, int nrows);
+
 /* Accepts NULL. */
 void cpm_bf16p_free(cpm_bf16p *w);
 

@@ -577,15 +577,38 @@ static bool panel_candidate(const cpm_weight *w) {
            (w->dtype == CPM_DTYPE_BF16 || w->dtype == CPM_DTYPE_F16);
 }
 
+#define PANEL_READ_ROWS (16 * CPM_BF16P_COLS) /* rows read from the file per piece */
+
+/* A dense matrix still in the checkpoint's mapping, read from the file a piece at a
+ * time into a buffer and repacked from there: no page faults on the mapping and no
+ * whole copy to fill first. -1 when the file cannot be read that way. */
+static int panels_from_file(cpm_model *m, const cpm_weight *w, cpm_bf16p *p) {
+    const size_t row = (size_t)w->cols * cpm_dtype_size(w->dtype);
+    const int step = w->rows < PANEL_READ_ROWS ? w->rows : PANEL_READ_ROWS;
+    void *buf = malloc((size_t)step * row);
+    int rc = buf ? 0 : -1;
+    for (int r0 = 0; !rc && r0 < w->rows; r0 += step) {
+        const int n = w->rows - r0 < step ? w->rows - r0 : step;
+        rc = cpm_checkpoint_copy(m->ckpt, (const char *)w->data + (size_t)r0 * row,
+                                 (size_t)n * row, buf);
+        if (!rc)
+            cpm_bf16p_fill(m->pool, p, buf, w->dtype, w->cols, r0, n);
+    }
+    free(buf);
+    return rc;
+}
+
 /* w repacked into panels (matmul_bf16p.h), its rows let go unless keep (the tied
  * embedding still reads them). */
 static int repack_panels(cpm_model *m, cpm_weight *w, bool keep, cpm_error *err) {
     if (!panel_candidate(w))
         return 0;
-    int ld = w->ld ? w->ld : w->cols;
-    if (!(w->bp = cpm_bf16p_from(m->pool, w->data, w->dtype, w->rows, w->cols, ld)))
+    const int ld = w->ld ? w->ld : w->cols;
+    if (!(w->bp = cpm_bf16p_new(w->rows, w->cols)))
         return cpm_error_set(err, CPM_ENOMEM, "bf16 activations: repacking a %d x %d matrix: "
                              "out of memory", w->rows, w->cols);
+    if (w->own || ld != w->cols || panels_from_file(m, w, w->bp) != 0)
+        cpm_bf16p_fill(m->pool, w->bp, w->data, w->dtype, ld, 0, w->rows);
     if (keep)
         return 0;
     if (w->own)
@@ -756,9 +779,10 @@ int cpm_model_load(const char *dir, const cpm_model_opts *opts, cpm_model **ret,
     }
     if ((rc = prepare_sparse_ffn(m, err)))
         goto fail;
-    if (!o.map_weights && (rc = make_all_resident(m, err)))
-        goto fail;
+    /* panels first: what they repack is read from the file once, never copied whole */
     if ((rc = prepare_panels(m, err)))
+        goto fail;
+    if (!o.map_weights && (rc = make_all_resident(m, err)))
         goto fail;
     *ret = m;
     return 0;
