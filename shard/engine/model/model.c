@@ -582,32 +582,43 @@ static bool panel_candidate(const cpm_weight *w) {
 /* A dense matrix still in the checkpoint's mapping, read from the file a piece at a
  * time into a buffer and repacked from there: no page faults on the mapping and no
  * whole copy to fill first. -1 when the file cannot be read that way. */
-static int panels_from_file(cpm_model *m, const cpm_weight *w, cpm_bf16p *p) {
+typedef struct read_buf { /* one buffer for every piece (fresh pages fault on this VM) */
+    void *p;
+    size_t cap;
+} read_buf;
+
+static int panels_from_file(cpm_model *m, const cpm_weight *w, cpm_bf16p *p, read_buf *rb) {
     const size_t row = (size_t)w->cols * cpm_dtype_size(w->dtype);
     const int step = w->rows < PANEL_READ_ROWS ? w->rows : PANEL_READ_ROWS;
-    void *buf = malloc((size_t)step * row);
-    int rc = buf ? 0 : -1;
+    if (rb->cap < (size_t)step * row) {
+        free(rb->p);
+        rb->cap = (size_t)step * row;
+        if (!(rb->p = malloc(rb->cap))) {
+            rb->cap = 0;
+            return -1;
+        }
+    }
+    int rc = 0;
     for (int r0 = 0; !rc && r0 < w->rows; r0 += step) {
         const int n = w->rows - r0 < step ? w->rows - r0 : step;
         rc = cpm_checkpoint_copy(m->ckpt, (const char *)w->data + (size_t)r0 * row,
-                                 (size_t)n * row, buf);
+                                 (size_t)n * row, rb->p);
         if (!rc)
-            cpm_bf16p_fill(m->pool, p, buf, w->dtype, w->cols, r0, n);
+            cpm_bf16p_fill(m->pool, p, rb->p, w->dtype, w->cols, r0, n);
     }
-    free(buf);
     return rc;
 }
 
 /* w repacked into panels (matmul_bf16p.h), its rows let go unless keep (the tied
  * embedding still reads them). */
-static int repack_panels(cpm_model *m, cpm_weight *w, bool keep, cpm_error *err) {
+static int repack_panels(cpm_model *m, cpm_weight *w, bool keep, read_buf *rb, cpm_error *err) {
     if (!panel_candidate(w))
         return 0;
     const int ld = w->ld ? w->ld : w->cols;
     if (!(w->bp = cpm_bf16p_new(w->rows, w->cols)))
         return cpm_error_set(err, CPM_ENOMEM, "bf16 activations: repacking a %d x %d matrix: "
                              "out of memory", w->rows, w->cols);
-    if (w->own || ld != w->cols || panels_from_file(m, w, w->bp) != 0)
+    if (w->own || ld != w->cols || panels_from_file(m, w, w->bp, rb) != 0)
         cpm_bf16p_fill(m->pool, w->bp, w->data, w->dtype, ld, 0, w->rows);
     if (keep)
         return 0;
@@ -630,16 +641,18 @@ static int prepare_panels(cpm_model *m, cpm_error *err) {
     if (!m->act_bf16 || !cpm_bf16p_available() || cpm_isa_in_effect() == CPM_ISA_AMX)
         return 0;
     int rc = 0;
+    read_buf rb = {0};
     for (int l = 0; !rc && l < m->info.layer_end - m->info.layer_begin; l++) {
         cpm_layer *L = &m->layers[l];
         for (int r = 0; !rc && r < CPM_LAYER_ROLE_COUNT; r++)
-            rc = repack_panels(m, &L->w[r], false, err);
+            rc = repack_panels(m, &L->w[r], false, &rb, err);
         for (int j = 0; j < 3; j++)
             for (int e = 0; !rc && L->experts[j] && e < m->hp.n_experts; e++)
-                rc = repack_panels(m, &L->experts[j][e], false, err);
+                rc = repack_panels(m, &L->experts[j][e], false, &rb, err);
     }
     if (!rc && m->info.last_stage)
-        rc = repack_panels(m, &m->lm_head, m->lm_head.data == m->embed.data, err);
+        rc = repack_panels(m, &m->lm_head, m->lm_head.data == m->embed.data, &rb, err);
+    free(rb.p);
     return rc;
 }
 
