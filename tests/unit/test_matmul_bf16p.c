@@ -16,6 +16,7 @@
 #include "shard/engine/kernels/dtype.h"
 #include "shard/engine/kernels/matmul.h"
 #include "shard/engine/kernels/matmul_bf16p.h"
+#include "support/close.h"
 
 static uint32_t rng = 4242;
 static float frand(void) {
@@ -89,17 +90,6 @@ static void reference(float *y, const float *x, const uint16_t *w, cpm_dtype t, 
                        w_as_bf16(w, t, (size_t)n * K + (size_t)k);
             y[(size_t)m * N + n] = (float)acc;
         }
-}
-
-static void check_close(const float *y, const float *ref, int M, int N, double tol,
-                        const char *what) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < (size_t)M * (size_t)N; i++) {
-        num += ((double)y[i] - ref[i]) * ((double)y[i] - ref[i]);
-        den += (double)ref[i] * ref[i];
-    }
-    if (!(sqrt(num / den) <= tol))
-        fail_msg("%s: relative error %.3g over %.3g", what, sqrt(num / den), tol);
 }
 
 typedef struct shape {

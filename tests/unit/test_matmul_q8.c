@@ -15,6 +15,7 @@
 #include "shard/engine/kernels/dtype.h"
 #include "shard/engine/kernels/matmul.h"
 #include "shard/engine/kernels/matmul_q8.h"
+#include "support/close.h"
 
 static uint32_t rng = 12345;
 static float frand(void) {
@@ -65,17 +66,6 @@ static void test_quantize(void **state) {
     cpm_q8_free(q);
     cpm_q8_free(NULL);
     free(w);
-}
-
-static void check_close(const float *y, const float *ref, int M, int N, double tol,
-                        const char *what) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < (size_t)M * (size_t)N; i++) {
-        num += ((double)y[i] - ref[i]) * ((double)y[i] - ref[i]);
-        den += (double)ref[i] * ref[i];
-    }
-    if (!(sqrt(num / den) <= tol))
-        fail_msg("%s: relative error %.3g over %.3g", what, sqrt(num / den), tol);
 }
 
 typedef struct shape {
