@@ -579,14 +579,14 @@ static bool panel_candidate(const cpm_weight *w) {
 
 #define PANEL_READ_ROWS (16 * CPM_BF16P_COLS) /* rows read from the file per piece */
 
-/* A dense matrix still in the checkpoint's mapping, read from the file a piece at a
- * time into a buffer and repacked from there: no page faults on the mapping and no
- * whole copy to fill first. -1 when the file cannot be read that way. */
 typedef struct read_buf { /* one buffer for every piece (fresh pages fault on this VM) */
     void *p;
     size_t cap;
 } read_buf;
 
+/* A dense matrix still in the checkpoint's mapping, read from the file a piece at a
+ * time into rb and repacked from there: no page faults on the mapping and no whole
+ * copy to fill first. -1 when the file cannot be read that way. */
 static int panels_from_file(cpm_model *m, const cpm_weight *w, cpm_bf16p *p, read_buf *rb) {
     const size_t row = (size_t)w->cols * cpm_dtype_size(w->dtype);
     const int step = w->rows < PANEL_READ_ROWS ? w->rows : PANEL_READ_ROWS;
