@@ -4,7 +4,6 @@
  */
 #include "matmul_bf16p.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
