@@ -20,6 +20,9 @@ static void prefault(void *p, size_t bytes) {
     const size_t page = 4096;
     uintptr_t a = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
     uintptr_t end = ((uintptr_t)p + bytes) & ~(uintptr_t)(page - 1);
+    if (end > a) /* 2 MB pages where the kernel gives them: each decode row stored lands
+                  * in another block, a TLB miss per row on 4 KB pages */
+        madvise((void *)a, end - a, MADV_HUGEPAGE);
 #ifdef MADV_POPULATE_WRITE
     if (end > a && madvise((void *)a, end - a, MADV_POPULATE_WRITE) == 0)
         return;
