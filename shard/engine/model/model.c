@@ -528,7 +528,7 @@ static int repack_down(cpm_model *m, cpm_weight *w, cpm_error *err) {
  * the mapped pages go. Decode streams anonymous memory faster than a file
  * mapping of the same bytes (docs/KERNELS.md). */
 static int make_resident(cpm_model *m, cpm_weight *w, bool release, cpm_error *err) {
-    if (!w->data || w->q4 || w->t2 || w->q8 || w->own)
+    if (!w->data || w->q4 || w->t2 || w->q8 || w->bp || w->own)
         return 0;
     size_t esz = cpm_dtype_size(w->dtype), row = (size_t)w->cols * esz;
     size_t ld = (size_t)(w->ld ? w->ld : w->cols) * esz;
