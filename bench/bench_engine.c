@@ -208,8 +208,9 @@ int main(int argc, char **argv) {
                                          {"batch", 1, 0, 'b'}, {"activations", 1, 0, 'a'},
                                          {"weights", 1, 0, 'w'},
                                          {"ffn", 1, 0, 'f'}, {"rounds", 1, 0, 'r'},
-                                         {"lm-head", 1, 0, 'l'}, {0, 0, 0, 0}};
-    const char *dir = NULL, *threads = "1,2", *batches = NULL, *ffns = NULL;
+                                         {"lm-head", 1, 0, 'l'}, {"isa", 1, 0, 'i'},
+                                         {0, 0, 0, 0}};
+    const char *dir = NULL, *threads = "1,2", *batches = NULL, *ffns = NULL, *isa_name = NULL;
     int n_prompt = 128, n_decode = 32, rounds = 1, c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (c == 'm') dir = optarg;
@@ -222,6 +223,7 @@ int main(int argc, char **argv) {
         else if (c == 'r') rounds = atoi(optarg);
         else if (c == 'l') lm_head_int8 = strcmp(optarg, "int8") == 0;
         else if (c == 'w') map_weights = strcmp(optarg, "mapped") == 0;
+        else if (c == 'i') isa_name = optarg;
         else return 2;
     }
     int modes[2], n_modes = 0; /* -1: the model's default FFN, 0: sparse, 1: dense */
@@ -233,14 +235,23 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n_modes; i++)
         bad_mode |= modes[i] == -2;
     bool bad_act = strcmp(act, "exact") && strcmp(act, "bf16") && strcmp(act, "int8");
-    if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode || bad_act) {
+    cpm_isa isa = cpm_isa_detect();
+    bool bad_isa = isa_name && !cpm_isa_from_name(isa_name, &isa);
+    if (!dir || n_prompt < 1 || n_decode < 1 || rounds < 1 || bad_mode || bad_act || bad_isa) {
         fprintf(stderr, "usage: bench_engine --model DIR [--threads 1,2] [--prompt N] [--decode N]"
                         " [--batch 1,4,16,64] [--activations exact|bf16|int8] [--ffn dense,sparse]"
-                        " [--lm-head stored|int8] [--weights resident|mapped] [--rounds N]\n");
+                        " [--lm-head stored|int8] [--weights resident|mapped] [--rounds N]"
+                        " [--isa scalar|avx2|avx512|amx]\n");
+        return 2;
+    }
+    /* A lesser ISA on this CPU stands in for a CPU that has no better one (same
+     * memory, same cores): the kernels it selects are the ones such a CPU runs. */
+    if (isa_name && cpm_isa_force(isa) != isa) {
+        fprintf(stderr, "bench_engine: --isa %s: this CPU lacks it\n", isa_name);
         return 2;
     }
     printf("model %s  isa %s  activations %s  lm_head %s  prompt %d  decode %d\n", dir,
-           cpm_isa_name(cpm_isa_detect()), act,
+           cpm_isa_name(cpm_isa_in_effect()), act,
            lm_head_int8 ? "int8" : "stored", n_prompt, n_decode);
     printf("%-8s %-7s %12s %12s %14s %8s %12s %10s\n", "threads", "ffn", "prefill t/s",
            "decode t/s", "weights/token", "active", "read GB/s", "roofline");

@@ -11,6 +11,11 @@
 #                     /tmp/cpm-bench-models: ~2.7 GB bf16 + 2.7 GB f16 + 0.9 GB gptq
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
 #   REPS              rounds per format (default 3); each cell is the median
+#   ISA               best (default) or avx2: avx2 pins our kernels to AVX2 + FMA + F16C
+#                     (bench_engine --isa avx2) and runs a llama.cpp built without
+#                     AVX-512 (build-avx2/, GGML_NATIVE=OFF: SSE4.2, AVX, AVX2, BMI2, FMA,
+#                     F16C), both standing in for an AVX2-only CPU with this machine's
+#                     memory and cores
 #   THREADS           threads for both engines (default 2)
 #   FORMATS           subset of "bf16 bf16x f16 f16x int4 int4x int4x8 int4q8" (default all); bf16x is
 #                     our BF16 checkpoint run with --activations bf16 (x rounded to
@@ -51,6 +56,7 @@ models=${CPM_BENCH_MODELS:-/tmp/cpm-bench-models}
 reps=${REPS:-3}
 threads=${THREADS:-2}
 formats=${FORMATS:-bf16 bf16x f16 f16x int4 int4x int4x8 int4q8}
+isa=${ISA:-best}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -64,18 +70,23 @@ gen="$build/tools/cpm-gen-model"
 engine="$build/bench/bench_engine"
 
 # ---------------------------------------------------------------- llama.cpp
-lbench="$llama/build/bin/llama-bench"
-lquant="$llama/build/bin/llama-quantize"
+case $isa in
+best) lbuild=build lflags="-DGGML_NATIVE=ON" isa_arg=() ;;
+avx2) lbuild=build-avx2 lflags="-DGGML_NATIVE=OFF" isa_arg=(--isa avx2) ;;
+*) die "ISA=$isa: best or avx2" ;;
+esac
+lbench="$llama/$lbuild/bin/llama-bench"
+lquant="$llama/$lbuild/bin/llama-quantize"
 if [ ! -x "$lbench" ] || [ ! -x "$lquant" ]; then
     if [ ! -f "$llama/CMakeLists.txt" ]; then
         die "no llama.cpp at $llama. Get it with:
     git clone https://github.com/ggml-org/llama.cpp $llama
 then run this script again (it builds llama-bench and llama-quantize), or set LLAMACPP_DIR."
     fi
-    say "building llama.cpp in $llama/build (llama-bench, llama-quantize; takes a while)"
+    say "building llama.cpp in $llama/$lbuild (llama-bench, llama-quantize; takes a while)"
     (cd "$llama" &&
-        nice -n 10 cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null &&
-        nice -n 10 cmake --build build -j"$(nproc)" --target llama-bench llama-quantize >/dev/null) ||
+        nice -n 10 cmake -B "$lbuild" "$lflags" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null &&
+        nice -n 10 cmake --build "$lbuild" -j"$(nproc)" --target llama-bench llama-quantize >/dev/null) ||
         die "building llama.cpp failed"
 fi
 
@@ -139,7 +150,7 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
     # bench_engine's result row: threads, ffn, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
-        --lm-head "$head" >"$out/ours.txt"
+        --lm-head "$head" "${isa_arg[@]}" >"$out/ours.txt"
     read -r _ _ pp tg mb _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${mb:-}" ] || die "bench_engine gave no result for $d"
     sed -n 's/.* isa \([^ ]*\) .*/\1/p' "$out/ours.txt" >"$out/isa"
@@ -149,7 +160,7 @@ run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token by
         echo "$1 ours_bytes - $(awk -v mb="$mb" 'BEGIN { printf "%.0f", mb * 1e6 }')"
     } >>"$samples"
     "$engine" --model "$d" --threads "$threads" --prompt 512 --decode 1 --activations "$act" \
-        --lm-head "$head" >"$out/ours.txt"
+        --lm-head "$head" "${isa_arg[@]}" >"$out/ours.txt"
     read -r _ _ pp _ < <(awk -v t="$threads" '$1 == t' "$out/ours.txt") || true
     [ -n "${pp:-}" ] || die "bench_engine gave no result for $d"
     echo "$1 ours pp512 $pp" >>"$samples"
@@ -207,7 +218,8 @@ echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs;" 
     "amx_bf16 $(has amx_bf16), amx_tile $(has amx_tile)"
 echo "- ours: $(git -C "$root" log -1 --format='%h %ad' --date=short 2>/dev/null || echo '?')," \
     "kernels $(cat "$out/isa")"
-echo "- llama.cpp: $(git -C "$llama" log -1 --format='%h %ad %s' --date=short 2>/dev/null || echo '?')"
+echo "- llama.cpp: $(git -C "$llama" log -1 --format='%h %ad %s' --date=short 2>/dev/null || echo '?')," \
+    "$lbuild/ ($lflags)"
 echo "- threads $threads, $reps round(s) per format, ours and llama.cpp interleaved; cells are medians"
 echo "- read bandwidth ($threads threads, bench_membw, 1 GiB, best of 5 passes): $bw GB/s, the best of" \
     "[$bws] measured before the runs and after each format"
