@@ -26,8 +26,9 @@ static const shape shapes[] = {
     {2, 5, 16, 0, 0, 0},      {6, 40, 31, 3, 5, 7},     {11, 33, 64, 1, 2, 9},
     {1, 3840, 1536, 0, 0, 0}, {1, 77, 100, 4, 1, 2},    {64, 48, 96, 0, 0, 0},
     {9, 16, 15, 2, 0, 1},     {4, 200, 1, 0, 3, 0},
-    /* prefill groups: several per call with a narrow last panel; one panel per group; none */
+    /* prefill groups: several per call with a narrow last panel; few panels per group; none */
     {13, 301, 1536, 0, 0, 0}, {6, 20, 3000, 1, 0, 0}, {3, 7, 11000, 0, 0, 0},
+    {2, 3, 33000, 0, 0, 0},
 };
 #define NSHAPES (int)(sizeof(shapes) / sizeof(shapes[0]))
 

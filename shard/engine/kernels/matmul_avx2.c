@@ -5,10 +5,10 @@
  * results match the scalar and AVX-512 kernels bit for bit.
  *
  * Decode (one x row) streams W rows and prefetches the next rows ahead (a row
- * is too short for the hardware prefetcher to learn). Prefill widens a group
- * of W rows to f32 panels interleaved by chunk (one sequential stream each),
- * kept in L2, and runs every PMR-row tile of x against each panel with the x
- * vectors held in registers.
+ * is too short for the hardware prefetcher to learn). Prefill packs a group
+ * of W rows into panels interleaved by chunk and half (one sequential stream
+ * each), kept in L2, and runs every PMR-row tile of x against each panel with
+ * the x vectors held in registers.
  */
 #include <immintrin.h>
 
@@ -23,9 +23,9 @@
 #define NR 2       /* W rows per register tile */
 #define DEC_ROWS 4 /* W rows per step when there is one x row */
 #define NMAX 4
-#define PMR 2      /* prefill: x rows per tile (x halves in registers) */
-#define PNR 3      /* prefill: W rows per panel: 2 x 3 x 2 accumulators + 2 x + 1 w = 15 ymm */
-#define GROUP_FLOATS (64 * 1024) /* W rows widened at once: 256 KiB of stack, held in L2 */
+#define PMR 3      /* prefill: x rows per tile (in registers) */
+#define PNR 4      /* prefill: W rows per panel: 3 x 4 accumulators of one half + 3 x + 1 w */
+#define GROUP_HALFS (128 * 1024) /* W rows packed at once: 256 KiB of stack, held in L2 */
 
 /* The last, partial chunk of a row, zero-padded to 16 lanes in f32. */
 static void pad_w(float *dst, const cpm_mm_job *job, int n, int k0) {
@@ -88,103 +88,147 @@ INLINE void tile(const int mr, const int nr, const int src, const cpm_mm_job *jo
             job->y[(size_t)(m + i) * job->ldy + n + j] = cpm_reduce16_avx2(lo[i][j], hi[i][j]);
 }
 
-/* W rows [n, n + nr) as f32, chunk c of row j at dst[(c * nr + j) * 16], the
- * last chunk zero-padded. */
-static void widen_panel(float *dst, const cpm_mm_job *job, const int src, int n, int nr) {
-    const int K = job->K;
+/* W rows [n, n + nr) repacked for panel_tile, still 16-bit: lanes 8h .. 8h + 7 of
+ * chunk c of row j at dst[((h * C + c) * nr + j) * 8], C = the number of chunks
+ * (the last one zero-padded). Each half of a canonical accumulator is a chain of
+ * its own, so a tile runs the low halves over all of K, then the high halves:
+ * with half the accumulators live, 3 x rows meet 4 W rows in the 16 registers
+ * (7 loads per 12 FMAs instead of 10). W stays 16-bit in the group, widened as
+ * it is loaded: half the bytes streamed from L2 per FMA. */
+static void pack_panel(uint16_t *dst, const cpm_mm_job *job, int n, int nr) {
+    const int K = job->K, C = (K + 15) / 16;
     for (int j = 0; j < nr; j++) {
-        const char *row = (const char *)job->w + (size_t)(n + j) * job->w_ld * 2;
-        float *d = dst + j * 16;
+        const uint16_t *row = (const uint16_t *)job->w + (size_t)(n + j) * job->w_ld;
+        uint16_t *lo = dst + (size_t)j * 8, *hi = lo + (size_t)C * nr * 8;
         int k = 0;
-        for (; k + 16 <= K; k += 16, d += nr * 16) {
-            _mm256_storeu_ps(d, src == CPM_WSRC_F16 ? cpm_wload8(CPM_WSRC_F16, row, k) : cpm_wload8(CPM_WSRC_BF16, row, k));
-            _mm256_storeu_ps(d + 8, src == CPM_WSRC_F16 ? cpm_wload8(CPM_WSRC_F16, row, k + 8)
-                                                   : cpm_wload8(CPM_WSRC_BF16, row, k + 8));
+        for (; k + 16 <= K; k += 16, lo += nr * 8, hi += nr * 8) {
+            _mm_storeu_si128((__m128i *)lo, _mm_loadu_si128((const __m128i *)(row + k)));
+            _mm_storeu_si128((__m128i *)hi, _mm_loadu_si128((const __m128i *)(row + k + 8)));
         }
         if (k < K)
-            pad_w(d, job, n + j, k);
+            for (int t = 0; t < 8; t++) {
+                lo[t] = k + t < K ? row[k + t] : 0;
+                hi[t] = k + 8 + t < K ? row[k + 8 + t] : 0;
+            }
     }
 }
 
-/* y[i, j] for i < mr x rows from x, j < nr rows of a panel interleaved by nrp
- * rows: per chunk, each half of the mr x vectors is loaded once, each W half
- * once, and the FMAs are the canonical ones. */
-INLINE void panel_tile(const int mr, const int nr, const float *x, size_t ldx, const float *w,
-                       int nrp, int K, float *y, size_t ldy) {
-    __m256 acc[PMR][PNR][2];
+/* 8 weights of a panel as f32. */
+INLINE __m256 widen8(const int src, const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (src == CPM_WSRC_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Half h of the accumulators of y[i, j], i < mr x rows, j < nr rows of a panel
+ * of nrp rows (w at its row j): the canonical FMAs of lanes 8h .. 8h + 7, each x
+ * vector and each W vector loaded once per chunk; the sums go to out[i][j]. */
+INLINE void panel_half(const int src, const int mr, const int nr, const float *x, size_t ldx,
+                       const uint16_t *w, int nrp, int K, int h, float *out) {
+    __m256 acc[PMR][PNR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
-            acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+            acc[i][j] = _mm256_setzero_ps();
     int k = 0;
-    for (; k + 16 <= K; k += 16, w += (size_t)nrp * 16) {
-        for (int h = 0; h < 2; h++) {
-            __m256 xv[PMR];
-            for (int i = 0; i < mr; i++) {
-                xv[i] = _mm256_loadu_ps(x + (size_t)i * ldx + k + 8 * h);
-                __asm__("" : "+x"(xv[i])); /* loaded once, kept: GCC would reload or fold */
-            }
-            for (int j = 0; j < nr; j++) {
-                __m256 wv = _mm256_loadu_ps(w + j * 16 + 8 * h);
-                __asm__("" : "+x"(wv));
-                for (int i = 0; i < mr; i++)
-                    acc[i][j][h] = _mm256_fmadd_ps(xv[i], wv, acc[i][j][h]);
-            }
+    x += 8 * h;
+    for (; k + 16 <= K; k += 16, w += (size_t)nrp * 8) {
+        __m256 xv[PMR];
+        for (int i = 0; i < mr; i++) {
+            xv[i] = _mm256_loadu_ps(x + (size_t)i * ldx + k);
+            __asm__("" : "+x"(xv[i])); /* loaded once, kept: GCC would reload or fold */
+        }
+        for (int j = 0; j < nr; j++) {
+            __m256 wv = widen8(src, w + j * 8);
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
         }
     }
     if (k < K) {
         float xt[CPM_MM_LANES];
         for (int i = 0; i < mr; i++) {
-            pad_x(xt, x + (size_t)i * ldx, k, K);
-            for (int h = 0; h < 2; h++) {
-                __m256 xv = _mm256_loadu_ps(xt + 8 * h);
-                for (int j = 0; j < nr; j++)
-                    acc[i][j][h] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + j * 16 + 8 * h),
-                                                   acc[i][j][h]);
-            }
+            pad_x(xt, x - 8 * h + (size_t)i * ldx, k, K);
+            __m256 xv = _mm256_loadu_ps(xt + 8 * h);
+            for (int j = 0; j < nr; j++)
+                acc[i][j] = _mm256_fmadd_ps(xv, widen8(src, w + j * 8), acc[i][j]);
         }
     }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
-            y[(size_t)i * ldy + j] = cpm_reduce16_avx2(acc[i][j][0], acc[i][j][1]);
+            _mm256_store_ps(out + (i * PNR + j) * 8, acc[i][j]);
 }
 
-/* W rows [n, n + rows) widened into group, then every x tile against each
- * panel of it (the group in L2, the x tile in L1). */
-static void prefill_group(const cpm_mm_job *job, const int src, float *group, int m0, int m1,
+/* The full tiles on their own: inlined into their callers, GCC spills accumulators. */
+static __attribute__((noinline)) void panel_half_f16(const float *x, size_t ldx, const uint16_t *w,
+                                                     int nrp, int K, int h, float *out) {
+    panel_half(CPM_WSRC_F16, PMR, PNR, x, ldx, w, nrp, K, h, out);
+}
+static __attribute__((noinline)) void panel_half_bf16(const float *x, size_t ldx, const uint16_t *w,
+                                                      int nrp, int K, int h, float *out) {
+    panel_half(CPM_WSRC_BF16, PMR, PNR, x, ldx, w, nrp, K, h, out);
+}
+
+/* y[i, j] for i < mr x rows from x, j < nr rows of a panel of nrp rows: both
+ * halves, then the canonical tree of each pair. */
+INLINE void panel_tile(const int src, const int mr, const int nr, const float *x, size_t ldx,
+                       const uint16_t *w, int nrp, int K, float *y, size_t ldy) {
+    const size_t half = (size_t)(K + 15) / 16 * nrp * 8;
+    float lo[PMR * PNR * 8] __attribute__((aligned(32))), hi[PMR * PNR * 8] __attribute__((aligned(32)));
+    if (mr == PMR && nr == PNR) {
+        if (src == CPM_WSRC_F16) {
+            panel_half_f16(x, ldx, w, nrp, K, 0, lo);
+            panel_half_f16(x, ldx, w + half, nrp, K, 1, hi);
+        } else {
+            panel_half_bf16(x, ldx, w, nrp, K, 0, lo);
+            panel_half_bf16(x, ldx, w + half, nrp, K, 1, hi);
+        }
+    } else {
+        panel_half(src, mr, nr, x, ldx, w, nrp, K, 0, lo);
+        panel_half(src, mr, nr, x, ldx, w + half, nrp, K, 1, hi);
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[(size_t)i * ldy + j] = cpm_reduce16_avx2(_mm256_load_ps(lo + (i * PNR + j) * 8),
+                                                       _mm256_load_ps(hi + (i * PNR + j) * 8));
+}
+
+/* W rows [n, n + rows) packed into group, then every x tile against each panel
+ * of it (the group in L2, the x tile in L1). */
+static void prefill_group(const cpm_mm_job *job, const int src, uint16_t *group, int m0, int m1,
                           int n, int rows) {
     const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy;
     const int K = job->K;
     const size_t panel = (((size_t)K + 15) & ~(size_t)15) * PNR;
     for (int j = 0; j < rows; j += PNR)
-        widen_panel(group + j / PNR * panel, job, src, n + j, rows - j < PNR ? rows - j : PNR);
+        pack_panel(group + j / PNR * panel, job, n + j, rows - j < PNR ? rows - j : PNR);
     for (int m = m0; m < m1; m += PMR) {
         const int mr = m1 - m < PMR ? m1 - m : PMR;
         const float *x = job->x + m * ldx;
         float *y = job->y + m * ldy + n;
         for (int j = 0; j < rows; j += PNR) {
-            const float *p = group + j / PNR * panel;
+            const uint16_t *p = group + j / PNR * panel;
             const int nr = rows - j < PNR ? rows - j : PNR;
             if (mr == PMR && nr == PNR) {
-                panel_tile(PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
+                panel_tile(src, PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
                 continue;
             }
             for (int i = 0; i < mr; i++)
                 for (int jj = 0; jj < nr; jj++)
-                    panel_tile(1, 1, x + i * ldx, ldx, p + jj * 16, nr, K, y + i * ldy + j + jj,
-                               ldy);
+                    panel_tile(src, 1, 1, x + i * ldx, ldx, p + jj * 8, nr, K,
+                               y + i * ldy + j + jj, ldy);
         }
     }
 }
 
-/* Prefill of BF16 / F16 weights through widened panels; false when K is too
+/* Prefill of BF16 / F16 weights through packed panels; false when K is too
  * long for one panel per group (then the direct tiles serve). */
 static bool prefill_panels(const cpm_mm_job *job, const int src, int m0, int m1, int n0, int n1) {
     const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
-    const int rows = (int)(GROUP_FLOATS / ld) / PNR * PNR;
+    const int rows = (int)(GROUP_HALFS / ld) / PNR * PNR;
     if (rows < PNR)
         return false;
-    _Static_assert(GROUP_FLOATS * sizeof(float) <= 256 * 1024, "group fits the stack");
-    float group[GROUP_FLOATS] __attribute__((aligned(32)));
+    _Static_assert(GROUP_HALFS * sizeof(uint16_t) <= 256 * 1024, "group fits the stack");
+    uint16_t group[GROUP_HALFS] __attribute__((aligned(32)));
     for (int n = n0; n < n1; n += rows)
         prefill_group(job, src, group, m0, m1, n, n1 - n < rows ? n1 - n : rows);
     return true;
