@@ -1,6 +1,7 @@
-/* test_attn.c - unit tests for shard/engine/kernels/attn.c and attn_avx512.c:
- * runs of key blocks folded into the online-softmax state by the kernel this
- * CPU picks (AVX-512 where it has it) and by the portable code give the same
+/* test_attn.c - unit tests for shard/engine/kernels/attn.c, attn_avx512.c and attn_avx2.c:
+ * runs of key blocks folded into the online-softmax state by every kernel this
+ * CPU can run (its keys transposed by the kernel or handed over transposed
+ * with cpm_attn_transpose) and by the portable code give the same
  * bits in every accumulator, maximum and sum, for every shape the models use
  * and ragged ones (partial blocks, head widths that are not multiples of 8 or
  * 16, strided rows, 1 to 8 heads per group), including scores large enough to
@@ -13,6 +14,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,77 +59,95 @@ typedef struct shape {
     float qmag;               /* query magnitude: large ones saturate the exponential */
 } shape;
 
-/* Folds sh->keys keys into s, 16 at a time, through fold. */
+/* Folds sh->keys keys into s, 16 at a time, through fold; kt: scratch for the
+ * keys transposed beforehand (NULL: the kernel transposes them itself). */
 static void run(const shape *sh, const float *q, const float *K, const float *V, state *s,
-                void (*fold)(const cpm_attn_block *)) {
+                void (*fold)(const cpm_attn_block *), float *kt) {
     int ks = sh->dk + sh->pad, vs = sh->dv + sh->pad;
     for (int j0 = 0; j0 < sh->keys; j0 += 16) {
         int nb = sh->keys - j0 < 16 ? sh->keys - j0 : 16;
+        if (kt)
+            cpm_attn_transpose(K + (size_t)j0 * ks, ks, nb, sh->dk, kt);
         fold(&(cpm_attn_block){.q = q, .K = K + (size_t)j0 * ks, .V = V + (size_t)j0 * vs,
                                .ks = ks, .vs = vs, .nb = nb, .G = sh->G, .dk = sh->dk,
                                .dv = sh->dv, .scale = 1.0f / sqrtf((float)sh->dk), .acc = s->acc,
-                               .mx = s->mx, .sum = s->sum, .work = s->work});
+                               .mx = s->mx, .sum = s->sum, .work = s->work, .kt = kt});
     }
 }
 
-static void test_kernel_equals_portable(void **state_) {
+/* The kernel in effect against the portable code on one shape, and the state
+ * against a double loop; pre: keys handed over transposed. */
+static void check_shape(const shape *sh, bool pre) {
+    size_t nq = (size_t)sh->G * sh->dk, nk = (size_t)sh->keys * (sh->dk + sh->pad),
+           nv = (size_t)sh->keys * (sh->dv + sh->pad);
+    float *q = malloc(nq * 4), *K = malloc(nk * 4), *V = malloc(nv * 4);
+    for (size_t i = 0; i < nq; i++)
+        q[i] = sh->qmag * frand();
+    for (size_t i = 0; i < nk; i++)
+        K[i] = frand();
+    for (size_t i = 0; i < nv; i++)
+        V[i] = frand();
+    state a = state_new(sh->G, sh->dk, sh->dv), b = state_new(sh->G, sh->dk, sh->dv);
+    float *kt = pre ? aligned_alloc(64, ((size_t)sh->dk * 16 * 4 + 63) & ~(size_t)63) : NULL;
+    run(sh, q, K, V, &a, cpm_attn_fold, kt);
+    run(sh, q, K, V, &b, cpm_attn_fold_ref, NULL);
+    free(kt);
+    assert_memory_equal(a.acc, b.acc, sizeof(float) * (size_t)sh->G * sh->dv);
+    assert_memory_equal(a.mx, b.mx, sizeof(float) * sh->G);
+    assert_memory_equal(a.sum, b.sum, sizeof(float) * sh->G);
+    /* the state is softmax(q·K * scale)·V, unnormalised */
+    int ks = sh->dk + sh->pad, vs = sh->dv + sh->pad;
+    for (int h = 0; h < sh->G; h++) {
+        double *w = malloc(sizeof(double) * sh->keys), mx = -INFINITY, sum = 0;
+        for (int j = 0; j < sh->keys; j++) {
+            double d = 0;
+            for (int i = 0; i < sh->dk; i++)
+                d += (double)q[h * sh->dk + i] * K[(size_t)j * ks + i];
+            w[j] = d / sqrt((double)sh->dk);
+            mx = fmax(mx, w[j]);
+        }
+        for (int j = 0; j < sh->keys; j++)
+            sum += (w[j] = exp(w[j] - mx));
+        for (int d = 0; d < sh->dv; d++) {
+            double want = 0;
+            for (int j = 0; j < sh->keys; j++)
+                want += w[j] / sum * V[(size_t)j * vs + d];
+            double got = a.acc[h * sh->dv + d] / a.sum[h];
+            assert_true(fabs(got - want) <= 1e-4);
+        }
+        free(w);
+    }
+    state_free(&a);
+    state_free(&b);
+    free(q);
+    free(K);
+    free(V);
+}
+
+static void test_kernels_equal_portable(void **state_) {
     (void)state_;
     const shape shapes[] = {
         {3, 64, 64, 100, 0, 1},   {1, 64, 64, 16, 128, 1},  {8, 128, 128, 77, 0, 1},
         {4, 96, 64, 33, 5, 1},    {2, 20, 36, 9, 3, 1},     {1, 8, 200, 50, 0, 1},
         {3, 64, 64, 64, 0, 60},   {2, 130, 17, 31, 1, 30},  {5, 64, 64, 1, 0, 1},
+        {3, 64, 64, 7, 0, 1},
     };
-    print_message("kernel in effect: %s\n", cpm_isa_name(cpm_isa_in_effect()));
-    for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++) {
-        const shape *sh = &shapes[c];
-        size_t nq = (size_t)sh->G * sh->dk, nk = (size_t)sh->keys * (sh->dk + sh->pad),
-               nv = (size_t)sh->keys * (sh->dv + sh->pad);
-        float *q = malloc(nq * 4), *K = malloc(nk * 4), *V = malloc(nv * 4);
-        for (size_t i = 0; i < nq; i++)
-            q[i] = sh->qmag * frand();
-        for (size_t i = 0; i < nk; i++)
-            K[i] = frand();
-        for (size_t i = 0; i < nv; i++)
-            V[i] = frand();
-        state a = state_new(sh->G, sh->dk, sh->dv), b = state_new(sh->G, sh->dk, sh->dv);
-        run(sh, q, K, V, &a, cpm_attn_fold);
-        run(sh, q, K, V, &b, cpm_attn_fold_ref);
-        assert_memory_equal(a.acc, b.acc, sizeof(float) * (size_t)sh->G * sh->dv);
-        assert_memory_equal(a.mx, b.mx, sizeof(float) * sh->G);
-        assert_memory_equal(a.sum, b.sum, sizeof(float) * sh->G);
-        /* the state is softmax(q·K * scale)·V, unnormalised */
-        int ks = sh->dk + sh->pad, vs = sh->dv + sh->pad;
-        for (int h = 0; h < sh->G; h++) {
-            double *w = malloc(sizeof(double) * sh->keys), mx = -INFINITY, sum = 0;
-            for (int j = 0; j < sh->keys; j++) {
-                double d = 0;
-                for (int i = 0; i < sh->dk; i++)
-                    d += (double)q[h * sh->dk + i] * K[(size_t)j * ks + i];
-                w[j] = d / sqrt((double)sh->dk);
-                mx = fmax(mx, w[j]);
-            }
-            for (int j = 0; j < sh->keys; j++)
-                sum += (w[j] = exp(w[j] - mx));
-            for (int d = 0; d < sh->dv; d++) {
-                double want = 0;
-                for (int j = 0; j < sh->keys; j++)
-                    want += w[j] / sum * V[(size_t)j * vs + d];
-                double got = a.acc[h * sh->dv + d] / a.sum[h];
-                assert_true(fabs(got - want) <= 1e-4);
-            }
-            free(w);
+    const cpm_isa best = cpm_isa_detect();
+    for (int isa = CPM_ISA_SCALAR; isa <= (int)best; isa++) {
+        cpm_isa_force((cpm_isa)isa);
+        for (int pre = 0; pre < 1 + cpm_attn_wants_transposed(); pre++) {
+            print_message("kernel: %s, keys transposed %s\n", cpm_isa_name(cpm_isa_in_effect()),
+                          pre ? "beforehand" : "by the kernel");
+            for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++)
+                check_shape(&shapes[c], pre);
         }
-        state_free(&a);
-        state_free(&b);
-        free(q);
-        free(K);
-        free(V);
     }
+    cpm_isa_force(best);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_kernel_equals_portable),
+        cmocka_unit_test(test_kernels_equal_portable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,5 +1,5 @@
 /* attn.c - the portable online-softmax step of attn.h, over the element-wise
- * operations of ops.c, and the dispatch to the AVX-512 kernel. */
+ * operations of ops.c, and the dispatch to the AVX-512 and AVX2 kernels. */
 #include "attn.h"
 
 #include <math.h>
@@ -11,6 +11,8 @@
 #define X86_KERNELS 1
 void cpm_attn_fold_avx512(const cpm_attn_block *b);
 void cpm_attn_transpose_avx512(const float *K, int ks, int nb, int dk, float *kt);
+void cpm_attn_fold_avx2(const cpm_attn_block *b);
+void cpm_attn_transpose_avx2(const float *K, int ks, int nb, int dk, float *kt);
 #else
 #define X86_KERNELS 0
 #endif
@@ -39,12 +41,15 @@ void cpm_attn_fold_ref(const cpm_attn_block *b) {
 }
 
 bool cpm_attn_wants_transposed(void) {
-    return X86_KERNELS && cpm_isa_in_effect() >= CPM_ISA_AVX512;
+    return X86_KERNELS && cpm_isa_in_effect() >= CPM_ISA_AVX2;
 }
 
 void cpm_attn_transpose(const float *K, int ks, int nb, int dk, float *kt) {
 #if X86_KERNELS
-    cpm_attn_transpose_avx512(K, ks, nb, dk, kt);
+    if (cpm_isa_in_effect() >= CPM_ISA_AVX512)
+        cpm_attn_transpose_avx512(K, ks, nb, dk, kt);
+    else
+        cpm_attn_transpose_avx2(K, ks, nb, dk, kt);
 #else
     for (int i = 0; i < dk; i++)
         for (int j = 0; j < BLOCK; j++)
@@ -56,6 +61,10 @@ void cpm_attn_fold(const cpm_attn_block *b) {
 #if X86_KERNELS
     if (cpm_isa_in_effect() >= CPM_ISA_AVX512) {
         cpm_attn_fold_avx512(b);
+        return;
+    }
+    if (cpm_isa_in_effect() == CPM_ISA_AVX2) {
+        cpm_attn_fold_avx2(b);
         return;
     }
 #endif

@@ -3,7 +3,7 @@
  * inner step of attention. Kernels know nothing of models or caches: the
  * caller hands over the block's key and value rows as f32.
  *
- * Arithmetic (fixed; the portable code and the AVX-512 kernel give the same
+ * Arithmetic (fixed; the portable code and the AVX-512 and AVX2 kernels give the same
  * bits, so decode, prefill and every ISA agree): for each head h in order,
  *   s[j]  = cpm_dot(q_h, K_j) * scale                      (its 8-way order)
  *   m'    = max(mx[h], max_j s[j]);  c = expf(mx[h] - m')
@@ -47,7 +47,7 @@ bool cpm_attn_wants_transposed(void);
 void cpm_attn_transpose(const float *K, int ks, int nb, int dk, float *kt);
 
 /* Folds the block in (the arithmetic above), with the best kernel this CPU
- * has: AVX-512 when cpm_isa_in_effect() has it, else the portable code. */
+ * has: AVX-512 or AVX2 as cpm_isa_in_effect() has them, else the portable code. */
 void cpm_attn_fold(const cpm_attn_block *b);
 
 /* The portable code alone (tests compare the kernels with it). */
