@@ -126,6 +126,9 @@ void cpm_pipeline_stop(cpm_pipeline *p) {
 static cpm_sched_opts sched_opts(const cpm_config *c, int max_position) {
     cpm_sched_opts so = cpm_sched_opts_default();
     so.max_inflight = c->router.micro_batches > 0 ? c->router.micro_batches : 2;
+    so.spread = 0;
+    for (int i = 0; i < c->n_stages; i++) /* the depth of one replica */
+        so.spread += c->stages[i].pipeline == 0;
     so.prefill_chunk = c->router.prefill_chunk > 0 ? c->router.prefill_chunk : 256;
     so.max_queue = c->router.max_queue >= 0 ? c->router.max_queue : 256;
     so.max_seqs = c->router.max_seqs > 0 ? c->router.max_seqs : 64;

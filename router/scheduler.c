@@ -306,16 +306,31 @@ static bool ready(const seq *q) {
            q->n_sent < q->n_tok;
 }
 
+/* Sequences one micro-batch may take. With a pipeline of several stages each stage
+ * computes its own micro-batch; a batch holding every live sequence would leave the
+ * others idle while it travels, and its sequences would stay together from then on
+ * (each comes back ready at the same moment). A batch therefore takes at most its
+ * share of the live sequences, and the groups settle at about live / spread each. */
+static int batch_share(const cpm_sched *s) {
+    int spread = s->o.spread < s->o.max_inflight ? s->o.spread : s->o.max_inflight;
+    if (spread <= 1)
+        return s->n_live;
+    int active = 0;
+    for (int k = 0; k < s->n_live; k++)
+        active += !s->seqs[k]->dead && !s->seqs[k]->failed;
+    return (active + spread - 1) / spread;
+}
+
 int cpm_sched_next(cpm_sched *s, cpm_sched_batch *b) {
     if (s->n_steps >= s->o.max_inflight)
         return 0;
     admit(s);
     s->n_attach = s->n_publish = 0;
-    int n_rows = 0, n_in = 0, budget = s->o.max_batch_tokens;
+    int n_rows = 0, n_in = 0, budget = s->o.max_batch_tokens, share = batch_share(s);
     step_rec *rec = &s->steps[s->n_steps];
     /* decode rows first (one token each, latency-bound), then prefill chunks */
     for (int pass = 0; pass < 2; pass++) {
-        for (int k = 0; k < s->n_live && n_rows < budget; k++) {
+        for (int k = 0; k < s->n_live && n_rows < budget && n_in < share; k++) {
             seq *q = s->seqs[(s->rr + k) % s->n_live];
             bool decode = q->n_sent >= q->n_prompt;
             if (!ready(q) || decode != (pass == 0))

@@ -39,6 +39,9 @@ typedef struct cpm_sched_opts {
      * several pipeline replicas get disjoint ids (stride = replicas, offset = replica; stride 0 means 1). */
     int id_stride, id_offset;
     int prefix_blocks;    /* prefix cache: blocks the directory lists at most (0: off) */
+    /* Micro-batches the live sequences are shared out over: the pipeline's depth (one per
+     * stage keeps every stage computing; 0 or 1: a batch takes every ready sequence). */
+    int spread;
 } cpm_sched_opts;
 
 cpm_sched_opts cpm_sched_opts_default(void);

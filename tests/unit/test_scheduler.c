@@ -121,6 +121,46 @@ static void test_inflight_limit(void **state) {
     cpm_sched_free(s);
 }
 
+/* A pipeline of two stages: the live sequences go out in two micro-batches of half each
+ * (both stages compute), and each half comes back round as one batch. One stage: one batch. */
+static void test_spread_over_stages(void **state) {
+    (void)state;
+    for (int spread = 1; spread <= 3; spread++) {
+        cpm_sched_opts o = {.max_batch_tokens = 512, .prefill_chunk = 64, .max_inflight = 2,
+                            .max_seqs = 32, .max_queue = 32, .max_context = 100, .spread = spread};
+        cpm_sched *s;
+        cpm_error e;
+        assert_int_equal(cpm_sched_new(&o, &s, &e), 0);
+        for (int i = 0; i < 16; i++)
+            add(s, 4, 8, NULL);
+        const int per = spread == 1 ? 16 : 8; /* spread 3 is capped by the 2 in flight */
+        cpm_sched_batch b;
+        uint64_t steps[2], group[2][16];
+        int n_steps = 0;
+        while (cpm_sched_next(s, &b) == 1) {
+            assert_int_equal(b.n_rows, per * 4);
+            for (int r = 0; r < per; r++)
+                group[n_steps][r] = b.seq[r * 4];
+            steps[n_steps++] = b.step;
+        }
+        assert_int_equal(n_steps, 16 / per);
+        /* the first half returns with its tokens: it goes out again whole, alone */
+        assert_int_equal(cpm_sched_step_done(s, steps[0], true, NULL, NULL), 0);
+        for (int r = 0; r < per; r++)
+            assert_int_equal(cpm_sched_push_token(s, group[0][r], 9), 0);
+        assert_int_equal(cpm_sched_next(s, &b), 1);
+        assert_int_equal(b.n_rows, per);
+        for (int r = 0; r < per; r++) {
+            bool in_group = false;
+            for (int q = 0; q < per; q++)
+                in_group |= b.seq[r] == group[0][q];
+            assert_true(in_group);
+            assert_int_equal(b.want[r], 1);
+        }
+        cpm_sched_free(s);
+    }
+}
+
 static void test_admission_queue_and_release(void **state) {
     (void)state;
     cpm_sched *s = mk(64, 64, 4, 2, 1, 100, 0);
@@ -368,6 +408,7 @@ int main(void) {
         cmocka_unit_test(test_prefill_in_chunks_then_decode),
         cmocka_unit_test(test_decode_rows_come_first_and_budget_holds),
         cmocka_unit_test(test_inflight_limit),
+        cmocka_unit_test(test_spread_over_stages),
         cmocka_unit_test(test_admission_queue_and_release),
         cmocka_unit_test(test_context_and_kv_budget),
         cmocka_unit_test(test_finish_in_flight_and_failure),
