@@ -208,8 +208,13 @@ static void prefill_group(const cpm_mm_job *job, const int src, uint16_t *group,
         for (int j = 0; j < rows; j += PNR) {
             const uint16_t *p = group + j / PNR * panel;
             const int nr = rows - j < PNR ? rows - j : PNR;
-            if (mr == PMR && nr == PNR) {
-                panel_tile(src, PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
+            if (nr == PNR) { /* the last x rows of a batch: 1 or 2 against the whole panel */
+                if (mr == PMR)
+                    panel_tile(src, PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
+                else if (mr == 2)
+                    panel_tile(src, 2, PNR, x, ldx, p, PNR, K, y + j, ldy);
+                else
+                    panel_tile(src, 1, PNR, x, ldx, p, PNR, K, y + j, ldy);
                 continue;
             }
             for (int i = 0; i < mr; i++)
