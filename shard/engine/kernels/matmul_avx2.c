@@ -5,10 +5,11 @@
  * results match the scalar and AVX-512 kernels bit for bit.
  *
  * Decode (one x row) streams W rows and prefetches the next rows ahead (a row
- * is too short for the hardware prefetcher to learn). Prefill packs a group
- * of W rows into panels interleaved by chunk and half (one sequential stream
- * each), kept in L2, and runs every PMR-row tile of x against each panel with
- * the x vectors held in registers.
+ * is too short for the hardware prefetcher to learn). Batches and prefill
+ * run PMR x rows against PNR W rows, one half of each canonical accumulator at
+ * a time; up to DIRECT_M x rows they read W rows where they lie, beyond that a
+ * group of W rows is first packed into panels interleaved by chunk and half
+ * (one sequential stream each), kept in L2.
  */
 #include <immintrin.h>
 
@@ -25,7 +26,8 @@
 #define NMAX 4
 #define PMR 3      /* prefill: x rows per tile (in registers) */
 #define PNR 4      /* prefill: W rows per panel: 3 x 4 accumulators of one half + 3 x + 1 w */
-#define GROUP_HALFS (128 * 1024) /* W rows packed at once: 256 KiB of stack, held in L2 */
+#define GROUP_HALFS (128 * 1024)
+#define DIRECT_M 32 /* up to this many x rows W is read where it lies, not packed */ /* W rows packed at once: 256 KiB of stack, held in L2 */
 
 /* The last, partial chunk of a row, zero-padded to 16 lanes in f32. */
 static void pad_w(float *dst, const cpm_mm_job *job, int n, int k0) {
@@ -125,21 +127,25 @@ INLINE __m256 widen8(const int src, const uint16_t *p) {
  * of nrp rows (w at its row j): the canonical FMAs of lanes 8h .. 8h + 7, each x
  * vector and each W vector loaded once per chunk; the sums go to out[i][j]. */
 INLINE void panel_half(const int src, const int mr, const int nr, const float *x, size_t ldx,
-                       const uint16_t *w, int nrp, int K, int h, float *out) {
+                       const uint16_t *w, size_t rs, size_t cs, const uint16_t *wt, int K, int h,
+                       float *out, const char *pf) {
     __m256 acc[PMR][PNR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = _mm256_setzero_ps();
     int k = 0;
     x += 8 * h;
-    for (; k + 16 <= K; k += 16, w += (size_t)nrp * 8) {
+    for (; k + 16 <= K; k += 16, w += cs) {
+        if (pf && !(k & 16)) /* the next rows' next line, as W streams from DRAM */
+            for (int j = 0; j < nr; j++)
+                _mm_prefetch(pf + j * rs * 2 + (size_t)k * 2, _MM_HINT_T0);
         __m256 xv[PMR];
         for (int i = 0; i < mr; i++) {
             xv[i] = _mm256_loadu_ps(x + (size_t)i * ldx + k);
             __asm__("" : "+x"(xv[i])); /* loaded once, kept: GCC would reload or fold */
         }
         for (int j = 0; j < nr; j++) {
-            __m256 wv = widen8(src, w + j * 8);
+            __m256 wv = widen8(src, w + j * rs);
             for (int i = 0; i < mr; i++)
                 acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
         }
@@ -150,7 +156,7 @@ INLINE void panel_half(const int src, const int mr, const int nr, const float *x
             pad_x(xt, x - 8 * h + (size_t)i * ldx, k, K);
             __m256 xv = _mm256_loadu_ps(xt + 8 * h);
             for (int j = 0; j < nr; j++)
-                acc[i][j] = _mm256_fmadd_ps(xv, widen8(src, w + j * 8), acc[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(xv, widen8(src, wt + j * 8), acc[i][j]);
         }
     }
     for (int i = 0; i < mr; i++)
@@ -160,36 +166,109 @@ INLINE void panel_half(const int src, const int mr, const int nr, const float *x
 
 /* The full tiles on their own: inlined into their callers, GCC spills accumulators. */
 static __attribute__((noinline)) void panel_half_f16(const float *x, size_t ldx, const uint16_t *w,
-                                                     int nrp, int K, int h, float *out) {
-    panel_half(CPM_WSRC_F16, PMR, PNR, x, ldx, w, nrp, K, h, out);
+                                                     size_t rs, size_t cs, const uint16_t *wt, int K,
+                                                     int h, float *out, const char *pf) {
+    panel_half(CPM_WSRC_F16, PMR, PNR, x, ldx, w, rs, cs, wt, K, h, out, pf);
 }
 static __attribute__((noinline)) void panel_half_bf16(const float *x, size_t ldx, const uint16_t *w,
-                                                      int nrp, int K, int h, float *out) {
-    panel_half(CPM_WSRC_BF16, PMR, PNR, x, ldx, w, nrp, K, h, out);
+                                                      size_t rs, size_t cs, const uint16_t *wt, int K,
+                                                      int h, float *out, const char *pf) {
+    panel_half(CPM_WSRC_BF16, PMR, PNR, x, ldx, w, rs, cs, wt, K, h, out, pf);
 }
 
 /* y[i, j] for i < mr x rows from x, j < nr rows of a panel of nrp rows: both
  * halves, then the canonical tree of each pair. */
+typedef struct wview { /* W rows as panel_half reads them */
+    const uint16_t *w[2]; /* low and high half of row 0's first chunk */
+    const uint16_t *t[2]; /* the zero-padded last chunk's halves, rows 8 apart */
+    size_t rs, cs;        /* row and chunk strides */
+} wview;
+
+/* The view of a packed panel of nrp rows, row j of it first. */
+static wview packed_view(const uint16_t *p, int nrp, int j, int K) {
+    const size_t half = (size_t)(K + 15) / 16 * nrp * 8, tail = (size_t)(K / 16) * nrp * 8;
+    p += j * 8;
+    return (wview){{p, p + half}, {p + tail, p + half + tail}, 8, (size_t)nrp * 8};
+}
+
 INLINE void panel_tile(const int src, const int mr, const int nr, const float *x, size_t ldx,
-                       const uint16_t *w, int nrp, int K, float *y, size_t ldy) {
-    const size_t half = (size_t)(K + 15) / 16 * nrp * 8;
+                       const wview *v, int K, float *y, size_t ldy, const char *pf) {
     float lo[PMR * PNR * 8] __attribute__((aligned(32))), hi[PMR * PNR * 8] __attribute__((aligned(32)));
     if (mr == PMR && nr == PNR) {
         if (src == CPM_WSRC_F16) {
-            panel_half_f16(x, ldx, w, nrp, K, 0, lo);
-            panel_half_f16(x, ldx, w + half, nrp, K, 1, hi);
+            panel_half_f16(x, ldx, v->w[0], v->rs, v->cs, v->t[0], K, 0, lo, pf);
+            panel_half_f16(x, ldx, v->w[1], v->rs, v->cs, v->t[1], K, 1, hi, NULL);
         } else {
-            panel_half_bf16(x, ldx, w, nrp, K, 0, lo);
-            panel_half_bf16(x, ldx, w + half, nrp, K, 1, hi);
+            panel_half_bf16(x, ldx, v->w[0], v->rs, v->cs, v->t[0], K, 0, lo, pf);
+            panel_half_bf16(x, ldx, v->w[1], v->rs, v->cs, v->t[1], K, 1, hi, NULL);
         }
     } else {
-        panel_half(src, mr, nr, x, ldx, w, nrp, K, 0, lo);
-        panel_half(src, mr, nr, x, ldx, w + half, nrp, K, 1, hi);
+        panel_half(src, mr, nr, x, ldx, v->w[0], v->rs, v->cs, v->t[0], K, 0, lo, pf);
+        panel_half(src, mr, nr, x, ldx, v->w[1], v->rs, v->cs, v->t[1], K, 1, hi, NULL);
     }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[(size_t)i * ldy + j] = cpm_reduce16_avx2(_mm256_load_ps(lo + (i * PNR + j) * 8),
                                                        _mm256_load_ps(hi + (i * PNR + j) * 8));
+}
+
+/* x rows [0, mr) (mr <= PMR) against the nr <= PNR rows at p (a packed panel of nr
+ * rows): the last x rows of a batch, 1 or 2, run against the whole panel; a
+ * narrower panel goes one output at a time. */
+static void tiles(const int src, int mr, int nr, const float *x, size_t ldx, const uint16_t *p,
+                  int K, float *y, size_t ldy) {
+    if (nr == PNR) {
+        wview v = packed_view(p, PNR, 0, K);
+        if (mr == PMR)
+            panel_tile(src, PMR, PNR, x, ldx, &v, K, y, ldy, NULL);
+        else if (mr == 2)
+            panel_tile(src, 2, PNR, x, ldx, &v, K, y, ldy, NULL);
+        else
+            panel_tile(src, 1, PNR, x, ldx, &v, K, y, ldy, NULL);
+        return;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            wview v = packed_view(p, nr, j, K);
+            panel_tile(src, 1, 1, x + i * ldx, ldx, &v, K, y + i * ldy + j, ldy, NULL);
+        }
+}
+
+/* A few x rows (batched decode): the same tiles over W rows read where they lie,
+ * PNR at a time, the next rows prefetched by the first tile; packing W would cost
+ * more than the few rows save. */
+static void direct_rows(const cpm_mm_job *job, const int src, int m0, int m1, int n0, int n1) {
+    const size_t ldx = (size_t)job->ldx, ldy = (size_t)job->ldy, w_ld = (size_t)job->w_ld;
+    const int K = job->K, kt = K / 16 * 16;
+    const uint16_t *W = job->w;
+    uint16_t tail[2 * PNR * 8];
+    for (int n = n0; n < n1; n += PNR) {
+        const int nr = n1 - n < PNR ? n1 - n : PNR;
+        const uint16_t *row = W + (size_t)n * w_ld;
+        for (int j = 0; j < nr && kt < K; j++)
+            for (int t = 0; t < 16; t++)
+                tail[(t / 8) * PNR * 8 + j * 8 + t % 8] = kt + t < K ? row[(size_t)j * w_ld + kt + t] : 0;
+        const wview v = {{row, row + 8}, {tail, tail + PNR * 8}, w_ld, 16};
+        const char *pf = n + PNR < n1 ? (const char *)(row + PNR * w_ld) : NULL;
+        for (int m = m0; m < m1; m += PMR, pf = NULL) {
+            const int mr = m1 - m < PMR ? m1 - m : PMR;
+            const float *x = job->x + m * ldx;
+            float *y = job->y + m * ldy + n;
+            if (nr == PNR && mr == PMR)
+                panel_tile(src, PMR, PNR, x, ldx, &v, K, y, ldy, pf);
+            else if (nr == PNR && mr == 2)
+                panel_tile(src, 2, PNR, x, ldx, &v, K, y, ldy, pf);
+            else if (nr == PNR)
+                panel_tile(src, 1, PNR, x, ldx, &v, K, y, ldy, pf);
+            else
+                for (int i = 0; i < mr; i++)
+                    for (int j = 0; j < nr; j++) {
+                        const wview u = {{v.w[0] + j * w_ld, v.w[1] + j * w_ld},
+                                         {v.t[0] + j * 8, v.t[1] + j * 8}, w_ld, 16};
+                        panel_tile(src, 1, 1, x + i * ldx, ldx, &u, K, y + i * ldy + j, ldy, NULL);
+                    }
+        }
+    }
 }
 
 /* W rows [n, n + rows) packed into group, then every x tile against each panel
@@ -208,19 +287,7 @@ static void prefill_group(const cpm_mm_job *job, const int src, uint16_t *group,
         for (int j = 0; j < rows; j += PNR) {
             const uint16_t *p = group + j / PNR * panel;
             const int nr = rows - j < PNR ? rows - j : PNR;
-            if (nr == PNR) { /* the last x rows of a batch: 1 or 2 against the whole panel */
-                if (mr == PMR)
-                    panel_tile(src, PMR, PNR, x, ldx, p, PNR, K, y + j, ldy);
-                else if (mr == 2)
-                    panel_tile(src, 2, PNR, x, ldx, p, PNR, K, y + j, ldy);
-                else
-                    panel_tile(src, 1, PNR, x, ldx, p, PNR, K, y + j, ldy);
-                continue;
-            }
-            for (int i = 0; i < mr; i++)
-                for (int jj = 0; jj < nr; jj++)
-                    panel_tile(src, 1, 1, x + i * ldx, ldx, p + jj * 8, nr, K,
-                               y + i * ldy + j + jj, ldy);
+            tiles(src, mr, nr, x, ldx, p, K, y + j, ldy);
         }
     }
 }
@@ -246,6 +313,10 @@ INLINE void run(const int src, const cpm_mm_job *job, int m0, int m1, int n0, in
             tile(1, DEC_ROWS, src, job, m0, n);
         for (; n < n1; n++)
             tile(1, 1, src, job, m0, n);
+        return;
+    }
+    if (src != CPM_WSRC_F32 && m1 - m0 <= DIRECT_M) {
+        direct_rows(job, src, m0, m1, n0, n1);
         return;
     }
     if (src != CPM_WSRC_F32 && prefill_panels(job, src, m0, m1, n0, n1))
