@@ -123,9 +123,10 @@ INLINE __m256 widen8(const int src, const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* Half h of the accumulators of y[i, j], i < mr x rows, j < nr rows of a panel
- * of nrp rows (w at its row j): the canonical FMAs of lanes 8h .. 8h + 7, each x
- * vector and each W vector loaded once per chunk; the sums go to out[i][j]. */
+/* Half h of the accumulators of y[i, j], i < mr x rows, j < nr W rows (row j's
+ * chunk c at w + j * rs + c * cs, its zero-padded last chunk at wt + j * 8): the
+ * canonical FMAs of lanes 8h .. 8h + 7, each x vector and each W vector loaded
+ * once per chunk; the sums go to out[i][j]. pf: the next rows, prefetched. */
 INLINE void panel_half(const int src, const int mr, const int nr, const float *x, size_t ldx,
                        const uint16_t *w, size_t rs, size_t cs, const uint16_t *wt, int K, int h,
                        float *out, const char *pf) {
@@ -176,21 +177,26 @@ static __attribute__((noinline)) void panel_half_bf16(const float *x, size_t ldx
     panel_half(CPM_WSRC_BF16, PMR, PNR, x, ldx, w, rs, cs, wt, K, h, out, pf);
 }
 
-/* y[i, j] for i < mr x rows from x, j < nr rows of a panel of nrp rows: both
- * halves, then the canonical tree of each pair. */
 typedef struct wview { /* W rows as panel_half reads them */
     const uint16_t *w[2]; /* low and high half of row 0's first chunk */
     const uint16_t *t[2]; /* the zero-padded last chunk's halves, rows 8 apart */
     size_t rs, cs;        /* row and chunk strides */
 } wview;
 
-/* The view of a packed panel of nrp rows, row j of it first. */
-static wview packed_view(const uint16_t *p, int nrp, int j, int K) {
+/* The view of a packed panel of nrp rows. */
+static wview packed_view(const uint16_t *p, int nrp, int K) {
     const size_t half = (size_t)(K + 15) / 16 * nrp * 8, tail = (size_t)(K / 16) * nrp * 8;
-    p += j * 8;
     return (wview){{p, p + half}, {p + tail, p + half + tail}, 8, (size_t)nrp * 8};
 }
 
+/* v moved on to its row j. */
+static wview view_row(const wview *v, int j) {
+    return (wview){{v->w[0] + j * v->rs, v->w[1] + j * v->rs}, {v->t[0] + j * 8, v->t[1] + j * 8},
+                   v->rs, v->cs};
+}
+
+/* y[i, j] for i < mr x rows from x, j < nr rows of v: both halves, then the
+ * canonical tree of each pair. */
 INLINE void panel_tile(const int src, const int mr, const int nr, const float *x, size_t ldx,
                        const wview *v, int K, float *y, size_t ldy, const char *pf) {
     float lo[PMR * PNR * 8] __attribute__((aligned(32))), hi[PMR * PNR * 8] __attribute__((aligned(32)));
@@ -212,25 +218,24 @@ INLINE void panel_tile(const int src, const int mr, const int nr, const float *x
                                                        _mm256_load_ps(hi + (i * PNR + j) * 8));
 }
 
-/* x rows [0, mr) (mr <= PMR) against the nr <= PNR rows at p (a packed panel of nr
- * rows): the last x rows of a batch, 1 or 2, run against the whole panel; a
- * narrower panel goes one output at a time. */
-static void tiles(const int src, int mr, int nr, const float *x, size_t ldx, const uint16_t *p,
-                  int K, float *y, size_t ldy) {
+/* x rows [0, mr) (mr <= PMR) against the nr <= PNR W rows of v: the last x rows
+ * of a batch, 1 or 2, run against all PNR rows; fewer W rows go one output at a
+ * time. pf: the rows after v's, prefetched by the tile. */
+static void tiles(const int src, int mr, int nr, const float *x, size_t ldx, const wview *v,
+                  int K, float *y, size_t ldy, const char *pf) {
     if (nr == PNR) {
-        wview v = packed_view(p, PNR, 0, K);
         if (mr == PMR)
-            panel_tile(src, PMR, PNR, x, ldx, &v, K, y, ldy, NULL);
+            panel_tile(src, PMR, PNR, x, ldx, v, K, y, ldy, pf);
         else if (mr == 2)
-            panel_tile(src, 2, PNR, x, ldx, &v, K, y, ldy, NULL);
+            panel_tile(src, 2, PNR, x, ldx, v, K, y, ldy, pf);
         else
-            panel_tile(src, 1, PNR, x, ldx, &v, K, y, ldy, NULL);
+            panel_tile(src, 1, PNR, x, ldx, v, K, y, ldy, pf);
         return;
     }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
-            wview v = packed_view(p, nr, j, K);
-            panel_tile(src, 1, 1, x + i * ldx, ldx, &v, K, y + i * ldy + j, ldy, NULL);
+            const wview u = view_row(v, j);
+            panel_tile(src, 1, 1, x + i * ldx, ldx, &u, K, y + i * ldy + j, ldy, NULL);
         }
 }
 
@@ -252,21 +257,7 @@ static void direct_rows(const cpm_mm_job *job, const int src, int m0, int m1, in
         const char *pf = n + PNR < n1 ? (const char *)(row + PNR * w_ld) : NULL;
         for (int m = m0; m < m1; m += PMR, pf = NULL) {
             const int mr = m1 - m < PMR ? m1 - m : PMR;
-            const float *x = job->x + m * ldx;
-            float *y = job->y + m * ldy + n;
-            if (nr == PNR && mr == PMR)
-                panel_tile(src, PMR, PNR, x, ldx, &v, K, y, ldy, pf);
-            else if (nr == PNR && mr == 2)
-                panel_tile(src, 2, PNR, x, ldx, &v, K, y, ldy, pf);
-            else if (nr == PNR)
-                panel_tile(src, 1, PNR, x, ldx, &v, K, y, ldy, pf);
-            else
-                for (int i = 0; i < mr; i++)
-                    for (int j = 0; j < nr; j++) {
-                        const wview u = {{v.w[0] + j * w_ld, v.w[1] + j * w_ld},
-                                         {v.t[0] + j * 8, v.t[1] + j * 8}, w_ld, 16};
-                        panel_tile(src, 1, 1, x + i * ldx, ldx, &u, K, y + i * ldy + j, ldy, NULL);
-                    }
+            tiles(src, mr, nr, job->x + m * ldx, ldx, &v, K, job->y + m * ldy + n, ldy, pf);
         }
     }
 }
@@ -285,15 +276,15 @@ static void prefill_group(const cpm_mm_job *job, const int src, uint16_t *group,
         const float *x = job->x + m * ldx;
         float *y = job->y + m * ldy + n;
         for (int j = 0; j < rows; j += PNR) {
-            const uint16_t *p = group + j / PNR * panel;
             const int nr = rows - j < PNR ? rows - j : PNR;
-            tiles(src, mr, nr, x, ldx, p, K, y + j, ldy);
+            const wview v = packed_view(group + j / PNR * panel, nr, K);
+            tiles(src, mr, nr, x, ldx, &v, K, y + j, ldy, NULL);
         }
     }
 }
 
 /* Prefill of BF16 / F16 weights through packed panels; false when K is too
- * long for one panel per group (then the direct tiles serve). */
+ * long for one panel per group (then the row tiles of tile() serve). */
 static bool prefill_panels(const cpm_mm_job *job, const int src, int m0, int m1, int n0, int n1) {
     const size_t ld = ((size_t)job->K + 15) & ~(size_t)15;
     const int rows = (int)(GROUP_HALFS / ld) / PNR * PNR;
