@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 
 #include "../../common/u64map.h"
+#include "kernels/ops.h"
 #include "kv_cache_internal.h"
 
 /* Every page of the block pool made resident now. Untouched, the first store into
@@ -49,12 +50,16 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max
     kv->k_dim = g->k_dim;
     kv->v_dim = g->v_dim;
     kv->dtype = g->dtype;
+    kv->keys_by_column = g->keys_by_column;
     kv->elem = cpm_dtype_size(g->dtype);
     kv->max_seqs = max_seqs;
     kv->n_blocks = (max_tokens + CPM_KV_BLOCK - 1) / CPM_KV_BLOCK;
     kv->max_blocks_per_seq = kv->n_blocks;
     kv->block_elems = (size_t)kv->n_layers * cpm_kv_layer_elems(kv);
-    kv->data = calloc((size_t)kv->n_blocks, kv->block_elems * kv->elem);
+    /* calloc for its zeros (fresh pages, no clearing pass), 64 bytes over to align */
+    size_t pool = (size_t)kv->n_blocks * kv->block_elems * kv->elem;
+    if ((kv->data_alloc = calloc(1, pool + 64)))
+        kv->data = (char *)(((uintptr_t)kv->data_alloc + 63) & ~(uintptr_t)63);
     if (g->key_sums && !(kv->key_sums = calloc((size_t)kv->n_blocks * (size_t)kv->n_layers,
                                                (size_t)kv->k_dim * sizeof(float))))
         goto out_nomem;
@@ -70,7 +75,7 @@ cpm_kv_cache *cpm_kv_cache_new(const cpm_kv_geometry *g, int max_tokens, int max
     if (!kv->data || !kv->free_blocks || !kv->seqs || !kv->block_tables || !kv->table ||
         !kv->refs || !kv->hash || !kv->lru_prev || !kv->lru_next)
         goto out_nomem;
-    prefault(kv->data, (size_t)kv->n_blocks * kv->block_elems * kv->elem);
+    prefault(kv->data, pool);
     for (int i = 0; i < kv->n_blocks; i++) /* pop order: block 0 first */
         kv->free_blocks[i] = kv->n_blocks - 1 - i;
     kv->n_free = kv->n_blocks;
@@ -88,7 +93,7 @@ out_nomem:
 void cpm_kv_cache_free(cpm_kv_cache *kv) {
     if (!kv)
         return;
-    free(kv->data);
+    free(kv->data_alloc);
     free(kv->key_sums);
     free(kv->free_blocks);
     free(kv->seqs);
@@ -317,7 +322,56 @@ void cpm_kv_cache_commit(cpm_kv_cache *kv, const cpm_batch *b) {
     }
 }
 
-/* Sums in f32, rows in order: the block's 16 keys are all in place once its
+/* ---- writing and reading keys in either layout ----------------------------------- */
+
+/* Index of element e of the block's key r among the block's key elements. */
+static size_t key_index(const cpm_kv_cache *kv, int r, int e) {
+    return kv->keys_by_column ? (size_t)e * CPM_KV_BLOCK + (size_t)r
+                              : (size_t)r * (size_t)kv->k_dim + (size_t)e;
+}
+
+static void store_row(const cpm_kv_cache *kv, void *dst, const float *src, int n) {
+    if (kv->dtype == CPM_DTYPE_F16)
+        cpm_f32_to_f16_row(dst, src, n);
+    else
+        memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+/* One key scattered down its block's columns, CPM_KV_BLOCK elements apart; f16
+ * goes through the row conversion (the same rounding as a stored row). */
+static void store_key_column(const cpm_kv_cache *kv, void *keys, int r, const float *k) {
+    enum { CHUNK = 64 };
+    for (int e0 = 0; e0 < kv->k_dim; e0 += CHUNK) {
+        int n = kv->k_dim - e0 < CHUNK ? kv->k_dim - e0 : CHUNK;
+        if (kv->dtype == CPM_DTYPE_F32) {
+            for (int e = 0; e < n; e++)
+                ((float *)keys)[key_index(kv, r, e0 + e)] = k[e0 + e];
+        } else {
+            uint16_t h[CHUNK];
+            cpm_f32_to_f16_row(h, k + e0, n);
+            for (int e = 0; e < n; e++)
+                ((uint16_t *)keys)[key_index(kv, r, e0 + e)] = h[e];
+        }
+    }
+}
+
+void cpm_kv_cache_store(cpm_kv_cache *kv, int li, int slot, const float *k, const float *v) {
+    if (kv->keys_by_column)
+        store_key_column(kv, cpm_kv_block_keys(kv, li, slot / CPM_KV_BLOCK), slot % CPM_KV_BLOCK, k);
+    else
+        store_row(kv, cpm_kv_key(kv, li, slot), k, kv->k_dim);
+    if (v)
+        store_row(kv, cpm_kv_value(kv, li, slot), v, kv->v_dim);
+}
+
+float cpm_kv_cache_key_at(const cpm_kv_cache *kv, int li, int slot, int e) {
+    const void *keys = cpm_kv_block_keys(kv, li, slot / CPM_KV_BLOCK);
+    size_t i = key_index(kv, slot % CPM_KV_BLOCK, e);
+    return kv->dtype == CPM_DTYPE_F32 ? ((const float *)keys)[i]
+                                      : cpm_f16_to_f32(((const uint16_t *)keys)[i]);
+}
+
+/* Sums in f32, keys in slot order: the block's 16 keys are all in place once its
  * last slot is written (earlier ones by this batch or by earlier calls). */
 void cpm_kv_cache_sum_keys(cpm_kv_cache *kv, int li, const int *slots, int n) {
     if (!kv->key_sums)
@@ -327,18 +381,11 @@ void cpm_kv_cache_sum_keys(cpm_kv_cache *kv, int li, const int *slots, int n) {
             continue;
         int block = slots[i] / CPM_KV_BLOCK;
         float *sum = cpm_kv_key_sum(kv, li, block);
-        memset(sum, 0, (size_t)kv->k_dim * sizeof(float));
-        for (int r = 0; r < CPM_KV_BLOCK; r++) {
-            const void *row = cpm_kv_key(kv, li, block * CPM_KV_BLOCK + r);
-            if (kv->dtype == CPM_DTYPE_F32) {
-                const float *k = row;
-                for (int e = 0; e < kv->k_dim; e++)
-                    sum[e] += k[e];
-            } else {
-                const uint16_t *k = row;
-                for (int e = 0; e < kv->k_dim; e++)
-                    sum[e] += cpm_f16_to_f32(k[e]);
-            }
+        for (int e = 0; e < kv->k_dim; e++) {
+            float s = 0.0f;
+            for (int r = 0; r < CPM_KV_BLOCK; r++)
+                s += cpm_kv_cache_key_at(kv, li, block * CPM_KV_BLOCK + r, e);
+            sum[e] = s;
         }
     }
 }

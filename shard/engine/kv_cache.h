@@ -33,13 +33,16 @@ typedef struct cpm_kv_cache cpm_kv_cache;
  * logits move by ~1e-3 relative, greedy tokens normally unchanged).
  * key_sums (InfLLM v2 models) also keeps, per block and layer, the f32 sum of
  * the block's CPM_KV_BLOCK keys: the compressed keys are built from those
- * (k_dim floats per block and layer, 1/16 of the keys' own size in f32). */
+ * (k_dim floats per block and layer, 1/16 of the keys' own size in f32).
+ * keys_by_column stores each block's keys transposed, as the attention
+ * kernels read them (kv_cache_internal.h); same size. */
 typedef struct cpm_kv_geometry {
     int n_layers;
     int k_dim;
     int v_dim;
     cpm_dtype dtype;
     bool key_sums;
+    bool keys_by_column;
 } cpm_kv_geometry;
 
 /* Reserves room for max_tokens tokens in total across at most max_seqs sequences.

@@ -1,7 +1,9 @@
 /* test_attn.c - unit tests for shard/engine/kernels/attn.c, attn_avx512.c and attn_avx2.c:
  * runs of key blocks folded into the online-softmax state by every kernel this
- * CPU can run (its keys transposed by the kernel or handed over transposed
- * with cpm_attn_transpose) and by the portable code give the same
+ * CPU can run (its keys transposed by the kernel, handed over transposed
+ * with cpm_attn_transpose, or transposed alone, as a cache stores them by
+ * column, with NaN in the lanes past the block's keys) and by the portable
+ * code give the same
  * bits in every accumulator, maximum and sum, for every shape the models use
  * and ragged ones (partial blocks, head widths that are not multiples of 8 or
  * 16, strided rows, 1 to 8 heads per group), including scores large enough to
@@ -59,25 +61,43 @@ typedef struct shape {
     float qmag;               /* query magnitude: large ones saturate the exponential */
 } shape;
 
+/* How a block's keys reach the kernel. */
+typedef enum keys_as {
+    KEYS_ROWS,       /* rows: the kernel transposes them if it wants */
+    KEYS_BOTH,       /* rows, and transposed beforehand */
+    KEYS_TRANSPOSED, /* transposed only (K NULL), NaN past the block's keys */
+    KEYS_MODES
+} keys_as;
+
+static const char *const keys_as_names[KEYS_MODES] = {"rows", "rows + transposed",
+                                                      "transposed alone"};
+
 /* Folds sh->keys keys into s, 16 at a time, through fold; kt: scratch for the
- * keys transposed beforehand (NULL: the kernel transposes them itself). */
+ * keys transposed beforehand (KEYS_BOTH, KEYS_TRANSPOSED). */
 static void run(const shape *sh, const float *q, const float *K, const float *V, state *s,
-                void (*fold)(const cpm_attn_block *), float *kt) {
+                void (*fold)(const cpm_attn_block *), keys_as how, float *kt) {
     int ks = sh->dk + sh->pad, vs = sh->dv + sh->pad;
     for (int j0 = 0; j0 < sh->keys; j0 += 16) {
         int nb = sh->keys - j0 < 16 ? sh->keys - j0 : 16;
-        if (kt)
+        if (how != KEYS_ROWS)
             cpm_attn_transpose(K + (size_t)j0 * ks, ks, nb, sh->dk, kt);
-        fold(&(cpm_attn_block){.q = q, .K = K + (size_t)j0 * ks, .V = V + (size_t)j0 * vs,
+        if (how == KEYS_TRANSPOSED) /* stale slots of a cache block */
+            for (int i = 0; i < sh->dk; i++)
+                for (int j = nb; j < 16; j++)
+                    kt[(size_t)i * 16 + j] = NAN;
+        fold(&(cpm_attn_block){.q = q,
+                               .K = how == KEYS_TRANSPOSED ? NULL : K + (size_t)j0 * ks,
+                               .V = V + (size_t)j0 * vs,
                                .ks = ks, .vs = vs, .nb = nb, .G = sh->G, .dk = sh->dk,
                                .dv = sh->dv, .scale = 1.0f / sqrtf((float)sh->dk), .acc = s->acc,
-                               .mx = s->mx, .sum = s->sum, .work = s->work, .kt = kt});
+                               .mx = s->mx, .sum = s->sum, .work = s->work,
+                               .kt = how == KEYS_ROWS ? NULL : kt});
     }
 }
 
-/* The kernel in effect against the portable code on one shape, and the state
- * against a double loop; pre: keys handed over transposed. */
-static void check_shape(const shape *sh, bool pre) {
+/* The kernel in effect against the portable code over key rows on one shape,
+ * and the state against a double loop. */
+static void check_shape(const shape *sh, keys_as how) {
     size_t nq = (size_t)sh->G * sh->dk, nk = (size_t)sh->keys * (sh->dk + sh->pad),
            nv = (size_t)sh->keys * (sh->dv + sh->pad);
     float *q = malloc(nq * 4), *K = malloc(nk * 4), *V = malloc(nv * 4);
@@ -88,9 +108,9 @@ static void check_shape(const shape *sh, bool pre) {
     for (size_t i = 0; i < nv; i++)
         V[i] = frand();
     state a = state_new(sh->G, sh->dk, sh->dv), b = state_new(sh->G, sh->dk, sh->dv);
-    float *kt = pre ? aligned_alloc(64, ((size_t)sh->dk * 16 * 4 + 63) & ~(size_t)63) : NULL;
-    run(sh, q, K, V, &a, cpm_attn_fold, kt);
-    run(sh, q, K, V, &b, cpm_attn_fold_ref, NULL);
+    float *kt = aligned_alloc(64, ((size_t)sh->dk * 16 * 4 + 63) & ~(size_t)63);
+    run(sh, q, K, V, &a, cpm_attn_fold, how, kt);
+    run(sh, q, K, V, &b, cpm_attn_fold_ref, KEYS_ROWS, NULL);
     free(kt);
     assert_memory_equal(a.acc, b.acc, sizeof(float) * (size_t)sh->G * sh->dv);
     assert_memory_equal(a.mx, b.mx, sizeof(float) * sh->G);
@@ -135,11 +155,11 @@ static void test_kernels_equal_portable(void **state_) {
     const cpm_isa best = cpm_isa_detect();
     for (int isa = CPM_ISA_SCALAR; isa <= (int)best; isa++) {
         cpm_isa_force((cpm_isa)isa);
-        for (int pre = 0; pre < 1 + cpm_attn_wants_transposed(); pre++) {
-            print_message("kernel: %s, keys transposed %s\n", cpm_isa_name(cpm_isa_in_effect()),
-                          pre ? "beforehand" : "by the kernel");
+        for (int how = 0; how < KEYS_MODES; how++) {
+            print_message("kernel: %s, keys as %s\n", cpm_isa_name(cpm_isa_in_effect()),
+                          keys_as_names[how]);
             for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++)
-                check_shape(&shapes[c], pre);
+                check_shape(&shapes[c], (keys_as)how);
         }
     }
     cpm_isa_force(best);

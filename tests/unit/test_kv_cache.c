@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "shard/engine/kv_cache.h"
@@ -73,7 +74,7 @@ static void test_reserve_checks_positions(void **state) {
     cpm_kv_cache_free(kv);
 }
 
-/* Rows 0..n-1 of seq, reserved and committed, each key's first element = marker + pos. */
+/* Rows 0..n-1 of seq, reserved and committed, each key's elements = marker + pos. */
 static void fill(cpm_kv_cache *kv, int seq, int from, int n, float marker) {
     cpm_error e = {0};
     int32_t sq[64], pos[64];
@@ -82,13 +83,18 @@ static void fill(cpm_kv_cache *kv, int seq, int from, int n, float marker) {
         sq[i] = seq, pos[i] = from + i;
     cpm_batch b = {.n_tokens = n, .seq = sq, .pos = pos};
     assert_int_equal(cpm_kv_cache_reserve(kv, &b, slots, &e), 0);
-    for (int i = 0; i < n; i++)
-        *(float *)cpm_kv_key(kv, 0, slots[i]) = marker + (float)pos[i];
+    float *k = malloc((size_t)kv->k_dim * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        for (int d = 0; d < kv->k_dim; d++)
+            k[d] = marker + (float)pos[i];
+        cpm_kv_cache_store(kv, 0, slots[i], k, NULL);
+    }
+    free(k);
     cpm_kv_cache_commit(kv, &b);
 }
 
 static float key_at(const cpm_kv_cache *kv, int seq, int pos) {
-    return *(const float *)cpm_kv_key(kv, 0, cpm_kv_slot(kv, seq, pos));
+    return cpm_kv_cache_key_at(kv, 0, cpm_kv_slot(kv, seq, pos), kv->k_dim - 1);
 }
 
 /* Prefix caching: publish full blocks, keep them after the sequence, attach them to a
@@ -205,14 +211,79 @@ static void test_dtypes(void **state) {
     assert_int_equal(f16->block_elems, f32->block_elems);
     assert_int_equal(f16->elem * 2, f32->elem);
     /* rows land where the accessors say, one element size apart per column */
-    assert_int_equal((char *)cpm_kv_key(f16, 1, 3) - f16->data,
-                     ((char *)cpm_kv_key(f32, 1, 3) - f32->data) / 2);
+    assert_int_equal((char *)cpm_kv_value(f16, 1, 3) - f16->data,
+                     ((char *)cpm_kv_value(f32, 1, 3) - f32->data) / 2);
     cpm_kv_cache_free(f32);
     cpm_kv_cache_free(f16);
     g.dtype = CPM_DTYPE_BF16;
     assert_null(cpm_kv_cache_new(&g, 64, 1, &e));
     assert_int_equal(e.code, CPM_EUNSUPPORTED);
     assert_non_null(strstr(e.msg, "BF16"));
+}
+
+/* Keys stored as rows and by column, f32 and f16: each element lands where the
+ * layout says (by column: element e of slot r at e * 16 + r, 64-byte aligned),
+ * reads back through cpm_kv_cache_key_at, and the key sums of both layouts are
+ * the same bits, each the sum in slot order. A width of 72 crosses the store's
+ * 64-element chunks. */
+static void test_key_layouts(void **state) {
+    (void)state;
+    enum { K = 72, V = 8, L = 2 };
+    cpm_error e = {0};
+    float k[K], v[V];
+    for (int dt = 0; dt < 2; dt++) {
+        cpm_kv_cache *kv[2];
+        for (int col = 0; col < 2; col++) {
+            cpm_kv_geometry g = {.n_layers = L, .k_dim = K, .v_dim = V, .key_sums = true,
+                                 .dtype = dt ? CPM_DTYPE_F16 : CPM_DTYPE_F32,
+                                 .keys_by_column = col};
+            assert_non_null(kv[col] = cpm_kv_cache_new(&g, 64, 1, &e));
+            assert_int_equal(cpm_kv_cache_seq_new(kv[col], &e), 0);
+            int32_t sq[32] = {0}, pos[32];
+            int slots[32];
+            for (int i = 0; i < 32; i++)
+                pos[i] = i;
+            cpm_batch b = {.n_tokens = 32, .seq = sq, .pos = pos};
+            assert_int_equal(cpm_kv_cache_reserve(kv[col], &b, slots, &e), 0);
+            for (int li = 0; li < L; li++) {
+                for (int i = 0; i < 32; i++) { /* exact in f16 */
+                    for (int d = 0; d < K; d++)
+                        k[d] = (float)li + 0.5f * (float)(i % 16) + 0.25f * (float)(d % 40);
+                    for (int d = 0; d < V; d++)
+                        v[d] = -(float)i - (float)d;
+                    cpm_kv_cache_store(kv[col], li, slots[i], k, v);
+                }
+                cpm_kv_cache_sum_keys(kv[col], li, slots, 32);
+            }
+            for (int li = 0; li < L; li++)
+                for (int i = 0; i < 32; i++) {
+                    int blk = slots[i] / CPM_KV_BLOCK, r = slots[i] % CPM_KV_BLOCK, d = 41;
+                    float want = (float)li + 0.5f * (float)r + 0.25f * (float)(d % 40);
+                    assert_float_equal(cpm_kv_cache_key_at(kv[col], li, slots[i], d), want, 0);
+                    const char *keys = cpm_kv_block_keys(kv[col], li, blk);
+                    assert_int_equal((uintptr_t)keys % 64, 0);
+                    size_t at = col ? (size_t)d * CPM_KV_BLOCK + r : (size_t)r * K + d;
+                    float got = dt ? cpm_f16_to_f32(((const uint16_t *)keys)[at])
+                                   : ((const float *)keys)[at];
+                    assert_float_equal(got, want, 0);
+                    const char *val = cpm_kv_value(kv[col], li, slots[i]);
+                    got = dt ? cpm_f16_to_f32(((const uint16_t *)val)[V - 1])
+                             : ((const float *)val)[V - 1];
+                    assert_float_equal(got, -(float)i - (float)(V - 1), 0);
+                }
+        }
+        for (int li = 0; li < L; li++)
+            for (int blk = 0; blk < 2; blk++) {
+                const float *s0 = cpm_kv_key_sum(kv[0], li, blk), *s1 = cpm_kv_key_sum(kv[1], li, blk);
+                assert_memory_equal(s0, s1, K * sizeof(float));
+                float want = 0.0f; /* element 3: li + 0.5 r + 0.75 over r = 0..15, in order */
+                for (int r = 0; r < CPM_KV_BLOCK; r++)
+                    want += (float)li + 0.5f * (float)r + 0.75f;
+                assert_float_equal(s1[3], want, 0);
+            }
+        cpm_kv_cache_free(kv[0]);
+        cpm_kv_cache_free(kv[1]);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -228,6 +299,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_prefix_table_churn),
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_dtypes),
+        cmocka_unit_test(test_key_layouts),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

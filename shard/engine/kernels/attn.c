@@ -21,10 +21,34 @@ void cpm_attn_transpose_avx2(const float *K, int ks, int nb, int dk, float *kt);
 
 int cpm_attn_work_floats(int G, int dk) { return BLOCK * (dk + G) + G + 16; }
 
+/* cpm_dot(q, K_j) * scale for the keys of a transposed block, in cpm_dot's
+ * order (partial sum k takes the dimensions i = k mod 8, the tail goes to sum
+ * 0, then the tree), the 16 keys side by side; lanes past nb are computed and
+ * dropped. */
+static void scores_transposed(float *sc, const float *q, const float *kt, int dk, int nb,
+                              float scale) {
+    float s[8][BLOCK] = {{0}};
+    int i = 0;
+    for (; i + 8 <= dk; i += 8)
+        for (int k = 0; k < 8; k++)
+            for (int j = 0; j < BLOCK; j++)
+                s[k][j] += q[i + k] * kt[(size_t)(i + k) * BLOCK + j];
+    for (; i < dk; i++)
+        for (int j = 0; j < BLOCK; j++)
+            s[0][j] += q[i] * kt[(size_t)i * BLOCK + j];
+    for (int j = 0; j < nb; j++)
+        sc[j] = (((s[0][j] + s[1][j]) + (s[2][j] + s[3][j])) +
+                 ((s[4][j] + s[5][j]) + (s[6][j] + s[7][j]))) * scale;
+}
+
 void cpm_attn_fold_ref(const cpm_attn_block *b) {
     for (int h = 0; h < b->G; h++) {
         float *sc = b->work + (size_t)h * BLOCK, bmax = -INFINITY;
-        cpm_dot_rows(sc, b->q + (size_t)h * b->dk, b->K, b->ks, b->nb, b->dk, b->scale);
+        const float *q = b->q + (size_t)h * b->dk;
+        if (b->K)
+            cpm_dot_rows(sc, q, b->K, b->ks, b->nb, b->dk, b->scale);
+        else
+            scores_transposed(sc, q, b->kt, b->dk, b->nb, b->scale);
         for (int j = 0; j < b->nb; j++)
             bmax = sc[j] > bmax ? sc[j] : bmax;
         float newmax = bmax > b->mx[h] ? bmax : b->mx[h];
@@ -38,10 +62,6 @@ void cpm_attn_fold_ref(const cpm_attn_block *b) {
         cpm_axpy_rows(ac, sc, b->V, b->vs, b->nb, b->dv);
         b->mx[h] = newmax;
     }
-}
-
-bool cpm_attn_wants_transposed(void) {
-    return X86_KERNELS && cpm_isa_in_effect() >= CPM_ISA_AVX2;
 }
 
 void cpm_attn_transpose(const float *K, int ks, int nb, int dk, float *kt) {

@@ -21,7 +21,7 @@
 
 typedef struct cpm_attn_block {
     const float *q;   /* [G][dk] the group's query heads */
-    const float *K;   /* nb key rows, ks floats apart */
+    const float *K;   /* nb key rows, ks floats apart; NULL when kt holds the keys */
     const float *V;   /* nb value rows, vs floats apart */
     int ks, vs;
     int nb;           /* 1 .. 16 keys */
@@ -30,20 +30,17 @@ typedef struct cpm_attn_block {
     float *acc;       /* [G][dv] running sums of p·V */
     float *mx, *sum;  /* [G] running max and sum of p */
     float *work;      /* cpm_attn_work_floats(G, dk) floats of scratch, 64-byte aligned */
-    const float *kt;  /* NULL, or the block's keys as cpm_attn_transpose laid them out
-                       * (64-byte aligned; rows past nb may hold anything) */
+    const float *kt;  /* NULL, or the block's keys as cpm_attn_transpose lays them out
+                       * (64-byte aligned; lanes past nb may hold anything): from
+                       * a cache that stores them so, or transposed once for many
+                       * queries */
 } cpm_attn_block;
 
 /* Scratch cpm_attn_fold needs. */
 int cpm_attn_work_floats(int G, int dk);
 
-/* Whether cpm_attn_fold runs a kernel that reads keys transposed: then a caller
- * that meets the same block of keys again (prefill rows of one sequence) can
- * transpose it once with cpm_attn_transpose and pass it as .kt. */
-bool cpm_attn_wants_transposed(void);
-
 /* kt[i * 16 + j] = K_j[i] for i < dk, j < nb (nb <= 16; the other lanes 0):
- * dk * 16 floats, 64-byte aligned. Only where cpm_attn_wants_transposed(). */
+ * dk * 16 floats, 64-byte aligned. */
 void cpm_attn_transpose(const float *K, int ks, int nb, int dk, float *kt);
 
 /* Folds the block in (the arithmetic above), with the best kernel this CPU

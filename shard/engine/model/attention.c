@@ -75,8 +75,6 @@ typedef struct core_args {
     int li;
     const cpm_batch *b;
     int n;
-    uint64_t call;   /* this run's number (m->attn_calls) */
-    bool cache_keys; /* the kernel reads keys transposed: keep them per thread */
 } core_args;
 
 /* nb cache rows of `width` elements starting at column `col` of rows `stride`
@@ -104,12 +102,11 @@ typedef struct group_state {
     int g, G, dk, dv, seq;
     const float *q;
     float *acc, *mx, *sum, *kbuf, *vbuf, *work;
-    cpm_attn_kt *kt_tag; /* this thread's transposed keys, or NULL */
-    float *kt;
 } group_state;
 
-static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls,
-                        int tid) {
+static float *align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
+static void group_begin(group_state *st, const core_args *a, int row, int g, float *tls) {
     const cpm_model *m = a->m;
     int G = m->hp.n_heads / m->kv_heads, dk = m->qk_dim, dv = m->v_dim;
     *st = (group_state){.a = a, .g = g, .G = G, .dk = dk, .dv = dv, .seq = a->b->seq[row]};
@@ -117,14 +114,10 @@ static void group_begin(group_state *st, const core_args *a, int row, int g, flo
     st->acc = tls;
     st->mx = st->acc + (size_t)G * dv;
     st->sum = st->mx + G;
-    st->kbuf = st->sum + G;
-    st->vbuf = st->kbuf + (size_t)CPM_KV_BLOCK * dk;
-    uintptr_t w = (uintptr_t)(st->vbuf + (size_t)CPM_KV_BLOCK * dv);
-    st->work = (float *)((w + 63) & ~(uintptr_t)63); /* the kernel's 64-byte aligned scratch */
-    if (a->cache_keys) {
-        st->kt_tag = m->s.attn_kt_tag + tid;
-        st->kt = m->s.attn_kt + (size_t)tid * m->attn_kt_floats;
-    }
+    st->vbuf = st->sum + G;
+    /* the kernel's scratch and keys widened from f16: each 64-byte aligned */
+    st->work = align64(st->vbuf + (size_t)CPM_KV_BLOCK * dv);
+    st->kbuf = align64(st->work + cpm_attn_work_floats(G, dk));
     memset(st->acc, 0, (size_t)G * dv * sizeof(float));
     for (int h = 0; h < G; h++) {
         st->mx[h] = -INFINITY;
@@ -132,41 +125,39 @@ static void group_begin(group_state *st, const core_args *a, int row, int g, flo
     }
 }
 
-/* The keys of the block at j0 (nb of them, rows ks apart) transposed for the
- * kernel, from this thread's cache: the prefill rows of one sequence that a
- * thread takes in turn read the same blocks, so each is transposed once per
- * run (the last, partial one again as later rows see more of it). NULL: not
- * cached (the kernel transposes it itself). */
-static const float *cached_keys(group_state *st, int j0, int nb, const float *K, int ks) {
-    cpm_attn_kt *c = st->kt_tag;
-    const int blk = j0 / CPM_KV_BLOCK;
-    if (!c || j0 % CPM_KV_BLOCK || blk >= CPM_ATTN_KT_BLOCKS)
-        return NULL;
-    if (c->call != st->a->call || c->seq != st->seq || c->g != st->g)
-        *c = (cpm_attn_kt){.call = st->a->call, .seq = st->seq, .g = st->g};
-    float *kt = st->kt + (size_t)blk * CPM_KV_BLOCK * (size_t)st->dk;
-    if (c->nb[blk] < nb) {
-        cpm_attn_transpose(K, ks, nb, st->dk, kt);
-        c->nb[blk] = nb;
-    }
-    return kt;
+/* The group's keys of a cache block stored by column, as f32 in the kernels'
+ * layout (attn.h's kt): in place when the cache is f32, else widened into
+ * kbuf. Slots past the sequence's end hold whatever they hold (unused lanes). */
+static const float *group_columns(group_state *st, int block) {
+    const cpm_kv_cache *kv = st->a->kv;
+    size_t first = (size_t)st->g * (size_t)st->dk * CPM_KV_BLOCK, n = (size_t)st->dk * CPM_KV_BLOCK;
+    const void *keys = cpm_kv_block_keys(kv, st->a->li, block);
+    if (kv->dtype == CPM_DTYPE_F32)
+        return (const float *)keys + first;
+    cpm_f16_to_f32_row(st->kbuf, (const uint16_t *)keys + first, (int)n);
+    return st->kbuf;
 }
 
-/* Folds keys j0 .. j0 + nb - 1 (one cache block, nb <= CPM_KV_BLOCK) in. */
+/* Folds keys j0 .. j0 + nb - 1 (one cache block, j0 at its start, nb <=
+ * CPM_KV_BLOCK) in: keys stored by column go to the kernel as they lie, key
+ * rows (a cache made so) as rows, which it transposes if it wants. */
 static void group_chunk(group_state *st, int j0, int nb) {
     const core_args *a = st->a;
     const cpm_kv_cache *kv = a->kv;
     int G = st->G, dk = st->dk, dv = st->dv;
-    int slot0 = cpm_kv_slot(kv, st->seq, j0), ks, vs;
-    const float *K = block_rows(kv, cpm_kv_key(kv, a->li, slot0), st->g * dk, dk, kv->k_dim, nb,
-                                st->kbuf, &ks);
+    int slot0 = cpm_kv_slot(kv, st->seq, j0), ks = 0, vs;
+    const float *K = NULL, *kt = NULL;
+    if (kv->keys_by_column)
+        kt = group_columns(st, slot0 / CPM_KV_BLOCK);
+    else
+        K = block_rows(kv, cpm_kv_key(kv, a->li, slot0), st->g * dk, dk, kv->k_dim, nb,
+                       st->kbuf, &ks);
     const float *V = block_rows(kv, cpm_kv_value(kv, a->li, slot0), st->g * dv, dv, kv->v_dim, nb,
                                 st->vbuf, &vs);
     cpm_attn_fold(&(cpm_attn_block){.q = st->q, .K = K, .V = V, .ks = ks, .vs = vs, .nb = nb,
                                     .G = G, .dk = dk, .dv = dv, .scale = a->m->attn_scale,
                                     .acc = st->acc, .mx = st->mx, .sum = st->sum,
-                                    .work = st->work,
-                                    .kt = cached_keys(st, j0, nb, K, ks)});
+                                    .work = st->work, .kt = kt});
 }
 
 /* Keys [from, to] (inclusive), chunk by chunk along cache blocks. */
@@ -206,11 +197,10 @@ static void group_sparse(group_state *st, int pos, float *sel_tls) {
 }
 
 /* One KV head group of one row: dense over positions 0..pos, or InfLLM v2. */
-static void attend_group(const core_args *a, int row, int g, float *tls, float *sel_tls,
-                         int tid) {
+static void attend_group(const core_args *a, int row, int g, float *tls, float *sel_tls) {
     group_state st;
     int pos = a->b->pos[row];
-    group_begin(&st, a, row, g, tls, tid);
+    group_begin(&st, a, row, g, tls);
     if (cpm_infllm_is_sparse(&a->m->hp, pos))
         group_sparse(&st, pos, sel_tls);
     else
@@ -224,31 +214,21 @@ static void core_worker(void *arg, int tid, int nthreads) {
     float *sel_tls = a->m->s.infllm_tls + (size_t)tid * a->m->infllm_tls_floats;
     int tasks = a->n * a->m->kv_heads;
     /* interleaved, as causal rows differ in cost; group by group, so that a thread
-     * meets the rows of one sequence and group in turn (cached_keys) */
+     * meets the rows of one sequence and group in turn (their blocks stay in cache) */
     for (int t = tid; t < tasks; t += nthreads)
-        attend_group(a, t % a->n, t / a->n, tls, sel_tls, tid);
-}
-
-static void store_row(const cpm_kv_cache *kv, void *dst, const float *src, int n) {
-    if (kv->dtype == CPM_DTYPE_F16)
-        cpm_f32_to_f16_row(dst, src, n);
-    else
-        memcpy(dst, src, (size_t)n * sizeof(float));
+        attend_group(a, t % a->n, t / a->n, tls, sel_tls);
 }
 
 static void store_kv(cpm_model *m, cpm_kv_cache *kv, int li, int n, const float *k,
                      const float *v) {
-    for (int i = 0; i < n; i++) {
-        int slot = m->s.kv_slot[i];
-        store_row(kv, cpm_kv_key(kv, li, slot), k + (size_t)i * kv->k_dim, kv->k_dim);
-        if (v)
-            store_row(kv, cpm_kv_value(kv, li, slot), v + (size_t)i * kv->v_dim, kv->v_dim);
-    }
+    for (int i = 0; i < n; i++)
+        cpm_kv_cache_store(kv, li, m->s.kv_slot[i], k + (size_t)i * kv->k_dim,
+                           v ? v + (size_t)i * kv->v_dim : NULL);
 }
 
 static void attend_and_project(cpm_model *m, cpm_kv_cache *kv, int li, const cpm_batch *b,
                                int n) {
-    core_args a = {m, kv, li, b, n, ++m->attn_calls, cpm_attn_wants_transposed()};
+    core_args a = {m, kv, li, b, n};
     cpm_pool_run(m->pool, core_worker, &a);
     cpm_model_matmul(m, m->s.out, m->s.attn, &m->layers[li].w[CPM_W_O], n);
 }

@@ -63,15 +63,6 @@ typedef struct cpm_layer {
 } cpm_layer;
 
 /* Scratch sized at load time from max_batch_tokens; forward allocates nothing. */
-/* Blocks of transposed keys a thread keeps for the rows of one sequence that
- * follow each other in its share of a prefill (attention.c). */
-#define CPM_ATTN_KT_BLOCKS 64
-typedef struct cpm_attn_kt {
-    uint64_t call;              /* the attention run (m->attn_calls) they belong to */
-    int seq, g;                 /* sequence and KV head group */
-    int nb[CPM_ATTN_KT_BLOCKS]; /* keys transposed in each block, 0: none */
-} cpm_attn_kt;
-
 typedef struct cpm_scratch {
     float *x;        /* [T, H] residual stream */
     float *xn;       /* [T, H] normed input of a sublayer */
@@ -98,8 +89,6 @@ typedef struct cpm_scratch {
     int *moe_ids;    /* MoE, remote experts: [E] experts routed to in this layer */
     int *moe_rows;   /* MoE, remote experts: [E] rows of each */
     float *attn_tls; /* per thread: online-softmax state of one KV-head group */
-    float *attn_kt;  /* per thread: attn_kt_floats of transposed key blocks (attention.c) */
-    struct cpm_attn_kt *attn_kt_tag; /* per thread: whose keys attn_kt holds */
     float *infllm_tls; /* per thread: InfLLM v2 block selection (sparse models only) */
     int *rows;       /* [T] wanted rows (last stage) */
     int *kv_slot;    /* [T] KV cache slot (block * BLOCK + offset) of each row */
@@ -116,8 +105,6 @@ struct cpm_model {
     int max_batch;
     int n_threads;
     size_t attn_tls_floats; /* per thread */
-    size_t attn_kt_floats;  /* per thread: CPM_ATTN_KT_BLOCKS transposed key blocks */
-    uint64_t attn_calls;    /* attention core runs so far: tells one run's cached keys */
     size_t infllm_tls_floats; /* per thread, 0 without sparse_config */
 
     /* attention geometry, uniform for GQA and MLA */

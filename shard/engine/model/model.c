@@ -282,15 +282,14 @@ static void set_geometry(cpm_model *m) {
     m->attn_scale = (float)(1.0 / sqrt((double)m->qk_dim));
     size_t G = (size_t)(hp->n_heads / m->kv_heads);
     /* per thread: G heads x (v accumulator + max + sum), a block of keys and values
-     * widened from an f16 cache, and the attention step's aligned scratch */
+     * widened from an f16 cache, and the attention step's scratch (the keys and the
+     * scratch each 64-byte aligned: 16 floats of slack apiece) */
     m->attn_tls_floats = G * ((size_t)m->v_dim + 2) +
                          (size_t)CPM_KV_BLOCK * (size_t)(m->qk_dim + m->v_dim) +
-                         (size_t)cpm_attn_work_floats((int)G, m->qk_dim) + 16;
+                         (size_t)cpm_attn_work_floats((int)G, m->qk_dim) + 32;
     /* MLA: q_abs, ctx, scores, a widened block of latent rows */
     size_t latent = 2 * (size_t)hp->kv_lora_rank + CPM_KV_BLOCK +
                     (size_t)CPM_KV_BLOCK * (size_t)(hp->kv_lora_rank + hp->qk_rope_dim) + 16;
-    m->attn_kt_floats = m->arch->attn == CPM_ATTN_MLA ? 0
-                        : (size_t)CPM_ATTN_KT_BLOCKS * CPM_KV_BLOCK * (size_t)m->qk_dim;
     if (m->arch->attn == CPM_ATTN_MLA && latent > m->attn_tls_floats)
         m->attn_tls_floats = latent;
     if (hp->sparse)
@@ -347,8 +346,6 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         {(void **)&s->moe_ids, E * sizeof(int)},
         {(void **)&s->moe_rows, E * sizeof(int)},
         {(void **)&s->attn_tls, (size_t)m->n_threads * m->attn_tls_floats * 4},
-        {(void **)&s->attn_kt, (size_t)m->n_threads * m->attn_kt_floats * 4},
-        {(void **)&s->attn_kt_tag, (size_t)m->n_threads * sizeof(cpm_attn_kt)},
         {(void **)&s->infllm_tls, (size_t)m->n_threads * m->infllm_tls_floats * 4},
         {(void **)&s->rows, T * sizeof(int)},
         {(void **)&s->kv_slot, T * sizeof(int)},
@@ -361,8 +358,6 @@ static int alloc_scratch(cpm_model *m, cpm_error *err) {
         if (!*plan[i].p)
             return cpm_error_set(err, CPM_ENOMEM, "scratch for %zu batch tokens: out of memory", T);
     }
-    /* call 0: no attention run's (m->attn_calls counts from 1) */
-    memset(s->attn_kt_tag, 0, (size_t)m->n_threads * sizeof(cpm_attn_kt));
     return 0;
 }
 
@@ -370,8 +365,7 @@ static void free_scratch(cpm_scratch *s) {
     void *ptrs[] = {s->x, s->xn, s->q, s->k, s->v, s->attn, s->lat_q, s->lat_kv,
                     s->lat_kvn, s->kv_b, s->gate, s->up, s->out, s->rope_cos, s->rope_sin,
                     s->router, s->route_ids, s->route_w, s->gather, s->gather_w, s->xg, s->yg,
-                    s->moe_ids, s->moe_rows, s->attn_tls, s->attn_kt, s->attn_kt_tag,
-                    s->infllm_tls,
+                    s->moe_ids, s->moe_rows, s->attn_tls, s->infllm_tls,
                     s->rows, s->kv_slot, s->active};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
         free(ptrs[i]);
@@ -928,7 +922,10 @@ void cpm_model_set_expert_backend(cpm_model *m, const cpm_expert_backend *b) {
 cpm_kv_geometry cpm_model_kv_geometry(const cpm_model *m) {
     return (cpm_kv_geometry){.n_layers = m->info.layer_end - m->info.layer_begin,
                              .k_dim = m->cache_k_dim, .v_dim = m->cache_v_dim,
-                             .dtype = CPM_DTYPE_F32, .key_sums = m->hp.sparse};
+                             .dtype = CPM_DTYPE_F32, .key_sums = m->hp.sparse,
+                             /* GQA's kernels read keys 16 to a vector; MLA's latent rows
+                              * are keys and values at once */
+                             .keys_by_column = m->arch->attn == CPM_ATTN_GQA};
 }
 
 static void embed_rows(cpm_model *m, const cpm_batch *b) {
@@ -1032,6 +1029,9 @@ int cpm_model_forward(cpm_model *m, cpm_kv_cache *kv, const cpm_batch *b, float 
     if (rc == 0 && m->hp.sparse && !kv->key_sums)
         rc = cpm_error_set(err, CPM_EINVAL, "kv cache: InfLLM v2 (sparse_config) needs key sums; "
                            "create the cache from cpm_model_kv_geometry");
+    if (rc == 0 && m->arch->attn == CPM_ATTN_MLA && kv->keys_by_column)
+        rc = cpm_error_set(err, CPM_EINVAL, "kv cache: MLA's latent rows cannot be stored by "
+                           "column; create the cache from cpm_model_kv_geometry");
     if (rc || (rc = cpm_kv_cache_reserve(kv, b, m->s.kv_slot, err)))
         return rc;
     int H = m->hp.hidden_size;
