@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # vs_llamacpp.sh - our engine beside llama.cpp on this machine, same random
-# MiniCPM-1B-shaped checkpoint, decode and prefill, BF16 / F16 / Int4.
+# MiniCPM-1B-shaped checkpoint, decode, prefill and batched decode, BF16 / F16 / Int4.
 #
 #   bench/vs_llamacpp.sh [BUILD_DIR (default build)]
 #
 # Environment:
 #   LLAMACPP_DIR      llama.cpp source tree (default /work/peers/llama.cpp); built
-#                     here (build/, Release, GGML_NATIVE) when it has no llama-bench yet
+#                     here (build/, Release, GGML_NATIVE) when it has no llama-bench,
+#                     llama-batched-bench or llama-quantize yet
 #   CPM_BENCH_MODELS  where checkpoints and GGUF files are cached (default
 #                     /tmp/cpm-bench-models: ~2.7 GB bf16 + 2.7 GB f16 + 0.9 GB gptq
 #                     checkpoints, ~2.7 + 2.7 + 0.8 GB GGUF)
@@ -17,6 +18,8 @@
 #                     F16C), both standing in for an AVX2-only CPU with this machine's
 #                     memory and cores
 #   THREADS           threads for both engines (default 2)
+#   BATCHES           batched decode: sequences decoding together (default 1,4,16; empty:
+#                     none), each after its own 16-token prompt, 32 steps, aggregate t/s
 #   FORMATS           subset of "bf16 bf16x f16 f16x int4 int4x int4x8 int4q8" (default all); bf16x is
 #                     our BF16 checkpoint run with --activations bf16 (x rounded to
 #                     bf16, as llama.cpp's BF16 path does) against the same BF16 GGUF;
@@ -39,6 +42,11 @@
 #                                                     128-token prompt)
 #          bench_engine --prompt 512 --decode 1    -> pp512
 #   llama  llama-bench -p 128,512 -n 64 -r 1      -> pp128, pp512, tg64 (empty context)
+# and, with BATCHES (B = each of them):
+#   ours   bench_engine --prompt 16 --decode 32 --batch BATCHES  -> bB: aggregate t/s of
+#                                                     B sequences stepping together
+#   llama  llama-batched-bench -npp 16 -ntg 32 -npl BATCHES      -> bB: its S_TG
+#                                                     (B * 32 tokens / generation time)
 # The decode roofline is read GB/s (bench_membw, THREADS threads, measured once)
 # divided by the bytes of weights one token reads: bench_engine's weights/token for
 # ours, the GGUF's tensor bytes for llama.cpp (tools/hf_to_gguf.py --decode-bytes:
@@ -57,6 +65,7 @@ reps=${REPS:-3}
 threads=${THREADS:-2}
 formats=${FORMATS:-bf16 bf16x f16 f16x int4 int4x int4x8 int4q8}
 isa=${ISA:-best}
+batches=${BATCHES-1,4,16}
 py=$(command -v python3 || echo /usr/bin/python3)
 
 say() { echo "vs_llamacpp: $*" >&2; }
@@ -77,16 +86,20 @@ avx2) lbuild=build-avx2 lflags="-DGGML_NATIVE=OFF" isa_arg=(--isa avx2) ;;
 esac
 lbench="$llama/$lbuild/bin/llama-bench"
 lquant="$llama/$lbuild/bin/llama-quantize"
-if [ ! -x "$lbench" ] || [ ! -x "$lquant" ]; then
+lbatched="$llama/$lbuild/bin/llama-batched-bench"
+if [ ! -x "$lbench" ] || [ ! -x "$lquant" ] || [ ! -x "$lbatched" ]; then
     if [ ! -f "$llama/CMakeLists.txt" ]; then
         die "no llama.cpp at $llama. Get it with:
     git clone https://github.com/ggml-org/llama.cpp $llama
-then run this script again (it builds llama-bench and llama-quantize), or set LLAMACPP_DIR."
+then run this script again (it builds llama-bench, llama-batched-bench and llama-quantize),
+or set LLAMACPP_DIR."
     fi
-    say "building llama.cpp in $llama/$lbuild (llama-bench, llama-quantize; takes a while)"
+    say "building llama.cpp in $llama/$lbuild (llama-bench, llama-batched-bench, llama-quantize;" \
+        "takes a while)"
     (cd "$llama" &&
         nice -n 10 cmake -B "$lbuild" "$lflags" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null &&
-        nice -n 10 cmake --build "$lbuild" -j"$(nproc)" --target llama-bench llama-quantize >/dev/null) ||
+        nice -n 10 cmake --build "$lbuild" -j"$(nproc)" \
+            --target llama-bench llama-batched-bench llama-quantize >/dev/null) ||
         die "building llama.cpp failed"
 fi
 
@@ -143,10 +156,15 @@ trap 'rm -rf "$out"' EXIT
 samples="$out/samples" # lines: FORMAT SIDE TEST TOKENS/S
 : >"$samples"
 
+act_of() { # act_of FORMAT: our --activations and --lm-head for FORMAT
+    case $1 in bf16x | f16x | int4x) echo "bf16 stored" ;; int4x8) echo "bf16 int8" ;;
+    int4q8) echo "int8 int8" ;; *) echo "exact stored" ;; esac
+}
+
 run_ours() { # run_ours FORMAT: appends pp128, tg64, pp512 (and weights/token bytes)
-    local d pp tg mb act=exact head=stored
+    local d pp tg mb act head
     d=$(ckpt "$1")
-    case $1 in bf16x | f16x | int4x) act=bf16 ;; int4x8) act=bf16 head=int8 ;; int4q8) act=int8 head=int8 ;; esac
+    read -r act head < <(act_of "$1")
     # bench_engine's result row: threads, ffn, prefill t/s, decode t/s, weights/token MB, "MB",
     # read GB/s (its own measurement, unused here), % roofline
     "$engine" --model "$d" --threads "$threads" --prompt 128 --decode 64 --activations "$act" \
@@ -179,6 +197,35 @@ for r in csv.DictReader(open(path)):
 EOF
 }
 
+run_ours_batched() { # run_ours_batched FORMAT: appends bB for each B of BATCHES
+    local act head
+    read -r act head < <(act_of "$1")
+    "$engine" --model "$(ckpt "$1")" --threads "$threads" --prompt 16 --decode 32 \
+        --batch "$batches" --activations "$act" --lm-head "$head" "${isa_arg[@]}" >"$out/ours.txt"
+    # the batched table's rows: B, aggregate t/s, ratio to B = 1
+    awk -v f="$1" '/^batch +agg/ { on = 1; next } on && NF >= 2 { print f, "ours", "b" $1, $2 }' \
+        "$out/ours.txt" >>"$samples"
+}
+
+run_llama_batched() { # run_llama_batched FORMAT: appends bB from llama-batched-bench's table
+    "$lbatched" -m "$(gguf "$1")" -t "$threads" -c 4096 -b 2048 -ub 512 -npp 16 -ntg 32 \
+        -npl "$batches" >"$out/llama.txt" 2>"$out/llama.err" ||
+        { cat "$out/llama.err" >&2; die "llama-batched-bench failed on $(gguf "$1")"; }
+    # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    awk -F'|' -v f="$1" '$2 ~ /^ *16 *$/ { gsub(/ /, "", $4); gsub(/ /, "", $9); print f, "llama", "b" $4, $9 }' \
+        "$out/llama.txt" >>"$samples"
+}
+
+run_round() { # run_round FORMAT ROUND: both engines, the order alternating between rounds
+    if [ $(($2 % 2)) -eq 1 ]; then
+        run_ours "$1"; run_llama "$1"
+        [ -z "$batches" ] || { run_ours_batched "$1"; run_llama_batched "$1"; }
+    else
+        run_llama "$1"; run_ours "$1"
+        [ -z "$batches" ] || { run_llama_batched "$1"; run_ours_batched "$1"; }
+    fi
+}
+
 # Read bandwidth: measured before the runs and after each format, since others' load on
 # the machine moves it (and every t/s); the roofline is the best seen, as in bench_matmul.
 membw() { "$build/bench/bench_membw" "$threads" 1024 5 | awk '{ print $3 }'; }
@@ -189,11 +236,7 @@ for f in $formats; do
     cat "$(ckpt "$f")"/*.safetensors "$(gguf "$f")" >/dev/null
     for r in $(seq 1 "$reps"); do
         say "$f round $r/$reps"
-        if [ $((r % 2)) -eq 1 ]; then
-            run_ours "$f"; run_llama "$f"
-        else
-            run_llama "$f"; run_ours "$f"
-        fi
+        run_round "$f" "$r"
     done
     echo "$f llama_bytes - $("$py" "$root/tools/hf_to_gguf.py" --decode-bytes "$(gguf "$f")")" >>"$samples"
     bws="$bws $(membw)"
@@ -208,6 +251,8 @@ median() { # median FORMAT SIDE TEST: median of the samples (the lower middle on
 all() { # all FORMAT SIDE TEST: the samples, in run order
     awk -v f="$1" -v s="$2" -v t="$3" '$1 == f && $2 == s && $3 == t { printf "%s%.2f", sep, $4; sep = " " }' "$samples"
 }
+
+tests_batched() { [ -z "$batches" ] || echo "$batches" | tr ',' '\n' | sed 's/^/b/'; }
 
 flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
 has() { case " $flags " in *" $1 "*) echo yes ;; *) echo no ;; esac; }
@@ -226,6 +271,9 @@ echo "- read bandwidth ($threads threads, bench_membw, 1 GiB, best of 5 passes):
 echo "- load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "- decode: ours after its 128-token prompt (bench_engine --prompt 128 --decode 64), llama.cpp from an" \
     "empty context (llama-bench -n 64); prefill: one batch of 128 or 512 tokens on both sides"
+[ -z "$batches" ] || echo "- batched decode bB: B sequences, each after its own 16-token prompt, 32 steps" \
+    "together, aggregate generated t/s (ours: bench_engine --batch; llama.cpp: llama-batched-bench" \
+    "-npp 16 -ntg 32, its S_TG); the ratio to B = 1 is each engine's own"
 echo "- decode roofline t/s = read GB/s / weights read per token: ours = bench_engine's weights/token," \
     "llama.cpp = the GGUF's tensor bytes (token_embd once, as the tied output; Q4_0 keeps it in Q6_K)"
 echo
@@ -234,7 +282,7 @@ echo "|---|---|---:|---:|---:|---:|---:|"
 for f in $formats; do
     ob=$(median "$f" ours_bytes -)
     lb=$(median "$f" llama_bytes -)
-    for t in pp128 pp512 tg64; do
+    for t in pp128 pp512 tg64 $(tests_batched); do
         o=$(median "$f" ours "$t")
         l=$(median "$f" llama "$t")
         awk -v f="$f" -v t="$t" -v o="$o" -v l="$l" -v bw="$bw" -v ob="$ob" -v lb="$lb" 'BEGIN {
@@ -258,7 +306,13 @@ for f in $formats; do
     printf -- "- %s: ours %.1f MB, llama.cpp %.1f MB\n" "$f" \
         "$(awk -v b="$(median "$f" ours_bytes -)" 'BEGIN { print b / 1e6 }')" \
         "$(awk -v b="$(median "$f" llama_bytes -)" 'BEGIN { print b / 1e6 }')"
-    for t in pp128 pp512 tg64; do
+    for t in pp128 pp512 tg64 $(tests_batched); do
         echo "  - $t: ours [$(all "$f" ours "$t")], llama.cpp [$(all "$f" llama "$t")]"
+    done
+    for t in $(tests_batched); do # each engine's scaling: its median at B over its median at 1
+        [ "$t" = b1 ] && continue
+        awk -v t="$t" -v o="$(median "$f" ours "$t")" -v o1="$(median "$f" ours b1)" \
+            -v l="$(median "$f" llama "$t")" -v l1="$(median "$f" llama b1)" 'BEGIN {
+            if (o1 > 0 && l1 > 0) printf "  - %s / b1: ours %.2fx, llama.cpp %.2fx\n", t, o / o1, l / l1 }'
     done
 done
