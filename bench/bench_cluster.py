@@ -8,7 +8,10 @@ random weights, and reports
       model (1 thread, the budget of one stage: with one stream only one stage computes
       at a time), and time to first token;
   (b) aggregate generated tokens/s with 1, 4 and 16 concurrent streams (/v1/completions,
-      token-id prompts, ignore_eos so every request makes exactly max_tokens tokens).
+      streamed, token-id prompts, ignore_eos so every request makes exactly max_tokens
+      tokens): over the whole run (prefills included), and while every stream of the first
+      round was decoding (from the last first token to the first last token: the rate to
+      set beside bench_engine --batch).
 A benchmark: it prints a table and asserts nothing (it exits 1 only when the cluster fails).
 
 usage: bench/bench_cluster.py BUILD_DIR [--model DIR] [--prompt N] [--tokens N]
@@ -185,15 +188,31 @@ def stream_rates(chunks):
     return first, later / (chunks[-1][0] - first) if later else 0.0
 
 
+def steady_rate(firsts):
+    """Aggregate tokens/s while all the given requests were decoding: tokens that arrived after
+    the last of their first tokens and up to the first of their last ones, over that time.
+    firsts: per request, its streamed chunks as (absolute seconds, n ids)."""
+    a = max(c[0][0] for c in firsts)
+    b = min(c[-1][0] for c in firsts)
+    if b <= a:
+        return 0.0
+    return sum(k for c in firsts for t, k in c if a < t <= b) / (b - a)
+
+
 def concurrent(cl, all_prompts, streams, per_stream, n):
-    """streams clients, each sending per_stream requests back to back."""
-    results, errors = [], []
+    """streams clients, each sending per_stream requests back to back (streamed). Returns the
+    tokens, the wall time, the median request time and steady_rate over each stream's first."""
+    results, errors, firsts = [], [], []
 
     def client(k):
         try:
             for j in range(per_stream):
                 ids = all_prompts[(k * per_stream + j) % len(all_prompts)]
-                results.append(cl.complete(ids, n))
+                t0 = time.perf_counter()
+                r = cl.complete(ids, n, stream=True)
+                results.append(r)
+                if j == 0 and r[3]:
+                    firsts.append([(t0 + t, k) for t, k in r[3]])
         except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
             errors.append(repr(e))
 
@@ -208,9 +227,9 @@ def concurrent(cl, all_prompts, streams, per_stream, n):
         raise SystemExit("%d streams: %s\n%s" % (streams, errors[0], cl.log()))
     toks = sum(r[0] for r in results)
     lat = sorted(r[1] for r in results)
-    if len(results) != streams * per_stream:
+    if len(results) != streams * per_stream or len(firsts) != streams:
         raise SystemExit("%d streams: %d answers" % (streams, len(results)))
-    return toks, wall, lat[len(lat) // 2]
+    return toks, wall, lat[len(lat) // 2], steady_rate(firsts)
 
 
 def main():
@@ -284,9 +303,10 @@ def report(a, r, cut, layers, curve, base1, base2):
     print()
     print("(b) aggregate, /v1/completions, %d-token id prompts, max_tokens %d, %d request(s) per stream"
           % (a.prompt, n, a.requests_per_stream))
-    print("  %8s %10s %9s %12s %14s" % ("streams", "tokens", "wall s", "agg tok/s", "median req s"))
-    for s, toks, wall, med in agg:
-        print("  %8d %10d %9.2f %12.2f %14.2f" % (s, toks, wall, toks / wall, med))
+    print("  %8s %10s %9s %12s %14s %18s" % ("streams", "tokens", "wall s", "agg tok/s", "median req s",
+                                             "all decoding t/s"))
+    for s, toks, wall, med, steady in agg:
+        print("  %8d %10d %9.2f %12.2f %14.2f %18.2f" % (s, toks, wall, toks / wall, med, steady))
 
 
 if __name__ == "__main__":
