@@ -10,7 +10,8 @@
  * attention kernels read (16 keys to a vector, a KV head group's keys one
  * contiguous run), so a decode step reads its keys in place instead of
  * transposing every block again; writing a key scatters it instead.
- * The pool is 64-byte aligned, and so is every block's key area.
+ * The pool is 64-byte aligned, and so is each f32 block's key area (a KV group's
+ * keys too: dk * 16 floats apart), which the kernels load as aligned vectors.
  * With key sums (InfLLM v2), each block also owns, in a parallel f32 array, per
  * layer the sum of its keys as stored (f16 keys widened exactly): written when
  * the block's last key is, so truncating and refilling a sequence rewrites it.
