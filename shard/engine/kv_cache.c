@@ -345,12 +345,12 @@ static void store_key_column(const cpm_kv_cache *kv, void *keys, int r, const fl
         int n = kv->k_dim - e0 < CHUNK ? kv->k_dim - e0 : CHUNK;
         if (kv->dtype == CPM_DTYPE_F32) {
             for (int e = 0; e < n; e++)
-                ((float *)keys)[key_index(kv, r, e0 + e)] = k[e0 + e];
+                ((float *)keys)[(size_t)(e0 + e) * CPM_KV_BLOCK + (size_t)r] = k[e0 + e];
         } else {
             uint16_t h[CHUNK];
             cpm_f32_to_f16_row(h, k + e0, n);
             for (int e = 0; e < n; e++)
-                ((uint16_t *)keys)[key_index(kv, r, e0 + e)] = h[e];
+                ((uint16_t *)keys)[(size_t)(e0 + e) * CPM_KV_BLOCK + (size_t)r] = h[e];
         }
     }
 }
